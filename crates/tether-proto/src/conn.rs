@@ -1,0 +1,872 @@
+//! The connection state machine, shared by server and client.
+//!
+//! # Layout
+//! A [`Connection`] is driven by the IO layer through `handle_*` calls (bytes arrived, bytes written, end of
+//! stream, transport error, timer fired, application commands) and read back through `poll_*` calls (bytes to
+//! write, whether to shut down the write half, the single next deadline, events). It never reads a clock: every
+//! call takes `now`.
+//!
+//! States: `Handshake` → `Established` → `Draining` → `Closed`. The first decision that ends a connection fixes its
+//! [`CloseReason`] and emits [`Event::Closed`] at once; `Draining` then only finishes the goodbye (flush a `BYE`,
+//! half-close, read late data) within `close_grace`, and nothing in it can resurrect the connection.
+//!
+//! Buffers are lazy: the receive buffer holds only an incomplete frame and the transmit buffer only unwritten
+//! bytes; both are released when they empty, so an idle connection pins no buffer memory.
+
+use std::collections::VecDeque;
+use std::io;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+
+use crate::detector::{Deadlines, Detector, DetectorConfig};
+use crate::frame::{self, Bye, Frame, FrameError, Hello, Presence, Welcome, PROTOCOL_VERSION};
+use crate::reason::CloseReason;
+
+/// Which end of the connection this state machine plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Server,
+    Client,
+}
+
+/// Per-connection limits and timers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConnConfig {
+    /// Largest accepted `len` field (kind byte + body); checked from the header, before any allocation.
+    pub max_frame: u32,
+    /// Server: `HELLO` must arrive within this. Client: `WELCOME` must arrive within this.
+    pub handshake_timeout: Duration,
+    /// How long a goodbye may take: flushing `BYE`, waiting for the peer's FIN, reading late data.
+    pub close_grace: Duration,
+    /// Pending outbound bytes that make no progress for this long end the connection with `write_timeout`.
+    pub write_timeout: Duration,
+    /// Pending outbound bytes above this end the connection with `slow_consumer`.
+    pub max_outbound_bytes: usize,
+    pub detector: DetectorConfig,
+}
+
+impl Default for ConnConfig {
+    fn default() -> Self {
+        ConnConfig {
+            max_frame: frame::DEFAULT_MAX_FRAME,
+            handshake_timeout: Duration::from_secs(5),
+            close_grace: Duration::from_secs(2),
+            write_timeout: Duration::from_secs(15),
+            max_outbound_bytes: 1 << 20,
+            detector: DetectorConfig::Fixed,
+        }
+    }
+}
+
+/// The server's rule for heartbeat intervals: a client's request is clamped to `[min, max]`, and the timeout keeps
+/// the configured `timeout / interval` ratio.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeartbeatPolicy {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub min_interval: Duration,
+    pub max_interval: Duration,
+}
+
+impl Default for HeartbeatPolicy {
+    fn default() -> Self {
+        HeartbeatPolicy {
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(15),
+            min_interval: Duration::from_millis(100),
+            max_interval: Duration::from_secs(300),
+        }
+    }
+}
+
+impl HeartbeatPolicy {
+    /// The `(interval, timeout)` granted for a `HELLO` that asked for `requested_ms` (0: the default).
+    pub fn negotiate(&self, requested_ms: u32) -> (Duration, Duration) {
+        if requested_ms == 0 {
+            return (self.interval, self.timeout);
+        }
+        let min = self.min_interval.min(self.max_interval);
+        let interval = Duration::from_millis(requested_ms.into()).clamp(min, self.max_interval);
+        let ratio = self.timeout.as_secs_f64() / self.interval.as_secs_f64().max(1e-3);
+        (interval, interval.mul_f64(ratio.max(1.0)))
+    }
+}
+
+/// Coarse state, for the IO layer and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Handshake,
+    Established,
+    Draining,
+    Closed,
+}
+
+/// How the end of a connection was decided, emitted once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Closed {
+    pub reason: CloseReason,
+    /// For verdicts taken at a deadline: how late the verdict was (`now - deadline`).
+    pub lateness: Option<Duration>,
+    /// The peer ended it (its `BYE`, FIN or reset), as opposed to our own verdict or command.
+    pub by_peer: bool,
+    /// The peer's `BYE`, when it sent one (carries retry-after and alternative-server hints).
+    pub peer_bye: Option<Bye>,
+    /// Human detail, e.g. the protocol error.
+    pub detail: Option<String>,
+}
+
+/// What the connection tells the IO layer and application.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Server: a `HELLO` arrived; answer with [`Connection::accept`] or [`Connection::reject`].
+    Hello(Hello),
+    /// Client: the server welcomed us; the connection is established.
+    Welcome(Welcome),
+    Data {
+        peer: String,
+        payload: Bytes,
+    },
+    Subscribe(Vec<String>),
+    Unsubscribe(Vec<String>),
+    Presence(Presence),
+    Undeliverable {
+        to: String,
+    },
+    /// Round-trip time measured by a `PONG` echoing our `PING`.
+    Rtt(Duration),
+    /// The phi detector suspects the peer (silent longer than its history makes likely).
+    Suspect {
+        silent_for: Duration,
+    },
+    /// A suspected peer was heard from again.
+    Recovered,
+    Closed(Closed),
+}
+
+/// Why an application command was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SendError {
+    #[error("the connection is not established yet")]
+    NotEstablished,
+    #[error("the connection is closed ({0})")]
+    Closed(CloseReason),
+    #[error("frame of {len} bytes exceeds the maximum {max}")]
+    TooLarge { len: usize, max: u32 },
+    #[error("this side may not send {0}")]
+    WrongDirection(&'static str),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CloseMode {
+    /// Drop pending output and close now (transport already broken, or the peer is not draining).
+    Immediate,
+    /// Flush pending output (with our `BYE`, if any), then close.
+    Flush,
+    /// Flush, shut down the write half, and keep reading (late data is delivered) until the peer's FIN.
+    Linger,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Drain {
+    until: Instant,
+    linger: bool,
+    write_shut: bool,
+    peer_eof: bool,
+}
+
+/// One tether connection's protocol state.
+#[derive(Debug)]
+pub struct Connection {
+    role: Role,
+    cfg: ConnConfig,
+    state: State,
+    /// Creation instant: the base of the handshake deadline and of `PING` timestamps.
+    origin: Instant,
+    /// Incomplete frame bytes only; empty (and unallocated) between frames.
+    rx: BytesMut,
+    /// Encoded bytes not yet accepted by the transport.
+    tx: BytesMut,
+    /// When `tx` last went from empty to non-empty or last made progress; drives `write_timeout`.
+    tx_stalled_since: Option<Instant>,
+    /// When we last queued a frame: a `PING` is due one interval after it.
+    last_tx: Instant,
+    /// Heartbeat interval and timeout, once negotiated.
+    interval: Option<Duration>,
+    timeout: Option<Duration>,
+    detector: Option<Detector>,
+    /// Cached detector deadlines, recomputed only when a frame arrives.
+    deadlines: Option<Deadlines>,
+    suspected: bool,
+    /// Server: a `HELLO` was reported and awaits `accept`/`reject`; frames after it wait in `rx`.
+    admission_pending: bool,
+    drain: Option<Drain>,
+    reason: Option<CloseReason>,
+    ping_seq: u32,
+    rtt: Option<Duration>,
+    events: VecDeque<Event>,
+}
+
+impl Connection {
+    /// A freshly accepted server-side connection, waiting for `HELLO`.
+    pub fn server(now: Instant, cfg: ConnConfig) -> Connection {
+        Connection::new(Role::Server, now, cfg)
+    }
+
+    /// A client-side connection; `HELLO` is queued at once.
+    pub fn client(now: Instant, cfg: ConnConfig, hello: Hello) -> Connection {
+        let mut c = Connection::new(Role::Client, now, cfg);
+        c.queue(now, &Frame::Hello(hello));
+        c
+    }
+
+    fn new(role: Role, now: Instant, cfg: ConnConfig) -> Connection {
+        Connection {
+            role,
+            cfg,
+            state: State::Handshake,
+            origin: now,
+            rx: BytesMut::new(),
+            tx: BytesMut::new(),
+            tx_stalled_since: None,
+            last_tx: now,
+            interval: None,
+            timeout: None,
+            detector: None,
+            deadlines: None,
+            suspected: false,
+            admission_pending: false,
+            drain: None,
+            reason: None,
+            ping_seq: 0,
+            rtt: None,
+            events: VecDeque::new(),
+        }
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+    pub fn state(&self) -> State {
+        self.state
+    }
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+    /// The reason fixed by the first decision to end the connection.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.reason
+    }
+    /// Negotiated heartbeat `(interval, timeout)`.
+    pub fn heartbeat(&self) -> Option<(Duration, Duration)> {
+        self.interval.zip(self.timeout)
+    }
+    /// The last measured round-trip time.
+    pub fn rtt(&self) -> Option<Duration> {
+        self.rtt
+    }
+    /// When the last frame arrived (once established).
+    pub fn last_rx(&self) -> Option<Instant> {
+        self.detector.as_ref().and_then(Detector::last_arrival)
+    }
+    /// Bytes queued but not yet written to the transport.
+    pub fn pending_tx(&self) -> usize {
+        self.tx.len()
+    }
+    /// Bytes held for an incomplete inbound frame.
+    pub fn pending_rx(&self) -> usize {
+        self.rx.len()
+    }
+
+    // ---- inputs ----
+
+    /// Bytes arrived from the transport.
+    pub fn handle_bytes(&mut self, now: Instant, data: &[u8]) {
+        if !self.reading() {
+            return;
+        }
+        if self.rx.is_empty() {
+            let used = self.process(now, data);
+            if self.reading() && used < data.len() {
+                self.rx.extend_from_slice(&data[used..]);
+            }
+        } else {
+            self.rx.extend_from_slice(data);
+            self.process_buffered(now);
+        }
+    }
+
+    /// The peer closed its write half (read returned 0).
+    pub fn handle_eof(&mut self, now: Instant) {
+        match self.state {
+            State::Closed => {}
+            State::Draining => {
+                if let Some(d) = &mut self.drain {
+                    d.peer_eof = true;
+                }
+                self.rx = BytesMut::new();
+                self.maybe_finish();
+            }
+            State::Handshake | State::Established => {
+                let detail = (!self.rx.is_empty())
+                    .then(|| format!("{} bytes of an incomplete frame", self.rx.len()));
+                self.rx = BytesMut::new();
+                self.decide(
+                    now,
+                    CloseReason::Eof,
+                    CloseMode::Flush,
+                    None,
+                    true,
+                    None,
+                    detail,
+                    None,
+                );
+                if let Some(d) = &mut self.drain {
+                    d.peer_eof = true;
+                }
+                self.maybe_finish();
+            }
+        }
+    }
+
+    /// The transport failed. `unacked` says whether the kernel still held data we had written (it tells a user
+    /// timeout from a keepalive timeout, both ETIMEDOUT).
+    pub fn handle_error(&mut self, now: Instant, err: &io::Error, unacked: bool) {
+        let reason = CloseReason::from_io_error(err, unacked || !self.tx.is_empty());
+        match self.state {
+            State::Closed => {}
+            State::Draining => self.finish(),
+            _ => self.decide(
+                now,
+                reason,
+                CloseMode::Immediate,
+                None,
+                true,
+                None,
+                Some(err.to_string()),
+                None,
+            ),
+        }
+    }
+
+    /// The transport accepted `n` bytes from the front of [`poll_transmit`](Self::poll_transmit).
+    pub fn handle_written(&mut self, now: Instant, n: usize) {
+        let n = n.min(self.tx.len());
+        if n == 0 {
+            return;
+        }
+        self.tx.advance(n);
+        if self.tx.is_empty() {
+            self.tx = BytesMut::new();
+            self.tx_stalled_since = None;
+            self.maybe_finish();
+        } else {
+            self.tx_stalled_since = Some(now);
+        }
+    }
+
+    /// The IO layer finished shutting down the write half, as asked by [`poll_shutdown_write`](Self::poll_shutdown_write).
+    pub fn handle_write_shutdown(&mut self) {
+        if let Some(d) = &mut self.drain {
+            d.write_shut = true;
+        }
+        self.maybe_finish();
+    }
+
+    /// A timer fired: act on every deadline at or before `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some(d) = self.drain {
+            if now >= d.until {
+                self.finish();
+            }
+            return;
+        }
+        if self.state == State::Closed {
+            return;
+        }
+        if let Some(since) = self.tx_stalled_since {
+            let deadline = since + self.cfg.write_timeout;
+            if now >= deadline {
+                let detail = format!("{} bytes unwritten", self.tx.len());
+                self.decide(
+                    now,
+                    CloseReason::WriteTimeout,
+                    CloseMode::Immediate,
+                    None,
+                    false,
+                    None,
+                    Some(detail),
+                    Some(deadline),
+                );
+                return;
+            }
+        }
+        match self.state {
+            State::Handshake => {
+                let deadline = self.origin + self.cfg.handshake_timeout;
+                if now >= deadline && !self.admission_pending {
+                    let bye = self.bye_if_server(CloseReason::HandshakeTimeout);
+                    self.decide(
+                        now,
+                        CloseReason::HandshakeTimeout,
+                        CloseMode::Flush,
+                        bye,
+                        false,
+                        None,
+                        None,
+                        Some(deadline),
+                    );
+                }
+            }
+            State::Established => {
+                let Some(dl) = self.deadlines else { return };
+                if now >= dl.convict_at {
+                    let bye = Some(Bye {
+                        reason: CloseReason::HeartbeatTimeout,
+                        retry_after_ms: 0,
+                        alternative: String::new(),
+                    });
+                    self.decide(
+                        now,
+                        CloseReason::HeartbeatTimeout,
+                        CloseMode::Linger,
+                        bye,
+                        false,
+                        None,
+                        None,
+                        Some(dl.convict_at),
+                    );
+                    return;
+                }
+                if let Some(s) = dl.suspect_at {
+                    if now >= s && !self.suspected {
+                        self.suspected = true;
+                        let last = self.last_rx().unwrap_or(self.origin);
+                        self.events.push_back(Event::Suspect {
+                            silent_for: now.saturating_duration_since(last),
+                        });
+                    }
+                }
+                if let Some(interval) = self.interval {
+                    if now >= self.last_tx + interval {
+                        self.ping_seq = self.ping_seq.wrapping_add(1);
+                        let ts_ms = now.saturating_duration_since(self.origin).as_millis() as u64;
+                        self.queue(
+                            now,
+                            &Frame::Ping {
+                                seq: self.ping_seq,
+                                ts_ms,
+                            },
+                        );
+                    }
+                }
+            }
+            State::Draining | State::Closed => {}
+        }
+    }
+
+    // ---- commands ----
+
+    /// Server: admit the session announced by [`Event::Hello`] and send `WELCOME`.
+    pub fn accept(&mut self, now: Instant, welcome: Welcome) {
+        if !(self.role == Role::Server && self.state == State::Handshake && self.admission_pending)
+        {
+            return;
+        }
+        self.admission_pending = false;
+        self.establish(now, welcome.heartbeat_ms, welcome.timeout_ms);
+        self.queue(now, &Frame::Welcome(welcome));
+        self.process_buffered(now);
+    }
+
+    /// Refuse or end the connection with a `BYE`, flushing it and closing without waiting for the peer.
+    /// Used for `busy`, `id_conflict` and other refusals.
+    pub fn reject(&mut self, now: Instant, bye: Bye) {
+        self.admission_pending = false;
+        let reason = bye.reason;
+        self.decide(
+            now,
+            reason,
+            CloseMode::Flush,
+            Some(bye),
+            false,
+            None,
+            None,
+            None,
+        );
+    }
+
+    /// End the connection with a `BYE`: flush it, half-close, and read until the peer closes or `close_grace`
+    /// passes. Used for the application's close (`bye`), `takeover`, `kicked`, `server_shutdown`.
+    pub fn close(&mut self, now: Instant, bye: Bye) {
+        let reason = bye.reason;
+        self.decide(
+            now,
+            reason,
+            CloseMode::Linger,
+            Some(bye),
+            false,
+            None,
+            None,
+            None,
+        );
+    }
+
+    /// End the connection at once without a goodbye (e.g. `slow_consumer` decided outside the connection).
+    pub fn abort(&mut self, now: Instant, reason: CloseReason) {
+        self.decide(
+            now,
+            reason,
+            CloseMode::Immediate,
+            None,
+            false,
+            None,
+            None,
+            None,
+        );
+    }
+
+    /// Queue an application frame: `DATA`, `SUBSCRIBE`/`UNSUBSCRIBE` (client), `PRESENCE`/`UNDELIVERABLE` (server).
+    pub fn send(&mut self, now: Instant, frame: Frame) -> Result<(), SendError> {
+        match self.state {
+            State::Established => {}
+            State::Handshake => return Err(SendError::NotEstablished),
+            State::Draining | State::Closed => {
+                return Err(SendError::Closed(self.reason.unwrap_or(CloseReason::Bye)))
+            }
+        }
+        let allowed = match (&frame, self.role) {
+            (Frame::Data { .. }, _) => true,
+            (Frame::Subscribe(_) | Frame::Unsubscribe(_), Role::Client) => true,
+            (Frame::Presence(_) | Frame::Undeliverable { .. }, Role::Server) => true,
+            _ => false,
+        };
+        if !allowed {
+            return Err(SendError::WrongDirection(frame.name()));
+        }
+        let len = frame.encoded_len() - frame::HEADER_LEN;
+        if len > self.cfg.max_frame as usize {
+            return Err(SendError::TooLarge {
+                len,
+                max: self.cfg.max_frame,
+            });
+        }
+        self.queue(now, &frame);
+        if self.tx.len() > self.cfg.max_outbound_bytes {
+            let detail = format!(
+                "{} bytes queued, limit {}",
+                self.tx.len(),
+                self.cfg.max_outbound_bytes
+            );
+            self.decide(
+                now,
+                CloseReason::SlowConsumer,
+                CloseMode::Immediate,
+                None,
+                false,
+                None,
+                Some(detail),
+                None,
+            );
+            return Err(SendError::Closed(CloseReason::SlowConsumer));
+        }
+        Ok(())
+    }
+
+    // ---- outputs ----
+
+    /// Bytes to write now; report what the transport took with [`handle_written`](Self::handle_written).
+    pub fn poll_transmit(&self) -> &[u8] {
+        &self.tx
+    }
+
+    /// True once, when the IO layer should shut down the write half (our `BYE` is flushed and we linger).
+    pub fn poll_shutdown_write(&self) -> bool {
+        self.state == State::Draining
+            && matches!(self.drain, Some(d) if d.linger && !d.write_shut && self.tx.is_empty())
+    }
+
+    /// The single instant at which [`handle_timeout`](Self::handle_timeout) must next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if let Some(d) = self.drain {
+            return (self.state != State::Closed).then_some(d.until);
+        }
+        let write = self.tx_stalled_since.map(|s| s + self.cfg.write_timeout);
+        let other = match self.state {
+            State::Handshake if !self.admission_pending => {
+                Some(self.origin + self.cfg.handshake_timeout)
+            }
+            State::Established => {
+                let dl = self.deadlines?;
+                let suspect = dl.suspect_at.filter(|_| !self.suspected);
+                let ping = self.interval.map(|i| self.last_tx + i);
+                [Some(dl.convict_at), suspect, ping]
+                    .into_iter()
+                    .flatten()
+                    .min()
+            }
+            _ => None,
+        };
+        [write, other].into_iter().flatten().min()
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    // ---- internals ----
+
+    fn reading(&self) -> bool {
+        match self.state {
+            State::Closed => false,
+            State::Draining => self.drain.is_some_and(|d| d.linger && !d.peer_eof),
+            _ => true,
+        }
+    }
+
+    fn process_buffered(&mut self, now: Instant) {
+        if self.rx.is_empty() {
+            return;
+        }
+        let rx = std::mem::take(&mut self.rx);
+        let used = self.process(now, &rx);
+        if self.reading() && used < rx.len() {
+            // Keep only the incomplete tail; a fresh buffer sized to it, so a past burst pins nothing.
+            self.rx = BytesMut::from(&rx[used..]);
+        }
+    }
+
+    /// Parse and handle whole frames from `buf`; returns the bytes consumed.
+    fn process(&mut self, now: Instant, buf: &[u8]) -> usize {
+        let mut pos = 0;
+        while self.reading() && !self.admission_pending {
+            match frame::check(&buf[pos..], self.cfg.max_frame) {
+                Ok(Some(n)) => {
+                    let parsed = Frame::parse(&buf[pos..pos + n]);
+                    pos += n;
+                    match parsed {
+                        Ok(f) => self.on_frame(now, f),
+                        Err(e) => self.protocol_error(now, e.to_string()),
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    self.protocol_error(now, e.to_string());
+                    break;
+                }
+            }
+        }
+        pos
+    }
+
+    fn on_frame(&mut self, now: Instant, f: Frame) {
+        match self.state {
+            State::Handshake => self.on_handshake_frame(now, f),
+            State::Established => {
+                if let Some(d) = &mut self.detector {
+                    d.heartbeat(now);
+                    self.deadlines = Some(d.deadlines(self.origin));
+                }
+                if std::mem::take(&mut self.suspected) {
+                    self.events.push_back(Event::Recovered);
+                }
+                self.on_established_frame(now, f);
+            }
+            // Late frames after a verdict: data is still delivered, nothing else counts.
+            State::Draining => {
+                if let Frame::Data { peer, payload } = f {
+                    self.events.push_back(Event::Data { peer, payload });
+                }
+            }
+            State::Closed => {}
+        }
+    }
+
+    fn on_handshake_frame(&mut self, now: Instant, f: Frame) {
+        match (self.role, f) {
+            (Role::Server, Frame::Hello(h)) => {
+                if h.version != PROTOCOL_VERSION {
+                    return self.protocol_error(
+                        now,
+                        format!("unsupported protocol version {}", h.version),
+                    );
+                }
+                self.admission_pending = true;
+                self.events.push_back(Event::Hello(h));
+            }
+            (Role::Client, Frame::Welcome(w)) => {
+                if w.version != PROTOCOL_VERSION {
+                    return self.protocol_error(
+                        now,
+                        format!("unsupported protocol version {}", w.version),
+                    );
+                }
+                self.establish(now, w.heartbeat_ms, w.timeout_ms);
+                self.events.push_back(Event::Welcome(w));
+            }
+            (Role::Client, Frame::Bye(b)) => self.peer_bye(now, b),
+            (_, other) => self.protocol_error(
+                now,
+                format!("{} before the handshake completed", other.name()),
+            ),
+        }
+    }
+
+    fn on_established_frame(&mut self, now: Instant, f: Frame) {
+        match (self.role, f) {
+            (_, Frame::Ping { seq, ts_ms }) => self.queue(now, &Frame::Pong { seq, ts_ms }),
+            (_, Frame::Pong { ts_ms, .. }) => {
+                let sent = self.origin + Duration::from_millis(ts_ms);
+                if sent <= now {
+                    let rtt = now - sent;
+                    self.rtt = Some(rtt);
+                    self.events.push_back(Event::Rtt(rtt));
+                }
+            }
+            (_, Frame::Data { peer, payload }) => {
+                self.events.push_back(Event::Data { peer, payload })
+            }
+            (_, Frame::Bye(b)) => self.peer_bye(now, b),
+            (Role::Server, Frame::Subscribe(ids)) => self.events.push_back(Event::Subscribe(ids)),
+            (Role::Server, Frame::Unsubscribe(ids)) => {
+                self.events.push_back(Event::Unsubscribe(ids))
+            }
+            (Role::Client, Frame::Presence(p)) => self.events.push_back(Event::Presence(p)),
+            (Role::Client, Frame::Undeliverable { to }) => {
+                self.events.push_back(Event::Undeliverable { to })
+            }
+            (_, other) => self.protocol_error(
+                now,
+                format!("unexpected {} on an established connection", other.name()),
+            ),
+        }
+    }
+
+    fn establish(&mut self, now: Instant, interval_ms: u32, timeout_ms: u32) {
+        let interval = Duration::from_millis(interval_ms.max(1).into());
+        let timeout = Duration::from_millis(timeout_ms.max(1).into());
+        let mut det = Detector::new(&self.cfg.detector, interval, timeout);
+        det.heartbeat(now);
+        self.deadlines = Some(det.deadlines(now));
+        self.detector = Some(det);
+        self.interval = Some(interval);
+        self.timeout = Some(timeout);
+        self.state = State::Established;
+    }
+
+    fn peer_bye(&mut self, now: Instant, b: Bye) {
+        self.decide(
+            now,
+            b.reason,
+            CloseMode::Flush,
+            None,
+            true,
+            Some(b),
+            None,
+            None,
+        );
+    }
+
+    fn protocol_error(&mut self, now: Instant, detail: String) {
+        let bye = Some(Bye {
+            reason: CloseReason::ProtocolError,
+            retry_after_ms: 0,
+            alternative: String::new(),
+        });
+        self.rx = BytesMut::new();
+        self.decide(
+            now,
+            CloseReason::ProtocolError,
+            CloseMode::Flush,
+            bye,
+            false,
+            None,
+            Some(detail),
+            None,
+        );
+    }
+
+    fn bye_if_server(&self, reason: CloseReason) -> Option<Bye> {
+        (self.role == Role::Server).then(|| Bye {
+            reason,
+            retry_after_ms: 0,
+            alternative: String::new(),
+        })
+    }
+
+    /// Fix the reason (first decision wins), emit `Closed`, and start the goodbye.
+    #[allow(clippy::too_many_arguments)]
+    fn decide(
+        &mut self,
+        now: Instant,
+        reason: CloseReason,
+        mode: CloseMode,
+        bye: Option<Bye>,
+        by_peer: bool,
+        peer_bye: Option<Bye>,
+        detail: Option<String>,
+        deadline: Option<Instant>,
+    ) {
+        if matches!(self.state, State::Draining | State::Closed) {
+            return;
+        }
+        self.reason = Some(reason);
+        let lateness = deadline.map(|d| now.saturating_duration_since(d));
+        self.events.push_back(Event::Closed(Closed {
+            reason,
+            lateness,
+            by_peer,
+            peer_bye,
+            detail,
+        }));
+        if mode == CloseMode::Immediate {
+            return self.finish();
+        }
+        if let Some(b) = bye {
+            self.queue(now, &Frame::Bye(b));
+        }
+        self.state = State::Draining;
+        self.tx_stalled_since = None;
+        let linger = mode == CloseMode::Linger;
+        if !linger {
+            self.rx = BytesMut::new();
+        }
+        self.drain = Some(Drain {
+            until: now + self.cfg.close_grace,
+            linger,
+            write_shut: false,
+            peer_eof: false,
+        });
+        self.maybe_finish();
+    }
+
+    fn maybe_finish(&mut self) {
+        if let Some(d) = self.drain {
+            if self.state == State::Draining
+                && self.tx.is_empty()
+                && (!d.linger || (d.write_shut && d.peer_eof))
+            {
+                self.finish();
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        self.state = State::Closed;
+        self.rx = BytesMut::new();
+        self.tx = BytesMut::new();
+        self.tx_stalled_since = None;
+    }
+
+    fn queue(&mut self, now: Instant, f: &Frame) {
+        if self.tx.is_empty() {
+            self.tx_stalled_since = Some(now);
+        }
+        f.encode(&mut self.tx);
+        self.last_tx = now;
+    }
+}
+
+#[cfg(test)]
+mod tests;

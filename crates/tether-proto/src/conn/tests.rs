@@ -1,0 +1,566 @@
+//! State-machine tests with virtual time: a server and a client joined by a simulated link that can go silent.
+
+use super::*;
+use crate::detector::PhiConfig;
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn hello(id: &str) -> Hello {
+    Hello {
+        version: 1,
+        heartbeat_ms: 1000,
+        nonce: 7,
+        client_id: id.into(),
+        credential: Bytes::new(),
+    }
+}
+
+fn welcome() -> Welcome {
+    Welcome {
+        version: 1,
+        heartbeat_ms: 1000,
+        timeout_ms: 3000,
+        epoch: 1,
+        server_id: "s".into(),
+    }
+}
+
+/// A server and a client connection over a link that delivers instantly while `up`, and drops everything otherwise.
+struct Pair {
+    now: Instant,
+    server: Connection,
+    client: Connection,
+    up: bool,
+    /// When false, the server's transport accepts no bytes (a peer that stopped reading).
+    server_can_write: bool,
+    s_events: Vec<Event>,
+    c_events: Vec<Event>,
+}
+
+impl Pair {
+    fn new(cfg: ConnConfig) -> Pair {
+        let now = Instant::now();
+        let mut p = Pair {
+            now,
+            server: Connection::server(now, cfg.clone()),
+            client: Connection::client(now, cfg, hello("a")),
+            up: true,
+            server_can_write: true,
+            s_events: vec![],
+            c_events: vec![],
+        };
+        p.pump();
+        p
+    }
+
+    /// Move bytes both ways and collect events until nothing changes; the server accepts every HELLO.
+    fn pump(&mut self) {
+        for _ in 0..100 {
+            let c_out = self.client.poll_transmit().to_vec();
+            self.client.handle_written(self.now, c_out.len());
+            let s_out = if self.server_can_write {
+                self.server.poll_transmit().to_vec()
+            } else {
+                vec![]
+            };
+            self.server.handle_written(self.now, s_out.len());
+            if self.up {
+                self.server.handle_bytes(self.now, &c_out);
+                self.client.handle_bytes(self.now, &s_out);
+            }
+            let mut moved = !c_out.is_empty() || !s_out.is_empty();
+            while let Some(e) = self.server.poll_event() {
+                if matches!(e, Event::Hello(_)) {
+                    self.server.accept(self.now, welcome());
+                }
+                self.s_events.push(e);
+                moved = true;
+            }
+            while let Some(e) = self.client.poll_event() {
+                self.c_events.push(e);
+                moved = true;
+            }
+            if !moved {
+                return;
+            }
+        }
+        panic!("pair did not settle");
+    }
+
+    /// Jump virtual time from deadline to deadline until `until`.
+    fn run_until(&mut self, until: Instant) {
+        loop {
+            let next = [self.server.poll_timeout(), self.client.poll_timeout()]
+                .into_iter()
+                .flatten()
+                .min();
+            match next {
+                Some(t) if t <= until => {
+                    self.now = self.now.max(t);
+                    self.server.handle_timeout(self.now);
+                    self.client.handle_timeout(self.now);
+                    self.pump();
+                }
+                _ => {
+                    self.now = until;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn run_for(&mut self, d: Duration) {
+        self.run_until(self.now + d);
+    }
+
+    fn closed(events: &[Event]) -> Vec<&Closed> {
+        events
+            .iter()
+            .filter_map(|e| {
+                if let Event::Closed(c) = e {
+                    Some(c)
+                } else {
+                    None
+                }
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn handshake_establishes_both_sides() {
+    let p = Pair::new(ConnConfig::default());
+    assert_eq!(p.server.state(), State::Established);
+    assert_eq!(p.client.state(), State::Established);
+    assert!(matches!(&p.s_events[0], Event::Hello(h) if h.client_id == "a"));
+    assert!(matches!(&p.c_events[0], Event::Welcome(w) if w.epoch == 1));
+    assert_eq!(p.client.heartbeat(), Some((ms(1000), ms(3000))));
+}
+
+#[test]
+fn idle_link_is_kept_alive_by_pings_and_measures_rtt() {
+    let mut p = Pair::new(ConnConfig::default());
+    p.run_for(Duration::from_secs(3600));
+    assert_eq!(p.server.state(), State::Established);
+    assert_eq!(p.client.state(), State::Established);
+    assert!(Pair::closed(&p.s_events).is_empty());
+    // Both sides pinged (and measured an RTT of zero on the instant link).
+    assert!(p.s_events.iter().any(|e| matches!(e, Event::Rtt(_))));
+    assert!(p.c_events.iter().any(|e| matches!(e, Event::Rtt(_))));
+}
+
+#[test]
+fn no_pings_while_data_flows() {
+    let mut p = Pair::new(ConnConfig::default());
+    // The client sends data every 500 ms; it must never need to ping, but the silent server pings.
+    for _ in 0..20 {
+        p.run_for(ms(500));
+        p.client
+            .send(
+                p.now,
+                Frame::Data {
+                    peer: String::new(),
+                    payload: Bytes::from_static(b"x"),
+                },
+            )
+            .unwrap();
+        let out = p.client.poll_transmit().to_vec();
+        let frame = Frame::parse(&out).unwrap();
+        assert!(
+            matches!(frame, Frame::Data { .. }),
+            "client queued {frame:?} besides its data"
+        );
+        p.pump();
+    }
+    let datas = p
+        .s_events
+        .iter()
+        .filter(|e| matches!(e, Event::Data { .. }))
+        .count();
+    assert_eq!(datas, 20);
+    // The server measured RTT from its own pings: it proved the client → server direction too.
+    assert!(p.s_events.iter().any(|e| matches!(e, Event::Rtt(_))));
+}
+
+#[test]
+fn silent_link_is_declared_dead_exactly_at_the_timeout() {
+    let mut p = Pair::new(ConnConfig::default());
+    p.run_for(ms(2500));
+    let last_heard = p.server.last_rx().unwrap();
+    p.up = false;
+    p.run_for(Duration::from_secs(10));
+    let s = Pair::closed(&p.s_events);
+    assert_eq!(s.len(), 1);
+    assert_eq!(s[0].reason, CloseReason::HeartbeatTimeout);
+    assert_eq!(
+        s[0].lateness,
+        Some(Duration::ZERO),
+        "virtual time: the verdict is exactly on its deadline"
+    );
+    assert!(!s[0].by_peer);
+    let c = Pair::closed(&p.c_events);
+    assert_eq!(c[0].reason, CloseReason::HeartbeatTimeout);
+    // Closed after close_grace (the peer never answered our FIN).
+    assert!(p.server.is_closed() && p.client.is_closed());
+    assert!(last_heard + ms(3000) <= p.now);
+}
+
+#[test]
+fn linger_delivers_late_data_but_never_resurrects() {
+    let mut p = Pair::new(ConnConfig::default());
+    p.up = false;
+    p.run_for(ms(3000));
+    assert_eq!(p.server.state(), State::Draining);
+    assert!(
+        p.server.poll_shutdown_write(),
+        "BYE flushed: write half may be shut"
+    );
+    p.server.handle_write_shutdown();
+    // Late data arrives during the grace: delivered, but the connection stays condemned.
+    let late = Frame::Data {
+        peer: String::new(),
+        payload: Bytes::from_static(b"late"),
+    }
+    .to_bytes();
+    let ping = Frame::Ping { seq: 9, ts_ms: 0 }.to_bytes();
+    p.server.handle_bytes(p.now, &ping);
+    p.server.handle_bytes(p.now, &late);
+    assert!(
+        p.server.poll_transmit().is_empty(),
+        "no PONG from a condemned connection"
+    );
+    let mut got = vec![];
+    while let Some(e) = p.server.poll_event() {
+        got.push(e);
+    }
+    assert!(got
+        .iter()
+        .any(|e| matches!(e, Event::Data { payload, .. } if &payload[..] == b"late")));
+    assert_eq!(p.server.state(), State::Draining);
+    // The peer's FIN ends the linger early.
+    p.server.handle_eof(p.now);
+    assert!(p.server.is_closed());
+    assert_eq!(p.server.close_reason(), Some(CloseReason::HeartbeatTimeout));
+}
+
+#[test]
+fn frame_before_hello_is_a_protocol_error_with_bye() {
+    let now = Instant::now();
+    let mut s = Connection::server(now, ConnConfig::default());
+    s.handle_bytes(now, &Frame::Ping { seq: 1, ts_ms: 0 }.to_bytes());
+    let Some(Event::Closed(c)) = s.poll_event() else {
+        panic!()
+    };
+    assert_eq!(c.reason, CloseReason::ProtocolError);
+    assert!(c.detail.unwrap().contains("PING before the handshake"));
+    let bye = Frame::parse(s.poll_transmit()).unwrap();
+    assert!(matches!(
+        bye,
+        Frame::Bye(Bye {
+            reason: CloseReason::ProtocolError,
+            ..
+        })
+    ));
+    s.handle_written(now, s.poll_transmit().len());
+    assert!(s.is_closed(), "refusals close as soon as BYE is flushed");
+}
+
+#[test]
+fn second_hello_is_a_protocol_error() {
+    let mut p = Pair::new(ConnConfig::default());
+    p.server
+        .handle_bytes(p.now, &Frame::Hello(hello("a")).to_bytes());
+    let c = p.server.poll_event();
+    assert!(
+        matches!(
+            c,
+            Some(Event::Closed(Closed {
+                reason: CloseReason::ProtocolError,
+                ..
+            }))
+        ),
+        "{c:?}"
+    );
+}
+
+#[test]
+fn huge_length_prefix_is_refused_without_buffering() {
+    let now = Instant::now();
+    let mut s = Connection::server(now, ConnConfig::default());
+    s.handle_bytes(now, &[0xff, 0xff, 0xff, 0xff, 1, 2, 3]);
+    assert_eq!(s.pending_rx(), 0);
+    assert_eq!(s.close_reason(), Some(CloseReason::ProtocolError));
+}
+
+#[test]
+fn partial_frames_are_reassembled_byte_by_byte() {
+    let now = Instant::now();
+    let mut s = Connection::server(now, ConnConfig::default());
+    let bytes = Frame::Hello(hello("dev")).to_bytes();
+    for b in bytes.iter() {
+        assert!(s.poll_event().is_none());
+        s.handle_bytes(now, &[*b]);
+    }
+    assert!(matches!(s.poll_event(), Some(Event::Hello(h)) if h.client_id == "dev"));
+    assert_eq!(s.pending_rx(), 0);
+}
+
+#[test]
+fn frames_pipelined_after_hello_wait_for_admission() {
+    let now = Instant::now();
+    let mut s = Connection::server(now, ConnConfig::default());
+    let mut bytes = BytesMut::new();
+    Frame::Hello(hello("a")).encode(&mut bytes);
+    Frame::Subscribe(vec!["b".into()]).encode(&mut bytes);
+    s.handle_bytes(now, &bytes);
+    assert!(matches!(s.poll_event(), Some(Event::Hello(_))));
+    assert!(s.poll_event().is_none(), "SUBSCRIBE must wait for accept");
+    s.accept(now, welcome());
+    assert!(matches!(s.poll_event(), Some(Event::Subscribe(ids)) if ids == ["b"]));
+}
+
+#[test]
+fn silent_handshake_times_out_exactly() {
+    let now = Instant::now();
+    let mut s = Connection::server(now, ConnConfig::default());
+    s.handle_bytes(now, &[0, 0]); // half a header, then silence (slowloris)
+    assert_eq!(s.poll_timeout(), Some(now + ms(5000)));
+    s.handle_timeout(now + ms(5000));
+    let Some(Event::Closed(c)) = s.poll_event() else {
+        panic!()
+    };
+    assert_eq!(
+        (c.reason, c.lateness),
+        (CloseReason::HandshakeTimeout, Some(Duration::ZERO))
+    );
+    assert!(matches!(
+        Frame::parse(s.poll_transmit()),
+        Ok(Frame::Bye(Bye {
+            reason: CloseReason::HandshakeTimeout,
+            ..
+        }))
+    ));
+}
+
+#[test]
+fn peer_bye_reason_is_taken_as_given() {
+    let mut p = Pair::new(ConnConfig::default());
+    p.server.close(
+        p.now,
+        Bye {
+            reason: CloseReason::Takeover,
+            retry_after_ms: 0,
+            alternative: String::new(),
+        },
+    );
+    p.pump();
+    let c = Pair::closed(&p.c_events);
+    assert_eq!(c[0].reason, CloseReason::Takeover);
+    assert!(c[0].by_peer);
+    assert_eq!(Pair::closed(&p.s_events)[0].reason, CloseReason::Takeover);
+
+    let mut p = Pair::new(ConnConfig::default());
+    p.client.close(
+        p.now,
+        Bye {
+            reason: CloseReason::Bye,
+            retry_after_ms: 0,
+            alternative: String::new(),
+        },
+    );
+    p.pump();
+    assert_eq!(Pair::closed(&p.s_events)[0].reason, CloseReason::Bye);
+    assert!(
+        p.server.is_closed(),
+        "the server flushes and closes on the peer's BYE"
+    );
+}
+
+#[test]
+fn eof_without_bye_flushes_then_closes() {
+    let mut p = Pair::new(ConnConfig::default());
+    p.server
+        .send(
+            p.now,
+            Frame::Data {
+                peer: String::new(),
+                payload: Bytes::from_static(b"last"),
+            },
+        )
+        .unwrap();
+    p.server.handle_eof(p.now);
+    assert_eq!(p.server.close_reason(), Some(CloseReason::Eof));
+    assert!(
+        !p.server.poll_transmit().is_empty(),
+        "pending data is still flushed after EOF"
+    );
+    p.server
+        .handle_written(p.now, p.server.poll_transmit().len());
+    assert!(p.server.is_closed());
+}
+
+#[test]
+fn eof_with_unwritable_transport_closes_within_grace() {
+    let mut p = Pair::new(ConnConfig::default());
+    p.server_can_write = false;
+    p.server
+        .send(
+            p.now,
+            Frame::Data {
+                peer: String::new(),
+                payload: Bytes::from_static(b"x"),
+            },
+        )
+        .unwrap();
+    p.server.handle_eof(p.now);
+    let t = p.now;
+    p.run_for(Duration::from_secs(10));
+    assert!(p.server.is_closed());
+    assert!(t + ConnConfig::default().close_grace >= p.now - Duration::from_secs(10));
+}
+
+#[test]
+fn write_that_cannot_drain_is_a_write_timeout() {
+    let cfg = ConnConfig {
+        write_timeout: ms(2000),
+        ..ConnConfig::default()
+    };
+    let mut p = Pair::new(cfg);
+    p.server_can_write = false;
+    let t = p.now;
+    p.server
+        .send(
+            t,
+            Frame::Data {
+                peer: String::new(),
+                payload: Bytes::from_static(b"x"),
+            },
+        )
+        .unwrap();
+    p.run_for(Duration::from_secs(5));
+    let c = Pair::closed(&p.s_events);
+    assert_eq!(c[0].reason, CloseReason::WriteTimeout);
+    assert_eq!(c[0].lateness, Some(Duration::ZERO));
+    assert!(p.server.is_closed());
+}
+
+#[test]
+fn outbound_overflow_is_a_slow_consumer() {
+    let cfg = ConnConfig {
+        max_outbound_bytes: 1000,
+        ..ConnConfig::default()
+    };
+    let mut p = Pair::new(cfg);
+    p.server_can_write = false;
+    let payload = Bytes::from(vec![0u8; 300]);
+    for _ in 0..3 {
+        p.server
+            .send(
+                p.now,
+                Frame::Data {
+                    peer: String::new(),
+                    payload: payload.clone(),
+                },
+            )
+            .unwrap();
+    }
+    let err = p
+        .server
+        .send(
+            p.now,
+            Frame::Data {
+                peer: String::new(),
+                payload,
+            },
+        )
+        .unwrap_err();
+    assert_eq!(err, SendError::Closed(CloseReason::SlowConsumer));
+    assert!(p.server.is_closed());
+}
+
+#[test]
+fn transport_errors_are_classified() {
+    let mut p = Pair::new(ConnConfig::default());
+    p.server
+        .handle_error(p.now, &io::Error::from_raw_os_error(110), false);
+    assert_eq!(p.server.close_reason(), Some(CloseReason::KeepaliveTimeout));
+    assert!(p.server.is_closed());
+    let mut p = Pair::new(ConnConfig::default());
+    p.server
+        .handle_error(p.now, &io::Error::from_raw_os_error(110), true);
+    assert_eq!(p.server.close_reason(), Some(CloseReason::WriteTimeout));
+    let mut p = Pair::new(ConnConfig::default());
+    p.server.handle_error(
+        p.now,
+        &io::Error::from(io::ErrorKind::ConnectionReset),
+        false,
+    );
+    assert_eq!(p.server.close_reason(), Some(CloseReason::Reset));
+}
+
+#[test]
+fn wrong_direction_and_unestablished_sends_are_refused() {
+    let now = Instant::now();
+    let mut c = Connection::client(now, ConnConfig::default(), hello("a"));
+    let data = Frame::Data {
+        peer: String::new(),
+        payload: Bytes::new(),
+    };
+    assert_eq!(c.send(now, data), Err(SendError::NotEstablished));
+    let mut p = Pair::new(ConnConfig::default());
+    let presence = Frame::Undeliverable { to: "x".into() };
+    assert_eq!(
+        p.client.send(p.now, presence),
+        Err(SendError::WrongDirection("UNDELIVERABLE"))
+    );
+    let big = Frame::Data {
+        peer: String::new(),
+        payload: Bytes::from(vec![0; 70_000]),
+    };
+    assert!(matches!(
+        p.client.send(p.now, big),
+        Err(SendError::TooLarge { .. })
+    ));
+}
+
+#[test]
+fn phi_suspects_then_recovers_then_convicts() {
+    let cfg = ConnConfig {
+        detector: DetectorConfig::Phi(PhiConfig::default()),
+        ..ConnConfig::default()
+    };
+    let mut p = Pair::new(cfg);
+    p.run_for(Duration::from_secs(60)); // a history of regular 1 s pings
+    p.up = false;
+    p.run_for(ms(1400));
+    assert!(
+        p.s_events
+            .iter()
+            .any(|e| matches!(e, Event::Suspect { .. })),
+        "suspect before min_timeout"
+    );
+    assert_eq!(p.server.state(), State::Established);
+    p.up = true;
+    p.server
+        .handle_bytes(p.now, &Frame::Pong { seq: 0, ts_ms: 0 }.to_bytes());
+    assert!(std::iter::from_fn(|| p.server.poll_event()).any(|e| e == Event::Recovered));
+    p.up = false;
+    p.run_for(Duration::from_secs(10));
+    let c = Pair::closed(&p.s_events);
+    assert_eq!(c[0].reason, CloseReason::HeartbeatTimeout);
+    assert_eq!(c[0].lateness, Some(Duration::ZERO));
+}
+
+#[test]
+fn heartbeat_requests_are_clamped_and_keep_the_ratio() {
+    let pol = HeartbeatPolicy::default();
+    assert_eq!(pol.negotiate(0), (ms(5000), ms(15000)));
+    assert_eq!(pol.negotiate(1), (ms(100), ms(300)));
+    assert_eq!(pol.negotiate(2000), (ms(2000), ms(6000)));
+    assert_eq!(
+        pol.negotiate(u32::MAX),
+        (Duration::from_secs(300), Duration::from_secs(900))
+    );
+}

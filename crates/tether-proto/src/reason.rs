@@ -1,0 +1,190 @@
+//! Why a connection ended: exactly one [`CloseReason`] per disconnect.
+//!
+//! # Layout
+//! The enum is closed and each variant has a stable snake_case name (used in logs, JSON events and the README
+//! table) and a stable one-byte wire code (used in `BYE` and `PRESENCE`). Both mappings live here and nowhere else.
+
+use std::fmt;
+use std::io;
+
+/// The single cause recorded for the end of a connection.
+///
+/// Names and wire codes are part of the protocol (docs/protocol.md) and never change meaning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CloseReason {
+    /// The peer said goodbye with `BYE`.
+    Bye,
+    /// The peer closed its write half (FIN) without a `BYE`: process killed or closed abruptly.
+    Eof,
+    /// The transport was reset (ECONNRESET, EPIPE, ECONNABORTED).
+    Reset,
+    /// Nothing arrived from the peer within the heartbeat timeout (or the phi detector convicted it).
+    HeartbeatTimeout,
+    /// The kernel's keepalive probes went unanswered (ETIMEDOUT on an idle socket).
+    KeepaliveTimeout,
+    /// Written data could not be delivered in time: the write deadline or the kernel's TCP_USER_TIMEOUT expired.
+    WriteTimeout,
+    /// The network reported the peer unreachable (EHOSTUNREACH, ENETUNREACH).
+    Unreachable,
+    /// A newer connection for the same client id replaced this one.
+    Takeover,
+    /// Two live devices claim one client id; the newcomer is told to back off.
+    IdConflict,
+    /// The peer broke the protocol (malformed frame, unknown kind, frame out of order, oversized length).
+    ProtocolError,
+    /// No valid `HELLO` arrived within the handshake timeout.
+    HandshakeTimeout,
+    /// The server is at its connection limit.
+    Busy,
+    /// The peer did not drain its outbound queue fast enough.
+    SlowConsumer,
+    /// The server is shutting down.
+    ServerShutdown,
+    /// The server's operator or application removed the client.
+    Kicked,
+}
+
+impl CloseReason {
+    /// Every reason, in wire-code order.
+    pub const ALL: [CloseReason; 15] = [
+        CloseReason::Bye,
+        CloseReason::Eof,
+        CloseReason::Reset,
+        CloseReason::HeartbeatTimeout,
+        CloseReason::KeepaliveTimeout,
+        CloseReason::WriteTimeout,
+        CloseReason::Unreachable,
+        CloseReason::Takeover,
+        CloseReason::IdConflict,
+        CloseReason::ProtocolError,
+        CloseReason::HandshakeTimeout,
+        CloseReason::Busy,
+        CloseReason::SlowConsumer,
+        CloseReason::ServerShutdown,
+        CloseReason::Kicked,
+    ];
+
+    /// The stable snake_case name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Bye => "bye",
+            CloseReason::Eof => "eof",
+            CloseReason::Reset => "reset",
+            CloseReason::HeartbeatTimeout => "heartbeat_timeout",
+            CloseReason::KeepaliveTimeout => "keepalive_timeout",
+            CloseReason::WriteTimeout => "write_timeout",
+            CloseReason::Unreachable => "unreachable",
+            CloseReason::Takeover => "takeover",
+            CloseReason::IdConflict => "id_conflict",
+            CloseReason::ProtocolError => "protocol_error",
+            CloseReason::HandshakeTimeout => "handshake_timeout",
+            CloseReason::Busy => "busy",
+            CloseReason::SlowConsumer => "slow_consumer",
+            CloseReason::ServerShutdown => "server_shutdown",
+            CloseReason::Kicked => "kicked",
+        }
+    }
+
+    /// Parse a stable name back into a reason.
+    pub fn from_name(name: &str) -> Option<CloseReason> {
+        Self::ALL.into_iter().find(|r| r.as_str() == name)
+    }
+
+    /// Classify a transport error.
+    ///
+    /// `had_unacked_writes` tells a user timeout (data in flight, `write_timeout`) from a keepalive timeout (idle
+    /// socket): the kernel reports both as ETIMEDOUT.
+    pub fn from_io_error(err: &io::Error, had_unacked_writes: bool) -> CloseReason {
+        match err.kind() {
+            io::ErrorKind::TimedOut if had_unacked_writes => CloseReason::WriteTimeout,
+            io::ErrorKind::TimedOut => CloseReason::KeepaliveTimeout,
+            io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => {
+                CloseReason::Unreachable
+            }
+            io::ErrorKind::UnexpectedEof => CloseReason::Eof,
+            _ => match err.raw_os_error() {
+                Some(code) if code == EHOSTUNREACH || code == ENETUNREACH => {
+                    CloseReason::Unreachable
+                }
+                Some(code) if code == ETIMEDOUT && had_unacked_writes => CloseReason::WriteTimeout,
+                Some(code) if code == ETIMEDOUT => CloseReason::KeepaliveTimeout,
+                _ => CloseReason::Reset,
+            },
+        }
+    }
+}
+
+// Linux errno values, spelled out so the core needs no libc. Other platforms are covered by `ErrorKind` above.
+const ETIMEDOUT: i32 = 110;
+const EHOSTUNREACH: i32 = 113;
+const ENETUNREACH: i32 = 101;
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<CloseReason> for u8 {
+    fn from(r: CloseReason) -> u8 {
+        r as u8 + 1
+    }
+}
+
+/// A wire code that names no reason this version knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("unknown close reason code {0}")]
+pub struct UnknownReason(pub u8);
+
+impl TryFrom<u8> for CloseReason {
+    type Error = UnknownReason;
+    fn try_from(code: u8) -> Result<Self, Self::Error> {
+        match code {
+            1..=15 => Ok(Self::ALL[code as usize - 1]),
+            other => Err(UnknownReason(other)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_and_names_round_trip() {
+        for (i, r) in CloseReason::ALL.into_iter().enumerate() {
+            let code: u8 = r.into();
+            assert_eq!(code as usize, i + 1);
+            assert_eq!(CloseReason::try_from(code), Ok(r));
+            assert_eq!(CloseReason::from_name(r.as_str()), Some(r));
+        }
+        assert_eq!(CloseReason::try_from(0), Err(UnknownReason(0)));
+        assert_eq!(CloseReason::try_from(16), Err(UnknownReason(16)));
+        assert_eq!(CloseReason::from_name("nope"), None);
+    }
+
+    #[test]
+    fn io_errors_classify() {
+        let timed_out = io::Error::from_raw_os_error(ETIMEDOUT);
+        assert_eq!(
+            CloseReason::from_io_error(&timed_out, false),
+            CloseReason::KeepaliveTimeout
+        );
+        assert_eq!(
+            CloseReason::from_io_error(&timed_out, true),
+            CloseReason::WriteTimeout
+        );
+        let unreach = io::Error::from_raw_os_error(EHOSTUNREACH);
+        assert_eq!(
+            CloseReason::from_io_error(&unreach, true),
+            CloseReason::Unreachable
+        );
+        let reset = io::Error::from(io::ErrorKind::ConnectionReset);
+        assert_eq!(
+            CloseReason::from_io_error(&reset, false),
+            CloseReason::Reset
+        );
+        let pipe = io::Error::from(io::ErrorKind::BrokenPipe);
+        assert_eq!(CloseReason::from_io_error(&pipe, true), CloseReason::Reset);
+    }
+}
