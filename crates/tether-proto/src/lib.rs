@@ -12,8 +12,10 @@ pub mod conn;
 pub mod detector;
 pub mod frame;
 pub mod reason;
+pub mod registry;
 
 pub use conn::{Closed, ConnConfig, Connection, Event, HeartbeatPolicy, Role, SendError, State};
 pub use detector::{DetectorConfig, PhiConfig};
 pub use frame::{Bye, Frame, FrameError, Hello, Presence, PresenceState, Welcome};
 pub use reason::CloseReason;
+pub use registry::{Admission, ConnId, Registry, RegistryConfig, SessionEvent};
