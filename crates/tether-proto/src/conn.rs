@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 
 use crate::detector::{Deadlines, Detector, DetectorConfig};
-use crate::frame::{self, Bye, Frame, FrameError, Hello, Presence, Welcome, PROTOCOL_VERSION};
+use crate::frame::{self, Bye, Frame, Hello, Presence, Welcome, PROTOCOL_VERSION};
 use crate::reason::CloseReason;
 
 /// Which end of the connection this state machine plays.
@@ -536,12 +536,15 @@ impl Connection {
                 return Err(SendError::Closed(self.reason.unwrap_or(CloseReason::Bye)))
             }
         }
-        let allowed = match (&frame, self.role) {
-            (Frame::Data { .. }, _) => true,
-            (Frame::Subscribe(_) | Frame::Unsubscribe(_), Role::Client) => true,
-            (Frame::Presence(_) | Frame::Undeliverable { .. }, Role::Server) => true,
-            _ => false,
-        };
+        let allowed = matches!(
+            (&frame, self.role),
+            (Frame::Data { .. }, _)
+                | (Frame::Subscribe(_) | Frame::Unsubscribe(_), Role::Client)
+                | (
+                    Frame::Presence(_) | Frame::Undeliverable { .. },
+                    Role::Server
+                )
+        );
         if !allowed {
             return Err(SendError::WrongDirection(frame.name()));
         }
