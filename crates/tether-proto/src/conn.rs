@@ -309,19 +309,9 @@ impl Connection {
                 self.maybe_finish();
             }
             State::Handshake | State::Established => {
-                let detail = (!self.rx.is_empty())
-                    .then(|| format!("{} bytes of an incomplete frame", self.rx.len()));
+                let detail = (!self.rx.is_empty()).then(|| format!("{} bytes of an incomplete frame", self.rx.len()));
                 self.rx = BytesMut::new();
-                self.decide(
-                    now,
-                    CloseReason::Eof,
-                    CloseMode::Flush,
-                    None,
-                    true,
-                    None,
-                    detail,
-                    None,
-                );
+                self.decide(now, CloseReason::Eof, CloseMode::Flush, None, true, None, detail, None);
                 if let Some(d) = &mut self.drain {
                     d.peer_eof = true;
                 }
@@ -337,16 +327,7 @@ impl Connection {
         match self.state {
             State::Closed => {}
             State::Draining => self.finish(),
-            _ => self.decide(
-                now,
-                reason,
-                CloseMode::Immediate,
-                None,
-                true,
-                None,
-                Some(err.to_string()),
-                None,
-            ),
+            _ => self.decide(now, reason, CloseMode::Immediate, None, true, None, Some(err.to_string()), None),
         }
     }
 
@@ -443,22 +424,14 @@ impl Connection {
                     if now >= s && !self.suspected {
                         self.suspected = true;
                         let last = self.last_rx().unwrap_or(self.origin);
-                        self.events.push_back(Event::Suspect {
-                            silent_for: now.saturating_duration_since(last),
-                        });
+                        self.events.push_back(Event::Suspect { silent_for: now.saturating_duration_since(last) });
                     }
                 }
                 if let Some(interval) = self.interval {
                     if now >= self.last_tx + interval {
                         self.ping_seq = self.ping_seq.wrapping_add(1);
                         let ts_ms = now.saturating_duration_since(self.origin).as_millis() as u64;
-                        self.queue(
-                            now,
-                            &Frame::Ping {
-                                seq: self.ping_seq,
-                                ts_ms,
-                            },
-                        );
+                        self.queue(now, &Frame::Ping { seq: self.ping_seq, ts_ms });
                     }
                 }
             }
@@ -470,8 +443,7 @@ impl Connection {
 
     /// Server: admit the session announced by [`Event::Hello`] and send `WELCOME`.
     pub fn accept(&mut self, now: Instant, welcome: Welcome) {
-        if !(self.role == Role::Server && self.state == State::Handshake && self.admission_pending)
-        {
+        if !(self.role == Role::Server && self.state == State::Handshake && self.admission_pending) {
             return;
         }
         self.admission_pending = false;
@@ -485,46 +457,19 @@ impl Connection {
     pub fn reject(&mut self, now: Instant, bye: Bye) {
         self.admission_pending = false;
         let reason = bye.reason;
-        self.decide(
-            now,
-            reason,
-            CloseMode::Flush,
-            Some(bye),
-            false,
-            None,
-            None,
-            None,
-        );
+        self.decide(now, reason, CloseMode::Flush, Some(bye), false, None, None, None);
     }
 
     /// End the connection with a `BYE`: flush it, half-close, and read until the peer closes or `close_grace`
     /// passes. Used for the application's close (`bye`), `takeover`, `kicked`, `server_shutdown`.
     pub fn close(&mut self, now: Instant, bye: Bye) {
         let reason = bye.reason;
-        self.decide(
-            now,
-            reason,
-            CloseMode::Linger,
-            Some(bye),
-            false,
-            None,
-            None,
-            None,
-        );
+        self.decide(now, reason, CloseMode::Linger, Some(bye), false, None, None, None);
     }
 
     /// End the connection at once without a goodbye (e.g. `slow_consumer` decided outside the connection).
     pub fn abort(&mut self, now: Instant, reason: CloseReason) {
-        self.decide(
-            now,
-            reason,
-            CloseMode::Immediate,
-            None,
-            false,
-            None,
-            None,
-            None,
-        );
+        self.decide(now, reason, CloseMode::Immediate, None, false, None, None, None);
     }
 
     /// Queue an application frame: `DATA`, `SUBSCRIBE`/`UNSUBSCRIBE` (client), `PRESENCE`/`UNDELIVERABLE` (server).
@@ -532,46 +477,25 @@ impl Connection {
         match self.state {
             State::Established => {}
             State::Handshake => return Err(SendError::NotEstablished),
-            State::Draining | State::Closed => {
-                return Err(SendError::Closed(self.reason.unwrap_or(CloseReason::Bye)))
-            }
+            State::Draining | State::Closed => return Err(SendError::Closed(self.reason.unwrap_or(CloseReason::Bye))),
         }
         let allowed = matches!(
             (&frame, self.role),
             (Frame::Data { .. }, _)
                 | (Frame::Subscribe(_) | Frame::Unsubscribe(_), Role::Client)
-                | (
-                    Frame::Presence(_) | Frame::Undeliverable { .. },
-                    Role::Server
-                )
+                | (Frame::Presence(_) | Frame::Undeliverable { .. }, Role::Server)
         );
         if !allowed {
             return Err(SendError::WrongDirection(frame.name()));
         }
         let len = frame.encoded_len() - frame::HEADER_LEN;
         if len > self.cfg.max_frame as usize {
-            return Err(SendError::TooLarge {
-                len,
-                max: self.cfg.max_frame,
-            });
+            return Err(SendError::TooLarge { len, max: self.cfg.max_frame });
         }
         self.queue(now, &frame);
         if self.tx.len() > self.cfg.max_outbound_bytes {
-            let detail = format!(
-                "{} bytes queued, limit {}",
-                self.tx.len(),
-                self.cfg.max_outbound_bytes
-            );
-            self.decide(
-                now,
-                CloseReason::SlowConsumer,
-                CloseMode::Immediate,
-                None,
-                false,
-                None,
-                Some(detail),
-                None,
-            );
+            let detail = format!("{} bytes queued, limit {}", self.tx.len(), self.cfg.max_outbound_bytes);
+            self.decide(now, CloseReason::SlowConsumer, CloseMode::Immediate, None, false, None, Some(detail), None);
             return Err(SendError::Closed(CloseReason::SlowConsumer));
         }
         Ok(())
@@ -597,17 +521,12 @@ impl Connection {
         }
         let write = self.tx_stalled_since.map(|s| s + self.cfg.write_timeout);
         let other = match self.state {
-            State::Handshake if !self.admission_pending => {
-                Some(self.origin + self.cfg.handshake_timeout)
-            }
+            State::Handshake if !self.admission_pending => Some(self.origin + self.cfg.handshake_timeout),
             State::Established => {
                 let dl = self.deadlines?;
                 let suspect = dl.suspect_at.filter(|_| !self.suspected);
                 let ping = self.interval.map(|i| self.last_tx + i);
-                [Some(dl.convict_at), suspect, ping]
-                    .into_iter()
-                    .flatten()
-                    .min()
+                [Some(dl.convict_at), suspect, ping].into_iter().flatten().min()
             }
             _ => None,
         };
@@ -690,29 +609,20 @@ impl Connection {
         match (self.role, f) {
             (Role::Server, Frame::Hello(h)) => {
                 if h.version != PROTOCOL_VERSION {
-                    return self.protocol_error(
-                        now,
-                        format!("unsupported protocol version {}", h.version),
-                    );
+                    return self.protocol_error(now, format!("unsupported protocol version {}", h.version));
                 }
                 self.admission_pending = true;
                 self.events.push_back(Event::Hello(h));
             }
             (Role::Client, Frame::Welcome(w)) => {
                 if w.version != PROTOCOL_VERSION {
-                    return self.protocol_error(
-                        now,
-                        format!("unsupported protocol version {}", w.version),
-                    );
+                    return self.protocol_error(now, format!("unsupported protocol version {}", w.version));
                 }
                 self.establish(now, w.heartbeat_ms, w.timeout_ms);
                 self.events.push_back(Event::Welcome(w));
             }
             (Role::Client, Frame::Bye(b)) => self.peer_bye(now, b),
-            (_, other) => self.protocol_error(
-                now,
-                format!("{} before the handshake completed", other.name()),
-            ),
+            (_, other) => self.protocol_error(now, format!("{} before the handshake completed", other.name())),
         }
     }
 
@@ -727,22 +637,13 @@ impl Connection {
                     self.events.push_back(Event::Rtt(rtt));
                 }
             }
-            (_, Frame::Data { peer, payload }) => {
-                self.events.push_back(Event::Data { peer, payload })
-            }
+            (_, Frame::Data { peer, payload }) => self.events.push_back(Event::Data { peer, payload }),
             (_, Frame::Bye(b)) => self.peer_bye(now, b),
             (Role::Server, Frame::Subscribe(ids)) => self.events.push_back(Event::Subscribe(ids)),
-            (Role::Server, Frame::Unsubscribe(ids)) => {
-                self.events.push_back(Event::Unsubscribe(ids))
-            }
+            (Role::Server, Frame::Unsubscribe(ids)) => self.events.push_back(Event::Unsubscribe(ids)),
             (Role::Client, Frame::Presence(p)) => self.events.push_back(Event::Presence(p)),
-            (Role::Client, Frame::Undeliverable { to }) => {
-                self.events.push_back(Event::Undeliverable { to })
-            }
-            (_, other) => self.protocol_error(
-                now,
-                format!("unexpected {} on an established connection", other.name()),
-            ),
+            (Role::Client, Frame::Undeliverable { to }) => self.events.push_back(Event::Undeliverable { to }),
+            (_, other) => self.protocol_error(now, format!("unexpected {} on an established connection", other.name())),
         }
     }
 
@@ -759,43 +660,17 @@ impl Connection {
     }
 
     fn peer_bye(&mut self, now: Instant, b: Bye) {
-        self.decide(
-            now,
-            b.reason,
-            CloseMode::Flush,
-            None,
-            true,
-            Some(b),
-            None,
-            None,
-        );
+        self.decide(now, b.reason, CloseMode::Flush, None, true, Some(b), None, None);
     }
 
     fn protocol_error(&mut self, now: Instant, detail: String) {
-        let bye = Some(Bye {
-            reason: CloseReason::ProtocolError,
-            retry_after_ms: 0,
-            alternative: String::new(),
-        });
+        let bye = Some(Bye { reason: CloseReason::ProtocolError, retry_after_ms: 0, alternative: String::new() });
         self.rx = BytesMut::new();
-        self.decide(
-            now,
-            CloseReason::ProtocolError,
-            CloseMode::Flush,
-            bye,
-            false,
-            None,
-            Some(detail),
-            None,
-        );
+        self.decide(now, CloseReason::ProtocolError, CloseMode::Flush, bye, false, None, Some(detail), None);
     }
 
     fn bye_if_server(&self, reason: CloseReason) -> Option<Bye> {
-        (self.role == Role::Server).then(|| Bye {
-            reason,
-            retry_after_ms: 0,
-            alternative: String::new(),
-        })
+        (self.role == Role::Server).then(|| Bye { reason, retry_after_ms: 0, alternative: String::new() })
     }
 
     /// Fix the reason (first decision wins), emit `Closed`, and start the goodbye.
@@ -816,13 +691,7 @@ impl Connection {
         }
         self.reason = Some(reason);
         let lateness = deadline.map(|d| now.saturating_duration_since(d));
-        self.events.push_back(Event::Closed(Closed {
-            reason,
-            lateness,
-            by_peer,
-            peer_bye,
-            detail,
-        }));
+        self.events.push_back(Event::Closed(Closed { reason, lateness, by_peer, peer_bye, detail }));
         if mode == CloseMode::Immediate {
             return self.finish();
         }
@@ -835,21 +704,13 @@ impl Connection {
         if !linger {
             self.rx = BytesMut::new();
         }
-        self.drain = Some(Drain {
-            until: now + self.cfg.close_grace,
-            linger,
-            write_shut: false,
-            peer_eof: false,
-        });
+        self.drain = Some(Drain { until: now + self.cfg.close_grace, linger, write_shut: false, peer_eof: false });
         self.maybe_finish();
     }
 
     fn maybe_finish(&mut self) {
         if let Some(d) = self.drain {
-            if self.state == State::Draining
-                && self.tx.is_empty()
-                && (!d.linger || (d.write_shut && d.peer_eof))
-            {
+            if self.state == State::Draining && self.tx.is_empty() && (!d.linger || (d.write_shut && d.peer_eof)) {
                 self.finish();
             }
         }

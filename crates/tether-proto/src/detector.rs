@@ -91,18 +91,10 @@ impl Detector {
                     p.max_timeout = timeout;
                 }
                 p.max_timeout = p.max_timeout.max(p.min_timeout);
-                Kind::Phi {
-                    stats: Window::new(p.window.max(2)),
-                    cfg: p,
-                }
+                Kind::Phi { stats: Window::new(p.window.max(2)), cfg: p }
             }
         };
-        Detector {
-            kind,
-            interval,
-            timeout,
-            last_arrival: None,
-        }
+        Detector { kind, interval, timeout, last_arrival: None }
     }
 
     /// Record that a frame arrived at `now`.
@@ -129,10 +121,7 @@ impl Detector {
     pub fn deadlines(&self, origin: Instant) -> Deadlines {
         let base = self.last_arrival.unwrap_or(origin);
         match &self.kind {
-            Kind::Fixed => Deadlines {
-                suspect_at: None,
-                convict_at: base + self.timeout,
-            },
+            Kind::Fixed => Deadlines { suspect_at: None, convict_at: base + self.timeout },
             Kind::Phi { cfg, stats } => {
                 let (mean, std) = stats.mean_std().unwrap_or_else(|| {
                     // Bootstrap like Pekko: expect the negotiated interval, std a quarter of it.
@@ -142,17 +131,12 @@ impl Detector {
                 let std = std.max(cfg.min_std_dev.as_secs_f64());
                 let after = |phi: f64| {
                     let after = (mean + std * y_for_phi(phi)).max(0.0);
-                    Duration::try_from_secs_f64(after)
-                        .unwrap_or(cfg.max_timeout)
-                        .min(cfg.max_timeout)
+                    Duration::try_from_secs_f64(after).unwrap_or(cfg.max_timeout).min(cfg.max_timeout)
                 };
                 // Only the verdict has a floor; suspicion is a warning and may come before it.
                 let convict = after(cfg.convict_threshold).max(cfg.min_timeout);
                 let suspect = after(cfg.suspect_threshold).min(convict);
-                Deadlines {
-                    suspect_at: (suspect < convict).then_some(base + suspect),
-                    convict_at: base + convict,
-                }
+                Deadlines { suspect_at: (suspect < convict).then_some(base + suspect), convict_at: base + convict }
             }
         }
     }
@@ -167,9 +151,7 @@ impl Detector {
             (m, m / 4.0)
         });
         let std = std.max(cfg.min_std_dev.as_secs_f64());
-        let elapsed = now
-            .saturating_duration_since(self.last_arrival?)
-            .as_secs_f64();
+        let elapsed = now.saturating_duration_since(self.last_arrival?).as_secs_f64();
         Some(phi_of_y((elapsed - mean) / std))
     }
 }
@@ -206,12 +188,7 @@ struct Window {
 
 impl Window {
     fn new(cap: usize) -> Window {
-        Window {
-            cap,
-            samples: VecDeque::new(),
-            sum: 0.0,
-            sum_sq: 0.0,
-        }
+        Window { cap, samples: VecDeque::new(), sum: 0.0, sum_sq: 0.0 }
     }
     fn push(&mut self, x: f64) {
         if self.samples.len() == self.cap {
@@ -247,11 +224,7 @@ mod tests {
     fn inverse_matches_forward() {
         for phi in [0.5, 1.0, 3.0, 8.0, 12.0, 16.0] {
             let y = y_for_phi(phi);
-            assert!(
-                (phi_of_y(y) - phi).abs() < 1e-6,
-                "phi {phi}: y {y} gives {}",
-                phi_of_y(y)
-            );
+            assert!((phi_of_y(y) - phi).abs() < 1e-6, "phi {phi}: y {y} gives {}", phi_of_y(y));
         }
     }
 
@@ -291,11 +264,7 @@ mod tests {
             let gap = ms(600 + jitter(&mut rng, 400));
             let dl = d.deadlines(t0);
             let next = t + gap;
-            assert!(
-                next < dl.convict_at,
-                "convicted a live peer: gap {gap:?}, deadline {:?}",
-                dl.convict_at - t
-            );
+            assert!(next < dl.convict_at, "convicted a live peer: gap {gap:?}, deadline {:?}", dl.convict_at - t);
             if dl.suspect_at.is_some_and(|s| s <= next) {
                 suspects += 1;
             }
@@ -328,10 +297,7 @@ mod tests {
 
     #[test]
     fn phi_is_bounded_by_max_timeout() {
-        let cfg = DetectorConfig::Phi(PhiConfig {
-            max_timeout: ms(4000),
-            ..PhiConfig::default()
-        });
+        let cfg = DetectorConfig::Phi(PhiConfig { max_timeout: ms(4000), ..PhiConfig::default() });
         let mut d = Detector::new(&cfg, ms(1000), ms(10_000));
         let t0 = Instant::now();
         // Wildly irregular history: 200 ms and 3 s gaps alternate, std is huge.

@@ -164,10 +164,7 @@ pub fn check(buf: &[u8], max_frame: u32) -> Result<Option<usize>, FrameError> {
         return Err(FrameError::Empty);
     }
     if len > max_frame {
-        return Err(FrameError::TooLarge {
-            len,
-            max: max_frame,
-        });
+        return Err(FrameError::TooLarge { len, max: max_frame });
     }
     let total = HEADER_LEN + len as usize;
     Ok((buf.len() >= total).then_some(total))
@@ -206,9 +203,7 @@ impl<'a> Cursor<'a> {
     fn str8(&mut self, field: &'static str) -> Result<String, FrameError> {
         let n = self.u8()? as usize;
         let b = self.take(n)?;
-        std::str::from_utf8(b)
-            .map(str::to_owned)
-            .map_err(|_| FrameError::BadUtf8 { field })
+        std::str::from_utf8(b).map(str::to_owned).map_err(|_| FrameError::BadUtf8 { field })
     }
     fn id(&mut self, field: &'static str) -> Result<String, FrameError> {
         let id = self.str8(field)?;
@@ -229,10 +224,7 @@ impl<'a> Cursor<'a> {
         if self.buf.is_empty() {
             Ok(value)
         } else {
-            Err(FrameError::Trailing {
-                kind: self.kind,
-                extra: self.buf.len(),
-            })
+            Err(FrameError::Trailing { kind: self.kind, extra: self.buf.len() })
         }
     }
 }
@@ -260,10 +252,7 @@ impl Frame {
 
     /// Parse one complete frame (header included), as delimited by [`check`].
     pub fn parse(frame: &[u8]) -> Result<Frame, FrameError> {
-        let body = frame
-            .get(HEADER_LEN..)
-            .filter(|b| !b.is_empty())
-            .ok_or(FrameError::Empty)?;
+        let body = frame.get(HEADER_LEN..).filter(|b| !b.is_empty()).ok_or(FrameError::Empty)?;
         let (k, body) = (body[0], &body[1..]);
         let name = match k {
             kind::HELLO => "HELLO",
@@ -278,10 +267,7 @@ impl Frame {
             kind::UNDELIVERABLE => "UNDELIVERABLE",
             other => return Err(FrameError::UnknownKind(other)),
         };
-        let mut c = Cursor {
-            buf: body,
-            kind: name,
-        };
+        let mut c = Cursor { buf: body, kind: name };
         match k {
             kind::HELLO => {
                 let version = c.u8()?;
@@ -290,13 +276,7 @@ impl Frame {
                 let client_id = c.id("client id")?;
                 let cred_len = c.u16()? as usize;
                 let credential = Bytes::copy_from_slice(c.take(cred_len)?);
-                c.finish(Frame::Hello(Hello {
-                    version,
-                    heartbeat_ms,
-                    nonce,
-                    client_id,
-                    credential,
-                }))
+                c.finish(Frame::Hello(Hello { version, heartbeat_ms, nonce, client_id, credential }))
             }
             kind::WELCOME => {
                 let version = c.u8()?;
@@ -304,22 +284,12 @@ impl Frame {
                 let timeout_ms = c.u32()?;
                 let epoch = c.u64()?;
                 let server_id = c.str8("server id")?;
-                c.finish(Frame::Welcome(Welcome {
-                    version,
-                    heartbeat_ms,
-                    timeout_ms,
-                    epoch,
-                    server_id,
-                }))
+                c.finish(Frame::Welcome(Welcome { version, heartbeat_ms, timeout_ms, epoch, server_id }))
             }
             kind::PING | kind::PONG => {
                 let seq = c.u32()?;
                 let ts_ms = c.u64()?;
-                let f = if k == kind::PING {
-                    Frame::Ping { seq, ts_ms }
-                } else {
-                    Frame::Pong { seq, ts_ms }
-                };
+                let f = if k == kind::PING { Frame::Ping { seq, ts_ms } } else { Frame::Pong { seq, ts_ms } };
                 c.finish(f)
             }
             kind::DATA => {
@@ -351,22 +321,13 @@ impl Frame {
                     code => Some(reason(code)?),
                 };
                 let last_seen_ago_ms = c.u32()?;
-                c.finish(Frame::Presence(Presence {
-                    client_id,
-                    state,
-                    reason,
-                    last_seen_ago_ms,
-                }))
+                c.finish(Frame::Presence(Presence { client_id, state, reason, last_seen_ago_ms }))
             }
             kind::BYE => {
                 let reason = reason(c.u8()?)?;
                 let retry_after_ms = c.u32()?;
                 let alternative = c.str8("alternative")?;
-                c.finish(Frame::Bye(Bye {
-                    reason,
-                    retry_after_ms,
-                    alternative,
-                }))
+                c.finish(Frame::Bye(Bye { reason, retry_after_ms, alternative }))
             }
             kind::UNDELIVERABLE => {
                 let to = c.id("undeliverable id")?;
@@ -403,11 +364,7 @@ impl Frame {
                 put_str8(out, &w.server_id);
             }
             Frame::Ping { seq, ts_ms } | Frame::Pong { seq, ts_ms } => {
-                out.put_u8(if matches!(self, Frame::Ping { .. }) {
-                    kind::PING
-                } else {
-                    kind::PONG
-                });
+                out.put_u8(if matches!(self, Frame::Ping { .. }) { kind::PING } else { kind::PONG });
                 out.put_u32(*seq);
                 out.put_u64(*ts_ms);
             }
@@ -417,11 +374,7 @@ impl Frame {
                 out.put_slice(payload);
             }
             Frame::Subscribe(ids) | Frame::Unsubscribe(ids) => {
-                out.put_u8(if matches!(self, Frame::Subscribe(_)) {
-                    kind::SUBSCRIBE
-                } else {
-                    kind::UNSUBSCRIBE
-                });
+                out.put_u8(if matches!(self, Frame::Subscribe(_)) { kind::SUBSCRIBE } else { kind::UNSUBSCRIBE });
                 let ids = &ids[..ids.len().min(u16::MAX as usize)];
                 out.put_u16(ids.len() as u16);
                 for id in ids {
@@ -457,9 +410,7 @@ impl Frame {
             Frame::Welcome(w) => 1 + 4 + 4 + 8 + 1 + w.server_id.len(),
             Frame::Ping { .. } | Frame::Pong { .. } => 4 + 8,
             Frame::Data { peer, payload } => 1 + peer.len() + payload.len(),
-            Frame::Subscribe(ids) | Frame::Unsubscribe(ids) => {
-                2 + ids.iter().map(|i| 1 + i.len()).sum::<usize>()
-            }
+            Frame::Subscribe(ids) | Frame::Unsubscribe(ids) => 2 + ids.iter().map(|i| 1 + i.len()).sum::<usize>(),
             Frame::Presence(p) => 1 + p.client_id.len() + 1 + 1 + 4,
             Frame::Bye(b) => 1 + 4 + 1 + b.alternative.len(),
             Frame::Undeliverable { to } => 1 + to.len(),

@@ -98,14 +98,10 @@ impl CloseReason {
         match err.kind() {
             io::ErrorKind::TimedOut if had_unacked_writes => CloseReason::WriteTimeout,
             io::ErrorKind::TimedOut => CloseReason::KeepaliveTimeout,
-            io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => {
-                CloseReason::Unreachable
-            }
+            io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => CloseReason::Unreachable,
             io::ErrorKind::UnexpectedEof => CloseReason::Eof,
             _ => match err.raw_os_error() {
-                Some(code) if code == EHOSTUNREACH || code == ENETUNREACH => {
-                    CloseReason::Unreachable
-                }
+                Some(code) if code == EHOSTUNREACH || code == ENETUNREACH => CloseReason::Unreachable,
                 Some(code) if code == ETIMEDOUT && had_unacked_writes => CloseReason::WriteTimeout,
                 Some(code) if code == ETIMEDOUT => CloseReason::KeepaliveTimeout,
                 _ => CloseReason::Reset,
@@ -166,24 +162,12 @@ mod tests {
     #[test]
     fn io_errors_classify() {
         let timed_out = io::Error::from_raw_os_error(ETIMEDOUT);
-        assert_eq!(
-            CloseReason::from_io_error(&timed_out, false),
-            CloseReason::KeepaliveTimeout
-        );
-        assert_eq!(
-            CloseReason::from_io_error(&timed_out, true),
-            CloseReason::WriteTimeout
-        );
+        assert_eq!(CloseReason::from_io_error(&timed_out, false), CloseReason::KeepaliveTimeout);
+        assert_eq!(CloseReason::from_io_error(&timed_out, true), CloseReason::WriteTimeout);
         let unreach = io::Error::from_raw_os_error(EHOSTUNREACH);
-        assert_eq!(
-            CloseReason::from_io_error(&unreach, true),
-            CloseReason::Unreachable
-        );
+        assert_eq!(CloseReason::from_io_error(&unreach, true), CloseReason::Unreachable);
         let reset = io::Error::from(io::ErrorKind::ConnectionReset);
-        assert_eq!(
-            CloseReason::from_io_error(&reset, false),
-            CloseReason::Reset
-        );
+        assert_eq!(CloseReason::from_io_error(&reset, false), CloseReason::Reset);
         let pipe = io::Error::from(io::ErrorKind::BrokenPipe);
         assert_eq!(CloseReason::from_io_error(&pipe, true), CloseReason::Reset);
     }

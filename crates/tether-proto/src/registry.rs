@@ -62,10 +62,7 @@ pub enum Admission {
     /// Welcome with this epoch; `evicted` is the holder to close with `takeover`.
     Welcome { epoch: u64, evicted: Option<ConnId> },
     /// Refuse the newcomer with `BYE(id_conflict, retry_after)`; the holder keeps the id.
-    Conflict {
-        holder: ConnId,
-        retry_after: Duration,
-    },
+    Conflict { holder: ConnId, retry_after: Duration },
 }
 
 /// Session-level facts for the application's event stream.
@@ -154,11 +151,7 @@ pub struct Registry {
 
 impl Registry {
     pub fn new(cfg: RegistryConfig) -> Registry {
-        Registry {
-            cfg,
-            next_epoch: 1,
-            ..Registry::default()
-        }
+        Registry { cfg, next_epoch: 1, ..Registry::default() }
     }
 
     pub fn config(&self) -> &RegistryConfig {
@@ -195,72 +188,29 @@ impl Registry {
                     .is_some_and(|t| now.saturating_duration_since(t) < self.cfg.conflict_window);
                 if alive && recent {
                     let holder = holder.conn;
-                    self.emit(SessionEvent::IdConflict {
-                        client: client.into(),
-                        holder,
-                        newcomer: conn,
-                    });
-                    return Admission::Conflict {
-                        holder,
-                        retry_after: self.cfg.conflict_window,
-                    };
+                    self.emit(SessionEvent::IdConflict { client: client.into(), holder, newcomer: conn });
+                    return Admission::Conflict { holder, retry_after: self.cfg.conflict_window };
                 }
             }
             let old = holder.conn;
             let was_suspect = holder.suspect;
-            let foreign_takeover_at = if same_device {
-                holder.foreign_takeover_at
-            } else {
-                Some(now)
-            };
+            let foreign_takeover_at = if same_device { holder.foreign_takeover_at } else { Some(now) };
             self.next_epoch += 1;
-            self.sessions.insert(
-                client.into(),
-                Session {
-                    conn,
-                    nonce,
-                    suspect: false,
-                    foreign_takeover_at,
-                },
-            );
-            self.emit(SessionEvent::Takeover {
-                client: client.into(),
-                old,
-                new: conn,
-                epoch,
-                same_device,
-            });
+            self.sessions.insert(client.into(), Session { conn, nonce, suspect: false, foreign_takeover_at });
+            self.emit(SessionEvent::Takeover { client: client.into(), old, new: conn, epoch, same_device });
             if was_suspect {
                 self.notify(client, PresenceState::Online, None, 0);
             }
-            return Admission::Welcome {
-                epoch,
-                evicted: Some(old),
-            };
+            return Admission::Welcome { epoch, evicted: Some(old) };
         }
         self.next_epoch += 1;
         let came_back = self.cancel_pending(client);
-        self.sessions.insert(
-            client.into(),
-            Session {
-                conn,
-                nonce,
-                suspect: false,
-                foreign_takeover_at: None,
-            },
-        );
-        self.emit(SessionEvent::Online {
-            client: client.into(),
-            conn,
-            epoch,
-        });
+        self.sessions.insert(client.into(), Session { conn, nonce, suspect: false, foreign_takeover_at: None });
+        self.emit(SessionEvent::Online { client: client.into(), conn, epoch });
         if !came_back {
             self.notify(client, PresenceState::Online, None, 0);
         }
-        Admission::Welcome {
-            epoch,
-            evicted: None,
-        }
+        Admission::Welcome { epoch, evicted: None }
     }
 
     /// Connection `conn` ended. `client` is its admitted id (None if it never got one); `last_seen` is when its
@@ -285,41 +235,22 @@ impl Registry {
             let deadline = now + self.cfg.presence_grace;
             self.cancel_pending(client);
             self.pending_order.insert((deadline, client.into()));
-            self.pending.insert(
-                client.into(),
-                PendingOffline {
-                    conn,
-                    deadline,
-                    reason,
-                    last_seen,
-                },
-            );
+            self.pending.insert(client.into(), PendingOffline { conn, deadline, reason, last_seen });
         }
     }
 
     /// The detector suspects `conn` (silent for `silent_for`).
     pub fn suspect(&mut self, conn: ConnId, client: &str, silent_for: Duration) {
-        if let Some(s) = self
-            .sessions
-            .get_mut(client)
-            .filter(|s| s.conn == conn && !s.suspect)
-        {
+        if let Some(s) = self.sessions.get_mut(client).filter(|s| s.conn == conn && !s.suspect) {
             s.suspect = true;
-            self.emit(SessionEvent::Suspect {
-                client: client.into(),
-                conn,
-            });
+            self.emit(SessionEvent::Suspect { client: client.into(), conn });
             self.notify(client, PresenceState::Suspect, None, ms(silent_for));
         }
     }
 
     /// A suspected `conn` was heard from again.
     pub fn recovered(&mut self, conn: ConnId, client: &str) {
-        if let Some(s) = self
-            .sessions
-            .get_mut(client)
-            .filter(|s| s.conn == conn && s.suspect)
-        {
+        if let Some(s) = self.sessions.get_mut(client).filter(|s| s.conn == conn && s.suspect) {
             s.suspect = false;
             self.notify(client, PresenceState::Online, None, 0);
         }
@@ -331,18 +262,12 @@ impl Registry {
             return Err(SubscribeError::WildcardRefused);
         }
         let held = self.subscriptions.get(&conn).map_or(0, HashSet::len);
-        let new: HashSet<&String> = ids
-            .iter()
-            .filter(|i| !self.is_subscribed(conn, i))
-            .collect();
+        let new: HashSet<&String> = ids.iter().filter(|i| !self.is_subscribed(conn, i)).collect();
         if held + new.len() > self.cfg.max_subscriptions {
             return Err(SubscribeError::TooMany(self.cfg.max_subscriptions));
         }
         for id in new {
-            self.subscriptions
-                .entry(conn)
-                .or_default()
-                .insert(id.clone());
+            self.subscriptions.entry(conn).or_default().insert(id.clone());
             if id == WILDCARD {
                 self.wildcard.insert(conn);
             } else {
@@ -358,8 +283,7 @@ impl Registry {
             }
         };
         if ids.iter().any(|i| i == WILDCARD) {
-            let mut online: Vec<&String> =
-                self.sessions.keys().chain(self.pending.keys()).collect();
+            let mut online: Vec<&String> = self.sessions.keys().chain(self.pending.keys()).collect();
             online.sort();
             for id in online {
                 add(self, id, &mut snapshot);
@@ -413,9 +337,7 @@ impl Registry {
     }
 
     fn is_subscribed(&self, conn: ConnId, id: &str) -> bool {
-        self.subscriptions
-            .get(&conn)
-            .is_some_and(|s| s.contains(id))
+        self.subscriptions.get(&conn).is_some_and(|s| s.contains(id))
     }
 
     fn state_of(&self, id: &str) -> Presence {
@@ -426,33 +348,12 @@ impl Registry {
             (None, Some(_)) => (PresenceState::Online, 0),
             (None, None) => (PresenceState::Offline, u32::MAX),
         };
-        Presence {
-            client_id: id.into(),
-            state,
-            reason: None,
-            last_seen_ago_ms,
-        }
+        Presence { client_id: id.into(), state, reason: None, last_seen_ago_ms }
     }
 
-    fn go_offline(
-        &mut self,
-        now: Instant,
-        client: &str,
-        conn: ConnId,
-        reason: CloseReason,
-        last_seen: Instant,
-    ) {
-        self.emit(SessionEvent::Offline {
-            client: client.into(),
-            conn,
-            reason,
-        });
-        self.notify(
-            client,
-            PresenceState::Offline,
-            Some(reason),
-            ms(now.saturating_duration_since(last_seen)),
-        );
+    fn go_offline(&mut self, now: Instant, client: &str, conn: ConnId, reason: CloseReason, last_seen: Instant) {
+        self.emit(SessionEvent::Offline { client: client.into(), conn, reason });
+        self.notify(client, PresenceState::Offline, Some(reason), ms(now.saturating_duration_since(last_seen)));
     }
 
     fn cancel_pending(&mut self, client: &str) -> bool {
@@ -472,24 +373,13 @@ impl Registry {
         }
     }
 
-    fn notify(
-        &mut self,
-        client: &str,
-        state: PresenceState,
-        reason: Option<CloseReason>,
-        last_seen_ago_ms: u32,
-    ) {
+    fn notify(&mut self, client: &str, state: PresenceState, reason: Option<CloseReason>, last_seen_ago_ms: u32) {
         let direct = self.subscribers.get(client).into_iter().flatten();
         let targets: HashSet<ConnId> = direct.chain(self.wildcard.iter()).copied().collect();
         let mut targets: Vec<ConnId> = targets.into_iter().collect();
         targets.sort_unstable();
         for to in targets {
-            let presence = Presence {
-                client_id: client.into(),
-                state,
-                reason,
-                last_seen_ago_ms,
-            };
+            let presence = Presence { client_id: client.into(), state, reason, last_seen_ago_ms };
             self.out.push_back(Output::Notify { to, presence });
         }
     }

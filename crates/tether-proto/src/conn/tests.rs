@@ -8,23 +8,11 @@ fn ms(n: u64) -> Duration {
 }
 
 fn hello(id: &str) -> Hello {
-    Hello {
-        version: 1,
-        heartbeat_ms: 1000,
-        nonce: 7,
-        client_id: id.into(),
-        credential: Bytes::new(),
-    }
+    Hello { version: 1, heartbeat_ms: 1000, nonce: 7, client_id: id.into(), credential: Bytes::new() }
 }
 
 fn welcome() -> Welcome {
-    Welcome {
-        version: 1,
-        heartbeat_ms: 1000,
-        timeout_ms: 3000,
-        epoch: 1,
-        server_id: "s".into(),
-    }
+    Welcome { version: 1, heartbeat_ms: 1000, timeout_ms: 3000, epoch: 1, server_id: "s".into() }
 }
 
 /// A server and a client connection over a link that delivers instantly while `up`, and drops everything otherwise.
@@ -60,11 +48,7 @@ impl Pair {
         for _ in 0..100 {
             let c_out = self.client.poll_transmit().to_vec();
             self.client.handle_written(self.now, c_out.len());
-            let s_out = if self.server_can_write {
-                self.server.poll_transmit().to_vec()
-            } else {
-                vec![]
-            };
+            let s_out = if self.server_can_write { self.server.poll_transmit().to_vec() } else { vec![] };
             self.server.handle_written(self.now, s_out.len());
             if self.up {
                 self.server.handle_bytes(self.now, &c_out);
@@ -92,10 +76,7 @@ impl Pair {
     /// Jump virtual time from deadline to deadline until `until`.
     fn run_until(&mut self, until: Instant) {
         loop {
-            let next = [self.server.poll_timeout(), self.client.poll_timeout()]
-                .into_iter()
-                .flatten()
-                .min();
+            let next = [self.server.poll_timeout(), self.client.poll_timeout()].into_iter().flatten().min();
             match next {
                 Some(t) if t <= until => {
                     self.now = self.now.max(t);
@@ -116,16 +97,7 @@ impl Pair {
     }
 
     fn closed(events: &[Event]) -> Vec<&Closed> {
-        events
-            .iter()
-            .filter_map(|e| {
-                if let Event::Closed(c) = e {
-                    Some(c)
-                } else {
-                    None
-                }
-            })
-            .collect()
+        events.iter().filter_map(|e| if let Event::Closed(c) = e { Some(c) } else { None }).collect()
     }
 }
 
@@ -157,28 +129,13 @@ fn no_pings_while_data_flows() {
     // The client sends data every 500 ms; it must never need to ping, but the silent server pings.
     for _ in 0..20 {
         p.run_for(ms(500));
-        p.client
-            .send(
-                p.now,
-                Frame::Data {
-                    peer: String::new(),
-                    payload: Bytes::from_static(b"x"),
-                },
-            )
-            .unwrap();
+        p.client.send(p.now, Frame::Data { peer: String::new(), payload: Bytes::from_static(b"x") }).unwrap();
         let out = p.client.poll_transmit().to_vec();
         let frame = Frame::parse(&out).unwrap();
-        assert!(
-            matches!(frame, Frame::Data { .. }),
-            "client queued {frame:?} besides its data"
-        );
+        assert!(matches!(frame, Frame::Data { .. }), "client queued {frame:?} besides its data");
         p.pump();
     }
-    let datas = p
-        .s_events
-        .iter()
-        .filter(|e| matches!(e, Event::Data { .. }))
-        .count();
+    let datas = p.s_events.iter().filter(|e| matches!(e, Event::Data { .. })).count();
     assert_eq!(datas, 20);
     // The server measured RTT from its own pings: it proved the client → server direction too.
     assert!(p.s_events.iter().any(|e| matches!(e, Event::Rtt(_))));
@@ -194,11 +151,7 @@ fn silent_link_is_declared_dead_exactly_at_the_timeout() {
     let s = Pair::closed(&p.s_events);
     assert_eq!(s.len(), 1);
     assert_eq!(s[0].reason, CloseReason::HeartbeatTimeout);
-    assert_eq!(
-        s[0].lateness,
-        Some(Duration::ZERO),
-        "virtual time: the verdict is exactly on its deadline"
-    );
+    assert_eq!(s[0].lateness, Some(Duration::ZERO), "virtual time: the verdict is exactly on its deadline");
     assert!(!s[0].by_peer);
     let c = Pair::closed(&p.c_events);
     assert_eq!(c[0].reason, CloseReason::HeartbeatTimeout);
@@ -213,31 +166,19 @@ fn linger_delivers_late_data_but_never_resurrects() {
     p.up = false;
     p.run_for(ms(3000));
     assert_eq!(p.server.state(), State::Draining);
-    assert!(
-        p.server.poll_shutdown_write(),
-        "BYE flushed: write half may be shut"
-    );
+    assert!(p.server.poll_shutdown_write(), "BYE flushed: write half may be shut");
     p.server.handle_write_shutdown();
     // Late data arrives during the grace: delivered, but the connection stays condemned.
-    let late = Frame::Data {
-        peer: String::new(),
-        payload: Bytes::from_static(b"late"),
-    }
-    .to_bytes();
+    let late = Frame::Data { peer: String::new(), payload: Bytes::from_static(b"late") }.to_bytes();
     let ping = Frame::Ping { seq: 9, ts_ms: 0 }.to_bytes();
     p.server.handle_bytes(p.now, &ping);
     p.server.handle_bytes(p.now, &late);
-    assert!(
-        p.server.poll_transmit().is_empty(),
-        "no PONG from a condemned connection"
-    );
+    assert!(p.server.poll_transmit().is_empty(), "no PONG from a condemned connection");
     let mut got = vec![];
     while let Some(e) = p.server.poll_event() {
         got.push(e);
     }
-    assert!(got
-        .iter()
-        .any(|e| matches!(e, Event::Data { payload, .. } if &payload[..] == b"late")));
+    assert!(got.iter().any(|e| matches!(e, Event::Data { payload, .. } if &payload[..] == b"late")));
     assert_eq!(p.server.state(), State::Draining);
     // The peer's FIN ends the linger early.
     p.server.handle_eof(p.now);
@@ -250,19 +191,11 @@ fn frame_before_hello_is_a_protocol_error_with_bye() {
     let now = Instant::now();
     let mut s = Connection::server(now, ConnConfig::default());
     s.handle_bytes(now, &Frame::Ping { seq: 1, ts_ms: 0 }.to_bytes());
-    let Some(Event::Closed(c)) = s.poll_event() else {
-        panic!()
-    };
+    let Some(Event::Closed(c)) = s.poll_event() else { panic!() };
     assert_eq!(c.reason, CloseReason::ProtocolError);
     assert!(c.detail.unwrap().contains("PING before the handshake"));
     let bye = Frame::parse(s.poll_transmit()).unwrap();
-    assert!(matches!(
-        bye,
-        Frame::Bye(Bye {
-            reason: CloseReason::ProtocolError,
-            ..
-        })
-    ));
+    assert!(matches!(bye, Frame::Bye(Bye { reason: CloseReason::ProtocolError, .. })));
     s.handle_written(now, s.poll_transmit().len());
     assert!(s.is_closed(), "refusals close as soon as BYE is flushed");
 }
@@ -270,19 +203,9 @@ fn frame_before_hello_is_a_protocol_error_with_bye() {
 #[test]
 fn second_hello_is_a_protocol_error() {
     let mut p = Pair::new(ConnConfig::default());
-    p.server
-        .handle_bytes(p.now, &Frame::Hello(hello("a")).to_bytes());
+    p.server.handle_bytes(p.now, &Frame::Hello(hello("a")).to_bytes());
     let c = p.server.poll_event();
-    assert!(
-        matches!(
-            c,
-            Some(Event::Closed(Closed {
-                reason: CloseReason::ProtocolError,
-                ..
-            }))
-        ),
-        "{c:?}"
-    );
+    assert!(matches!(c, Some(Event::Closed(Closed { reason: CloseReason::ProtocolError, .. }))), "{c:?}");
 }
 
 #[test]
@@ -328,33 +251,18 @@ fn silent_handshake_times_out_exactly() {
     s.handle_bytes(now, &[0, 0]); // half a header, then silence (slowloris)
     assert_eq!(s.poll_timeout(), Some(now + ms(5000)));
     s.handle_timeout(now + ms(5000));
-    let Some(Event::Closed(c)) = s.poll_event() else {
-        panic!()
-    };
-    assert_eq!(
-        (c.reason, c.lateness),
-        (CloseReason::HandshakeTimeout, Some(Duration::ZERO))
-    );
+    let Some(Event::Closed(c)) = s.poll_event() else { panic!() };
+    assert_eq!((c.reason, c.lateness), (CloseReason::HandshakeTimeout, Some(Duration::ZERO)));
     assert!(matches!(
         Frame::parse(s.poll_transmit()),
-        Ok(Frame::Bye(Bye {
-            reason: CloseReason::HandshakeTimeout,
-            ..
-        }))
+        Ok(Frame::Bye(Bye { reason: CloseReason::HandshakeTimeout, .. }))
     ));
 }
 
 #[test]
 fn peer_bye_reason_is_taken_as_given() {
     let mut p = Pair::new(ConnConfig::default());
-    p.server.close(
-        p.now,
-        Bye {
-            reason: CloseReason::Takeover,
-            retry_after_ms: 0,
-            alternative: String::new(),
-        },
-    );
+    p.server.close(p.now, Bye { reason: CloseReason::Takeover, retry_after_ms: 0, alternative: String::new() });
     p.pump();
     let c = Pair::closed(&p.c_events);
     assert_eq!(c[0].reason, CloseReason::Takeover);
@@ -362,42 +270,20 @@ fn peer_bye_reason_is_taken_as_given() {
     assert_eq!(Pair::closed(&p.s_events)[0].reason, CloseReason::Takeover);
 
     let mut p = Pair::new(ConnConfig::default());
-    p.client.close(
-        p.now,
-        Bye {
-            reason: CloseReason::Bye,
-            retry_after_ms: 0,
-            alternative: String::new(),
-        },
-    );
+    p.client.close(p.now, Bye { reason: CloseReason::Bye, retry_after_ms: 0, alternative: String::new() });
     p.pump();
     assert_eq!(Pair::closed(&p.s_events)[0].reason, CloseReason::Bye);
-    assert!(
-        p.server.is_closed(),
-        "the server flushes and closes on the peer's BYE"
-    );
+    assert!(p.server.is_closed(), "the server flushes and closes on the peer's BYE");
 }
 
 #[test]
 fn eof_without_bye_flushes_then_closes() {
     let mut p = Pair::new(ConnConfig::default());
-    p.server
-        .send(
-            p.now,
-            Frame::Data {
-                peer: String::new(),
-                payload: Bytes::from_static(b"last"),
-            },
-        )
-        .unwrap();
+    p.server.send(p.now, Frame::Data { peer: String::new(), payload: Bytes::from_static(b"last") }).unwrap();
     p.server.handle_eof(p.now);
     assert_eq!(p.server.close_reason(), Some(CloseReason::Eof));
-    assert!(
-        !p.server.poll_transmit().is_empty(),
-        "pending data is still flushed after EOF"
-    );
-    p.server
-        .handle_written(p.now, p.server.poll_transmit().len());
+    assert!(!p.server.poll_transmit().is_empty(), "pending data is still flushed after EOF");
+    p.server.handle_written(p.now, p.server.poll_transmit().len());
     assert!(p.server.is_closed());
 }
 
@@ -405,15 +291,7 @@ fn eof_without_bye_flushes_then_closes() {
 fn eof_with_unwritable_transport_closes_within_grace() {
     let mut p = Pair::new(ConnConfig::default());
     p.server_can_write = false;
-    p.server
-        .send(
-            p.now,
-            Frame::Data {
-                peer: String::new(),
-                payload: Bytes::from_static(b"x"),
-            },
-        )
-        .unwrap();
+    p.server.send(p.now, Frame::Data { peer: String::new(), payload: Bytes::from_static(b"x") }).unwrap();
     p.server.handle_eof(p.now);
     let t = p.now;
     p.run_for(Duration::from_secs(10));
@@ -423,22 +301,11 @@ fn eof_with_unwritable_transport_closes_within_grace() {
 
 #[test]
 fn write_that_cannot_drain_is_a_write_timeout() {
-    let cfg = ConnConfig {
-        write_timeout: ms(2000),
-        ..ConnConfig::default()
-    };
+    let cfg = ConnConfig { write_timeout: ms(2000), ..ConnConfig::default() };
     let mut p = Pair::new(cfg);
     p.server_can_write = false;
     let t = p.now;
-    p.server
-        .send(
-            t,
-            Frame::Data {
-                peer: String::new(),
-                payload: Bytes::from_static(b"x"),
-            },
-        )
-        .unwrap();
+    p.server.send(t, Frame::Data { peer: String::new(), payload: Bytes::from_static(b"x") }).unwrap();
     p.run_for(Duration::from_secs(5));
     let c = Pair::closed(&p.s_events);
     assert_eq!(c[0].reason, CloseReason::WriteTimeout);
@@ -448,34 +315,14 @@ fn write_that_cannot_drain_is_a_write_timeout() {
 
 #[test]
 fn outbound_overflow_is_a_slow_consumer() {
-    let cfg = ConnConfig {
-        max_outbound_bytes: 1000,
-        ..ConnConfig::default()
-    };
+    let cfg = ConnConfig { max_outbound_bytes: 1000, ..ConnConfig::default() };
     let mut p = Pair::new(cfg);
     p.server_can_write = false;
     let payload = Bytes::from(vec![0u8; 300]);
     for _ in 0..3 {
-        p.server
-            .send(
-                p.now,
-                Frame::Data {
-                    peer: String::new(),
-                    payload: payload.clone(),
-                },
-            )
-            .unwrap();
+        p.server.send(p.now, Frame::Data { peer: String::new(), payload: payload.clone() }).unwrap();
     }
-    let err = p
-        .server
-        .send(
-            p.now,
-            Frame::Data {
-                peer: String::new(),
-                payload,
-            },
-        )
-        .unwrap_err();
+    let err = p.server.send(p.now, Frame::Data { peer: String::new(), payload }).unwrap_err();
     assert_eq!(err, SendError::Closed(CloseReason::SlowConsumer));
     assert!(p.server.is_closed());
 }
@@ -483,20 +330,14 @@ fn outbound_overflow_is_a_slow_consumer() {
 #[test]
 fn transport_errors_are_classified() {
     let mut p = Pair::new(ConnConfig::default());
-    p.server
-        .handle_error(p.now, &io::Error::from_raw_os_error(110), false);
+    p.server.handle_error(p.now, &io::Error::from_raw_os_error(110), false);
     assert_eq!(p.server.close_reason(), Some(CloseReason::KeepaliveTimeout));
     assert!(p.server.is_closed());
     let mut p = Pair::new(ConnConfig::default());
-    p.server
-        .handle_error(p.now, &io::Error::from_raw_os_error(110), true);
+    p.server.handle_error(p.now, &io::Error::from_raw_os_error(110), true);
     assert_eq!(p.server.close_reason(), Some(CloseReason::WriteTimeout));
     let mut p = Pair::new(ConnConfig::default());
-    p.server.handle_error(
-        p.now,
-        &io::Error::from(io::ErrorKind::ConnectionReset),
-        false,
-    );
+    p.server.handle_error(p.now, &io::Error::from(io::ErrorKind::ConnectionReset), false);
     assert_eq!(p.server.close_reason(), Some(CloseReason::Reset));
 }
 
@@ -504,47 +345,26 @@ fn transport_errors_are_classified() {
 fn wrong_direction_and_unestablished_sends_are_refused() {
     let now = Instant::now();
     let mut c = Connection::client(now, ConnConfig::default(), hello("a"));
-    let data = Frame::Data {
-        peer: String::new(),
-        payload: Bytes::new(),
-    };
+    let data = Frame::Data { peer: String::new(), payload: Bytes::new() };
     assert_eq!(c.send(now, data), Err(SendError::NotEstablished));
     let mut p = Pair::new(ConnConfig::default());
     let presence = Frame::Undeliverable { to: "x".into() };
-    assert_eq!(
-        p.client.send(p.now, presence),
-        Err(SendError::WrongDirection("UNDELIVERABLE"))
-    );
-    let big = Frame::Data {
-        peer: String::new(),
-        payload: Bytes::from(vec![0; 70_000]),
-    };
-    assert!(matches!(
-        p.client.send(p.now, big),
-        Err(SendError::TooLarge { .. })
-    ));
+    assert_eq!(p.client.send(p.now, presence), Err(SendError::WrongDirection("UNDELIVERABLE")));
+    let big = Frame::Data { peer: String::new(), payload: Bytes::from(vec![0; 70_000]) };
+    assert!(matches!(p.client.send(p.now, big), Err(SendError::TooLarge { .. })));
 }
 
 #[test]
 fn phi_suspects_then_recovers_then_convicts() {
-    let cfg = ConnConfig {
-        detector: DetectorConfig::Phi(PhiConfig::default()),
-        ..ConnConfig::default()
-    };
+    let cfg = ConnConfig { detector: DetectorConfig::Phi(PhiConfig::default()), ..ConnConfig::default() };
     let mut p = Pair::new(cfg);
     p.run_for(Duration::from_secs(60)); // a history of regular 1 s pings
     p.up = false;
     p.run_for(ms(1400));
-    assert!(
-        p.s_events
-            .iter()
-            .any(|e| matches!(e, Event::Suspect { .. })),
-        "suspect before min_timeout"
-    );
+    assert!(p.s_events.iter().any(|e| matches!(e, Event::Suspect { .. })), "suspect before min_timeout");
     assert_eq!(p.server.state(), State::Established);
     p.up = true;
-    p.server
-        .handle_bytes(p.now, &Frame::Pong { seq: 0, ts_ms: 0 }.to_bytes());
+    p.server.handle_bytes(p.now, &Frame::Pong { seq: 0, ts_ms: 0 }.to_bytes());
     assert!(std::iter::from_fn(|| p.server.poll_event()).any(|e| e == Event::Recovered));
     p.up = false;
     p.run_for(Duration::from_secs(10));
@@ -559,8 +379,5 @@ fn heartbeat_requests_are_clamped_and_keep_the_ratio() {
     assert_eq!(pol.negotiate(0), (ms(5000), ms(15000)));
     assert_eq!(pol.negotiate(1), (ms(100), ms(300)));
     assert_eq!(pol.negotiate(2000), (ms(2000), ms(6000)));
-    assert_eq!(
-        pol.negotiate(u32::MAX),
-        (Duration::from_secs(300), Duration::from_secs(900))
-    );
+    assert_eq!(pol.negotiate(u32::MAX), (Duration::from_secs(300), Duration::from_secs(900)));
 }
