@@ -270,6 +270,10 @@ impl Connection {
     pub fn last_rx(&self) -> Option<Instant> {
         self.detector.as_ref().and_then(Detector::last_arrival)
     }
+    /// Whether the IO layer should keep reading from the transport.
+    pub fn wants_read(&self) -> bool {
+        self.reading()
+    }
     /// Bytes queued but not yet written to the transport.
     pub fn pending_tx(&self) -> usize {
         self.tx.len()

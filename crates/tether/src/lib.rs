@@ -1,1 +1,26 @@
+//! tether's tokio layer: a server and a client that keep long-lived TCP connections honest.
+//!
+//! # Layout
+//! - [`server`]: [`Server`] (accept loop, connection tasks, session hub, graceful shutdown) and [`ServerHandle`].
+//! - [`client`]: [`Client`], connected and handshaken, with its event stream.
+//! - [`config`]: [`ServerConfig`], [`ClientConfig`] and their defaults.
+//! - [`event`]: [`ServerEvent`], what the server tells its application.
+//! - [`sockopt`]: TCP_NODELAY, keepalive and TCP_USER_TIMEOUT on every socket, read back for the logs.
+//! - `driver`: the IO pump that carries out a [`tether_proto::Connection`]'s decisions on a socket.
+//!
+//! All protocol decisions live in [`tether_proto`]; this crate only moves bytes, time and commands.
 
+pub mod client;
+pub mod config;
+mod driver;
+pub mod event;
+pub mod server;
+pub mod sockopt;
+
+pub use client::{Client, ClientError, ClientEvent, ConnectError, Disconnect};
+pub use config::{ClientConfig, ServerConfig};
+pub use event::{EventKind, ServerEvent};
+pub use server::{SendToError, Server, ServerHandle};
+pub use sockopt::{Keepalive, SocketOptions};
+pub use tether_proto as proto;
+pub use tether_proto::CloseReason;

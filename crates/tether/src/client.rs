@@ -1,0 +1,267 @@
+//! The tokio client: connect, handshake, heartbeats, data, presence, goodbye.
+//!
+//! # Layout
+//! [`Client::connect`] opens the socket (options applied), sends `HELLO` and returns once `WELCOME` arrives, or
+//! the server's refusal as [`ConnectError::Refused`] with its reason and hints. A background task then runs the
+//! same driver and state machine as the server, so a dead server is reported with the same reasons
+//! (`heartbeat_timeout`, `eof`, `reset`, `keepalive_timeout`, `write_timeout`, `unreachable`, or the server's
+//! `BYE` reason) as [`ClientEvent::Disconnected`], always the last event. Reconnection is the caller's loop for
+//! now: a `Disconnect` carries the server's retry-after and alternative-address hints for it.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant as StdInstant};
+
+use bytes::Bytes;
+use tether_proto::frame::{Hello, PROTOCOL_VERSION};
+use tether_proto::{Bye, CloseReason, Closed, Connection, Event, Frame, Presence, Welcome};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::config::ClientConfig;
+use crate::driver::{self, drive, Hooks};
+
+/// A connected client.
+pub struct Client {
+    cmds: mpsc::Sender<ClientCmd>,
+    events: mpsc::UnboundedReceiver<ClientEvent>,
+    welcome: Welcome,
+    nonce: u64,
+    local_addr: SocketAddr,
+    max_frame: u32,
+    task: JoinHandle<()>,
+}
+
+/// How a connection ended, from the client's side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disconnect {
+    pub reason: CloseReason,
+    /// For verdicts taken at a deadline: how late.
+    pub lateness: Option<Duration>,
+    /// The server ended it (its `BYE`, FIN or reset).
+    pub by_peer: bool,
+    /// The server's hint: do not come back before this.
+    pub retry_after: Option<Duration>,
+    /// The server's hint: go to this address instead.
+    pub alternative: Option<String>,
+    pub detail: Option<String>,
+}
+
+impl From<Closed> for Disconnect {
+    fn from(c: Closed) -> Disconnect {
+        let retry_after = c.peer_bye.as_ref().map(|b| b.retry_after_ms).filter(|&ms| ms > 0);
+        let alternative = c.peer_bye.as_ref().map(|b| b.alternative.clone()).filter(|a| !a.is_empty());
+        Disconnect {
+            reason: c.reason,
+            lateness: c.lateness,
+            by_peer: c.by_peer,
+            retry_after: retry_after.map(|ms| Duration::from_millis(ms.into())),
+            alternative,
+            detail: c.detail,
+        }
+    }
+}
+
+/// What the client hears.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientEvent {
+    /// `from` is the sending client id, or `None` for the server application.
+    Data {
+        from: Option<String>,
+        payload: Bytes,
+    },
+    Presence(Presence),
+    /// A `DATA` we addressed to `to` was not delivered: that id is not online.
+    Undeliverable {
+        to: String,
+    },
+    /// The phi detector suspects the server.
+    Suspect {
+        silent_for: Duration,
+    },
+    Recovered,
+    /// Always the last event.
+    Disconnected(Disconnect),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connect: {0}")]
+    Io(#[from] io::Error),
+    #[error("connect timed out")]
+    Timeout,
+    #[error("refused by the server: {}", .0.reason)]
+    Refused(Disconnect),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    #[error("the connection is closed")]
+    Closed,
+    #[error("payload of {len} bytes exceeds the frame limit {max}")]
+    TooLarge { len: usize, max: u32 },
+}
+
+enum ClientCmd {
+    Frame(Frame),
+    Close,
+}
+
+impl Client {
+    /// Connect to `addr`, say `HELLO`, and wait for `WELCOME` (bounded by the handshake timeout).
+    pub async fn connect(addr: SocketAddr, cfg: ClientConfig) -> Result<Client, ConnectError> {
+        let stream = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| ConnectError::Timeout)??;
+        if let Err(e) = cfg.socket.apply(&stream) {
+            tracing::warn!("socket options: {e}");
+        }
+        let local_addr = stream.local_addr()?;
+        let nonce = cfg.nonce.unwrap_or_else(rand::random);
+        let hello = Hello {
+            version: PROTOCOL_VERSION,
+            heartbeat_ms: cfg.heartbeat_interval.map_or(0, |d| d.as_millis().clamp(1, u32::MAX as u128) as u32),
+            nonce,
+            client_id: cfg.client_id.clone(),
+            credential: Bytes::from(cfg.credential.clone()),
+        };
+        let max_frame = cfg.conn.max_frame;
+        let mut conn = Connection::client(driver::now(), cfg.conn.clone(), hello);
+        let (cmd_tx, cmd_rx) = mpsc::channel(cfg.command_queue.max(1));
+        let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+        let (welcome_tx, welcome_rx) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut hooks =
+                ClientHooks { events: ev_tx, cmds: cmd_rx, welcome: Some(welcome_tx), close_requested: false };
+            drive(stream, &mut conn, &mut hooks).await;
+        });
+        match welcome_rx.await {
+            Ok(Ok(welcome)) => Ok(Client { cmds: cmd_tx, events: ev_rx, welcome, nonce, local_addr, max_frame, task }),
+            Ok(Err(d)) => Err(ConnectError::Refused(d)),
+            Err(_) => Err(ConnectError::Io(io::Error::other("client task ended during the handshake"))),
+        }
+    }
+
+    /// The server's `WELCOME`: negotiated heartbeat, epoch, server id.
+    pub fn welcome(&self) -> &Welcome {
+        &self.welcome
+    }
+    pub fn nonce(&self) -> u64 {
+        self.nonce
+    }
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Send `payload` to client `to`, or to the server application when `to` is `None`.
+    pub async fn send(&self, to: Option<&str>, payload: Bytes) -> Result<(), ClientError> {
+        let peer = to.unwrap_or_default().to_owned();
+        let len = 1 + 1 + peer.len() + payload.len();
+        if len > self.max_frame as usize {
+            return Err(ClientError::TooLarge { len, max: self.max_frame });
+        }
+        self.command(ClientCmd::Frame(Frame::Data { peer, payload })).await
+    }
+
+    /// Subscribe to the presence of `ids` (`*` for everyone, where the server allows it).
+    pub async fn subscribe(&self, ids: Vec<String>) -> Result<(), ClientError> {
+        self.command(ClientCmd::Frame(Frame::Subscribe(ids))).await
+    }
+
+    pub async fn unsubscribe(&self, ids: Vec<String>) -> Result<(), ClientError> {
+        self.command(ClientCmd::Frame(Frame::Unsubscribe(ids))).await
+    }
+
+    /// The next event; `None` after `Disconnected` has been returned.
+    pub async fn next_event(&mut self) -> Option<ClientEvent> {
+        self.events.recv().await
+    }
+
+    /// Say `BYE`, wait (bounded by `close_grace`) for the server to close, and return how it ended.
+    pub async fn close(mut self) -> Option<Disconnect> {
+        let _ = self.cmds.send(ClientCmd::Close).await;
+        let _ = (&mut self.task).await;
+        let mut last = None;
+        while let Ok(ev) = self.events.try_recv() {
+            if let ClientEvent::Disconnected(d) = ev {
+                last = Some(d);
+            }
+        }
+        last
+    }
+
+    async fn command(&self, cmd: ClientCmd) -> Result<(), ClientError> {
+        self.cmds.send(cmd).await.map_err(|_| ClientError::Closed)
+    }
+}
+
+struct ClientHooks {
+    events: mpsc::UnboundedSender<ClientEvent>,
+    cmds: mpsc::Receiver<ClientCmd>,
+    /// Completes `connect` with the `WELCOME`, or with the refusal.
+    welcome: Option<oneshot::Sender<Result<Welcome, Disconnect>>>,
+    close_requested: bool,
+}
+
+impl Hooks for ClientHooks {
+    type Cmd = ClientCmd;
+
+    fn on_event(&mut self, _conn: &mut Connection, _now: StdInstant, event: Event) {
+        let ev = match event {
+            Event::Welcome(w) => {
+                if let Some(tx) = self.welcome.take() {
+                    let _ = tx.send(Ok(w));
+                }
+                return;
+            }
+            Event::Closed(c) => {
+                let d = Disconnect::from(c);
+                match self.welcome.take() {
+                    Some(tx) => {
+                        let _ = tx.send(Err(d));
+                        return;
+                    }
+                    None => ClientEvent::Disconnected(d),
+                }
+            }
+            Event::Data { peer, payload } => ClientEvent::Data { from: (!peer.is_empty()).then_some(peer), payload },
+            Event::Presence(p) => ClientEvent::Presence(p),
+            Event::Undeliverable { to } => ClientEvent::Undeliverable { to },
+            Event::Suspect { silent_for } => ClientEvent::Suspect { silent_for },
+            Event::Recovered => ClientEvent::Recovered,
+            Event::Rtt(rtt) => {
+                tracing::trace!(?rtt, "rtt");
+                return;
+            }
+            // Server-only events cannot come out of a client-role connection.
+            Event::Hello(_) | Event::Subscribe(_) | Event::Unsubscribe(_) => return,
+        };
+        let _ = self.events.send(ev);
+    }
+
+    fn on_cmd(&mut self, conn: &mut Connection, now: StdInstant, cmd: ClientCmd) {
+        match cmd {
+            ClientCmd::Frame(f) => {
+                if let Err(e) = conn.send(now, f) {
+                    tracing::debug!("send refused: {e}");
+                }
+            }
+            ClientCmd::Close => {
+                conn.close(now, Bye { reason: CloseReason::Bye, retry_after_ms: 0, alternative: String::new() })
+            }
+        }
+    }
+
+    async fn next_cmd(&mut self) -> Option<ClientCmd> {
+        match self.cmds.recv().await {
+            Some(c) => Some(c),
+            // The `Client` was dropped: say goodbye once, then run on until closed.
+            None if !self.close_requested => {
+                self.close_requested = true;
+                Some(ClientCmd::Close)
+            }
+            None => None,
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! Server and client configuration.
+//!
+//! # Layout
+//! [`ServerConfig`] gathers everything `tether serve` can set: the listen address, the heartbeat policy, the
+//! per-connection limits ([`ConnConfig`]), socket options, the registry policy, and server-wide limits. Defaults
+//! are documented in the README's configuration table and chosen for mobile/IoT fleets: a 5 s heartbeat with a
+//! 15 s timeout (MQTT's 1.5 × keepalive would be 7.5 s; we allow three missed intervals to ride out cellular
+//! jitter), kernel keepalive 15 s + 3 × 5 s, user timeout derived as 30 s.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tether_proto::registry::RegistryConfig;
+use tether_proto::{ConnConfig, HeartbeatPolicy};
+
+use crate::sockopt::SocketOptions;
+
+/// Everything a server needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// Sent in `WELCOME`, so clients of a cluster can tell servers apart.
+    pub server_id: String,
+    pub heartbeat: HeartbeatPolicy,
+    /// Per-connection limits and the detector.
+    pub conn: ConnConfig,
+    pub socket: SocketOptions,
+    pub registry: RegistryConfig,
+    /// Connections held at once (handshaking included); beyond it new ones get `BYE(busy)`.
+    pub max_connections: usize,
+    /// The retry-after hint sent with `busy`.
+    pub busy_retry_after: Duration,
+    /// Frames waiting for one connection's task (relayed data, presence); overflow is `slow_consumer`.
+    pub outbound_queue: usize,
+    /// How long a graceful shutdown waits for connections to finish their goodbye.
+    pub shutdown_grace: Duration,
+    /// `BYE(server_shutdown)` retry-after hints are spread evenly over this window.
+    pub shutdown_spread: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        let heartbeat = HeartbeatPolicy::default();
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7400)),
+            server_id: "tether".into(),
+            registry: RegistryConfig { conflict_liveness: heartbeat.interval.mul_f64(1.5), ..Default::default() },
+            heartbeat,
+            conn: ConnConfig::default(),
+            socket: SocketOptions::default(),
+            max_connections: 10_000,
+            busy_retry_after: Duration::from_secs(5),
+            outbound_queue: 1024,
+            shutdown_grace: Duration::from_secs(5),
+            shutdown_spread: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Everything a client needs besides the server address.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientConfig {
+    pub client_id: String,
+    /// The instance nonce; `None` draws a random one (one per process start is the intended use).
+    pub nonce: Option<u64>,
+    /// Requested heartbeat interval; `None` takes the server's default.
+    pub heartbeat_interval: Option<Duration>,
+    /// Reserved for authentication (sent in `HELLO`).
+    pub credential: Vec<u8>,
+    pub conn: ConnConfig,
+    pub socket: SocketOptions,
+    /// Bound on the TCP connect.
+    pub connect_timeout: Duration,
+    /// Commands (sends, subscriptions) waiting for the connection's task.
+    pub command_queue: usize,
+}
+
+impl ClientConfig {
+    pub fn new(client_id: impl Into<String>) -> ClientConfig {
+        ClientConfig {
+            client_id: client_id.into(),
+            nonce: None,
+            heartbeat_interval: None,
+            credential: Vec::new(),
+            conn: ConnConfig::default(),
+            socket: SocketOptions::default(),
+            connect_timeout: Duration::from_secs(10),
+            command_queue: 1024,
+        }
+    }
+}

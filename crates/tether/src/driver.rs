@@ -1,0 +1,147 @@
+//! The IO pump that carries out one [`Connection`]'s decisions on a tokio `TcpStream`.
+//!
+//! # Layout
+//! [`drive`] is the whole life of a connection after the TCP handshake: it feeds the core the bytes, end of
+//! stream, errors and timer expiries, writes what the core queued, shuts down the write half when asked, and hands
+//! every core event to the role's [`Hooks`] (server or client), which also supply commands from the rest of the
+//! program. One `Sleep` per connection is reset to the core's single deadline; nothing scans connections.
+//!
+//! Reads go through a stack buffer that lives only between awaits, so an idle connection holds no read buffer:
+//! the core keeps bytes only for an incomplete frame. `SO_ERROR` is never read before a read: the read itself
+//! reports ETIMEDOUT, and the kernel's count of unacknowledged bytes (TIOCOUTQ) is asked only then, to tell a
+//! user timeout from a keepalive timeout.
+
+use std::future::Future;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant as StdInstant};
+
+use socket2::SockRef;
+use tether_proto::{Connection, Event};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::sockopt;
+
+/// Bytes read per readiness wakeup.
+const READ_CHUNK: usize = 16 * 1024;
+/// Bytes written per wakeup before letting other branches run (fairness for a peer that reads fast).
+const WRITE_BUDGET: usize = 256 * 1024;
+/// At close, unread bytes up to this are drained so that close() sends FIN, not RST, and our `BYE` survives.
+const CLOSE_DRAIN: usize = 64 * 1024;
+
+/// The clock the core sees: tokio's, so `start_paused` tests drive the core too.
+pub(crate) fn now() -> StdInstant {
+    Instant::now().into_std()
+}
+
+/// What the role (server or client) does with core events and where its commands come from.
+pub(crate) trait Hooks {
+    type Cmd;
+    /// Handle one core event; may call back into the connection (accept, reject, send).
+    fn on_event(&mut self, conn: &mut Connection, now: StdInstant, event: Event);
+    /// Apply a command from the rest of the program.
+    fn on_cmd(&mut self, conn: &mut Connection, now: StdInstant, cmd: Self::Cmd);
+    /// The next command; `None` when the command source is gone (the connection keeps running on its own).
+    fn next_cmd(&mut self) -> impl Future<Output = Option<Self::Cmd>>;
+    /// Called after each read with the instant of the last frame, for liveness bookkeeping outside the task.
+    fn on_progress(&mut self, _conn: &Connection) {}
+}
+
+/// Run the connection until the core says it is closed, then close the socket.
+pub(crate) async fn drive<H: Hooks>(stream: TcpStream, conn: &mut Connection, hooks: &mut H) {
+    let sleep = tokio::time::sleep_until(Instant::now() + Duration::from_secs(86_400));
+    tokio::pin!(sleep);
+    let mut armed: Option<StdInstant> = None;
+    let mut cmds_open = true;
+    loop {
+        let now = now();
+        while let Some(ev) = conn.poll_event() {
+            hooks.on_event(conn, now, ev);
+        }
+        flush(&stream, conn, now);
+        if conn.poll_shutdown_write() {
+            let _ = SockRef::from(&stream).shutdown(std::net::Shutdown::Write);
+            conn.handle_write_shutdown();
+        }
+        if let Some(ev) = conn.poll_event() {
+            hooks.on_event(conn, now, ev);
+            continue;
+        }
+        if conn.is_closed() {
+            break;
+        }
+        let deadline = conn.poll_timeout();
+        if deadline != armed {
+            armed = deadline;
+            let at = deadline.map_or(Instant::now() + Duration::from_secs(86_400), Instant::from_std);
+            sleep.as_mut().reset(at);
+        }
+        let want_read = conn.wants_read();
+        let want_write = conn.pending_tx() > 0;
+        tokio::select! {
+            biased;
+            r = stream.readable(), if want_read => {
+                if r.is_ok() {
+                    read(&stream, conn);
+                    hooks.on_progress(conn);
+                }
+            }
+            _ = stream.writable(), if want_write => {}
+            () = &mut sleep => {
+                armed = None;
+                conn.handle_timeout(self::now());
+            }
+            cmd = hooks.next_cmd(), if cmds_open => match cmd {
+                Some(cmd) => hooks.on_cmd(conn, self::now(), cmd),
+                None => cmds_open = false,
+            },
+        }
+    }
+    close_quietly(&stream);
+}
+
+fn read(stream: &TcpStream, conn: &mut Connection) {
+    let mut buf = [0u8; READ_CHUNK];
+    match stream.try_read(&mut buf) {
+        Ok(0) => conn.handle_eof(now()),
+        Ok(n) => conn.handle_bytes(now(), &buf[..n]),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+        Err(e) => {
+            let unacked = sockopt::unacked_bytes(stream.as_raw_fd()).is_some_and(|n| n > 0);
+            conn.handle_error(now(), &e, unacked);
+        }
+    }
+}
+
+fn flush(stream: &TcpStream, conn: &mut Connection, now: StdInstant) {
+    let mut budget = WRITE_BUDGET;
+    while budget > 0 && !conn.poll_transmit().is_empty() {
+        let chunk = &conn.poll_transmit()[..conn.poll_transmit().len().min(budget)];
+        match stream.try_write(chunk) {
+            Ok(n) => {
+                budget -= n.min(budget);
+                conn.handle_written(now, n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) => {
+                let unacked = sockopt::unacked_bytes(stream.as_raw_fd()).is_some_and(|n| n > 0);
+                conn.handle_error(now, &e, unacked);
+                return;
+            }
+        }
+    }
+}
+
+/// Drain what the peer already sent (bounded) so that dropping the socket sends FIN rather than RST: a RST can
+/// destroy our `BYE` in the peer's receive queue before it is read.
+fn close_quietly(stream: &TcpStream) {
+    let mut buf = [0u8; 4096];
+    let mut drained = 0;
+    while drained < CLOSE_DRAIN {
+        match stream.try_read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => drained += n,
+        }
+    }
+}

@@ -1,0 +1,600 @@
+//! The tokio server: accept loop, one task per connection, the shared session hub, graceful shutdown.
+//!
+//! # Layout
+//! [`Server::bind`] opens the listener (options set and read back once, logged); [`Server::run`] accepts until
+//! the shutdown future resolves, then says `BYE(server_shutdown)` to everyone with retry-after hints spread over a
+//! window and waits (bounded) for the goodbyes. Each connection runs [`crate::driver::drive`] with
+//! [`ServerHooks`], which consult the [`Hub`]: the sans-IO [`Registry`] plus a handle per connection, under one
+//! mutex that is held only for short, non-blocking work. Other tasks reach a connection through its bounded
+//! command queue (relayed data, presence; overflow is `slow_consumer`) or its [`Control`] slot (close requests:
+//! takeover, kick, shutdown), so a full queue can never block a takeover.
+//!
+//! Over `max_connections`, a new socket is answered `BYE(busy, retry_after)` and closed; accept errors such as
+//! EMFILE back off (10 ms doubling to 1 s) instead of spinning.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant as StdInstant, SystemTime};
+
+use bytes::Bytes;
+use tether_proto::registry::{Admission, Output, Registry, SessionEvent};
+use tether_proto::{Bye, CloseReason, ConnId, Connection, Event, Frame, Welcome};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinSet;
+
+use crate::config::ServerConfig;
+use crate::driver::{self, drive, Hooks};
+use crate::event::{EventKind, ServerEvent};
+use crate::sockopt;
+
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// A bound, not yet running server.
+pub struct Server {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    events: Option<mpsc::UnboundedReceiver<ServerEvent>>,
+}
+
+/// A cheap handle for the application: send to a client, kick one, count sessions.
+#[derive(Clone)]
+pub struct ServerHandle {
+    shared: Arc<Shared>,
+}
+
+/// Why [`ServerHandle::send`] did not queue a message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendToError {
+    #[error("client {0} is not online")]
+    Offline(String),
+    #[error("client {0} is not draining its queue (closed as slow_consumer)")]
+    SlowConsumer(String),
+}
+
+struct Shared {
+    cfg: ServerConfig,
+    hub: Mutex<Hub>,
+    events: mpsc::UnboundedSender<ServerEvent>,
+    next_conn: AtomicU64,
+    /// Connections with a running task (admitted or handshaking); `busy` refusals are not counted.
+    active: AtomicUsize,
+    /// Base for the `last_rx` timestamps kept in atomics.
+    origin: StdInstant,
+    /// Wakes the presence-grace timer when the registry's next deadline may have moved.
+    registry_wake: Notify,
+    shutting_down: AtomicBool,
+}
+
+/// The server-wide book: sessions and presence, and how to reach each connection's task.
+struct Hub {
+    registry: Registry,
+    conns: HashMap<ConnId, ConnHandle>,
+}
+
+struct ConnHandle {
+    tx: mpsc::Sender<Cmd>,
+    control: Arc<Control>,
+}
+
+/// Out-of-band requests to a connection task, never blocked by its command queue.
+#[derive(Default)]
+struct Control {
+    close: Mutex<Option<CloseCmd>>,
+    notify: Notify,
+    /// Milliseconds after `Shared::origin` of the last frame received (for the id-conflict liveness rule).
+    last_rx_ms: AtomicU64,
+}
+
+#[derive(Debug, Clone)]
+enum CloseCmd {
+    Bye(Bye),
+    Abort(CloseReason),
+}
+
+enum Cmd {
+    Frame(Frame),
+    Close(CloseCmd),
+}
+
+impl Control {
+    /// Ask the task to close; the first request wins.
+    fn request(&self, cmd: CloseCmd) {
+        let mut slot = self.close.lock().expect("control lock");
+        if slot.is_none() {
+            *slot = Some(cmd);
+            self.notify.notify_one();
+        }
+    }
+    fn take(&self) -> Option<CloseCmd> {
+        self.close.lock().expect("control lock").take()
+    }
+}
+
+impl ConnHandle {
+    /// Queue a frame for the connection; a full queue condemns it as a slow consumer.
+    fn push(&self, frame: Frame) -> Result<(), mpsc::error::TrySendError<()>> {
+        match self.tx.try_send(Cmd::Frame(frame)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.control.request(CloseCmd::Abort(CloseReason::SlowConsumer));
+                Err(mpsc::error::TrySendError::Full(()))
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(mpsc::error::TrySendError::Closed(())),
+        }
+    }
+}
+
+impl Server {
+    /// Bind the listener and apply the socket options to it (accepted sockets inherit them and get them again).
+    pub async fn bind(cfg: ServerConfig) -> io::Result<Server> {
+        let socket = if cfg.listen.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        socket.set_reuseaddr(true)?;
+        socket.bind(cfg.listen)?;
+        cfg.socket.apply(&socket)?;
+        match sockopt::read_back(&socket) {
+            Ok(eff) => tracing::info!("socket options in effect: {eff}"),
+            Err(e) => tracing::warn!("could not read socket options back: {e}"),
+        }
+        let listener = socket.listen(LISTEN_BACKLOG)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            hub: Mutex::new(Hub { registry: Registry::new(cfg.registry.clone()), conns: HashMap::new() }),
+            cfg,
+            events: tx,
+            next_conn: AtomicU64::new(1),
+            active: AtomicUsize::new(0),
+            origin: driver::now(),
+            registry_wake: Notify::new(),
+            shutting_down: AtomicBool::new(false),
+        });
+        Ok(Server { listener, shared, events: Some(rx) })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The event stream (once). The application must keep reading it: events are never dropped. If it is never
+    /// taken, events are discarded.
+    pub fn events(&mut self) -> Option<mpsc::UnboundedReceiver<ServerEvent>> {
+        self.events.take()
+    }
+
+    pub fn handle(&self) -> ServerHandle {
+        ServerHandle { shared: self.shared.clone() }
+    }
+
+    /// Accept and serve until `shutdown` resolves, then shut down gracefully.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
+        drop(self.events.take());
+        let shared = self.shared.clone();
+        shared.emit(EventKind::Listening { addr: self.listener.local_addr()? });
+        let mut tasks = JoinSet::new();
+        let timer = tokio::spawn(registry_timer(shared.clone()));
+        tokio::pin!(shutdown);
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                Some(_) = tasks.join_next() => {}
+                r = self.listener.accept() => match r {
+                    Ok((stream, peer)) => {
+                        backoff = Duration::from_millis(10);
+                        self.admit_socket(&mut tasks, stream, peer);
+                    }
+                    Err(e) if is_resource_error(&e) => {
+                        tracing::warn!("accept: {e}; backing off {backoff:?}");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                    }
+                    Err(e) => tracing::debug!("accept: {e}"),
+                },
+            }
+        }
+        drop(self.listener);
+        shared.shutdown(&mut tasks).await;
+        timer.abort();
+        Ok(())
+    }
+
+    fn admit_socket(&self, tasks: &mut JoinSet<()>, stream: TcpStream, peer: SocketAddr) {
+        let shared = self.shared.clone();
+        let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = shared.cfg.socket.apply(&stream) {
+            tracing::debug!(conn = conn_id, %peer, "socket options: {e}");
+        }
+        if shared.active.load(Ordering::Relaxed) >= shared.cfg.max_connections {
+            tasks.spawn(refuse_busy(shared, stream, peer, conn_id));
+            return;
+        }
+        shared.active.fetch_add(1, Ordering::Relaxed);
+        tasks.spawn(serve_conn(shared, stream, peer, conn_id));
+    }
+}
+
+fn is_resource_error(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
+}
+
+impl ServerHandle {
+    /// Queue `payload` for `client` (delivered as `DATA` from the server application, with an empty peer).
+    pub fn send(&self, client: &str, payload: Bytes) -> Result<(), SendToError> {
+        let hub = self.shared.hub.lock().expect("hub lock");
+        let handle = hub.registry.lookup(client).and_then(|c| hub.conns.get(&c));
+        let handle = handle.ok_or_else(|| SendToError::Offline(client.into()))?;
+        handle.push(Frame::Data { peer: String::new(), payload }).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(()) => SendToError::SlowConsumer(client.into()),
+            mpsc::error::TrySendError::Closed(()) => SendToError::Offline(client.into()),
+        })
+    }
+
+    /// Remove `client` with `BYE(kicked)`. Returns whether it was online.
+    pub fn kick(&self, client: &str) -> bool {
+        let hub = self.shared.hub.lock().expect("hub lock");
+        let handle = hub.registry.lookup(client).and_then(|c| hub.conns.get(&c));
+        if let Some(h) = handle {
+            h.control.request(CloseCmd::Bye(bye(CloseReason::Kicked, Duration::ZERO)));
+        }
+        handle.is_some()
+    }
+
+    /// Ids with a live session.
+    pub fn online(&self) -> usize {
+        self.shared.hub.lock().expect("hub lock").registry.online()
+    }
+
+    /// Connection tasks running (admitted or handshaking).
+    pub fn connections(&self) -> usize {
+        self.shared.active.load(Ordering::Relaxed)
+    }
+}
+
+fn bye(reason: CloseReason, retry_after: Duration) -> Bye {
+    Bye { reason, retry_after_ms: retry_after.as_millis().min(u32::MAX as u128) as u32, alternative: String::new() }
+}
+
+impl Shared {
+    fn emit(&self, kind: EventKind) {
+        let _ = self.events.send(ServerEvent { at: SystemTime::now(), kind });
+    }
+
+    fn last_rx_of(&self, control: &Control) -> StdInstant {
+        self.origin + Duration::from_millis(control.last_rx_ms.load(Ordering::Relaxed))
+    }
+
+    /// `BYE(server_shutdown)` to every connection, retry-after hints spread evenly over `shutdown_spread`, then
+    /// wait up to `shutdown_grace` for the goodbyes and abort what is left.
+    async fn shutdown(&self, tasks: &mut JoinSet<()>) {
+        self.shutting_down.store(true, Ordering::Relaxed);
+        {
+            let hub = self.hub.lock().expect("hub lock");
+            let mut ids: Vec<&ConnId> = hub.conns.keys().collect();
+            ids.sort_unstable();
+            let n = ids.len().max(1) as u32;
+            for (i, id) in ids.into_iter().enumerate() {
+                let retry = self.cfg.shutdown_spread * (i as u32 + 1) / n;
+                hub.conns[id].control.request(CloseCmd::Bye(bye(CloseReason::ServerShutdown, retry)));
+            }
+        }
+        let all_done = async { while tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(self.cfg.shutdown_grace, all_done).await.is_err() {
+            tracing::warn!("{} connections did not finish their goodbye in time; closing them", tasks.len());
+            tasks.abort_all();
+        }
+    }
+}
+
+/// Runs `Registry::handle_timeout` at the registry's one deadline (presence grace).
+async fn registry_timer(shared: Arc<Shared>) {
+    loop {
+        let next = shared.hub.lock().expect("hub lock").registry.poll_timeout();
+        let sleep = async {
+            match next {
+                Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = sleep => {
+                let mut hub = shared.hub.lock().expect("hub lock");
+                hub.registry.handle_timeout(driver::now());
+                hub.pump(None);
+            }
+            () = shared.registry_wake.notified() => {}
+        }
+    }
+}
+
+impl Hub {
+    /// Carry out the registry's outputs: deliver `PRESENCE` frames, and return its session events. Frames for
+    /// `own` (the calling connection) go straight into its state machine, so a large snapshot does not depend on
+    /// its own queue.
+    fn pump(&mut self, mut own: Option<(ConnId, &mut Connection, StdInstant)>) -> Vec<SessionEvent> {
+        let mut events = Vec::new();
+        while let Some(out) = self.registry.poll_output() {
+            let (to, presence) = match out {
+                Output::Notify { to, presence } => (to, presence),
+                Output::Event(e) => {
+                    events.push(e);
+                    continue;
+                }
+            };
+            match &mut own {
+                Some((id, conn, now)) if *id == to => {
+                    let _ = conn.send(*now, Frame::Presence(presence));
+                }
+                _ => {
+                    if let Some(h) = self.conns.get(&to) {
+                        let _ = h.push(Frame::Presence(presence));
+                    }
+                }
+            }
+        }
+        events
+    }
+}
+
+/// Guard that keeps `active` and the hub's connection table honest however the task ends.
+struct ConnGuard {
+    shared: Arc<Shared>,
+    conn_id: ConnId,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        if let Ok(mut hub) = self.shared.hub.lock() {
+            hub.conns.remove(&self.conn_id);
+        }
+        self.shared.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn serve_conn(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, conn_id: ConnId) {
+    let _guard = ConnGuard { shared: shared.clone(), conn_id };
+    let (tx, rx) = mpsc::channel(shared.cfg.outbound_queue.max(1));
+    let control = Arc::new(Control::default());
+    control
+        .last_rx_ms
+        .store(driver::now().saturating_duration_since(shared.origin).as_millis() as u64, Ordering::Relaxed);
+    if shared.shutting_down.load(Ordering::Relaxed) {
+        control.request(CloseCmd::Bye(bye(CloseReason::ServerShutdown, shared.cfg.shutdown_spread)));
+    }
+    shared.hub.lock().expect("hub lock").conns.insert(conn_id, ConnHandle { tx, control: control.clone() });
+    let mut conn = Connection::server(driver::now(), shared.cfg.conn.clone());
+    let mut hooks = ServerHooks { shared, conn_id, peer, client: None, rx, control };
+    drive(stream, &mut conn, &mut hooks).await;
+}
+
+/// Over the connection limit: `BYE(busy, retry_after)`, flushed, then closed. Nothing else is read or kept.
+async fn refuse_busy(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, conn_id: ConnId) {
+    let now = driver::now();
+    let mut conn = Connection::server(now, shared.cfg.conn.clone());
+    conn.reject(now, bye(CloseReason::Busy, shared.cfg.busy_retry_after));
+    let mut hooks = BusyHooks { shared, conn_id, peer };
+    drive(stream, &mut conn, &mut hooks).await;
+}
+
+struct BusyHooks {
+    shared: Arc<Shared>,
+    conn_id: ConnId,
+    peer: SocketAddr,
+}
+
+impl Hooks for BusyHooks {
+    type Cmd = ();
+    fn on_event(&mut self, _conn: &mut Connection, _now: StdInstant, event: Event) {
+        if let Event::Closed(c) = event {
+            let (conn, peer) = (self.conn_id, self.peer);
+            let kind =
+                EventKind::Closed { client: None, conn, peer, reason: c.reason, lateness: None, detail: c.detail };
+            self.shared.emit(kind);
+        }
+    }
+    fn on_cmd(&mut self, _conn: &mut Connection, _now: StdInstant, _cmd: ()) {}
+    async fn next_cmd(&mut self) -> Option<()> {
+        None
+    }
+}
+
+struct ServerHooks {
+    shared: Arc<Shared>,
+    conn_id: ConnId,
+    peer: SocketAddr,
+    /// The admitted client id, once `WELCOME` was sent.
+    client: Option<String>,
+    rx: mpsc::Receiver<Cmd>,
+    control: Arc<Control>,
+}
+
+impl ServerHooks {
+    fn on_hello(&mut self, conn: &mut Connection, now: StdInstant, hello: tether_proto::Hello) {
+        let shared = self.shared.clone();
+        let mut hub = shared.hub.lock().expect("hub lock");
+        let Hub { registry, conns } = &mut *hub;
+        let admission = registry.admit(now, &hello.client_id, hello.nonce, self.conn_id, |c| {
+            conns.get(&c).map(|h| shared.last_rx_of(&h.control))
+        });
+        match admission {
+            Admission::Welcome { epoch, evicted } => {
+                let (interval, timeout) = shared.cfg.heartbeat.negotiate(hello.heartbeat_ms);
+                let welcome = Welcome {
+                    version: tether_proto::frame::PROTOCOL_VERSION,
+                    heartbeat_ms: interval.as_millis() as u32,
+                    timeout_ms: timeout.as_millis() as u32,
+                    epoch,
+                    server_id: shared.cfg.server_id.clone(),
+                };
+                conn.accept(now, welcome);
+                let client = hello.client_id;
+                if let Some(h) = evicted.and_then(|old| hub.conns.get(&old)) {
+                    h.control.request(CloseCmd::Bye(bye(CloseReason::Takeover, Duration::ZERO)));
+                }
+                let session_events = hub.pump(Some((self.conn_id, conn, now)));
+                drop(hub);
+                for e in session_events {
+                    if let SessionEvent::Takeover { old, new, epoch, same_device, .. } = e {
+                        let peer = self.peer;
+                        let client = client.clone();
+                        shared.emit(EventKind::Takeover {
+                            client,
+                            old_conn: old,
+                            new_conn: new,
+                            peer,
+                            epoch,
+                            same_device,
+                        });
+                    }
+                }
+                shared.emit(EventKind::Online {
+                    client: client.clone(),
+                    conn: self.conn_id,
+                    peer: self.peer,
+                    epoch,
+                    heartbeat: interval,
+                    timeout,
+                });
+                self.client = Some(client);
+            }
+            Admission::Conflict { holder, retry_after } => {
+                hub.pump(None);
+                drop(hub);
+                conn.reject(now, bye(CloseReason::IdConflict, retry_after));
+                shared.emit(EventKind::IdConflict {
+                    client: hello.client_id,
+                    holder_conn: holder,
+                    newcomer_conn: self.conn_id,
+                    peer: self.peer,
+                    retry_after,
+                });
+            }
+        }
+    }
+
+    fn on_data(&mut self, conn: &mut Connection, now: StdInstant, to: String, payload: Bytes) {
+        let Some(from) = self.client.clone() else { return };
+        if to.is_empty() {
+            self.shared.emit(EventKind::Data { client: from, conn: self.conn_id, payload });
+            return;
+        }
+        let delivered = {
+            let hub = self.shared.hub.lock().expect("hub lock");
+            let target = hub.registry.lookup(&to).and_then(|c| hub.conns.get(&c));
+            target.is_some_and(|h| h.push(Frame::Data { peer: from, payload }).is_ok())
+        };
+        if !delivered {
+            let _ = conn.send(now, Frame::Undeliverable { to });
+        }
+    }
+
+    fn on_closed(&mut self, conn: &Connection, now: StdInstant, c: tether_proto::Closed) {
+        let last_seen = conn.last_rx().unwrap_or(now);
+        let holder = {
+            let mut hub = self.shared.hub.lock().expect("hub lock");
+            let holder = self.client.as_deref().is_some_and(|id| hub.registry.lookup(id) == Some(self.conn_id));
+            hub.registry.disconnect(now, self.conn_id, self.client.as_deref(), c.reason, last_seen);
+            hub.pump(None);
+            holder
+        };
+        self.shared.registry_wake.notify_one();
+        let (conn_id, peer, reason, lateness, detail) = (self.conn_id, self.peer, c.reason, c.lateness, c.detail);
+        let kind = match (&self.client, holder) {
+            (Some(client), true) => EventKind::Offline {
+                client: client.clone(),
+                conn: conn_id,
+                peer,
+                reason,
+                lateness,
+                silent_for: now.saturating_duration_since(last_seen),
+                detail,
+            },
+            (client, _) => EventKind::Closed { client: client.clone(), conn: conn_id, peer, reason, lateness, detail },
+        };
+        let level_is_info = !matches!(reason, CloseReason::Bye);
+        if level_is_info {
+            tracing::info!(conn = conn_id, %peer, client = ?self.client, "closed: {reason}");
+        }
+        self.shared.emit(kind);
+    }
+}
+
+impl Hooks for ServerHooks {
+    type Cmd = Cmd;
+
+    fn on_event(&mut self, conn: &mut Connection, now: StdInstant, event: Event) {
+        match event {
+            Event::Hello(h) => self.on_hello(conn, now, h),
+            Event::Data { peer, payload } => self.on_data(conn, now, peer, payload),
+            Event::Subscribe(ids) => {
+                let mut hub = self.shared.hub.lock().expect("hub lock");
+                match hub.registry.subscribe(self.conn_id, &ids) {
+                    Ok(()) => {
+                        hub.pump(Some((self.conn_id, conn, now)));
+                    }
+                    Err(e) => {
+                        drop(hub);
+                        tracing::info!(conn = self.conn_id, "subscription refused: {e}");
+                        conn.reject(now, bye(CloseReason::ProtocolError, Duration::ZERO));
+                    }
+                }
+            }
+            Event::Unsubscribe(ids) => {
+                self.shared.hub.lock().expect("hub lock").registry.unsubscribe(self.conn_id, &ids)
+            }
+            Event::Suspect { silent_for } => {
+                let Some(client) = self.client.clone() else { return };
+                let mut hub = self.shared.hub.lock().expect("hub lock");
+                hub.registry.suspect(self.conn_id, &client, silent_for);
+                hub.pump(Some((self.conn_id, conn, now)));
+                drop(hub);
+                self.shared.emit(EventKind::Suspect { client, conn: self.conn_id, peer: self.peer, silent_for });
+            }
+            Event::Recovered => {
+                let Some(client) = self.client.clone() else { return };
+                let mut hub = self.shared.hub.lock().expect("hub lock");
+                hub.registry.recovered(self.conn_id, &client);
+                hub.pump(Some((self.conn_id, conn, now)));
+                drop(hub);
+                self.shared.emit(EventKind::Recovered { client, conn: self.conn_id, peer: self.peer });
+            }
+            Event::Rtt(rtt) => tracing::trace!(conn = self.conn_id, ?rtt, "rtt"),
+            Event::Closed(c) => self.on_closed(conn, now, c),
+            // Client-only events cannot come out of a server-role connection.
+            Event::Welcome(_) | Event::Presence(_) | Event::Undeliverable { .. } => {}
+        }
+    }
+
+    fn on_cmd(&mut self, conn: &mut Connection, now: StdInstant, cmd: Cmd) {
+        match cmd {
+            Cmd::Frame(f) => {
+                let _ = conn.send(now, f);
+            }
+            Cmd::Close(CloseCmd::Bye(b)) => conn.close(now, b),
+            Cmd::Close(CloseCmd::Abort(r)) => conn.abort(now, r),
+        }
+    }
+
+    async fn next_cmd(&mut self) -> Option<Cmd> {
+        loop {
+            if let Some(c) = self.control.take() {
+                return Some(Cmd::Close(c));
+            }
+            tokio::select! {
+                biased;
+                () = self.control.notify.notified() => {}
+                c = self.rx.recv() => return c,
+            }
+        }
+    }
+
+    fn on_progress(&mut self, conn: &Connection) {
+        if let Some(t) = conn.last_rx() {
+            let ms = t.saturating_duration_since(self.shared.origin).as_millis() as u64;
+            self.control.last_rx_ms.store(ms, Ordering::Relaxed);
+        }
+    }
+}

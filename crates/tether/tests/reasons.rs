@@ -1,0 +1,343 @@
+//! One loopback test per close reason that loopback can produce, over real sockets, with tokio's paused clock
+//! driving both the server and the core (timers fire exactly; lateness is measured in virtual time).
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use socket2::SockRef;
+use support::{test_config, RawPeer, TestServer};
+use tether::proto::{Frame, PresenceState};
+use tether::{Client, ClientConfig, ClientEvent, CloseReason, ConnectError, EventKind};
+
+fn client_cfg(id: &str) -> ClientConfig {
+    let mut c = ClientConfig::new(id);
+    c.heartbeat_interval = Some(Duration::from_secs(1));
+    c
+}
+
+async fn next_disconnect(c: &mut Client) -> tether::Disconnect {
+    loop {
+        match tokio::time::timeout(support::PATIENCE, c.next_event()).await.expect("no disconnect") {
+            Some(ClientEvent::Disconnected(d)) => return d,
+            Some(_) => continue,
+            None => panic!("event stream ended without Disconnected"),
+        }
+    }
+}
+
+fn offline_reason(k: &EventKind, id: &str) -> Option<CloseReason> {
+    match k {
+        EventKind::Offline { client, reason, .. } if client == id => Some(*reason),
+        _ => None,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn bye_is_a_clean_goodbye() {
+    let mut s = TestServer::start(test_config()).await;
+    let c = Client::connect(s.addr, client_cfg("a")).await.unwrap();
+    s.wait(|k| matches!(k, EventKind::Online { client, .. } if client == "a")).await;
+    let d = c.close().await.expect("close reports how it ended");
+    assert_eq!(d.reason, CloseReason::Bye);
+    let k = s.wait(|k| offline_reason(k, "a").is_some()).await;
+    assert_eq!(offline_reason(&k, "a"), Some(CloseReason::Bye));
+}
+
+#[tokio::test(start_paused = true)]
+async fn eof_without_bye_and_no_close_wait_left() {
+    let mut s = TestServer::start(test_config()).await;
+    let (p, _) = RawPeer::hello(s.addr, "a", 1).await;
+    // Half-close: FIN without BYE, socket kept open (as a killed process's kernel would send FIN).
+    SockRef::from(&p.stream).shutdown(std::net::Shutdown::Write).unwrap();
+    let k = s.wait(|k| offline_reason(k, "a").is_some()).await;
+    assert_eq!(offline_reason(&k, "a"), Some(CloseReason::Eof));
+    let states = support::until_sockets(s.addr.port(), |st| !st.contains(&"CLOSE_WAIT")).await;
+    assert!(!states.contains(&"CLOSE_WAIT"), "{states:?}");
+    drop(p);
+}
+
+#[tokio::test(start_paused = true)]
+async fn reset_on_zero_linger_close() {
+    let mut s = TestServer::start(test_config()).await;
+    let (p, _) = RawPeer::hello(s.addr, "a", 1).await;
+    SockRef::from(&p.stream).set_linger(Some(Duration::ZERO)).unwrap();
+    drop(p); // RST
+    let k = s.wait(|k| offline_reason(k, "a").is_some()).await;
+    assert_eq!(offline_reason(&k, "a"), Some(CloseReason::Reset));
+}
+
+#[tokio::test(start_paused = true)]
+async fn heartbeat_timeout_for_a_silent_but_open_socket() {
+    let mut s = TestServer::start(test_config()).await;
+    // The hung-process case: the socket stays open (its kernel would ACK), nothing is sent.
+    let (mut p, w) = RawPeer::hello(s.addr, "a", 1).await;
+    assert_eq!((w.heartbeat_ms, w.timeout_ms), (1000, 3000));
+    let t0 = tokio::time::Instant::now();
+    let k = s.wait(|k| offline_reason(k, "a").is_some()).await;
+    let EventKind::Offline { reason, lateness, silent_for, .. } = k else { unreachable!() };
+    assert_eq!(reason, CloseReason::HeartbeatTimeout);
+    assert_eq!(lateness, Some(Duration::ZERO), "one exact deadline: the verdict is on time");
+    assert_eq!(silent_for, Duration::from_secs(3));
+    assert_eq!(t0.elapsed(), Duration::from_secs(3));
+    // The server pinged the silent peer every interval, then said why it closed.
+    let mut pings = 0;
+    let bye = loop {
+        match p.next_frame().await {
+            Some(Frame::Ping { .. }) => pings += 1,
+            Some(Frame::Bye(b)) => break b,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert!(pings >= 2, "server pinged {pings} times");
+    assert_eq!(bye.reason, CloseReason::HeartbeatTimeout);
+}
+
+#[tokio::test(start_paused = true)]
+async fn client_detects_a_silent_server() {
+    // A "server" that welcomes and then never says anything again.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let fake = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut p = RawPeerServer(stream);
+        p.welcome().await;
+        // Hold the socket open, silent.
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        drop(p);
+    });
+    let mut c = Client::connect(addr, client_cfg("a")).await.unwrap();
+    let d = next_disconnect(&mut c).await;
+    assert_eq!(d.reason, CloseReason::HeartbeatTimeout);
+    assert_eq!(d.lateness, Some(Duration::ZERO));
+    fake.abort();
+}
+
+struct RawPeerServer(tokio::net::TcpStream);
+impl RawPeerServer {
+    async fn welcome(&mut self) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = [0u8; 256];
+        let _ = self.0.read(&mut buf).await.unwrap(); // the HELLO
+        let w = tether::proto::Welcome {
+            version: 1,
+            heartbeat_ms: 1000,
+            timeout_ms: 3000,
+            epoch: 1,
+            server_id: "fake".into(),
+        };
+        self.0.write_all(&Frame::Welcome(w).to_bytes()).await.unwrap();
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn takeover_evicts_the_old_connection_and_subscribers_see_no_flap() {
+    let mut s = TestServer::start(test_config()).await;
+    let mut watcher = Client::connect(s.addr, client_cfg("w")).await.unwrap();
+    watcher.subscribe(vec!["x".into()]).await.unwrap();
+    let mut old = Client::connect(s.addr, ClientConfig { nonce: Some(42), ..client_cfg("x") }).await.unwrap();
+    let old_epoch = old.welcome().epoch;
+    let new = Client::connect(s.addr, ClientConfig { nonce: Some(42), ..client_cfg("x") }).await.unwrap();
+    assert!(new.welcome().epoch > old_epoch);
+    let d = next_disconnect(&mut old).await;
+    assert_eq!(d.reason, CloseReason::Takeover, "old connection got BYE(takeover)");
+    let k = s.wait(|k| matches!(k, EventKind::Takeover { .. })).await;
+    assert!(matches!(k, EventKind::Takeover { same_device: true, .. }));
+    let k = s.wait(|k| matches!(k, EventKind::Closed { .. } | EventKind::Offline { .. })).await;
+    assert!(matches!(k, EventKind::Closed { reason: CloseReason::Takeover, .. }), "{k:?}");
+    // The watcher saw x offline (snapshot) then online, and nothing else: send it a marker to prove the order.
+    new.send(Some("w"), Bytes::from_static(b"marker")).await.unwrap();
+    let mut presence = vec![];
+    loop {
+        match watcher.next_event().await.unwrap() {
+            ClientEvent::Presence(p) => presence.push(p.state),
+            ClientEvent::Data { from, payload } => {
+                assert_eq!((from.as_deref(), &payload[..]), (Some("x"), &b"marker"[..]));
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(presence, [PresenceState::Offline, PresenceState::Online], "no offline/online flap on takeover");
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_live_devices_on_one_id_get_id_conflict() {
+    let mut s = TestServer::start(test_config()).await;
+    let mut a = Client::connect(s.addr, ClientConfig { nonce: Some(1), ..client_cfg("x") }).await.unwrap();
+    // Device B (another nonce) takes the id over once: it might be A rebooted.
+    let _b = Client::connect(s.addr, ClientConfig { nonce: Some(2), ..client_cfg("x") }).await.unwrap();
+    assert_eq!(next_disconnect(&mut a).await.reason, CloseReason::Takeover);
+    // A comes straight back while B is alive: conflict, A is told to back off.
+    let err = Client::connect(s.addr, ClientConfig { nonce: Some(1), ..client_cfg("x") }).await.err().unwrap();
+    let ConnectError::Refused(d) = err else { panic!("{err:?}") };
+    assert_eq!(d.reason, CloseReason::IdConflict);
+    assert_eq!(d.retry_after, Some(Duration::from_secs(30)));
+    let k = s.wait(|k| matches!(k, EventKind::IdConflict { .. })).await;
+    assert!(matches!(k, EventKind::IdConflict { client, .. } if client == "x"));
+    assert_eq!(s.handle.online(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn silent_handshake_times_out() {
+    let mut cfg = test_config();
+    cfg.conn.handshake_timeout = Duration::from_secs(2);
+    let mut s = TestServer::start(cfg).await;
+    let mut p = RawPeer::connect(s.addr).await;
+    p.send_raw(&[0, 0]).await; // half a header, then nothing (slowloris)
+    let k = s.wait(|k| matches!(k, EventKind::Closed { .. })).await;
+    let EventKind::Closed { reason, lateness, client, .. } = k else { unreachable!() };
+    assert_eq!((reason, lateness, client), (CloseReason::HandshakeTimeout, Some(Duration::ZERO), None));
+    assert_eq!(p.expect_bye().await.reason, CloseReason::HandshakeTimeout);
+}
+
+#[tokio::test(start_paused = true)]
+async fn protocol_errors_close_only_the_offender() {
+    let mut s = TestServer::start(test_config()).await;
+    let mut good = Client::connect(s.addr, client_cfg("good")).await.unwrap();
+    // Garbage: an unknown kind.
+    let mut p = RawPeer::connect(s.addr).await;
+    p.send_raw(&[0, 0, 0, 3, 0x7f, 1, 2]).await;
+    assert_eq!(p.expect_bye().await.reason, CloseReason::ProtocolError);
+    // A 4 GiB length prefix: refused from the header, nothing allocated for it.
+    let mut p = RawPeer::connect(s.addr).await;
+    p.send_raw(&[0xff, 0xff, 0xff, 0xff]).await;
+    assert_eq!(p.expect_bye().await.reason, CloseReason::ProtocolError);
+    // A frame before HELLO, and a second HELLO.
+    let mut p = RawPeer::connect(s.addr).await;
+    p.send(&Frame::Ping { seq: 1, ts_ms: 0 }).await;
+    assert_eq!(p.expect_bye().await.reason, CloseReason::ProtocolError);
+    let (mut p, _) = RawPeer::hello(s.addr, "twice", 1).await;
+    p.send(&Frame::Hello(tether::proto::Hello {
+        version: 1,
+        heartbeat_ms: 0,
+        nonce: 1,
+        client_id: "twice".into(),
+        credential: Bytes::new(),
+    }))
+    .await;
+    assert_eq!(p.expect_bye().await.reason, CloseReason::ProtocolError);
+    let k = s.wait(|k| offline_reason(k, "twice").is_some()).await;
+    assert_eq!(offline_reason(&k, "twice"), Some(CloseReason::ProtocolError));
+    // The good client never noticed: it still round-trips data to itself through the relay.
+    good.send(Some("good"), Bytes::from_static(b"still here")).await.unwrap();
+    loop {
+        match good.next_event().await.unwrap() {
+            ClientEvent::Data { payload, .. } => break assert_eq!(&payload[..], b"still here"),
+            ClientEvent::Disconnected(d) => panic!("good client disconnected: {d:?}"),
+            _ => {}
+        }
+    }
+    let closed: Vec<_> = s.drain().into_iter().filter(|k| offline_reason(k, "good").is_some()).collect();
+    assert!(closed.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn busy_refuses_newcomers_and_spares_existing_clients() {
+    let mut cfg = test_config();
+    cfg.max_connections = 2;
+    cfg.busy_retry_after = Duration::from_secs(7);
+    let mut s = TestServer::start(cfg).await;
+    let mut a = Client::connect(s.addr, client_cfg("a")).await.unwrap();
+    let _b = Client::connect(s.addr, client_cfg("b")).await.unwrap();
+    let err = Client::connect(s.addr, client_cfg("c")).await.err().unwrap();
+    let ConnectError::Refused(d) = err else { panic!("{err:?}") };
+    assert_eq!((d.reason, d.retry_after), (CloseReason::Busy, Some(Duration::from_secs(7))));
+    let k = s.wait(|k| matches!(k, EventKind::Closed { .. })).await;
+    assert!(matches!(k, EventKind::Closed { reason: CloseReason::Busy, .. }));
+    // Existing clients are unaffected.
+    a.send(Some("a"), Bytes::from_static(b"ok")).await.unwrap();
+    loop {
+        match a.next_event().await.unwrap() {
+            ClientEvent::Data { payload, .. } => break assert_eq!(&payload[..], b"ok"),
+            ClientEvent::Disconnected(d) => panic!("{d:?}"),
+            _ => {}
+        }
+    }
+    assert_eq!(s.handle.online(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_peer_that_stops_reading_is_a_slow_consumer() {
+    let mut cfg = test_config();
+    cfg.conn.max_outbound_bytes = 256 * 1024;
+    cfg.outbound_queue = 64;
+    let mut s = TestServer::start(cfg).await;
+    // The raw peer answers nothing and reads nothing; its receive buffer fills, then the server's send buffer.
+    let (p, _) = RawPeer::hello(s.addr, "sink", 1).await;
+    SockRef::from(&p.stream).set_recv_buffer_size(4096).unwrap();
+    let payload = Bytes::from(vec![7u8; 16 * 1024]);
+    let mut refused = false;
+    for _ in 0..20_000 {
+        if s.handle.send("sink", payload.clone()).is_err() {
+            refused = true;
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(refused, "the server kept queueing for a peer that does not read");
+    let k = s.wait(|k| offline_reason(k, "sink").is_some()).await;
+    assert_eq!(offline_reason(&k, "sink"), Some(CloseReason::SlowConsumer));
+}
+
+#[tokio::test(start_paused = true)]
+async fn kicked_client_is_told_why() {
+    let mut s = TestServer::start(test_config()).await;
+    let mut c = Client::connect(s.addr, client_cfg("a")).await.unwrap();
+    s.wait(|k| matches!(k, EventKind::Online { .. })).await;
+    assert!(s.handle.kick("a"));
+    assert!(!s.handle.kick("nobody"));
+    assert_eq!(next_disconnect(&mut c).await.reason, CloseReason::Kicked);
+    let k = s.wait(|k| offline_reason(k, "a").is_some()).await;
+    assert_eq!(offline_reason(&k, "a"), Some(CloseReason::Kicked));
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_says_goodbye_with_spread_retry_hints() {
+    let mut cfg = test_config();
+    cfg.shutdown_spread = Duration::from_secs(10);
+    let s = TestServer::start(cfg).await;
+    let mut clients = Vec::new();
+    for i in 0..5 {
+        clients.push(Client::connect(s.addr, client_cfg(&format!("c{i}"))).await.unwrap());
+    }
+    let events = s.shutdown().await;
+    let mut hints = Vec::new();
+    for c in &mut clients {
+        let d = next_disconnect(c).await;
+        assert_eq!(d.reason, CloseReason::ServerShutdown);
+        hints.push(d.retry_after.expect("retry-after hint"));
+    }
+    hints.sort();
+    hints.dedup();
+    assert_eq!(hints.len(), 5, "hints are spread, not one wave: {hints:?}");
+    assert!(hints.iter().all(|h| *h <= Duration::from_secs(10)));
+    let offline = events.iter().filter(|k| matches!(k, EventKind::Offline { reason: CloseReason::ServerShutdown, .. }));
+    assert_eq!(offline.count(), 5);
+}
+
+#[tokio::test(start_paused = true)]
+async fn write_that_cannot_drain_is_a_write_timeout() {
+    let mut cfg = test_config();
+    cfg.heartbeat.interval = Duration::from_secs(60);
+    cfg.heartbeat.timeout = Duration::from_secs(600);
+    cfg.conn.write_timeout = Duration::from_secs(2);
+    cfg.conn.max_outbound_bytes = 64 << 20;
+    cfg.outbound_queue = 100_000;
+    let mut s = TestServer::start(cfg).await;
+    let (p, _) = RawPeer::hello(s.addr, "stuck", 1).await;
+    SockRef::from(&p.stream).set_recv_buffer_size(4096).unwrap();
+    // Fill the kernel buffers once; then nothing drains (zero window) and the write deadline expires.
+    let payload = Bytes::from(vec![1u8; 32 * 1024]);
+    for _ in 0..400 {
+        if s.handle.send("stuck", payload.clone()).is_err() {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    let k = s.wait(|k| offline_reason(k, "stuck").is_some()).await;
+    let EventKind::Offline { reason, lateness, .. } = k else { unreachable!() };
+    assert_eq!(reason, CloseReason::WriteTimeout);
+    assert_eq!(lateness, Some(Duration::ZERO));
+}

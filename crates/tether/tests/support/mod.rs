@@ -1,0 +1,181 @@
+//! Shared test support: a server on port 0, event waiting, a hand-driven raw peer, the kernel's socket table.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tether::proto::frame::{self, Hello, PROTOCOL_VERSION};
+use tether::proto::{Bye, Frame, Welcome};
+use tether::{EventKind, Server, ServerConfig, ServerEvent, ServerHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+/// How long any wait in a test may take before it fails (virtual time under `start_paused`).
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub events: mpsc::UnboundedReceiver<ServerEvent>,
+    pub handle: ServerHandle,
+    stop: Option<oneshot::Sender<()>>,
+    pub task: JoinHandle<std::io::Result<()>>,
+}
+
+/// A config for tests: loopback, port 0, a 1 s heartbeat with a 3 s timeout.
+pub fn test_config() -> ServerConfig {
+    let mut cfg = ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..ServerConfig::default() };
+    cfg.heartbeat.interval = Duration::from_secs(1);
+    cfg.heartbeat.timeout = Duration::from_secs(3);
+    cfg.registry.conflict_liveness = Duration::from_millis(1500);
+    cfg
+}
+
+impl TestServer {
+    pub async fn start(cfg: ServerConfig) -> TestServer {
+        let mut server = Server::bind(cfg).await.expect("bind");
+        let addr = server.local_addr().unwrap();
+        let events = server.events().unwrap();
+        let handle = server.handle();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async move {
+            let _ = stopped.await;
+        }));
+        let mut s = TestServer { addr, events, handle, stop: Some(stop), task };
+        s.wait(|k| matches!(k, EventKind::Listening { .. })).await;
+        s
+    }
+
+    /// Wait for the first event matching `pred`, skipping others; fails after [`PATIENCE`].
+    pub async fn wait(&mut self, pred: impl Fn(&EventKind) -> bool) -> EventKind {
+        let found = tokio::time::timeout(PATIENCE, async {
+            loop {
+                let ev = self.events.recv().await.expect("server event stream ended");
+                if pred(&ev.kind) {
+                    return ev.kind;
+                }
+            }
+        });
+        found.await.expect("timed out waiting for a server event")
+    }
+
+    /// Everything emitted so far without waiting.
+    pub fn drain(&mut self) -> Vec<EventKind> {
+        std::iter::from_fn(|| self.events.try_recv().ok()).map(|e| e.kind).collect()
+    }
+
+    /// Trigger the graceful shutdown and wait for `run` to return.
+    pub async fn shutdown(mut self) -> Vec<EventKind> {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(PATIENCE, &mut self.task).await.expect("shutdown hung").unwrap().unwrap();
+        self.drain()
+    }
+}
+
+/// A peer driven by hand, frame by frame, to misbehave on purpose.
+pub struct RawPeer {
+    pub stream: TcpStream,
+    buf: BytesMut,
+}
+
+impl RawPeer {
+    pub async fn connect(addr: SocketAddr) -> RawPeer {
+        RawPeer { stream: TcpStream::connect(addr).await.unwrap(), buf: BytesMut::new() }
+    }
+
+    /// Connect and complete the handshake as `id`.
+    pub async fn hello(addr: SocketAddr, id: &str, nonce: u64) -> (RawPeer, Welcome) {
+        let mut p = RawPeer::connect(addr).await;
+        let hello =
+            Hello { version: PROTOCOL_VERSION, heartbeat_ms: 0, nonce, client_id: id.into(), credential: Bytes::new() };
+        p.send(&Frame::Hello(hello)).await;
+        match p.next_frame().await {
+            Some(Frame::Welcome(w)) => (p, w),
+            other => panic!("expected WELCOME, got {other:?}"),
+        }
+    }
+
+    pub async fn send(&mut self, f: &Frame) {
+        self.stream.write_all(&f.to_bytes()).await.unwrap();
+    }
+
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    /// The next frame, or `None` at end of stream or on a reset.
+    pub async fn next_frame(&mut self) -> Option<Frame> {
+        loop {
+            if let Some(n) = frame::check(&self.buf, frame::DEFAULT_MAX_FRAME).expect("server sent a bad frame") {
+                let f = Frame::parse(&self.buf[..n]).expect("server sent a bad frame");
+                self.buf.advance(n);
+                return Some(f);
+            }
+            let mut chunk = [0u8; 4096];
+            match tokio::time::timeout(PATIENCE, self.stream.read(&mut chunk)).await.expect("peer read hung") {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// Read until the server's `BYE`, skipping pings and other frames; then expect end of stream.
+    pub async fn expect_bye(&mut self) -> Bye {
+        loop {
+            match self.next_frame().await {
+                Some(Frame::Bye(b)) => {
+                    assert_eq!(self.next_frame().await, None, "frames after BYE");
+                    return b;
+                }
+                Some(_) => continue,
+                None => panic!("connection ended without BYE"),
+            }
+        }
+    }
+}
+
+/// Sockets in the kernel's table whose local port is `port`, by TCP state name (from /proc/net/tcp and tcp6).
+pub fn socket_states(port: u16) -> Vec<&'static str> {
+    let mut states = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else { continue };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(st)) = (cols.get(1), cols.get(3)) else { continue };
+            let Some(p) = local.rsplit(':').next().and_then(|h| u16::from_str_radix(h, 16).ok()) else { continue };
+            if p != port {
+                continue;
+            }
+            states.push(match *st {
+                "01" => "ESTABLISHED",
+                "06" => "TIME_WAIT",
+                "07" => "CLOSE",
+                "08" => "CLOSE_WAIT",
+                "09" => "LAST_ACK",
+                "0A" => "LISTEN",
+                "04" => "FIN_WAIT1",
+                "05" => "FIN_WAIT2",
+                "0B" => "CLOSING",
+                _ => "OTHER",
+            });
+        }
+    }
+    states
+}
+
+/// Poll the socket table until `pred` holds (bounded by [`PATIENCE`] of real time). The kernel's table is not
+/// an event source, so this is the one place a test polls; it never sleeps to synchronise with tether itself.
+pub async fn until_sockets(port: u16, pred: impl Fn(&[&str]) -> bool) -> Vec<&'static str> {
+    let start = std::time::Instant::now();
+    loop {
+        let s = socket_states(port);
+        if pred(&s) {
+            return s;
+        }
+        assert!(start.elapsed() < PATIENCE, "socket table never satisfied the condition: {s:?}");
+        tokio::task::yield_now().await;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
