@@ -1,1 +1,90 @@
-fn main() {}
+//! The `tether` command: a thin shell of clap and tracing over the `tether` library.
+//!
+//! # Layout
+//! - `serve`: [`serve::run`] builds a [`tether::ServerConfig`] from defaults, then the TOML file, then flags, and
+//!   prints events (JSON lines on stdout with `--events json`, human lines on stderr otherwise).
+//! - `connect`: [`connect::run`] connects a [`tether::Client`], sends stdin lines as `DATA`, prints what arrives.
+//! - [`duration`]: `500ms` / `1.5s` / `30s` parsing for flags and the file.
+
+mod connect;
+mod duration;
+mod serve;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "tether", version, about = "Keep long-lived TCP connections honest")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a server (in-memory single node).
+    Serve(serve::Args),
+    /// Connect to a server as one client id; stdin lines are sent as DATA.
+    Connect(connect::Args),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tether: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        match cli.command {
+            Command::Serve(args) => serve::run(args).await,
+            Command::Connect(args) => connect::run(args).await,
+        }
+    });
+    // A pending stdin read lives on a blocking thread; do not wait for it.
+    rt.shutdown_background();
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("tether: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Install the SIGINT and SIGTERM handlers now, and return a future that resolves when either arrives.
+/// The handlers are installed before the caller prints its first line, so a script that signals as soon as it
+/// sees output never hits the default action (which would skip the goodbye).
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
+}
+
+/// RFC 3339 timestamp with milliseconds.
+fn rfc3339(t: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Print one JSON line on stdout and flush it at once.
+fn emit_json(v: &serde_json::Value) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{v}");
+    let _ = out.flush();
+}

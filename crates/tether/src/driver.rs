@@ -90,6 +90,12 @@ pub(crate) async fn drive<H: Hooks>(stream: TcpStream, conn: &mut Connection, ho
             _ = stream.writable(), if want_write => {}
             () = &mut sleep => {
                 armed = None;
+                // A timer can fire late (a stalled process, a busy runtime): frames already waiting in the
+                // kernel arrived before the verdict would be taken, so they are read first and count as life.
+                if want_read {
+                    read_pending(&stream, conn);
+                    hooks.on_progress(conn);
+                }
                 conn.handle_timeout(self::now());
             }
             cmd = hooks.next_cmd(), if cmds_open => match cmd {
@@ -110,6 +116,30 @@ fn read(stream: &TcpStream, conn: &mut Connection) {
         Err(e) => {
             let unacked = sockopt::unacked_bytes(stream.as_raw_fd()).is_some_and(|n| n > 0);
             conn.handle_error(now(), &e, unacked);
+        }
+    }
+}
+
+/// Read everything already waiting in the kernel (bounded), without waiting for readiness. This reads the
+/// socket directly: tokio's `try_read` trusts its cached readiness, which lags behind the kernel exactly when a
+/// timer fires late (the IO driver has not seen the epoll event yet). The socket is non-blocking either way.
+fn read_pending(stream: &TcpStream, conn: &mut Connection) {
+    use std::io::Read;
+    let sock = SockRef::from(stream);
+    for _ in 0..16 {
+        let before = (conn.pending_rx(), conn.last_rx(), conn.is_closed());
+        let mut buf = [0u8; READ_CHUNK];
+        match (&*sock).read(&mut buf) {
+            Ok(0) => return conn.handle_eof(now()),
+            Ok(n) => conn.handle_bytes(now(), &buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) => {
+                let unacked = sockopt::unacked_bytes(stream.as_raw_fd()).is_some_and(|n| n > 0);
+                return conn.handle_error(now(), &e, unacked);
+            }
+        }
+        if !conn.wants_read() || before == (conn.pending_rx(), conn.last_rx(), conn.is_closed()) {
+            return;
         }
     }
 }

@@ -1,0 +1,45 @@
+//! Human durations for flags and the config file: `500ms`, `1.5s`, `30s`, `2m`, `1h`; a bare number is seconds.
+//!
+//! # Layout
+//! One function, [`parse`]. Written here rather than taken from a crate because the common ones (humantime)
+//! do not accept fractions such as `1.5s`, which the CLI contract requires.
+
+use std::time::Duration;
+
+pub fn parse(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num.parse().map_err(|_| format!("invalid duration {text:?}: expected e.g. 500ms, 1.5s, 30s"))?;
+    let secs = match unit.trim() {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" | "min" => value * 60.0,
+        "h" => value * 3600.0,
+        other => return Err(format!("invalid duration {text:?}: unknown unit {other:?} (use ms, s, m or h)")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("invalid duration {text:?}: out of range"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_the_documented_forms() {
+        assert_eq!(parse("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse("0.25"), Ok(Duration::from_millis(250)));
+    }
+
+    #[test]
+    fn rejects_nonsense_clearly() {
+        assert!(parse("fast").unwrap_err().contains("expected e.g."));
+        assert!(parse("5 parsecs").unwrap_err().contains("unknown unit"));
+        assert!(parse("").is_err());
+        assert!(parse("1e400s").is_err());
+    }
+}

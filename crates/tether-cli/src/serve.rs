@@ -1,0 +1,345 @@
+//! `tether serve`: configuration layering (defaults < TOML file < flags) and the event printer.
+//!
+//! # Layout
+//! [`Args`] are the flags; [`FileConfig`] is the TOML file, with the same names in snake_case and durations as
+//! strings. [`build_config`] layers them onto [`ServerConfig::default`]. [`run`] binds, prints events until
+//! SIGINT/SIGTERM, then shuts down gracefully.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::ValueEnum;
+use serde::Deserialize;
+use serde_json::json;
+use tether::proto::{DetectorConfig, PhiConfig};
+use tether::{EventKind, Keepalive, Server, ServerConfig, ServerEvent};
+
+use crate::duration;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Detector {
+    Fixed,
+    Phi,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum EventsFormat {
+    Json,
+}
+
+#[derive(clap::Args, Debug, Default)]
+pub struct Args {
+    /// TOML file with the same settings (flags override it).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:7400].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Server id sent in WELCOME [default: tether].
+    #[arg(long)]
+    server_id: Option<String>,
+    /// Default heartbeat interval; clients may ask for another within [min, max] [default: 5s].
+    #[arg(long, value_parser = duration::parse, value_name = "DUR")]
+    heartbeat_interval: Option<Duration>,
+    /// Silence after which a client is declared dead [default: 15s].
+    #[arg(long, value_parser = duration::parse, value_name = "DUR")]
+    heartbeat_timeout: Option<Duration>,
+    /// Smallest heartbeat interval a client may ask for [default: 100ms].
+    #[arg(long, value_parser = duration::parse, value_name = "DUR")]
+    heartbeat_min: Option<Duration>,
+    /// Largest heartbeat interval a client may ask for [default: 300s].
+    #[arg(long, value_parser = duration::parse, value_name = "DUR")]
+    heartbeat_max: Option<Duration>,
+    /// Failure detector [default: fixed].
+    #[arg(long, value_enum)]
+    detector: Option<Detector>,
+    /// phi at which `suspect` is raised (phi detector) [default: 3].
+    #[arg(long, value_name = "PHI")]
+    phi_suspect: Option<f64>,
+    /// phi at which the client is declared dead (phi detector) [default: 8].
+    #[arg(long, value_name = "PHI")]
+    phi_convict: Option<f64>,
+    /// Kernel keepalive: idle time before the first probe [default: 15s].
+    #[arg(long, value_parser = duration::parse, value_name = "DUR")]
+    keepalive_idle: Option<Duration>,
+    /// Kernel keepalive: time between probes [default: 5s].
+    #[arg(long, value_parser = duration::parse, value_name = "DUR")]
+    keepalive_interval: Option<Duration>,
+    /// Kernel keepalive: unanswered probes before the kernel gives up [default: 3].
+    #[arg(long, value_name = "N")]
+    keepalive_count: Option<u32>,
+    /// TCP_USER_TIMEOUT; 0 leaves the kernel default [default: idle + interval × count].
+    #[arg(long, value_parser = duration::parse, value_name = "DUR")]
+    user_timeout: Option<Duration>,
+    /// Pending output that makes no progress for this long ends the connection [default: 15s].
+    #[arg(long, value_parser = duration::parse, value_name = "DUR")]
+    write_timeout: Option<Duration>,
+    /// How long a goodbye may take (flush BYE, wait for the peer's FIN) [default: 2s].
+    #[arg(long, value_parser = duration::parse, value_name = "DUR")]
+    close_grace: Option<Duration>,
+    /// HELLO must arrive within this [default: 5s].
+    #[arg(long, value_parser = duration::parse, value_name = "DUR")]
+    handshake_timeout: Option<Duration>,
+    /// Delay before announcing offline to subscribers; 0 announces at once [default: 0].
+    #[arg(long, value_parser = duration::parse, value_name = "DUR")]
+    presence_grace: Option<Duration>,
+    /// Connections held at once; beyond it newcomers get BYE(busy) [default: 10000].
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+    /// Largest frame accepted, in bytes [default: 65536].
+    #[arg(long, value_name = "BYTES")]
+    max_frame: Option<u32>,
+    /// Print events as JSON lines on stdout.
+    #[arg(long, value_enum)]
+    events: Option<EventsFormat>,
+}
+
+/// The TOML file: every field optional, durations as strings ("500ms", "1.5s").
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    listen: Option<String>,
+    server_id: Option<String>,
+    heartbeat_interval: Option<String>,
+    heartbeat_timeout: Option<String>,
+    heartbeat_min: Option<String>,
+    heartbeat_max: Option<String>,
+    detector: Option<Detector>,
+    phi_suspect: Option<f64>,
+    phi_convict: Option<f64>,
+    keepalive_idle: Option<String>,
+    keepalive_interval: Option<String>,
+    keepalive_count: Option<u32>,
+    user_timeout: Option<String>,
+    write_timeout: Option<String>,
+    close_grace: Option<String>,
+    handshake_timeout: Option<String>,
+    presence_grace: Option<String>,
+    max_connections: Option<usize>,
+    max_frame: Option<u32>,
+}
+
+fn dur(field: &str, v: &Option<String>) -> anyhow::Result<Option<Duration>> {
+    v.as_deref().map(duration::parse).transpose().map_err(|e| anyhow::anyhow!("{field}: {e}"))
+}
+
+/// Defaults, then the file, then the flags.
+pub fn build_config(args: &Args, file: &FileConfig) -> anyhow::Result<ServerConfig> {
+    let mut cfg = ServerConfig::default();
+    macro_rules! pick {
+        ($flag:expr, $file:expr) => {
+            $flag.or($file)
+        };
+    }
+    if let Some(listen) = pick!(args.listen.clone(), file.listen.clone()) {
+        cfg.listen = listen.parse().with_context(|| format!("--listen {listen:?} is not an IP:PORT address"))?;
+    }
+    if let Some(id) = pick!(args.server_id.clone(), file.server_id.clone()) {
+        cfg.server_id = id;
+    }
+    let hb = &mut cfg.heartbeat;
+    hb.interval =
+        pick!(args.heartbeat_interval, dur("heartbeat_interval", &file.heartbeat_interval)?).unwrap_or(hb.interval);
+    hb.timeout =
+        pick!(args.heartbeat_timeout, dur("heartbeat_timeout", &file.heartbeat_timeout)?).unwrap_or(hb.timeout);
+    hb.min_interval = pick!(args.heartbeat_min, dur("heartbeat_min", &file.heartbeat_min)?).unwrap_or(hb.min_interval);
+    hb.max_interval = pick!(args.heartbeat_max, dur("heartbeat_max", &file.heartbeat_max)?).unwrap_or(hb.max_interval);
+    if hb.interval.is_zero() || hb.timeout <= hb.interval {
+        bail!("heartbeat timeout ({:?}) must be longer than the interval ({:?})", hb.timeout, hb.interval);
+    }
+    cfg.registry.conflict_liveness = hb.interval.mul_f64(1.5);
+    match pick!(args.detector, file.detector).unwrap_or(Detector::Fixed) {
+        Detector::Fixed => cfg.conn.detector = DetectorConfig::Fixed,
+        Detector::Phi => {
+            let mut p = PhiConfig::default();
+            p.suspect_threshold = pick!(args.phi_suspect, file.phi_suspect).unwrap_or(p.suspect_threshold);
+            p.convict_threshold = pick!(args.phi_convict, file.phi_convict).unwrap_or(p.convict_threshold);
+            if !(p.suspect_threshold > 0.0 && p.convict_threshold > p.suspect_threshold) {
+                bail!("phi thresholds must satisfy 0 < suspect < convict");
+            }
+            cfg.conn.detector = DetectorConfig::Phi(p);
+        }
+    }
+    let ka = cfg.socket.keepalive.get_or_insert(Keepalive {
+        idle: Duration::from_secs(15),
+        interval: Duration::from_secs(5),
+        count: 3,
+    });
+    ka.idle = pick!(args.keepalive_idle, dur("keepalive_idle", &file.keepalive_idle)?).unwrap_or(ka.idle);
+    ka.interval =
+        pick!(args.keepalive_interval, dur("keepalive_interval", &file.keepalive_interval)?).unwrap_or(ka.interval);
+    ka.count = pick!(args.keepalive_count, file.keepalive_count).unwrap_or(ka.count);
+    if ka.idle.as_secs() < 1 || ka.interval.as_secs() < 1 || ka.count == 0 {
+        bail!("keepalive idle and interval must be at least 1s and count at least 1 (the kernel counts in seconds)");
+    }
+    if let Some(uto) = pick!(args.user_timeout, dur("user_timeout", &file.user_timeout)?) {
+        cfg.socket.user_timeout = Some(uto);
+    }
+    let c = &mut cfg.conn;
+    c.write_timeout = pick!(args.write_timeout, dur("write_timeout", &file.write_timeout)?).unwrap_or(c.write_timeout);
+    c.close_grace = pick!(args.close_grace, dur("close_grace", &file.close_grace)?).unwrap_or(c.close_grace);
+    c.handshake_timeout = pick!(args.handshake_timeout, dur("handshake_timeout", &file.handshake_timeout)?)
+        .unwrap_or(c.handshake_timeout);
+    c.max_frame = pick!(args.max_frame, file.max_frame).unwrap_or(c.max_frame);
+    if c.max_frame < tether::proto::frame::MIN_MAX_FRAME {
+        bail!("max_frame must be at least {} bytes", tether::proto::frame::MIN_MAX_FRAME);
+    }
+    cfg.registry.presence_grace =
+        pick!(args.presence_grace, dur("presence_grace", &file.presence_grace)?).unwrap_or(cfg.registry.presence_grace);
+    cfg.max_connections = pick!(args.max_connections, file.max_connections).unwrap_or(cfg.max_connections);
+    Ok(cfg)
+}
+
+fn load_file(path: &Option<PathBuf>) -> anyhow::Result<FileConfig> {
+    let Some(path) = path else { return Ok(FileConfig::default()) };
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let file = load_file(&args.config)?;
+    let cfg = build_config(&args, &file)?;
+    tracing::info!(
+        "heartbeat {:?}/{:?} ({:?}), user timeout {:?}, close grace {:?}, handshake timeout {:?}, max {} connections",
+        cfg.heartbeat.interval,
+        cfg.heartbeat.timeout,
+        cfg.conn.detector,
+        cfg.socket.effective_user_timeout(),
+        cfg.conn.close_grace,
+        cfg.conn.handshake_timeout,
+        cfg.max_connections
+    );
+    let shutdown = crate::shutdown_signal()?;
+    let json = args.events == Some(EventsFormat::Json);
+    let mut server = Server::bind(cfg.clone()).await.with_context(|| format!("binding {}", cfg.listen))?;
+    let mut events = server.events().expect("fresh server has its event stream");
+    let printer = tokio::spawn(async move {
+        while let Some(ev) = events.recv().await {
+            if json {
+                crate::emit_json(&event_json(&ev));
+            } else {
+                tracing::info!("{}", event_human(&ev.kind));
+            }
+        }
+    });
+    server.run(shutdown).await?;
+    // The server is gone with its event sender: the printer drains what is left and ends.
+    let _ = printer.await;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+/// One event as the JSON object documented in the README.
+pub fn event_json(ev: &ServerEvent) -> serde_json::Value {
+    let mut v = json!({ "ts": crate::rfc3339(ev.at), "event": ev.kind.name() });
+    let fields = match &ev.kind {
+        EventKind::Listening { addr } => json!({ "addr": addr.to_string() }),
+        EventKind::Online { client, conn, peer, epoch, heartbeat, timeout } => json!({
+            "client": client, "conn": conn, "peer": peer.to_string(), "epoch": epoch,
+            "heartbeat_ms": heartbeat.as_millis() as u64, "timeout_ms": timeout.as_millis() as u64,
+        }),
+        EventKind::Offline { client, conn, peer, reason, lateness, silent_for, detail } => json!({
+            "client": client, "conn": conn, "peer": peer.to_string(), "reason": reason.as_str(),
+            "lateness_ms": lateness.map(ms), "silent_ms": ms(*silent_for), "detail": detail,
+        }),
+        EventKind::Closed { client, conn, peer, reason, lateness, detail } => json!({
+            "client": client, "conn": conn, "peer": peer.to_string(), "reason": reason.as_str(),
+            "lateness_ms": lateness.map(ms), "detail": detail,
+        }),
+        EventKind::Takeover { client, old_conn, new_conn, peer, epoch, same_device } => json!({
+            "client": client, "conn": new_conn, "old_conn": old_conn, "peer": peer.to_string(),
+            "epoch": epoch, "same_device": same_device,
+        }),
+        EventKind::IdConflict { client, holder_conn, newcomer_conn, peer, retry_after } => json!({
+            "client": client, "conn": newcomer_conn, "holder_conn": holder_conn, "peer": peer.to_string(),
+            "retry_after_ms": retry_after.as_millis() as u64,
+        }),
+        EventKind::Suspect { client, conn, peer, silent_for } => json!({
+            "client": client, "conn": conn, "peer": peer.to_string(), "silent_ms": ms(*silent_for),
+        }),
+        EventKind::Recovered { client, conn, peer } => json!({
+            "client": client, "conn": conn, "peer": peer.to_string(),
+        }),
+        EventKind::Data { client, conn, payload } => json!({
+            "client": client, "conn": conn, "payload": String::from_utf8_lossy(payload),
+        }),
+        _ => json!({}),
+    };
+    if let (Some(obj), serde_json::Value::Object(f)) = (v.as_object_mut(), fields) {
+        obj.extend(f);
+    }
+    v
+}
+
+fn event_human(k: &EventKind) -> String {
+    match k {
+        EventKind::Listening { addr } => format!("listening on {addr}"),
+        EventKind::Online { client, peer, epoch, heartbeat, .. } => {
+            format!("online  {client} from {peer} (epoch {epoch}, heartbeat {heartbeat:?})")
+        }
+        EventKind::Offline { client, peer, reason, lateness, silent_for, .. } => {
+            let late = lateness.map(|l| format!(", {:.3} ms after its deadline", ms(l))).unwrap_or_default();
+            format!("offline {client} from {peer}: {reason} (silent {silent_for:?}{late})")
+        }
+        EventKind::Closed { client, peer, reason, .. } => {
+            format!("closed  {} from {peer}: {reason}", client.as_deref().unwrap_or("(no session)"))
+        }
+        EventKind::Takeover { client, peer, epoch, same_device, .. } => {
+            let who = if *same_device { "same device" } else { "new instance" };
+            format!("takeover {client} by {peer} ({who}, epoch {epoch})")
+        }
+        EventKind::IdConflict { client, peer, retry_after, .. } => {
+            format!("id_conflict {client}: {peer} told to retry after {retry_after:?}")
+        }
+        EventKind::Suspect { client, silent_for, .. } => format!("suspect {client} (silent {silent_for:?})"),
+        EventKind::Recovered { client, .. } => format!("recovered {client}"),
+        EventKind::Data { client, payload, .. } => format!("data from {client}: {} bytes", payload.len()),
+        other => format!("{other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file_which_overrides_defaults() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            listen = "127.0.0.1:0"
+            heartbeat_interval = "2s"
+            heartbeat_timeout = "6s"
+            detector = "phi"
+            keepalive_count = 5
+            close_grace = "1.5s"
+            "#,
+        )
+        .unwrap();
+        let args = Args { heartbeat_timeout: Some(Duration::from_secs(9)), ..Args::default() };
+        let cfg = build_config(&args, &file).unwrap();
+        assert_eq!(cfg.heartbeat.interval, Duration::from_secs(2));
+        assert_eq!(cfg.heartbeat.timeout, Duration::from_secs(9), "flag wins over file");
+        assert!(matches!(cfg.conn.detector, DetectorConfig::Phi(_)));
+        assert_eq!(cfg.socket.keepalive.unwrap().count, 5);
+        assert_eq!(cfg.conn.close_grace, Duration::from_millis(1500));
+        assert_eq!(cfg.socket.effective_user_timeout(), Some(Duration::from_secs(15 + 5 * 5)));
+        assert_eq!(cfg.conn.handshake_timeout, Duration::from_secs(5), "default kept");
+    }
+
+    #[test]
+    fn bad_settings_are_refused_with_a_reason() {
+        let bad: Result<FileConfig, _> = toml::from_str("heartbeat = 5");
+        assert!(bad.unwrap_err().to_string().contains("unknown field"));
+        let file: FileConfig = toml::from_str(r#"heartbeat_interval = "soon""#).unwrap();
+        let err = build_config(&Args::default(), &file).unwrap_err().to_string();
+        assert!(err.contains("heartbeat_interval"), "{err}");
+        let args = Args { heartbeat_interval: Some(Duration::from_secs(20)), ..Args::default() };
+        assert!(build_config(&args, &FileConfig::default()).unwrap_err().to_string().contains("longer than"));
+    }
+}

@@ -1,0 +1,219 @@
+//! The CLI contract, driven the way scripts drive it: real `tether serve` and `tether connect` processes on
+//! loopback, JSON lines on stdout, signals. These run on the real clock (separate processes), with short
+//! heartbeats and generous bounds; waits are for output lines, never fixed sleeps.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const PATIENCE: Duration = Duration::from_secs(20);
+
+struct Proc {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<Value>,
+}
+
+impl Proc {
+    fn spawn(args: &[&str]) -> Proc {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tether"))
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn tether");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+                if tx.send(v).is_err() {
+                    break;
+                }
+            }
+        });
+        let stdin = child.stdin.take();
+        Proc { child, stdin, lines: rx }
+    }
+
+    /// The first line satisfying `pred` (earlier lines are skipped).
+    fn expect(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(v) if pred(&v) => return v,
+                Ok(_) => continue,
+                Err(_) => panic!("no line for: {what}"),
+            }
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").args([sig, &self.child.id().to_string()]).status().unwrap().success();
+        assert!(ok, "kill {sig}");
+    }
+
+    fn send_line(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().unwrap();
+        writeln!(stdin, "{line}").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "process did not exit");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn event(v: &Value) -> &str {
+    v["event"].as_str().unwrap_or("")
+}
+
+fn serve(extra: &[&str]) -> (Proc, String) {
+    let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--events", "json"];
+    args.extend_from_slice(extra);
+    let p = Proc::spawn(&args);
+    let first = p.expect("listening", |_| true);
+    assert_eq!(event(&first), "listening", "the first line is the listening event");
+    assert!(first["ts"].as_str().unwrap().ends_with('Z'));
+    let addr = first["addr"].as_str().unwrap().to_owned();
+    (p, addr)
+}
+
+fn connect(addr: &str, id: &str, extra: &[&str]) -> Proc {
+    let mut args = vec!["connect", addr, "--id", id, "--json"];
+    args.extend_from_slice(extra);
+    let p = Proc::spawn(&args);
+    p.expect("connected", |v| event(v) == "connected");
+    p
+}
+
+#[test]
+fn sigstopped_client_is_declared_dead_by_heartbeat_and_watchers_are_told() {
+    let (srv, addr) = serve(&["--heartbeat-interval", "300ms", "--heartbeat-timeout", "900ms"]);
+    let alice = connect(&addr, "alice", &["--subscribe", "bob"]);
+    alice.expect("bob offline snapshot", |v| event(v) == "presence" && v["state"] == "offline");
+    let bob = connect(&addr, "bob", &[]);
+    srv.expect("bob online", |v| event(v) == "online" && v["client"] == "bob");
+    alice.expect("bob online", |v| event(v) == "presence" && v["state"] == "online");
+    // The hung process: its kernel still ACKs, only the application heartbeat can tell.
+    bob.signal("-STOP");
+    let stopped = Instant::now();
+    let off = srv.expect("bob offline", |v| event(v) == "offline" && v["client"] == "bob");
+    let elapsed = stopped.elapsed();
+    assert_eq!(off["reason"], "heartbeat_timeout");
+    assert!(off["lateness_ms"].as_f64().unwrap() >= 0.0);
+    assert!(off["peer"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert!(off["conn"].as_u64().is_some());
+    assert!(elapsed >= Duration::from_millis(600) && elapsed < Duration::from_secs(5), "{elapsed:?}");
+    let p = alice.expect("presence offline", |v| event(v) == "presence" && v["state"] == "offline");
+    assert_eq!((p["client"].as_str(), p["reason"].as_str()), (Some("bob"), Some("heartbeat_timeout")));
+    // Resumed, bob first reads what waited in its socket: the server's BYE telling it why.
+    bob.signal("-CONT");
+    let d = bob.expect("bob disconnected", |v| event(v) == "disconnected");
+    assert_eq!((d["reason"].as_str(), d["by_peer"].as_bool()), (Some("heartbeat_timeout"), Some(true)));
+    let mut bob = bob;
+    assert!(!bob.wait_exit().success(), "a client whose server dropped it exits non-zero");
+}
+
+#[test]
+fn stdin_lines_are_relayed_and_offline_targets_reported() {
+    let (_srv, addr) = serve(&[]);
+    let bob = connect(&addr, "bob", &[]);
+    let mut alice = connect(&addr, "alice", &["--to", "bob"]);
+    alice.send_line("hello bob");
+    let d = bob.expect("data", |v| event(v) == "data");
+    assert_eq!((d["from"].as_str(), d["payload"].as_str()), (Some("alice"), Some("hello bob")));
+    let mut carol = connect(&addr, "carol", &["--to", "nobody"]);
+    carol.send_line("anyone?");
+    let u = carol.expect("undeliverable", |v| event(v) == "undeliverable");
+    assert_eq!(u["to"], "nobody");
+}
+
+#[test]
+fn client_exits_nonzero_when_the_server_is_killed() {
+    let (mut srv, addr) = serve(&[]);
+    let mut c = connect(&addr, "a", &[]);
+    srv.signal("-KILL");
+    let d = c.expect("disconnected", |v| event(v) == "disconnected");
+    let reason = d["reason"].as_str().unwrap().to_owned();
+    assert!(reason == "eof" || reason == "reset", "{reason}");
+    assert!(!c.wait_exit().success());
+    let _ = srv.wait_exit();
+}
+
+#[test]
+fn refused_client_prints_the_reason_and_exits_nonzero() {
+    let (srv, addr) = serve(&["--max-connections", "1"]);
+    let _first = connect(&addr, "first", &[]);
+    srv.expect("first online", |v| event(v) == "online");
+    let mut second = Proc::spawn(&["connect", &addr, "--id", "second", "--json"]);
+    let d = second.expect("disconnected", |v| event(v) == "disconnected");
+    assert_eq!(d["reason"], "busy");
+    assert!(d["retry_after_ms"].as_u64().unwrap() > 0);
+    assert!(!second.wait_exit().success());
+}
+
+#[test]
+fn sigterm_shuts_down_gracefully_and_clients_hear_why() {
+    let (mut srv, addr) = serve(&[]);
+    let c = connect(&addr, "a", &[]);
+    srv.expect("online", |v| event(v) == "online");
+    srv.signal("-TERM");
+    let d = c.expect("disconnected", |v| event(v) == "disconnected");
+    assert_eq!(d["reason"], "server_shutdown");
+    assert!(d["retry_after_ms"].as_u64().unwrap() > 0);
+    let off = srv.expect("offline", |v| event(v) == "offline");
+    assert_eq!(off["reason"], "server_shutdown");
+    assert!(srv.wait_exit().success());
+}
+
+#[test]
+fn ctrl_c_on_connect_says_bye() {
+    let (srv, addr) = serve(&[]);
+    let mut c = connect(&addr, "a", &[]);
+    srv.expect("online", |v| event(v) == "online");
+    c.signal("-INT");
+    let off = srv.expect("offline", |v| event(v) == "offline");
+    assert_eq!(off["reason"], "bye");
+    assert!(c.wait_exit().success());
+}
+
+#[test]
+fn bad_flags_and_config_are_refused_clearly() {
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_tether")).args(["serve", "--heartbeat-interval", "soon"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid duration"));
+    let dir = std::env::temp_dir().join(format!("tether-cli-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("bad.toml");
+    std::fs::write(&file, "heartbeat_timeout = \"1s\"\nheartbeat_interval = \"2s\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--config", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("must be longer than the interval"));
+}
