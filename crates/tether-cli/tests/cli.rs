@@ -55,9 +55,10 @@ impl Proc {
         }
     }
 
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill").args([sig, &self.child.id().to_string()]).status().unwrap().success();
-        assert!(ok, "kill {sig}");
+    fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill(2) with our own child's pid and a valid signal number.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+        assert_eq!(rc, 0, "kill({sig})");
     }
 
     fn send_line(&mut self, line: &str) {
@@ -117,7 +118,7 @@ fn sigstopped_client_is_declared_dead_by_heartbeat_and_watchers_are_told() {
     srv.expect("bob online", |v| event(v) == "online" && v["client"] == "bob");
     alice.expect("bob online", |v| event(v) == "presence" && v["state"] == "online");
     // The hung process: its kernel still ACKs, only the application heartbeat can tell.
-    bob.signal("-STOP");
+    bob.signal(libc::SIGSTOP);
     let stopped = Instant::now();
     let off = srv.expect("bob offline", |v| event(v) == "offline" && v["client"] == "bob");
     let elapsed = stopped.elapsed();
@@ -129,7 +130,7 @@ fn sigstopped_client_is_declared_dead_by_heartbeat_and_watchers_are_told() {
     let p = alice.expect("presence offline", |v| event(v) == "presence" && v["state"] == "offline");
     assert_eq!((p["client"].as_str(), p["reason"].as_str()), (Some("bob"), Some("heartbeat_timeout")));
     // Resumed, bob first reads what waited in its socket: the server's BYE telling it why.
-    bob.signal("-CONT");
+    bob.signal(libc::SIGCONT);
     let d = bob.expect("bob disconnected", |v| event(v) == "disconnected");
     assert_eq!((d["reason"].as_str(), d["by_peer"].as_bool()), (Some("heartbeat_timeout"), Some(true)));
     let mut bob = bob;
@@ -154,7 +155,7 @@ fn stdin_lines_are_relayed_and_offline_targets_reported() {
 fn client_exits_nonzero_when_the_server_is_killed() {
     let (mut srv, addr) = serve(&[]);
     let mut c = connect(&addr, "a", &[]);
-    srv.signal("-KILL");
+    srv.signal(libc::SIGKILL);
     let d = c.expect("disconnected", |v| event(v) == "disconnected");
     let reason = d["reason"].as_str().unwrap().to_owned();
     assert!(reason == "eof" || reason == "reset", "{reason}");
@@ -179,7 +180,7 @@ fn sigterm_shuts_down_gracefully_and_clients_hear_why() {
     let (mut srv, addr) = serve(&[]);
     let c = connect(&addr, "a", &[]);
     srv.expect("online", |v| event(v) == "online");
-    srv.signal("-TERM");
+    srv.signal(libc::SIGTERM);
     let d = c.expect("disconnected", |v| event(v) == "disconnected");
     assert_eq!(d["reason"], "server_shutdown");
     assert!(d["retry_after_ms"].as_u64().unwrap() > 0);
@@ -193,7 +194,7 @@ fn ctrl_c_on_connect_says_bye() {
     let (srv, addr) = serve(&[]);
     let mut c = connect(&addr, "a", &[]);
     srv.expect("online", |v| event(v) == "online");
-    c.signal("-INT");
+    c.signal(libc::SIGINT);
     let off = srv.expect("offline", |v| event(v) == "offline");
     assert_eq!(off["reason"], "bye");
     assert!(c.wait_exit().success());
@@ -216,4 +217,83 @@ fn bad_flags_and_config_are_refused_clearly() {
     std::fs::remove_dir_all(&dir).unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("must be longer than the interval"));
+}
+
+#[test]
+fn python_client_written_from_the_spec_talks_to_a_real_server() {
+    let (srv, addr) = serve(&["--heartbeat-interval", "300ms", "--heartbeat-timeout", "900ms"]);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/spec_client.py");
+    let out = Command::new("python3").args([script, &addr, "py"]).output().expect("python3 (scripts/test installs it)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "python client failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("welcome version=1 heartbeat_ms=500 timeout_ms=1500"), "{stdout}");
+    assert!(stdout.contains("closed cleanly"));
+    let off = srv.expect("py offline", |v| event(v) == "offline" && v["client"] == "py");
+    assert_eq!(off["reason"], "bye");
+}
+
+/// CPU seconds (user + system) a process has used, from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+#[test]
+fn accept_backs_off_on_emfile_and_recovers() {
+    // A server limited to 40 descriptors, flooded with 60 connections that never say HELLO.
+    let bin = env!("CARGO_BIN_EXE_tether");
+    let mut child = Command::new("sh")
+        .args([
+            "-c",
+            &format!("ulimit -n 40 && exec {bin} serve --listen 127.0.0.1:0 --events json --handshake-timeout 3s"),
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel::<(bool, String)>();
+    for (is_err, pipe) in [
+        (false, Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>),
+        (true, Box::new(child.stderr.take().unwrap())),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let _ = tx.send((is_err, line));
+            }
+        });
+    }
+    let wait_for = |want_err: bool, needle: &str| {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok((e, line)) if e == want_err && line.contains(needle) => return line,
+                Ok(_) => continue,
+                Err(_) => panic!("never saw {needle:?}"),
+            }
+        }
+    };
+    let listening: Value = serde_json::from_str(&wait_for(false, "listening")).unwrap();
+    let addr = listening["addr"].as_str().unwrap().to_owned();
+    let flood: Vec<std::net::TcpStream> = (0..60).map(|_| std::net::TcpStream::connect(&addr).unwrap()).collect();
+    wait_for(true, "backing off");
+    // While descriptors are exhausted the accept loop must sleep, not spin (a spinning loop burns ~1 CPU-s/s).
+    let before = cpu_seconds(pid);
+    std::thread::sleep(Duration::from_millis(1000));
+    let used = cpu_seconds(pid) - before;
+    assert!(used < 0.3, "accept loop used {used:.2} CPU-s in 1 s while out of descriptors");
+    // Descriptors come back (the flood closes, handshakes time out): the server serves again.
+    drop(flood);
+    let c = Proc::spawn(&["connect", &addr, "--id", "after", "--json"]);
+    c.expect("connected after the flood", |v| event(v) == "connected");
+    wait_for(false, "\"after\"");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    let _ = child.wait();
 }
