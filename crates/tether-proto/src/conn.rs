@@ -634,8 +634,9 @@ impl Connection {
         match (self.role, f) {
             (_, Frame::Ping { seq, ts_ms }) => self.queue(now, &Frame::Pong { seq, ts_ms }),
             (_, Frame::Pong { ts_ms, .. }) => {
-                let sent = self.origin + Duration::from_millis(ts_ms);
-                if sent <= now {
+                // The echoed timestamp is the peer's word: anything not in our past is ignored, never trusted.
+                let sent = self.origin.checked_add(Duration::from_millis(ts_ms));
+                if let Some(sent) = sent.filter(|s| *s <= now) {
                     let rtt = now - sent;
                     self.rtt = Some(rtt);
                     self.events.push_back(Event::Rtt(rtt));

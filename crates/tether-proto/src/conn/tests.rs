@@ -381,3 +381,143 @@ fn heartbeat_requests_are_clamped_and_keep_the_ratio() {
     assert_eq!(pol.negotiate(2000), (ms(2000), ms(6000)));
     assert_eq!(pol.negotiate(u32::MAX), (Duration::from_secs(300), Duration::from_secs(900)));
 }
+
+/// A deterministic source of arbitrary input (xorshift64*), so the test needs no OS randomness.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    fn string(&mut self) -> String {
+        let len = self.below(140) as usize;
+        (0..len).map(|_| char::from(b'a' + self.below(26) as u8)).collect()
+    }
+    /// Mostly frames the peer of `role` may legally send, sometimes anything (a BYE rarely).
+    fn legal_frame(&mut self, role: Role) -> Frame {
+        if self.below(10) == 0 {
+            return self.frame();
+        }
+        match (self.below(6), role) {
+            (0, _) => Frame::Ping { seq: self.next() as u32, ts_ms: self.next() },
+            (1, _) => Frame::Pong { seq: self.next() as u32, ts_ms: self.below(100_000) },
+            (2, Role::Server) => Frame::Subscribe(vec!["x".into()]),
+            (2, Role::Client) => Frame::Undeliverable { to: "x".into() },
+            (3, Role::Server) => Frame::Unsubscribe(vec!["x".into()]),
+            (3, Role::Client) => Frame::Presence(Presence {
+                client_id: "x".into(),
+                state: crate::frame::PresenceState::Online,
+                reason: None,
+                last_seen_ago_ms: 0,
+            }),
+            _ => Frame::Data { peer: "x".into(), payload: Bytes::from(vec![1; self.below(3000) as usize]) },
+        }
+    }
+
+    fn frame(&mut self) -> Frame {
+        let reason = CloseReason::ALL[self.below(15) as usize];
+        match self.below(10) {
+            0 => Frame::Hello(Hello {
+                version: self.below(3) as u8,
+                heartbeat_ms: self.next() as u32,
+                nonce: self.next(),
+                client_id: self.string(),
+                credential: Bytes::new(),
+            }),
+            1 => Frame::Welcome(Welcome {
+                version: self.below(3) as u8,
+                heartbeat_ms: self.next() as u32,
+                timeout_ms: self.next() as u32,
+                epoch: self.next(),
+                server_id: self.string(),
+            }),
+            2 => Frame::Ping { seq: self.next() as u32, ts_ms: self.next() },
+            3 => Frame::Pong { seq: self.next() as u32, ts_ms: self.next() },
+            4 => Frame::Data { peer: self.string(), payload: Bytes::from(vec![0; self.below(2000) as usize]) },
+            5 => Frame::Subscribe((0..self.below(4)).map(|_| self.string()).collect()),
+            6 => Frame::Unsubscribe((0..self.below(4)).map(|_| self.string()).collect()),
+            7 => Frame::Presence(Presence {
+                client_id: self.string(),
+                state: crate::frame::PresenceState::Offline,
+                reason: Some(reason),
+                last_seen_ago_ms: self.next() as u32,
+            }),
+            8 => Frame::Bye(Bye { reason, retry_after_ms: self.next() as u32, alternative: self.string() }),
+            _ => Frame::Undeliverable { to: self.string() },
+        }
+    }
+}
+
+#[test]
+fn arbitrary_input_never_panics_and_always_ends_with_one_reason() {
+    let mut rng = Rng(0x5eed_1234_abcd_ef01);
+    let (mut established, mut delivered) = (0, 0);
+    for round in 0..2000 {
+        let t0 = Instant::now();
+        let mut now = t0;
+        let mut conn = if round % 2 == 0 {
+            Connection::server(now, ConnConfig::default())
+        } else {
+            Connection::client(now, ConnConfig::default(), hello("c"))
+        };
+        let mut closed = 0;
+        let role = conn.role();
+        if rng.below(5) != 0 {
+            let opening = match role {
+                Role::Server => Frame::Hello(hello("peer")),
+                Role::Client => Frame::Welcome(welcome()),
+            };
+            conn.handle_bytes(now, &opening.to_bytes());
+        }
+        for _ in 0..rng.below(40) {
+            match rng.below(8) {
+                0..=3 => {
+                    let bytes = rng.legal_frame(role).to_bytes();
+                    // Sometimes split or corrupt the bytes.
+                    let cut = rng.below(bytes.len() as u64 + 1) as usize;
+                    conn.handle_bytes(now, &bytes[..cut]);
+                    conn.handle_bytes(now, &bytes[cut..]);
+                }
+                4 => {
+                    let garbage: Vec<u8> = (0..rng.below(64)).map(|_| rng.next() as u8).collect();
+                    conn.handle_bytes(now, &garbage);
+                }
+                5 => {
+                    now += Duration::from_millis(rng.below(20_000));
+                    conn.handle_timeout(now);
+                }
+                6 => conn.handle_written(now, rng.below(4096) as usize),
+                _ => {
+                    if let Some(Event::Hello(_)) = conn.poll_event() {
+                        conn.accept(now, welcome());
+                    }
+                }
+            }
+            while let Some(e) = conn.poll_event() {
+                if let Event::Hello(_) = e {
+                    conn.accept(now, welcome());
+                }
+                closed += matches!(e, Event::Closed(_)) as u32;
+                delivered += matches!(e, Event::Data { .. }) as u32;
+            }
+            established += (conn.state() == State::Established) as u32;
+            assert!(conn.pending_rx() <= ConnConfig::default().max_frame as usize + 4);
+        }
+        // However it went, a connection is closed at most once, and a closed one has its reason.
+        assert!(closed <= 1, "round {round}: {closed} Closed events");
+        assert_eq!(conn.close_reason().is_some(), closed == 1);
+        // And given enough time it always finishes.
+        conn.handle_eof(now);
+        conn.handle_timeout(now + Duration::from_secs(3600));
+        conn.handle_written(now, usize::MAX);
+        conn.handle_timeout(now + Duration::from_secs(7200));
+        assert!(conn.is_closed(), "round {round}: state {:?}", conn.state());
+    }
+    // The input reached deep states, not only handshake refusals.
+    assert!(established > 1000 && delivered > 100, "established {established}, delivered {delivered}");
+}
