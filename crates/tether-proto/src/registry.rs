@@ -11,9 +11,10 @@
 //! Rules (docs/architecture.md has the reasoning):
 //! - One live connection per id. A `HELLO` for an online id evicts the holder at once (`takeover`), and the new
 //!   session gets the next epoch. Subscribers see no offline/online flap.
-//! - Two live devices with one id (different nonces, the holder heard from within `conflict_liveness`, and the
-//!   holder itself won its place from a different nonce within `conflict_window`) are an `id_conflict`: the
-//!   newcomer is refused with a retry-after instead of the two evicting each other forever.
+//! - Two live devices with one id are an `id_conflict`: when a newcomer's nonce is one that this id was taken
+//!   from by another nonce within `conflict_window`, and the holder was heard from within `conflict_liveness`,
+//!   the newcomer is refused with a retry-after instead of the two evicting each other forever. A rebooted
+//!   device comes back with a new nonce, so reboot loops, however fast, are always takeovers.
 //! - With `presence_grace`, `offline` (for any reason but `bye`) is announced only if the id has not come back
 //!   within the grace.
 
@@ -26,6 +27,9 @@ use crate::reason::CloseReason;
 /// The IO layer's handle for one connection.
 pub type ConnId = u64;
 
+/// Displaced nonces remembered per id for the conflict rule.
+const MAX_DISPLACED: usize = 8;
+
 /// The subscription that matches every id.
 pub const WILDCARD: &str = "*";
 
@@ -36,7 +40,7 @@ pub struct RegistryConfig {
     pub presence_grace: Duration,
     /// A holder heard from within this is alive for the id-conflict rule.
     pub conflict_liveness: Duration,
-    /// Window in which a second different-nonce takeover of a live holder is a conflict; also the retry-after.
+    /// How long a displaced nonce that comes back counts as fighting for the id; also the retry-after.
     pub conflict_window: Duration,
     /// Whether `*` subscriptions are allowed.
     pub allow_wildcard: bool,
@@ -122,8 +126,9 @@ struct Session {
     conn: ConnId,
     nonce: u64,
     suspect: bool,
-    /// When this session won the id from a holder with a different nonce (for the conflict rule).
-    foreign_takeover_at: Option<Instant>,
+    /// Nonces this id was taken from by a different nonce within `conflict_window`, oldest first (at most
+    /// [`MAX_DISPLACED`]); carried from session to session of the id. Only these can be an `id_conflict`.
+    displaced: Vec<(u64, Instant)>,
 }
 
 #[derive(Debug, Clone)]
@@ -178,25 +183,34 @@ impl Registry {
         holder_last_rx: impl FnOnce(ConnId) -> Option<Instant>,
     ) -> Admission {
         let epoch = self.next_epoch;
-        if let Some(holder) = self.sessions.get(client) {
+        if let Some(holder) = self.sessions.get_mut(client) {
             let same_device = holder.nonce == nonce;
-            if !same_device {
+            let window = self.cfg.conflict_window;
+            holder.displaced.retain(|(_, at)| now.saturating_duration_since(*at) < window);
+            // The newcomer is a device this id was taken from moments ago: it is alive (a rebooted device would
+            // come back with a new nonce) and fighting the current holder for the id.
+            let fighting_back = !same_device && holder.displaced.iter().any(|(n, _)| *n == nonce);
+            if fighting_back {
                 let alive = holder_last_rx(holder.conn)
                     .is_some_and(|t| now.saturating_duration_since(t) < self.cfg.conflict_liveness);
-                let recent = holder
-                    .foreign_takeover_at
-                    .is_some_and(|t| now.saturating_duration_since(t) < self.cfg.conflict_window);
-                if alive && recent {
+                if alive {
                     let holder = holder.conn;
                     self.emit(SessionEvent::IdConflict { client: client.into(), holder, newcomer: conn });
-                    return Admission::Conflict { holder, retry_after: self.cfg.conflict_window };
+                    return Admission::Conflict { holder, retry_after: window };
                 }
             }
             let old = holder.conn;
             let was_suspect = holder.suspect;
-            let foreign_takeover_at = if same_device { holder.foreign_takeover_at } else { Some(now) };
+            let mut displaced = std::mem::take(&mut holder.displaced);
+            if !same_device {
+                displaced.retain(|(n, _)| *n != nonce);
+                if displaced.len() == MAX_DISPLACED {
+                    displaced.remove(0);
+                }
+                displaced.push((holder.nonce, now));
+            }
             self.next_epoch += 1;
-            self.sessions.insert(client.into(), Session { conn, nonce, suspect: false, foreign_takeover_at });
+            self.sessions.insert(client.into(), Session { conn, nonce, suspect: false, displaced });
             self.emit(SessionEvent::Takeover { client: client.into(), old, new: conn, epoch, same_device });
             if was_suspect {
                 self.notify(client, PresenceState::Online, None, 0);
@@ -205,7 +219,7 @@ impl Registry {
         }
         self.next_epoch += 1;
         let came_back = self.cancel_pending(client);
-        self.sessions.insert(client.into(), Session { conn, nonce, suspect: false, foreign_takeover_at: None });
+        self.sessions.insert(client.into(), Session { conn, nonce, suspect: false, displaced: Vec::new() });
         self.emit(SessionEvent::Online { client: client.into(), conn, epoch });
         if !came_back {
             self.notify(client, PresenceState::Online, None, 0);

@@ -91,6 +91,26 @@ fn two_live_devices_on_one_id_are_a_conflict_not_an_eviction_war() {
     // If B is silent (not alive) A may take over even within the window.
     let t3 = t + Duration::from_secs(20);
     assert!(matches!(r.admit(t3, "x", 1, 4, |_| Some(t1)), Admission::Welcome { evicted: Some(2), .. }));
+    // B fights back at once while A is alive: now B is the one refused.
+    let t4 = t3 + Duration::from_secs(1);
+    assert!(matches!(r.admit(t4, "x", 2, 5, alive(t4)), Admission::Conflict { holder: 4, .. }));
+    // After the window, the displaced nonce is forgotten: a plain takeover again (the two take turns).
+    let t5 = t3 + Duration::from_secs(31);
+    assert!(matches!(r.admit(t5, "x", 2, 6, alive(t5)), Admission::Welcome { evicted: Some(4), .. }));
+}
+
+#[test]
+fn crash_looping_device_with_a_live_looking_holder_is_never_a_conflict() {
+    // The device reboots every 2 s; each time its old connection was heard from just before (it looks alive),
+    // but every boot brings a new nonce: always a takeover, never a conflict.
+    let t = Instant::now();
+    let mut r = Registry::new(RegistryConfig::default());
+    r.admit(t, "dev", 100, 1, NEVER);
+    for boot in 1..=20u64 {
+        let now = t + Duration::from_secs(2 * boot);
+        let adm = r.admit(now, "dev", 100 + boot, boot + 1, |_| Some(now - ms(100)));
+        assert_eq!(adm, Admission::Welcome { epoch: boot + 1, evicted: Some(boot) }, "boot {boot}");
+    }
 }
 
 #[test]
