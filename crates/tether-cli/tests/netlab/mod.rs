@@ -1,0 +1,268 @@
+//! The fault lab: real network paths in network namespaces that can go silent, unreachable, or reboot.
+//!
+//! # Layout
+//! [`Lab::new`] builds four namespaces joined through a router:
+//!
+//! ```text
+//!   server 198.18.1.2 ── router (forwarding) ── devices 198.18.2.2
+//!                               └────────────── watchers 198.18.3.2
+//! ```
+//!
+//! Faults are applied in the router: [`Lab::cut`] blackholes a host in both directions with `ip rule` (a pulled
+//! cable, a phone out of signal: nothing is dropped loudly), [`Lab::unreachable`] / [`Lab::prohibit`] answer with
+//! ICMP, [`Lab::link`] takes an interface down. [`Lab::forget_sockets`] makes a namespace's kernel forget its TCP
+//! sockets (`ss -K`), as a rebooted host does. [`Lab::serve`] runs the real `tether serve` inside the server
+//! namespace; [`in_ns`] runs test code on a thread that joined a namespace, so sockets it opens live there.
+//!
+//! Addresses come from 198.18.0.0/15 (RFC 2544, set aside for network test labs) and exist only inside the
+//! namespaces a lab creates. Everything is torn down on drop, also when a test fails; namespaces left by a run
+//! that was killed are swept away by the next one (their names carry the owning pid).
+
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::common::{event, Proc};
+
+pub const SERVER_IP: &str = "198.18.1.2";
+pub const DEVICE_IP: &str = "198.18.2.2";
+pub const WATCHER_IP: &str = "198.18.3.2";
+pub const PORT: u16 = 7400;
+
+static SEQ: AtomicUsize = AtomicUsize::new(0);
+
+/// Why a lab test did not run.
+pub fn unavailable() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("needs root (network namespaces)".into());
+    }
+    match Command::new("ip").arg("-V").output() {
+        Ok(o) if o.status.success() => None,
+        _ => Some("needs iproute2 (`ip`); scripts/test installs it".into()),
+    }
+}
+
+/// Skip the calling test loudly when the lab cannot run here.
+#[macro_export]
+macro_rules! lab_or_skip {
+    ($name:expr) => {
+        match $crate::netlab::unavailable() {
+            Some(why) => {
+                eprintln!("\n*** SKIPPED fault-lab test {}: {why} ***\n", $name);
+                println!("SKIPPED: {} ({why})", $name);
+                return;
+            }
+            None => $crate::netlab::Lab::new($name),
+        }
+    };
+}
+
+pub struct Lab {
+    pub server: String,
+    pub router: String,
+    pub devices: String,
+    pub watchers: String,
+    procs: Vec<Proc>,
+    /// Router rules currently installed, removed on drop.
+    rules: Vec<Vec<String>>,
+}
+
+fn run(args: &[&str]) -> String {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn run_quiet(args: &[&str]) {
+    let _ = Command::new(args[0]).args(&args[1..]).output();
+}
+
+/// SIGKILL every pid in a whitespace-separated list.
+fn kill_all(pids: &str) {
+    for pid in pids.split_whitespace().filter_map(|p| p.parse::<libc::pid_t>().ok()) {
+        // SAFETY: kill(2) has no memory preconditions; the pid comes from `ip netns pids` for our namespace.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Remove namespaces of earlier runs whose owning process is gone (e.g. an interrupted `cargo test`).
+fn sweep_stale() {
+    let list = run(&["ip", "netns", "list"]);
+    for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
+        let Some(rest) = name.strip_prefix("tlab-") else { continue };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if pid_alive(pid) {
+            continue;
+        }
+        kill_all(&run(&["ip", "netns", "pids", name]));
+        run_quiet(&["ip", "netns", "del", name]);
+    }
+}
+
+impl Lab {
+    pub fn new(test: &str) -> Lab {
+        sweep_stale();
+        let id = format!("tlab-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
+        let ns = |role: &str| format!("{id}-{role}");
+        let lab = Lab {
+            server: ns("srv"),
+            router: ns("rtr"),
+            devices: ns("dev"),
+            watchers: ns("wat"),
+            procs: Vec::new(),
+            rules: Vec::new(),
+        };
+        for n in [&lab.server, &lab.router, &lab.devices, &lab.watchers] {
+            run(&["ip", "netns", "add", n]);
+            run(&["ip", "-n", n, "link", "set", "lo", "up"]);
+        }
+        let (r, s, d, w) = (&lab.router, &lab.server, &lab.devices, &lab.watchers);
+        for (host, rif, net) in [(s, "to-srv", "1"), (d, "to-dev", "2"), (w, "to-wat", "3")] {
+            run(&["ip", "link", "add", "eth0", "netns", host, "type", "veth", "peer", "name", rif, "netns", r]);
+            run(&["ip", "-n", host, "addr", "add", &format!("198.18.{net}.2/24"), "dev", "eth0"]);
+            run(&["ip", "-n", r, "addr", "add", &format!("198.18.{net}.1/24"), "dev", rif]);
+            run(&["ip", "-n", host, "link", "set", "eth0", "up"]);
+            run(&["ip", "-n", r, "link", "set", rif, "up"]);
+            run(&["ip", "-n", host, "route", "add", "default", "via", &format!("198.18.{net}.1")]);
+        }
+        run(&["ip", "netns", "exec", r, "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"]);
+        eprintln!("lab {test}: namespaces {id}-{{srv,rtr,dev,wat}}");
+        lab
+    }
+
+    /// Start `tether serve` in the server namespace on SERVER_IP:PORT with `--events json` and `extra` flags;
+    /// returns once it is listening.
+    pub fn serve(&mut self, extra: &[&str]) -> &Proc {
+        let listen = format!("{SERVER_IP}:{PORT}");
+        let mut args = vec!["netns", "exec", &self.server, env!("CARGO_BIN_EXE_tether"), "serve"];
+        args.extend_from_slice(&["--listen", &listen, "--events", "json"]);
+        args.extend_from_slice(extra);
+        let p = Proc::spawn_cmd("ip", &args);
+        p.expect("listening", |v| event(v) == "listening");
+        self.procs.push(p);
+        self.procs.last().unwrap()
+    }
+
+    pub fn server_proc(&self) -> &Proc {
+        &self.procs[0]
+    }
+
+    fn rule(&mut self, args: &[&str]) {
+        let mut cmd = vec!["ip", "-n", &self.router, "rule", "add"];
+        cmd.extend_from_slice(args);
+        run(&cmd);
+        self.rules.push(args.iter().map(|s| s.to_string()).collect());
+    }
+
+    fn clear_rules(&mut self, host: &str) {
+        let router = self.router.clone();
+        self.rules.retain(|r| {
+            if r.iter().any(|a| a == &format!("{host}/32")) {
+                let mut cmd = vec!["ip", "-n", &router, "rule", "del"];
+                cmd.extend(r.iter().map(String::as_str));
+                run(&cmd);
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    /// Silent cable pull: the router drops everything to and from `host`, without telling anyone.
+    pub fn cut(&mut self, host: &str) {
+        let h = format!("{host}/32");
+        self.rule(&["to", &h, "blackhole", "priority", "100"]);
+        self.rule(&["from", &h, "blackhole", "priority", "101"]);
+    }
+
+    /// ICMP failure: the router answers packets to and from `host` with "host unreachable".
+    pub fn unreachable(&mut self, host: &str) {
+        let h = format!("{host}/32");
+        self.rule(&["to", &h, "unreachable", "priority", "100"]);
+        self.rule(&["from", &h, "unreachable", "priority", "101"]);
+    }
+
+    /// ICMP failure: the router answers with "administratively prohibited".
+    pub fn prohibit(&mut self, host: &str) {
+        let h = format!("{host}/32");
+        self.rule(&["to", &h, "prohibit", "priority", "100"]);
+        self.rule(&["from", &h, "prohibit", "priority", "101"]);
+    }
+
+    /// Undo `cut`, `unreachable` or `prohibit` for `host`.
+    pub fn restore(&mut self, host: &str) {
+        self.clear_rules(host);
+    }
+
+    /// Take the router's interface towards `ns_role` ("srv", "dev", "wat") down or up.
+    pub fn link(&self, ns_role: &str, up: bool) {
+        run(&["ip", "-n", &self.router, "link", "set", &format!("to-{ns_role}"), if up { "up" } else { "down" }]);
+    }
+
+    /// Host reboot: the namespace's kernel forgets every TCP socket to `dst` (no FIN; an RST at most, which a
+    /// cut path swallows).
+    pub fn forget_sockets(&self, ns: &str, dst: &str) {
+        run(&["ip", "netns", "exec", ns, "ss", "-K", "dst", dst]);
+    }
+
+    /// TCP states of the sockets on the server's port, from the server namespace's kernel table.
+    pub fn server_sockets(&self) -> Vec<String> {
+        let out = run(&["ip", "netns", "exec", &self.server, "ss", "-Htan", "sport", "=", &format!(":{PORT}")]);
+        out.lines().filter_map(|l| l.split_whitespace().next().map(str::to_owned)).collect()
+    }
+
+    /// Poll the server's socket table until `pred` holds or `patience` passes; returns the last table.
+    pub fn until_server_sockets(&self, patience: Duration, pred: impl Fn(&[String]) -> bool) -> Vec<String> {
+        let deadline = Instant::now() + patience;
+        loop {
+            let s = self.server_sockets();
+            if pred(&s) || Instant::now() >= deadline {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.procs.clear();
+        for n in [&self.server, &self.router, &self.devices, &self.watchers] {
+            if let Ok(pids) = Command::new("ip").args(["netns", "pids", n]).output() {
+                kill_all(&String::from_utf8_lossy(&pids.stdout));
+            }
+            run_quiet(&["ip", "netns", "del", n]);
+        }
+    }
+}
+
+/// Run `f` on a new thread that has joined network namespace `ns`: every socket it opens lives there.
+pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: setns on a valid namespace fd affects only this thread's network namespace.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+}
+
+/// A current-thread tokio runtime for code running inside a namespace thread.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
