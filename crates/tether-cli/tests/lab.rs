@@ -166,7 +166,7 @@ fn offline_of<'a>(id: &'a str) -> impl Fn(&Value) -> bool + 'a {
 
 // ---- scenarios ----
 
-/// 1. Silent cut with heartbeats on: the server says `heartbeat_timeout` within the timeout, the device (still
+/// Scenario 1: Silent cut with heartbeats on: the server says `heartbeat_timeout` within the timeout, the device (still
 /// running) says the same, and a watcher in another namespace is told.
 #[test]
 #[ignore = "fault lab: needs root and network namespaces; scripts/test runs it"]
@@ -209,7 +209,7 @@ fn lab_silent_cut_is_a_heartbeat_timeout_everywhere() {
     println!("  server lateness_ms={}", off["lateness_ms"]);
 }
 
-/// 2. Silent cut with application heartbeats long and kernel keepalive short: `keepalive_timeout`.
+/// Scenario 2: Silent cut with application heartbeats long and kernel keepalive short: `keepalive_timeout`.
 #[test]
 #[ignore = "fault lab: needs root and network namespaces; scripts/test runs it"]
 fn lab_silent_idle_link_is_a_keepalive_timeout() {
@@ -250,7 +250,7 @@ fn keep_sending(lab: &Lab, to: &'static str, stop: mpsc::Receiver<()>) -> std::t
     })
 }
 
-/// 3. Silent cut with unacknowledged data in flight: `write_timeout` within the user timeout, and without the
+/// Scenario 3: Silent cut with unacknowledged data in flight: `write_timeout` within the user timeout, and without the
 /// user timeout the connection is still "up" long after (the 15-minute problem).
 #[test]
 #[ignore = "fault lab: needs root and network namespaces; scripts/test runs it"]
@@ -298,7 +298,7 @@ fn lab_cut_with_data_in_flight_is_a_write_timeout_only_with_user_timeout() {
     }
 }
 
-/// 4. A peer that stops reading (zero window) on a healthy path: `write_timeout` (or `slow_consumer`).
+/// Scenario 4: A peer that stops reading (zero window) on a healthy path: `write_timeout` (or `slow_consumer`).
 #[test]
 #[ignore = "fault lab: needs root and network namespaces; scripts/test runs it"]
 fn lab_hung_reader_is_a_write_timeout() {
@@ -330,7 +330,7 @@ fn lab_hung_reader_is_a_write_timeout() {
     measured("hung reader (zero window)", &reason, Duration::from_secs(2), took);
 }
 
-/// 5. ICMP unreachable (and administratively prohibited) with pending writes: `unreachable`.
+/// Scenario 5: ICMP unreachable (and administratively prohibited) with pending writes: `unreachable`.
 ///
 /// Linux treats ICMP unreachable as a soft error on an established socket: it is reported when the user timeout
 /// expires, which the kernel checks when its retransmission timer fires (and ICMP makes it revert RTO backoff,
@@ -374,7 +374,7 @@ fn lab_icmp_unreachable_with_pending_writes_is_unreachable() {
     }
 }
 
-/// 6a. Host reboot: the device's kernel forgets its socket while the path is down; when the path returns, the
+/// Scenario 6a: Host reboot: the device's kernel forgets its socket while the path is down; when the path returns, the
 /// server's next segment meets a RST (`reset`), and the rebooted device connects again cleanly.
 #[test]
 #[ignore = "fault lab: needs root and network namespaces; scripts/test runs it"]
@@ -402,7 +402,7 @@ fn lab_host_reboot_is_a_reset_at_the_first_segment() {
     measured("host reboot, path back", "reset", interval, took);
 }
 
-/// 6b. Host reboot, and the device is back before the server sends anything: its new connection takes over
+/// Scenario 6b: Host reboot, and the device is back before the server sends anything: its new connection takes over
 /// the half-open one at once (`takeover`), with no timeout involved.
 #[test]
 #[ignore = "fault lab: needs root and network namespaces; scripts/test runs it"]
@@ -427,7 +427,7 @@ fn lab_rebooted_device_takes_over_its_half_open_connection() {
     measured("host reboot, device back first", "takeover", Duration::ZERO, took);
 }
 
-/// 7. Reboot storm: N devices go silent, each reboots and reconnects with its id from a fresh socket while its
+/// Scenario 7: Reboot storm: N devices go silent, each reboots and reconnects with its id from a fresh socket while its
 /// old connection is still half-open on the server, three rounds. Every old connection is evicted by takeover
 /// at once; the server's kernel table then holds exactly N ESTABLISHED and no CLOSE_WAIT; a new client gets in.
 #[test]
@@ -487,7 +487,7 @@ fn lab_reboot_storm_leaves_no_ghosts() {
     }
 }
 
-/// 8. Data that reached the server before the fault is delivered to the application, in order, before the
+/// Scenario 8: Data that reached the server before the fault is delivered to the application, in order, before the
 /// verdict.
 #[test]
 #[ignore = "fault lab: needs root and network namespaces; scripts/test runs it"]
