@@ -7,11 +7,13 @@
 //! - [`detector`]: `fixed` and `phi` failure detectors that answer with exact deadlines.
 //! - [`conn`]: [`Connection`], the per-connection state machine (`handle_*` in, `poll_*` out).
 //! - [`registry`]: [`Registry`], sessions by client id (takeover, epochs, id conflicts) and presence.
+//! - [`reconnect`]: [`reconnect::Reconnect`], backoff with seeded full jitter, failover, and server hints.
 
 pub mod conn;
 pub mod detector;
 pub mod frame;
 pub mod reason;
+pub mod reconnect;
 pub mod registry;
 
 pub use conn::{Closed, ConnConfig, Connection, Event, HeartbeatPolicy, Role, SendError, State};
