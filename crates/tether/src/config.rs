@@ -28,8 +28,16 @@ pub struct ServerConfig {
     pub registry: RegistryConfig,
     /// Connections held at once (handshaking included); beyond it new ones get `BYE(busy)`.
     pub max_connections: usize,
-    /// The retry-after hint sent with `busy`.
+    /// Connections accepted whose `HELLO` has not been admitted yet; beyond it newcomers get `BYE(busy)`. Bounds
+    /// the work a reconnect storm can put in flight at once.
+    pub max_handshakes: usize,
+    /// New connections accepted per second (a token bucket with one second of burst); `None` = unlimited.
+    pub accept_rate: Option<u32>,
+    /// The smallest retry-after hint sent with `busy`.
     pub busy_retry_after: Duration,
+    /// `busy` hints are `busy_retry_after` plus a uniform random share of this window, so refused clients come
+    /// back spread out instead of in one wave.
+    pub busy_retry_spread: Duration,
     /// Frames waiting for one connection's task (relayed data, presence); overflow is `slow_consumer`.
     pub outbound_queue: usize,
     /// How long a graceful shutdown waits for connections to finish their goodbye.
@@ -49,7 +57,10 @@ impl Default for ServerConfig {
             conn: ConnConfig::default(),
             socket: SocketOptions::default(),
             max_connections: 10_000,
-            busy_retry_after: Duration::from_secs(5),
+            max_handshakes: 512,
+            accept_rate: None,
+            busy_retry_after: Duration::from_secs(1),
+            busy_retry_spread: Duration::from_secs(5),
             outbound_queue: 1024,
             shutdown_grace: Duration::from_secs(5),
             shutdown_spread: Duration::from_secs(10),

@@ -9,8 +9,9 @@
 //! command queue (relayed data, presence; overflow is `slow_consumer`) or its [`Control`] slot (close requests:
 //! takeover, kick, shutdown), so a full queue can never block a takeover.
 //!
-//! Over `max_connections`, a new socket is answered `BYE(busy, retry_after)` and closed; accept errors such as
-//! EMFILE back off (10 ms doubling to 1 s) instead of spinning.
+//! Over `max_connections`, over `max_handshakes` in flight, or over `accept_rate`, a new socket is answered
+//! `BYE(busy, retry_after)` (the hint spread over `busy_retry_spread`) and closed; accept errors such as EMFILE
+//! back off (10 ms doubling to 1 s) instead of spinning.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -63,6 +64,11 @@ struct Shared {
     next_conn: AtomicU64,
     /// Connections with a running task (admitted or handshaking); `busy` refusals are not counted.
     active: AtomicUsize,
+    /// Connections accepted whose `HELLO` is not admitted yet, and the highest that count has been.
+    handshakes: AtomicUsize,
+    peak_handshakes: AtomicUsize,
+    /// `busy` refusals so far.
+    refused_busy: AtomicU64,
     /// Base for the `last_rx` timestamps kept in atomics.
     origin: StdInstant,
     /// Wakes the presence-grace timer when the registry's next deadline may have moved.
@@ -148,6 +154,9 @@ impl Server {
             events: tx,
             next_conn: AtomicU64::new(1),
             active: AtomicUsize::new(0),
+            handshakes: AtomicUsize::new(0),
+            peak_handshakes: AtomicUsize::new(0),
+            refused_busy: AtomicU64::new(0),
             origin: driver::now(),
             registry_wake: Notify::new(),
             shutting_down: AtomicBool::new(false),
@@ -176,6 +185,7 @@ impl Server {
         shared.emit(EventKind::Listening { addr: self.listener.local_addr()? });
         let mut tasks = JoinSet::new();
         let timer = tokio::spawn(registry_timer(shared.clone()));
+        let mut bucket = shared.cfg.accept_rate.map(|r| TokenBucket::new(r, driver::now()));
         tokio::pin!(shutdown);
         let mut backoff = Duration::from_millis(10);
         loop {
@@ -185,7 +195,8 @@ impl Server {
                 r = self.listener.accept() => match r {
                     Ok((stream, peer)) => {
                         backoff = Duration::from_millis(10);
-                        self.admit_socket(&mut tasks, stream, peer);
+                        let allowed = bucket.as_mut().is_none_or(|b| b.take(driver::now()));
+                        self.admit_socket(&mut tasks, stream, peer, allowed);
                     }
                     Err(e) if is_resource_error(&e) => {
                         tracing::warn!("accept: {e}; backing off {backoff:?}");
@@ -202,18 +213,47 @@ impl Server {
         Ok(())
     }
 
-    fn admit_socket(&self, tasks: &mut JoinSet<()>, stream: TcpStream, peer: SocketAddr) {
+    fn admit_socket(&self, tasks: &mut JoinSet<()>, stream: TcpStream, peer: SocketAddr, rate_ok: bool) {
         let shared = self.shared.clone();
         let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = shared.cfg.socket.apply(&stream) {
             tracing::debug!(conn = conn_id, %peer, "socket options: {e}");
         }
-        if shared.active.load(Ordering::Relaxed) >= shared.cfg.max_connections {
+        let full = shared.active.load(Ordering::Relaxed) >= shared.cfg.max_connections;
+        let handshaking = shared.handshakes.load(Ordering::Relaxed) >= shared.cfg.max_handshakes;
+        if full || handshaking || !rate_ok {
+            shared.refused_busy.fetch_add(1, Ordering::Relaxed);
             tasks.spawn(refuse_busy(shared, stream, peer, conn_id));
             return;
         }
         shared.active.fetch_add(1, Ordering::Relaxed);
+        let now_handshaking = shared.handshakes.fetch_add(1, Ordering::Relaxed) + 1;
+        shared.peak_handshakes.fetch_max(now_handshaking, Ordering::Relaxed);
         tasks.spawn(serve_conn(shared, stream, peer, conn_id));
+    }
+}
+
+/// Accept-rate limit: `rate` tokens per second, at most `rate` banked. Only the accept loop touches it.
+struct TokenBucket {
+    rate: f64,
+    tokens: f64,
+    last: StdInstant,
+}
+
+impl TokenBucket {
+    fn new(rate: u32, now: StdInstant) -> TokenBucket {
+        TokenBucket { rate: rate.max(1) as f64, tokens: rate.max(1) as f64, last: now }
+    }
+    fn take(&mut self, now: StdInstant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
     }
 }
 
@@ -251,6 +291,21 @@ impl ServerHandle {
     /// Connection tasks running (admitted or handshaking).
     pub fn connections(&self) -> usize {
         self.shared.active.load(Ordering::Relaxed)
+    }
+
+    /// Connections accepted whose `HELLO` is not admitted yet.
+    pub fn handshakes(&self) -> usize {
+        self.shared.handshakes.load(Ordering::Relaxed)
+    }
+
+    /// The most handshakes that were ever in flight at once (never above `max_handshakes`).
+    pub fn peak_handshakes(&self) -> usize {
+        self.shared.peak_handshakes.load(Ordering::Relaxed)
+    }
+
+    /// Connections refused with `busy` so far.
+    pub fn refused_busy(&self) -> u64 {
+        self.shared.refused_busy.load(Ordering::Relaxed)
     }
 }
 
@@ -366,15 +421,17 @@ async fn serve_conn(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, co
     }
     shared.hub.lock().expect("hub lock").conns.insert(conn_id, ConnHandle { tx, control: control.clone() });
     let mut conn = Connection::server(driver::now(), shared.cfg.conn.clone());
-    let mut hooks = ServerHooks { shared, conn_id, peer, client: None, rx, control };
+    let mut hooks = ServerHooks { shared, conn_id, peer, client: None, rx, control, handshaking: true };
     drive(stream, &mut conn, &mut hooks).await;
+    hooks.handshake_done();
 }
 
 /// Over the connection limit: `BYE(busy, retry_after)`, flushed, then closed. Nothing else is read or kept.
 async fn refuse_busy(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, conn_id: ConnId) {
     let now = driver::now();
     let mut conn = Connection::server(now, shared.cfg.conn.clone());
-    conn.reject(now, bye(CloseReason::Busy, shared.cfg.busy_retry_after));
+    let spread = shared.cfg.busy_retry_spread.mul_f64(rand::random::<f64>());
+    conn.reject(now, bye(CloseReason::Busy, shared.cfg.busy_retry_after + spread));
     let mut hooks = BusyHooks { shared, conn_id, peer };
     drive(stream, &mut conn, &mut hooks).await;
 }
@@ -409,10 +466,20 @@ struct ServerHooks {
     client: Option<String>,
     rx: mpsc::Receiver<Cmd>,
     control: Arc<Control>,
+    /// Still counted in `Shared::handshakes` (until admitted or closed).
+    handshaking: bool,
 }
 
 impl ServerHooks {
+    /// Leave the handshake count, once.
+    fn handshake_done(&mut self) {
+        if std::mem::take(&mut self.handshaking) {
+            self.shared.handshakes.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
     fn on_hello(&mut self, conn: &mut Connection, now: StdInstant, hello: tether_proto::Hello) {
+        self.handshake_done();
         let shared = self.shared.clone();
         let mut hub = shared.hub.lock().expect("hub lock");
         let Hub { registry, conns } = &mut *hub;
@@ -492,6 +559,7 @@ impl ServerHooks {
     }
 
     fn on_closed(&mut self, conn: &Connection, now: StdInstant, c: tether_proto::Closed) {
+        self.handshake_done();
         let last_seen = conn.last_rx().unwrap_or(now);
         let holder = {
             let mut hub = self.shared.hub.lock().expect("hub lock");

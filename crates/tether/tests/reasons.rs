@@ -238,6 +238,7 @@ async fn busy_refuses_newcomers_and_spares_existing_clients() {
     let mut cfg = test_config();
     cfg.max_connections = 2;
     cfg.busy_retry_after = Duration::from_secs(7);
+    cfg.busy_retry_spread = Duration::ZERO;
     let mut s = TestServer::start(cfg).await;
     let mut a = Client::connect(s.addr, client_cfg("a")).await.unwrap();
     let _b = Client::connect(s.addr, client_cfg("b")).await.unwrap();
@@ -340,4 +341,58 @@ async fn write_that_cannot_drain_is_a_write_timeout() {
     let EventKind::Offline { reason, lateness, .. } = k else { unreachable!() };
     assert_eq!(reason, CloseReason::WriteTimeout);
     assert_eq!(lateness, Some(Duration::ZERO));
+}
+
+#[tokio::test(start_paused = true)]
+async fn handshakes_in_flight_are_capped() {
+    let mut cfg = test_config();
+    cfg.max_handshakes = 2;
+    let mut s = TestServer::start(cfg).await;
+    // Two connections that have not said HELLO yet fill the cap.
+    let mut slow1 = RawPeer::connect(s.addr).await;
+    let _slow2 = RawPeer::connect(s.addr).await;
+    let err = Client::connect(s.addr, client_cfg("c")).await.err().unwrap();
+    assert!(matches!(err, ConnectError::Refused(ref d) if d.reason == CloseReason::Busy), "{err:?}");
+    assert_eq!((s.handle.handshakes(), s.handle.peak_handshakes(), s.handle.refused_busy()), (2, 2, 1));
+    // One finishes its handshake: room again.
+    slow1
+        .send(&Frame::Hello(tether::proto::Hello {
+            version: 1,
+            heartbeat_ms: 0,
+            nonce: 1,
+            client_id: "slow1".into(),
+            credential: Bytes::new(),
+        }))
+        .await;
+    assert!(matches!(slow1.next_frame().await, Some(Frame::Welcome(_))));
+    let _c = Client::connect(s.addr, client_cfg("c")).await.unwrap();
+    assert_eq!(s.handle.peak_handshakes(), 2, "never above the cap");
+    s.wait(|k| matches!(k, EventKind::Online { client, .. } if client == "c")).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn accept_rate_is_limited_and_busy_hints_are_spread() {
+    let mut cfg = test_config();
+    cfg.accept_rate = Some(5);
+    cfg.busy_retry_after = Duration::from_secs(1);
+    cfg.busy_retry_spread = Duration::from_secs(10);
+    let s = TestServer::start(cfg).await;
+    let mut ok = Vec::new();
+    for i in 0..5 {
+        ok.push(Client::connect(s.addr, client_cfg(&format!("ok{i}"))).await.unwrap());
+    }
+    let mut hints = Vec::new();
+    for i in 0..20 {
+        match Client::connect(s.addr, client_cfg(&format!("late{i}"))).await {
+            Err(ConnectError::Refused(d)) if d.reason == CloseReason::Busy => hints.push(d.retry_after.unwrap()),
+            other => panic!("expected busy: {:?}", other.map(|_| ())),
+        }
+    }
+    assert!(hints.iter().all(|h| *h >= Duration::from_secs(1) && *h <= Duration::from_secs(11)), "{hints:?}");
+    hints.sort();
+    hints.dedup();
+    assert!(hints.len() >= 18, "hints should be spread, not one value: {hints:?}");
+    // One second later the bucket has refilled.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    Client::connect(s.addr, client_cfg("next")).await.unwrap();
 }
