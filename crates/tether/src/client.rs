@@ -31,6 +31,8 @@ pub struct Client {
     local_addr: SocketAddr,
     max_frame: u32,
     task: JoinHandle<()>,
+    /// `close` has run (the task is joined).
+    closed: bool,
 }
 
 /// How a connection ended, from the client's side.
@@ -137,7 +139,9 @@ impl Client {
             drive(stream, &mut conn, &mut hooks).await;
         });
         match welcome_rx.await {
-            Ok(Ok(welcome)) => Ok(Client { cmds: cmd_tx, events: ev_rx, welcome, nonce, local_addr, max_frame, task }),
+            Ok(Ok(welcome)) => {
+                Ok(Client { cmds: cmd_tx, events: ev_rx, welcome, nonce, local_addr, max_frame, task, closed: false })
+            }
             Ok(Err(d)) => Err(ConnectError::Refused(d)),
             Err(_) => Err(ConnectError::Io(io::Error::other("client task ended during the handshake"))),
         }
@@ -178,8 +182,12 @@ impl Client {
         self.events.recv().await
     }
 
-    /// Say `BYE`, wait (bounded by `close_grace`) for the server to close, and return how it ended.
-    pub async fn close(mut self) -> Option<Disconnect> {
+    /// Say `BYE`, wait (bounded by `close_grace`) for the server to close, and return how it ended (`None` if
+    /// that was already reported, or on a second call).
+    pub async fn close(&mut self) -> Option<Disconnect> {
+        if std::mem::replace(&mut self.closed, true) {
+            return None;
+        }
         let _ = self.cmds.send(ClientCmd::Close).await;
         let _ = (&mut self.task).await;
         let mut last = None;

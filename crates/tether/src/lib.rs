@@ -3,6 +3,8 @@
 //! # Layout
 //! - [`server`]: [`Server`] (accept loop, connection tasks, session hub, graceful shutdown) and [`ServerHandle`].
 //! - [`client`]: [`Client`], connected and handshaken, with its event stream.
+//! - [`resilient`]: [`ReconnectingClient`], which reconnects with backoff, fails over, and keeps its identity,
+//!   subscriptions and queued data across outages.
 //! - [`config`]: [`ServerConfig`], [`ClientConfig`] and their defaults.
 //! - [`event`]: [`ServerEvent`], what the server tells its application.
 //! - [`sockopt`]: TCP_NODELAY, keepalive and TCP_USER_TIMEOUT on every socket, read back for the logs.
@@ -14,12 +16,14 @@ pub mod client;
 pub mod config;
 mod driver;
 pub mod event;
+pub mod resilient;
 pub mod server;
 pub mod sockopt;
 
 pub use client::{Client, ClientError, ClientEvent, ConnectError, Disconnect};
 pub use config::{ClientConfig, ServerConfig};
 pub use event::{EventKind, ServerEvent};
+pub use resilient::{LinkError, LinkEvent, ReconnectingClient, ResilienceConfig, Sent};
 pub use server::{SendToError, Server, ServerHandle};
 pub use sockopt::{Keepalive, SocketOptions};
 pub use tether_proto as proto;

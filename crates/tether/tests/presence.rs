@@ -56,7 +56,7 @@ async fn wildcard_sees_everyone() {
     let mut snapshot = vec![next_presence(&mut w).await.client_id, next_presence(&mut w).await.client_id];
     snapshot.sort();
     assert_eq!(snapshot, ["a", "w"]);
-    let c = Client::connect(s.addr, ClientConfig::new("c")).await.unwrap();
+    let mut c = Client::connect(s.addr, ClientConfig::new("c")).await.unwrap();
     let p = next_presence(&mut w).await;
     assert_eq!((p.client_id.as_str(), p.state), ("c", PresenceState::Online));
     c.close().await;

@@ -37,7 +37,7 @@ fn offline_reason(k: &EventKind, id: &str) -> Option<CloseReason> {
 #[tokio::test(start_paused = true)]
 async fn bye_is_a_clean_goodbye() {
     let mut s = TestServer::start(test_config()).await;
-    let c = Client::connect(s.addr, client_cfg("a")).await.unwrap();
+    let mut c = Client::connect(s.addr, client_cfg("a")).await.unwrap();
     s.wait(|k| matches!(k, EventKind::Online { client, .. } if client == "a")).await;
     let d = c.close().await.expect("close reports how it ended");
     assert_eq!(d.reason, CloseReason::Bye);

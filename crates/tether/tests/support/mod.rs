@@ -66,6 +66,12 @@ impl TestServer {
         std::iter::from_fn(|| self.events.try_recv().ok()).map(|e| e.kind).collect()
     }
 
+    /// Crash: stop the server abruptly (every socket closed, no goodbye) and wait until its port is free.
+    pub async fn crash(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+
     /// Trigger the graceful shutdown and wait for `run` to return.
     pub async fn shutdown(mut self) -> Vec<EventKind> {
         let _ = self.stop.take().unwrap().send(());

@@ -1,0 +1,469 @@
+//! A client that stays connected: reconnects with backoff, fails over between servers, keeps its identity,
+//! subscriptions and unsent data across outages.
+//!
+//! # Layout
+//! [`ReconnectingClient::start`] spawns a supervisor task. The supervisor asks the sans-IO
+//! [`tether_proto::reconnect::Reconnect`] policy what to do, carries it out with [`Client::connect`], and forwards
+//! everything as [`LinkEvent`]s (`Connected`, `Disconnected`, `Reconnecting`, `ConnectFailed`, `GaveUp`, and the
+//! connection's data and presence). While connected to a backup with `return_to_primary`, it probes the
+//! primary with a full handshake and moves back once the primary welcomes it.
+//!
+//! Continuity: one client id and one instance nonce for the supervisor's whole life (so a reconnect is a
+//! takeover on the server, never a conflict); the presence subscriptions are re-sent after every connect; data
+//! sent while disconnected waits in a bounded FIFO (`queue_limit`) and is sent first after the next connect, and
+//! a full queue refuses with [`LinkError::QueueFull`]. Data handed to a connection that then dies may be lost
+//! with it (TCP gives no delivery receipt; tether v1 has no acknowledgements): delivery is at most once.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tether_proto::reconnect::{Next, Reconnect, ReconnectConfig, Target};
+use tether_proto::{CloseReason, Presence};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::client::{Client, ClientEvent, ConnectError, Disconnect};
+use crate::config::ClientConfig;
+use crate::driver;
+
+/// Reconnection settings on top of [`ClientConfig`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResilienceConfig {
+    pub reconnect: ReconnectConfig,
+    /// Messages held while disconnected; 0 refuses sends while disconnected.
+    pub queue_limit: usize,
+    /// Seed for the backoff jitter; `None` draws one at random.
+    pub seed: Option<u64>,
+}
+
+impl Default for ResilienceConfig {
+    fn default() -> Self {
+        ResilienceConfig { reconnect: ReconnectConfig::default(), queue_limit: 1000, seed: None }
+    }
+}
+
+/// What the application hears.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkEvent {
+    Connected {
+        server: String,
+        epoch: u64,
+        heartbeat: Duration,
+        timeout: Duration,
+        primary: bool,
+    },
+    Disconnected {
+        server: String,
+        disconnect: Disconnect,
+    },
+    /// The next attempt will go to `server` after `delay`.
+    Reconnecting {
+        attempt: u32,
+        delay: Duration,
+        server: String,
+    },
+    /// An attempt failed: `disconnect` has the server's refusal (reason and hints), or `None` for a transport error.
+    ConnectFailed {
+        server: String,
+        refused: Option<Disconnect>,
+        error: String,
+    },
+    /// Reconnection stopped (`kicked`, or `max_attempts`); always the last event.
+    GaveUp {
+        attempts: u32,
+        reason: CloseReason,
+    },
+    Data {
+        from: Option<String>,
+        payload: Bytes,
+    },
+    Presence(Presence),
+    Undeliverable {
+        to: String,
+    },
+    Suspect {
+        silent_for: Duration,
+    },
+    Recovered,
+}
+
+/// Where a message went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// Handed to the live connection.
+    Now,
+    /// Held until the next connection.
+    Queued,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LinkError {
+    #[error("disconnected and the send queue is full ({0} messages)")]
+    QueueFull(usize),
+    #[error("the client has stopped (closed or gave up)")]
+    Stopped,
+    #[error("payload of {len} bytes exceeds the frame limit {max}")]
+    TooLarge { len: usize, max: u32 },
+}
+
+enum Cmd {
+    Send { to: Option<String>, payload: Bytes, ack: oneshot::Sender<Result<Sent, LinkError>> },
+    Subscribe(Vec<String>),
+    Unsubscribe(Vec<String>),
+    Close(oneshot::Sender<()>),
+}
+
+/// A client that reconnects by itself. Dropping it closes it.
+pub struct ReconnectingClient {
+    cmds: mpsc::Sender<Cmd>,
+    events: mpsc::UnboundedReceiver<LinkEvent>,
+    nonce: u64,
+    max_frame: u32,
+    task: JoinHandle<()>,
+}
+
+impl ReconnectingClient {
+    /// Start connecting to `servers` (primary first; `host:port` each) as `cfg.client_id`.
+    pub fn start(servers: Vec<String>, mut cfg: ClientConfig, res: ResilienceConfig) -> ReconnectingClient {
+        let nonce = *cfg.nonce.get_or_insert_with(rand::random);
+        let max_frame = cfg.conn.max_frame;
+        let (cmd_tx, cmd_rx) = mpsc::channel(cfg.command_queue.max(1));
+        let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+        let seed = res.seed.unwrap_or_else(rand::random);
+        let policy = Reconnect::new(servers.len(), res.reconnect.clone(), seed);
+        let sup = Supervisor {
+            servers,
+            cfg,
+            queue_limit: res.queue_limit,
+            policy,
+            cmds: cmd_rx,
+            events: ev_tx,
+            subs: BTreeSet::new(),
+            queue: VecDeque::new(),
+        };
+        let task = tokio::spawn(sup.run());
+        ReconnectingClient { cmds: cmd_tx, events: ev_rx, nonce, max_frame, task }
+    }
+
+    /// The instance nonce kept across reconnects.
+    pub fn nonce(&self) -> u64 {
+        self.nonce
+    }
+
+    /// Send now if connected; otherwise queue (bounded) for the next connection.
+    pub async fn send(&self, to: Option<&str>, payload: Bytes) -> Result<Sent, LinkError> {
+        let len = 2 + to.map_or(0, str::len) + payload.len();
+        if len > self.max_frame as usize {
+            return Err(LinkError::TooLarge { len, max: self.max_frame });
+        }
+        let (ack, rx) = oneshot::channel();
+        let cmd = Cmd::Send { to: to.map(str::to_owned), payload, ack };
+        self.cmds.send(cmd).await.map_err(|_| LinkError::Stopped)?;
+        rx.await.map_err(|_| LinkError::Stopped)?
+    }
+
+    /// Subscribe to presence; kept and re-sent after every reconnect.
+    pub async fn subscribe(&self, ids: Vec<String>) -> Result<(), LinkError> {
+        self.cmds.send(Cmd::Subscribe(ids)).await.map_err(|_| LinkError::Stopped)
+    }
+
+    pub async fn unsubscribe(&self, ids: Vec<String>) -> Result<(), LinkError> {
+        self.cmds.send(Cmd::Unsubscribe(ids)).await.map_err(|_| LinkError::Stopped)
+    }
+
+    pub async fn next_event(&mut self) -> Option<LinkEvent> {
+        self.events.recv().await
+    }
+
+    /// Say `BYE` if connected, and stop.
+    pub async fn close(self) {
+        let (tx, rx) = oneshot::channel();
+        if self.cmds.send(Cmd::Close(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+        let _ = self.task.await;
+    }
+}
+
+struct Supervisor {
+    servers: Vec<String>,
+    cfg: ClientConfig,
+    queue_limit: usize,
+    policy: Reconnect,
+    cmds: mpsc::Receiver<Cmd>,
+    events: mpsc::UnboundedSender<LinkEvent>,
+    /// Presence subscriptions to re-establish after every connect.
+    subs: BTreeSet<String>,
+    /// Data sent while disconnected, oldest first.
+    queue: VecDeque<(Option<String>, Bytes)>,
+}
+
+/// How a connected period ended.
+enum Ended {
+    Lost(Disconnect),
+    Closed,
+    /// A probe of the primary was welcomed: this is its connection.
+    SwitchToPrimary(Client),
+}
+
+type Probe = Pin<Box<dyn Future<Output = Result<Client, ConnectError>> + Send>>;
+
+impl Supervisor {
+    fn emit(&self, e: LinkEvent) {
+        let _ = self.events.send(e);
+    }
+
+    fn name(&self, t: &Target) -> String {
+        match t {
+            Target::Listed(i) => self.servers[*i].clone(),
+            Target::Alternative(a) => a.clone(),
+        }
+    }
+
+    async fn run(mut self) {
+        let mut next = self.policy.start(driver::now());
+        loop {
+            let (target, delay, attempt) = match next {
+                Next::Connect { target, delay, attempt } => (target, delay, attempt),
+                Next::GiveUp { attempts, last } => {
+                    self.emit(LinkEvent::GaveUp { attempts, reason: last });
+                    return self.refuse_all().await;
+                }
+            };
+            let server = self.name(&target);
+            if attempt > 0 {
+                self.emit(LinkEvent::Reconnecting { attempt, delay, server: server.clone() });
+            }
+            if !self.wait_disconnected(delay).await {
+                return;
+            }
+            let client = match resolve(&server).await {
+                Ok(addr) => Client::connect(addr, self.cfg.clone()).await,
+                Err(e) => Err(ConnectError::Io(e)),
+            };
+            let mut client = match client {
+                Ok(c) => c,
+                Err(e) => {
+                    let now = driver::now();
+                    next = match &e {
+                        ConnectError::Refused(d) => {
+                            let n =
+                                self.policy.failed(now, target, Some(d.reason), d.retry_after, d.alternative.clone());
+                            self.emit(LinkEvent::ConnectFailed {
+                                server,
+                                refused: Some(d.clone()),
+                                error: e.to_string(),
+                            });
+                            n
+                        }
+                        _ => {
+                            let n = self.policy.failed(now, target, None, None, None);
+                            self.emit(LinkEvent::ConnectFailed { server, refused: None, error: e.to_string() });
+                            n
+                        }
+                    };
+                    continue;
+                }
+            };
+            let mut target = target;
+            let mut server = server;
+            loop {
+                self.on_connected(&client, &target, &server).await;
+                match self.run_connected(&mut client, &target).await {
+                    Ended::Closed => return,
+                    Ended::Lost(d) => {
+                        self.emit(LinkEvent::Disconnected { server: server.clone(), disconnect: d.clone() });
+                        next = self.policy.lost(driver::now(), target, d.reason, d.retry_after, d.alternative);
+                        break;
+                    }
+                    // The primary welcomed a probe: leave the backup with a goodbye and carry on there.
+                    Ended::SwitchToPrimary(primary) => {
+                        let mut old = std::mem::replace(&mut client, primary);
+                        if let Some(d) = old.close().await {
+                            self.emit(LinkEvent::Disconnected { server: server.clone(), disconnect: d });
+                        }
+                        target = Target::Listed(0);
+                        server = self.name(&target);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn on_connected(&mut self, client: &Client, target: &Target, server: &str) {
+        self.policy.connected(driver::now(), target.clone());
+        let w = client.welcome();
+        self.emit(LinkEvent::Connected {
+            server: server.to_owned(),
+            epoch: w.epoch,
+            heartbeat: Duration::from_millis(w.heartbeat_ms.into()),
+            timeout: Duration::from_millis(w.timeout_ms.into()),
+            primary: *target == Target::Listed(0),
+        });
+        if !self.subs.is_empty() {
+            let _ = client.subscribe(self.subs.iter().cloned().collect()).await;
+        }
+        while let Some((to, payload)) = self.queue.pop_front() {
+            let _ = client.send(to.as_deref(), payload).await;
+        }
+    }
+
+    /// Serve one connection until it ends.
+    async fn run_connected(&mut self, client: &mut Client, target: &Target) -> Ended {
+        let mut last_probe = None;
+        let mut probe: Option<Probe> = None;
+        loop {
+            let probe_at = if probe.is_none() { self.policy.primary_probe_at(last_probe) } else { None };
+            let probe_sleep = async {
+                match probe_at {
+                    Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let probing = async {
+                match probe.as_mut() {
+                    Some(p) => p.await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                ev = client.next_event() => match ev {
+                    Some(ClientEvent::Disconnected(d)) => return Ended::Lost(d),
+                    Some(ev) => self.forward(ev),
+                    None => return Ended::Lost(lost_task()),
+                },
+                cmd = self.cmds.recv() => match cmd {
+                    Some(Cmd::Send { to, payload, ack }) => {
+                        let r = client.send(to.as_deref(), payload).await.map(|()| Sent::Now);
+                        let _ = ack.send(r.map_err(|_| LinkError::Stopped));
+                    }
+                    Some(Cmd::Subscribe(ids)) => {
+                        self.subs.extend(ids.iter().cloned());
+                        let _ = client.subscribe(ids).await;
+                    }
+                    Some(Cmd::Unsubscribe(ids)) => {
+                        for id in &ids {
+                            self.subs.remove(id);
+                        }
+                        let _ = client.unsubscribe(ids).await;
+                    }
+                    Some(Cmd::Close(done)) => {
+                        if let Some(d) = client.close().await {
+                            self.emit(LinkEvent::Disconnected { server: self.name(target), disconnect: d });
+                        }
+                        let _ = done.send(());
+                        return Ended::Closed;
+                    }
+                    None => {
+                        client.close().await;
+                        return Ended::Closed;
+                    }
+                },
+                () = probe_sleep => {
+                    last_probe = Some(driver::now());
+                    let primary = self.servers[0].clone();
+                    let cfg = self.cfg.clone();
+                    probe = Some(Box::pin(async move {
+                        let addr = resolve(&primary).await.map_err(ConnectError::Io)?;
+                        Client::connect(addr, cfg).await
+                    }));
+                }
+                r = probing => {
+                    probe = None;
+                    last_probe = Some(driver::now());
+                    if let Ok(primary) = r {
+                        return Ended::SwitchToPrimary(primary);
+                    }
+                }
+            }
+        }
+    }
+
+    fn forward(&self, ev: ClientEvent) {
+        let e = match ev {
+            ClientEvent::Data { from, payload } => LinkEvent::Data { from, payload },
+            ClientEvent::Presence(p) => LinkEvent::Presence(p),
+            ClientEvent::Undeliverable { to } => LinkEvent::Undeliverable { to },
+            ClientEvent::Suspect { silent_for } => LinkEvent::Suspect { silent_for },
+            ClientEvent::Recovered => LinkEvent::Recovered,
+            ClientEvent::Disconnected(_) => return,
+        };
+        self.emit(e);
+    }
+
+    /// Sleep `delay` while disconnected, queueing sends and recording subscriptions. False when closed.
+    async fn wait_disconnected(&mut self, delay: Duration) -> bool {
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                () = &mut sleep => return true,
+                cmd = self.cmds.recv() => match cmd {
+                    Some(Cmd::Send { to, payload, ack }) => {
+                        let r = if self.queue.len() < self.queue_limit {
+                            self.queue.push_back((to, payload));
+                            Ok(Sent::Queued)
+                        } else {
+                            Err(LinkError::QueueFull(self.queue_limit))
+                        };
+                        let _ = ack.send(r);
+                    }
+                    Some(Cmd::Subscribe(ids)) => self.subs.extend(ids),
+                    Some(Cmd::Unsubscribe(ids)) => {
+                        for id in &ids {
+                            self.subs.remove(id);
+                        }
+                    }
+                    Some(Cmd::Close(done)) => {
+                        let _ = done.send(());
+                        return false;
+                    }
+                    None => return false,
+                },
+            }
+        }
+    }
+
+    /// After giving up: answer every later command with `Stopped` until the handle is dropped.
+    async fn refuse_all(mut self) {
+        self.queue.clear();
+        while let Some(cmd) = self.cmds.recv().await {
+            match cmd {
+                Cmd::Send { ack, .. } => {
+                    let _ = ack.send(Err(LinkError::Stopped));
+                }
+                Cmd::Close(done) => {
+                    let _ = done.send(());
+                    return;
+                }
+                Cmd::Subscribe(_) | Cmd::Unsubscribe(_) => {}
+            }
+        }
+    }
+}
+
+/// A connection task that ended without reporting why (it cannot happen unless it panicked).
+fn lost_task() -> Disconnect {
+    Disconnect {
+        reason: CloseReason::Reset,
+        lateness: None,
+        by_peer: false,
+        retry_after: None,
+        alternative: None,
+        detail: Some("connection task ended".into()),
+    }
+}
+
+async fn resolve(server: &str) -> std::io::Result<SocketAddr> {
+    if let Ok(a) = server.parse() {
+        return Ok(a);
+    }
+    tokio::net::lookup_host(server)
+        .await?
+        .next()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("{server} resolves to nothing")))
+}
