@@ -1,26 +1,34 @@
-//! `tether connect`: one client id on one server; stdin lines go out as `DATA`, everything heard is printed.
+//! `tether connect`: one client id; stdin lines go out as `DATA`, everything heard is printed.
 //!
 //! # Layout
-//! [`run`] resolves the address, connects (a refusal is printed as a `disconnected` event and exits 1),
-//! subscribes, then loops over stdin lines, client events and SIGINT/SIGTERM. End of stdin stops sending but keeps
-//! the connection. A signal says `BYE` and exits 0; a server that disappears or says `BYE` exits 1.
+//! [`run`] parses `ADDR[,ADDR...]` (primary first) and picks a mode:
+//! - without `--reconnect` ([`once`]): connect to the first address that accepts; a refusal or a lost
+//!   connection is printed as `disconnected` and exits 1;
+//! - with `--reconnect` ([`resilient`]): a [`ReconnectingClient`] with the backoff, failover and queue flags;
+//!   prints `connected`, `disconnected`, `reconnecting`, `connect_failed`, `gave_up`; exits 1 only on `gave_up`.
+//!
+//! In both, end of stdin stops sending but keeps the connection, and SIGINT/SIGTERM say `BYE` and exit 0.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use bytes::Bytes;
 use serde_json::json;
+use tether::proto::reconnect::{BackoffConfig, ReconnectConfig};
 use tether::proto::Presence;
-use tether::{Client, ClientConfig, ClientEvent, ConnectError, Disconnect};
-use tokio::io::AsyncBufReadExt;
+use tether::{
+    Client, ClientConfig, ClientEvent, ConnectError, Disconnect, LinkEvent, ReconnectingClient, ResilienceConfig, Sent,
+};
+use tokio::io::{AsyncBufReadExt, BufReader, Lines, Stdin};
 
 use crate::duration;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Server address, HOST:PORT.
-    addr: String,
+    /// Server addresses, HOST:PORT, comma-separated, primary first.
+    #[arg(value_delimiter = ',', required = true, value_name = "ADDR[,ADDR...]")]
+    addrs: Vec<String>,
     /// This client's id.
     #[arg(long)]
     id: String,
@@ -36,57 +44,104 @@ pub struct Args {
     /// Print one JSON object per line.
     #[arg(long)]
     json: bool,
+    /// Reconnect by itself, with backoff and failover over the addresses.
+    #[arg(long)]
+    reconnect: bool,
+    /// Backoff: ceiling of the first retry's random delay [default: 200ms].
+    #[arg(long, value_parser = duration::parse, value_name = "DUR", requires = "reconnect")]
+    backoff_initial: Option<Duration>,
+    /// Backoff: largest ceiling [default: 30s].
+    #[arg(long, value_parser = duration::parse, value_name = "DUR", requires = "reconnect")]
+    backoff_max: Option<Duration>,
+    /// Backoff: growth of the ceiling per failed attempt [default: 2].
+    #[arg(long, value_name = "F", requires = "reconnect")]
+    backoff_multiplier: Option<f64>,
+    /// Give up after this many failed attempts in a row [default: never].
+    #[arg(long, value_name = "N", requires = "reconnect")]
+    max_attempts: Option<u32>,
+    /// Skip a server that failed for this long while others are available [default: 30s].
+    #[arg(long, value_parser = duration::parse, value_name = "DUR", requires = "reconnect")]
+    skip_failed_for: Option<Duration>,
+    /// While on a backup, probe the primary this often and go back to it; 0 stays [default: 30s].
+    #[arg(long, value_parser = duration::parse, value_name = "DUR", requires = "reconnect")]
+    return_to_primary: Option<Duration>,
+    /// Reconnect even after being kicked.
+    #[arg(long, requires = "reconnect")]
+    reconnect_after_kick: bool,
+    /// Messages held while disconnected; beyond it sends are refused [default: 1000].
+    #[arg(long, value_name = "N", requires = "reconnect")]
+    queue: Option<usize>,
 }
 
 fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
+fn whole_ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let addr = tokio::net::lookup_host(&args.addr)
-        .await
-        .with_context(|| format!("resolving {}", args.addr))?
-        .next()
-        .with_context(|| format!("{} resolves to no address", args.addr))?;
     let mut cfg = ClientConfig::new(args.id.clone());
     cfg.heartbeat_interval = args.heartbeat_interval;
     let shutdown = crate::shutdown_signal()?;
     let out = Printer { json: args.json };
-    let mut client = match Client::connect(addr, cfg).await {
-        Ok(c) => c,
-        Err(ConnectError::Refused(d)) => {
-            out.disconnected(&d);
-            eprintln!("tether: {addr} refused the connection: {}", d.reason);
-            return Ok(ExitCode::FAILURE);
+    let stdin = BufReader::new(tokio::io::stdin()).lines();
+    if args.reconnect {
+        resilient(&args, cfg, out, stdin, shutdown).await
+    } else {
+        once(&args, cfg, out, stdin, shutdown).await
+    }
+}
+
+/// One connection: the first address that accepts.
+async fn once(
+    args: &Args,
+    cfg: ClientConfig,
+    out: Printer,
+    mut stdin: Lines<BufReader<Stdin>>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<ExitCode> {
+    let mut connected = None;
+    for server in &args.addrs {
+        let addr = match tokio::net::lookup_host(server).await.map(|mut a| a.next()) {
+            Ok(Some(a)) => a,
+            _ => {
+                eprintln!("tether: cannot resolve {server}");
+                continue;
+            }
+        };
+        match Client::connect(addr, cfg.clone()).await {
+            Ok(c) => {
+                connected = Some((c, server.clone()));
+                break;
+            }
+            Err(ConnectError::Refused(d)) => {
+                out.disconnected(Some(server), &d);
+                eprintln!("tether: {server} refused the connection: {}", d.reason);
+            }
+            Err(e) => {
+                out.line(
+                    json!({"event": "connect_failed", "server": server, "reason": null, "error": e.to_string()}),
+                    &format!("cannot connect to {server}: {e}"),
+                );
+                eprintln!("tether: cannot connect to {server}: {e}");
+            }
         }
-        Err(e) => {
-            out.line(
-                json!({"event": "disconnected", "reason": "connect_failed", "detail": e.to_string()}),
-                &format!("cannot connect to {addr}: {e}"),
-            );
-            eprintln!("tether: cannot connect to {addr}: {e}");
-            return Ok(ExitCode::FAILURE);
-        }
-    };
+    }
+    let Some((mut client, server)) = connected else { return Ok(ExitCode::FAILURE) };
     let w = client.welcome().clone();
-    out.line(
-        json!({
-            "event": "connected", "server": addr.to_string(), "server_id": w.server_id, "client": args.id,
-            "epoch": w.epoch, "heartbeat_ms": w.heartbeat_ms, "timeout_ms": w.timeout_ms,
-        }),
-        &format!("connected to {addr} as {} (epoch {}, heartbeat {} ms)", args.id, w.epoch, w.heartbeat_ms),
-    );
+    out.connected(&server, &args.id, w.epoch, w.heartbeat_ms.into(), w.timeout_ms.into(), server == args.addrs[0]);
     if !args.subscribe.is_empty() {
         client.subscribe(args.subscribe.clone()).await.context("subscribing")?;
     }
-    let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     let mut stdin_open = true;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             () = &mut shutdown => {
                 if let Some(d) = client.close().await {
-                    out.disconnected(&d);
+                    out.disconnected(Some(&server), &d);
                 }
                 return Ok(ExitCode::SUCCESS);
             }
@@ -100,11 +155,76 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             },
             ev = client.next_event() => match ev {
                 Some(ClientEvent::Disconnected(d)) => {
-                    out.disconnected(&d);
+                    out.disconnected(Some(&server), &d);
                     eprintln!("tether: disconnected: {}{}", d.reason, d.detail.map(|x| format!(" ({x})")).unwrap_or_default());
                     return Ok(ExitCode::FAILURE);
                 }
-                Some(ev) => out.event(&ev),
+                Some(ev) => out.client_event(&ev),
+                None => return Ok(ExitCode::FAILURE),
+            },
+        }
+    }
+}
+
+/// Stay connected: reconnect, fail over, queue.
+async fn resilient(
+    args: &Args,
+    cfg: ClientConfig,
+    out: Printer,
+    mut stdin: Lines<BufReader<Stdin>>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<ExitCode> {
+    let d = ReconnectConfig::default();
+    let backoff = BackoffConfig {
+        initial: args.backoff_initial.unwrap_or(d.backoff.initial),
+        max: args.backoff_max.unwrap_or(d.backoff.max),
+        multiplier: args.backoff_multiplier.unwrap_or(d.backoff.multiplier),
+    };
+    if !(backoff.multiplier >= 1.0 && backoff.max >= backoff.initial) {
+        bail!("backoff needs multiplier >= 1 and max >= initial");
+    }
+    let reconnect = ReconnectConfig {
+        backoff,
+        max_attempts: args.max_attempts,
+        skip_failed_for: args.skip_failed_for.unwrap_or(d.skip_failed_for),
+        return_to_primary: match args.return_to_primary {
+            Some(z) if z.is_zero() => None,
+            Some(p) => Some(p),
+            None => d.return_to_primary,
+        },
+        reconnect_after_kick: args.reconnect_after_kick,
+    };
+    let res = ResilienceConfig { reconnect, queue_limit: args.queue.unwrap_or(1000), seed: None };
+    let mut rc = ReconnectingClient::start(args.addrs.clone(), cfg, res);
+    if !args.subscribe.is_empty() {
+        rc.subscribe(args.subscribe.clone()).await.context("subscribing")?;
+    }
+    let mut stdin_open = true;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => {
+                rc.close().await;
+                return Ok(ExitCode::SUCCESS);
+            }
+            line = stdin.next_line(), if stdin_open => match line {
+                Ok(Some(line)) => match rc.send(args.to.as_deref(), Bytes::from(line)).await {
+                    Ok(Sent::Now) => {}
+                    Ok(Sent::Queued) => out.line(json!({"event": "queued"}), "(queued until reconnected)"),
+                    Err(e) => eprintln!("tether: not sent: {e}"),
+                },
+                Ok(None) | Err(_) => stdin_open = false,
+            },
+            ev = rc.next_event() => match ev {
+                Some(LinkEvent::GaveUp { attempts, reason }) => {
+                    out.line(
+                        json!({"event": "gave_up", "attempts": attempts, "reason": reason.as_str()}),
+                        &format!("gave up after {attempts} attempts ({reason})"),
+                    );
+                    eprintln!("tether: gave up reconnecting: {reason}");
+                    return Ok(ExitCode::FAILURE);
+                }
+                Some(ev) => out.link_event(&args.id, &args.addrs[0], &ev),
                 None => return Ok(ExitCode::FAILURE),
             },
         }
@@ -127,34 +247,85 @@ impl Printer {
         }
     }
 
-    fn disconnected(&self, d: &Disconnect) {
+    fn connected(&self, server: &str, id: &str, epoch: u64, heartbeat_ms: u64, timeout_ms: u64, primary: bool) {
         self.line(
             json!({
-                "event": "disconnected", "reason": d.reason.as_str(), "by_peer": d.by_peer,
-                "lateness_ms": d.lateness.map(ms), "retry_after_ms": d.retry_after.map(|r| r.as_millis() as u64),
-                "alternative": d.alternative, "detail": d.detail,
+                "event": "connected", "server": server, "client": id, "epoch": epoch,
+                "heartbeat_ms": heartbeat_ms, "timeout_ms": timeout_ms, "primary": primary,
             }),
-            &format!("disconnected: {}", d.reason),
+            &format!("connected to {server} as {id} (epoch {epoch}, heartbeat {heartbeat_ms} ms)"),
         );
     }
 
-    fn event(&self, ev: &ClientEvent) {
+    fn disconnected(&self, server: Option<&str>, d: &Disconnect) {
+        self.line(
+            json!({
+                "event": "disconnected", "server": server, "reason": d.reason.as_str(), "by_peer": d.by_peer,
+                "lateness_ms": d.lateness.map(ms), "retry_after_ms": d.retry_after.map(whole_ms),
+                "alternative": d.alternative, "detail": d.detail,
+            }),
+            &format!("disconnected from {}: {}", server.unwrap_or("server"), d.reason),
+        );
+    }
+
+    fn link_event(&self, id: &str, primary: &str, ev: &LinkEvent) {
         match ev {
-            ClientEvent::Data { from, payload } => self.line(
-                json!({"event": "data", "from": from, "payload": String::from_utf8_lossy(payload)}),
-                &format!("{}: {}", from.as_deref().unwrap_or("(server)"), String::from_utf8_lossy(payload)),
-            ),
-            ClientEvent::Presence(p) => self.presence(p),
-            ClientEvent::Undeliverable { to } => {
-                self.line(json!({"event": "undeliverable", "to": to}), &format!("not delivered: {to} is offline"))
+            LinkEvent::Connected { server, epoch, heartbeat, timeout, .. } => {
+                self.connected(server, id, *epoch, whole_ms(*heartbeat), whole_ms(*timeout), server == primary)
             }
-            ClientEvent::Suspect { silent_for } => self.line(
-                json!({"event": "suspect", "silent_ms": ms(*silent_for)}),
-                &format!("server suspected (silent {silent_for:?})"),
+            LinkEvent::Disconnected { server, disconnect } => self.disconnected(Some(server), disconnect),
+            LinkEvent::Reconnecting { attempt, delay, server } => self.line(
+                json!({"event": "reconnecting", "attempt": attempt, "delay_ms": whole_ms(*delay), "server": server}),
+                &format!("reconnecting to {server} in {delay:?} (attempt {attempt})"),
             ),
-            ClientEvent::Recovered => self.line(json!({"event": "recovered"}), "server recovered"),
-            ClientEvent::Disconnected(d) => self.disconnected(d),
+            LinkEvent::ConnectFailed { server, refused, error } => self.line(
+                json!({
+                    "event": "connect_failed", "server": server, "error": error,
+                    "reason": refused.as_ref().map(|d| d.reason.as_str()),
+                    "retry_after_ms": refused.as_ref().and_then(|d| d.retry_after).map(whole_ms),
+                }),
+                &format!("could not connect to {server}: {error}"),
+            ),
+            LinkEvent::GaveUp { attempts, reason } => self.line(
+                json!({"event": "gave_up", "attempts": attempts, "reason": reason.as_str()}),
+                &format!("gave up after {attempts} attempts ({reason})"),
+            ),
+            LinkEvent::Data { from, payload } => self.data(from.as_deref(), payload),
+            LinkEvent::Presence(p) => self.presence(p),
+            LinkEvent::Undeliverable { to } => self.undeliverable(to),
+            LinkEvent::Suspect { silent_for } => self.suspect(*silent_for),
+            LinkEvent::Recovered => self.line(json!({"event": "recovered"}), "server recovered"),
         }
+    }
+
+    fn client_event(&self, ev: &ClientEvent) {
+        match ev {
+            ClientEvent::Data { from, payload } => self.data(from.as_deref(), payload),
+            ClientEvent::Presence(p) => self.presence(p),
+            ClientEvent::Undeliverable { to } => self.undeliverable(to),
+            ClientEvent::Suspect { silent_for } => self.suspect(*silent_for),
+            ClientEvent::Recovered => self.line(json!({"event": "recovered"}), "server recovered"),
+            ClientEvent::Disconnected(d) => self.disconnected(None, d),
+        }
+    }
+
+    fn data(&self, from: Option<&str>, payload: &Bytes) {
+        let text = String::from_utf8_lossy(payload);
+        self.line(
+            json!({"event": "data", "from": from, "payload": text}),
+            &format!("{}: {text}", from.unwrap_or("(server)")),
+        );
+    }
+
+    fn undeliverable(&self, to: &str) {
+        self.line(json!({"event": "undeliverable", "to": to}), &format!("not delivered: {to} is offline"));
+    }
+
+    fn suspect(&self, silent_for: Duration) {
+        self.line(
+            json!({"event": "suspect", "silent_ms": ms(silent_for)}),
+            &format!("server suspected (silent {silent_for:?})"),
+        );
     }
 
     fn presence(&self, p: &Presence) {

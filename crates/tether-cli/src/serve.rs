@@ -89,6 +89,18 @@ pub struct Args {
     /// Connections held at once; beyond it newcomers get BYE(busy) [default: 10000].
     #[arg(long, value_name = "N")]
     max_connections: Option<usize>,
+    /// Connections whose HELLO is not admitted yet; beyond it newcomers get BYE(busy) [default: 512].
+    #[arg(long, value_name = "N")]
+    max_handshakes: Option<usize>,
+    /// New connections accepted per second; excess get BYE(busy) [default: unlimited].
+    #[arg(long, value_name = "N")]
+    accept_rate: Option<u32>,
+    /// Smallest retry-after sent with busy [default: 1s].
+    #[arg(long, value_parser = duration::parse, value_name = "DUR")]
+    busy_retry_after: Option<Duration>,
+    /// busy retry-after hints are spread uniformly over this window on top [default: 5s].
+    #[arg(long, value_parser = duration::parse, value_name = "DUR")]
+    busy_retry_spread: Option<Duration>,
     /// Largest frame accepted, in bytes [default: 65536].
     #[arg(long, value_name = "BYTES")]
     max_frame: Option<u32>,
@@ -119,6 +131,10 @@ pub struct FileConfig {
     handshake_timeout: Option<String>,
     presence_grace: Option<String>,
     max_connections: Option<usize>,
+    max_handshakes: Option<usize>,
+    accept_rate: Option<u32>,
+    busy_retry_after: Option<String>,
+    busy_retry_spread: Option<String>,
     max_frame: Option<u32>,
 }
 
@@ -190,6 +206,15 @@ pub fn build_config(args: &Args, file: &FileConfig) -> anyhow::Result<ServerConf
     cfg.registry.presence_grace =
         pick!(args.presence_grace, dur("presence_grace", &file.presence_grace)?).unwrap_or(cfg.registry.presence_grace);
     cfg.max_connections = pick!(args.max_connections, file.max_connections).unwrap_or(cfg.max_connections);
+    cfg.max_handshakes = pick!(args.max_handshakes, file.max_handshakes).unwrap_or(cfg.max_handshakes).max(1);
+    cfg.accept_rate = pick!(args.accept_rate, file.accept_rate).or(cfg.accept_rate);
+    if cfg.accept_rate == Some(0) {
+        bail!("accept_rate must be at least 1 per second (leave it out for no limit)");
+    }
+    cfg.busy_retry_after =
+        pick!(args.busy_retry_after, dur("busy_retry_after", &file.busy_retry_after)?).unwrap_or(cfg.busy_retry_after);
+    cfg.busy_retry_spread = pick!(args.busy_retry_spread, dur("busy_retry_spread", &file.busy_retry_spread)?)
+        .unwrap_or(cfg.busy_retry_spread);
     Ok(cfg)
 }
 
@@ -318,6 +343,8 @@ mod tests {
             detector = "phi"
             keepalive_count = 5
             close_grace = "1.5s"
+            max_handshakes = 64
+            busy_retry_spread = "20s"
             "#,
         )
         .unwrap();
@@ -330,6 +357,8 @@ mod tests {
         assert_eq!(cfg.conn.close_grace, Duration::from_millis(1500));
         assert_eq!(cfg.socket.effective_user_timeout(), Some(Duration::from_secs(15 + 5 * 5)));
         assert_eq!(cfg.conn.handshake_timeout, Duration::from_secs(5), "default kept");
+        assert_eq!((cfg.max_handshakes, cfg.busy_retry_spread), (64, Duration::from_secs(20)));
+        assert_eq!(cfg.accept_rate, None);
     }
 
     #[test]
