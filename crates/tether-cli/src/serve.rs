@@ -101,6 +101,9 @@ pub struct Args {
     /// busy retry-after hints are spread uniformly over this window on top [default: 5s].
     #[arg(long, value_parser = duration::parse, value_name = "DUR")]
     busy_retry_spread: Option<Duration>,
+    /// On shutdown, tell clients to reconnect to this address instead (server-directed drain).
+    #[arg(long, value_name = "ADDR")]
+    shutdown_redirect: Option<String>,
     /// Largest frame accepted, in bytes [default: 65536].
     #[arg(long, value_name = "BYTES")]
     max_frame: Option<u32>,
@@ -135,6 +138,7 @@ pub struct FileConfig {
     accept_rate: Option<u32>,
     busy_retry_after: Option<String>,
     busy_retry_spread: Option<String>,
+    shutdown_redirect: Option<String>,
     max_frame: Option<u32>,
 }
 
@@ -215,6 +219,10 @@ pub fn build_config(args: &Args, file: &FileConfig) -> anyhow::Result<ServerConf
         pick!(args.busy_retry_after, dur("busy_retry_after", &file.busy_retry_after)?).unwrap_or(cfg.busy_retry_after);
     cfg.busy_retry_spread = pick!(args.busy_retry_spread, dur("busy_retry_spread", &file.busy_retry_spread)?)
         .unwrap_or(cfg.busy_retry_spread);
+    cfg.shutdown_redirect = pick!(args.shutdown_redirect.clone(), file.shutdown_redirect.clone());
+    if cfg.shutdown_redirect.as_ref().is_some_and(|a| a.is_empty() || a.len() > 255) {
+        bail!("shutdown_redirect must be a HOST:PORT of at most 255 bytes");
+    }
     Ok(cfg)
 }
 

@@ -44,6 +44,8 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// `BYE(server_shutdown)` retry-after hints are spread evenly over this window.
     pub shutdown_spread: Duration,
+    /// Server-directed drain: the address shutdown `BYE`s name as the alternative (clients go there).
+    pub shutdown_redirect: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -64,6 +66,7 @@ impl Default for ServerConfig {
             outbound_queue: 1024,
             shutdown_grace: Duration::from_secs(5),
             shutdown_spread: Duration::from_secs(10),
+            shutdown_redirect: None,
         }
     }
 }

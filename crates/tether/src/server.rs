@@ -322,8 +322,9 @@ impl Shared {
         self.origin + Duration::from_millis(control.last_rx_ms.load(Ordering::Relaxed))
     }
 
-    /// `BYE(server_shutdown)` to every connection, retry-after hints spread evenly over `shutdown_spread`, then
-    /// wait up to `shutdown_grace` for the goodbyes and abort what is left.
+    /// `BYE(server_shutdown)` to every connection, retry-after hints spread evenly over `shutdown_spread` and the
+    /// `shutdown_redirect` address as the alternative, then wait up to `shutdown_grace` for the goodbyes and abort
+    /// what is left.
     async fn shutdown(&self, tasks: &mut JoinSet<()>) {
         self.shutting_down.store(true, Ordering::Relaxed);
         {
@@ -333,7 +334,9 @@ impl Shared {
             let n = ids.len().max(1) as u32;
             for (i, id) in ids.into_iter().enumerate() {
                 let retry = self.cfg.shutdown_spread * (i as u32 + 1) / n;
-                hub.conns[id].control.request(CloseCmd::Bye(bye(CloseReason::ServerShutdown, retry)));
+                let mut b = bye(CloseReason::ServerShutdown, retry);
+                b.alternative = self.cfg.shutdown_redirect.clone().unwrap_or_default();
+                hub.conns[id].control.request(CloseCmd::Bye(b));
             }
         }
         let all_done = async { while tasks.join_next().await.is_some() {} };

@@ -177,3 +177,26 @@ async fn busy_and_id_conflict_retry_after_are_honoured() {
     let r = next(&mut rc).await;
     assert!(matches!(r, LinkEvent::Reconnecting { delay, .. } if delay == Duration::from_secs(30)), "{r:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_draining_server_sends_clients_to_its_alternative() {
+    let b = TestServer::start(test_config()).await;
+    let mut cfg = test_config();
+    cfg.shutdown_redirect = Some(b.addr.to_string());
+    cfg.shutdown_spread = Duration::from_secs(2);
+    let a = TestServer::start(cfg).await;
+    // The client only knows A.
+    let mut rc = ReconnectingClient::start(vec![a.addr.to_string()], ClientConfig::new("dev"), res(10));
+    until(&mut rc, "connected to A", |e| matches!(e, LinkEvent::Connected { .. })).await;
+    a.shutdown().await;
+    let d = until(&mut rc, "drained", |e| matches!(e, LinkEvent::Disconnected { .. })).await;
+    let LinkEvent::Disconnected { disconnect, .. } = d else { unreachable!() };
+    assert_eq!(disconnect.reason, CloseReason::ServerShutdown);
+    assert_eq!(disconnect.alternative.as_deref(), Some(b.addr.to_string().as_str()));
+    let r = next(&mut rc).await;
+    let LinkEvent::Reconnecting { server, delay, .. } = r else { panic!("{r:?}") };
+    assert_eq!(server, b.addr.to_string(), "the BYE's alternative is followed");
+    assert_eq!(Some(delay), disconnect.retry_after, "after the server's spread retry-after");
+    let c = until(&mut rc, "connected to B", |e| matches!(e, LinkEvent::Connected { .. })).await;
+    assert!(matches!(c, LinkEvent::Connected { ref server, primary: false, .. } if *server == b.addr.to_string()));
+}
