@@ -110,6 +110,9 @@ pub struct Args {
     /// Print events as JSON lines on stdout.
     #[arg(long, value_enum)]
     events: Option<EventsFormat>,
+    /// Also emit a `stats` event this often (connections, online, handshakes in flight and their peak, busy).
+    #[arg(long, value_parser = duration::parse, value_name = "DUR")]
+    stats_interval: Option<Duration>,
 }
 
 /// The TOML file: every field optional, durations as strings ("500ms", "1.5s").
@@ -249,6 +252,26 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let json = args.events == Some(EventsFormat::Json);
     let mut server = Server::bind(cfg.clone()).await.with_context(|| format!("binding {}", cfg.listen))?;
     let mut events = server.events().expect("fresh server has its event stream");
+    if let Some(every) = args.stats_interval.filter(|d| !d.is_zero()) {
+        let handle = server.handle();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let v = json!({
+                    "ts": crate::rfc3339(std::time::SystemTime::now()), "event": "stats",
+                    "connections": handle.connections(), "online": handle.online(),
+                    "handshakes": handle.handshakes(), "peak_handshakes": handle.peak_handshakes(),
+                    "refused_busy": handle.refused_busy(),
+                });
+                if json {
+                    crate::emit_json(&v);
+                } else {
+                    tracing::info!("stats {v}");
+                }
+            }
+        });
+    }
     let printer = tokio::spawn(async move {
         while let Some(ev) = events.recv().await {
             if json {
