@@ -4,8 +4,10 @@
 //! - `serve`: [`serve::run`] builds a [`tether::ServerConfig`] from defaults, then the TOML file, then flags, and
 //!   prints events (JSON lines on stdout with `--events json`, human lines on stderr otherwise).
 //! - `connect`: [`connect::run`] connects a [`tether::Client`], sends stdin lines as `DATA`, prints what arrives.
+//! - `bench` / `bench-worker`: [`bench`], flags over the `tether-bench` crate (coordinator and load generator).
 //! - [`duration`]: `500ms` / `1.5s` / `30s` parsing for flags and the file.
 
+mod bench;
 mod connect;
 mod duration;
 mod serve;
@@ -25,6 +27,11 @@ enum Command {
     Serve(serve::Args),
     /// Connect to a server as one client id; stdin lines are sent as DATA.
     Connect(connect::Args),
+    /// Measure a server under load: idle cost, connect rate, detection, takeover, restart storm.
+    Bench(bench::Args),
+    /// One load-generator process of `tether bench` (started by it).
+    #[command(hide = true)]
+    BenchWorker(bench::WorkerArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -37,6 +44,10 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    let command = match cli.command {
+        Command::Bench(args) => return finish(bench::run(args)),
+        other => other,
+    };
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -45,13 +56,19 @@ fn main() -> std::process::ExitCode {
         }
     };
     let result = rt.block_on(async {
-        match cli.command {
+        match command {
             Command::Serve(args) => serve::run(args).await,
             Command::Connect(args) => connect::run(args).await,
+            Command::BenchWorker(args) => bench::worker(args).await,
+            Command::Bench(_) => unreachable!("handled before the runtime starts"),
         }
     });
     // A pending stdin read lives on a blocking thread; do not wait for it.
     rt.shutdown_background();
+    finish(result)
+}
+
+fn finish(result: anyhow::Result<std::process::ExitCode>) -> std::process::ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {

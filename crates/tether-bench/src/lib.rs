@@ -1,0 +1,590 @@
+//! `tether bench`: scenarios that measure a tether (or Mosquitto) server under load, and the load generator.
+//!
+//! # Layout
+//! - [`run`] is the coordinator. It starts and owns the server under test (or uses `--server ADDR
+//!   --server-pid PID`), spreads the connections over worker processes (at most `per_worker` each, every worker
+//!   on its own 127.0.0.x source address when the target is on loopback), drives the scenario, and returns a
+//!   [`Report`]: the JSON object scripts compare, plus human rows.
+//! - [`worker`]: one load-generator process (`tether bench-worker`).
+//! - [`mqtt`]: the MQTT 3.1.1 packets used against Mosquitto. [`sys`]: /proc readers.
+//!
+//! Every run is bounded: waits have deadlines, workers die with their coordinator (end of stdin) and at their
+//! own time limit, and the target address is only ever the one given (or the loopback server the run started).
+//! This crate is an application (the body of a CLI subcommand), so it reports errors with `anyhow`.
+
+pub mod mqtt;
+pub mod sys;
+pub mod worker;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
+
+pub use worker::{Target, WorkerOpts};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scenario {
+    Idle,
+    Connect,
+    Detect,
+    Takeover,
+    Storm,
+}
+
+impl Scenario {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Idle => "idle",
+            Scenario::Connect => "connect",
+            Scenario::Detect => "detect",
+            Scenario::Takeover => "takeover",
+            Scenario::Storm => "storm",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Opts {
+    pub scenario: Scenario,
+    pub target: Target,
+    pub connections: usize,
+    pub heartbeat_interval: Duration,
+    /// How long `idle` holds the connections while measuring.
+    pub hold: Duration,
+    /// `detect`: how many connections go silent.
+    pub silent: usize,
+    /// `takeover`: how many live ids reconnect.
+    pub takeovers: usize,
+    /// Connections per worker process (each process may hold at most 20,000 descriptors here).
+    pub per_worker: usize,
+    /// Handshakes each worker keeps in flight while connecting.
+    pub concurrency: usize,
+    /// An existing server instead of one this run starts.
+    pub server: Option<SocketAddr>,
+    pub server_pid: Option<u32>,
+    /// The `tether` executable (for workers and the owned server).
+    pub exe: PathBuf,
+}
+
+/// What a scenario measured: `json` carries the documented keys; `rows` are the human table.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub json: Value,
+    pub rows: Vec<(String, String)>,
+}
+
+/// A child process whose stdout is JSON lines, read on a thread.
+struct Child2 {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<Value>,
+}
+
+impl Child2 {
+    fn spawn(cmd: &mut Command) -> anyhow::Result<Child2> {
+        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().context("spawning")?;
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    if tx.send(v).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        let stdin = child.stdin.take();
+        Ok(Child2 { child, stdin, lines: rx })
+    }
+
+    fn send(&mut self, line: &str) -> anyhow::Result<()> {
+        let stdin = self.stdin.as_mut().context("stdin closed")?;
+        writeln!(stdin, "{line}")?;
+        stdin.flush()?;
+        Ok(())
+    }
+
+    fn expect(&self, what: &str, within: Duration, pred: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
+        let deadline = Instant::now() + within;
+        loop {
+            match self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(v) if pred(&v) => return Ok(v),
+                Ok(_) => {}
+                Err(_) => bail!("timed out waiting for {what}"),
+            }
+        }
+    }
+}
+
+impl Drop for Child2 {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn event(v: &Value) -> &str {
+    v["event"].as_str().unwrap_or("")
+}
+
+/// The server under test.
+struct Server {
+    addr: SocketAddr,
+    pid: u32,
+    /// Owned server processes (the last one is current; `storm` restarts).
+    proc: Option<Child2>,
+    _dir: Option<TempDir>,
+}
+
+/// A scratch directory removed on drop (Mosquitto's config).
+struct TempDir(PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn timeout_for(opts: &Opts) -> Duration {
+    // Detection parity with MQTT: the broker declares a client dead after 1.5 × keepalive.
+    opts.heartbeat_interval.mul_f64(1.5)
+}
+
+fn spawn_tether(opts: &Opts, listen: &str) -> anyhow::Result<Child2> {
+    let interval = format!("{}ms", opts.heartbeat_interval.as_millis());
+    let timeout = format!("{}ms", timeout_for(opts).as_millis());
+    let max = (opts.connections + 1000).to_string();
+    let handshakes = if opts.scenario == Scenario::Storm { "512".to_owned() } else { max.clone() };
+    let mut cmd = Command::new(&opts.exe);
+    cmd.args(["serve", "--listen", listen, "--events", "json", "--stats-interval", "250ms"])
+        .args(["--heartbeat-interval", &interval, "--heartbeat-timeout", &timeout, "--heartbeat-min", "100ms"])
+        .args(["--max-connections", &max, "--max-handshakes", &handshakes])
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::null());
+    Child2::spawn(&mut cmd)
+}
+
+fn start_server(opts: &Opts) -> anyhow::Result<Server> {
+    if let Some(addr) = opts.server {
+        let pid = opts.server_pid.context("--server needs --server-pid (to read its RSS and CPU)")?;
+        return Ok(Server { addr, pid, proc: None, _dir: None });
+    }
+    match opts.target {
+        Target::Tether => {
+            let p = spawn_tether(opts, "127.0.0.1:0")?;
+            let l = p.expect("listening", Duration::from_secs(10), |v| event(v) == "listening")?;
+            let addr: SocketAddr = l["addr"].as_str().context("listening addr")?.parse()?;
+            Ok(Server { addr, pid: p.child.id(), proc: Some(p), _dir: None })
+        }
+        Target::Mosquitto => {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+            let dir = std::env::temp_dir().join(format!("tether-bench-mosquitto-{}", std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            let conf = dir.join("mosquitto.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest none\n\
+                     max_keepalive 65535\nset_tcp_nodelay true\n"
+                ),
+            )?;
+            let mut cmd = Command::new("mosquitto");
+            cmd.arg("-c").arg(&conf).stderr(Stdio::null());
+            let p = Child2::spawn(&mut cmd).context("starting mosquitto (apt-get install mosquitto)")?;
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while std::net::TcpStream::connect(addr).is_err() {
+                if Instant::now() > deadline {
+                    bail!("mosquitto did not start listening on {addr}");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Ok(Server { addr, pid: p.child.id(), proc: Some(p), _dir: Some(TempDir(dir)) })
+        }
+    }
+}
+
+fn spawn_workers(opts: &Opts, addr: SocketAddr, reconnect: bool) -> anyhow::Result<Vec<Child2>> {
+    let per = opts.per_worker.max(1);
+    let n = opts.connections.div_ceil(per).max(1);
+    let mut workers = Vec::new();
+    for w in 0..n {
+        let first = w * per;
+        let count = per.min(opts.connections - first);
+        let mut cmd = Command::new(&opts.exe);
+        cmd.args(["bench-worker", "--addr", &addr.to_string(), "--count", &count.to_string()])
+            .args(["--first", &first.to_string(), "--interval", &format!("{}ms", opts.heartbeat_interval.as_millis())])
+            .args(["--concurrency", &opts.concurrency.to_string(), "--max-seconds", "900"])
+            .args(["--target", if opts.target == Target::Tether { "tether" } else { "mosquitto" }])
+            .env("RUST_LOG", "warn");
+        if addr.ip().is_loopback() && addr.is_ipv4() {
+            // Spread over source addresses: each has its own ephemeral port range towards the server.
+            cmd.args(["--source-ip", &Ipv4Addr::new(127, 0, 1, (w % 250) as u8 + 1).to_string()]);
+        }
+        if reconnect {
+            cmd.arg("--reconnect");
+        }
+        workers.push(Child2::spawn(&mut cmd)?);
+    }
+    Ok(workers)
+}
+
+/// Wait for every worker's `connected` line; returns (handshake latencies µs, slowest worker's connect time).
+fn connected(workers: &[Child2], within: Duration) -> anyhow::Result<(Vec<u64>, Duration, usize)> {
+    let mut lat = Vec::new();
+    let mut slowest = Duration::ZERO;
+    let mut failed = 0;
+    for w in workers {
+        let v = w.expect("workers connected", within, |v| event(v) == "connected")?;
+        failed += v["failed"].as_u64().unwrap_or(0) as usize;
+        if let Some(e) = v["first_error"].as_str() {
+            eprintln!("bench: a worker could not open every connection: {e}");
+        }
+        lat.extend(v["latencies_us"].as_array().into_iter().flatten().filter_map(Value::as_u64));
+        slowest = slowest.max(Duration::from_micros(v["elapsed_us"].as_u64().unwrap_or(0)));
+    }
+    Ok((lat, slowest, failed))
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn ms3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// Run one scenario.
+pub fn run(opts: &Opts) -> anyhow::Result<Report> {
+    if opts.target == Target::Mosquitto && matches!(opts.scenario, Scenario::Takeover | Scenario::Storm) {
+        bail!("{} is measured for tether only", opts.scenario.name());
+    }
+    let rss0_machine_slab = sys::slab_bytes();
+    let mut server = start_server(opts)?;
+    let rss0 = sys::rss_bytes(server.pid);
+    let connect_limit = Duration::from_secs(60) + Duration::from_millis(opts.connections as u64 * 5);
+    let mut workers = spawn_workers(opts, server.addr, opts.scenario == Scenario::Storm)?;
+    let (mut lat, slowest, failed) = connected(&workers, connect_limit)?;
+    let n = opts.connections - failed;
+    let mut rows =
+        vec![("target".into(), format!("{:?}", opts.target).to_lowercase()), ("connections".into(), n.to_string())];
+    let mut out = json!({
+        "scenario": opts.scenario.name(),
+        "target": format!("{:?}", opts.target).to_lowercase(),
+        "connections": n,
+        "failed_connections": failed,
+        "heartbeat_interval_ms": opts.heartbeat_interval.as_millis() as u64,
+    });
+    match opts.scenario {
+        Scenario::Connect => {
+            lat.sort_unstable();
+            let l: Vec<f64> = lat.iter().map(|u| *u as f64 / 1000.0).collect();
+            let hps = n as f64 / slowest.as_secs_f64().max(1e-9);
+            out["handshakes_per_s"] = json!(hps.round());
+            out["handshake_ms_p50"] = json!(ms3(pct(&l, 0.5)));
+            out["handshake_ms_p99"] = json!(ms3(pct(&l, 0.99)));
+            rows.push(("handshakes per second".into(), format!("{hps:.0}")));
+            rows.push(("handshake p50 / p99".into(), format!("{:.3} / {:.3} ms", pct(&l, 0.5), pct(&l, 0.99))));
+        }
+        Scenario::Idle => {
+            // Let the first heartbeats settle, then measure over the hold.
+            std::thread::sleep(opts.heartbeat_interval.min(Duration::from_secs(2)));
+            let ex0 = exchanges(&mut workers)?;
+            let cpu0 = sys::cpu_time(server.pid);
+            let t0 = Instant::now();
+            std::thread::sleep(opts.hold);
+            let ex1 = exchanges(&mut workers)?;
+            let cpu1 = sys::cpu_time(server.pid);
+            let held = t0.elapsed().as_secs_f64();
+            let rss1 = sys::rss_bytes(server.pid);
+            let slab1 = sys::slab_bytes();
+            let hb = (ex1 - ex0) as f64;
+            let rss_per = rss0.zip(rss1).map(|(a, b)| (b as f64 - a as f64) / n.max(1) as f64);
+            let slab_per = rss0_machine_slab.zip(slab1).map(|(a, b)| (b as f64 - a as f64) / n.max(1) as f64);
+            let cpu = cpu0.zip(cpu1).map(|(a, b)| (b - a).as_secs_f64());
+            out["rss_bytes"] = json!(rss1);
+            out["rss_per_conn_bytes"] = json!(rss_per.map(f64::round));
+            out["slab_per_conn_bytes"] = json!(slab_per.map(f64::round));
+            out["cpu_s_per_10k_heartbeats"] = json!(cpu.map(|c| ms3(c / hb.max(1.0) * 10_000.0)));
+            out["heartbeats_per_s"] = json!((hb / held).round());
+            out["held_s"] = json!(ms3(held));
+            rows.push(("server RSS per connection".into(), format!("{:.0} B", rss_per.unwrap_or(f64::NAN))));
+            rows.push((
+                "kernel slab per connection (both ends)".into(),
+                format!("{:.0} B", slab_per.unwrap_or(f64::NAN)),
+            ));
+            rows.push((
+                "server CPU per 10k heartbeats".into(),
+                format!("{:.3} s", cpu.unwrap_or(f64::NAN) / hb.max(1.0) * 1e4),
+            ));
+            rows.push(("heartbeats handled per second".into(), format!("{:.0}", hb / held)));
+        }
+        Scenario::Detect => detect(opts, &mut server, &mut workers, n, &mut out, &mut rows)?,
+        Scenario::Takeover => {
+            let k = opts.takeovers.min(n);
+            let per = k.div_ceil(workers.len());
+            let mut lat = Vec::new();
+            let mut left = k;
+            for w in &mut workers {
+                let share = per.min(left);
+                left -= share;
+                w.send(&format!("takeover {share}"))?;
+            }
+            for w in &workers {
+                let v = w.expect("takeover done", Duration::from_secs(60), |v| event(v) == "takeover")?;
+                lat.extend(v["latencies_us"].as_array().into_iter().flatten().filter_map(Value::as_u64));
+            }
+            let mut l: Vec<f64> = lat.iter().map(|u| *u as f64 / 1000.0).collect();
+            l.sort_by(f64::total_cmp);
+            // Every evicted connection must be gone from the server's table: exactly n ESTABLISHED, no CLOSE_WAIT.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let (mut est, mut cw) = sys::server_socket_counts(server.addr.port());
+            while (est != n || cw != 0) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+                (est, cw) = sys::server_socket_counts(server.addr.port());
+            }
+            let ghosts = est.abs_diff(n) + cw;
+            out["takeovers"] = json!(l.len());
+            out["latency_ms_p50"] = json!(ms3(pct(&l, 0.5)));
+            out["latency_ms_p99"] = json!(ms3(pct(&l, 0.99)));
+            out["ghosts"] = json!(ghosts);
+            rows.push(("takeovers".into(), l.len().to_string()));
+            rows.push(("HELLO→WELCOME p50 / p99".into(), format!("{:.3} / {:.3} ms", pct(&l, 0.5), pct(&l, 0.99))));
+            rows.push(("ghosts after (server table)".into(), format!("{ghosts} ({est} ESTABLISHED, {cw} CLOSE_WAIT)")));
+        }
+        Scenario::Storm => storm(opts, &mut server, &mut workers, n, &mut out, &mut rows)?,
+    }
+    for w in &mut workers {
+        let _ = w.send("stop");
+    }
+    Ok(Report { json: out, rows })
+}
+
+fn exchanges(workers: &mut [Child2]) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for w in workers.iter_mut() {
+        w.send("report")?;
+    }
+    for w in workers.iter() {
+        total +=
+            w.expect("report", Duration::from_secs(10), |v| event(v) == "report")?["exchanges"].as_u64().unwrap_or(0);
+    }
+    Ok(total)
+}
+
+fn detect(
+    opts: &Opts,
+    server: &mut Server,
+    workers: &mut [Child2],
+    n: usize,
+    out: &mut Value,
+    rows: &mut Vec<(String, String)>,
+) -> anyhow::Result<()> {
+    let m = opts.silent.min(n);
+    let timeout = timeout_for(opts);
+    // Mosquitto: a watcher subscribed to the Wills; tether: the server's own verdict events.
+    let mut watcher = match opts.target {
+        Target::Mosquitto => Some(MqttWatcher::connect(server.addr)?),
+        Target::Tether => None,
+    };
+    std::thread::sleep(opts.heartbeat_interval.min(Duration::from_secs(2)));
+    let per = m.div_ceil(workers.len());
+    let mut left = m;
+    for w in workers.iter_mut() {
+        let share = per.min(left);
+        left -= share;
+        w.send(&format!("silence {share}"))?;
+    }
+    let mut last_tx = std::collections::HashMap::new();
+    for w in workers.iter() {
+        let v = w.expect("silenced", Duration::from_secs(10), |v| event(v) == "silenced")?;
+        let ids = v["ids"].as_array().cloned().unwrap_or_default();
+        let lasts = v["last_tx_us"].as_array().cloned().unwrap_or_default();
+        for (id, t) in ids.iter().zip(lasts.iter()) {
+            last_tx.insert(id.as_str().unwrap_or("").to_owned(), t.as_u64().unwrap_or(0));
+        }
+    }
+    let wait = timeout + Duration::from_secs(10) + opts.heartbeat_interval;
+    let deadline = Instant::now() + wait;
+    let mut lateness = Vec::new();
+    let mut false_verdicts = 0;
+    let mut declared = std::collections::HashSet::new();
+    while declared.len() < m && Instant::now() < deadline {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let verdict: Option<(String, f64)> = match (&mut watcher, server.proc.as_ref()) {
+            (Some(w), _) => w.next_will(left)?.map(|(id, at_us)| {
+                // MQTT's deadline: the last PINGREQ + 1.5 × keepalive.
+                let deadline_us = last_tx.get(&id).copied().unwrap_or(0) + timeout.as_micros() as u64;
+                (id, (at_us as f64 - deadline_us as f64) / 1000.0)
+            }),
+            (None, Some(p)) => match p.lines.recv_timeout(left) {
+                Ok(v) if event(&v) == "offline" => {
+                    Some((v["client"].as_str().unwrap_or("").to_owned(), v["lateness_ms"].as_f64().unwrap_or(f64::NAN)))
+                }
+                Ok(_) => continue,
+                Err(_) => None,
+            },
+            (None, None) => bail!("detect with --server needs the server's events: run it without --server"),
+        };
+        let Some((id, late)) = verdict else { break };
+        if last_tx.contains_key(&id) {
+            if declared.insert(id) {
+                lateness.push(late);
+            }
+        } else {
+            false_verdicts += 1;
+        }
+    }
+    lateness.sort_by(f64::total_cmp);
+    out["silenced"] = json!(m);
+    out["declared"] = json!(declared.len());
+    out["false_verdicts"] = json!(false_verdicts);
+    out["timeout_ms"] = json!(timeout.as_millis() as u64);
+    out["lateness_ms_p50"] = json!(ms3(pct(&lateness, 0.5)));
+    out["lateness_ms_p99"] = json!(ms3(pct(&lateness, 0.99)));
+    out["lateness_ms_max"] = json!(ms3(lateness.last().copied().unwrap_or(f64::NAN)));
+    rows.push(("silenced / declared / false verdicts".into(), format!("{m} / {} / {false_verdicts}", declared.len())));
+    rows.push((
+        "verdict lateness p50 / p99 / max".into(),
+        format!(
+            "{:.3} / {:.3} / {:.3} ms",
+            pct(&lateness, 0.5),
+            pct(&lateness, 0.99),
+            lateness.last().copied().unwrap_or(f64::NAN)
+        ),
+    ));
+    Ok(())
+}
+
+fn storm(
+    opts: &Opts,
+    server: &mut Server,
+    workers: &mut [Child2],
+    n: usize,
+    out: &mut Value,
+    rows: &mut Vec<(String, String)>,
+) -> anyhow::Result<()> {
+    let Some(old) = server.proc.take() else { bail!("storm restarts the server: run it without --server") };
+    let listen = server.addr.to_string();
+    drop(old); // SIGKILL: the crash
+    let t0 = sys::epoch_us();
+    let started = Instant::now();
+    let p = spawn_tether(opts, &listen)?;
+    p.expect("listening again", Duration::from_secs(10), |v| event(v) == "listening")?;
+    server.pid = p.child.id();
+    server.proc = Some(p);
+    let mut back = std::collections::HashSet::new();
+    let mut last_at = t0;
+    let deadline = started + Duration::from_secs(120);
+    while back.len() < n && Instant::now() < deadline {
+        for w in workers.iter() {
+            while let Ok(v) = w.lines.try_recv() {
+                if event(&v) == "reconnected" && back.insert(v["id"].as_u64().unwrap_or(u64::MAX)) {
+                    last_at = last_at.max(v["at_us"].as_u64().unwrap_or(0));
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut peak = 0;
+    if let Some(p) = &server.proc {
+        while let Ok(v) = p.lines.try_recv() {
+            if event(&v) == "stats" {
+                peak = peak.max(v["peak_handshakes"].as_u64().unwrap_or(0));
+            }
+        }
+        // One more stats line covers the end of the storm.
+        if let Ok(v) = p.expect("stats", Duration::from_secs(2), |v| event(v) == "stats") {
+            peak = peak.max(v["peak_handshakes"].as_u64().unwrap_or(0));
+        }
+    }
+    let all_back = (last_at.saturating_sub(t0)) as f64 / 1e6;
+    out["back"] = json!(back.len());
+    out["all_back_s"] = json!(ms3(all_back));
+    out["peak_handshakes_in_flight"] = json!(peak);
+    rows.push(("clients back after restart".into(), format!("{} of {n}", back.len())));
+    rows.push(("all back after".into(), format!("{all_back:.3} s")));
+    rows.push(("peak handshakes in flight (cap 512)".into(), peak.to_string()));
+    if back.len() < n {
+        bail!("only {} of {n} clients came back within 120 s", back.len());
+    }
+    Ok(())
+}
+
+/// An MQTT subscriber to every Will the bench's clients registered.
+struct MqttWatcher {
+    stream: std::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+impl MqttWatcher {
+    fn connect(addr: SocketAddr) -> anyhow::Result<MqttWatcher> {
+        let mut stream = std::net::TcpStream::connect(addr)?;
+        stream.write_all(&mqtt::connect("tether-bench-watcher", 600, None))?;
+        stream.write_all(&mqtt::subscribe(1, "tether-bench/will/#"))?;
+        let mut w = MqttWatcher { stream, buf: Vec::new() };
+        let mut got_suback = false;
+        while !got_suback {
+            let (kind, _) = w.next_packet(Duration::from_secs(10))?.context("no SUBACK from the broker")?;
+            got_suback = kind == mqtt::SUBACK;
+        }
+        Ok(w)
+    }
+
+    fn next_packet(&mut self, within: Duration) -> anyhow::Result<Option<(u8, Vec<u8>)>> {
+        use std::io::Read;
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some((kind, body, used)) = mqtt::split(&self.buf).map_err(anyhow::Error::msg)? {
+                let body = body.to_vec();
+                self.buf.drain(..used);
+                return Ok(Some((kind, body)));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            self.stream.set_read_timeout(Some(left))?;
+            let mut chunk = [0u8; 4096];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => bail!("the broker closed the watcher"),
+                Ok(k) => self.buf.extend_from_slice(&chunk[..k]),
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    return Ok(None)
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// The next Will delivered: (client id, epoch µs of receipt).
+    fn next_will(&mut self, within: Duration) -> anyhow::Result<Option<(String, u64)>> {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Some((kind, body)) = self.next_packet(left)? else { return Ok(None) };
+            if kind == mqtt::PUBLISH {
+                if let Some((topic, _)) = mqtt::publish_topic(&body) {
+                    if let Some(id) = topic.strip_prefix("tether-bench/will/") {
+                        return Ok(Some((id.to_owned(), sys::epoch_us())));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Parse a `--source-ip` value.
+pub fn parse_ip(s: &str) -> anyhow::Result<IpAddr> {
+    s.parse().with_context(|| format!("{s:?} is not an IP address"))
+}

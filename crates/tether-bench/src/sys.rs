@@ -1,0 +1,80 @@
+//! What the kernel says about a process and the machine: RSS, CPU time, slab memory, socket states.
+//!
+//! # Layout
+//! Plain readers of `/proc`; each returns `None` (or an error) where the file is missing or unreadable, so a
+//! benchmark run elsewhere degrades to missing figures instead of wrong ones.
+
+use std::time::Duration;
+
+/// Resident set size of `pid`, in bytes (VmRSS).
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// User + system CPU time used by `pid` so far.
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th of those.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some(Duration::from_secs_f64(ticks as f64 / hz))
+}
+
+/// Kernel slab memory of the whole machine, in bytes (`Slab:` in /proc/meminfo). Socket structures live there;
+/// on loopback both ends of every connection are on this machine, so per-connection figures include both.
+pub fn slab_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("Slab:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Counts of (ESTABLISHED, CLOSE_WAIT) sockets whose local port is `port`, from /proc/net/tcp and tcp6.
+pub fn server_socket_counts(port: u16) -> (usize, usize) {
+    let (mut est, mut cw) = (0, 0);
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else { continue };
+        for line in text.lines().skip(1) {
+            let mut cols = line.split_whitespace();
+            let (Some(local), Some(state)) = (cols.nth(1), cols.nth(1)) else { continue };
+            let Some(p) = local.rsplit(':').next().and_then(|h| u16::from_str_radix(h, 16).ok()) else { continue };
+            if p == port {
+                match state {
+                    "01" => est += 1,
+                    "08" => cw += 1,
+                    _ => {}
+                }
+            }
+        }
+    }
+    (est, cw)
+}
+
+/// Microseconds since the Unix epoch: the clock shared by coordinator and workers (separate processes).
+pub fn epoch_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_this_process() {
+        let me = std::process::id();
+        assert!(rss_bytes(me).unwrap() > 100_000);
+        assert!(cpu_time(me).is_some());
+        assert!(slab_bytes().unwrap() > 0);
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let _c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (_s, _) = l.accept().unwrap();
+        assert_eq!(server_socket_counts(port), (1, 0));
+    }
+}

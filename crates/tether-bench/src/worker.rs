@@ -1,0 +1,411 @@
+//! One load-generator process: holds a share of the connections and obeys the coordinator.
+//!
+//! # Layout
+//! [`run`] opens `count` connections from `source_ip` (bounded concurrency), prints one `connected` line with the
+//! handshake latencies, then serves commands read from stdin, one per line:
+//! `report` (heartbeat exchanges so far), `silence M` (the first M connections stop sending, socket open),
+//! `takeover K` (the last K ids reconnect from fresh sockets while their old connection is live), `stop`.
+//! Replies are JSON lines on stdout. End of stdin, `stop`, or `max_seconds` ends the process: it never outlives
+//! its coordinator.
+//!
+//! A tether connection here is deliberately lean, not a full `tether::Client`: it says `HELLO`, sends `PING` when
+//! it has sent nothing for one interval, answers `PING` with `PONG`, and reads everything else. An MQTT connection
+//! sends CONNECT with a Will and PINGREQ every keepalive. A "heartbeat exchange" is one ping and its answer, in
+//! whichever direction: the unit both systems are charged per.
+//! In `reconnect` mode each id is a `tether::ReconnectingClient` instead, reporting every reconnection.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::{Buf, Bytes, BytesMut};
+use serde_json::json;
+use tether_proto::frame::{self, Frame, Hello, PROTOCOL_VERSION};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{Notify, Semaphore};
+
+use crate::mqtt;
+use crate::sys::epoch_us;
+
+/// Which server protocol the worker speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Tether,
+    Mosquitto,
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkerOpts {
+    pub target: Target,
+    pub addr: SocketAddr,
+    pub source_ip: Option<IpAddr>,
+    pub count: usize,
+    /// Ids are `{prefix}{first + i}`.
+    pub first: usize,
+    pub prefix: String,
+    pub interval: Duration,
+    pub concurrency: usize,
+    /// Use `tether::ReconnectingClient` per id (the storm scenario).
+    pub reconnect: bool,
+    pub max_seconds: u64,
+}
+
+/// One connection's controls, shared with its task.
+struct Conn {
+    id: String,
+    silent: Arc<AtomicBool>,
+    wake: Arc<Notify>,
+    /// Epoch µs of the last frame this connection sent.
+    last_tx_us: Arc<AtomicU64>,
+}
+
+fn emit(v: serde_json::Value) {
+    println!("{v}");
+}
+
+/// A nonce that is the same for an id every time: a takeover by this worker is the same device reconnecting.
+fn nonce_of(id: &str) -> u64 {
+    id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+}
+
+pub async fn run(opts: WorkerOpts) -> anyhow::Result<()> {
+    let limit = Duration::from_secs(opts.max_seconds.max(1));
+    match tokio::time::timeout(limit, serve(opts)).await {
+        Ok(r) => r,
+        Err(_) => bail!("worker reached its time limit"),
+    }
+}
+
+async fn serve(opts: WorkerOpts) -> anyhow::Result<()> {
+    if opts.reconnect {
+        return reconnecting(opts).await;
+    }
+    let exchanges = Arc::new(AtomicU64::new(0));
+    let gate = Arc::new(Semaphore::new(opts.concurrency.max(1)));
+    let started = Instant::now();
+    let mut conns = Vec::with_capacity(opts.count);
+    let mut waits = Vec::with_capacity(opts.count);
+    for i in 0..opts.count {
+        let c = Conn {
+            id: format!("{}{}", opts.prefix, opts.first + i),
+            silent: Arc::new(AtomicBool::new(false)),
+            wake: Arc::new(Notify::new()),
+            last_tx_us: Arc::new(AtomicU64::new(0)),
+        };
+        waits.push(spawn_conn(&opts, &c, exchanges.clone(), Some(gate.clone())));
+        conns.push(c);
+    }
+    let mut latencies = Vec::with_capacity(opts.count);
+    let mut failed = Vec::new();
+    for w in waits {
+        match w.await {
+            Ok(Ok(d)) => latencies.push(d.as_micros() as u64),
+            Ok(Err(e)) => failed.push(e),
+            Err(_) => failed.push("connection task ended".into()),
+        }
+    }
+    emit(json!({
+        "event": "connected", "n": latencies.len(), "failed": failed.len(),
+        "first_error": failed.first(), "elapsed_us": started.elapsed().as_micros() as u64,
+        "latencies_us": latencies,
+    }));
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    while let Some(line) = lines.next_line().await? {
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next().and_then(|n| n.parse::<usize>().ok())) {
+            (Some("report"), _) => emit(json!({"event": "report", "exchanges": exchanges.load(Ordering::Relaxed)})),
+            (Some("silence"), Some(m)) => {
+                let chosen = &conns[..m.min(conns.len())];
+                for c in chosen {
+                    c.silent.store(true, Ordering::SeqCst);
+                    c.wake.notify_one();
+                }
+                let ids: Vec<&str> = chosen.iter().map(|c| c.id.as_str()).collect();
+                let last: Vec<u64> = chosen.iter().map(|c| c.last_tx_us.load(Ordering::SeqCst)).collect();
+                emit(json!({"event": "silenced", "ids": ids, "last_tx_us": last, "at_us": epoch_us()}));
+            }
+            (Some("takeover"), Some(k)) => {
+                let from = conns.len().saturating_sub(k);
+                let mut waits = Vec::new();
+                for c in &mut conns[from..] {
+                    c.silent = Arc::new(AtomicBool::new(false));
+                    c.wake = Arc::new(Notify::new());
+                    waits.push(spawn_conn(&opts, c, exchanges.clone(), None));
+                }
+                let mut lat = Vec::new();
+                let mut errors = 0;
+                for w in waits {
+                    match w.await {
+                        Ok(Ok(d)) => lat.push(d.as_micros() as u64),
+                        _ => errors += 1,
+                    }
+                }
+                emit(json!({"event": "takeover", "latencies_us": lat, "failed": errors}));
+            }
+            (Some("stop"), _) => break,
+            _ => emit(json!({"event": "error", "detail": format!("unknown command {line:?}")})),
+        }
+    }
+    Ok(())
+}
+
+type Handshake = tokio::sync::oneshot::Receiver<Result<Duration, String>>;
+
+/// Start one connection's task; the receiver yields its handshake latency (connect → WELCOME/CONNACK).
+fn spawn_conn(opts: &WorkerOpts, c: &Conn, exchanges: Arc<AtomicU64>, gate: Option<Arc<Semaphore>>) -> Handshake {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (target, addr, src, interval) = (opts.target, opts.addr, opts.source_ip, opts.interval);
+    let (id, silent, wake, last) = (c.id.clone(), c.silent.clone(), c.wake.clone(), c.last_tx_us.clone());
+    tokio::spawn(async move {
+        let permit = match gate {
+            Some(g) => Some(g.acquire_owned().await),
+            None => None,
+        };
+        let started = Instant::now();
+        let opened = match target {
+            Target::Tether => open_tether(addr, src, &id, interval).await,
+            Target::Mosquitto => open_mqtt(addr, src, &id, interval).await,
+        };
+        drop(permit);
+        let (stream, leftover) = match opened {
+            Ok(s) => s,
+            Err(e) => return drop(tx.send(Err(format!("{e:#}")))),
+        };
+        last.store(epoch_us(), Ordering::SeqCst);
+        let _ = tx.send(Ok(started.elapsed()));
+        let hb = Heartbeat { silent, wake, last_tx_us: last, exchanges, interval };
+        let _ = match target {
+            Target::Tether => hb.tether(stream, leftover).await,
+            Target::Mosquitto => hb.mqtt(stream).await,
+        };
+    });
+    rx
+}
+
+async fn dial(addr: SocketAddr, src: Option<IpAddr>) -> anyhow::Result<TcpStream> {
+    let sock = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    if let Some(ip) = src {
+        sock.bind(SocketAddr::new(ip, 0)).with_context(|| format!("binding {ip}"))?;
+    }
+    let stream = sock.connect(addr).await.context("connect")?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+async fn open_tether(
+    addr: SocketAddr,
+    src: Option<IpAddr>,
+    id: &str,
+    interval: Duration,
+) -> anyhow::Result<(TcpStream, BytesMut)> {
+    let mut stream = dial(addr, src).await?;
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        heartbeat_ms: interval.as_millis() as u32,
+        nonce: nonce_of(id),
+        client_id: id.into(),
+        credential: Bytes::new(),
+    };
+    stream.write_all(&Frame::Hello(hello).to_bytes()).await?;
+    let mut buf = BytesMut::new();
+    loop {
+        stream.readable().await?;
+        let mut chunk = [0u8; 512];
+        match stream.try_read(&mut chunk) {
+            Ok(0) => bail!("closed during the handshake"),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e.into()),
+        }
+        if let Some(n) = frame::check(&buf, frame::DEFAULT_MAX_FRAME)? {
+            let f = Frame::parse(&buf[..n])?;
+            buf.advance(n);
+            match f {
+                Frame::Welcome(_) => return Ok((stream, buf)),
+                Frame::Bye(b) => bail!("refused: {}", b.reason),
+                other => bail!("expected WELCOME, got {}", other.name()),
+            }
+        }
+    }
+}
+
+async fn open_mqtt(
+    addr: SocketAddr,
+    src: Option<IpAddr>,
+    id: &str,
+    interval: Duration,
+) -> anyhow::Result<(TcpStream, BytesMut)> {
+    let mut stream = dial(addr, src).await?;
+    let keepalive = interval.as_secs().clamp(1, u16::MAX as u64) as u16;
+    let topic = format!("tether-bench/will/{id}");
+    stream.write_all(&mqtt::connect(id, keepalive, Some((&topic, id.as_bytes())))).await?;
+    let mut buf = BytesMut::new();
+    loop {
+        stream.readable().await?;
+        let mut chunk = [0u8; 64];
+        match stream.try_read(&mut chunk) {
+            Ok(0) => bail!("closed during CONNECT"),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e.into()),
+        }
+        if let Some((kind, body, n)) = mqtt::split(&buf).map_err(anyhow::Error::msg)? {
+            if kind != mqtt::CONNACK || body.get(1) != Some(&0) {
+                bail!("CONNECT refused (type {kind}, body {body:?})");
+            }
+            buf.advance(n);
+            return Ok((stream, buf));
+        }
+    }
+}
+
+struct Heartbeat {
+    silent: Arc<AtomicBool>,
+    wake: Arc<Notify>,
+    last_tx_us: Arc<AtomicU64>,
+    exchanges: Arc<AtomicU64>,
+    interval: Duration,
+}
+
+impl Heartbeat {
+    fn sent(&self) {
+        self.exchanges.fetch_add(1, Ordering::Relaxed);
+        self.last_tx_us.store(epoch_us(), Ordering::SeqCst);
+    }
+
+    /// Ping when idle for one interval, answer pings, until the server closes.
+    async fn tether(self, mut stream: TcpStream, mut buf: BytesMut) -> anyhow::Result<()> {
+        let mut last_tx = tokio::time::Instant::now();
+        let mut seq = 0u32;
+        loop {
+            let silent = self.silent.load(Ordering::SeqCst);
+            tokio::select! {
+                r = stream.readable() => {
+                    r?;
+                    let mut chunk = [0u8; 1024];
+                    match stream.try_read(&mut chunk) {
+                        Ok(0) => return Ok(()),
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                        Err(e) => return Err(e.into()),
+                    }
+                    while let Some(n) = frame::check(&buf, frame::DEFAULT_MAX_FRAME)? {
+                        let f = Frame::parse(&buf[..n])?;
+                        buf.advance(n);
+                        match f {
+                            Frame::Ping { seq, ts_ms } if !self.silent.load(Ordering::SeqCst) => {
+                                stream.write_all(&Frame::Pong { seq, ts_ms }.to_bytes()).await?;
+                                last_tx = tokio::time::Instant::now();
+                                self.sent();
+                            }
+                            Frame::Bye(_) => return Ok(()),
+                            _ => {}
+                        }
+                    }
+                    if buf.is_empty() {
+                        buf = BytesMut::new();
+                    }
+                }
+                () = tokio::time::sleep_until(last_tx + self.interval), if !silent => {
+                    seq = seq.wrapping_add(1);
+                    stream.write_all(&Frame::Ping { seq, ts_ms: 0 }.to_bytes()).await?;
+                    last_tx = tokio::time::Instant::now();
+                    self.sent();
+                }
+                () = self.wake.notified() => {}
+            }
+        }
+    }
+
+    /// PINGREQ every keepalive, read and drop what comes back, until the broker closes.
+    async fn mqtt(self, stream: TcpStream) -> anyhow::Result<()> {
+        let mut next = tokio::time::Instant::now() + self.interval;
+        let mut stream = stream;
+        loop {
+            let silent = self.silent.load(Ordering::SeqCst);
+            tokio::select! {
+                r = stream.readable() => {
+                    r?;
+                    let mut chunk = [0u8; 256];
+                    match stream.try_read(&mut chunk) {
+                        Ok(0) => return Ok(()),
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                () = tokio::time::sleep_until(next), if !silent => {
+                    stream.write_all(&mqtt::PINGREQ).await?;
+                    next += self.interval;
+                    self.sent();
+                }
+                () = self.wake.notified() => {}
+            }
+        }
+    }
+}
+
+/// Storm mode: one `ReconnectingClient` per id; every reconnection after the first is reported.
+async fn reconnecting(opts: WorkerOpts) -> anyhow::Result<()> {
+    use tether::proto::reconnect::{BackoffConfig, ReconnectConfig};
+    use tether::{ClientConfig, LinkEvent, ReconnectingClient, ResilienceConfig};
+    if opts.target != Target::Tether {
+        bail!("reconnect mode is for tether only");
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, bool)>();
+    let mut handles = Vec::new();
+    for i in 0..opts.count {
+        let id = format!("{}{}", opts.prefix, opts.first + i);
+        let mut cfg = ClientConfig::new(id.clone());
+        cfg.nonce = Some(nonce_of(&id));
+        cfg.heartbeat_interval = Some(opts.interval);
+        let res = ResilienceConfig {
+            reconnect: ReconnectConfig {
+                backoff: BackoffConfig {
+                    initial: Duration::from_millis(200),
+                    max: Duration::from_secs(5),
+                    multiplier: 2.0,
+                },
+                return_to_primary: None,
+                ..ReconnectConfig::default()
+            },
+            queue_limit: 0,
+            seed: Some(nonce_of(&id)),
+        };
+        let mut rc = ReconnectingClient::start(vec![opts.addr.to_string()], cfg, res);
+        let tx = tx.clone();
+        handles.push(tokio::spawn(async move {
+            while let Some(ev) = rc.next_event().await {
+                if let LinkEvent::Connected { .. } = ev {
+                    let _ = tx.send((i, true));
+                }
+            }
+        }));
+    }
+    let mut up = vec![false; opts.count];
+    let mut n = 0;
+    while n < opts.count {
+        let Some((i, _)) = rx.recv().await else { bail!("clients ended") };
+        if !std::mem::replace(&mut up[i], true) {
+            n += 1;
+        }
+    }
+    emit(json!({"event": "connected", "n": n, "failed": 0, "latencies_us": []}));
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    loop {
+        tokio::select! {
+            line = lines.next_line() => match line? {
+                Some(l) if l.trim() == "stop" => break,
+                Some(_) => {}
+                None => break,
+            },
+            Some((i, _)) = rx.recv() => {
+                emit(json!({"event": "reconnected", "id": opts.first + i, "at_us": epoch_us()}));
+            }
+        }
+    }
+    Ok(())
+}
