@@ -15,6 +15,7 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -180,7 +181,8 @@ struct Drain {
 #[derive(Debug)]
 pub struct Connection {
     role: Role,
-    cfg: ConnConfig,
+    /// Shared by every connection of a server (one allocation, not one copy per connection).
+    cfg: Arc<ConnConfig>,
     state: State,
     /// Creation instant: the base of the handshake deadline and of `PING` timestamps.
     origin: Instant,
@@ -210,21 +212,21 @@ pub struct Connection {
 
 impl Connection {
     /// A freshly accepted server-side connection, waiting for `HELLO`.
-    pub fn server(now: Instant, cfg: ConnConfig) -> Connection {
+    pub fn server(now: Instant, cfg: impl Into<Arc<ConnConfig>>) -> Connection {
         Connection::new(Role::Server, now, cfg)
     }
 
     /// A client-side connection; `HELLO` is queued at once.
-    pub fn client(now: Instant, cfg: ConnConfig, hello: Hello) -> Connection {
+    pub fn client(now: Instant, cfg: impl Into<Arc<ConnConfig>>, hello: Hello) -> Connection {
         let mut c = Connection::new(Role::Client, now, cfg);
         c.queue(now, &Frame::Hello(hello));
         c
     }
 
-    fn new(role: Role, now: Instant, cfg: ConnConfig) -> Connection {
+    fn new(role: Role, now: Instant, cfg: impl Into<Arc<ConnConfig>>) -> Connection {
         Connection {
             role,
-            cfg,
+            cfg: cfg.into(),
             state: State::Handshake,
             origin: now,
             rx: BytesMut::new(),

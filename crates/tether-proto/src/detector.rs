@@ -75,7 +75,14 @@ pub struct Detector {
 #[derive(Debug, Clone)]
 enum Kind {
     Fixed,
-    Phi { cfg: PhiConfig, stats: Window },
+    /// Boxed: a connection on the fixed detector pays nothing for phi's window.
+    Phi(Box<PhiState>),
+}
+
+#[derive(Debug, Clone)]
+struct PhiState {
+    cfg: PhiConfig,
+    stats: Window,
 }
 
 impl Detector {
@@ -91,7 +98,7 @@ impl Detector {
                     p.max_timeout = timeout;
                 }
                 p.max_timeout = p.max_timeout.max(p.min_timeout);
-                Kind::Phi { stats: Window::new(p.window.max(2)), cfg: p }
+                Kind::Phi(Box::new(PhiState { stats: Window::new(p.window.max(2)), cfg: p }))
             }
         };
         Detector { kind, interval, timeout, last_arrival: None }
@@ -99,7 +106,8 @@ impl Detector {
 
     /// Record that a frame arrived at `now`.
     pub fn heartbeat(&mut self, now: Instant) {
-        if let (Some(last), Kind::Phi { stats, .. }) = (self.last_arrival, &mut self.kind) {
+        if let (Some(last), Kind::Phi(phi)) = (self.last_arrival, &mut self.kind) {
+            let stats = &mut phi.stats;
             // Frames closer together than an eighth of the interval are one burst (a PONG riding with a PING, a
             // run of DATA): they prove life but are not samples of the heartbeat cadence, which phi models.
             let gap = now.saturating_duration_since(last);
@@ -122,7 +130,8 @@ impl Detector {
         let base = self.last_arrival.unwrap_or(origin);
         match &self.kind {
             Kind::Fixed => Deadlines { suspect_at: None, convict_at: base + self.timeout },
-            Kind::Phi { cfg, stats } => {
+            Kind::Phi(phi) => {
+                let (cfg, stats) = (&phi.cfg, &phi.stats);
                 let (mean, std) = stats.mean_std().unwrap_or_else(|| {
                     // Bootstrap like Pekko: expect the negotiated interval, std a quarter of it.
                     let m = self.interval.as_secs_f64();
@@ -143,9 +152,10 @@ impl Detector {
 
     /// phi at `now` (for logs and tests); `None` for the fixed detector.
     pub fn phi(&self, now: Instant) -> Option<f64> {
-        let Kind::Phi { cfg, stats } = &self.kind else {
+        let Kind::Phi(phi) = &self.kind else {
             return None;
         };
+        let (cfg, stats) = (&phi.cfg, &phi.stats);
         let (mean, std) = stats.mean_std().unwrap_or_else(|| {
             let m = self.interval.as_secs_f64();
             (m, m / 4.0)

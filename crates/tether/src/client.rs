@@ -261,8 +261,8 @@ impl Hooks for ClientHooks {
         }
     }
 
-    async fn next_cmd(&mut self) -> Option<ClientCmd> {
-        match self.cmds.recv().await {
+    fn poll_cmd(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<ClientCmd>> {
+        self.cmds.poll_recv(cx).map(|c| match c {
             Some(c) => Some(c),
             // The `Client` was dropped: say goodbye once, then run on until closed.
             None if !self.close_requested => {
@@ -270,6 +270,6 @@ impl Hooks for ClientHooks {
                 Some(ClientCmd::Close)
             }
             None => None,
-        }
+        })
     }
 }

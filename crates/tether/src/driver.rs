@@ -14,6 +14,7 @@
 use std::future::Future;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant as StdInstant};
 
 use socket2::SockRef;
@@ -35,6 +36,18 @@ pub(crate) fn now() -> StdInstant {
     Instant::now().into_std()
 }
 
+/// What ended a wait.
+enum Wake<C> {
+    Read,
+    Write,
+    Timer,
+    Cmd(Option<C>),
+}
+
+fn now_std() -> StdInstant {
+    now()
+}
+
 /// What the role (server or client) does with core events and where its commands come from.
 pub(crate) trait Hooks {
     type Cmd;
@@ -42,8 +55,10 @@ pub(crate) trait Hooks {
     fn on_event(&mut self, conn: &mut Connection, now: StdInstant, event: Event);
     /// Apply a command from the rest of the program.
     fn on_cmd(&mut self, conn: &mut Connection, now: StdInstant, cmd: Self::Cmd);
-    /// The next command; `None` when the command source is gone (the connection keeps running on its own).
-    fn next_cmd(&mut self) -> impl Future<Output = Option<Self::Cmd>>;
+    /// The next command if one is ready (registering `cx` otherwise); `Ready(None)` when the command source is
+    /// gone (the connection keeps running on its own). A poll function rather than a future, so a waiting
+    /// connection stores no per-wait future.
+    fn poll_cmd(&mut self, cx: &mut Context<'_>) -> Poll<Option<Self::Cmd>>;
     /// Called after each read with the instant of the last frame, for liveness bookkeeping outside the task.
     fn on_progress(&mut self, _conn: &Connection) {}
 }
@@ -79,16 +94,33 @@ pub(crate) async fn drive<H: Hooks>(stream: TcpStream, conn: &mut Connection, ho
         }
         let want_read = conn.wants_read();
         let want_write = conn.pending_tx() > 0;
-        tokio::select! {
-            biased;
-            r = stream.readable(), if want_read => {
-                if r.is_ok() {
-                    read(&stream, conn);
-                    hooks.on_progress(conn);
+        // One wait over every source, polled in priority order. `poll_fn` keeps no state of its own: readiness
+        // registers with the IO driver, the timer is the pinned `Sleep`, commands register with the hooks.
+        let wake = std::future::poll_fn(|cx| {
+            if want_read && stream.poll_read_ready(cx).is_ready() {
+                return Poll::Ready(Wake::Read);
+            }
+            if want_write && stream.poll_write_ready(cx).is_ready() {
+                return Poll::Ready(Wake::Write);
+            }
+            if sleep.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Wake::Timer);
+            }
+            if cmds_open {
+                if let Poll::Ready(c) = hooks.poll_cmd(cx) {
+                    return Poll::Ready(Wake::Cmd(c));
                 }
             }
-            _ = stream.writable(), if want_write => {}
-            () = &mut sleep => {
+            Poll::Pending
+        })
+        .await;
+        match wake {
+            Wake::Read => {
+                read(&stream, conn);
+                hooks.on_progress(conn);
+            }
+            Wake::Write => {}
+            Wake::Timer => {
                 armed = None;
                 // A timer can fire late (a stalled process, a busy runtime): frames already waiting in the
                 // kernel arrived before the verdict would be taken, so they are read first and count as life.
@@ -96,12 +128,10 @@ pub(crate) async fn drive<H: Hooks>(stream: TcpStream, conn: &mut Connection, ho
                     read_pending(&stream, conn);
                     hooks.on_progress(conn);
                 }
-                conn.handle_timeout(self::now());
+                conn.handle_timeout(now_std());
             }
-            cmd = hooks.next_cmd(), if cmds_open => match cmd {
-                Some(cmd) => hooks.on_cmd(conn, self::now(), cmd),
-                None => cmds_open = false,
-            },
+            Wake::Cmd(Some(cmd)) => hooks.on_cmd(conn, now_std(), cmd),
+            Wake::Cmd(None) => cmds_open = false,
         }
     }
     close_quietly(&stream);
