@@ -63,8 +63,11 @@ pub fn subscribe(packet_id: u16, filter: &str) -> Vec<u8> {
     out
 }
 
+/// One packet cut off a buffer: its type nibble, its body, and the bytes it took.
+pub type Packet<'a> = (u8, &'a [u8], usize);
+
 /// Cut one whole packet off the front of `buf`: `Ok(Some((type, body, consumed)))`, `Ok(None)` if incomplete.
-pub fn split(buf: &[u8]) -> Result<Option<(u8, &[u8], usize)>, &'static str> {
+pub fn split(buf: &[u8]) -> Result<Option<Packet<'_>>, &'static str> {
     let Some(&first) = buf.first() else { return Ok(None) };
     let (mut len, mut mult, mut i) = (0usize, 1usize, 1usize);
     loop {
