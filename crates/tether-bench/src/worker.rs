@@ -102,7 +102,7 @@ async fn serve(opts: WorkerOpts) -> anyhow::Result<()> {
     let mut failed = Vec::new();
     for w in waits {
         match w.await {
-            Ok(Ok(d)) => latencies.push(d.as_micros() as u64),
+            Ok(Ok((d, _))) => latencies.push(d.as_micros() as u64),
             Ok(Err(e)) => failed.push(e),
             Err(_) => failed.push("connection task ended".into()),
         }
@@ -128,18 +128,15 @@ async fn serve(opts: WorkerOpts) -> anyhow::Result<()> {
                 emit(json!({"event": "silenced", "ids": ids, "last_tx_us": last, "at_us": epoch_us()}));
             }
             (Some("takeover"), Some(k)) => {
+                // One at a time: the latency of a takeover, not of a queue of them.
                 let from = conns.len().saturating_sub(k);
-                let mut waits = Vec::new();
+                let mut lat = Vec::new();
+                let mut errors = 0;
                 for c in &mut conns[from..] {
                     c.silent = Arc::new(AtomicBool::new(false));
                     c.wake = Arc::new(Notify::new());
-                    waits.push(spawn_conn(&opts, c, exchanges.clone(), None));
-                }
-                let mut lat = Vec::new();
-                let mut errors = 0;
-                for w in waits {
-                    match w.await {
-                        Ok(Ok(d)) => lat.push(d.as_micros() as u64),
+                    match spawn_conn(&opts, c, exchanges.clone(), None).await {
+                        Ok(Ok((_, hello_rtt))) => lat.push(hello_rtt.as_micros() as u64),
                         _ => errors += 1,
                     }
                 }
@@ -152,9 +149,11 @@ async fn serve(opts: WorkerOpts) -> anyhow::Result<()> {
     Ok(())
 }
 
-type Handshake = tokio::sync::oneshot::Receiver<Result<Duration, String>>;
+/// A finished handshake: connect → WELCOME/CONNACK, and HELLO/CONNECT → WELCOME/CONNACK alone.
+type Timings = (Duration, Duration);
+type Handshake = tokio::sync::oneshot::Receiver<Result<Timings, String>>;
 
-/// Start one connection's task; the receiver yields its handshake latency (connect → WELCOME/CONNACK).
+/// Start one connection's task; the receiver yields its handshake timings.
 fn spawn_conn(opts: &WorkerOpts, c: &Conn, exchanges: Arc<AtomicU64>, gate: Option<Arc<Semaphore>>) -> Handshake {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let (target, addr, src, interval) = (opts.target, opts.addr, opts.source_ip, opts.interval);
@@ -170,12 +169,12 @@ fn spawn_conn(opts: &WorkerOpts, c: &Conn, exchanges: Arc<AtomicU64>, gate: Opti
             Target::Mosquitto => open_mqtt(addr, src, &id, interval).await,
         };
         drop(permit);
-        let (stream, leftover) = match opened {
+        let (stream, leftover, hello_rtt) = match opened {
             Ok(s) => s,
             Err(e) => return drop(tx.send(Err(format!("{e:#}")))),
         };
         last.store(epoch_us(), Ordering::SeqCst);
-        let _ = tx.send(Ok(started.elapsed()));
+        let _ = tx.send(Ok((started.elapsed(), hello_rtt)));
         let hb = Heartbeat { silent, wake, last_tx_us: last, exchanges, interval };
         let _ = match target {
             Target::Tether => hb.tether(stream, leftover).await,
@@ -200,8 +199,9 @@ async fn open_tether(
     src: Option<IpAddr>,
     id: &str,
     interval: Duration,
-) -> anyhow::Result<(TcpStream, BytesMut)> {
+) -> anyhow::Result<(TcpStream, BytesMut, Duration)> {
     let mut stream = dial(addr, src).await?;
+    let sent = Instant::now();
     let hello = Hello {
         version: PROTOCOL_VERSION,
         heartbeat_ms: interval.as_millis() as u32,
@@ -224,7 +224,7 @@ async fn open_tether(
             let f = Frame::parse(&buf[..n])?;
             buf.advance(n);
             match f {
-                Frame::Welcome(_) => return Ok((stream, buf)),
+                Frame::Welcome(_) => return Ok((stream, buf, sent.elapsed())),
                 Frame::Bye(b) => bail!("refused: {}", b.reason),
                 other => bail!("expected WELCOME, got {}", other.name()),
             }
@@ -237,8 +237,9 @@ async fn open_mqtt(
     src: Option<IpAddr>,
     id: &str,
     interval: Duration,
-) -> anyhow::Result<(TcpStream, BytesMut)> {
+) -> anyhow::Result<(TcpStream, BytesMut, Duration)> {
     let mut stream = dial(addr, src).await?;
+    let sent = Instant::now();
     let keepalive = interval.as_secs().clamp(1, u16::MAX as u64) as u16;
     let topic = format!("tether-bench/will/{id}");
     stream.write_all(&mqtt::connect(id, keepalive, Some((&topic, id.as_bytes())))).await?;
@@ -257,7 +258,7 @@ async fn open_mqtt(
                 bail!("CONNECT refused (type {kind}, body {body:?})");
             }
             buf.advance(n);
-            return Ok((stream, buf));
+            return Ok((stream, buf, sent.elapsed()));
         }
     }
 }

@@ -1,0 +1,219 @@
+#!/usr/bin/env python3
+"""Turn `tether bench --json` result lines into BENCHMARKS.md (table, ratios, plot).
+
+Usage: bench_report.py RESULTS.jsonl COMMANDS.txt OUT.md OUT_DIR
+       bench_report.py --check RESULTS.jsonl     (exit 1 unless every scenario reported its keys)
+"""
+import json
+import os
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
+
+KEYS = {
+    "idle": ["connections", "rss_per_conn_bytes", "slab_per_conn_bytes", "cpu_s_per_10k_heartbeats", "heartbeats_per_s"],
+    "connect": ["handshakes_per_s", "handshake_ms_p50", "handshake_ms_p99"],
+    "detect": ["silenced", "declared", "false_verdicts", "lateness_ms_p50", "lateness_ms_p99", "lateness_ms_max"],
+    "takeover": ["latency_ms_p50", "latency_ms_p99", "ghosts"],
+    "storm": ["all_back_s", "peak_handshakes_in_flight"],
+}
+
+
+def load(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def check(rows):
+    seen = set()
+    for r in rows:
+        missing = [k for k in KEYS[r["scenario"]] if r.get(k) is None]
+        if missing:
+            print(f"{r['scenario']} ({r['target']}): missing {missing}", file=sys.stderr)
+            return 1
+        seen.add((r["scenario"], r["target"]))
+    want = {(s, t) for s in ("idle", "connect", "detect") for t in ("tether", "mosquitto")}
+    want |= {("takeover", "tether"), ("storm", "tether")}
+    if not want <= seen:
+        print(f"scenarios missing: {sorted(want - seen)}", file=sys.stderr)
+        return 1
+    print(f"bench smoke: {len(rows)} results, every scenario reported")
+    return 0
+
+
+def sh(cmd):
+    try:
+        return subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=10).stdout.strip()
+    except Exception:
+        return "?"
+
+
+def fmt(v, unit=""):
+    if v is None:
+        return "—"
+    if isinstance(v, float) and v != int(v):
+        return f"{v:,.3f}{unit}"
+    return f"{int(v):,}{unit}"
+
+
+def main():
+    if sys.argv[1] == "--check":
+        sys.exit(check(load(sys.argv[2])))
+    results, commands, out_md, out_dir = sys.argv[1:5]
+    rows = load(results)
+    by = {}
+    for r in rows:
+        by.setdefault((r["scenario"], r["target"]), []).append(r)
+    idle_max = {t: max(by.get(("idle", t), []), key=lambda r: r["connections"], default=None) for t in ("tether", "mosquitto")}
+
+    def pick(scenario, target, key):
+        if scenario == "idle":
+            r = idle_max[target]
+        else:
+            r = (by.get((scenario, target)) or [None])[-1]
+        return None if r is None else r.get(key)
+
+    figures = [
+        ("idle", "server RSS per idle connection (bytes)", "rss_per_conn_bytes", "lower"),
+        ("idle", "kernel slab per connection, both ends (bytes)", "slab_per_conn_bytes", "lower"),
+        ("idle", "server CPU per 10k heartbeats (s)", "cpu_s_per_10k_heartbeats", "lower"),
+        ("idle", "heartbeats handled per second", "heartbeats_per_s", "—"),
+        ("connect", "handshakes per second", "handshakes_per_s", "higher"),
+        ("connect", "handshake latency p50 (ms)", "handshake_ms_p50", "lower"),
+        ("connect", "handshake latency p99 (ms)", "handshake_ms_p99", "lower"),
+        ("detect", "silenced / declared / false verdicts", None, "—"),
+        ("detect", "verdict lateness p50 (ms)", "lateness_ms_p50", "lower"),
+        ("detect", "verdict lateness p99 (ms)", "lateness_ms_p99", "lower"),
+        ("detect", "verdict lateness max (ms)", "lateness_ms_max", "lower"),
+    ]
+    lines = []
+    n = idle_max["tether"]["connections"] if idle_max["tether"] else "?"
+    lines.append("| scenario | figure | tether | Mosquitto | tether / Mosquitto |")
+    lines.append("|---|---|---|---|---|")
+    for scenario, label, key, _better in figures:
+        if key is None:
+            t = "/".join(fmt(pick(scenario, "tether", k)) for k in ("silenced", "declared", "false_verdicts"))
+            m = "/".join(fmt(pick(scenario, "mosquitto", k)) for k in ("silenced", "declared", "false_verdicts"))
+            lines.append(f"| {scenario} | {label} | {t} | {m} | |")
+            continue
+        t, m = pick(scenario, "tether", key), pick(scenario, "mosquitto", key)
+        ratio = f"{t / m:.2f}" if isinstance(t, (int, float)) and isinstance(m, (int, float)) and m else "—"
+        lines.append(f"| {scenario} | {label} | {fmt(t)} | {fmt(m)} | {ratio} |")
+    for scenario, label, key in [
+        ("takeover", "takeover HELLO→WELCOME p50 (ms)", "latency_ms_p50"),
+        ("takeover", "takeover HELLO→WELCOME p99 (ms)", "latency_ms_p99"),
+        ("takeover", "ghosts after the takeovers", "ghosts"),
+        ("storm", "restart: all clients back after (s)", "all_back_s"),
+        ("storm", "restart: peak handshakes in flight (cap 512)", "peak_handshakes_in_flight"),
+    ]:
+        lines.append(f"| {scenario} | {label} | {fmt(pick(scenario, 'tether', key))} | n/a | |")
+    table = "\n".join(lines)
+
+    # RSS against connections, both systems.
+    plot_note = ""
+    png = os.path.join(out_dir, "rss.png")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+        for target, style in (("tether", "o-"), ("mosquitto", "s--")):
+            pts = sorted((r["connections"], (r.get("rss_bytes") or 0) / 2**20) for r in by.get(("idle", target), []))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=target)
+        ax.set_xlabel("idle connections")
+        ax.set_ylabel("server RSS (MiB)")
+        ax.set_title("Server memory against idle connections")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(png)
+        plot_note = f"![Server RSS against idle connections]({os.path.relpath(png, os.path.dirname(out_md) or '.')})"
+    except ImportError:
+        plot_note = "(matplotlib is not installed: no plot in this run)"
+
+    idle_rows = ["| system | connections | server RSS (MiB) | RSS per connection (bytes) |", "|---|---|---|---|"]
+    for target in ("tether", "mosquitto"):
+        for r in sorted(by.get(("idle", target), []), key=lambda r: r["connections"]):
+            idle_rows.append(
+                f"| {target} | {r['connections']:,} | {fmt((r.get('rss_bytes') or 0) / 2**20)} | {fmt(r.get('rss_per_conn_bytes'))} |"
+            )
+
+    machine = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2").strip(),
+        "cores": str(os.cpu_count()),
+        "memory": sh("free -h | awk '/Mem:/ {print $2}'"),
+        "kernel": platform.release(),
+        "rustc": sh("rustc --version"),
+        "mosquitto": sh("(mosquitto -h || /usr/sbin/mosquitto -h) 2>&1 | head -1"),
+        "open files": sh("ulimit -n"),
+    }
+    with open(commands) as f:
+        cmds = f.read().strip()
+    with open(out_md, "w") as f:
+        f.write(BENCH_DOC.format(
+            machine="\n".join(f"- {k}: {v}" for k, v in machine.items()),
+            n=fmt(n) if isinstance(n, int) else n,
+            table=table,
+            plot=plot_note,
+            idle="\n".join(idle_rows),
+            commands=cmds,
+            findings=open(os.path.join(os.path.dirname(__file__), "bench_findings.md")).read().strip(),
+        ))
+
+
+BENCH_DOC = """# Benchmarks: tether and Mosquitto, one run
+
+Written by `scripts/bench` (do not edit by hand: edit `scripts/bench_findings.md` for the analysis). Every figure
+comes from one run of both systems on this machine. The load generator (`tether bench`) spreads connections over
+worker processes of at most 5,000 connections each, each on its own 127.0.1.x source address, and talks only
+to the loopback server the run started.
+
+## Machine
+
+{machine}
+
+## Results at {n} connections
+
+{table}
+
+How each figure is taken:
+- **RSS per connection.** The server process's VmRSS after the connections are up and held, minus before, ÷ N.
+- **Slab per connection.** The whole machine's `Slab:` from /proc/meminfo, same delta ÷ N. Both ends of every
+  connection live on this machine.
+- **CPU per 10k heartbeats.** The server's user+system time during the hold ÷ heartbeat exchanges. One exchange
+  is a ping and its answer: tether's `PING`/`PONG` in either direction, MQTT's `PINGREQ`/`PINGRESP`.
+- **Handshakes per second.** N ÷ the slowest worker's time to open all of its connections, with 64 handshakes
+  in flight per worker. The latency runs from connect to `WELCOME`/`CONNACK`.
+- **Detection.** A tenth of the clients go silent at once, with their sockets left open. Both systems use the
+  same interval and declare death after 1.5 × the interval (MQTT's rule).
+  - tether: lateness is the server's own `lateness_ms` (declared − deadline).
+  - Mosquitto: it is Will delivery at a subscriber minus (last PINGREQ + 1.5 × keepalive).
+- **Takeover.** Live ids reconnect from fresh sockets one at a time; the latency is `HELLO` → `WELCOME`.
+  Ghosts are ESTABLISHED sockets on the server port beyond N, plus any CLOSE_WAIT.
+- **Storm.** The server is killed and restarted on the same port under N reconnecting clients (backoff
+  200 ms / 5 s, full jitter).
+
+## Memory against connections
+
+{plot}
+
+{idle}
+
+## Findings
+
+{findings}
+
+## Exact commands
+
+```
+{commands}
+```
+"""
+
+if __name__ == "__main__":
+    main()
