@@ -19,6 +19,7 @@ use std::time::{Duration, Instant as StdInstant};
 
 use socket2::SockRef;
 use tether_proto::{Connection, Event};
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -139,10 +140,27 @@ pub(crate) async fn drive<H: Hooks>(stream: TcpStream, conn: &mut Connection, ho
 
 fn read(stream: &TcpStream, conn: &mut Connection) {
     let mut buf = [0u8; READ_CHUNK];
-    match stream.try_read(&mut buf) {
+    let mut got = 0;
+    // A read shorter than the buffer shows the socket drained (epoll reports new data as a new edge), so it is
+    // reported to tokio as WouldBlock: tokio then clears the readiness, and the next wait does not cost a
+    // second, empty read syscall. tokio's own `poll_read` does the same; `try_read` does not.
+    let r = stream.try_io(Interest::READABLE, || {
+        use std::io::Read;
+        let n = (&*SockRef::from(stream)).read(&mut buf)?;
+        got = n;
+        if n > 0 && n < buf.len() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match r {
         Ok(0) => conn.handle_eof(now()),
         Ok(n) => conn.handle_bytes(now(), &buf[..n]),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            if got > 0 {
+                conn.handle_bytes(now(), &buf[..got]);
+            }
+        }
         Err(e) => {
             let unacked = sockopt::unacked_bytes(stream.as_raw_fd()).is_some_and(|n| n > 0);
             conn.handle_error(now(), &e, unacked);
