@@ -380,7 +380,8 @@ fn lab_icmp_unreachable_with_pending_writes_is_unreachable() {
 #[ignore = "fault lab: needs root and network namespaces; scripts/test runs it"]
 fn lab_host_reboot_is_a_reset_at_the_first_segment() {
     let mut lab = lab_or_skip!("host reboot");
-    let interval = Duration::from_secs(1);
+    // The server's first segment after the path returns is its backstop PING, 1.5 intervals after it last sent.
+    let interval = Duration::from_millis(1500);
     lab.serve(&["--heartbeat-interval", "1s", "--heartbeat-timeout", "60s"]);
     let (dev, w1) = raw_device(&lab, "dev", 1, None);
     lab.server_proc().expect("online", |v| event(v) == "online");

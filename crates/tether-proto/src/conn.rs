@@ -433,8 +433,8 @@ impl Connection {
                         self.events.push_back(Event::Suspect { silent_for: now.saturating_duration_since(last) });
                     }
                 }
-                if let Some(interval) = self.interval {
-                    if now >= self.last_tx + interval {
+                if let Some(due) = self.ping_due() {
+                    if now >= due {
                         self.ping_seq = self.ping_seq.wrapping_add(1);
                         let ts_ms = now.saturating_duration_since(self.origin).as_millis() as u64;
                         self.queue(now, &Frame::Ping { seq: self.ping_seq, ts_ms });
@@ -531,7 +531,7 @@ impl Connection {
             State::Established => {
                 let dl = self.deadlines?;
                 let suspect = dl.suspect_at.filter(|_| !self.suspected);
-                let ping = self.interval.map(|i| self.last_tx + i);
+                let ping = self.ping_due();
                 [Some(dl.convict_at), suspect, ping].into_iter().flatten().min()
             }
             _ => None,
@@ -544,6 +544,18 @@ impl Connection {
     }
 
     // ---- internals ----
+
+    /// When our next `PING` is due. The client drives the heartbeat: it pings after one interval without sending.
+    /// The server is the backstop and waits one and a half intervals, so that it pings only a client that has
+    /// gone quiet, and the two never ping each other at the same instant (which doubles the traffic).
+    fn ping_due(&self) -> Option<Instant> {
+        let interval = self.interval?;
+        let wait = match self.role {
+            Role::Client => interval,
+            Role::Server => interval + interval / 2,
+        };
+        Some(self.last_tx + wait)
+    }
 
     fn reading(&self) -> bool {
         match self.state {

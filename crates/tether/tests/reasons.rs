@@ -81,7 +81,7 @@ async fn heartbeat_timeout_for_a_silent_but_open_socket() {
     assert_eq!(lateness, Some(Duration::ZERO), "one exact deadline: the verdict is on time");
     assert_eq!(silent_for, Duration::from_secs(3));
     assert_eq!(t0.elapsed(), Duration::from_secs(3));
-    // The server pinged the silent peer every interval, then said why it closed.
+    // The server pinged the silent peer (after 1.5 intervals of its own silence), then said why it closed.
     let mut pings = 0;
     let bye = loop {
         match p.next_frame().await {
@@ -90,7 +90,7 @@ async fn heartbeat_timeout_for_a_silent_but_open_socket() {
             other => panic!("unexpected {other:?}"),
         }
     };
-    assert!(pings >= 2, "server pinged {pings} times");
+    assert!(pings >= 1, "server pinged {pings} times");
     assert_eq!(bye.reason, CloseReason::HeartbeatTimeout);
 }
 
