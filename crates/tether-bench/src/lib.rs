@@ -269,6 +269,8 @@ pub fn run(opts: &Opts) -> anyhow::Result<Report> {
     if opts.target == Target::Mosquitto && matches!(opts.scenario, Scenario::Takeover | Scenario::Storm) {
         bail!("{} is measured for tether only", opts.scenario.name());
     }
+    // Not while the kernel still tears down a previous run's connections (that skews every figure).
+    sys::wait_quiet(Duration::from_secs(60));
     let rss0_machine_slab = sys::slab_bytes();
     let mut server = start_server(opts)?;
     let rss0 = sys::rss_bytes(server.pid);
@@ -348,10 +350,10 @@ pub fn run(opts: &Opts) -> anyhow::Result<Report> {
             l.sort_by(f64::total_cmp);
             // Every evicted connection must be gone from the server's table: exactly n ESTABLISHED, no CLOSE_WAIT.
             let deadline = Instant::now() + Duration::from_secs(10);
-            let (mut est, mut cw) = sys::server_socket_counts(server.addr.port());
+            let (mut est, mut cw) = sys::server_socket_counts(server.addr);
             while (est != n || cw != 0) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(50));
-                (est, cw) = sys::server_socket_counts(server.addr.port());
+                (est, cw) = sys::server_socket_counts(server.addr);
             }
             let ghosts = est.abs_diff(n) + cw;
             out["takeovers"] = json!(l.len());

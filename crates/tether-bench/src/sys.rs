@@ -35,25 +35,50 @@ pub fn slab_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// Counts of (ESTABLISHED, CLOSE_WAIT) sockets whose local port is `port`, from /proc/net/tcp and tcp6.
-pub fn server_socket_counts(port: u16) -> (usize, usize) {
+/// Counts of (ESTABLISHED, CLOSE_WAIT) sockets whose local address is exactly `addr` (an IPv4 server address).
+/// Matching the port alone is wrong on loopback: a client socket on another 127.x address can get the same
+/// number as its ephemeral local port.
+pub fn server_socket_counts(addr: std::net::SocketAddr) -> (usize, usize) {
+    let std::net::SocketAddr::V4(v4) = addr else { return (0, 0) };
+    // /proc/net/tcp prints the address as the 32-bit value in host (little-endian) order, then the port.
+    let want = format!("{:08X}:{:04X}", u32::from_le_bytes(v4.ip().octets()), v4.port());
     let (mut est, mut cw) = (0, 0);
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else { continue };
-        for line in text.lines().skip(1) {
-            let mut cols = line.split_whitespace();
-            let (Some(local), Some(state)) = (cols.nth(1), cols.nth(1)) else { continue };
-            let Some(p) = local.rsplit(':').next().and_then(|h| u16::from_str_radix(h, 16).ok()) else { continue };
-            if p == port {
-                match state {
-                    "01" => est += 1,
-                    "08" => cw += 1,
-                    _ => {}
-                }
+    let Ok(text) = std::fs::read_to_string("/proc/net/tcp") else { return (0, 0) };
+    for line in text.lines().skip(1) {
+        let mut cols = line.split_whitespace();
+        let (Some(local), Some(state)) = (cols.nth(1), cols.nth(1)) else { continue };
+        if local.eq_ignore_ascii_case(&want) {
+            match state {
+                "01" => est += 1,
+                "08" => cw += 1,
+                _ => {}
             }
         }
     }
     (est, cw)
+}
+
+/// Wait (at most `limit`) until the machine's TCP stack is quiet: few sockets in use and no orphans, so a
+/// scenario is not measured while the kernel still tears down the previous one's connections.
+pub fn wait_quiet(limit: Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        let Ok(s) = std::fs::read_to_string("/proc/net/sockstat") else { return };
+        let field = |name: &str| -> u64 {
+            let tcp = s.lines().find(|l| l.starts_with("TCP:")).unwrap_or("");
+            let words: Vec<&str> = tcp.split_whitespace().collect();
+            words
+                .iter()
+                .position(|w| *w == name)
+                .and_then(|i| words.get(i + 1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        if field("inuse") < 100 && field("orphan") == 0 {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// Microseconds since the Unix epoch: the clock shared by coordinator and workers (separate processes).
@@ -75,6 +100,11 @@ mod tests {
         let port = l.local_addr().unwrap().port();
         let _c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (_s, _) = l.accept().unwrap();
-        assert_eq!(server_socket_counts(port), (1, 0));
+        let _ = port;
+        assert_eq!(server_socket_counts(l.local_addr().unwrap()), (1, 0));
+        // A different address with the same port number is not the server.
+        let other = std::net::SocketAddr::from(([127, 0, 1, 1], l.local_addr().unwrap().port()));
+        assert_eq!(server_socket_counts(other), (0, 0));
+        wait_quiet(Duration::from_millis(10));
     }
 }
