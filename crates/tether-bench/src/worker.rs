@@ -184,9 +184,32 @@ fn spawn_conn(opts: &WorkerOpts, c: &Conn, exchanges: Arc<AtomicU64>, gate: Opti
     rx
 }
 
+/// IP_BIND_ADDRESS_NO_PORT: choose the source port at connect() (against the whole 4-tuple), not at bind().
+/// Without it, binding a source address with port 0 must find a port no socket on that address holds, TIME_WAIT
+/// ones from the previous run included, and tens of thousands of connections exhaust and slow that search.
+#[cfg(target_os = "linux")]
+fn bind_address_no_port(sock: &TcpSocket) {
+    use std::os::fd::AsRawFd;
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt with a valid fd and a pointer to a c_int that lives for the call.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn bind_address_no_port(_sock: &TcpSocket) {}
+
 async fn dial(addr: SocketAddr, src: Option<IpAddr>) -> anyhow::Result<TcpStream> {
     let sock = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     if let Some(ip) = src {
+        bind_address_no_port(&sock);
         sock.bind(SocketAddr::new(ip, 0)).with_context(|| format!("binding {ip}"))?;
     }
     let stream = sock.connect(addr).await.context("connect")?;
