@@ -234,23 +234,37 @@ async fn open_tether(
     };
     stream.write_all(&Frame::Hello(hello).to_bytes()).await?;
     let mut buf = BytesMut::new();
+    read_until(&stream, &mut buf, |buf| {
+        let Some(n) = frame::check(buf, frame::DEFAULT_MAX_FRAME)? else { return Ok(None) };
+        let f = Frame::parse(&buf[..n])?;
+        buf.advance(n);
+        match f {
+            Frame::Welcome(_) => Ok(Some(())),
+            Frame::Bye(b) => bail!("refused: {}", b.reason),
+            other => bail!("expected WELCOME, got {}", other.name()),
+        }
+    })
+    .await?;
+    Ok((stream, buf, sent.elapsed()))
+}
+
+/// Read into `buf` until `parse` finds what it waits for in it (a handshake answer).
+async fn read_until<T>(
+    stream: &TcpStream,
+    buf: &mut BytesMut,
+    mut parse: impl FnMut(&mut BytesMut) -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
     loop {
+        if let Some(t) = parse(buf)? {
+            return Ok(t);
+        }
         stream.readable().await?;
         let mut chunk = [0u8; 512];
         match stream.try_read(&mut chunk) {
             Ok(0) => bail!("closed during the handshake"),
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e.into()),
-        }
-        if let Some(n) = frame::check(&buf, frame::DEFAULT_MAX_FRAME)? {
-            let f = Frame::parse(&buf[..n])?;
-            buf.advance(n);
-            match f {
-                Frame::Welcome(_) => return Ok((stream, buf, sent.elapsed())),
-                Frame::Bye(b) => bail!("refused: {}", b.reason),
-                other => bail!("expected WELCOME, got {}", other.name()),
-            }
         }
     }
 }
@@ -267,23 +281,16 @@ async fn open_mqtt(
     let topic = format!("tether-bench/will/{id}");
     stream.write_all(&mqtt::connect(id, keepalive, Some((&topic, id.as_bytes())))).await?;
     let mut buf = BytesMut::new();
-    loop {
-        stream.readable().await?;
-        let mut chunk = [0u8; 64];
-        match stream.try_read(&mut chunk) {
-            Ok(0) => bail!("closed during CONNECT"),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e.into()),
+    read_until(&stream, &mut buf, |buf| {
+        let Some((kind, body, n)) = mqtt::split(buf).map_err(anyhow::Error::msg)? else { return Ok(None) };
+        if kind != mqtt::CONNACK || body.get(1) != Some(&0) {
+            bail!("CONNECT refused (type {kind}, body {body:?})");
         }
-        if let Some((kind, body, n)) = mqtt::split(&buf).map_err(anyhow::Error::msg)? {
-            if kind != mqtt::CONNACK || body.get(1) != Some(&0) {
-                bail!("CONNECT refused (type {kind}, body {body:?})");
-            }
-            buf.advance(n);
-            return Ok((stream, buf, sent.elapsed()));
-        }
-    }
+        buf.advance(n);
+        Ok(Some(()))
+    })
+    .await?;
+    Ok((stream, buf, sent.elapsed()))
 }
 
 struct Heartbeat {

@@ -252,7 +252,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let json = args.events == Some(EventsFormat::Json);
     let mut server = Server::bind(cfg.clone()).await.with_context(|| format!("binding {}", cfg.listen))?;
     let mut events = server.events().expect("fresh server has its event stream");
-    if let Some(every) = args.stats_interval.filter(|d| !d.is_zero()) {
+    let stats = args.stats_interval.filter(|d| !d.is_zero()).map(|every| {
         let handle = server.handle();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
@@ -270,8 +270,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                     tracing::info!("stats {v}");
                 }
             }
-        });
-    }
+        })
+    });
     let printer = tokio::spawn(async move {
         while let Some(ev) = events.recv().await {
             if json {
@@ -282,7 +282,12 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
     });
     server.run(shutdown).await?;
-    // The server is gone with its event sender: the printer drains what is left and ends.
+    // The stats task holds a server handle, and with it the event sender: stop it, so that the printer sees the
+    // stream end once it has drained what is left.
+    if let Some(stats) = stats {
+        stats.abort();
+        let _ = stats.await;
+    }
     let _ = printer.await;
     Ok(ExitCode::SUCCESS)
 }

@@ -112,6 +112,14 @@ fn sigterm_shuts_down_gracefully_and_clients_hear_why() {
 }
 
 #[test]
+fn sigterm_ends_a_server_that_prints_stats() {
+    let (mut srv, _addr) = serve(&["--stats-interval", "100ms"]);
+    srv.expect("stats", |v| event(v) == "stats" && v["connections"] == 0);
+    srv.signal(libc::SIGTERM);
+    assert!(srv.wait_exit().success(), "the stats task must not keep the server alive");
+}
+
+#[test]
 fn ctrl_c_on_connect_says_bye() {
     let (srv, addr) = serve(&[]);
     let mut c = connect(&addr, "a", &[]);

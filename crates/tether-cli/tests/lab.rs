@@ -385,10 +385,8 @@ fn lab_host_reboot_is_a_reset_at_the_first_segment() {
     lab.serve(&["--heartbeat-interval", "1s", "--heartbeat-timeout", "60s"]);
     let (dev, w1) = raw_device(&lab, "dev", 1, None);
     lab.server_proc().expect("online", |v| event(v) == "online");
-    lab.cut(DEVICE_IP);
-    lab.forget_sockets(&lab.devices, SERVER_IP);
+    lab.reboot_devices();
     drop(dev);
-    lab.restore(DEVICE_IP);
     let t0 = Instant::now();
     let off = lab.server_proc().expect("old connection reset", offline_of("dev"));
     let took = t0.elapsed();
@@ -412,10 +410,8 @@ fn lab_rebooted_device_takes_over_its_half_open_connection() {
     lab.serve(&["--heartbeat-interval", "30s", "--heartbeat-timeout", "90s"]);
     let (dev, _) = raw_device(&lab, "dev", 1, None);
     lab.server_proc().expect("online", |v| event(v) == "online");
-    lab.cut(DEVICE_IP);
-    lab.forget_sockets(&lab.devices, SERVER_IP);
+    lab.reboot_devices();
     drop(dev);
-    lab.restore(DEVICE_IP);
     let t0 = Instant::now();
     let (_dev2, _) = raw_device(&lab, "dev", 2, None);
     let tk = lab.server_proc().expect("takeover", |v| event(v) == "takeover");
@@ -449,10 +445,8 @@ fn lab_reboot_storm_leaves_no_ghosts() {
         lab.server_proc().expect("online", |v| event(v) == "online");
     }
     for round in 1..=3u64 {
-        lab.cut(DEVICE_IP);
-        lab.forget_sockets(&lab.devices, SERVER_IP);
+        lab.reboot_devices();
         devices.clear();
-        lab.restore(DEVICE_IP);
         let t0 = Instant::now();
         devices = connect_all(&lab, round);
         let reconnect = t0.elapsed();

@@ -219,6 +219,14 @@ impl Lab {
         run(&["ip", "netns", "exec", ns, "ss", "-K", "dst", dst]);
     }
 
+    /// A device host reboots while its path is down: cut, its kernel forgets every socket to the server (the
+    /// RST is swallowed by the cut), the path comes back. The test drops its dead sockets itself.
+    pub fn reboot_devices(&mut self) {
+        self.cut(DEVICE_IP);
+        self.forget_sockets(&self.devices.clone(), SERVER_IP);
+        self.restore(DEVICE_IP);
+    }
+
     /// TCP states of the sockets on the server's port, from the server namespace's kernel table.
     pub fn server_sockets(&self) -> Vec<String> {
         let out = run(&["ip", "netns", "exec", &self.server, "ss", "-Htan", "sport", "=", &format!(":{PORT}")]);
