@@ -175,7 +175,10 @@ fn spawn_conn(opts: &WorkerOpts, c: &Conn, exchanges: Arc<AtomicU64>, gate: Opti
         };
         last.store(epoch_us(), Ordering::SeqCst);
         let _ = tx.send(Ok((started.elapsed(), hello_rtt)));
-        let hb = Heartbeat { silent, wake, last_tx_us: last, exchanges, interval };
+        // Devices connect over time, so their ping phases are spread over the interval; a burst-opened load
+        // generator would otherwise ping (and fall due) all at once. The phase comes from the id: repeatable.
+        let phase = interval.mul_f64((nonce_of(&id) % 1000) as f64 / 1000.0);
+        let hb = Heartbeat { silent, wake, last_tx_us: last, exchanges, interval, phase };
         let _ = match target {
             Target::Tether => hb.tether(stream, leftover).await,
             Target::Mosquitto => hb.mqtt(stream).await,
@@ -299,6 +302,8 @@ struct Heartbeat {
     last_tx_us: Arc<AtomicU64>,
     exchanges: Arc<AtomicU64>,
     interval: Duration,
+    /// How far into its cycle this connection starts (the first ping comes `interval - phase` after connect).
+    phase: Duration,
 }
 
 impl Heartbeat {
@@ -309,7 +314,8 @@ impl Heartbeat {
 
     /// Ping when idle for one interval, answer pings, until the server closes.
     async fn tether(self, mut stream: TcpStream, mut buf: BytesMut) -> anyhow::Result<()> {
-        let mut last_tx = tokio::time::Instant::now();
+        let now = tokio::time::Instant::now();
+        let mut last_tx = now.checked_sub(self.phase).unwrap_or(now);
         let mut seq = 0u32;
         loop {
             let silent = self.silent.load(Ordering::SeqCst);
@@ -353,7 +359,7 @@ impl Heartbeat {
 
     /// PINGREQ every keepalive, read and drop what comes back, until the broker closes.
     async fn mqtt(self, stream: TcpStream) -> anyhow::Result<()> {
-        let mut next = tokio::time::Instant::now() + self.interval;
+        let mut next = tokio::time::Instant::now() + self.interval.saturating_sub(self.phase);
         let mut stream = stream;
         loop {
             let silent = self.silent.load(Ordering::SeqCst);
