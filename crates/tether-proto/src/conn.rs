@@ -194,6 +194,8 @@ pub struct Connection {
     tx_stalled_since: Option<Instant>,
     /// When we last queued a frame: a `PING` is due one interval after it.
     last_tx: Instant,
+    /// Client: how far into its first ping cycle the connection starts, as a fraction of the interval.
+    ping_phase: f64,
     /// Heartbeat interval and timeout, once negotiated.
     interval: Option<Duration>,
     timeout: Option<Duration>,
@@ -233,6 +235,7 @@ impl Connection {
             tx: BytesMut::new(),
             tx_stalled_since: None,
             last_tx: now,
+            ping_phase: 0.0,
             interval: None,
             timeout: None,
             detector: None,
@@ -446,6 +449,13 @@ impl Connection {
     }
 
     // ---- commands ----
+
+    /// Client: start the ping cycle `fraction` (0..1) of an interval in, so the first `PING` comes after
+    /// `(1 - fraction) × interval`. Clients that connect together (after a server restart) then do not ping in
+    /// phase forever. The IO layer draws the fraction; the core has no randomness of its own.
+    pub fn set_ping_phase(&mut self, fraction: f64) {
+        self.ping_phase = if fraction.is_finite() { fraction.clamp(0.0, 0.999) } else { 0.0 };
+    }
 
     /// Server: admit the session announced by [`Event::Hello`] and send `WELCOME`.
     pub fn accept(&mut self, now: Instant, welcome: Welcome) {
@@ -676,6 +686,9 @@ impl Connection {
         self.interval = Some(interval);
         self.timeout = Some(timeout);
         self.state = State::Established;
+        if self.role == Role::Client && self.ping_phase > 0.0 {
+            self.last_tx = now.checked_sub(interval.mul_f64(self.ping_phase)).unwrap_or(now);
+        }
     }
 
     fn peer_bye(&mut self, now: Instant, b: Bye) {

@@ -130,6 +130,9 @@ impl Client {
         };
         let max_frame = cfg.conn.max_frame;
         let mut conn = Connection::client(driver::now(), cfg.conn.clone(), hello);
+        if cfg.ping_jitter {
+            conn.set_ping_phase(rand::random::<f64>());
+        }
         let (cmd_tx, cmd_rx) = mpsc::channel(cfg.command_queue.max(1));
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
         let (welcome_tx, welcome_rx) = oneshot::channel();

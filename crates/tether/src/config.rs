@@ -87,6 +87,8 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// Commands (sends, subscriptions) waiting for the connection's task.
     pub command_queue: usize,
+    /// Start the ping cycle at a random phase, so clients that connect together do not ping in phase.
+    pub ping_jitter: bool,
 }
 
 impl ClientConfig {
@@ -100,6 +102,7 @@ impl ClientConfig {
             socket: SocketOptions::default(),
             connect_timeout: Duration::from_secs(10),
             command_queue: 1024,
+            ping_jitter: true,
         }
     }
 }

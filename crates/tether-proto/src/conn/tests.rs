@@ -523,3 +523,24 @@ fn arbitrary_input_never_panics_and_always_ends_with_one_reason() {
     // The input reached deep states, not only handshake refusals.
     assert!(established > 1000 && delivered > 100, "established {established}, delivered {delivered}");
 }
+
+#[test]
+fn client_ping_phase_spreads_the_first_ping_then_keeps_the_interval() {
+    let now = Instant::now();
+    let first_ping = |phase: f64| {
+        let mut c = Connection::client(now, ConnConfig::default(), hello("a"));
+        c.set_ping_phase(phase);
+        c.handle_written(now, c.poll_transmit().len()); // HELLO out
+        c.handle_bytes(now, &Frame::Welcome(welcome()).to_bytes());
+        let due = c.poll_timeout().unwrap();
+        c.handle_timeout(due);
+        assert!(matches!(Frame::parse(c.poll_transmit()), Ok(Frame::Ping { .. })));
+        c.handle_written(due, c.poll_transmit().len());
+        (due - now, c.poll_timeout().unwrap() - due)
+    };
+    // Interval 1 s: the first ping after (1 - phase) s, the next one interval later.
+    assert_eq!(first_ping(0.0), (ms(1000), ms(1000)));
+    assert_eq!(first_ping(0.25), (ms(750), ms(1000)));
+    assert_eq!(first_ping(0.9), (ms(100), ms(1000)));
+    assert_eq!(first_ping(f64::NAN).0, ms(1000), "nonsense is ignored");
+}
