@@ -5,8 +5,9 @@
 //! the server's refusal as [`ConnectError::Refused`] with its reason and hints. A background task then runs the
 //! same driver and state machine as the server, so a dead server is reported with the same reasons
 //! (`heartbeat_timeout`, `eof`, `reset`, `keepalive_timeout`, `write_timeout`, `unreachable`, or the server's
-//! `BYE` reason) as [`ClientEvent::Disconnected`], always the last event. Reconnection is the caller's loop for
-//! now: a `Disconnect` carries the server's retry-after and alternative-address hints for it.
+//! `BYE` reason) as [`ClientEvent::Disconnected`], always the last event. One `Client` is one connection;
+//! [`crate::ReconnectingClient`] reconnects, fails over and follows the `Disconnect`'s retry-after and
+//! alternative-address hints.
 
 use std::io;
 use std::net::SocketAddr;
