@@ -4,7 +4,7 @@
 //! - `serve`: [`serve::run`] builds a [`tether::ServerConfig`] from defaults, then the TOML file, then flags, and
 //!   prints events (JSON lines on stdout with `--events json`, human lines on stderr otherwise).
 //! - `connect`: [`connect::run`] connects a [`tether::Client`], sends stdin lines as `DATA`, prints what arrives.
-//! - `bench` / `bench-worker`: [`bench`], flags over the `tether-bench` crate (coordinator and load generator).
+//! - `bench` / `bench-worker`: [`mod@bench`], flags over the `tether-bench` crate (coordinator and load generator).
 //! - [`duration`]: `500ms` / `1.5s` / `30s` parsing for flags and the file.
 
 mod bench;

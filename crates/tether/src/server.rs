@@ -3,10 +3,10 @@
 //! # Layout
 //! [`Server::bind`] opens the listener (options set and read back once, logged); [`Server::run`] accepts until
 //! the shutdown future resolves, then says `BYE(server_shutdown)` to everyone with retry-after hints spread over a
-//! window and waits (bounded) for the goodbyes. Each connection runs [`crate::driver::drive`] with
-//! [`ServerHooks`], which consult the [`Hub`]: the sans-IO [`Registry`] plus a handle per connection, under one
+//! window and waits (bounded) for the goodbyes. Each connection runs `driver::drive` with
+//! `ServerHooks`, which consult the `Hub`: the sans-IO [`Registry`] plus a handle per connection, under one
 //! mutex that is held only for short, non-blocking work. Other tasks reach a connection through its bounded
-//! command queue (relayed data, presence; overflow is `slow_consumer`) or its [`Control`] slot (close requests:
+//! command queue (relayed data, presence; overflow is `slow_consumer`) or its `Control` slot (close requests:
 //! takeover, kick, shutdown), so a full queue can never block a takeover.
 //!
 //! Over `max_connections`, over `max_handshakes` in flight, or over `accept_rate`, a new socket is answered
