@@ -101,6 +101,14 @@ impl NsClient {
         self.cmds.send(Cmd::Subscribe(ids.iter().map(|s| s.to_string()).collect())).unwrap();
     }
 
+    /// The connection's end, within `patience`.
+    fn disconnected(&self, patience: Duration) -> tether::Disconnect {
+        match self.expect("device verdict", patience, |e| matches!(e, ClientEvent::Disconnected(_))) {
+            ClientEvent::Disconnected(d) => d,
+            _ => unreachable!("expect returned a matching event"),
+        }
+    }
+
     /// The first event matching `pred` within `patience`.
     fn expect(&self, what: &str, patience: Duration, pred: impl Fn(&ClientEvent) -> bool) -> ClientEvent {
         let deadline = Instant::now() + patience;
@@ -189,11 +197,7 @@ fn lab_silent_cut_is_a_heartbeat_timeout_everywhere() {
     let server_took = t0.elapsed();
     assert_eq!(off["reason"], "heartbeat_timeout");
     assert!(server_took <= timeout + SLACK, "server took {server_took:?}");
-    let ClientEvent::Disconnected(d) =
-        device.expect("device verdict", Duration::from_secs(10), |e| matches!(e, ClientEvent::Disconnected(_)))
-    else {
-        unreachable!()
-    };
+    let d = device.disconnected(Duration::from_secs(10));
     let device_took = t0.elapsed();
     assert_eq!(d.reason.as_str(), "heartbeat_timeout");
     assert!(device_took <= timeout + SLACK, "device took {device_took:?}");
@@ -534,11 +538,7 @@ fn lab_server_link_down_is_a_heartbeat_timeout_on_both_ends() {
     let off = lab.server_proc().expect("dev offline", offline_of("dev"));
     let server_took = t0.elapsed();
     assert_eq!(off["reason"], "heartbeat_timeout");
-    let ClientEvent::Disconnected(d) =
-        device.expect("device verdict", Duration::from_secs(10), |e| matches!(e, ClientEvent::Disconnected(_)))
-    else {
-        unreachable!()
-    };
+    let d = device.disconnected(Duration::from_secs(10));
     let device_took = t0.elapsed();
     assert_eq!(d.reason.as_str(), "heartbeat_timeout");
     assert!(server_took <= timeout + SLACK && device_took <= timeout + SLACK, "{server_took:?} {device_took:?}");
