@@ -304,6 +304,11 @@ impl Connection {
             self.rx.extend_from_slice(data);
             self.process_buffered(now);
         }
+        // While a HELLO awaits admission, frames after it wait here: at most one largest frame's worth.
+        if self.admission_pending && self.rx.len() > self.cfg.max_frame as usize + frame::HEADER_LEN {
+            self.admission_pending = false;
+            self.protocol_error(now, format!("{} bytes sent before the WELCOME", self.rx.len()));
+        }
     }
 
     /// The peer closed its write half (read returned 0).

@@ -42,11 +42,14 @@ pub enum CloseReason {
     ServerShutdown,
     /// The server's operator or application removed the client.
     Kicked,
+    /// The credential in `HELLO` was missing, forged, expired, or not for this client id; or a subscription
+    /// went beyond what it allows.
+    AuthFailed,
 }
 
 impl CloseReason {
     /// Every reason, in wire-code order.
-    pub const ALL: [CloseReason; 15] = [
+    pub const ALL: [CloseReason; 16] = [
         CloseReason::Bye,
         CloseReason::Eof,
         CloseReason::Reset,
@@ -62,6 +65,7 @@ impl CloseReason {
         CloseReason::SlowConsumer,
         CloseReason::ServerShutdown,
         CloseReason::Kicked,
+        CloseReason::AuthFailed,
     ];
 
     /// The stable snake_case name.
@@ -82,6 +86,7 @@ impl CloseReason {
             CloseReason::SlowConsumer => "slow_consumer",
             CloseReason::ServerShutdown => "server_shutdown",
             CloseReason::Kicked => "kicked",
+            CloseReason::AuthFailed => "auth_failed",
         }
     }
 
@@ -136,7 +141,7 @@ impl TryFrom<u8> for CloseReason {
     type Error = UnknownReason;
     fn try_from(code: u8) -> Result<Self, Self::Error> {
         match code {
-            1..=15 => Ok(Self::ALL[code as usize - 1]),
+            1..=16 => Ok(Self::ALL[code as usize - 1]),
             other => Err(UnknownReason(other)),
         }
     }
@@ -155,7 +160,7 @@ mod tests {
             assert_eq!(CloseReason::from_name(r.as_str()), Some(r));
         }
         assert_eq!(CloseReason::try_from(0), Err(UnknownReason(0)));
-        assert_eq!(CloseReason::try_from(16), Err(UnknownReason(16)));
+        assert_eq!(CloseReason::try_from(17), Err(UnknownReason(17)));
         assert_eq!(CloseReason::from_name("nope"), None);
     }
 

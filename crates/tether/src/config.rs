@@ -8,12 +8,30 @@
 //! jitter), kernel keepalive 15 s + 3 × 5 s, user timeout derived as 30 s.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tether_proto::registry::RegistryConfig;
 use tether_proto::{ConnConfig, HeartbeatPolicy};
 
+use crate::auth::Authenticator;
 use crate::sockopt::SocketOptions;
+
+/// The server's credential check, shared by every connection. Compared by identity.
+#[derive(Clone)]
+pub struct Auth(pub Arc<dyn Authenticator>);
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Auth(..)")
+    }
+}
+
+impl PartialEq for Auth {
+    fn eq(&self, other: &Auth) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
 
 /// Everything a server needs.
 #[derive(Debug, Clone, PartialEq)]
@@ -46,6 +64,10 @@ pub struct ServerConfig {
     pub shutdown_spread: Duration,
     /// Server-directed drain: the address shutdown `BYE`s name as the alternative (clients go there).
     pub shutdown_redirect: Option<String>,
+    /// Who may claim a client id. `None` admits any `HELLO` (open mode: anyone who knows an id can take it over).
+    pub auth: Option<Auth>,
+    /// A refused credential is answered `BYE(auth_failed)` only after this long, to slow down guessing.
+    pub auth_fail_delay: Duration,
 }
 
 impl Default for ServerConfig {
@@ -67,6 +89,8 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(5),
             shutdown_spread: Duration::from_secs(10),
             shutdown_redirect: None,
+            auth: None,
+            auth_fail_delay: Duration::from_secs(1),
         }
     }
 }

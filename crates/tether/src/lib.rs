@@ -6,12 +6,14 @@
 //! - [`resilient`]: [`ReconnectingClient`], which reconnects with backoff, fails over, and keeps its identity,
 //!   subscriptions and queued data across outages.
 //! - [`config`]: [`ServerConfig`], [`ClientConfig`] and their defaults.
+//! - [`auth`]: [`Authenticator`], the credential check in `HELLO`, and the built-in [`HmacTokens`].
 //! - [`event`]: [`ServerEvent`], what the server tells its application.
 //! - [`sockopt`]: TCP_NODELAY, keepalive and TCP_USER_TIMEOUT on every socket, read back for the logs.
 //! - `driver`: the IO pump that carries out a [`tether_proto::Connection`]'s decisions on a socket.
 //!
 //! All protocol decisions live in [`tether_proto`]; this crate only moves bytes, time and commands.
 
+pub mod auth;
 pub mod client;
 pub mod config;
 mod driver;
@@ -20,8 +22,9 @@ pub mod resilient;
 pub mod server;
 pub mod sockopt;
 
+pub use auth::{AuthError, Authenticator, Grant, HmacTokens};
 pub use client::{Client, ClientError, ClientEvent, ConnectError, Disconnect};
-pub use config::{ClientConfig, ServerConfig};
+pub use config::{Auth, ClientConfig, ServerConfig};
 pub use event::{EventKind, ServerEvent};
 pub use resilient::{LinkError, LinkEvent, ReconnectingClient, ResilienceConfig, Sent};
 pub use server::{SendToError, Server, ServerHandle};

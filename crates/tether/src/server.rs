@@ -125,7 +125,10 @@ enum PushError {
 
 #[derive(Debug, Clone)]
 enum CloseCmd {
+    /// Goodbye and linger (takeover, kick, shutdown).
     Bye(Bye),
+    /// Refuse: flush the `BYE` and close (a delayed `auth_failed`).
+    Reject(Bye),
     Abort(CloseReason),
 }
 
@@ -478,7 +481,7 @@ async fn serve_conn(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, co
     }
     shared.hub.lock().expect("hub lock").conns.insert(conn_id, ConnHandle { control: control.clone() });
     let mut conn = Connection::server(driver::now(), shared.conn_cfg.clone());
-    let mut hooks = ServerHooks { shared, conn_id, peer, client: None, control, handshaking: true };
+    let mut hooks = ServerHooks { shared, conn_id, peer, client: None, control, handshaking: true, grant: None };
     drive(stream, &mut conn, &mut hooks).await;
     hooks.handshake_done();
 }
@@ -524,6 +527,8 @@ struct ServerHooks {
     control: Arc<Control>,
     /// Still counted in `Shared::handshakes` (until admitted or closed).
     handshaking: bool,
+    /// What the credential allows (no limit without authentication).
+    grant: Option<crate::auth::Grant>,
 }
 
 impl ServerHooks {
@@ -535,8 +540,25 @@ impl ServerHooks {
     }
 
     fn on_hello(&mut self, conn: &mut Connection, now: StdInstant, hello: tether_proto::Hello) {
-        self.handshake_done();
         let shared = self.shared.clone();
+        if let Some(auth) = &shared.cfg.auth {
+            match auth.0.authenticate(&hello.client_id, &hello.credential, SystemTime::now()) {
+                Ok(grant) => self.grant = Some(grant),
+                Err(e) => {
+                    // Refused, but only after a delay, to slow guessing. The connection stays counted as a
+                    // handshake meanwhile (bounded by max_handshakes) and its input is capped by the core.
+                    tracing::info!(conn = self.conn_id, peer = %self.peer, client = %hello.client_id, "auth failed: {e}");
+                    let control = self.control.clone();
+                    let delay = shared.cfg.auth_fail_delay;
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        control.request(CloseCmd::Reject(bye(CloseReason::AuthFailed, Duration::ZERO)));
+                    });
+                    return;
+                }
+            }
+        }
+        self.handshake_done();
         let mut hub = shared.hub.lock().expect("hub lock");
         let Hub { registry, conns, .. } = &mut *hub;
         let admission = registry.admit(now, &hello.client_id, hello.nonce, self.conn_id, |c| {
@@ -655,6 +677,11 @@ impl Hooks for ServerHooks {
             Event::Hello(h) => self.on_hello(conn, now, h),
             Event::Data { peer, payload } => self.on_data(conn, now, peer, payload),
             Event::Subscribe(ids) => {
+                if let Some(denied) = self.grant.as_ref().and_then(|g| ids.iter().find(|id| !g.allows(id))) {
+                    tracing::info!(conn = self.conn_id, client = ?self.client, "subscription to {denied} not granted");
+                    conn.reject(now, bye(CloseReason::AuthFailed, Duration::ZERO));
+                    return;
+                }
                 let mut hub = self.shared.hub.lock().expect("hub lock");
                 match hub.registry.subscribe(self.conn_id, &ids) {
                     Ok(()) => {
@@ -699,6 +726,7 @@ impl Hooks for ServerHooks {
                 let _ = conn.send(now, f);
             }
             Cmd::Close(CloseCmd::Bye(b)) => conn.close(now, b),
+            Cmd::Close(CloseCmd::Reject(b)) => conn.reject(now, b),
             Cmd::Close(CloseCmd::Abort(r)) => conn.abort(now, r),
         }
     }

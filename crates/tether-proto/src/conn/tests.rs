@@ -544,3 +544,19 @@ fn client_ping_phase_spreads_the_first_ping_then_keeps_the_interval() {
     assert_eq!(first_ping(0.9), (ms(100), ms(1000)));
     assert_eq!(first_ping(f64::NAN).0, ms(1000), "nonsense is ignored");
 }
+
+#[test]
+fn bytes_pipelined_behind_a_pending_hello_are_bounded() {
+    let now = Instant::now();
+    let mut s = Connection::server(now, ConnConfig::default());
+    s.handle_bytes(now, &Frame::Hello(hello("a")).to_bytes());
+    assert!(matches!(s.poll_event(), Some(Event::Hello(_))));
+    // The admission decision is not in yet (an authenticator may be slow, or deliberately delaying a refusal):
+    // a flood behind the HELLO is cut off once it exceeds one largest frame.
+    let chunk = vec![0u8; 16 * 1024];
+    for _ in 0..8 {
+        s.handle_bytes(now, &chunk);
+    }
+    assert_eq!(s.close_reason(), Some(CloseReason::ProtocolError));
+    assert!(s.pending_rx() <= ConnConfig::default().max_frame as usize + 4);
+}

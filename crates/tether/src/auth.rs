@@ -1,0 +1,171 @@
+//! Who may claim a client id: the credential in `HELLO`, checked before a session is admitted.
+//!
+//! # Layout
+//! [`Authenticator`] is the pluggable check: given the claimed id and the credential bytes, it answers with a
+//! [`Grant`] (what the session may subscribe to) or an [`AuthError`]. [`HmacTokens`] is the built-in scheme:
+//! a token is `v1.<id>.<expiry>.<subscriptions>.<mac>`, where id and subscriptions are base64url (no padding),
+//! expiry is Unix seconds, and mac is HMAC-SHA256 under the server secret over
+//! `tether-token-v1|<id>|<expiry>|<subscriptions, comma-joined>`, also base64url. The MAC is compared in constant
+//! time. Because every admitted session proved its id, a takeover is only possible for a holder of a valid
+//! token for that id.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+/// What an authenticated session may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// Ids the session may subscribe to (`*` allows everyone); `None` puts no limit.
+    pub subscriptions: Option<Vec<String>>,
+}
+
+impl Grant {
+    /// Whether subscribing to `id` is within the grant.
+    pub fn allows(&self, id: &str) -> bool {
+        self.subscriptions.as_ref().is_none_or(|list| list.iter().any(|a| a == "*" || a == id))
+    }
+}
+
+/// Why a credential was refused (the client only ever sees `auth_failed`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthError {
+    #[error("no credential")]
+    Missing,
+    #[error("malformed token")]
+    Malformed,
+    #[error("bad signature")]
+    BadSignature,
+    #[error("token expired")]
+    Expired,
+    #[error("token is for another client id")]
+    WrongId,
+}
+
+/// A credential check, pluggable for other schemes.
+pub trait Authenticator: Send + Sync + 'static {
+    fn authenticate(&self, client_id: &str, credential: &[u8], now: SystemTime) -> Result<Grant, AuthError>;
+}
+
+/// The built-in HMAC-SHA256 tokens.
+pub struct HmacTokens {
+    secret: Vec<u8>,
+}
+
+impl std::fmt::Debug for HmacTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HmacTokens { secret: <redacted> }")
+    }
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+impl HmacTokens {
+    /// A secret shorter than 16 bytes is refused: it would be guessable.
+    pub fn new(secret: impl Into<Vec<u8>>) -> Result<HmacTokens, &'static str> {
+        let secret = secret.into();
+        if secret.len() < 16 {
+            return Err("the auth secret must be at least 16 bytes");
+        }
+        Ok(HmacTokens { secret })
+    }
+
+    fn mac(&self, id: &str, expiry: u64, subs: &str) -> HmacSha256 {
+        let mut mac = HmacSha256::new_from_slice(&self.secret).expect("HMAC takes keys of any length");
+        mac.update(format!("tether-token-v1|{id}|{expiry}|{subs}").as_bytes());
+        mac
+    }
+
+    /// A token for `id`, valid until `now + ttl`, allowing `subscriptions` (`None`: no limit).
+    pub fn mint(&self, id: &str, now: SystemTime, ttl: Duration, subscriptions: Option<&[String]>) -> String {
+        let expiry = (now + ttl).duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let subs = subscriptions.map(|s| s.join(",")).unwrap_or_default();
+        let mac = self.mac(id, expiry, &subs).finalize().into_bytes();
+        format!("v1.{}.{expiry}.{}.{}", B64.encode(id), B64.encode(&subs), B64.encode(mac))
+    }
+}
+
+impl Authenticator for HmacTokens {
+    fn authenticate(&self, client_id: &str, credential: &[u8], now: SystemTime) -> Result<Grant, AuthError> {
+        if credential.is_empty() {
+            return Err(AuthError::Missing);
+        }
+        let token = std::str::from_utf8(credential).map_err(|_| AuthError::Malformed)?;
+        let parts: Vec<&str> = token.trim().split('.').collect();
+        let ["v1", id, expiry, subs, mac] = parts[..] else { return Err(AuthError::Malformed) };
+        let decode = |s: &str| B64.decode(s).map_err(|_| AuthError::Malformed);
+        let id = String::from_utf8(decode(id)?).map_err(|_| AuthError::Malformed)?;
+        let subs = String::from_utf8(decode(subs)?).map_err(|_| AuthError::Malformed)?;
+        let expiry: u64 = expiry.parse().map_err(|_| AuthError::Malformed)?;
+        // The signature first: nothing else in the token is believed before it is verified.
+        self.mac(&id, expiry, &subs).verify_slice(&decode(mac)?).map_err(|_| AuthError::BadSignature)?;
+        let now_s = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if now_s >= expiry {
+            return Err(AuthError::Expired);
+        }
+        if id != client_id {
+            return Err(AuthError::WrongId);
+        }
+        let subscriptions = (!subs.is_empty()).then(|| subs.split(',').map(str::to_owned).collect());
+        Ok(Grant { subscriptions })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokens() -> HmacTokens {
+        HmacTokens::new(b"0123456789abcdef0123".to_vec()).unwrap()
+    }
+
+    #[test]
+    fn a_minted_token_authenticates_its_id_until_it_expires() {
+        let t = tokens();
+        let now = SystemTime::now();
+        let tok = t.mint("dev-1", now, Duration::from_secs(60), None);
+        assert_eq!(t.authenticate("dev-1", tok.as_bytes(), now), Ok(Grant { subscriptions: None }));
+        assert_eq!(t.authenticate("dev-2", tok.as_bytes(), now), Err(AuthError::WrongId));
+        let later = now + Duration::from_secs(61);
+        assert_eq!(t.authenticate("dev-1", tok.as_bytes(), later), Err(AuthError::Expired));
+    }
+
+    #[test]
+    fn forgeries_are_refused() {
+        let t = tokens();
+        let now = SystemTime::now();
+        let tok = t.mint("dev-1", now, Duration::from_secs(60), None);
+        // Another secret's token.
+        let other =
+            HmacTokens::new(b"another secret, 16+".to_vec()).unwrap().mint("dev-1", now, Duration::from_secs(60), None);
+        assert_eq!(t.authenticate("dev-1", other.as_bytes(), now), Err(AuthError::BadSignature));
+        // The id swapped in a valid token (signature no longer matches).
+        let parts: Vec<&str> = tok.split('.').collect();
+        let swapped = format!("v1.{}.{}.{}.{}", B64.encode("dev-2"), parts[2], parts[3], parts[4]);
+        assert_eq!(t.authenticate("dev-2", swapped.as_bytes(), now), Err(AuthError::BadSignature));
+        // A longer expiry swapped in.
+        let extended = format!("v1.{}.{}.{}.{}", parts[1], u64::MAX, parts[3], parts[4]);
+        assert_eq!(t.authenticate("dev-1", extended.as_bytes(), now), Err(AuthError::BadSignature));
+        assert_eq!(t.authenticate("dev-1", b"", now), Err(AuthError::Missing));
+        assert_eq!(t.authenticate("dev-1", b"garbage", now), Err(AuthError::Malformed));
+        assert_eq!(t.authenticate("dev-1", &[0xff, 0xfe], now), Err(AuthError::Malformed));
+        assert!(HmacTokens::new(b"short".to_vec()).is_err());
+    }
+
+    #[test]
+    fn subscriptions_are_limited_to_the_grant() {
+        let t = tokens();
+        let now = SystemTime::now();
+        let subs = vec!["a".to_string(), "b".to_string()];
+        let tok = t.mint("w", now, Duration::from_secs(60), Some(&subs));
+        let g = t.authenticate("w", tok.as_bytes(), now).unwrap();
+        assert!(g.allows("a") && g.allows("b") && !g.allows("c") && !g.allows("*"));
+        let all = t.mint("w", now, Duration::from_secs(60), Some(&["*".to_string()]));
+        assert!(t.authenticate("w", all.as_bytes(), now).unwrap().allows("anyone"));
+        assert!(format!("{t:?}").contains("redacted"));
+    }
+}
