@@ -44,6 +44,9 @@ pub struct Args {
     /// Print one JSON object per line.
     #[arg(long)]
     json: bool,
+    /// File holding this client's token (from `tether token`), for a server that requires one.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<std::path::PathBuf>,
     /// Reconnect by itself, with backoff and failover over the addresses.
     #[arg(long)]
     reconnect: bool,
@@ -84,6 +87,10 @@ fn whole_ms(d: Duration) -> u64 {
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut cfg = ClientConfig::new(args.id.clone());
     cfg.heartbeat_interval = args.heartbeat_interval;
+    if let Some(path) = &args.token_file {
+        let token = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        cfg.credential = token.trim().as_bytes().to_vec();
+    }
     let shutdown = crate::shutdown_signal()?;
     let out = Printer { json: args.json };
     let stdin = BufReader::new(tokio::io::stdin()).lines();

@@ -5,12 +5,14 @@
 //!   prints events (JSON lines on stdout with `--events json`, human lines on stderr otherwise).
 //! - `connect`: [`connect::run`] connects a [`tether::Client`], sends stdin lines as `DATA`, prints what arrives.
 //! - `bench` / `bench-worker`: [`mod@bench`], flags over the `tether-bench` crate (coordinator and load generator).
+//! - `token`: [`token`], mints client tokens; also loads the auth secret for `serve`.
 //! - [`duration`]: `500ms` / `1.5s` / `30s` parsing for flags and the file.
 
 mod bench;
 mod connect;
 mod duration;
 mod serve;
+mod token;
 
 use clap::{Parser, Subcommand};
 
@@ -29,6 +31,8 @@ enum Command {
     Connect(connect::Args),
     /// Measure a server under load: idle cost, connect rate, detection, takeover, restart storm.
     Bench(bench::Args),
+    /// Mint a client token for a server started with an auth secret.
+    Token(token::Args),
     /// One load-generator process of `tether bench` (started by it).
     #[command(hide = true)]
     BenchWorker(bench::WorkerArgs),
@@ -46,6 +50,7 @@ fn main() -> std::process::ExitCode {
         .init();
     let command = match cli.command {
         Command::Bench(args) => return finish(bench::run(args)),
+        Command::Token(args) => return finish(token::run(args)),
         other => other,
     };
     let rt = match tokio::runtime::Runtime::new() {
@@ -60,7 +65,7 @@ fn main() -> std::process::ExitCode {
             Command::Serve(args) => serve::run(args).await,
             Command::Connect(args) => connect::run(args).await,
             Command::BenchWorker(args) => bench::worker(args).await,
-            Command::Bench(_) => unreachable!("handled before the runtime starts"),
+            Command::Bench(_) | Command::Token(_) => unreachable!("handled before the runtime starts"),
         }
     });
     // A pending stdin read lives on a blocking thread; do not wait for it.

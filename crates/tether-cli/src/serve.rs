@@ -101,6 +101,16 @@ pub struct Args {
     /// busy retry-after hints are spread uniformly over this window on top [default: 5s].
     #[arg(long, value_parser = duration::parse, value_name = "DUR")]
     busy_retry_spread: Option<Duration>,
+    /// Require client tokens signed with the secret in this file (see `tether token`). Without it, the
+    /// TETHER_AUTH_SECRET environment variable is used; without either, the server is open.
+    #[arg(long, value_name = "FILE")]
+    auth_secret_file: Option<PathBuf>,
+    /// Run without authentication, knowingly: any client may claim (and take over) any id. For local demos.
+    #[arg(long)]
+    insecure_no_auth: bool,
+    /// A refused credential is answered only after this long [default: 1s].
+    #[arg(long, value_parser = duration::parse, value_name = "DUR")]
+    auth_fail_delay: Option<Duration>,
     /// On shutdown, tell clients to reconnect to this address instead (server-directed drain).
     #[arg(long, value_name = "ADDR")]
     shutdown_redirect: Option<String>,
@@ -142,6 +152,9 @@ pub struct FileConfig {
     busy_retry_after: Option<String>,
     busy_retry_spread: Option<String>,
     shutdown_redirect: Option<String>,
+    auth_secret_file: Option<PathBuf>,
+    insecure_no_auth: Option<bool>,
+    auth_fail_delay: Option<String>,
     max_frame: Option<u32>,
 }
 
@@ -225,6 +238,21 @@ pub fn build_config(args: &Args, file: &FileConfig) -> anyhow::Result<ServerConf
     cfg.shutdown_redirect = pick!(args.shutdown_redirect.clone(), file.shutdown_redirect.clone());
     if cfg.shutdown_redirect.as_ref().is_some_and(|a| a.is_empty() || a.len() > 255) {
         bail!("shutdown_redirect must be a HOST:PORT of at most 255 bytes");
+    }
+    cfg.auth_fail_delay =
+        pick!(args.auth_fail_delay, dur("auth_fail_delay", &file.auth_fail_delay)?).unwrap_or(cfg.auth_fail_delay);
+    let insecure = args.insecure_no_auth || file.insecure_no_auth.unwrap_or(false);
+    let secret_file = args.auth_secret_file.clone().or(file.auth_secret_file.clone());
+    match (crate::token::secret(secret_file.as_deref())?, insecure) {
+        (Some(_), true) => bail!("an auth secret is configured and --insecure-no-auth is given: choose one"),
+        (Some(secret), false) => {
+            cfg.auth = Some(tether::Auth(std::sync::Arc::new(crate::token::tokens(secret)?)));
+        }
+        (None, true) => {}
+        (None, false) => tracing::warn!(
+            "no auth secret: any client may claim and take over any id (give --auth-secret-file, or \
+             --insecure-no-auth to say this is intended)"
+        ),
     }
     Ok(cfg)
 }

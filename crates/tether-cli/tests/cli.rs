@@ -227,3 +227,45 @@ fn accept_backs_off_on_emfile_and_recovers() {
     unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
     let _ = child.wait();
 }
+
+#[test]
+fn tokens_minted_by_the_cli_open_the_door_and_nothing_else_does() {
+    let dir = std::env::temp_dir().join(format!("tether-auth-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let secret = dir.join("secret");
+    std::fs::write(&secret, "a test secret of more than 16 bytes\n").unwrap();
+    let secret = secret.to_str().unwrap().to_owned();
+    let mint = |id: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tether"))
+            .args(["token", "--secret-file", &secret, "--id", id, "--ttl", "10m"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let file = dir.join(format!("{id}.token"));
+        std::fs::write(&file, &out.stdout).unwrap();
+        file.to_str().unwrap().to_owned()
+    };
+    let alice_token = mint("alice");
+    let (srv, addr) = serve(&["--auth-secret-file", &secret, "--auth-fail-delay", "200ms"]);
+    let _alice = connect(&addr, "alice", &["--token-file", &alice_token]);
+    srv.expect("alice online", |v| event(v) == "online" && v["client"] == "alice");
+    // Mallory presents alice's token for id "bob", then no token at all: refused both times.
+    for extra in [vec!["--token-file", alice_token.as_str()], vec![]] {
+        let mut args = vec!["connect", addr.as_str(), "--id", "bob", "--json"];
+        args.extend(extra);
+        let mut m = Proc::spawn(&args);
+        let d = m.expect("refusal", |v| event(v) == "disconnected");
+        assert_eq!(d["reason"], "auth_failed");
+        assert!(!m.wait_exit().success());
+        let closed = srv.expect("server saw it", |v| event(v) == "closed");
+        assert_eq!(closed["reason"], "auth_failed");
+    }
+    // A secret and --insecure-no-auth together are refused as contradictory.
+    let out = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--auth-secret-file", &secret, "--insecure-no-auth"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("choose one"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
