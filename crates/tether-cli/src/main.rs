@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a server (in-memory single node).
-    Serve(serve::Args),
+    Serve(Box<serve::Args>),
     /// Connect to a server as one client id; stdin lines are sent as DATA.
     Connect(connect::Args),
     /// Measure a server under load: idle cost, connect rate, detection, takeover, restart storm.
@@ -62,7 +62,7 @@ fn main() -> std::process::ExitCode {
     };
     let result = rt.block_on(async {
         match command {
-            Command::Serve(args) => serve::run(args).await,
+            Command::Serve(args) => serve::run(*args).await,
             Command::Connect(args) => connect::run(args).await,
             Command::BenchWorker(args) => bench::worker(args).await,
             Command::Bench(_) | Command::Token(_) => unreachable!("handled before the runtime starts"),
