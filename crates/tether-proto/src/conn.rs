@@ -24,6 +24,9 @@ use crate::detector::{Deadlines, Detector, DetectorConfig};
 use crate::frame::{self, Bye, Frame, Hello, Presence, Welcome, PROTOCOL_VERSION};
 use crate::reason::CloseReason;
 
+/// Pings in a row that may come too soon before the peer is cut off as a ping flood.
+pub const MAX_PING_STRIKES: u8 = 3;
+
 /// Which end of the connection this state machine plays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -208,6 +211,9 @@ pub struct Connection {
     drain: Option<Drain>,
     reason: Option<CloseReason>,
     ping_seq: u32,
+    /// When the peer's last `PING` arrived, and how many in a row came too soon after the one before.
+    last_peer_ping: Option<Instant>,
+    ping_strikes: u8,
     rtt: Option<Duration>,
     events: VecDeque<Event>,
 }
@@ -245,6 +251,8 @@ impl Connection {
             drain: None,
             reason: None,
             ping_seq: 0,
+            last_peer_ping: None,
+            ping_strikes: 0,
             rtt: None,
             events: VecDeque::new(),
         }
@@ -560,6 +568,17 @@ impl Connection {
 
     // ---- internals ----
 
+    /// Police the peer's pings (like gRPC's `too_many_pings`). A legitimate peer pings at most once per interval
+    /// (the client) or per 1.5 intervals (the server); a `PING` within a quarter interval of the previous one is a
+    /// strike, a well-spaced one clears the strikes, and more than [`MAX_PING_STRIKES`] in a row is a flood.
+    fn ping_flooded(&mut self, now: Instant) -> bool {
+        let Some(interval) = self.interval else { return false };
+        let too_soon = self.last_peer_ping.is_some_and(|last| now.saturating_duration_since(last) < interval / 4);
+        self.last_peer_ping = Some(now);
+        self.ping_strikes = if too_soon { self.ping_strikes.saturating_add(1) } else { 0 };
+        self.ping_strikes > MAX_PING_STRIKES
+    }
+
     /// When our next `PING` is due. The client drives the heartbeat: it pings after one interval without sending.
     /// The server is the backstop and waits one and a half intervals, so that it pings only a client that has
     /// gone quiet, and the two never ping each other at the same instant (which doubles the traffic).
@@ -661,7 +680,15 @@ impl Connection {
 
     fn on_established_frame(&mut self, now: Instant, f: Frame) {
         match (self.role, f) {
-            (_, Frame::Ping { seq, ts_ms }) => self.queue(now, &Frame::Pong { seq, ts_ms }),
+            (_, Frame::Ping { seq, ts_ms }) => {
+                if self.ping_flooded(now) {
+                    let bye =
+                        Some(Bye { reason: CloseReason::PingFlood, retry_after_ms: 0, alternative: String::new() });
+                    let detail = Some(format!("{MAX_PING_STRIKES}+ pings in a row within a quarter interval"));
+                    return self.decide(now, CloseReason::PingFlood, CloseMode::Flush, bye, false, None, detail, None);
+                }
+                self.queue(now, &Frame::Pong { seq, ts_ms })
+            }
             (_, Frame::Pong { ts_ms, .. }) => {
                 // The echoed timestamp is the peer's word: anything not in our past is ignored, never trusted.
                 let sent = self.origin.checked_add(Duration::from_millis(ts_ms));

@@ -16,7 +16,7 @@ pub mod reason;
 pub mod reconnect;
 pub mod registry;
 
-pub use conn::{Closed, ConnConfig, Connection, Event, HeartbeatPolicy, Role, SendError, State};
+pub use conn::{Closed, ConnConfig, Connection, Event, HeartbeatPolicy, Role, SendError, State, MAX_PING_STRIKES};
 pub use detector::{DetectorConfig, PhiConfig};
 pub use frame::{Bye, Frame, FrameError, Hello, Presence, PresenceState, Welcome};
 pub use reason::CloseReason;

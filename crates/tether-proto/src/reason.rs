@@ -45,11 +45,13 @@ pub enum CloseReason {
     /// The credential in `HELLO` was missing, forged, expired, or not for this client id; or a subscription
     /// went beyond what it allows.
     AuthFailed,
+    /// The peer sent `PING`s far more often than the negotiated interval allows.
+    PingFlood,
 }
 
 impl CloseReason {
     /// Every reason, in wire-code order.
-    pub const ALL: [CloseReason; 16] = [
+    pub const ALL: [CloseReason; 17] = [
         CloseReason::Bye,
         CloseReason::Eof,
         CloseReason::Reset,
@@ -66,6 +68,7 @@ impl CloseReason {
         CloseReason::ServerShutdown,
         CloseReason::Kicked,
         CloseReason::AuthFailed,
+        CloseReason::PingFlood,
     ];
 
     /// The stable snake_case name.
@@ -87,6 +90,7 @@ impl CloseReason {
             CloseReason::ServerShutdown => "server_shutdown",
             CloseReason::Kicked => "kicked",
             CloseReason::AuthFailed => "auth_failed",
+            CloseReason::PingFlood => "ping_flood",
         }
     }
 
@@ -141,7 +145,7 @@ impl TryFrom<u8> for CloseReason {
     type Error = UnknownReason;
     fn try_from(code: u8) -> Result<Self, Self::Error> {
         match code {
-            1..=16 => Ok(Self::ALL[code as usize - 1]),
+            1..=17 => Ok(Self::ALL[code as usize - 1]),
             other => Err(UnknownReason(other)),
         }
     }
@@ -160,7 +164,7 @@ mod tests {
             assert_eq!(CloseReason::from_name(r.as_str()), Some(r));
         }
         assert_eq!(CloseReason::try_from(0), Err(UnknownReason(0)));
-        assert_eq!(CloseReason::try_from(17), Err(UnknownReason(17)));
+        assert_eq!(CloseReason::try_from(18), Err(UnknownReason(18)));
         assert_eq!(CloseReason::from_name("nope"), None);
     }
 

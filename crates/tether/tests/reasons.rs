@@ -396,3 +396,37 @@ async fn accept_rate_is_limited_and_busy_hints_are_spread() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     Client::connect(s.addr, client_cfg("next")).await.unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_ping_flood_is_cut_off_while_a_good_client_is_unaffected() {
+    let mut s = TestServer::start(test_config()).await;
+    let mut good = Client::connect(s.addr, client_cfg("good")).await.unwrap();
+    let (mut flood, _) = RawPeer::hello(s.addr, "flooder", 1).await;
+    for seq in 0..20 {
+        use tokio::io::AsyncWriteExt;
+        if flood.stream.write_all(&Frame::Ping { seq, ts_ms: 0 }.to_bytes()).await.is_err() {
+            break; // cut off
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await; // virtual time: 200 pings a second
+    }
+    let k = s.wait(|k| offline_reason(k, "flooder").is_some()).await;
+    assert_eq!(offline_reason(&k, "flooder"), Some(CloseReason::PingFlood));
+    let bye = loop {
+        match flood.next_frame().await {
+            Some(Frame::Bye(b)) => break b,
+            Some(_) => continue, // the PONGs it got before the strikes ran out
+            None => panic!("no BYE before the close"),
+        }
+    };
+    assert_eq!(bye.reason, CloseReason::PingFlood);
+    // The good client kept its session and still round-trips data, with no verdict against it.
+    good.send(Some("good"), Bytes::from_static(b"fine")).await.unwrap();
+    loop {
+        match good.next_event().await.unwrap() {
+            ClientEvent::Data { payload, .. } => break assert_eq!(&payload[..], b"fine"),
+            ClientEvent::Disconnected(d) => panic!("{d:?}"),
+            _ => {}
+        }
+    }
+    assert!(!s.drain().iter().any(|k| offline_reason(k, "good").is_some()));
+}

@@ -560,3 +560,36 @@ fn bytes_pipelined_behind_a_pending_hello_are_bounded() {
     assert_eq!(s.close_reason(), Some(CloseReason::ProtocolError));
     assert!(s.pending_rx() <= ConnConfig::default().max_frame as usize + 4);
 }
+
+#[test]
+fn a_ping_flood_is_cut_off_and_normal_pinging_is_not() {
+    // A flooding peer: a PING every 10 ms against a 1 s interval.
+    let mut p = Pair::new(ConnConfig::default());
+    let mut sent = 0;
+    while p.server.state() == State::Established && sent < 100 {
+        p.now += ms(10);
+        p.server.handle_bytes(p.now, &Frame::Ping { seq: sent, ts_ms: 0 }.to_bytes());
+        sent += 1;
+    }
+    assert_eq!(p.server.close_reason(), Some(CloseReason::PingFlood));
+    assert_eq!(sent, MAX_PING_STRIKES as u32 + 2, "cut off right after the strikes");
+    // The queued output ends with the goodbye that says why.
+    let mut out = p.server.poll_transmit();
+    let mut last = None;
+    while let Ok(Some(n)) = crate::frame::check(out, crate::frame::DEFAULT_MAX_FRAME) {
+        last = Some(Frame::parse(&out[..n]).unwrap());
+        out = &out[n..];
+    }
+    assert!(matches!(last, Some(Frame::Bye(Bye { reason: CloseReason::PingFlood, .. }))), "{last:?}");
+    // An occasional early ping is forgiven: strikes clear on a well-spaced one.
+    let mut p = Pair::new(ConnConfig::default());
+    for i in 0..50 {
+        p.now += if i % 3 == 0 { ms(100) } else { ms(1000) };
+        p.server.handle_bytes(p.now, &Frame::Ping { seq: i, ts_ms: 0 }.to_bytes());
+    }
+    assert_eq!(p.server.state(), State::Established);
+    // And an hour of ordinary heartbeats never trips it.
+    let mut p = Pair::new(ConnConfig::default());
+    p.run_for(Duration::from_secs(3600));
+    assert!(Pair::closed(&p.s_events).is_empty() && Pair::closed(&p.c_events).is_empty());
+}
