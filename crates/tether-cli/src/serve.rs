@@ -89,6 +89,9 @@ pub struct Args {
     /// Connections held at once; beyond it newcomers get BYE(busy) [default: 10000].
     #[arg(long, value_name = "N")]
     max_connections: Option<usize>,
+    /// Connections one source address may hold; beyond it newcomers get BYE(ip_limit) [default: no cap].
+    #[arg(long, value_name = "N")]
+    max_per_ip: Option<usize>,
     /// Connections whose HELLO is not admitted yet; beyond it newcomers get BYE(busy) [default: 512].
     #[arg(long, value_name = "N")]
     max_handshakes: Option<usize>,
@@ -148,6 +151,7 @@ pub struct FileConfig {
     presence_grace: Option<String>,
     max_connections: Option<usize>,
     max_handshakes: Option<usize>,
+    max_per_ip: Option<usize>,
     accept_rate: Option<u32>,
     busy_retry_after: Option<String>,
     busy_retry_spread: Option<String>,
@@ -227,6 +231,10 @@ pub fn build_config(args: &Args, file: &FileConfig) -> anyhow::Result<ServerConf
         pick!(args.presence_grace, dur("presence_grace", &file.presence_grace)?).unwrap_or(cfg.registry.presence_grace);
     cfg.max_connections = pick!(args.max_connections, file.max_connections).unwrap_or(cfg.max_connections);
     cfg.max_handshakes = pick!(args.max_handshakes, file.max_handshakes).unwrap_or(cfg.max_handshakes).max(1);
+    cfg.max_per_ip = pick!(args.max_per_ip, file.max_per_ip).or(cfg.max_per_ip);
+    if cfg.max_per_ip == Some(0) {
+        bail!("max_per_ip must be at least 1 (leave it out for no cap)");
+    }
     cfg.accept_rate = pick!(args.accept_rate, file.accept_rate).or(cfg.accept_rate);
     if cfg.accept_rate == Some(0) {
         bail!("accept_rate must be at least 1 per second (leave it out for no limit)");

@@ -47,11 +47,15 @@ pub enum CloseReason {
     AuthFailed,
     /// The peer sent `PING`s far more often than the negotiated interval allows.
     PingFlood,
+    /// The client's source address already holds as many connections as the server allows one address.
+    IpLimit,
+    /// The peer sent `DATA` faster than the server's per-connection rate limit.
+    RateLimited,
 }
 
 impl CloseReason {
     /// Every reason, in wire-code order.
-    pub const ALL: [CloseReason; 17] = [
+    pub const ALL: [CloseReason; 19] = [
         CloseReason::Bye,
         CloseReason::Eof,
         CloseReason::Reset,
@@ -69,6 +73,8 @@ impl CloseReason {
         CloseReason::Kicked,
         CloseReason::AuthFailed,
         CloseReason::PingFlood,
+        CloseReason::IpLimit,
+        CloseReason::RateLimited,
     ];
 
     /// The stable snake_case name.
@@ -91,6 +97,8 @@ impl CloseReason {
             CloseReason::Kicked => "kicked",
             CloseReason::AuthFailed => "auth_failed",
             CloseReason::PingFlood => "ping_flood",
+            CloseReason::IpLimit => "ip_limit",
+            CloseReason::RateLimited => "rate_limited",
         }
     }
 
@@ -145,7 +153,7 @@ impl TryFrom<u8> for CloseReason {
     type Error = UnknownReason;
     fn try_from(code: u8) -> Result<Self, Self::Error> {
         match code {
-            1..=17 => Ok(Self::ALL[code as usize - 1]),
+            1..=19 => Ok(Self::ALL[code as usize - 1]),
             other => Err(UnknownReason(other)),
         }
     }
@@ -164,7 +172,7 @@ mod tests {
             assert_eq!(CloseReason::from_name(r.as_str()), Some(r));
         }
         assert_eq!(CloseReason::try_from(0), Err(UnknownReason(0)));
-        assert_eq!(CloseReason::try_from(18), Err(UnknownReason(18)));
+        assert_eq!(CloseReason::try_from(20), Err(UnknownReason(20)));
         assert_eq!(CloseReason::from_name("nope"), None);
     }
 

@@ -46,6 +46,8 @@ pub struct ServerConfig {
     pub registry: RegistryConfig,
     /// Connections held at once (handshaking included); beyond it new ones get `BYE(busy)`.
     pub max_connections: usize,
+    /// Connections one source address may hold at once; beyond it new ones get `BYE(ip_limit)`. `None`: no cap.
+    pub max_per_ip: Option<usize>,
     /// Connections accepted whose `HELLO` has not been admitted yet; beyond it newcomers get `BYE(busy)`. Bounds
     /// the work a reconnect storm can put in flight at once.
     pub max_handshakes: usize,
@@ -81,6 +83,7 @@ impl Default for ServerConfig {
             conn: ConnConfig::default(),
             socket: SocketOptions::default(),
             max_connections: 10_000,
+            max_per_ip: None,
             max_handshakes: 512,
             accept_rate: None,
             busy_retry_after: Duration::from_secs(1),

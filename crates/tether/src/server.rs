@@ -71,6 +71,8 @@ struct Shared {
     peak_handshakes: AtomicUsize,
     /// `busy` refusals so far.
     refused_busy: AtomicU64,
+    /// Connections per source address (only kept when `max_per_ip` is set).
+    per_ip: Mutex<HashMap<std::net::IpAddr, usize>>,
     /// Base for the `last_rx` timestamps kept in atomics.
     origin: StdInstant,
     /// Wakes the presence-grace timer when the registry's next deadline may have moved.
@@ -215,6 +217,7 @@ impl Server {
             handshakes: AtomicUsize::new(0),
             peak_handshakes: AtomicUsize::new(0),
             refused_busy: AtomicU64::new(0),
+            per_ip: Mutex::new(HashMap::new()),
             origin: driver::now(),
             registry_wake: Notify::new(),
             shutting_down: AtomicBool::new(false),
@@ -281,8 +284,20 @@ impl Server {
         let handshaking = shared.handshakes.load(Ordering::Relaxed) >= shared.cfg.max_handshakes;
         if full || handshaking || !rate_ok {
             shared.refused_busy.fetch_add(1, Ordering::Relaxed);
-            tasks.spawn(refuse_busy(shared, stream, peer, conn_id));
+            let b = bye(CloseReason::Busy, shared_retry(&shared));
+            tasks.spawn(refuse(shared, stream, peer, conn_id, b));
             return;
+        }
+        if let Some(cap) = shared.cfg.max_per_ip {
+            let mut per_ip = shared.per_ip.lock().expect("per-ip lock");
+            let n = per_ip.entry(peer.ip()).or_insert(0);
+            if *n >= cap {
+                drop(per_ip);
+                let b = bye(CloseReason::IpLimit, shared_retry(&shared));
+                tasks.spawn(refuse(shared, stream, peer, conn_id, b));
+                return;
+            }
+            *n += 1;
         }
         shared.active.fetch_add(1, Ordering::Relaxed);
         let now_handshaking = shared.handshakes.fetch_add(1, Ordering::Relaxed) + 1;
@@ -459,6 +474,7 @@ impl Hub {
 struct ConnGuard {
     shared: Arc<Shared>,
     conn_id: ConnId,
+    peer: SocketAddr,
 }
 
 impl Drop for ConnGuard {
@@ -466,12 +482,22 @@ impl Drop for ConnGuard {
         if let Ok(mut hub) = self.shared.hub.lock() {
             hub.conns.remove(&self.conn_id);
         }
+        if self.shared.cfg.max_per_ip.is_some() {
+            if let Ok(mut per_ip) = self.shared.per_ip.lock() {
+                if let Some(n) = per_ip.get_mut(&self.peer.ip()) {
+                    *n -= 1;
+                    if *n == 0 {
+                        per_ip.remove(&self.peer.ip());
+                    }
+                }
+            }
+        }
         self.shared.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 async fn serve_conn(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, conn_id: ConnId) {
-    let _guard = ConnGuard { shared: shared.clone(), conn_id };
+    let _guard = ConnGuard { shared: shared.clone(), conn_id, peer };
     let control = Arc::new(Control::default());
     control
         .last_rx_ms
@@ -486,12 +512,17 @@ async fn serve_conn(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, co
     hooks.handshake_done();
 }
 
-/// Over the connection limit: `BYE(busy, retry_after)`, flushed, then closed. Nothing else is read or kept.
-async fn refuse_busy(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, conn_id: ConnId) {
+/// The retry-after for refusals at accept: `busy_retry_after` plus a random share of the spread window.
+fn shared_retry(shared: &Shared) -> Duration {
+    shared.cfg.busy_retry_after + shared.cfg.busy_retry_spread.mul_f64(rand::random::<f64>())
+}
+
+/// Refused at accept (`busy`, `ip_limit`): the `BYE` is flushed, then the socket closed. Nothing else is read or
+/// kept.
+async fn refuse(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, conn_id: ConnId, b: Bye) {
     let now = driver::now();
     let mut conn = Connection::server(now, shared.conn_cfg.clone());
-    let spread = shared.cfg.busy_retry_spread.mul_f64(rand::random::<f64>());
-    conn.reject(now, bye(CloseReason::Busy, shared.cfg.busy_retry_after + spread));
+    conn.reject(now, b);
     let mut hooks = BusyHooks { shared, conn_id, peer };
     drive(stream, &mut conn, &mut hooks).await;
 }

@@ -430,3 +430,36 @@ async fn a_ping_flood_is_cut_off_while_a_good_client_is_unaffected() {
     }
     assert!(!s.drain().iter().any(|k| offline_reason(k, "good").is_some()));
 }
+
+#[tokio::test(start_paused = true)]
+async fn one_source_address_is_capped_and_others_are_not() {
+    let mut cfg = test_config();
+    cfg.max_per_ip = Some(2);
+    let mut s = TestServer::start(cfg).await;
+    let mut a = Client::connect(s.addr, client_cfg("a")).await.unwrap();
+    let _b = Client::connect(s.addr, client_cfg("b")).await.unwrap();
+    let err = Client::connect(s.addr, client_cfg("c")).await.err().unwrap();
+    let ConnectError::Refused(d) = err else { panic!("{err:?}") };
+    assert_eq!(d.reason, CloseReason::IpLimit);
+    assert!(d.retry_after.is_some());
+    let k = s.wait(|k| matches!(k, EventKind::Closed { reason: CloseReason::IpLimit, .. })).await;
+    assert!(matches!(k, EventKind::Closed { client: None, .. }));
+    // Another source address is not affected.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut other = RawPeer::from_stream(sock.connect(s.addr).await.unwrap());
+    other
+        .send(&Frame::Hello(tether::proto::Hello {
+            version: 1,
+            heartbeat_ms: 0,
+            nonce: 9,
+            client_id: "elsewhere".into(),
+            credential: Bytes::new(),
+        }))
+        .await;
+    assert!(matches!(other.next_frame().await, Some(Frame::Welcome(_))));
+    // A freed slot is usable again, and the capped clients were never disturbed.
+    a.close().await;
+    s.wait(|k| matches!(k, EventKind::Offline { client, .. } if client == "a")).await;
+    Client::connect(s.addr, client_cfg("c")).await.unwrap();
+}

@@ -87,6 +87,11 @@ pub struct RawPeer {
 }
 
 impl RawPeer {
+    /// A peer over a stream the test opened itself (e.g. from another source address).
+    pub fn from_stream(stream: TcpStream) -> RawPeer {
+        RawPeer { stream, buf: BytesMut::new() }
+    }
+
     pub async fn connect(addr: SocketAddr) -> RawPeer {
         RawPeer { stream: TcpStream::connect(addr).await.unwrap(), buf: BytesMut::new() }
     }
