@@ -117,6 +117,9 @@ pub struct Args {
     /// On shutdown, tell clients to reconnect to this address instead (server-directed drain).
     #[arg(long, value_name = "ADDR")]
     shutdown_redirect: Option<String>,
+    /// DATA bytes per second one connection may send; beyond it, BYE(rate_limited) [default: no limit].
+    #[arg(long, value_name = "BYTES")]
+    max_data_rate: Option<u32>,
     /// Largest frame accepted, in bytes [default: 65536].
     #[arg(long, value_name = "BYTES")]
     max_frame: Option<u32>,
@@ -159,6 +162,7 @@ pub struct FileConfig {
     auth_secret_file: Option<PathBuf>,
     insecure_no_auth: Option<bool>,
     auth_fail_delay: Option<String>,
+    max_data_rate: Option<u32>,
     max_frame: Option<u32>,
 }
 
@@ -224,6 +228,10 @@ pub fn build_config(args: &Args, file: &FileConfig) -> anyhow::Result<ServerConf
     c.handshake_timeout = pick!(args.handshake_timeout, dur("handshake_timeout", &file.handshake_timeout)?)
         .unwrap_or(c.handshake_timeout);
     c.max_frame = pick!(args.max_frame, file.max_frame).unwrap_or(c.max_frame);
+    c.max_data_rate = pick!(args.max_data_rate, file.max_data_rate).or(c.max_data_rate);
+    if c.max_data_rate == Some(0) {
+        bail!("max_data_rate must be at least 1 byte per second (leave it out for no limit)");
+    }
     if c.max_frame < tether::proto::frame::MIN_MAX_FRAME {
         bail!("max_frame must be at least {} bytes", tether::proto::frame::MIN_MAX_FRAME);
     }

@@ -47,6 +47,9 @@ pub struct ConnConfig {
     pub write_timeout: Duration,
     /// Pending outbound bytes above this end the connection with `slow_consumer`.
     pub max_outbound_bytes: usize,
+    /// `DATA` payload bytes per second the peer may send (a token bucket holding one second's worth, or one
+    /// largest frame if that is more); beyond it, `rate_limited`. `None`: no limit.
+    pub max_data_rate: Option<u32>,
     pub detector: DetectorConfig,
 }
 
@@ -58,6 +61,7 @@ impl Default for ConnConfig {
             close_grace: Duration::from_secs(2),
             write_timeout: Duration::from_secs(15),
             max_outbound_bytes: 1 << 20,
+            max_data_rate: None,
             detector: DetectorConfig::Fixed,
         }
     }
@@ -214,6 +218,9 @@ pub struct Connection {
     /// When the peer's last `PING` arrived, and how many in a row came too soon after the one before.
     last_peer_ping: Option<Instant>,
     ping_strikes: u8,
+    /// The `DATA` rate limit's bucket: bytes allowed now, and when it was last refilled.
+    data_tokens: f64,
+    data_refilled: Instant,
     rtt: Option<Duration>,
     events: VecDeque<Event>,
 }
@@ -253,6 +260,8 @@ impl Connection {
             ping_seq: 0,
             last_peer_ping: None,
             ping_strikes: 0,
+            data_tokens: 0.0,
+            data_refilled: now,
             rtt: None,
             events: VecDeque::new(),
         }
@@ -568,6 +577,20 @@ impl Connection {
 
     // ---- internals ----
 
+    /// Take `len` bytes from the `DATA` rate limit's bucket; false when the peer is over the limit.
+    fn data_allowed(&mut self, now: Instant, len: usize) -> bool {
+        let Some(rate) = self.cfg.max_data_rate else { return true };
+        let burst = (rate as f64).max(self.cfg.max_frame as f64);
+        let elapsed = now.saturating_duration_since(self.data_refilled).as_secs_f64();
+        self.data_refilled = now;
+        self.data_tokens = (self.data_tokens + elapsed * rate as f64).min(burst);
+        if (len as f64) > self.data_tokens {
+            return false;
+        }
+        self.data_tokens -= len as f64;
+        true
+    }
+
     /// Police the peer's pings (like gRPC's `too_many_pings`). A legitimate peer pings at most once per interval
     /// (the client) or per 1.5 intervals (the server); a `PING` within a quarter interval of the previous one is a
     /// strike, a well-spaced one clears the strikes, and more than [`MAX_PING_STRIKES`] in a row is a flood.
@@ -698,7 +721,24 @@ impl Connection {
                     self.events.push_back(Event::Rtt(rtt));
                 }
             }
-            (_, Frame::Data { peer, payload }) => self.events.push_back(Event::Data { peer, payload }),
+            (_, Frame::Data { peer, payload }) => {
+                if !self.data_allowed(now, payload.len()) {
+                    let bye =
+                        Some(Bye { reason: CloseReason::RateLimited, retry_after_ms: 0, alternative: String::new() });
+                    let detail = Some(format!("DATA above {} bytes/s", self.cfg.max_data_rate.unwrap_or(0)));
+                    return self.decide(
+                        now,
+                        CloseReason::RateLimited,
+                        CloseMode::Flush,
+                        bye,
+                        false,
+                        None,
+                        detail,
+                        None,
+                    );
+                }
+                self.events.push_back(Event::Data { peer, payload })
+            }
             (_, Frame::Bye(b)) => self.peer_bye(now, b),
             (Role::Server, Frame::Subscribe(ids)) => self.events.push_back(Event::Subscribe(ids)),
             (Role::Server, Frame::Unsubscribe(ids)) => self.events.push_back(Event::Unsubscribe(ids)),
@@ -718,6 +758,8 @@ impl Connection {
         self.interval = Some(interval);
         self.timeout = Some(timeout);
         self.state = State::Established;
+        self.data_refilled = now;
+        self.data_tokens = self.cfg.max_data_rate.map_or(0.0, |r| (r as f64).max(self.cfg.max_frame as f64));
         if self.role == Role::Client && self.ping_phase > 0.0 {
             self.last_tx = now.checked_sub(interval.mul_f64(self.ping_phase)).unwrap_or(now);
         }

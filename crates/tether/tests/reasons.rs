@@ -463,3 +463,42 @@ async fn one_source_address_is_capped_and_others_are_not() {
     s.wait(|k| matches!(k, EventKind::Offline { client, .. } if client == "a")).await;
     Client::connect(s.addr, client_cfg("c")).await.unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_data_flood_is_rate_limited_while_a_good_client_is_unaffected() {
+    let mut cfg = test_config();
+    cfg.conn.max_data_rate = Some(4096);
+    cfg.conn.max_frame = 4096;
+    let mut s = TestServer::start(cfg).await;
+    let mut good = Client::connect(s.addr, client_cfg("good")).await.unwrap();
+    let (mut flood, _) = RawPeer::hello(s.addr, "flooder", 1).await;
+    let chunk = Frame::Data { peer: String::new(), payload: Bytes::from(vec![b'x'; 1000]) }.to_bytes();
+    for _ in 0..100 {
+        use tokio::io::AsyncWriteExt;
+        if flood.stream.write_all(&chunk).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await; // virtual time: 100 KB/s against 4 KB/s
+                                                             // The good client sends well within the limit meanwhile.
+        good.send(None, Bytes::from_static(b"ok")).await.unwrap();
+    }
+    let k = s.wait(|k| offline_reason(k, "flooder").is_some()).await;
+    assert_eq!(offline_reason(&k, "flooder"), Some(CloseReason::RateLimited));
+    let bye = loop {
+        match flood.next_frame().await {
+            Some(Frame::Bye(b)) => break b,
+            Some(_) => continue,
+            None => panic!("no BYE before the close"),
+        }
+    };
+    assert_eq!(bye.reason, CloseReason::RateLimited);
+    good.send(Some("good"), Bytes::from_static(b"still fine")).await.unwrap();
+    loop {
+        match good.next_event().await.unwrap() {
+            ClientEvent::Data { payload, .. } => break assert_eq!(&payload[..], b"still fine"),
+            ClientEvent::Disconnected(d) => panic!("{d:?}"),
+            _ => {}
+        }
+    }
+    assert!(!s.drain().iter().any(|k| offline_reason(k, "good").is_some()));
+}

@@ -593,3 +593,28 @@ fn a_ping_flood_is_cut_off_and_normal_pinging_is_not() {
     p.run_for(Duration::from_secs(3600));
     assert!(Pair::closed(&p.s_events).is_empty() && Pair::closed(&p.c_events).is_empty());
 }
+
+#[test]
+fn data_above_the_rate_limit_is_cut_off_and_data_within_it_is_not() {
+    let cfg = ConnConfig { max_data_rate: Some(1000), max_frame: 1024, ..ConnConfig::default() };
+    let data = |n: usize| Frame::Data { peer: String::new(), payload: Bytes::from(vec![0u8; n]) }.to_bytes();
+    // 500 bytes/s for a minute: always within the limit.
+    let mut p = Pair::new(cfg.clone());
+    for _ in 0..120 {
+        p.now += ms(1000);
+        p.server.handle_bytes(p.now, &data(500));
+    }
+    assert_eq!(p.server.state(), State::Established);
+    // 2,000 bytes/s: the burst (1,024 bytes) goes first, then the limit bites within about a second.
+    let mut p = Pair::new(cfg);
+    let mut sent = 0;
+    while p.server.state() == State::Established && sent < 100 {
+        p.now += ms(100);
+        p.server.handle_bytes(p.now, &data(200));
+        sent += 1;
+    }
+    assert_eq!(p.server.close_reason(), Some(CloseReason::RateLimited));
+    assert!(sent <= 12, "cut off after {sent} frames of 200 bytes");
+    let delivered = std::iter::from_fn(|| p.server.poll_event()).filter(|e| matches!(e, Event::Data { .. })).count();
+    assert_eq!(delivered, sent as usize - 1, "everything within the limit was delivered, the excess was not");
+}
