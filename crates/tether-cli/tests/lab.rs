@@ -25,6 +25,10 @@ use tether::{Client, ClientConfig, ClientEvent};
 
 const SLACK: Duration = Duration::from_millis(1000);
 
+/// Server flags for scenarios about the kernel's own detection: application heartbeats and kernel keepalive
+/// far too slow to decide anything within the test.
+const QUIET: [&str; 6] = ["--heartbeat-interval", "60s", "--heartbeat-timeout", "180s", "--keepalive-idle", "60s"];
+
 fn server_addr() -> SocketAddr {
     format!("{SERVER_IP}:{PORT}").parse().unwrap()
 }
@@ -263,18 +267,7 @@ fn lab_cut_with_data_in_flight_is_a_write_timeout_only_with_user_timeout() {
     for with_uto in [true, false] {
         let mut lab = lab_or_skip!("data in flight");
         let uto_flag = if with_uto { "2s" } else { "0" };
-        lab.serve(&[
-            "--heartbeat-interval",
-            "60s",
-            "--heartbeat-timeout",
-            "180s",
-            "--keepalive-idle",
-            "60s",
-            "--write-timeout",
-            "120s",
-            "--user-timeout",
-            uto_flag,
-        ]);
+        lab.serve(&[QUIET.as_slice(), &["--write-timeout", "120s", "--user-timeout", uto_flag]].concat());
         let _device = NsClient::connect(&lab.devices, client_cfg("dev", 1));
         let (stop_tx, stop_rx) = mpsc::channel();
         let sender = keep_sending(&lab, "dev", stop_rx);
@@ -345,18 +338,7 @@ fn lab_icmp_unreachable_with_pending_writes_is_unreachable() {
     let uto = Duration::from_secs(3);
     for kind in ["unreachable", "prohibit"] {
         let mut lab = lab_or_skip!("icmp");
-        lab.serve(&[
-            "--heartbeat-interval",
-            "60s",
-            "--heartbeat-timeout",
-            "180s",
-            "--keepalive-idle",
-            "60s",
-            "--user-timeout",
-            "3s",
-            "--write-timeout",
-            "120s",
-        ]);
+        lab.serve(&[QUIET.as_slice(), &["--user-timeout", "3s", "--write-timeout", "120s"]].concat());
         let _device = NsClient::connect(&lab.devices, client_cfg("dev", 1));
         let (stop_tx, stop_rx) = mpsc::channel();
         let sender = keep_sending(&lab, "dev", stop_rx);
