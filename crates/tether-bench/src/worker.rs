@@ -23,7 +23,7 @@ use anyhow::{bail, Context};
 use bytes::{Buf, Bytes, BytesMut};
 use serde_json::json;
 use tether_proto::frame::{self, Frame, Hello, PROTOCOL_VERSION};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{Notify, Semaphore};
 
@@ -237,7 +237,7 @@ async fn open_tether(
     };
     stream.write_all(&Frame::Hello(hello).to_bytes()).await?;
     let mut buf = BytesMut::new();
-    read_until(&stream, &mut buf, |buf| {
+    read_until(&mut stream, &mut buf, |buf| {
         let Some(n) = frame::check(buf, frame::DEFAULT_MAX_FRAME)? else { return Ok(None) };
         let f = Frame::parse(&buf[..n])?;
         buf.advance(n);
@@ -253,7 +253,7 @@ async fn open_tether(
 
 /// Read into `buf` until `parse` finds what it waits for in it (a handshake answer).
 async fn read_until<T>(
-    stream: &TcpStream,
+    stream: &mut TcpStream,
     buf: &mut BytesMut,
     mut parse: impl FnMut(&mut BytesMut) -> anyhow::Result<Option<T>>,
 ) -> anyhow::Result<T> {
@@ -261,13 +261,8 @@ async fn read_until<T>(
         if let Some(t) = parse(buf)? {
             return Ok(t);
         }
-        stream.readable().await?;
-        let mut chunk = [0u8; 512];
-        match stream.try_read(&mut chunk) {
-            Ok(0) => bail!("closed during the handshake"),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e.into()),
+        if stream.read_buf(buf).await? == 0 {
+            bail!("closed during the handshake");
         }
     }
 }
@@ -284,7 +279,7 @@ async fn open_mqtt(
     let topic = format!("tether-bench/will/{id}");
     stream.write_all(&mqtt::connect(id, keepalive, Some((&topic, id.as_bytes())))).await?;
     let mut buf = BytesMut::new();
-    read_until(&stream, &mut buf, |buf| {
+    read_until(&mut stream, &mut buf, |buf| {
         let Some((kind, body, n)) = mqtt::split(buf).map_err(anyhow::Error::msg)? else { return Ok(None) };
         if kind != mqtt::CONNACK || body.get(1) != Some(&0) {
             bail!("CONNECT refused (type {kind}, body {body:?})");
@@ -320,14 +315,9 @@ impl Heartbeat {
         loop {
             let silent = self.silent.load(Ordering::SeqCst);
             tokio::select! {
-                r = stream.readable() => {
-                    r?;
-                    let mut chunk = [0u8; 1024];
-                    match stream.try_read(&mut chunk) {
-                        Ok(0) => return Ok(()),
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                        Err(e) => return Err(e.into()),
+                r = stream.read_buf(&mut buf) => {
+                    if r? == 0 {
+                        return Ok(());
                     }
                     while let Some(n) = frame::check(&buf, frame::DEFAULT_MAX_FRAME)? {
                         let f = Frame::parse(&buf[..n])?;
@@ -358,21 +348,17 @@ impl Heartbeat {
     }
 
     /// PINGREQ every keepalive, read and drop what comes back, until the broker closes.
-    async fn mqtt(self, stream: TcpStream) -> anyhow::Result<()> {
+    async fn mqtt(self, mut stream: TcpStream) -> anyhow::Result<()> {
         let mut next = tokio::time::Instant::now() + self.interval.saturating_sub(self.phase);
-        let mut stream = stream;
+        let mut discard = BytesMut::new();
         loop {
             let silent = self.silent.load(Ordering::SeqCst);
             tokio::select! {
-                r = stream.readable() => {
-                    r?;
-                    let mut chunk = [0u8; 256];
-                    match stream.try_read(&mut chunk) {
-                        Ok(0) => return Ok(()),
-                        Ok(_) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                        Err(e) => return Err(e.into()),
+                r = stream.read_buf(&mut discard) => {
+                    if r? == 0 {
+                        return Ok(());
                     }
+                    discard.clear();
                 }
                 () = tokio::time::sleep_until(next), if !silent => {
                     stream.write_all(&mqtt::PINGREQ).await?;

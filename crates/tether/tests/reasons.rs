@@ -222,13 +222,7 @@ async fn protocol_errors_close_only_the_offender() {
     assert_eq!(offline_reason(&k, "twice"), Some(CloseReason::ProtocolError));
     // The good client never noticed: it still round-trips data to itself through the relay.
     good.send(Some("good"), Bytes::from_static(b"still here")).await.unwrap();
-    loop {
-        match good.next_event().await.unwrap() {
-            ClientEvent::Data { payload, .. } => break assert_eq!(&payload[..], b"still here"),
-            ClientEvent::Disconnected(d) => panic!("good client disconnected: {d:?}"),
-            _ => {}
-        }
-    }
+    assert_eq!(&support::next_data(&mut good).await[..], b"still here");
     let closed: Vec<_> = s.drain().into_iter().filter(|k| offline_reason(k, "good").is_some()).collect();
     assert!(closed.is_empty());
 }
@@ -249,13 +243,7 @@ async fn busy_refuses_newcomers_and_spares_existing_clients() {
     assert!(matches!(k, EventKind::Closed { reason: CloseReason::Busy, .. }));
     // Existing clients are unaffected.
     a.send(Some("a"), Bytes::from_static(b"ok")).await.unwrap();
-    loop {
-        match a.next_event().await.unwrap() {
-            ClientEvent::Data { payload, .. } => break assert_eq!(&payload[..], b"ok"),
-            ClientEvent::Disconnected(d) => panic!("{d:?}"),
-            _ => {}
-        }
-    }
+    assert_eq!(&support::next_data(&mut a).await[..], b"ok");
     assert_eq!(s.handle.online(), 2);
 }
 
@@ -421,13 +409,7 @@ async fn a_ping_flood_is_cut_off_while_a_good_client_is_unaffected() {
     assert_eq!(bye.reason, CloseReason::PingFlood);
     // The good client kept its session and still round-trips data, with no verdict against it.
     good.send(Some("good"), Bytes::from_static(b"fine")).await.unwrap();
-    loop {
-        match good.next_event().await.unwrap() {
-            ClientEvent::Data { payload, .. } => break assert_eq!(&payload[..], b"fine"),
-            ClientEvent::Disconnected(d) => panic!("{d:?}"),
-            _ => {}
-        }
-    }
+    assert_eq!(&support::next_data(&mut good).await[..], b"fine");
     assert!(!s.drain().iter().any(|k| offline_reason(k, "good").is_some()));
 }
 
@@ -493,12 +475,6 @@ async fn a_data_flood_is_rate_limited_while_a_good_client_is_unaffected() {
     };
     assert_eq!(bye.reason, CloseReason::RateLimited);
     good.send(Some("good"), Bytes::from_static(b"still fine")).await.unwrap();
-    loop {
-        match good.next_event().await.unwrap() {
-            ClientEvent::Data { payload, .. } => break assert_eq!(&payload[..], b"still fine"),
-            ClientEvent::Disconnected(d) => panic!("{d:?}"),
-            _ => {}
-        }
-    }
+    assert_eq!(&support::next_data(&mut good).await[..], b"still fine");
     assert!(!s.drain().iter().any(|k| offline_reason(k, "good").is_some()));
 }

@@ -80,6 +80,17 @@ impl TestServer {
     }
 }
 
+/// The payload of the client's next `DATA`; fails if the client is disconnected first.
+pub async fn next_data(c: &mut tether::Client) -> Bytes {
+    loop {
+        match tokio::time::timeout(PATIENCE, c.next_event()).await.expect("no DATA").expect("stream ended") {
+            tether::ClientEvent::Data { payload, .. } => return payload,
+            tether::ClientEvent::Disconnected(d) => panic!("disconnected while waiting for DATA: {d:?}"),
+            _ => {}
+        }
+    }
+}
+
 /// A peer driven by hand, frame by frame, to misbehave on purpose.
 pub struct RawPeer {
     pub stream: TcpStream,
