@@ -83,6 +83,10 @@ enum Kind {
 struct PhiState {
     cfg: PhiConfig,
     stats: Window,
+    /// The standardised delays at which phi reaches the suspect and convict thresholds: fixed by the config,
+    /// so solved once here rather than on every arrival.
+    y_suspect: f64,
+    y_convict: f64,
 }
 
 impl Detector {
@@ -98,7 +102,12 @@ impl Detector {
                     p.max_timeout = timeout;
                 }
                 p.max_timeout = p.max_timeout.max(p.min_timeout);
-                Kind::Phi(Box::new(PhiState { stats: Window::new(p.window.max(2)), cfg: p }))
+                Kind::Phi(Box::new(PhiState {
+                    stats: Window::new(p.window.max(2)),
+                    y_suspect: y_for_phi(p.suspect_threshold),
+                    y_convict: y_for_phi(p.convict_threshold),
+                    cfg: p,
+                }))
             }
         };
         Detector { kind, interval, timeout, last_arrival: None }
@@ -138,13 +147,13 @@ impl Detector {
                     (m, m / 4.0)
                 });
                 let std = std.max(cfg.min_std_dev.as_secs_f64());
-                let after = |phi: f64| {
-                    let after = (mean + std * y_for_phi(phi)).max(0.0);
+                let after = |y: f64| {
+                    let after = (mean + std * y).max(0.0);
                     Duration::try_from_secs_f64(after).unwrap_or(cfg.max_timeout).min(cfg.max_timeout)
                 };
                 // Only the verdict has a floor; suspicion is a warning and may come before it.
-                let convict = after(cfg.convict_threshold).max(cfg.min_timeout);
-                let suspect = after(cfg.suspect_threshold).min(convict);
+                let convict = after(phi.y_convict).max(cfg.min_timeout);
+                let suspect = after(phi.y_suspect).min(convict);
                 Deadlines { suspect_at: (suspect < convict).then_some(base + suspect), convict_at: base + convict }
             }
         }
