@@ -510,6 +510,16 @@ impl Connection {
         self.decide(now, reason, CloseMode::Immediate, None, false, None, None, None);
     }
 
+    /// End the connection at once for a failure the IO layer found below the frames (a TLS error), with a
+    /// human detail; `by_peer` when the peer reported it (a TLS alert). Nothing more is written by the core.
+    pub fn fail(&mut self, now: Instant, reason: CloseReason, by_peer: bool, detail: String) {
+        match self.state {
+            State::Closed => {}
+            State::Draining => self.finish(),
+            _ => self.decide(now, reason, CloseMode::Immediate, None, by_peer, None, Some(detail), None),
+        }
+    }
+
     /// Queue an application frame: `DATA`, `SUBSCRIBE`/`UNSUBSCRIBE` (client), `PRESENCE`/`UNDELIVERABLE` (server).
     pub fn send(&mut self, now: Instant, frame: Frame) -> Result<(), SendError> {
         match self.state {
@@ -649,7 +659,14 @@ impl Connection {
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    self.protocol_error(now, e.to_string());
+                    let mut detail = e.to_string();
+                    if self.state == State::Handshake && frame::looks_like_tls(&buf[pos..]) {
+                        detail.push_str(match self.role {
+                            Role::Client => ": the server speaks TLS; connect with TLS",
+                            Role::Server => ": a TLS handshake arrived on a plaintext port",
+                        });
+                    }
+                    self.protocol_error(now, detail);
                     break;
                 }
             }

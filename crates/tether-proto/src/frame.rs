@@ -36,6 +36,12 @@ pub mod kind {
     pub const UNDELIVERABLE: u8 = 0x0A;
 }
 
+/// True when `buf` starts like a TLS record (content type 20..=23, major version 3): a TLS peer on a plaintext
+/// connection. Used only to explain a decode error; such bytes never decode as a frame within the default limit.
+pub fn looks_like_tls(buf: &[u8]) -> bool {
+    matches!(buf, [0x14..=0x17, 0x03, 0x00..=0x04, ..])
+}
+
 /// Why bytes could not be decoded. Every variant ends the connection with `protocol_error`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]

@@ -51,11 +51,14 @@ pub enum CloseReason {
     IpLimit,
     /// The peer sent `DATA` faster than the server's per-connection rate limit.
     RateLimited,
+    /// The TLS layer failed: no common version or cipher, a certificate that is not trusted, a plaintext peer on
+    /// a TLS port, or a corrupt record. Decided by the IO layer, never sent in `BYE` (TLS has its own alerts).
+    TlsError,
 }
 
 impl CloseReason {
     /// Every reason, in wire-code order.
-    pub const ALL: [CloseReason; 19] = [
+    pub const ALL: [CloseReason; 20] = [
         CloseReason::Bye,
         CloseReason::Eof,
         CloseReason::Reset,
@@ -75,6 +78,7 @@ impl CloseReason {
         CloseReason::PingFlood,
         CloseReason::IpLimit,
         CloseReason::RateLimited,
+        CloseReason::TlsError,
     ];
 
     /// The stable snake_case name.
@@ -99,6 +103,7 @@ impl CloseReason {
             CloseReason::PingFlood => "ping_flood",
             CloseReason::IpLimit => "ip_limit",
             CloseReason::RateLimited => "rate_limited",
+            CloseReason::TlsError => "tls_error",
         }
     }
 
@@ -153,7 +158,7 @@ impl TryFrom<u8> for CloseReason {
     type Error = UnknownReason;
     fn try_from(code: u8) -> Result<Self, Self::Error> {
         match code {
-            1..=19 => Ok(Self::ALL[code as usize - 1]),
+            1.. if (code as usize) <= Self::ALL.len() => Ok(Self::ALL[code as usize - 1]),
             other => Err(UnknownReason(other)),
         }
     }
@@ -172,7 +177,8 @@ mod tests {
             assert_eq!(CloseReason::from_name(r.as_str()), Some(r));
         }
         assert_eq!(CloseReason::try_from(0), Err(UnknownReason(0)));
-        assert_eq!(CloseReason::try_from(20), Err(UnknownReason(20)));
+        let next = CloseReason::ALL.len() as u8 + 1;
+        assert_eq!(CloseReason::try_from(next), Err(UnknownReason(next)));
         assert_eq!(CloseReason::from_name("nope"), None);
     }
 

@@ -203,6 +203,44 @@ fn frame_before_hello_is_a_protocol_error_with_bye() {
 }
 
 #[test]
+fn tls_bytes_on_a_plaintext_connection_are_named_in_the_error() {
+    let now = Instant::now();
+    // A TLS alert (what a TLS server sends a plaintext client) and a ClientHello's first bytes.
+    let alert = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x32];
+    let mut c = Connection::client(now, ConnConfig::default(), hello("a"));
+    c.handle_written(now, c.poll_transmit().len());
+    c.handle_bytes(now, &alert);
+    let Some(Event::Closed(closed)) = c.poll_event() else { panic!() };
+    assert_eq!(closed.reason, CloseReason::ProtocolError);
+    assert!(closed.detail.unwrap().ends_with("the server speaks TLS; connect with TLS"));
+
+    let mut s = Connection::server(now, ConnConfig::default());
+    s.handle_bytes(now, &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]);
+    let Some(Event::Closed(closed)) = s.poll_event() else { panic!() };
+    assert!(closed.detail.unwrap().ends_with("a TLS handshake arrived on a plaintext port"));
+
+    // An ordinary oversized length says nothing about TLS.
+    let mut s = Connection::server(now, ConnConfig::default());
+    s.handle_bytes(now, &[0x7f, 0x03, 0x01, 0x02, 0x00]);
+    let Some(Event::Closed(closed)) = s.poll_event() else { panic!() };
+    assert!(!closed.detail.unwrap().contains("TLS"));
+}
+
+#[test]
+fn failures_below_the_frames_close_at_once_with_their_detail() {
+    let mut p = Pair::new(ConnConfig::default());
+    p.server.fail(p.now, CloseReason::TlsError, true, "tls: alert received".into());
+    assert!(p.server.is_closed());
+    let closed: Vec<Closed> = std::iter::from_fn(|| p.server.poll_event())
+        .filter_map(|e| if let Event::Closed(c) = e { Some(c) } else { None })
+        .collect();
+    assert_eq!(closed.len(), 1);
+    assert_eq!((closed[0].reason, closed[0].by_peer), (CloseReason::TlsError, true));
+    assert_eq!(closed[0].detail.as_deref(), Some("tls: alert received"));
+    assert!(p.server.poll_transmit().is_empty(), "no BYE: TLS carries its own alert");
+}
+
+#[test]
 fn second_hello_is_a_protocol_error() {
     let mut p = Pair::new(ConnConfig::default());
     p.server.handle_bytes(p.now, &Frame::Hello(hello("a")).to_bytes());
