@@ -112,6 +112,17 @@ enum ClientCmd {
 }
 
 impl Client {
+    /// Resolve `server` (`host:port`, the first address found) and [`connect`](Self::connect). Over TLS, the
+    /// server's certificate is checked against `host` when it is a DNS name, unless a server name is configured.
+    pub async fn connect_to(server: &str, mut cfg: ClientConfig) -> Result<Client, ConnectError> {
+        let addr = resolve(server).await?;
+        if let Some(tls) = cfg.tls.take() {
+            let host = server.rsplit_once(':').map_or(server, |(h, _)| h);
+            cfg.tls = Some(tls.for_host(host.trim_start_matches('[').trim_end_matches(']')));
+        }
+        Client::connect(addr, cfg).await
+    }
+
     /// Connect to `addr`, say `HELLO`, and wait for `WELCOME` (bounded by the handshake timeout).
     pub async fn connect(addr: SocketAddr, cfg: ClientConfig) -> Result<Client, ConnectError> {
         let stream = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(addr))
@@ -121,6 +132,10 @@ impl Client {
             tracing::warn!("socket options: {e}");
         }
         let local_addr = stream.local_addr()?;
+        let tls = match &cfg.tls {
+            Some(t) => Some(t.connect(addr).map_err(|e| ConnectError::Io(io::Error::other(format!("tls: {e}"))))?),
+            None => None,
+        };
         let nonce = cfg.nonce.unwrap_or_else(rand::random);
         let hello = Hello {
             version: PROTOCOL_VERSION,
@@ -140,7 +155,7 @@ impl Client {
         let task = tokio::spawn(async move {
             let mut hooks =
                 ClientHooks { events: ev_tx, cmds: cmd_rx, welcome: Some(welcome_tx), close_requested: false };
-            drive(stream, &mut conn, &mut hooks).await;
+            drive(stream, tls, &mut conn, &mut hooks).await;
         });
         match welcome_rx.await {
             Ok(Ok(welcome)) => {
@@ -276,4 +291,15 @@ impl Hooks for ClientHooks {
             None => None,
         })
     }
+}
+
+/// The first address `server` (`host:port`) resolves to.
+async fn resolve(server: &str) -> io::Result<SocketAddr> {
+    if let Ok(a) = server.parse() {
+        return Ok(a);
+    }
+    tokio::net::lookup_host(server)
+        .await?
+        .next()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{server} resolves to nothing")))
 }

@@ -16,6 +16,7 @@ use tether_proto::{ConnConfig, HeartbeatPolicy};
 
 use crate::auth::Authenticator;
 use crate::sockopt::SocketOptions;
+use crate::tls::{ClientTls, ServerTls};
 
 /// The server's credential check, shared by every connection. Compared by identity.
 #[derive(Clone)]
@@ -70,6 +71,8 @@ pub struct ServerConfig {
     pub auth: Option<Auth>,
     /// A refused credential is answered `BYE(auth_failed)` only after this long, to slow down guessing.
     pub auth_fail_delay: Duration,
+    /// Serve TLS instead of plain TCP. The handshake counts against `handshake_timeout` like the `HELLO`.
+    pub tls: Option<ServerTls>,
 }
 
 impl Default for ServerConfig {
@@ -94,6 +97,7 @@ impl Default for ServerConfig {
             shutdown_redirect: None,
             auth: None,
             auth_fail_delay: Duration::from_secs(1),
+            tls: None,
         }
     }
 }
@@ -106,7 +110,7 @@ pub struct ClientConfig {
     pub nonce: Option<u64>,
     /// Requested heartbeat interval; `None` takes the server's default.
     pub heartbeat_interval: Option<Duration>,
-    /// Reserved for authentication (sent in `HELLO`).
+    /// The credential sent in `HELLO` (a token for [`crate::HmacTokens`] servers).
     pub credential: Vec<u8>,
     pub conn: ConnConfig,
     pub socket: SocketOptions,
@@ -116,6 +120,8 @@ pub struct ClientConfig {
     pub command_queue: usize,
     /// Start the ping cycle at a random phase, so clients that connect together do not ping in phase.
     pub ping_jitter: bool,
+    /// Connect with TLS. `None`: plain TCP.
+    pub tls: Option<ClientTls>,
 }
 
 impl ClientConfig {
@@ -130,6 +136,7 @@ impl ClientConfig {
             connect_timeout: Duration::from_secs(10),
             command_queue: 1024,
             ping_jitter: true,
+            tls: None,
         }
     }
 }

@@ -10,6 +10,14 @@
 //! the core keeps bytes only for an incomplete frame. `SO_ERROR` is never read before a read: the read itself
 //! reports ETIMEDOUT, and the kernel's count of unacknowledged bytes (TIOCOUTQ) is asked only then, to tell a
 //! user timeout from a keepalive timeout.
+//!
+//! # TLS
+//! With TLS the same loop drives a rustls connection between the socket and the core (rustls is sans-IO too): raw
+//! bytes read from the socket go into rustls, its plaintext into the core; the core's output goes into rustls,
+//! and rustls's records to the socket. Readiness, deadlines, socket options and error classification stay those
+//! of the TCP socket, so every reason behaves the same over TLS. The TLS handshake runs under the core's
+//! handshake timeout. A TLS failure (untrusted certificate, a plaintext peer, a corrupt record) ends the
+//! connection with `tls_error` after a best-effort write of rustls's alert.
 
 use std::future::Future;
 use std::io;
@@ -17,8 +25,9 @@ use std::os::fd::AsRawFd;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant as StdInstant};
 
+use rustls::Connection as TlsConn;
 use socket2::SockRef;
-use tether_proto::{Connection, Event};
+use tether_proto::{CloseReason, Connection, Event};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -29,6 +38,8 @@ use crate::sockopt;
 const READ_CHUNK: usize = 16 * 1024;
 /// Bytes written per wakeup before letting other branches run (fairness for a peer that reads fast).
 const WRITE_BUDGET: usize = 256 * 1024;
+/// How long a closed TLS connection may take to finish writing what rustls still holds.
+const TLS_FINISH_GRACE: Duration = Duration::from_secs(2);
 /// At close, unread bytes up to this are drained so that close() sends FIN, not RST, and our `BYE` survives.
 const CLOSE_DRAIN: usize = 64 * 1024;
 
@@ -64,21 +75,45 @@ pub(crate) trait Hooks {
     fn on_progress(&mut self, _conn: &Connection) {}
 }
 
-/// Run the connection until the core says it is closed, then close the socket.
-pub(crate) async fn drive<H: Hooks>(stream: TcpStream, conn: &mut Connection, hooks: &mut H) {
+/// Run the connection until the core says it is closed, then close the socket. `tls`: the rustls connection
+/// to run between socket and core, or `None` for plain TCP.
+pub(crate) async fn drive<H: Hooks>(
+    stream: TcpStream,
+    mut tls: Option<Box<TlsConn>>,
+    conn: &mut Connection,
+    hooks: &mut H,
+) {
     let sleep = tokio::time::sleep_until(Instant::now() + Duration::from_secs(86_400));
     tokio::pin!(sleep);
     let mut armed: Option<StdInstant> = None;
     let mut cmds_open = true;
+    let mut close_notify_sent = false;
     loop {
         let now = now();
         while let Some(ev) = conn.poll_event() {
             hooks.on_event(conn, now, ev);
         }
-        flush(&stream, conn, now);
+        match tls.as_deref_mut() {
+            None => flush(&stream, conn, now),
+            Some(tls) => flush_tls(&stream, tls, conn, now),
+        }
         if conn.poll_shutdown_write() {
-            let _ = SockRef::from(&stream).shutdown(std::net::Shutdown::Write);
-            conn.handle_write_shutdown();
+            // Over TLS the write half ends with close_notify, and the socket is shut only once rustls has written
+            // every record.
+            let tls_pending = match tls.as_deref_mut() {
+                Some(tls) if !close_notify_sent => {
+                    close_notify_sent = true;
+                    tls.send_close_notify();
+                    flush_tls(&stream, tls, conn, now);
+                    tls.wants_write()
+                }
+                Some(tls) => tls.wants_write(),
+                None => false,
+            };
+            if !tls_pending {
+                let _ = SockRef::from(&stream).shutdown(std::net::Shutdown::Write);
+                conn.handle_write_shutdown();
+            }
         }
         if let Some(ev) = conn.poll_event() {
             hooks.on_event(conn, now, ev);
@@ -94,7 +129,11 @@ pub(crate) async fn drive<H: Hooks>(stream: TcpStream, conn: &mut Connection, ho
             sleep.as_mut().reset(at);
         }
         let want_read = conn.wants_read();
-        let want_write = conn.pending_tx() > 0;
+        // Over TLS, rustls takes the core's bytes as long as it has room, so what waits for the socket is its own.
+        let want_write = match tls.as_deref() {
+            None => conn.pending_tx() > 0,
+            Some(tls) => tls.wants_write(),
+        };
         // One wait over every source, polled in priority order. `poll_fn` keeps no state of its own: readiness
         // registers with the IO driver, the timer is the pinned `Sleep`, commands register with the hooks.
         let wake = std::future::poll_fn(|cx| {
@@ -117,7 +156,7 @@ pub(crate) async fn drive<H: Hooks>(stream: TcpStream, conn: &mut Connection, ho
         .await;
         match wake {
             Wake::Read => {
-                read(&stream, conn);
+                read(&stream, tls.as_deref_mut(), conn);
                 hooks.on_progress(conn);
             }
             Wake::Write => {}
@@ -126,7 +165,7 @@ pub(crate) async fn drive<H: Hooks>(stream: TcpStream, conn: &mut Connection, ho
                 // A timer can fire late (a stalled process, a busy runtime): frames already waiting in the
                 // kernel arrived before the verdict would be taken, so they are read first and count as life.
                 if want_read {
-                    read_pending(&stream, conn);
+                    read_pending(&stream, tls.as_deref_mut(), conn);
                     hooks.on_progress(conn);
                 }
                 conn.handle_timeout(now_std());
@@ -135,10 +174,152 @@ pub(crate) async fn drive<H: Hooks>(stream: TcpStream, conn: &mut Connection, ho
             Wake::Cmd(None) => cmds_open = false,
         }
     }
+    if let Some(tls) = tls.as_deref_mut() {
+        sleep.as_mut().reset(Instant::now() + TLS_FINISH_GRACE);
+        // Boxed: its state would otherwise enlarge every connection's task, TLS or not.
+        Box::pin(finish_tls(&stream, tls, conn.close_reason(), close_notify_sent, sleep.as_mut())).await;
+    }
     close_quietly(&stream);
 }
 
-fn read(stream: &TcpStream, conn: &mut Connection) {
+/// After the core has closed a TLS connection, rustls may still hold records the core counts as written (a
+/// `BYE` behind a full socket buffer, or a refusal's `BYE` waiting for the handshake to complete). Finish them,
+/// bounded by `deadline` ([`TLS_FINISH_GRACE`]), unless the transport is already broken; then end with close_notify. After a
+/// TLS error, only rustls's queued alert is written, best effort.
+async fn finish_tls(
+    stream: &TcpStream,
+    tls: &mut TlsConn,
+    reason: Option<CloseReason>,
+    close_notify_sent: bool,
+    mut deadline: std::pin::Pin<&mut tokio::time::Sleep>,
+) {
+    use std::io::Read;
+    use CloseReason::*;
+    let sock = SockRef::from(stream);
+    let broken = matches!(
+        reason,
+        None | Some(TlsError | HandshakeTimeout | Reset | WriteTimeout | KeepaliveTimeout | Unreachable)
+    );
+    if broken {
+        while tls.wants_write() && tls.write_tls(&mut &*sock).is_ok_and(|n| n > 0) {}
+        return;
+    }
+    let mut notify_sent = close_notify_sent;
+    loop {
+        if !tls.is_handshaking() && !notify_sent {
+            notify_sent = true;
+            tls.send_close_notify();
+        }
+        while tls.wants_write() {
+            match stream.try_io(Interest::WRITABLE, || tls.write_tls(&mut &*sock)) {
+                Ok(n) if n > 0 => {}
+                Ok(_) => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => return,
+            }
+        }
+        let handshaking = tls.is_handshaking();
+        if !handshaking && !tls.wants_write() {
+            return;
+        }
+        let ready = std::future::poll_fn(|cx| {
+            if handshaking && stream.poll_read_ready(cx).is_ready() {
+                return Poll::Ready(true);
+            }
+            if tls.wants_write() && stream.poll_write_ready(cx).is_ready() {
+                return Poll::Ready(true);
+            }
+            deadline.as_mut().poll(cx).map(|_| false)
+        })
+        .await;
+        if !ready {
+            return;
+        }
+        if handshaking {
+            // Only the handshake matters now: records are processed, application data is dropped.
+            let mut buf = [0u8; READ_CHUNK];
+            let r = stream.try_io(Interest::READABLE, || (&*sock).read(&mut buf));
+            match r {
+                Ok(0) => return,
+                Ok(n) => {
+                    let mut data = &buf[..n];
+                    while !data.is_empty() {
+                        if tls.read_tls(&mut data).is_err() || tls.process_new_packets().is_err() {
+                            return;
+                        }
+                        let mut sink = [0u8; 4096];
+                        while tls.reader().read(&mut sink).is_ok_and(|n| n > 0) {}
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+/// Hand bytes read from the socket to the core, through rustls when the connection uses TLS.
+fn deliver(tls: Option<&mut TlsConn>, conn: &mut Connection, data: &[u8]) {
+    match tls {
+        None => conn.handle_bytes(now(), data),
+        Some(tls) => deliver_tls(tls, conn, data),
+    }
+}
+
+/// The socket reached end of stream.
+fn deliver_eof(tls: Option<&mut TlsConn>, conn: &mut Connection) {
+    match tls {
+        None => conn.handle_eof(now()),
+        Some(tls) => {
+            // A zero-byte read_tls records the end of stream; plaintext decrypted before it is still delivered.
+            let _ = tls.read_tls(&mut io::empty());
+            if process_tls(tls, conn) {
+                drain_plaintext(tls, conn);
+            }
+            conn.handle_eof(now());
+        }
+    }
+}
+
+fn deliver_tls(tls: &mut TlsConn, conn: &mut Connection, mut data: &[u8]) {
+    while !data.is_empty() && !conn.is_closed() {
+        if let Err(e) = tls.read_tls(&mut data) {
+            return conn.fail(now(), CloseReason::TlsError, false, format!("tls: {e}"));
+        }
+        if !process_tls(tls, conn) {
+            return;
+        }
+        drain_plaintext(tls, conn);
+    }
+}
+
+/// Let rustls decrypt what it holds; false (and the connection failed) on a TLS error.
+fn process_tls(tls: &mut TlsConn, conn: &mut Connection) -> bool {
+    match tls.process_new_packets() {
+        Ok(_) => true,
+        Err(e) => {
+            let by_peer = matches!(e, rustls::Error::AlertReceived(_));
+            conn.fail(now(), CloseReason::TlsError, by_peer, format!("tls: {e}"));
+            false
+        }
+    }
+}
+
+fn drain_plaintext(tls: &mut TlsConn, conn: &mut Connection) {
+    use std::io::Read;
+    let mut buf = [0u8; READ_CHUNK];
+    while conn.wants_read() {
+        match tls.reader().read(&mut buf) {
+            Ok(0) => return conn.handle_eof(now()),
+            Ok(n) => conn.handle_bytes(now(), &buf[..n]),
+            // WouldBlock: nothing more decrypted yet. UnexpectedEof (TCP closed without close_notify) is left to
+            // the end-of-stream path, where it is an ordinary `eof`: frames carry their own boundaries.
+            Err(_) => return,
+        }
+    }
+}
+
+fn read(stream: &TcpStream, tls: Option<&mut TlsConn>, conn: &mut Connection) {
     let mut buf = [0u8; READ_CHUNK];
     let mut got = 0;
     // A read shorter than the buffer shows the socket drained (epoll reports new data as a new edge), so it is
@@ -154,11 +335,11 @@ fn read(stream: &TcpStream, conn: &mut Connection) {
         Ok(n)
     });
     match r {
-        Ok(0) => conn.handle_eof(now()),
-        Ok(n) => conn.handle_bytes(now(), &buf[..n]),
+        Ok(0) => deliver_eof(tls, conn),
+        Ok(n) => deliver(tls, conn, &buf[..n]),
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
             if got > 0 {
-                conn.handle_bytes(now(), &buf[..got]);
+                deliver(tls, conn, &buf[..got]);
             }
         }
         Err(e) => {
@@ -171,22 +352,23 @@ fn read(stream: &TcpStream, conn: &mut Connection) {
 /// Read everything already waiting in the kernel (bounded), without waiting for readiness. This reads the
 /// socket directly: tokio's `try_read` trusts its cached readiness, which lags behind the kernel exactly when a
 /// timer fires late (the IO driver has not seen the epoll event yet). The socket is non-blocking either way.
-fn read_pending(stream: &TcpStream, conn: &mut Connection) {
+fn read_pending(stream: &TcpStream, mut tls: Option<&mut TlsConn>, conn: &mut Connection) {
     use std::io::Read;
     let sock = SockRef::from(stream);
     for _ in 0..16 {
         let before = (conn.pending_rx(), conn.last_rx(), conn.is_closed());
         let mut buf = [0u8; READ_CHUNK];
         match (&*sock).read(&mut buf) {
-            Ok(0) => return conn.handle_eof(now()),
-            Ok(n) => conn.handle_bytes(now(), &buf[..n]),
+            Ok(0) => return deliver_eof(tls, conn),
+            Ok(n) => deliver(tls.as_deref_mut(), conn, &buf[..n]),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
             Err(e) => {
                 let unacked = sockopt::unacked_bytes(stream.as_raw_fd()).is_some_and(|n| n > 0);
                 return conn.handle_error(now(), &e, unacked);
             }
         }
-        if !conn.wants_read() || before == (conn.pending_rx(), conn.last_rx(), conn.is_closed()) {
+        // Over TLS a read may complete no frame (handshake records, a partial record) yet be progress.
+        if !conn.wants_read() || (tls.is_none() && before == (conn.pending_rx(), conn.last_rx(), conn.is_closed())) {
             return;
         }
     }
@@ -206,6 +388,33 @@ fn flush(stream: &TcpStream, conn: &mut Connection, now: StdInstant) {
                 let unacked = sockopt::unacked_bytes(stream.as_raw_fd()).is_some_and(|n| n > 0);
                 conn.handle_error(now, &e, unacked);
                 return;
+            }
+        }
+    }
+}
+
+/// Move the core's bytes into rustls (as far as its buffer limit allows) and rustls's records to the socket.
+fn flush_tls(stream: &TcpStream, tls: &mut TlsConn, conn: &mut Connection, now: StdInstant) {
+    use std::io::Write;
+    let mut budget = WRITE_BUDGET;
+    loop {
+        while !conn.poll_transmit().is_empty() {
+            match tls.writer().write(conn.poll_transmit()) {
+                Ok(n) if n > 0 => conn.handle_written(now, n),
+                _ => break,
+            }
+        }
+        if !tls.wants_write() || budget == 0 {
+            return;
+        }
+        let r = stream.try_io(Interest::WRITABLE, || tls.write_tls(&mut &*SockRef::from(stream)));
+        match r {
+            Ok(0) => return,
+            Ok(n) => budget -= n.min(budget),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) => {
+                let unacked = sockopt::unacked_bytes(stream.as_raw_fd()).is_some_and(|n| n > 0);
+                return conn.handle_error(now, &e, unacked);
             }
         }
     }

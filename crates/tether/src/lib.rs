@@ -8,6 +8,7 @@
 //! - [`config`]: [`ServerConfig`], [`ClientConfig`] and their defaults.
 //! - [`auth`]: [`Authenticator`], the credential check in `HELLO`, and the built-in [`HmacTokens`].
 //! - [`event`]: [`ServerEvent`], what the server tells its application.
+//! - [`tls`]: [`ServerTls`] and [`ClientTls`], rustls configurations from PEM.
 //! - [`sockopt`]: TCP_NODELAY, keepalive and TCP_USER_TIMEOUT on every socket, read back for the logs.
 //! - `driver`: the IO pump that carries out a [`tether_proto::Connection`]'s decisions on a socket.
 //!
@@ -21,6 +22,7 @@ pub mod event;
 pub mod resilient;
 pub mod server;
 pub mod sockopt;
+pub mod tls;
 
 pub use auth::{AuthError, Authenticator, Grant, HmacTokens};
 pub use client::{Client, ClientError, ClientEvent, ConnectError, Disconnect};
@@ -31,3 +33,4 @@ pub use server::{SendToError, Server, ServerHandle};
 pub use sockopt::{Keepalive, SocketOptions};
 pub use tether_proto as proto;
 pub use tether_proto::CloseReason;
+pub use tls::{ClientTls, DevPki, ServerTls, TlsConfigError, TrustRoots};

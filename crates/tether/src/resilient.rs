@@ -16,7 +16,6 @@
 
 use std::collections::{BTreeSet, VecDeque};
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -241,10 +240,7 @@ impl Supervisor {
             if !self.wait_disconnected(delay).await {
                 return;
             }
-            let client = match resolve(&server).await {
-                Ok(addr) => Client::connect(addr, self.cfg.clone()).await,
-                Err(e) => Err(ConnectError::Io(e)),
-            };
+            let client = Client::connect_to(&server, self.cfg.clone()).await;
             let mut client = match client {
                 Ok(c) => c,
                 Err(e) => {
@@ -367,10 +363,7 @@ impl Supervisor {
                     last_probe = Some(driver::now());
                     let primary = self.servers[0].clone();
                     let cfg = self.cfg.clone();
-                    probe = Some(Box::pin(async move {
-                        let addr = resolve(&primary).await.map_err(ConnectError::Io)?;
-                        Client::connect(addr, cfg).await
-                    }));
+                    probe = Some(Box::pin(async move { Client::connect_to(&primary, cfg).await }));
                 }
                 r = probing => {
                     probe = None;
@@ -456,14 +449,4 @@ fn lost_task() -> Disconnect {
         alternative: None,
         detail: Some("connection task ended".into()),
     }
-}
-
-async fn resolve(server: &str) -> std::io::Result<SocketAddr> {
-    if let Ok(a) = server.parse() {
-        return Ok(a);
-    }
-    tokio::net::lookup_host(server)
-        .await?
-        .next()
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("{server} resolves to nothing")))
 }

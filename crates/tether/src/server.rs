@@ -507,8 +507,12 @@ async fn serve_conn(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, co
     }
     shared.hub.lock().expect("hub lock").conns.insert(conn_id, ConnHandle { control: control.clone() });
     let mut conn = Connection::server(driver::now(), shared.conn_cfg.clone());
+    let tls = match tls_session(&shared) {
+        Ok(tls) => tls,
+        Err(()) => return,
+    };
     let mut hooks = ServerHooks { shared, conn_id, peer, client: None, control, handshaking: true, grant: None };
-    drive(stream, &mut conn, &mut hooks).await;
+    drive(stream, tls, &mut conn, &mut hooks).await;
     hooks.handshake_done();
 }
 
@@ -523,8 +527,18 @@ async fn refuse(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, conn_i
     let now = driver::now();
     let mut conn = Connection::server(now, shared.conn_cfg.clone());
     conn.reject(now, b);
+    let Ok(tls) = tls_session(&shared) else { return };
     let mut hooks = BusyHooks { shared, conn_id, peer };
-    drive(stream, &mut conn, &mut hooks).await;
+    drive(stream, tls, &mut conn, &mut hooks).await;
+}
+
+/// A fresh rustls server session when the server speaks TLS. rustls fails here only on a configuration it
+/// accepted at build time, so the error is logged and the connection dropped.
+fn tls_session(shared: &Shared) -> Result<Option<Box<rustls::Connection>>, ()> {
+    match &shared.cfg.tls {
+        None => Ok(None),
+        Some(t) => t.accept().map(Some).map_err(|e| tracing::error!("tls session: {e}")),
+    }
 }
 
 struct BusyHooks {
@@ -779,7 +793,7 @@ mod size_guard {
     use super::*;
 
     /// Every idle connection holds one task whose future is this big: a regression here is memory per
-    /// connection (see BENCHMARKS.md). Measured 864 bytes (Connection 328) with rustc 1.95.
+    /// connection (see BENCHMARKS.md). Measured 992 bytes (Connection 328) with rustc 1.95, TLS support included.
     #[tokio::test]
     async fn per_connection_task_stays_small() {
         let cfg = ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..Default::default() };

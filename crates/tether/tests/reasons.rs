@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use socket2::SockRef;
-use support::{test_config, RawPeer, TestServer};
+use support::{next_disconnect, offline_reason, test_config, RawPeer, TestServer};
 use tether::proto::{Frame, PresenceState};
 use tether::{Client, ClientConfig, ClientEvent, CloseReason, ConnectError, EventKind};
 
@@ -15,23 +15,6 @@ fn client_cfg(id: &str) -> ClientConfig {
     let mut c = ClientConfig::new(id);
     c.heartbeat_interval = Some(Duration::from_secs(1));
     c
-}
-
-async fn next_disconnect(c: &mut Client) -> tether::Disconnect {
-    loop {
-        match tokio::time::timeout(support::PATIENCE, c.next_event()).await.expect("no disconnect") {
-            Some(ClientEvent::Disconnected(d)) => return d,
-            Some(_) => continue,
-            None => panic!("event stream ended without Disconnected"),
-        }
-    }
-}
-
-fn offline_reason(k: &EventKind, id: &str) -> Option<CloseReason> {
-    match k {
-        EventKind::Offline { client, reason, .. } if client == id => Some(*reason),
-        _ => None,
-    }
 }
 
 #[tokio::test(start_paused = true)]

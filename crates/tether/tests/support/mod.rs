@@ -7,8 +7,8 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use tether::proto::frame::{self, Hello, PROTOCOL_VERSION};
 use tether::proto::{Bye, Frame, Welcome};
-use tether::{EventKind, Server, ServerConfig, ServerEvent, ServerHandle};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tether::{Client, ClientEvent, CloseReason, EventKind, Server, ServerConfig, ServerEvent, ServerHandle};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -80,6 +80,25 @@ impl TestServer {
     }
 }
 
+/// The client's `Disconnected`, skipping other events; fails after [`PATIENCE`].
+pub async fn next_disconnect(c: &mut Client) -> tether::Disconnect {
+    loop {
+        match tokio::time::timeout(PATIENCE, c.next_event()).await.expect("no disconnect") {
+            Some(ClientEvent::Disconnected(d)) => return d,
+            Some(_) => continue,
+            None => panic!("event stream ended without Disconnected"),
+        }
+    }
+}
+
+/// The reason of an `offline` event for `id`.
+pub fn offline_reason(k: &EventKind, id: &str) -> Option<CloseReason> {
+    match k {
+        EventKind::Offline { client, reason, .. } if client == id => Some(*reason),
+        _ => None,
+    }
+}
+
 /// The payload of the client's next `DATA`; fails if the client is disconnected first.
 pub async fn next_data(c: &mut tether::Client) -> Bytes {
     loop {
@@ -91,18 +110,20 @@ pub async fn next_data(c: &mut tether::Client) -> Bytes {
     }
 }
 
-/// A peer driven by hand, frame by frame, to misbehave on purpose.
-pub struct RawPeer {
-    pub stream: TcpStream,
+/// A peer driven by hand, frame by frame, to misbehave on purpose; over TCP, or over any stream (TLS).
+pub struct RawPeer<S = TcpStream> {
+    pub stream: S,
     buf: BytesMut,
 }
 
-impl RawPeer {
-    /// A peer over a stream the test opened itself (e.g. from another source address).
-    pub fn from_stream(stream: TcpStream) -> RawPeer {
+impl<S: AsyncRead + AsyncWrite + Unpin> RawPeer<S> {
+    /// A peer over a stream the test opened itself (e.g. from another source address, or a TLS stream).
+    pub fn from_stream(stream: S) -> RawPeer<S> {
         RawPeer { stream, buf: BytesMut::new() }
     }
+}
 
+impl RawPeer {
     pub async fn connect(addr: SocketAddr) -> RawPeer {
         RawPeer { stream: TcpStream::connect(addr).await.unwrap(), buf: BytesMut::new() }
     }
@@ -118,13 +139,16 @@ impl RawPeer {
             other => panic!("expected WELCOME, got {other:?}"),
         }
     }
+}
 
+impl<S: AsyncRead + AsyncWrite + Unpin> RawPeer<S> {
     pub async fn send(&mut self, f: &Frame) {
-        self.stream.write_all(&f.to_bytes()).await.unwrap();
+        self.send_raw(&f.to_bytes()).await;
     }
 
     pub async fn send_raw(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.unwrap();
+        self.stream.flush().await.unwrap();
     }
 
     /// The next frame, or `None` at end of stream or on a reset.

@@ -1,0 +1,277 @@
+//! TLS over real loopback sockets, with certificates generated at test time and tokio's paused clock: the
+//! handshake, heartbeats and the main verdicts behave as over plain TCP; every TLS failure is `tls_error` (or a
+//! clear `protocol_error` on the plaintext side) and touches no other client. The raw TLS peers are tokio-rustls,
+//! an implementation independent of tether's own rustls driver.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use support::{next_disconnect, offline_reason, test_config, RawPeer, TestServer};
+use tether::proto::frame::{Hello, PROTOCOL_VERSION};
+use tether::proto::{Frame, Welcome};
+use tether::{
+    Client, ClientConfig, ClientEvent, ClientTls, CloseReason, ConnectError, DevPki, EventKind, ServerConfig,
+    ServerTls, TrustRoots,
+};
+use tokio_rustls::rustls;
+
+fn pki() -> DevPki {
+    DevPki::generate(&["localhost", "127.0.0.1"], "device-1").unwrap()
+}
+
+fn tls_server_config(pki: &DevPki, client_ca: bool) -> ServerConfig {
+    let mut cfg = test_config();
+    let ca = client_ca.then_some(pki.ca_cert.as_bytes());
+    cfg.tls = Some(ServerTls::from_pem(pki.server_cert.as_bytes(), pki.server_key.as_bytes(), ca).unwrap());
+    cfg
+}
+
+fn tls_client(id: &str, pki: &DevPki) -> ClientConfig {
+    let mut c = ClientConfig::new(id);
+    c.heartbeat_interval = Some(Duration::from_secs(1));
+    c.tls = Some(ClientTls::new(TrustRoots::Pem(pki.ca_cert.as_bytes()), None).unwrap());
+    c
+}
+
+fn closed_reason(k: &EventKind) -> Option<(CloseReason, Option<String>)> {
+    match k {
+        EventKind::Closed { reason, detail, .. } => Some((*reason, detail.clone())),
+        _ => None,
+    }
+}
+
+fn refused(r: Result<Client, ConnectError>) -> tether::Disconnect {
+    match r {
+        Err(ConnectError::Refused(d)) => d,
+        Err(e) => panic!("expected a refusal, got {e:?}"),
+        Ok(_) => panic!("expected a refusal, got a connection"),
+    }
+}
+
+/// A tokio-rustls client trusting the dev CA.
+fn raw_connector(pki: &DevPki) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = rustls::pki_types::CertificateDer::from_pem_slice(pki.ca_cert.as_bytes()).unwrap();
+    roots.add(ca).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+}
+
+use rustls::pki_types::pem::PemObject;
+
+#[tokio::test(start_paused = true)]
+async fn tls_handshake_heartbeats_and_data_then_a_clean_bye() {
+    let pki = pki();
+    let mut s = TestServer::start(tls_server_config(&pki, false)).await;
+    let mut a = Client::connect(s.addr, tls_client("a", &pki)).await.unwrap();
+    assert_eq!((a.welcome().heartbeat_ms, a.welcome().timeout_ms), (1000, 3000));
+    s.wait(|k| matches!(k, EventKind::Online { client, .. } if client == "a")).await;
+    // Ten timeouts of virtual time: only heartbeats keep the link, both ways, over TLS.
+    let t0 = tokio::time::Instant::now();
+    while t0.elapsed() < Duration::from_secs(30) {
+        tokio::select! {
+            ev = a.next_event() => panic!("client event while idle: {ev:?}"),
+            k = s.events.recv() => panic!("server event while idle: {k:?}"),
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+    a.send(Some("a"), Bytes::from_static(b"over tls")).await.unwrap();
+    assert_eq!(&support::next_data(&mut a).await[..], b"over tls");
+    let d = a.close().await.expect("close reports how it ended");
+    assert_eq!(d.reason, CloseReason::Bye);
+    let k = s.wait(|k| offline_reason(k, "a").is_some()).await;
+    assert_eq!(offline_reason(&k, "a"), Some(CloseReason::Bye));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_tls_peer_is_a_heartbeat_timeout_and_is_told_so_inside_tls() {
+    let pki = pki();
+    let mut s = TestServer::start(tls_server_config(&pki, false)).await;
+    let tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let stream = raw_connector(&pki).connect(name, tcp).await.unwrap();
+    let mut p = RawPeer::from_stream(stream);
+    let hello =
+        Hello { version: PROTOCOL_VERSION, heartbeat_ms: 0, nonce: 1, client_id: "a".into(), credential: Bytes::new() };
+    p.send(&Frame::Hello(hello)).await;
+    let Some(Frame::Welcome(w)) = p.next_frame().await else { panic!("no WELCOME") };
+    assert_eq!((w.heartbeat_ms, w.timeout_ms), (1000, 3000));
+    let t0 = tokio::time::Instant::now();
+    let k = s.wait(|k| offline_reason(k, "a").is_some()).await;
+    let EventKind::Offline { reason, lateness, .. } = k else { unreachable!() };
+    assert_eq!(reason, CloseReason::HeartbeatTimeout);
+    assert_eq!(lateness, Some(Duration::ZERO));
+    assert_eq!(t0.elapsed(), Duration::from_secs(3));
+    let mut pings = 0;
+    let bye = loop {
+        match p.next_frame().await {
+            Some(Frame::Ping { .. }) => pings += 1,
+            Some(Frame::Bye(b)) => break b,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert!(pings >= 1);
+    assert_eq!(bye.reason, CloseReason::HeartbeatTimeout);
+    // The goodbye ends with close_notify, which tokio-rustls reports as a clean end of stream.
+    assert_eq!(p.next_frame().await, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tls_client_detects_a_silent_server() {
+    let pki = pki();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cert = rustls::pki_types::CertificateDer::pem_slice_iter(pki.server_cert.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(pki.server_key.as_bytes()).unwrap();
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(cert, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    // A TLS "server" that welcomes and then never says anything again, its socket held open.
+    let fake = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        // No Nagle: the WELCOME must not wait behind the unacknowledged session tickets while the paused clock
+        // jumps ahead.
+        tcp.set_nodelay(true).unwrap();
+        let mut p = RawPeer::from_stream(acceptor.accept(tcp).await.unwrap());
+        assert!(matches!(p.next_frame().await, Some(Frame::Hello(_))));
+        let w = Welcome { version: 1, heartbeat_ms: 1000, timeout_ms: 3000, epoch: 1, server_id: "fake".into() };
+        p.send(&Frame::Welcome(w)).await;
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        drop(p);
+    });
+    let mut c = Client::connect(addr, tls_client("a", &pki)).await.unwrap();
+    let d = next_disconnect(&mut c).await;
+    assert_eq!(d.reason, CloseReason::HeartbeatTimeout);
+    assert_eq!(d.lateness, Some(Duration::ZERO));
+    fake.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_plaintext_client_on_a_tls_port_fails_cleanly_and_others_are_unaffected() {
+    let pki = pki();
+    let mut s = TestServer::start(tls_server_config(&pki, false)).await;
+    let mut good = Client::connect(s.addr, tls_client("good", &pki)).await.unwrap();
+    s.wait(|k| matches!(k, EventKind::Online { client, .. } if client == "good")).await;
+
+    let mut plain = ClientConfig::new("plain");
+    plain.heartbeat_interval = Some(Duration::from_secs(1));
+    let d = refused(Client::connect(s.addr, plain).await);
+    assert_eq!(d.reason, CloseReason::ProtocolError);
+    let detail = d.detail.unwrap();
+    assert!(detail.ends_with("the server speaks TLS; connect with TLS"), "{detail}");
+    let (reason, detail) = closed_reason(&s.wait(|k| closed_reason(k).is_some()).await).unwrap();
+    assert_eq!(reason, CloseReason::TlsError);
+    assert!(detail.unwrap().starts_with("tls: "));
+
+    good.send(Some("good"), Bytes::from_static(b"still here")).await.unwrap();
+    assert_eq!(&support::next_data(&mut good).await[..], b"still here");
+    assert!(s.drain().iter().all(|k| offline_reason(k, "good").is_none()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tls_client_on_a_plaintext_port_fails_cleanly() {
+    let pki = pki();
+    let mut s = TestServer::start(test_config()).await;
+    let d = refused(Client::connect(s.addr, tls_client("a", &pki)).await);
+    assert_eq!(d.reason, CloseReason::TlsError);
+    let (reason, detail) = closed_reason(&s.wait(|k| closed_reason(k).is_some()).await).unwrap();
+    assert_eq!(reason, CloseReason::ProtocolError);
+    let detail = detail.unwrap();
+    assert!(detail.ends_with("a TLS handshake arrived on a plaintext port"), "{detail}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_untrusted_or_misnamed_server_certificate_is_refused() {
+    let pki = pki();
+    let mut s = TestServer::start(tls_server_config(&pki, false)).await;
+    // A client that trusts another CA.
+    let other = DevPki::generate(&["localhost"], "x").unwrap();
+    let d = refused(Client::connect(s.addr, tls_client("a", &other)).await);
+    assert_eq!((d.reason, d.by_peer), (CloseReason::TlsError, false));
+    let detail = d.detail.unwrap();
+    assert!(detail.starts_with("tls: invalid peer certificate: UnknownIssuer"), "{detail}");
+    // The right CA, but a name the certificate does not carry.
+    let mut cfg = tls_client("a", &pki);
+    cfg.tls = Some(cfg.tls.take().unwrap().with_server_name("example.com").unwrap());
+    let d = refused(Client::connect(s.addr, cfg).await);
+    assert_eq!(d.reason, CloseReason::TlsError);
+    let detail = d.detail.unwrap();
+    assert!(detail.contains("not valid for name"), "{detail}");
+    // The server saw two failed handshakes: the alerts the client sent.
+    for _ in 0..2 {
+        let (reason, _) = closed_reason(&s.wait(|k| closed_reason(k).is_some()).await).unwrap();
+        assert_eq!(reason, CloseReason::TlsError);
+    }
+    // And a name the certificate carries works.
+    let mut cfg = tls_client("a", &pki);
+    cfg.tls = Some(cfg.tls.take().unwrap().with_server_name("localhost").unwrap());
+    Client::connect(s.addr, cfg).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn client_certificates_are_required_when_the_server_names_a_client_ca() {
+    let pki = pki();
+    let mut s = TestServer::start(tls_server_config(&pki, true)).await;
+    // No certificate: the server refuses the handshake and says so with an alert.
+    let d = refused(Client::connect(s.addr, tls_client("a", &pki)).await);
+    assert_eq!(d.reason, CloseReason::TlsError);
+    let (reason, detail) = closed_reason(&s.wait(|k| closed_reason(k).is_some()).await).unwrap();
+    assert_eq!(reason, CloseReason::TlsError);
+    assert!(detail.unwrap().contains("certificate"));
+    // A certificate from another CA: refused too.
+    let other = DevPki::generate(&["localhost"], "x").unwrap();
+    let mut cfg = tls_client("a", &pki);
+    let roots = TrustRoots::Pem(pki.ca_cert.as_bytes());
+    let foreign = Some((other.client_cert.as_bytes(), other.client_key.as_bytes()));
+    cfg.tls = Some(ClientTls::new(roots, foreign).unwrap());
+    assert_eq!(refused(Client::connect(s.addr, cfg).await).reason, CloseReason::TlsError);
+    // The CA's own client certificate: admitted, and the session works.
+    let mut cfg = tls_client("a", &pki);
+    let own = Some((pki.client_cert.as_bytes(), pki.client_key.as_bytes()));
+    cfg.tls = Some(ClientTls::new(roots, own).unwrap());
+    let mut a = Client::connect(s.addr, cfg).await.unwrap();
+    a.send(Some("a"), Bytes::from_static(b"mtls")).await.unwrap();
+    assert_eq!(&support::next_data(&mut a).await[..], b"mtls");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_busy_refusal_over_tls_still_carries_its_retry_hint() {
+    let pki = pki();
+    let mut cfg = tls_server_config(&pki, false);
+    cfg.max_connections = 1;
+    cfg.busy_retry_after = Duration::from_secs(7);
+    cfg.busy_retry_spread = Duration::ZERO;
+    let s = TestServer::start(cfg).await;
+    let _a = Client::connect(s.addr, tls_client("a", &pki)).await.unwrap();
+    let d = refused(Client::connect(s.addr, tls_client("b", &pki)).await);
+    assert_eq!((d.reason, d.retry_after), (CloseReason::Busy, Some(Duration::from_secs(7))));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_tls_handshake_times_out() {
+    let pki = pki();
+    let mut s = TestServer::start(tls_server_config(&pki, false)).await;
+    // TCP connected, then not one byte of TLS: the handshake timeout (5 s) covers TLS and HELLO together.
+    let p = RawPeer::connect(s.addr).await;
+    let t0 = tokio::time::Instant::now();
+    let (reason, _) = closed_reason(&s.wait(|k| closed_reason(k).is_some()).await).unwrap();
+    assert_eq!(reason, CloseReason::HandshakeTimeout);
+    assert_eq!(t0.elapsed(), Duration::from_secs(5));
+    drop(p);
+}
