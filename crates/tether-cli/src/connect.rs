@@ -18,7 +18,8 @@ use serde_json::json;
 use tether::proto::reconnect::{BackoffConfig, ReconnectConfig};
 use tether::proto::Presence;
 use tether::{
-    Client, ClientConfig, ClientEvent, ConnectError, Disconnect, LinkEvent, ReconnectingClient, ResilienceConfig, Sent,
+    Client, ClientConfig, ClientEvent, ClientTls, ConnectError, Disconnect, LinkEvent, ReconnectingClient,
+    ResilienceConfig, Sent, TrustRoots,
 };
 use tokio::io::{AsyncBufReadExt, BufReader, Lines, Stdin};
 
@@ -47,6 +48,21 @@ pub struct Args {
     /// File holding this client's token (from `tether token`), for a server that requires one.
     #[arg(long, value_name = "FILE")]
     token_file: Option<std::path::PathBuf>,
+    /// Connect with TLS, trusting the CAs in this PEM file (e.g. `ca.pem` from `tether cert`).
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// Connect with TLS, trusting the operating system's CA store.
+    #[arg(long, conflicts_with = "tls_ca")]
+    tls: bool,
+    /// Check the server's certificate against this name [default: the host of ADDR].
+    #[arg(long, value_name = "NAME")]
+    tls_server_name: Option<String>,
+    /// Present this client certificate (PEM), for a server started with --tls-client-ca.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
     /// Reconnect by itself, with backoff and failover over the addresses.
     #[arg(long)]
     reconnect: bool,
@@ -91,6 +107,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         let token = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         cfg.credential = token.trim().as_bytes().to_vec();
     }
+    cfg.tls = client_tls(&args)?;
     let shutdown = crate::shutdown_signal()?;
     let out = Printer { json: args.json };
     let stdin = BufReader::new(tokio::io::stdin()).lines();
@@ -99,6 +116,27 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     } else {
         once(&args, cfg, out, stdin, shutdown).await
     }
+}
+
+/// The TLS settings the flags ask for; `None` for plain TCP.
+fn client_tls(args: &Args) -> anyhow::Result<Option<ClientTls>> {
+    let any = args.tls || args.tls_ca.is_some() || args.tls_server_name.is_some() || args.tls_cert.is_some();
+    if !any {
+        return Ok(None);
+    }
+    let ca = args.tls_ca.as_deref().map(crate::read_file).transpose()?;
+    let roots = match &ca {
+        Some(pem) => TrustRoots::Pem(pem),
+        None if args.tls => TrustRoots::System,
+        None => bail!("TLS needs trust roots: --tls-ca FILE, or --tls for the system store"),
+    };
+    let cert = args.tls_cert.as_deref().map(crate::read_file).transpose()?;
+    let key = args.tls_key.as_deref().map(crate::read_file).transpose()?;
+    let mut tls = ClientTls::new(roots, cert.as_deref().zip(key.as_deref()))?;
+    if let Some(name) = &args.tls_server_name {
+        tls = tls.with_server_name(name)?;
+    }
+    Ok(Some(tls))
 }
 
 /// One connection: the first address that accepts.
@@ -111,14 +149,7 @@ async fn once(
 ) -> anyhow::Result<ExitCode> {
     let mut connected = None;
     for server in &args.addrs {
-        let addr = match tokio::net::lookup_host(server).await.map(|mut a| a.next()) {
-            Ok(Some(a)) => a,
-            _ => {
-                eprintln!("tether: cannot resolve {server}");
-                continue;
-            }
-        };
-        match Client::connect(addr, cfg.clone()).await {
+        match Client::connect_to(server, cfg.clone()).await {
             Ok(c) => {
                 connected = Some((c, server.clone()));
                 break;
@@ -271,7 +302,10 @@ impl Printer {
                 "lateness_ms": d.lateness.map(ms), "retry_after_ms": d.retry_after.map(whole_ms),
                 "alternative": d.alternative, "detail": d.detail,
             }),
-            &format!("disconnected from {}: {}", server.unwrap_or("server"), d.reason),
+            &match &d.detail {
+                Some(detail) => format!("disconnected from {}: {} ({detail})", server.unwrap_or("server"), d.reason),
+                None => format!("disconnected from {}: {}", server.unwrap_or("server"), d.reason),
+            },
         );
     }
 

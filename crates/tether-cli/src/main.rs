@@ -6,9 +6,11 @@
 //! - `connect`: [`connect::run`] connects a [`tether::Client`], sends stdin lines as `DATA`, prints what arrives.
 //! - `bench` / `bench-worker`: [`mod@bench`], flags over the `tether-bench` crate (coordinator and load generator).
 //! - `token`: [`token`], mints client tokens; also loads the auth secret for `serve`.
+//! - `cert`: [`cert`], writes a throwaway CA, server and client certificate for TLS tests and demos.
 //! - [`duration`]: `500ms` / `1.5s` / `30s` parsing for flags and the file.
 
 mod bench;
+mod cert;
 mod connect;
 mod duration;
 mod serve;
@@ -28,11 +30,13 @@ enum Command {
     /// Run a server (in-memory single node).
     Serve(Box<serve::Args>),
     /// Connect to a server as one client id; stdin lines are sent as DATA.
-    Connect(connect::Args),
+    Connect(Box<connect::Args>),
     /// Measure a server under load: idle cost, connect rate, detection, takeover, restart storm.
     Bench(bench::Args),
     /// Mint a client token for a server started with an auth secret.
     Token(token::Args),
+    /// Write a throwaway CA, server certificate and client certificate (PEM) for TLS tests and demos.
+    Cert(cert::Args),
     /// One load-generator process of `tether bench` (started by it).
     #[command(hide = true)]
     BenchWorker(bench::WorkerArgs),
@@ -51,6 +55,7 @@ fn main() -> std::process::ExitCode {
     let command = match cli.command {
         Command::Bench(args) => return finish(bench::run(args)),
         Command::Token(args) => return finish(token::run(args)),
+        Command::Cert(args) => return finish(cert::run(args)),
         other => other,
     };
     let rt = match tokio::runtime::Runtime::new() {
@@ -63,9 +68,11 @@ fn main() -> std::process::ExitCode {
     let result = rt.block_on(async {
         match command {
             Command::Serve(args) => serve::run(*args).await,
-            Command::Connect(args) => connect::run(args).await,
+            Command::Connect(args) => connect::run(*args).await,
             Command::BenchWorker(args) => bench::worker(args).await,
-            Command::Bench(_) | Command::Token(_) => unreachable!("handled before the runtime starts"),
+            Command::Bench(_) | Command::Token(_) | Command::Cert(_) => {
+                unreachable!("handled before the runtime starts")
+            }
         }
     });
     // A pending stdin read lives on a blocking thread; do not wait for it.
@@ -109,4 +116,10 @@ fn emit_json(v: &serde_json::Value) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{v}");
     let _ = out.flush();
+}
+
+/// A file's bytes, with its path in the error.
+fn read_file(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    use anyhow::Context;
+    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
 }

@@ -117,6 +117,15 @@ pub struct Args {
     /// On shutdown, tell clients to reconnect to this address instead (server-directed drain).
     #[arg(long, value_name = "ADDR")]
     shutdown_redirect: Option<String>,
+    /// Serve TLS with this certificate chain (PEM, leaf first); needs --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The server certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by a CA in this PEM file (client-certificate authentication).
+    #[arg(long, value_name = "FILE")]
+    tls_client_ca: Option<PathBuf>,
     /// DATA bytes per second one connection may send; beyond it, BYE(rate_limited) [default: no limit].
     #[arg(long, value_name = "BYTES")]
     max_data_rate: Option<u32>,
@@ -164,6 +173,9 @@ pub struct FileConfig {
     auth_fail_delay: Option<String>,
     max_data_rate: Option<u32>,
     max_frame: Option<u32>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
 }
 
 fn dur(field: &str, v: &Option<String>) -> anyhow::Result<Option<Duration>> {
@@ -270,7 +282,26 @@ pub fn build_config(args: &Args, file: &FileConfig) -> anyhow::Result<ServerConf
              --insecure-no-auth to say this is intended)"
         ),
     }
+    cfg.tls = server_tls(args, file)?;
     Ok(cfg)
+}
+
+/// The TLS settings from the flags or the file (flags win, as a set); `None` serves plain TCP.
+fn server_tls(args: &Args, file: &FileConfig) -> anyhow::Result<Option<tether::ServerTls>> {
+    let (cert, key, client_ca) = if args.tls_cert.is_some() {
+        (&args.tls_cert, &args.tls_key, args.tls_client_ca.as_ref().or(file.tls_client_ca.as_ref()))
+    } else {
+        (&file.tls_cert, &file.tls_key, args.tls_client_ca.as_ref().or(file.tls_client_ca.as_ref()))
+    };
+    let (cert, key) = match (cert, key) {
+        (Some(c), Some(k)) => (c, k),
+        (None, None) if client_ca.is_none() => return Ok(None),
+        (None, None) => bail!("--tls-client-ca needs --tls-cert and --tls-key"),
+        _ => bail!("TLS needs both a certificate (tls_cert) and its key (tls_key)"),
+    };
+    let ca = client_ca.map(|p| crate::read_file(p)).transpose()?;
+    let tls = tether::ServerTls::from_pem(&crate::read_file(cert)?, &crate::read_file(key)?, ca.as_deref())?;
+    Ok(Some(tls))
 }
 
 fn load_file(path: &Option<PathBuf>) -> anyhow::Result<FileConfig> {
@@ -292,6 +323,11 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         cfg.conn.handshake_timeout,
         cfg.max_connections
     );
+    match &cfg.tls {
+        None => tracing::info!("plain TCP: frames, tokens included, travel in clear text (give --tls-cert/--tls-key)"),
+        Some(t) if t.requires_client_cert() => tracing::info!("TLS, client certificates required"),
+        Some(_) => tracing::info!("TLS"),
+    }
     let shutdown = crate::shutdown_signal()?;
     let json = args.events == Some(EventsFormat::Json);
     let mut server = Server::bind(cfg.clone()).await.with_context(|| format!("binding {}", cfg.listen))?;

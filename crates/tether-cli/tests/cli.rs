@@ -269,3 +269,69 @@ fn tokens_minted_by_the_cli_open_the_door_and_nothing_else_does() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("choose one"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn tls_with_client_certificates_and_tokens_from_the_cli() {
+    let dir = std::env::temp_dir().join(format!("tether-tls-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = Command::new(env!("CARGO_BIN_EXE_tether")).args(["cert", "--out"]).arg(&dir).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let f = |name: &str| dir.join(name).to_str().unwrap().to_owned();
+    let secret = f("secret");
+    std::fs::write(&secret, "a test secret of more than 16 bytes\n").unwrap();
+    let token = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["token", "--secret-file", &secret, "--id", "alice", "--ttl", "10m"])
+        .output()
+        .unwrap();
+    std::fs::write(f("alice.token"), &token.stdout).unwrap();
+    let (ca, cert, key, ccert, ckey) =
+        (f("ca.pem"), f("server.pem"), f("server.key"), f("client.pem"), f("client.key"));
+    let (srv, addr) = serve(&[
+        "--auth-secret-file",
+        &secret,
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--tls-client-ca",
+        &ca,
+        "--heartbeat-interval",
+        "200ms",
+        "--heartbeat-timeout",
+        "600ms",
+    ]);
+    let tls_flags = ["--tls-ca", &ca, "--tls-cert", &ccert, "--tls-key", &ckey];
+    // Certificate checked against the IP (a SAN of `tether cert`), then against an explicit name.
+    let mut alice = connect(&addr, "alice", &[&tls_flags[..], &["--token-file", &f("alice.token")]].concat());
+    srv.expect("alice online", |v| event(v) == "online" && v["client"] == "alice");
+    alice.send_line("hello over tls");
+    let data = srv.expect("data", |v| event(v) == "data");
+    assert_eq!(data["payload"], "hello over tls");
+    // Heartbeats keep it: several timeouts pass with no verdict on alice.
+    let later = srv.try_expect(Duration::from_secs(2), |v| event(v) == "offline");
+    assert!(later.is_none(), "{later:?}");
+
+    // Plain TCP against the TLS port: a clear refusal, non-zero exit; the server names it tls_error.
+    let mut plain = Proc::spawn(&["connect", &addr, "--id", "bob", "--json"]);
+    let d = plain.expect("refusal", |v| event(v) == "disconnected");
+    assert_eq!(d["reason"], "protocol_error");
+    assert!(d["detail"].as_str().unwrap().contains("the server speaks TLS"), "{d}");
+    assert!(!plain.wait_exit().success());
+    let closed = srv.expect("server saw it", |v| event(v) == "closed");
+    assert_eq!(closed["reason"], "tls_error");
+
+    // TLS without a client certificate: refused at the handshake.
+    let mut anon =
+        Proc::spawn(&["connect", &addr, "--id", "carol", "--json", "--tls-ca", &ca, "--tls-server-name", "localhost"]);
+    let d = anon.expect("refusal", |v| event(v) == "disconnected");
+    assert_eq!(d["reason"], "tls_error");
+    assert!(!anon.wait_exit().success());
+
+    // The right certificate but no token: the auth layer still refuses.
+    let mut tokenless = Proc::spawn(&[&["connect", &addr, "--id", "dave", "--json"][..], &tls_flags].concat());
+    let d = tokenless.expect("refusal", |v| event(v) == "disconnected");
+    assert_eq!(d["reason"], "auth_failed");
+    assert!(!tokenless.wait_exit().success());
+    assert!(srv.drain().iter().all(|v| !(event(v) == "offline" && v["client"] == "alice")));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
