@@ -182,6 +182,9 @@ struct Drain {
     linger: bool,
     write_shut: bool,
     peer_eof: bool,
+    /// The peer sent something undecodable while we lingered: what it sends is dropped unread until it closes
+    /// or the grace ends (nothing is buffered on a broken stream's word).
+    garbage: bool,
 }
 
 /// One tether connection's protocol state.
@@ -309,12 +312,12 @@ impl Connection {
 
     /// Bytes arrived from the transport.
     pub fn handle_bytes(&mut self, now: Instant, data: &[u8]) {
-        if !self.reading() {
+        if !self.reading() || self.discarding() {
             return;
         }
         if self.rx.is_empty() {
             let used = self.process(now, data);
-            if self.reading() && used < data.len() {
+            if self.reading() && !self.discarding() && used < data.len() {
                 self.rx.extend_from_slice(&data[used..]);
             }
         } else {
@@ -624,6 +627,10 @@ impl Connection {
         Some(self.last_tx + wait)
     }
 
+    fn discarding(&self) -> bool {
+        matches!(self.drain, Some(d) if d.garbage)
+    }
+
     fn reading(&self) -> bool {
         match self.state {
             State::Closed => false,
@@ -638,7 +645,7 @@ impl Connection {
         }
         let rx = std::mem::take(&mut self.rx);
         let used = self.process(now, &rx);
-        if self.reading() && used < rx.len() {
+        if self.reading() && !self.discarding() && used < rx.len() {
             // Keep only the incomplete tail; a fresh buffer sized to it, so a past burst pins nothing.
             self.rx = BytesMut::from(&rx[used..]);
         }
@@ -647,7 +654,7 @@ impl Connection {
     /// Parse and handle whole frames from `buf`; returns the bytes consumed.
     fn process(&mut self, now: Instant, buf: &[u8]) -> usize {
         let mut pos = 0;
-        while self.reading() && !self.admission_pending {
+        while self.reading() && !self.admission_pending && !self.discarding() {
             match frame::check(&buf[pos..], self.cfg.max_frame) {
                 Ok(Some(n)) => {
                     let parsed = Frame::parse(&buf[pos..pos + n]);
@@ -789,6 +796,11 @@ impl Connection {
     fn protocol_error(&mut self, now: Instant, detail: String) {
         let bye = Some(Bye { reason: CloseReason::ProtocolError, retry_after_ms: 0, alternative: String::new() });
         self.rx = BytesMut::new();
+        if let Some(d) = &mut self.drain {
+            // Already closing for another reason, which stands: stop decoding the peer's stream.
+            d.garbage = true;
+            return;
+        }
         self.decide(now, CloseReason::ProtocolError, CloseMode::Flush, bye, false, None, Some(detail), None);
     }
 
@@ -813,6 +825,8 @@ impl Connection {
             return;
         }
         self.reason = Some(reason);
+        // A HELLO awaiting admission will never be admitted now; frames behind it are read as late frames.
+        self.admission_pending = false;
         let lateness = deadline.map(|d| now.saturating_duration_since(d));
         self.events.push_back(Event::Closed(Closed { reason, lateness, by_peer, peer_bye, detail }));
         if mode == CloseMode::Immediate {
@@ -827,7 +841,13 @@ impl Connection {
         if !linger {
             self.rx = BytesMut::new();
         }
-        self.drain = Some(Drain { until: now + self.cfg.close_grace, linger, write_shut: false, peer_eof: false });
+        self.drain = Some(Drain {
+            until: now + self.cfg.close_grace,
+            linger,
+            write_shut: false,
+            peer_eof: false,
+            garbage: false,
+        });
         self.maybe_finish();
     }
 

@@ -240,6 +240,42 @@ fn failures_below_the_frames_close_at_once_with_their_detail() {
     assert!(p.server.poll_transmit().is_empty(), "no BYE: TLS carries its own alert");
 }
 
+/// Found by the `conn_sequence` fuzz target: bytes that failed to decode while a connection lingered were put
+/// back into the receive buffer, and everything the peer sent after them piled up behind them until the grace
+/// ended (memory a hostile peer controls, and a quadratic copy).
+#[test]
+fn garbage_while_lingering_is_dropped_not_buffered() {
+    let mut p = Pair::new(ConnConfig { max_frame: 256, ..ConnConfig::default() });
+    p.server.close(p.now, Bye { reason: CloseReason::Takeover, retry_after_ms: 0, alternative: String::new() });
+    p.server.handle_written(p.now, p.server.poll_transmit().len());
+    p.server.handle_bytes(p.now, &[0x61, 0, 0, 0, 28]);
+    for _ in 0..100 {
+        p.server.handle_bytes(p.now, &[0x55; 1000]);
+        assert_eq!(p.server.pending_rx(), 0);
+    }
+    assert_eq!(p.server.close_reason(), Some(CloseReason::Takeover), "the first reason stands");
+    // The peer's FIN still ends the linger.
+    assert!(p.server.poll_shutdown_write());
+    p.server.handle_write_shutdown();
+    p.server.handle_eof(p.now);
+    assert!(p.server.is_closed());
+}
+
+/// Also found by `conn_sequence`: a connection closed while its HELLO awaited admission kept waiting for that
+/// admission, so the frames behind it were never read as late frames.
+#[test]
+fn frames_after_a_close_during_admission_are_read_as_late_frames() {
+    let now = Instant::now();
+    let mut s = Connection::server(now, ConnConfig::default());
+    s.handle_bytes(now, &Frame::Hello(hello("a")).to_bytes());
+    assert!(matches!(s.poll_event(), Some(Event::Hello(_))));
+    s.close(now, Bye { reason: CloseReason::Kicked, retry_after_ms: 0, alternative: String::new() });
+    assert!(matches!(s.poll_event(), Some(Event::Closed(_))));
+    s.handle_bytes(now, &Frame::Data { peer: String::new(), payload: Bytes::from_static(b"late") }.to_bytes());
+    assert!(matches!(s.poll_event(), Some(Event::Data { payload, .. }) if &payload[..] == b"late"));
+    assert_eq!(s.pending_rx(), 0);
+}
+
 #[test]
 fn second_hello_is_a_protocol_error() {
     let mut p = Pair::new(ConnConfig::default());
