@@ -176,6 +176,53 @@ async fn silent_handshake_times_out() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_trickled_hello_ends_at_the_handshake_deadline_and_spares_a_good_client() {
+    let mut s = TestServer::start(test_config()).await;
+    let mut good = Client::connect(s.addr, client_cfg("good")).await.unwrap();
+    let hello = Frame::Hello(tether::proto::Hello {
+        version: 1,
+        heartbeat_ms: 0,
+        nonce: 1,
+        client_id: "a-slowloris-whose-hello-never-completes".into(),
+        credential: Bytes::new(),
+    })
+    .to_bytes();
+    // Ten slowloris peers, one byte each every 200 ms: 25 bytes by the 5 s deadline, never a whole HELLO.
+    let mut peers = Vec::new();
+    for _ in 0..10 {
+        peers.push(RawPeer::connect(s.addr).await);
+    }
+    let t0 = tokio::time::Instant::now();
+    let mut sent = 0;
+    let mut closed = 0;
+    while closed < peers.len() {
+        tokio::select! {
+            k = s.events.recv() => match k.expect("server events").kind {
+                EventKind::Closed { reason, lateness, .. } => {
+                    assert_eq!((reason, lateness), (CloseReason::HandshakeTimeout, Some(Duration::ZERO)));
+                    assert_eq!(t0.elapsed(), Duration::from_secs(5));
+                    closed += 1;
+                }
+                EventKind::Offline { client, reason, .. } => panic!("{client} went offline: {reason}"),
+                _ => {}
+            },
+            _ = tokio::time::sleep(Duration::from_millis(200)), if sent < 25 => {
+                for p in &mut peers {
+                    p.send_raw(&hello[sent..sent + 1]).await;
+                }
+                sent += 1;
+            }
+        }
+    }
+    assert!(sent < hello.len());
+    for p in &mut peers {
+        assert_eq!(p.expect_bye().await.reason, CloseReason::HandshakeTimeout);
+    }
+    good.send(Some("good"), Bytes::from_static(b"unaffected")).await.unwrap();
+    assert_eq!(&support::next_data(&mut good).await[..], b"unaffected");
+}
+
+#[tokio::test(start_paused = true)]
 async fn protocol_errors_close_only_the_offender() {
     let mut s = TestServer::start(test_config()).await;
     let mut good = Client::connect(s.addr, client_cfg("good")).await.unwrap();
