@@ -129,6 +129,9 @@ pub struct Args {
     /// DATA bytes per second one connection may send; beyond it, BYE(rate_limited) [default: no limit].
     #[arg(long, value_name = "BYTES")]
     max_data_rate: Option<u32>,
+    /// Presence subscriptions one connection may hold; beyond it, BYE(subscription_refused) [default: 1024].
+    #[arg(long, value_name = "N")]
+    max_subscriptions: Option<usize>,
     /// Largest frame accepted, in bytes [default: 65536].
     #[arg(long, value_name = "BYTES")]
     max_frame: Option<u32>,
@@ -173,6 +176,7 @@ pub struct FileConfig {
     auth_fail_delay: Option<String>,
     max_data_rate: Option<u32>,
     max_frame: Option<u32>,
+    max_subscriptions: Option<usize>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_client_ca: Option<PathBuf>,
@@ -247,6 +251,8 @@ pub fn build_config(args: &Args, file: &FileConfig) -> anyhow::Result<ServerConf
     if c.max_frame < tether::proto::frame::MIN_MAX_FRAME {
         bail!("max_frame must be at least {} bytes", tether::proto::frame::MIN_MAX_FRAME);
     }
+    cfg.registry.max_subscriptions =
+        pick!(args.max_subscriptions, file.max_subscriptions).unwrap_or(cfg.registry.max_subscriptions);
     cfg.registry.presence_grace =
         pick!(args.presence_grace, dur("presence_grace", &file.presence_grace)?).unwrap_or(cfg.registry.presence_grace);
     cfg.max_connections = pick!(args.max_connections, file.max_connections).unwrap_or(cfg.max_connections);

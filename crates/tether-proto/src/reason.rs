@@ -54,11 +54,14 @@ pub enum CloseReason {
     /// The TLS layer failed: no common version or cipher, a certificate that is not trusted, a plaintext peer on
     /// a TLS port, or a corrupt record. Decided by the IO layer, never sent in `BYE` (TLS has its own alerts).
     TlsError,
+    /// The peer asked for more presence subscriptions than one connection may hold, or for `*` where the server
+    /// does not allow it.
+    SubscriptionRefused,
 }
 
 impl CloseReason {
     /// Every reason, in wire-code order.
-    pub const ALL: [CloseReason; 20] = [
+    pub const ALL: [CloseReason; 21] = [
         CloseReason::Bye,
         CloseReason::Eof,
         CloseReason::Reset,
@@ -79,6 +82,7 @@ impl CloseReason {
         CloseReason::IpLimit,
         CloseReason::RateLimited,
         CloseReason::TlsError,
+        CloseReason::SubscriptionRefused,
     ];
 
     /// The stable snake_case name.
@@ -104,6 +108,7 @@ impl CloseReason {
             CloseReason::IpLimit => "ip_limit",
             CloseReason::RateLimited => "rate_limited",
             CloseReason::TlsError => "tls_error",
+            CloseReason::SubscriptionRefused => "subscription_refused",
         }
     }
 

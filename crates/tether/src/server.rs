@@ -734,8 +734,8 @@ impl Hooks for ServerHooks {
                     }
                     Err(e) => {
                         drop(hub);
-                        tracing::info!(conn = self.conn_id, "subscription refused: {e}");
-                        conn.reject(now, bye(CloseReason::ProtocolError, Duration::ZERO));
+                        tracing::info!(conn = self.conn_id, client = ?self.client, "subscription refused: {e}");
+                        conn.reject(now, bye(CloseReason::SubscriptionRefused, Duration::ZERO));
                     }
                 }
             }

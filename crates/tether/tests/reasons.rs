@@ -508,3 +508,22 @@ async fn a_data_flood_is_rate_limited_while_a_good_client_is_unaffected() {
     assert_eq!(&support::next_data(&mut good).await[..], b"still fine");
     assert!(!s.drain().iter().any(|k| offline_reason(k, "good").is_some()));
 }
+
+#[tokio::test(start_paused = true)]
+async fn too_many_subscriptions_are_refused_while_a_good_client_is_unaffected() {
+    let mut cfg = test_config();
+    cfg.registry.max_subscriptions = 3;
+    let mut s = TestServer::start(cfg).await;
+    let mut good = Client::connect(s.addr, client_cfg("good")).await.unwrap();
+    good.subscribe(vec!["a".into(), "b".into()]).await.unwrap();
+    let mut greedy = Client::connect(s.addr, client_cfg("greedy")).await.unwrap();
+    greedy.subscribe(vec!["a".into(), "b".into(), "c".into()]).await.unwrap();
+    greedy.subscribe(vec!["d".into()]).await.unwrap();
+    let d = next_disconnect(&mut greedy).await;
+    assert_eq!((d.reason, d.by_peer), (CloseReason::SubscriptionRefused, true));
+    let k = s.wait(|k| offline_reason(k, "greedy").is_some()).await;
+    assert_eq!(offline_reason(&k, "greedy"), Some(CloseReason::SubscriptionRefused));
+    good.send(Some("good"), Bytes::from_static(b"unaffected")).await.unwrap();
+    assert_eq!(&support::next_data(&mut good).await[..], b"unaffected");
+    assert!(s.drain().iter().all(|k| offline_reason(k, "good").is_none()));
+}
