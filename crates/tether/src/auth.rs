@@ -4,9 +4,10 @@
 //! [`Authenticator`] is the pluggable check: given the claimed id and the credential bytes, it answers with a
 //! [`Grant`] (what the session may subscribe to) or an [`AuthError`]. [`HmacTokens`] is the built-in scheme:
 //! a token is `v1.<id>.<expiry>.<subscriptions>.<mac>`, where id and subscriptions are base64url (no padding),
-//! expiry is Unix seconds, and mac is HMAC-SHA256 under the server secret over
-//! `tether-token-v1|<id>|<expiry>|<subscriptions, comma-joined>`, also base64url. The MAC is compared in constant
-//! time. Because every admitted session proved its id, a takeover is only possible for a holder of a valid
+//! expiry is Unix seconds, and mac is HMAC-SHA256 under the server secret over the token's own text up to the
+//! MAC, `v1.<id>.<expiry>.<subscriptions>` (subscriptions comma-joined before encoding), also base64url. The
+//! fields are encoded before they are joined, so no choice of id or subscriptions can make one token's signed
+//! text read as another split of fields. The MAC is compared in constant time. Because every admitted session proved its id, a takeover is only possible for a holder of a valid
 //! token for that id.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -74,9 +75,10 @@ impl HmacTokens {
         Ok(HmacTokens { secret })
     }
 
-    fn mac(&self, id: &str, expiry: u64, subs: &str) -> HmacSha256 {
+    /// The MAC over a token's signed text, `v1.<id b64>.<expiry>.<subscriptions b64>`.
+    fn mac(&self, body: &str) -> HmacSha256 {
         let mut mac = HmacSha256::new_from_slice(&self.secret).expect("HMAC takes keys of any length");
-        mac.update(format!("tether-token-v1|{id}|{expiry}|{subs}").as_bytes());
+        mac.update(body.as_bytes());
         mac
     }
 
@@ -84,8 +86,9 @@ impl HmacTokens {
     pub fn mint(&self, id: &str, now: SystemTime, ttl: Duration, subscriptions: Option<&[String]>) -> String {
         let expiry = (now + ttl).duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let subs = subscriptions.map(|s| s.join(",")).unwrap_or_default();
-        let mac = self.mac(id, expiry, &subs).finalize().into_bytes();
-        format!("v1.{}.{expiry}.{}.{}", B64.encode(id), B64.encode(&subs), B64.encode(mac))
+        let body = format!("v1.{}.{expiry}.{}", B64.encode(id), B64.encode(&subs));
+        let mac = self.mac(&body).finalize().into_bytes();
+        format!("{body}.{}", B64.encode(mac))
     }
 }
 
@@ -95,14 +98,16 @@ impl Authenticator for HmacTokens {
             return Err(AuthError::Missing);
         }
         let token = std::str::from_utf8(credential).map_err(|_| AuthError::Malformed)?;
-        let parts: Vec<&str> = token.trim().split('.').collect();
-        let ["v1", id, expiry, subs, mac] = parts[..] else { return Err(AuthError::Malformed) };
+        let token = token.trim();
+        let (body, mac) = token.rsplit_once('.').ok_or(AuthError::Malformed)?;
+        let parts: Vec<&str> = body.split('.').collect();
+        let ["v1", id, expiry, subs] = parts[..] else { return Err(AuthError::Malformed) };
         let decode = |s: &str| B64.decode(s).map_err(|_| AuthError::Malformed);
+        // The signature first: nothing the token says is interpreted before it is known to be ours.
+        self.mac(body).verify_slice(&decode(mac)?).map_err(|_| AuthError::BadSignature)?;
         let id = String::from_utf8(decode(id)?).map_err(|_| AuthError::Malformed)?;
         let subs = String::from_utf8(decode(subs)?).map_err(|_| AuthError::Malformed)?;
         let expiry: u64 = expiry.parse().map_err(|_| AuthError::Malformed)?;
-        // The signature first: nothing else in the token is believed before it is verified.
-        self.mac(&id, expiry, &subs).verify_slice(&decode(mac)?).map_err(|_| AuthError::BadSignature)?;
         let now_s = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         if now_s >= expiry {
             return Err(AuthError::Expired);
@@ -154,6 +159,21 @@ mod tests {
         assert_eq!(t.authenticate("dev-1", b"garbage", now), Err(AuthError::Malformed));
         assert_eq!(t.authenticate("dev-1", &[0xff, 0xfe], now), Err(AuthError::Malformed));
         assert!(HmacTokens::new(b"short".to_vec()).is_err());
+    }
+
+    #[test]
+    fn fields_cannot_be_re_split_under_one_signature() {
+        // With fields joined raw under the MAC, (id "a", expiry E, subscriptions "F|x") and (id "a|E", expiry F,
+        // subscriptions "x") would sign the same text. The signed text is the encoded fields, so they do not.
+        let t = tokens();
+        let now = SystemTime::now();
+        let far = (now + Duration::from_secs(7200)).duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let subs = [format!("{far}|x")];
+        let tok = t.mint("a", now, Duration::from_secs(3600), Some(&subs));
+        let parts: Vec<&str> = tok.split('.').collect();
+        let resplit = format!("v1.{}.{far}.{}.{}", B64.encode(format!("a|{}", parts[2])), B64.encode("x"), parts[4]);
+        assert_eq!(t.authenticate(&format!("a|{}", parts[2]), resplit.as_bytes(), now), Err(AuthError::BadSignature));
+        assert!(t.authenticate("a", tok.as_bytes(), now).is_ok());
     }
 
     #[test]

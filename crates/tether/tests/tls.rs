@@ -13,8 +13,7 @@ use support::{next_disconnect, offline_reason, test_config, RawPeer, TestServer}
 use tether::proto::frame::{Hello, PROTOCOL_VERSION};
 use tether::proto::{Frame, Welcome};
 use tether::{
-    Client, ClientConfig, ClientEvent, ClientTls, CloseReason, ConnectError, DevPki, EventKind, ServerConfig,
-    ServerTls, TrustRoots,
+    Client, ClientConfig, ClientTls, CloseReason, ConnectError, DevPki, EventKind, ServerConfig, ServerTls, TrustRoots,
 };
 use tokio_rustls::rustls;
 
