@@ -9,6 +9,10 @@
 //! prints what each of those costs: the server buffers only the incomplete frame's bytes, so a slowloris costs
 //! no more than an idle connection (the handshake timeout is raised to 60 s here so that none expires during
 //! the measurement).
+//!
+//! Last, it opens N idle TLS connections (TLS 1.3, from `DevPki` certificates) to a second server in this process.
+//! The TLS clients run in a child process (this example, started with `--tls-clients`), so that only the
+//! server's side is counted.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::{Read, Write};
@@ -48,7 +52,11 @@ unsafe impl GlobalAlloc for Counting {
 static GLOBAL: Counting = Counting;
 
 fn main() {
-    let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(2000);
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--tls-clients") {
+        return tls_clients(args[2].parse().unwrap(), args[3].parse().unwrap(), &args[4]);
+    }
+    let n: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(2000);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut cfg =
         ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), max_connections: n + 10, ..Default::default() };
@@ -113,6 +121,92 @@ fn main() {
     assert_eq!(handle.online(), n + 1, "no slowloris got in");
     drop(slow);
     drop(peers);
+
+    // TLS: a second server; its clients live in a child process, announced line by line on its stdout.
+    let pki = tether::DevPki::generate(&["127.0.0.1"], "client").unwrap();
+    let ca_path = std::env::temp_dir().join(format!("tether-heap-per-conn-ca-{}.pem", std::process::id()));
+    std::fs::write(&ca_path, &pki.ca_cert).unwrap();
+    let mut tcfg = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        max_connections: n + 10,
+        max_handshakes: n + 10,
+        ..Default::default()
+    };
+    tcfg.heartbeat.interval = Duration::from_secs(60);
+    tcfg.heartbeat.timeout = Duration::from_secs(180);
+    tcfg.tls = Some(tether::ServerTls::from_pem(pki.server_cert.as_bytes(), pki.server_key.as_bytes(), None).unwrap());
+    let tserver = rt.block_on(Server::bind(tcfg)).unwrap();
+    let taddr = tserver.local_addr().unwrap();
+    let thandle = tserver.handle();
+    rt.spawn(tserver.run(std::future::pending()));
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--tls-clients", &taddr.to_string(), &n.to_string(), ca_path.to_str().unwrap()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+    assert_eq!(lines.next().unwrap().unwrap(), "warm"); // one connection, so lazily built state is not charged
+    while thandle.online() < 1 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let (b4, a4) = (LIVE_BYTES.load(Ordering::Relaxed), LIVE_ALLOCS.load(Ordering::Relaxed));
+    writeln!(child.stdin.as_mut().unwrap(), "go").unwrap();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    while thandle.online() < n + 1 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let (b5, a5) = (LIVE_BYTES.load(Ordering::Relaxed), LIVE_ALLOCS.load(Ordering::Relaxed));
+    println!(
+        "{n} idle TLS connections: {:.0} heap bytes and {:.1} allocations per connection",
+        (b5 - b4) as f64 / n as f64,
+        (a5 - a4) as f64 / n as f64
+    );
+    drop(child.stdin.take());
+    let _ = child.wait();
+    let _ = std::fs::remove_file(&ca_path);
+}
+
+/// Child mode: one TLS client, then (after "go" on stdin) `n` more, each handshaken and idle; exits at end of
+/// stdin.
+fn tls_clients(addr: std::net::SocketAddr, n: usize, ca_path: &str) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_file(ca_path).unwrap()).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let cfg = std::sync::Arc::new(cfg);
+    let open = |i: usize| {
+        let tcp = std::net::TcpStream::connect(addr).unwrap();
+        let conn = rustls::ClientConnection::new(cfg.clone(), ServerName::IpAddress(addr.ip().into())).unwrap();
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        let hello = Hello {
+            version: PROTOCOL_VERSION,
+            heartbeat_ms: 0,
+            nonce: 3,
+            client_id: format!("tls-{i}"),
+            credential: Bytes::new(),
+        };
+        tls.write_all(&Frame::Hello(hello).to_bytes()).unwrap();
+        let mut buf = [0u8; 64];
+        let _ = tls.read(&mut buf).unwrap(); // WELCOME
+        tls
+    };
+    let mut held = vec![open(usize::MAX)];
+    println!("warm");
+    let mut stdin = std::io::stdin().lines();
+    let _ = stdin.next();
+    held.extend((0..n).map(open));
+    println!("ready");
+    for _ in stdin {}
+    drop(held);
 }
 
 fn connect(addr: std::net::SocketAddr, id: &str) -> std::net::TcpStream {
