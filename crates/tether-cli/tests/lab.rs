@@ -237,13 +237,20 @@ fn lab_silent_idle_link_is_a_keepalive_timeout() {
     let bound = Duration::from_secs(1 + 3);
     let (_dev, _) = raw_device(&lab, "dev", 1, None);
     lab.server_proc().expect("online", |v| event(v) == "online");
+    lab.until_server_idle(Duration::from_secs(5));
+    cut_and_expect_verdict(&mut lab, "dev", "keepalive_timeout", bound, "idle link cut, heartbeats 60s");
+}
+
+/// Cut the devices' path and wait for the server's verdict on `id`: it must be `reason`, within `bound` (plus
+/// slack). Prints the MEASURED line for `scenario`.
+fn cut_and_expect_verdict(lab: &mut Lab, id: &str, reason: &str, bound: Duration, scenario: &str) {
     lab.cut(DEVICE_IP);
     let t0 = Instant::now();
-    let off = lab.server_proc().expect("dev offline", offline_of("dev"));
+    let off = lab.server_proc().expect("verdict", offline_of(id));
     let took = t0.elapsed();
-    assert_eq!(off["reason"], "keepalive_timeout", "{off}");
+    assert_eq!(off["reason"], reason, "{off}");
     assert!(took <= bound + SLACK, "took {took:?}");
-    measured("idle link cut, heartbeats 60s", "keepalive_timeout", bound, took);
+    measured(scenario, reason, bound, took);
 }
 
 /// The relay keeps the server writing to `to`: a sender (`cfg`) in the watchers namespace sends every 20 ms.
@@ -570,11 +577,12 @@ impl Drop for LabTls {
 }
 
 /// Scenario 12: the same verdicts over TLS. A silent cut is `heartbeat_timeout` on both ends within the same
-/// bound, and a cut with data in flight is `write_timeout` from TCP_USER_TIMEOUT: heartbeats, the deadline and
-/// the socket options work beneath TLS as they do on plain TCP.
+/// bound, an idle cut with slow heartbeats is `keepalive_timeout`, and a cut with data in flight is
+/// `write_timeout` from TCP_USER_TIMEOUT: heartbeats, the deadline and the socket options work beneath TLS as
+/// they do on plain TCP.
 #[test]
 #[ignore = "fault lab: needs root and network namespaces; scripts/test runs it"]
-fn lab_over_tls_a_silent_cut_and_data_in_flight_keep_their_reasons() {
+fn lab_over_tls_every_kind_of_cut_keeps_its_reason() {
     let tls = LabTls::new("tls");
     let flags = tls.serve_flags();
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
@@ -599,6 +607,18 @@ fn lab_over_tls_a_silent_cut_and_data_in_flight_keep_their_reasons() {
     measured("TLS silent cut (device)", "heartbeat_timeout", timeout, device_took);
     drop(lab);
 
+    let mut lab = lab_or_skip!("tls keepalive");
+    let keepalive = ["--keepalive-idle", "1s", "--keepalive-interval", "1s", "--keepalive-count", "3"];
+    lab.serve(&[&flags[..], &QUIET[..4], &keepalive].concat());
+    let bound = Duration::from_secs(1 + 3);
+    let _device = NsClient::connect(&lab.devices, tls.client_cfg("dev", 1));
+    lab.server_proc().expect("dev online", |v| event(v) == "online" && v["client"] == "dev");
+    // An idle link: the WELCOME and the session tickets acknowledged. Cut earlier, they are data in flight and
+    // the verdict is (rightly) `write_timeout`.
+    lab.until_server_idle(Duration::from_secs(5));
+    cut_and_expect_verdict(&mut lab, "dev", "keepalive_timeout", bound, "TLS idle link cut, heartbeats 60s");
+    drop(lab);
+
     let uto = Duration::from_secs(2);
     let mut lab = lab_or_skip!("tls data in flight");
     lab.serve(&[&flags[..], QUIET.as_slice(), &["--write-timeout", "120s", "--user-timeout", "2s"]].concat());
@@ -607,13 +627,7 @@ fn lab_over_tls_a_silent_cut_and_data_in_flight_keep_their_reasons() {
     let pump = keep_sending(&lab, tls.client_cfg("sender", 99), "dev", stop_rx);
     lab.server_proc().expect("sender online", |v| event(v) == "online" && v["client"] == "sender");
     std::thread::sleep(Duration::from_millis(200)); // let data flow before the cut: this is the scenario
-    lab.cut(DEVICE_IP);
-    let t0 = Instant::now();
-    let off = lab.server_proc().expect("dev offline", offline_of("dev"));
-    let took = t0.elapsed();
-    assert_eq!(off["reason"], "write_timeout", "{off}");
-    assert!(took <= uto + SLACK, "took {took:?}");
-    measured("TLS cut with data in flight, user timeout 2s", "write_timeout", uto, took);
+    cut_and_expect_verdict(&mut lab, "dev", "write_timeout", uto, "TLS cut with data in flight, user timeout 2s");
     let _ = stop_tx.send(());
     pump.join().unwrap();
 }

@@ -706,9 +706,12 @@ impl ServerHooks {
             },
             (client, _) => EventKind::Closed { client: client.clone(), conn: conn_id, peer, reason, lateness, detail },
         };
-        let level_is_info = !matches!(reason, CloseReason::Bye);
-        if level_is_info {
-            tracing::info!(conn = conn_id, %peer, client = ?self.client, "closed: {reason}");
+        if reason != CloseReason::Bye {
+            let detail = match &kind {
+                EventKind::Offline { detail, .. } | EventKind::Closed { detail, .. } => detail.as_deref(),
+                _ => None,
+            };
+            tracing::info!(conn = conn_id, %peer, client = ?self.client, detail, "closed: {reason}");
         }
         self.shared.emit(kind);
     }

@@ -366,6 +366,7 @@ async fn handshakes_in_flight_are_capped() {
     let mut cfg = test_config();
     cfg.max_handshakes = 2;
     let mut s = TestServer::start(cfg).await;
+    let mut good = Client::connect(s.addr, client_cfg("good")).await.unwrap();
     // Two connections that have not said HELLO yet fill the cap.
     let mut slow1 = RawPeer::connect(s.addr).await;
     let _slow2 = RawPeer::connect(s.addr).await;
@@ -386,6 +387,10 @@ async fn handshakes_in_flight_are_capped() {
     let _c = Client::connect(s.addr, client_cfg("c")).await.unwrap();
     assert_eq!(s.handle.peak_handshakes(), 2, "never above the cap");
     s.wait(|k| matches!(k, EventKind::Online { client, .. } if client == "c")).await;
+    // The established client never noticed.
+    good.send(Some("good"), Bytes::from_static(b"unaffected")).await.unwrap();
+    assert_eq!(&support::next_data(&mut good).await[..], b"unaffected");
+    assert!(s.drain().iter().all(|k| offline_reason(k, "good").is_none()));
 }
 
 #[tokio::test(start_paused = true)]

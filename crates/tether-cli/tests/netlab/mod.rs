@@ -233,6 +233,34 @@ impl Lab {
         out.lines().filter_map(|l| l.split_whitespace().next().map(str::to_owned)).collect()
     }
 
+    /// Poll the server's socket table until every established connection on the server port has all its sent
+    /// bytes acknowledged (Send-Q 0): the precondition of an *idle* link. Bounded by `patience`.
+    pub fn until_server_idle(&self, patience: Duration) {
+        let deadline = Instant::now() + patience;
+        loop {
+            let out = run(&[
+                "ip",
+                "netns",
+                "exec",
+                &self.server,
+                "ss",
+                "-Htn",
+                "state",
+                "established",
+                "sport",
+                "=",
+                &format!(":{PORT}"),
+            ]);
+            // Columns without a state filter header: Recv-Q Send-Q Local Peer.
+            let busy = out.lines().any(|l| l.split_whitespace().nth(1).is_some_and(|q| q != "0"));
+            if !busy {
+                return;
+            }
+            assert!(Instant::now() < deadline, "server sockets never went idle:\n{out}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Poll the server's socket table until `pred` holds or `patience` passes; returns the last table.
     pub fn until_server_sockets(&self, patience: Duration, pred: impl Fn(&[String]) -> bool) -> Vec<String> {
         let deadline = Instant::now() + patience;
