@@ -28,7 +28,7 @@ pub struct Args {
     /// How long the token is valid.
     #[arg(long, value_parser = duration::parse, value_name = "DUR")]
     ttl: Duration,
-    /// Limit presence subscriptions to these ids (`*` for everyone) [default: no limit].
+    /// Limit presence subscriptions to these ids (`*` for everyone, '' for none) [default: no limit].
     #[arg(long, value_delimiter = ',', value_name = "ID,ID|*")]
     subscribe: Vec<String>,
 }
@@ -58,7 +58,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if args.id.is_empty() || args.id.len() > tether::proto::frame::MAX_ID_LEN {
         bail!("--id must be 1 to {} bytes", tether::proto::frame::MAX_ID_LEN);
     }
-    let subs = (!args.subscribe.is_empty()).then_some(args.subscribe.as_slice());
-    println!("{}", tokens(secret)?.mint(&args.id, SystemTime::now(), args.ttl, subs));
+    // Given at all, even as '', the flag is a limit: empty entries are dropped, so '' allows nothing.
+    let subs: Option<Vec<String>> =
+        (!args.subscribe.is_empty()).then(|| args.subscribe.iter().filter(|s| !s.is_empty()).cloned().collect());
+    println!("{}", tokens(secret)?.mint(&args.id, SystemTime::now(), args.ttl, subs.as_deref()));
     Ok(ExitCode::SUCCESS)
 }

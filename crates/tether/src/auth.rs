@@ -3,11 +3,11 @@
 //! # Layout
 //! [`Authenticator`] is the pluggable check: given the claimed id and the credential bytes, it answers with a
 //! [`Grant`] (what the session may subscribe to) or an [`AuthError`]. [`HmacTokens`] is the built-in scheme:
-//! a token is `v1.<id>.<expiry>.<subscriptions>.<mac>`, where id and subscriptions are base64url (no padding),
-//! expiry is Unix seconds, and mac is HMAC-SHA256 under the server secret over the token's own text up to the
-//! MAC, `v1.<id>.<expiry>.<subscriptions>` (subscriptions comma-joined before encoding), also base64url. The
-//! fields are encoded before they are joined, so no choice of id or subscriptions can make one token's signed
-//! text read as another split of fields. The MAC is compared in constant time. Because every admitted session proved its id, a takeover is only possible for a holder of a valid
+//! a token is `v1.<id>.<expiry>.<subscriptions>.<mac>`. The id is base64url (no padding); expiry is Unix
+//! seconds; subscriptions is `~` for no limit, or the allowed ids each in base64url, comma-separated (empty: no
+//! subscription allowed); mac is HMAC-SHA256 under the server secret over the token's own text up to the MAC,
+//! also base64url. Every field is encoded before the fields are joined, so no choice of id or subscriptions can
+//! make one token's signed text read as another split of fields, and any id survives the trip unchanged. The MAC is compared in constant time. Because every admitted session proved its id, a takeover is only possible for a holder of a valid
 //! token for that id.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -65,6 +65,9 @@ impl std::fmt::Debug for HmacTokens {
 
 type HmacSha256 = Hmac<Sha256>;
 
+/// The subscriptions field of a token that puts no limit on them (not a base64url character).
+const UNLIMITED: &str = "~";
+
 impl HmacTokens {
     /// A secret shorter than 16 bytes is refused: it would be guessable.
     pub fn new(secret: impl Into<Vec<u8>>) -> Result<HmacTokens, &'static str> {
@@ -75,7 +78,7 @@ impl HmacTokens {
         Ok(HmacTokens { secret })
     }
 
-    /// The MAC over a token's signed text, `v1.<id b64>.<expiry>.<subscriptions b64>`.
+    /// The MAC over a token's signed text, `v1.<id>.<expiry>.<subscriptions>`.
     fn mac(&self, body: &str) -> HmacSha256 {
         let mut mac = HmacSha256::new_from_slice(&self.secret).expect("HMAC takes keys of any length");
         mac.update(body.as_bytes());
@@ -85,8 +88,11 @@ impl HmacTokens {
     /// A token for `id`, valid until `now + ttl`, allowing `subscriptions` (`None`: no limit).
     pub fn mint(&self, id: &str, now: SystemTime, ttl: Duration, subscriptions: Option<&[String]>) -> String {
         let expiry = (now + ttl).duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let subs = subscriptions.map(|s| s.join(",")).unwrap_or_default();
-        let body = format!("v1.{}.{expiry}.{}", B64.encode(id), B64.encode(&subs));
+        let subs = match subscriptions {
+            None => UNLIMITED.to_owned(),
+            Some(list) => list.iter().map(|s| B64.encode(s)).collect::<Vec<_>>().join(","),
+        };
+        let body = format!("v1.{}.{expiry}.{subs}", B64.encode(id));
         let mac = self.mac(&body).finalize().into_bytes();
         format!("{body}.{}", B64.encode(mac))
     }
@@ -105,8 +111,13 @@ impl Authenticator for HmacTokens {
         let decode = |s: &str| B64.decode(s).map_err(|_| AuthError::Malformed);
         // The signature first: nothing the token says is interpreted before it is known to be ours.
         self.mac(body).verify_slice(&decode(mac)?).map_err(|_| AuthError::BadSignature)?;
-        let id = String::from_utf8(decode(id)?).map_err(|_| AuthError::Malformed)?;
-        let subs = String::from_utf8(decode(subs)?).map_err(|_| AuthError::Malformed)?;
+        let text = |s: &str| String::from_utf8(decode(s)?).map_err(|_| AuthError::Malformed);
+        let id = text(id)?;
+        let subscriptions = match subs {
+            UNLIMITED => None,
+            "" => Some(Vec::new()),
+            list => Some(list.split(',').map(text).collect::<Result<Vec<_>, _>>()?),
+        };
         let expiry: u64 = expiry.parse().map_err(|_| AuthError::Malformed)?;
         let now_s = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         if now_s >= expiry {
@@ -115,7 +126,6 @@ impl Authenticator for HmacTokens {
         if id != client_id {
             return Err(AuthError::WrongId);
         }
-        let subscriptions = (!subs.is_empty()).then(|| subs.split(',').map(str::to_owned).collect());
         Ok(Grant { subscriptions })
     }
 }
@@ -174,6 +184,23 @@ mod tests {
         let resplit = format!("v1.{}.{far}.{}.{}", B64.encode(format!("a|{}", parts[2])), B64.encode("x"), parts[4]);
         assert_eq!(t.authenticate(&format!("a|{}", parts[2]), resplit.as_bytes(), now), Err(AuthError::BadSignature));
         assert!(t.authenticate("a", tok.as_bytes(), now).is_ok());
+    }
+
+    #[test]
+    fn an_empty_grant_allows_nothing_and_any_id_survives_the_trip() {
+        let t = tokens();
+        let now = SystemTime::now();
+        // An empty list is a limit (nothing), not the absence of one.
+        let tok = t.mint("w", now, Duration::from_secs(60), Some(&[]));
+        let g = t.authenticate("w", tok.as_bytes(), now).unwrap();
+        assert_eq!(g.subscriptions, Some(vec![]));
+        assert!(!g.allows("anyone"));
+        // Ids with the token's own separators are carried exactly.
+        let odd = vec!["a,b".to_string(), "c.d".to_string(), "~".to_string()];
+        let tok = t.mint("x.y,z", now, Duration::from_secs(60), Some(&odd));
+        let g = t.authenticate("x.y,z", tok.as_bytes(), now).unwrap();
+        assert_eq!(g.subscriptions, Some(odd));
+        assert!(g.allows("a,b") && !g.allows("a") && !g.allows("b"));
     }
 
     #[test]
