@@ -51,6 +51,34 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
+/// Live heap bytes and allocations now.
+fn live() -> (isize, isize) {
+    (LIVE_BYTES.load(Ordering::Relaxed), LIVE_ALLOCS.load(Ordering::Relaxed))
+}
+
+/// Wait until `handle` counts `online` sessions, then `settle` more for the tasks to go idle.
+fn wait_online(handle: &tether::ServerHandle, online: usize, settle: Duration) {
+    while handle.online() < online {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(settle);
+}
+
+/// Print the heap and allocations per connection between two readings.
+fn report(what: &str, n: usize, before: (isize, isize), after: (isize, isize)) {
+    println!(
+        "{n} {what}: {:.0} heap bytes and {:.1} allocations per connection",
+        (after.0 - before.0) as f64 / n as f64,
+        (after.1 - before.1) as f64 / n as f64
+    );
+}
+
+/// An encoded `HELLO` for `id`.
+fn hello(id: &str, nonce: u64) -> Bytes {
+    let h = Hello { version: PROTOCOL_VERSION, heartbeat_ms: 0, nonce, client_id: id.into(), credential: Bytes::new() };
+    Frame::Hello(h).to_bytes()
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--tls-clients") {
@@ -70,30 +98,16 @@ fn main() {
     // Warm up: one connection, so lazily built server structures are not charged to the measured ones.
     let mut peers = vec![connect(addr, "warmup")];
     std::thread::sleep(Duration::from_millis(200));
-    let (b0, a0) = (LIVE_BYTES.load(Ordering::Relaxed), LIVE_ALLOCS.load(Ordering::Relaxed));
+    let before = live();
     for i in 0..n {
         peers.push(connect(addr, &format!("dev-{i}")));
     }
-    while handle.online() < n + 1 {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    std::thread::sleep(Duration::from_millis(500));
-    let (b1, a1) = (LIVE_BYTES.load(Ordering::Relaxed), LIVE_ALLOCS.load(Ordering::Relaxed));
-    println!(
-        "{n} idle connections: {:.0} heap bytes and {:.1} allocations per connection",
-        (b1 - b0) as f64 / n as f64,
-        (a1 - a0) as f64 / n as f64
-    );
+    wait_online(&handle, n + 1, Duration::from_millis(500));
+    let idle = live();
+    report("idle connections", n, before, idle);
 
     // Slowloris: each connection trickles a HELLO, one byte per round, every connection per round.
-    let hello = Frame::Hello(Hello {
-        version: PROTOCOL_VERSION,
-        heartbeat_ms: 0,
-        nonce: 2,
-        client_id: "slow-loris-with-a-long-enough-id-to-trickle".into(),
-        credential: Bytes::new(),
-    })
-    .to_bytes();
+    let hello = hello("slow-loris-with-a-long-enough-id-to-trickle", 2);
     const TRICKLED: usize = 40;
     assert!(hello.len() > TRICKLED, "the HELLO must stay incomplete");
     let mut slow: Vec<std::net::TcpStream> = (0..n).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();
@@ -101,7 +115,7 @@ fn main() {
         s.set_nodelay(true).unwrap();
     }
     std::thread::sleep(Duration::from_millis(300));
-    let (b2, a2) = (LIVE_BYTES.load(Ordering::Relaxed), LIVE_ALLOCS.load(Ordering::Relaxed));
+    let connected = live();
     for i in 0..TRICKLED {
         for s in &mut slow {
             s.write_all(&hello[i..i + 1]).unwrap();
@@ -109,15 +123,9 @@ fn main() {
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(500));
-    let (b3, a3) = (LIVE_BYTES.load(Ordering::Relaxed), LIVE_ALLOCS.load(Ordering::Relaxed));
-    println!(
-        "{n} slowloris connections ({TRICKLED} bytes of a HELLO, one at a time): {:.0} heap bytes and {:.1} \
-         allocations per connection, of which {:.0} bytes and {:.1} allocations hold the trickled bytes",
-        (b3 - b1) as f64 / n as f64,
-        (a3 - a1) as f64 / n as f64,
-        (b3 - b2) as f64 / n as f64,
-        (a3 - a2) as f64 / n as f64,
-    );
+    let trickled = live();
+    report(&format!("slowloris connections ({TRICKLED} bytes of a HELLO, one at a time)"), n, idle, trickled);
+    report("slowloris connections, for the trickled bytes alone", n, connected, trickled);
     assert_eq!(handle.online(), n + 1, "no slowloris got in");
     drop(slow);
     drop(peers);
@@ -147,23 +155,12 @@ fn main() {
         .unwrap();
     let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
     assert_eq!(lines.next().unwrap().unwrap(), "warm"); // one connection, so lazily built state is not charged
-    while thandle.online() < 1 {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    let (b4, a4) = (LIVE_BYTES.load(Ordering::Relaxed), LIVE_ALLOCS.load(Ordering::Relaxed));
+    wait_online(&thandle, 1, Duration::from_millis(300));
+    let before = live();
     writeln!(child.stdin.as_mut().unwrap(), "go").unwrap();
     assert_eq!(lines.next().unwrap().unwrap(), "ready");
-    while thandle.online() < n + 1 {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    std::thread::sleep(Duration::from_millis(500));
-    let (b5, a5) = (LIVE_BYTES.load(Ordering::Relaxed), LIVE_ALLOCS.load(Ordering::Relaxed));
-    println!(
-        "{n} idle TLS connections: {:.0} heap bytes and {:.1} allocations per connection",
-        (b5 - b4) as f64 / n as f64,
-        (a5 - a4) as f64 / n as f64
-    );
+    wait_online(&thandle, n + 1, Duration::from_millis(500));
+    report("idle TLS connections", n, before, live());
     drop(child.stdin.take());
     let _ = child.wait();
     let _ = std::fs::remove_file(&ca_path);
@@ -187,14 +184,7 @@ fn tls_clients(addr: std::net::SocketAddr, n: usize, ca_path: &str) {
         let tcp = std::net::TcpStream::connect(addr).unwrap();
         let conn = rustls::ClientConnection::new(cfg.clone(), ServerName::IpAddress(addr.ip().into())).unwrap();
         let mut tls = rustls::StreamOwned::new(conn, tcp);
-        let hello = Hello {
-            version: PROTOCOL_VERSION,
-            heartbeat_ms: 0,
-            nonce: 3,
-            client_id: format!("tls-{i}"),
-            credential: Bytes::new(),
-        };
-        tls.write_all(&Frame::Hello(hello).to_bytes()).unwrap();
+        tls.write_all(&hello(&format!("tls-{i}"), 3)).unwrap();
         let mut buf = [0u8; 64];
         let _ = tls.read(&mut buf).unwrap(); // WELCOME
         tls
@@ -211,9 +201,7 @@ fn tls_clients(addr: std::net::SocketAddr, n: usize, ca_path: &str) {
 
 fn connect(addr: std::net::SocketAddr, id: &str) -> std::net::TcpStream {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
-    let hello =
-        Hello { version: PROTOCOL_VERSION, heartbeat_ms: 0, nonce: 1, client_id: id.into(), credential: Bytes::new() };
-    s.write_all(&Frame::Hello(hello).to_bytes()).unwrap();
+    s.write_all(&hello(id, 1)).unwrap();
     let mut buf = [0u8; 64];
     let _ = s.read(&mut buf).unwrap(); // WELCOME
     s

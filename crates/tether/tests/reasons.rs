@@ -22,10 +22,7 @@ async fn bye_is_a_clean_goodbye() {
     let mut s = TestServer::start(test_config()).await;
     let mut c = Client::connect(s.addr, client_cfg("a")).await.unwrap();
     s.wait(|k| matches!(k, EventKind::Online { client, .. } if client == "a")).await;
-    let d = c.close().await.expect("close reports how it ended");
-    assert_eq!(d.reason, CloseReason::Bye);
-    let k = s.wait(|k| offline_reason(k, "a").is_some()).await;
-    assert_eq!(offline_reason(&k, "a"), Some(CloseReason::Bye));
+    support::close_cleanly(&mut s, &mut c, "a").await;
 }
 
 #[tokio::test(start_paused = true)]

@@ -84,10 +84,7 @@ async fn tls_handshake_heartbeats_and_data_then_a_clean_bye() {
     }
     a.send(Some("a"), Bytes::from_static(b"over tls")).await.unwrap();
     assert_eq!(&support::next_data(&mut a).await[..], b"over tls");
-    let d = a.close().await.expect("close reports how it ended");
-    assert_eq!(d.reason, CloseReason::Bye);
-    let k = s.wait(|k| offline_reason(k, "a").is_some()).await;
-    assert_eq!(offline_reason(&k, "a"), Some(CloseReason::Bye));
+    support::close_cleanly(&mut s, &mut a, "a").await;
 }
 
 #[tokio::test(start_paused = true)]

@@ -99,6 +99,14 @@ pub fn offline_reason(k: &EventKind, id: &str) -> Option<CloseReason> {
     }
 }
 
+/// Close `c` (connected as `id`) and check both sides call it a clean `bye`.
+pub async fn close_cleanly(s: &mut TestServer, c: &mut Client, id: &str) {
+    let d = c.close().await.expect("close reports how it ended");
+    assert_eq!(d.reason, CloseReason::Bye);
+    let k = s.wait(|k| offline_reason(k, id).is_some()).await;
+    assert_eq!(offline_reason(&k, id), Some(CloseReason::Bye));
+}
+
 /// The payload of the client's next `DATA`; fails if the client is disconnected first.
 pub async fn next_data(c: &mut tether::Client) -> Bytes {
     loop {
