@@ -7,8 +7,9 @@
 //! seconds; subscriptions is `~` for no limit, or the allowed ids each in base64url, comma-separated (empty: no
 //! subscription allowed); mac is HMAC-SHA256 under the server secret over the token's own text up to the MAC,
 //! also base64url. Every field is encoded before the fields are joined, so no choice of id or subscriptions can
-//! make one token's signed text read as another split of fields, and any id survives the trip unchanged. The MAC is compared in constant time. Because every admitted session proved its id, a takeover is only possible for a holder of a valid
-//! token for that id.
+//! make one token's signed text read as another split of fields, and any id survives the trip unchanged. The
+//! MAC is compared in constant time. Because every admitted session proved its id, a takeover is only possible
+//! for a holder of a valid token for that id.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

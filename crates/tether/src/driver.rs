@@ -56,6 +56,7 @@ enum Wake<C> {
     Cmd(Option<C>),
 }
 
+/// [`now`] under another name, for the loop in [`drive`], where a local `now` (the loop's start) shadows it.
 fn now_std() -> StdInstant {
     now()
 }
@@ -184,8 +185,8 @@ pub(crate) async fn drive<H: Hooks>(
 
 /// After the core has closed a TLS connection, rustls may still hold records the core counts as written (a
 /// `BYE` behind a full socket buffer, or a refusal's `BYE` waiting for the handshake to complete). Finish them,
-/// bounded by `deadline` ([`TLS_FINISH_GRACE`]), unless the transport is already broken; then end with close_notify. After a
-/// TLS error, only rustls's queued alert is written, best effort.
+/// bounded by `deadline` ([`TLS_FINISH_GRACE`]), unless the transport is already broken; then end with
+/// close_notify. After a TLS error, only rustls's queued alert is written, best effort.
 async fn finish_tls(
     stream: &TcpStream,
     tls: &mut TlsConn,
@@ -213,9 +214,8 @@ async fn finish_tls(
         while tls.wants_write() {
             match stream.try_io(Interest::WRITABLE, || tls.write_tls(&mut &*sock)) {
                 Ok(n) if n > 0 => {}
-                Ok(_) => return,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(_) => return,
+                _ => return,
             }
         }
         let handshaking = tls.is_handshaking();

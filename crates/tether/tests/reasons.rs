@@ -62,14 +62,7 @@ async fn heartbeat_timeout_for_a_silent_but_open_socket() {
     assert_eq!(silent_for, Duration::from_secs(3));
     assert_eq!(t0.elapsed(), Duration::from_secs(3));
     // The server pinged the silent peer (after 1.5 intervals of its own silence), then said why it closed.
-    let mut pings = 0;
-    let bye = loop {
-        match p.next_frame().await {
-            Some(Frame::Ping { .. }) => pings += 1,
-            Some(Frame::Bye(b)) => break b,
-            other => panic!("unexpected {other:?}"),
-        }
-    };
+    let (pings, bye) = p.pings_then_bye().await;
     assert!(pings >= 1, "server pinged {pings} times");
     assert_eq!(bye.reason, CloseReason::HeartbeatTimeout);
 }

@@ -107,14 +107,7 @@ async fn a_silent_tls_peer_is_a_heartbeat_timeout_and_is_told_so_inside_tls() {
     assert_eq!(reason, CloseReason::HeartbeatTimeout);
     assert_eq!(lateness, Some(Duration::ZERO));
     assert_eq!(t0.elapsed(), Duration::from_secs(3));
-    let mut pings = 0;
-    let bye = loop {
-        match p.next_frame().await {
-            Some(Frame::Ping { .. }) => pings += 1,
-            Some(Frame::Bye(b)) => break b,
-            other => panic!("unexpected {other:?}"),
-        }
-    };
+    let (pings, bye) = p.pings_then_bye().await;
     assert!(pings >= 1);
     assert_eq!(bye.reason, CloseReason::HeartbeatTimeout);
     // The goodbye ends with close_notify, which tokio-rustls reports as a clean end of stream.

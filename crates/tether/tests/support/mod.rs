@@ -175,6 +175,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawPeer<S> {
         }
     }
 
+    /// The server's `BYE` and how many `PING`s came before it; any other frame fails the test.
+    pub async fn pings_then_bye(&mut self) -> (usize, Bye) {
+        let mut pings = 0;
+        loop {
+            match self.next_frame().await {
+                Some(Frame::Ping { .. }) => pings += 1,
+                Some(Frame::Bye(b)) => return (pings, b),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
     /// Read until the server's `BYE`, skipping pings and other frames; then expect end of stream.
     pub async fn expect_bye(&mut self) -> Bye {
         loop {
