@@ -9,7 +9,7 @@
 //! - after `handle_timeout(now)`, the next deadline is later than `now` (a deadline at or before `now` would make
 //!   the IO driver spin);
 //! - the bytes held for an incomplete frame stay within one largest frame plus its header (nothing is buffered
-//!   on the word of a length prefix);
+//!   on the word of a length prefix; a v2 client's largest is what the server announced, at most 16 MiB);
 //! - a closed connection asks for nothing: no deadline, no reads.
 #![no_main]
 
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use arbitrary::Arbitrary;
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use tether_proto::frame::{self, Bye, Frame, Hello, Presence, PresenceState, Welcome};
+use tether_proto::frame::{self, Bye, Extension, Frame, Hello, Presence, PresenceState, Undeliverable, Welcome};
 use tether_proto::{CloseReason, ConnConfig, Connection, DetectorConfig, Event, PhiConfig};
 
 const MAX_FRAME: u32 = 512;
@@ -26,6 +26,8 @@ const MAX_FRAME: u32 = 512;
 #[derive(Debug, Arbitrary)]
 struct Input {
     phi: bool,
+    /// The client offers protocol version 1 instead of the highest.
+    v1: bool,
     /// Data rate limit in bytes/s, 0 = none.
     rate: u16,
     hello_heartbeat_ms: u16,
@@ -100,20 +102,72 @@ enum Step {
 
 #[derive(Debug, Arbitrary)]
 enum FrameSpec {
-    Hello { version: u8, heartbeat_ms: u32, nonce: u64, id: String, credential: Vec<u8> },
-    Welcome { version: u8, heartbeat_ms: u32, timeout_ms: u32, epoch: u64, server_id: String },
-    Ping { seq: u32, ts_ms: u64 },
-    Pong { seq: u32, ts_ms: u64 },
-    Data { peer: String, payload: Vec<u8> },
+    Hello {
+        version: u8,
+        heartbeat_ms: u32,
+        nonce: u64,
+        id: String,
+        credential: Vec<u8>,
+        extensions: Vec<(u16, Vec<u8>)>,
+    },
+    Welcome {
+        version: u8,
+        heartbeat_ms: u32,
+        timeout_ms: u32,
+        epoch: u64,
+        server_id: String,
+        max_frame: u32,
+        extensions: Vec<(u16, Vec<u8>)>,
+    },
+    Ping {
+        seq: u32,
+        ts_ms: u64,
+    },
+    Pong {
+        seq: u32,
+        ts_ms: u64,
+    },
+    Data {
+        peer: String,
+        payload: Vec<u8>,
+    },
     Subscribe(Vec<String>),
     Unsubscribe(Vec<String>),
-    Presence { id: String, state: u8, reason: u8, last_seen: u32 },
-    Bye { reason: u8, retry_after_ms: u32, alternative: String },
-    Undeliverable { to: String },
+    Presence {
+        id: String,
+        state: u8,
+        reason: u8,
+        last_seen: u32,
+        flags: u8,
+    },
+    Bye {
+        reason: u8,
+        retry_after_ms: u32,
+        alternative: String,
+    },
+    Undeliverable {
+        to: String,
+        why: u8,
+    },
 }
 
+/// A known reason, or now and then one this build does not know (as a newer peer would send).
 fn reason(code: u8) -> CloseReason {
+    if code >= 240 {
+        return CloseReason::Unknown(code);
+    }
     CloseReason::ALL[code as usize % CloseReason::ALL.len()]
+}
+
+/// At most four extensions, distinct types, short values.
+fn extensions(list: Vec<(u16, Vec<u8>)>) -> Vec<Extension> {
+    let mut out: Vec<Extension> = Vec::new();
+    for (kind, value) in list.into_iter().take(4) {
+        if !out.iter().any(|e| e.kind == kind) {
+            out.push(Extension { kind, value: Bytes::from(value.into_iter().take(16).collect::<Vec<_>>()) });
+        }
+    }
+    out
 }
 
 fn short(s: String) -> String {
@@ -132,15 +186,26 @@ fn id(s: String) -> String {
 impl FrameSpec {
     fn build(self) -> Frame {
         match self {
-            FrameSpec::Hello { version, heartbeat_ms, nonce, id: i, credential } => Frame::Hello(Hello {
-                version,
-                heartbeat_ms,
-                nonce,
-                client_id: id(i),
-                credential: Bytes::from(credential.into_iter().take(64).collect::<Vec<_>>()),
-            }),
-            FrameSpec::Welcome { version, heartbeat_ms, timeout_ms, epoch, server_id } => {
-                Frame::Welcome(Welcome { version, heartbeat_ms, timeout_ms, epoch, server_id: short(server_id) })
+            FrameSpec::Hello { version, heartbeat_ms, nonce, id: i, credential, extensions: e } => {
+                Frame::Hello(Hello {
+                    version,
+                    heartbeat_ms,
+                    nonce,
+                    client_id: id(i),
+                    credential: Bytes::from(credential.into_iter().take(64).collect::<Vec<_>>()),
+                    extensions: extensions(e),
+                })
+            }
+            FrameSpec::Welcome { version, heartbeat_ms, timeout_ms, epoch, server_id, max_frame, extensions: e } => {
+                Frame::Welcome(Welcome {
+                    version,
+                    heartbeat_ms,
+                    timeout_ms,
+                    epoch,
+                    server_id: short(server_id),
+                    max_frame: Some(max_frame),
+                    extensions: extensions(e),
+                })
             }
             FrameSpec::Ping { seq, ts_ms } => Frame::Ping { seq, ts_ms },
             FrameSpec::Pong { seq, ts_ms } => Frame::Pong { seq, ts_ms },
@@ -150,15 +215,17 @@ impl FrameSpec {
             },
             FrameSpec::Subscribe(ids) => Frame::Subscribe(ids.into_iter().take(4).map(id).collect()),
             FrameSpec::Unsubscribe(ids) => Frame::Unsubscribe(ids.into_iter().take(4).map(id).collect()),
-            FrameSpec::Presence { id: i, state, reason: r, last_seen } => {
+            FrameSpec::Presence { id: i, state, reason: r, last_seen, flags } => {
                 let state = [PresenceState::Online, PresenceState::Suspect, PresenceState::Offline][state as usize % 3];
                 let reason = (state == PresenceState::Offline).then(|| reason(r));
-                Frame::Presence(Presence { client_id: id(i), state, reason, last_seen_ago_ms: last_seen })
+                Frame::Presence(Presence { client_id: id(i), state, reason, last_seen_ago_ms: last_seen, flags })
             }
             FrameSpec::Bye { reason: r, retry_after_ms, alternative } => {
                 Frame::Bye(Bye { reason: reason(r), retry_after_ms, alternative: short(alternative) })
             }
-            FrameSpec::Undeliverable { to } => Frame::Undeliverable { to: id(to) },
+            FrameSpec::Undeliverable { to, why } => {
+                Frame::Undeliverable { to: id(to), why: Undeliverable::from_code(why) }
+            }
         }
     }
 }
@@ -186,8 +253,10 @@ impl Side2 {
         if let Some(r) = self.reason {
             assert_eq!(self.conn.close_reason(), Some(r), "the close reason changed");
         }
+        let largest = MAX_FRAME.max(self.conn.peer_max_frame()) as usize;
+        assert!(largest <= frame::MAX_MAX_FRAME as usize, "told to accept {largest}-byte frames");
         assert!(
-            self.conn.pending_rx() <= MAX_FRAME as usize + frame::HEADER_LEN,
+            self.conn.pending_rx() <= largest + frame::HEADER_LEN,
             "{} bytes buffered for an incomplete frame",
             self.conn.pending_rx()
         );
@@ -211,11 +280,12 @@ fuzz_target!(|input: Input| {
     cfg.max_data_rate = (input.rate > 0).then_some(input.rate as u32);
     let mut now = Instant::now();
     let hello = Hello {
-        version: frame::PROTOCOL_VERSION,
+        version: if input.v1 { frame::V1 } else { frame::PROTOCOL_VERSION },
         heartbeat_ms: input.hello_heartbeat_ms as u32,
         nonce: 7,
         client_id: "c".into(),
         credential: Bytes::new(),
+        extensions: Vec::new(),
     };
     let mut server =
         Side2 { conn: Connection::server(now, cfg.clone()), closed_events: 0, reason: None, hello_pending: false };
@@ -236,7 +306,9 @@ fuzz_target!(|input: Input| {
                 dst.conn.handle_bytes(now, &chunk);
             }
             Step::Inject { to, frame } => {
-                pick(&mut server, &mut client, to).conn.handle_bytes(now, &frame.build().to_bytes())
+                let dst = pick(&mut server, &mut client, to);
+                let bytes = frame.build().to_bytes_v(dst.conn.version());
+                dst.conn.handle_bytes(now, &bytes)
             }
             Step::Raw { to, bytes } => pick(&mut server, &mut client, to).conn.handle_bytes(now, &bytes),
             Step::Advance { ms } => {
@@ -266,11 +338,13 @@ fuzz_target!(|input: Input| {
                 if std::mem::take(&mut server.hello_pending) {
                     if accept {
                         let w = Welcome {
-                            version: 1,
+                            version: frame::PROTOCOL_VERSION,
                             heartbeat_ms: 1000,
                             timeout_ms: 3000,
                             epoch: 1,
                             server_id: "s".into(),
+                            max_frame: None,
+                            extensions: Vec::new(),
                         };
                         server.conn.accept(now, w);
                     } else {

@@ -12,6 +12,13 @@
 //!
 //! Buffers are lazy: the receive buffer holds only an incomplete frame and the transmit buffer only unwritten
 //! bytes; both are released when they empty, so an idle connection pins no buffer memory.
+//!
+//! Write progress is judged on both sides of the socket: bytes still in `tx` that make no progress for
+//! `write_timeout`, and bytes the kernel holds ([`KernelQueue`]) that it can neither deliver nor send for as long.
+//! Small frames to a peer that stopped reading fit in the kernel's send buffer and never stall `tx`; the kernel's
+//! retransmission and zero-window-probe state tells how long its queue has been stuck. The IO layer reads that
+//! state only when [`Connection::kernel_check_due`] says so: at most once per `write_timeout` of output, at a
+//! moment the connection was awake anyway.
 
 use std::collections::VecDeque;
 use std::io;
@@ -21,11 +28,57 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 
 use crate::detector::{Deadlines, Detector, DetectorConfig};
-use crate::frame::{self, Bye, Frame, Hello, Presence, Welcome, PROTOCOL_VERSION};
+use crate::frame::{self, Bye, Foreign, Frame, Hello, Presence, Undeliverable, Welcome, PROTOCOL_VERSION, V1};
 use crate::reason::CloseReason;
 
-/// Pings in a row that may come too soon before the peer is cut off as a ping flood.
-pub const MAX_PING_STRIKES: u8 = 3;
+/// The most `PING`s a peer may send in a burst with a heartbeat of `interval` and `timeout`:
+/// `⌈timeout / interval⌉ + 2`. A peer pings at most once per interval and gives up after `timeout` of silence, so
+/// even when this side stalled (and read a whole backlog of `PING`s at once) a well-behaved peer never has more
+/// than `timeout / interval + 1` waiting. The allowance refills at one `PING` per half interval.
+pub fn ping_allowance(interval: Duration, timeout: Duration) -> u32 {
+    let ratio = timeout.as_nanos().div_ceil(interval.as_nanos().max(1));
+    ratio.min(u32::MAX as u128 - 2) as u32 + 2
+}
+
+/// What the kernel holds of a connection's output (from `TCP_INFO` on Linux), for the write-progress rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KernelQueue {
+    /// Segments sent and not acknowledged.
+    pub unacked: u32,
+    /// Bytes written to the socket and not sent yet.
+    pub notsent: u32,
+    /// The kernel is retransmitting on its timer: nothing it sent was acknowledged for `since_ack`.
+    pub retransmitting: bool,
+    /// The kernel is probing a zero window: the peer accepts no data, none was sent for `since_data_sent`.
+    pub zero_window: bool,
+    /// Time since the last acknowledgement arrived.
+    pub since_ack: Duration,
+    /// Time since data was last sent.
+    pub since_data_sent: Duration,
+}
+
+impl KernelQueue {
+    /// Whether the kernel still holds any of our output.
+    pub fn holds_output(&self) -> bool {
+        self.unacked > 0 || self.notsent > 0
+    }
+
+    /// How long the kernel's queue has made no progress, as far as its own state tells: since the window closed
+    /// (zero-window probing), or since the last acknowledgement (retransmitting); zero while it makes progress.
+    pub fn stalled_for(&self) -> Duration {
+        if !self.holds_output() {
+            return Duration::ZERO;
+        }
+        let mut stalled = Duration::ZERO;
+        if self.zero_window && self.notsent > 0 {
+            stalled = stalled.max(self.since_data_sent);
+        }
+        if self.retransmitting && self.unacked > 0 {
+            stalled = stalled.max(self.since_ack);
+        }
+        stalled
+    }
+}
 
 /// Which end of the connection this state machine plays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,6 +193,7 @@ pub enum Event {
     Presence(Presence),
     Undeliverable {
         to: String,
+        why: Undeliverable,
     },
     /// Round-trip time measured by a `PONG` echoing our `PING`.
     Rtt(Duration),
@@ -149,6 +203,12 @@ pub enum Event {
     },
     /// A suspected peer was heard from again.
     Recovered,
+    /// Server: a `DATA` for client `to` carried a payload of `len` bytes, more than the server relays
+    /// ([`frame::max_relay_payload`]); the sender was answered `UNDELIVERABLE`.
+    RelayTooLarge {
+        to: String,
+        len: usize,
+    },
     Closed(Closed),
 }
 
@@ -162,6 +222,8 @@ pub enum SendError {
     Closed(CloseReason),
     #[error("frame of {len} bytes exceeds the maximum {max}")]
     TooLarge { len: usize, max: u32 },
+    #[error("payload of {len} bytes exceeds the largest the server relays to another client ({max})")]
+    TooLargeToRelay { len: usize, max: usize },
     #[error("this side may not send {0}")]
     WrongDirection(&'static str),
 }
@@ -194,6 +256,13 @@ pub struct Connection {
     /// Shared by every connection of a server (one allocation, not one copy per connection).
     cfg: Arc<ConnConfig>,
     state: State,
+    /// The protocol version frames are read and written in: 1 until the handshake, then the negotiated one (a
+    /// client reads the server's answer in the version it offered).
+    version: u8,
+    /// Largest frame accepted from the peer: our `max_frame`, or for a client also what a v2 server announced.
+    rx_max: u32,
+    /// Largest frame the peer accepts: what a v2 server announced, else our own `max_frame`.
+    tx_max: u32,
     /// Creation instant: the base of the handshake deadline and of `PING` timestamps.
     origin: Instant,
     /// Incomplete frame bytes only; empty (and unallocated) between frames.
@@ -202,13 +271,18 @@ pub struct Connection {
     tx: BytesMut,
     /// When `tx` last went from empty to non-empty or last made progress; drives `write_timeout`.
     tx_stalled_since: Option<Instant>,
+    /// When output was first handed to the kernel since its queue was last seen empty (a stall in the kernel
+    /// cannot be older), and when that queue is next worth a look ([`Connection::kernel_check_due`]); in
+    /// milliseconds after `origin`, 0 for none (kept small: every idle connection carries them).
+    kq_since_ms: u64,
+    kq_due_ms: u64,
     /// When we last queued a frame: a `PING` is due one interval after it.
     last_tx: Instant,
     /// Client: how far into its first ping cycle the connection starts, as a fraction of the interval.
     ping_phase: f64,
-    /// Heartbeat interval and timeout, once negotiated.
-    interval: Option<Duration>,
-    timeout: Option<Duration>,
+    /// Heartbeat interval and timeout in milliseconds (as negotiated on the wire), once negotiated; 0 before.
+    interval_ms: u32,
+    timeout_ms: u32,
     detector: Option<Detector>,
     /// Cached detector deadlines, recomputed only when a frame arrives.
     deadlines: Option<Deadlines>,
@@ -218,9 +292,9 @@ pub struct Connection {
     drain: Option<Drain>,
     reason: Option<CloseReason>,
     ping_seq: u32,
-    /// When the peer's last `PING` arrived, and how many in a row came too soon after the one before.
-    last_peer_ping: Option<Instant>,
-    ping_strikes: u8,
+    /// The peer's `PING` allowance ([`ping_allowance`]): `PING`s it may send now, and when that was last refilled.
+    ping_tokens: f32,
+    ping_refilled: Instant,
     /// The `DATA` rate limit's bucket: bytes allowed now, and when it was last refilled.
     data_tokens: f64,
     data_refilled: Instant,
@@ -237,23 +311,31 @@ impl Connection {
     /// A client-side connection; `HELLO` is queued at once.
     pub fn client(now: Instant, cfg: impl Into<Arc<ConnConfig>>, hello: Hello) -> Connection {
         let mut c = Connection::new(Role::Client, now, cfg);
+        // The server answers in the version we offer or a lower one; its refusal `BYE` too.
+        c.version = hello.version.clamp(V1, PROTOCOL_VERSION);
         c.queue(now, &Frame::Hello(hello));
         c
     }
 
     fn new(role: Role, now: Instant, cfg: impl Into<Arc<ConnConfig>>) -> Connection {
+        let cfg: Arc<ConnConfig> = cfg.into();
         Connection {
             role,
-            cfg: cfg.into(),
+            version: V1,
+            rx_max: cfg.max_frame,
+            tx_max: cfg.max_frame,
+            cfg,
             state: State::Handshake,
             origin: now,
             rx: BytesMut::new(),
             tx: BytesMut::new(),
             tx_stalled_since: None,
+            kq_since_ms: 0,
+            kq_due_ms: 0,
             last_tx: now,
             ping_phase: 0.0,
-            interval: None,
-            timeout: None,
+            interval_ms: 0,
+            timeout_ms: 0,
             detector: None,
             deadlines: None,
             suspected: false,
@@ -261,8 +343,8 @@ impl Connection {
             drain: None,
             reason: None,
             ping_seq: 0,
-            last_peer_ping: None,
-            ping_strikes: 0,
+            ping_tokens: 0.0,
+            ping_refilled: now,
             data_tokens: 0.0,
             data_refilled: now,
             rtt: None,
@@ -283,9 +365,17 @@ impl Connection {
     pub fn close_reason(&self) -> Option<CloseReason> {
         self.reason
     }
+    /// The protocol version in use (1 before the handshake completes).
+    pub fn version(&self) -> u8 {
+        self.version
+    }
+    /// The largest frame the peer accepts (what a v2 server announced; otherwise our own limit).
+    pub fn peer_max_frame(&self) -> u32 {
+        self.tx_max
+    }
     /// Negotiated heartbeat `(interval, timeout)`.
     pub fn heartbeat(&self) -> Option<(Duration, Duration)> {
-        self.interval.zip(self.timeout)
+        (self.interval_ms > 0).then(|| (ms(self.interval_ms), ms(self.timeout_ms)))
     }
     /// The last measured round-trip time.
     pub fn rtt(&self) -> Option<Duration> {
@@ -325,7 +415,7 @@ impl Connection {
             self.process_buffered(now);
         }
         // While a HELLO awaits admission, frames after it wait here: at most one largest frame's worth.
-        if self.admission_pending && self.rx.len() > self.cfg.max_frame as usize + frame::HEADER_LEN {
+        if self.admission_pending && self.rx.len() > self.rx_max as usize + frame::HEADER_LEN {
             self.admission_pending = false;
             self.protocol_error(now, format!("{} bytes sent before the WELCOME", self.rx.len()));
         }
@@ -358,10 +448,12 @@ impl Connection {
     /// timeout from a keepalive timeout, both ETIMEDOUT).
     pub fn handle_error(&mut self, now: Instant, err: &io::Error, unacked: bool) {
         let reason = CloseReason::from_io_error(err, unacked || !self.tx.is_empty());
+        // A reset (or FIN) comes from the peer's side; a timeout or an unreachable route is our kernel's verdict.
+        let by_peer = matches!(reason, CloseReason::Reset | CloseReason::Eof);
         match self.state {
             State::Closed => {}
             State::Draining => self.finish(),
-            _ => self.decide(now, reason, CloseMode::Immediate, None, true, None, Some(err.to_string()), None),
+            _ => self.decide(now, reason, CloseMode::Immediate, None, by_peer, None, Some(err.to_string()), None),
         }
     }
 
@@ -371,6 +463,10 @@ impl Connection {
         if n == 0 {
             return;
         }
+        if self.kq_since_ms == 0 && self.state == State::Established {
+            self.kq_since_ms = self.ms_since_origin(now);
+            self.kq_due_ms = self.ms_since_origin(now + self.cfg.write_timeout);
+        }
         self.tx.advance(n);
         if self.tx.is_empty() {
             self.tx = BytesMut::new();
@@ -379,6 +475,40 @@ impl Connection {
         } else {
             self.tx_stalled_since = Some(now);
         }
+    }
+
+    /// Whether the IO layer should read the kernel's queue ([`KernelQueue`]) and report it with
+    /// [`handle_kernel_queue`](Self::handle_kernel_queue) now: output was handed to the kernel at least
+    /// `write_timeout` ago, or the last look found a stall that could reach `write_timeout` by now. The IO layer
+    /// asks at moments it is awake anyway (a read, a timer, a command), so this costs no wakeup of its own.
+    pub fn kernel_check_due(&self, now: Instant) -> bool {
+        self.state == State::Established && self.kq_due_ms != 0 && self.ms_since_origin(now) >= self.kq_due_ms
+    }
+
+    /// The kernel's queue, as asked by [`kernel_check_due`](Self::kernel_check_due) (`None`: the platform cannot
+    /// tell). Output the kernel has held without progress for `write_timeout` ends the connection with
+    /// `write_timeout`, exactly as output stuck in our own buffer does.
+    pub fn handle_kernel_queue(&mut self, now: Instant, queue: Option<KernelQueue>) {
+        let since = Duration::from_millis(self.ms_since_origin(now).saturating_sub(self.kq_since_ms));
+        let Some(q) = queue.filter(|q| q.holds_output() && self.kq_since_ms != 0) else {
+            self.kq_since_ms = 0;
+            self.kq_due_ms = 0;
+            return;
+        };
+        let stalled = q.stalled_for().min(since);
+        let wt = self.cfg.write_timeout;
+        if stalled < wt {
+            self.kq_due_ms = self.ms_since_origin(now + (wt - stalled));
+            return;
+        }
+        let how = if q.zero_window { "the peer's receive window is closed" } else { "nothing acknowledged" };
+        let detail = format!(
+            "the kernel holds {} unacknowledged segments and {} unsent bytes; {how} for {} ms",
+            q.unacked,
+            q.notsent,
+            stalled.as_millis()
+        );
+        self.write_timeout(now, detail, now - (stalled - wt));
     }
 
     /// The IO layer finished shutting down the write half, as asked by [`poll_shutdown_write`](Self::poll_shutdown_write).
@@ -404,16 +534,7 @@ impl Connection {
             let deadline = since + self.cfg.write_timeout;
             if now >= deadline {
                 let detail = format!("{} bytes unwritten", self.tx.len());
-                self.decide(
-                    now,
-                    CloseReason::WriteTimeout,
-                    CloseMode::Immediate,
-                    None,
-                    false,
-                    None,
-                    Some(detail),
-                    Some(deadline),
-                );
+                self.write_timeout(now, detail, deadline);
                 return;
             }
         }
@@ -482,12 +603,15 @@ impl Connection {
         self.ping_phase = if fraction.is_finite() { fraction.clamp(0.0, 0.999) } else { 0.0 };
     }
 
-    /// Server: admit the session announced by [`Event::Hello`] and send `WELCOME`.
-    pub fn accept(&mut self, now: Instant, welcome: Welcome) {
+    /// Server: admit the session announced by [`Event::Hello`] and send `WELCOME`. The core fills in the
+    /// negotiated version and, from v2 on, its maximum frame; extensions are the caller's.
+    pub fn accept(&mut self, now: Instant, mut welcome: Welcome) {
         if !(self.role == Role::Server && self.state == State::Handshake && self.admission_pending) {
             return;
         }
         self.admission_pending = false;
+        welcome.version = self.version;
+        welcome.max_frame = (self.version >= frame::V2).then_some(self.cfg.max_frame);
         self.establish(now, welcome.heartbeat_ms, welcome.timeout_ms);
         self.queue(now, &Frame::Welcome(welcome));
         self.process_buffered(now);
@@ -539,9 +663,16 @@ impl Connection {
         if !allowed {
             return Err(SendError::WrongDirection(frame.name()));
         }
-        let len = frame.encoded_len() - frame::HEADER_LEN;
-        if len > self.cfg.max_frame as usize {
-            return Err(SendError::TooLarge { len, max: self.cfg.max_frame });
+        let len = frame.encoded_len_v(self.version) - frame::HEADER_LEN;
+        if len > self.tx_max as usize {
+            return Err(SendError::TooLarge { len, max: self.tx_max });
+        }
+        if let (Role::Client, Frame::Data { peer, payload }) = (self.role, &frame) {
+            // The server relays no larger payload than this, whoever the sender and receiver are.
+            let relay_max = frame::max_relay_payload(self.tx_max);
+            if !peer.is_empty() && payload.len() > relay_max {
+                return Err(SendError::TooLargeToRelay { len: payload.len(), max: relay_max });
+            }
         }
         self.queue(now, &frame);
         if self.tx.len() > self.cfg.max_outbound_bytes {
@@ -604,27 +735,40 @@ impl Connection {
         true
     }
 
-    /// Police the peer's pings (like gRPC's `too_many_pings`). A legitimate peer pings at most once per interval
-    /// (the client) or per 1.5 intervals (the server); a `PING` within a quarter interval of the previous one is a
-    /// strike, a well-spaced one clears the strikes, and more than [`MAX_PING_STRIKES`] in a row is a flood.
+    /// Police the peer's pings (like gRPC's `too_many_pings`) with a token bucket: the peer may send
+    /// [`ping_allowance`] `PING`s at once, and earns one back per half interval, twice the rate at which a
+    /// legitimate peer pings (once per interval for a client, per 1.5 intervals for a server). It judges what the
+    /// peer sent over time, not how we read it: `PING`s that queued up while this side was stalled are paid for
+    /// by the time that passed meanwhile, and fit the allowance because a peer stops pinging after `timeout`.
     fn ping_flooded(&mut self, now: Instant) -> bool {
-        let Some(interval) = self.interval else { return false };
-        let too_soon = self.last_peer_ping.is_some_and(|last| now.saturating_duration_since(last) < interval / 4);
-        self.last_peer_ping = Some(now);
-        self.ping_strikes = if too_soon { self.ping_strikes.saturating_add(1) } else { 0 };
-        self.ping_strikes > MAX_PING_STRIKES
+        let Some((interval, timeout)) = self.heartbeat() else { return false };
+        let cap = ping_allowance(interval, timeout) as f32;
+        let elapsed = now.saturating_duration_since(self.ping_refilled);
+        self.ping_refilled = now;
+        let earned = 2.0 * elapsed.as_secs_f64() / interval.as_secs_f64();
+        self.ping_tokens = (self.ping_tokens + earned as f32).min(cap);
+        if self.ping_tokens < 1.0 {
+            return true;
+        }
+        self.ping_tokens -= 1.0;
+        false
     }
 
     /// When our next `PING` is due. The client drives the heartbeat: it pings after one interval without sending.
     /// The server is the backstop and waits one and a half intervals, so that it pings only a client that has
     /// gone quiet, and the two never ping each other at the same instant (which doubles the traffic).
     fn ping_due(&self) -> Option<Instant> {
-        let interval = self.interval?;
+        let (interval, _) = self.heartbeat()?;
         let wait = match self.role {
             Role::Client => interval,
             Role::Server => interval + interval / 2,
         };
         Some(self.last_tx + wait)
+    }
+
+    /// Milliseconds from `origin` to `t`, at least 1 (0 means "none" in the fields that use this).
+    fn ms_since_origin(&self, t: Instant) -> u64 {
+        (t.saturating_duration_since(self.origin).as_millis() as u64).max(1)
     }
 
     fn discarding(&self) -> bool {
@@ -655,30 +799,51 @@ impl Connection {
     fn process(&mut self, now: Instant, buf: &[u8]) -> usize {
         let mut pos = 0;
         while self.reading() && !self.admission_pending && !self.discarding() {
-            match frame::check(&buf[pos..], self.cfg.max_frame) {
+            match frame::check(&buf[pos..], self.rx_max) {
                 Ok(Some(n)) => {
-                    let parsed = Frame::parse(&buf[pos..pos + n]);
+                    let parsed = Frame::parse_v(&buf[pos..pos + n], self.version);
+                    let start = pos;
                     pos += n;
                     match parsed {
                         Ok(f) => self.on_frame(now, f),
-                        Err(e) => self.protocol_error(now, e.to_string()),
+                        Err(e) => self.decode_error(now, e, &buf[start..]),
                     }
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    let mut detail = e.to_string();
-                    if self.state == State::Handshake && frame::looks_like_tls(&buf[pos..]) {
-                        detail.push_str(match self.role {
-                            Role::Client => ": the server speaks TLS; connect with TLS",
-                            Role::Server => ": a TLS handshake arrived on a plaintext port",
-                        });
-                    }
-                    self.protocol_error(now, detail);
+                    self.decode_error(now, e, &buf[pos..]);
                     break;
                 }
             }
         }
         pos
+    }
+
+    /// Bytes that are no frame. During the handshake, a foreign protocol is named in the detail and, on the
+    /// server, answered in its own terms where that is cheap (an HTTP 400, an MQTT `CONNACK` refusing the
+    /// protocol version), so that the wrong client tells its user what happened; tether peers get
+    /// `BYE(protocol_error)`.
+    fn decode_error(&mut self, now: Instant, e: frame::FrameError, at: &[u8]) {
+        let foreign = if self.state == State::Handshake { frame::sniff(at) } else { None };
+        let Some(foreign) = foreign else { return self.protocol_error(now, e.to_string()) };
+        let detail = match (self.role, foreign) {
+            (Role::Client, Foreign::Tls) => format!("{e}: the server speaks TLS; connect with TLS"),
+            (Role::Server, Foreign::Tls) => format!("{e}: a TLS handshake arrived on a plaintext port"),
+            (Role::Client, f) => format!("{e}: the server answered in {}; this is not a tether port", f.name()),
+            (Role::Server, f) => format!("{e}: {} arrived on the tether port", foreign_greeting(f)),
+        };
+        let reply = if self.role == Role::Server { foreign_reply(foreign) } else { None };
+        match reply {
+            Some(reply) if self.drain.is_none() => {
+                self.rx = BytesMut::new();
+                if self.tx.is_empty() {
+                    self.tx_stalled_since = Some(now);
+                }
+                self.tx.extend_from_slice(&reply);
+                self.decide(now, CloseReason::ProtocolError, CloseMode::Flush, None, false, None, Some(detail), None);
+            }
+            _ => self.protocol_error(now, detail),
+        }
     }
 
     fn on_frame(&mut self, now: Instant, f: Frame) {
@@ -707,15 +872,24 @@ impl Connection {
     fn on_handshake_frame(&mut self, now: Instant, f: Frame) {
         match (self.role, f) {
             (Role::Server, Frame::Hello(h)) => {
-                if h.version != PROTOCOL_VERSION {
-                    return self.protocol_error(now, format!("unsupported protocol version {}", h.version));
-                }
+                // The client offers its highest version (at least 1, checked by the codec); we speak the lower.
+                self.version = h.version.min(PROTOCOL_VERSION);
                 self.admission_pending = true;
                 self.events.push_back(Event::Hello(h));
             }
             (Role::Client, Frame::Welcome(w)) => {
-                if w.version != PROTOCOL_VERSION {
-                    return self.protocol_error(now, format!("unsupported protocol version {}", w.version));
+                if w.version > self.version {
+                    let detail = format!("the server answered version {} to an offer of {}", w.version, self.version);
+                    return self.protocol_error(now, detail);
+                }
+                self.version = w.version;
+                if let Some(max) = w.max_frame {
+                    if max < frame::MIN_MAX_FRAME {
+                        return self.protocol_error(now, format!("the server's maximum frame {max} is below 256"));
+                    }
+                    // The server never sends more than it accepts; we accept at least that much (bounded).
+                    self.tx_max = max.min(frame::MAX_MAX_FRAME);
+                    self.rx_max = self.rx_max.max(self.tx_max);
                 }
                 self.establish(now, w.heartbeat_ms, w.timeout_ms);
                 self.events.push_back(Event::Welcome(w));
@@ -731,7 +905,9 @@ impl Connection {
                 if self.ping_flooded(now) {
                     let bye =
                         Some(Bye { reason: CloseReason::PingFlood, retry_after_ms: 0, alternative: String::new() });
-                    let detail = Some(format!("{MAX_PING_STRIKES}+ pings in a row within a quarter interval"));
+                    let allowance = self.heartbeat().map_or(0, |(i, t)| ping_allowance(i, t));
+                    let detail =
+                        Some(format!("PINGs beyond the allowance ({allowance} at once, one per half interval)"));
                     return self.decide(now, CloseReason::PingFlood, CloseMode::Flush, bye, false, None, detail, None);
                 }
                 self.queue(now, &Frame::Pong { seq, ts_ms })
@@ -745,7 +921,7 @@ impl Connection {
                     self.events.push_back(Event::Rtt(rtt));
                 }
             }
-            (_, Frame::Data { peer, payload }) => {
+            (role, Frame::Data { peer, payload }) => {
                 if !self.data_allowed(now, payload.len()) {
                     let bye =
                         Some(Bye { reason: CloseReason::RateLimited, retry_after_ms: 0, alternative: String::new() });
@@ -761,35 +937,52 @@ impl Connection {
                         None,
                     );
                 }
+                if role == Role::Server && !peer.is_empty() && payload.len() > frame::max_relay_payload(self.rx_max) {
+                    let len = payload.len();
+                    self.queue(now, &Frame::Undeliverable { to: peer.clone(), why: Undeliverable::TooLarge });
+                    return self.events.push_back(Event::RelayTooLarge { to: peer, len });
+                }
                 self.events.push_back(Event::Data { peer, payload })
             }
             (_, Frame::Bye(b)) => self.peer_bye(now, b),
             (Role::Server, Frame::Subscribe(ids)) => self.events.push_back(Event::Subscribe(ids)),
             (Role::Server, Frame::Unsubscribe(ids)) => self.events.push_back(Event::Unsubscribe(ids)),
             (Role::Client, Frame::Presence(p)) => self.events.push_back(Event::Presence(p)),
-            (Role::Client, Frame::Undeliverable { to }) => self.events.push_back(Event::Undeliverable { to }),
+            (Role::Client, Frame::Undeliverable { to, why }) => self.events.push_back(Event::Undeliverable { to, why }),
             (_, other) => self.protocol_error(now, format!("unexpected {} on an established connection", other.name())),
         }
     }
 
     fn establish(&mut self, now: Instant, interval_ms: u32, timeout_ms: u32) {
-        let interval = Duration::from_millis(interval_ms.max(1).into());
-        let timeout = Duration::from_millis(timeout_ms.max(1).into());
+        let (interval_ms, timeout_ms) = (interval_ms.max(1), timeout_ms.max(1));
+        let (interval, timeout) = (ms(interval_ms), ms(timeout_ms));
         let mut det = Detector::new(&self.cfg.detector, interval, timeout);
         det.heartbeat(now);
         self.deadlines = Some(det.deadlines(now));
         self.detector = Some(det);
-        self.interval = Some(interval);
-        self.timeout = Some(timeout);
+        self.interval_ms = interval_ms;
+        self.timeout_ms = timeout_ms;
         self.state = State::Established;
         self.data_refilled = now;
         self.data_tokens = self.cfg.max_data_rate.map_or(0.0, |r| (r as f64).max(self.cfg.max_frame as f64));
+        self.ping_refilled = now;
+        self.ping_tokens = ping_allowance(interval, timeout) as f32;
         if self.role == Role::Client && self.ping_phase > 0.0 {
             self.last_tx = now.checked_sub(interval.mul_f64(self.ping_phase)).unwrap_or(now);
         }
     }
 
+    /// Output made no progress until `deadline` (ours or the kernel's): give up on the transport at once.
+    fn write_timeout(&mut self, now: Instant, detail: String, deadline: Instant) {
+        let reason = CloseReason::WriteTimeout;
+        self.decide(now, reason, CloseMode::Immediate, None, false, None, Some(detail), Some(deadline));
+    }
+
     fn peer_bye(&mut self, now: Instant, b: Bye) {
+        if b.reason == CloseReason::TlsError {
+            // TLS reports its own failures with alerts; a `BYE` claiming one is a confused or lying peer.
+            return self.protocol_error(now, "BYE(tls_error) is never sent: TLS failures are TLS alerts".into());
+        }
         self.decide(now, b.reason, CloseMode::Flush, None, true, Some(b), None, None);
     }
 
@@ -870,8 +1063,42 @@ impl Connection {
         if self.tx.is_empty() {
             self.tx_stalled_since = Some(now);
         }
-        f.encode(&mut self.tx);
+        f.encode_v(&mut self.tx, self.version);
         self.last_tx = now;
+    }
+}
+
+fn ms(n: u32) -> Duration {
+    Duration::from_millis(n.into())
+}
+
+/// How a foreign client's greeting is named in the close detail.
+fn foreign_greeting(f: Foreign) -> &'static str {
+    match f {
+        Foreign::Tls => "a TLS handshake",
+        Foreign::Http => "an HTTP request",
+        Foreign::Mqtt { .. } => "an MQTT CONNECT",
+        Foreign::Ssh => "an SSH client",
+    }
+}
+
+/// What the server answers a foreign client in its own protocol, where one short reply says "wrong server".
+fn foreign_reply(f: Foreign) -> Option<Vec<u8>> {
+    const BODY: &str = "This port speaks the tether protocol (docs/protocol.md), not HTTP.\n";
+    match f {
+        Foreign::Http => Some(
+            format!(
+                "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\
+                 Connection: close\r\n\r\n{BODY}",
+                BODY.len()
+            )
+            .into_bytes(),
+        ),
+        // CONNACK refusing the protocol version: MQTT 5 (reason 0x84 and an empty property list), else 3.1.x
+        // (return code 1).
+        Foreign::Mqtt { level: 5 } => Some(vec![0x20, 0x03, 0x00, 0x84, 0x00]),
+        Foreign::Mqtt { .. } => Some(vec![0x20, 0x02, 0x00, 0x01]),
+        Foreign::Tls | Foreign::Ssh => None,
     }
 }
 

@@ -1,18 +1,32 @@
-//! The tether v1 wire codec. docs/protocol.md is the byte-level specification; its hex vectors are tested here.
+//! The tether wire codec, versions 1 and 2. docs/protocol.md is the byte-level specification; its hex vectors are
+//! tested here.
 //!
 //! # Layout
 //! A frame is `len: u32 BE` followed by `len` bytes: one kind byte, then the body. [`check`] looks at a buffer and
 //! says whether a whole frame is there, rejecting a bad length from the four header bytes alone (nothing is
-//! allocated for a frame that is too large). [`Frame::parse`] turns a complete frame into a [`Frame`];
-//! [`Frame::encode`] writes one. Strings are `u8` length + UTF-8; the credential is `u16` length + bytes; DATA's
+//! allocated for a frame that is too large). [`Frame::parse_v`] turns a complete frame into a [`Frame`];
+//! [`Frame::encode_v`] writes one. Strings are `u8` length + UTF-8; the credential is `u16` length + bytes; DATA's
 //! payload is the rest of the frame. Every fixed-layout body must be consumed exactly: trailing bytes are an error.
+//!
+//! # Versions
+//! `HELLO` and `WELCOME` carry their own version and are laid out by it. Version 2 adds, to `HELLO`, an extension
+//! block; to `WELCOME`, the server's maximum frame and an extension block; to `PRESENCE`, a flags byte; to
+//! `UNDELIVERABLE`, why. Extensions are type-length-value entries a receiver skips when it does not know the type,
+//! and v2 receivers keep unknown close reason codes ([`CloseReason::Unknown`]) instead of failing: that is how the
+//! protocol grows without another layout change. Every other frame is the same in both versions. The `_v`
+//! functions take the version a connection negotiated; [`Frame::parse`] and [`Frame::to_bytes`] are version 1.
+//! [`sniff`] names the protocol of bytes that are not tether frames (TLS, HTTP, MQTT, SSH).
 
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::reason::CloseReason;
 
-/// The protocol version this codec speaks.
-pub const PROTOCOL_VERSION: u8 = 1;
+/// Protocol version 1: the original, strict layout.
+pub const V1: u8 = 1;
+/// Protocol version 2: limits advertised, extensions, presence flags, unknown reason codes tolerated.
+pub const V2: u8 = 2;
+/// The highest protocol version this codec speaks (what a client offers and a server accepts).
+pub const PROTOCOL_VERSION: u8 = V2;
 /// Bytes in the length prefix.
 pub const HEADER_LEN: usize = 4;
 /// Longest client id, in UTF-8 bytes.
@@ -21,6 +35,41 @@ pub const MAX_ID_LEN: usize = 128;
 pub const DEFAULT_MAX_FRAME: u32 = 64 * 1024;
 /// The smallest bound on `len` a peer may configure: room for the largest HELLO without credential.
 pub const MIN_MAX_FRAME: u32 = 256;
+/// The largest bound on `len` a peer may configure or be told to accept (16 MiB).
+pub const MAX_MAX_FRAME: u32 = 16 << 20;
+/// `DATA` bytes around the payload when the peer id is the longest allowed: kind, `str8` length, 128-byte id.
+pub const RELAY_OVERHEAD: u32 = 2 + MAX_ID_LEN as u32;
+
+/// The largest `DATA` payload the server relays to another client under a `max_frame` limit: whatever the
+/// sender's and receiver's ids, the relayed frame (`peer` rewritten to the sender's id) then fits the limit.
+pub const fn max_relay_payload(max_frame: u32) -> usize {
+    max_frame.saturating_sub(RELAY_OVERHEAD) as usize
+}
+
+/// The largest `DATA` payload a client may send under the server's `max_frame`: to another client
+/// ([`max_relay_payload`]) or to the server application (the whole frame but the kind byte and an empty `peer`).
+pub const fn max_payload(max_frame: u32, to_client: bool) -> usize {
+    if to_client {
+        max_relay_payload(max_frame)
+    } else {
+        max_frame.saturating_sub(2) as usize
+    }
+}
+
+/// Extension types (v2). A receiver skips types it does not know.
+pub mod ext {
+    /// In `WELCOME`: `u32`, presence subscriptions one connection may hold.
+    pub const MAX_SUBSCRIPTIONS: u16 = 0x0001;
+    /// In `WELCOME`: `u32`, `DATA` payload bytes per second one connection may send (absent: no limit).
+    pub const MAX_DATA_RATE: u16 = 0x0002;
+}
+
+/// `PRESENCE` flag bits (v2). A receiver ignores bits it does not know.
+pub mod presence_flags {
+    /// Offline: the client ended its connection itself (its `BYE`, its FIN, or a reset from its side), as
+    /// opposed to a verdict or command of the server.
+    pub const BY_CLIENT: u8 = 0x01;
+}
 
 /// Frame kind bytes.
 pub mod kind {
@@ -36,10 +85,63 @@ pub mod kind {
     pub const UNDELIVERABLE: u8 = 0x0A;
 }
 
-/// True when `buf` starts like a TLS record (content type 20..=23, major version 3): a TLS peer on a plaintext
-/// connection. Used only to explain a decode error; such bytes never decode as a frame within the default limit.
+/// A protocol that is not tether, recognised from the first bytes a peer sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Foreign {
+    /// A TLS record (content type 20..=23, major version 3).
+    Tls,
+    /// An HTTP/1.x request, or a response starting `HTTP/`.
+    Http,
+    /// An MQTT `CONNECT` (protocol name `MQTT` or `MQIsdp`), with its protocol level.
+    Mqtt { level: u8 },
+    /// An SSH identification string (`SSH-`).
+    Ssh,
+}
+
+impl Foreign {
+    /// The protocol's usual name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Foreign::Tls => "TLS",
+            Foreign::Http => "HTTP",
+            Foreign::Mqtt { .. } => "MQTT",
+            Foreign::Ssh => "SSH",
+        }
+    }
+}
+
+/// Which foreign protocol `buf` (the first bytes of a connection) speaks, if it is one we can tell cheaply. Used
+/// only to explain a decode error: none of these decode as a frame within any allowed limit (their first four
+/// bytes read as a length far above [`MAX_MAX_FRAME`]), except an MQTT `CONNECT`, which is checked by name.
+pub fn sniff(buf: &[u8]) -> Option<Foreign> {
+    const METHODS: [&[u8]; 9] =
+        [b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"HTTP/"];
+    if matches!(buf, [0x14..=0x17, 0x03, 0x00..=0x04, ..]) {
+        return Some(Foreign::Tls);
+    }
+    if METHODS.iter().any(|m| buf.starts_with(m)) {
+        return Some(Foreign::Http);
+    }
+    if buf.starts_with(b"SSH-") {
+        return Some(Foreign::Ssh);
+    }
+    // MQTT CONNECT: type 0x10, a 1-4 byte remaining length, then the protocol name as a u16-prefixed string and
+    // the protocol level.
+    if buf.first() == Some(&0x10) {
+        let len_bytes = buf[1..].iter().take(4).position(|b| b & 0x80 == 0)? + 1;
+        let rest = &buf[1 + len_bytes..];
+        for name in [&b"\x00\x04MQTT"[..], &b"\x00\x06MQIsdp"[..]] {
+            if rest.starts_with(name) {
+                return Some(Foreign::Mqtt { level: rest.get(name.len()).copied().unwrap_or(0) });
+            }
+        }
+    }
+    None
+}
+
+/// True when `buf` starts like a TLS record: a TLS peer on a plaintext connection.
 pub fn looks_like_tls(buf: &[u8]) -> bool {
-    matches!(buf, [0x14..=0x17, 0x03, 0x00..=0x04, ..])
+    sniff(buf) == Some(Foreign::Tls)
 }
 
 /// Why bytes could not be decoded. Every variant ends the connection with `protocol_error`.
@@ -64,6 +166,10 @@ pub enum FrameError {
     BadState(u8),
     #[error("unknown close reason code {0}")]
     BadReason(u8),
+    #[error("unsupported protocol version {0}")]
+    BadVersion(u8),
+    #[error("extension 0x{0:04x} appears twice")]
+    DuplicateExtension(u16),
 }
 
 /// Presence state of a client id, as sent in `PRESENCE`.
@@ -84,29 +190,73 @@ impl PresenceState {
     }
 }
 
+/// One type-length-value entry of a v2 extension block (`type: u16`, `len: u16`, `value`). Unknown types are
+/// kept, so a frame re-encodes to its exact bytes, and otherwise ignored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Extension {
+    pub kind: u16,
+    pub value: Bytes,
+}
+
+impl Extension {
+    /// An extension holding one `u32`.
+    pub fn u32(kind: u16, v: u32) -> Extension {
+        Extension { kind, value: Bytes::copy_from_slice(&v.to_be_bytes()) }
+    }
+
+    /// The `u32` held by the extension of type `kind` in `list`: `None` when absent or not four bytes long.
+    pub fn find_u32(list: &[Extension], kind: u16) -> Option<u32> {
+        let e = list.iter().find(|e| e.kind == kind)?;
+        Some(u32::from_be_bytes(e.value.as_ref().try_into().ok()?))
+    }
+}
+
 /// Client → server, first frame on every connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
+    /// The highest protocol version the client speaks; it also selects this frame's layout (2 and above: the v2
+    /// layout, with extensions).
     pub version: u8,
     /// Requested heartbeat interval in ms; 0 asks for the server's default. The server clamps it.
     pub heartbeat_ms: u32,
     /// Random per client process start: a reboot gets a new nonce, a reconnect of the same process keeps it.
     pub nonce: u64,
     pub client_id: String,
-    /// Reserved for authentication; empty when none.
+    /// The client's token when the server requires authentication; empty when none.
     pub credential: Bytes,
+    /// v2: extensions (none are defined for `HELLO` yet; a server skips what it does not know). Not sent in v1.
+    pub extensions: Vec<Extension>,
+}
+
+impl Hello {
+    /// A `HELLO` offering `version` as `client_id`: the server's default heartbeat, no credential, no extensions.
+    pub fn new(version: u8, client_id: impl Into<String>, nonce: u64) -> Hello {
+        Hello {
+            version,
+            heartbeat_ms: 0,
+            nonce,
+            client_id: client_id.into(),
+            credential: Bytes::new(),
+            extensions: Vec::new(),
+        }
+    }
 }
 
 /// Server → client, the answer to an accepted `HELLO`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Welcome {
+    /// The version of the session: the lower of the client's and the server's highest.
     pub version: u8,
     pub heartbeat_ms: u32,
     /// Silence after which either side declares the other dead.
     pub timeout_ms: u32,
-    /// Increases with every session the server admits for this id.
+    /// Increases with every session the server admits.
     pub epoch: u64,
     pub server_id: String,
+    /// v2: the largest `len` the server accepts and ever sends. `None` in v1, where it is not said.
+    pub max_frame: Option<u32>,
+    /// v2: limits and other facts as extensions ([`ext`]). Empty in v1.
+    pub extensions: Vec<Extension>,
 }
 
 /// Liveness and presence news about one client id.
@@ -114,10 +264,62 @@ pub struct Welcome {
 pub struct Presence {
     pub client_id: String,
     pub state: PresenceState,
-    /// Why it went offline; `None` for online and suspect.
+    /// Why it went offline; `None` for online and suspect, and for an id the server knows nothing about.
     pub reason: Option<CloseReason>,
-    /// Milliseconds between the last frame the server received from the client and the sending of this frame.
+    /// Milliseconds between the last frame the server received from the client and the sending of this frame;
+    /// `u32::MAX` when unknown.
     pub last_seen_ago_ms: u32,
+    /// v2: [`presence_flags`] bits (who ended the connection). Always 0 in v1.
+    pub flags: u8,
+}
+
+impl Presence {
+    /// Offline because the client ended its connection itself (v2; always false in v1).
+    pub fn by_client(&self) -> bool {
+        self.flags & presence_flags::BY_CLIENT != 0
+    }
+}
+
+/// Why a relayed `DATA` was not delivered (v2 `UNDELIVERABLE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Undeliverable {
+    /// Not said: always so in v1, where `UNDELIVERABLE` covers every reason.
+    Unspecified,
+    /// The target id is not online.
+    NotOnline,
+    /// The payload is larger than the server relays ([`max_relay_payload`]).
+    TooLarge,
+    /// A code this build does not know (a newer server).
+    Other(u8),
+}
+
+impl Undeliverable {
+    pub fn code(self) -> u8 {
+        match self {
+            Undeliverable::Unspecified => 0,
+            Undeliverable::NotOnline => 1,
+            Undeliverable::TooLarge => 2,
+            Undeliverable::Other(c) => c,
+        }
+    }
+
+    pub fn from_code(code: u8) -> Undeliverable {
+        match code {
+            0 => Undeliverable::Unspecified,
+            1 => Undeliverable::NotOnline,
+            2 => Undeliverable::TooLarge,
+            c => Undeliverable::Other(c),
+        }
+    }
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Undeliverable::Unspecified => "unspecified",
+            Undeliverable::NotOnline => "not_online",
+            Undeliverable::TooLarge => "too_large",
+            Undeliverable::Other(_) => "unknown",
+        }
+    }
 }
 
 /// Goodbye: the sender closes the connection after this frame.
@@ -153,9 +355,11 @@ pub enum Frame {
     Unsubscribe(Vec<String>),
     Presence(Presence),
     Bye(Bye),
-    /// Server → client: a `DATA` addressed to `to` was not delivered because that id is not online.
+    /// Server → client: a `DATA` addressed to `to` was not delivered (the id is not online, or, in v2 said
+    /// explicitly, the payload is too large to relay).
     Undeliverable {
         to: String,
+        why: Undeliverable,
     },
 }
 
@@ -226,6 +430,22 @@ impl<'a> Cursor<'a> {
         }
         (0..n).map(|_| self.id("subscription id")).collect()
     }
+    /// A v2 extension block: `bytes16` of `type: u16, len: u16, value` entries, each type at most once.
+    fn extensions(&mut self) -> Result<Vec<Extension>, FrameError> {
+        let n = self.u16()? as usize;
+        let mut block = Cursor { buf: self.take(n)?, kind: self.kind };
+        let mut out: Vec<Extension> = Vec::new();
+        while !block.buf.is_empty() {
+            let kind = block.u16()?;
+            let len = block.u16()? as usize;
+            let value = Bytes::copy_from_slice(block.take(len)?);
+            if out.iter().any(|e| e.kind == kind) {
+                return Err(FrameError::DuplicateExtension(kind));
+            }
+            out.push(Extension { kind, value });
+        }
+        Ok(out)
+    }
     fn finish<T>(self, value: T) -> Result<T, FrameError> {
         if self.buf.is_empty() {
             Ok(value)
@@ -235,8 +455,14 @@ impl<'a> Cursor<'a> {
     }
 }
 
-fn reason(code: u8) -> Result<CloseReason, FrameError> {
-    CloseReason::try_from(code).map_err(|e| FrameError::BadReason(e.0))
+/// A close reason code: unknown codes are an error in v1 and kept as [`CloseReason::Unknown`] from v2 on. Code 0
+/// names no reason in any version.
+fn reason(code: u8, version: u8) -> Result<CloseReason, FrameError> {
+    match CloseReason::try_from(code) {
+        Ok(r) => Ok(r),
+        Err(_) if version >= V2 && code != 0 => Ok(CloseReason::Unknown(code)),
+        Err(e) => Err(FrameError::BadReason(e.0)),
+    }
 }
 
 impl Frame {
@@ -256,8 +482,14 @@ impl Frame {
         }
     }
 
-    /// Parse one complete frame (header included), as delimited by [`check`].
+    /// Parse one complete version 1 frame (header included), as delimited by [`check`]. `HELLO` and `WELCOME` are
+    /// laid out by their own version field whatever the version given.
     pub fn parse(frame: &[u8]) -> Result<Frame, FrameError> {
+        Frame::parse_v(frame, V1)
+    }
+
+    /// Parse one complete frame (header included) of a session of protocol `version`.
+    pub fn parse_v(frame: &[u8], version: u8) -> Result<Frame, FrameError> {
         let body = frame.get(HEADER_LEN..).filter(|b| !b.is_empty()).ok_or(FrameError::Empty)?;
         let (k, body) = (body[0], &body[1..]);
         let name = match k {
@@ -277,20 +509,37 @@ impl Frame {
         match k {
             kind::HELLO => {
                 let version = c.u8()?;
+                if version == 0 {
+                    return Err(FrameError::BadVersion(0));
+                }
                 let heartbeat_ms = c.u32()?;
                 let nonce = c.u64()?;
                 let client_id = c.id("client id")?;
                 let cred_len = c.u16()? as usize;
                 let credential = Bytes::copy_from_slice(c.take(cred_len)?);
-                c.finish(Frame::Hello(Hello { version, heartbeat_ms, nonce, client_id, credential }))
+                let extensions = if version >= V2 { c.extensions()? } else { Vec::new() };
+                c.finish(Frame::Hello(Hello { version, heartbeat_ms, nonce, client_id, credential, extensions }))
             }
             kind::WELCOME => {
                 let version = c.u8()?;
+                if version == 0 {
+                    return Err(FrameError::BadVersion(0));
+                }
                 let heartbeat_ms = c.u32()?;
                 let timeout_ms = c.u32()?;
                 let epoch = c.u64()?;
                 let server_id = c.str8("server id")?;
-                c.finish(Frame::Welcome(Welcome { version, heartbeat_ms, timeout_ms, epoch, server_id }))
+                let (max_frame, extensions) =
+                    if version >= V2 { (Some(c.u32()?), c.extensions()?) } else { (None, Vec::new()) };
+                c.finish(Frame::Welcome(Welcome {
+                    version,
+                    heartbeat_ms,
+                    timeout_ms,
+                    epoch,
+                    server_id,
+                    max_frame,
+                    extensions,
+                }))
             }
             kind::PING | kind::PONG => {
                 let seq = c.u32()?;
@@ -324,30 +573,38 @@ impl Frame {
                 };
                 let reason = match c.u8()? {
                     0 => None,
-                    code => Some(reason(code)?),
+                    code => Some(reason(code, version)?),
                 };
                 let last_seen_ago_ms = c.u32()?;
-                c.finish(Frame::Presence(Presence { client_id, state, reason, last_seen_ago_ms }))
+                let flags = if version >= V2 { c.u8()? } else { 0 };
+                c.finish(Frame::Presence(Presence { client_id, state, reason, last_seen_ago_ms, flags }))
             }
             kind::BYE => {
-                let reason = reason(c.u8()?)?;
+                let reason = reason(c.u8()?, version)?;
                 let retry_after_ms = c.u32()?;
                 let alternative = c.str8("alternative")?;
                 c.finish(Frame::Bye(Bye { reason, retry_after_ms, alternative }))
             }
             kind::UNDELIVERABLE => {
                 let to = c.id("undeliverable id")?;
-                c.finish(Frame::Undeliverable { to })
+                let why = if version >= V2 { Undeliverable::from_code(c.u8()?) } else { Undeliverable::Unspecified };
+                c.finish(Frame::Undeliverable { to, why })
             }
             _ => unreachable!("kind was matched above"),
         }
     }
 
-    /// Append this frame, header included, to `out`.
+    /// Append this frame, header included, to `out`, in version 1.
+    pub fn encode(&self, out: &mut BytesMut) {
+        self.encode_v(out, V1)
+    }
+
+    /// Append this frame, header included, to `out`, for a session of protocol `version`. `HELLO` and `WELCOME`
+    /// follow their own version field.
     ///
     /// Strings longer than their length field allows are a caller bug and are cut at a character boundary within
     /// the limit rather than corrupting the stream.
-    pub fn encode(&self, out: &mut BytesMut) {
+    pub fn encode_v(&self, out: &mut BytesMut, version: u8) {
         let start = out.len();
         out.put_u32(0); // patched below
         match self {
@@ -360,6 +617,9 @@ impl Frame {
                 let cred = &h.credential[..h.credential.len().min(u16::MAX as usize)];
                 out.put_u16(cred.len() as u16);
                 out.put_slice(cred);
+                if h.version >= V2 {
+                    put_extensions(out, &h.extensions);
+                }
             }
             Frame::Welcome(w) => {
                 out.put_u8(kind::WELCOME);
@@ -368,6 +628,10 @@ impl Frame {
                 out.put_u32(w.timeout_ms);
                 out.put_u64(w.epoch);
                 put_str8(out, &w.server_id);
+                if w.version >= V2 {
+                    out.put_u32(w.max_frame.unwrap_or(DEFAULT_MAX_FRAME));
+                    put_extensions(out, &w.extensions);
+                }
             }
             Frame::Ping { seq, ts_ms } | Frame::Pong { seq, ts_ms } => {
                 out.put_u8(if matches!(self, Frame::Ping { .. }) { kind::PING } else { kind::PONG });
@@ -393,6 +657,9 @@ impl Frame {
                 out.put_u8(p.state as u8);
                 out.put_u8(p.reason.map_or(0, u8::from));
                 out.put_u32(p.last_seen_ago_ms);
+                if version >= V2 {
+                    out.put_u8(p.flags);
+                }
             }
             Frame::Bye(b) => {
                 out.put_u8(kind::BYE);
@@ -400,36 +667,75 @@ impl Frame {
                 out.put_u32(b.retry_after_ms);
                 put_str8(out, &b.alternative);
             }
-            Frame::Undeliverable { to } => {
+            Frame::Undeliverable { to, why } => {
                 out.put_u8(kind::UNDELIVERABLE);
                 put_str8(out, to);
+                if version >= V2 {
+                    out.put_u8(why.code());
+                }
             }
         }
         let len = (out.len() - start - HEADER_LEN) as u32;
         out[start..start + HEADER_LEN].copy_from_slice(&len.to_be_bytes());
     }
 
-    /// The encoded length, header included.
+    /// The encoded length in version 1, header included.
     pub fn encoded_len(&self) -> usize {
+        self.encoded_len_v(V1)
+    }
+
+    /// The encoded length for a session of protocol `version`, header included.
+    pub fn encoded_len_v(&self, version: u8) -> usize {
+        let v2 = |v: u8| usize::from(v >= V2);
         let body = match self {
-            Frame::Hello(h) => 1 + 4 + 8 + 1 + h.client_id.len() + 2 + h.credential.len(),
-            Frame::Welcome(w) => 1 + 4 + 4 + 8 + 1 + w.server_id.len(),
+            Frame::Hello(h) => {
+                1 + 4 + 8 + 1 + h.client_id.len() + 2 + h.credential.len() + v2(h.version) * ext_len(&h.extensions)
+            }
+            Frame::Welcome(w) => 1 + 4 + 4 + 8 + 1 + w.server_id.len() + v2(w.version) * (4 + ext_len(&w.extensions)),
             Frame::Ping { .. } | Frame::Pong { .. } => 4 + 8,
             Frame::Data { peer, payload } => 1 + peer.len() + payload.len(),
             Frame::Subscribe(ids) | Frame::Unsubscribe(ids) => 2 + ids.iter().map(|i| 1 + i.len()).sum::<usize>(),
-            Frame::Presence(p) => 1 + p.client_id.len() + 1 + 1 + 4,
+            Frame::Presence(p) => 1 + p.client_id.len() + 1 + 1 + 4 + v2(version),
             Frame::Bye(b) => 1 + 4 + 1 + b.alternative.len(),
-            Frame::Undeliverable { to } => 1 + to.len(),
+            Frame::Undeliverable { to, .. } => 1 + to.len() + v2(version),
         };
         HEADER_LEN + 1 + body
     }
 
-    /// Encode into a fresh buffer.
+    /// Encode into a fresh buffer, in version 1.
     pub fn to_bytes(&self) -> Bytes {
-        let mut out = BytesMut::with_capacity(self.encoded_len());
-        self.encode(&mut out);
+        self.to_bytes_v(V1)
+    }
+
+    /// Encode into a fresh buffer for a session of protocol `version`.
+    pub fn to_bytes_v(&self, version: u8) -> Bytes {
+        let mut out = BytesMut::with_capacity(self.encoded_len_v(version));
+        self.encode_v(&mut out, version);
         out.freeze()
     }
+}
+
+/// Bytes of an extension block, its `u16` length included.
+fn ext_len(list: &[Extension]) -> usize {
+    2 + list.iter().map(|e| 4 + e.value.len()).sum::<usize>()
+}
+
+/// Write an extension block. Entries that would not fit its `u16` lengths are a caller bug and are left out
+/// rather than corrupting the stream.
+fn put_extensions(out: &mut BytesMut, list: &[Extension]) {
+    let at = out.len();
+    out.put_u16(0); // patched below
+    let mut total = 0usize;
+    for e in list.iter().filter(|e| e.value.len() <= u16::MAX as usize) {
+        if total + 4 + e.value.len() > u16::MAX as usize {
+            break;
+        }
+        total += 4 + e.value.len();
+        out.put_u16(e.kind);
+        out.put_u16(e.value.len() as u16);
+        out.put_slice(&e.value);
+    }
+    out[at..at + 2].copy_from_slice(&(total as u16).to_be_bytes());
 }
 
 fn put_str8(out: &mut BytesMut, s: &str) {

@@ -2,7 +2,8 @@
 //! with takeover and presence. No tokio, no clock, no sockets, no OS randomness: time is passed in as `now`.
 //!
 //! # Layout
-//! - [`frame`]: the v1 wire codec (check → parse → encode), specified byte by byte in docs/protocol.md.
+//! - [`frame`]: the wire codec, versions 1 and 2 (check → parse → encode), specified byte by byte in
+//!   docs/protocol.md.
 //! - [`reason`]: [`CloseReason`], the one reason every disconnect gets, with its wire code and name.
 //! - [`detector`]: `fixed` and `phi` failure detectors that answer with exact deadlines.
 //! - [`conn`]: [`Connection`], the per-connection state machine (`handle_*` in, `poll_*` out).
@@ -16,8 +17,10 @@ pub mod reason;
 pub mod reconnect;
 pub mod registry;
 
-pub use conn::{Closed, ConnConfig, Connection, Event, HeartbeatPolicy, Role, SendError, State, MAX_PING_STRIKES};
+pub use conn::{
+    ping_allowance, Closed, ConnConfig, Connection, Event, HeartbeatPolicy, KernelQueue, Role, SendError, State,
+};
 pub use detector::{DetectorConfig, PhiConfig};
-pub use frame::{Bye, Frame, FrameError, Hello, Presence, PresenceState, Welcome};
+pub use frame::{Bye, Extension, Frame, FrameError, Hello, Presence, PresenceState, Undeliverable, Welcome};
 pub use reason::CloseReason;
 pub use registry::{Admission, ConnId, Registry, RegistryConfig, SessionEvent};

@@ -1,8 +1,10 @@
 //! Why a connection ended: exactly one [`CloseReason`] per disconnect.
 //!
 //! # Layout
-//! The enum is closed and each variant has a stable snake_case name (used in logs, JSON events and the README
-//! table) and a stable one-byte wire code (used in `BYE` and `PRESENCE`). Both mappings live here and nowhere else.
+//! Each known variant has a stable snake_case name (used in logs, JSON events and the README table) and a stable
+//! one-byte wire code (used in `BYE` and `PRESENCE`). Both mappings live here and nowhere else. Protocol v1 knows
+//! exactly the codes in [`CloseReason::ALL`]; from v2 on, a code this build does not know is kept as
+//! [`CloseReason::Unknown`] instead of being an error, so a newer peer can add reasons without breaking us.
 
 use std::fmt;
 use std::io;
@@ -57,6 +59,8 @@ pub enum CloseReason {
     /// The peer asked for more presence subscriptions than one connection may hold, or for `*` where the server
     /// does not allow it.
     SubscriptionRefused,
+    /// A wire code this build does not know, received from a newer peer (protocol v2 and later only).
+    Unknown(u8),
 }
 
 impl CloseReason {
@@ -109,7 +113,22 @@ impl CloseReason {
             CloseReason::RateLimited => "rate_limited",
             CloseReason::TlsError => "tls_error",
             CloseReason::SubscriptionRefused => "subscription_refused",
+            CloseReason::Unknown(_) => "unknown",
         }
+    }
+
+    /// The one-byte wire code: a known reason's position in [`CloseReason::ALL`] plus one, or the code kept by
+    /// [`CloseReason::Unknown`].
+    pub fn code(self) -> u8 {
+        match self {
+            CloseReason::Unknown(code) => code,
+            known => Self::ALL.iter().position(|r| *r == known).map_or(0, |i| i as u8 + 1),
+        }
+    }
+
+    /// Whether this build knows the reason (every variant but [`CloseReason::Unknown`]).
+    pub fn is_known(self) -> bool {
+        !matches!(self, CloseReason::Unknown(_))
     }
 
     /// Parse a stable name back into a reason.
@@ -144,13 +163,16 @@ const ENETUNREACH: i32 = 101;
 
 impl fmt::Display for CloseReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        match self {
+            CloseReason::Unknown(code) => write!(f, "unknown reason code {code}"),
+            known => f.write_str(known.as_str()),
+        }
     }
 }
 
 impl From<CloseReason> for u8 {
     fn from(r: CloseReason) -> u8 {
-        r as u8 + 1
+        r.code()
     }
 }
 
@@ -161,6 +183,8 @@ pub struct UnknownReason(pub u8);
 
 impl TryFrom<u8> for CloseReason {
     type Error = UnknownReason;
+    /// The known reason with this code; [`UnknownReason`] for any other (protocol v2 receivers then keep it as
+    /// [`CloseReason::Unknown`]).
     fn try_from(code: u8) -> Result<Self, Self::Error> {
         match code {
             1.. if (code as usize) <= Self::ALL.len() => Ok(Self::ALL[code as usize - 1]),
@@ -185,6 +209,9 @@ mod tests {
         let next = CloseReason::ALL.len() as u8 + 1;
         assert_eq!(CloseReason::try_from(next), Err(UnknownReason(next)));
         assert_eq!(CloseReason::from_name("nope"), None);
+        assert_eq!(CloseReason::Unknown(200).code(), 200);
+        assert_eq!(CloseReason::Unknown(200).to_string(), "unknown reason code 200");
+        assert!(!CloseReason::Unknown(200).is_known() && CloseReason::Bye.is_known());
     }
 
     #[test]

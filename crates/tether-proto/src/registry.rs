@@ -14,21 +14,26 @@
 //! - Two live devices with one id are an `id_conflict`: when a newcomer's nonce is one that this id was taken
 //!   from by another nonce within `conflict_window`, and the holder was heard from within `conflict_liveness`,
 //!   the newcomer is refused with a retry-after instead of the two evicting each other forever. A rebooted
-//!   device comes back with a new nonce, so reboot loops, however fast, are always takeovers.
+//!   device comes back with a new nonce, so reboot loops, however fast, are always takeovers. The displaced
+//!   nonces of an id are kept exactly up to [`DISPLACED_EXACT`]; beyond that, in a [`StampFilter`] of fixed size,
+//!   so the rule holds for any number of devices with bounded memory per id (at the cost of rare false
+//!   positives, only on ids that many devices fight over).
 //! - With `presence_grace`, `offline` (for any reason but `bye`) is announced only if the id has not come back
 //!   within the grace.
+//! - Ids that went offline are remembered (at most `remember_offline` of them, each for at most
+//!   `remember_offline_for`), so that a late subscriber learns when and why an id left.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use crate::frame::{Presence, PresenceState};
+use crate::frame::{presence_flags, Presence, PresenceState};
 use crate::reason::CloseReason;
 
 /// The IO layer's handle for one connection.
 pub type ConnId = u64;
 
-/// Displaced nonces remembered per id for the conflict rule.
-const MAX_DISPLACED: usize = 8;
+/// Displaced nonces remembered exactly per id for the conflict rule; older ones go into a [`StampFilter`].
+pub const DISPLACED_EXACT: usize = 16;
 
 /// The subscription that matches every id.
 pub const WILDCARD: &str = "*";
@@ -46,6 +51,10 @@ pub struct RegistryConfig {
     pub allow_wildcard: bool,
     /// Most subscriptions one connection may hold.
     pub max_subscriptions: usize,
+    /// Offline ids remembered (with reason and last-seen) for late subscribers; the oldest are forgotten first.
+    pub remember_offline: usize,
+    /// How long an offline id is remembered.
+    pub remember_offline_for: Duration,
 }
 
 impl Default for RegistryConfig {
@@ -56,6 +65,8 @@ impl Default for RegistryConfig {
             conflict_window: Duration::from_secs(30),
             allow_wildcard: true,
             max_subscriptions: 1024,
+            remember_offline: 65_536,
+            remember_offline_for: Duration::from_secs(3600),
         }
     }
 }
@@ -98,6 +109,8 @@ pub enum SessionEvent {
         client: String,
         conn: ConnId,
         reason: CloseReason,
+        /// The client ended the connection itself (its `BYE`, FIN or reset), not the server.
+        by_client: bool,
     },
 }
 
@@ -126,17 +139,118 @@ struct Session {
     conn: ConnId,
     nonce: u64,
     suspect: bool,
-    /// Nonces this id was taken from by a different nonce within `conflict_window`, oldest first (at most
-    /// [`MAX_DISPLACED`]); carried from session to session of the id. Only these can be an `id_conflict`.
-    displaced: Vec<(u64, Instant)>,
+    /// Nonces this id was taken from by a different nonce within `conflict_window`; carried from session to
+    /// session of the id. Only these can be an `id_conflict`.
+    displaced: Displaced,
+}
+
+/// The displaced nonces of one id: the newest [`DISPLACED_EXACT`] exactly, older ones in a filter allocated only
+/// for ids that more devices than that fight over.
+#[derive(Debug, Clone, Default)]
+struct Displaced {
+    /// Oldest first.
+    exact: Vec<(u64, Instant)>,
+    overflow: Option<Box<StampFilter>>,
+}
+
+impl Displaced {
+    /// Forget what is older than `window`.
+    fn expire(&mut self, now: Instant, window: Duration) {
+        self.exact.retain(|(_, at)| now.saturating_duration_since(*at) < window);
+        if self.overflow.as_ref().is_some_and(|f| now.saturating_duration_since(f.newest) >= window) {
+            self.overflow = None;
+        }
+    }
+
+    fn contains(&self, nonce: u64, now: Instant, window: Duration) -> bool {
+        self.exact.iter().any(|(n, _)| *n == nonce)
+            || self.overflow.as_ref().is_some_and(|f| f.contains(nonce, now, window))
+    }
+
+    fn insert(&mut self, nonce: u64, now: Instant) {
+        self.exact.retain(|(n, _)| *n != nonce);
+        if self.exact.len() == DISPLACED_EXACT {
+            let (old, at) = self.exact.remove(0);
+            self.overflow.get_or_insert_with(|| Box::new(StampFilter::new(at))).insert(old, at);
+        }
+        self.exact.push((nonce, now));
+    }
+}
+
+/// A fixed-size set of nonces with insertion times, for the `id_conflict` rule on ids fought over by more than
+/// [`DISPLACED_EXACT`] devices: [`StampFilter::SLOTS`] time stamps (4 KiB), each nonce hashed to
+/// [`StampFilter::HASHES`] of them (a Bloom filter whose bits are times). A nonce inserted within the window is
+/// always found (no false negatives); a nonce never inserted is found only if other nonces stamped all its slots
+/// within the window: with 100 devices in one window, about 1 in 60. Such a false positive refuses a rebooted
+/// device with `id_conflict` for one window, on an id that many live devices are fighting over anyway.
+#[derive(Debug, Clone)]
+struct StampFilter {
+    /// Zero: empty; otherwise tenths of a second since `base`, plus one.
+    slots: [u32; StampFilter::SLOTS],
+    base: Instant,
+    /// The latest insertion: once it is older than the window, the whole filter is dropped.
+    newest: Instant,
+}
+
+impl StampFilter {
+    const SLOTS: usize = 1024;
+    const HASHES: u64 = 3;
+
+    fn new(base: Instant) -> StampFilter {
+        StampFilter { slots: [0; Self::SLOTS], base, newest: base }
+    }
+
+    fn stamp(&self, t: Instant) -> u32 {
+        (t.saturating_duration_since(self.base).as_millis() / 100).min(u32::MAX as u128 - 1) as u32 + 1
+    }
+
+    fn slot(nonce: u64, i: u64) -> usize {
+        // SplitMix64's finaliser: every bit of the nonce moves every bit of the slot index.
+        let mut z = nonce ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) % Self::SLOTS as u64) as usize
+    }
+
+    fn insert(&mut self, nonce: u64, at: Instant) {
+        let stamp = self.stamp(at);
+        for i in 0..Self::HASHES {
+            let slot = &mut self.slots[Self::slot(nonce, i)];
+            *slot = (*slot).max(stamp);
+        }
+        self.newest = self.newest.max(at);
+    }
+
+    fn contains(&self, nonce: u64, now: Instant, window: Duration) -> bool {
+        let now = self.stamp(now);
+        // Stamps are tenths of a second, truncated: an entry is kept up to one tenth longer than the window, never
+        // shorter.
+        let window = window.as_millis().div_ceil(100).min(u32::MAX as u128) as u32;
+        (0..Self::HASHES).all(|i| {
+            let s = self.slots[Self::slot(nonce, i)];
+            s != 0 && now.saturating_sub(s) <= window
+        })
+    }
 }
 
 #[derive(Debug, Clone)]
 struct PendingOffline {
     conn: ConnId,
     deadline: Instant,
+    gone: Gone,
+}
+
+/// How and when an id went offline, kept for late subscribers.
+#[derive(Debug, Clone, Copy)]
+struct Gone {
     reason: CloseReason,
+    by_client: bool,
+    /// When its last frame arrived.
     last_seen: Instant,
+    /// When it went offline (for subscribers: after the presence grace); the age bound counts from here.
+    left: Instant,
+    /// Position in `Registry::gone_order`.
+    seq: u64,
 }
 
 /// Sessions and presence for one server.
@@ -148,6 +262,10 @@ pub struct Registry {
     next_epoch: u64,
     pending: HashMap<String, PendingOffline>,
     pending_order: BTreeSet<(Instant, String)>,
+    /// Offline ids remembered for late subscribers, and their order of going offline (oldest first).
+    gone: HashMap<String, Gone>,
+    gone_order: BTreeMap<u64, String>,
+    gone_seq: u64,
     subscribers: HashMap<String, HashSet<ConnId>>,
     wildcard: HashSet<ConnId>,
     subscriptions: HashMap<ConnId, HashSet<String>>,
@@ -186,10 +304,10 @@ impl Registry {
         if let Some(holder) = self.sessions.get_mut(client) {
             let same_device = holder.nonce == nonce;
             let window = self.cfg.conflict_window;
-            holder.displaced.retain(|(_, at)| now.saturating_duration_since(*at) < window);
+            holder.displaced.expire(now, window);
             // The newcomer is a device this id was taken from moments ago: it is alive (a rebooted device would
             // come back with a new nonce) and fighting the current holder for the id.
-            let fighting_back = !same_device && holder.displaced.iter().any(|(n, _)| *n == nonce);
+            let fighting_back = !same_device && holder.displaced.contains(nonce, now, window);
             if fighting_back {
                 let alive = holder_last_rx(holder.conn)
                     .is_some_and(|t| now.saturating_duration_since(t) < self.cfg.conflict_liveness);
@@ -203,38 +321,36 @@ impl Registry {
             let was_suspect = holder.suspect;
             let mut displaced = std::mem::take(&mut holder.displaced);
             if !same_device {
-                displaced.retain(|(n, _)| *n != nonce);
-                if displaced.len() == MAX_DISPLACED {
-                    displaced.remove(0);
-                }
-                displaced.push((holder.nonce, now));
+                displaced.insert(holder.nonce, now);
             }
             self.next_epoch += 1;
             self.sessions.insert(client.into(), Session { conn, nonce, suspect: false, displaced });
             self.emit(SessionEvent::Takeover { client: client.into(), old, new: conn, epoch, same_device });
             if was_suspect {
-                self.notify(client, PresenceState::Online, None, 0);
+                self.notify(client, PresenceState::Online, None, 0, 0);
             }
             return Admission::Welcome { epoch, evicted: Some(old) };
         }
         self.next_epoch += 1;
         let came_back = self.cancel_pending(client);
-        self.sessions.insert(client.into(), Session { conn, nonce, suspect: false, displaced: Vec::new() });
+        self.forget_gone(client);
+        self.sessions.insert(client.into(), Session { conn, nonce, suspect: false, displaced: Displaced::default() });
         self.emit(SessionEvent::Online { client: client.into(), conn, epoch });
         if !came_back {
-            self.notify(client, PresenceState::Online, None, 0);
+            self.notify(client, PresenceState::Online, None, 0, 0);
         }
         Admission::Welcome { epoch, evicted: None }
     }
 
-    /// Connection `conn` ended. `client` is its admitted id (None if it never got one); `last_seen` is when its
-    /// last frame arrived.
+    /// Connection `conn` ended. `client` is its admitted id (None if it never got one); `by_client` says the
+    /// client ended it itself (its `BYE`, FIN or reset); `last_seen` is when its last frame arrived.
     pub fn disconnect(
         &mut self,
         now: Instant,
         conn: ConnId,
         client: Option<&str>,
         reason: CloseReason,
+        by_client: bool,
         last_seen: Instant,
     ) {
         self.drop_subscriptions(conn);
@@ -243,13 +359,14 @@ impl Registry {
             return; // taken over: the id stays online through its new connection
         }
         self.sessions.remove(client);
+        let gone = Gone { reason, by_client, last_seen, left: now, seq: 0 };
         if self.cfg.presence_grace.is_zero() || reason == CloseReason::Bye {
-            self.go_offline(now, client, conn, reason, last_seen);
+            self.go_offline(now, client, conn, gone);
         } else {
             let deadline = now + self.cfg.presence_grace;
             self.cancel_pending(client);
             self.pending_order.insert((deadline, client.into()));
-            self.pending.insert(client.into(), PendingOffline { conn, deadline, reason, last_seen });
+            self.pending.insert(client.into(), PendingOffline { conn, deadline, gone });
         }
     }
 
@@ -258,7 +375,7 @@ impl Registry {
         if let Some(s) = self.sessions.get_mut(client).filter(|s| s.conn == conn && !s.suspect) {
             s.suspect = true;
             self.emit(SessionEvent::Suspect { client: client.into(), conn });
-            self.notify(client, PresenceState::Suspect, None, ms(silent_for));
+            self.notify(client, PresenceState::Suspect, None, ms(silent_for), 0);
         }
     }
 
@@ -266,12 +383,12 @@ impl Registry {
     pub fn recovered(&mut self, conn: ConnId, client: &str) {
         if let Some(s) = self.sessions.get_mut(client).filter(|s| s.conn == conn && s.suspect) {
             s.suspect = false;
-            self.notify(client, PresenceState::Online, None, 0);
+            self.notify(client, PresenceState::Online, None, 0, 0);
         }
     }
 
     /// Subscribe `conn` to `ids` and queue a snapshot of their current state to it.
-    pub fn subscribe(&mut self, conn: ConnId, ids: &[String]) -> Result<(), SubscribeError> {
+    pub fn subscribe(&mut self, now: Instant, conn: ConnId, ids: &[String]) -> Result<(), SubscribeError> {
         if ids.iter().any(|i| i == WILDCARD) && !self.cfg.allow_wildcard {
             return Err(SubscribeError::WildcardRefused);
         }
@@ -291,9 +408,10 @@ impl Registry {
         // Snapshot: online ids (all of them for `*`), and an explicit offline for named ids that are not.
         let mut snapshot: Vec<Presence> = Vec::new();
         let mut seen = HashSet::new();
+        self.expire_gone(now);
         let mut add = |reg: &Registry, id: &str, snapshot: &mut Vec<Presence>| {
             if seen.insert(id.to_owned()) {
-                snapshot.push(reg.state_of(id));
+                snapshot.push(reg.state_of(now, id));
             }
         };
         if ids.iter().any(|i| i == WILDCARD) {
@@ -336,7 +454,7 @@ impl Registry {
             }
             self.pending_order.pop_first();
             if let Some(p) = self.pending.remove(&id) {
-                self.go_offline(now, &id, p.conn, p.reason, p.last_seen);
+                self.go_offline(now, &id, p.conn, p.gone);
             }
         }
     }
@@ -354,20 +472,70 @@ impl Registry {
         self.subscriptions.get(&conn).is_some_and(|s| s.contains(id))
     }
 
-    fn state_of(&self, id: &str) -> Presence {
-        let (state, last_seen_ago_ms) = match (self.sessions.get(id), self.pending.get(id)) {
-            (Some(s), _) if s.suspect => (PresenceState::Suspect, 0),
-            (Some(_), _) => (PresenceState::Online, 0),
+    /// How `id` stands now: online or suspect; offline with its reason and last-seen if it is remembered; else
+    /// offline with no reason and an unknown last-seen (never seen, or forgotten).
+    fn state_of(&self, now: Instant, id: &str) -> Presence {
+        let online = |state| Presence { client_id: id.into(), state, reason: None, last_seen_ago_ms: 0, flags: 0 };
+        match (self.sessions.get(id), self.pending.get(id), self.gone.get(id)) {
+            (Some(s), _, _) if s.suspect => online(PresenceState::Suspect),
+            (Some(_), _, _) => online(PresenceState::Online),
             // Within the grace the id is still online to subscribers.
-            (None, Some(_)) => (PresenceState::Online, 0),
-            (None, None) => (PresenceState::Offline, u32::MAX),
-        };
-        Presence { client_id: id.into(), state, reason: None, last_seen_ago_ms }
+            (None, Some(_), _) => online(PresenceState::Online),
+            (None, None, Some(g)) => offline_presence(now, id, g),
+            (None, None, None) => Presence {
+                client_id: id.into(),
+                state: PresenceState::Offline,
+                reason: None,
+                last_seen_ago_ms: u32::MAX,
+                flags: 0,
+            },
+        }
     }
 
-    fn go_offline(&mut self, now: Instant, client: &str, conn: ConnId, reason: CloseReason, last_seen: Instant) {
-        self.emit(SessionEvent::Offline { client: client.into(), conn, reason });
-        self.notify(client, PresenceState::Offline, Some(reason), ms(now.saturating_duration_since(last_seen)));
+    fn go_offline(&mut self, now: Instant, client: &str, conn: ConnId, gone: Gone) {
+        let Gone { reason, by_client, .. } = gone;
+        self.emit(SessionEvent::Offline { client: client.into(), conn, reason, by_client });
+        let p = offline_presence(now, client, &gone);
+        self.notify(client, PresenceState::Offline, Some(reason), p.last_seen_ago_ms, p.flags);
+        self.remember_gone(now, client, gone);
+    }
+
+    /// Remember `client` as offline, forgetting the oldest entries beyond the count and age bounds.
+    fn remember_gone(&mut self, now: Instant, client: &str, mut gone: Gone) {
+        if self.cfg.remember_offline == 0 {
+            return;
+        }
+        self.forget_gone(client);
+        self.gone_seq += 1;
+        gone.seq = self.gone_seq;
+        gone.left = now;
+        self.gone_order.insert(gone.seq, client.into());
+        self.gone.insert(client.into(), gone);
+        while self.gone.len() > self.cfg.remember_offline {
+            let Some((_, id)) = self.gone_order.pop_first() else { break };
+            self.gone.remove(&id);
+        }
+        self.expire_gone(now);
+    }
+
+    /// Forget offline ids remembered for longer than `remember_offline_for`, oldest first (the order of going
+    /// offline). Amortised: each entry is removed once.
+    fn expire_gone(&mut self, now: Instant) {
+        while let Some((_, id)) = self.gone_order.first_key_value() {
+            let ttl = self.cfg.remember_offline_for;
+            let expired = self.gone.get(id).is_none_or(|g| now.saturating_duration_since(g.left) >= ttl);
+            if !expired {
+                break;
+            }
+            let (_, id) = self.gone_order.pop_first().expect("checked above");
+            self.gone.remove(&id);
+        }
+    }
+
+    fn forget_gone(&mut self, client: &str) {
+        if let Some(g) = self.gone.remove(client) {
+            self.gone_order.remove(&g.seq);
+        }
     }
 
     fn cancel_pending(&mut self, client: &str) -> bool {
@@ -387,19 +555,37 @@ impl Registry {
         }
     }
 
-    fn notify(&mut self, client: &str, state: PresenceState, reason: Option<CloseReason>, last_seen_ago_ms: u32) {
+    fn notify(
+        &mut self,
+        client: &str,
+        state: PresenceState,
+        reason: Option<CloseReason>,
+        last_seen_ago_ms: u32,
+        flags: u8,
+    ) {
         let direct = self.subscribers.get(client).into_iter().flatten();
         let targets: HashSet<ConnId> = direct.chain(self.wildcard.iter()).copied().collect();
         let mut targets: Vec<ConnId> = targets.into_iter().collect();
         targets.sort_unstable();
         for to in targets {
-            let presence = Presence { client_id: client.into(), state, reason, last_seen_ago_ms };
+            let presence = Presence { client_id: client.into(), state, reason, last_seen_ago_ms, flags };
             self.out.push_back(Output::Notify { to, presence });
         }
     }
 
     fn emit(&mut self, e: SessionEvent) {
         self.out.push_back(Output::Event(e));
+    }
+}
+
+/// The `PRESENCE` telling that `id` went offline as `gone` says.
+fn offline_presence(now: Instant, id: &str, gone: &Gone) -> Presence {
+    Presence {
+        client_id: id.into(),
+        state: PresenceState::Offline,
+        reason: Some(gone.reason),
+        last_seen_ago_ms: ms(now.saturating_duration_since(gone.last_seen)),
+        flags: if gone.by_client { presence_flags::BY_CLIENT } else { 0 },
     }
 }
 

@@ -2,17 +2,48 @@
 
 use super::*;
 use crate::detector::PhiConfig;
+use crate::frame::V2;
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
 fn hello(id: &str) -> Hello {
-    Hello { version: 1, heartbeat_ms: 1000, nonce: 7, client_id: id.into(), credential: Bytes::new() }
+    Hello {
+        version: PROTOCOL_VERSION,
+        heartbeat_ms: 1000,
+        nonce: 7,
+        client_id: id.into(),
+        credential: Bytes::new(),
+        extensions: vec![],
+    }
 }
 
+fn hello_v1(id: &str) -> Hello {
+    Hello { version: V1, ..hello(id) }
+}
+
+/// What a server's `accept` is given; the core fills in the version and the maximum frame.
 fn welcome() -> Welcome {
-    Welcome { version: 1, heartbeat_ms: 1000, timeout_ms: 3000, epoch: 1, server_id: "s".into() }
+    Welcome {
+        version: PROTOCOL_VERSION,
+        heartbeat_ms: 1000,
+        timeout_ms: 3000,
+        epoch: 1,
+        server_id: "s".into(),
+        max_frame: Some(frame::DEFAULT_MAX_FRAME),
+        extensions: vec![],
+    }
+}
+
+/// Every frame in `out`, read in protocol `version`.
+fn frames_in(mut out: &[u8], version: u8) -> Vec<Frame> {
+    let mut frames = vec![];
+    while let Ok(Some(n)) = frame::check(out, frame::MAX_MAX_FRAME) {
+        frames.push(Frame::parse_v(&out[..n], version).unwrap());
+        out = &out[n..];
+    }
+    frames
 }
 
 /// A server and a client connection over a link that delivers instantly while `up`, and drops everything otherwise.
@@ -126,7 +157,7 @@ fn idle_link_is_kept_alive_by_one_ping_per_interval() {
 }
 
 #[test]
-fn no_pings_while_data_flows() {
+fn a_side_that_keeps_sending_never_pings_and_a_silent_receiver_does() {
     let mut p = Pair::new(ConnConfig::default());
     // The client sends data every 500 ms; it must never need to ping, but the silent server pings.
     for _ in 0..20 {
@@ -424,7 +455,7 @@ fn wrong_direction_and_unestablished_sends_are_refused() {
     let data = Frame::Data { peer: String::new(), payload: Bytes::new() };
     assert_eq!(c.send(now, data), Err(SendError::NotEstablished));
     let mut p = Pair::new(ConnConfig::default());
-    let presence = Frame::Undeliverable { to: "x".into() };
+    let presence = Frame::Undeliverable { to: "x".into(), why: Undeliverable::NotOnline };
     assert_eq!(p.client.send(p.now, presence), Err(SendError::WrongDirection("UNDELIVERABLE")));
     let big = Frame::Data { peer: String::new(), payload: Bytes::from(vec![0; 70_000]) };
     assert!(matches!(p.client.send(p.now, big), Err(SendError::TooLarge { .. })));
@@ -483,13 +514,14 @@ impl Rng {
             (0, _) => Frame::Ping { seq: self.next() as u32, ts_ms: self.next() },
             (1, _) => Frame::Pong { seq: self.next() as u32, ts_ms: self.below(100_000) },
             (2, Role::Server) => Frame::Subscribe(vec!["x".into()]),
-            (2, Role::Client) => Frame::Undeliverable { to: "x".into() },
+            (2, Role::Client) => Frame::Undeliverable { to: "x".into(), why: Undeliverable::NotOnline },
             (3, Role::Server) => Frame::Unsubscribe(vec!["x".into()]),
             (3, Role::Client) => Frame::Presence(Presence {
                 client_id: "x".into(),
                 state: crate::frame::PresenceState::Online,
                 reason: None,
                 last_seen_ago_ms: 0,
+                flags: 0,
             }),
             _ => Frame::Data { peer: "x".into(), payload: Bytes::from(vec![1; self.below(3000) as usize]) },
         }
@@ -499,18 +531,21 @@ impl Rng {
         let reason = CloseReason::ALL[self.below(15) as usize];
         match self.below(10) {
             0 => Frame::Hello(Hello {
-                version: self.below(3) as u8,
+                version: self.below(4) as u8,
                 heartbeat_ms: self.next() as u32,
                 nonce: self.next(),
                 client_id: self.string(),
                 credential: Bytes::new(),
+                extensions: vec![],
             }),
             1 => Frame::Welcome(Welcome {
-                version: self.below(3) as u8,
+                version: self.below(4) as u8,
                 heartbeat_ms: self.next() as u32,
                 timeout_ms: self.next() as u32,
                 epoch: self.next(),
                 server_id: self.string(),
+                max_frame: Some(self.next() as u32),
+                extensions: vec![],
             }),
             2 => Frame::Ping { seq: self.next() as u32, ts_ms: self.next() },
             3 => Frame::Pong { seq: self.next() as u32, ts_ms: self.next() },
@@ -522,9 +557,10 @@ impl Rng {
                 state: crate::frame::PresenceState::Offline,
                 reason: Some(reason),
                 last_seen_ago_ms: self.next() as u32,
+                flags: self.next() as u8,
             }),
             8 => Frame::Bye(Bye { reason, retry_after_ms: self.next() as u32, alternative: self.string() }),
-            _ => Frame::Undeliverable { to: self.string() },
+            _ => Frame::Undeliverable { to: self.string(), why: Undeliverable::from_code(self.next() as u8) },
         }
     }
 }
@@ -553,7 +589,7 @@ fn arbitrary_input_never_panics_and_always_ends_with_one_reason() {
         for _ in 0..rng.below(40) {
             match rng.below(8) {
                 0..=3 => {
-                    let bytes = rng.legal_frame(role).to_bytes();
+                    let bytes = rng.legal_frame(role).to_bytes_v(conn.version());
                     // Sometimes split or corrupt the bytes.
                     let cut = rng.below(bytes.len() as u64 + 1) as usize;
                     conn.handle_bytes(now, &bytes[..cut]);
@@ -646,16 +682,13 @@ fn a_ping_flood_is_cut_off_and_normal_pinging_is_not() {
         sent += 1;
     }
     assert_eq!(p.server.close_reason(), Some(CloseReason::PingFlood));
-    assert_eq!(sent, MAX_PING_STRIKES as u32 + 2, "cut off right after the strikes");
+    // Interval 1 s, timeout 3 s: an allowance of 3 + 2; the sixth PING of the flood is one too many.
+    assert_eq!(ping_allowance(ms(1000), ms(3000)), 5);
+    assert_eq!(sent, 6, "cut off right after the allowance");
     // The queued output ends with the goodbye that says why.
-    let mut out = p.server.poll_transmit();
-    let mut last = None;
-    while let Ok(Some(n)) = crate::frame::check(out, crate::frame::DEFAULT_MAX_FRAME) {
-        last = Some(Frame::parse(&out[..n]).unwrap());
-        out = &out[n..];
-    }
+    let last = frames_in(p.server.poll_transmit(), p.server.version()).pop();
     assert!(matches!(last, Some(Frame::Bye(Bye { reason: CloseReason::PingFlood, .. }))), "{last:?}");
-    // An occasional early ping is forgiven: strikes clear on a well-spaced one.
+    // An occasional early ping is forgiven: the allowance refills.
     let mut p = Pair::new(ConnConfig::default());
     for i in 0..50 {
         p.now += if i % 3 == 0 { ms(100) } else { ms(1000) };
@@ -691,4 +724,193 @@ fn data_above_the_rate_limit_is_cut_off_and_data_within_it_is_not() {
     assert!(sent <= 12, "cut off after {sent} frames of 200 bytes");
     let delivered = std::iter::from_fn(|| p.server.poll_event()).filter(|e| matches!(e, Event::Data { .. })).count();
     assert_eq!(delivered, sent as usize - 1, "everything within the limit was delivered, the excess was not");
+}
+
+/// The server stalled (SIGSTOP, a long GC, an overloaded host) while a peer kept pinging once per interval: when
+/// it resumes it reads the whole backlog at once. That is the server's stall, not the peer's flood.
+#[test]
+fn a_backlog_of_pings_read_after_our_own_stall_is_not_a_flood() {
+    let mut p = Pair::new(ConnConfig::default());
+    p.run_for(Duration::from_secs(60));
+    // Stalled for just under the 3 s timeout: the peer sent a PING each second meanwhile, plus one on the edge.
+    p.now += ms(2999);
+    for seq in 0..4 {
+        p.server.handle_bytes(p.now, &Frame::Ping { seq, ts_ms: 0 }.to_bytes_v(p.server.version()));
+    }
+    assert_eq!(p.server.state(), State::Established, "{:?}", Pair::closed(&p.s_events));
+    let pongs = frames_in(p.server.poll_transmit(), p.server.version());
+    assert_eq!(pongs.iter().filter(|f| matches!(f, Frame::Pong { .. })).count(), 4, "every PING answered");
+    // Even the largest backlog a peer can leave (it gives up after the timeout) fits the allowance.
+    let mut p = Pair::new(ConnConfig::default());
+    p.now += Duration::from_secs(30);
+    for seq in 0..ping_allowance(ms(1000), ms(3000)) {
+        p.server.handle_bytes(p.now, &Frame::Ping { seq, ts_ms: 0 }.to_bytes_v(p.server.version()));
+    }
+    assert_eq!(p.server.state(), State::Established);
+}
+
+#[test]
+fn the_version_is_negotiated_down_and_v1_peers_get_v1_frames() {
+    let now = Instant::now();
+    // A v1 client: WELCOME v1 (no maximum frame), PRESENCE without flags, UNDELIVERABLE without a reason.
+    let mut s = Connection::server(now, ConnConfig::default());
+    s.handle_bytes(now, &Frame::Hello(hello_v1("a")).to_bytes());
+    assert!(matches!(s.poll_event(), Some(Event::Hello(h)) if h.version == V1));
+    s.accept(now, welcome());
+    assert_eq!(s.version(), V1);
+    let presence = Presence {
+        client_id: "b".into(),
+        state: frame::PresenceState::Offline,
+        reason: Some(CloseReason::Eof),
+        last_seen_ago_ms: 5,
+        flags: frame::presence_flags::BY_CLIENT,
+    };
+    s.send(now, Frame::Presence(presence.clone())).unwrap();
+    let out = s.poll_transmit().to_vec();
+    let frames = frames_in(&out, V1);
+    assert!(matches!(&frames[0], Frame::Welcome(w) if w.version == V1 && w.max_frame.is_none()));
+    assert_eq!(frames[1], Frame::Presence(Presence { flags: 0, ..presence.clone() }), "v1 has no flags");
+    assert_eq!(out.len(), frames[0].encoded_len() + frames[1].encoded_len());
+
+    // A v2 client gets v2, with the server's maximum; a client offering a later version gets v2 too.
+    for offered in [V2, 7] {
+        let mut s = Connection::server(now, ConnConfig { max_frame: 4096, ..ConnConfig::default() });
+        s.handle_bytes(now, &Frame::Hello(Hello { version: offered, ..hello("a") }).to_bytes());
+        s.poll_event();
+        s.accept(now, Welcome { version: 1, max_frame: None, ..welcome() });
+        let frames = frames_in(s.poll_transmit(), V2);
+        assert!(matches!(&frames[0], Frame::Welcome(w) if w.version == V2 && w.max_frame == Some(4096)), "{frames:?}");
+        s.send(now, Frame::Presence(presence.clone())).unwrap();
+    }
+
+    // A client reads the answer in the version it offered, and refuses a higher one.
+    let mut c = Connection::client(now, ConnConfig::default(), hello("a"));
+    c.handle_written(now, c.poll_transmit().len());
+    c.handle_bytes(now, &Frame::Welcome(Welcome { version: 3, ..welcome() }).to_bytes());
+    let Some(Event::Closed(closed)) = c.poll_event() else { panic!() };
+    assert_eq!(closed.reason, CloseReason::ProtocolError);
+    assert!(closed.detail.unwrap().contains("version 3 to an offer of 2"));
+}
+
+#[test]
+fn a_v2_client_learns_the_servers_maximum_frame() {
+    let now = Instant::now();
+    let mut c = Connection::client(now, ConnConfig::default(), hello("a"));
+    c.handle_written(now, c.poll_transmit().len());
+    let w = Welcome { max_frame: Some(200_000), ..welcome() };
+    c.handle_bytes(now, &Frame::Welcome(w).to_bytes());
+    assert_eq!((c.version(), c.peer_max_frame()), (V2, 200_000));
+    // It accepts frames up to the server's maximum, which is above its own default.
+    let big = Frame::Data { peer: String::new(), payload: Bytes::from(vec![7; 150_000]) };
+    c.handle_bytes(now, &big.to_bytes_v(V2));
+    assert!(matches!(c.poll_event(), Some(Event::Welcome(_))));
+    assert!(matches!(c.poll_event(), Some(Event::Data { payload, .. }) if payload.len() == 150_000));
+    // And it refuses, before sending, what the server would not relay: at most 200,000 - 130 payload bytes.
+    let relay = |n: usize| Frame::Data { peer: "b".into(), payload: Bytes::from(vec![1; n]) };
+    assert!(c.send(now, relay(199_870)).is_ok());
+    assert_eq!(c.send(now, relay(199_871)), Err(SendError::TooLargeToRelay { len: 199_871, max: 199_870 }));
+}
+
+#[test]
+fn a_payload_too_large_to_relay_is_answered_undeliverable_and_reported() {
+    let mut p = Pair::new(ConnConfig::default());
+    let max = frame::max_relay_payload(frame::DEFAULT_MAX_FRAME);
+    assert_eq!(max, 65_406);
+    p.s_events.clear();
+    let v = p.server.version();
+    let data = |peer: &str, n: usize| Frame::Data { peer: peer.into(), payload: Bytes::from(vec![0; n]) }.to_bytes_v(v);
+    // Exactly the relay maximum to a client with a one-byte id: delivered (for the IO layer to relay).
+    p.server.handle_bytes(p.now, &data("b", max));
+    assert!(matches!(p.server.poll_event(), Some(Event::Data { payload, .. }) if payload.len() == max));
+    // One byte more: the sender is told, the server application is told, nothing is relayed.
+    p.server.handle_bytes(p.now, &data("b", max + 1));
+    assert_eq!(p.server.poll_event(), Some(Event::RelayTooLarge { to: "b".into(), len: max + 1 }));
+    let out = frames_in(p.server.poll_transmit(), v);
+    assert_eq!(out, vec![Frame::Undeliverable { to: "b".into(), why: Undeliverable::TooLarge }]);
+    assert_eq!(p.server.state(), State::Established, "a refused relay costs the sender nothing else");
+    // To the server application (empty peer) the whole frame is usable: max_frame - 2 bytes.
+    p.server.handle_bytes(p.now, &data("", frame::DEFAULT_MAX_FRAME as usize - 2));
+    assert!(matches!(p.server.poll_event(), Some(Event::Data { payload, .. }) if payload.len() == 65_534));
+}
+
+#[test]
+fn foreign_clients_are_named_and_answered_in_their_own_protocol() {
+    let now = Instant::now();
+    let refuse = |bytes: &[u8]| {
+        let mut s = Connection::server(now, ConnConfig::default());
+        s.handle_bytes(now, bytes);
+        let Some(Event::Closed(c)) = s.poll_event() else { panic!("not refused") };
+        assert_eq!(c.reason, CloseReason::ProtocolError);
+        let reply = s.poll_transmit().to_vec();
+        s.handle_written(now, reply.len());
+        assert!(s.is_closed(), "refusals close once the reply is flushed");
+        (c.detail.unwrap(), reply)
+    };
+    let (detail, reply) = refuse(b"GET / HTTP/1.1\r\nHost: localhost:7400\r\n\r\n");
+    assert!(detail.ends_with("an HTTP request arrived on the tether port"), "{detail}");
+    let reply = String::from_utf8(reply).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 400 Bad Request\r\n") && reply.ends_with("not HTTP.\n"), "{reply}");
+    // MQTT 3.1.1 CONNECT (protocol level 4): CONNACK, return code 1 (unacceptable protocol version).
+    let connect = [0x10, 0x10, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02, 0x00, 0x3c, 0x00, 0x04, b'd', b'e'];
+    let (detail, reply) = refuse(&connect);
+    assert!(detail.ends_with("an MQTT CONNECT arrived on the tether port"), "{detail}");
+    assert_eq!(reply, [0x20, 0x02, 0x00, 0x01]);
+    // MQTT 5: CONNACK with reason 0x84 (unsupported protocol version).
+    let mut v5 = connect;
+    v5[8] = 5;
+    assert_eq!(refuse(&v5).1, [0x20, 0x03, 0x00, 0x84, 0x00]);
+    // SSH: named; there is no cheap answer in its terms, so the tether BYE it is.
+    let (detail, reply) = refuse(b"SSH-2.0-OpenSSH_9.2\r\n");
+    assert!(detail.ends_with("an SSH client arrived on the tether port"), "{detail}");
+    assert!(matches!(Frame::parse(&reply), Ok(Frame::Bye(Bye { reason: CloseReason::ProtocolError, .. }))));
+    // A client that reached an HTTP server says so.
+    let mut c = Connection::client(now, ConnConfig::default(), hello("a"));
+    c.handle_written(now, c.poll_transmit().len());
+    c.handle_bytes(now, b"HTTP/1.1 400 Bad Request\r\n");
+    let Some(Event::Closed(closed)) = c.poll_event() else { panic!() };
+    assert!(closed.detail.unwrap().ends_with("the server answered in HTTP; this is not a tether port"));
+}
+
+#[test]
+fn a_bye_claiming_a_tls_error_is_a_protocol_error() {
+    let mut p = Pair::new(ConnConfig::default());
+    let bye = Frame::Bye(Bye { reason: CloseReason::TlsError, retry_after_ms: 0, alternative: String::new() });
+    p.server.handle_bytes(p.now, &bye.to_bytes_v(p.server.version()));
+    let Some(Event::Closed(c)) = p.server.poll_event() else { panic!() };
+    assert_eq!(c.reason, CloseReason::ProtocolError);
+    assert!(!c.by_peer);
+}
+
+#[test]
+fn unknown_reason_codes_are_kept_in_v2_and_refused_in_v1() {
+    let bye = [0, 0, 0, 7, 0x09, 0xee, 0, 0, 0, 0, 0];
+    assert_eq!(Frame::parse(&bye), Err(frame::FrameError::BadReason(0xee)));
+    let mut p = Pair::new(ConnConfig::default());
+    p.client.handle_bytes(p.now, &bye);
+    let c = Pair::closed(&std::iter::from_fn(|| p.client.poll_event()).collect::<Vec<_>>()).pop().cloned();
+    assert_eq!(c.map(|c| (c.reason, c.by_peer)), Some((CloseReason::Unknown(0xee), true)));
+}
+
+#[test]
+fn who_decided_is_kept() {
+    // A peer's reset is the peer's doing; a timeout or an unreachable route is our kernel's verdict.
+    for (err, by_peer) in [
+        (io::Error::from(io::ErrorKind::ConnectionReset), true),
+        (io::Error::from_raw_os_error(110), false),
+        (io::Error::from_raw_os_error(113), false),
+    ] {
+        let mut p = Pair::new(ConnConfig::default());
+        p.server.handle_error(p.now, &err, false);
+        let closed = std::iter::from_fn(|| p.server.poll_event()).find_map(|e| match e {
+            Event::Closed(c) => Some(c),
+            _ => None,
+        });
+        assert_eq!(closed.map(|c| c.by_peer), Some(by_peer), "{err}");
+    }
+    // A peer that judged us dead says so in its BYE: the reason is its verdict, and it is the peer's.
+    let mut p = Pair::new(ConnConfig::default());
+    p.client.close(p.now, Bye { reason: CloseReason::HeartbeatTimeout, retry_after_ms: 0, alternative: String::new() });
+    p.pump();
+    let c = Pair::closed(&p.s_events);
+    assert_eq!((c[0].reason, c[0].by_peer), (CloseReason::HeartbeatTimeout, true));
 }

@@ -4,68 +4,141 @@ use super::*;
 
 const SPEC: &str = include_str!("../../../../docs/protocol.md");
 
-/// `(name, bytes)` of every line `vector NAME: HEX` in the spec.
+/// `(name, bytes)` of every line `PREFIX NAME: BYTES` in the spec. `BYTES` are hex groups separated by spaces; a
+/// group `HH*N` is the byte `HH` repeated `N` times.
 fn vectors(prefix: &str) -> Vec<(String, Vec<u8>)> {
     SPEC.lines()
         .filter_map(|l| l.trim().strip_prefix(prefix))
         .map(|rest| {
-            let (name, hex) = rest.split_once(':').expect("vector line has a colon");
-            let hex: String = hex.chars().filter(|c| !c.is_whitespace()).collect();
-            let bytes = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+            let (name, groups) = rest.split_once(':').expect("vector line has a colon");
+            let mut bytes = Vec::new();
+            for group in groups.split_whitespace() {
+                match group.split_once('*') {
+                    Some((b, n)) => bytes.extend(std::iter::repeat_n(hex(b)[0], n.parse().unwrap())),
+                    None => bytes.extend(hex(group)),
+                }
+            }
             (name.trim().to_owned(), bytes)
         })
         .collect()
 }
 
+fn hex(s: &str) -> Vec<u8> {
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+}
+
+fn hello(version: u8, heartbeat_ms: u32, nonce: u64, id: &str, credential: &'static [u8]) -> Frame {
+    Frame::Hello(Hello {
+        version,
+        heartbeat_ms,
+        nonce,
+        client_id: id.into(),
+        credential: Bytes::from_static(credential),
+        extensions: vec![],
+    })
+}
+
+fn welcome(version: u8, max_frame: Option<u32>, extensions: Vec<Extension>) -> Frame {
+    Frame::Welcome(Welcome {
+        version,
+        heartbeat_ms: 5000,
+        timeout_ms: 15000,
+        epoch: 3,
+        server_id: "s1".into(),
+        max_frame,
+        extensions,
+    })
+}
+
+fn presence(state: PresenceState, reason: Option<CloseReason>, last_seen_ago_ms: u32, flags: u8) -> Frame {
+    Frame::Presence(Presence { client_id: "a".into(), state, reason, last_seen_ago_ms, flags })
+}
+
 fn expected(name: &str) -> Frame {
     match name {
-        "hello" => Frame::Hello(Hello {
-            version: 1,
-            heartbeat_ms: 5000,
-            nonce: 0x0102_0304_0506_0708,
-            client_id: "dev-1".into(),
-            credential: Bytes::new(),
-        }),
-        "hello-credential" => Frame::Hello(Hello {
-            version: 1,
-            heartbeat_ms: 0,
-            nonce: 42,
-            client_id: "a".into(),
-            credential: Bytes::from_static(b"tok"),
-        }),
-        "welcome" => Frame::Welcome(Welcome {
-            version: 1,
-            heartbeat_ms: 5000,
-            timeout_ms: 15000,
-            epoch: 3,
-            server_id: "s1".into(),
-        }),
+        "hello" => hello(1, 5000, 0x0102_0304_0506_0708, "dev-1", b""),
+        "hello-credential" => hello(1, 0, 42, "a", b"tok"),
+        "hello-id-128" => hello(1, 5000, 0x0102_0304_0506_0708, &"a".repeat(128), b""),
+        "welcome" => welcome(1, None, vec![]),
         "ping" => Frame::Ping { seq: 7, ts_ms: 1000 },
         "pong" => Frame::Pong { seq: 7, ts_ms: 1000 },
         "data-to" => Frame::Data { peer: "b".into(), payload: Bytes::from_static(b"hi") },
         "data-server" => Frame::Data { peer: String::new(), payload: Bytes::from_static(b"x") },
         "subscribe" => Frame::Subscribe(vec!["a".into(), "*".into()]),
         "unsubscribe" => Frame::Unsubscribe(vec!["a".into()]),
-        "presence-offline" => Frame::Presence(Presence {
-            client_id: "a".into(),
-            state: PresenceState::Offline,
-            reason: Some(CloseReason::HeartbeatTimeout),
-            last_seen_ago_ms: 15000,
-        }),
-        "presence-online" => Frame::Presence(Presence {
-            client_id: "a".into(),
-            state: PresenceState::Online,
-            reason: None,
-            last_seen_ago_ms: 0,
-        }),
+        "data-max" => Frame::Data { peer: String::new(), payload: Bytes::from(vec![0; 65_534]) },
+        "presence-offline" => presence(PresenceState::Offline, Some(CloseReason::HeartbeatTimeout), 15000, 0),
+        "presence-online" => presence(PresenceState::Online, None, 0, 0),
         "bye-shutdown" => {
             Frame::Bye(Bye { reason: CloseReason::ServerShutdown, retry_after_ms: 2500, alternative: String::new() })
         }
         "bye-alternative" => {
             Frame::Bye(Bye { reason: CloseReason::Busy, retry_after_ms: 1000, alternative: "127.0.0.2:7401".into() })
         }
-        "undeliverable" => Frame::Undeliverable { to: "b".into() },
+        "undeliverable" => Frame::Undeliverable { to: "b".into(), why: Undeliverable::Unspecified },
         other => panic!("spec has vector {other} that the test does not know"),
+    }
+}
+
+/// The frames of the spec's `vector2` lines (protocol version 2).
+fn expected_v2(name: &str) -> Frame {
+    match name {
+        "hello" => hello(2, 5000, 0x0102_0304_0506_0708, "dev-1", b""),
+        "hello-extension" => {
+            let Frame::Hello(h) = hello(2, 5000, 0x0102_0304_0506_0708, "dev-1", b"") else { unreachable!() };
+            Frame::Hello(Hello { extensions: vec![Extension { kind: 0x7abc, value: Bytes::from_static(b"hi") }], ..h })
+        }
+        "welcome" => welcome(
+            2,
+            Some(65_536),
+            vec![
+                Extension::u32(ext::MAX_SUBSCRIPTIONS, 1024),
+                Extension { kind: 0x7f00, value: Bytes::from_static(b"ab") },
+            ],
+        ),
+        "presence-offline-by-client" => {
+            presence(PresenceState::Offline, Some(CloseReason::Eof), 15000, presence_flags::BY_CLIENT)
+        }
+        "presence-online" => presence(PresenceState::Online, None, 0, 0),
+        "undeliverable-too-large" => Frame::Undeliverable { to: "b".into(), why: Undeliverable::TooLarge },
+        "undeliverable-not-online" => Frame::Undeliverable { to: "b".into(), why: Undeliverable::NotOnline },
+        "bye-unknown-reason" => {
+            Frame::Bye(Bye { reason: CloseReason::Unknown(0xee), retry_after_ms: 0, alternative: String::new() })
+        }
+        other => panic!("spec has vector2 {other} that the test does not know"),
+    }
+}
+
+#[test]
+fn spec_v2_vectors_parse_and_encode_exactly() {
+    let ok = vectors("vector2 ");
+    assert!(ok.len() >= 6, "spec lost v2 vectors: {}", ok.len());
+    for (name, bytes) in ok {
+        let frame = expected_v2(&name);
+        assert_eq!(check(&bytes, DEFAULT_MAX_FRAME), Ok(Some(bytes.len())), "{name}: check");
+        assert_eq!(Frame::parse_v(&bytes, V2).as_ref(), Ok(&frame), "{name}: parse");
+        assert_eq!(&frame.to_bytes_v(V2)[..], &bytes[..], "{name}: encode");
+        assert_eq!(frame.encoded_len_v(V2), bytes.len(), "{name}: encoded_len");
+    }
+    let Frame::Welcome(w) = expected_v2("welcome") else { unreachable!() };
+    assert_eq!(Extension::find_u32(&w.extensions, ext::MAX_SUBSCRIPTIONS), Some(1024));
+    assert_eq!(Extension::find_u32(&w.extensions, ext::MAX_DATA_RATE), None);
+}
+
+#[test]
+fn spec_v2_rejections_are_rejected() {
+    let bad = vectors("reject2 ");
+    assert!(bad.len() >= 2, "spec lost v2 rejection vectors: {}", bad.len());
+    for (name, bytes) in bad {
+        let n = check(&bytes, DEFAULT_MAX_FRAME).unwrap().expect("complete");
+        let err = Frame::parse_v(&bytes[..n], V2).expect_err(&name);
+        let expect_ok = match name.as_str() {
+            "presence-without-flags" => matches!(err, FrameError::Truncated { kind: "PRESENCE" }),
+            "duplicate-extension" => err == FrameError::DuplicateExtension(1),
+            "extension-overruns-block" => matches!(err, FrameError::Truncated { kind: "WELCOME" }),
+            other => panic!("unknown v2 rejection vector {other}"),
+        };
+        assert!(expect_ok, "{name}: got {err:?}");
     }
 }
 
@@ -107,6 +180,9 @@ fn spec_rejections_are_rejected() {
             "bad-reason" => err == FrameError::BadReason(0xee),
             "bad-state" => err == FrameError::BadState(9),
             "lying-count" => matches!(err, FrameError::Truncated { kind: "SUBSCRIBE" }),
+            "over-max" => matches!(err, FrameError::TooLarge { len: 65_537, max: 65_536 }),
+            "hello-id-129" => err == FrameError::BadId(129),
+            "hello-version-0" => err == FrameError::BadVersion(0),
             other => panic!("unknown rejection vector {other}"),
         };
         assert!(expect_ok, "{name}: got {err:?}");
@@ -119,6 +195,29 @@ fn length_is_rejected_from_the_header_alone() {
     assert_eq!(check(&[0xff, 0xff, 0xff, 0xff], 1024), Err(FrameError::TooLarge { len: u32::MAX, max: 1024 }));
     assert_eq!(check(&[0, 0, 4, 1], 1024), Err(FrameError::TooLarge { len: 1025, max: 1024 }));
     assert_eq!(check(&[0, 0, 4, 0], 1024), Ok(None));
+}
+
+#[test]
+fn foreign_protocols_are_recognised_from_their_first_bytes() {
+    assert_eq!(sniff(b"GET / HTTP/1.1\r\n"), Some(Foreign::Http));
+    assert_eq!(sniff(b"HTTP/1.1 200 OK"), Some(Foreign::Http));
+    assert_eq!(sniff(b"SSH-2.0-x"), Some(Foreign::Ssh));
+    assert_eq!(sniff(&[0x16, 0x03, 0x01, 0x02, 0x00]), Some(Foreign::Tls));
+    assert_eq!(sniff(b"\x10\x0c\x00\x04MQTT\x04"), Some(Foreign::Mqtt { level: 4 }));
+    assert_eq!(sniff(b"\x10\x81\x01\x00\x06MQIsdp\x03"), Some(Foreign::Mqtt { level: 3 }), "two-byte length");
+    assert_eq!(sniff(b"\x10\x0c\x00\x04MQTX"), None);
+    assert_eq!(sniff(&[0x10]), None);
+    // A tether frame is none of them.
+    assert_eq!(sniff(&Frame::Ping { seq: 1, ts_ms: 2 }.to_bytes()), None);
+}
+
+#[test]
+fn relayed_payloads_fit_the_frame_limit_whatever_the_ids() {
+    for max in [MIN_MAX_FRAME, DEFAULT_MAX_FRAME, MAX_MAX_FRAME] {
+        let payload = Bytes::from(vec![0; max_relay_payload(max)]);
+        let relayed = Frame::Data { peer: "x".repeat(MAX_ID_LEN), payload };
+        assert_eq!(relayed.encoded_len_v(V2) - HEADER_LEN, max as usize);
+    }
 }
 
 #[test]
