@@ -1,7 +1,9 @@
 //! TLS over real loopback sockets, with certificates generated at test time and tokio's paused clock: the
 //! handshake, heartbeats and the main verdicts behave as over plain TCP; every TLS failure is `tls_error` (or a
-//! clear `protocol_error` on the plaintext side) and touches no other client. The raw TLS peers are tokio-rustls,
-//! an implementation independent of tether's own rustls driver.
+//! clear `protocol_error` on the plaintext side) and touches no other client. A self-signed `CA:TRUE` certificate
+//! given as the client's CA file is pinned: that exact certificate, still checked for its name, validity period,
+//! purpose and key. The raw TLS peers are tokio-rustls, an implementation independent of tether's own rustls
+//! driver.
 
 mod support;
 
@@ -9,8 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use support::{next_disconnect, offline_reason, test_config, RawPeer, TestServer};
-use tether::proto::frame::{Hello, PROTOCOL_VERSION};
+use support::{hello_frame, next_disconnect, offline_reason, test_config, RawPeer, TestServer};
+use tether::proto::frame::PROTOCOL_VERSION;
 use tether::proto::{Frame, Welcome};
 use tether::{
     Client, ClientConfig, ClientTls, CloseReason, ConnectError, DevPki, EventKind, ServerConfig, ServerTls, TrustRoots,
@@ -66,6 +68,45 @@ fn raw_connector(pki: &DevPki) -> tokio_rustls::TlsConnector {
 
 use rustls::pki_types::pem::PemObject;
 
+/// A self-signed certificate and its key in PEM, as `openssl req -x509` makes by default: `CA:TRUE`, subject
+/// `CN=localhost`, valid for `names` (DNS names or IP addresses).
+fn self_signed_ca(names: &[&str]) -> (String, String) {
+    self_signed_ca_with(names, |_| {})
+}
+
+/// [`self_signed_ca`], with `edit` applied to its parameters first.
+fn self_signed_ca_with(names: &[&str], edit: impl FnOnce(&mut rcgen::CertificateParams)) -> (String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, "localhost");
+    edit(&mut params);
+    (params.self_signed(&key).unwrap().pem(), key.serialize_pem())
+}
+
+/// The detail of a refusal by the client itself over TLS, after checking the server saw the handshake fail too.
+async fn refused_by_client(s: &mut TestServer, cfg: ClientConfig) -> String {
+    let d = refused(Client::connect(s.addr, cfg).await);
+    assert_eq!((d.reason, d.by_peer), (CloseReason::TlsError, false));
+    let (reason, _) = closed_reason(&s.wait(|k| closed_reason(k).is_some()).await).unwrap();
+    assert_eq!(reason, CloseReason::TlsError);
+    d.detail.unwrap()
+}
+
+fn server_with(cert: &str, key: &str) -> ServerConfig {
+    let mut cfg = test_config();
+    cfg.tls = Some(ServerTls::from_pem(cert.as_bytes(), key.as_bytes(), None).unwrap());
+    cfg
+}
+
+fn client_trusting(id: &str, ca_pem: &str) -> ClientConfig {
+    let mut c = ClientConfig::new(id);
+    c.heartbeat_interval = Some(Duration::from_secs(1));
+    c.tls = Some(ClientTls::new(TrustRoots::Pem(ca_pem.as_bytes()), None).unwrap());
+    c
+}
+
 #[tokio::test(start_paused = true)]
 async fn tls_handshake_heartbeats_and_data_then_a_clean_bye() {
     let pki = pki();
@@ -96,9 +137,7 @@ async fn a_silent_tls_peer_is_a_heartbeat_timeout_and_is_told_so_inside_tls() {
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let stream = raw_connector(&pki).connect(name, tcp).await.unwrap();
     let mut p = RawPeer::from_stream(stream);
-    let hello =
-        Hello { version: PROTOCOL_VERSION, heartbeat_ms: 0, nonce: 1, client_id: "a".into(), credential: Bytes::new() };
-    p.send(&Frame::Hello(hello)).await;
+    p.send(&hello_frame(PROTOCOL_VERSION, "a", 1)).await;
     let Some(Frame::Welcome(w)) = p.next_frame().await else { panic!("no WELCOME") };
     assert_eq!((w.heartbeat_ms, w.timeout_ms), (1000, 3000));
     let t0 = tokio::time::Instant::now();
@@ -139,7 +178,15 @@ async fn a_tls_client_detects_a_silent_server() {
         tcp.set_nodelay(true).unwrap();
         let mut p = RawPeer::from_stream(acceptor.accept(tcp).await.unwrap());
         assert!(matches!(p.next_frame().await, Some(Frame::Hello(_))));
-        let w = Welcome { version: 1, heartbeat_ms: 1000, timeout_ms: 3000, epoch: 1, server_id: "fake".into() };
+        let w = Welcome {
+            version: 1,
+            heartbeat_ms: 1000,
+            timeout_ms: 3000,
+            epoch: 1,
+            server_id: "fake".into(),
+            max_frame: None,
+            extensions: Vec::new(),
+        };
         p.send(&Frame::Welcome(w)).await;
         tokio::time::sleep(Duration::from_secs(3600)).await;
         drop(p);
@@ -263,4 +310,109 @@ async fn a_silent_tls_handshake_times_out() {
     assert_eq!(reason, CloseReason::HandshakeTimeout);
     assert_eq!(t0.elapsed(), Duration::from_secs(5));
     drop(p);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_self_signed_ca_certificate_given_as_the_ca_file_is_pinned() {
+    // openssl's default self-signed certificate: CA:TRUE, used as the server's own and as the client's CA file.
+    let (cert, key) = self_signed_ca(&["localhost", "127.0.0.1"]);
+    let mut s = TestServer::start(server_with(&cert, &key)).await;
+    let mut a = Client::connect(s.addr, client_trusting("a", &cert)).await.unwrap();
+    s.wait(|k| matches!(k, EventKind::Online { client, .. } if client == "a")).await;
+    a.send(Some("a"), Bytes::from_static(b"pinned")).await.unwrap();
+    assert_eq!(&support::next_data(&mut a).await[..], b"pinned");
+    support::close_cleanly(&mut s, &mut a, "a").await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn another_self_signed_ca_certificate_is_not_a_pin_for_this_one() {
+    // Same subject and names, another key: only the exact certificate is pinned.
+    let (cert, key) = self_signed_ca(&["localhost", "127.0.0.1"]);
+    let (other, _) = self_signed_ca(&["localhost", "127.0.0.1"]);
+    let mut s = TestServer::start(server_with(&cert, &key)).await;
+    let detail = refused_by_client(&mut s, client_trusting("a", &other)).await;
+    assert!(detail.starts_with("tls: invalid peer certificate: ") && detail.contains("CaUsedAsEndEntity"), "{detail}");
+    // A CA file holding both certificates pins the right one.
+    let both = format!("{other}{cert}");
+    let mut a = Client::connect(s.addr, client_trusting("a", &both)).await.unwrap();
+    support::close_cleanly(&mut s, &mut a, "a").await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pinned_certificate_must_name_the_server() {
+    let (cert, key) = self_signed_ca(&["otherhost"]);
+    let mut s = TestServer::start(server_with(&cert, &key)).await;
+    // The default name is the address connected to, 127.0.0.1, which the certificate does not carry.
+    let detail = refused_by_client(&mut s, client_trusting("a", &cert)).await;
+    assert!(
+        detail.starts_with("tls: invalid peer certificate: certificate not valid for name \"127.0.0.1\""),
+        "{detail}"
+    );
+    // The name it does carry is accepted.
+    let mut cfg = client_trusting("a", &cert);
+    cfg.tls = Some(cfg.tls.take().unwrap().with_server_name("otherhost").unwrap());
+    let mut a = Client::connect(s.addr, cfg).await.unwrap();
+    support::close_cleanly(&mut s, &mut a, "a").await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pinned_certificate_must_be_current_and_meant_for_a_server() {
+    let (cert, key) = self_signed_ca_with(&["127.0.0.1"], |p| p.not_after = rcgen::date_time_ymd(2001, 1, 1));
+    let mut s = TestServer::start(server_with(&cert, &key)).await;
+    let detail = refused_by_client(&mut s, client_trusting("a", &cert)).await;
+    assert!(detail.starts_with("tls: invalid peer certificate: certificate expired"), "{detail}");
+    drop(s);
+
+    let (cert, key) = self_signed_ca_with(&["127.0.0.1"], |p| p.not_before = rcgen::date_time_ymd(2999, 1, 1));
+    let mut s = TestServer::start(server_with(&cert, &key)).await;
+    let detail = refused_by_client(&mut s, client_trusting("a", &cert)).await;
+    assert!(detail.starts_with("tls: invalid peer certificate: certificate not valid yet"), "{detail}");
+    drop(s);
+
+    let client_only = |p: &mut rcgen::CertificateParams| {
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    };
+    let (cert, key) = self_signed_ca_with(&["127.0.0.1"], client_only);
+    let mut s = TestServer::start(server_with(&cert, &key)).await;
+    let detail = refused_by_client(&mut s, client_trusting("a", &cert)).await;
+    assert!(detail.starts_with("tls: invalid peer certificate: InvalidPurpose"), "{detail}");
+}
+
+/// Serves a fixed certificate chain with a key of the test's choosing, matching or not.
+#[derive(Debug)]
+struct FixedCert(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for FixedCert {
+    fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_server_presenting_a_pinned_certificate_without_its_key_is_refused() {
+    let (cert, _) = self_signed_ca(&["localhost", "127.0.0.1"]);
+    let (_, wrong_key) = self_signed_ca(&["localhost", "127.0.0.1"]);
+    let chain = vec![rustls::pki_types::CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()];
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(wrong_key.as_bytes()).unwrap();
+    let signer = rustls::crypto::ring::sign::any_supported_type(&key).unwrap();
+    let resolver = Arc::new(FixedCert(Arc::new(rustls::sign::CertifiedKey::new(chain, signer))));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    // An impostor: it copied the pinned certificate but signs the handshake with another key.
+    let impostor = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        acceptor.accept(tcp).await.map(drop)
+    });
+    let d = refused(Client::connect(addr, client_trusting("a", &cert)).await);
+    assert_eq!((d.reason, d.by_peer), (CloseReason::TlsError, false));
+    let detail = d.detail.unwrap();
+    assert_eq!(detail, "tls: invalid peer certificate: BadSignature");
+    assert!(impostor.await.unwrap().is_err(), "the impostor's handshake succeeded");
 }
