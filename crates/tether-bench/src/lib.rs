@@ -171,6 +171,8 @@ fn spawn_tether(opts: &Opts, listen: &str) -> anyhow::Result<Child2> {
     cmd.args(["serve", "--listen", listen, "--events", "json", "--stats-interval", "250ms"])
         .args(["--heartbeat-interval", &interval, "--heartbeat-timeout", &timeout, "--heartbeat-min", "100ms"])
         .args(["--max-connections", &max, "--max-handshakes", &handshakes])
+        // Thousands of simulated devices share each worker's source address: no per-address share.
+        .args(["--max-handshakes-per-ip", &handshakes])
         .env("RUST_LOG", "warn")
         .stderr(Stdio::null());
     Child2::spawn(&mut cmd)

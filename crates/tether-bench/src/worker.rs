@@ -20,9 +20,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BytesMut};
 use serde_json::json;
-use tether_proto::frame::{self, Frame, Hello, PROTOCOL_VERSION};
+use tether_proto::frame::{self, Frame, Hello};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{Notify, Semaphore};
@@ -228,13 +228,8 @@ async fn open_tether(
 ) -> anyhow::Result<(TcpStream, BytesMut, Duration)> {
     let mut stream = dial(addr, src).await?;
     let sent = Instant::now();
-    let hello = Hello {
-        version: PROTOCOL_VERSION,
-        heartbeat_ms: interval.as_millis() as u32,
-        nonce: nonce_of(id),
-        client_id: id.into(),
-        credential: Bytes::new(),
-    };
+    // Version 1: the load generator reads frames with the v1 codec (what it uses, PING/PONG, is the same in v2).
+    let hello = Hello { heartbeat_ms: interval.as_millis() as u32, ..Hello::new(frame::V1, id, nonce_of(id)) };
     stream.write_all(&Frame::Hello(hello).to_bytes()).await?;
     let mut buf = BytesMut::new();
     read_until(&mut stream, &mut buf, |buf| {

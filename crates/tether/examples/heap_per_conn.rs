@@ -75,8 +75,7 @@ fn report(what: &str, n: usize, before: (isize, isize), after: (isize, isize)) {
 
 /// An encoded `HELLO` for `id`.
 fn hello(id: &str, nonce: u64) -> Bytes {
-    let h = Hello { version: PROTOCOL_VERSION, heartbeat_ms: 0, nonce, client_id: id.into(), credential: Bytes::new() };
-    Frame::Hello(h).to_bytes()
+    Frame::Hello(Hello::new(PROTOCOL_VERSION, id, nonce)).to_bytes()
 }
 
 fn main() {
@@ -89,6 +88,8 @@ fn main() {
     let mut cfg =
         ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), max_connections: n + 10, ..Default::default() };
     cfg.max_handshakes = n + 10;
+    // Every measured connection comes from this one address.
+    cfg.max_handshakes_per_ip = Some(n + 10);
     cfg.max_connections = 2 * n + 10;
     cfg.conn.handshake_timeout = Duration::from_secs(60);
     let server = rt.block_on(Server::bind(cfg)).unwrap();

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant as StdInstant};
 
 use bytes::Bytes;
 use tether_proto::frame::{Hello, PROTOCOL_VERSION};
-use tether_proto::{Bye, CloseReason, Closed, Connection, Event, Frame, Presence, Welcome};
+use tether_proto::{Bye, CloseReason, Closed, Connection, Event, Frame, Presence, Undeliverable, Welcome};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -30,6 +30,7 @@ pub struct Client {
     welcome: Welcome,
     nonce: u64,
     local_addr: SocketAddr,
+    /// The server's maximum frame: announced in a v2 `WELCOME`, else our own limit.
     max_frame: u32,
     task: JoinHandle<()>,
     /// `close` has run (the task is joined).
@@ -75,9 +76,11 @@ pub enum ClientEvent {
         payload: Bytes,
     },
     Presence(Presence),
-    /// A `DATA` we addressed to `to` was not delivered: that id is not online.
+    /// A `DATA` we addressed to `to` was not delivered: that id is not online, or (v2 servers say which) the
+    /// payload was larger than the server relays.
     Undeliverable {
         to: String,
+        why: Undeliverable,
     },
     /// The phi detector suspects the server.
     Suspect {
@@ -102,8 +105,8 @@ pub enum ConnectError {
 pub enum ClientError {
     #[error("the connection is closed")]
     Closed,
-    #[error("payload of {len} bytes exceeds the frame limit {max}")]
-    TooLarge { len: usize, max: u32 },
+    #[error("payload of {len} bytes exceeds the largest the server takes for this destination ({max})")]
+    TooLarge { len: usize, max: usize },
 }
 
 enum ClientCmd {
@@ -143,8 +146,8 @@ impl Client {
             nonce,
             client_id: cfg.client_id.clone(),
             credential: Bytes::from(cfg.credential.clone()),
+            extensions: Vec::new(),
         };
-        let max_frame = cfg.conn.max_frame;
         let mut conn = Connection::client(driver::now(), cfg.conn.clone(), hello);
         if cfg.ping_jitter {
             conn.set_ping_phase(rand::random::<f64>());
@@ -159,6 +162,7 @@ impl Client {
         });
         match welcome_rx.await {
             Ok(Ok(welcome)) => {
+                let max_frame = welcome.max_frame.unwrap_or(cfg.conn.max_frame);
                 Ok(Client { cmds: cmd_tx, events: ev_rx, welcome, nonce, local_addr, max_frame, task, closed: false })
             }
             Ok(Err(d)) => Err(ConnectError::Refused(d)),
@@ -177,12 +181,14 @@ impl Client {
         self.local_addr
     }
 
-    /// Send `payload` to client `to`, or to the server application when `to` is `None`.
+    /// Send `payload` to client `to`, or to the server application when `to` is `None`. The payload may be at
+    /// most `max_frame - 130` bytes to a client and `max_frame - 2` to the server application, with the server's
+    /// `max_frame` (see docs/protocol.md).
     pub async fn send(&self, to: Option<&str>, payload: Bytes) -> Result<(), ClientError> {
         let peer = to.unwrap_or_default().to_owned();
-        let len = 1 + 1 + peer.len() + payload.len();
-        if len > self.max_frame as usize {
-            return Err(ClientError::TooLarge { len, max: self.max_frame });
+        let max = tether_proto::frame::max_payload(self.max_frame, !peer.is_empty());
+        if payload.len() > max {
+            return Err(ClientError::TooLarge { len: payload.len(), max });
         }
         self.command(ClientCmd::Frame(Frame::Data { peer, payload })).await
     }
@@ -254,7 +260,7 @@ impl Hooks for ClientHooks {
             }
             Event::Data { peer, payload } => ClientEvent::Data { from: (!peer.is_empty()).then_some(peer), payload },
             Event::Presence(p) => ClientEvent::Presence(p),
-            Event::Undeliverable { to } => ClientEvent::Undeliverable { to },
+            Event::Undeliverable { to, why } => ClientEvent::Undeliverable { to, why },
             Event::Suspect { silent_for } => ClientEvent::Suspect { silent_for },
             Event::Recovered => ClientEvent::Recovered,
             Event::Rtt(rtt) => {
@@ -262,7 +268,7 @@ impl Hooks for ClientHooks {
                 return;
             }
             // Server-only events cannot come out of a client-role connection.
-            Event::Hello(_) | Event::Subscribe(_) | Event::Unsubscribe(_) => return,
+            Event::Hello(_) | Event::Subscribe(_) | Event::Unsubscribe(_) | Event::RelayTooLarge { .. } => return,
         };
         let _ = self.events.send(ev);
     }

@@ -15,6 +15,7 @@ use tether_proto::registry::RegistryConfig;
 use tether_proto::{ConnConfig, HeartbeatPolicy};
 
 use crate::auth::Authenticator;
+use crate::event::EventQueue;
 use crate::sockopt::SocketOptions;
 use crate::tls::{ClientTls, ServerTls};
 
@@ -52,6 +53,10 @@ pub struct ServerConfig {
     /// Connections accepted whose `HELLO` has not been admitted yet; beyond it newcomers get `BYE(busy)`. Bounds
     /// the work a reconnect storm can put in flight at once.
     pub max_handshakes: usize,
+    /// Of those, how many one source (an IPv4 address or IPv6 /64) may hold; beyond it its newcomers get
+    /// `BYE(ip_limit)`. `None`: a sixteenth of `max_handshakes`, at least 2 (32 by default), so that one address
+    /// that stalls its handshakes cannot lock everyone else out.
+    pub max_handshakes_per_ip: Option<usize>,
     /// New connections accepted per second (a token bucket with one second of burst); `None` = unlimited.
     pub accept_rate: Option<u32>,
     /// The smallest retry-after hint sent with `busy`.
@@ -73,6 +78,11 @@ pub struct ServerConfig {
     pub auth_fail_delay: Duration,
     /// Serve TLS instead of plain TCP. The handshake counts against `handshake_timeout` like the `HELLO`.
     pub tls: Option<ServerTls>,
+    /// How events wait for the application ([`crate::Server::events`]): bounded (the default; drops are counted
+    /// and reported) or unbounded.
+    pub event_queue: EventQueue,
+    /// Emit an [`crate::EventKind::Stats`] event this often. `None`: never.
+    pub stats_interval: Option<Duration>,
 }
 
 impl Default for ServerConfig {
@@ -88,6 +98,7 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             max_per_ip: None,
             max_handshakes: 512,
+            max_handshakes_per_ip: None,
             accept_rate: None,
             busy_retry_after: Duration::from_secs(1),
             busy_retry_spread: Duration::from_secs(5),
@@ -98,6 +109,8 @@ impl Default for ServerConfig {
             auth: None,
             auth_fail_delay: Duration::from_secs(1),
             tls: None,
+            event_queue: EventQueue::default(),
+            stats_interval: None,
         }
     }
 }

@@ -9,7 +9,8 @@
 //! Reads go through a stack buffer that lives only between awaits, so an idle connection holds no read buffer:
 //! the core keeps bytes only for an incomplete frame. `SO_ERROR` is never read before a read: the read itself
 //! reports ETIMEDOUT, and the kernel's count of unacknowledged bytes (TIOCOUTQ) is asked only then, to tell a
-//! user timeout from a keepalive timeout.
+//! user timeout from a keepalive timeout. `TCP_INFO` is read only when the core asks for the kernel's queue
+//! (`Connection::kernel_check_due`), on a wakeup that happened anyway.
 //!
 //! # TLS
 //! With TLS the same loop drives a rustls connection between the socket and the core (rustls is sans-IO too): raw
@@ -97,6 +98,9 @@ pub(crate) async fn drive<H: Hooks>(
         match tls.as_deref_mut() {
             None => flush(&stream, conn, now),
             Some(tls) => flush_tls(&stream, tls, conn, now),
+        }
+        if conn.kernel_check_due(now) {
+            conn.handle_kernel_queue(now, sockopt::kernel_queue(stream.as_raw_fd()));
         }
         if conn.poll_shutdown_write() {
             // Over TLS the write half ends with close_notify, and the socket is shut only once rustls has written
@@ -299,7 +303,7 @@ fn process_tls(tls: &mut TlsConn, conn: &mut Connection) -> bool {
         Ok(_) => true,
         Err(e) => {
             let by_peer = matches!(e, rustls::Error::AlertReceived(_));
-            conn.fail(now(), CloseReason::TlsError, by_peer, format!("tls: {e}"));
+            conn.fail(now(), CloseReason::TlsError, by_peer, crate::tls::failure_detail(tls, &e));
             false
         }
     }

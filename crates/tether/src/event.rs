@@ -6,12 +6,21 @@
 //! lateness), `Closed` when a connection ends without taking an id offline (it was taken over, refused, or never
 //! said `HELLO`). Presence subscribers get their `PRESENCE` frames from the registry, which applies
 //! `presence_grace`; the application's stream does not wait for the grace.
+//!
+//! The stream is an [`EventStream`]: bounded by default ([`EventQueue`]). When the application falls behind by
+//! the whole bound, further events are dropped and counted, never blocking a connection or a verdict, and the
+//! application is told with a [`EventKind::Dropped`] event carrying the count: in place of the first event that
+//! finds room again, or when it has read everything queued, whichever comes first.
+//! [`EventQueue::Unbounded`] never drops, at the price of memory that grows for as long as nobody reads.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use tether_proto::{CloseReason, ConnId};
+use tether_proto::{CloseReason, ConnId, Undeliverable};
+use tokio::sync::mpsc;
 
 /// One event, stamped with the wall-clock time it was emitted.
 #[derive(Debug, Clone, PartialEq)]
@@ -43,6 +52,9 @@ pub enum EventKind {
         lateness: Option<Duration>,
         /// Time between the last frame received and the verdict.
         silent_for: Duration,
+        /// The client ended the connection itself (its `BYE`, FIN or reset): `reason` is then its word (a client's
+        /// `BYE(heartbeat_timeout)` means it judged the server silent), not the server's verdict.
+        by_peer: bool,
         detail: Option<String>,
     },
     Closed {
@@ -51,6 +63,7 @@ pub enum EventKind {
         peer: SocketAddr,
         reason: CloseReason,
         lateness: Option<Duration>,
+        by_peer: bool,
         detail: Option<String>,
     },
     Takeover {
@@ -86,6 +99,39 @@ pub enum EventKind {
         conn: ConnId,
         payload: Bytes,
     },
+    /// A `DATA` from `client` to `to` was not relayed (the sender was told with `UNDELIVERABLE`).
+    Undeliverable {
+        client: String,
+        conn: ConnId,
+        to: String,
+        /// Payload bytes.
+        len: usize,
+        why: Undeliverable,
+    },
+    /// The application fell behind: `count` events were dropped since the last one it received (bounded
+    /// [`EventQueue`] only).
+    Dropped {
+        count: u64,
+    },
+    /// Periodic counters ([`crate::ServerConfig::stats_interval`]).
+    Stats(Stats),
+}
+
+/// The server's counters at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Stats {
+    /// Connection tasks running (admitted or handshaking).
+    pub connections: usize,
+    /// Ids with a live session.
+    pub online: usize,
+    /// Connections whose `HELLO` is not admitted yet, and the most there ever were at once.
+    pub handshakes: usize,
+    pub peak_handshakes: usize,
+    /// Newcomers refused with `busy` / `ip_limit` so far.
+    pub refused_busy: u64,
+    pub refused_ip_limit: u64,
+    /// Events the application did not receive because it fell behind, so far.
+    pub events_dropped: u64,
 }
 
 impl EventKind {
@@ -101,6 +147,151 @@ impl EventKind {
             EventKind::Suspect { .. } => "suspect",
             EventKind::Recovered { .. } => "recovered",
             EventKind::Data { .. } => "data",
+            EventKind::Undeliverable { .. } => "undeliverable",
+            EventKind::Dropped { .. } => "dropped",
+            EventKind::Stats(_) => "stats",
         }
+    }
+}
+
+/// How the server's event stream is buffered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventQueue {
+    /// At most this many events wait for the application; beyond that, events are dropped, counted, and reported
+    /// with [`EventKind::Dropped`]. Memory stays bounded and nothing the server does ever waits for the reader.
+    Bounded(usize),
+    /// Every event is kept until read: nothing is lost, but an application that stops reading grows the
+    /// server's memory without limit.
+    Unbounded,
+}
+
+impl Default for EventQueue {
+    /// 65,536 events: room for a whole fleet of this size going offline at once; about 16 MiB at worst.
+    fn default() -> Self {
+        EventQueue::Bounded(65_536)
+    }
+}
+
+/// The receiving end of the server's events (see [`crate::Server::events`]).
+pub struct EventStream {
+    rx: Rx,
+    /// The sink's count of events dropped and not reported yet: when the queue runs empty, the stream reports
+    /// them itself, so a reader that catches up learns of the gap even if the server has nothing more to say.
+    unreported: Arc<AtomicU64>,
+}
+
+enum Rx {
+    Bounded(mpsc::Receiver<ServerEvent>),
+    Unbounded(mpsc::UnboundedReceiver<ServerEvent>),
+}
+
+impl EventStream {
+    /// The next event; `None` once the server has stopped and everything was read.
+    pub async fn recv(&mut self) -> Option<ServerEvent> {
+        if let Some(ev) = self.try_recv() {
+            return Some(ev);
+        }
+        match &mut self.rx {
+            Rx::Bounded(rx) => rx.recv().await,
+            Rx::Unbounded(rx) => rx.recv().await,
+        }
+    }
+
+    /// The next event if one is waiting (or the count of dropped events, once the queue has run empty).
+    pub fn try_recv(&mut self) -> Option<ServerEvent> {
+        let queued = match &mut self.rx {
+            Rx::Bounded(rx) => rx.try_recv().ok(),
+            Rx::Unbounded(rx) => rx.try_recv().ok(),
+        };
+        queued.or_else(|| self.gap())
+    }
+
+    /// Wait for the next event on a thread that is not a runtime thread (e.g. a thread that writes events to a
+    /// pipe and may block there).
+    pub fn blocking_recv(&mut self) -> Option<ServerEvent> {
+        if let Some(ev) = self.try_recv() {
+            return Some(ev);
+        }
+        match &mut self.rx {
+            Rx::Bounded(rx) => rx.blocking_recv(),
+            Rx::Unbounded(rx) => rx.blocking_recv(),
+        }
+    }
+
+    /// A `Dropped` event for what was dropped and not reported yet, if anything.
+    fn gap(&self) -> Option<ServerEvent> {
+        let count = self.unreported.swap(0, Ordering::AcqRel);
+        (count > 0).then(|| ServerEvent { at: SystemTime::now(), kind: EventKind::Dropped { count } })
+    }
+}
+
+/// The sending end: never blocks, counts what it has to drop.
+pub(crate) struct EventSink {
+    tx: Tx,
+    /// Dropped since the last `Dropped` event that got through (shared with the stream).
+    unreported: Arc<AtomicU64>,
+    /// Dropped since the start.
+    total_dropped: AtomicU64,
+}
+
+enum Tx {
+    Bounded(mpsc::Sender<ServerEvent>),
+    Unbounded(mpsc::UnboundedSender<ServerEvent>),
+}
+
+impl EventSink {
+    pub(crate) fn new(queue: EventQueue) -> (EventSink, EventStream) {
+        let (tx, rx) = match queue {
+            EventQueue::Bounded(n) => {
+                let (tx, rx) = mpsc::channel(n.max(1));
+                (Tx::Bounded(tx), Rx::Bounded(rx))
+            }
+            EventQueue::Unbounded => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                (Tx::Unbounded(tx), Rx::Unbounded(rx))
+            }
+        };
+        let unreported = Arc::new(AtomicU64::new(0));
+        let sink = EventSink { tx, unreported: unreported.clone(), total_dropped: AtomicU64::new(0) };
+        (sink, EventStream { rx, unreported })
+    }
+
+    /// Queue `kind` for the application, or count it as dropped when the bounded queue is full. Returns false
+    /// when it was dropped for that reason. The first event that fits after a gap is preceded by `Dropped`.
+    pub(crate) fn emit(&self, kind: EventKind) -> bool {
+        let ev = ServerEvent { at: SystemTime::now(), kind };
+        let tx = match &self.tx {
+            Tx::Unbounded(tx) => {
+                let _ = tx.send(ev);
+                return true;
+            }
+            Tx::Bounded(tx) => tx,
+        };
+        let gap = self.unreported.swap(0, Ordering::AcqRel);
+        if gap > 0 {
+            let dropped = ServerEvent { at: ev.at, kind: EventKind::Dropped { count: gap } };
+            match tx.try_send(dropped) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    self.unreported.fetch_add(gap + 1, Ordering::AcqRel);
+                    self.total_dropped.fetch_add(1, Ordering::Relaxed);
+                    return false;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return true,
+            }
+        }
+        match tx.try_send(ev) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.unreported.fetch_add(1, Ordering::AcqRel);
+                self.total_dropped.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    /// Events dropped since the start.
+    pub(crate) fn dropped(&self) -> u64 {
+        self.total_dropped.load(Ordering::Relaxed)
     }
 }

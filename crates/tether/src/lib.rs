@@ -7,7 +7,9 @@
 //!   subscriptions and queued data across outages.
 //! - [`config`]: [`ServerConfig`], [`ClientConfig`] and their defaults.
 //! - [`auth`]: [`Authenticator`], the credential check in `HELLO`, and the built-in [`HmacTokens`].
-//! - [`event`]: [`ServerEvent`], what the server tells its application.
+//! - [`event`]: [`ServerEvent`], what the server tells its application, through a bounded [`EventStream`].
+//! - [`fdlimit`]: the file-descriptor limit, raised at start, and the connection capacity it leaves.
+//! - [`loglimit`]: [`loglimit::LogLimiter`], which summarises repeated log lines about one client.
 //! - [`tls`]: [`ServerTls`] and [`ClientTls`], rustls configurations from PEM.
 //! - [`sockopt`]: TCP_NODELAY, keepalive and TCP_USER_TIMEOUT on every socket, read back for the logs.
 //! - `driver`: the IO pump that carries out a [`tether_proto::Connection`]'s decisions on a socket.
@@ -19,6 +21,8 @@ pub mod client;
 pub mod config;
 mod driver;
 pub mod event;
+pub mod fdlimit;
+pub mod loglimit;
 pub mod resilient;
 pub mod server;
 pub mod sockopt;
@@ -27,7 +31,7 @@ pub mod tls;
 pub use auth::{AuthError, Authenticator, Grant, HmacTokens};
 pub use client::{Client, ClientError, ClientEvent, ConnectError, Disconnect};
 pub use config::{Auth, ClientConfig, ServerConfig};
-pub use event::{EventKind, ServerEvent};
+pub use event::{EventKind, EventQueue, EventStream, ServerEvent, Stats};
 pub use resilient::{LinkError, LinkEvent, ReconnectingClient, ResilienceConfig, Sent};
 pub use server::{SendToError, Server, ServerHandle};
 pub use sockopt::{Keepalive, SocketOptions};

@@ -83,6 +83,7 @@ pub enum LinkEvent {
     Presence(Presence),
     Undeliverable {
         to: String,
+        why: tether_proto::Undeliverable,
     },
     Suspect {
         silent_for: Duration,
@@ -105,8 +106,8 @@ pub enum LinkError {
     QueueFull(usize),
     #[error("the client has stopped (closed or gave up)")]
     Stopped,
-    #[error("payload of {len} bytes exceeds the frame limit {max}")]
-    TooLarge { len: usize, max: u32 },
+    #[error("payload of {len} bytes exceeds the largest the server takes for this destination ({max})")]
+    TooLarge { len: usize, max: usize },
 }
 
 enum Cmd {
@@ -155,9 +156,9 @@ impl ReconnectingClient {
 
     /// Send now if connected; otherwise queue (bounded) for the next connection.
     pub async fn send(&self, to: Option<&str>, payload: Bytes) -> Result<Sent, LinkError> {
-        let len = 2 + to.map_or(0, str::len) + payload.len();
-        if len > self.max_frame as usize {
-            return Err(LinkError::TooLarge { len, max: self.max_frame });
+        let max = tether_proto::frame::max_payload(self.max_frame, to.is_some_and(|t| !t.is_empty()));
+        if payload.len() > max {
+            return Err(LinkError::TooLarge { len: payload.len(), max });
         }
         let (ack, rx) = oneshot::channel();
         let cmd = Cmd::Send { to: to.map(str::to_owned), payload, ack };
@@ -380,7 +381,7 @@ impl Supervisor {
         let e = match ev {
             ClientEvent::Data { from, payload } => LinkEvent::Data { from, payload },
             ClientEvent::Presence(p) => LinkEvent::Presence(p),
-            ClientEvent::Undeliverable { to } => LinkEvent::Undeliverable { to },
+            ClientEvent::Undeliverable { to, why } => LinkEvent::Undeliverable { to, why },
             ClientEvent::Suspect { silent_for } => LinkEvent::Suspect { silent_for },
             ClientEvent::Recovered => LinkEvent::Recovered,
             ClientEvent::Disconnected(_) => return,

@@ -9,28 +9,39 @@
 //! command queue (relayed data, presence; overflow is `slow_consumer`) or its `Control` slot (close requests:
 //! takeover, kick, shutdown), so a full queue can never block a takeover.
 //!
-//! Over `max_connections`, over `max_handshakes` in flight, or over `accept_rate`, a new socket is answered
-//! `BYE(busy, retry_after)` (the hint spread over `busy_retry_spread`) and closed; accept errors such as EMFILE
-//! back off (10 ms doubling to 1 s) instead of spinning.
+//! Over `max_connections` (or the connection capacity the descriptor limit allows, if lower), over
+//! `max_handshakes` in flight, or over `accept_rate`, a new socket is answered `BYE(busy, retry_after)` (the hint
+//! spread over `busy_retry_spread`) and closed. One source (an IPv4 address or an IPv6 /64) may hold at most
+//! `max_handshakes_per_ip` of the handshake slots and, when set, `max_per_ip` connections; beyond either it gets
+//! `BYE(ip_limit)`. Out of descriptors all the same (EMFILE), the accept loop spends a reserved descriptor to
+//! accept, refuse and close one waiting connection at a time; other accept errors back off (10 ms doubling to
+//! 1 s) instead of spinning.
+//!
+//! Events go to the application through a bounded [`EventSink`] that never blocks (it counts what it drops).
+//! Log lines about one client are summarised by a [`LogLimiter`] when they repeat, and nothing here writes to a
+//! stream that could block: the binary's log writer is non-blocking.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant as StdInstant, SystemTime};
 
 use bytes::Bytes;
+use tether_proto::frame::{ext, Extension};
 use tether_proto::registry::{Admission, Output, Registry, SessionEvent};
-use tether_proto::{Bye, CloseReason, ConnId, Connection, Event, Frame, Welcome};
+use tether_proto::{Bye, CloseReason, ConnId, Connection, Event, Frame, Undeliverable, Welcome};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
 use crate::config::ServerConfig;
 use crate::driver::{self, drive, Hooks};
-use crate::event::{EventKind, ServerEvent};
+use crate::event::{EventKind, EventSink, EventStream, Stats};
+use crate::fdlimit::{Capacity, Reserve};
+use crate::loglimit::LogLimiter;
 use crate::sockopt;
 
 const LISTEN_BACKLOG: u32 = 4096;
@@ -39,7 +50,7 @@ const LISTEN_BACKLOG: u32 = 4096;
 pub struct Server {
     listener: TcpListener,
     shared: Arc<Shared>,
-    events: Option<mpsc::UnboundedReceiver<ServerEvent>>,
+    events: Option<EventStream>,
 }
 
 /// A cheap handle for the application: send to a client, kick one, count sessions.
@@ -55,6 +66,8 @@ pub enum SendToError {
     Offline(String),
     #[error("client {0} is not draining its queue (closed as slow_consumer)")]
     SlowConsumer(String),
+    #[error("payload of {len} bytes exceeds the largest frame a client accepts ({max} bytes of payload)")]
+    TooLarge { len: usize, max: usize },
 }
 
 struct Shared {
@@ -62,17 +75,27 @@ struct Shared {
     /// `cfg.conn`, shared by every connection's state machine.
     conn_cfg: Arc<tether_proto::ConnConfig>,
     hub: Mutex<Hub>,
-    events: mpsc::UnboundedSender<ServerEvent>,
+    events: EventSink,
     next_conn: AtomicU64,
+    /// Connections the server holds at most: `max_connections`, or what the descriptor limit allows if less.
+    capacity: usize,
+    /// `max_handshakes_per_ip`, or its default.
+    handshakes_per_source: usize,
     /// Connections with a running task (admitted or handshaking); `busy` refusals are not counted.
     active: AtomicUsize,
     /// Connections accepted whose `HELLO` is not admitted yet, and the highest that count has been.
     handshakes: AtomicUsize,
     peak_handshakes: AtomicUsize,
-    /// `busy` refusals so far.
+    /// `busy` and `ip_limit` refusals so far.
     refused_busy: AtomicU64,
-    /// Connections per source address (only kept when `max_per_ip` is set).
-    per_ip: Mutex<HashMap<std::net::IpAddr, usize>>,
+    refused_ip_limit: AtomicU64,
+    /// Handshakes in flight and (when `max_per_ip` is set) connections, per source ([`source_of`]). An entry
+    /// exists only while one of its counts is above zero.
+    sources: Mutex<HashMap<IpAddr, SourceCount>>,
+    /// Repeated log lines about one client are summarised.
+    log: LogLimiter,
+    /// Wakes the summary task when a line was first held back.
+    log_wake: Notify,
     /// Base for the `last_rx` timestamps kept in atomics.
     origin: StdInstant,
     /// Wakes the presence-grace timer when the registry's next deadline may have moved.
@@ -173,6 +196,29 @@ impl Control {
     }
 }
 
+/// What one source holds.
+#[derive(Debug, Default, Clone, Copy)]
+struct SourceCount {
+    handshakes: usize,
+    connections: usize,
+}
+
+/// The unit per-address limits count: an IPv4 address, or an IPv6 /64 (what one host or subscriber is usually
+/// given, so that an attacker cannot take every slot by walking its own prefix). IPv4-mapped addresses count as
+/// IPv4.
+pub fn source_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
+}
+
 impl ConnHandle {
     /// Queue a frame for the connection (at most `limit`); a full queue condemns it as a slow consumer.
     fn push(&self, frame: Frame, limit: usize) -> Result<(), PushError> {
@@ -202,7 +248,33 @@ impl Server {
             Err(e) => tracing::warn!("could not read socket options back: {e}"),
         }
         let listener = socket.listen(LISTEN_BACKLOG)?;
-        let (tx, rx) = mpsc::unbounded_channel();
+        let capacity = match Capacity::measure() {
+            Ok(c) => {
+                tracing::info!(
+                    "connection capacity {}: max_connections {}, file descriptor limit {} ({} open, {} kept for refusals)",
+                    c.connections.min(cfg.max_connections),
+                    cfg.max_connections,
+                    c.limit,
+                    c.open,
+                    c.margin
+                );
+                if cfg.max_connections > c.connections {
+                    tracing::warn!(
+                        "max_connections {} is more than the file descriptor limit allows: beyond {} connections \
+                         newcomers get BYE(busy); raise the limit (ulimit -n, LimitNOFILE= in a systemd unit)",
+                        cfg.max_connections,
+                        c.connections
+                    );
+                }
+                c.connections.min(cfg.max_connections)
+            }
+            Err(e) => {
+                tracing::warn!("cannot read the file descriptor limit ({e}); trusting max_connections");
+                cfg.max_connections
+            }
+        };
+        let (events, rx) = EventSink::new(cfg.event_queue);
+        let handshakes_per_source = cfg.max_handshakes_per_ip.unwrap_or((cfg.max_handshakes / 16).max(2));
         let shared = Arc::new(Shared {
             conn_cfg: Arc::new(cfg.conn.clone()),
             hub: Mutex::new(Hub {
@@ -211,13 +283,18 @@ impl Server {
                 outbound_queue: cfg.outbound_queue,
             }),
             cfg,
-            events: tx,
+            events,
             next_conn: AtomicU64::new(1),
+            capacity,
+            handshakes_per_source,
             active: AtomicUsize::new(0),
             handshakes: AtomicUsize::new(0),
             peak_handshakes: AtomicUsize::new(0),
             refused_busy: AtomicU64::new(0),
-            per_ip: Mutex::new(HashMap::new()),
+            refused_ip_limit: AtomicU64::new(0),
+            sources: Mutex::new(HashMap::new()),
+            log: LogLimiter::new(Duration::from_secs(10), 3, 4096),
+            log_wake: Notify::new(),
             origin: driver::now(),
             registry_wake: Notify::new(),
             shutting_down: AtomicBool::new(false),
@@ -229,10 +306,17 @@ impl Server {
         self.listener.local_addr()
     }
 
-    /// The event stream (once). The application must keep reading it: events are never dropped. If it is never
-    /// taken, events are discarded.
-    pub fn events(&mut self) -> Option<mpsc::UnboundedReceiver<ServerEvent>> {
+    /// The event stream (once). With the default bounded [`crate::EventQueue`], an application that falls
+    /// behind loses events and is told how many ([`EventKind::Dropped`]); the server never waits for it. If the
+    /// stream is never taken, events are discarded.
+    pub fn events(&mut self) -> Option<EventStream> {
         self.events.take()
+    }
+
+    /// How many connections this server will hold: `max_connections`, or fewer if the file descriptor limit
+    /// leaves room for fewer.
+    pub fn capacity(&self) -> usize {
+        self.shared.capacity
     }
 
     pub fn handle(&self) -> ServerHandle {
@@ -245,8 +329,13 @@ impl Server {
         let shared = self.shared.clone();
         shared.emit(EventKind::Listening { addr: self.listener.local_addr()? });
         let mut tasks = JoinSet::new();
-        let timer = tokio::spawn(registry_timer(shared.clone()));
+        let mut helpers =
+            vec![tokio::spawn(registry_timer(shared.clone())), tokio::spawn(log_summaries(shared.clone()))];
+        if let Some(every) = shared.cfg.stats_interval.filter(|d| !d.is_zero()) {
+            helpers.push(tokio::spawn(stats_ticker(shared.clone(), every)));
+        }
         let mut bucket = shared.cfg.accept_rate.map(|r| TokenBucket::new(r, driver::now()));
+        let mut reserve = Reserve::new();
         tokio::pin!(shutdown);
         let mut backoff = Duration::from_millis(10);
         loop {
@@ -256,13 +345,18 @@ impl Server {
                 r = self.listener.accept() => match r {
                     Ok((stream, peer)) => {
                         backoff = Duration::from_millis(10);
+                        reserve.restore();
                         let allowed = bucket.as_mut().is_none_or(|b| b.take(driver::now()));
                         self.admit_socket(&mut tasks, stream, peer, allowed);
                     }
                     Err(e) if is_resource_error(&e) => {
+                        if self.refuse_with_reserve(&mut reserve).await {
+                            continue;
+                        }
                         tracing::warn!("accept: {e}; backing off {backoff:?}");
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(1));
+                        reserve.restore();
                     }
                     Err(e) => tracing::debug!("accept: {e}"),
                 },
@@ -270,8 +364,45 @@ impl Server {
         }
         drop(self.listener);
         shared.shutdown(&mut tasks).await;
-        timer.abort();
+        for h in helpers {
+            h.abort();
+        }
         Ok(())
+    }
+
+    /// Out of descriptors: free the reserved one, accept one waiting connection, tell it `busy` (a plain `BYE`
+    /// written at once; over TLS there is no time for a handshake, so it is just closed) and close it, then take
+    /// the reserve back. False when there was no reserve to spend or nothing to accept.
+    async fn refuse_with_reserve(&self, reserve: &mut Reserve) -> bool {
+        if !reserve.release() {
+            return false;
+        }
+        let accepted = std::future::poll_fn(|cx| std::task::Poll::Ready(self.listener.poll_accept(cx))).await;
+        let refused = match accepted {
+            std::task::Poll::Ready(Ok((stream, peer))) => {
+                let shared = &self.shared;
+                let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+                shared.refused_busy.fetch_add(1, Ordering::Relaxed);
+                if shared.cfg.tls.is_none() {
+                    let _ = stream.try_write(&Frame::Bye(bye(CloseReason::Busy, shared_retry(shared))).to_bytes());
+                }
+                drop(stream);
+                let detail = Some("out of file descriptors".to_owned());
+                shared.emit(EventKind::Closed {
+                    client: None,
+                    conn,
+                    peer,
+                    reason: CloseReason::Busy,
+                    lateness: None,
+                    by_peer: false,
+                    detail,
+                });
+                true
+            }
+            _ => false,
+        };
+        reserve.restore();
+        refused
     }
 
     fn admit_socket(&self, tasks: &mut JoinSet<()>, stream: TcpStream, peer: SocketAddr, rate_ok: bool) {
@@ -280,7 +411,7 @@ impl Server {
         if let Err(e) = shared.cfg.socket.apply(&stream) {
             tracing::debug!(conn = conn_id, %peer, "socket options: {e}");
         }
-        let full = shared.active.load(Ordering::Relaxed) >= shared.cfg.max_connections;
+        let full = shared.active.load(Ordering::Relaxed) >= shared.capacity;
         let handshaking = shared.handshakes.load(Ordering::Relaxed) >= shared.cfg.max_handshakes;
         if full || handshaking || !rate_ok {
             shared.refused_busy.fetch_add(1, Ordering::Relaxed);
@@ -288,16 +419,26 @@ impl Server {
             tasks.spawn(refuse(shared, stream, peer, conn_id, b));
             return;
         }
-        if let Some(cap) = shared.cfg.max_per_ip {
-            let mut per_ip = shared.per_ip.lock().expect("per-ip lock");
-            let n = per_ip.entry(peer.ip()).or_insert(0);
-            if *n >= cap {
-                drop(per_ip);
+        {
+            // One source may hold a share of the handshake slots (so that a single address stalling handshakes
+            // cannot lock everyone else out) and, when configured, a number of connections.
+            let mut sources = shared.sources.lock().expect("sources lock");
+            let src = sources.entry(source_of(peer.ip())).or_default();
+            let over_conns = shared.cfg.max_per_ip.is_some_and(|cap| src.connections >= cap);
+            if over_conns || src.handshakes >= shared.handshakes_per_source {
+                if src.handshakes == 0 && src.connections == 0 {
+                    sources.remove(&source_of(peer.ip()));
+                }
+                drop(sources);
+                shared.refused_ip_limit.fetch_add(1, Ordering::Relaxed);
                 let b = bye(CloseReason::IpLimit, shared_retry(&shared));
                 tasks.spawn(refuse(shared, stream, peer, conn_id, b));
                 return;
             }
-            *n += 1;
+            src.handshakes += 1;
+            if shared.cfg.max_per_ip.is_some() {
+                src.connections += 1;
+            }
         }
         shared.active.fetch_add(1, Ordering::Relaxed);
         let now_handshaking = shared.handshakes.fetch_add(1, Ordering::Relaxed) + 1;
@@ -335,8 +476,13 @@ fn is_resource_error(e: &io::Error) -> bool {
 }
 
 impl ServerHandle {
-    /// Queue `payload` for `client` (delivered as `DATA` from the server application, with an empty peer).
+    /// Queue `payload` for `client` (delivered as `DATA` from the server application, with an empty peer). At most
+    /// `max_frame - 2` bytes: the largest frame a client must accept.
     pub fn send(&self, client: &str, payload: Bytes) -> Result<(), SendToError> {
+        let max = self.shared.cfg.conn.max_frame as usize - 2;
+        if payload.len() > max {
+            return Err(SendToError::TooLarge { len: payload.len(), max });
+        }
         let hub = self.shared.hub.lock().expect("hub lock");
         let handle = hub.registry.lookup(client).and_then(|c| hub.conns.get(&c));
         let handle = handle.ok_or_else(|| SendToError::Offline(client.into()))?;
@@ -380,6 +526,50 @@ impl ServerHandle {
     pub fn refused_busy(&self) -> u64 {
         self.shared.refused_busy.load(Ordering::Relaxed)
     }
+
+    /// Connections refused with `ip_limit` so far.
+    pub fn refused_ip_limit(&self) -> u64 {
+        self.shared.refused_ip_limit.load(Ordering::Relaxed)
+    }
+
+    /// Events the application did not receive because it fell behind, so far.
+    pub fn events_dropped(&self) -> u64 {
+        self.shared.events.dropped()
+    }
+
+    /// All counters at once.
+    pub fn stats(&self) -> Stats {
+        self.shared.stats()
+    }
+}
+
+/// The log line kind for a close with `reason` (summarised per client when it repeats).
+fn closed_kind(reason: CloseReason) -> &'static str {
+    use CloseReason::*;
+    match reason {
+        Bye => "closed: bye",
+        Eof => "closed: eof",
+        Reset => "closed: reset",
+        HeartbeatTimeout => "closed: heartbeat_timeout",
+        KeepaliveTimeout => "closed: keepalive_timeout",
+        WriteTimeout => "closed: write_timeout",
+        Unreachable => "closed: unreachable",
+        Takeover => "closed: takeover",
+        IdConflict => "closed: id_conflict",
+        ProtocolError => "closed: protocol_error",
+        HandshakeTimeout => "closed: handshake_timeout",
+        Busy => "closed: busy",
+        SlowConsumer => "closed: slow_consumer",
+        ServerShutdown => "closed: server_shutdown",
+        Kicked => "closed: kicked",
+        AuthFailed => "closed: auth_failed",
+        PingFlood => "closed: ping_flood",
+        IpLimit => "closed: ip_limit",
+        RateLimited => "closed: rate_limited",
+        TlsError => "closed: tls_error",
+        SubscriptionRefused => "closed: subscription_refused",
+        Unknown(_) => "closed: unknown",
+    }
 }
 
 fn bye(reason: CloseReason, retry_after: Duration) -> Bye {
@@ -388,7 +578,60 @@ fn bye(reason: CloseReason, retry_after: Duration) -> Bye {
 
 impl Shared {
     fn emit(&self, kind: EventKind) {
-        let _ = self.events.send(ServerEvent { at: SystemTime::now(), kind });
+        if !self.events.emit(kind) && self.log_allowed("events dropped", "the application") {
+            tracing::warn!(
+                "the event reader is not keeping up: events are dropped and counted ({} so far)",
+                self.events.dropped()
+            );
+        }
+    }
+
+    /// Whether a log line of `kind` about `key` may be written now (repeats are summarised later).
+    fn log_allowed(&self, kind: &'static str, key: &str) -> bool {
+        let allowed = self.log.check(driver::now(), kind, key);
+        if !allowed {
+            self.log_wake.notify_one();
+        }
+        allowed
+    }
+
+    fn stats(&self) -> Stats {
+        let online = self.hub.lock().expect("hub lock").registry.online();
+        Stats {
+            connections: self.active.load(Ordering::Relaxed),
+            online,
+            handshakes: self.handshakes.load(Ordering::Relaxed),
+            peak_handshakes: self.peak_handshakes.load(Ordering::Relaxed),
+            refused_busy: self.refused_busy.load(Ordering::Relaxed),
+            refused_ip_limit: self.refused_ip_limit.load(Ordering::Relaxed),
+            events_dropped: self.events.dropped(),
+        }
+    }
+
+    /// A connection from `peer` is no longer handshaking.
+    fn source_handshake_done(&self, peer: IpAddr) {
+        self.release_source(peer, |s| s.handshakes = s.handshakes.saturating_sub(1));
+    }
+
+    fn release_source(&self, peer: IpAddr, f: impl FnOnce(&mut SourceCount)) {
+        if let Ok(mut sources) = self.sources.lock() {
+            let key = source_of(peer);
+            if let Some(s) = sources.get_mut(&key) {
+                f(s);
+                if s.handshakes == 0 && s.connections == 0 {
+                    sources.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// The limits a v2 `WELCOME` announces besides the maximum frame.
+    fn welcome_extensions(&self) -> Vec<Extension> {
+        let mut out = vec![Extension::u32(ext::MAX_SUBSCRIPTIONS, self.cfg.registry.max_subscriptions as u32)];
+        if let Some(rate) = self.cfg.conn.max_data_rate {
+            out.push(Extension::u32(ext::MAX_DATA_RATE, rate));
+        }
+        out
     }
 
     fn last_rx_of(&self, control: &Control) -> StdInstant {
@@ -417,6 +660,30 @@ impl Shared {
             tracing::warn!("{} connections did not finish their goodbye in time; closing them", tasks.len());
             tasks.abort_all();
         }
+    }
+}
+
+/// Logs a summary for each window of held-back log lines when it ends; sleeps while there are none.
+async fn log_summaries(shared: Arc<Shared>) {
+    loop {
+        match shared.log.next_flush() {
+            None => shared.log_wake.notified().await,
+            Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
+        }
+        for s in shared.log.flush(driver::now()) {
+            tracing::info!("{s}");
+        }
+    }
+}
+
+/// Emits a `stats` event every `every`.
+async fn stats_ticker(shared: Arc<Shared>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        shared.emit(EventKind::Stats(shared.stats()));
     }
 }
 
@@ -483,14 +750,7 @@ impl Drop for ConnGuard {
             hub.conns.remove(&self.conn_id);
         }
         if self.shared.cfg.max_per_ip.is_some() {
-            if let Ok(mut per_ip) = self.shared.per_ip.lock() {
-                if let Some(n) = per_ip.get_mut(&self.peer.ip()) {
-                    *n -= 1;
-                    if *n == 0 {
-                        per_ip.remove(&self.peer.ip());
-                    }
-                }
-            }
+            self.shared.release_source(self.peer.ip(), |s| s.connections = s.connections.saturating_sub(1));
         }
         self.shared.active.fetch_sub(1, Ordering::Relaxed);
     }
@@ -551,9 +811,16 @@ impl Hooks for BusyHooks {
     type Cmd = ();
     fn on_event(&mut self, _conn: &mut Connection, _now: StdInstant, event: Event) {
         if let Event::Closed(c) = event {
-            let (conn, peer) = (self.conn_id, self.peer);
-            let kind =
-                EventKind::Closed { client: None, conn, peer, reason: c.reason, lateness: None, detail: c.detail };
+            let (conn, peer, by_peer) = (self.conn_id, self.peer, c.by_peer);
+            let kind = EventKind::Closed {
+                client: None,
+                conn,
+                peer,
+                reason: c.reason,
+                lateness: None,
+                by_peer,
+                detail: c.detail,
+            };
             self.shared.emit(kind);
         }
     }
@@ -577,10 +844,11 @@ struct ServerHooks {
 }
 
 impl ServerHooks {
-    /// Leave the handshake count, once.
+    /// Leave the handshake counts (server-wide and per source), once.
     fn handshake_done(&mut self) {
         if std::mem::take(&mut self.handshaking) {
             self.shared.handshakes.fetch_sub(1, Ordering::Relaxed);
+            self.shared.source_handshake_done(self.peer.ip());
         }
     }
 
@@ -592,7 +860,9 @@ impl ServerHooks {
                 Err(e) => {
                     // Refused, but only after a delay, to slow guessing. The connection stays counted as a
                     // handshake meanwhile (bounded by max_handshakes) and its input is capped by the core.
-                    tracing::info!(conn = self.conn_id, peer = %self.peer, client = %hello.client_id, "auth failed: {e}");
+                    if shared.log_allowed("auth failed", &hello.client_id) {
+                        tracing::info!(conn = self.conn_id, peer = %self.peer, client = %hello.client_id, "auth failed: {e}");
+                    }
                     let control = self.control.clone();
                     let delay = shared.cfg.auth_fail_delay;
                     tokio::spawn(async move {
@@ -618,6 +888,8 @@ impl ServerHooks {
                     timeout_ms: timeout.as_millis() as u32,
                     epoch,
                     server_id: shared.cfg.server_id.clone(),
+                    max_frame: None,
+                    extensions: shared.welcome_extensions(),
                 };
                 conn.accept(now, welcome);
                 let client = hello.client_id;
@@ -671,29 +943,51 @@ impl ServerHooks {
             self.shared.emit(EventKind::Data { client: from, conn: self.conn_id, payload });
             return;
         }
+        let len = payload.len();
         let delivered = {
             let hub = self.shared.hub.lock().expect("hub lock");
             let target = hub.registry.lookup(&to).and_then(|c| hub.conns.get(&c));
             let limit = self.shared.cfg.outbound_queue;
-            target.is_some_and(|h| h.push(Frame::Data { peer: from, payload }, limit).is_ok())
+            target.is_some_and(|h| h.push(Frame::Data { peer: from.clone(), payload }, limit).is_ok())
         };
         if !delivered {
-            let _ = conn.send(now, Frame::Undeliverable { to });
+            let why = Undeliverable::NotOnline;
+            let _ = conn.send(now, Frame::Undeliverable { to: to.clone(), why });
+            self.shared.emit(EventKind::Undeliverable { client: from, conn: self.conn_id, to, len, why });
         }
+    }
+
+    /// The core refused to relay an oversized payload and told the sender; tell the application and the log.
+    fn on_relay_too_large(&mut self, to: String, len: usize) {
+        let Some(from) = self.client.clone() else { return };
+        if self.shared.log_allowed("relay refused: payload too large", &from) {
+            let max = tether_proto::frame::max_relay_payload(self.shared.cfg.conn.max_frame);
+            tracing::info!(conn = self.conn_id, client = %from, "DATA to {to} not relayed: {len} bytes, relay maximum {max}");
+        }
+        let why = Undeliverable::TooLarge;
+        self.shared.emit(EventKind::Undeliverable { client: from, conn: self.conn_id, to, len, why });
     }
 
     fn on_closed(&mut self, conn: &Connection, now: StdInstant, c: tether_proto::Closed) {
         self.handshake_done();
         let last_seen = conn.last_rx().unwrap_or(now);
+        let by_peer = c.by_peer;
         let holder = {
             let mut hub = self.shared.hub.lock().expect("hub lock");
             let holder = self.client.as_deref().is_some_and(|id| hub.registry.lookup(id) == Some(self.conn_id));
-            hub.registry.disconnect(now, self.conn_id, self.client.as_deref(), c.reason, last_seen);
+            hub.registry.disconnect(now, self.conn_id, self.client.as_deref(), c.reason, by_peer, last_seen);
             hub.pump(None);
             holder
         };
         self.shared.registry_wake.notify_one();
         let (conn_id, peer, reason, lateness, detail) = (self.conn_id, self.peer, c.reason, c.lateness, c.detail);
+        if reason != CloseReason::Bye {
+            let key = self.client.clone().unwrap_or_else(|| peer.ip().to_string());
+            if self.shared.log_allowed(closed_kind(reason), &key) {
+                let who = if by_peer { "by the peer" } else { "by the server" };
+                tracing::info!(conn = conn_id, %peer, client = ?self.client, detail, "closed {who}: {reason}");
+            }
+        }
         let kind = match (&self.client, holder) {
             (Some(client), true) => EventKind::Offline {
                 client: client.clone(),
@@ -702,17 +996,13 @@ impl ServerHooks {
                 reason,
                 lateness,
                 silent_for: now.saturating_duration_since(last_seen),
+                by_peer,
                 detail,
             },
-            (client, _) => EventKind::Closed { client: client.clone(), conn: conn_id, peer, reason, lateness, detail },
+            (client, _) => {
+                EventKind::Closed { client: client.clone(), conn: conn_id, peer, reason, lateness, by_peer, detail }
+            }
         };
-        if reason != CloseReason::Bye {
-            let detail = match &kind {
-                EventKind::Offline { detail, .. } | EventKind::Closed { detail, .. } => detail.as_deref(),
-                _ => None,
-            };
-            tracing::info!(conn = conn_id, %peer, client = ?self.client, detail, "closed: {reason}");
-        }
         self.shared.emit(kind);
     }
 }
@@ -726,18 +1016,22 @@ impl Hooks for ServerHooks {
             Event::Data { peer, payload } => self.on_data(conn, now, peer, payload),
             Event::Subscribe(ids) => {
                 if let Some(denied) = self.grant.as_ref().and_then(|g| ids.iter().find(|id| !g.allows(id))) {
-                    tracing::info!(conn = self.conn_id, client = ?self.client, "subscription to {denied} not granted");
+                    if self.shared.log_allowed("subscription not granted", self.client.as_deref().unwrap_or("")) {
+                        tracing::info!(conn = self.conn_id, client = ?self.client, "subscription to {denied} not granted");
+                    }
                     conn.reject(now, bye(CloseReason::AuthFailed, Duration::ZERO));
                     return;
                 }
                 let mut hub = self.shared.hub.lock().expect("hub lock");
-                match hub.registry.subscribe(self.conn_id, &ids) {
+                match hub.registry.subscribe(now, self.conn_id, &ids) {
                     Ok(()) => {
                         hub.pump(Some((self.conn_id, conn, now)));
                     }
                     Err(e) => {
                         drop(hub);
-                        tracing::info!(conn = self.conn_id, client = ?self.client, "subscription refused: {e}");
+                        if self.shared.log_allowed("subscription refused", self.client.as_deref().unwrap_or("")) {
+                            tracing::info!(conn = self.conn_id, client = ?self.client, "subscription refused: {e}");
+                        }
                         conn.reject(now, bye(CloseReason::SubscriptionRefused, Duration::ZERO));
                     }
                 }
@@ -762,6 +1056,7 @@ impl Hooks for ServerHooks {
                 self.shared.emit(EventKind::Recovered { client, conn: self.conn_id, peer: self.peer });
             }
             Event::Rtt(rtt) => tracing::trace!(conn = self.conn_id, ?rtt, "rtt"),
+            Event::RelayTooLarge { to, len } => self.on_relay_too_large(to, len),
             Event::Closed(c) => self.on_closed(conn, now, c),
             // Client-only events cannot come out of a server-role connection.
             Event::Welcome(_) | Event::Presence(_) | Event::Undeliverable { .. } => {}
@@ -796,7 +1091,8 @@ mod size_guard {
     use super::*;
 
     /// Every idle connection holds one task whose future is this big: a regression here is memory per
-    /// connection (see BENCHMARKS.md). Measured 992 bytes (Connection 328) with rustc 1.95, TLS support included.
+    /// connection (see BENCHMARKS.md). Measured 992 bytes (Connection 376) with rustc 1.95, TLS support, protocol
+    /// v2 and the kernel-queue watch included.
     #[tokio::test]
     async fn per_connection_task_stays_small() {
         let cfg = ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..Default::default() };

@@ -6,6 +6,8 @@
 //! copies to accepted sockets). An option the platform lacks is warned about once per process and skipped.
 //! [`unacked_bytes`] asks the kernel how much written data it still holds, which tells a user timeout
 //! (`write_timeout`) from a keepalive timeout (`keepalive_timeout`) when a read fails with ETIMEDOUT.
+//! [`tcp_info`] reads the kernel's view of one socket (`TCP_INFO`), and [`kernel_queue`] the part of it the
+//! write-progress rule needs.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -161,6 +163,89 @@ pub fn unacked_bytes(_fd: i32) -> Option<usize> {
     None
 }
 
+/// The kernel's own view of one TCP socket (Linux `TCP_INFO`), in the units people read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpInfo {
+    /// The kernel's TCP state number (1 = ESTABLISHED, 8 = CLOSE_WAIT, …).
+    pub state: u8,
+    /// Consecutive retransmissions on the retransmission timer (0 when data is being acknowledged).
+    pub retransmits: u8,
+    /// Unanswered probes: zero-window probes while data waits, keepalive probes on an idle socket.
+    pub probes: u8,
+    /// Smoothed round-trip time and its variation.
+    pub rtt: Duration,
+    pub rttvar: Duration,
+    /// Segments sent and not acknowledged.
+    pub unacked: u32,
+    /// Retransmissions over the socket's life.
+    pub total_retrans: u32,
+    /// Time since data was last sent, data last received, and an acknowledgement last received.
+    pub since_data_sent: Duration,
+    pub since_data_recv: Duration,
+    pub since_ack_recv: Duration,
+    /// Bytes written and not sent yet.
+    pub notsent_bytes: u32,
+    /// The window the peer offers, and ours.
+    pub snd_wnd: u32,
+    pub rcv_wnd: u32,
+    pub snd_cwnd: u32,
+    pub bytes_acked: u64,
+    pub bytes_received: u64,
+}
+
+/// `TCP_INFO` for `fd`; `None` where the platform has none or the call fails.
+#[cfg(target_os = "linux")]
+pub fn tcp_info(fd: std::os::fd::RawFd) -> Option<TcpInfo> {
+    // SAFETY: tcp_info is plain old data; all-zero is a valid value.
+    let mut i: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `i`, which is that large, and updates `len`.
+    let rc = unsafe {
+        libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, (&mut i as *mut libc::tcp_info).cast(), &mut len)
+    };
+    if rc != 0 {
+        return None;
+    }
+    let us = |v: u32| Duration::from_micros(v.into());
+    let ms = |v: u32| Duration::from_millis(v.into());
+    Some(TcpInfo {
+        state: i.tcpi_state,
+        retransmits: i.tcpi_retransmits,
+        probes: i.tcpi_probes,
+        rtt: us(i.tcpi_rtt),
+        rttvar: us(i.tcpi_rttvar),
+        unacked: i.tcpi_unacked,
+        total_retrans: i.tcpi_total_retrans,
+        since_data_sent: ms(i.tcpi_last_data_sent),
+        since_data_recv: ms(i.tcpi_last_data_recv),
+        since_ack_recv: ms(i.tcpi_last_ack_recv),
+        notsent_bytes: i.tcpi_notsent_bytes,
+        snd_wnd: i.tcpi_snd_wnd,
+        rcv_wnd: i.tcpi_rcv_wnd,
+        snd_cwnd: i.tcpi_snd_cwnd,
+        bytes_acked: i.tcpi_bytes_acked,
+        bytes_received: i.tcpi_bytes_received,
+    })
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn tcp_info(_fd: i32) -> Option<TcpInfo> {
+    None
+}
+
+/// What the kernel holds of our output on `fd`, for the write-progress rule (see [`tether_proto::KernelQueue`]).
+pub fn kernel_queue(fd: std::os::fd::RawFd) -> Option<tether_proto::KernelQueue> {
+    let i = tcp_info(fd)?;
+    Some(tether_proto::KernelQueue {
+        unacked: i.unacked,
+        notsent: i.notsent_bytes,
+        retransmitting: i.retransmits > 0,
+        zero_window: i.probes > 0 && i.notsent_bytes > 0,
+        since_ack: i.since_ack_recv,
+        since_data_sent: i.since_data_sent,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,5 +277,26 @@ mod tests {
             assert_eq!(e.user_timeout, Some(Duration::from_secs(15)));
         }
         assert!(e.to_string().contains("count 4"));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn tcp_info_reads_the_kernel_view_of_a_live_socket() {
+        use std::io::{Read, Write};
+        use std::os::fd::AsRawFd;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut s = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut peer, _) = l.accept().unwrap();
+        s.write_all(b"hello").unwrap();
+        let mut buf = [0u8; 5];
+        peer.read_exact(&mut buf).unwrap();
+        peer.write_all(b"back").unwrap();
+        s.read_exact(&mut buf[..4]).unwrap();
+        let i = tcp_info(s.as_raw_fd()).unwrap();
+        assert_eq!(i.state, 1, "ESTABLISHED");
+        assert_eq!((i.bytes_acked, i.bytes_received), (6, 4), "SYN counts as one acked byte");
+        assert!(i.rtt > Duration::ZERO && i.rtt < Duration::from_secs(1));
+        let q = kernel_queue(s.as_raw_fd()).unwrap();
+        assert!(!q.holds_output() && q.stalled_for() == Duration::ZERO);
     }
 }
