@@ -8,6 +8,8 @@
 //!   prints `connected`, `disconnected`, `reconnecting`, `connect_failed`, `gave_up`; exits 1 only on `gave_up`.
 //!
 //! In both, end of stdin stops sending but keeps the connection, and SIGINT/SIGTERM say `BYE` and exit 0.
+//! Output goes through writer threads ([`crate::output::Lines`]): a stalled reader of our stdout or stderr never
+//! stalls the connection's heartbeats.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -16,7 +18,7 @@ use anyhow::{bail, Context};
 use bytes::Bytes;
 use serde_json::json;
 use tether::proto::reconnect::{BackoffConfig, ReconnectConfig};
-use tether::proto::Presence;
+use tether::proto::{Presence, PresenceState, Undeliverable};
 use tether::{
     Client, ClientConfig, ClientEvent, ClientTls, ConnectError, Disconnect, LinkEvent, ReconnectingClient,
     ResilienceConfig, Sent, TrustRoots,
@@ -24,6 +26,7 @@ use tether::{
 use tokio::io::{AsyncBufReadExt, BufReader, Lines, Stdin};
 
 use crate::duration;
+use crate::output::Lines as Writer;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -109,13 +112,15 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     cfg.tls = client_tls(&args)?;
     let shutdown = crate::shutdown_signal()?;
-    let out = Printer { json: args.json };
+    let out = Printer::new(args.json);
     let stdin = BufReader::new(tokio::io::stdin()).lines();
-    if args.reconnect {
-        resilient(&args, cfg, out, stdin, shutdown).await
+    let code = if args.reconnect {
+        resilient(&args, cfg, &out, stdin, shutdown).await
     } else {
-        once(&args, cfg, out, stdin, shutdown).await
-    }
+        once(&args, cfg, &out, stdin, shutdown).await
+    };
+    out.finish();
+    code
 }
 
 /// The TLS settings the flags ask for; `None` for plain TCP.
@@ -143,7 +148,7 @@ fn client_tls(args: &Args) -> anyhow::Result<Option<ClientTls>> {
 async fn once(
     args: &Args,
     cfg: ClientConfig,
-    out: Printer,
+    out: &Printer,
     mut stdin: Lines<BufReader<Stdin>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<ExitCode> {
@@ -156,14 +161,14 @@ async fn once(
             }
             Err(ConnectError::Refused(d)) => {
                 out.disconnected(Some(server), &d);
-                eprintln!("tether: {server} refused the connection: {}", d.reason);
+                out.error(format!("{server} refused the connection: {}{}", d.reason, detail(&d)));
             }
             Err(e) => {
                 out.line(
                     json!({"event": "connect_failed", "server": server, "reason": null, "error": e.to_string()}),
                     &format!("cannot connect to {server}: {e}"),
                 );
-                eprintln!("tether: cannot connect to {server}: {e}");
+                out.error(format!("cannot connect to {server}: {e}"));
             }
         }
     }
@@ -186,7 +191,7 @@ async fn once(
             line = stdin.next_line(), if stdin_open => match line {
                 Ok(Some(line)) => {
                     if let Err(e) = client.send(args.to.as_deref(), Bytes::from(line)).await {
-                        eprintln!("tether: not sent: {e}");
+                        out.error(format!("not sent: {e}"));
                     }
                 }
                 Ok(None) | Err(_) => stdin_open = false,
@@ -194,7 +199,7 @@ async fn once(
             ev = client.next_event() => match ev {
                 Some(ClientEvent::Disconnected(d)) => {
                     out.disconnected(Some(&server), &d);
-                    eprintln!("tether: disconnected: {}{}", d.reason, d.detail.map(|x| format!(" ({x})")).unwrap_or_default());
+                    out.error(format!("disconnected: {}{}", d.reason, detail(&d)));
                     return Ok(ExitCode::FAILURE);
                 }
                 Some(ev) => out.client_event(&ev),
@@ -208,7 +213,7 @@ async fn once(
 async fn resilient(
     args: &Args,
     cfg: ClientConfig,
-    out: Printer,
+    out: &Printer,
     mut stdin: Lines<BufReader<Stdin>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<ExitCode> {
@@ -249,7 +254,7 @@ async fn resilient(
                 Ok(Some(line)) => match rc.send(args.to.as_deref(), Bytes::from(line)).await {
                     Ok(Sent::Now) => {}
                     Ok(Sent::Queued) => out.line(json!({"event": "queued"}), "(queued until reconnected)"),
-                    Err(e) => eprintln!("tether: not sent: {e}"),
+                    Err(e) => out.error(format!("not sent: {e}")),
                 },
                 Ok(None) | Err(_) => stdin_open = false,
             },
@@ -259,7 +264,7 @@ async fn resilient(
                         json!({"event": "gave_up", "attempts": attempts, "reason": reason.as_str()}),
                         &format!("gave up after {attempts} attempts ({reason})"),
                     );
-                    eprintln!("tether: gave up reconnecting: {reason}");
+                    out.error(format!("gave up reconnecting: {reason}"));
                     return Ok(ExitCode::FAILURE);
                 }
                 Some(ev) => out.link_event(&args.id, &args.addrs[0], &ev),
@@ -269,20 +274,47 @@ async fn resilient(
     }
 }
 
+/// ` (detail)` when the disconnect has one.
+fn detail(d: &Disconnect) -> String {
+    d.detail.as_deref().map(|x| format!(" ({x})")).unwrap_or_default()
+}
+
+/// Lines waiting for stdout or stderr at most.
+const OUTPUT_LINES: usize = 4096;
+
 struct Printer {
     json: bool,
+    out: Writer,
+    err: Writer,
 }
 
 impl Printer {
-    fn line(&self, v: serde_json::Value, human: &str) {
-        if self.json {
-            crate::emit_json(&v);
+    fn new(json: bool) -> Printer {
+        let dropped: fn(u64) -> String = if json {
+            |n| json!({"event": "dropped", "count": n}).to_string()
         } else {
-            use std::io::Write;
-            let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "{human}");
-            let _ = out.flush();
+            |n| format!("({n} lines dropped: stdout was not keeping up)")
+        };
+        Printer {
+            json,
+            out: Writer::spawn("stdout", std::io::stdout(), OUTPUT_LINES, dropped),
+            err: Writer::spawn("stderr", std::io::stderr(), OUTPUT_LINES, |n| format!("tether: {n} messages dropped")),
         }
+    }
+
+    fn line(&self, v: serde_json::Value, human: &str) {
+        self.out.line(if self.json { v.to_string() } else { human.to_owned() });
+    }
+
+    /// A message for the user on stderr.
+    fn error(&self, msg: String) {
+        self.err.line(format!("tether: {msg}"));
+    }
+
+    /// Write what is queued, bounded: a stalled reader must not keep the process alive.
+    fn finish(self) {
+        self.out.finish(Duration::from_secs(2));
+        self.err.finish(Duration::from_secs(1));
     }
 
     fn connected(&self, server: &str, id: &str, epoch: u64, heartbeat_ms: u64, timeout_ms: u64, primary: bool) {
@@ -333,7 +365,7 @@ impl Printer {
             ),
             LinkEvent::Data { from, payload } => self.data(from.as_deref(), payload),
             LinkEvent::Presence(p) => self.presence(p),
-            LinkEvent::Undeliverable { to } => self.undeliverable(to),
+            LinkEvent::Undeliverable { to, why } => self.undeliverable(to, *why),
             LinkEvent::Suspect { silent_for } => self.suspect(*silent_for),
             LinkEvent::Recovered => self.line(json!({"event": "recovered"}), "server recovered"),
         }
@@ -343,7 +375,7 @@ impl Printer {
         match ev {
             ClientEvent::Data { from, payload } => self.data(from.as_deref(), payload),
             ClientEvent::Presence(p) => self.presence(p),
-            ClientEvent::Undeliverable { to } => self.undeliverable(to),
+            ClientEvent::Undeliverable { to, why } => self.undeliverable(to, *why),
             ClientEvent::Suspect { silent_for } => self.suspect(*silent_for),
             ClientEvent::Recovered => self.line(json!({"event": "recovered"}), "server recovered"),
             ClientEvent::Disconnected(d) => self.disconnected(None, d),
@@ -358,8 +390,13 @@ impl Printer {
         );
     }
 
-    fn undeliverable(&self, to: &str) {
-        self.line(json!({"event": "undeliverable", "to": to}), &format!("not delivered: {to} is offline"));
+    fn undeliverable(&self, to: &str, why: Undeliverable) {
+        let human = match why {
+            Undeliverable::TooLarge => format!("not delivered to {to}: too large for the server to relay"),
+            Undeliverable::NotOnline => format!("not delivered: {to} is offline"),
+            _ => format!("not delivered to {to}"),
+        };
+        self.line(json!({"event": "undeliverable", "to": to, "why": why.as_str()}), &human);
     }
 
     fn suspect(&self, silent_for: Duration) {
@@ -372,16 +409,18 @@ impl Printer {
     fn presence(&self, p: &Presence) {
         let last_seen = (p.last_seen_ago_ms != u32::MAX).then_some(p.last_seen_ago_ms);
         let reason = p.reason.map(|r| r.as_str());
+        let offline = p.state == PresenceState::Offline;
+        let by = (offline && reason.is_some()).then(|| if p.by_client() { "client" } else { "server" });
         self.line(
             json!({
                 "event": "presence", "client": p.client_id, "state": p.state.as_str(), "reason": reason,
-                "last_seen_ms": last_seen,
+                "last_seen_ms": last_seen, "by": by,
             }),
             &format!(
                 "presence {} {}{}",
                 p.client_id,
                 p.state.as_str(),
-                reason.map(|r| format!(" ({r})")).unwrap_or_default()
+                reason.map(|r| format!(" ({r}, by the {})", by.unwrap_or("server"))).unwrap_or_default()
             ),
         );
     }

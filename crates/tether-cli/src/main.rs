@@ -13,6 +13,7 @@ mod bench;
 mod cert;
 mod connect;
 mod duration;
+mod output;
 mod serve;
 mod token;
 
@@ -44,14 +45,7 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    let logging = output::init_logging();
     let command = match cli.command {
         Command::Bench(args) => return finish(bench::run(args)),
         Command::Token(args) => return finish(token::run(args)),
@@ -65,7 +59,9 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    let dropped_logs = logging.dropped.clone();
     let result = rt.block_on(async {
+        tokio::spawn(output::report_dropped_logs(dropped_logs, std::time::Duration::from_secs(1)));
         match command {
             Command::Serve(args) => serve::run(*args).await,
             Command::Connect(args) => connect::run(*args).await,
@@ -77,7 +73,9 @@ fn main() -> std::process::ExitCode {
     });
     // A pending stdin read lives on a blocking thread; do not wait for it.
     rt.shutdown_background();
-    finish(result)
+    let code = finish(result);
+    drop(logging);
+    code
 }
 
 fn finish(result: anyhow::Result<std::process::ExitCode>) -> std::process::ExitCode {
@@ -110,7 +108,8 @@ fn rfc3339(t: std::time::SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
-/// Print one JSON line on stdout and flush it at once.
+/// Print one JSON line on stdout and flush it at once. Only off the runtime (the benchmark coordinator): on a
+/// runtime thread, output goes through [`output`]'s writer threads.
 fn emit_json(v: &serde_json::Value) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();

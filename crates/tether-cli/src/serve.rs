@@ -2,8 +2,10 @@
 //!
 //! # Layout
 //! [`Args`] are the flags; [`FileConfig`] is the TOML file, with the same names in snake_case and durations as
-//! strings. [`build_config`] layers them onto [`ServerConfig::default`]. [`run`] binds, prints events until
-//! SIGINT/SIGTERM, then shuts down gracefully.
+//! strings. [`build_config`] layers them onto [`ServerConfig::default`]. [`run`] raises the file-descriptor
+//! limit, binds, prints events until SIGINT/SIGTERM, then shuts down gracefully. Events are printed by a thread
+//! of their own from the server's bounded event stream, so a stalled reader of stdout loses events (counted, and
+//! reported with a `dropped` event when it catches up) but never stalls the server.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,8 +15,9 @@ use anyhow::{bail, Context};
 use clap::ValueEnum;
 use serde::Deserialize;
 use serde_json::json;
+use tether::loglimit::LogLimiter;
 use tether::proto::{DetectorConfig, PhiConfig};
-use tether::{EventKind, Keepalive, Server, ServerConfig, ServerEvent};
+use tether::{EventKind, EventQueue, EventStream, Keepalive, Server, ServerConfig, ServerEvent};
 
 use crate::duration;
 
@@ -95,6 +98,19 @@ pub struct Args {
     /// Connections whose HELLO is not admitted yet; beyond it newcomers get BYE(busy) [default: 512].
     #[arg(long, value_name = "N")]
     max_handshakes: Option<usize>,
+    /// Handshakes one source address (IPv6: one /64) may have in flight; beyond it, BYE(ip_limit)
+    /// [default: max_handshakes / 16, at least 2].
+    #[arg(long, value_name = "N")]
+    max_handshakes_per_ip: Option<usize>,
+    /// Offline ids remembered (with reason and last seen) for later subscribers [default: 65536].
+    #[arg(long, value_name = "N")]
+    remember_offline: Option<usize>,
+    /// How long an offline id is remembered [default: 1h].
+    #[arg(long, value_parser = duration::parse, value_name = "DUR")]
+    remember_offline_for: Option<Duration>,
+    /// Events waiting for the printer at most; beyond it they are dropped and counted [default: 65536].
+    #[arg(long, value_name = "N")]
+    event_buffer: Option<usize>,
     /// New connections accepted per second; excess get BYE(busy) [default: unlimited].
     #[arg(long, value_name = "N")]
     accept_rate: Option<u32>,
@@ -166,6 +182,10 @@ pub struct FileConfig {
     presence_grace: Option<String>,
     max_connections: Option<usize>,
     max_handshakes: Option<usize>,
+    max_handshakes_per_ip: Option<usize>,
+    remember_offline: Option<usize>,
+    remember_offline_for: Option<String>,
+    event_buffer: Option<usize>,
     max_per_ip: Option<usize>,
     accept_rate: Option<u32>,
     busy_retry_after: Option<String>,
@@ -248,8 +268,9 @@ pub fn build_config(args: &Args, file: &FileConfig) -> anyhow::Result<ServerConf
     if c.max_data_rate == Some(0) {
         bail!("max_data_rate must be at least 1 byte per second (leave it out for no limit)");
     }
-    if c.max_frame < tether::proto::frame::MIN_MAX_FRAME {
-        bail!("max_frame must be at least {} bytes", tether::proto::frame::MIN_MAX_FRAME);
+    let (min, max) = (tether::proto::frame::MIN_MAX_FRAME, tether::proto::frame::MAX_MAX_FRAME);
+    if !(min..=max).contains(&c.max_frame) {
+        bail!("max_frame must be between {min} and {max} bytes");
     }
     cfg.registry.max_subscriptions =
         pick!(args.max_subscriptions, file.max_subscriptions).unwrap_or(cfg.registry.max_subscriptions);
@@ -257,6 +278,18 @@ pub fn build_config(args: &Args, file: &FileConfig) -> anyhow::Result<ServerConf
         pick!(args.presence_grace, dur("presence_grace", &file.presence_grace)?).unwrap_or(cfg.registry.presence_grace);
     cfg.max_connections = pick!(args.max_connections, file.max_connections).unwrap_or(cfg.max_connections);
     cfg.max_handshakes = pick!(args.max_handshakes, file.max_handshakes).unwrap_or(cfg.max_handshakes).max(1);
+    cfg.max_handshakes_per_ip = pick!(args.max_handshakes_per_ip, file.max_handshakes_per_ip);
+    if cfg.max_handshakes_per_ip == Some(0) {
+        bail!("max_handshakes_per_ip must be at least 1 (leave it out for the default)");
+    }
+    let reg = &mut cfg.registry;
+    reg.remember_offline = pick!(args.remember_offline, file.remember_offline).unwrap_or(reg.remember_offline);
+    reg.remember_offline_for =
+        pick!(args.remember_offline_for, dur("remember_offline_for", &file.remember_offline_for)?)
+            .unwrap_or(reg.remember_offline_for);
+    if let Some(n) = pick!(args.event_buffer, file.event_buffer) {
+        cfg.event_queue = EventQueue::Bounded(n.max(1));
+    }
     cfg.max_per_ip = pick!(args.max_per_ip, file.max_per_ip).or(cfg.max_per_ip);
     if cfg.max_per_ip == Some(0) {
         bail!("max_per_ip must be at least 1 (leave it out for no cap)");
@@ -318,7 +351,14 @@ fn load_file(path: &Option<PathBuf>) -> anyhow::Result<FileConfig> {
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let file = load_file(&args.config)?;
-    let cfg = build_config(&args, &file)?;
+    let mut cfg = build_config(&args, &file)?;
+    match tether::fdlimit::raise_fd_limit() {
+        Ok((before, after)) if after.soft > before.soft => {
+            tracing::info!("file descriptor limit raised from {} to {}", before.soft, after.soft)
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot raise the file descriptor limit: {e}"),
+    }
     tracing::info!(
         "heartbeat {:?}/{:?} ({:?}), user timeout {:?}, close grace {:?}, handshake timeout {:?}, max {} connections",
         cfg.heartbeat.interval,
@@ -336,46 +376,60 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let shutdown = crate::shutdown_signal()?;
     let json = args.events == Some(EventsFormat::Json);
+    cfg.stats_interval = args.stats_interval.filter(|d| !d.is_zero());
     let mut server = Server::bind(cfg.clone()).await.with_context(|| format!("binding {}", cfg.listen))?;
-    let mut events = server.events().expect("fresh server has its event stream");
-    let stats = args.stats_interval.filter(|d| !d.is_zero()).map(|every| {
-        let handle = server.handle();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tick.tick().await;
-                let v = json!({
-                    "ts": crate::rfc3339(std::time::SystemTime::now()), "event": "stats",
-                    "connections": handle.connections(), "online": handle.online(),
-                    "handshakes": handle.handshakes(), "peak_handshakes": handle.peak_handshakes(),
-                    "refused_busy": handle.refused_busy(),
-                });
-                if json {
-                    crate::emit_json(&v);
-                } else {
-                    tracing::info!("stats {v}");
-                }
-            }
-        })
-    });
-    let printer = tokio::spawn(async move {
-        while let Some(ev) = events.recv().await {
-            if json {
-                crate::emit_json(&event_json(&ev));
-            } else {
-                tracing::info!("{}", event_human(&ev.kind));
-            }
-        }
-    });
+    let events = server.events().expect("fresh server has its event stream");
+    let printer = std::thread::Builder::new()
+        .name("events".into())
+        .spawn(move || print_events(events, json))
+        .context("starting the event printer")?;
     server.run(shutdown).await?;
-    // The stats task holds a server handle, and with it the event sender: stop it, so that the printer sees the
-    // stream end once it has drained what is left.
-    if let Some(stats) = stats {
-        stats.abort();
-        let _ = stats.await;
-    }
-    let _ = printer.await;
+    // The stream ends once the server's last handle is gone; the printer then writes what is left and stops. A
+    // reader that stalled for good must not keep the process alive: wait a bounded time.
+    let printed = tokio::task::spawn_blocking(move || printer.join());
+    let _ = tokio::time::timeout(Duration::from_secs(5), printed).await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The event printer's loop, on a thread of its own: JSON lines on stdout (a write may block there, which is
+/// what the thread is for), or human lines through the non-blocking log, summarised per client when they repeat.
+fn print_events(mut events: EventStream, json: bool) {
+    use std::io::Write;
+    let mut out = std::io::stdout();
+    let limiter = LogLimiter::new(Duration::from_secs(10), 3, 4096);
+    while let Some(ev) = events.blocking_recv() {
+        if json {
+            let _ = writeln!(out, "{}", event_json(&ev));
+            let _ = out.flush();
+            continue;
+        }
+        let now = std::time::Instant::now();
+        for summary in limiter.flush(now) {
+            tracing::info!("{summary}");
+        }
+        if limiter.check(now, ev.kind.name(), event_client(&ev.kind).unwrap_or("")) {
+            tracing::info!("{}", event_human(&ev.kind));
+        }
+    }
+    for summary in limiter.flush(std::time::Instant::now() + Duration::from_secs(3600)) {
+        tracing::info!("{summary}");
+    }
+}
+
+/// The client id an event is about, if any.
+fn event_client(k: &EventKind) -> Option<&str> {
+    match k {
+        EventKind::Online { client, .. }
+        | EventKind::Offline { client, .. }
+        | EventKind::Takeover { client, .. }
+        | EventKind::IdConflict { client, .. }
+        | EventKind::Suspect { client, .. }
+        | EventKind::Recovered { client, .. }
+        | EventKind::Data { client, .. }
+        | EventKind::Undeliverable { client, .. } => Some(client),
+        EventKind::Closed { client, .. } => client.as_deref(),
+        _ => None,
+    }
 }
 
 fn ms(d: Duration) -> f64 {
@@ -391,13 +445,13 @@ pub fn event_json(ev: &ServerEvent) -> serde_json::Value {
             "client": client, "conn": conn, "peer": peer.to_string(), "epoch": epoch,
             "heartbeat_ms": heartbeat.as_millis() as u64, "timeout_ms": timeout.as_millis() as u64,
         }),
-        EventKind::Offline { client, conn, peer, reason, lateness, silent_for, detail } => json!({
+        EventKind::Offline { client, conn, peer, reason, lateness, silent_for, by_peer, detail } => json!({
             "client": client, "conn": conn, "peer": peer.to_string(), "reason": reason.as_str(),
-            "lateness_ms": lateness.map(ms), "silent_ms": ms(*silent_for), "detail": detail,
+            "by": decider(*by_peer), "lateness_ms": lateness.map(ms), "silent_ms": ms(*silent_for), "detail": detail,
         }),
-        EventKind::Closed { client, conn, peer, reason, lateness, detail } => json!({
+        EventKind::Closed { client, conn, peer, reason, lateness, by_peer, detail } => json!({
             "client": client, "conn": conn, "peer": peer.to_string(), "reason": reason.as_str(),
-            "lateness_ms": lateness.map(ms), "detail": detail,
+            "by": decider(*by_peer), "lateness_ms": lateness.map(ms), "detail": detail,
         }),
         EventKind::Takeover { client, old_conn, new_conn, peer, epoch, same_device } => json!({
             "client": client, "conn": new_conn, "old_conn": old_conn, "peer": peer.to_string(),
@@ -416,6 +470,15 @@ pub fn event_json(ev: &ServerEvent) -> serde_json::Value {
         EventKind::Data { client, conn, payload } => json!({
             "client": client, "conn": conn, "payload": String::from_utf8_lossy(payload),
         }),
+        EventKind::Undeliverable { client, conn, to, len, why } => json!({
+            "client": client, "conn": conn, "to": to, "len": len, "why": why.as_str(),
+        }),
+        EventKind::Dropped { count } => json!({ "count": count }),
+        EventKind::Stats(s) => json!({
+            "connections": s.connections, "online": s.online, "handshakes": s.handshakes,
+            "peak_handshakes": s.peak_handshakes, "refused_busy": s.refused_busy,
+            "refused_ip_limit": s.refused_ip_limit, "events_dropped": s.events_dropped,
+        }),
         _ => json!({}),
     };
     if let (Some(obj), serde_json::Value::Object(f)) = (v.as_object_mut(), fields) {
@@ -424,18 +487,31 @@ pub fn event_json(ev: &ServerEvent) -> serde_json::Value {
     v
 }
 
+/// Who decided a close: `client` (its `BYE`, FIN or reset) or `server` (a verdict or command of ours).
+fn decider(by_peer: bool) -> &'static str {
+    if by_peer {
+        "client"
+    } else {
+        "server"
+    }
+}
+
 fn event_human(k: &EventKind) -> String {
     match k {
         EventKind::Listening { addr } => format!("listening on {addr}"),
         EventKind::Online { client, peer, epoch, heartbeat, .. } => {
             format!("online  {client} from {peer} (epoch {epoch}, heartbeat {heartbeat:?})")
         }
-        EventKind::Offline { client, peer, reason, lateness, silent_for, .. } => {
+        EventKind::Offline { client, peer, reason, lateness, silent_for, by_peer, detail, .. } => {
             let late = lateness.map(|l| format!(", {:.3} ms after its deadline", ms(l))).unwrap_or_default();
-            format!("offline {client} from {peer}: {reason} (silent {silent_for:?}{late})")
+            let detail = detail.as_deref().map(|d| format!(": {d}")).unwrap_or_default();
+            let by = decider(*by_peer);
+            format!("offline {client} from {peer}: {reason} by the {by} (silent {silent_for:?}{late}){detail}")
         }
-        EventKind::Closed { client, peer, reason, .. } => {
-            format!("closed  {} from {peer}: {reason}", client.as_deref().unwrap_or("(no session)"))
+        EventKind::Closed { client, peer, reason, by_peer, detail, .. } => {
+            let detail = detail.as_deref().map(|d| format!(": {d}")).unwrap_or_default();
+            let who = client.as_deref().unwrap_or("(no session)");
+            format!("closed  {who} from {peer}: {reason} by the {}{detail}", decider(*by_peer))
         }
         EventKind::Takeover { client, peer, epoch, same_device, .. } => {
             let who = if *same_device { "same device" } else { "new instance" };
@@ -447,6 +523,11 @@ fn event_human(k: &EventKind) -> String {
         EventKind::Suspect { client, silent_for, .. } => format!("suspect {client} (silent {silent_for:?})"),
         EventKind::Recovered { client, .. } => format!("recovered {client}"),
         EventKind::Data { client, payload, .. } => format!("data from {client}: {} bytes", payload.len()),
+        EventKind::Undeliverable { client, to, len, why, .. } => {
+            format!("undeliverable {client} -> {to}: {len} bytes, {}", why.as_str())
+        }
+        EventKind::Dropped { count } => format!("{count} events dropped: the event printer was not keeping up"),
+        EventKind::Stats(s) => format!("stats {s:?}"),
         other => format!("{other:?}"),
     }
 }
