@@ -162,6 +162,24 @@ fn python_client_written_from_the_spec_talks_to_a_real_server() {
     assert_eq!(off["reason"], "bye");
 }
 
+/// The same from a second outside implementation, written from the document alone for protocol version 2:
+/// limits and extensions in WELCOME, presence flags, the relay limit at its exact edge, UNDELIVERABLE reasons.
+#[test]
+fn python_v2_client_written_from_the_spec_talks_to_a_real_server() {
+    let (srv, addr) = serve(&["--heartbeat-interval", "300ms", "--heartbeat-timeout", "900ms"]);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/spec_client_v2.py");
+    let out =
+        Command::new("python3").args([script, &addr, "py2"]).output().expect("python3 (scripts/test installs it)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "python v2 client failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("welcome version=2 heartbeat_ms=500 timeout_ms=1500 max_frame=65536"), "{stdout}");
+    assert!(stdout.contains("relay too-large ok") && stdout.contains("bye ok"), "{stdout}");
+    let too_large = srv.expect("undeliverable", |v| event(v) == "undeliverable" && v["why"] == "too_large");
+    assert_eq!(too_large["len"], 65_407);
+    let off = srv.expect("py2 offline", |v| event(v) == "offline" && v["client"] == "py2");
+    assert_eq!((off["reason"].as_str(), off["by"].as_str()), (Some("bye"), Some("client")));
+}
+
 /// CPU seconds (user + system) a process has used, from /proc.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -173,7 +191,7 @@ fn cpu_seconds(pid: u32) -> f64 {
 }
 
 #[test]
-fn accept_backs_off_on_emfile_and_recovers() {
+fn a_flood_at_the_descriptor_limit_is_refused_without_spinning_and_the_server_recovers() {
     // A server limited to 40 descriptors, flooded with 60 connections that never say HELLO.
     let bin = env!("CARGO_BIN_EXE_tether");
     let mut child = Command::new("sh")
@@ -212,8 +230,10 @@ fn accept_backs_off_on_emfile_and_recovers() {
     let listening: Value = serde_json::from_str(&wait_for(false, "listening")).unwrap();
     let addr = listening["addr"].as_str().unwrap().to_owned();
     let flood: Vec<std::net::TcpStream> = (0..60).map(|_| std::net::TcpStream::connect(&addr).unwrap()).collect();
-    wait_for(true, "backing off");
-    // While descriptors are exhausted the accept loop must sleep, not spin (a spinning loop burns ~1 CPU-s/s).
+    // Beyond the capacity the limit leaves, newcomers are refused `busy` (with a reserved descriptor when the
+    // process is out of them; by backing off when even that is taken).
+    wait_for(false, "\"busy\"");
+    // While descriptors are exhausted the accept loop must not spin (a spinning loop burns ~1 CPU-s/s).
     let before = cpu_seconds(pid);
     std::thread::sleep(Duration::from_millis(1000));
     let used = cpu_seconds(pid) - before;

@@ -19,7 +19,7 @@ use bytes::Bytes;
 use common::event;
 use netlab::{in_ns, runtime, Lab, DEVICE_IP, PORT, SERVER_IP};
 use serde_json::Value;
-use tether::proto::frame::{self, Hello, PROTOCOL_VERSION};
+use tether::proto::frame::{self, Hello};
 use tether::proto::{Frame, Welcome};
 use tether::{Client, ClientConfig, ClientEvent};
 
@@ -147,8 +147,8 @@ fn raw_hello(id: &str, nonce: u64, rcvbuf: Option<usize>) -> (TcpStream, Welcome
     sock.connect_timeout(&server_addr().into(), Duration::from_secs(5)).unwrap();
     let mut s: TcpStream = sock.into();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let hello =
-        Hello { version: PROTOCOL_VERSION, heartbeat_ms: 0, nonce, client_id: id.into(), credential: Bytes::new() };
+    // Version 1: this raw device reads frames with the v1 codec.
+    let hello = Hello::new(frame::V1, id, nonce);
     s.write_all(&Frame::Hello(hello).to_bytes()).unwrap();
     let mut header = [0u8; 4];
     s.read_exact(&mut header).unwrap();

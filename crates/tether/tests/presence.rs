@@ -82,7 +82,10 @@ async fn relay_to_online_and_offline_targets() {
         }
     }
     a.send(Some("nobody"), Bytes::from_static(b"hello?")).await.unwrap();
-    assert_eq!(next(&mut a).await, ClientEvent::Undeliverable { to: "nobody".into() });
+    assert_eq!(
+        next(&mut a).await,
+        ClientEvent::Undeliverable { to: "nobody".into(), why: tether::proto::Undeliverable::NotOnline }
+    );
 }
 
 #[tokio::test(start_paused = true)]

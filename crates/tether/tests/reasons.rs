@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use socket2::SockRef;
-use support::{next_disconnect, offline_reason, test_config, RawPeer, TestServer};
+use support::{hello_frame, next_disconnect, offline_reason, test_config, RawPeer, TestServer};
 use tether::proto::{Frame, PresenceState};
 use tether::{Client, ClientConfig, ClientEvent, CloseReason, ConnectError, EventKind};
 
@@ -99,6 +99,8 @@ impl RawPeerServer {
             timeout_ms: 3000,
             epoch: 1,
             server_id: "fake".into(),
+            max_frame: None,
+            extensions: Vec::new(),
         };
         self.0.write_all(&Frame::Welcome(w).to_bytes()).await.unwrap();
     }
@@ -169,14 +171,7 @@ async fn silent_handshake_times_out() {
 async fn a_trickled_hello_ends_at_the_handshake_deadline_and_spares_a_good_client() {
     let mut s = TestServer::start(test_config()).await;
     let mut good = Client::connect(s.addr, client_cfg("good")).await.unwrap();
-    let hello = Frame::Hello(tether::proto::Hello {
-        version: 1,
-        heartbeat_ms: 0,
-        nonce: 1,
-        client_id: "a-slowloris-whose-hello-never-completes".into(),
-        credential: Bytes::new(),
-    })
-    .to_bytes();
+    let hello = hello_frame(1, "a-slowloris-whose-hello-never-completes", 1).to_bytes();
     // Ten slowloris peers, one byte each every 200 ms: 25 bytes by the 5 s deadline, never a whole HELLO.
     let mut peers = Vec::new();
     for _ in 0..10 {
@@ -229,14 +224,7 @@ async fn protocol_errors_close_only_the_offender() {
     p.send(&Frame::Ping { seq: 1, ts_ms: 0 }).await;
     assert_eq!(p.expect_bye().await.reason, CloseReason::ProtocolError);
     let (mut p, _) = RawPeer::hello(s.addr, "twice", 1).await;
-    p.send(&Frame::Hello(tether::proto::Hello {
-        version: 1,
-        heartbeat_ms: 0,
-        nonce: 1,
-        client_id: "twice".into(),
-        credential: Bytes::new(),
-    }))
-    .await;
+    p.send(&hello_frame(1, "twice", 1)).await;
     assert_eq!(p.expect_bye().await.reason, CloseReason::ProtocolError);
     let k = s.wait(|k| offline_reason(k, "twice").is_some()).await;
     assert_eq!(offline_reason(&k, "twice"), Some(CloseReason::ProtocolError));
@@ -364,15 +352,7 @@ async fn handshakes_in_flight_are_capped() {
     assert!(matches!(err, ConnectError::Refused(ref d) if d.reason == CloseReason::Busy), "{err:?}");
     assert_eq!((s.handle.handshakes(), s.handle.peak_handshakes(), s.handle.refused_busy()), (2, 2, 1));
     // One finishes its handshake: room again.
-    slow1
-        .send(&Frame::Hello(tether::proto::Hello {
-            version: 1,
-            heartbeat_ms: 0,
-            nonce: 1,
-            client_id: "slow1".into(),
-            credential: Bytes::new(),
-        }))
-        .await;
+    slow1.send(&hello_frame(1, "slow1", 1)).await;
     assert!(matches!(slow1.next_frame().await, Some(Frame::Welcome(_))));
     let _c = Client::connect(s.addr, client_cfg("c")).await.unwrap();
     assert_eq!(s.handle.peak_handshakes(), 2, "never above the cap");
@@ -455,15 +435,7 @@ async fn one_source_address_is_capped_and_others_are_not() {
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
     let mut other = RawPeer::from_stream(sock.connect(s.addr).await.unwrap());
-    other
-        .send(&Frame::Hello(tether::proto::Hello {
-            version: 1,
-            heartbeat_ms: 0,
-            nonce: 9,
-            client_id: "elsewhere".into(),
-            credential: Bytes::new(),
-        }))
-        .await;
+    other.send(&hello_frame(1, "elsewhere", 9)).await;
     assert!(matches!(other.next_frame().await, Some(Frame::Welcome(_))));
     // A freed slot is usable again, and the capped clients were never disturbed.
     a.close().await;

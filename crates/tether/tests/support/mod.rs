@@ -7,10 +7,10 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use tether::proto::frame::{self, Hello, PROTOCOL_VERSION};
 use tether::proto::{Bye, Frame, Welcome};
-use tether::{Client, ClientEvent, CloseReason, EventKind, Server, ServerConfig, ServerEvent, ServerHandle};
+use tether::{Client, ClientEvent, CloseReason, EventKind, EventStream, Server, ServerConfig, ServerHandle};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 /// How long any wait in a test may take before it fails (virtual time under `start_paused`).
@@ -18,7 +18,7 @@ pub const PATIENCE: Duration = Duration::from_secs(60);
 
 pub struct TestServer {
     pub addr: SocketAddr,
-    pub events: mpsc::UnboundedReceiver<ServerEvent>,
+    pub events: EventStream,
     pub handle: ServerHandle,
     stop: Option<oneshot::Sender<()>>,
     pub task: JoinHandle<std::io::Result<()>>,
@@ -63,7 +63,7 @@ impl TestServer {
 
     /// Everything emitted so far without waiting.
     pub fn drain(&mut self) -> Vec<EventKind> {
-        std::iter::from_fn(|| self.events.try_recv().ok()).map(|e| e.kind).collect()
+        std::iter::from_fn(|| self.events.try_recv()).map(|e| e.kind).collect()
     }
 
     /// Crash: stop the server abruptly (every socket closed, no goodbye) and wait until its port is free.
@@ -122,26 +122,36 @@ pub async fn next_data(c: &mut tether::Client) -> Bytes {
 pub struct RawPeer<S = TcpStream> {
     pub stream: S,
     buf: BytesMut,
+    /// The protocol version frames are read and written in: 1 until a `WELCOME` says otherwise.
+    pub version: u8,
+}
+
+/// A `HELLO` offering `version`, asking for the server's default heartbeat.
+pub fn hello_frame(version: u8, id: &str, nonce: u64) -> Frame {
+    Frame::Hello(Hello::new(version, id, nonce))
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> RawPeer<S> {
     /// A peer over a stream the test opened itself (e.g. from another source address, or a TLS stream).
     pub fn from_stream(stream: S) -> RawPeer<S> {
-        RawPeer { stream, buf: BytesMut::new() }
+        RawPeer { stream, buf: BytesMut::new(), version: frame::V1 }
     }
 }
 
 impl RawPeer {
     pub async fn connect(addr: SocketAddr) -> RawPeer {
-        RawPeer { stream: TcpStream::connect(addr).await.unwrap(), buf: BytesMut::new() }
+        RawPeer::from_stream(TcpStream::connect(addr).await.unwrap())
     }
 
-    /// Connect and complete the handshake as `id`.
+    /// Connect and complete the handshake as `id`, offering the highest protocol version.
     pub async fn hello(addr: SocketAddr, id: &str, nonce: u64) -> (RawPeer, Welcome) {
+        RawPeer::hello_v(addr, id, nonce, PROTOCOL_VERSION).await
+    }
+
+    /// Connect and complete the handshake as `id`, offering protocol `version`.
+    pub async fn hello_v(addr: SocketAddr, id: &str, nonce: u64, version: u8) -> (RawPeer, Welcome) {
         let mut p = RawPeer::connect(addr).await;
-        let hello =
-            Hello { version: PROTOCOL_VERSION, heartbeat_ms: 0, nonce, client_id: id.into(), credential: Bytes::new() };
-        p.send(&Frame::Hello(hello)).await;
+        p.send(&hello_frame(version, id, nonce)).await;
         match p.next_frame().await {
             Some(Frame::Welcome(w)) => (p, w),
             other => panic!("expected WELCOME, got {other:?}"),
@@ -151,7 +161,7 @@ impl RawPeer {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> RawPeer<S> {
     pub async fn send(&mut self, f: &Frame) {
-        self.send_raw(&f.to_bytes()).await;
+        self.send_raw(&f.to_bytes_v(self.version)).await;
     }
 
     pub async fn send_raw(&mut self, bytes: &[u8]) {
@@ -163,8 +173,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawPeer<S> {
     pub async fn next_frame(&mut self) -> Option<Frame> {
         loop {
             if let Some(n) = frame::check(&self.buf, frame::DEFAULT_MAX_FRAME).expect("server sent a bad frame") {
-                let f = Frame::parse(&self.buf[..n]).expect("server sent a bad frame");
+                let f = Frame::parse_v(&self.buf[..n], self.version).expect("server sent a bad frame");
                 self.buf.advance(n);
+                if let Frame::Welcome(w) = &f {
+                    self.version = w.version;
+                }
                 return Some(f);
             }
             let mut chunk = [0u8; 4096];
