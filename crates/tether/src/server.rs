@@ -767,12 +767,13 @@ async fn serve_conn(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, co
     }
     shared.hub.lock().expect("hub lock").conns.insert(conn_id, ConnHandle { control: control.clone() });
     let mut conn = Connection::server(driver::now(), shared.conn_cfg.clone());
-    let tls = match tls_session(&shared) {
-        Ok(tls) => tls,
-        Err(()) => return,
-    };
+    let tls = tls_session(&shared);
     let mut hooks = ServerHooks { shared, conn_id, peer, client: None, control, handshaking: true, grant: None };
-    drive(stream, tls, &mut conn, &mut hooks).await;
+    if let Ok(tls) = tls {
+        drive(stream, tls, &mut conn, &mut hooks).await;
+    }
+    // However the connection ended (even before it started, on a TLS session error), it leaves the handshake
+    // counts.
     hooks.handshake_done();
 }
 
