@@ -102,13 +102,13 @@ pub struct Args {
     /// [default: max_handshakes / 16, at least 2].
     #[arg(long, value_name = "N")]
     max_handshakes_per_ip: Option<usize>,
-    /// Offline ids remembered (with reason and last seen) for later subscribers [default: 65536].
+    /// Offline ids remembered (with reason and last seen) for later subscribers [default: 16384].
     #[arg(long, value_name = "N")]
     remember_offline: Option<usize>,
     /// How long an offline id is remembered [default: 1h].
     #[arg(long, value_parser = duration::parse, value_name = "DUR")]
     remember_offline_for: Option<Duration>,
-    /// Events waiting for the printer at most; beyond it they are dropped and counted [default: 65536].
+    /// Events waiting for the printer at most; beyond it they are dropped and counted [default: 16384].
     #[arg(long, value_name = "N")]
     event_buffer: Option<usize>,
     /// New connections accepted per second; excess get BYE(busy) [default: unlimited].

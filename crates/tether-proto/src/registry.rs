@@ -24,6 +24,7 @@
 //!   `remember_offline_for`), so that a late subscriber learns when and why an id left.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::frame::{presence_flags, Presence, PresenceState};
@@ -65,7 +66,7 @@ impl Default for RegistryConfig {
             conflict_window: Duration::from_secs(30),
             allow_wildcard: true,
             max_subscriptions: 1024,
-            remember_offline: 65_536,
+            remember_offline: 16_384,
             remember_offline_for: Duration::from_secs(3600),
         }
     }
@@ -262,9 +263,10 @@ pub struct Registry {
     next_epoch: u64,
     pending: HashMap<String, PendingOffline>,
     pending_order: BTreeSet<(Instant, String)>,
-    /// Offline ids remembered for late subscribers, and their order of going offline (oldest first).
-    gone: HashMap<String, Gone>,
-    gone_order: BTreeMap<u64, String>,
+    /// Offline ids remembered for late subscribers, and their order of going offline (oldest first). Both hold
+    /// the same allocation of the id.
+    gone: HashMap<Arc<str>, Gone>,
+    gone_order: BTreeMap<u64, Arc<str>>,
     gone_seq: u64,
     subscribers: HashMap<String, HashSet<ConnId>>,
     wildcard: HashSet<ConnId>,
@@ -509,8 +511,9 @@ impl Registry {
         self.gone_seq += 1;
         gone.seq = self.gone_seq;
         gone.left = now;
-        self.gone_order.insert(gone.seq, client.into());
-        self.gone.insert(client.into(), gone);
+        let id: Arc<str> = client.into();
+        self.gone_order.insert(gone.seq, id.clone());
+        self.gone.insert(id, gone);
         while self.gone.len() > self.cfg.remember_offline {
             let Some((_, id)) = self.gone_order.pop_first() else { break };
             self.gone.remove(&id);

@@ -166,9 +166,9 @@ pub enum EventQueue {
 }
 
 impl Default for EventQueue {
-    /// 65,536 events: room for a whole fleet of this size going offline at once; about 16 MiB at worst.
+    /// 16,384 events: more than the default connection limit going offline at once; about 4 MiB at worst.
     fn default() -> Self {
-        EventQueue::Bounded(65_536)
+        EventQueue::Bounded(16_384)
     }
 }
 
