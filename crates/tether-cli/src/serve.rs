@@ -3,9 +3,10 @@
 //! # Layout
 //! [`Args`] are the flags; [`FileConfig`] is the TOML file, with the same names in snake_case and durations as
 //! strings. [`build_config`] layers them onto [`ServerConfig::default`]. [`run`] raises the file-descriptor
-//! limit, binds, prints events until SIGINT/SIGTERM, then shuts down gracefully. Events are printed by a thread
-//! of their own from the server's bounded event stream, so a stalled reader of stdout loses events (counted, and
-//! reported with a `dropped` event when it catches up) but never stalls the server.
+//! limit, binds, prints events until SIGINT/SIGTERM, then shuts down gracefully. JSON events are printed by a
+//! thread of their own from the server's bounded event stream, so a stalled reader of stdout loses events
+//! (counted, and reported with a `dropped` event when it catches up) but never stalls the server; human event
+//! lines go through the non-blocking log.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -379,35 +380,54 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     cfg.stats_interval = args.stats_interval.filter(|d| !d.is_zero());
     let mut server = Server::bind(cfg.clone()).await.with_context(|| format!("binding {}", cfg.listen))?;
     let events = server.events().expect("fresh server has its event stream");
-    let printer = std::thread::Builder::new()
-        .name("events".into())
-        .spawn(move || print_events(events, json))
-        .context("starting the event printer")?;
-    server.run(shutdown).await?;
-    // The stream ends once the server's last handle is gone; the printer then writes what is left and stops. A
-    // reader that stalled for good must not keep the process alive: wait a bounded time.
-    let printed = tokio::task::spawn_blocking(move || printer.join());
-    let _ = tokio::time::timeout(Duration::from_secs(5), printed).await;
+    if json {
+        // JSON lines go to stdout, where a write may block: on a thread of its own.
+        let printer = std::thread::Builder::new()
+            .name("events".into())
+            .spawn(move || print_json(events))
+            .context("starting the event printer")?;
+        server.run(shutdown).await?;
+        // The stream ends once the server's last handle is gone; the printer then writes what is left and stops.
+        // A reader that stalled for good must not keep the process alive: wait a bounded time.
+        let printed = tokio::task::spawn_blocking(move || printer.join());
+        let _ = tokio::time::timeout(Duration::from_secs(5), printed).await;
+    } else {
+        // Human lines go through the log, whose writer never blocks: a task will do.
+        let printer = tokio::spawn(log_events(events));
+        server.run(shutdown).await?;
+        let _ = tokio::time::timeout(Duration::from_secs(5), printer).await;
+    }
     Ok(ExitCode::SUCCESS)
 }
 
-/// The event printer's loop, on a thread of its own: JSON lines on stdout (a write may block there, which is
-/// what the thread is for), or human lines through the non-blocking log, summarised per client when they repeat.
-fn print_events(mut events: EventStream, json: bool) {
+/// The JSON event printer's loop, on a thread of its own: one line per event on stdout.
+fn print_json(mut events: EventStream) {
     use std::io::Write;
     let mut out = std::io::stdout();
-    let limiter = LogLimiter::new(Duration::from_secs(10), 3, 4096);
     while let Some(ev) = events.blocking_recv() {
-        if json {
-            let _ = writeln!(out, "{}", event_json(&ev));
-            let _ = out.flush();
-            continue;
-        }
-        let now = std::time::Instant::now();
-        for summary in limiter.flush(now) {
-            tracing::info!("{summary}");
-        }
-        if limiter.check(now, ev.kind.name(), event_client(&ev.kind).unwrap_or("")) {
+        let _ = writeln!(out, "{}", event_json(&ev));
+        let _ = out.flush();
+    }
+}
+
+/// Human event lines through the non-blocking log. Repeats of one kind of event about one client are written
+/// three times per 10 s, then summarised with their count when the window ends.
+async fn log_events(mut events: EventStream) {
+    let limiter = LogLimiter::new(Duration::from_secs(10), 3, 4096);
+    loop {
+        let far = tokio::time::Instant::now() + Duration::from_secs(3600);
+        let next_summary = limiter.next_flush().map_or(far, tokio::time::Instant::from_std);
+        let ev = tokio::select! {
+            ev = events.recv() => ev,
+            () = tokio::time::sleep_until(next_summary) => {
+                for summary in limiter.flush(std::time::Instant::now()) {
+                    tracing::info!("{summary}");
+                }
+                continue;
+            }
+        };
+        let Some(ev) = ev else { break };
+        if limiter.check(std::time::Instant::now(), ev.kind.name(), event_client(&ev.kind).unwrap_or("")) {
             tracing::info!("{}", event_human(&ev.kind));
         }
     }

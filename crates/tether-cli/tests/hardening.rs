@@ -28,7 +28,8 @@ struct Server {
 }
 
 impl Server {
-    /// `tether serve ARGS` under `sh -c 'ulimit ...; exec ...'` when `ulimit` is given.
+    /// `tether serve ARGS` under `sh -c 'ulimit ...; exec ...'` when `ulimit` is given; with `--events json`
+    /// unless ARGS has `--human` (events as log lines).
     fn start(args: &[&str], ulimit: Option<&str>, stall: bool) -> Server {
         let bin = env!("CARGO_BIN_EXE_tether");
         let mut cmd = match ulimit {
@@ -40,8 +41,9 @@ impl Server {
             None => Command::new(bin),
         };
         let mut child = cmd
-            .args(["serve", "--listen", "127.0.0.1:0", "--events", "json"])
-            .args(args)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(if args.contains(&"--human") { &[][..] } else { &["--events", "json"][..] })
+            .args(args.iter().filter(|a| **a != "--human"))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -49,12 +51,23 @@ impl Server {
             .spawn()
             .expect("spawn tether serve");
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let stderr = child.stderr.take().unwrap();
-        let mut first = String::new();
-        stdout.read_line(&mut first).expect("the listening event");
-        let listening: Value = serde_json::from_str(&first).unwrap();
-        assert_eq!(event(&listening), "listening");
-        let addr = listening["addr"].as_str().unwrap().parse().unwrap();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let addr = if args.contains(&"--human") {
+            // Human mode: events are log lines on stderr; the address is in "listening on ADDR".
+            loop {
+                let mut line = String::new();
+                assert!(stderr.read_line(&mut line).expect("stderr") > 0, "no listening line");
+                if let Some(a) = line.trim_end().split("listening on ").nth(1) {
+                    break a.parse().unwrap();
+                }
+            }
+        } else {
+            let mut first = String::new();
+            stdout.read_line(&mut first).expect("the listening event");
+            let listening: Value = serde_json::from_str(&first).unwrap();
+            assert_eq!(event(&listening), "listening");
+            listening["addr"].as_str().unwrap().parse().unwrap()
+        };
         if stall {
             return Server { child, addr, _unread: vec![Box::new(stdout), Box::new(stderr)], out: None, err: None };
         }
@@ -66,7 +79,7 @@ impl Server {
         });
         let (etx, erx) = mpsc::channel();
         std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            for line in stderr.lines().map_while(Result::ok) {
                 let _ = etx.send(line);
             }
         });
@@ -433,4 +446,18 @@ fn events_say_who_decided() {
     assert_eq!(q.answer(), Ok(()));
     let off = srv.expect("offline", |e| event(e) == "offline" && e["client"] == "silent");
     assert_eq!((off["reason"].as_str(), off["by"].as_str()), (Some("heartbeat_timeout"), Some("server")));
+}
+
+/// Without `--events json`, events are human lines in the log (written by a task: the log never blocks), with
+/// who decided.
+#[test]
+fn human_event_lines_go_to_the_log() {
+    let srv = Server::start(&["--human", "--heartbeat-interval", "200ms", "--heartbeat-timeout", "600ms"], None, false);
+    let mut p = Peer::connect(srv.addr);
+    p.hello("human", 1);
+    assert_eq!(p.answer(), Ok(()));
+    assert!(srv.log_line("online  human from 127.0.0.1:", PATIENCE).is_some());
+    drop(p);
+    let line = srv.log_line("offline human from 127.0.0.1:", PATIENCE).expect("the offline line");
+    assert!(line.contains("eof by the client"), "{line}");
 }

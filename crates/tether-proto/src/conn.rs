@@ -10,8 +10,9 @@
 //! [`CloseReason`] and emits [`Event::Closed`] at once; `Draining` then only finishes the goodbye (flush a `BYE`,
 //! half-close, read late data) within `close_grace`, and nothing in it can resurrect the connection.
 //!
-//! Buffers are lazy: the receive buffer holds only an incomplete frame and the transmit buffer only unwritten
-//! bytes; both are released when they empty, so an idle connection pins no buffer memory.
+//! Buffers are lazy: the receive buffer holds only an incomplete frame, the transmit buffer only unwritten bytes,
+//! and the event queue only undelivered events; each is released when it empties, so an idle connection pins no
+//! buffer memory.
 //!
 //! Write progress is judged on both sides of the socket: bytes still in `tx` that make no progress for
 //! `write_timeout`, and bytes the kernel holds ([`KernelQueue`]) that it can neither deliver nor send for as long.
@@ -715,8 +716,14 @@ impl Connection {
         [write, other].into_iter().flatten().min()
     }
 
+    /// The next event. The queue's buffer is released once it is drained: an idle connection holds none (it
+    /// kept room for four events, about 400 bytes, for the rest of its life before).
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        let event = self.events.pop_front();
+        if event.is_none() && self.events.capacity() > 0 {
+            self.events = VecDeque::new();
+        }
+        event
     }
 
     // ---- internals ----

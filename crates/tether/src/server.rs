@@ -86,7 +86,7 @@ struct Shared {
     /// Connections accepted whose `HELLO` is not admitted yet, and the highest that count has been.
     handshakes: AtomicUsize,
     peak_handshakes: AtomicUsize,
-    /// `busy` and `ip_limit` refusals so far.
+    /// `busy` and `ip_limit` refusals so far, each.
     refused_busy: AtomicU64,
     refused_ip_limit: AtomicU64,
     /// Handshakes in flight and (when `max_per_ip` is set) connections, per source ([`source_of`]). An entry
@@ -543,35 +543,6 @@ impl ServerHandle {
     }
 }
 
-/// The log line kind for a close with `reason` (summarised per client when it repeats).
-fn closed_kind(reason: CloseReason) -> &'static str {
-    use CloseReason::*;
-    match reason {
-        Bye => "closed: bye",
-        Eof => "closed: eof",
-        Reset => "closed: reset",
-        HeartbeatTimeout => "closed: heartbeat_timeout",
-        KeepaliveTimeout => "closed: keepalive_timeout",
-        WriteTimeout => "closed: write_timeout",
-        Unreachable => "closed: unreachable",
-        Takeover => "closed: takeover",
-        IdConflict => "closed: id_conflict",
-        ProtocolError => "closed: protocol_error",
-        HandshakeTimeout => "closed: handshake_timeout",
-        Busy => "closed: busy",
-        SlowConsumer => "closed: slow_consumer",
-        ServerShutdown => "closed: server_shutdown",
-        Kicked => "closed: kicked",
-        AuthFailed => "closed: auth_failed",
-        PingFlood => "closed: ping_flood",
-        IpLimit => "closed: ip_limit",
-        RateLimited => "closed: rate_limited",
-        TlsError => "closed: tls_error",
-        SubscriptionRefused => "closed: subscription_refused",
-        Unknown(_) => "closed: unknown",
-    }
-}
-
 fn bye(reason: CloseReason, retry_after: Duration) -> Bye {
     Bye { reason, retry_after_ms: retry_after.as_millis().min(u32::MAX as u128) as u32, alternative: String::new() }
 }
@@ -949,12 +920,13 @@ impl ServerHooks {
             let hub = self.shared.hub.lock().expect("hub lock");
             let target = hub.registry.lookup(&to).and_then(|c| hub.conns.get(&c));
             let limit = self.shared.cfg.outbound_queue;
-            target.is_some_and(|h| h.push(Frame::Data { peer: from.clone(), payload }, limit).is_ok())
+            target.is_some_and(|h| h.push(Frame::Data { peer: from, payload }, limit).is_ok())
         };
         if !delivered {
             let why = Undeliverable::NotOnline;
             let _ = conn.send(now, Frame::Undeliverable { to: to.clone(), why });
-            self.shared.emit(EventKind::Undeliverable { client: from, conn: self.conn_id, to, len, why });
+            let client = self.client.clone().unwrap_or_default();
+            self.shared.emit(EventKind::Undeliverable { client, conn: self.conn_id, to, len, why });
         }
     }
 
@@ -983,10 +955,11 @@ impl ServerHooks {
         self.shared.registry_wake.notify_one();
         let (conn_id, peer, reason, lateness, detail) = (self.conn_id, self.peer, c.reason, c.lateness, c.detail);
         if reason != CloseReason::Bye {
+            // Summarised per client (or per address before a session exists) and reason when it repeats.
             let key = self.client.clone().unwrap_or_else(|| peer.ip().to_string());
-            if self.shared.log_allowed(closed_kind(reason), &key) {
-                let who = if by_peer { "by the peer" } else { "by the server" };
-                tracing::info!(conn = conn_id, %peer, client = ?self.client, detail, "closed {who}: {reason}");
+            if self.shared.log_allowed("closed", &format!("{key}, {reason}")) {
+                let by = if by_peer { "by the peer" } else { "by the server" };
+                tracing::info!(conn = conn_id, %peer, client = ?self.client, detail, "closed {by}: {reason}");
             }
         }
         let kind = match (&self.client, holder) {
