@@ -7,7 +7,9 @@
 //! window are, later ones are counted. [`LogLimiter::flush`] returns the counts of windows that have ended, for
 //! the caller to log as one summary line each; [`LogLimiter::next_flush`] says when the next one is due. Keys
 //! are bounded ([`LogLimiter::new`]'s `max_keys`): when that many are active, lines about new keys are let
-//! through untracked rather than dropped. Nothing here writes a log line itself, and nothing blocks.
+//! through untracked rather than dropped, and the table is swept of finished windows at most once per window
+//! (a mass disconnect of distinct clients costs one lookup per line, not a sweep per line). Nothing here writes a
+//! log line itself, and nothing blocks.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -19,7 +21,29 @@ pub struct LogLimiter {
     window: Duration,
     burst: u32,
     max_keys: usize,
-    keys: Mutex<HashMap<(&'static str, String), Entry>>,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// Entries by kind, then key (so that a lookup needs no owned key).
+    kinds: HashMap<&'static str, HashMap<String, Entry>>,
+    /// Entries in all kinds.
+    len: usize,
+    /// When the table was last swept of finished windows because it was full.
+    swept: Option<Instant>,
+}
+
+impl Inner {
+    /// Drop entries whose window has ended with nothing held back.
+    fn sweep(&mut self, now: Instant, window: Duration) {
+        for keys in self.kinds.values_mut() {
+            keys.retain(|_, e| e.suppressed > 0 || now.saturating_duration_since(e.since) < window);
+        }
+        self.kinds.retain(|_, keys| !keys.is_empty());
+        self.len = self.kinds.values().map(HashMap::len).sum();
+        self.swept = Some(now);
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -49,7 +73,7 @@ impl std::fmt::Display for Summary {
 impl LogLimiter {
     /// `burst` lines per key per `window`; at most `max_keys` keys tracked at once.
     pub fn new(window: Duration, burst: u32, max_keys: usize) -> LogLimiter {
-        LogLimiter { window, burst: burst.max(1), max_keys, keys: Mutex::new(HashMap::new()) }
+        LogLimiter { window, burst: burst.max(1), max_keys, inner: Mutex::new(Inner::default()) }
     }
 
     /// Lines a key may write per window before they are counted instead.
@@ -59,8 +83,8 @@ impl LogLimiter {
 
     /// Whether a line of `kind` about `key` may be written now. A `false` is counted for [`flush`](Self::flush).
     pub fn check(&self, now: Instant, kind: &'static str, key: &str) -> bool {
-        let mut keys = self.keys.lock().expect("log limiter lock");
-        if let Some(e) = keys.get_mut(&(kind, key.to_owned())) {
+        let mut inner = self.inner.lock().expect("log limiter lock");
+        if let Some(e) = inner.kinds.get_mut(kind).and_then(|keys| keys.get_mut(key)) {
             if now.saturating_duration_since(e.since) >= self.window && e.suppressed == 0 {
                 *e = Entry { since: now, logged: 0, suppressed: 0 };
             }
@@ -71,39 +95,47 @@ impl LogLimiter {
             e.suppressed += 1;
             return false;
         }
-        if keys.len() >= self.max_keys {
-            let window = self.window;
-            keys.retain(|_, e| e.suppressed > 0 || now.saturating_duration_since(e.since) < window);
-            if keys.len() >= self.max_keys {
+        if inner.len >= self.max_keys {
+            if inner.swept.is_some_and(|t| now.saturating_duration_since(t) < self.window) {
+                return true;
+            }
+            inner.sweep(now, self.window);
+            if inner.len >= self.max_keys {
                 return true;
             }
         }
-        keys.insert((kind, key.to_owned()), Entry { since: now, logged: 1, suppressed: 0 });
+        inner.kinds.entry(kind).or_default().insert(key.to_owned(), Entry { since: now, logged: 1, suppressed: 0 });
+        inner.len += 1;
         true
     }
 
     /// The windows that ended with lines counted instead of written; their keys start afresh.
     pub fn flush(&self, now: Instant) -> Vec<Summary> {
-        let mut keys = self.keys.lock().expect("log limiter lock");
+        let mut inner = self.inner.lock().expect("log limiter lock");
         let mut out = Vec::new();
         let window = self.window;
-        keys.retain(|(kind, key), e| {
-            if now.saturating_duration_since(e.since) < window {
-                return true;
-            }
-            if e.suppressed > 0 {
-                out.push(Summary { kind, key: key.clone(), suppressed: e.suppressed, window });
-            }
-            false
-        });
+        for (kind, keys) in inner.kinds.iter_mut() {
+            keys.retain(|key, e| {
+                if now.saturating_duration_since(e.since) < window {
+                    return true;
+                }
+                if e.suppressed > 0 {
+                    out.push(Summary { kind, key: key.clone(), suppressed: e.suppressed, window });
+                }
+                false
+            });
+        }
+        inner.kinds.retain(|_, keys| !keys.is_empty());
+        inner.len = inner.kinds.values().map(HashMap::len).sum();
         out.sort_by(|a, b| (a.kind, &a.key).cmp(&(b.kind, &b.key)));
         out
     }
 
     /// When the earliest window holding counted lines ends.
     pub fn next_flush(&self) -> Option<Instant> {
-        let keys = self.keys.lock().expect("log limiter lock");
-        keys.values().filter(|e| e.suppressed > 0).map(|e| e.since + self.window).min()
+        let inner = self.inner.lock().expect("log limiter lock");
+        let entries = inner.kinds.values().flat_map(HashMap::values);
+        entries.filter(|e| e.suppressed > 0).map(|e| e.since + self.window).min()
     }
 }
 
@@ -139,6 +171,9 @@ mod tests {
         for k in 0..10 {
             assert!(l.check(t, "closed: eof", &k.to_string()), "key {k}");
         }
-        assert!(l.keys.lock().unwrap().len() <= 4);
+        assert!(l.inner.lock().unwrap().len <= 4);
+        // Once the windows have ended, the table makes room again (one sweep, not one per line).
+        assert!(l.check(t + Duration::from_secs(11), "closed: eof", "late"));
+        assert_eq!(l.inner.lock().unwrap().len, 1);
     }
 }

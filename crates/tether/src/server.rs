@@ -861,7 +861,12 @@ impl ServerHooks {
                     epoch,
                     server_id: shared.cfg.server_id.clone(),
                     max_frame: None,
-                    extensions: shared.welcome_extensions(),
+                    // v1 has no room for them: built only for a session that will carry them.
+                    extensions: if conn.version() >= tether_proto::frame::V2 {
+                        shared.welcome_extensions()
+                    } else {
+                        Vec::new()
+                    },
                 };
                 conn.accept(now, welcome);
                 let client = hello.client_id;
@@ -954,7 +959,7 @@ impl ServerHooks {
         };
         self.shared.registry_wake.notify_one();
         let (conn_id, peer, reason, lateness, detail) = (self.conn_id, self.peer, c.reason, c.lateness, c.detail);
-        if reason != CloseReason::Bye {
+        if reason != CloseReason::Bye && tracing::enabled!(tracing::Level::INFO) {
             // Summarised per client (or per address before a session exists) and reason when it repeats.
             let key = self.client.clone().unwrap_or_else(|| peer.ip().to_string());
             if self.shared.log_allowed("closed", &format!("{key}, {reason}")) {
