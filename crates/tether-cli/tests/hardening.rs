@@ -29,7 +29,7 @@ struct Server {
 
 impl Server {
     /// `tether serve ARGS` under `sh -c 'ulimit ...; exec ...'` when `ulimit` is given; with `--events json`
-    /// unless ARGS has `--human` (events as log lines).
+    /// unless ARGS has `--human` (events as log lines), and `RUST_LOG=info`, or `debug` with `--debug-log`.
     fn start(args: &[&str], ulimit: Option<&str>, stall: bool) -> Server {
         let bin = env!("CARGO_BIN_EXE_tether");
         let mut cmd = match ulimit {
@@ -43,8 +43,9 @@ impl Server {
         let mut child = cmd
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(if args.contains(&"--human") { &[][..] } else { &["--events", "json"][..] })
-            .args(args.iter().filter(|a| **a != "--human"))
-            .env("RUST_LOG", "info")
+            .args(args.iter().filter(|a| !["--human", "--debug-log"].contains(*a)))
+            // `--debug-log`: every close is also a log line on stderr (they are DEBUG), so stderr fills too.
+            .env("RUST_LOG", if args.contains(&"--debug-log") { "debug" } else { "info" })
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -195,7 +196,7 @@ fn a_stalled_reader_of_events_and_logs_never_freezes_the_server() {
     let mut growth = Vec::new();
     for run in 0..RUNS {
         let srv = Server::start(
-            &["--heartbeat-interval", "200ms", "--heartbeat-timeout", "600ms", "--event-buffer", "1024"],
+            &["--debug-log", "--heartbeat-interval", "200ms", "--heartbeat-timeout", "600ms", "--event-buffer", "1024"],
             None,
             true,
         );
@@ -365,7 +366,8 @@ fn a_stalled_server_does_not_blame_its_clients_for_the_pings_it_did_not_read() {
 /// storm per client instead of writing a line per refusal.
 #[test]
 fn ten_devices_fighting_for_one_id_take_turns_and_the_log_summarises_the_storm() {
-    let srv = Server::start(&["--heartbeat-interval", "200ms", "--heartbeat-timeout", "2s"], None, false);
+    // Human event lines on stderr: the log is where a storm would flood.
+    let srv = Server::start(&["--human", "--heartbeat-interval", "200ms", "--heartbeat-timeout", "2s"], None, false);
     let addr = srv.addr;
     let storm = Duration::from_secs(3);
     let devices: Vec<_> = (0..10u64)

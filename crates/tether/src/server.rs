@@ -959,12 +959,14 @@ impl ServerHooks {
         };
         self.shared.registry_wake.notify_one();
         let (conn_id, peer, reason, lateness, detail) = (self.conn_id, self.peer, c.reason, c.lateness, c.detail);
-        if reason != CloseReason::Bye && tracing::enabled!(tracing::Level::INFO) {
-            // Summarised per client (or per address before a session exists) and reason when it repeats.
+        // Every close is an event (the application's record, which the CLI prints); the log line repeats it for
+        // debugging only, so a busy server's INFO log is not one line per connection. Summarised per client (or
+        // per address before a session exists) and reason when it repeats.
+        if reason != CloseReason::Bye && tracing::enabled!(tracing::Level::DEBUG) {
             let key = self.client.clone().unwrap_or_else(|| peer.ip().to_string());
             if self.shared.log_allowed("closed", &format!("{key}, {reason}")) {
                 let by = if by_peer { "by the peer" } else { "by the server" };
-                tracing::info!(conn = conn_id, %peer, client = ?self.client, detail, "closed {by}: {reason}");
+                tracing::debug!(conn = conn_id, %peer, client = ?self.client, detail, "closed {by}: {reason}");
             }
         }
         let kind = match (&self.client, holder) {
