@@ -366,6 +366,10 @@ impl Printer {
             LinkEvent::Data { from, payload } => self.data(from.as_deref(), payload),
             LinkEvent::Presence(p) => self.presence(p),
             LinkEvent::Undeliverable { to, why } => self.undeliverable(to, *why),
+            LinkEvent::NotSent { to, len, error } => self.line(
+                json!({"event": "not_sent", "to": to, "len": len, "error": error}),
+                &format!("queued message of {len} bytes not sent after reconnecting: {error}"),
+            ),
             LinkEvent::Suspect { silent_for } => self.suspect(*silent_for),
             LinkEvent::Recovered => self.line(json!({"event": "recovered"}), "server recovered"),
         }

@@ -99,6 +99,12 @@ impl Lines {
                     let _ = writeln!(target, "{line}");
                     let _ = target.flush();
                 }
+                // Lines dropped after the last one that got through are reported too.
+                let n = gap.swap(0, Ordering::AcqRel);
+                if n > 0 {
+                    let _ = writeln!(target, "{}", dropped_line(n));
+                    let _ = target.flush();
+                }
             })
             .expect("spawn an output thread");
         Lines { tx, unreported, done }

@@ -427,7 +427,7 @@ async fn log_events(mut events: EventStream) {
             }
         };
         let Some(ev) = ev else { break };
-        if limiter.check(std::time::Instant::now(), ev.kind.name(), event_client(&ev.kind).unwrap_or("")) {
+        if limiter.check(std::time::Instant::now(), ev.kind.name(), &event_key(&ev.kind)) {
             tracing::info!("{}", event_human(&ev.kind));
         }
     }
@@ -436,8 +436,9 @@ async fn log_events(mut events: EventStream) {
     }
 }
 
-/// The client id an event is about, if any.
-fn event_client(k: &EventKind) -> Option<&str> {
+/// What repeats of an event are counted by: the client id it is about, or the peer's address for a connection
+/// that never had a session.
+fn event_key(k: &EventKind) -> String {
     match k {
         EventKind::Online { client, .. }
         | EventKind::Offline { client, .. }
@@ -446,9 +447,10 @@ fn event_client(k: &EventKind) -> Option<&str> {
         | EventKind::Suspect { client, .. }
         | EventKind::Recovered { client, .. }
         | EventKind::Data { client, .. }
-        | EventKind::Undeliverable { client, .. } => Some(client),
-        EventKind::Closed { client, .. } => client.as_deref(),
-        _ => None,
+        | EventKind::Undeliverable { client, .. } => client.clone(),
+        EventKind::Closed { client: Some(client), .. } => client.clone(),
+        EventKind::Closed { client: None, peer, .. } => peer.ip().to_string(),
+        _ => String::new(),
     }
 }
 
@@ -497,12 +499,19 @@ pub fn event_json(ev: &ServerEvent) -> serde_json::Value {
         EventKind::Stats(s) => json!({
             "connections": s.connections, "online": s.online, "handshakes": s.handshakes,
             "peak_handshakes": s.peak_handshakes, "refused_busy": s.refused_busy,
-            "refused_ip_limit": s.refused_ip_limit, "events_dropped": s.events_dropped,
+            "refused_ip_limit": s.refused_ip_limit, "undeliverable": s.undeliverable,
+            "events_dropped": s.events_dropped,
         }),
         _ => json!({}),
     };
     if let (Some(obj), serde_json::Value::Object(f)) = (v.as_object_mut(), fields) {
         obj.extend(f);
+    }
+    // A reason this build does not know (from a newer client's BYE) keeps its number.
+    if let EventKind::Offline { reason, .. } | EventKind::Closed { reason, .. } = &ev.kind {
+        if !reason.is_known() {
+            v["reason_code"] = json!(reason.code());
+        }
     }
     v
 }

@@ -56,6 +56,9 @@ pub const fn max_payload(max_frame: u32, to_client: bool) -> usize {
     }
 }
 
+/// Entries an extension block may hold; more is an error (the duplicate check stays cheap, whatever a peer sends).
+pub const MAX_EXTENSIONS: usize = 64;
+
 /// Extension types (v2). A receiver skips types it does not know.
 pub mod ext {
     /// In `WELCOME`: `u32`, presence subscriptions one connection may hold.
@@ -170,6 +173,8 @@ pub enum FrameError {
     BadVersion(u8),
     #[error("extension 0x{0:04x} appears twice")]
     DuplicateExtension(u16),
+    #[error("more than {MAX_EXTENSIONS} extensions")]
+    TooManyExtensions,
 }
 
 /// Presence state of a client id, as sent in `PRESENCE`.
@@ -430,12 +435,16 @@ impl<'a> Cursor<'a> {
         }
         (0..n).map(|_| self.id("subscription id")).collect()
     }
-    /// A v2 extension block: `bytes16` of `type: u16, len: u16, value` entries, each type at most once.
+    /// A v2 extension block: `bytes16` of `type: u16, len: u16, value` entries, each type at most once, at most
+    /// [`MAX_EXTENSIONS`] of them.
     fn extensions(&mut self) -> Result<Vec<Extension>, FrameError> {
         let n = self.u16()? as usize;
         let mut block = Cursor { buf: self.take(n)?, kind: self.kind };
         let mut out: Vec<Extension> = Vec::new();
         while !block.buf.is_empty() {
+            if out.len() == MAX_EXTENSIONS {
+                return Err(FrameError::TooManyExtensions);
+            }
             let kind = block.u16()?;
             let len = block.u16()? as usize;
             let value = Bytes::copy_from_slice(block.take(len)?);
@@ -655,7 +664,7 @@ impl Frame {
                 out.put_u8(kind::PRESENCE);
                 put_str8(out, &p.client_id);
                 out.put_u8(p.state as u8);
-                out.put_u8(p.reason.map_or(0, u8::from));
+                out.put_u8(p.reason.map_or(0, |r| reason_code(r, version)));
                 out.put_u32(p.last_seen_ago_ms);
                 if version >= V2 {
                     out.put_u8(p.flags);
@@ -663,7 +672,7 @@ impl Frame {
             }
             Frame::Bye(b) => {
                 out.put_u8(kind::BYE);
-                out.put_u8(b.reason.into());
+                out.put_u8(reason_code(b.reason, version));
                 out.put_u32(b.retry_after_ms);
                 put_str8(out, &b.alternative);
             }
@@ -712,6 +721,15 @@ impl Frame {
         let mut out = BytesMut::with_capacity(self.encoded_len_v(version));
         self.encode_v(&mut out, version);
         out.freeze()
+    }
+}
+
+/// The wire code of `reason` for a peer of `version`: a v1 peer treats a code it does not know as an error, so a
+/// reason it cannot know (one a newer peer told us) is sent to it as `bye`, the peer having ended the connection.
+fn reason_code(reason: CloseReason, version: u8) -> u8 {
+    match reason {
+        CloseReason::Unknown(_) if version < V2 => CloseReason::Bye.code(),
+        r => r.code(),
     }
 }
 

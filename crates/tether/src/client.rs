@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant as StdInstant};
 
 use bytes::Bytes;
-use tether_proto::frame::{Hello, PROTOCOL_VERSION};
+use tether_proto::frame::{Hello, V1};
 use tether_proto::{Bye, CloseReason, Closed, Connection, Event, Frame, Presence, Undeliverable, Welcome};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -127,7 +127,22 @@ impl Client {
     }
 
     /// Connect to `addr`, say `HELLO`, and wait for `WELCOME` (bounded by the handshake timeout).
-    pub async fn connect(addr: SocketAddr, cfg: ClientConfig) -> Result<Client, ConnectError> {
+    ///
+    /// The client offers `cfg.protocol_version`. A server that speaks only version 1 refuses a v2 `HELLO` with
+    /// `protocol_error`; the client then tries once more offering version 1, so new clients work with old
+    /// servers.
+    pub async fn connect(addr: SocketAddr, mut cfg: ClientConfig) -> Result<Client, ConnectError> {
+        let nonce = *cfg.nonce.get_or_insert_with(rand::random);
+        match Client::connect_offering(addr, &cfg, cfg.protocol_version).await {
+            Err(ConnectError::Refused(d)) if d.reason == CloseReason::ProtocolError && cfg.protocol_version > V1 => {
+                tracing::debug!(nonce, "{addr} refused a v{} HELLO ({d:?}); offering version 1", cfg.protocol_version);
+                Client::connect_offering(addr, &cfg, V1).await
+            }
+            other => other,
+        }
+    }
+
+    async fn connect_offering(addr: SocketAddr, cfg: &ClientConfig, version: u8) -> Result<Client, ConnectError> {
         let stream = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| ConnectError::Timeout)??;
@@ -141,7 +156,7 @@ impl Client {
         };
         let nonce = cfg.nonce.unwrap_or_else(rand::random);
         let hello = Hello {
-            version: PROTOCOL_VERSION,
+            version,
             heartbeat_ms: cfg.heartbeat_interval.map_or(0, |d| d.as_millis().clamp(1, u32::MAX as u128) as u32),
             nonce,
             client_id: cfg.client_id.clone(),

@@ -135,6 +135,9 @@ pub struct ClientConfig {
     pub ping_jitter: bool,
     /// Connect with TLS. `None`: plain TCP.
     pub tls: Option<ClientTls>,
+    /// The protocol version offered in `HELLO` (the highest this library speaks by default); a server that
+    /// refuses it as unknown is asked again with version 1.
+    pub protocol_version: u8,
 }
 
 impl ClientConfig {
@@ -150,6 +153,7 @@ impl ClientConfig {
             command_queue: 1024,
             ping_jitter: true,
             tls: None,
+            protocol_version: tether_proto::frame::PROTOCOL_VERSION,
         }
     }
 }

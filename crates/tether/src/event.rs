@@ -7,14 +7,15 @@
 //! said `HELLO`). Presence subscribers get their `PRESENCE` frames from the registry, which applies
 //! `presence_grace`; the application's stream does not wait for the grace.
 //!
-//! The stream is an [`EventStream`]: bounded by default ([`EventQueue`]). When the application falls behind by
-//! the whole bound, further events are dropped and counted, never blocking a connection or a verdict, and the
+//! The stream is an [`EventStream`]: bounded by default ([`EventQueue`]), in events and in the payload bytes of
+//! queued `Data` events. When the application falls behind by a whole bound, further events are dropped and
+//! counted, never blocking a connection or a verdict, and the
 //! application is told with a [`EventKind::Dropped`] event carrying the count: in place of the first event that
 //! finds room again, or when it has read everything queued, whichever comes first.
 //! [`EventQueue::Unbounded`] never drops, at the price of memory that grows for as long as nobody reads.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -99,7 +100,9 @@ pub enum EventKind {
         conn: ConnId,
         payload: Bytes,
     },
-    /// A `DATA` from `client` to `to` was not relayed (the sender was told with `UNDELIVERABLE`).
+    /// A `DATA` from `client` to `to` was not relayed because its payload is larger than the server relays (the
+    /// sender was told with `UNDELIVERABLE`). `DATA` to an id that is not online is answered `UNDELIVERABLE` too,
+    /// and only counted ([`Stats::undeliverable`]): one sender could otherwise fill the event queue.
     Undeliverable {
         client: String,
         conn: ConnId,
@@ -130,6 +133,8 @@ pub struct Stats {
     /// Newcomers refused with `busy` / `ip_limit` so far.
     pub refused_busy: u64,
     pub refused_ip_limit: u64,
+    /// `DATA` answered `UNDELIVERABLE` so far (target not online, or payload too large to relay).
+    pub undeliverable: u64,
     /// Events the application did not receive because it fell behind, so far.
     pub events_dropped: u64,
 }
@@ -154,11 +159,16 @@ impl EventKind {
     }
 }
 
+/// Payload bytes of `Data` events that may wait for the application in a bounded queue (16 MiB): with
+/// 64 KiB payloads, a full queue of events would otherwise hold a gigabyte.
+pub const QUEUED_DATA_BYTES: usize = 16 << 20;
+
 /// How the server's event stream is buffered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventQueue {
-    /// At most this many events wait for the application; beyond that, events are dropped, counted, and reported
-    /// with [`EventKind::Dropped`]. Memory stays bounded and nothing the server does ever waits for the reader.
+    /// At most this many events, and [`QUEUED_DATA_BYTES`] of `Data` payload, wait for the application; beyond
+    /// that, events are dropped, counted, and reported with [`EventKind::Dropped`]. Memory stays bounded and
+    /// nothing the server does ever waits for the reader.
     Bounded(usize),
     /// Every event is kept until read: nothing is lost, but an application that stops reading grows the
     /// server's memory without limit.
@@ -166,7 +176,8 @@ pub enum EventQueue {
 }
 
 impl Default for EventQueue {
-    /// 16,384 events: more than the default connection limit going offline at once; about 4 MiB at worst.
+    /// 16,384 events: more than the default connection limit going offline at once; about 4 MiB at worst, plus
+    /// the `Data` payloads (at most [`QUEUED_DATA_BYTES`]).
     fn default() -> Self {
         EventQueue::Bounded(16_384)
     }
@@ -175,6 +186,8 @@ impl Default for EventQueue {
 /// The receiving end of the server's events (see [`crate::Server::events`]).
 pub struct EventStream {
     rx: Rx,
+    /// Payload bytes of the `Data` events queued (bounded queue only), shared with the sink.
+    data_bytes: Arc<AtomicUsize>,
     /// The sink's count of events dropped and not reported yet: when the queue runs empty, the stream reports
     /// them itself, so a reader that catches up learns of the gap even if the server has nothing more to say.
     unreported: Arc<AtomicU64>,
@@ -191,10 +204,11 @@ impl EventStream {
         if let Some(ev) = self.try_recv() {
             return Some(ev);
         }
-        match &mut self.rx {
+        let ev = match &mut self.rx {
             Rx::Bounded(rx) => rx.recv().await,
             Rx::Unbounded(rx) => rx.recv().await,
-        }
+        };
+        ev.map(|ev| self.taken(ev))
     }
 
     /// The next event if one is waiting (or the count of dropped events, once the queue has run empty).
@@ -203,7 +217,10 @@ impl EventStream {
             Rx::Bounded(rx) => rx.try_recv().ok(),
             Rx::Unbounded(rx) => rx.try_recv().ok(),
         };
-        queued.or_else(|| self.gap())
+        match queued {
+            Some(ev) => Some(self.taken(ev)),
+            None => self.gap(),
+        }
     }
 
     /// Wait for the next event on a thread that is not a runtime thread (e.g. a thread that writes events to a
@@ -212,10 +229,19 @@ impl EventStream {
         if let Some(ev) = self.try_recv() {
             return Some(ev);
         }
-        match &mut self.rx {
+        let ev = match &mut self.rx {
             Rx::Bounded(rx) => rx.blocking_recv(),
             Rx::Unbounded(rx) => rx.blocking_recv(),
+        };
+        ev.map(|ev| self.taken(ev))
+    }
+
+    /// `ev` left the queue: its payload no longer counts against the byte bound.
+    fn taken(&self, ev: ServerEvent) -> ServerEvent {
+        if let (Rx::Bounded(_), EventKind::Data { payload, .. }) = (&self.rx, &ev.kind) {
+            self.data_bytes.fetch_sub(payload.len(), Ordering::AcqRel);
         }
+        ev
     }
 
     /// A `Dropped` event for what was dropped and not reported yet, if anything.
@@ -232,6 +258,8 @@ pub(crate) struct EventSink {
     unreported: Arc<AtomicU64>,
     /// Dropped since the start.
     total_dropped: AtomicU64,
+    /// Payload bytes of the `Data` events queued (shared with the stream), against [`QUEUED_DATA_BYTES`].
+    data_bytes: Arc<AtomicUsize>,
 }
 
 enum Tx {
@@ -252,8 +280,14 @@ impl EventSink {
             }
         };
         let unreported = Arc::new(AtomicU64::new(0));
-        let sink = EventSink { tx, unreported: unreported.clone(), total_dropped: AtomicU64::new(0) };
-        (sink, EventStream { rx, unreported })
+        let data_bytes = Arc::new(AtomicUsize::new(0));
+        let sink = EventSink {
+            tx,
+            unreported: unreported.clone(),
+            total_dropped: AtomicU64::new(0),
+            data_bytes: data_bytes.clone(),
+        };
+        (sink, EventStream { rx, unreported, data_bytes })
     }
 
     /// Queue `kind` for the application, or count it as dropped when the bounded queue is full. Returns false
@@ -280,14 +314,28 @@ impl EventSink {
                 Err(mpsc::error::TrySendError::Closed(_)) => return true,
             }
         }
+        let len = match &ev.kind {
+            EventKind::Data { payload, .. } => payload.len(),
+            _ => 0,
+        };
+        if len > 0 && self.data_bytes.fetch_add(len, Ordering::AcqRel) + len > QUEUED_DATA_BYTES {
+            self.data_bytes.fetch_sub(len, Ordering::AcqRel);
+            return self.dropped_one();
+        }
         match tx.try_send(ev) {
             Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
-                self.unreported.fetch_add(1, Ordering::AcqRel);
-                self.total_dropped.fetch_add(1, Ordering::Relaxed);
-                false
+                self.data_bytes.fetch_sub(len, Ordering::AcqRel);
+                self.dropped_one()
             }
         }
+    }
+
+    /// Count one dropped event; always false (for [`emit`](Self::emit) to return).
+    fn dropped_one(&self) -> bool {
+        self.unreported.fetch_add(1, Ordering::AcqRel);
+        self.total_dropped.fetch_add(1, Ordering::Relaxed);
+        false
     }
 
     /// Events dropped since the start.

@@ -25,7 +25,7 @@ use tether_proto::{CloseReason, Presence};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::client::{Client, ClientEvent, ConnectError, Disconnect};
+use crate::client::{Client, ClientError, ClientEvent, ConnectError, Disconnect};
 use crate::config::ClientConfig;
 use crate::driver;
 
@@ -84,6 +84,13 @@ pub enum LinkEvent {
     Undeliverable {
         to: String,
         why: tether_proto::Undeliverable,
+    },
+    /// A message queued while disconnected could not be sent after reconnecting: the server announced a smaller
+    /// maximum than the payload needs (`error` says which). It is not retried.
+    NotSent {
+        to: Option<String>,
+        len: usize,
+        error: String,
     },
     Suspect {
         silent_for: Duration,
@@ -305,7 +312,10 @@ impl Supervisor {
             let _ = client.subscribe(self.subs.iter().cloned().collect()).await;
         }
         while let Some((to, payload)) = self.queue.pop_front() {
-            let _ = client.send(to.as_deref(), payload).await;
+            let len = payload.len();
+            if let Err(e @ ClientError::TooLarge { .. }) = client.send(to.as_deref(), payload).await {
+                self.emit(LinkEvent::NotSent { to, len, error: e.to_string() });
+            }
         }
     }
 
@@ -336,7 +346,11 @@ impl Supervisor {
                 cmd = self.cmds.recv() => match cmd {
                     Some(Cmd::Send { to, payload, ack }) => {
                         let r = client.send(to.as_deref(), payload).await.map(|()| Sent::Now);
-                        let _ = ack.send(r.map_err(|_| LinkError::Stopped));
+                        let _ = ack.send(r.map_err(|e| match e {
+                            // The server's announced maximum is below what the caller checked against.
+                            ClientError::TooLarge { len, max } => LinkError::TooLarge { len, max },
+                            ClientError::Closed => LinkError::Stopped,
+                        }));
                     }
                     Some(Cmd::Subscribe(ids)) => {
                         self.subs.extend(ids.iter().cloned());

@@ -89,6 +89,8 @@ struct Shared {
     /// `busy` and `ip_limit` refusals so far, each.
     refused_busy: AtomicU64,
     refused_ip_limit: AtomicU64,
+    /// `DATA` answered `UNDELIVERABLE` so far.
+    undeliverable: AtomicU64,
     /// Handshakes in flight and (when `max_per_ip` is set) connections, per source ([`source_of`]). An entry
     /// exists only while one of its counts is above zero.
     sources: Mutex<HashMap<IpAddr, SourceCount>>,
@@ -292,6 +294,7 @@ impl Server {
             peak_handshakes: AtomicUsize::new(0),
             refused_busy: AtomicU64::new(0),
             refused_ip_limit: AtomicU64::new(0),
+            undeliverable: AtomicU64::new(0),
             sources: Mutex::new(HashMap::new()),
             log: LogLimiter::new(Duration::from_secs(10), 3, 4096),
             log_wake: Notify::new(),
@@ -479,7 +482,7 @@ impl ServerHandle {
     /// Queue `payload` for `client` (delivered as `DATA` from the server application, with an empty peer). At most
     /// `max_frame - 2` bytes: the largest frame a client must accept.
     pub fn send(&self, client: &str, payload: Bytes) -> Result<(), SendToError> {
-        let max = self.shared.cfg.conn.max_frame as usize - 2;
+        let max = tether_proto::frame::max_payload(self.shared.cfg.conn.max_frame, false);
         if payload.len() > max {
             return Err(SendToError::TooLarge { len: payload.len(), max });
         }
@@ -575,6 +578,7 @@ impl Shared {
             peak_handshakes: self.peak_handshakes.load(Ordering::Relaxed),
             refused_busy: self.refused_busy.load(Ordering::Relaxed),
             refused_ip_limit: self.refused_ip_limit.load(Ordering::Relaxed),
+            undeliverable: self.undeliverable.load(Ordering::Relaxed),
             events_dropped: self.events.dropped(),
         }
     }
@@ -920,7 +924,6 @@ impl ServerHooks {
             self.shared.emit(EventKind::Data { client: from, conn: self.conn_id, payload });
             return;
         }
-        let len = payload.len();
         let delivered = {
             let hub = self.shared.hub.lock().expect("hub lock");
             let target = hub.registry.lookup(&to).and_then(|c| hub.conns.get(&c));
@@ -928,10 +931,10 @@ impl ServerHooks {
             target.is_some_and(|h| h.push(Frame::Data { peer: from, payload }, limit).is_ok())
         };
         if !delivered {
-            let why = Undeliverable::NotOnline;
-            let _ = conn.send(now, Frame::Undeliverable { to: to.clone(), why });
-            let client = self.client.clone().unwrap_or_default();
-            self.shared.emit(EventKind::Undeliverable { client, conn: self.conn_id, to, len, why });
+            // Told to the sender and counted; no event per message, which one sender could use to crowd out
+            // everyone else's events.
+            self.shared.undeliverable.fetch_add(1, Ordering::Relaxed);
+            let _ = conn.send(now, Frame::Undeliverable { to, why: Undeliverable::NotOnline });
         }
     }
 
@@ -942,6 +945,7 @@ impl ServerHooks {
             let max = tether_proto::frame::max_relay_payload(self.shared.cfg.conn.max_frame);
             tracing::info!(conn = self.conn_id, client = %from, "DATA to {to} not relayed: {len} bytes, relay maximum {max}");
         }
+        self.shared.undeliverable.fetch_add(1, Ordering::Relaxed);
         let why = Undeliverable::TooLarge;
         self.shared.emit(EventKind::Undeliverable { client: from, conn: self.conn_id, to, len, why });
     }

@@ -198,6 +198,32 @@ fn length_is_rejected_from_the_header_alone() {
 }
 
 #[test]
+fn an_extension_block_holds_at_most_64_entries() {
+    let with = |n: u16| {
+        let ext: Vec<Extension> = (0..n).map(|k| Extension { kind: k, value: Bytes::new() }).collect();
+        let Frame::Hello(h) = hello(2, 0, 1, "a", b"") else { unreachable!() };
+        Frame::Hello(Hello { extensions: ext, ..h }).to_bytes()
+    };
+    assert!(Frame::parse(&with(64)).is_ok());
+    assert_eq!(Frame::parse(&with(65)), Err(FrameError::TooManyExtensions));
+}
+
+#[test]
+fn a_reason_a_v1_peer_cannot_know_is_sent_to_it_as_bye() {
+    let p = Presence {
+        client_id: "a".into(),
+        state: PresenceState::Offline,
+        reason: Some(CloseReason::Unknown(0xee)),
+        last_seen_ago_ms: 1,
+        flags: 0,
+    };
+    let v1 = Frame::parse(&Frame::Presence(p.clone()).to_bytes_v(V1)).unwrap();
+    assert!(matches!(v1, Frame::Presence(Presence { reason: Some(CloseReason::Bye), .. })), "{v1:?}");
+    let v2 = Frame::parse_v(&Frame::Presence(p.clone()).to_bytes_v(V2), V2).unwrap();
+    assert_eq!(v2, Frame::Presence(p));
+}
+
+#[test]
 fn foreign_protocols_are_recognised_from_their_first_bytes() {
     assert_eq!(sniff(b"GET / HTTP/1.1\r\n"), Some(Foreign::Http));
     assert_eq!(sniff(b"HTTP/1.1 200 OK"), Some(Foreign::Http));
