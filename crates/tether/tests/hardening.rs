@@ -277,16 +277,7 @@ async fn a_new_client_falls_back_to_v1_with_a_server_that_speaks_only_v1() {
                 p.send(&Frame::Bye(bye)).await;
                 continue;
             }
-            let w = tether::proto::Welcome {
-                version: V1,
-                heartbeat_ms: 1000,
-                timeout_ms: 3000,
-                epoch: 1,
-                server_id: "old".into(),
-                max_frame: None,
-                extensions: Vec::new(),
-            };
-            p.send(&Frame::Welcome(w)).await;
+            p.send(&Frame::Welcome(support::v1_welcome("old"))).await;
             return (offers, p);
         }
         panic!("never offered v1: {offers:?}");

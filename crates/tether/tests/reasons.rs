@@ -93,16 +93,7 @@ impl RawPeerServer {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut buf = [0u8; 256];
         let _ = self.0.read(&mut buf).await.unwrap(); // the HELLO
-        let w = tether::proto::Welcome {
-            version: 1,
-            heartbeat_ms: 1000,
-            timeout_ms: 3000,
-            epoch: 1,
-            server_id: "fake".into(),
-            max_frame: None,
-            extensions: Vec::new(),
-        };
-        self.0.write_all(&Frame::Welcome(w).to_bytes()).await.unwrap();
+        self.0.write_all(&Frame::Welcome(support::v1_welcome("fake")).to_bytes()).await.unwrap();
     }
 }
 

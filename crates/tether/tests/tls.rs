@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use support::{hello_frame, next_disconnect, offline_reason, test_config, RawPeer, TestServer};
 use tether::proto::frame::PROTOCOL_VERSION;
-use tether::proto::{Frame, Welcome};
+use tether::proto::Frame;
 use tether::{
     Client, ClientConfig, ClientTls, CloseReason, ConnectError, DevPki, EventKind, ServerConfig, ServerTls, TrustRoots,
 };
@@ -178,16 +178,7 @@ async fn a_tls_client_detects_a_silent_server() {
         tcp.set_nodelay(true).unwrap();
         let mut p = RawPeer::from_stream(acceptor.accept(tcp).await.unwrap());
         assert!(matches!(p.next_frame().await, Some(Frame::Hello(_))));
-        let w = Welcome {
-            version: 1,
-            heartbeat_ms: 1000,
-            timeout_ms: 3000,
-            epoch: 1,
-            server_id: "fake".into(),
-            max_frame: None,
-            extensions: Vec::new(),
-        };
-        p.send(&Frame::Welcome(w)).await;
+        p.send(&Frame::Welcome(support::v1_welcome("fake"))).await;
         tokio::time::sleep(Duration::from_secs(3600)).await;
         drop(p);
     });

@@ -126,6 +126,19 @@ pub struct RawPeer<S = TcpStream> {
     pub version: u8,
 }
 
+/// The `WELCOME` a fake version-1 server sends: a 1 s heartbeat, a 3 s timeout, epoch 1.
+pub fn v1_welcome(server_id: &str) -> Welcome {
+    Welcome {
+        version: frame::V1,
+        heartbeat_ms: 1000,
+        timeout_ms: 3000,
+        epoch: 1,
+        server_id: server_id.into(),
+        max_frame: None,
+        extensions: Vec::new(),
+    }
+}
+
 /// A `HELLO` offering `version`, asking for the server's default heartbeat.
 pub fn hello_frame(version: u8, id: &str, nonce: u64) -> Frame {
     Frame::Hello(Hello::new(version, id, nonce))
