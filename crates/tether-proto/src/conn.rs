@@ -895,7 +895,7 @@ impl Connection {
                         return self.protocol_error(now, format!("the server's maximum frame {max} is below 256"));
                     }
                     // The server never sends more than it accepts; we accept at least that much (bounded).
-                    self.tx_max = max.min(frame::MAX_MAX_FRAME);
+                    self.tx_max = frame::peer_max_frame(max);
                     self.rx_max = self.rx_max.max(self.tx_max);
                 }
                 self.establish(now, w.heartbeat_ms, w.timeout_ms);

@@ -56,6 +56,15 @@ pub const fn max_payload(max_frame: u32, to_client: bool) -> usize {
     }
 }
 
+/// The largest frame a peer that announced `max_frame` is held to: at most [`MAX_MAX_FRAME`], whatever it says.
+pub const fn peer_max_frame(max_frame: u32) -> u32 {
+    if max_frame < MAX_MAX_FRAME {
+        max_frame
+    } else {
+        MAX_MAX_FRAME
+    }
+}
+
 /// Entries an extension block may hold; more is an error (the duplicate check stays cheap, whatever a peer sends).
 pub const MAX_EXTENSIONS: usize = 64;
 
@@ -140,11 +149,6 @@ pub fn sniff(buf: &[u8]) -> Option<Foreign> {
         }
     }
     None
-}
-
-/// True when `buf` starts like a TLS record: a TLS peer on a plaintext connection.
-pub fn looks_like_tls(buf: &[u8]) -> bool {
-    sniff(buf) == Some(Foreign::Tls)
 }
 
 /// Why bytes could not be decoded. Every variant ends the connection with `protocol_error`.

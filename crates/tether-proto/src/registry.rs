@@ -15,7 +15,7 @@
 //!   from by another nonce within `conflict_window`, and the holder was heard from within `conflict_liveness`,
 //!   the newcomer is refused with a retry-after instead of the two evicting each other forever. A rebooted
 //!   device comes back with a new nonce, so reboot loops, however fast, are always takeovers. The displaced
-//!   nonces of an id are kept exactly up to [`DISPLACED_EXACT`]; beyond that, in a [`StampFilter`] of fixed size,
+//!   nonces of an id are kept exactly up to [`DISPLACED_EXACT`]; beyond that, in a `StampFilter` of fixed size,
 //!   so the rule holds for any number of devices with bounded memory per id (at the cost of rare false
 //!   positives, only on ids that many devices fight over).
 //! - With `presence_grace`, `offline` (for any reason but `bye`) is announced only if the id has not come back
@@ -33,7 +33,7 @@ use crate::reason::CloseReason;
 /// The IO layer's handle for one connection.
 pub type ConnId = u64;
 
-/// Displaced nonces remembered exactly per id for the conflict rule; older ones go into a [`StampFilter`].
+/// Displaced nonces remembered exactly per id for the conflict rule; older ones go into a `StampFilter`.
 pub const DISPLACED_EXACT: usize = 16;
 
 /// The subscription that matches every id.

@@ -133,16 +133,21 @@ impl Client {
     /// servers.
     pub async fn connect(addr: SocketAddr, mut cfg: ClientConfig) -> Result<Client, ConnectError> {
         let nonce = *cfg.nonce.get_or_insert_with(rand::random);
-        match Client::connect_offering(addr, &cfg, cfg.protocol_version).await {
+        match Client::connect_offering(addr, &cfg, nonce, cfg.protocol_version).await {
             Err(ConnectError::Refused(d)) if d.reason == CloseReason::ProtocolError && cfg.protocol_version > V1 => {
                 tracing::debug!(nonce, "{addr} refused a v{} HELLO ({d:?}); offering version 1", cfg.protocol_version);
-                Client::connect_offering(addr, &cfg, V1).await
+                Client::connect_offering(addr, &cfg, nonce, V1).await
             }
             other => other,
         }
     }
 
-    async fn connect_offering(addr: SocketAddr, cfg: &ClientConfig, version: u8) -> Result<Client, ConnectError> {
+    async fn connect_offering(
+        addr: SocketAddr,
+        cfg: &ClientConfig,
+        nonce: u64,
+        version: u8,
+    ) -> Result<Client, ConnectError> {
         let stream = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| ConnectError::Timeout)??;
@@ -154,7 +159,6 @@ impl Client {
             Some(t) => Some(t.connect(addr).map_err(|e| ConnectError::Io(io::Error::other(format!("tls: {e}"))))?),
             None => None,
         };
-        let nonce = cfg.nonce.unwrap_or_else(rand::random);
         let hello = Hello {
             version,
             heartbeat_ms: cfg.heartbeat_interval.map_or(0, |d| d.as_millis().clamp(1, u32::MAX as u128) as u32),
@@ -177,7 +181,8 @@ impl Client {
         });
         match welcome_rx.await {
             Ok(Ok(welcome)) => {
-                let max_frame = welcome.max_frame.unwrap_or(cfg.conn.max_frame);
+                // Held to what the core holds the server to.
+                let max_frame = welcome.max_frame.map_or(cfg.conn.max_frame, tether_proto::frame::peer_max_frame);
                 Ok(Client { cmds: cmd_tx, events: ev_rx, welcome, nonce, local_addr, max_frame, task, closed: false })
             }
             Ok(Err(d)) => Err(ConnectError::Refused(d)),

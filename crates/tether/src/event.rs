@@ -301,7 +301,11 @@ impl EventSink {
             }
             Tx::Bounded(tx) => tx,
         };
-        let gap = self.unreported.swap(0, Ordering::AcqRel);
+        // A load first: the swap (a read-modify-write every emitter would contend on) only after a drop.
+        let gap = match self.unreported.load(Ordering::Acquire) {
+            0 => 0,
+            _ => self.unreported.swap(0, Ordering::AcqRel),
+        };
         if gap > 0 {
             let dropped = ServerEvent { at: ev.at, kind: EventKind::Dropped { count: gap } };
             match tx.try_send(dropped) {

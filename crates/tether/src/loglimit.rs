@@ -2,8 +2,8 @@
 //! counted, and the count is logged once the storm's window ends.
 //!
 //! # Layout
-//! [`LogLimiter::check`] answers whether a line of some kind (a `&'static str`, e.g. `"closed: takeover"`) about
-//! some key (a client id, or a peer address) may be written now: the first [`LogLimiter::burst`] per key and
+//! [`LogLimiter::check`] answers whether a line of some kind (a `&'static str`, e.g. `"closed"`) about some key
+//! (a client id, or a peer address) may be written now: the first `burst` ([`LogLimiter::new`]) per key and
 //! window are, later ones are counted. [`LogLimiter::flush`] returns the counts of windows that have ended, for
 //! the caller to log as one summary line each; [`LogLimiter::next_flush`] says when the next one is due. Keys
 //! are bounded ([`LogLimiter::new`]'s `max_keys`): when that many are active, lines about new keys are let
@@ -74,11 +74,6 @@ impl LogLimiter {
     /// `burst` lines per key per `window`; at most `max_keys` keys tracked at once.
     pub fn new(window: Duration, burst: u32, max_keys: usize) -> LogLimiter {
         LogLimiter { window, burst: burst.max(1), max_keys, inner: Mutex::new(Inner::default()) }
-    }
-
-    /// Lines a key may write per window before they are counted instead.
-    pub fn burst(&self) -> u32 {
-        self.burst
     }
 
     /// Whether a line of `kind` about `key` may be written now. A `false` is counted for [`flush`](Self::flush).

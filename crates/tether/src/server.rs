@@ -17,7 +17,7 @@
 //! accept, refuse and close one waiting connection at a time; other accept errors back off (10 ms doubling to
 //! 1 s) instead of spinning.
 //!
-//! Events go to the application through a bounded [`EventSink`] that never blocks (it counts what it drops).
+//! Events go to the application through a bounded `EventSink` that never blocks (it counts what it drops).
 //! Log lines about one client are summarised by a [`LogLimiter`] when they repeat, and nothing here writes to a
 //! stream that could block: the binary's log writer is non-blocking.
 
@@ -425,12 +425,13 @@ impl Server {
         {
             // One source may hold a share of the handshake slots (so that a single address stalling handshakes
             // cannot lock everyone else out) and, when configured, a number of connections.
+            let key = source_of(peer.ip());
             let mut sources = shared.sources.lock().expect("sources lock");
-            let src = sources.entry(source_of(peer.ip())).or_default();
+            let src = sources.entry(key).or_default();
             let over_conns = shared.cfg.max_per_ip.is_some_and(|cap| src.connections >= cap);
             if over_conns || src.handshakes >= shared.handshakes_per_source {
                 if src.handshakes == 0 && src.connections == 0 {
-                    sources.remove(&source_of(peer.ip()));
+                    sources.remove(&key);
                 }
                 drop(sources);
                 shared.refused_ip_limit.fetch_add(1, Ordering::Relaxed);
@@ -967,8 +968,11 @@ impl ServerHooks {
         // debugging only, so a busy server's INFO log is not one line per connection. Summarised per client (or
         // per address before a session exists) and reason when it repeats.
         if reason != CloseReason::Bye && tracing::enabled!(tracing::Level::DEBUG) {
-            let key = self.client.clone().unwrap_or_else(|| peer.ip().to_string());
-            if self.shared.log_allowed("closed", &format!("{key}, {reason}")) {
+            let key = match &self.client {
+                Some(client) => format!("{client}, {reason}"),
+                None => format!("{}, {reason}", peer.ip()),
+            };
+            if self.shared.log_allowed("closed", &key) {
                 let by = if by_peer { "by the peer" } else { "by the server" };
                 tracing::debug!(conn = conn_id, %peer, client = ?self.client, detail, "closed {by}: {reason}");
             }

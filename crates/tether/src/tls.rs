@@ -7,7 +7,7 @@
 //! the name to verify the server's certificate against. Both use rustls's `ring` provider with its safe defaults
 //! (TLS 1.2 and 1.3) and offer the ALPN protocol `tether/1`. With a PEM bundle the client verifies the server
 //! through `PinningVerifier`, which adds certificate pinning (below) to rustls's own verification; with the
-//! system store it uses rustls's verifier as is. [`explain`] and [`failure_detail`] turn a failed handshake into
+//! system store it uses rustls's verifier as is. [`explain`] and `failure_detail` turn a failed handshake into
 //! a hint a person can act on. The driver runs the resulting rustls connection; nothing else in tether depends
 //! on TLS.
 //!
@@ -359,7 +359,7 @@ fn ca_used_as_end_entity(err: &rustls::Error) -> bool {
 /// A hint, in plain words, for a client whose TLS handshake failed with `err`: what is wrong with the server's
 /// certificate, or why the server refused the client's, and how to fix it. `None` when there is nothing to add.
 /// The hints name the `tether` command's options. On a server they would be wrong (they speak of the server's
-/// certificate); see [`failure_detail`].
+/// certificate); see `failure_detail`.
 pub fn explain(err: &rustls::Error) -> Option<&'static str> {
     use rustls::AlertDescription as Alert;
     use CertificateError as C;
