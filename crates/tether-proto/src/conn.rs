@@ -280,7 +280,7 @@ pub struct Connection {
     /// When we last queued a frame: a `PING` is due one interval after it.
     last_tx: Instant,
     /// Client: how far into its first ping cycle the connection starts, as a fraction of the interval.
-    ping_phase: f64,
+    ping_phase: f32,
     /// Heartbeat interval and timeout in milliseconds (as negotiated on the wire), once negotiated; 0 before.
     interval_ms: u32,
     timeout_ms: u32,
@@ -300,6 +300,9 @@ pub struct Connection {
     data_tokens: f64,
     data_refilled: Instant,
     rtt: Option<Duration>,
+    /// Frames parsed and frames queued, wrapping: the IO layer counts them into its metrics by difference.
+    frames_rx: u32,
+    frames_tx: u32,
     events: VecDeque<Event>,
 }
 
@@ -349,6 +352,8 @@ impl Connection {
             data_tokens: 0.0,
             data_refilled: now,
             rtt: None,
+            frames_rx: 0,
+            frames_tx: 0,
             events: VecDeque::new(),
         }
     }
@@ -377,6 +382,14 @@ impl Connection {
     /// Negotiated heartbeat `(interval, timeout)`.
     pub fn heartbeat(&self) -> Option<(Duration, Duration)> {
         (self.interval_ms > 0).then(|| (ms(self.interval_ms), ms(self.timeout_ms)))
+    }
+    /// When the connection was created (for a server, when the socket was accepted).
+    pub fn opened(&self) -> Instant {
+        self.origin
+    }
+    /// Frames received and frames queued for sending so far, each wrapping at `u32::MAX`: count by difference.
+    pub fn frame_counts(&self) -> (u32, u32) {
+        (self.frames_rx, self.frames_tx)
     }
     /// The last measured round-trip time.
     pub fn rtt(&self) -> Option<Duration> {
@@ -601,7 +614,7 @@ impl Connection {
     /// `(1 - fraction) × interval`. Clients that connect together (after a server restart) then do not ping in
     /// phase forever. The IO layer draws the fraction; the core has no randomness of its own.
     pub fn set_ping_phase(&mut self, fraction: f64) {
-        self.ping_phase = if fraction.is_finite() { fraction.clamp(0.0, 0.999) } else { 0.0 };
+        self.ping_phase = if fraction.is_finite() { fraction.clamp(0.0, 0.999) as f32 } else { 0.0 };
     }
 
     /// Server: admit the session announced by [`Event::Hello`] and send `WELCOME`. The core fills in the
@@ -812,7 +825,10 @@ impl Connection {
                     let start = pos;
                     pos += n;
                     match parsed {
-                        Ok(f) => self.on_frame(now, f),
+                        Ok(f) => {
+                            self.frames_rx = self.frames_rx.wrapping_add(1);
+                            self.on_frame(now, f)
+                        }
                         Err(e) => self.decode_error(now, e, &buf[start..]),
                     }
                 }
@@ -975,7 +991,7 @@ impl Connection {
         self.ping_refilled = now;
         self.ping_tokens = ping_allowance(interval, timeout) as f32;
         if self.role == Role::Client && self.ping_phase > 0.0 {
-            self.last_tx = now.checked_sub(interval.mul_f64(self.ping_phase)).unwrap_or(now);
+            self.last_tx = now.checked_sub(interval.mul_f32(self.ping_phase)).unwrap_or(now);
         }
     }
 
@@ -1071,6 +1087,7 @@ impl Connection {
             self.tx_stalled_since = Some(now);
         }
         f.encode_v(&mut self.tx, self.version);
+        self.frames_tx = self.frames_tx.wrapping_add(1);
         self.last_tx = now;
     }
 }

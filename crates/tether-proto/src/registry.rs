@@ -271,6 +271,8 @@ pub struct Registry {
     subscribers: HashMap<String, HashSet<ConnId>>,
     wildcard: HashSet<ConnId>,
     subscriptions: HashMap<ConnId, HashSet<String>>,
+    /// Entries of `subscriptions`, all connections together (for metrics without a scan).
+    subscriptions_held: usize,
     out: VecDeque<Output>,
 }
 
@@ -286,6 +288,21 @@ impl Registry {
     /// Ids with a live session.
     pub fn online(&self) -> usize {
         self.sessions.len()
+    }
+
+    /// Online sessions in no particular order: id, connection, and whether the detector suspects it.
+    pub fn sessions(&self) -> impl Iterator<Item = (&str, ConnId, bool)> {
+        self.sessions.iter().map(|(id, s)| (id.as_str(), s.conn, s.suspect))
+    }
+
+    /// The connection holding `client` and whether the detector suspects it, if online.
+    pub fn session(&self, client: &str) -> Option<(ConnId, bool)> {
+        self.sessions.get(client).map(|s| (s.conn, s.suspect))
+    }
+
+    /// Presence subscriptions held, over all connections (a `*` counts as one).
+    pub fn subscriptions(&self) -> usize {
+        self.subscriptions_held
     }
 
     /// The connection holding `client`, if online.
@@ -401,6 +418,7 @@ impl Registry {
         }
         for id in new {
             self.subscriptions.entry(conn).or_default().insert(id.clone());
+            self.subscriptions_held += 1;
             if id == WILDCARD {
                 self.wildcard.insert(conn);
             } else {
@@ -434,8 +452,8 @@ impl Registry {
 
     pub fn unsubscribe(&mut self, conn: ConnId, ids: &[String]) {
         for id in ids {
-            if let Some(set) = self.subscriptions.get_mut(&conn) {
-                set.remove(id);
+            if self.subscriptions.get_mut(&conn).is_some_and(|set| set.remove(id)) {
+                self.subscriptions_held -= 1;
             }
             if id == WILDCARD {
                 self.wildcard.remove(&conn);
@@ -553,6 +571,7 @@ impl Registry {
 
     fn drop_subscriptions(&mut self, conn: ConnId) {
         if let Some(ids) = self.subscriptions.remove(&conn) {
+            self.subscriptions_held -= ids.len();
             let ids: Vec<String> = ids.into_iter().collect();
             self.unsubscribe(conn, &ids);
         }

@@ -308,3 +308,20 @@ fn a_late_subscriber_learns_when_and_why_an_id_left() {
     assert!(r.gone.is_empty(), "older than a minute: forgotten");
     assert_eq!(r.gone_order.len(), 0);
 }
+
+#[test]
+fn subscription_count_follows_subscribe_unsubscribe_and_disconnect() {
+    let t = Instant::now();
+    let mut r = Registry::new(RegistryConfig::default());
+    r.subscribe(t, 100, &["a".into(), "b".into(), "a".into()]).unwrap();
+    r.subscribe(t, 100, &["b".into(), "c".into()]).unwrap();
+    r.subscribe(t, 101, &["*".into()]).unwrap();
+    assert_eq!(r.subscriptions(), 4);
+    r.unsubscribe(100, &["a".into(), "zzz".into()]);
+    assert_eq!(r.subscriptions(), 3);
+    r.disconnect(t, 100, None, CloseReason::Eof, true, t);
+    assert_eq!(r.subscriptions(), 1);
+    r.admit(t, "a", 1, 7, NEVER);
+    let online: Vec<_> = r.sessions().collect();
+    assert_eq!(online, vec![("a", 7, false)]);
+}
