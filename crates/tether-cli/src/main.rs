@@ -103,11 +103,6 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     })
 }
 
-/// RFC 3339 timestamp with milliseconds.
-fn rfc3339(t: std::time::SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
-}
-
 /// Print one JSON line on stdout and flush it at once. Only off the runtime (the benchmark coordinator): on a
 /// runtime thread, output goes through [`output`]'s writer threads.
 fn emit_json(v: &serde_json::Value) {

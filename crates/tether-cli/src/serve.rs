@@ -8,6 +8,7 @@
 //! (counted, and reported with a `dropped` event when it catches up) but never stalls the server; human event
 //! lines go through the non-blocking log.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -15,10 +16,9 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::ValueEnum;
 use serde::Deserialize;
-use serde_json::json;
 use tether::loglimit::LogLimiter;
 use tether::proto::{DetectorConfig, PhiConfig};
-use tether::{EventKind, EventQueue, EventStream, Keepalive, Server, ServerConfig, ServerEvent};
+use tether::{EventKind, EventQueue, EventStream, Keepalive, Server, ServerConfig};
 
 use crate::duration;
 
@@ -158,6 +158,20 @@ pub struct Args {
     /// Also emit a `stats` event this often (connections, online, handshakes in flight and their peak, busy).
     #[arg(long, value_parser = duration::parse, value_name = "DUR")]
     stats_interval: Option<Duration>,
+    /// Admin API, /metrics and dashboard address, or `off` [default: 127.0.0.1:7401 with the default --listen,
+    /// else an ephemeral loopback port].
+    #[arg(long, value_name = "ADDR|off")]
+    admin: Option<String>,
+    /// Bearer token for the admin API, from this file (required on a non-loopback --admin). Without it, the
+    /// TETHER_ADMIN_TOKEN environment variable is used.
+    #[arg(long, value_name = "FILE")]
+    admin_token_file: Option<PathBuf>,
+    /// Serve /metrics, /healthz and /readyz without the admin token (for scrapers).
+    #[arg(long)]
+    admin_open_metrics: bool,
+    /// Closed connections kept for the admin API's /v1/disconnects [default: 10000].
+    #[arg(long, value_name = "N")]
+    disconnect_history: Option<usize>,
 }
 
 /// The TOML file: every field optional, durations as strings ("500ms", "1.5s").
@@ -201,6 +215,10 @@ pub struct FileConfig {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_client_ca: Option<PathBuf>,
+    admin: Option<String>,
+    admin_token_file: Option<PathBuf>,
+    admin_open_metrics: Option<bool>,
+    disconnect_history: Option<usize>,
 }
 
 fn dur(field: &str, v: &Option<String>) -> anyhow::Result<Option<Duration>> {
@@ -323,7 +341,43 @@ pub fn build_config(args: &Args, file: &FileConfig) -> anyhow::Result<ServerConf
         ),
     }
     cfg.tls = server_tls(args, file)?;
+    cfg.disconnect_history = pick!(args.disconnect_history, file.disconnect_history).unwrap_or(cfg.disconnect_history);
+    // Per-frame counting serves the admin listener's /metrics; without it the hot path skips that work.
+    cfg.metrics = admin_addr(args, file)?.is_some();
     Ok(cfg)
+}
+
+/// The admin listener's address: `--admin` (or `off`), else 127.0.0.1:7401 when the server listens on its
+/// default address, else an ephemeral loopback port (so that several servers on one machine never collide).
+pub fn admin_addr(args: &Args, file: &FileConfig) -> anyhow::Result<Option<SocketAddr>> {
+    match args.admin.as_deref().or(file.admin.as_deref()) {
+        Some("off") => Ok(None),
+        Some(a) => Ok(Some(a.parse().with_context(|| format!("--admin {a:?} is neither an IP:PORT address nor off"))?)),
+        None if args.listen.is_none() && file.listen.is_none() => Ok(Some(SocketAddr::from(([127, 0, 0, 1], 7401)))),
+        None => Ok(Some(SocketAddr::from(([127, 0, 0, 1], 0)))),
+    }
+}
+
+/// The admin listener's settings: its token (from `--admin-token-file`, else `TETHER_ADMIN_TOKEN`), whether the
+/// scrape endpoints are open.
+fn admin_config(args: &Args, file: &FileConfig) -> anyhow::Result<tether_admin::AdminConfig> {
+    let token = match args.admin_token_file.as_ref().or(file.admin_token_file.as_ref()) {
+        Some(path) => {
+            let raw = crate::read_file(path)?;
+            let t = String::from_utf8(raw).with_context(|| format!("{} is not UTF-8", path.display()))?;
+            let t = t.trim().to_owned();
+            if t.is_empty() {
+                bail!("{} holds no token", path.display());
+            }
+            Some(t)
+        }
+        None => std::env::var("TETHER_ADMIN_TOKEN").ok().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()),
+    };
+    Ok(tether_admin::AdminConfig {
+        token,
+        open_metrics: args.admin_open_metrics || file.admin_open_metrics.unwrap_or(false),
+        ..Default::default()
+    })
 }
 
 /// The TLS settings from the flags or the file (flags win, as a set); `None` serves plain TCP.
@@ -379,6 +433,21 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let json = args.events == Some(EventsFormat::Json);
     cfg.stats_interval = args.stats_interval.filter(|d| !d.is_zero());
     let mut server = Server::bind(cfg.clone()).await.with_context(|| format!("binding {}", cfg.listen))?;
+    let admin = match admin_addr(&args, &file)? {
+        None => None,
+        Some(addr) => {
+            let mut admin_cfg = admin_config(&args, &file)?;
+            let listener = tether_admin::bind(addr, admin_cfg.token.as_deref()).await?;
+            let bound = listener.local_addr()?;
+            admin_cfg.listen = Some(server.local_addr()?);
+            admin_cfg.admin = Some(bound);
+            server.set_admin_addr(bound);
+            let auth = if admin_cfg.token.is_some() { "bearer token required" } else { "no token (loopback)" };
+            tracing::info!("admin API, /metrics and dashboard on http://{bound}/ ({auth})");
+            let app = tether_admin::router(server.handle(), admin_cfg);
+            Some(tokio::spawn(tether_admin::serve(listener, app, std::future::pending())))
+        }
+    };
     let events = server.events().expect("fresh server has its event stream");
     if json {
         // JSON lines go to stdout, where a write may block: on a thread of its own.
@@ -396,6 +465,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         let printer = tokio::spawn(log_events(events));
         server.run(shutdown).await?;
         let _ = tokio::time::timeout(Duration::from_secs(5), printer).await;
+    }
+    if let Some(admin) = admin {
+        admin.abort();
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -454,80 +526,14 @@ fn event_key(k: &EventKind) -> String {
     }
 }
 
-fn ms(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1e6).round() / 1e3
-}
-
-/// One event as the JSON object documented in the README.
-pub fn event_json(ev: &ServerEvent) -> serde_json::Value {
-    let mut v = json!({ "ts": crate::rfc3339(ev.at), "event": ev.kind.name() });
-    let fields = match &ev.kind {
-        EventKind::Listening { addr } => json!({ "addr": addr.to_string() }),
-        EventKind::Online { client, conn, peer, epoch, heartbeat, timeout } => json!({
-            "client": client, "conn": conn, "peer": peer.to_string(), "epoch": epoch,
-            "heartbeat_ms": heartbeat.as_millis() as u64, "timeout_ms": timeout.as_millis() as u64,
-        }),
-        EventKind::Offline { client, conn, peer, reason, lateness, silent_for, by_peer, detail } => json!({
-            "client": client, "conn": conn, "peer": peer.to_string(), "reason": reason.as_str(),
-            "by": decider(*by_peer), "lateness_ms": lateness.map(ms), "silent_ms": ms(*silent_for), "detail": detail,
-        }),
-        EventKind::Closed { client, conn, peer, reason, lateness, by_peer, detail } => json!({
-            "client": client, "conn": conn, "peer": peer.to_string(), "reason": reason.as_str(),
-            "by": decider(*by_peer), "lateness_ms": lateness.map(ms), "detail": detail,
-        }),
-        EventKind::Takeover { client, old_conn, new_conn, peer, epoch, same_device } => json!({
-            "client": client, "conn": new_conn, "old_conn": old_conn, "peer": peer.to_string(),
-            "epoch": epoch, "same_device": same_device,
-        }),
-        EventKind::IdConflict { client, holder_conn, newcomer_conn, peer, retry_after } => json!({
-            "client": client, "conn": newcomer_conn, "holder_conn": holder_conn, "peer": peer.to_string(),
-            "retry_after_ms": retry_after.as_millis() as u64,
-        }),
-        EventKind::Suspect { client, conn, peer, silent_for } => json!({
-            "client": client, "conn": conn, "peer": peer.to_string(), "silent_ms": ms(*silent_for),
-        }),
-        EventKind::Recovered { client, conn, peer } => json!({
-            "client": client, "conn": conn, "peer": peer.to_string(),
-        }),
-        EventKind::Data { client, conn, payload } => json!({
-            "client": client, "conn": conn, "payload": String::from_utf8_lossy(payload),
-        }),
-        EventKind::Undeliverable { client, conn, to, len, why } => json!({
-            "client": client, "conn": conn, "to": to, "len": len, "why": why.as_str(),
-        }),
-        EventKind::Dropped { count } => json!({ "count": count }),
-        EventKind::Stats(s) => json!({
-            "connections": s.connections, "online": s.online, "handshakes": s.handshakes,
-            "peak_handshakes": s.peak_handshakes, "refused_busy": s.refused_busy,
-            "refused_ip_limit": s.refused_ip_limit, "undeliverable": s.undeliverable,
-            "events_dropped": s.events_dropped,
-        }),
-        _ => json!({}),
-    };
-    if let (Some(obj), serde_json::Value::Object(f)) = (v.as_object_mut(), fields) {
-        obj.extend(f);
-    }
-    // A reason this build does not know (from a newer client's BYE) keeps its number.
-    if let EventKind::Offline { reason, .. } | EventKind::Closed { reason, .. } = &ev.kind {
-        if !reason.is_known() {
-            v["reason_code"] = json!(reason.code());
-        }
-    }
-    v
-}
-
-/// Who decided a close: `client` (its `BYE`, FIN or reset) or `server` (a verdict or command of ours).
-fn decider(by_peer: bool) -> &'static str {
-    if by_peer {
-        "client"
-    } else {
-        "server"
-    }
-}
+use tether_admin::json::{decider, event_json, ms};
 
 fn event_human(k: &EventKind) -> String {
     match k {
-        EventKind::Listening { addr } => format!("listening on {addr}"),
+        EventKind::Listening { addr, admin: Some(admin) } => {
+            format!("listening on {addr}; admin API and dashboard on http://{admin}/")
+        }
+        EventKind::Listening { addr, admin: None } => format!("listening on {addr}"),
         EventKind::Online { client, peer, epoch, heartbeat, .. } => {
             format!("online  {client} from {peer} (epoch {epoch}, heartbeat {heartbeat:?})")
         }

@@ -83,6 +83,11 @@ pub struct ServerConfig {
     pub event_queue: EventQueue,
     /// Emit an [`crate::EventKind::Stats`] event this often. `None`: never.
     pub stats_interval: Option<Duration>,
+    /// Count per-frame traffic (frames, bytes, queued bytes) and sample round trips into the histograms. Off, the
+    /// hot path skips that work; disconnects, refusals and the other per-connection counts are kept either way.
+    pub metrics: bool,
+    /// Closed connections kept for [`crate::ServerHandle::disconnects`] (about 200 bytes each).
+    pub disconnect_history: usize,
 }
 
 impl Default for ServerConfig {
@@ -111,6 +116,8 @@ impl Default for ServerConfig {
             tls: None,
             event_queue: EventQueue::default(),
             stats_interval: None,
+            metrics: true,
+            disconnect_history: 10_000,
         }
     }
 }

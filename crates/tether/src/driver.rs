@@ -75,6 +75,8 @@ pub(crate) trait Hooks {
     fn poll_cmd(&mut self, cx: &mut Context<'_>) -> Poll<Option<Self::Cmd>>;
     /// Called after each read with the instant of the last frame, for liveness bookkeeping outside the task.
     fn on_progress(&mut self, _conn: &Connection) {}
+    /// Called after bytes moved: `read` from the socket, `written` to it (TLS records included), for metrics.
+    fn on_io(&mut self, _conn: &Connection, _read: usize, _written: usize) {}
 }
 
 /// Run the connection until the core says it is closed, then close the socket. `tls`: the rustls connection
@@ -95,9 +97,12 @@ pub(crate) async fn drive<H: Hooks>(
         while let Some(ev) = conn.poll_event() {
             hooks.on_event(conn, now, ev);
         }
-        match tls.as_deref_mut() {
-            None => flush(&stream, conn, now),
-            Some(tls) => flush_tls(&stream, tls, conn, now),
+        {
+            let written = match tls.as_deref_mut() {
+                None => flush(&stream, conn, now),
+                Some(tls) => flush_tls(&stream, tls, conn, now),
+            };
+            hooks.on_io(conn, 0, written);
         }
         if conn.kernel_check_due(now) {
             conn.handle_kernel_queue(now, sockopt::kernel_queue(stream.as_raw_fd()));
@@ -161,8 +166,9 @@ pub(crate) async fn drive<H: Hooks>(
         .await;
         match wake {
             Wake::Read => {
-                read(&stream, tls.as_deref_mut(), conn);
+                let n = read(&stream, tls.as_deref_mut(), conn);
                 hooks.on_progress(conn);
+                hooks.on_io(conn, n, 0);
             }
             Wake::Write => {}
             Wake::Timer => {
@@ -170,8 +176,9 @@ pub(crate) async fn drive<H: Hooks>(
                 // A timer can fire late (a stalled process, a busy runtime): frames already waiting in the
                 // kernel arrived before the verdict would be taken, so they are read first and count as life.
                 if want_read {
-                    read_pending(&stream, tls.as_deref_mut(), conn);
+                    let n = read_pending(&stream, tls.as_deref_mut(), conn);
                     hooks.on_progress(conn);
+                    hooks.on_io(conn, n, 0);
                 }
                 conn.handle_timeout(now_std());
             }
@@ -323,7 +330,8 @@ fn drain_plaintext(tls: &mut TlsConn, conn: &mut Connection) {
     }
 }
 
-fn read(stream: &TcpStream, tls: Option<&mut TlsConn>, conn: &mut Connection) {
+/// Returns the bytes read.
+fn read(stream: &TcpStream, tls: Option<&mut TlsConn>, conn: &mut Connection) -> usize {
     let mut buf = [0u8; READ_CHUNK];
     let mut got = 0;
     // A read shorter than the buffer shows the socket drained (epoll reports new data as a new edge), so it is
@@ -351,34 +359,46 @@ fn read(stream: &TcpStream, tls: Option<&mut TlsConn>, conn: &mut Connection) {
             conn.handle_error(now(), &e, unacked);
         }
     }
+    got
 }
 
 /// Read everything already waiting in the kernel (bounded), without waiting for readiness. This reads the
 /// socket directly: tokio's `try_read` trusts its cached readiness, which lags behind the kernel exactly when a
 /// timer fires late (the IO driver has not seen the epoll event yet). The socket is non-blocking either way.
-fn read_pending(stream: &TcpStream, mut tls: Option<&mut TlsConn>, conn: &mut Connection) {
+/// Returns the bytes read.
+fn read_pending(stream: &TcpStream, mut tls: Option<&mut TlsConn>, conn: &mut Connection) -> usize {
     use std::io::Read;
     let sock = SockRef::from(stream);
+    let mut total = 0;
     for _ in 0..16 {
         let before = (conn.pending_rx(), conn.last_rx(), conn.is_closed());
         let mut buf = [0u8; READ_CHUNK];
         match (&*sock).read(&mut buf) {
-            Ok(0) => return deliver_eof(tls, conn),
-            Ok(n) => deliver(tls.as_deref_mut(), conn, &buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Ok(0) => {
+                deliver_eof(tls, conn);
+                return total;
+            }
+            Ok(n) => {
+                total += n;
+                deliver(tls.as_deref_mut(), conn, &buf[..n])
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return total,
             Err(e) => {
                 let unacked = sockopt::unacked_bytes(stream.as_raw_fd()).is_some_and(|n| n > 0);
-                return conn.handle_error(now(), &e, unacked);
+                conn.handle_error(now(), &e, unacked);
+                return total;
             }
         }
         // Over TLS a read may complete no frame (handshake records, a partial record) yet be progress.
         if !conn.wants_read() || (tls.is_none() && before == (conn.pending_rx(), conn.last_rx(), conn.is_closed())) {
-            return;
+            return total;
         }
     }
+    total
 }
 
-fn flush(stream: &TcpStream, conn: &mut Connection, now: StdInstant) {
+/// Returns the bytes written.
+fn flush(stream: &TcpStream, conn: &mut Connection, now: StdInstant) -> usize {
     let mut budget = WRITE_BUDGET;
     while budget > 0 && !conn.poll_transmit().is_empty() {
         let chunk = &conn.poll_transmit()[..conn.poll_transmit().len().min(budget)];
@@ -387,18 +407,20 @@ fn flush(stream: &TcpStream, conn: &mut Connection, now: StdInstant) {
                 budget -= n.min(budget);
                 conn.handle_written(now, n);
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) => {
                 let unacked = sockopt::unacked_bytes(stream.as_raw_fd()).is_some_and(|n| n > 0);
                 conn.handle_error(now, &e, unacked);
-                return;
+                break;
             }
         }
     }
+    WRITE_BUDGET - budget
 }
 
 /// Move the core's bytes into rustls (as far as its buffer limit allows) and rustls's records to the socket.
-fn flush_tls(stream: &TcpStream, tls: &mut TlsConn, conn: &mut Connection, now: StdInstant) {
+/// Returns the bytes written to the socket.
+fn flush_tls(stream: &TcpStream, tls: &mut TlsConn, conn: &mut Connection, now: StdInstant) -> usize {
     use std::io::Write;
     let mut budget = WRITE_BUDGET;
     loop {
@@ -409,19 +431,21 @@ fn flush_tls(stream: &TcpStream, tls: &mut TlsConn, conn: &mut Connection, now: 
             }
         }
         if !tls.wants_write() || budget == 0 {
-            return;
+            break;
         }
         let r = stream.try_io(Interest::WRITABLE, || tls.write_tls(&mut &*SockRef::from(stream)));
         match r {
-            Ok(0) => return,
+            Ok(0) => break,
             Ok(n) => budget -= n.min(budget),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) => {
                 let unacked = sockopt::unacked_bytes(stream.as_raw_fd()).is_some_and(|n| n > 0);
-                return conn.handle_error(now, &e, unacked);
+                conn.handle_error(now, &e, unacked);
+                break;
             }
         }
     }
+    WRITE_BUDGET - budget
 }
 
 /// Drain what the peer already sent (bounded) so that dropping the socket sends FIN rather than RST: a RST can

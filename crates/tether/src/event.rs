@@ -35,6 +35,8 @@ pub struct ServerEvent {
 pub enum EventKind {
     Listening {
         addr: SocketAddr,
+        /// Where the admin API listens, when the application announced one ([`crate::Server::set_admin_addr`]).
+        admin: Option<SocketAddr>,
     },
     Online {
         client: String,

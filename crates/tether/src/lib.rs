@@ -10,6 +10,9 @@
 //! - [`event`]: [`ServerEvent`], what the server tells its application, through a bounded [`EventStream`].
 //! - [`fdlimit`]: the file-descriptor limit, raised at start, and the connection capacity it leaves.
 //! - [`loglimit`]: [`loglimit::LogLimiter`], which summarises repeated log lines about one client.
+//! - [`metrics`]: the server's counters and histograms (atomics on the hot path) and their snapshot.
+//! - [`ops`]: what an operator reads and steers: sessions, the kernel's view of a socket, recent disconnects,
+//!   live event watchers, the drain. The HTTP admin layer over them is the `tether-admin` crate.
 //! - [`tls`]: [`ServerTls`] and [`ClientTls`], rustls configurations from PEM.
 //! - [`sockopt`]: TCP_NODELAY, keepalive and TCP_USER_TIMEOUT on every socket, read back for the logs.
 //! - `driver`: the IO pump that carries out a [`tether_proto::Connection`]'s decisions on a socket.
@@ -23,6 +26,8 @@ mod driver;
 pub mod event;
 pub mod fdlimit;
 pub mod loglimit;
+pub mod metrics;
+pub mod ops;
 pub mod resilient;
 pub mod server;
 pub mod sockopt;
@@ -32,6 +37,8 @@ pub use auth::{AuthError, Authenticator, Grant, HmacTokens};
 pub use client::{Client, ClientError, ClientEvent, ConnectError, Disconnect};
 pub use config::{Auth, ClientConfig, ServerConfig};
 pub use event::{EventKind, EventQueue, EventStream, ServerEvent, Stats};
+pub use metrics::MetricsSnapshot;
+pub use ops::{DisconnectRecord, DrainError, DrainStatus, EventWatch, KernelView, SessionInfo};
 pub use resilient::{LinkError, LinkEvent, ReconnectingClient, ResilienceConfig, Sent};
 pub use server::{SendToError, Server, ServerHandle};
 pub use sockopt::{Keepalive, SocketOptions};

@@ -1,0 +1,333 @@
+//! The admin API's handlers: `/v1/*`, `/metrics`, `/healthz`, `/readyz` and the dashboard at `/`.
+//!
+//! # Layout
+//! [`routes`] wires paths to handlers behind the token check. Query strings are parsed by hand from a map so
+//! that a bad value gets a JSON 400 naming the parameter (axum's own rejection is plain text). Handlers only call
+//! `ServerHandle` methods, which never block: the session hub's lock is held for a copy at most.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use serde_json::json;
+use subtle::ConstantTimeEq;
+use tether::CloseReason;
+
+use crate::json::{disconnect_json, drain_json, event_json, kernel_json, overview_json, rfc3339, session_json};
+use crate::{AppState, ConnKill, EVENT_STREAM_BUFFER, MAX_EVENT_STREAMS};
+
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// An error as the API reports it: `{"error": message}` with a status.
+pub(crate) struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+type Params = Query<HashMap<String, String>>;
+
+pub(crate) fn routes(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(dashboard))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/v1/overview", get(overview))
+        .route("/v1/sessions", get(sessions))
+        .route("/v1/sessions/{id}", get(session))
+        .route("/v1/sessions/{id}/kick", post(kick))
+        .route("/v1/disconnects", get(disconnects))
+        .route("/v1/events", get(events))
+        .route("/v1/drain", get(drain_status).post(drain).delete(undrain))
+        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
+        .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .with_state(state)
+}
+
+/// The bearer-token check: 401 without credentials, 403 with a wrong token.
+async fn authorize(State(st): State<AppState>, headers: HeaderMap, req: Request, next: Next) -> Response {
+    let Some(token) = st.cfg.token.as_deref().filter(|t| !t.is_empty()) else { return next.run(req).await };
+    let path = req.uri().path();
+    let open = path == "/" || (st.cfg.open_metrics && matches!(path, "/metrics" | "/healthz" | "/readyz"));
+    if open {
+        return next.run(req).await;
+    }
+    let given =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        None => {
+            let mut r =
+                ApiError(StatusCode::UNAUTHORIZED, "a bearer token is required (Authorization: Bearer TOKEN)".into())
+                    .into_response();
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            r
+        }
+        Some(g) if bool::from(g.trim().as_bytes().ct_eq(token.as_bytes())) => next.run(req).await,
+        Some(_) => ApiError(StatusCode::FORBIDDEN, "the bearer token is not valid".into()).into_response(),
+    }
+}
+
+async fn dashboard() -> impl IntoResponse {
+    ([(header::CACHE_CONTROL, "no-store")], Html(DASHBOARD))
+}
+
+async fn metrics(State(st): State<AppState>) -> Response {
+    match crate::prom::render(&st.handle) {
+        Ok(body) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response(),
+        Err(_) => ApiError(StatusCode::INTERNAL_SERVER_ERROR, "metrics encoding failed".into()).into_response(),
+    }
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+async fn readyz(State(st): State<AppState>) -> Response {
+    if st.handle.is_ready() {
+        Json(json!({ "ready": true })).into_response()
+    } else {
+        let why = if st.handle.drain_status().draining { "draining" } else { "shutting down" };
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "ready": false, "reason": why }))).into_response()
+    }
+}
+
+fn server_json(st: &AppState) -> serde_json::Value {
+    let uptime = st.handle.started().elapsed().unwrap_or_default();
+    json!({
+        "listen": st.cfg.listen.map(|a| a.to_string()), "admin": st.cfg.admin.map(|a| a.to_string()),
+        "server_id": st.handle.server_id(), "started": rfc3339(st.handle.started()),
+        "uptime_s": uptime.as_secs_f64(), "draining": !st.handle.is_ready(),
+    })
+}
+
+async fn overview(State(st): State<AppState>) -> Json<serde_json::Value> {
+    Json(overview_json(&st.handle.metrics(), server_json(&st)))
+}
+
+/// `limit` from the query: `default` when absent, 1..=`max`.
+fn limit(q: &HashMap<String, String>, default: usize, max: usize) -> Result<usize, ApiError> {
+    match q.get("limit") {
+        None => Ok(default),
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=max).contains(&n) => Ok(n),
+            _ => Err(bad(format!("limit must be a whole number from 1 to {max}, not {v:?}"))),
+        },
+    }
+}
+
+fn only_known(q: &HashMap<String, String>, known: &[&str]) -> Result<(), ApiError> {
+    match q.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(k) => Err(bad(format!("unknown query parameter {k:?} (known: {})", known.join(", ")))),
+        None => Ok(()),
+    }
+}
+
+async fn sessions(State(st): State<AppState>, Query(q): Params) -> Result<Json<serde_json::Value>, ApiError> {
+    only_known(&q, &["prefix", "limit", "after"])?;
+    let limit = limit(&q, 100, 1000)?;
+    let prefix = q.get("prefix").map_or("", String::as_str);
+    let after = q.get("after").map(String::as_str);
+    let page = st.handle.sessions(prefix, after, limit);
+    // The cursor for the next page: the last id of a full page.
+    let next = (page.len() == limit).then(|| page.last().map(|s| s.client.clone())).flatten();
+    let list: Vec<_> = page.iter().map(session_json).collect();
+    Ok(Json(json!({ "sessions": list, "next": next })))
+}
+
+async fn session(State(st): State<AppState>, Path(id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+    let (info, kernel) =
+        st.handle.session(&id).ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("client {id} is not online")))?;
+    Ok(Json(json!({ "session": session_json(&info), "kernel": kernel.as_ref().map(kernel_json) })))
+}
+
+/// A duration from JSON: a number of milliseconds, or a string such as `"30s"` or `"1m 30s"`.
+fn duration_field(v: Option<&serde_json::Value>, name: &str) -> Result<Option<Duration>, ApiError> {
+    match v {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::Number(n)) => n
+            .as_u64()
+            .map(|ms| Some(Duration::from_millis(ms)))
+            .ok_or_else(|| bad(format!("{name} must be a whole number of milliseconds or a string like \"30s\""))),
+        Some(serde_json::Value::String(s)) => humantime::parse_duration(s)
+            .map(Some)
+            .map_err(|e| bad(format!("{name}: {e} (write it like \"30s\" or \"500ms\")"))),
+        Some(_) => Err(bad(format!("{name} must be a number of milliseconds or a string like \"30s\""))),
+    }
+}
+
+/// An optional JSON object body; empty means `{}`.
+fn body_object(body: &[u8]) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(serde_json::Map::new());
+    }
+    match serde_json::from_slice(body) {
+        Ok(serde_json::Value::Object(m)) => Ok(m),
+        Ok(_) => Err(bad("the body must be a JSON object")),
+        Err(e) => Err(bad(format!("the body is not valid JSON: {e}"))),
+    }
+}
+
+fn check_fields(body: &serde_json::Map<String, serde_json::Value>, known: &[&str]) -> Result<(), ApiError> {
+    match body.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(k) => Err(bad(format!("unknown field {k:?} (known: {})", known.join(", ")))),
+        None => Ok(()),
+    }
+}
+
+/// `BYE` carries retry-after in milliseconds as a u32.
+const MAX_RETRY_AFTER: Duration = Duration::from_millis(u32::MAX as u64);
+
+async fn kick(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let body = body_object(&body)?;
+    check_fields(&body, &["retry_after"])?;
+    let retry = duration_field(body.get("retry_after"), "retry_after")?.unwrap_or_default();
+    if retry > MAX_RETRY_AFTER {
+        return Err(bad("retry_after is at most 49 days (a u32 of milliseconds)"));
+    }
+    if !st.handle.kick_with(&id, retry) {
+        return Err(ApiError(StatusCode::NOT_FOUND, format!("client {id} is not online")));
+    }
+    Ok(Json(json!({ "kicked": id, "retry_after_ms": retry.as_millis() as u64 })))
+}
+
+async fn disconnects(State(st): State<AppState>, Query(q): Params) -> Result<Json<serde_json::Value>, ApiError> {
+    only_known(&q, &["reason", "limit"])?;
+    let limit = limit(&q, 100, 10_000)?;
+    let reason = match q.get("reason").map(String::as_str) {
+        None | Some("") => None,
+        Some(r) => Some(CloseReason::from_name(r).ok_or_else(|| {
+            let names: Vec<&str> = CloseReason::ALL.iter().map(|r| r.as_str()).collect();
+            bad(format!("unknown reason {r:?} (known: {})", names.join(", ")))
+        })?),
+    };
+    let list: Vec<_> = st.handle.disconnects(reason, limit).iter().map(disconnect_json).collect();
+    Ok(Json(json!({ "disconnects": list })))
+}
+
+async fn drain_status(State(st): State<AppState>) -> Json<serde_json::Value> {
+    Json(drain_json(&st.handle.drain_status()))
+}
+
+async fn drain(State(st): State<AppState>, body: axum::body::Bytes) -> Result<Response, ApiError> {
+    let body = body_object(&body)?;
+    check_fields(&body, &["redirect", "spread"])?;
+    let redirect = match body.get("redirect") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(s)) if valid_address(s) => Some(s.clone()),
+        Some(v) => {
+            return Err(bad(format!("redirect must be an address like \"host:7400\" (at most 255 bytes), not {v}")))
+        }
+    };
+    let spread = duration_field(body.get("spread"), "spread")?.unwrap_or(Duration::from_secs(30));
+    if spread > Duration::from_secs(3600) {
+        return Err(bad("spread is at most 1 hour"));
+    }
+    match st.handle.drain(redirect, spread) {
+        Ok(status) => Ok((StatusCode::ACCEPTED, Json(drain_json(&status))).into_response()),
+        Err(e) => Err(ApiError(StatusCode::CONFLICT, e.to_string())),
+    }
+}
+
+/// `host:port` as `BYE.alternative` carries it: a non-empty host, a port, no spaces, at most 255 bytes.
+fn valid_address(s: &str) -> bool {
+    let port_ok = s.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    port_ok && s.len() <= 255 && !s.chars().any(char::is_whitespace)
+}
+
+async fn undrain(State(st): State<AppState>) -> Json<serde_json::Value> {
+    Json(drain_json(&st.handle.undrain()))
+}
+
+/// Releases an event-stream slot when the stream ends, however it ends.
+struct StreamSlot(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The live event stream: each server event as one SSE message (the `--events json` object), and with
+/// `snapshots=1` an `event: snapshot` message with the overview every second. A stream that falls
+/// [`EVENT_STREAM_BUFFER`] events behind gets `event: cut` (if it still reads) and its connection is closed.
+async fn events(
+    State(st): State<AppState>,
+    kill: Option<Extension<ConnKill>>,
+    Query(q): Params,
+) -> Result<Response, ApiError> {
+    only_known(&q, &["snapshots"])?;
+    let snapshots = match q.get("snapshots").map(String::as_str) {
+        None | Some("0") | Some("false") => false,
+        Some("1") | Some("true") => true,
+        Some(v) => return Err(bad(format!("snapshots must be 1 or 0, not {v:?}"))),
+    };
+    if st.streams.fetch_add(1, Ordering::Relaxed) >= MAX_EVENT_STREAMS {
+        st.streams.fetch_sub(1, Ordering::Relaxed);
+        return Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("at most {MAX_EVENT_STREAMS} event streams at once"),
+        ));
+    }
+    let slot = StreamSlot(st.streams.clone());
+    let watch = st.handle.watch_events(EVENT_STREAM_BUFFER);
+    if let Some(Extension(kill)) = kill {
+        let cut = watch.cut_off();
+        tokio::spawn(async move {
+            cut.await;
+            kill.kill();
+        });
+    }
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    struct S {
+        st: AppState,
+        watch: tether::EventWatch,
+        tick: tokio::time::Interval,
+        snapshots: bool,
+        done: bool,
+        _slot: StreamSlot,
+    }
+    let init = S { st, watch, tick, snapshots, done: false, _slot: slot };
+    let stream = futures_util::stream::unfold(init, |mut s| async move {
+        if s.done {
+            return None;
+        }
+        let msg = tokio::select! {
+            ev = s.watch.recv() => match ev {
+                Some(ev) => SseEvent::default().data(event_json(&ev).to_string()),
+                None => {
+                    s.done = true;
+                    let why = if s.watch.is_cut() { "fell behind" } else { "server stopped" };
+                    SseEvent::default().event("cut").data(json!({ "reason": why }).to_string())
+                }
+            },
+            _ = s.tick.tick(), if s.snapshots => {
+                let started = Instant::now();
+                let v = overview_json(&s.st.handle.metrics(), server_json(&s.st));
+                tracing::trace!("snapshot in {:?}", started.elapsed());
+                SseEvent::default().event("snapshot").data(v.to_string())
+            }
+        };
+        Some((Ok::<_, Infallible>(msg), s))
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
+}

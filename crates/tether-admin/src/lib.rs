@@ -1,0 +1,145 @@
+//! The admin listener of a tether server: Prometheus metrics, the `/v1` JSON API, live events over Server-Sent
+//! Events, health checks and the dashboard, over a [`tether::ServerHandle`].
+//!
+//! # Layout
+//! - [`router`] builds the axum [`Router`] (an embedding application can mount it in its own server);
+//!   [`serve`] runs it on a listener with the limits an admin port needs (connection cap, header timeout, and
+//!   closing a connection whose event stream was cut off even when the client does not read).
+//! - [`prom`] renders the server's metrics snapshot for Prometheus; [`json`] holds every JSON shape, the event
+//!   objects of `tether serve --events json` included.
+//! - `api`: the handlers. Every error is `{"error": "..."}` with its status.
+//!
+//! The server core knows nothing of HTTP: this crate reads it through `ServerHandle` only, and nothing here runs
+//! on a connection's hot path (a scrape reads atomics and takes the session hub's lock twice, briefly).
+//!
+//! # Security
+//! On a non-loopback address the API requires `Authorization: Bearer TOKEN` ([`check_exposure`] refuses to start
+//! without a token); tokens are compared in constant time. `/metrics`, `/healthz` and `/readyz` may be left open
+//! for scrapers ([`AdminConfig::open_metrics`]). The dashboard page itself carries no data and is always served;
+//! it asks for the token when the API answers 401.
+
+mod api;
+pub mod json;
+pub mod prom;
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tether::ServerHandle;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, Semaphore};
+
+/// How the admin listener behaves.
+#[derive(Debug, Clone, Default)]
+pub struct AdminConfig {
+    /// The bearer token every API request must carry. `None`: no authentication (loopback only).
+    pub token: Option<String>,
+    /// Serve `/metrics`, `/healthz` and `/readyz` without the token.
+    pub open_metrics: bool,
+    /// Addresses shown by the dashboard and `/v1/overview`.
+    pub listen: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+}
+
+/// Why the admin listener will not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error(
+        "the admin address {0} is not loopback: give a token (--admin-token-file FILE or TETHER_ADMIN_TOKEN), \
+         or bind the admin listener to 127.0.0.1"
+    )]
+    NoToken(SocketAddr),
+    #[error("cannot listen for the admin API on {0}: {1}")]
+    Bind(SocketAddr, io::Error),
+}
+
+/// Refuse an admin listener that anyone on the network could reach without a token.
+pub fn check_exposure(addr: SocketAddr, token: Option<&str>) -> Result<(), AdminError> {
+    if addr.ip().is_loopback() || token.is_some_and(|t| !t.is_empty()) {
+        Ok(())
+    } else {
+        Err(AdminError::NoToken(addr))
+    }
+}
+
+/// Bind the admin listener after [`check_exposure`].
+pub async fn bind(addr: SocketAddr, token: Option<&str>) -> Result<TcpListener, AdminError> {
+    check_exposure(addr, token)?;
+    TcpListener::bind(addr).await.map_err(|e| AdminError::Bind(addr, e))
+}
+
+/// State shared by the handlers.
+#[derive(Clone)]
+pub(crate) struct AppState {
+    handle: ServerHandle,
+    cfg: Arc<AdminConfig>,
+    /// Event streams open now (bounded by [`MAX_EVENT_STREAMS`]).
+    streams: Arc<AtomicUsize>,
+}
+
+/// Event streams (SSE) served at once; more get 503.
+pub const MAX_EVENT_STREAMS: usize = 64;
+/// Admin connections served at once; more wait in the accept queue.
+pub const MAX_ADMIN_CONNECTIONS: usize = 256;
+/// Events one stream may fall behind before it is cut off.
+pub const EVENT_STREAM_BUFFER: usize = 1024;
+
+/// The admin API, metrics, health checks and dashboard as one router.
+pub fn router(handle: ServerHandle, cfg: AdminConfig) -> Router {
+    api::routes(AppState { handle, cfg: Arc::new(cfg), streams: Arc::new(AtomicUsize::new(0)) })
+}
+
+/// Closes one HTTP connection on request: an event stream cut off for falling behind uses it, since a client
+/// that does not read would otherwise keep its connection (and hyper's buffer) forever.
+#[derive(Clone, Default)]
+pub(crate) struct ConnKill(Arc<Notify>);
+
+impl ConnKill {
+    pub(crate) fn kill(&self) {
+        self.0.notify_one();
+    }
+}
+
+/// Serve `app` on `listener` until `shutdown` resolves: HTTP/1.1, at most [`MAX_ADMIN_CONNECTIONS`] at once,
+/// 10 s to send request headers.
+pub async fn serve(listener: TcpListener, app: Router, shutdown: impl Future<Output = ()>) {
+    let slots = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            () = &mut shutdown => return,
+            p = slots.clone().acquire_owned() => p.expect("semaphore never closed"),
+        };
+        let (stream, _peer) = tokio::select! {
+            () = &mut shutdown => return,
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!("admin accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let kill = ConnKill::default();
+        let svc = TowerToHyperService::new(app.clone().layer(axum::Extension(kill.clone())));
+        tokio::spawn(async move {
+            let _permit = permit;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::select! {
+                r = conn => if let Err(e) = r { tracing::debug!("admin connection: {e}") },
+                () = kill.0.notified() => {}
+            }
+        });
+    }
+}

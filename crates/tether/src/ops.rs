@@ -1,0 +1,276 @@
+//! What an operator reads and steers through [`crate::ServerHandle`]: sessions, recent disconnects, live event
+//! watchers and the drain.
+//!
+//! # Layout
+//! These are the server's operational records, kept off the connection hot path: a [`DisconnectRing`] written
+//! once per closed connection, [`Watchers`] fed once per event (only while someone watches), and the plain types
+//! the admin layer renders ([`SessionInfo`], [`KernelView`], [`DisconnectRecord`], [`DrainStatus`]). Nothing here
+//! knows about HTTP; `tether-admin` serves them.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tether_proto::{CloseReason, ConnId};
+use tokio::sync::{mpsc, Notify};
+
+use crate::event::ServerEvent;
+use crate::sockopt::TcpInfo;
+
+/// One online session as the server sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionInfo {
+    pub client: String,
+    pub conn: ConnId,
+    pub peer: SocketAddr,
+    pub epoch: u64,
+    /// When the session was admitted (`WELCOME`), and how long ago that was.
+    pub since: SystemTime,
+    pub connected_for: Duration,
+    /// Time since the last frame arrived from the client.
+    pub last_frame_ago: Duration,
+    /// Negotiated heartbeat interval and timeout.
+    pub heartbeat: Duration,
+    pub timeout: Duration,
+    /// The phi detector suspects it (silent longer than its history makes likely), not yet convicted.
+    pub suspect: bool,
+    /// The last heartbeat round trip the server measured (`PING` to `PONG`).
+    pub app_rtt: Option<Duration>,
+    pub tls: bool,
+    /// Negotiated protocol version.
+    pub version: u8,
+    /// Bytes read from and written to the socket (TLS records included).
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+/// The kernel's view of a session's socket at the moment it was asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelView {
+    pub info: TcpInfo,
+    /// Bytes in the socket's send queue not yet acknowledged by the peer (`TIOCOUTQ`).
+    pub send_queue: Option<usize>,
+}
+
+/// One closed connection, as kept in the ring of recent disconnects.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DisconnectRecord {
+    pub at: SystemTime,
+    pub conn: ConnId,
+    /// The session's client id, if the connection got as far as one.
+    pub client: Option<String>,
+    pub peer: SocketAddr,
+    pub reason: CloseReason,
+    /// The client ended it (its `BYE`, FIN or reset).
+    pub by_peer: bool,
+    /// For verdicts taken at a deadline: how late the verdict was.
+    pub lateness: Option<Duration>,
+    /// Time between the last frame received and the close, for connections that had a session.
+    pub silent_for: Option<Duration>,
+    /// Accept to close.
+    pub duration: Duration,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub detail: Option<String>,
+}
+
+/// The most recent closed connections, oldest dropped first.
+#[derive(Debug)]
+pub struct DisconnectRing {
+    cap: usize,
+    ring: Mutex<VecDeque<DisconnectRecord>>,
+}
+
+impl DisconnectRing {
+    pub fn new(cap: usize) -> DisconnectRing {
+        DisconnectRing { cap, ring: Mutex::new(VecDeque::new()) }
+    }
+
+    pub fn push(&self, r: DisconnectRecord) {
+        if self.cap == 0 {
+            return;
+        }
+        let mut ring = self.ring.lock().expect("disconnect ring lock");
+        if ring.len() >= self.cap {
+            ring.pop_front();
+        }
+        ring.push_back(r);
+    }
+
+    /// Newest first, at most `limit`, only `reason` when given.
+    pub fn recent(&self, reason: Option<CloseReason>, limit: usize) -> Vec<DisconnectRecord> {
+        let ring = self.ring.lock().expect("disconnect ring lock");
+        ring.iter().rev().filter(|r| reason.is_none_or(|x| x == r.reason)).take(limit).cloned().collect()
+    }
+}
+
+/// A live copy of the server's event stream for one watcher (an SSE client, say), bounded: a watcher that falls
+/// `capacity` events behind is cut off, counted, and told so by [`EventWatch::cut_off`]; the server never waits
+/// for it and never buffers more for it.
+pub struct EventWatch {
+    rx: mpsc::Receiver<ServerEvent>,
+    cut: Arc<Cut>,
+}
+
+#[derive(Default)]
+struct Cut {
+    done: AtomicBool,
+    notify: Notify,
+}
+
+impl EventWatch {
+    /// The next event; `None` once the watcher was cut off (after the events queued before it) or the server is
+    /// gone.
+    pub async fn recv(&mut self) -> Option<ServerEvent> {
+        self.rx.recv().await
+    }
+
+    /// Whether this watcher was cut off for falling behind.
+    pub fn is_cut(&self) -> bool {
+        self.cut.done.load(Ordering::Relaxed)
+    }
+
+    /// Resolves when the watcher is cut off (at once if it already was). Lets the consumer close its transport
+    /// even when it is not reading (a stalled HTTP client).
+    pub fn cut_off(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let cut = self.cut.clone();
+        async move {
+            loop {
+                let notified = cut.notify.notified();
+                if cut.done.load(Ordering::Relaxed) {
+                    return;
+                }
+                notified.await;
+            }
+        }
+    }
+}
+
+/// Every live watcher. Emitting costs one atomic load while nobody watches.
+#[derive(Default)]
+pub(crate) struct Watchers {
+    count: AtomicUsize,
+    list: Mutex<Vec<(mpsc::Sender<ServerEvent>, Arc<Cut>)>>,
+}
+
+impl Watchers {
+    pub(crate) fn add(&self, capacity: usize) -> EventWatch {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let cut = Arc::new(Cut::default());
+        let mut list = self.list.lock().expect("watchers lock");
+        list.push((tx, cut.clone()));
+        self.count.store(list.len(), Ordering::Relaxed);
+        EventWatch { rx, cut }
+    }
+
+    /// Whether anyone watches (one atomic load).
+    pub(crate) fn watching(&self) -> bool {
+        self.count.load(Ordering::Relaxed) > 0
+    }
+
+    /// Hand `ev` to every watcher; returns how many were cut off for being full.
+    pub(crate) fn send(&self, ev: &ServerEvent) -> u64 {
+        if !self.watching() {
+            return 0;
+        }
+        let mut cut_now = 0;
+        let mut list = self.list.lock().expect("watchers lock");
+        list.retain(|(tx, cut)| match tx.try_send(ev.clone()) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                cut.done.store(true, Ordering::Relaxed);
+                cut.notify.notify_waiters();
+                cut.notify.notify_one();
+                cut_now += 1;
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        });
+        self.count.store(list.len(), Ordering::Relaxed);
+        cut_now
+    }
+}
+
+/// Progress of a drain ([`crate::ServerHandle::drain`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DrainStatus {
+    /// New connections are refused (`BYE(server_shutdown)` naming the redirect).
+    pub draining: bool,
+    /// Connections the drain set out to move, and how many have been sent their `BYE` so far.
+    pub total: usize,
+    pub sent: usize,
+    /// Connections still open (a `BYE` sent is followed by the client's close).
+    pub remaining: usize,
+    pub redirect: Option<String>,
+    /// The window the goodbyes are spread over.
+    pub spread: Duration,
+    pub started: Option<SystemTime>,
+}
+
+/// Why a drain was not started.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DrainError {
+    #[error("the server is already draining")]
+    AlreadyDraining,
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(conn: ConnId, reason: CloseReason) -> DisconnectRecord {
+        DisconnectRecord {
+            at: SystemTime::UNIX_EPOCH,
+            conn,
+            client: None,
+            peer: "127.0.0.1:1".parse().unwrap(),
+            reason,
+            by_peer: false,
+            lateness: None,
+            silent_for: None,
+            duration: Duration::ZERO,
+            bytes_in: 0,
+            bytes_out: 0,
+            detail: None,
+        }
+    }
+
+    #[test]
+    fn the_ring_keeps_the_newest_and_filters_by_reason() {
+        let ring = DisconnectRing::new(3);
+        for (i, r) in
+            [CloseReason::Eof, CloseReason::Bye, CloseReason::Eof, CloseReason::Kicked].into_iter().enumerate()
+        {
+            ring.push(rec(i as ConnId, r));
+        }
+        let all: Vec<ConnId> = ring.recent(None, 10).iter().map(|r| r.conn).collect();
+        assert_eq!(all, vec![3, 2, 1]);
+        let eof: Vec<ConnId> = ring.recent(Some(CloseReason::Eof), 10).iter().map(|r| r.conn).collect();
+        assert_eq!(eof, vec![2]);
+        assert_eq!(ring.recent(None, 1).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_watcher_that_falls_behind_is_cut_off_and_others_keep_going() {
+        let w = Watchers::default();
+        let mut slow = w.add(2);
+        let mut fast = w.add(8);
+        let ev = ServerEvent { at: SystemTime::UNIX_EPOCH, kind: crate::EventKind::Dropped { count: 1 } };
+        let mut cut = 0;
+        for _ in 0..3 {
+            cut += w.send(&ev);
+            assert!(fast.recv().await.is_some());
+        }
+        assert_eq!(cut, 1);
+        assert!(slow.is_cut());
+        slow.cut_off().await;
+        assert!(slow.recv().await.is_some() && slow.recv().await.is_some());
+        assert!(slow.recv().await.is_none(), "after the queued events, the cut watcher's stream ends");
+        assert_eq!(w.send(&ev), 0);
+        assert!(fast.recv().await.is_some());
+    }
+}
