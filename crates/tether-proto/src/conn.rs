@@ -105,6 +105,10 @@ pub struct ConnConfig {
     /// largest frame if that is more); beyond it, `rate_limited`. `None`: no limit.
     pub max_data_rate: Option<u32>,
     pub detector: DetectorConfig,
+    /// Server: also send a `PING` of our own this many heartbeat intervals after the last one (and one interval
+    /// after `WELCOME`), even while the client's `PING`s keep us busy answering, so that the round trip is
+    /// measured ([`Event::Rtt`]) for every session. `None`: only the backstop `PING` to a quiet client.
+    pub rtt_probe_every: Option<u32>,
 }
 
 impl Default for ConnConfig {
@@ -117,6 +121,7 @@ impl Default for ConnConfig {
             max_outbound_bytes: 1 << 20,
             max_data_rate: None,
             detector: DetectorConfig::Fixed,
+            rtt_probe_every: Some(60),
         }
     }
 }
@@ -279,8 +284,8 @@ pub struct Connection {
     kq_due_ms: u64,
     /// When we last queued a frame: a `PING` is due one interval after it.
     last_tx: Instant,
-    /// Client: how far into its first ping cycle the connection starts, as a fraction of the interval.
-    ping_phase: f32,
+    /// Client: how far into its first ping cycle the connection starts, in thousandths of the interval.
+    ping_phase_permille: u16,
     /// Heartbeat interval and timeout in milliseconds (as negotiated on the wire), once negotiated; 0 before.
     interval_ms: u32,
     timeout_ms: u32,
@@ -300,6 +305,9 @@ pub struct Connection {
     data_tokens: f64,
     data_refilled: Instant,
     rtt: Option<Duration>,
+    /// Server: when the next round-trip probe is due ([`ConnConfig::rtt_probe_every`]), in milliseconds after
+    /// `origin` (saturating: probes stop after 49 days of one connection); 0 for none.
+    probe_due_ms: u32,
     /// Frames parsed and frames queued, wrapping: the IO layer counts them into its metrics by difference.
     frames_rx: u32,
     frames_tx: u32,
@@ -337,7 +345,7 @@ impl Connection {
             kq_since_ms: 0,
             kq_due_ms: 0,
             last_tx: now,
-            ping_phase: 0.0,
+            ping_phase_permille: 0,
             interval_ms: 0,
             timeout_ms: 0,
             detector: None,
@@ -352,6 +360,7 @@ impl Connection {
             data_tokens: 0.0,
             data_refilled: now,
             rtt: None,
+            probe_due_ms: 0,
             frames_rx: 0,
             frames_tx: 0,
             events: VecDeque::new(),
@@ -601,6 +610,7 @@ impl Connection {
                         self.ping_seq = self.ping_seq.wrapping_add(1);
                         let ts_ms = now.saturating_duration_since(self.origin).as_millis() as u64;
                         self.queue(now, &Frame::Ping { seq: self.ping_seq, ts_ms });
+                        self.schedule_probe(now, self.cfg.rtt_probe_every.unwrap_or(0));
                     }
                 }
             }
@@ -614,7 +624,8 @@ impl Connection {
     /// `(1 - fraction) × interval`. Clients that connect together (after a server restart) then do not ping in
     /// phase forever. The IO layer draws the fraction; the core has no randomness of its own.
     pub fn set_ping_phase(&mut self, fraction: f64) {
-        self.ping_phase = if fraction.is_finite() { fraction.clamp(0.0, 0.999) as f32 } else { 0.0 };
+        self.ping_phase_permille =
+            if fraction.is_finite() { (fraction.clamp(0.0, 0.999) * 1000.0).round() as u16 } else { 0 };
     }
 
     /// Server: admit the session announced by [`Event::Hello`] and send `WELCOME`. The core fills in the
@@ -777,13 +788,27 @@ impl Connection {
     /// When our next `PING` is due. The client drives the heartbeat: it pings after one interval without sending.
     /// The server is the backstop and waits one and a half intervals, so that it pings only a client that has
     /// gone quiet, and the two never ping each other at the same instant (which doubles the traffic).
+    /// A server also pings when a round-trip probe is due, however busy it is answering.
     fn ping_due(&self) -> Option<Instant> {
         let (interval, _) = self.heartbeat()?;
         let wait = match self.role {
             Role::Client => interval,
             Role::Server => interval + interval / 2,
         };
-        Some(self.last_tx + wait)
+        let backstop = self.last_tx + wait;
+        match self.probe_due_ms {
+            0 => Some(backstop),
+            ms => Some(backstop.min(self.origin + Duration::from_millis(ms.into()))),
+        }
+    }
+
+    /// Server: the next round-trip probe `intervals` heartbeat intervals from `now` (none for 0).
+    fn schedule_probe(&mut self, now: Instant, intervals: u32) {
+        let Some((interval, _)) = self.heartbeat().filter(|_| self.role == Role::Server && intervals > 0) else {
+            return;
+        };
+        let due = self.ms_since_origin(now + interval * intervals);
+        self.probe_due_ms = due.min(u32::MAX as u64) as u32;
     }
 
     /// Milliseconds from `origin` to `t`, at least 1 (0 means "none" in the fields that use this).
@@ -990,8 +1015,11 @@ impl Connection {
         self.data_tokens = self.cfg.max_data_rate.map_or(0.0, |r| (r as f64).max(self.cfg.max_frame as f64));
         self.ping_refilled = now;
         self.ping_tokens = ping_allowance(interval, timeout) as f32;
-        if self.role == Role::Client && self.ping_phase > 0.0 {
-            self.last_tx = now.checked_sub(interval.mul_f32(self.ping_phase)).unwrap_or(now);
+        if self.role == Role::Client && self.ping_phase_permille > 0 {
+            self.last_tx = now.checked_sub(interval * u32::from(self.ping_phase_permille) / 1000).unwrap_or(now);
+        }
+        if self.cfg.rtt_probe_every.is_some() {
+            self.schedule_probe(now, 1);
         }
     }
 

@@ -294,8 +294,7 @@ impl EventSink {
 
     /// Queue `kind` for the application, or count it as dropped when the bounded queue is full. Returns false
     /// when it was dropped for that reason. The first event that fits after a gap is preceded by `Dropped`.
-    pub(crate) fn emit(&self, kind: EventKind) -> bool {
-        let ev = ServerEvent { at: SystemTime::now(), kind };
+    pub(crate) fn emit(&self, ev: ServerEvent) -> bool {
         let tx = match &self.tx {
             Tx::Unbounded(tx) => {
                 let _ = tx.send(ev);

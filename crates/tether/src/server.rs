@@ -343,8 +343,13 @@ impl Server {
         };
         let (events, rx) = EventSink::new(cfg.event_queue);
         let handshakes_per_source = cfg.max_handshakes_per_ip.unwrap_or((cfg.max_handshakes / 16).max(2));
+        // Round-trip probes feed the metrics: off with them.
+        let conn_cfg = tether_proto::ConnConfig {
+            rtt_probe_every: cfg.conn.rtt_probe_every.filter(|_| cfg.metrics),
+            ..cfg.conn.clone()
+        };
         let shared = Arc::new(Shared {
-            conn_cfg: Arc::new(cfg.conn.clone()),
+            conn_cfg: Arc::new(conn_cfg),
             hub: Mutex::new(Hub {
                 registry: Registry::new(cfg.registry.clone()),
                 conns: HashMap::new(),
@@ -773,8 +778,9 @@ fn bye(reason: CloseReason, retry_after: Duration) -> Bye {
 
 impl Shared {
     fn emit(&self, kind: EventKind) {
+        let ev = ServerEvent { at: SystemTime::now(), kind };
         if self.watchers.watching() {
-            let cut = self.watchers.send(&ServerEvent { at: SystemTime::now(), kind: kind.clone() });
+            let cut = self.watchers.send(&ev);
             if cut > 0 {
                 self.metrics.watchers_cut.fetch_add(cut, Ordering::Relaxed);
                 if self.log_allowed("event watcher cut off", "watchers") {
@@ -782,7 +788,7 @@ impl Shared {
                 }
             }
         }
-        if !self.events.emit(kind) && self.log_allowed("events dropped", "the application") {
+        if !self.events.emit(ev) && self.log_allowed("events dropped", "the application") {
             tracing::warn!(
                 "the event reader is not keeping up: events are dropped and counted ({} so far)",
                 self.events.dropped()

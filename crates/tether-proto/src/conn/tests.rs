@@ -152,7 +152,13 @@ fn idle_link_is_kept_alive_by_one_ping_per_interval() {
     // The client drives the heartbeat: one PING per 1 s interval, each answered (an RTT each).
     let client_rtts = p.c_events.iter().filter(|e| matches!(e, Event::Rtt(_))).count();
     assert!((3599..=3600).contains(&client_rtts), "{client_rtts} client pings in an hour");
-    // The server, the backstop, never had to ping: the two never ping each other at once.
+    // The server, the backstop, never had to ping for liveness: its only PINGs are the round-trip probes, one
+    // interval after WELCOME and then one per 60 intervals (about 1.7 % of the heartbeat traffic).
+    let server_rtts = p.s_events.iter().filter(|e| matches!(e, Event::Rtt(_))).count();
+    assert!((60..=61).contains(&server_rtts), "{server_rtts} server probes in an hour");
+    // Without probes, the server never pings an active client.
+    let mut p = Pair::new(ConnConfig { rtt_probe_every: None, ..ConnConfig::default() });
+    p.run_for(Duration::from_secs(3600));
     assert!(!p.s_events.iter().any(|e| matches!(e, Event::Rtt(_))), "the server pinged an active client");
 }
 
