@@ -600,6 +600,21 @@ mod tests {
     }
 
     #[test]
+    fn the_admin_listener_defaults_to_7401_only_with_the_default_listen_address() {
+        let none = FileConfig::default();
+        assert_eq!(admin_addr(&Args::default(), &none).unwrap(), Some("127.0.0.1:7401".parse().unwrap()));
+        let listen = Args { listen: Some("127.0.0.1:9000".into()), ..Args::default() };
+        assert_eq!(admin_addr(&listen, &none).unwrap(), Some("127.0.0.1:0".parse().unwrap()));
+        let file: FileConfig = toml::from_str(r#"listen = "0.0.0.0:7400""#).unwrap();
+        assert_eq!(admin_addr(&Args::default(), &file).unwrap(), Some("127.0.0.1:0".parse().unwrap()));
+        let off = Args { admin: Some("off".into()), ..Args::default() };
+        assert_eq!(admin_addr(&off, &none).unwrap(), None);
+        assert!(!build_config(&off, &none).unwrap().metrics, "no admin listener: no per-frame counting");
+        let bad = Args { admin: Some("localhost".into()), ..Args::default() };
+        assert!(admin_addr(&bad, &none).unwrap_err().to_string().contains("--admin"));
+    }
+
+    #[test]
     fn bad_settings_are_refused_with_a_reason() {
         let bad: Result<FileConfig, _> = toml::from_str("heartbeat = 5");
         assert!(bad.unwrap_err().to_string().contains("unknown field"));

@@ -1,0 +1,109 @@
+//! `tether serve`'s admin listener from the outside: the live event stream over SSE carries exactly the objects
+//! `--events json` prints, and the listener's start-up errors are clear.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::{event, Proc, PATIENCE};
+use serde_json::Value;
+
+/// `tether serve` on ephemeral loopback ports with JSON events; returns it, its address and its admin address.
+fn serve(extra: &[&str]) -> (Proc, String, Option<String>) {
+    let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--events", "json", "--insecure-no-auth"];
+    args.extend_from_slice(extra);
+    let p = Proc::spawn(&args);
+    let first = p.expect("listening", |v| event(v) == "listening");
+    let addr = first["addr"].as_str().unwrap().to_owned();
+    let admin = first["admin"].as_str().map(str::to_owned);
+    (p, addr, admin)
+}
+
+/// Open `/v1/events` and hand every SSE message's JSON to the returned channel (a reader thread).
+fn event_stream(admin: &str) -> mpsc::Receiver<Value> {
+    let mut s = TcpStream::connect(admin).unwrap();
+    write!(s, "GET /v1/events HTTP/1.1\r\nHost: {admin}\r\n\r\n").unwrap();
+    let mut r = BufReader::new(s);
+    let mut status = String::new();
+    r.read_line(&mut status).unwrap();
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        while r.read_line(&mut line).is_ok_and(|n| n > 0) {
+            // Chunked framing lines are hex sizes; SSE data lines carry the events.
+            if let Some(json) = line.trim_end().strip_prefix("data: ") {
+                if tx.send(serde_json::from_str(json).expect("SSE data is JSON")).is_err() {
+                    break;
+                }
+            }
+            line.clear();
+        }
+    });
+    rx
+}
+
+#[test]
+fn the_event_stream_carries_the_same_objects_as_events_json() {
+    let (srv, addr, admin) = serve(&["--admin", "127.0.0.1:0", "--heartbeat-interval", "1s"]);
+    let admin = admin.expect("the listening event names the admin address");
+    let sse = event_stream(&admin);
+    // The stream is open before the first client: from here on both outputs see the same events.
+    let a = Proc::spawn(&["connect", &addr, "--id", "a", "--json"]);
+    srv.expect("a online", |v| event(v) == "online" && v["client"] == "a");
+    let b = Proc::spawn(&["connect", &addr, "--id", "b", "--json", "--subscribe", "a"]);
+    srv.expect("b online", |v| event(v) == "online" && v["client"] == "b");
+    drop(a); // killed: eof
+    let last = srv.expect("a offline", |v| event(v) == "offline" && v["client"] == "a");
+    let mut streamed = Vec::new();
+    while streamed.last() != Some(&last) {
+        streamed.push(sse.recv_timeout(PATIENCE).expect("the stream fell silent"));
+    }
+    let printed: Vec<Value> = streamed
+        .iter()
+        .map(|v| if v["event"] == "online" || v["event"] == "offline" { v.clone() } else { Value::Null })
+        .filter(|v| !v.is_null())
+        .collect();
+    assert_eq!(printed.len(), 3, "{streamed:?}");
+    assert_eq!(printed[0]["client"], "a");
+    assert_eq!(printed[1]["client"], "b");
+    assert_eq!(printed[2], last, "the same object, timestamp included");
+    assert_eq!(last["reason"], "eof");
+    drop(b);
+}
+
+#[test]
+fn the_admin_listener_is_named_refused_when_exposed_and_its_errors_are_clear() {
+    let bin = env!("CARGO_BIN_EXE_tether");
+    let base = ["serve", "--listen", "127.0.0.1:0", "--insecure-no-auth"];
+    // A non-loopback admin address without a token: refused before anything listens.
+    let out = Command::new(bin).args(base).args(["--admin", "0.0.0.0:0"]).env_remove("TETHER_ADMIN_TOKEN").output();
+    let out = out.unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not loopback") && err.contains("--admin-token-file"), "{err}");
+    // A taken admin port is a start-up error naming it.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().to_string();
+    let out = Command::new(bin).args(base).args(["--admin", &port]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("cannot listen for the admin API on {port}")), "{err}");
+    // `off`: no admin listener, and the listening event says so.
+    let (_srv, _, admin) = serve(&["--admin", "off"]);
+    assert_eq!(admin, None);
+    // With --listen and no --admin: an ephemeral loopback port, so servers on one machine never collide.
+    let (_srv, _, admin) = serve(&[]);
+    let admin = admin.expect("an admin address");
+    assert!(admin.starts_with("127.0.0.1:") && !admin.ends_with(":7401"), "{admin}");
+    let mut s = TcpStream::connect(&admin).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut body = String::new();
+    BufReader::new(s).lines().map_while(Result::ok).for_each(|l| body.push_str(&l));
+    assert!(body.contains("tether_disconnects_total{reason=\"heartbeat_timeout\"} 0"), "{body}");
+}
