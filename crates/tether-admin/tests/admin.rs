@@ -499,3 +499,45 @@ async fn a_stalled_event_stream_is_cut_off_and_closed_while_a_reading_one_keeps_
     assert_eq!(s.handle.online(), 1);
     let _ = s.drain();
 }
+
+#[tokio::test(start_paused = true)]
+async fn write_timeout_and_tls_error_are_counted_too() {
+    // A peer that stops reading with data in flight: write_timeout, a deadline verdict with its lateness.
+    let mut cfg = test_config();
+    cfg.heartbeat.interval = Duration::from_secs(60);
+    cfg.heartbeat.timeout = Duration::from_secs(600);
+    cfg.conn.write_timeout = Duration::from_secs(2);
+    cfg.conn.max_outbound_bytes = 64 << 20;
+    cfg.outbound_queue = 100_000;
+    let mut s = TestServer::start(cfg).await;
+    let admin = start_admin(s.handle.clone(), AdminConfig::default()).await;
+    let (p, _) = RawPeer::hello(s.addr, "stuck", 1).await;
+    SockRef::from(&p.stream).set_recv_buffer_size(4096).unwrap();
+    let payload = Bytes::from(vec![1u8; 32 * 1024]);
+    for _ in 0..400 {
+        if s.handle.send("stuck", payload.clone()).is_err() {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    let k = s.wait(|k| offline_reason(k, "stuck").is_some()).await;
+    assert_eq!(offline_reason(&k, "stuck"), Some(CloseReason::WriteTimeout));
+    let m = metrics(admin).await;
+    assert_disconnects(&m, &[(CloseReason::WriteTimeout, 1)]);
+    assert_eq!(value(&m, "tether_verdict_lateness_seconds_count"), 1.0);
+    assert!(value(&m, "tether_sent_bytes_total") > 64.0 * 1024.0, "the bytes that did leave are counted");
+    drop(p);
+
+    // A plaintext client on a TLS port: tls_error.
+    let pki = tether::DevPki::generate(&["localhost", "127.0.0.1"], "device-1").unwrap();
+    let mut cfg = test_config();
+    let tls = tether::ServerTls::from_pem(pki.server_cert.as_bytes(), pki.server_key.as_bytes(), None).unwrap();
+    cfg.tls = Some(tls);
+    let mut s = TestServer::start(cfg).await;
+    let admin = start_admin(s.handle.clone(), AdminConfig::default()).await;
+    // One plaintext HELLO (a raw peer: the library client would retry once offering v1).
+    let mut plain = RawPeer::connect(s.addr).await;
+    plain.send(&support::hello_frame(2, "plain", 1)).await;
+    s.wait(|k| matches!(k, EventKind::Closed { reason: CloseReason::TlsError, .. })).await;
+    assert_disconnects(&metrics(admin).await, &[(CloseReason::TlsError, 1)]);
+}
