@@ -284,8 +284,9 @@ async fn round_trips_are_measured_by_the_server_beside_the_kernel() {
     let admin = start_admin(s.handle.clone(), AdminConfig::default()).await;
     let _c = Client::connect(s.addr, client_cfg("r")).await.unwrap();
     s.wait(|k| matches!(k, EventKind::Online { .. })).await;
-    // The server's own probe goes one interval after WELCOME, however busy the client keeps it.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // The server's own probe goes with its PONG to a client PING within 12 intervals of WELCOME, however busy
+    // the client keeps it.
+    tokio::time::sleep(Duration::from_millis(13_500)).await;
     let m = metrics(admin).await;
     let app = value(&m, "tether_heartbeat_rtt_seconds_count");
     assert!(app >= 1.0, "no server-measured round trip");

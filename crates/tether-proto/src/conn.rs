@@ -105,9 +105,11 @@ pub struct ConnConfig {
     /// largest frame if that is more); beyond it, `rate_limited`. `None`: no limit.
     pub max_data_rate: Option<u32>,
     pub detector: DetectorConfig,
-    /// Server: also send a `PING` of our own this many heartbeat intervals after the last one (and one interval
-    /// after `WELCOME`), even while the client's `PING`s keep us busy answering, so that the round trip is
-    /// measured ([`Event::Rtt`]) for every session. `None`: only the backstop `PING` to a quiet client.
+    /// Server: also send a `PING` of our own this many heartbeat intervals after the last one (the first between
+    /// 1 and 12 intervals after `WELCOME`, see [`Connection::set_ping_phase`]), even while the client's `PING`s keep us busy answering, so that the round trip
+    /// is measured ([`Event::Rtt`]) for every session. The probe is sent with the `PONG` to the client's next
+    /// `PING` once it is due: no timer and no write of its own, and it follows the client's own phase. A quiet
+    /// client gets the backstop `PING`, which measures it anyway. `None`: only the backstop.
     pub rtt_probe_every: Option<u32>,
 }
 
@@ -607,10 +609,7 @@ impl Connection {
                 }
                 if let Some(due) = self.ping_due() {
                     if now >= due {
-                        self.ping_seq = self.ping_seq.wrapping_add(1);
-                        let ts_ms = now.saturating_duration_since(self.origin).as_millis() as u64;
-                        self.queue(now, &Frame::Ping { seq: self.ping_seq, ts_ms });
-                        self.schedule_probe(now, self.cfg.rtt_probe_every.unwrap_or(0));
+                        self.send_ping(now);
                     }
                 }
             }
@@ -622,7 +621,8 @@ impl Connection {
 
     /// Client: start the ping cycle `fraction` (0..1) of an interval in, so the first `PING` comes after
     /// `(1 - fraction) × interval`. Clients that connect together (after a server restart) then do not ping in
-    /// phase forever. The IO layer draws the fraction; the core has no randomness of its own.
+    /// phase forever. Server: how far into its 12-interval window the first round-trip probe falls
+    /// ([`ConnConfig::rtt_probe_every`]). The IO layer draws the fraction; the core has no randomness of its own.
     pub fn set_ping_phase(&mut self, fraction: f64) {
         self.ping_phase_permille =
             if fraction.is_finite() { (fraction.clamp(0.0, 0.999) * 1000.0).round() as u16 } else { 0 };
@@ -788,26 +788,32 @@ impl Connection {
     /// When our next `PING` is due. The client drives the heartbeat: it pings after one interval without sending.
     /// The server is the backstop and waits one and a half intervals, so that it pings only a client that has
     /// gone quiet, and the two never ping each other at the same instant (which doubles the traffic).
-    /// A server also pings when a round-trip probe is due, however busy it is answering.
     fn ping_due(&self) -> Option<Instant> {
         let (interval, _) = self.heartbeat()?;
         let wait = match self.role {
             Role::Client => interval,
             Role::Server => interval + interval / 2,
         };
-        let backstop = self.last_tx + wait;
-        match self.probe_due_ms {
-            0 => Some(backstop),
-            ms => Some(backstop.min(self.origin + Duration::from_millis(ms.into()))),
+        Some(self.last_tx + wait)
+    }
+
+    /// Queue a `PING`; a server's `PING` is also its round-trip probe, so the next probe is due a probe period
+    /// later.
+    fn send_ping(&mut self, now: Instant) {
+        self.ping_seq = self.ping_seq.wrapping_add(1);
+        let ts_ms = now.saturating_duration_since(self.origin).as_millis() as u64;
+        self.queue(now, &Frame::Ping { seq: self.ping_seq, ts_ms });
+        if let (Some((interval, _)), Some(every)) = (self.heartbeat(), self.cfg.rtt_probe_every) {
+            self.schedule_probe(now, interval * every);
         }
     }
 
-    /// Server: the next round-trip probe `intervals` heartbeat intervals from `now` (none for 0).
-    fn schedule_probe(&mut self, now: Instant, intervals: u32) {
-        let Some((interval, _)) = self.heartbeat().filter(|_| self.role == Role::Server && intervals > 0) else {
+    /// Server: the next round-trip probe `after` from `now` (none for zero).
+    fn schedule_probe(&mut self, now: Instant, after: Duration) {
+        if self.role != Role::Server || after.is_zero() {
             return;
-        };
-        let due = self.ms_since_origin(now + interval * intervals);
+        }
+        let due = self.ms_since_origin(now + after);
         self.probe_due_ms = due.min(u32::MAX as u64) as u32;
     }
 
@@ -958,7 +964,11 @@ impl Connection {
                         Some(format!("PINGs beyond the allowance ({allowance} at once, one per half interval)"));
                     return self.decide(now, CloseReason::PingFlood, CloseMode::Flush, bye, false, None, detail, None);
                 }
-                self.queue(now, &Frame::Pong { seq, ts_ms })
+                self.queue(now, &Frame::Pong { seq, ts_ms });
+                // A due round-trip probe rides along with the answer: same write, no wakeup of its own.
+                if self.probe_due_ms != 0 && self.ms_since_origin(now) >= u64::from(self.probe_due_ms) {
+                    self.send_ping(now);
+                }
             }
             (_, Frame::Pong { ts_ms, .. }) => {
                 // The echoed timestamp is the peer's word: anything not in our past is ignored, never trusted.
@@ -1019,7 +1029,10 @@ impl Connection {
             self.last_tx = now.checked_sub(interval * u32::from(self.ping_phase_permille) / 1000).unwrap_or(now);
         }
         if self.cfg.rtt_probe_every.is_some() {
-            self.schedule_probe(now, 1);
+            // The first probe is due somewhere in the 12 intervals after `WELCOME`, at the phase the IO layer drew
+            // (`set_ping_phase`), so that a mass connect's probes do not all come in its first interval.
+            let spread = interval * 11 * u32::from(self.ping_phase_permille) / 1000;
+            self.schedule_probe(now, interval + spread);
         }
     }
 

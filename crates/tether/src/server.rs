@@ -1076,6 +1076,8 @@ async fn serve_conn(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, co
     }
     shared.hub.lock().expect("hub lock").conns.insert(conn_id, ConnHandle { control: control.clone() });
     let mut conn = Connection::server(driver::now(), shared.conn_cfg.clone());
+    // Where in its first 12 intervals the session's first round-trip probe falls.
+    conn.set_ping_phase(rand::random::<f64>());
     let tls = tls_session(&shared);
     let mut hooks = ServerHooks { shared, conn_id, client: None, control, handshaking: true, grant: None };
     if let Ok(tls) = tls {

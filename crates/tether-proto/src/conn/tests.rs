@@ -60,10 +60,17 @@ struct Pair {
 
 impl Pair {
     fn new(cfg: ConnConfig) -> Pair {
+        Pair::new_with(cfg, |_| {})
+    }
+
+    /// As [`Pair::new`], with `server` prepared before the handshake.
+    fn new_with(cfg: ConnConfig, server: impl FnOnce(&mut Connection)) -> Pair {
         let now = Instant::now();
+        let mut s = Connection::server(now, cfg.clone());
+        server(&mut s);
         let mut p = Pair {
             now,
-            server: Connection::server(now, cfg.clone()),
+            server: s,
             client: Connection::client(now, cfg, hello("a")),
             up: true,
             server_can_write: true,
@@ -919,4 +926,50 @@ fn who_decided_is_kept() {
     p.pump();
     let c = Pair::closed(&p.s_events);
     assert_eq!((c[0].reason, c[0].by_peer), (CloseReason::HeartbeatTimeout, true));
+}
+
+#[test]
+fn the_servers_probe_rides_on_the_pong_to_the_clients_ping() {
+    let t0 = Instant::now();
+    let mut s = Connection::server(t0, ConnConfig::default());
+    s.handle_bytes(t0, &Frame::Hello(hello("a")).to_bytes());
+    assert!(matches!(s.poll_event(), Some(Event::Hello(_))));
+    s.accept(t0, welcome());
+    s.handle_written(t0, s.poll_transmit().len());
+    let frames_after_ping = |s: &mut Connection, at: Instant, seq: u32| {
+        s.handle_bytes(at, &Frame::Ping { seq, ts_ms: 1 }.to_bytes_v(s.version()));
+        let out = frames_in(s.poll_transmit(), s.version());
+        s.handle_written(at, s.poll_transmit().len());
+        out
+    };
+    // Before the probe is due (one interval after WELCOME at phase 0), a PING gets its PONG only.
+    let out = frames_after_ping(&mut s, t0 + ms(900), 1);
+    assert!(matches!(out[..], [Frame::Pong { seq: 1, .. }]), "{out:?}");
+    // Once it is due, the probe goes in the same write as the PONG: no timer of its own.
+    assert!(s.poll_timeout().unwrap() > t0 + ms(1900), "no wakeup is armed for the probe");
+    let out = frames_after_ping(&mut s, t0 + ms(1900), 2);
+    assert!(matches!(out[..], [Frame::Pong { seq: 2, .. }, Frame::Ping { .. }]), "{out:?}");
+    // The next one is 60 intervals later.
+    let out = frames_after_ping(&mut s, t0 + ms(2900), 3);
+    assert!(matches!(out[..], [Frame::Pong { seq: 3, .. }]), "{out:?}");
+    let out = frames_after_ping(&mut s, t0 + ms(61_950), 4);
+    assert!(matches!(out[..], [Frame::Pong { seq: 4, .. }, Frame::Ping { .. }]), "{out:?}");
+}
+
+#[test]
+fn the_servers_first_probe_falls_at_its_phase_within_twelve_intervals() {
+    let first_probe_ms = |phase: f64| {
+        let mut p = Pair::new_with(ConnConfig::default(), |server| server.set_ping_phase(phase));
+        let start = p.now;
+        while !p.s_events.iter().any(|e| matches!(e, Event::Rtt(_))) {
+            assert!(p.now - start < Duration::from_secs(60), "no probe within a minute");
+            p.run_for(ms(10));
+        }
+        (p.now - start).as_millis()
+    };
+    // Interval 1 s, the client pinging every second: the probe rides on the first client PING at or after
+    // 1 s + phase × 11 s.
+    assert!((1000..=1010).contains(&first_probe_ms(0.0)), "{}", first_probe_ms(0.0));
+    assert!((7000..=7010).contains(&first_probe_ms(0.5)), "{}", first_probe_ms(0.5));
+    assert!((12_000..=12_010).contains(&first_probe_ms(0.99)), "{}", first_probe_ms(0.99));
 }
