@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Turn `tether bench --json` result lines into BENCHMARKS.md (table, ratios, plot).
+"""Turn `tether bench --json` result lines into BENCHMARKS.md (table, ratios, plot, metrics on against off).
 
 Usage: bench_report.py RESULTS.jsonl COMMANDS.txt OUT.md OUT_DIR
        bench_report.py --check RESULTS.jsonl     (exit 1 unless every scenario reported its keys)
@@ -18,6 +18,13 @@ KEYS = {
     "takeover": ["latency_ms_p50", "latency_ms_p99", "ghosts"],
     "storm": ["all_back_s", "peak_handshakes_in_flight"],
 }
+# An owned tether server with its admin listener (metrics on) is scraped after the idle hold.
+SCRAPE_KEYS = ["metrics_scrapes", "metrics_scrape_ms_p50", "metrics_scrape_ms_max", "metrics_scrape_cpu_ms", "metrics_bytes"]
+OFF = "metrics off"
+
+
+def is_off(r):
+    return r.get("variant") == OFF
 
 
 def load(path):
@@ -28,9 +35,12 @@ def load(path):
 def check(rows):
     seen = set()
     for r in rows:
-        missing = [k for k in KEYS[r["scenario"]] if r.get(k) is None]
+        keys = KEYS[r["scenario"]]
+        if r["scenario"] == "idle" and r["target"] == "tether" and not is_off(r):
+            keys = keys + SCRAPE_KEYS
+        missing = [k for k in keys if r.get(k) is None]
         if missing:
-            print(f"{r['scenario']} ({r['target']}): missing {missing}", file=sys.stderr)
+            print(f"{r['scenario']} ({r['target']}, {r.get('variant')}): missing {missing}", file=sys.stderr)
             return 1
         seen.add((r["scenario"], r["target"]))
     want = {(s, t) for s in ("idle", "connect", "detect") for t in ("tether", "mosquitto")}
@@ -38,8 +48,53 @@ def check(rows):
     if not want <= seen:
         print(f"scenarios missing: {sorted(want - seen)}", file=sys.stderr)
         return 1
-    print(f"bench smoke: {len(rows)} results, every scenario reported")
+    on, off = on_off(rows)
+    if on is None or off is None:
+        print("idle (tether): no metrics on / metrics off pair at the largest size", file=sys.stderr)
+        return 1
+    print(f"bench smoke: {len(rows)} results, every scenario reported, metrics on and off at {on['connections']:,}")
     return 0
+
+
+def on_off(rows):
+    """The tether idle results at the largest size: (metrics on, metrics off), each the last of its kind."""
+    idle = [r for r in rows if r["scenario"] == "idle" and r["target"] == "tether"]
+    if not idle:
+        return None, None
+    n = max(r["connections"] for r in idle)
+    pick = lambda off: next((r for r in reversed(idle) if r["connections"] == n and is_off(r) == off), None)
+    return pick(False), pick(True)
+
+
+def pct_diff(a, b):
+    if not isinstance(a, (int, float)) or not isinstance(b, (int, float)) or not b:
+        return "—"
+    return f"{(a - b) / b * 100:+.1f}%"
+
+
+def on_off_table(rows):
+    on, off = on_off(rows)
+    if on is None or off is None:
+        return "(no metrics on / metrics off pair in this run)"
+    lines = [
+        f"| figure, idle, {on['connections']:,} connections | metrics on (default) | metrics off (`--admin off`) | on against off |",
+        "|---|---|---|---|",
+    ]
+    for label, key in [
+        ("server CPU per 10k heartbeats (s)", "cpu_s_per_10k_heartbeats"),
+        ("server RSS per idle connection (bytes)", "rss_per_conn_bytes"),
+        ("heartbeats handled per second", "heartbeats_per_s"),
+        ("server PINGs answered during the hold", "server_pings"),
+    ]:
+        a, b = on.get(key), off.get(key)
+        lines.append(f"| {label} | {fmt(a)} | {fmt(b)} | {pct_diff(a, b)} |")
+    lines.append("")
+    lines.append(f"| `GET /metrics`, {fmt(on.get('metrics_scrapes'))} scrapes after the metrics-on hold | |")
+    lines.append("|---|---|")
+    lines.append(f"| latency p50 / max (ms) | {fmt(on.get('metrics_scrape_ms_p50'))} / {fmt(on.get('metrics_scrape_ms_max'))} |")
+    lines.append(f"| server CPU per scrape (ms) | {fmt(on.get('metrics_scrape_cpu_ms'))} |")
+    lines.append(f"| body (bytes) | {fmt(on.get('metrics_bytes'))} |")
+    return "\n".join(lines)
 
 
 def sh(cmd):
@@ -64,7 +119,9 @@ def main():
     rows = load(results)
     by = {}
     for r in rows:
-        by.setdefault((r["scenario"], r["target"]), []).append(r)
+        # The metrics-off runs have their own table; everything else compares the default (metrics on).
+        if not is_off(r):
+            by.setdefault((r["scenario"], r["target"]), []).append(r)
     idle_max = {t: max(by.get(("idle", t), []), key=lambda r: r["connections"], default=None) for t in ("tether", "mosquitto")}
 
     def pick(scenario, target, key):
@@ -159,6 +216,7 @@ def main():
             machine="\n".join(f"- {k}: {v}" for k, v in machine.items()),
             n=fmt(n) if isinstance(n, int) else n,
             table=table,
+            on_off=on_off_table(rows),
             plot=plot_note,
             idle="\n".join(idle_rows),
             commands=cmds,
@@ -186,7 +244,11 @@ How each figure is taken:
 - **Slab per connection.** The whole machine's `Slab:` from /proc/meminfo, same delta ÷ N. Both ends of every
   connection live on this machine.
 - **CPU per 10k heartbeats.** The server's user+system time during the hold ÷ heartbeat exchanges. One exchange
-  is a ping and its answer: tether's `PING`/`PONG` in either direction, MQTT's `PINGREQ`/`PINGRESP`.
+  is the client's ping and its answer: tether's `PING`/`PONG`, MQTT's `PINGREQ`/`PINGRESP`. The hold starts one
+  interval + 1 s after the last connection is up. A tether server with metrics on sends one round-trip probe
+  (a `PING` of its own) per connection one interval after `WELCOME`, then every 60 intervals. So the hold falls
+  between probes; the probes' share is measured apart (see the findings). Probes answered are counted as server
+  work, not as heartbeats.
 - **Handshakes per second.** N ÷ the slowest worker's time to open all of its connections, with 64 handshakes
   in flight per worker. The latency runs from connect to `WELCOME`/`CONNACK`.
 - **Detection.** A tenth of the clients go silent at once, with their sockets left open. Both systems use the
@@ -197,6 +259,23 @@ How each figure is taken:
   Ghosts are ESTABLISHED sockets on the server port beyond N, plus any CLOSE_WAIT.
 - **Storm.** The server is killed and restarted on the same port under N reconnecting clients (backoff
   200 ms / 5 s, full jitter).
+
+Every tether figure above is taken with metrics on, the default: the admin listener, per-frame counting and
+round-trip probes.
+
+## Metrics on and off, same run
+
+The tether idle scenario at the largest size, run twice back to back: as above (metrics on), then with
+`--server-arg --admin --server-arg off`. That server has no admin listener, counts no frames and sends no
+round-trip probes.
+
+{on_off}
+
+- **Scrapes.** After the metrics-on hold, while the heartbeats go on, the load generator sends `GET /metrics`
+  50 times over loopback HTTP/1.1, one connection each (`Connection: close`). Each body must carry
+  `tether_disconnects_total{{reason="heartbeat_timeout"}}`.
+  - Latency: request to the end of the body.
+  - CPU: the server's CPU time over the 50 scrapes minus its rate during the hold, ÷ 50.
 
 ## Memory against connections
 

@@ -7,12 +7,14 @@
 //!   [`Report`]: the JSON object scripts compare, plus human rows.
 //! - [`worker`]: one load-generator process (`tether bench-worker`).
 //! - [`mqtt`]: the MQTT 3.1.1 packets used against Mosquitto. [`sys`]: /proc readers.
+//! - [`scrape`]: after an `idle` hold, `GET /metrics` from an owned tether server's admin listener, timed.
 //!
 //! Every run is bounded: waits have deadlines, workers die with their coordinator (end of stdin) and at their
 //! own time limit, and the target address is only ever the one given (or the loopback server the run started).
 //! This crate is an application (the body of a CLI subcommand), so it reports errors with `anyhow`.
 
 pub mod mqtt;
+pub mod scrape;
 pub mod sys;
 pub mod worker;
 
@@ -57,6 +59,10 @@ pub struct Opts {
     pub heartbeat_interval: Duration,
     /// How long `idle` holds the connections while measuring.
     pub hold: Duration,
+    /// `idle`: how long to wait after the last connection is up before the hold starts. One interval and a
+    /// second lets the first heartbeats and a tether server's first round-trip probe (one interval after
+    /// `WELCOME`) pass, so the hold sees the steady state between probes.
+    pub settle: Duration,
     /// `detect`: how many connections go silent.
     pub silent: usize,
     /// `takeover`: how many live ids reconnect.
@@ -70,6 +76,22 @@ pub struct Opts {
     pub server_pid: Option<u32>,
     /// The `tether` executable (for workers and the owned server).
     pub exe: PathBuf,
+    /// Extra arguments for the owned tether server (`tether serve … ARGS`), e.g. `--admin off`.
+    pub server_args: Vec<String>,
+}
+
+impl Opts {
+    /// What the result is labelled with: `metrics off` for an owned tether server started with `--admin off`
+    /// (no admin listener, no per-frame counting, no round-trip probes), else `metrics on`. `None` for Mosquitto
+    /// and for a server this run did not start.
+    pub fn variant(&self) -> Option<&'static str> {
+        if self.target != Target::Tether || self.server.is_some() {
+            return None;
+        }
+        let a = &self.server_args;
+        let off = a.iter().any(|x| x == "--admin=off") || a.windows(2).any(|w| w[0] == "--admin" && w[1] == "off");
+        Some(if off { "metrics off" } else { "metrics on" })
+    }
 }
 
 /// What a scenario measured: `json` carries the documented keys; `rows` are the human table.
@@ -139,6 +161,8 @@ fn event(v: &Value) -> &str {
 struct Server {
     addr: SocketAddr,
     pid: u32,
+    /// The owned tether server's admin listener (from its `listening` event), if it has one.
+    admin: Option<SocketAddr>,
     /// Owned server processes (the last one is current; `storm` restarts).
     proc: Option<Child2>,
     _dir: Option<TempDir>,
@@ -173,6 +197,7 @@ fn spawn_tether(opts: &Opts, listen: &str) -> anyhow::Result<Child2> {
         .args(["--max-connections", &max, "--max-handshakes", &handshakes])
         // Thousands of simulated devices share each worker's source address: no per-address share.
         .args(["--max-handshakes-per-ip", &handshakes])
+        .args(&opts.server_args)
         .env("RUST_LOG", "warn")
         .stderr(Stdio::null());
     Child2::spawn(&mut cmd)
@@ -181,14 +206,15 @@ fn spawn_tether(opts: &Opts, listen: &str) -> anyhow::Result<Child2> {
 fn start_server(opts: &Opts) -> anyhow::Result<Server> {
     if let Some(addr) = opts.server {
         let pid = opts.server_pid.context("--server needs --server-pid (to read its RSS and CPU)")?;
-        return Ok(Server { addr, pid, proc: None, _dir: None });
+        return Ok(Server { addr, pid, admin: None, proc: None, _dir: None });
     }
     match opts.target {
         Target::Tether => {
             let p = spawn_tether(opts, "127.0.0.1:0")?;
             let l = p.expect("listening", Duration::from_secs(10), |v| event(v) == "listening")?;
             let addr: SocketAddr = l["addr"].as_str().context("listening addr")?.parse()?;
-            Ok(Server { addr, pid: p.child.id(), proc: Some(p), _dir: None })
+            let admin = l["admin"].as_str().map(str::parse).transpose().context("listening admin")?;
+            Ok(Server { addr, pid: p.child.id(), admin, proc: Some(p), _dir: None })
         }
         Target::Mosquitto => {
             let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
@@ -213,7 +239,7 @@ fn start_server(opts: &Opts) -> anyhow::Result<Server> {
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
-            Ok(Server { addr, pid: p.child.id(), proc: Some(p), _dir: Some(TempDir(dir)) })
+            Ok(Server { addr, pid: p.child.id(), admin: None, proc: Some(p), _dir: Some(TempDir(dir)) })
         }
     }
 }
@@ -276,6 +302,9 @@ pub fn run(opts: &Opts) -> anyhow::Result<Report> {
     if opts.target == Target::Mosquitto && matches!(opts.scenario, Scenario::Takeover | Scenario::Storm) {
         bail!("{} is measured for tether only", opts.scenario.name());
     }
+    if !opts.server_args.is_empty() && (opts.server.is_some() || opts.target != Target::Tether) {
+        bail!("--server-arg is for the tether server this run starts");
+    }
     // Not while the kernel still tears down a previous run's connections (that skews every figure).
     sys::wait_quiet(Duration::from_secs(60));
     let rss0_machine_slab = sys::slab_bytes();
@@ -294,6 +323,11 @@ pub fn run(opts: &Opts) -> anyhow::Result<Report> {
         "failed_connections": failed,
         "heartbeat_interval_ms": opts.heartbeat_interval.as_millis() as u64,
     });
+    if let Some(v) = opts.variant() {
+        out["variant"] = json!(v);
+        out["server_args"] = json!(opts.server_args);
+        rows.push(("variant".into(), v.into()));
+    }
     match opts.scenario {
         Scenario::Connect => {
             lat.sort_unstable();
@@ -306,8 +340,7 @@ pub fn run(opts: &Opts) -> anyhow::Result<Report> {
             rows.push(("handshake p50 / p99".into(), format!("{:.3} / {:.3} ms", pct(&l, 0.5), pct(&l, 0.99))));
         }
         Scenario::Idle => {
-            // Let the first heartbeats settle, then measure over the hold.
-            std::thread::sleep(opts.heartbeat_interval.min(Duration::from_secs(2)));
+            std::thread::sleep(opts.settle);
             let ex0 = exchanges(&mut workers)?;
             let cpu0 = sys::cpu_time(server.pid);
             let t0 = Instant::now();
@@ -317,15 +350,19 @@ pub fn run(opts: &Opts) -> anyhow::Result<Report> {
             let held = t0.elapsed().as_secs_f64();
             let rss1 = sys::rss_bytes(server.pid);
             let slab1 = sys::slab_bytes();
-            let hb = (ex1 - ex0) as f64;
+            let hb = ex1.heartbeats.saturating_sub(ex0.heartbeats) as f64;
+            let server_pings = ex1.server_pings.saturating_sub(ex0.server_pings);
             let rss_per = rss0.zip(rss1).map(|(a, b)| (b as f64 - a as f64) / n.max(1) as f64);
             let slab_per = rss0_machine_slab.zip(slab1).map(|(a, b)| (b as f64 - a as f64) / n.max(1) as f64);
             let cpu = cpu0.zip(cpu1).map(|(a, b)| (b - a).as_secs_f64());
             out["rss_bytes"] = json!(rss1);
             out["rss_per_conn_bytes"] = json!(rss_per.map(f64::round));
             out["slab_per_conn_bytes"] = json!(slab_per.map(f64::round));
+            out["cpu_s"] = json!(cpu.map(ms3));
             out["cpu_s_per_10k_heartbeats"] = json!(cpu.map(|c| ms3(c / hb.max(1.0) * 10_000.0)));
             out["heartbeats_per_s"] = json!((hb / held).round());
+            out["server_pings"] = json!(server_pings);
+            out["settle_s"] = json!(ms3(opts.settle.as_secs_f64()));
             out["held_s"] = json!(ms3(held));
             rows.push(("server RSS per connection".into(), format!("{:.0} B", rss_per.unwrap_or(f64::NAN))));
             rows.push((
@@ -337,6 +374,26 @@ pub fn run(opts: &Opts) -> anyhow::Result<Report> {
                 format!("{:.3} s", cpu.unwrap_or(f64::NAN) / hb.max(1.0) * 1e4),
             ));
             rows.push(("heartbeats handled per second".into(), format!("{:.0}", hb / held)));
+            rows.push(("server PINGs answered during the hold".into(), server_pings.to_string()));
+            if let (Some(admin), true) = (server.admin, server.proc.is_some()) {
+                // After the figures above: the scrapes must not touch them. The server's CPU during the hold is
+                // its background rate, subtracted from the CPU it used while scraped.
+                let s = scrape::measure(admin, server.pid, SCRAPES, cpu.map(|c| c / held))?;
+                out["metrics_scrapes"] = json!(SCRAPES);
+                out["metrics_scrape_ms_p50"] = json!(ms3(s.ms_p50));
+                out["metrics_scrape_ms_max"] = json!(ms3(s.ms_max));
+                out["metrics_scrape_cpu_ms"] = json!(s.cpu_ms.map(ms3));
+                out["metrics_bytes"] = json!(s.bytes);
+                rows.push((
+                    format!("GET /metrics ×{SCRAPES}: p50 / max"),
+                    format!("{:.3} / {:.3} ms", s.ms_p50, s.ms_max),
+                ));
+                rows.push((
+                    "server CPU per scrape (background subtracted)".into(),
+                    format!("{:.3} ms", s.cpu_ms.unwrap_or(f64::NAN)),
+                ));
+                rows.push(("/metrics body".into(), format!("{} bytes", s.bytes)));
+            }
         }
         Scenario::Detect => detect(opts, &mut server, &mut workers, n, &mut out, &mut rows)?,
         Scenario::Takeover => {
@@ -379,14 +436,27 @@ pub fn run(opts: &Opts) -> anyhow::Result<Report> {
     Ok(Report { json: out, rows })
 }
 
-fn exchanges(workers: &mut [Child2]) -> anyhow::Result<u64> {
-    let mut total = 0;
+/// `GET /metrics` requests after an `idle` hold.
+const SCRAPES: usize = 50;
+
+/// What the workers counted so far.
+#[derive(Debug, Clone, Copy, Default)]
+struct Exchanges {
+    /// Heartbeats the clients drove: their ping and its answer.
+    heartbeats: u64,
+    /// The server's own pings the clients answered (tether's round-trip probes): server work, not heartbeats.
+    server_pings: u64,
+}
+
+fn exchanges(workers: &mut [Child2]) -> anyhow::Result<Exchanges> {
+    let mut total = Exchanges::default();
     for w in workers.iter_mut() {
         w.send("report")?;
     }
     for w in workers.iter() {
-        total +=
-            w.expect("report", Duration::from_secs(10), |v| event(v) == "report")?["exchanges"].as_u64().unwrap_or(0);
+        let v = w.expect("report", Duration::from_secs(10), |v| event(v) == "report")?;
+        total.heartbeats += v["exchanges"].as_u64().unwrap_or(0);
+        total.server_pings += v["server_pings"].as_u64().unwrap_or(0);
     }
     Ok(total)
 }

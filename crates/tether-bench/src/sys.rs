@@ -14,8 +14,23 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// User + system CPU time used by `pid` so far.
+/// User + system CPU time used by `pid` (all its threads) so far: the process's CPU-time clock, to the
+/// nanosecond, else `/proc/PID/stat` in clock ticks (10 ms).
 pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let mut clock: libc::clockid_t = 0;
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: both pointers are to live locals of the types the calls write.
+    let ok = unsafe {
+        libc::clock_getcpuclockid(pid as libc::pid_t, &mut clock) == 0 && libc::clock_gettime(clock, &mut ts) == 0
+    };
+    if ok {
+        return Some(Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32));
+    }
+    cpu_ticks(pid)
+}
+
+/// User + system CPU time of `pid` from `/proc/PID/stat` (clock-tick resolution).
+fn cpu_ticks(pid: u32) -> Option<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the parenthesised command name; utime and stime are the 12th and 13th of those.
     let rest = &stat[stat.rfind(')')? + 2..];
@@ -94,7 +109,13 @@ mod tests {
     fn reads_this_process() {
         let me = std::process::id();
         assert!(rss_bytes(me).unwrap() > 100_000);
-        assert!(cpu_time(me).is_some());
+        // The CPU clock moves while this thread spins (finer than /proc's 10 ms ticks).
+        let t0 = cpu_time(me).unwrap();
+        let started = std::time::Instant::now();
+        while cpu_time(me).unwrap() < t0 + Duration::from_millis(3) {
+            assert!(started.elapsed() < Duration::from_secs(10), "the CPU clock did not move");
+        }
+        assert!(cpu_ticks(me).is_some());
         assert!(slab_bytes().unwrap() > 0);
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();

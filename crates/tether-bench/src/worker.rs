@@ -3,15 +3,17 @@
 //! # Layout
 //! [`run`] opens `count` connections from `source_ip` (bounded concurrency), prints one `connected` line with the
 //! handshake latencies, then serves commands read from stdin, one per line:
-//! `report` (heartbeat exchanges so far), `silence M` (the first M connections stop sending, socket open),
+//! `report` (heartbeat exchanges and server pings answered so far), `silence M` (the first M connections stop sending, socket open),
 //! `takeover K` (the last K ids reconnect from fresh sockets while their old connection is live), `stop`.
 //! Replies are JSON lines on stdout. End of stdin, `stop`, or `max_seconds` ends the process: it never outlives
 //! its coordinator.
 //!
 //! A tether connection here is deliberately lean, not a full `tether::Client`: it says `HELLO`, sends `PING` when
 //! it has sent nothing for one interval, answers `PING` with `PONG`, and reads everything else. An MQTT connection
-//! sends CONNECT with a Will and PINGREQ every keepalive. A "heartbeat exchange" is one ping and its answer, in
-//! whichever direction: the unit both systems are charged per.
+//! sends CONNECT with a Will and PINGREQ every keepalive. A "heartbeat exchange" is the client's ping and its
+//! answer: the unit both systems are charged per. A `PING` of the server's own (tether's round-trip probe) is
+//! answered and counted apart, as server work; answering it does not move the connection's ping phase, as it
+//! would not for a device whose probe comes right after its own ping (see [`Heartbeat::tether`]).
 //! In `reconnect` mode each id is a `tether::ReconnectingClient` instead, reporting every reconnection.
 
 use std::net::{IpAddr, SocketAddr};
@@ -83,7 +85,7 @@ async fn serve(opts: WorkerOpts) -> anyhow::Result<()> {
     if opts.reconnect {
         return reconnecting(opts).await;
     }
-    let exchanges = Arc::new(AtomicU64::new(0));
+    let exchanges = Arc::new(Counts::default());
     let gate = Arc::new(Semaphore::new(opts.concurrency.max(1)));
     let started = Instant::now();
     let mut conns = Vec::with_capacity(opts.count);
@@ -116,7 +118,11 @@ async fn serve(opts: WorkerOpts) -> anyhow::Result<()> {
     while let Some(line) = lines.next_line().await? {
         let mut words = line.split_whitespace();
         match (words.next(), words.next().and_then(|n| n.parse::<usize>().ok())) {
-            (Some("report"), _) => emit(json!({"event": "report", "exchanges": exchanges.load(Ordering::Relaxed)})),
+            (Some("report"), _) => emit(json!({
+                "event": "report",
+                "exchanges": exchanges.heartbeats.load(Ordering::Relaxed),
+                "server_pings": exchanges.server_pings.load(Ordering::Relaxed),
+            })),
             (Some("silence"), Some(m)) => {
                 let chosen = &conns[..m.min(conns.len())];
                 for c in chosen {
@@ -154,7 +160,7 @@ type Timings = (Duration, Duration);
 type Handshake = tokio::sync::oneshot::Receiver<Result<Timings, String>>;
 
 /// Start one connection's task; the receiver yields its handshake timings.
-fn spawn_conn(opts: &WorkerOpts, c: &Conn, exchanges: Arc<AtomicU64>, gate: Option<Arc<Semaphore>>) -> Handshake {
+fn spawn_conn(opts: &WorkerOpts, c: &Conn, exchanges: Arc<Counts>, gate: Option<Arc<Semaphore>>) -> Handshake {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let (target, addr, src, interval) = (opts.target, opts.addr, opts.source_ip, opts.interval);
     let (id, silent, wake, last) = (c.id.clone(), c.silent.clone(), c.wake.clone(), c.last_tx_us.clone());
@@ -286,23 +292,37 @@ async fn open_mqtt(
     Ok((stream, buf, sent.elapsed()))
 }
 
+/// What a worker's connections counted.
+#[derive(Debug, Default)]
+struct Counts {
+    /// Heartbeat exchanges the clients started (tether `PING`, MQTT `PINGREQ`).
+    heartbeats: AtomicU64,
+    /// The server's own `PING`s answered.
+    server_pings: AtomicU64,
+}
+
 struct Heartbeat {
     silent: Arc<AtomicBool>,
     wake: Arc<Notify>,
     last_tx_us: Arc<AtomicU64>,
-    exchanges: Arc<AtomicU64>,
+    exchanges: Arc<Counts>,
     interval: Duration,
     /// How far into its cycle this connection starts (the first ping comes `interval - phase` after connect).
     phase: Duration,
 }
 
 impl Heartbeat {
+    /// A ping of this client's went out.
     fn sent(&self) {
-        self.exchanges.fetch_add(1, Ordering::Relaxed);
+        self.exchanges.heartbeats.fetch_add(1, Ordering::Relaxed);
         self.last_tx_us.store(epoch_us(), Ordering::SeqCst);
     }
 
     /// Ping when idle for one interval, answer pings, until the server closes.
+    ///
+    /// The ping phase stays where it started when the server pings: the phase stands for when the device
+    /// connected, and a tether server's round-trip probe arrives right behind the `PONG` to this connection's own
+    /// `PING`, so answering it moves the phase by next to nothing anyway.
     async fn tether(self, mut stream: TcpStream, mut buf: BytesMut) -> anyhow::Result<()> {
         let now = tokio::time::Instant::now();
         let mut last_tx = now.checked_sub(self.phase).unwrap_or(now);
@@ -320,8 +340,8 @@ impl Heartbeat {
                         match f {
                             Frame::Ping { seq, ts_ms } if !self.silent.load(Ordering::SeqCst) => {
                                 stream.write_all(&Frame::Pong { seq, ts_ms }.to_bytes()).await?;
-                                last_tx = tokio::time::Instant::now();
-                                self.sent();
+                                self.exchanges.server_pings.fetch_add(1, Ordering::Relaxed);
+                                self.last_tx_us.store(epoch_us(), Ordering::SeqCst);
                             }
                             Frame::Bye(_) => return Ok(()),
                             _ => {}

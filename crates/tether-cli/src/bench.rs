@@ -46,6 +46,10 @@ pub struct Args {
     /// idle: how long to hold the connections while measuring.
     #[arg(long, value_parser = duration::parse, default_value = "10s", value_name = "DUR")]
     hold: Duration,
+    /// idle: wait this long after the connections are up before the hold [default: one heartbeat interval + 1s,
+    /// past the server's first round-trip probe].
+    #[arg(long, value_parser = duration::parse, value_name = "DUR")]
+    settle: Option<Duration>,
     /// detect: connections that go silent [default: a tenth].
     #[arg(long)]
     silent: Option<usize>,
@@ -64,6 +68,10 @@ pub struct Args {
     /// The process id of --server, to read its RSS and CPU.
     #[arg(long, value_name = "PID")]
     server_pid: Option<u32>,
+    /// One more argument for the tether server this run starts (repeat it: `--server-arg --admin --server-arg
+    /// off` measures with metrics off). The result is labelled "metrics off" or "metrics on".
+    #[arg(long = "server-arg", value_name = "ARG", allow_hyphen_values = true, conflicts_with = "server")]
+    server_args: Vec<String>,
     /// Print the result as one JSON object on the last line.
     #[arg(long)]
     json: bool,
@@ -118,6 +126,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         connections: args.connections.max(1),
         heartbeat_interval: args.heartbeat_interval,
         hold: args.hold,
+        settle: args.settle.unwrap_or(args.heartbeat_interval + Duration::from_secs(1)),
         silent: args.silent.unwrap_or(args.connections / 10).max(1),
         takeovers: args.takeovers.unwrap_or(args.connections / 10).max(1),
         per_worker: args.per_worker.clamp(1, 19_000),
@@ -125,10 +134,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         server: args.server,
         server_pid: args.server_pid,
         exe: std::env::current_exe().context("locating the tether executable")?,
+        server_args: args.server_args,
     };
     let report = tether_bench::run(&opts)?;
     let width = report.rows.iter().map(|(k, _)| k.chars().count()).max().unwrap_or(0);
-    println!("tether bench {} ({:?})", scenario.name(), opts.target);
+    match opts.variant() {
+        Some(v) => println!("tether bench {} ({:?}, {v})", scenario.name(), opts.target),
+        None => println!("tether bench {} ({:?})", scenario.name(), opts.target),
+    }
     for (k, v) in &report.rows {
         println!("  {k:<width$}  {v}");
     }
