@@ -241,7 +241,17 @@ async fn the_dashboard_shows_a_hung_client_and_kicks_another() {
     // For the saved picture, the page is shown under load: 2,000 more connections from one load generator.
     let save = std::env::var("TETHER_SCREENSHOT").is_ok_and(|v| v == "1");
     let _load = save.then(|| {
-        let load = Proc::spawn(&["bench-worker", "--addr", &addr, "--count", "2000", "--interval", "1s"]);
+        let load = Proc::spawn(&[
+            "bench-worker",
+            "--addr",
+            &addr,
+            "--count",
+            "2000",
+            "--interval",
+            "1s",
+            "--concurrency",
+            "16",
+        ]);
         load.expect("the load generator connected", |v| event(v) == "connected");
         load
     });
