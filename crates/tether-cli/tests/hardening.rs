@@ -58,8 +58,9 @@ impl Server {
             loop {
                 let mut line = String::new();
                 assert!(stderr.read_line(&mut line).expect("stderr") > 0, "no listening line");
+                // "listening on ADDR; admin API and dashboard on http://…/"
                 if let Some(a) = line.trim_end().split("listening on ").nth(1) {
-                    break a.parse().unwrap();
+                    break a.split(';').next().unwrap().parse().unwrap();
                 }
             }
         } else {
