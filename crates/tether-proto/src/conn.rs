@@ -299,7 +299,10 @@ pub struct Connection {
     admission_pending: bool,
     drain: Option<Drain>,
     reason: Option<CloseReason>,
+    /// Our last `PING`'s sequence number, and whether its `PONG` is still to come: only that `PONG` counts as a
+    /// round trip, once (a peer cannot make up round trips by sending `PONG`s of its own).
     ping_seq: u32,
+    awaiting_pong: bool,
     /// The peer's `PING` allowance ([`ping_allowance`]): `PING`s it may send now, and when that was last refilled.
     ping_tokens: f32,
     ping_refilled: Instant,
@@ -308,7 +311,7 @@ pub struct Connection {
     data_refilled: Instant,
     rtt: Option<Duration>,
     /// Server: when the next round-trip probe is due ([`ConnConfig::rtt_probe_every`]), in milliseconds after
-    /// `origin` (saturating: probes stop after 49 days of one connection); 0 for none.
+    /// `origin` (probes stop after 49 days of one connection, where that no longer fits); 0 for none.
     probe_due_ms: u32,
     /// Frames parsed and frames queued, wrapping: the IO layer counts them into its metrics by difference.
     frames_rx: u32,
@@ -357,6 +360,7 @@ impl Connection {
             drain: None,
             reason: None,
             ping_seq: 0,
+            awaiting_pong: false,
             ping_tokens: 0.0,
             ping_refilled: now,
             data_tokens: 0.0,
@@ -801,20 +805,22 @@ impl Connection {
     /// later.
     fn send_ping(&mut self, now: Instant) {
         self.ping_seq = self.ping_seq.wrapping_add(1);
-        let ts_ms = now.saturating_duration_since(self.origin).as_millis() as u64;
+        self.awaiting_pong = true;
+        // Microseconds: the field is ours to fill and the peer echoes it, so the round trip is exact to the µs.
+        let ts_ms = now.saturating_duration_since(self.origin).as_micros() as u64;
         self.queue(now, &Frame::Ping { seq: self.ping_seq, ts_ms });
         if let (Some((interval, _)), Some(every)) = (self.heartbeat(), self.cfg.rtt_probe_every) {
             self.schedule_probe(now, interval * every);
         }
     }
 
-    /// Server: the next round-trip probe `after` from `now` (none for zero).
+    /// Server: the next round-trip probe `after` from `now` (none for zero, and none beyond 49 days of one
+    /// connection, where the due instant no longer fits: the backstop `PING` still measures a quiet client).
     fn schedule_probe(&mut self, now: Instant, after: Duration) {
         if self.role != Role::Server || after.is_zero() {
             return;
         }
-        let due = self.ms_since_origin(now + after);
-        self.probe_due_ms = due.min(u32::MAX as u64) as u32;
+        self.probe_due_ms = u32::try_from(self.ms_since_origin(now + after)).unwrap_or(0);
     }
 
     /// Milliseconds from `origin` to `t`, at least 1 (0 means "none" in the fields that use this).
@@ -970,9 +976,14 @@ impl Connection {
                     self.send_ping(now);
                 }
             }
-            (_, Frame::Pong { ts_ms, .. }) => {
-                // The echoed timestamp is the peer's word: anything not in our past is ignored, never trusted.
-                let sent = self.origin.checked_add(Duration::from_millis(ts_ms));
+            (_, Frame::Pong { seq, ts_ms }) => {
+                // Only the answer to our last PING, once. Its echoed timestamp is still the peer's word: anything
+                // not in our past is ignored, never trusted.
+                if !self.awaiting_pong || seq != self.ping_seq {
+                    return;
+                }
+                self.awaiting_pong = false;
+                let sent = self.origin.checked_add(Duration::from_micros(ts_ms));
                 if let Some(sent) = sent.filter(|s| *s <= now) {
                     let rtt = now - sent;
                     self.rtt = Some(rtt);

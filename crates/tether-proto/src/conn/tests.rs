@@ -973,3 +973,53 @@ fn the_servers_first_probe_falls_at_its_phase_within_twelve_intervals() {
     assert!((7000..=7010).contains(&first_probe_ms(0.5)), "{}", first_probe_ms(0.5));
     assert!((12_000..=12_010).contains(&first_probe_ms(0.99)), "{}", first_probe_ms(0.99));
 }
+
+#[test]
+fn only_the_answer_to_our_last_ping_is_a_round_trip_measured_in_microseconds() {
+    let t0 = Instant::now();
+    let mut c = Connection::client(t0, ConnConfig::default(), hello("a"));
+    c.handle_written(t0, c.poll_transmit().len());
+    c.handle_bytes(t0, &Frame::Welcome(welcome()).to_bytes());
+    assert!(matches!(c.poll_event(), Some(Event::Welcome(_))));
+    let rtts =
+        |c: &mut Connection| std::iter::from_fn(|| c.poll_event()).filter(|e| matches!(e, Event::Rtt(_))).count();
+    // Unsolicited PONGs (no PING of ours outstanding) are no round trip, whatever they claim.
+    c.handle_bytes(t0 + ms(10), &Frame::Pong { seq: 0, ts_ms: 0 }.to_bytes_v(c.version()));
+    assert_eq!(rtts(&mut c), 0);
+    // Our PING one interval later, answered 250 µs after: that exact round trip, once.
+    let at = t0 + ms(1000);
+    c.handle_timeout(at);
+    let out = frames_in(c.poll_transmit(), c.version());
+    c.handle_written(at, c.poll_transmit().len());
+    let [Frame::Ping { seq, ts_ms }] = out[..] else { panic!("{out:?}") };
+    let back = at + Duration::from_micros(250);
+    c.handle_bytes(back, &Frame::Pong { seq: seq.wrapping_add(1), ts_ms }.to_bytes_v(c.version()));
+    assert_eq!(rtts(&mut c), 0, "a PONG for another seq is ignored");
+    c.handle_bytes(back, &Frame::Pong { seq, ts_ms }.to_bytes_v(c.version()));
+    assert_eq!(c.rtt(), Some(Duration::from_micros(250)));
+    c.handle_bytes(back + ms(1), &Frame::Pong { seq, ts_ms: 0 }.to_bytes_v(c.version()));
+    assert_eq!(c.rtt(), Some(Duration::from_micros(250)), "a repeated PONG is not a second round trip");
+}
+
+#[test]
+fn probes_stop_rather_than_fire_on_every_ping_beyond_49_days() {
+    let t0 = Instant::now();
+    let mut s = Connection::server(t0, ConnConfig::default());
+    s.handle_bytes(t0, &Frame::Hello(hello("a")).to_bytes());
+    assert!(matches!(s.poll_event(), Some(Event::Hello(_))));
+    s.accept(t0, welcome());
+    s.handle_written(t0, s.poll_transmit().len());
+    // Fifty days on (no timer was run, so no verdict was taken meanwhile): PINGs at the interval get PONGs, and
+    // a probe at most once, not one per PING.
+    let old = t0 + Duration::from_secs(50 * 86_400);
+    s.handle_bytes(old, &Frame::Ping { seq: 1, ts_ms: 1 }.to_bytes_v(s.version()));
+    s.handle_written(old, s.poll_transmit().len());
+    for i in 0..5u32 {
+        let at = old + ms(1000 * (i as u64 + 1));
+        s.handle_bytes(at, &Frame::Ping { seq: 2 + i, ts_ms: 1 }.to_bytes_v(s.version()));
+        let out = frames_in(s.poll_transmit(), s.version());
+        s.handle_written(at, s.poll_transmit().len());
+        assert!(matches!(out[..], [Frame::Pong { .. }]), "PING {i}: {out:?}");
+    }
+    assert!(!s.is_closed());
+}
