@@ -10,7 +10,7 @@ use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -55,20 +55,80 @@ pub(crate) fn routes(state: AppState) -> Router {
         .route("/v1/events", get(events))
         .route("/v1/drain", get(drain_status).post(drain).delete(undrain))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
+        .method_not_allowed_fallback(|| async {
+            ApiError(StatusCode::METHOD_NOT_ALLOWED, "this endpoint does not take that method".into())
+        })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::map_response(json_errors))
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .with_state(state)
 }
 
-/// The bearer-token check: 401 without credentials, 403 with a wrong token.
+/// Request bodies are small JSON objects.
+const MAX_BODY: usize = 16 * 1024;
+
+/// Errors produced outside the handlers (an extractor's rejection, an oversized body) become JSON too.
+async fn json_errors(res: Response) -> Response {
+    let is_json = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if res.status().as_u16() < 400 || is_json {
+        return res;
+    }
+    let status = res.status();
+    let body = axum::body::to_bytes(res.into_body(), 4096).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&body).trim().to_owned();
+    let msg = if text.is_empty() { status.canonical_reason().unwrap_or("error").to_owned() } else { text };
+    ApiError(status, msg).into_response()
+}
+
+/// Whether `host` (a `Host` header: name or address, maybe with a port) names this machine by address or as
+/// `localhost`: anything else reaching a listener without a token is a DNS-rebinding page.
+fn local_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok()
+}
+
+fn sha256(b: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(b).into()
+}
+
+/// Browsers first: a request another site's page makes (its `Origin` is not this listener, or the browser says
+/// `Sec-Fetch-Site: cross-site`) is refused, so a page cannot drain or kick through an operator's browser; and
+/// without a token only a `Host` that is an address or `localhost` is served (DNS rebinding). Then the bearer
+/// token: 401 without credentials, 403 with a wrong one (compared as SHA-256 digests in constant time, so
+/// neither its bytes nor its length leak through timing).
 async fn authorize(State(st): State<AppState>, headers: HeaderMap, req: Request, next: Next) -> Response {
-    let Some(token) = st.cfg.token.as_deref().filter(|t| !t.is_empty()) else { return next.run(req).await };
+    let header = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+    let host = header(header::HOST).unwrap_or("");
+    let cross_origin = header(header::ORIGIN)
+        .is_some_and(|o| o.split_once("://").is_none_or(|(_, authority)| !authority.eq_ignore_ascii_case(host)));
+    let cross_site = headers.get("sec-fetch-site").is_some_and(|v| v.as_bytes() == b"cross-site");
+    if cross_origin || cross_site {
+        return ApiError(StatusCode::FORBIDDEN, "requests from another site's page are refused".into()).into_response();
+    }
+    let Some(token) = st.cfg.token.as_deref().filter(|t| !t.is_empty()) else {
+        if !local_host(host) {
+            let msg = format!("Host {host:?} is not this machine's address; without a token only addresses are served");
+            return ApiError(StatusCode::FORBIDDEN, msg).into_response();
+        }
+        return next.run(req).await;
+    };
     let path = req.uri().path();
     let open = path == "/" || (st.cfg.open_metrics && matches!(path, "/metrics" | "/healthz" | "/readyz"));
     if open {
         return next.run(req).await;
     }
-    let given =
-        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let given = header(header::AUTHORIZATION)
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim());
     match given {
         None => {
             let mut r =
@@ -77,7 +137,7 @@ async fn authorize(State(st): State<AppState>, headers: HeaderMap, req: Request,
             r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
             r
         }
-        Some(g) if bool::from(g.trim().as_bytes().ct_eq(token.as_bytes())) => next.run(req).await,
+        Some(g) if bool::from(sha256(g.as_bytes()).ct_eq(&sha256(token.as_bytes()))) => next.run(req).await,
         Some(_) => ApiError(StatusCode::FORBIDDEN, "the bearer token is not valid".into()).into_response(),
     }
 }
@@ -257,6 +317,18 @@ async fn undrain(State(st): State<AppState>) -> Json<serde_json::Value> {
     Json(drain_json(&st.handle.undrain()))
 }
 
+/// How long a cut-off stream's client has to read what was queued for it before its connection is closed.
+const CUT_GRACE: Duration = Duration::from_secs(5);
+
+/// Ends a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Releases an event-stream slot when the stream ends, however it ends.
 struct StreamSlot(std::sync::Arc<std::sync::atomic::AtomicUsize>);
 
@@ -289,13 +361,17 @@ async fn events(
     }
     let slot = StreamSlot(st.streams.clone());
     let watch = st.handle.watch_events(EVENT_STREAM_BUFFER);
-    if let Some(Extension(kill)) = kill {
+    // A stream cut off for falling behind: a client still reading gets the queued events and `event: cut`
+    // within the grace; one that does not read has its connection closed then. The watchdog ends with the
+    // stream.
+    let watchdog = kill.map(|Extension(kill)| {
         let cut = watch.cut_off();
-        tokio::spawn(async move {
+        AbortOnDrop(tokio::spawn(async move {
             cut.await;
+            tokio::time::sleep(CUT_GRACE).await;
             kill.kill();
-        });
-    }
+        }))
+    });
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     struct S {
@@ -305,8 +381,9 @@ async fn events(
         snapshots: bool,
         done: bool,
         _slot: StreamSlot,
+        _watchdog: Option<AbortOnDrop>,
     }
-    let init = S { st, watch, tick, snapshots, done: false, _slot: slot };
+    let init = S { st, watch, tick, snapshots, done: false, _slot: slot, _watchdog: watchdog };
     let stream = futures_util::stream::unfold(init, |mut s| async move {
         if s.done {
             return None;

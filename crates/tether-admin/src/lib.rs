@@ -10,11 +10,13 @@
 //! - `api`: the handlers. Every error is `{"error": "..."}` with its status.
 //!
 //! The server core knows nothing of HTTP: this crate reads it through `ServerHandle` only, and nothing here runs
-//! on a connection's hot path (a scrape reads atomics and takes the session hub's lock twice, briefly).
+//! on a connection's hot path (a scrape reads atomics and takes the session hub's lock once, briefly).
 //!
 //! # Security
 //! On a non-loopback address the API requires `Authorization: Bearer TOKEN` ([`check_exposure`] refuses to start
-//! without a token); tokens are compared in constant time. `/metrics`, `/healthz` and `/readyz` may be left open
+//! without a token); tokens are compared in constant time. Requests from another site's page (by `Origin` or
+//! `Sec-Fetch-Site`) are refused, and without a token only a `Host` that is an address or `localhost` is served,
+//! so neither a web page nor DNS rebinding can use an operator's browser against a loopback listener. `/metrics`, `/healthz` and `/readyz` may be left open
 //! for scrapers ([`AdminConfig::open_metrics`]). The dashboard page itself carries no data and is always served;
 //! it asks for the token when the API answers 401.
 
@@ -107,16 +109,13 @@ impl ConnKill {
     }
 }
 
-/// Serve `app` on `listener` until `shutdown` resolves: HTTP/1.1, at most [`MAX_ADMIN_CONNECTIONS`] at once,
-/// 10 s to send request headers.
+/// Serve `app` on `listener` until `shutdown` resolves: HTTP/1.1, at most [`MAX_ADMIN_CONNECTIONS`] at once
+/// (a connection beyond them is closed at once, so idle ones cannot hold the listener's backlog), 10 s to send
+/// request headers.
 pub async fn serve(listener: TcpListener, app: Router, shutdown: impl Future<Output = ()>) {
     let slots = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
-            () = &mut shutdown => return,
-            p = slots.clone().acquire_owned() => p.expect("semaphore never closed"),
-        };
         let (stream, _peer) = tokio::select! {
             () = &mut shutdown => return,
             r = listener.accept() => match r {
@@ -127,6 +126,10 @@ pub async fn serve(listener: TcpListener, app: Router, shutdown: impl Future<Out
                     continue;
                 }
             },
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::debug!("admin: {MAX_ADMIN_CONNECTIONS} connections open; closing a new one");
+            continue;
         };
         let kill = ConnKill::default();
         let svc = TowerToHyperService::new(app.clone().layer(axum::Extension(kill.clone())));

@@ -542,3 +542,39 @@ async fn write_timeout_and_tls_error_are_counted_too() {
     s.wait(|k| matches!(k, EventKind::Closed { reason: CloseReason::TlsError, .. })).await;
     assert_disconnects(&metrics(admin).await, &[(CloseReason::TlsError, 1)]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_web_page_cannot_use_an_operators_browser_against_the_listener() {
+    let mut s = TestServer::start(test_config()).await;
+    let admin = start_admin(s.handle.clone(), AdminConfig::default()).await;
+    let _c = Client::connect(s.addr, client_cfg("victim")).await.unwrap();
+    s.wait(|k| matches!(k, EventKind::Online { .. })).await;
+    let host = format!("Host: {admin}\r\n");
+    // Another site's page: a no-cors POST carries its Origin; the browser also says cross-site.
+    let evil = format!("{host}Origin: http://evil.example\r\n");
+    let r = support_http::request_with(admin, "POST", "/v1/drain", Some("{}"), &evil).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    let r = support_http::request_with(admin, "POST", "/v1/sessions/victim/kick", None, &evil).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    let sfs = format!("{host}Sec-Fetch-Site: cross-site\r\n");
+    assert_eq!(support_http::request_with(admin, "GET", "/v1/sessions", None, &sfs).await.status, 403);
+    // DNS rebinding: a page on a name that now resolves to 127.0.0.1 reads with its own Host.
+    let rebound = "Host: evil.example:7401\r\nOrigin: http://evil.example:7401\r\n";
+    let r = support_http::request_with(admin, "GET", "/v1/sessions", None, rebound).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(r.json()["error"].as_str().unwrap().contains("Host"));
+    assert!(s.handle.is_ready() && s.handle.online() == 1, "nothing happened");
+    // The dashboard's own requests (same origin) and localhost work.
+    let same = format!("{host}Origin: http://{admin}\r\nSec-Fetch-Site: same-origin\r\n");
+    assert_eq!(support_http::request_with(admin, "GET", "/v1/sessions", None, &same).await.status, 200);
+    let local = format!("Host: localhost:{}\r\n", admin.port());
+    assert_eq!(support_http::request_with(admin, "GET", "/healthz", None, &local).await.status, 200);
+    // Errors from outside the handlers are JSON too: a wrong method, an oversized body.
+    let r = request(admin, "PUT", "/v1/drain", Some("{}"), None).await;
+    assert_eq!(r.status, 405);
+    assert!(r.json()["error"].is_string());
+    let big = format!("{{\"retry_after\": \"{}\"}}", "x".repeat(20_000));
+    let r = request(admin, "POST", "/v1/sessions/victim/kick", Some(&big), None).await;
+    assert_eq!(r.status, 413, "{}", r.body);
+    assert!(r.json()["error"].is_string());
+}

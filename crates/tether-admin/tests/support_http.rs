@@ -31,11 +31,14 @@ impl Reply {
 
 /// One request; `token` adds `Authorization: Bearer`.
 pub async fn request(addr: SocketAddr, method: &str, path: &str, body: Option<&str>, token: Option<&str>) -> Reply {
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    request_with(addr, method, path, body, &format!("Host: {addr}\r\n{auth}")).await
+}
+
+/// One request with the given header lines (each ending in CRLF; `Host` included).
+pub async fn request_with(addr: SocketAddr, method: &str, path: &str, body: Option<&str>, headers: &str) -> Reply {
     let mut s = TcpStream::connect(addr).await.unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    if let Some(t) = token {
-        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
-    }
+    let mut req = format!("{method} {path} HTTP/1.1\r\n{headers}Connection: close\r\n");
     let body = body.unwrap_or("");
     req.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()));
     s.write_all(req.as_bytes()).await.unwrap();

@@ -102,7 +102,7 @@ fn the_admin_listener_is_named_refused_when_exposed_and_its_errors_are_clear() {
     assert!(admin.starts_with("127.0.0.1:") && !admin.ends_with(":7401"), "{admin}");
     let mut s = TcpStream::connect(&admin).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n").unwrap();
     let mut body = String::new();
     BufReader::new(s).lines().map_while(Result::ok).for_each(|l| body.push_str(&l));
     assert!(body.contains("tether_disconnects_total{reason=\"heartbeat_timeout\"} 0"), "{body}");

@@ -610,22 +610,30 @@ impl ServerHandle {
         self.shared.metrics_snapshot()
     }
 
-    /// Online sessions whose id starts with `prefix` and sorts after `after`, in id order, at most `limit`. The
-    /// hub is held only to copy the matching ids; sorting and the per-session details come after.
+    /// Online sessions whose id starts with `prefix` and sorts after `after`, in id order, at most `limit`. Under
+    /// the hub's lock only references are gathered and the first `limit` selected (linear); just those are
+    /// copied, and the per-session details are read after.
     pub fn sessions(&self, prefix: &str, after: Option<&str>, limit: usize) -> Vec<SessionInfo> {
-        let mut ids: Vec<(String, Arc<Control>, ConnId, bool)> = {
+        let page: Vec<(String, Arc<Control>, ConnId, bool)> = {
             let hub = self.shared.hub.lock().expect("hub lock");
-            hub.registry
+            let mut matching: Vec<(&str, ConnId, bool)> = hub
+                .registry
                 .sessions()
                 .filter(|(id, _, _)| id.starts_with(prefix) && after.is_none_or(|a| *id > a))
+                .collect();
+            if matching.len() > limit && limit > 0 {
+                matching.select_nth_unstable_by(limit - 1, |a, b| a.0.cmp(b.0));
+            }
+            matching.truncate(limit);
+            matching.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            matching
+                .into_iter()
                 .filter_map(|(id, conn, suspect)| {
                     hub.conns.get(&conn).map(|h| (id.to_owned(), h.control.clone(), conn, suspect))
                 })
                 .collect()
         };
-        ids.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        ids.truncate(limit);
-        ids.into_iter()
+        page.into_iter()
             .filter_map(|(id, control, conn, suspect)| self.shared.session_info(id, conn, &control, suspect))
             .collect()
     }
@@ -1055,6 +1063,12 @@ struct ConnGuard {
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
+        // A task that ended without its close event (aborted at shutdown) leaves nothing behind either.
+        if let Ok(mut st) = self.control.state.lock() {
+            st.fd = None;
+        }
+        let queued = self.control.queued.swap(0, Ordering::Relaxed);
+        self.shared.metrics.outbound_queued.fetch_sub(queued as i64, Ordering::Relaxed);
         if let Ok(mut hub) = self.shared.hub.lock() {
             hub.conns.remove(&self.conn_id);
         }
@@ -1075,6 +1089,13 @@ async fn serve_conn(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, co
         control.request(CloseCmd::Bye(bye(CloseReason::ServerShutdown, shared.cfg.shutdown_spread)));
     }
     shared.hub.lock().expect("hub lock").conns.insert(conn_id, ConnHandle { control: control.clone() });
+    // Accepted just before a drain began, too late for its list: it leaves like the others. (The hub's lock
+    // orders this against the drain's snapshot of the connections.)
+    if shared.draining.load(Ordering::Relaxed) {
+        let mut b = bye(CloseReason::ServerShutdown, shared_retry(&shared));
+        b.alternative = shared.drain_redirect().unwrap_or_default();
+        control.request(CloseCmd::Bye(b));
+    }
     let mut conn = Connection::server(driver::now(), shared.conn_cfg.clone());
     // Where in its first 12 intervals the session's first round-trip probe falls.
     conn.set_ping_phase(rand::random::<f64>());
@@ -1497,8 +1518,12 @@ impl Hooks for ServerHooks {
         let (seen_rx, seen_tx) = ((seen >> 32) as u32, seen as u32);
         if (rx, tx) != (seen_rx, seen_tx) {
             c.frames_seen.store((u64::from(rx) << 32) | u64::from(tx), Ordering::Relaxed);
-            m.frames_in.fetch_add(u64::from(rx.wrapping_sub(seen_rx)), Ordering::Relaxed);
-            m.frames_out.fetch_add(u64::from(tx.wrapping_sub(seen_tx)), Ordering::Relaxed);
+            if rx != seen_rx {
+                m.frames_in.fetch_add(u64::from(rx.wrapping_sub(seen_rx)), Ordering::Relaxed);
+            }
+            if tx != seen_tx {
+                m.frames_out.fetch_add(u64::from(tx.wrapping_sub(seen_tx)), Ordering::Relaxed);
+            }
         }
         let pending = if conn.is_closed() { 0 } else { conn.pending_tx() as u64 };
         let reported = c.queued.load(Ordering::Relaxed);
