@@ -928,14 +928,20 @@ fn who_decided_is_kept() {
     assert_eq!((c[0].reason, c[0].by_peer), (CloseReason::HeartbeatTimeout, true));
 }
 
-#[test]
-fn the_servers_probe_rides_on_the_pong_to_the_clients_ping() {
-    let t0 = Instant::now();
+/// A server connection that has welcomed client "a" at `t0`, its output written.
+fn established_server(t0: Instant) -> Connection {
     let mut s = Connection::server(t0, ConnConfig::default());
     s.handle_bytes(t0, &Frame::Hello(hello("a")).to_bytes());
     assert!(matches!(s.poll_event(), Some(Event::Hello(_))));
     s.accept(t0, welcome());
     s.handle_written(t0, s.poll_transmit().len());
+    s
+}
+
+#[test]
+fn the_servers_probe_rides_on_the_pong_to_the_clients_ping() {
+    let t0 = Instant::now();
+    let mut s = established_server(t0);
     let frames_after_ping = |s: &mut Connection, at: Instant, seq: u32| {
         s.handle_bytes(at, &Frame::Ping { seq, ts_ms: 1 }.to_bytes_v(s.version()));
         let out = frames_in(s.poll_transmit(), s.version());
@@ -1004,11 +1010,7 @@ fn only_the_answer_to_our_last_ping_is_a_round_trip_measured_in_microseconds() {
 #[test]
 fn probes_stop_rather_than_fire_on_every_ping_beyond_49_days() {
     let t0 = Instant::now();
-    let mut s = Connection::server(t0, ConnConfig::default());
-    s.handle_bytes(t0, &Frame::Hello(hello("a")).to_bytes());
-    assert!(matches!(s.poll_event(), Some(Event::Hello(_))));
-    s.accept(t0, welcome());
-    s.handle_written(t0, s.poll_transmit().len());
+    let mut s = established_server(t0);
     // Fifty days on (no timer was run, so no verdict was taken meanwhile): PINGs at the interval get PONGs, and
     // a probe at most once, not one per PING.
     let old = t0 + Duration::from_secs(50 * 86_400);
