@@ -21,7 +21,9 @@ use serde_json::json;
 use subtle::ConstantTimeEq;
 use tether::CloseReason;
 
-use crate::json::{disconnect_json, drain_json, event_json, kernel_json, overview_json, rfc3339, session_json};
+use crate::json::{
+    disconnect_json, drain_json, event_json, kernel_json, overview_json, probe_json, rfc3339, session_json,
+};
 use crate::{AppState, ConnKill, EVENT_STREAM_BUFFER, MAX_EVENT_STREAMS};
 
 const DASHBOARD: &str = include_str!("dashboard.html");
@@ -51,6 +53,7 @@ pub(crate) fn routes(state: AppState) -> Router {
         .route("/v1/sessions", get(sessions))
         .route("/v1/sessions/{id}", get(session))
         .route("/v1/sessions/{id}/kick", post(kick))
+        .route("/v1/sessions/{id}/probe", post(probe))
         .route("/v1/disconnects", get(disconnects))
         .route("/v1/events", get(events))
         .route("/v1/drain", get(drain_status).post(drain).delete(undrain))
@@ -267,6 +270,26 @@ async fn kick(
         return Err(ApiError(StatusCode::NOT_FOUND, format!("client {id} is not online")));
     }
     Ok(Json(json!({ "kicked": id, "retry_after_ms": retry.as_millis() as u64 })))
+}
+
+/// Ping one client now and say whether the network or its program is slow: `{"timeout": "2s"}` at most 30 s.
+async fn probe(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let body = body_object(&body)?;
+    check_fields(&body, &["timeout"])?;
+    let wait = duration_field(body.get("timeout"), "timeout")?.unwrap_or(Duration::from_secs(2));
+    if wait.is_zero() || wait > Duration::from_secs(30) {
+        return Err(bad("timeout is more than zero and at most 30 s"));
+    }
+    let report = st
+        .handle
+        .probe(&id, wait)
+        .await
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("client {id} is not online")))?;
+    Ok(Json(probe_json(&report)))
 }
 
 async fn disconnects(State(st): State<AppState>, Query(q): Params) -> Result<Json<serde_json::Value>, ApiError> {

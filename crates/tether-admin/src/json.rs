@@ -9,7 +9,9 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::json;
 use tether::metrics::HistogramSnapshot;
-use tether::{DisconnectRecord, DrainStatus, EventKind, KernelView, MetricsSnapshot, ServerEvent, SessionInfo};
+use tether::{
+    DisconnectRecord, DrainStatus, EventKind, KernelView, MetricsSnapshot, ProbeReport, ServerEvent, SessionInfo,
+};
 
 /// RFC 3339 in UTC with milliseconds.
 pub fn rfc3339(t: SystemTime) -> String {
@@ -184,5 +186,15 @@ pub fn overview_json(m: &MetricsSnapshot, server: serde_json::Value) -> serde_js
             "kernel_rtt_seconds": histogram_json(&m.kernel_rtt),
             "handshake_seconds": histogram_json(&m.handshake), "session_seconds": histogram_json(&m.session),
         },
+    })
+}
+
+/// A round-trip probe's report and its verdict.
+pub fn probe_json(p: &ProbeReport) -> serde_json::Value {
+    let (verdict, evidence) = p.verdict();
+    json!({
+        "client": p.client, "verdict": verdict.as_str(), "evidence": evidence, "app_rtt_ms": p.app_rtt.map(ms),
+        "waited_ms": ms(p.waited), "heartbeat_ms": p.heartbeat.map(|h| h.as_millis() as u64),
+        "kernel": p.kernel.as_ref().map(kernel_json),
     })
 }

@@ -107,3 +107,45 @@ fn the_admin_listener_is_named_refused_when_exposed_and_its_errors_are_clear() {
     BufReader::new(s).lines().map_while(Result::ok).for_each(|l| body.push_str(&l));
     assert!(body.contains("tether_disconnects_total{reason=\"heartbeat_timeout\"} 0"), "{body}");
 }
+
+/// POST `path` with a JSON `body` to the admin listener; the reply's status and JSON body.
+fn post(admin: &str, path: &str, body: &str) -> (u16, Value) {
+    let mut s = TcpStream::connect(admin).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut reply = String::new();
+    std::io::Read::read_to_string(&mut s, &mut reply).unwrap();
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}")))
+}
+
+#[test]
+fn a_probe_from_the_server_tells_a_stalled_client_program_from_the_network() {
+    let (srv, addr, admin) = serve(&["--admin", "127.0.0.1:0", "--heartbeat-interval", "5s"]);
+    let admin = admin.unwrap();
+    let c = Proc::spawn(&["connect", &addr, "--id", "dev", "--json"]);
+    srv.expect("dev online", |v| event(v) == "online" && v["client"] == "dev");
+    let (status, ok) = post(&admin, "/v1/sessions/dev/probe", "{}");
+    assert_eq!(status, 200, "{ok}");
+    assert_eq!(ok["verdict"], "ok", "{ok}");
+    assert!(ok["app_rtt_ms"].as_f64().unwrap() < 100.0, "{ok}");
+    // The client's process stops; its kernel still acknowledges what we send.
+    c.signal(libc::SIGSTOP);
+    let (status, stalled) = post(&admin, "/v1/sessions/dev/probe", r#"{"timeout": "1s"}"#);
+    c.signal(libc::SIGCONT);
+    assert_eq!(status, 200, "{stalled}");
+    assert_eq!(stalled["verdict"], "client_stalled", "{stalled}");
+    assert_eq!(stalled["app_rtt_ms"], Value::Null);
+    assert_eq!(stalled["kernel"]["unacked"], 0, "its kernel acknowledged the PING: {stalled}");
+    assert!(stalled["kernel"]["rtt_ms"].as_f64().unwrap() < 50.0, "the kernel RTT stays normal: {stalled}");
+    assert!(stalled["evidence"].as_str().unwrap().contains("acknowledged everything"), "{stalled}");
+    let (status, gone) = post(&admin, "/v1/sessions/nobody/probe", "{}");
+    assert_eq!((status, gone["error"].as_str().is_some()), (404, true));
+}

@@ -632,6 +632,15 @@ impl Connection {
             if fraction.is_finite() { (fraction.clamp(0.0, 0.999) * 1000.0).round() as u16 } else { 0 };
     }
 
+    /// Send a `PING` now, to measure the round trip on request (an operator asking "is this client's program
+    /// answering?"). Its `PONG` ends in [`Event::Rtt`]; a `PONG` still due for an earlier `PING` no longer counts.
+    /// Ignored unless the connection is established.
+    pub fn probe_now(&mut self, now: Instant) {
+        if self.state == State::Established {
+            self.send_ping(now);
+        }
+    }
+
     /// Server: admit the session announced by [`Event::Hello`] and send `WELCOME`. The core fills in the
     /// negotiated version and, from v2 on, its maximum frame; extensions are the caller's.
     pub fn accept(&mut self, now: Instant, mut welcome: Welcome) {

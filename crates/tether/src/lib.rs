@@ -38,7 +38,9 @@ pub use client::{Client, ClientError, ClientEvent, ConnectError, Disconnect};
 pub use config::{Auth, ClientConfig, ServerConfig};
 pub use event::{EventKind, EventQueue, EventStream, ServerEvent, Stats};
 pub use metrics::MetricsSnapshot;
-pub use ops::{DisconnectRecord, DrainError, DrainStatus, EventWatch, KernelView, SessionInfo};
+pub use ops::{
+    DisconnectRecord, DrainError, DrainStatus, EventWatch, KernelView, ProbeReport, ProbeVerdict, SessionInfo,
+};
 pub use resilient::{LinkError, LinkEvent, ReconnectingClient, ResilienceConfig, Sent};
 pub use server::{SendToError, Server, ServerHandle};
 pub use sockopt::{Keepalive, SocketOptions};

@@ -193,6 +193,88 @@ impl Watchers {
     }
 }
 
+/// What a round-trip probe of one client found ([`crate::ServerHandle::probe`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProbeReport {
+    pub client: String,
+    /// The `PONG`'s round trip, if it came within the wait.
+    pub app_rtt: Option<Duration>,
+    /// How long the server waited.
+    pub waited: Duration,
+    /// The session's heartbeat interval.
+    pub heartbeat: Option<Duration>,
+    /// The kernel's view of the socket after the wait.
+    pub kernel: Option<KernelView>,
+}
+
+/// The answer to "is it the network or the client's program?" for one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeVerdict {
+    /// The client answered, and neither the path nor its program is slow.
+    Ok,
+    /// The kernel's own smoothed RTT is high: the path is slow, whatever the program does.
+    SlowNetwork,
+    /// The client answered, but far later than its kernel acknowledged: its program is slow to read.
+    ClientSlow,
+    /// No answer, yet the client's kernel acknowledged our `PING`: the program is stalled (hung, stopped,
+    /// swapping), not the network.
+    ClientStalled,
+    /// No answer, and our `PING` is not acknowledged either: the path or the client's host is gone.
+    PathDown,
+}
+
+/// A kernel RTT at or above this is a slow network.
+pub const SLOW_RTT: Duration = Duration::from_millis(200);
+/// An answer later than the kernel's RTT by this much is a slow program.
+pub const SLOW_ANSWER: Duration = Duration::from_millis(100);
+
+impl ProbeVerdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProbeVerdict::Ok => "ok",
+            ProbeVerdict::SlowNetwork => "slow_network",
+            ProbeVerdict::ClientSlow => "client_slow",
+            ProbeVerdict::ClientStalled => "client_stalled",
+            ProbeVerdict::PathDown => "path_down",
+        }
+    }
+}
+
+impl ProbeReport {
+    /// The verdict and the evidence for it, in one sentence.
+    pub fn verdict(&self) -> (ProbeVerdict, String) {
+        let k = self.kernel.map(|k| k.info);
+        let krtt = k.map(|i| i.rtt);
+        match (self.app_rtt, k) {
+            (_, Some(i)) if i.rtt >= SLOW_RTT => {
+                (ProbeVerdict::SlowNetwork, format!("the kernel's smoothed RTT is {:?} (rttvar {:?})", i.rtt, i.rttvar))
+            }
+            (Some(app), _) if app > krtt.unwrap_or_default() + SLOW_ANSWER => (
+                ProbeVerdict::ClientSlow,
+                format!("the PONG took {app:?} against a kernel RTT of {:?}", krtt.unwrap_or_default()),
+            ),
+            (Some(app), _) => {
+                (ProbeVerdict::Ok, format!("the PONG took {app:?}; the kernel's RTT is {:?}", krtt.unwrap_or_default()))
+            }
+            (None, Some(i)) if i.unacked == 0 => (
+                ProbeVerdict::ClientStalled,
+                format!(
+                    "no PONG in {:?}, but the client's kernel acknowledged everything (last ACK {:?} ago, RTT {:?})",
+                    self.waited, i.since_ack_recv, i.rtt
+                ),
+            ),
+            (None, Some(i)) => (
+                ProbeVerdict::PathDown,
+                format!(
+                    "no PONG in {:?} and {} segments unacknowledged ({} retransmissions, last ACK {:?} ago)",
+                    self.waited, i.unacked, i.retransmits, i.since_ack_recv
+                ),
+            ),
+            (None, None) => (ProbeVerdict::PathDown, format!("no PONG in {:?} and no kernel view", self.waited)),
+        }
+    }
+}
+
 /// Progress of a drain ([`crate::ServerHandle::drain`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DrainStatus {
@@ -237,6 +319,45 @@ mod tests {
             bytes_out: 0,
             detail: None,
         }
+    }
+
+    fn report(app_ms: Option<u64>, rtt_ms: u64, unacked: u32) -> ProbeReport {
+        let info = TcpInfo {
+            state: 1,
+            retransmits: 0,
+            probes: 0,
+            rtt: Duration::from_millis(rtt_ms),
+            rttvar: Duration::ZERO,
+            unacked,
+            total_retrans: 0,
+            since_data_sent: Duration::ZERO,
+            since_data_recv: Duration::ZERO,
+            since_ack_recv: Duration::ZERO,
+            notsent_bytes: 0,
+            snd_wnd: 0,
+            rcv_wnd: 0,
+            snd_cwnd: 10,
+            bytes_acked: 0,
+            bytes_received: 0,
+        };
+        ProbeReport {
+            client: "c".into(),
+            app_rtt: app_ms.map(Duration::from_millis),
+            waited: Duration::from_secs(2),
+            heartbeat: None,
+            kernel: Some(KernelView { info, send_queue: Some(0) }),
+        }
+    }
+
+    #[test]
+    fn probe_verdicts_follow_the_evidence() {
+        assert_eq!(report(Some(1), 1, 0).verdict().0, ProbeVerdict::Ok);
+        assert_eq!(report(Some(400), 1, 0).verdict().0, ProbeVerdict::ClientSlow);
+        assert_eq!(report(Some(300), 250, 0).verdict().0, ProbeVerdict::SlowNetwork);
+        assert_eq!(report(None, 250, 1).verdict().0, ProbeVerdict::SlowNetwork, "the kernel's RTT speaks first");
+        assert_eq!(report(None, 1, 0).verdict().0, ProbeVerdict::ClientStalled);
+        assert_eq!(report(None, 1, 1).verdict().0, ProbeVerdict::PathDown);
+        assert!(report(None, 1, 0).verdict().1.contains("acknowledged everything"));
     }
 
     #[test]

@@ -26,7 +26,7 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant as StdInstant, SystemTime};
 
@@ -45,7 +45,8 @@ use crate::fdlimit::{Capacity, Reserve};
 use crate::loglimit::LogLimiter;
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::ops::{
-    DisconnectRecord, DisconnectRing, DrainError, DrainStatus, EventWatch, KernelView, SessionInfo, Watchers,
+    DisconnectRecord, DisconnectRing, DrainError, DrainStatus, EventWatch, KernelView, ProbeReport, SessionInfo,
+    Watchers,
 };
 use crate::sockopt;
 
@@ -103,6 +104,10 @@ struct Shared {
     started: SystemTime,
     /// The admin listener's address, for the `listening` event.
     admin_addr: OnceLock<SocketAddr>,
+    /// Operators' round-trip probes waiting for a `PONG` ([`ServerHandle::probe`]), woken at every round trip
+    /// while there are any.
+    probe_waiters: AtomicUsize,
+    probe_done: Notify,
     /// Handshakes in flight and (when `max_per_ip` is set) connections, per source ([`source_of`]). An entry
     /// exists only while one of its counts is above zero.
     sources: Mutex<HashMap<IpAddr, SourceCount>>,
@@ -155,8 +160,9 @@ struct Control {
     bytes_out: AtomicU64,
     frames_seen: AtomicU64,
     queued: AtomicU64,
-    /// The last heartbeat round trip in microseconds, 0 before the first.
-    rtt_us: AtomicU32,
+    /// The last heartbeat round trip in microseconds (low half, 0 before the first) and how many there were (high
+    /// half: a probe waits for it to move), in one word.
+    rtt: AtomicU64,
 }
 
 /// What a session was admitted with.
@@ -168,18 +174,29 @@ struct SessionMeta {
     version: u8,
 }
 
-#[derive(Default)]
 struct ControlState {
     close: Option<CloseCmd>,
     frames: VecDeque<Frame>,
     /// The connection task, when it waits for a command.
     waker: Option<std::task::Waker>,
-    /// The socket, while it is open: the kernel's view is read under this lock, and the task clears it before
-    /// the socket closes, so a reused descriptor is never read.
-    fd: Option<RawFd>,
+    /// The socket while it is open, -1 after: the kernel's view is read under this lock, and the task clears it
+    /// before the socket closes, so a reused descriptor is never read. (A bare descriptor rather than an
+    /// `Option`: it keeps this slot, one per connection, a word smaller.)
+    fd: RawFd,
+    /// An operator asked for a round-trip probe.
+    probe: bool,
 }
 
 impl ControlState {
+    fn new(fd: RawFd) -> ControlState {
+        ControlState { close: None, frames: VecDeque::new(), waker: None, fd, probe: false }
+    }
+
+    /// The socket, if it is still open.
+    fn fd(&self) -> Option<RawFd> {
+        (self.fd >= 0).then_some(self.fd)
+    }
+
     fn wake(&mut self) {
         if let Some(w) = self.waker.take() {
             w.wake();
@@ -206,12 +223,14 @@ enum CloseCmd {
 enum Cmd {
     Frame(Frame),
     Close(CloseCmd),
+    /// Measure the round trip now ([`ServerHandle::probe`]).
+    Probe,
 }
 
 impl Control {
     fn new(peer: SocketAddr, fd: RawFd, now_ms: u64) -> Control {
         Control {
-            state: Mutex::new(ControlState { fd: Some(fd), ..ControlState::default() }),
+            state: Mutex::new(ControlState::new(fd)),
             last_rx_ms: AtomicU64::new(now_ms),
             peer,
             session: OnceLock::new(),
@@ -219,14 +238,14 @@ impl Control {
             bytes_out: AtomicU64::new(0),
             frames_seen: AtomicU64::new(0),
             queued: AtomicU64::new(0),
-            rtt_us: AtomicU32::new(0),
+            rtt: AtomicU64::new(0),
         }
     }
 
     /// The kernel's view of the socket, if it is still open.
     fn kernel_view(&self) -> Option<KernelView> {
         let st = self.state.lock().expect("control lock");
-        let fd = st.fd?;
+        let fd = st.fd()?;
         let info = sockopt::tcp_info(fd)?;
         Some(KernelView { info, send_queue: sockopt::unacked_bytes(fd) })
     }
@@ -246,6 +265,9 @@ impl Control {
         let mut st = self.state.lock().expect("control lock");
         if let Some(c) = st.close.take() {
             return std::task::Poll::Ready(Cmd::Close(c));
+        }
+        if std::mem::take(&mut st.probe) {
+            return std::task::Poll::Ready(Cmd::Probe);
         }
         match st.frames.pop_front() {
             Some(f) => {
@@ -371,6 +393,8 @@ impl Server {
             drain: Mutex::new(DrainState::default()),
             started: SystemTime::now(),
             admin_addr: OnceLock::new(),
+            probe_waiters: AtomicUsize::new(0),
+            probe_done: Notify::new(),
             sources: Mutex::new(HashMap::new()),
             log: LogLimiter::new(Duration::from_secs(10), 3, 4096),
             log_wake: Notify::new(),
@@ -649,6 +673,47 @@ impl ServerHandle {
         Some((info, control.kernel_view()))
     }
 
+    /// Ping `client` now and wait up to `wait` for its `PONG`; then read the kernel's view of its socket. The
+    /// report tells a slow network from a client whose program does not answer while its kernel still does
+    /// ([`ProbeReport::verdict`]). `None` when the client is not online.
+    pub async fn probe(&self, client: &str, wait: Duration) -> Option<ProbeReport> {
+        let control = {
+            let hub = self.shared.hub.lock().expect("hub lock");
+            let conn = hub.registry.lookup(client)?;
+            hub.conns.get(&conn)?.control.clone()
+        };
+        let heartbeat = control.session.get().map(|m| Duration::from_millis(m.heartbeat_ms.into()));
+        let shared = &self.shared;
+        shared.probe_waiters.fetch_add(1, Ordering::AcqRel);
+        let before = control.rtt.load(Ordering::Acquire) >> 32;
+        {
+            let mut st = control.state.lock().expect("control lock");
+            st.probe = true;
+            st.wake();
+        }
+        let started = tokio::time::Instant::now();
+        let answered = tokio::time::timeout(wait, async {
+            loop {
+                let notified = shared.probe_done.notified();
+                if control.rtt.load(Ordering::Acquire) >> 32 != before {
+                    return;
+                }
+                notified.await;
+            }
+        })
+        .await
+        .is_ok();
+        shared.probe_waiters.fetch_sub(1, Ordering::AcqRel);
+        let app_rtt = answered.then(|| Duration::from_micros(control.rtt.load(Ordering::Acquire) & 0xffff_ffff));
+        Some(ProbeReport {
+            client: client.to_owned(),
+            app_rtt,
+            waited: started.elapsed(),
+            heartbeat,
+            kernel: control.kernel_view(),
+        })
+    }
+
     /// The most recent closed connections, newest first (`reason` only, when given; at most `limit`). Kept:
     /// `ServerConfig::disconnect_history`.
     pub fn disconnects(&self, reason: Option<CloseReason>, limit: usize) -> Vec<DisconnectRecord> {
@@ -870,7 +935,7 @@ impl Shared {
     fn session_info(&self, client: String, conn: ConnId, c: &Control, suspect: bool) -> Option<SessionInfo> {
         let meta = c.session.get()?;
         let now = driver::now();
-        let rtt_us = c.rtt_us.load(Ordering::Relaxed);
+        let rtt_us = (c.rtt.load(Ordering::Relaxed) & 0xffff_ffff) as u32;
         Some(SessionInfo {
             client,
             conn,
@@ -1065,7 +1130,7 @@ impl Drop for ConnGuard {
     fn drop(&mut self) {
         // A task that ended without its close event (aborted at shutdown) leaves nothing behind either.
         if let Ok(mut st) = self.control.state.lock() {
-            st.fd = None;
+            st.fd = -1;
         }
         let queued = self.control.queued.swap(0, Ordering::Relaxed);
         self.shared.metrics.outbound_queued.fetch_sub(queued as i64, Ordering::Relaxed);
@@ -1319,13 +1384,18 @@ impl ServerHooks {
 
     /// A heartbeat round trip: into the histograms, beside the kernel's smoothed RTT read at the same moment.
     fn on_rtt(&mut self, rtt: Duration) {
-        self.control.rtt_us.store(rtt.as_micros().clamp(1, u32::MAX as u128) as u32, Ordering::Relaxed);
+        let us = rtt.as_micros().clamp(1, u32::MAX as u128) as u64;
+        let count = (self.control.rtt.load(Ordering::Relaxed) >> 32) + 1;
+        self.control.rtt.store((count << 32) | us, Ordering::Release);
+        if self.shared.probe_waiters.load(Ordering::Acquire) > 0 {
+            self.shared.probe_done.notify_waiters();
+        }
         if !self.shared.cfg.metrics {
             return;
         }
         let m = &self.shared.metrics;
         m.app_rtt.observe(rtt);
-        let fd = self.control.state.lock().expect("control lock").fd;
+        let fd = self.control.state.lock().expect("control lock").fd();
         if let Some(info) = fd.and_then(sockopt::tcp_info) {
             m.kernel_rtt.observe(info.rtt);
         }
@@ -1361,7 +1431,7 @@ impl ServerHooks {
     fn on_closed(&mut self, conn: &Connection, now: StdInstant, c: tether_proto::Closed) {
         self.handshake_done();
         // The socket closes right after this: the operator's view of it ends here.
-        self.control.state.lock().expect("control lock").fd = None;
+        self.control.state.lock().expect("control lock").fd = -1;
         self.on_io(conn, 0, 0);
         let queued = self.control.queued.swap(0, Ordering::Relaxed);
         self.shared.metrics.outbound_queued.fetch_sub(queued as i64, Ordering::Relaxed);
@@ -1479,6 +1549,7 @@ impl Hooks for ServerHooks {
             Cmd::Close(CloseCmd::Bye(b)) => conn.close(now, b),
             Cmd::Close(CloseCmd::Reject(b)) => conn.reject(now, b),
             Cmd::Close(CloseCmd::Abort(r)) => conn.abort(now, r),
+            Cmd::Probe => conn.probe_now(now),
         }
     }
 

@@ -1025,3 +1025,20 @@ fn probes_stop_rather_than_fire_on_every_ping_beyond_49_days() {
     }
     assert!(!s.is_closed());
 }
+
+#[test]
+fn a_probe_on_request_measures_the_next_pong_only() {
+    let t0 = Instant::now();
+    let mut s = established_server(t0);
+    let at = t0 + ms(100);
+    s.probe_now(at);
+    let out = frames_in(s.poll_transmit(), s.version());
+    s.handle_written(at, s.poll_transmit().len());
+    let [Frame::Ping { seq, ts_ms }] = out[..] else { panic!("{out:?}") };
+    s.handle_bytes(at + ms(3), &Frame::Pong { seq, ts_ms }.to_bytes_v(s.version()));
+    assert_eq!(s.rtt(), Some(ms(3)));
+    // Not established: nothing is sent.
+    let mut fresh = Connection::server(t0, ConnConfig::default());
+    fresh.probe_now(t0);
+    assert!(fresh.poll_transmit().is_empty());
+}
