@@ -15,6 +15,7 @@ mod connect;
 mod duration;
 mod output;
 mod serve;
+mod sockets;
 mod token;
 
 use clap::{Parser, Subcommand};
@@ -38,6 +39,8 @@ enum Command {
     Token(token::Args),
     /// Write a throwaway CA, server certificate and client certificate (PEM) for TLS tests and demos.
     Cert(cert::Args),
+    /// The kernel's TCP sockets of the server's port beside tether's sessions; flags the ones tether does not hold.
+    Sockets(sockets::Args),
     /// One load-generator process of `tether bench` (started by it).
     #[command(hide = true)]
     BenchWorker(bench::WorkerArgs),
@@ -50,6 +53,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(args) => return finish(bench::run(args)),
         Command::Token(args) => return finish(token::run(args)),
         Command::Cert(args) => return finish(cert::run(args)),
+        Command::Sockets(args) => return finish(sockets::run(args)),
         other => other,
     };
     let rt = match tokio::runtime::Runtime::new() {
@@ -66,7 +70,7 @@ fn main() -> std::process::ExitCode {
             Command::Serve(args) => serve::run(*args).await,
             Command::Connect(args) => connect::run(*args).await,
             Command::BenchWorker(args) => bench::worker(args).await,
-            Command::Bench(_) | Command::Token(_) | Command::Cert(_) => {
+            Command::Bench(_) | Command::Token(_) | Command::Cert(_) | Command::Sockets(_) => {
                 unreachable!("handled before the runtime starts")
             }
         }

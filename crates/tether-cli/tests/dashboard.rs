@@ -205,24 +205,7 @@ async fn the_dashboard_shows_a_hung_client_and_kicks_another() {
     let driver = Chromedriver::start();
     println!("chromedriver on 127.0.0.1:{}", driver.port);
 
-    let srv = Proc::spawn(&[
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-        "--events",
-        "json",
-        "--insecure-no-auth",
-        "--heartbeat-interval",
-        "1s",
-        "--heartbeat-timeout",
-        "3s",
-    ]);
-    let listening = srv.expect("listening", |_| true);
-    assert_eq!(event(&listening), "listening", "the first line is the listening event");
-    let addr = listening["addr"].as_str().unwrap().to_owned();
-    let admin = listening["admin"].as_str().expect("the admin address").to_owned();
+    let (srv, addr, admin) = common::serve_with_admin(&["--heartbeat-interval", "1s", "--heartbeat-timeout", "3s"]);
 
     let ids = ["sensor-1", "sensor-2", "sensor-3", "sensor-4", "sensor-5", "hung-1"];
     let clients: Vec<Proc> = ids

@@ -110,3 +110,16 @@ impl Drop for Proc {
 pub fn event(v: &Value) -> &str {
     v["event"].as_str().unwrap_or("")
 }
+
+/// `tether serve` on ephemeral loopback ports with JSON events, open auth and an admin listener, plus `extra`;
+/// returns it with its address and its admin listener's address (from the `listening` event).
+pub fn serve_with_admin(extra: &[&str]) -> (Proc, String, String) {
+    let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--events", "json"];
+    args.push("--insecure-no-auth");
+    args.extend_from_slice(extra);
+    let p = Proc::spawn(&args);
+    let first = p.expect("listening", |v| event(v) == "listening");
+    let addr = first["addr"].as_str().expect("the listening address").to_owned();
+    let admin = first["admin"].as_str().expect("the admin address").to_owned();
+    (p, addr, admin)
+}
