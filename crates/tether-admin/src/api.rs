@@ -233,22 +233,19 @@ fn duration_field(v: Option<&serde_json::Value>, name: &str) -> Result<Option<Du
     }
 }
 
-/// An optional JSON object body; empty means `{}`.
-fn body_object(body: &[u8]) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
+/// An optional JSON object body (empty means `{}`) with no fields but `known`.
+fn json_body(body: &[u8], known: &[&str]) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(serde_json::Map::new());
     }
-    match serde_json::from_slice(body) {
-        Ok(serde_json::Value::Object(m)) => Ok(m),
-        Ok(_) => Err(bad("the body must be a JSON object")),
-        Err(e) => Err(bad(format!("the body is not valid JSON: {e}"))),
-    }
-}
-
-fn check_fields(body: &serde_json::Map<String, serde_json::Value>, known: &[&str]) -> Result<(), ApiError> {
-    match body.keys().find(|k| !known.contains(&k.as_str())) {
+    let map = match serde_json::from_slice(body) {
+        Ok(serde_json::Value::Object(m)) => m,
+        Ok(_) => return Err(bad("the body must be a JSON object")),
+        Err(e) => return Err(bad(format!("the body is not valid JSON: {e}"))),
+    };
+    match map.keys().find(|k| !known.contains(&k.as_str())) {
         Some(k) => Err(bad(format!("unknown field {k:?} (known: {})", known.join(", ")))),
-        None => Ok(()),
+        None => Ok(map),
     }
 }
 
@@ -260,8 +257,7 @@ async fn kick(
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let body = body_object(&body)?;
-    check_fields(&body, &["retry_after"])?;
+    let body = json_body(&body, &["retry_after"])?;
     let retry = duration_field(body.get("retry_after"), "retry_after")?.unwrap_or_default();
     if retry > MAX_RETRY_AFTER {
         return Err(bad("retry_after is at most 49 days (a u32 of milliseconds)"));
@@ -278,8 +274,7 @@ async fn probe(
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let body = body_object(&body)?;
-    check_fields(&body, &["timeout"])?;
+    let body = json_body(&body, &["timeout"])?;
     let wait = duration_field(body.get("timeout"), "timeout")?.unwrap_or(Duration::from_secs(2));
     if wait.is_zero() || wait > Duration::from_secs(30) {
         return Err(bad("timeout is more than zero and at most 30 s"));
@@ -311,8 +306,7 @@ async fn drain_status(State(st): State<AppState>) -> Json<serde_json::Value> {
 }
 
 async fn drain(State(st): State<AppState>, body: axum::body::Bytes) -> Result<Response, ApiError> {
-    let body = body_object(&body)?;
-    check_fields(&body, &["redirect", "spread"])?;
+    let body = json_body(&body, &["redirect", "spread"])?;
     let redirect = match body.get("redirect") {
         None | Some(serde_json::Value::Null) => None,
         Some(serde_json::Value::String(s)) if valid_address(s) => Some(s.clone()),

@@ -146,13 +146,7 @@ async fn every_reason_loopback_can_produce_is_counted_exactly() {
 
     let (sink, _) = RawPeer::hello(s.addr, "sink", 1).await;
     SockRef::from(&sink.stream).set_recv_buffer_size(4096).unwrap();
-    let payload = Bytes::from(vec![7u8; 16 * 1024]);
-    for _ in 0..20_000 {
-        if s.handle.send("sink", payload.clone()).is_err() {
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
+    support::send_until_refused(&s.handle, "sink", Bytes::from(vec![7u8; 16 * 1024]), 20_000).await;
     s.wait(|k| offline_reason(k, "sink").is_some()).await;
     bump!(CloseReason::SlowConsumer);
 
@@ -504,23 +498,11 @@ async fn a_stalled_event_stream_is_cut_off_and_closed_while_a_reading_one_keeps_
 #[tokio::test(start_paused = true)]
 async fn write_timeout_and_tls_error_are_counted_too() {
     // A peer that stops reading with data in flight: write_timeout, a deadline verdict with its lateness.
-    let mut cfg = test_config();
-    cfg.heartbeat.interval = Duration::from_secs(60);
-    cfg.heartbeat.timeout = Duration::from_secs(600);
-    cfg.conn.write_timeout = Duration::from_secs(2);
-    cfg.conn.max_outbound_bytes = 64 << 20;
-    cfg.outbound_queue = 100_000;
-    let mut s = TestServer::start(cfg).await;
+    let mut s = TestServer::start(support::write_stall_config()).await;
     let admin = start_admin(s.handle.clone(), AdminConfig::default()).await;
     let (p, _) = RawPeer::hello(s.addr, "stuck", 1).await;
     SockRef::from(&p.stream).set_recv_buffer_size(4096).unwrap();
-    let payload = Bytes::from(vec![1u8; 32 * 1024]);
-    for _ in 0..400 {
-        if s.handle.send("stuck", payload.clone()).is_err() {
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
+    support::send_until_refused(&s.handle, "stuck", Bytes::from(vec![1u8; 32 * 1024]), 400).await;
     let k = s.wait(|k| offline_reason(k, "stuck").is_some()).await;
     assert_eq!(offline_reason(&k, "stuck"), Some(CloseReason::WriteTimeout));
     let m = metrics(admin).await;

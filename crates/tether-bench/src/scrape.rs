@@ -1,8 +1,9 @@
 //! `GET /metrics` from a tether server's admin listener, timed: what one Prometheus scrape costs.
 //!
 //! # Layout
-//! [`get`] is a minimal HTTP/1.1 client on a blocking [`TcpStream`] (one request per connection, `Connection:
-//! close`, a `Content-Length` or chunked body). [`measure`] scrapes a number of times back to back and returns
+//! [`request`] (and [`get`] for a 200 body) is a minimal HTTP/1.1 client on a blocking [`TcpStream`] (one
+//! request per connection, `Connection: close`, a `Content-Length` or chunked body); `tether sockets` and the CLI
+//! tests use it too. [`measure`] scrapes a number of times back to back and returns
 //! the wall-clock latencies and the server's CPU per scrape.
 
 use std::io::{Read, Write};
@@ -56,22 +57,34 @@ pub fn measure(admin: SocketAddr, pid: u32, count: usize, background_cpu: Option
 
 /// One `GET path` over HTTP/1.1; the body of a 200 answer.
 pub fn get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    match request(addr, "GET", path, None)? {
+        (200, body) => Ok(body),
+        (status, body) => bail!("GET {path} from {addr}: {status} {}", body.trim()),
+    }
+}
+
+/// One request over HTTP/1.1 (a JSON `body` for methods that carry one): the status and the body.
+pub fn request(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<(u16, String)> {
     let mut s =
         TcpStream::connect_timeout(&addr, Duration::from_secs(5)).with_context(|| format!("connecting to {addr}"))?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     // One write: `write!` on a socket would send each formatted piece as a segment of its own.
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/plain\r\nConnection: close\r\n\r\n");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: */*\r\nConnection: close\r\n");
+    if let Some(b) = body {
+        req.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}", b.len()));
+    } else {
+        req.push_str("\r\n");
+    }
     s.write_all(req.as_bytes())?;
     let mut raw = Vec::with_capacity(32 * 1024);
-    s.read_to_end(&mut raw).with_context(|| format!("reading GET {path} from {addr}"))?;
+    s.read_to_end(&mut raw).with_context(|| format!("reading {method} {path} from {addr}"))?;
     let split = raw.windows(4).position(|w| w == b"\r\n\r\n").context("no end of headers")?;
     let head = std::str::from_utf8(&raw[..split]).context("headers are not UTF-8")?;
     let mut body = raw[split + 4..].to_vec();
-    let status = head.lines().next().unwrap_or("");
-    if status.split_whitespace().nth(1) != Some("200") {
-        bail!("GET {path} from {addr}: {status}");
-    }
+    let status_line = head.lines().next().unwrap_or("");
+    let status = status_line.split_whitespace().nth(1).and_then(|s| s.parse().ok());
+    let status = status.with_context(|| format!("{method} {path} from {addr}: no status in {status_line:?}"))?;
     let header = |name: &str| {
         head.lines().skip(1).find_map(|l| {
             let (k, v) = l.split_once(':')?;
@@ -83,10 +96,10 @@ pub fn get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     } else if let Some(len) = header("content-length") {
         let len: usize = len.parse().context("content-length")?;
         if body.len() != len {
-            bail!("GET {path}: {} body bytes, content-length {len}", body.len());
+            bail!("{method} {path}: {} body bytes, content-length {len}", body.len());
         }
     }
-    String::from_utf8(body).context("the body is not UTF-8")
+    Ok((status, String::from_utf8(body).context("the body is not UTF-8")?))
 }
 
 /// A chunked body, decoded.

@@ -21,6 +21,7 @@ use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, InetResponse, 
 use netlink_packet_sock_diag::SockDiagMessage;
 use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket};
 use serde_json::{json, Value};
+use tether_admin::json::tcp_state_name as state_name;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -96,11 +97,6 @@ impl Flag {
             Flag::Orphan => "orphan",
         }
     }
-}
-
-/// The Linux TCP state names, as `ss` prints them.
-pub fn state_name(state: u8) -> &'static str {
-    tether_admin::json::tcp_state_name(state)
 }
 
 const ESTABLISHED: u8 = 1;

@@ -7,7 +7,6 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::process::Command;
 use std::sync::mpsc;
-use std::time::Duration;
 
 use common::{event, Proc, PATIENCE};
 use serde_json::Value;
@@ -100,30 +99,14 @@ fn the_admin_listener_is_named_refused_when_exposed_and_its_errors_are_clear() {
     let (_srv, _, admin) = serve(&[]);
     let admin = admin.expect("an admin address");
     assert!(admin.starts_with("127.0.0.1:") && !admin.ends_with(":7401"), "{admin}");
-    let mut s = TcpStream::connect(&admin).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut body = String::new();
-    BufReader::new(s).lines().map_while(Result::ok).for_each(|l| body.push_str(&l));
+    let body = tether_bench::scrape::get(admin.parse().unwrap(), "/metrics").unwrap();
     assert!(body.contains("tether_disconnects_total{reason=\"heartbeat_timeout\"} 0"), "{body}");
 }
 
 /// POST `path` with a JSON `body` to the admin listener; the reply's status and JSON body.
 fn post(admin: &str, path: &str, body: &str) -> (u16, Value) {
-    let mut s = TcpStream::connect(admin).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut reply = String::new();
-    std::io::Read::read_to_string(&mut s, &mut reply).unwrap();
-    let (head, body) = reply.split_once("\r\n\r\n").unwrap();
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    (status, serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}")))
+    let (status, body) = tether_bench::scrape::request(admin.parse().unwrap(), "POST", path, Some(body)).unwrap();
+    (status, serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}")))
 }
 
 #[test]

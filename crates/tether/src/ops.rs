@@ -181,8 +181,8 @@ impl Watchers {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 cut.done.store(true, Ordering::Relaxed);
+                // Every `Notified` made before this wakes, polled or not: `cut_off` makes one, then checks `done`.
                 cut.notify.notify_waiters();
-                cut.notify.notify_one();
                 cut_now += 1;
                 false
             }
@@ -276,7 +276,7 @@ impl ProbeReport {
 }
 
 /// Progress of a drain ([`crate::ServerHandle::drain`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct DrainStatus {
     /// New connections are refused (`BYE(server_shutdown)` naming the redirect).
     pub draining: bool,

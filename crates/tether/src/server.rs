@@ -526,8 +526,7 @@ impl Server {
         if shared.draining.load(Ordering::Relaxed) {
             // Lame duck: newcomers are sent where the drain sends everyone.
             shared.metrics.refused_draining.fetch_add(1, Ordering::Relaxed);
-            let mut b = bye(CloseReason::ServerShutdown, shared_retry(&shared));
-            b.alternative = shared.drain_redirect().unwrap_or_default();
+            let b = shared.drain_bye();
             tasks.spawn(refuse(shared, stream, peer, conn_id, b));
             return;
         }
@@ -775,15 +774,7 @@ impl ServerHandle {
     /// The current (or last) drain's progress.
     pub fn drain_status(&self) -> DrainStatus {
         let d = self.shared.drain.lock().expect("drain lock");
-        let mut s = d.status.clone().unwrap_or(DrainStatus {
-            draining: false,
-            total: 0,
-            sent: 0,
-            remaining: 0,
-            redirect: None,
-            spread: Duration::ZERO,
-            started: None,
-        });
+        let mut s = d.status.clone().unwrap_or_default();
         s.draining = self.shared.draining.load(Ordering::Relaxed);
         s.remaining = self.connections();
         s
@@ -955,9 +946,13 @@ impl Shared {
         })
     }
 
-    /// The address a drain sends clients to, while draining.
-    fn drain_redirect(&self) -> Option<String> {
-        self.drain.lock().ok()?.status.as_ref()?.redirect.clone()
+    /// The goodbye for a newcomer while draining: `server_shutdown` with a `busy`-style retry-after, naming the
+    /// drain's redirect.
+    fn drain_bye(&self) -> Bye {
+        let mut b = bye(CloseReason::ServerShutdown, shared_retry(self));
+        let redirect = self.drain.lock().ok().and_then(|d| d.status.as_ref()?.redirect.clone());
+        b.alternative = redirect.unwrap_or_default();
+        b
     }
 
     /// A connection from `peer` is no longer handshaking.
@@ -1128,7 +1123,7 @@ struct ConnGuard {
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        // A task that ended without its close event (aborted at shutdown) leaves nothing behind either.
+        // However the task ended (its close event, or aborted at shutdown), it leaves nothing queued behind.
         if let Ok(mut st) = self.control.state.lock() {
             st.fd = -1;
         }
@@ -1157,9 +1152,7 @@ async fn serve_conn(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, co
     // Accepted just before a drain began, too late for its list: it leaves like the others. (The hub's lock
     // orders this against the drain's snapshot of the connections.)
     if shared.draining.load(Ordering::Relaxed) {
-        let mut b = bye(CloseReason::ServerShutdown, shared_retry(&shared));
-        b.alternative = shared.drain_redirect().unwrap_or_default();
-        control.request(CloseCmd::Bye(b));
+        control.request(CloseCmd::Bye(shared.drain_bye()));
     }
     let mut conn = Connection::server(driver::now(), shared.conn_cfg.clone());
     // Where in its first 12 intervals the session's first round-trip probe falls.
@@ -1431,10 +1424,8 @@ impl ServerHooks {
     fn on_closed(&mut self, conn: &Connection, now: StdInstant, c: tether_proto::Closed) {
         self.handshake_done();
         // The socket closes right after this: the operator's view of it ends here.
+        // (Its last frame and queued-byte counts settle at the driver's next flush and in `ConnGuard`.)
         self.control.state.lock().expect("control lock").fd = -1;
-        self.on_io(conn, 0, 0);
-        let queued = self.control.queued.swap(0, Ordering::Relaxed);
-        self.shared.metrics.outbound_queued.fetch_sub(queued as i64, Ordering::Relaxed);
         let last_seen = conn.last_rx().unwrap_or(now);
         let by_peer = c.by_peer;
         self.record_close(conn, now, &c, last_seen);

@@ -255,15 +255,7 @@ async fn a_peer_that_stops_reading_is_a_slow_consumer() {
     // The raw peer answers nothing and reads nothing; its receive buffer fills, then the server's send buffer.
     let (p, _) = RawPeer::hello(s.addr, "sink", 1).await;
     SockRef::from(&p.stream).set_recv_buffer_size(4096).unwrap();
-    let payload = Bytes::from(vec![7u8; 16 * 1024]);
-    let mut refused = false;
-    for _ in 0..20_000 {
-        if s.handle.send("sink", payload.clone()).is_err() {
-            refused = true;
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
+    let refused = support::send_until_refused(&s.handle, "sink", Bytes::from(vec![7u8; 16 * 1024]), 20_000).await;
     assert!(refused, "the server kept queueing for a peer that does not read");
     let k = s.wait(|k| offline_reason(k, "sink").is_some()).await;
     assert_eq!(offline_reason(&k, "sink"), Some(CloseReason::SlowConsumer));
@@ -307,23 +299,11 @@ async fn shutdown_says_goodbye_with_spread_retry_hints() {
 
 #[tokio::test(start_paused = true)]
 async fn write_that_cannot_drain_is_a_write_timeout() {
-    let mut cfg = test_config();
-    cfg.heartbeat.interval = Duration::from_secs(60);
-    cfg.heartbeat.timeout = Duration::from_secs(600);
-    cfg.conn.write_timeout = Duration::from_secs(2);
-    cfg.conn.max_outbound_bytes = 64 << 20;
-    cfg.outbound_queue = 100_000;
-    let mut s = TestServer::start(cfg).await;
+    let mut s = TestServer::start(support::write_stall_config()).await;
     let (p, _) = RawPeer::hello(s.addr, "stuck", 1).await;
     SockRef::from(&p.stream).set_recv_buffer_size(4096).unwrap();
     // Fill the kernel buffers once; then nothing drains (zero window) and the write deadline expires.
-    let payload = Bytes::from(vec![1u8; 32 * 1024]);
-    for _ in 0..400 {
-        if s.handle.send("stuck", payload.clone()).is_err() {
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
+    support::send_until_refused(&s.handle, "stuck", Bytes::from(vec![1u8; 32 * 1024]), 400).await;
     let k = s.wait(|k| offline_reason(k, "stuck").is_some()).await;
     let EventKind::Offline { reason, lateness, .. } = k else { unreachable!() };
     assert_eq!(reason, CloseReason::WriteTimeout);

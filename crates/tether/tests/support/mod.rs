@@ -33,6 +33,30 @@ pub fn test_config() -> ServerConfig {
     cfg
 }
 
+/// [`test_config`] for a write that cannot drain: heartbeats too slow to matter, a 2 s write deadline, and room
+/// to queue far more than the kernel's buffers take (so the write deadline, not the queue, ends it).
+pub fn write_stall_config() -> ServerConfig {
+    let mut cfg = test_config();
+    cfg.heartbeat.interval = Duration::from_secs(60);
+    cfg.heartbeat.timeout = Duration::from_secs(600);
+    cfg.conn.write_timeout = Duration::from_secs(2);
+    cfg.conn.max_outbound_bytes = 64 << 20;
+    cfg.outbound_queue = 100_000;
+    cfg
+}
+
+/// Queue `payload` for `client` through the application's API, yielding between sends, until the server refuses
+/// (the client's queue is full or it is gone), at most `max` times. Whether it refused.
+pub async fn send_until_refused(handle: &ServerHandle, client: &str, payload: Bytes, max: usize) -> bool {
+    for _ in 0..max {
+        if handle.send(client, payload.clone()).is_err() {
+            return true;
+        }
+        tokio::task::yield_now().await;
+    }
+    false
+}
+
 impl TestServer {
     pub async fn start(cfg: ServerConfig) -> TestServer {
         let mut server = Server::bind(cfg).await.expect("bind");
