@@ -76,10 +76,15 @@ impl Proc {
         std::iter::from_fn(|| self.lines.try_recv().ok()).collect()
     }
 
+    /// Send `sig`. For SIGSTOP, return only once every thread of the process is stopped: kill(2) returns when
+    /// the signal is queued, and a thread running on another core can still answer a frame until it stops.
     pub fn signal(&self, sig: libc::c_int) {
         // SAFETY: kill(2) with our own child's pid and a valid signal number.
         let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
         assert_eq!(rc, 0, "kill({sig})");
+        if sig == libc::SIGSTOP {
+            until_stopped(self.child.id());
+        }
     }
 
     pub fn send_line(&mut self, line: &str) {
@@ -104,6 +109,24 @@ impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Poll `/proc/PID/task/*/stat` until every thread is in state `T` (stopped), within [`PATIENCE`].
+pub fn until_stopped(pid: u32) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the process's threads");
+        let all_stopped = tasks.flatten().all(|t| {
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            // The state follows the command name, which is in parentheses and may contain spaces.
+            stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()) == Some("T")
+        });
+        if all_stopped {
+            return;
+        }
+        assert!(Instant::now() < deadline, "process {pid} did not stop");
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
