@@ -65,12 +65,27 @@ pub fn get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
 
 /// One request over HTTP/1.1 (a JSON `body` for methods that carry one): the status and the body.
 pub fn request(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<(u16, String)> {
+    request_with(addr, method, path, body, None, Duration::from_secs(10))
+}
+
+/// [`request`] with `Authorization: Bearer TOKEN` when `bearer` is given, waiting at most `wait` for the answer.
+pub fn request_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    bearer: Option<&str>,
+    wait: Duration,
+) -> anyhow::Result<(u16, String)> {
     let mut s =
         TcpStream::connect_timeout(&addr, Duration::from_secs(5)).with_context(|| format!("connecting to {addr}"))?;
     s.set_nodelay(true)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.set_read_timeout(Some(wait))?;
     // One write: `write!` on a socket would send each formatted piece as a segment of its own.
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: */*\r\nConnection: close\r\n");
+    if let Some(token) = bearer {
+        req.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
     if let Some(b) = body {
         req.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}", b.len()));
     } else {
@@ -78,7 +93,12 @@ pub fn request(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -
     }
     s.write_all(req.as_bytes())?;
     let mut raw = Vec::with_capacity(32 * 1024);
-    s.read_to_end(&mut raw).with_context(|| format!("reading {method} {path} from {addr}"))?;
+    if let Err(e) = s.read_to_end(&mut raw) {
+        if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) {
+            bail!("{method} {path} to {addr}: no answer within {wait:?}");
+        }
+        return Err(e).with_context(|| format!("reading {method} {path} from {addr}"));
+    }
     let split = raw.windows(4).position(|w| w == b"\r\n\r\n").context("no end of headers")?;
     let head = std::str::from_utf8(&raw[..split]).context("headers are not UTF-8")?;
     let mut body = raw[split + 4..].to_vec();

@@ -25,7 +25,7 @@ use tether::{
 };
 use tokio::io::{AsyncBufReadExt, BufReader, Lines, Stdin};
 
-use crate::duration;
+use crate::duration::{self, ms};
 use crate::output::Lines as Writer;
 
 #[derive(clap::Args, Debug)]
@@ -51,21 +51,8 @@ pub struct Args {
     /// File holding this client's token (from `tether token`), for a server that requires one.
     #[arg(long, value_name = "FILE")]
     token_file: Option<std::path::PathBuf>,
-    /// Connect with TLS, trusting the CAs in this PEM file (e.g. `ca.pem` from `tether cert`).
-    #[arg(long, value_name = "FILE")]
-    tls_ca: Option<std::path::PathBuf>,
-    /// Connect with TLS, trusting the operating system's CA store.
-    #[arg(long, conflicts_with = "tls_ca")]
-    tls: bool,
-    /// Check the server's certificate against this name [default: the host of ADDR].
-    #[arg(long, value_name = "NAME")]
-    tls_server_name: Option<String>,
-    /// Present this client certificate (PEM), for a server started with --tls-client-ca.
-    #[arg(long, value_name = "FILE", requires = "tls_key")]
-    tls_cert: Option<std::path::PathBuf>,
-    /// The client certificate's private key (PEM).
-    #[arg(long, value_name = "FILE", requires = "tls_cert")]
-    tls_key: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// Reconnect by itself, with backoff and failover over the addresses.
     #[arg(long)]
     reconnect: bool,
@@ -95,8 +82,52 @@ pub struct Args {
     queue: Option<usize>,
 }
 
-fn ms(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1e6).round() / 1e3
+/// The TLS flags of the commands that connect to a server (`connect`, `probe`).
+#[derive(clap::Args, Debug)]
+pub struct TlsArgs {
+    /// Use TLS, trusting the CAs in this PEM file (e.g. `ca.pem` from `tether cert`).
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// Use TLS, trusting the operating system's CA store.
+    #[arg(long, conflicts_with = "tls_ca")]
+    tls: bool,
+    /// Check the server's certificate against this name [default: the host of ADDR].
+    #[arg(long, value_name = "NAME")]
+    tls_server_name: Option<String>,
+    /// Present this client certificate (PEM), for a server started with --tls-client-ca.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+}
+
+impl TlsArgs {
+    /// The TLS settings the flags ask for; `None` for plain TCP.
+    pub fn client_tls(&self) -> anyhow::Result<Option<ClientTls>> {
+        let any = self.tls || self.tls_ca.is_some() || self.tls_server_name.is_some() || self.tls_cert.is_some();
+        if !any {
+            return Ok(None);
+        }
+        let ca = self.tls_ca.as_deref().map(crate::read_file).transpose()?;
+        let roots = match &ca {
+            Some(pem) => TrustRoots::Pem(pem),
+            None if self.tls => TrustRoots::System,
+            None => bail!("TLS needs trust roots: --tls-ca FILE, or --tls for the system store"),
+        };
+        let cert = self.tls_cert.as_deref().map(crate::read_file).transpose()?;
+        let key = self.tls_key.as_deref().map(crate::read_file).transpose()?;
+        let mut tls = ClientTls::new(roots, cert.as_deref().zip(key.as_deref()))?;
+        if let Some(name) = &self.tls_server_name {
+            tls = tls.with_server_name(name)?;
+        }
+        Ok(Some(tls))
+    }
+
+    /// Whether `--tls-server-name` was given.
+    pub fn has_server_name(&self) -> bool {
+        self.tls_server_name.is_some()
+    }
 }
 
 fn whole_ms(d: Duration) -> u64 {
@@ -110,7 +141,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         let token = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         cfg.credential = token.trim().as_bytes().to_vec();
     }
-    cfg.tls = client_tls(&args)?;
+    cfg.tls = args.tls.client_tls()?;
     let shutdown = crate::shutdown_signal()?;
     let out = Printer::new(args.json);
     let stdin = BufReader::new(tokio::io::stdin()).lines();
@@ -121,27 +152,6 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     out.finish();
     code
-}
-
-/// The TLS settings the flags ask for; `None` for plain TCP.
-fn client_tls(args: &Args) -> anyhow::Result<Option<ClientTls>> {
-    let any = args.tls || args.tls_ca.is_some() || args.tls_server_name.is_some() || args.tls_cert.is_some();
-    if !any {
-        return Ok(None);
-    }
-    let ca = args.tls_ca.as_deref().map(crate::read_file).transpose()?;
-    let roots = match &ca {
-        Some(pem) => TrustRoots::Pem(pem),
-        None if args.tls => TrustRoots::System,
-        None => bail!("TLS needs trust roots: --tls-ca FILE, or --tls for the system store"),
-    };
-    let cert = args.tls_cert.as_deref().map(crate::read_file).transpose()?;
-    let key = args.tls_key.as_deref().map(crate::read_file).transpose()?;
-    let mut tls = ClientTls::new(roots, cert.as_deref().zip(key.as_deref()))?;
-    if let Some(name) = &args.tls_server_name {
-        tls = tls.with_server_name(name)?;
-    }
-    Ok(Some(tls))
 }
 
 /// One connection: the first address that accepts.

@@ -1,10 +1,27 @@
 //! Human durations for flags and the config file: `500ms`, `1.5s`, `30s`, `2m`, `1h`; a bare number is seconds.
 //!
 //! # Layout
-//! One function, [`parse`]. Written here rather than taken from a crate because the common ones (humantime)
+//! [`parse`] reads them; [`human`] and [`ms`] print them (a table cell, a JSON number of milliseconds). Written here rather than taken from a crate because the common ones (humantime)
 //! do not accept fractions such as `1.5s`, which the CLI contract requires.
 
 use std::time::Duration;
+
+/// A duration as people read it: µs, ms or s.
+pub fn human(d: Duration) -> String {
+    let us = d.as_micros();
+    if us < 1000 {
+        format!("{us}µs")
+    } else if us < 1_000_000 {
+        format!("{:.1}ms", us as f64 / 1000.0)
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
+}
+
+/// Milliseconds with microsecond precision, for JSON.
+pub fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
 
 pub fn parse(text: &str) -> Result<Duration, String> {
     let t = text.trim();

@@ -14,6 +14,7 @@ mod cert;
 mod connect;
 mod duration;
 mod output;
+mod probe;
 mod serve;
 mod sockets;
 mod token;
@@ -41,6 +42,8 @@ enum Command {
     Cert(cert::Args),
     /// The kernel's TCP sockets of the server's port beside tether's sessions; flags the ones tether does not hold.
     Sockets(sockets::Args),
+    /// Is it the network or the program? ICMP, TCP, TLS, HELLO and round trips to a server, then one verdict.
+    Probe(Box<probe::Args>),
     /// One load-generator process of `tether bench` (started by it).
     #[command(hide = true)]
     BenchWorker(bench::WorkerArgs),
@@ -49,12 +52,22 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let logging = output::init_logging();
-    let command = match cli.command {
+    // What runs on the runtime. Everything that reads files or answers at once is done before it starts.
+    enum Job {
+        Command(Command),
+        Probe(Box<probe::Prepared>),
+    }
+    let job = match cli.command {
         Command::Bench(args) => return finish(bench::run(args)),
         Command::Token(args) => return finish(token::run(args)),
         Command::Cert(args) => return finish(cert::run(args)),
         Command::Sockets(args) => return finish(sockets::run(args)),
-        other => other,
+        Command::Probe(args) if args.is_from_server() => return finish(probe::from_server(&args)),
+        Command::Probe(args) => match probe::prepare(*args) {
+            Ok(p) => Job::Probe(Box::new(p)),
+            Err(e) => return finish(Err(e)),
+        },
+        other => Job::Command(other),
     };
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -66,13 +79,12 @@ fn main() -> std::process::ExitCode {
     let dropped_logs = logging.dropped.clone();
     let result = rt.block_on(async {
         tokio::spawn(output::report_dropped_logs(dropped_logs, std::time::Duration::from_secs(1)));
-        match command {
-            Command::Serve(args) => serve::run(*args).await,
-            Command::Connect(args) => connect::run(*args).await,
-            Command::BenchWorker(args) => bench::worker(args).await,
-            Command::Bench(_) | Command::Token(_) | Command::Cert(_) | Command::Sockets(_) => {
-                unreachable!("handled before the runtime starts")
-            }
+        match job {
+            Job::Probe(p) => probe::run(*p).await,
+            Job::Command(Command::Serve(args)) => serve::run(*args).await,
+            Job::Command(Command::Connect(args)) => connect::run(*args).await,
+            Job::Command(Command::BenchWorker(args)) => bench::worker(args).await,
+            Job::Command(_) => unreachable!("handled before the runtime starts"),
         }
     });
     // A pending stdin read lives on a blocking thread; do not wait for it.
@@ -113,6 +125,14 @@ fn emit_json(v: &serde_json::Value) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{v}");
+    let _ = out.flush();
+}
+
+/// Print one line on stdout and flush it. Only off the runtime, as [`emit_json`].
+fn emit_line(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
     let _ = out.flush();
 }
 

@@ -23,6 +23,8 @@ use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket};
 use serde_json::{json, Value};
 use tether_admin::json::tcp_state_name as state_name;
 
+use crate::duration::{human, ms};
+
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The server's port [default: 7400].
@@ -235,7 +237,7 @@ fn sessions(admin: SocketAddr) -> anyhow::Result<HashMap<SocketAddr, Session>> {
 }
 
 /// A client id as a query value.
-fn percent(s: &str) -> String {
+pub(crate) fn percent(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
@@ -282,22 +284,6 @@ fn flag(s: &KernelSocket, session: Option<&Session>, sessions_known: bool, orpha
             quiet.then_some(Flag::Orphan)
         }
         _ => None,
-    }
-}
-
-fn ms(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1e6).round() / 1e3
-}
-
-/// A duration as people read it: µs, ms or s.
-fn human(d: Duration) -> String {
-    let us = d.as_micros();
-    if us < 1000 {
-        format!("{us}µs")
-    } else if us < 1_000_000 {
-        format!("{:.1}ms", us as f64 / 1000.0)
-    } else {
-        format!("{:.1}s", d.as_secs_f64())
     }
 }
 

@@ -247,30 +247,30 @@ impl ProbeReport {
         let krtt = k.map(|i| i.rtt);
         match (self.app_rtt, k) {
             (_, Some(i)) if i.rtt >= SLOW_RTT => {
-                (ProbeVerdict::SlowNetwork, format!("the kernel's smoothed RTT is {:?} (rttvar {:?})", i.rtt, i.rttvar))
+                (ProbeVerdict::SlowNetwork, format!("the kernel's smoothed RTT is {:.1?} (rttvar {:.1?})", i.rtt, i.rttvar))
             }
             (Some(app), _) if app > krtt.unwrap_or_default() + SLOW_ANSWER => (
                 ProbeVerdict::ClientSlow,
-                format!("the PONG took {app:?} against a kernel RTT of {:?}", krtt.unwrap_or_default()),
+                format!("the PONG took {app:.1?} against a kernel RTT of {:.1?}", krtt.unwrap_or_default()),
             ),
             (Some(app), _) => {
-                (ProbeVerdict::Ok, format!("the PONG took {app:?}; the kernel's RTT is {:?}", krtt.unwrap_or_default()))
+                (ProbeVerdict::Ok, format!("the PONG took {app:.1?}; the kernel's RTT is {:.1?}", krtt.unwrap_or_default()))
             }
             (None, Some(i)) if i.unacked == 0 => (
                 ProbeVerdict::ClientStalled,
                 format!(
-                    "no PONG in {:?}, but the client's kernel acknowledged everything (last ACK {:?} ago, RTT {:?})",
+                    "no PONG in {:.1?}, but the client's kernel acknowledged everything (last ACK {:.1?} ago, RTT {:.1?})",
                     self.waited, i.since_ack_recv, i.rtt
                 ),
             ),
             (None, Some(i)) => (
                 ProbeVerdict::PathDown,
                 format!(
-                    "no PONG in {:?} and {} segments unacknowledged ({} retransmissions, last ACK {:?} ago)",
+                    "no PONG in {:.1?} and {} segments unacknowledged ({} retransmissions, last ACK {:.1?} ago)",
                     self.waited, i.unacked, i.retransmits, i.since_ack_recv
                 ),
             ),
-            (None, None) => (ProbeVerdict::PathDown, format!("no PONG in {:?} and no kernel view", self.waited)),
+            (None, None) => (ProbeVerdict::PathDown, format!("no PONG in {:.1?} and no kernel view", self.waited)),
         }
     }
 }
@@ -322,24 +322,8 @@ mod tests {
     }
 
     fn report(app_ms: Option<u64>, rtt_ms: u64, unacked: u32) -> ProbeReport {
-        let info = TcpInfo {
-            state: 1,
-            retransmits: 0,
-            probes: 0,
-            rtt: Duration::from_millis(rtt_ms),
-            rttvar: Duration::ZERO,
-            unacked,
-            total_retrans: 0,
-            since_data_sent: Duration::ZERO,
-            since_data_recv: Duration::ZERO,
-            since_ack_recv: Duration::ZERO,
-            notsent_bytes: 0,
-            snd_wnd: 0,
-            rcv_wnd: 0,
-            snd_cwnd: 10,
-            bytes_acked: 0,
-            bytes_received: 0,
-        };
+        let info =
+            TcpInfo { state: 1, rtt: Duration::from_millis(rtt_ms), unacked, snd_cwnd: 10, ..TcpInfo::default() };
         ProbeReport {
             client: "c".into(),
             app_rtt: app_ms.map(Duration::from_millis),

@@ -164,7 +164,7 @@ pub fn unacked_bytes(_fd: i32) -> Option<usize> {
 }
 
 /// The kernel's own view of one TCP socket (Linux `TCP_INFO`), in the units people read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct TcpInfo {
     /// The kernel's TCP state number (1 = ESTABLISHED, 8 = CLOSE_WAIT, …).
     pub state: u8,

@@ -209,6 +209,11 @@ impl ClientTls {
             .unwrap_or_else(|| ServerName::IpAddress(addr.ip().into()))
     }
 
+    /// The rustls configuration, for a caller that runs its own TLS handshake (`tether probe` times it).
+    pub fn rustls_config(&self) -> Arc<rustls::ClientConfig> {
+        self.config.clone()
+    }
+
     pub(crate) fn connect(&self, addr: std::net::SocketAddr) -> Result<Box<rustls::Connection>, rustls::Error> {
         let conn = rustls::ClientConnection::new(self.config.clone(), self.server_name_for(addr))?;
         Ok(Box::new(conn.into()))

@@ -213,6 +213,17 @@ impl Lab {
         run(&["ip", "-n", &self.router, "link", "set", &format!("to-{ns_role}"), if up { "up" } else { "down" }]);
     }
 
+    /// A host goes off its network (powered off, unplugged at its own port): its interface goes down and the
+    /// router forgets its neighbour entry, so the router's next lookup fails and it answers "host unreachable".
+    pub fn host_off(&self, ns_role: &str) {
+        let ns = [&self.server, &self.devices, &self.watchers]
+            .into_iter()
+            .find(|n| n.ends_with(&format!("-{ns_role}")))
+            .unwrap_or_else(|| panic!("no namespace {ns_role}"));
+        run(&["ip", "-n", ns, "link", "set", "eth0", "down"]);
+        run(&["ip", "-n", &self.router, "neigh", "flush", "dev", &format!("to-{ns_role}")]);
+    }
+
     /// Host reboot: the namespace's kernel forgets every TCP socket to `dst` (no FIN; an RST at most, which a
     /// cut path swallows).
     pub fn forget_sockets(&self, ns: &str, dst: &str) {

@@ -1,0 +1,785 @@
+//! What each layer of a probe found, the verdict it adds up to, and how both are printed.
+//!
+//! [`Evidence::verdict`] is pure: the first layer that failed decides, and the kernel's view of the probe's own
+//! socket says whether silence is the path's or the program's.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::{json, Value};
+use tether::proto::CloseReason;
+use tether::sockopt::TcpInfo;
+
+use crate::duration::{human, ms};
+
+/// The answer, a stable snake_case name and a stable exit code each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Every layer answered, in time.
+    Ok,
+    /// Nothing answered (no SYN-ACK, no ICMP), or no route to the network, or the path failed after the connect.
+    PathDown,
+    /// A router or firewall answered that the host cannot be reached (ICMP host unreachable or prohibited).
+    HostDown,
+    /// The host answered the connect with a reset: it is up, and nothing listens on the port.
+    PortClosed,
+    /// The host answers ICMP echo, but the port never answers the connect: a firewall drops it, or the
+    /// listener's accept queue is full.
+    PortFiltered,
+    /// Something answered on the port, but not tether.
+    NotTether,
+    /// The tether server answered `BYE` with a reason.
+    Refused,
+    /// The TLS handshake failed.
+    TlsFailed,
+    /// TCP connects and the kernel answers in time, but the program does not, or late.
+    ServerStalled,
+    /// The kernel's own round-trip time is high.
+    SlowNetwork,
+    /// `--server`: the client answered far later than its kernel acknowledged.
+    ClientSlow,
+    /// `--server`: the client's kernel acknowledged the `PING`, its program did not answer.
+    ClientStalled,
+    /// The server welcomed the probe, then closed or reset the connection without `BYE`: its process ended.
+    ServerLost,
+}
+
+impl Verdict {
+    pub const ALL: [Verdict; 13] = [
+        Verdict::Ok,
+        Verdict::PathDown,
+        Verdict::HostDown,
+        Verdict::PortClosed,
+        Verdict::PortFiltered,
+        Verdict::NotTether,
+        Verdict::Refused,
+        Verdict::TlsFailed,
+        Verdict::ServerStalled,
+        Verdict::SlowNetwork,
+        Verdict::ClientSlow,
+        Verdict::ClientStalled,
+        Verdict::ServerLost,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Ok => "ok",
+            Verdict::PathDown => "path_down",
+            Verdict::HostDown => "host_down",
+            Verdict::PortClosed => "port_closed",
+            Verdict::PortFiltered => "port_filtered",
+            Verdict::NotTether => "not_tether",
+            Verdict::Refused => "refused",
+            Verdict::TlsFailed => "tls_failed",
+            Verdict::ServerStalled => "server_stalled",
+            Verdict::SlowNetwork => "slow_network",
+            Verdict::ClientSlow => "client_slow",
+            Verdict::ClientStalled => "client_stalled",
+            Verdict::ServerLost => "server_lost",
+        }
+    }
+
+    /// The process's exit code: 0 for `ok`; 1 and 2 stay for errors and usage.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Verdict::Ok => 0,
+            Verdict::PathDown => 10,
+            Verdict::HostDown => 11,
+            Verdict::PortClosed => 12,
+            Verdict::PortFiltered => 13,
+            Verdict::NotTether => 14,
+            Verdict::Refused => 15,
+            Verdict::TlsFailed => 16,
+            Verdict::ServerStalled => 17,
+            Verdict::SlowNetwork => 18,
+            Verdict::ClientSlow => 19,
+            Verdict::ClientStalled => 20,
+            Verdict::ServerLost => 21,
+        }
+    }
+
+    pub(super) fn from_name(name: &str) -> Option<Verdict> {
+        Verdict::ALL.into_iter().find(|v| v.as_str() == name)
+    }
+}
+
+/// A kernel RTT at or above this is a slow network (the same bound as the server's own probe).
+const SLOW_RTT: Duration = tether::ops::SLOW_RTT;
+/// An answer later than the kernel's RTT by this much is a slow program.
+const SLOW_ANSWER: Duration = tether::ops::SLOW_ANSWER;
+
+/// Layer 1: ICMP echo.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Path {
+    Reply {
+        rtt: Duration,
+        socket: &'static str,
+    },
+    NoAnswer {
+        waited: Duration,
+        socket: &'static str,
+    },
+    /// Sending failed at once (a local route says unreachable, say).
+    Error {
+        error: String,
+        socket: &'static str,
+    },
+    /// No ICMP socket could be opened: not root, and `net.ipv4.ping_group_range` excludes us.
+    Unavailable {
+        why: String,
+    },
+}
+
+/// Layer 2: the TCP connect.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Transport {
+    Connected {
+        took: Duration,
+        local: SocketAddr,
+    },
+    /// RST: the host is up and nothing listens.
+    Refused {
+        took: Duration,
+    },
+    TimedOut {
+        waited: Duration,
+    },
+    /// EHOSTUNREACH: an ICMP host unreachable or prohibited answered the SYN (or ARP failed on the last hop).
+    HostUnreachable {
+        took: Duration,
+    },
+    /// ENETUNREACH: no route to the network, here or at a router.
+    NetUnreachable {
+        took: Duration,
+    },
+    Failed {
+        took: Duration,
+        error: String,
+    },
+}
+
+/// Layer 3: TLS, when asked.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Tls {
+    Done {
+        took: Duration,
+        version: String,
+    },
+    Failed {
+        took: Duration,
+        error: String,
+        hint: Option<String>,
+    },
+    /// No answer to the ClientHello: judged like a missing `WELCOME`.
+    NoAnswer {
+        waited: Duration,
+    },
+}
+
+/// Layer 4: `HELLO` → `WELCOME`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum App {
+    Welcome {
+        took: Duration,
+        server_id: String,
+        epoch: u64,
+        version: u8,
+        heartbeat: Duration,
+        timeout: Duration,
+    },
+    /// `BYE` instead of `WELCOME`.
+    Refused {
+        took: Duration,
+        reason: CloseReason,
+        retry_after: Duration,
+        alternative: String,
+    },
+    /// Bytes that are no tether frame; `what` names the protocol when it is recognisable.
+    Foreign {
+        took: Duration,
+        what: Option<&'static str>,
+        first: Bytes,
+    },
+    /// A tether frame, but not one that answers `HELLO`.
+    Unexpected {
+        took: Duration,
+        frame: &'static str,
+    },
+    /// The peer closed without `BYE`, or reset.
+    Closed {
+        took: Duration,
+        reset: bool,
+    },
+    NoAnswer {
+        waited: Duration,
+    },
+}
+
+/// How a session ended before its round trips did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Ended {
+    Bye(CloseReason),
+    /// Bytes that are no tether frame.
+    Foreign(Bytes),
+    /// A close or reset without `BYE`.
+    Closed {
+        reset: bool,
+    },
+    /// Writing failed.
+    Failed(String),
+}
+
+impl std::fmt::Display for Ended {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ended::Bye(reason) => write!(f, "BYE({reason})"),
+            Ended::Foreign(first) => write!(f, "bytes that are no tether frame: {}", escape(first)),
+            Ended::Closed { reset: false } => f.write_str("closed without BYE"),
+            Ended::Closed { reset: true } => f.write_str("reset without BYE"),
+            Ended::Failed(e) => write!(f, "the connection failed: {e}"),
+        }
+    }
+}
+
+/// Layer 5: `PING`/`PONG`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RoundTrips {
+    pub sent: u32,
+    /// Each answered round trip, in order.
+    pub rtts: Vec<Duration>,
+    /// The last `PING` was not answered within this wait.
+    pub unanswered: Option<Duration>,
+    /// The session ended before the round trips did.
+    pub ended: Option<Ended>,
+    /// The time between `PING`s actually used.
+    pub interval: Duration,
+}
+
+/// Everything the layers found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Evidence {
+    pub path: Path,
+    pub transport: Transport,
+    pub tls: Option<Tls>,
+    pub app: Option<App>,
+    pub round_trips: Option<RoundTrips>,
+    /// `TCP_INFO` of the probe's socket, read after the last step.
+    pub kernel: Option<TcpInfo>,
+}
+
+/// min, median, max.
+fn spread(rtts: &[Duration]) -> Option<(Duration, Duration, Duration)> {
+    let mut v = rtts.to_vec();
+    v.sort_unstable();
+    Some((*v.first()?, v[(v.len() - 1) / 2], *v.last()?))
+}
+
+const STALLED_NOTE: &str = "(from outside, a silent service that is not tether looks the same)";
+
+impl Evidence {
+    /// The verdict and the evidence for it, in one sentence. The first layer that fails decides.
+    pub fn verdict(&self) -> (Verdict, String) {
+        let icmp_answered = matches!(self.path, Path::Reply { .. });
+        match &self.transport {
+            Transport::Connected { .. } => {}
+            Transport::Refused { took } => {
+                return (
+                    Verdict::PortClosed,
+                    format!("the host reset the connect in {}: nothing listens on the port", human(*took)),
+                )
+            }
+            Transport::HostUnreachable { took } => {
+                return (
+                    Verdict::HostDown,
+                    format!(
+                        "after {} the network answered the connect with \"host unreachable\": the host is down or off \
+                         its network (or a firewall rejects it)",
+                        human(*took)
+                    ),
+                )
+            }
+            Transport::NetUnreachable { took } => {
+                return (Verdict::PathDown, format!("after {} there was no route to the host's network", human(*took)))
+            }
+            Transport::TimedOut { waited } if icmp_answered => {
+                return (
+                    Verdict::PortFiltered,
+                    format!(
+                        "the host answers ICMP echo, but the connect got no answer in {}: a firewall drops it, or \
+                         the listener's accept queue is full (a stalled server behind a full backlog looks the same)",
+                        human(*waited)
+                    ),
+                )
+            }
+            Transport::TimedOut { waited } => {
+                return (
+                    Verdict::PathDown,
+                    format!(
+                        "nothing answered: no reply to the connect in {} and none to ICMP echo; the path or the host \
+                         is down, and from here the two look the same",
+                        human(*waited)
+                    ),
+                )
+            }
+            Transport::Failed { error, .. } => return (Verdict::PathDown, format!("the connect failed: {error}")),
+        }
+        let k = self.kernel;
+        // Answers that say what they are decide first, whatever the round-trip time.
+        match &self.tls {
+            Some(Tls::Failed { error, hint, .. }) => {
+                let hint = hint.as_ref().map(|h| format!("; {h}")).unwrap_or_default();
+                return (Verdict::TlsFailed, format!("the TLS handshake failed: {error}{hint}"));
+            }
+            Some(Tls::NoAnswer { waited }) => return silent(k, "the TLS ClientHello", *waited),
+            _ => {}
+        }
+        match &self.app {
+            Some(App::Welcome { .. }) | None => {}
+            Some(App::Refused { reason, retry_after, alternative, .. }) => {
+                return (Verdict::Refused, refusal(*reason, *retry_after, alternative));
+            }
+            Some(App::Foreign { what, first, .. }) => return foreign(*what, first, self.tls.is_some()),
+            Some(App::Unexpected { frame, .. }) => {
+                return (
+                    Verdict::NotTether,
+                    format!("the peer answered HELLO with {frame}, not WELCOME or BYE: not tether, or a broken one"),
+                );
+            }
+            Some(App::Closed { reset, .. }) => {
+                let how = if *reset { "reset the connection" } else { "closed the connection" };
+                return (Verdict::NotTether, format!("the peer {how} without BYE: tether always says why it closes"));
+            }
+            Some(App::NoAnswer { waited }) => return silent(k, "HELLO", *waited),
+        }
+        let Some(r) = &self.round_trips else {
+            return (Verdict::Ok, "connected".into());
+        };
+        let after = r.sent.saturating_sub(1);
+        match &r.ended {
+            None => {}
+            Some(Ended::Bye(reason)) => {
+                let why = refusal(*reason, Duration::ZERO, "");
+                return (
+                    Verdict::Refused,
+                    format!("after {after} round trips {}", why.replacen("the server", "it", 1)),
+                );
+            }
+            Some(Ended::Foreign(first)) => return foreign(None, first, self.tls.is_some()),
+            Some(Ended::Closed { reset }) => {
+                let how = if *reset { "reset" } else { "closed" };
+                return match k {
+                    Some(i) if i.unacked > 0 => path_failed(&format!("PING {}", r.sent), None, i),
+                    _ => (
+                        Verdict::ServerLost,
+                        format!(
+                            "after {after} round trips the server {how} the connection without BYE: its process \
+                             ended or crashed (tether always says why it closes)"
+                        ),
+                    ),
+                };
+            }
+            Some(Ended::Failed(error)) => {
+                return match k {
+                    Some(i) if i.unacked > 0 => path_failed(&format!("PING {}", r.sent), None, i),
+                    _ => (Verdict::PathDown, format!("after {after} round trips the connection failed: {error}")),
+                };
+            }
+        }
+        if let Some(waited) = r.unanswered {
+            return silent(k, &format!("PING {}", r.sent), waited);
+        }
+        let krtt = k.map_or(Duration::ZERO, |i| i.rtt);
+        let Some((min, median, max)) = spread(&r.rtts) else {
+            return (Verdict::Ok, "connected".into());
+        };
+        if median > krtt + SLOW_ANSWER {
+            return (
+                Verdict::ServerStalled,
+                format!(
+                    "the server's PONGs took {} (median) against a kernel RTT of {}: the program answers late \
+                     {STALLED_NOTE}",
+                    human(median),
+                    human(krtt)
+                ),
+            );
+        }
+        if let Some(i) = k.filter(|i| i.rtt >= SLOW_RTT) {
+            return (
+                Verdict::SlowNetwork,
+                format!(
+                    "the server answers in step with its kernel, but the kernel's smoothed RTT is {} (rttvar {}): \
+                     the path is slow",
+                    human(i.rtt),
+                    human(i.rttvar)
+                ),
+            );
+        }
+        let icmp = if icmp_answered { "" } else { " (ICMP echo unanswered or unavailable: that alone proves nothing)" };
+        (
+            Verdict::Ok,
+            format!(
+                "the path, the port and the tether server answer: {} round trips in {} / {} / {} (min / median / max), \
+                 kernel RTT {}{icmp}",
+                r.rtts.len(),
+                human(min),
+                human(median),
+                human(max),
+                human(krtt)
+            ),
+        )
+    }
+}
+
+/// No answer to `step` within `waited`: the kernel's view of the probe's socket says whether the path still
+/// carries our bytes (then the program is silent) or not.
+fn silent(k: Option<TcpInfo>, step: &str, waited: Duration) -> (Verdict, String) {
+    match k {
+        Some(i) if i.unacked > 0 => path_failed(step, Some(waited), i),
+        Some(i) => (
+            Verdict::ServerStalled,
+            format!(
+                "TCP connects and the server's kernel acknowledged {step} (RTT {}), but the program did not answer in \
+                 {} {STALLED_NOTE}",
+                human(i.rtt),
+                human(waited)
+            ),
+        ),
+        None => (
+            Verdict::ServerStalled,
+            format!(
+                "TCP connects, but nothing answered {step} in {} (the kernel's view of the socket is not available \
+                 here) {STALLED_NOTE}",
+                human(waited)
+            ),
+        ),
+    }
+}
+
+/// Our bytes are not acknowledged: the path (or the host) went away after the connect.
+fn path_failed(step: &str, waited: Option<Duration>, i: TcpInfo) -> (Verdict, String) {
+    let within = waited.map(|w| format!(" in {}", human(w))).unwrap_or_default();
+    (
+        Verdict::PathDown,
+        format!(
+            "no answer to {step}{within} and {} segments unacknowledged ({} retransmissions): the path failed after \
+             the connect",
+            i.unacked, i.retransmits
+        ),
+    )
+}
+
+fn refusal(reason: CloseReason, retry_after: Duration, alternative: &str) -> String {
+    let mut s = format!("the server answered BYE({reason})");
+    if !retry_after.is_zero() {
+        let _ = write!(s, ", retry after {}", human(retry_after));
+    }
+    if !alternative.is_empty() {
+        let _ = write!(s, ", go to {alternative}");
+    }
+    s
+}
+
+fn foreign(what: Option<&'static str>, first: &[u8], tls: bool) -> (Verdict, String) {
+    let hint = if what == Some("TLS") && !tls {
+        " (a TLS service: if it is a tether server with TLS, add --tls or --tls-ca)"
+    } else {
+        ""
+    };
+    let what = what.map_or("bytes that are no tether frame".to_owned(), |w| format!("{w}, not tether"));
+    (Verdict::NotTether, format!("something answered {what}: {}{hint}", escape(first)))
+}
+
+/// Printable evidence of foreign bytes: text as text, the rest as `\xNN`.
+pub(super) fn escape(b: &[u8]) -> String {
+    let mut s = String::from("\"");
+    for &c in b {
+        match c {
+            b'\r' => s.push_str("\\r"),
+            b'\n' => s.push_str("\\n"),
+            b'"' => s.push_str("\\\""),
+            0x20..=0x7e => s.push(c as char),
+            _ => {
+                let _ = write!(s, "\\x{c:02x}");
+            }
+        }
+    }
+    s.push('"');
+    s
+}
+
+pub(super) fn describe_path(p: &Path) -> String {
+    match p {
+        Path::Reply { rtt, socket } => format!("ICMP echo answered in {} ({socket})", human(*rtt)),
+        Path::NoAnswer { waited, socket } => {
+            format!("no ICMP echo reply in {} ({socket}): filtered or down; alone this proves nothing", human(*waited))
+        }
+        Path::Error { error, socket } => format!("ICMP echo failed: {error} ({socket})"),
+        Path::Unavailable { why } => format!("ICMP unknown: {why}"),
+    }
+}
+
+pub(super) fn describe_transport(t: &Transport) -> String {
+    match t {
+        Transport::Connected { took, local } => format!("TCP connected in {} from {local}", human(*took)),
+        Transport::Refused { took } => format!("TCP connect refused (RST) in {}", human(*took)),
+        Transport::TimedOut { waited } => format!("TCP connect: no answer in {}", human(*waited)),
+        Transport::HostUnreachable { took } => format!("TCP connect: host unreachable after {}", human(*took)),
+        Transport::NetUnreachable { took } => format!("TCP connect: network unreachable after {}", human(*took)),
+        Transport::Failed { took, error } => format!("TCP connect failed after {}: {error}", human(*took)),
+    }
+}
+
+pub(super) fn describe_tls(t: &Tls) -> String {
+    match t {
+        Tls::Done { took, version } => format!("handshake done in {} ({version})", human(*took)),
+        Tls::Failed { took, error, hint } => {
+            format!(
+                "handshake failed after {}: {error}{}",
+                human(*took),
+                hint.as_ref().map(|h| format!(" ({h})")).unwrap_or_default()
+            )
+        }
+        Tls::NoAnswer { waited } => format!("no answer to the ClientHello in {}", human(*waited)),
+    }
+}
+
+pub(super) fn describe_app(a: &App) -> String {
+    match a {
+        App::Welcome { took, server_id, epoch, version, heartbeat, .. } => format!(
+            "WELCOME in {}: server {server_id:?}, epoch {epoch}, protocol v{version}, heartbeat {}",
+            human(*took),
+            humantime::format_duration(*heartbeat)
+        ),
+        App::Refused { took, reason, .. } => format!("BYE({reason}) in {}", human(*took)),
+        App::Foreign { took, what, first } => {
+            format!("{} in {}: {}", what.unwrap_or("bytes that are no tether frame"), human(*took), escape(first))
+        }
+        App::Unexpected { took, frame } => format!("{frame} instead of WELCOME or BYE, in {}", human(*took)),
+        App::Closed { took, reset: false } => format!("closed without BYE after {}", human(*took)),
+        App::Closed { took, reset: true } => format!("reset without BYE after {}", human(*took)),
+        App::NoAnswer { waited } => format!("no answer to HELLO in {}", human(*waited)),
+    }
+}
+
+pub(super) fn describe_round_trips(r: &RoundTrips, k: Option<&TcpInfo>) -> String {
+    let mut s = format!("{} of {} PONGs", r.rtts.len(), r.sent);
+    if let Some((min, median, max)) = spread(&r.rtts) {
+        let _ = write!(s, ": {} / {} / {} (min / median / max)", human(min), human(median), human(max));
+    }
+    if let Some(i) = k {
+        let _ = write!(s, "; kernel RTT {} ± {}, {} unacknowledged", human(i.rtt), human(i.rttvar), i.unacked);
+    }
+    if let Some(end) = &r.ended {
+        let _ = write!(s, "; ended: {end}");
+    }
+    s
+}
+
+pub(super) fn evidence_json(ev: &Evidence) -> Value {
+    let path = match &ev.path {
+        Path::Reply { rtt, socket } => json!({"result": "reply", "rtt_ms": ms(*rtt), "socket": socket}),
+        Path::NoAnswer { waited, socket } => json!({"result": "no_answer", "waited_ms": ms(*waited), "socket": socket}),
+        Path::Error { error, socket } => json!({"result": "error", "error": error, "socket": socket}),
+        Path::Unavailable { why } => json!({"result": "unavailable", "error": why}),
+    };
+    let transport = match &ev.transport {
+        Transport::Connected { took, local } => {
+            json!({"result": "connected", "ms": ms(*took), "local": local.to_string()})
+        }
+        Transport::Refused { took } => json!({"result": "refused", "ms": ms(*took)}),
+        Transport::TimedOut { waited } => json!({"result": "timed_out", "ms": ms(*waited)}),
+        Transport::HostUnreachable { took } => json!({"result": "host_unreachable", "ms": ms(*took)}),
+        Transport::NetUnreachable { took } => json!({"result": "network_unreachable", "ms": ms(*took)}),
+        Transport::Failed { took, error } => json!({"result": "failed", "ms": ms(*took), "error": error}),
+    };
+    let tls = match &ev.tls {
+        None => json!({"result": "not_asked"}),
+        Some(Tls::Done { took, version }) => json!({"result": "done", "ms": ms(*took), "version": version}),
+        Some(Tls::Failed { took, error, hint }) => {
+            json!({"result": "failed", "ms": ms(*took), "error": error, "hint": hint})
+        }
+        Some(Tls::NoAnswer { waited }) => json!({"result": "no_answer", "ms": ms(*waited)}),
+    };
+    let app = ev.app.as_ref().map(|a| match a {
+        App::Welcome { took, server_id, epoch, version, heartbeat, timeout } => json!({
+            "result": "welcome", "ms": ms(*took), "server_id": server_id, "epoch": epoch, "version": version,
+            "heartbeat_ms": heartbeat.as_millis() as u64, "timeout_ms": timeout.as_millis() as u64,
+        }),
+        App::Refused { took, reason, retry_after, alternative } => json!({
+            "result": "bye", "ms": ms(*took), "reason": reason.as_str(),
+            "retry_after_ms": retry_after.as_millis() as u64, "alternative": alternative,
+        }),
+        App::Foreign { took, what, first } => {
+            json!({"result": "foreign", "ms": ms(*took), "protocol": what, "first_bytes": escape(first)})
+        }
+        App::Unexpected { took, frame } => json!({"result": "unexpected", "ms": ms(*took), "frame": frame}),
+        App::Closed { took, reset } => json!({"result": if *reset { "reset" } else { "closed" }, "ms": ms(*took)}),
+        App::NoAnswer { waited } => json!({"result": "no_answer", "ms": ms(*waited)}),
+    });
+    let round_trips = ev.round_trips.as_ref().map(|r| {
+        let s = spread(&r.rtts);
+        json!({
+            "sent": r.sent, "answered": r.rtts.len(), "unanswered": r.unanswered.is_some(),
+            "ended": r.ended.as_ref().map(|e| e.to_string()),
+            "interval_ms": ms(r.interval),
+            "app_rtt_ms": s.map(|(a, b, c)| json!({"min": ms(a), "median": ms(b), "max": ms(c)})),
+        })
+    });
+    let kernel = ev.kernel.map(|i| {
+        json!({
+            "state": tether_admin::json::tcp_state_name(i.state), "rtt_ms": ms(i.rtt), "rttvar_ms": ms(i.rttvar),
+            "unacked": i.unacked, "retransmits": i.retransmits, "total_retrans": i.total_retrans,
+            "last_ack_recv_ms": ms(i.since_ack_recv),
+        })
+    });
+    json!({"layers": {"path": path, "transport": transport, "tls": tls, "app": app, "round_trips": round_trips, "kernel": kernel}})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(rtt_ms: u64, unacked: u32) -> TcpInfo {
+        TcpInfo {
+            state: 1,
+            rtt: Duration::from_millis(rtt_ms),
+            rttvar: Duration::from_millis(rtt_ms / 2),
+            unacked,
+            snd_cwnd: 10,
+            ..TcpInfo::default()
+        }
+    }
+
+    const T: Duration = Duration::from_millis(1);
+
+    fn connected() -> Evidence {
+        Evidence {
+            path: Path::Reply { rtt: T, socket: "raw socket" },
+            transport: Transport::Connected { took: T, local: "127.0.0.1:1".parse().unwrap() },
+            tls: None,
+            app: Some(App::Welcome {
+                took: T,
+                server_id: "s".into(),
+                epoch: 1,
+                version: 2,
+                heartbeat: Duration::from_secs(5),
+                timeout: Duration::from_secs(15),
+            }),
+            round_trips: Some(RoundTrips { sent: 3, rtts: vec![T, T, T], interval: T, ..Default::default() }),
+            kernel: Some(info(1, 0)),
+        }
+    }
+
+    fn at(transport: Transport, path: Path) -> Verdict {
+        let ev = Evidence { path, transport, tls: None, app: None, round_trips: None, kernel: None };
+        ev.verdict().0
+    }
+
+    #[test]
+    fn each_layer_decides_its_verdict() {
+        let no_icmp = || Path::NoAnswer { waited: T, socket: "raw socket" };
+        let icmp = || Path::Reply { rtt: T, socket: "raw socket" };
+        assert_eq!(at(Transport::Refused { took: T }, no_icmp()), Verdict::PortClosed);
+        assert_eq!(at(Transport::HostUnreachable { took: T }, no_icmp()), Verdict::HostDown);
+        assert_eq!(at(Transport::NetUnreachable { took: T }, icmp()), Verdict::PathDown);
+        assert_eq!(at(Transport::TimedOut { waited: T }, no_icmp()), Verdict::PathDown);
+        assert_eq!(at(Transport::TimedOut { waited: T }, icmp()), Verdict::PortFiltered);
+        let unavailable = Path::Unavailable { why: "x".into() };
+        assert_eq!(at(Transport::TimedOut { waited: T }, unavailable), Verdict::PathDown);
+
+        let ok = connected();
+        assert_eq!(ok.verdict().0, Verdict::Ok);
+        let mut no_icmp_ok = connected();
+        no_icmp_ok.path = Path::Unavailable { why: "x".into() };
+        let (v, why) = no_icmp_ok.verdict();
+        assert_eq!(v, Verdict::Ok, "an ICMP layer that cannot run never makes the verdict worse");
+        assert!(why.contains("proves nothing"), "{why}");
+
+        let with_app = |app: App, kernel: TcpInfo| Evidence {
+            app: Some(app),
+            round_trips: None,
+            kernel: Some(kernel),
+            ..connected()
+        };
+        let silent = App::NoAnswer { waited: Duration::from_secs(5) };
+        let (v, why) = with_app(silent.clone(), info(1, 0)).verdict();
+        assert_eq!(v, Verdict::ServerStalled);
+        assert!(why.contains("not tether looks the same"), "{why}");
+        assert_eq!(with_app(silent.clone(), info(1, 1)).verdict().0, Verdict::PathDown, "HELLO never acknowledged");
+        let (v, why) = with_app(silent, info(300, 0)).verdict();
+        assert_eq!(v, Verdict::ServerStalled, "a 300 ms RTT does not explain 5 s of silence: {why}");
+        let bye = || App::Refused {
+            took: T,
+            reason: CloseReason::Busy,
+            retry_after: Duration::from_secs(3),
+            alternative: String::new(),
+        };
+        let (v, why) = with_app(bye(), info(1, 0)).verdict();
+        assert_eq!((v, why.contains("busy") && why.contains("retry after")), (Verdict::Refused, true), "{why}");
+        assert_eq!(with_app(bye(), info(400, 0)).verdict().0, Verdict::Refused, "an answer decides over the RTT");
+        let http =
+            App::Foreign { took: T, what: Some("HTTP"), first: Bytes::from_static(b"HTTP/1.1 400 Bad Request\r\n") };
+        let (v, why) = with_app(http, info(1, 0)).verdict();
+        assert_eq!(v, Verdict::NotTether);
+        assert!(why.contains("HTTP/1.1 400"), "{why}");
+        let tls =
+            App::Foreign { took: T, what: Some("TLS"), first: Bytes::from_static(b"\x15\x03\x03\x00\x02\x02\x32") };
+        assert!(with_app(tls, info(1, 0)).verdict().1.contains("add --tls"));
+        assert_eq!(with_app(App::Closed { took: T, reset: false }, info(1, 0)).verdict().0, Verdict::NotTether);
+        let unexpected = with_app(App::Unexpected { took: T, frame: "PING" }, info(1, 0)).verdict();
+        assert_eq!(unexpected.0, Verdict::NotTether);
+        assert!(unexpected.1.contains("PING"), "{}", unexpected.1);
+
+        let mut late = connected();
+        late.round_trips.as_mut().unwrap().rtts = vec![Duration::from_millis(400); 3];
+        assert_eq!(late.verdict().0, Verdict::ServerStalled, "PONGs far behind the kernel's RTT");
+        let mut unanswered = connected();
+        unanswered.round_trips.as_mut().unwrap().unanswered = Some(Duration::from_secs(5));
+        assert_eq!(unanswered.verdict().0, Verdict::ServerStalled);
+        let mut slow = connected();
+        slow.kernel = Some(info(250, 0));
+        slow.round_trips.as_mut().unwrap().rtts = vec![Duration::from_millis(260); 3];
+        assert_eq!(slow.verdict().0, Verdict::SlowNetwork);
+        let ended = |how: Ended, kernel: TcpInfo| {
+            let mut ev = connected();
+            ev.round_trips.as_mut().unwrap().ended = Some(how);
+            ev.kernel = Some(kernel);
+            ev.verdict()
+        };
+        let (v, why) = ended(Ended::Bye(CloseReason::ServerShutdown), info(1, 0));
+        assert_eq!(v, Verdict::Refused);
+        assert!(why.contains("server_shutdown"), "{why}");
+        let (v, why) = ended(Ended::Closed { reset: true }, info(1, 0));
+        assert_eq!(v, Verdict::ServerLost, "welcomed, then closed without BYE: {why}");
+        assert_eq!(ended(Ended::Closed { reset: false }, info(1, 2)).0, Verdict::PathDown);
+        assert_eq!(ended(Ended::Failed("broken pipe".into()), info(1, 0)).0, Verdict::PathDown);
+        assert_eq!(ended(Ended::Foreign(Bytes::from_static(b"junk")), info(1, 0)).0, Verdict::NotTether);
+        let mut slow_ok = connected();
+        slow_ok.kernel = Some(info(250, 0));
+        assert_eq!(slow_ok.verdict().0, Verdict::SlowNetwork, "fast answers on a slow path");
+        let mut no_kernel = connected();
+        no_kernel.app = Some(App::NoAnswer { waited: T });
+        no_kernel.kernel = None;
+        let (v, why) = no_kernel.verdict();
+        assert_eq!(v, Verdict::ServerStalled);
+        assert!(!why.contains("acknowledged"), "no kernel view, no claim of an ACK: {why}");
+
+        let mut tls_failed = connected();
+        tls_failed.tls = Some(Tls::Failed { took: T, error: "invalid peer certificate".into(), hint: None });
+        tls_failed.kernel = Some(info(300, 0));
+        assert_eq!(tls_failed.verdict().0, Verdict::TlsFailed);
+    }
+
+    #[test]
+    fn names_and_exit_codes_are_distinct() {
+        let names: std::collections::HashSet<_> = Verdict::ALL.iter().map(|v| v.as_str()).collect();
+        let codes: std::collections::HashSet<_> = Verdict::ALL.iter().map(|v| v.exit_code()).collect();
+        assert_eq!((names.len(), codes.len()), (Verdict::ALL.len(), Verdict::ALL.len()));
+        assert!(!codes.contains(&1) && !codes.contains(&2), "1 and 2 mean error and usage");
+        for v in Verdict::ALL {
+            assert_eq!(Verdict::from_name(v.as_str()), Some(v));
+        }
+    }
+}

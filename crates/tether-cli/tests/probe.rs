@@ -1,0 +1,207 @@
+//! `tether probe`: each verdict from the real thing. On loopback (no root needed): a healthy server, an HTTP
+//! server on the port, and the server-side probe of a stopped client. In the fault lab (root, network
+//! namespaces; `scripts/test` runs them with `--ignored`): a healthy path, a stopped server, a closed port, an HTTP
+//! listener, a blackholed path and a host that went off its network.
+
+mod common;
+#[macro_use]
+mod netlab;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{event, serve_with_admin, Proc};
+use netlab::{DEVICE_IP, PORT, SERVER_IP};
+use serde_json::Value;
+
+/// Run `tether ARGS` (under `ip netns exec NS` when `ns` is given); its exit code and its last stdout line as JSON.
+fn probe_in(ns: Option<&str>, args: &[&str]) -> (i32, Value) {
+    let bin = env!("CARGO_BIN_EXE_tether");
+    let mut cmd = match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, bin]);
+            c
+        }
+        None => Command::new(bin),
+    };
+    let out = cmd.arg("probe").args(args).arg("--json").env("RUST_LOG", "warn").output().unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let last = stdout
+        .lines()
+        .last()
+        .unwrap_or_else(|| panic!("no output from probe {args:?}; stderr: {}", String::from_utf8_lossy(&out.stderr)));
+    let v: Value = serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {last}"));
+    (out.status.code().unwrap_or(-1), v)
+}
+
+fn probe(args: &[&str]) -> (i32, Value) {
+    probe_in(None, args)
+}
+
+fn verdict(v: &Value) -> &str {
+    v["verdict"].as_str().unwrap_or("")
+}
+
+/// A healthy probe: every layer answered, with application and kernel round trips side by side.
+fn assert_ok(code: i32, v: &Value, count: u64) {
+    assert_eq!((code, verdict(v)), (0, "ok"), "{v}");
+    let l = &v["layers"];
+    assert_eq!(l["transport"]["result"], "connected", "{v}");
+    assert_eq!(l["app"]["result"], "welcome", "{v}");
+    assert_eq!(l["round_trips"]["answered"], count, "{v}");
+    let rtt = &l["round_trips"]["app_rtt_ms"];
+    assert!(rtt["min"].as_f64().unwrap() <= rtt["median"].as_f64().unwrap(), "{v}");
+    assert!(rtt["median"].as_f64().unwrap() <= rtt["max"].as_f64().unwrap(), "{v}");
+    assert!(l["kernel"]["rtt_ms"].as_f64().unwrap() > 0.0, "{v}");
+    assert_eq!(l["kernel"]["unacked"], 0, "{v}");
+}
+
+#[test]
+fn loopback_verdicts_and_the_server_side_probe() {
+    let (server, addr, admin) = serve_with_admin(&[]);
+
+    let (code, v) = probe(&[&addr, "--count", "3", "--interval", "10ms"]);
+    assert_ok(code, &v, 3);
+    // The probe said goodbye: its session ended with `bye`, not a timeout.
+    let id = v["id"].as_str().unwrap().to_owned();
+    let off = server.expect("the probe's session ended", |e| event(e) == "offline" && e["client"] == id.as_str());
+    assert_eq!(off["reason"], "bye", "{off}");
+
+    // The admin listener is HTTP: something answers, but not tether.
+    let (code, v) = probe(&[&admin]);
+    assert_eq!((code, verdict(&v)), (14, "not_tether"), "{v}");
+    assert_eq!(v["layers"]["app"]["protocol"], "HTTP", "{v}");
+
+    // From the server's side: a running client answers; a stopped one is acknowledged by its kernel, not its
+    // program.
+    let client = Proc::spawn(&["connect", &addr, "--id", "dev", "--json"]);
+    client.expect("connected", |e| event(e) == "connected");
+    let (code, v) = probe(&["--server", &admin, "--id", "dev", "--timeout", "2s"]);
+    assert_eq!((code, verdict(&v)), (0, "ok"), "{v}");
+    client.signal(libc::SIGSTOP);
+    let (code, v) = probe(&["--server", &admin, "--id", "dev", "--timeout", "1s"]);
+    client.signal(libc::SIGCONT);
+    assert_eq!((code, verdict(&v)), (20, "client_stalled"), "{v}");
+    assert_eq!(v["kernel"]["unacked"], 0, "{v}");
+    assert!(v["kernel"]["rtt_ms"].as_f64().unwrap() < 200.0, "the kernel's RTT stays normal: {v}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["probe", "--server", &admin, "--id", "nobody"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not online"), "{out:?}");
+}
+
+#[test]
+fn loopback_refusals_tls_and_pacing() {
+    // A full server answers BYE(busy) with its hint: the probe reports the reason.
+    let (_full, addr, _) = serve_with_admin(&["--max-connections", "1"]);
+    let holder = Proc::spawn(&["connect", &addr, "--id", "holder", "--json"]);
+    holder.expect("connected", |e| event(e) == "connected");
+    let (code, v) = probe(&[&addr]);
+    assert_eq!((code, verdict(&v)), (15, "refused"), "{v}");
+    assert_eq!(v["layers"]["app"]["reason"], "busy", "{v}");
+
+    // More PINGs than the allowance, and an interval longer than the heartbeat: paced and cut, never punished.
+    let (_fast, addr, _) = serve_with_admin(&["--heartbeat-interval", "100ms", "--heartbeat-timeout", "300ms"]);
+    let (code, v) = probe(&[&addr, "--count", "12", "--interval", "0ms"]);
+    assert_ok(code, &v, 12);
+    assert!(v["layers"]["round_trips"]["interval_ms"].as_f64().unwrap() > 0.0, "paced: {v}");
+    let (code, v) = probe(&[&addr, "--count", "3", "--interval", "1s"]);
+    assert_ok(code, &v, 3);
+    assert_eq!(v["layers"]["round_trips"]["interval_ms"], 100.0, "cut to the heartbeat: {v}");
+
+    // TLS: a good handshake, an untrusted certificate, plain TCP against TLS and TLS against plain TCP.
+    let dir = std::env::temp_dir().join(format!("tether-probe-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = Command::new(env!("CARGO_BIN_EXE_tether")).args(["cert", "--out"]).arg(&dir).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let f = |n: &str| dir.join(n).to_str().unwrap().to_owned();
+    let (_tls, tls_addr, _) = serve_with_admin(&["--tls-cert", &f("server.pem"), "--tls-key", &f("server.key")]);
+    let (code, v) = probe(&[&tls_addr, "--tls-ca", &f("ca.pem")]);
+    assert_ok(code, &v, 5);
+    assert_eq!(v["layers"]["tls"]["result"], "done", "{v}");
+    let (code, v) = probe(&[&tls_addr, "--tls-ca", &f("client.pem")]);
+    assert_eq!((code, verdict(&v)), (16, "tls_failed"), "{v}");
+    assert!(v["explanation"].as_str().unwrap().contains("not signed by a CA you trust"), "{v}");
+    let (code, v) = probe(&[&tls_addr]);
+    assert_eq!((code, verdict(&v)), (14, "not_tether"), "{v}");
+    assert!(v["explanation"].as_str().unwrap().contains("add --tls"), "{v}");
+    let (code, v) = probe(&[&addr, "--tls-ca", &f("ca.pem")]);
+    assert_eq!((code, verdict(&v)), (16, "tls_failed"), "{v}");
+    assert!(v["explanation"].as_str().unwrap().contains("Probe without --tls"), "{v}");
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // An id the server could not accept is a usage error, not the server's fault.
+    let out = Command::new(env!("CARGO_BIN_EXE_tether")).args(["probe", &addr, "--id", ""]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
+
+/// The verdicts that need a real path: run from the devices' namespace against the server's.
+#[test]
+#[ignore = "fault lab: needs root and network namespaces; scripts/test runs it"]
+fn lab_probe_tells_each_fault_apart() {
+    let mut lab = lab_or_skip!("probe");
+    let token = std::env::temp_dir().join(format!("tether-probe-lab-{}", std::process::id()));
+    std::fs::write(&token, "lab-admin-token\n").unwrap();
+    let http = format!("{SERVER_IP}:8080");
+    let tok = token.to_str().unwrap().to_owned();
+    lab.serve(&["--admin", &http, "--admin-token-file", &tok]);
+    let dev = lab.devices.clone();
+    let target = format!("{SERVER_IP}:{PORT}");
+    let run = |args: &[&str]| probe_in(Some(&dev), args);
+
+    // Healthy: ICMP answers through a raw socket (we are root), every layer answers.
+    let (code, v) = run(&[&target]);
+    assert_ok(code, &v, 5);
+    assert_eq!(v["layers"]["path"]["result"], "reply", "{v}");
+    assert_eq!(v["layers"]["transport"]["local"].as_str().unwrap().split(':').next(), Some(DEVICE_IP));
+
+    // Nothing listens on this port: the host resets the connect.
+    let (code, v) = run(&[&format!("{SERVER_IP}:7999")]);
+    assert_eq!((code, verdict(&v)), (12, "port_closed"), "{v}");
+
+    // The admin API is an HTTP server: not tether.
+    let (code, v) = run(&[&http]);
+    assert_eq!((code, verdict(&v)), (14, "not_tether"), "{v}");
+
+    // The server process stopped: its kernel still completes the connect and acknowledges HELLO.
+    lab.server_proc().signal(libc::SIGSTOP);
+    let (code, v) = run(&[&target, "--timeout", "2s"]);
+    lab.server_proc().signal(libc::SIGCONT);
+    assert_eq!((code, verdict(&v)), (17, "server_stalled"), "{v}");
+    assert_eq!(v["layers"]["transport"]["result"], "connected", "{v}");
+    assert_eq!(v["layers"]["app"]["result"], "no_answer", "{v}");
+    assert_eq!(v["layers"]["kernel"]["unacked"], 0, "HELLO was acknowledged: {v}");
+    assert!(v["explanation"].as_str().unwrap().contains("not tether looks the same"), "{v}");
+    let (code, v) = run(&[&target]);
+    assert_eq!((code, verdict(&v)), (0, "ok"), "resumed: {v}");
+
+    // A silent cut between the two: no SYN-ACK, no ICMP answer. Nothing tells the path from the host.
+    lab.cut(SERVER_IP);
+    let t0 = Instant::now();
+    let (code, v) = run(&[&target, "--timeout", "2s"]);
+    let took = t0.elapsed();
+    lab.restore(SERVER_IP);
+    assert_eq!((code, verdict(&v)), (10, "path_down"), "{v}");
+    assert_eq!(v["layers"]["path"]["result"], "no_answer", "{v}");
+    assert_eq!(v["layers"]["transport"]["result"], "timed_out", "{v}");
+    assert!(took < Duration::from_secs(5), "ICMP 1 s + connect 2 s, took {took:?}");
+    println!("MEASURED probe path_down: {:.2}s (ICMP wait 1 s + connect timeout 2 s)", took.as_secs_f64());
+
+    // The server's host went off its network: the router's neighbour lookup fails and it answers "host
+    // unreachable".
+    lab.host_off("srv");
+    let t0 = Instant::now();
+    let (code, v) = run(&[&target, "--timeout", "6s"]);
+    let took = t0.elapsed();
+    assert_eq!((code, verdict(&v)), (11, "host_down"), "{v}");
+    assert_eq!(v["layers"]["transport"]["result"], "host_unreachable", "{v}");
+    println!(
+        "MEASURED probe host_down: {:.2}s (the router's neighbour lookup gives up after ~3 s)",
+        took.as_secs_f64()
+    );
+    let _ = std::fs::remove_file(&token);
+}
