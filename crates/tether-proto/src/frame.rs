@@ -468,10 +468,11 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// A close reason code: unknown codes are an error in v1 and kept as [`CloseReason::Unknown`] from v2 on. Code 0
-/// names no reason in any version.
+/// A close reason code: unknown codes (and codes defined after v1) are an error in v1 and kept as
+/// [`CloseReason::Unknown`] from v2 on. Code 0 names no reason in any version.
 fn reason(code: u8, version: u8) -> Result<CloseReason, FrameError> {
     match CloseReason::try_from(code) {
+        Ok(_) if version < V2 && code > CloseReason::V1_CODES => Err(FrameError::BadReason(code)),
         Ok(r) => Ok(r),
         Err(_) if version >= V2 && code != 0 => Ok(CloseReason::Unknown(code)),
         Err(e) => Err(FrameError::BadReason(e.0)),
@@ -729,10 +730,12 @@ impl Frame {
 }
 
 /// The wire code of `reason` for a peer of `version`: a v1 peer treats a code it does not know as an error, so a
-/// reason it cannot know (one a newer peer told us) is sent to it as `bye`, the peer having ended the connection.
+/// reason it cannot know (one a newer peer told us) is sent to it as `bye`, the peer having ended the connection,
+/// and `node_lost` (defined after v1) as `unreachable`.
 fn reason_code(reason: CloseReason, version: u8) -> u8 {
     match reason {
         CloseReason::Unknown(_) if version < V2 => CloseReason::Bye.code(),
+        CloseReason::NodeLost if version < V2 => CloseReason::Unreachable.code(),
         r => r.code(),
     }
 }

@@ -59,13 +59,17 @@ pub enum CloseReason {
     /// The peer asked for more presence subscriptions than one connection may hold, or for `*` where the server
     /// does not allow it.
     SubscriptionRefused,
+    /// Cluster: the server node holding the client stopped renewing its lease (killed, hung, cut off), and the
+    /// cluster declared its sessions offline. Only in `PRESENCE`, from protocol v2 on (a v1 peer is told
+    /// `unreachable`).
+    NodeLost,
     /// A wire code this build does not know, received from a newer peer (protocol v2 and later only).
     Unknown(u8),
 }
 
 impl CloseReason {
     /// Every reason, in wire-code order.
-    pub const ALL: [CloseReason; 21] = [
+    pub const ALL: [CloseReason; 22] = [
         CloseReason::Bye,
         CloseReason::Eof,
         CloseReason::Reset,
@@ -87,7 +91,11 @@ impl CloseReason {
         CloseReason::RateLimited,
         CloseReason::TlsError,
         CloseReason::SubscriptionRefused,
+        CloseReason::NodeLost,
     ];
+
+    /// The codes protocol v1 defines (1 to this); later codes are sent to a v1 peer as an older reason.
+    pub const V1_CODES: u8 = 21;
 
     /// The stable snake_case name.
     pub const fn as_str(self) -> &'static str {
@@ -113,6 +121,7 @@ impl CloseReason {
             CloseReason::RateLimited => "rate_limited",
             CloseReason::TlsError => "tls_error",
             CloseReason::SubscriptionRefused => "subscription_refused",
+            CloseReason::NodeLost => "node_lost",
             CloseReason::Unknown(_) => "unknown",
         }
     }

@@ -30,6 +30,9 @@ use std::time::{Duration, Instant};
 use crate::frame::{presence_flags, Presence, PresenceState};
 use crate::reason::CloseReason;
 
+mod cluster;
+pub use cluster::{RemoteOffline, Yield};
+
 /// The IO layer's handle for one connection.
 pub type ConnId = u64;
 
@@ -138,6 +141,7 @@ pub enum SubscribeError {
 #[derive(Debug, Clone)]
 struct Session {
     conn: ConnId,
+    epoch: u64,
     nonce: u64,
     suspect: bool,
     /// Nonces this id was taken from by a different nonce within `conflict_window`; carried from session to
@@ -236,7 +240,8 @@ impl StampFilter {
 
 #[derive(Debug, Clone)]
 struct PendingOffline {
-    conn: ConnId,
+    /// The connection that held the id here; `None` for an id held by another node (cluster).
+    conn: Option<ConnId>,
     deadline: Instant,
     gone: Gone,
 }
@@ -268,6 +273,8 @@ pub struct Registry {
     gone: HashMap<Arc<str>, Gone>,
     gone_order: BTreeMap<u64, Arc<str>>,
     gone_seq: u64,
+    /// Cluster: ids online on other nodes, as their presence messages said ([`cluster`]).
+    remote: HashMap<String, cluster::Remote>,
     subscribers: HashMap<String, HashSet<ConnId>>,
     wildcard: HashSet<ConnId>,
     subscriptions: HashMap<ConnId, HashSet<String>>,
@@ -319,46 +326,78 @@ impl Registry {
         conn: ConnId,
         holder_last_rx: impl FnOnce(ConnId) -> Option<Instant>,
     ) -> Admission {
-        let epoch = self.next_epoch;
+        self.admit_at(now, client, nonce, conn, None, Displaced::default(), holder_last_rx)
+    }
+
+    /// [`admit`](Self::admit) with the epoch given (a cluster's fencing token, when `Some`) and the displaced nonces
+    /// the id carries from another node.
+    #[allow(clippy::too_many_arguments)]
+    fn admit_at(
+        &mut self,
+        now: Instant,
+        client: &str,
+        nonce: u64,
+        conn: ConnId,
+        given_epoch: Option<u64>,
+        inherited: Displaced,
+        holder_last_rx: impl FnOnce(ConnId) -> Option<Instant>,
+    ) -> Admission {
+        let epoch = given_epoch.unwrap_or(self.next_epoch);
+        if let Some((holder, retry_after)) = self.fighting_back(now, client, nonce, holder_last_rx) {
+            self.emit(SessionEvent::IdConflict { client: client.into(), holder, newcomer: conn });
+            return Admission::Conflict { holder, retry_after };
+        }
         if let Some(holder) = self.sessions.get_mut(client) {
             let same_device = holder.nonce == nonce;
-            let window = self.cfg.conflict_window;
-            holder.displaced.expire(now, window);
-            // The newcomer is a device this id was taken from moments ago: it is alive (a rebooted device would
-            // come back with a new nonce) and fighting the current holder for the id.
-            let fighting_back = !same_device && holder.displaced.contains(nonce, now, window);
-            if fighting_back {
-                let alive = holder_last_rx(holder.conn)
-                    .is_some_and(|t| now.saturating_duration_since(t) < self.cfg.conflict_liveness);
-                if alive {
-                    let holder = holder.conn;
-                    self.emit(SessionEvent::IdConflict { client: client.into(), holder, newcomer: conn });
-                    return Admission::Conflict { holder, retry_after: window };
-                }
-            }
             let old = holder.conn;
             let was_suspect = holder.suspect;
             let mut displaced = std::mem::take(&mut holder.displaced);
             if !same_device {
                 displaced.insert(holder.nonce, now);
             }
-            self.next_epoch += 1;
-            self.sessions.insert(client.into(), Session { conn, nonce, suspect: false, displaced });
+            self.next_epoch = self.next_epoch.max(epoch + 1);
+            self.sessions.insert(client.into(), Session { conn, epoch, nonce, suspect: false, displaced });
             self.emit(SessionEvent::Takeover { client: client.into(), old, new: conn, epoch, same_device });
             if was_suspect {
                 self.notify(client, PresenceState::Online, None, 0, 0);
             }
             return Admission::Welcome { epoch, evicted: Some(old) };
         }
-        self.next_epoch += 1;
+        self.next_epoch = self.next_epoch.max(epoch + 1);
         let came_back = self.cancel_pending(client);
+        let was_remote = self.remote.remove(client);
         self.forget_gone(client);
-        self.sessions.insert(client.into(), Session { conn, nonce, suspect: false, displaced: Displaced::default() });
+        self.sessions.insert(client.into(), Session { conn, epoch, nonce, suspect: false, displaced: inherited });
         self.emit(SessionEvent::Online { client: client.into(), conn, epoch });
-        if !came_back {
-            self.notify(client, PresenceState::Online, None, 0, 0);
+        // An id that was online on another node moved here: no flap, unless it was suspect there.
+        match was_remote {
+            Some(r) if r.suspect => self.notify(client, PresenceState::Online, None, 0, 0),
+            Some(_) => {}
+            None if came_back => {}
+            None => self.notify(client, PresenceState::Online, None, 0, 0),
         }
         Admission::Welcome { epoch, evicted: None }
+    }
+
+    /// The `id_conflict` rule: is a newcomer with `nonce` a device this id was taken from moments ago (alive: a
+    /// rebooted device would come back with a new nonce) fighting a holder that is alive too? Then the holder
+    /// and the retry-after.
+    fn fighting_back(
+        &mut self,
+        now: Instant,
+        client: &str,
+        nonce: u64,
+        holder_last_rx: impl FnOnce(ConnId) -> Option<Instant>,
+    ) -> Option<(ConnId, Duration)> {
+        let window = self.cfg.conflict_window;
+        let holder = self.sessions.get_mut(client)?;
+        holder.displaced.expire(now, window);
+        if holder.nonce == nonce || !holder.displaced.contains(nonce, now, window) {
+            return None;
+        }
+        let alive =
+            holder_last_rx(holder.conn).is_some_and(|t| now.saturating_duration_since(t) < self.cfg.conflict_liveness);
+        alive.then_some((holder.conn, window))
     }
 
     /// Connection `conn` ended. `client` is its admitted id (None if it never got one); `by_client` says the
@@ -385,7 +424,7 @@ impl Registry {
             let deadline = now + self.cfg.presence_grace;
             self.cancel_pending(client);
             self.pending_order.insert((deadline, client.into()));
-            self.pending.insert(client.into(), PendingOffline { conn, deadline, gone });
+            self.pending.insert(client.into(), PendingOffline { conn: Some(conn), deadline, gone });
         }
     }
 
@@ -435,7 +474,8 @@ impl Registry {
             }
         };
         if ids.iter().any(|i| i == WILDCARD) {
-            let mut online: Vec<&String> = self.sessions.keys().chain(self.pending.keys()).collect();
+            let mut online: Vec<&String> =
+                self.sessions.keys().chain(self.pending.keys()).chain(self.remote.keys()).collect();
             online.sort();
             for id in online {
                 add(self, id, &mut snapshot);
@@ -473,8 +513,10 @@ impl Registry {
                 break;
             }
             self.pending_order.pop_first();
-            if let Some(p) = self.pending.remove(&id) {
-                self.go_offline(now, &id, p.conn, p.gone);
+            match self.pending.remove(&id) {
+                Some(PendingOffline { conn: Some(conn), gone, .. }) => self.go_offline(now, &id, conn, gone),
+                Some(PendingOffline { conn: None, gone, .. }) => self.remote_gone(now, &id, gone),
+                None => {}
             }
         }
     }
@@ -496,6 +538,9 @@ impl Registry {
     /// offline with no reason and an unknown last-seen (never seen, or forgotten).
     fn state_of(&self, now: Instant, id: &str) -> Presence {
         let online = |state| Presence { client_id: id.into(), state, reason: None, last_seen_ago_ms: 0, flags: 0 };
+        if let Some(r) = self.remote.get(id) {
+            return online(if r.suspect { PresenceState::Suspect } else { PresenceState::Online });
+        }
         match (self.sessions.get(id), self.pending.get(id), self.gone.get(id)) {
             (Some(s), _, _) if s.suspect => online(PresenceState::Suspect),
             (Some(_), _, _) => online(PresenceState::Online),

@@ -224,6 +224,28 @@ fn a_reason_a_v1_peer_cannot_know_is_sent_to_it_as_bye() {
 }
 
 #[test]
+fn node_lost_is_unreachable_to_a_v1_peer_and_a_v1_decoder_refuses_its_code() {
+    let p = Presence {
+        client_id: "a".into(),
+        state: PresenceState::Offline,
+        reason: Some(CloseReason::NodeLost),
+        last_seen_ago_ms: 1,
+        flags: 0,
+    };
+    let v1_bytes = Frame::Presence(p.clone()).to_bytes_v(V1);
+    let v1 = Frame::parse(&v1_bytes).unwrap();
+    assert!(matches!(v1, Frame::Presence(Presence { reason: Some(CloseReason::Unreachable), .. })), "{v1:?}");
+    let v2_bytes = Frame::Presence(p.clone()).to_bytes_v(V2);
+    assert_eq!(Frame::parse_v(&v2_bytes, V2), Ok(Frame::Presence(p)));
+    assert_eq!(CloseReason::NodeLost.code(), 22);
+    // The same code in a v1 frame is one no v1 peer knows.
+    let mut forged = v1_bytes.to_vec();
+    let at = forged.len() - 5; // reason, then last_seen_ago_ms (u32)
+    forged[at] = 22;
+    assert_eq!(Frame::parse(&forged), Err(FrameError::BadReason(22)));
+}
+
+#[test]
 fn foreign_protocols_are_recognised_from_their_first_bytes() {
     assert_eq!(sniff(b"GET / HTTP/1.1\r\n"), Some(Foreign::Http));
     assert_eq!(sniff(b"HTTP/1.1 200 OK"), Some(Foreign::Http));

@@ -1,0 +1,222 @@
+//! Cluster: ids held by other nodes, and the hand-over of an id from one node to another.
+//!
+//! The IO layer feeds the registry what other nodes publish: [`Registry::remote_online`], `remote_suspect`,
+//! `remote_recovered` and [`Registry::remote_offline`], each with the session's epoch (the cluster's fencing
+//! token). Subscribers here then see every id wherever it is connected, under the same rules as local sessions:
+//! an id that moves between nodes causes no flap, and a message older than what is known (a smaller epoch) is
+//! ignored, so the order in which two nodes' messages arrive does not matter.
+//!
+//! When a `HELLO` arrives for an id another node holds, that node decides, because only it knows how recently
+//! its holder was heard from: [`Registry::yield_to`] applies the `id_conflict` rule there and, if the newcomer
+//! may have the id, lets it go with the nonces it displaced; the newcomer's node then admits it with
+//! [`Registry::admit_cluster`].
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{Admission, ConnId, Displaced, Gone, PendingOffline, Registry, Session};
+use crate::frame::PresenceState;
+use crate::reason::CloseReason;
+
+/// An id online on another node.
+#[derive(Debug, Clone)]
+pub(super) struct Remote {
+    node: Arc<str>,
+    epoch: u64,
+    pub(super) suspect: bool,
+}
+
+/// Another node's news that an id went offline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteOffline {
+    /// The epoch of the session that ended: an offline for an older session than the one known is ignored.
+    pub epoch: u64,
+    pub reason: CloseReason,
+    pub by_client: bool,
+    /// Since the id's last frame, as the publishing node saw it.
+    pub last_seen_ago: Duration,
+    /// The presence grace is still to run here (the holding node could not apply it: it was lost).
+    pub grace: bool,
+}
+
+/// The answer of the node holding an id to another node's `HELLO` for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Yield {
+    /// No session here (it ended, or moved on): the newcomer may claim the id.
+    NotHere,
+    /// Two live devices claim the id: the newcomer must back off.
+    Conflict { holder: ConnId, retry_after: Duration },
+    /// The newcomer may have the id: close `evicted` with `takeover`. `displaced` (nonce, age) goes with the id.
+    Granted { evicted: ConnId, displaced: Vec<(u64, Duration)> },
+}
+
+impl Registry {
+    /// The node and epoch of `client`, if it is online on another node.
+    pub fn remote_holder(&self, client: &str) -> Option<(&str, u64)> {
+        self.remote.get(client).map(|r| (&*r.node, r.epoch))
+    }
+
+    /// Ids online on other nodes.
+    pub fn remote_online_count(&self) -> usize {
+        self.remote.len()
+    }
+
+    /// The epoch of `client`'s session here, if it has one.
+    pub fn local_epoch(&self, client: &str) -> Option<u64> {
+        self.sessions.get(client).map(|s| s.epoch)
+    }
+
+    /// Local sessions with their epochs, in no particular order: id, connection, epoch.
+    pub fn local_sessions(&self) -> impl Iterator<Item = (&str, ConnId, u64)> {
+        self.sessions.iter().map(|(id, s)| (id.as_str(), s.conn, s.epoch))
+    }
+
+    /// `client` is online on `node` in session `epoch`. Returns the local connection that held it under an
+    /// older epoch: the id moved away, and that connection must close with `takeover` (its end then announces
+    /// nothing).
+    pub fn remote_online(&mut self, client: &str, node: &str, epoch: u64) -> Option<ConnId> {
+        let fresh = || Remote { node: node.into(), epoch, suspect: false };
+        if let Some(s) = self.sessions.get(client) {
+            if s.epoch >= epoch {
+                return None;
+            }
+            let s = self.sessions.remove(client).expect("checked above");
+            self.remote.insert(client.into(), fresh());
+            if s.suspect {
+                self.notify(client, PresenceState::Online, None, 0, 0);
+            }
+            return Some(s.conn);
+        }
+        if let Some(r) = self.remote.get_mut(client) {
+            if r.epoch > epoch {
+                return None;
+            }
+            let was_suspect = r.suspect;
+            *r = fresh();
+            if was_suspect {
+                self.notify(client, PresenceState::Online, None, 0, 0);
+            }
+            return None;
+        }
+        let came_back = self.cancel_pending(client);
+        self.forget_gone(client);
+        self.remote.insert(client.into(), fresh());
+        if !came_back {
+            self.notify(client, PresenceState::Online, None, 0, 0);
+        }
+        None
+    }
+
+    /// The node holding `client` in session `epoch` suspects it (silent for `silent_for`).
+    pub fn remote_suspect(&mut self, client: &str, epoch: u64, silent_for: Duration) {
+        if let Some(r) = self.remote.get_mut(client).filter(|r| r.epoch == epoch && !r.suspect) {
+            r.suspect = true;
+            self.notify(client, PresenceState::Suspect, None, super::ms(silent_for), 0);
+        }
+    }
+
+    /// A suspected remote `client` was heard from again.
+    pub fn remote_recovered(&mut self, client: &str, epoch: u64) {
+        if let Some(r) = self.remote.get_mut(client).filter(|r| r.epoch == epoch && r.suspect) {
+            r.suspect = false;
+            self.notify(client, PresenceState::Online, None, 0, 0);
+        }
+    }
+
+    /// A remote session of `client` ended. Ignored when the id is known in a newer session (here or elsewhere).
+    pub fn remote_offline(&mut self, now: Instant, client: &str, off: RemoteOffline) {
+        if self.remote.get(client).is_none_or(|r| r.epoch > off.epoch) {
+            return;
+        }
+        self.remote.remove(client);
+        let last_seen = now.checked_sub(off.last_seen_ago).unwrap_or(now);
+        let gone = Gone { reason: off.reason, by_client: off.by_client, last_seen, left: now, seq: 0 };
+        let grace = self.cfg.presence_grace;
+        if off.grace && !grace.is_zero() && off.reason != CloseReason::Bye {
+            let deadline = now + grace;
+            self.pending_order.insert((deadline, client.into()));
+            self.pending.insert(client.into(), PendingOffline { conn: None, deadline, gone });
+        } else {
+            self.remote_gone(now, client, gone);
+        }
+    }
+
+    /// Announce a remote id offline and remember it for late subscribers. No session event: the session was
+    /// another node's.
+    pub(super) fn remote_gone(&mut self, now: Instant, client: &str, gone: Gone) {
+        let p = super::offline_presence(now, client, &gone);
+        self.notify(client, PresenceState::Offline, Some(gone.reason), p.last_seen_ago_ms, p.flags);
+        self.remember_gone(now, client, gone);
+    }
+
+    /// Node `node` has a `HELLO` with `nonce` for `client`: may the newcomer have the id? On [`Yield::Granted`]
+    /// the local session is gone at once, without an offline (the id is known to be on `node` until its new
+    /// epoch arrives), and the caller closes `evicted` with `takeover`.
+    pub fn yield_to(
+        &mut self,
+        now: Instant,
+        client: &str,
+        nonce: u64,
+        node: &str,
+        holder_last_rx: impl FnOnce(ConnId) -> Option<Instant>,
+    ) -> Yield {
+        if !self.sessions.contains_key(client) {
+            return Yield::NotHere;
+        }
+        if let Some((holder, retry_after)) = self.fighting_back(now, client, nonce, holder_last_rx) {
+            return Yield::Conflict { holder, retry_after };
+        }
+        let Session { conn, epoch, nonce: held_by, mut displaced, suspect } =
+            self.sessions.remove(client).expect("checked above");
+        if held_by != nonce {
+            displaced.insert(held_by, now);
+        }
+        self.remote.insert(client.into(), Remote { node: node.into(), epoch, suspect: false });
+        if suspect {
+            self.notify(client, PresenceState::Online, None, 0, 0);
+        }
+        Yield::Granted { evicted: conn, displaced: displaced.ages(now) }
+    }
+
+    /// Admit a `HELLO` in a cluster: `epoch` is the cluster's fencing token for the new session, and `displaced`
+    /// the nonces the id carries from the node it held it before ([`Yield::Granted`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn admit_cluster(
+        &mut self,
+        now: Instant,
+        client: &str,
+        nonce: u64,
+        conn: ConnId,
+        epoch: u64,
+        displaced: &[(u64, Duration)],
+        holder_last_rx: impl FnOnce(ConnId) -> Option<Instant>,
+    ) -> Admission {
+        let inherited = Displaced::from_ages(now, displaced);
+        self.admit_at(now, client, nonce, conn, Some(epoch), inherited, holder_last_rx)
+    }
+
+    /// Forget every remote id (a node that lost its view of the cluster reloads it), without announcing anything.
+    pub fn clear_remote(&mut self) {
+        self.remote.clear();
+    }
+}
+
+impl Displaced {
+    /// The exactly kept nonces with their ages, to hand over with the id.
+    pub(super) fn ages(&self, now: Instant) -> Vec<(u64, Duration)> {
+        self.exact.iter().map(|(n, at)| (*n, now.saturating_duration_since(*at))).collect()
+    }
+
+    pub(super) fn from_ages(now: Instant, ages: &[(u64, Duration)]) -> Displaced {
+        let mut d = Displaced::default();
+        let mut by_age: Vec<&(u64, Duration)> = ages.iter().collect();
+        by_age.sort_by_key(|(_, age)| std::cmp::Reverse(*age));
+        for (nonce, age) in by_age {
+            d.insert(*nonce, now.checked_sub(*age).unwrap_or(now));
+        }
+        d
+    }
+}
+
+#[cfg(test)]
+mod tests;
