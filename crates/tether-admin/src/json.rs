@@ -69,6 +69,8 @@ pub fn event_json(ev: &ServerEvent) -> serde_json::Value {
             "refused_ip_limit": s.refused_ip_limit, "undeliverable": s.undeliverable,
             "events_dropped": s.events_dropped,
         }),
+        EventKind::Cluster { degraded, detail } => json!({ "degraded": degraded, "detail": detail }),
+        EventKind::NodeLost { node, sessions } => json!({ "node": node, "sessions": sessions }),
         _ => json!({}),
     };
     if let (Some(obj), serde_json::Value::Object(f)) = (v.as_object_mut(), fields) {

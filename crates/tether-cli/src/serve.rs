@@ -563,6 +563,9 @@ fn event_human(k: &EventKind) -> String {
         }
         EventKind::Dropped { count } => format!("{count} events dropped: the event printer was not keeping up"),
         EventKind::Stats(s) => format!("stats {s:?}"),
+        EventKind::Cluster { degraded: true, detail } => format!("cluster degraded: {detail}"),
+        EventKind::Cluster { degraded: false, detail } => format!("cluster: {detail}"),
+        EventKind::NodeLost { node, sessions } => format!("node {node} lost: {sessions} sessions declared offline"),
         other => format!("{other:?}"),
     }
 }

@@ -112,9 +112,13 @@ pub enum SessionEvent {
     Offline {
         client: String,
         conn: ConnId,
+        /// The session's epoch.
+        epoch: u64,
         reason: CloseReason,
         /// The client ended the connection itself (its `BYE`, FIN or reset), not the server.
         by_client: bool,
+        /// From its last frame to the announcement.
+        silent_for: Duration,
     },
 }
 
@@ -249,6 +253,8 @@ struct PendingOffline {
 /// How and when an id went offline, kept for late subscribers.
 #[derive(Debug, Clone, Copy)]
 struct Gone {
+    /// The epoch of the session that ended.
+    epoch: u64,
     reason: CloseReason,
     by_client: bool,
     /// When its last frame arrived.
@@ -379,6 +385,18 @@ impl Registry {
         Admission::Welcome { epoch, evicted: None }
     }
 
+    /// Whether a `HELLO` with `nonce` for `client` would be refused as an `id_conflict` now, and the retry-after
+    /// (for a cluster node that must know before it claims the id elsewhere).
+    pub fn would_conflict(
+        &mut self,
+        now: Instant,
+        client: &str,
+        nonce: u64,
+        holder_last_rx: impl FnOnce(ConnId) -> Option<Instant>,
+    ) -> Option<Duration> {
+        self.fighting_back(now, client, nonce, holder_last_rx).map(|(_, retry)| retry)
+    }
+
     /// The `id_conflict` rule: is a newcomer with `nonce` a device this id was taken from moments ago (alive: a
     /// rebooted device would come back with a new nonce) fighting a holder that is alive too? Then the holder
     /// and the retry-after.
@@ -416,8 +434,8 @@ impl Registry {
         if self.sessions.get(client).is_none_or(|s| s.conn != conn) {
             return; // taken over: the id stays online through its new connection
         }
-        self.sessions.remove(client);
-        let gone = Gone { reason, by_client, last_seen, left: now, seq: 0 };
+        let epoch = self.sessions.remove(client).map_or(0, |s| s.epoch);
+        let gone = Gone { epoch, reason, by_client, last_seen, left: now, seq: 0 };
         if self.cfg.presence_grace.is_zero() || reason == CloseReason::Bye {
             self.go_offline(now, client, conn, gone);
         } else {
@@ -558,8 +576,9 @@ impl Registry {
     }
 
     fn go_offline(&mut self, now: Instant, client: &str, conn: ConnId, gone: Gone) {
-        let Gone { reason, by_client, .. } = gone;
-        self.emit(SessionEvent::Offline { client: client.into(), conn, reason, by_client });
+        let Gone { reason, by_client, epoch, last_seen, .. } = gone;
+        let silent_for = now.saturating_duration_since(last_seen);
+        self.emit(SessionEvent::Offline { client: client.into(), conn, epoch, reason, by_client, silent_for });
         let p = offline_presence(now, client, &gone);
         self.notify(client, PresenceState::Offline, Some(reason), p.last_seen_ago_ms, p.flags);
         self.remember_gone(now, client, gone);

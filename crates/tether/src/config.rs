@@ -88,6 +88,9 @@ pub struct ServerConfig {
     pub metrics: bool,
     /// Closed connections kept for [`crate::ServerHandle::disconnects`] (about 200 bytes each).
     pub disconnect_history: usize,
+    /// Join a cluster on Redis ([`crate::cluster`]); `None`: a single node, in memory. The node id replaces
+    /// `server_id` in `WELCOME`.
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 impl Default for ServerConfig {
@@ -118,6 +121,7 @@ impl Default for ServerConfig {
             stats_interval: None,
             metrics: true,
             disconnect_history: 10_000,
+            cluster: None,
         }
     }
 }

@@ -120,6 +120,17 @@ pub enum EventKind {
     },
     /// Periodic counters ([`crate::ServerConfig::stats_interval`]).
     Stats(Stats),
+    /// Cluster mode: Redis became unreachable (`degraded`: the node serves its own clients only) or answers
+    /// again (its sessions are registered again).
+    Cluster {
+        degraded: bool,
+        detail: String,
+    },
+    /// Cluster mode: this node declared the sessions of a lost node offline (`node_lost`).
+    NodeLost {
+        node: String,
+        sessions: u64,
+    },
 }
 
 /// The server's counters at one moment.
@@ -157,6 +168,8 @@ impl EventKind {
             EventKind::Undeliverable { .. } => "undeliverable",
             EventKind::Dropped { .. } => "dropped",
             EventKind::Stats(_) => "stats",
+            EventKind::Cluster { .. } => "cluster",
+            EventKind::NodeLost { .. } => "node_lost",
         }
     }
 }

@@ -5,6 +5,8 @@
 //! - [`client`]: [`Client`], connected and handshaken, with its event stream.
 //! - [`resilient`]: [`ReconnectingClient`], which reconnects with backoff, fails over, and keeps its identity,
 //!   subscriptions and queued data across outages.
+//! - [`cluster`]: cluster mode on Redis ([`ClusterConfig`]): one holder per id across nodes, presence and relay
+//!   across nodes, lost nodes' clients declared offline.
 //! - [`config`]: [`ServerConfig`], [`ClientConfig`] and their defaults.
 //! - [`auth`]: [`Authenticator`], the credential check in `HELLO`, and the built-in [`HmacTokens`].
 //! - [`event`]: [`ServerEvent`], what the server tells its application, through a bounded [`EventStream`].
@@ -21,6 +23,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod cluster;
 pub mod config;
 mod driver;
 pub mod event;
@@ -35,6 +38,7 @@ pub mod tls;
 
 pub use auth::{AuthError, Authenticator, Grant, HmacTokens};
 pub use client::{Client, ClientError, ClientEvent, ConnectError, Disconnect};
+pub use cluster::ClusterConfig;
 pub use config::{Auth, ClientConfig, ServerConfig};
 pub use event::{EventKind, EventQueue, EventStream, ServerEvent, Stats};
 pub use metrics::MetricsSnapshot;

@@ -38,6 +38,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
+use crate::cluster::Cluster;
 use crate::config::ServerConfig;
 use crate::driver::{self, drive, Hooks};
 use crate::event::{EventKind, EventSink, EventStream, ServerEvent, Stats};
@@ -49,6 +50,8 @@ use crate::ops::{
     Watchers,
 };
 use crate::sockopt;
+
+mod clustered;
 
 const LISTEN_BACKLOG: u32 = 4096;
 
@@ -120,6 +123,8 @@ struct Shared {
     /// Wakes the presence-grace timer when the registry's next deadline may have moved.
     registry_wake: Notify,
     shutting_down: AtomicBool,
+    /// Cluster mode ([`crate::cluster`]); `None` for a single node.
+    cluster: Option<Arc<Cluster>>,
 }
 
 /// The server-wide book: sessions and presence, and how to reach each connection's task.
@@ -130,6 +135,8 @@ struct Hub {
     outbound_queue: usize,
     /// `PRESENCE` frames handed out so far (counted here, under the lock that sends them).
     presence_frames: u64,
+    /// Cluster mode: sessions that end here are released in Redis ([`Hub::pump`]).
+    cluster: Option<Arc<Cluster>>,
 }
 
 /// A drain in progress, or the last one.
@@ -185,11 +192,13 @@ struct ControlState {
     fd: RawFd,
     /// An operator asked for a round-trip probe.
     probe: bool,
+    /// Cluster mode: the decision about this connection's `HELLO`, waiting for its task.
+    admit: Option<Box<clustered::Admit>>,
 }
 
 impl ControlState {
     fn new(fd: RawFd) -> ControlState {
-        ControlState { close: None, frames: VecDeque::new(), waker: None, fd, probe: false }
+        ControlState { close: None, frames: VecDeque::new(), waker: None, fd, probe: false, admit: None }
     }
 
     /// The socket, if it is still open.
@@ -225,6 +234,8 @@ enum Cmd {
     Close(CloseCmd),
     /// Measure the round trip now ([`ServerHandle::probe`]).
     Probe,
+    /// Cluster mode: welcome or refuse the `HELLO` as decided.
+    Admit(Box<clustered::Admit>),
 }
 
 impl Control {
@@ -259,6 +270,18 @@ impl Control {
         }
     }
 
+    /// Hand the cluster's decision about the `HELLO` to the task; given back when the connection is already
+    /// closed (the caller then releases what it claimed).
+    fn admit(&self, a: Box<clustered::Admit>) -> Result<(), Box<clustered::Admit>> {
+        let mut st = self.state.lock().expect("control lock");
+        if st.fd < 0 {
+            return Err(a);
+        }
+        st.admit = Some(a);
+        st.wake();
+        Ok(())
+    }
+
     /// The next command: a close request first, then queued frames in order. When there is none, `cx` is woken
     /// by the next push or request.
     fn poll_take(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Cmd> {
@@ -268,6 +291,9 @@ impl Control {
         }
         if std::mem::take(&mut st.probe) {
             return std::task::Poll::Ready(Cmd::Probe);
+        }
+        if let Some(a) = st.admit.take() {
+            return std::task::Poll::Ready(Cmd::Admit(a));
         }
         match st.frames.pop_front() {
             Some(f) => {
@@ -363,6 +389,15 @@ impl Server {
                 cfg.max_connections
             }
         };
+        let mut cfg = cfg;
+        let cluster = match cfg.cluster.clone() {
+            Some(cc) => {
+                cfg.server_id = cc.node_id.clone();
+                let c = Cluster::new(cc).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+                Some(Arc::new(c))
+            }
+            None => None,
+        };
         let (events, rx) = EventSink::new(cfg.event_queue);
         let handshakes_per_source = cfg.max_handshakes_per_ip.unwrap_or((cfg.max_handshakes / 16).max(2));
         // Round-trip probes feed the metrics: off with them.
@@ -377,6 +412,7 @@ impl Server {
                 conns: HashMap::new(),
                 outbound_queue: cfg.outbound_queue,
                 presence_frames: 0,
+                cluster: cluster.clone(),
             }),
             disconnects: DisconnectRing::new(cfg.disconnect_history),
             cfg,
@@ -401,6 +437,7 @@ impl Server {
             origin: driver::now(),
             registry_wake: Notify::new(),
             shutting_down: AtomicBool::new(false),
+            cluster,
         });
         Ok(Server { listener, shared, events: Some(rx) })
     }
@@ -436,13 +473,23 @@ impl Server {
         drop(self.events.take());
         let shared = self.shared.clone();
         let admin = shared.admin_addr.get().copied();
-        shared.emit(EventKind::Listening { addr: self.listener.local_addr()?, admin });
         let mut tasks = JoinSet::new();
         let mut helpers =
             vec![tokio::spawn(registry_timer(shared.clone())), tokio::spawn(log_summaries(shared.clone()))];
         if let Some(every) = shared.cfg.stats_interval.filter(|d| !d.is_zero()) {
             helpers.push(tokio::spawn(stats_ticker(shared.clone(), every)));
         }
+        if let Some(cluster) = &shared.cluster {
+            let admin = admin.map(|a| a.to_string()).unwrap_or_default();
+            *cluster.addrs.lock().expect("addrs lock") = (self.listener.local_addr()?.to_string(), admin);
+            let host: Arc<dyn crate::cluster::Host> = shared.clone();
+            helpers.extend(cluster.start(host));
+            // Serve once the node sees the cluster; without Redis, after one lease, degraded.
+            if !cluster.wait_ready(cluster.cfg.lease).await {
+                tracing::warn!("cluster: Redis unreachable at start; serving local clients only until it answers");
+            }
+        }
+        shared.emit(EventKind::Listening { addr: self.listener.local_addr()?, admin });
         let mut bucket = shared.cfg.accept_rate.map(|r| TokenBucket::new(r, driver::now()));
         let mut reserve = Reserve::new();
         tokio::pin!(shutdown);
@@ -603,13 +650,24 @@ impl ServerHandle {
         if payload.len() > max {
             return Err(SendToError::TooLarge { len: payload.len(), max });
         }
-        let hub = self.shared.hub.lock().expect("hub lock");
-        let handle = hub.registry.lookup(client).and_then(|c| hub.conns.get(&c));
-        let handle = handle.ok_or_else(|| SendToError::Offline(client.into()))?;
-        let limit = self.shared.cfg.outbound_queue;
-        handle
-            .push(Frame::Data { peer: String::new(), payload }, limit)
-            .map_err(|PushError::Full| SendToError::SlowConsumer(client.into()))
+        let payload = {
+            let hub = self.shared.hub.lock().expect("hub lock");
+            if let Some(h) = hub.registry.lookup(client).and_then(|c| hub.conns.get(&c)) {
+                let limit = self.shared.cfg.outbound_queue;
+                return h
+                    .push(Frame::Data { peer: String::new(), payload }, limit)
+                    .map_err(|PushError::Full| SendToError::SlowConsumer(client.into()));
+            }
+            payload
+        };
+        // Cluster mode: the node holding it delivers it.
+        match self.shared.remote_node_of(client) {
+            Some((cluster, node)) => {
+                let msg = crate::cluster::wire::Msg::Send { client: client.into(), payload };
+                cluster.send_to(&node, &msg).then_some(()).ok_or_else(|| SendToError::Offline(client.into()))
+            }
+            None => Err(SendToError::Offline(client.into())),
+        }
     }
 
     /// Remove `client` with `BYE(kicked)`. Returns whether it was online.
@@ -620,12 +678,21 @@ impl ServerHandle {
     /// Remove `client` with `BYE(kicked)` asking it to wait `retry_after` before reconnecting. Returns whether it
     /// was online.
     pub fn kick_with(&self, client: &str, retry_after: Duration) -> bool {
-        let hub = self.shared.hub.lock().expect("hub lock");
-        let handle = hub.registry.lookup(client).and_then(|c| hub.conns.get(&c));
-        if let Some(h) = handle {
-            h.control.request(CloseCmd::Bye(bye(CloseReason::Kicked, retry_after)));
+        {
+            let hub = self.shared.hub.lock().expect("hub lock");
+            if let Some(h) = hub.registry.lookup(client).and_then(|c| hub.conns.get(&c)) {
+                h.control.request(CloseCmd::Bye(bye(CloseReason::Kicked, retry_after)));
+                return true;
+            }
         }
-        handle.is_some()
+        // Cluster mode: the node holding it kicks it.
+        match self.shared.remote_node_of(client) {
+            Some((cluster, node)) => {
+                let retry_after_ms = retry_after.as_millis().min(u32::MAX as u128) as u32;
+                cluster.send_to(&node, &crate::cluster::wire::Msg::Kick { client: client.into(), retry_after_ms })
+            }
+            None => false,
+        }
     }
 
     /// Every counter, gauge and histogram, read now.
@@ -1093,6 +1160,12 @@ impl Hub {
             let (to, presence) = match out {
                 Output::Notify { to, presence } => (to, presence),
                 Output::Event(e) => {
+                    // Cluster mode: a session of this node ended (after the grace): release it in Redis.
+                    if let (Some(cluster), SessionEvent::Offline { client, epoch, reason, by_client, silent_for, .. }) =
+                        (&self.cluster, &e)
+                    {
+                        clustered::release(cluster, client, *epoch, *reason, *by_client, *silent_for);
+                    }
                     events.push(e);
                     continue;
                 }
@@ -1126,6 +1199,11 @@ impl Drop for ConnGuard {
         // However the task ended (its close event, or aborted at shutdown), it leaves nothing queued behind.
         if let Ok(mut st) = self.control.state.lock() {
             st.fd = -1;
+            if let (Some(a), Some(cluster)) = (st.admit.take(), &self.shared.cluster) {
+                if let clustered::Decision::Welcome { epoch, .. } = a.decision {
+                    clustered::release(cluster, &a.hello.client_id, epoch, CloseReason::Reset, false, Duration::ZERO);
+                }
+            }
         }
         let queued = self.control.queued.swap(0, Ordering::Relaxed);
         self.shared.metrics.outbound_queued.fetch_sub(queued as i64, Ordering::Relaxed);
@@ -1265,12 +1343,77 @@ impl ServerHooks {
                 }
             }
         }
+        if let Some(cluster) = shared.cluster.clone() {
+            // Decided off this task (the holder's node is asked, the id claimed in Redis); the connection stays a
+            // handshake until the decision comes back as a command.
+            tokio::spawn(clustered::admit(shared, cluster, self.control.clone(), hello));
+            return;
+        }
         self.handshake_done();
         let mut hub = shared.hub.lock().expect("hub lock");
         let Hub { registry, conns, .. } = &mut *hub;
         let admission = registry.admit(now, &hello.client_id, hello.nonce, self.conn_id, |c| {
             conns.get(&c).map(|h| shared.last_rx_of(&h.control))
         });
+        self.conclude(conn, now, hello, admission, hub);
+    }
+
+    /// Cluster mode: carry out the decision about this connection's `HELLO`.
+    fn on_admit(&mut self, conn: &mut Connection, now: StdInstant, a: clustered::Admit) {
+        self.handshake_done();
+        let clustered::Admit { hello, decision } = a;
+        let shared = self.shared.clone();
+        match decision {
+            clustered::Decision::Conflict { retry_after, node } => {
+                conn.reject(now, bye(CloseReason::IdConflict, retry_after));
+                shared.metrics.id_conflicts.fetch_add(1, Ordering::Relaxed);
+                if let Some(node) = node {
+                    tracing::debug!(conn = self.conn_id, client = %hello.client_id, "id conflict with a device on {node}");
+                }
+                shared.emit(EventKind::IdConflict {
+                    client: hello.client_id,
+                    holder_conn: 0,
+                    newcomer_conn: self.conn_id,
+                    peer: self.control.peer,
+                    retry_after,
+                });
+            }
+            clustered::Decision::Welcome { epoch, displaced } => {
+                let hub = shared.hub.lock().expect("hub lock");
+                // A newer session claimed the id while this one's claim was in flight: it wins.
+                let newer_here = hub.registry.local_epoch(&hello.client_id).is_some_and(|e| e > epoch);
+                let newer_there = hub.registry.remote_holder(&hello.client_id).is_some_and(|(_, e)| e > epoch);
+                if newer_here || newer_there {
+                    drop(hub);
+                    conn.reject(now, bye(CloseReason::Takeover, Duration::ZERO));
+                    return;
+                }
+                let mut hub = hub;
+                // The conflict rule was applied before the claim (here or by the holder's node).
+                let admission = hub.registry.admit_cluster(
+                    now,
+                    &hello.client_id,
+                    hello.nonce,
+                    self.conn_id,
+                    epoch,
+                    &displaced,
+                    |_| None,
+                );
+                self.conclude(conn, now, hello, admission, hub);
+            }
+        }
+    }
+
+    /// Welcome or refuse, as the registry admitted; `hub` is held throughout.
+    fn conclude(
+        &mut self,
+        conn: &mut Connection,
+        now: StdInstant,
+        hello: tether_proto::Hello,
+        admission: Admission,
+        mut hub: std::sync::MutexGuard<'_, Hub>,
+    ) {
+        let shared = self.shared.clone();
         match admission {
             Admission::Welcome { epoch, evicted } => {
                 let (interval, timeout) = shared.cfg.heartbeat.negotiate(hello.heartbeat_ms);
@@ -1346,11 +1489,18 @@ impl ServerHooks {
             self.shared.emit(EventKind::Data { client: from, conn: self.conn_id, payload });
             return;
         }
-        let delivered = {
+        let local = {
             let hub = self.shared.hub.lock().expect("hub lock");
-            let target = hub.registry.lookup(&to).and_then(|c| hub.conns.get(&c));
             let limit = self.shared.cfg.outbound_queue;
-            target.is_some_and(|h| h.push(Frame::Data { peer: from, payload }, limit).is_ok())
+            match hub.registry.lookup(&to).and_then(|c| hub.conns.get(&c)) {
+                Some(h) => Ok(h.push(Frame::Data { peer: from, payload }, limit).is_ok()),
+                None => Err((from, payload)),
+            }
+        };
+        let delivered = match local {
+            Ok(delivered) => delivered,
+            // Cluster mode: the node holding `to` delivers it (or answers that it is online nowhere).
+            Err((from, payload)) => self.shared.relay_remote(&from, &to, payload),
         };
         if delivered {
             self.shared.metrics.relayed.fetch_add(1, Ordering::Relaxed);
@@ -1425,7 +1575,17 @@ impl ServerHooks {
         self.handshake_done();
         // The socket closes right after this: the operator's view of it ends here.
         // (Its last frame and queued-byte counts settle at the driver's next flush and in `ConnGuard`.)
-        self.control.state.lock().expect("control lock").fd = -1;
+        let unadmitted = {
+            let mut st = self.control.state.lock().expect("control lock");
+            st.fd = -1;
+            st.admit.take()
+        };
+        // Cluster mode: claimed for this connection, which closed before it could be welcomed.
+        if let (Some(a), Some(cluster)) = (unadmitted, &self.shared.cluster) {
+            if let clustered::Decision::Welcome { epoch, .. } = a.decision {
+                clustered::release(cluster, &a.hello.client_id, epoch, c.reason, c.by_peer, Duration::ZERO);
+            }
+        }
         let last_seen = conn.last_rx().unwrap_or(now);
         let by_peer = c.by_peer;
         self.record_close(conn, now, &c, last_seen);
@@ -1509,6 +1669,12 @@ impl Hooks for ServerHooks {
                 hub.registry.suspect(self.conn_id, &client, silent_for);
                 hub.pump(Some((self.conn_id, conn, now)));
                 drop(hub);
+                if let (Some(cluster), Some(meta)) = (&self.shared.cluster, self.control.session.get()) {
+                    let silent_ms = silent_for.as_millis().min(u32::MAX as u128) as u32;
+                    let msg =
+                        crate::cluster::wire::Msg::Suspect { client: client.clone(), epoch: meta.epoch, silent_ms };
+                    cluster.publish_presence(&msg);
+                }
                 self.shared.emit(EventKind::Suspect {
                     client,
                     conn: self.conn_id,
@@ -1522,6 +1688,10 @@ impl Hooks for ServerHooks {
                 hub.registry.recovered(self.conn_id, &client);
                 hub.pump(Some((self.conn_id, conn, now)));
                 drop(hub);
+                if let (Some(cluster), Some(meta)) = (&self.shared.cluster, self.control.session.get()) {
+                    let msg = crate::cluster::wire::Msg::Recovered { client: client.clone(), epoch: meta.epoch };
+                    cluster.publish_presence(&msg);
+                }
                 self.shared.emit(EventKind::Recovered { client, conn: self.conn_id, peer: self.control.peer });
             }
             Event::Rtt(rtt) => self.on_rtt(rtt),
@@ -1541,6 +1711,7 @@ impl Hooks for ServerHooks {
             Cmd::Close(CloseCmd::Reject(b)) => conn.reject(now, b),
             Cmd::Close(CloseCmd::Abort(r)) => conn.abort(now, r),
             Cmd::Probe => conn.probe_now(now),
+            Cmd::Admit(a) => self.on_admit(conn, now, *a),
         }
     }
 
@@ -1602,8 +1773,8 @@ mod size_guard {
 
     /// Every idle connection holds one task whose future is this big: a regression here is memory per
     /// connection (see BENCHMARKS.md), and so is its `Control` on the heap. Measured with rustc 1.95 (debug build):
-    /// future 1000 bytes, Connection 384, Control 232 (the operator's view of the session and its traffic
-    /// counts included).
+    /// future 1000 bytes, Connection 384, Control 240 (the operator's view of the session and its traffic
+    /// counts included, and the slot a cluster admission arrives in).
     #[tokio::test]
     async fn per_connection_task_stays_small() {
         let cfg = ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..Default::default() };
@@ -1613,7 +1784,7 @@ mod size_guard {
         let f = serve_conn(server.shared.clone(), c, peer, 1);
         assert!(std::mem::size_of_val(&f) <= 1024, "serve_conn future is {} bytes", std::mem::size_of_val(&f));
         assert!(std::mem::size_of::<Connection>() <= 384, "Connection is {} bytes", std::mem::size_of::<Connection>());
-        assert!(std::mem::size_of::<Control>() <= 232, "Control is {} bytes", std::mem::size_of::<Control>());
+        assert!(std::mem::size_of::<Control>() <= 240, "Control is {} bytes", std::mem::size_of::<Control>());
         drop(f);
     }
 }

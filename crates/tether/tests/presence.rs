@@ -7,23 +7,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use socket2::SockRef;
-use support::{test_config, RawPeer, TestServer};
-use tether::proto::{DetectorConfig, PhiConfig, Presence, PresenceState};
+use support::{next_event as next, next_presence, test_config, RawPeer, TestServer};
+use tether::proto::{DetectorConfig, PhiConfig, PresenceState};
 use tether::{Client, ClientConfig, ClientEvent, CloseReason, EventKind};
-
-async fn next(c: &mut Client) -> ClientEvent {
-    tokio::time::timeout(support::PATIENCE, c.next_event()).await.expect("no event").expect("stream ended")
-}
-
-async fn next_presence(c: &mut Client) -> Presence {
-    loop {
-        match next(c).await {
-            ClientEvent::Presence(p) => return p,
-            ClientEvent::Disconnected(d) => panic!("disconnected: {d:?}"),
-            _ => {}
-        }
-    }
-}
 
 #[tokio::test(start_paused = true)]
 async fn snapshot_then_online_then_offline_with_reason_and_last_seen() {

@@ -130,7 +130,8 @@ impl Registry {
         }
         self.remote.remove(client);
         let last_seen = now.checked_sub(off.last_seen_ago).unwrap_or(now);
-        let gone = Gone { reason: off.reason, by_client: off.by_client, last_seen, left: now, seq: 0 };
+        let gone =
+            Gone { epoch: off.epoch, reason: off.reason, by_client: off.by_client, last_seen, left: now, seq: 0 };
         let grace = self.cfg.presence_grace;
         if off.grace && !grace.is_zero() && off.reason != CloseReason::Bye {
             let deadline = now + grace;

@@ -1,6 +1,8 @@
 //! Shared test support: a server on port 0, event waiting, a hand-driven raw peer, the kernel's socket table.
 #![allow(dead_code)]
 
+pub mod redis;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -101,6 +103,22 @@ impl TestServer {
         let _ = self.stop.take().unwrap().send(());
         tokio::time::timeout(PATIENCE, &mut self.task).await.expect("shutdown hung").unwrap().unwrap();
         self.drain()
+    }
+}
+
+/// The client's next event; fails after [`PATIENCE`].
+pub async fn next_event(c: &mut Client) -> ClientEvent {
+    tokio::time::timeout(PATIENCE, c.next_event()).await.expect("no event").expect("stream ended")
+}
+
+/// The client's next `PRESENCE`, skipping other events (a disconnect fails the test).
+pub async fn next_presence(c: &mut Client) -> tether::proto::Presence {
+    loop {
+        match next_event(c).await {
+            ClientEvent::Presence(p) => return p,
+            ClientEvent::Disconnected(d) => panic!("disconnected: {d:?}"),
+            _ => {}
+        }
     }
 }
 

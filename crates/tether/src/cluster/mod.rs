@@ -1,0 +1,628 @@
+//! Cluster mode on Redis: one holder per client id across nodes, presence and relay across nodes, and a lost
+//! node's clients declared offline within its lease.
+//!
+//! # Layout
+//! - [`ClusterConfig`]: the Redis URL, this node's id, its lease.
+//! - [`store`]: the keys and Lua scripts in Redis; every ownership change is one script that also publishes it.
+//! - [`wire`]: the messages nodes publish to each other.
+//! - [`Cluster`]: the live state the server shares with the tasks below; [`Cluster::start`] spawns them:
+//!   - the **lease** task renews this node's lease every third of it, measures Redis's round trip, and, when
+//!     Redis comes back or the node was out of touch past its lease (hung, cut off: a zombie), rejoins as a new
+//!     incarnation and re-registers every local session ([`Host::local_sessions`]); the ones taken over
+//!     elsewhere meanwhile are closed with `takeover` ([`Host::superseded`]);
+//!   - the **reaper** looks for members whose lease ran out every [`REAP_EVERY`]; one node (a lock in Redis)
+//!     declares their sessions offline (`node_lost`), batch by batch;
+//!   - the **listener** holds the pub/sub connection (the presence channel and this node's inbox) and hands
+//!     each message to [`Host::on_message`]; after a reconnect it reloads who holds what;
+//!   - the **outbox** publishes and releases in the order the server queued them, so `DATA` from one sender to
+//!     one receiver arrives in order.
+//!
+//! The server talks to Redis only through this module: [`Cluster::claim`] when a `HELLO` is admitted, the
+//! outbox for everything else. Nothing is written to Redis per heartbeat: liveness stays on each node, and the
+//! node's lease covers its sessions. While Redis cannot be reached the node is *degraded*: it keeps serving its
+//! own clients (admitting them with local epochs), and registers them when Redis answers again.
+
+pub mod store;
+pub mod wire;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::metrics::{Histogram, HistogramSnapshot, LATENCY_BUCKETS};
+use store::{Claimed, Registered, Store};
+use wire::{AskAnswer, Msg, Stamped};
+
+/// How often every node looks for lost members.
+pub const REAP_EVERY: Duration = Duration::from_millis(250);
+/// Ids forgotten per reaping script (Redis runs each alone: small batches keep it responsive).
+const REAP_BATCH: usize = 500;
+/// Operations waiting for the outbox; beyond it the node falls back to re-registering (see [`Cluster::queue`]).
+const OUTBOX: usize = 65_536;
+
+/// How to join a cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// `redis://HOST:PORT/DB` (or `rediss://` with TLS, or `redis+unix:///path`).
+    pub url: String,
+    /// This node's id: in `WELCOME.server_id`, in events, in the admin API. Unique in the cluster.
+    pub node_id: String,
+    /// A node that has not renewed its lease for this long is lost; it renews every third of it.
+    pub lease: Duration,
+    /// How long a `HELLO` for an id held on another node waits for that node's answer before claiming anyway
+    /// (the holder may be hung or cut off).
+    pub ask_wait: Duration,
+    /// How long one Redis request may take before the node counts Redis as unreachable (and a `HELLO` is
+    /// admitted locally, to be registered later).
+    pub redis_timeout: Duration,
+}
+
+impl ClusterConfig {
+    /// Defaults: a random node id, a 3 s lease, 250 ms for a holder's answer, 500 ms for Redis.
+    pub fn new(url: impl Into<String>) -> ClusterConfig {
+        ClusterConfig {
+            url: url.into(),
+            node_id: format!("node-{:06x}", rand::random::<u32>() & 0xff_ffff),
+            lease: Duration::from_secs(3),
+            ask_wait: Duration::from_millis(250),
+            redis_timeout: Duration::from_millis(500),
+        }
+    }
+}
+
+/// What the server does for the cluster tasks.
+pub(crate) trait Host: Send + Sync + 'static {
+    /// A message from another node (presence, or for this node's inbox).
+    fn on_message(&self, m: Stamped);
+    /// Every local session: id and epoch.
+    fn local_sessions(&self) -> Vec<(String, u64)>;
+    /// A newer session on `node` holds `client`: close the local one of `epoch` with `takeover`.
+    fn superseded(&self, client: &str, epoch: u64, node: &str, holder_epoch: u64);
+    /// Who holds what, reloaded after the listener reconnected.
+    fn reload(&self, holders: Vec<(String, String, u64)>);
+    /// Redis became unreachable (`true`) or answers again (`false`).
+    fn degraded(&self, degraded: bool, why: &str);
+    /// This node reaped `count` sessions of the lost `node`.
+    fn reaped(&self, node: &str, count: u64);
+}
+
+/// One operation for the outbox, carried out in queue order.
+#[derive(Debug)]
+pub(crate) enum Op {
+    Publish {
+        channel: String,
+        msg: Vec<u8>,
+    },
+    /// A local session ended (after the presence grace): forget it in Redis and publish `offline`.
+    Release {
+        client: String,
+        epoch: u64,
+        reason: u8,
+        by_client: bool,
+        last_seen: Duration,
+    },
+}
+
+/// Counters and histograms for the admin API and `/metrics`.
+#[derive(Debug)]
+pub struct ClusterStats {
+    pub redis_rtt: Histogram,
+    pub pubsub_lag: Histogram,
+    pub published: AtomicU64,
+    pub received: AtomicU64,
+    pub claims: AtomicU64,
+    pub asks: AtomicU64,
+    pub ask_timeouts: AtomicU64,
+    pub reaped: AtomicU64,
+    pub rejoins: AtomicU64,
+    pub redis_errors: AtomicU64,
+}
+
+impl Default for ClusterStats {
+    fn default() -> Self {
+        ClusterStats {
+            redis_rtt: Histogram::new(LATENCY_BUCKETS),
+            pubsub_lag: Histogram::new(LATENCY_BUCKETS),
+            published: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            claims: AtomicU64::new(0),
+            asks: AtomicU64::new(0),
+            ask_timeouts: AtomicU64::new(0),
+            reaped: AtomicU64::new(0),
+            rejoins: AtomicU64::new(0),
+            redis_errors: AtomicU64::new(0),
+        }
+    }
+}
+
+/// A snapshot of the cluster's state for operators.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterSnapshot {
+    pub node_id: String,
+    pub incarnation: String,
+    pub degraded: bool,
+    pub redis_rtt: HistogramSnapshot,
+    pub pubsub_lag: HistogramSnapshot,
+    pub published: u64,
+    pub received: u64,
+    pub claims: u64,
+    pub asks: u64,
+    pub ask_timeouts: u64,
+    pub reaped: u64,
+    pub rejoins: u64,
+    pub redis_errors: u64,
+}
+
+/// The cluster's live state, shared by the server and the cluster's tasks.
+pub struct Cluster {
+    pub cfg: ClusterConfig,
+    client: redis::Client,
+    store: Mutex<Option<Store>>,
+    /// This incarnation of the node (a new one after it was lost and came back).
+    inc: Mutex<String>,
+    degraded: AtomicBool,
+    /// The largest epoch this node has seen: the floor of the epoch counter if Redis restarts empty.
+    max_epoch: AtomicU64,
+    asks: Mutex<HashMap<u64, oneshot::Sender<AskAnswer>>>,
+    next_req: AtomicU64,
+    out: mpsc::Sender<Op>,
+    out_rx: Mutex<Option<mpsc::Receiver<Op>>>,
+    /// Set when an operation could not be queued or carried out: the lease task re-registers everything.
+    resync: AtomicBool,
+    pub stats: ClusterStats,
+    /// Where the lease task says this node listens (for `tether cluster status`).
+    pub addrs: Mutex<(String, String)>,
+    started_ms: u64,
+    /// Joined (lease) and listening (pub/sub): the node sees the cluster. Waited for before serving.
+    joined: AtomicBool,
+    listening: AtomicBool,
+    ready: tokio::sync::Notify,
+}
+
+pub(crate) fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn new_inc() -> String {
+    format!("{:08x}", rand::random::<u32>())
+}
+
+impl Cluster {
+    /// The state for `cfg`; no connection yet ([`Cluster::start`] makes them). Fails only on a URL that is not
+    /// one.
+    pub fn new(cfg: ClusterConfig) -> redis::RedisResult<Cluster> {
+        let client = redis::Client::open(cfg.url.as_str())?;
+        let (out, out_rx) = mpsc::channel(OUTBOX);
+        Ok(Cluster {
+            cfg,
+            client,
+            store: Mutex::new(None),
+            inc: Mutex::new(new_inc()),
+            degraded: AtomicBool::new(false),
+            max_epoch: AtomicU64::new(0),
+            asks: Mutex::new(HashMap::new()),
+            next_req: AtomicU64::new(1),
+            out,
+            out_rx: Mutex::new(Some(out_rx)),
+            resync: AtomicBool::new(false),
+            stats: ClusterStats::default(),
+            addrs: Mutex::new((String::new(), String::new())),
+            started_ms: unix_ms(),
+            joined: AtomicBool::new(false),
+            listening: AtomicBool::new(false),
+            ready: tokio::sync::Notify::new(),
+        })
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.cfg.node_id
+    }
+
+    pub fn incarnation(&self) -> String {
+        self.inc.lock().expect("inc lock").clone()
+    }
+
+    pub fn is_degraded(&self) -> bool {
+        self.degraded.load(Ordering::Relaxed)
+    }
+
+    pub fn snapshot(&self) -> ClusterSnapshot {
+        let s = &self.stats;
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ClusterSnapshot {
+            node_id: self.cfg.node_id.clone(),
+            incarnation: self.incarnation(),
+            degraded: self.is_degraded(),
+            redis_rtt: s.redis_rtt.snapshot(),
+            pubsub_lag: s.pubsub_lag.snapshot(),
+            published: n(&s.published),
+            received: n(&s.received),
+            claims: n(&s.claims),
+            asks: n(&s.asks),
+            ask_timeouts: n(&s.ask_timeouts),
+            reaped: n(&s.reaped),
+            rejoins: n(&s.rejoins),
+            redis_errors: n(&s.redis_errors),
+        }
+    }
+
+    /// Wait until the node has joined and listens to the cluster, at most `patience`. False when it did not (Redis
+    /// unreachable: the node serves degraded meanwhile).
+    pub async fn wait_ready(&self, patience: Duration) -> bool {
+        let ready = || self.joined.load(Ordering::Acquire) && self.listening.load(Ordering::Acquire);
+        let waiting = async {
+            loop {
+                let notified = self.ready.notified();
+                if ready() {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(patience, waiting).await.is_ok()
+    }
+
+    fn set_ready(&self, flag: &AtomicBool) {
+        flag.store(true, Ordering::Release);
+        self.ready.notify_waiters();
+    }
+
+    /// Note an epoch seen anywhere in the cluster.
+    pub fn saw_epoch(&self, epoch: u64) {
+        self.max_epoch.fetch_max(epoch, Ordering::Relaxed);
+    }
+
+    /// An epoch for a session admitted while Redis cannot be reached: above every epoch this node has seen.
+    pub fn local_epoch(&self) -> u64 {
+        self.max_epoch.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    fn store(&self) -> Option<Store> {
+        self.store.lock().expect("store lock").clone()
+    }
+
+    fn failed(&self, host: &dyn Host, e: &redis::RedisError) {
+        self.stats.redis_errors.fetch_add(1, Ordering::Relaxed);
+        if !self.degraded.swap(true, Ordering::AcqRel) {
+            host.degraded(true, &e.to_string());
+        }
+        self.resync.store(true, Ordering::Relaxed);
+        *self.store.lock().expect("store lock") = None;
+    }
+
+    /// Claim `client` for a new session here: its cluster epoch and the previous holder. `None` when Redis did not
+    /// answer in time (degraded: the caller admits locally and the lease task registers it later).
+    pub(crate) async fn claim(&self, client: &str) -> Option<Claimed> {
+        let store = self.store()?;
+        let inc = self.incarnation();
+        let claimed = tokio::time::timeout(self.cfg.redis_timeout, store.claim(client, &self.cfg.node_id, &inc)).await;
+        match claimed {
+            Ok(Ok(c)) => {
+                self.stats.claims.fetch_add(1, Ordering::Relaxed);
+                self.saw_epoch(c.epoch);
+                Some(c)
+            }
+            _ => {
+                self.resync.store(true, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    /// Who holds `client` according to Redis (the truth; this node's view may lag by a message). `Err` when
+    /// Redis did not answer in time.
+    pub(crate) async fn holder(&self, client: &str) -> Result<Option<(String, u64)>, ()> {
+        let store = self.store().ok_or(())?;
+        match tokio::time::timeout(self.cfg.redis_timeout, store.holder(client)).await {
+            Ok(Ok(h)) => Ok(h),
+            _ => Err(()),
+        }
+    }
+
+    /// Ask `node` whether a `HELLO` with `nonce` may have `client`. `None` when it did not answer within
+    /// `ask_wait` (hung, cut off, gone) or Redis is unreachable: the caller claims anyway.
+    pub(crate) async fn ask(&self, node: &str, client: &str, nonce: u64) -> Option<AskAnswer> {
+        let req = self.next_req.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.asks.lock().expect("asks lock").insert(req, tx);
+        self.stats.asks.fetch_add(1, Ordering::Relaxed);
+        let msg = Msg::Ask { req, client: client.into(), nonce, from: self.cfg.node_id.clone() };
+        let sent = self.send_to(node, &msg);
+        let answer = match sent {
+            true => tokio::time::timeout(self.cfg.ask_wait, rx).await.ok().and_then(Result::ok),
+            false => None,
+        };
+        if answer.is_none() {
+            self.asks.lock().expect("asks lock").remove(&req);
+            self.stats.ask_timeouts.fetch_add(1, Ordering::Relaxed);
+        }
+        answer
+    }
+
+    /// An answer to one of our asks arrived.
+    pub(crate) fn answered(&self, req: u64, answer: AskAnswer) {
+        if let Some(tx) = self.asks.lock().expect("asks lock").remove(&req) {
+            let _ = tx.send(answer);
+        }
+    }
+
+    /// Queue an operation for the outbox. It never waits: when the queue is full the operation is not lost
+    /// silently, the node re-registers everything once Redis keeps up again (which releases what ended). False
+    /// when it could not be queued.
+    pub(crate) fn queue(&self, op: Op) -> bool {
+        match self.out.try_send(op) {
+            Ok(()) => true,
+            Err(_) => {
+                self.resync.store(true, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    /// Publish `msg` to `node`'s inbox.
+    pub(crate) fn send_to(&self, node: &str, msg: &Msg) -> bool {
+        self.queue(Op::Publish { channel: store::inbox(node), msg: msg.encode(unix_ms()) })
+    }
+
+    /// Publish `msg` on the presence channel.
+    pub(crate) fn publish_presence(&self, msg: &Msg) -> bool {
+        self.queue(Op::Publish { channel: store::PRESENCE.into(), msg: msg.encode(unix_ms()) })
+    }
+
+    /// Spawn the lease, reaper, listener and outbox tasks. They run until the returned handles are aborted.
+    pub(crate) fn start(self: &Arc<Self>, host: Arc<dyn Host>) -> Vec<tokio::task::JoinHandle<()>> {
+        let rx = self.out_rx.lock().expect("outbox lock").take().expect("started once");
+        vec![
+            tokio::spawn(lease_task(self.clone(), host.clone())),
+            tokio::spawn(reaper_task(self.clone(), host.clone())),
+            tokio::spawn(listener_task(self.clone(), host)),
+            tokio::spawn(outbox_task(self.clone(), rx)),
+        ]
+    }
+
+    async fn connect(&self) -> redis::RedisResult<Store> {
+        let cfg = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.cfg.redis_timeout.max(Duration::from_millis(100))))
+            .set_response_timeout(Some(self.cfg.redis_timeout));
+        let con = self.client.get_multiplexed_async_connection_with_config(&cfg).await?;
+        Ok(Store::new(con))
+    }
+}
+
+/// Renew the lease every third of it; (re)connect, rejoin and re-register as needed.
+async fn lease_task(c: Arc<Cluster>, host: Arc<dyn Host>) {
+    let mut tick = tokio::time::interval(c.cfg.lease / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut joined = false;
+    // The last renewal Redis confirmed, on our clock: out of touch for longer than the lease means we may have
+    // been declared lost (and our sessions offline) meanwhile.
+    let mut last_ok: Option<tokio::time::Instant> = None;
+    loop {
+        tick.tick().await;
+        if let Err(e) = lease_once(&c, &*host, &mut joined, &mut last_ok).await {
+            c.failed(&*host, &e);
+        }
+    }
+}
+
+fn timed_out() -> redis::RedisError {
+    redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
+}
+
+async fn lease_once(
+    c: &Cluster,
+    host: &dyn Host,
+    joined: &mut bool,
+    last_ok: &mut Option<tokio::time::Instant>,
+) -> redis::RedisResult<()> {
+    let store = match c.store() {
+        Some(s) => s,
+        None => {
+            let s = c.connect().await?;
+            *c.store.lock().expect("store lock") = Some(s.clone());
+            s
+        }
+    };
+    let renew = |join: bool| {
+        let (addr, admin) = c.addrs.lock().expect("addrs lock").clone();
+        let floor = c.max_epoch.load(Ordering::Relaxed);
+        let (store, node, inc) = (store.clone(), c.cfg.node_id.clone(), c.incarnation());
+        let (lease, started) = (c.cfg.lease, c.started_ms);
+        async move { store.lease(&node, &inc, lease, join, started, &addr, &admin, floor).await }
+    };
+    let t0 = tokio::time::Instant::now();
+    let (_, known) = tokio::time::timeout(c.cfg.redis_timeout, renew(!*joined)).await.map_err(|_| timed_out())??;
+    c.stats.redis_rtt.observe(t0.elapsed());
+    let stale = last_ok.is_none_or(|t| t.elapsed() > c.cfg.lease);
+    if *joined && (!known || stale) {
+        // Declared lost (reaped, or Redis restarted empty), or out of touch long enough to have been: join again as
+        // a new incarnation, so that a reaper still working on the old one cannot touch what is registered now.
+        *c.inc.lock().expect("inc lock") = new_inc();
+        c.stats.rejoins.fetch_add(1, Ordering::Relaxed);
+        *joined = false;
+        tokio::time::timeout(c.cfg.redis_timeout, renew(true)).await.map_err(|_| timed_out())??;
+    }
+    if !*joined {
+        *joined = true;
+        c.resync.store(true, Ordering::Relaxed);
+    }
+    if c.resync.swap(false, Ordering::AcqRel) && !register_all(c, host, &store).await {
+        c.resync.store(true, Ordering::Relaxed);
+        return Ok(());
+    }
+    *last_ok = Some(tokio::time::Instant::now());
+    c.set_ready(&c.joined);
+    if c.degraded.swap(false, Ordering::AcqRel) {
+        host.degraded(false, "Redis answers again");
+    }
+    Ok(())
+}
+
+/// Register every local session under the current incarnation; close those a newer session elsewhere holds.
+/// False when Redis failed on the way (the next tick tries again).
+async fn register_all(c: &Cluster, host: &dyn Host, store: &Store) -> bool {
+    let inc = c.incarnation();
+    let sessions = host.local_sessions();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut sessions = sessions.into_iter();
+    let mut ok = true;
+    loop {
+        while tasks.len() < 64 {
+            let Some((client, epoch)) = sessions.next() else { break };
+            let (store, node, inc) = (store.clone(), c.cfg.node_id.clone(), inc.clone());
+            let wait = c.cfg.redis_timeout;
+            tasks.spawn(async move {
+                let r = tokio::time::timeout(wait, store.register(&client, &node, &inc, epoch)).await;
+                (client, epoch, r)
+            });
+        }
+        let Some(done) = tasks.join_next().await else { break };
+        let Ok((client, epoch, r)) = done else { continue };
+        match r {
+            Ok(Ok(Registered::Kept)) => {}
+            Ok(Ok(Registered::Superseded { node, epoch: theirs })) => host.superseded(&client, epoch, &node, theirs),
+            Ok(Err(e)) => {
+                c.stats.redis_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("registering {client}: {e}");
+                ok = false;
+            }
+            Err(_) => ok = false,
+        }
+    }
+    ok
+}
+
+/// Look for lost members; reap the ones this node gets the lock for.
+async fn reaper_task(c: Arc<Cluster>, host: Arc<dyn Host>) {
+    let mut tick = tokio::time::interval(REAP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(store) = c.store() else { continue };
+        let expired = match tokio::time::timeout(c.cfg.redis_timeout, store.expired()).await {
+            Ok(Ok(m)) => m,
+            _ => continue,
+        };
+        let mine = store::member(&c.cfg.node_id, &c.incarnation());
+        for member in expired.into_iter().filter(|m| *m != mine) {
+            let hold = c.cfg.lease.max(Duration::from_secs(1));
+            if !matches!(store.lock_reap(&member, &c.cfg.node_id, hold).await, Ok(true)) {
+                continue;
+            }
+            let node = member.rsplit_once('#').map_or(member.as_str(), |x| x.0).to_owned();
+            let mut total = 0;
+            // Bounded: each batch empties up to REAP_BATCH of a finite set, or stops.
+            for _ in 0..10_000 {
+                match tokio::time::timeout(c.cfg.redis_timeout * 4, store.reap(&member, REAP_BATCH)).await {
+                    Ok(Ok((n, 0))) => total += n,
+                    Ok(Ok((n, _))) => {
+                        total += n;
+                        break;
+                    }
+                    _ => break,
+                }
+            }
+            c.stats.reaped.fetch_add(total, Ordering::Relaxed);
+            host.reaped(&node, total);
+        }
+    }
+}
+
+/// Hold the pub/sub connection; hand every message over; reload who holds what after each (re)connect.
+async fn listener_task(c: Arc<Cluster>, host: Arc<dyn Host>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let connected = async {
+            let mut ps = c.client.get_async_pubsub().await?;
+            ps.subscribe(store::PRESENCE).await?;
+            ps.subscribe(store::inbox(&c.cfg.node_id)).await?;
+            redis::RedisResult::Ok(ps)
+        };
+        let ps = match tokio::time::timeout(c.cfg.redis_timeout * 2, connected).await {
+            Ok(Ok(ps)) => ps,
+            _ => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        // Subscribed first, then the snapshot: whatever changes meanwhile arrives as a message, and the epochs
+        // order the two.
+        if let Some(store) = c.store() {
+            if let Ok(Ok(h)) = tokio::time::timeout(c.cfg.redis_timeout * 10, store.holders()).await {
+                host.reload(h);
+            }
+        }
+        c.set_ready(&c.listening);
+        let mut stream = ps.into_on_message();
+        while let Some(m) = stream.next().await {
+            c.stats.received.fetch_add(1, Ordering::Relaxed);
+            let Some(stamped) = Msg::decode(m.get_payload_bytes()) else { continue };
+            let lag = unix_ms().saturating_sub(stamped.sent_ms);
+            c.stats.pubsub_lag.observe(Duration::from_millis(lag));
+            if let Msg::Answer { req, answer } = stamped.msg {
+                c.answered(req, answer);
+                continue;
+            }
+            host.on_message(stamped);
+        }
+        // The connection dropped: Redis restarted or is unreachable.
+        c.resync.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Carry out queued operations in order; consecutive publishes go in one pipeline.
+async fn outbox_task(c: Arc<Cluster>, mut rx: mpsc::Receiver<Op>) {
+    let mut batch: Vec<Op> = Vec::with_capacity(256);
+    loop {
+        if rx.recv_many(&mut batch, 256).await == 0 {
+            return;
+        }
+        let Some(store) = c.store() else {
+            // Degraded: what ended meanwhile is released by the re-registration once Redis is back.
+            c.resync.store(true, Ordering::Relaxed);
+            batch.clear();
+            continue;
+        };
+        let mut pipe = redis::pipe();
+        let mut publishes = 0;
+        for op in batch.drain(..) {
+            match op {
+                Op::Publish { channel, msg } => {
+                    pipe.publish(channel, msg).ignore();
+                    publishes += 1;
+                }
+                Op::Release { client, epoch, reason, by_client, last_seen } => {
+                    if publishes > 0 {
+                        flush(&c, &store, &mut pipe, &mut publishes).await;
+                    }
+                    let inc = c.incarnation();
+                    let release = store.release(&client, &c.cfg.node_id, &inc, epoch, reason, by_client, last_seen);
+                    if !matches!(tokio::time::timeout(c.cfg.redis_timeout, release).await, Ok(Ok(_))) {
+                        c.resync.store(true, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        if publishes > 0 {
+            flush(&c, &store, &mut pipe, &mut publishes).await;
+        }
+    }
+}
+
+async fn flush(c: &Cluster, store: &Store, pipe: &mut redis::Pipeline, publishes: &mut u64) {
+    let mut con = store.con.clone();
+    let sent = tokio::time::timeout(c.cfg.redis_timeout, pipe.query_async::<()>(&mut con)).await;
+    if matches!(sent, Ok(Ok(()))) {
+        c.stats.published.fetch_add(*publishes, Ordering::Relaxed);
+    } else {
+        c.resync.store(true, Ordering::Relaxed);
+    }
+    pipe.clear();
+    *publishes = 0;
+}

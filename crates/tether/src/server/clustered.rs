@@ -1,0 +1,310 @@
+//! The server's side of cluster mode: admission through Redis, and what other nodes' messages do here.
+//!
+//! A `HELLO` in cluster mode is decided off the connection's task ([`admit`]): the node holding the id is asked
+//! first (it applies the `id_conflict` rule, knowing its holder's liveness), then the id is claimed in Redis for
+//! a new epoch, and the decision goes back to the connection as a command ([`Admit`]), which welcomes or refuses
+//! under the hub's lock like a single node does. A connection that closes while its claim is in flight releases
+//! the claim itself, so Redis never keeps an id nobody holds.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant as StdInstant};
+
+use tether_proto::registry::{RemoteOffline, Yield};
+use tether_proto::{CloseReason, Frame, Hello, Undeliverable};
+
+use super::{bye, driver, CloseCmd, Control, Shared};
+use crate::cluster::wire::{AskAnswer, Msg, Stamped};
+use crate::cluster::{Cluster, Host, Op};
+use crate::event::EventKind;
+
+/// What the cluster decided about a `HELLO`, handed back to its connection.
+pub(super) struct Admit {
+    pub hello: Hello,
+    pub decision: Decision,
+}
+
+pub(super) enum Decision {
+    /// Welcome with this cluster epoch; `displaced` comes with the id from its previous node.
+    Welcome { epoch: u64, displaced: Vec<(u64, Duration)> },
+    /// Another live device holds the id (here or on `node`).
+    Conflict { retry_after: Duration, node: Option<String> },
+}
+
+/// Decide on `hello` for the connection behind `control`, then hand the decision to it. Runs as a task of its
+/// own; the connection keeps counting as a handshake meanwhile.
+pub(super) async fn admit(shared: Arc<Shared>, cluster: Arc<Cluster>, control: Arc<Control>, hello: Hello) {
+    let me = cluster.node_id().to_owned();
+    // The holder as Redis has it (this node's view may be a message behind), else as this node knows it.
+    let in_redis = cluster.holder(&hello.client_id).await;
+    let (remote, conflict) = {
+        let mut hub = shared.hub.lock().expect("hub lock");
+        let super::Hub { registry, conns, .. } = &mut *hub;
+        let remote = match in_redis {
+            Ok(h) => h.map(|(n, _)| n),
+            Err(()) => registry.remote_holder(&hello.client_id).map(|(n, _)| n.to_owned()),
+        };
+        let remote = remote.filter(|n| *n != me);
+        let conflict = registry.would_conflict(driver::now(), &hello.client_id, hello.nonce, |c| {
+            conns.get(&c).map(|h| shared.last_rx_of(&h.control))
+        });
+        (remote, conflict)
+    };
+    let decision = if let Some(retry_after) = conflict {
+        Decision::Conflict { retry_after, node: None }
+    } else {
+        let mut displaced = Vec::new();
+        let mut refused = None;
+        if let Some(node) = remote {
+            match cluster.ask(&node, &hello.client_id, hello.nonce).await {
+                Some(AskAnswer::Conflict { retry_after_ms }) => {
+                    refused = Some(Decision::Conflict {
+                        retry_after: Duration::from_millis(retry_after_ms.into()),
+                        node: Some(node),
+                    })
+                }
+                Some(AskAnswer::Granted { displaced: d }) => {
+                    displaced = d.into_iter().map(|(n, age)| (n, Duration::from_millis(age.into()))).collect()
+                }
+                // Not there any more, or no answer in time (hung, cut off, gone): claim anyway. The epoch fences
+                // it; a holder that comes back closes its own when it learns.
+                Some(AskAnswer::NotHere) | None => {}
+            }
+        }
+        match refused {
+            Some(r) => r,
+            None => {
+                let epoch = match cluster.claim(&hello.client_id).await {
+                    Some(c) => c.epoch,
+                    // Redis did not answer: admitted here all the same, registered when Redis is back.
+                    None => cluster.local_epoch(),
+                };
+                Decision::Welcome { epoch, displaced }
+            }
+        }
+    };
+    let admit = Box::new(Admit { hello, decision });
+    if let Err(admit) = control.admit(admit) {
+        // The connection closed while the claim was in flight: give the id back.
+        if let Decision::Welcome { epoch, .. } = admit.decision {
+            release(&cluster, &admit.hello.client_id, epoch, CloseReason::Eof, true, Duration::ZERO);
+        }
+    }
+}
+
+/// Forget a session of this node in Redis (if it still holds the id) and tell the other nodes it is offline.
+pub(super) fn release(
+    cluster: &Cluster,
+    client: &str,
+    epoch: u64,
+    reason: CloseReason,
+    by_client: bool,
+    silent: Duration,
+) {
+    cluster.queue(Op::Release { client: client.into(), epoch, reason: reason.code(), by_client, last_seen: silent });
+}
+
+impl Shared {
+    /// `DATA` from `from` to `to`, who is not connected here: relay it to the node that holds `to`. False when no
+    /// node holds it (or the message could not be queued), for an `UNDELIVERABLE`.
+    pub(super) fn relay_remote(&self, from: &str, to: &str, payload: bytes::Bytes) -> bool {
+        let Some(cluster) = &self.cluster else { return false };
+        if cluster.is_degraded() {
+            return false;
+        }
+        let node = {
+            let hub = self.hub.lock().expect("hub lock");
+            hub.registry.remote_holder(to).map(|(n, _)| n.to_owned())
+        };
+        let Some(node) = node else { return false };
+        let msg = Msg::Data { from: from.into(), to: to.into(), origin: cluster.node_id().into(), payload };
+        cluster.send_to(&node, &msg)
+    }
+
+    /// The node holding `client`, when it is another one.
+    pub(super) fn remote_node_of(&self, client: &str) -> Option<(Arc<Cluster>, String)> {
+        let cluster = self.cluster.clone()?;
+        let hub = self.hub.lock().expect("hub lock");
+        let node = hub.registry.remote_holder(client).map(|(n, _)| n.to_owned())?;
+        Some((cluster, node))
+    }
+
+    fn close_taken(&self, conn: tether_proto::ConnId) {
+        let hub = self.hub.lock().expect("hub lock");
+        if let Some(h) = hub.conns.get(&conn) {
+            h.control.request(CloseCmd::Bye(bye(CloseReason::Takeover, Duration::ZERO)));
+        }
+    }
+
+    fn deliver_local(&self, client: &str, frame: Frame) -> bool {
+        let hub = self.hub.lock().expect("hub lock");
+        let target = hub.registry.lookup(client).and_then(|c| hub.conns.get(&c));
+        target.is_some_and(|h| h.push(frame, self.cfg.outbound_queue).is_ok())
+    }
+}
+
+impl Host for Shared {
+    fn on_message(&self, m: Stamped) {
+        let Some(cluster) = self.cluster.clone() else { return };
+        let me = cluster.node_id();
+        let now: StdInstant = driver::now();
+        match m.msg {
+            Msg::Online { client, node, epoch } => {
+                cluster.saw_epoch(epoch);
+                if node == me {
+                    return; // our own claim
+                }
+                let mut hub = self.hub.lock().expect("hub lock");
+                let evicted = hub.registry.remote_online(&client, &node, epoch);
+                hub.pump(None);
+                if let Some(conn) = evicted.and_then(|c| hub.conns.get(&c)) {
+                    conn.control.request(CloseCmd::Bye(bye(CloseReason::Takeover, Duration::ZERO)));
+                }
+            }
+            Msg::Suspect { client, epoch, silent_ms } => {
+                let mut hub = self.hub.lock().expect("hub lock");
+                hub.registry.remote_suspect(&client, epoch, Duration::from_millis(silent_ms.into()));
+                hub.pump(None);
+            }
+            Msg::Recovered { client, epoch } => {
+                let mut hub = self.hub.lock().expect("hub lock");
+                hub.registry.remote_recovered(&client, epoch);
+                hub.pump(None);
+            }
+            Msg::Offline { client, epoch, reason, by_client, last_seen_ms } => {
+                let reason = CloseReason::try_from(reason).unwrap_or(CloseReason::Unknown(reason));
+                let off = RemoteOffline {
+                    epoch,
+                    reason,
+                    by_client,
+                    last_seen_ago: Duration::from_millis(last_seen_ms.into()),
+                    grace: false,
+                };
+                let mut hub = self.hub.lock().expect("hub lock");
+                hub.registry.remote_offline(now, &client, off);
+                hub.pump(None);
+                drop(hub);
+                self.registry_wake.notify_one();
+            }
+            Msg::Lost { node, sessions } => {
+                let mut hub = self.hub.lock().expect("hub lock");
+                for (client, epoch) in &sessions {
+                    let off = RemoteOffline {
+                        epoch: *epoch,
+                        reason: CloseReason::NodeLost,
+                        by_client: false,
+                        last_seen_ago: Duration::ZERO,
+                        grace: true,
+                    };
+                    hub.registry.remote_offline(now, client, off);
+                }
+                hub.pump(None);
+                drop(hub);
+                self.registry_wake.notify_one();
+                tracing::debug!("{} sessions of lost node {node} declared offline", sessions.len());
+            }
+            Msg::Ask { req, client, nonce, from } => {
+                let answer = {
+                    let mut hub = self.hub.lock().expect("hub lock");
+                    let super::Hub { registry, conns, .. } = &mut *hub;
+                    let y = registry
+                        .yield_to(now, &client, nonce, &from, |c| conns.get(&c).map(|h| self.last_rx_of(&h.control)));
+                    hub.pump(None);
+                    match y {
+                        Yield::NotHere => AskAnswer::NotHere,
+                        Yield::Conflict { retry_after, .. } => {
+                            AskAnswer::Conflict { retry_after_ms: retry_after.as_millis().min(u32::MAX as u128) as u32 }
+                        }
+                        Yield::Granted { evicted, displaced } => {
+                            if let Some(h) = hub.conns.get(&evicted) {
+                                h.control.request(CloseCmd::Bye(bye(CloseReason::Takeover, Duration::ZERO)));
+                            }
+                            self.metrics.takeovers.fetch_add(1, Ordering::Relaxed);
+                            let displaced = displaced
+                                .into_iter()
+                                .map(|(n, age)| (n, age.as_millis().min(u32::MAX as u128) as u32))
+                                .collect();
+                            AskAnswer::Granted { displaced }
+                        }
+                    }
+                };
+                cluster.send_to(&from, &Msg::Answer { req, answer });
+            }
+            Msg::Answer { req, answer } => cluster.answered(req, answer),
+            Msg::Data { from, to, origin, payload } => {
+                if self.deliver_local(&to, Frame::Data { peer: from.clone(), payload }) {
+                    self.metrics.relayed.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    cluster.send_to(&origin, &Msg::Undeliverable { from, to });
+                }
+            }
+            Msg::Undeliverable { from, to } => {
+                self.metrics.undeliverable.fetch_add(1, Ordering::Relaxed);
+                self.deliver_local(&from, Frame::Undeliverable { to, why: Undeliverable::NotOnline });
+            }
+            Msg::Kick { client, retry_after_ms } => {
+                let hub = self.hub.lock().expect("hub lock");
+                if let Some(h) = hub.registry.lookup(&client).and_then(|c| hub.conns.get(&c)) {
+                    let retry = Duration::from_millis(retry_after_ms.into());
+                    h.control.request(CloseCmd::Bye(bye(CloseReason::Kicked, retry)));
+                }
+            }
+            Msg::Send { client, payload } => {
+                self.deliver_local(&client, Frame::Data { peer: String::new(), payload });
+            }
+        }
+    }
+
+    fn local_sessions(&self) -> Vec<(String, u64)> {
+        let hub = self.hub.lock().expect("hub lock");
+        hub.registry.local_sessions().map(|(id, _, epoch)| (id.to_owned(), epoch)).collect()
+    }
+
+    fn superseded(&self, client: &str, epoch: u64, node: &str, holder_epoch: u64) {
+        let evicted = {
+            let mut hub = self.hub.lock().expect("hub lock");
+            if hub.registry.local_epoch(client) != Some(epoch) {
+                return;
+            }
+            let e = hub.registry.remote_online(client, node, holder_epoch);
+            hub.pump(None);
+            e
+        };
+        if let Some(conn) = evicted {
+            self.close_taken(conn);
+        }
+    }
+
+    fn reload(&self, holders: Vec<(String, String, u64)>) {
+        let Some(cluster) = &self.cluster else { return };
+        let me = cluster.node_id().to_owned();
+        let mut evict = Vec::new();
+        {
+            let mut hub = self.hub.lock().expect("hub lock");
+            for (client, node, epoch) in holders {
+                cluster.saw_epoch(epoch);
+                if node != me {
+                    evict.extend(hub.registry.remote_online(&client, &node, epoch));
+                }
+            }
+            hub.pump(None);
+        }
+        for conn in evict {
+            self.close_taken(conn);
+        }
+    }
+
+    fn degraded(&self, degraded: bool, why: &str) {
+        if degraded {
+            tracing::warn!("cluster degraded: Redis is unreachable ({why}); serving local clients only");
+        } else {
+            tracing::info!("cluster: {why}; local sessions registered again");
+        }
+        self.emit(EventKind::Cluster { degraded, detail: why.into() });
+    }
+
+    fn reaped(&self, node: &str, count: u64) {
+        tracing::info!("node {node} lost: {count} of its sessions declared offline (node_lost)");
+        self.emit(EventKind::NodeLost { node: node.into(), sessions: count });
+    }
+}
