@@ -57,6 +57,7 @@ pub(crate) fn routes(state: AppState) -> Router {
         .route("/v1/disconnects", get(disconnects))
         .route("/v1/events", get(events))
         .route("/v1/drain", get(drain_status).post(drain).delete(undrain))
+        .route("/v1/cluster", get(cluster))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .method_not_allowed_fallback(|| async {
             ApiError(StatusCode::METHOD_NOT_ALLOWED, "this endpoint does not take that method".into())
@@ -180,6 +181,15 @@ fn server_json(st: &AppState) -> serde_json::Value {
 
 async fn overview(State(st): State<AppState>) -> Json<serde_json::Value> {
     Json(overview_json(&st.handle.metrics(), server_json(&st)))
+}
+
+/// Cluster mode: this node's view and the node table from Redis.
+async fn cluster(State(st): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let snap = st.handle.metrics().cluster.ok_or_else(|| {
+        ApiError(StatusCode::NOT_FOUND, "this server is a single node (start it with --cluster)".into())
+    })?;
+    let nodes = st.handle.cluster_nodes().await.unwrap_or_else(|| Ok(Vec::new()));
+    Ok(Json(crate::json::cluster_json(&snap, nodes)))
 }
 
 /// `limit` from the query: `default` when absent, 1..=`max`.

@@ -200,3 +200,30 @@ pub fn probe_json(p: &ProbeReport) -> serde_json::Value {
         "kernel": p.kernel.as_ref().map(kernel_json),
     })
 }
+
+/// `/v1/cluster`: the node's view, its Redis figures, and the node table (or why Redis could not give it).
+pub fn cluster_json(
+    c: &tether::cluster::ClusterSnapshot,
+    nodes: Result<Vec<tether::cluster::store::NodeStatus>, String>,
+) -> serde_json::Value {
+    let q = |h: &tether::metrics::HistogramSnapshot, p: f64| h.quantile(p).map(|s| s * 1e3);
+    let nodes = match nodes {
+        Ok(list) => json!(list
+            .iter()
+            .map(|n| json!({
+                "node": n.node, "member": n.member, "lease_left_ms": n.lease_left_ms, "lost": n.lease_left_ms < 0,
+                "sessions": n.sessions, "addr": n.addr, "admin": n.admin, "started_ms": n.started_ms,
+            }))
+            .collect::<Vec<_>>()),
+        Err(e) => json!({ "error": e }),
+    };
+    json!({
+        "node": c.node_id, "incarnation": c.incarnation, "degraded": c.degraded,
+        "remote_sessions": c.remote_sessions, "claims": c.claims, "asks": c.asks, "ask_timeouts": c.ask_timeouts,
+        "published": c.published, "received": c.received, "reaped": c.reaped, "rejoins": c.rejoins,
+        "redis_errors": c.redis_errors,
+        "redis_rtt_ms": { "p50": q(&c.redis_rtt, 0.5), "p99": q(&c.redis_rtt, 0.99) },
+        "pubsub_lag_ms": { "p50": q(&c.pubsub_lag, 0.5), "p99": q(&c.pubsub_lag, 0.99) },
+        "nodes": nodes,
+    })
+}

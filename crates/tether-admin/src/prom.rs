@@ -148,7 +148,32 @@ fn encode_snapshot(s: &MetricsSnapshot, enc: &mut DescriptorEncoder) -> Result<(
     )?;
     histogram(enc, "tether_handshake_duration_seconds", "Accept to WELCOME.", &s.handshake)?;
     histogram(enc, "tether_session_duration_seconds", "WELCOME to the end of the session.", &s.session)?;
+    if let Some(c) = &s.cluster {
+        encode_cluster(c, enc)?;
+    }
     Ok(())
+}
+
+/// Cluster mode only: the node's view of Redis and of the other nodes.
+fn encode_cluster(c: &tether::cluster::ClusterSnapshot, enc: &mut DescriptorEncoder) -> Result<(), Error> {
+    let degraded = "1 while Redis cannot be reached (the node serves its own clients only).";
+    gauge(enc, "tether_cluster_degraded", degraded, i64::from(c.degraded))?;
+    let remote = "Client ids this node knows online on other nodes.";
+    gauge(enc, "tether_cluster_remote_sessions", remote, c.remote_sessions as i64)?;
+    counter(enc, "tether_cluster_claims", "Ids claimed in Redis for a new session here.", c.claims)?;
+    counter(enc, "tether_cluster_asks", "HELLOs for an id held on another node, that node asked.", c.asks)?;
+    let timeouts = "Asks the holding node did not answer in time (the id was claimed anyway).";
+    counter(enc, "tether_cluster_ask_timeouts", timeouts, c.ask_timeouts)?;
+    counter(enc, "tether_cluster_published", "Messages published to other nodes.", c.published)?;
+    counter(enc, "tether_cluster_received", "Messages received from other nodes.", c.received)?;
+    let reaped = "Sessions of lost nodes this node declared offline (node_lost).";
+    counter(enc, "tether_cluster_reaped_sessions", reaped, c.reaped)?;
+    let rejoins = "Times this node joined again as a new incarnation (out of touch past its lease, or Redis emptied).";
+    counter(enc, "tether_cluster_rejoins", rejoins, c.rejoins)?;
+    counter(enc, "tether_cluster_redis_errors", "Redis requests that failed or timed out.", c.redis_errors)?;
+    histogram(enc, "tether_cluster_redis_rtt_seconds", "Lease renewal round trip to Redis.", &c.redis_rtt)?;
+    let lag = "From a message's publication (the sender's clock) to its arrival here.";
+    histogram(enc, "tether_cluster_pubsub_lag_seconds", lag, &c.pubsub_lag)
 }
 
 #[cfg(test)]

@@ -560,3 +560,46 @@ async fn a_web_page_cannot_use_an_operators_browser_against_the_listener() {
     assert_eq!(r.status, 413, "{}", r.body);
     assert!(r.json()["error"].is_string());
 }
+
+#[tokio::test]
+async fn the_cluster_is_on_the_api_and_in_the_metrics() {
+    redis_or_skip!("admin cluster");
+    let redis = support::redis::Redis::start();
+    let mut cfg = test_config();
+    let mut cc = tether::ClusterConfig::new(redis.url());
+    cc.node_id = "a".into();
+    cfg.cluster = Some(cc);
+    let a = TestServer::start(cfg).await;
+    let mut cfg = test_config();
+    let mut cc = tether::ClusterConfig::new(redis.url());
+    cc.node_id = "b".into();
+    cfg.cluster = Some(cc);
+    let b = TestServer::start(cfg).await;
+    let _c = Client::connect(b.addr, client_cfg("dev")).await.unwrap();
+    let admin = start_admin(a.handle.clone(), AdminConfig::default()).await;
+    // Node a learns of dev on b through Redis.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let v = loop {
+        let v = get(admin, "/v1/cluster").await.json();
+        if v["remote_sessions"] == 1 || tokio::time::Instant::now() > deadline {
+            break v;
+        }
+        tokio::task::yield_now().await;
+    };
+    assert_eq!((v["node"].as_str(), v["degraded"].as_bool()), (Some("a"), Some(false)), "{v}");
+    assert_eq!(v["remote_sessions"], 1, "{v}");
+    let nodes = v["nodes"].as_array().expect("the node table");
+    let mut names: Vec<&str> = nodes.iter().map(|n| n["node"].as_str().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, ["a", "b"], "{v}");
+    let b_row = nodes.iter().find(|n| n["node"] == "b").unwrap();
+    assert_eq!((b_row["sessions"].as_u64(), b_row["lost"].as_bool()), (Some(1), Some(false)), "{v}");
+    let m = metrics(admin).await;
+    assert_eq!(value(&m, "tether_cluster_degraded"), 0.0);
+    assert_eq!(value(&m, "tether_cluster_remote_sessions"), 1.0);
+    assert!(value(&m, "tether_cluster_redis_rtt_seconds_count") >= 1.0, "the lease was renewed and timed");
+    // A single node says it is one.
+    let single = TestServer::start(test_config()).await;
+    let admin = start_admin(single.handle.clone(), AdminConfig::default()).await;
+    assert_eq!(get(admin, "/v1/cluster").await.status, 404);
+}

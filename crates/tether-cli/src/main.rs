@@ -11,6 +11,7 @@
 
 mod bench;
 mod cert;
+mod cluster;
 mod connect;
 mod duration;
 mod output;
@@ -44,6 +45,9 @@ enum Command {
     Sockets(sockets::Args),
     /// Is it the network or the program? ICMP, TCP, TLS, HELLO and round trips to a server, then one verdict.
     Probe(Box<probe::Args>),
+    /// The cluster as Redis holds it.
+    #[command(subcommand)]
+    Cluster(cluster::Command),
     /// One load-generator process of `tether bench` (started by it).
     #[command(hide = true)]
     BenchWorker(bench::WorkerArgs),
@@ -62,6 +66,7 @@ fn main() -> std::process::ExitCode {
         Command::Token(args) => return finish(token::run(args)),
         Command::Cert(args) => return finish(cert::run(args)),
         Command::Sockets(args) => return finish(sockets::run(args)),
+        Command::Cluster(cmd) => return finish(cluster::run(cmd)),
         Command::Probe(args) if args.is_from_server() => return finish(probe::from_server(&args)),
         Command::Probe(args) => match probe::prepare(*args) {
             Ok(p) => Job::Probe(Box::new(p)),

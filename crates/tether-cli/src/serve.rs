@@ -172,6 +172,15 @@ pub struct Args {
     /// Closed connections kept for the admin API's /v1/disconnects [default: 10000].
     #[arg(long, value_name = "N")]
     disconnect_history: Option<usize>,
+    /// Join a cluster on Redis: redis://HOST:PORT/DB [default: none, a single node in memory].
+    #[arg(long, value_name = "URL")]
+    cluster: Option<String>,
+    /// This node's id in the cluster (in WELCOME, events, the admin API) [default: node- and random hex].
+    #[arg(long, value_name = "ID", requires = "cluster")]
+    node_id: Option<String>,
+    /// A node that has not renewed its lease in Redis for this long is lost [default: 3s].
+    #[arg(long, value_parser = duration::parse, value_name = "DUR", requires = "cluster")]
+    node_lease: Option<Duration>,
 }
 
 /// The TOML file: every field optional, durations as strings ("500ms", "1.5s").
@@ -219,6 +228,9 @@ pub struct FileConfig {
     admin_token_file: Option<PathBuf>,
     admin_open_metrics: Option<bool>,
     disconnect_history: Option<usize>,
+    cluster: Option<String>,
+    node_id: Option<String>,
+    node_lease: Option<String>,
 }
 
 fn dur(field: &str, v: &Option<String>) -> anyhow::Result<Option<Duration>> {
@@ -342,6 +354,22 @@ pub fn build_config(args: &Args, file: &FileConfig) -> anyhow::Result<ServerConf
     }
     cfg.tls = server_tls(args, file)?;
     cfg.disconnect_history = pick!(args.disconnect_history, file.disconnect_history).unwrap_or(cfg.disconnect_history);
+    if let Some(url) = pick!(args.cluster.clone(), file.cluster.clone()) {
+        let mut cc = tether::ClusterConfig::new(url);
+        if let Some(id) = pick!(args.node_id.clone(), file.node_id.clone()) {
+            if id.is_empty() || id.contains('#') || id.len() > 64 {
+                bail!("--node-id {id:?}: 1 to 64 characters, no '#'");
+            }
+            cc.node_id = id;
+        }
+        if let Some(lease) = pick!(args.node_lease, dur("node_lease", &file.node_lease)?) {
+            if lease < Duration::from_millis(300) {
+                bail!("--node-lease {lease:?}: at least 300ms (it is renewed every third of it)");
+            }
+            cc.lease = lease;
+        }
+        cfg.cluster = Some(cc);
+    }
     // Per-frame counting serves the admin listener's /metrics; without it the hot path skips that work.
     cfg.metrics = admin_addr(args, file)?.is_some();
     Ok(cfg)
@@ -429,6 +457,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(t) if t.requires_client_cert() => tracing::info!("TLS, client certificates required"),
         Some(_) => tracing::info!("TLS"),
     }
+    if let Some(c) = &cfg.cluster {
+        tracing::info!("cluster on {} as node {}, lease {:?}", redacted(&c.url), c.node_id, c.lease);
+    }
     let shutdown = crate::shutdown_signal()?;
     let json = args.events == Some(EventsFormat::Json);
     cfg.stats_interval = args.stats_interval.filter(|d| !d.is_zero());
@@ -470,6 +501,14 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         admin.abort();
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A Redis URL without its password, for the log.
+pub fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}***{}", &url[..scheme + 3], &url[at..]),
+        _ => url.to_owned(),
+    }
 }
 
 /// The JSON event printer's loop, on a thread of its own: one line per event on stdout.

@@ -58,6 +58,18 @@ pub struct HistogramSnapshot {
     pub sum: f64,
 }
 
+impl HistogramSnapshot {
+    /// The upper bound (seconds) of the bucket holding the `p`-th quantile (0 < p <= 1): an estimate from above.
+    /// `None` with no observations, or when it lies above the last bound.
+    pub fn quantile(&self, p: f64) -> Option<f64> {
+        if self.count == 0 {
+            return None;
+        }
+        let rank = (p.clamp(0.0, 1.0) * self.count as f64).ceil().max(1.0) as u64;
+        self.buckets.iter().find(|(_, n)| *n >= rank).map(|(bound, _)| *bound)
+    }
+}
+
 impl Histogram {
     pub fn new(bounds: &'static [f64]) -> Histogram {
         Histogram { bounds, counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(), sum_us: AtomicU64::new(0) }
@@ -203,11 +215,28 @@ pub struct MetricsSnapshot {
     pub kernel_rtt: HistogramSnapshot,
     pub handshake: HistogramSnapshot,
     pub session: HistogramSnapshot,
+    /// Cluster mode: the node's view of the cluster and Redis.
+    pub cluster: Option<crate::cluster::ClusterSnapshot>,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quantiles_are_bucket_upper_bounds() {
+        let h = Histogram::new(LATENCY_BUCKETS);
+        assert_eq!(h.snapshot().quantile(0.5), None);
+        for _ in 0..98 {
+            h.observe(Duration::from_micros(300)); // the 0.5 ms bucket
+        }
+        h.observe(Duration::from_millis(20)); // 25 ms
+        h.observe(Duration::from_secs(60)); // beyond the last bound
+        let s = h.snapshot();
+        assert_eq!(s.quantile(0.5), Some(0.0005));
+        assert_eq!(s.quantile(0.99), Some(0.025));
+        assert_eq!(s.quantile(1.0), None);
+    }
 
     #[test]
     fn histogram_buckets_are_cumulative_and_bounds_inclusive() {

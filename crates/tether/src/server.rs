@@ -695,6 +695,12 @@ impl ServerHandle {
         }
     }
 
+    /// Cluster mode: the node table from Redis. `None` for a single node; an error when Redis does not answer.
+    pub async fn cluster_nodes(&self) -> Option<Result<Vec<crate::cluster::store::NodeStatus>, String>> {
+        let c = self.shared.cluster.clone()?;
+        Some(c.nodes().await)
+    }
+
     /// Every counter, gauge and histogram, read now.
     pub fn metrics(&self) -> MetricsSnapshot {
         self.shared.metrics_snapshot()
@@ -958,7 +964,13 @@ impl Shared {
         let m = &self.metrics;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let disconnects = m.disconnects();
+        let cluster = self.cluster.as_ref().map(|c| {
+            let mut snap = c.snapshot();
+            snap.remote_sessions = self.hub.lock().expect("hub lock").registry.remote_online_count();
+            snap
+        });
         MetricsSnapshot {
+            cluster,
             connections: self.active.load(Ordering::Relaxed),
             online,
             handshakes: self.handshakes.load(Ordering::Relaxed),

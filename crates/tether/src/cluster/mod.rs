@@ -145,6 +145,8 @@ pub struct ClusterSnapshot {
     pub node_id: String,
     pub incarnation: String,
     pub degraded: bool,
+    /// Ids this node knows online on other nodes.
+    pub remote_sessions: usize,
     pub redis_rtt: HistogramSnapshot,
     pub pubsub_lag: HistogramSnapshot,
     pub published: u64,
@@ -237,6 +239,7 @@ impl Cluster {
             node_id: self.cfg.node_id.clone(),
             incarnation: self.incarnation(),
             degraded: self.is_degraded(),
+            remote_sessions: 0,
             redis_rtt: s.redis_rtt.snapshot(),
             pubsub_lag: s.pubsub_lag.snapshot(),
             published: n(&s.published),
@@ -310,6 +313,16 @@ impl Cluster {
                 self.resync.store(true, Ordering::Relaxed);
                 None
             }
+        }
+    }
+
+    /// The node table from Redis (live nodes and lost ones not reaped yet).
+    pub async fn nodes(&self) -> Result<Vec<store::NodeStatus>, String> {
+        let store = self.store().ok_or("Redis is unreachable")?;
+        match tokio::time::timeout(self.cfg.redis_timeout * 4, store.nodes()).await {
+            Ok(Ok(n)) => Ok(n),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("Redis did not answer in time".into()),
         }
     }
 
@@ -391,6 +404,40 @@ impl Cluster {
         let con = self.client.get_multiplexed_async_connection_with_config(&cfg).await?;
         Ok(Store::new(con))
     }
+}
+
+/// The cluster as Redis holds it, for `tether cluster status`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusReport {
+    pub nodes: Vec<store::NodeStatus>,
+    /// The epoch counter: epochs handed out so far.
+    pub epoch: u64,
+    /// Redis's `used_memory`.
+    pub redis_used_memory: u64,
+    /// Five `PING` round trips, sorted.
+    pub redis_rtts: Vec<Duration>,
+}
+
+/// Read the cluster's state from the Redis at `url`.
+pub async fn status(url: &str) -> redis::RedisResult<StatusReport> {
+    let client = redis::Client::open(url)?;
+    let cfg = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(Duration::from_secs(5)));
+    let mut con = client.get_multiplexed_async_connection_with_config(&cfg).await?;
+    let mut redis_rtts = Vec::new();
+    for _ in 0..5 {
+        let t0 = tokio::time::Instant::now();
+        redis::cmd("PING").query_async::<String>(&mut con).await?;
+        redis_rtts.push(t0.elapsed());
+    }
+    redis_rtts.sort();
+    let nodes = Store::new(con.clone()).nodes().await?;
+    let info: String = redis::cmd("INFO").arg("memory").query_async(&mut con).await?;
+    let redis_used_memory =
+        info.lines().find_map(|l| l.strip_prefix("used_memory:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+    let epoch: Option<u64> = redis::cmd("GET").arg("tether:epoch").query_async(&mut con).await?;
+    Ok(StatusReport { nodes, epoch: epoch.unwrap_or(0), redis_used_memory, redis_rtts })
 }
 
 /// Renew the lease every third of it; (re)connect, rejoin and re-register as needed.

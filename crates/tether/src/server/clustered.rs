@@ -304,7 +304,7 @@ impl Host for Shared {
     }
 
     fn reaped(&self, node: &str, count: u64) {
-        tracing::info!("node {node} lost: {count} of its sessions declared offline (node_lost)");
+        tracing::debug!("node {node} lost: {count} of its sessions declared offline (node_lost)");
         self.emit(EventKind::NodeLost { node: node.into(), sessions: count });
     }
 }

@@ -1,0 +1,84 @@
+//! `tether cluster status`: the cluster as Redis holds it: nodes, their leases, sessions per node, Redis's round
+//! trip and memory. A one-shot command: its own small runtime for the Redis requests, the output printed after.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde_json::json;
+
+use crate::duration::{human, ms};
+
+#[derive(clap::Subcommand, Debug)]
+pub enum Command {
+    /// Nodes, their lease age, sessions per node, Redis's round trip.
+    Status(StatusArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct StatusArgs {
+    /// The cluster's Redis: redis://HOST:PORT/DB.
+    #[arg(long, value_name = "URL")]
+    redis: String,
+    /// One JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
+    let Command::Status(args) = cmd;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let report = rt
+        .block_on(tether::cluster::status(&args.redis))
+        .with_context(|| format!("reading the cluster from {}", crate::serve::redacted(&args.redis)))?;
+    drop(rt);
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let sessions: u64 = report.nodes.iter().map(|n| n.sessions).sum();
+    let rtt = &report.redis_rtts;
+    if args.json {
+        let nodes: Vec<_> = report
+            .nodes
+            .iter()
+            .map(|n| {
+                json!({
+                    "node": n.node, "member": n.member, "lease_left_ms": n.lease_left_ms, "lease_ms": n.lease_ms,
+                    "lost": n.lease_left_ms < 0, "sessions": n.sessions, "addr": n.addr, "admin": n.admin,
+                    "uptime_ms": now_ms.saturating_sub(n.started_ms),
+                })
+            })
+            .collect();
+        let v = json!({
+            "nodes": nodes, "sessions": sessions, "epoch": report.epoch, "redis_used_memory": report.redis_used_memory,
+            "redis_rtt_ms": {"min": ms(rtt[0]), "median": ms(rtt[rtt.len() / 2]), "max": ms(rtt[rtt.len() - 1])},
+        });
+        crate::emit_line(&v.to_string());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut rows = vec![["NODE", "LEASE", "SESSIONS", "ADDR", "ADMIN", "UP"].map(String::from)];
+    for n in &report.nodes {
+        let lease = if n.lease_left_ms < 0 {
+            format!("lost {} ago", human(Duration::from_millis(n.lease_left_ms.unsigned_abs())))
+        } else {
+            let age = n.lease_ms.saturating_sub(n.lease_left_ms as u64);
+            format!("renewed {} ago", human(Duration::from_millis(age)))
+        };
+        let up = human(Duration::from_millis(now_ms.saturating_sub(n.started_ms)));
+        rows.push([n.node.clone(), lease, n.sessions.to_string(), n.addr.clone(), n.admin.clone(), up]);
+    }
+    let widths: Vec<usize> = (0..6).map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for r in &rows {
+        let cells: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out.push_str(&format!(
+        "{} nodes, {sessions} sessions, epoch {}; Redis: round trip {} (best of 5), {:.1} MiB used",
+        report.nodes.len(),
+        report.epoch,
+        human(rtt[0]),
+        report.redis_used_memory as f64 / (1 << 20) as f64
+    ));
+    crate::emit_line(&out);
+    Ok(ExitCode::SUCCESS)
+}
