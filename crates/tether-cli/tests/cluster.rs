@@ -1,0 +1,370 @@
+//! The cluster's failure cases with real processes: `tether serve --cluster` nodes, a real `redis-server` started
+//! on a free port, `kill -9`, SIGSTOP and a Redis restart. Clients live in the test process (tether's library).
+//! Each test prints `MEASURED` lines for docs/cluster.md.
+
+mod common;
+#[path = "../../tether/tests/support/redis.rs"]
+mod redis;
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use common::{event, Proc};
+use redis::Redis;
+use serde_json::Value;
+use tether::proto::frame::{self, Hello};
+use tether::proto::{Frame, PresenceState};
+use tether::{Client, ClientConfig, ClientEvent, CloseReason, LinkEvent, ReconnectingClient, ResilienceConfig};
+
+const LEASE: Duration = Duration::from_secs(3);
+const PATIENCE: Duration = Duration::from_secs(30);
+
+macro_rules! redis_or_skip {
+    ($name:expr) => {
+        if let Some(why) = redis::unavailable() {
+            eprintln!("\n*** SKIPPED cluster test {}: {why} ***\n", $name);
+            println!("SKIPPED: {} ({why})", $name);
+            return;
+        }
+    };
+}
+
+struct Node {
+    proc: Proc,
+    addr: String,
+    admin: String,
+}
+
+/// `tether serve --cluster` on ephemeral loopback ports, heartbeat 1 s / 3 s, lease 3 s.
+fn node(redis: &Redis, id: &str, extra: &[&str]) -> Node {
+    let url = redis.url();
+    let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--events", "json"];
+    args.extend_from_slice(&["--insecure-no-auth", "--heartbeat-interval", "1s", "--heartbeat-timeout", "3s"]);
+    args.extend_from_slice(&["--cluster", &url, "--node-id", id, "--node-lease", "3s", "--max-connections", "2000"]);
+    // Every test client comes from 127.0.0.1: room for all their handshakes at once.
+    args.extend_from_slice(&["--max-handshakes-per-ip", "1000"]);
+    args.extend_from_slice(extra);
+    let proc = Proc::spawn(&args);
+    let l = proc.expect("listening", |v| event(v) == "listening");
+    Node { addr: l["addr"].as_str().unwrap().into(), admin: l["admin"].as_str().unwrap().into(), proc }
+}
+
+/// Every id a node holds, from its admin API (all pages).
+fn sessions_of(n: &Node) -> Vec<String> {
+    let admin = n.admin.parse().unwrap();
+    let mut out = Vec::new();
+    let mut after = String::new();
+    loop {
+        let path = if after.is_empty() {
+            "/v1/sessions?limit=1000".to_owned()
+        } else {
+            format!("/v1/sessions?limit=1000&after={after}")
+        };
+        let page: Value = serde_json::from_str(&tether_bench::scrape::get(admin, &path).unwrap()).unwrap();
+        for s in page["sessions"].as_array().unwrap() {
+            out.push(s["client"].as_str().unwrap().to_owned());
+        }
+        match page["next"].as_str() {
+            Some(n) => after = n.to_owned(),
+            None => return out,
+        }
+    }
+}
+
+/// Every id Redis says is held, with its node.
+fn holders(redis: &Redis) -> HashMap<String, String> {
+    let keys = redis.cli(&["--scan", "--pattern", "tether:id:*"]);
+    keys.lines()
+        .filter(|k| !k.is_empty())
+        .map(|k| (k.trim_start_matches("tether:id:").to_owned(), redis.cli(&["HGET", k, "node"])))
+        .collect()
+}
+
+/// Presence seen by a watcher subscribed to `*`: id -> (state, reason), latest first wins; and when.
+struct Watcher {
+    client: Client,
+    last: HashMap<String, (PresenceState, Option<CloseReason>)>,
+    offline_at: HashMap<String, Instant>,
+}
+
+impl Watcher {
+    async fn start(addr: &str) -> Watcher {
+        let mut c = ClientConfig::new("watcher");
+        c.nonce = Some(1);
+        let client = Client::connect(addr.parse().unwrap(), c).await.unwrap();
+        client.subscribe(vec!["*".into()]).await.unwrap();
+        Watcher { client, last: HashMap::new(), offline_at: HashMap::new() }
+    }
+
+    /// Read presence until `done` holds; fails after [`PATIENCE`].
+    async fn until(&mut self, what: &str, done: impl Fn(&Watcher) -> bool) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while !done(self) {
+            match tokio::time::timeout_at(deadline, self.client.next_event()).await {
+                Ok(Some(ClientEvent::Presence(p))) => {
+                    if p.state == PresenceState::Offline {
+                        self.offline_at.insert(p.client_id.clone(), Instant::now());
+                    }
+                    self.last.insert(p.client_id, (p.state, p.reason));
+                }
+                Ok(Some(ClientEvent::Disconnected(d))) => panic!("watcher disconnected: {d:?}"),
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => panic!("watcher: no presence for: {what}"),
+            }
+        }
+    }
+
+    fn online(&self, id: &str) -> bool {
+        matches!(self.last.get(id), Some((PresenceState::Online | PresenceState::Suspect, _)))
+    }
+}
+
+/// Poll `cond` until it holds; fails after [`PATIENCE`].
+async fn until(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A device whose connection stays open and silent, like a hung client: `HELLO` asking a 60 s heartbeat, then
+/// nothing. Returns the socket after `WELCOME`.
+async fn hung_device(addr: &str, id: &str, nonce: u64) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut hello = Hello::new(frame::V1, id, nonce);
+    hello.heartbeat_ms = 60_000;
+    s.write_all(&Frame::Hello(hello).to_bytes()).await.unwrap();
+    match read_frame(&mut s).await {
+        Some(Frame::Welcome(_)) => s,
+        other => panic!("expected WELCOME, got {other:?}"),
+    }
+}
+
+/// The next v1 frame on `s`; `None` at the end of the stream.
+async fn read_frame(s: &mut tokio::net::TcpStream) -> Option<Frame> {
+    use tokio::io::AsyncReadExt;
+    let mut header = [0u8; 4];
+    s.read_exact(&mut header).await.ok()?;
+    let len = u32::from_be_bytes(header) as usize;
+    assert!((1..=frame::DEFAULT_MAX_FRAME as usize).contains(&len), "bad frame length {len}");
+    let mut whole = header.to_vec();
+    whole.resize(4 + len, 0);
+    s.read_exact(&mut whole[4..]).await.ok()?;
+    Some(Frame::parse(&whole).unwrap())
+}
+
+fn resilient(id: &str, servers: &[&str]) -> ReconnectingClient {
+    let mut c = ClientConfig::new(id);
+    c.nonce = Some(rand_nonce(id));
+    let mut res = ResilienceConfig::default();
+    res.reconnect.backoff.initial = Duration::from_millis(200);
+    ReconnectingClient::start(servers.iter().map(|s| s.to_string()).collect(), c, res)
+}
+
+fn rand_nonce(id: &str) -> u64 {
+    id.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+}
+
+/// Wait for a reconnecting client's next `Connected`; its server.
+async fn connected(c: &mut ReconnectingClient) -> String {
+    loop {
+        match tokio::time::timeout(PATIENCE, c.next_event()).await.expect("no reconnect").expect("ended") {
+            LinkEvent::Connected { server, .. } => return server,
+            LinkEvent::GaveUp { .. } => panic!("gave up"),
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_nodes_clients_are_told_within_its_lease_and_the_rest_move_with_one_holder() {
+    redis_or_skip!("kill -9");
+    let redis = Redis::start();
+    let (n1, n2, n3) = (node(&redis, "n1", &[]), node(&redis, "n2", &[]), node(&redis, "n3", &[]));
+    let mut w = Watcher::start(&n2.addr).await;
+    // 200 devices that reconnect with failover, 100 that do not come back; all on n1.
+    let servers = [n1.addr.as_str(), n2.addr.as_str(), n3.addr.as_str()];
+    let mut movers: Vec<ReconnectingClient> = (0..200).map(|i| resilient(&format!("m{i:03}"), &servers)).collect();
+    for m in &mut movers {
+        assert_eq!(connected(m).await, n1.addr);
+    }
+    let mut stayers = Vec::new();
+    for i in 0..100 {
+        let mut c = ClientConfig::new(format!("s{i:03}"));
+        c.nonce = Some(i);
+        stayers.push(Client::connect(n1.addr.parse().unwrap(), c).await.unwrap());
+    }
+    w.until("300 online", |w| {
+        (0..200).all(|i| w.online(&format!("m{i:03}"))) && (0..100).all(|i| w.online(&format!("s{i:03}")))
+    })
+    .await;
+
+    let killed = Instant::now();
+    n1.proc.signal(libc::SIGKILL);
+    // Every mover reconnects elsewhere.
+    for m in &mut movers {
+        assert_ne!(connected(m).await, n1.addr);
+    }
+    let moved = killed.elapsed();
+    // Every stayer is declared offline with node_lost; no mover is.
+    w.until("100 node_lost", |w| (0..100).all(|i| w.offline_at.contains_key(&format!("s{i:03}")))).await;
+    let last = (0..100).map(|i| w.offline_at[&format!("s{i:03}")]).max().unwrap();
+    let told = last.duration_since(killed);
+    for i in 0..100 {
+        assert_eq!(w.last[&format!("s{i:03}")], (PresenceState::Offline, Some(CloseReason::NodeLost)));
+    }
+    for i in 0..200 {
+        let id = format!("m{i:03}");
+        assert!(!w.offline_at.contains_key(&id), "{id} flapped");
+        assert!(w.online(&id), "{id}");
+    }
+    assert!(told <= LEASE + Duration::from_secs(1), "the last node_lost came {told:?} after the kill");
+    println!(
+        "MEASURED kill -9 of a node with 300 clients: movers back in {:.2}s; last node_lost {:.2}s after the kill (lease 3s)",
+        moved.as_secs_f64(),
+        told.as_secs_f64()
+    );
+
+    // One holder per id: Redis and the survivors agree, nobody twice.
+    let h = holders(&redis);
+    let (on2, on3) = (sessions_of(&n2), sessions_of(&n3));
+    let both: HashSet<&String> =
+        on2.iter().collect::<HashSet<_>>().intersection(&on3.iter().collect()).copied().collect();
+    assert!(both.is_empty(), "held twice: {both:?}");
+    for i in 0..200 {
+        let id = format!("m{i:03}");
+        let node = &h[&id];
+        let local = if on2.contains(&id) {
+            "n2"
+        } else if on3.contains(&id) {
+            "n3"
+        } else {
+            "nowhere"
+        };
+        assert_eq!(node, local, "{id}: Redis says {node}, the nodes say {local}");
+    }
+    assert!((0..100).all(|i| !h.contains_key(&format!("s{i:03}"))), "lost sessions are gone from Redis");
+    assert_eq!(redis.cli(&["ZCARD", "tether:nodes"]), "2", "n1 was reaped from the node table");
+    drop((n2, n3, stayers));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stopped_past_its_lease_comes_back_without_stale_presence_or_double_holders() {
+    redis_or_skip!("SIGSTOP");
+    let redis = Redis::start();
+    let (n1, n2) = (node(&redis, "n1", &[]), node(&redis, "n2", &[]));
+    let mut w = Watcher::start(&n2.addr).await;
+    // 50 devices on n1 that fail over to n2 when n1 goes silent (heartbeat timeout 3 s).
+    let servers = [n1.addr.as_str(), n2.addr.as_str()];
+    let mut movers: Vec<ReconnectingClient> = (0..50).map(|i| resilient(&format!("m{i:02}"), &servers)).collect();
+    for m in &mut movers {
+        assert_eq!(connected(m).await, n1.addr);
+    }
+    // One device whose old connection to n1 stays open (a hung client), taken over on n2 while n1 is stopped.
+    let mut old = hung_device(&n1.addr, "dup", 5).await;
+    let mut new_cfg = ClientConfig::new("dup");
+    new_cfg.nonce = Some(6);
+    w.until("51 online", |w| w.online("dup") && (0..50).all(|i| w.online(&format!("m{i:02}")))).await;
+
+    n1.proc.signal(libc::SIGSTOP);
+    let stopped = Instant::now();
+    for m in &mut movers {
+        assert_eq!(connected(m).await, n2.addr);
+    }
+    let new = Client::connect(n2.addr.parse().unwrap(), new_cfg).await.unwrap();
+    assert_eq!(new.welcome().server_id, "n2");
+    // Past the lease and the reaper: n1 is out of the node table.
+    until("n1 reaped", || redis.cli(&["ZCARD", "tether:nodes"]) == "1").await;
+    // Everything published so far read (a marker after it): the ids not back on n2 before the lease ran out were
+    // declared node_lost, which is right. From here on nothing may be announced offline.
+    let _m1 = Client::connect(n2.addr.parse().unwrap(), ClientConfig::new("marker1")).await.unwrap();
+    w.until("marker1", |w| w.online("marker1")).await;
+    let watched_before = w.offline_at.clone();
+    n1.proc.signal(libc::SIGCONT);
+    let resumed = Instant::now();
+    // The zombie evicts its stale holder of dup...
+    let bye = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match read_frame(&mut old).await {
+                Some(Frame::Bye(b)) => return b,
+                Some(_) => {}
+                None => panic!("closed without BYE"),
+            }
+        }
+    })
+    .await
+    .expect("the stale holder was not evicted");
+    assert_eq!(bye.reason, CloseReason::Takeover);
+    // ... and rejoins: two nodes again.
+    until("n1 rejoined", || redis.cli(&["ZCARD", "tether:nodes"]) == "2").await;
+    let settled = resumed.elapsed();
+    // A marker shows the watcher has read everything published so far.
+    let _m2 = Client::connect(n2.addr.parse().unwrap(), ClientConfig::new("marker2")).await.unwrap();
+    w.until("marker2", |w| w.online("marker2")).await;
+    assert_eq!(w.offline_at, watched_before, "no stale offline announced after SIGCONT");
+    assert!(w.online("dup") && (0..50).all(|i| w.online(&format!("m{i:02}"))));
+    // Nobody held twice: n1 holds none of them.
+    let on1 = sessions_of(&n1);
+    assert!(on1.is_empty(), "n1 still holds {on1:?}");
+    let h = holders(&redis);
+    assert!(h.values().all(|n| n == "n2"), "{h:?}");
+    println!(
+        "MEASURED SIGSTOP of a node for {:.1}s: on SIGCONT the moved id was evicted and the node rejoined in {:.2}s",
+        resumed.duration_since(stopped).as_secs_f64(),
+        settled.as_secs_f64()
+    );
+    drop(new);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_restarted_empty_disconnects_nobody_and_the_cluster_converges() {
+    redis_or_skip!("Redis restart");
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let (n1, n2) = (node(&redis, "n1", &[]), node(&redis, "n2", &[]));
+    let mut clients = Vec::new();
+    for i in 0..100u64 {
+        let n = if i % 2 == 0 { &n1 } else { &n2 };
+        let mut c = ClientConfig::new(format!("c{i:03}"));
+        c.nonce = Some(i);
+        clients.push(Client::connect(n.addr.parse().unwrap(), c).await.unwrap());
+    }
+    until("100 registered", || holders(&redis).len() == 100).await;
+    redis.kill();
+    n1.proc.expect("n1 degraded", |v| event(v) == "cluster" && v["degraded"] == true);
+    // Down for 5 s: clients keep their sessions (the nodes' heartbeats go on; nothing waits for Redis).
+    let down = Instant::now();
+    while down.elapsed() < Duration::from_secs(5) {
+        for c in &mut clients {
+            if let Ok(Some(ClientEvent::Disconnected(d))) =
+                tokio::time::timeout(Duration::from_millis(1), c.next_event()).await
+            {
+                panic!("a client was disconnected while Redis was down: {d:?}");
+            }
+        }
+    }
+    let restarted = Instant::now();
+    let redis = Redis::start_on(port);
+    // Empty, then the nodes register what they hold.
+    until("converged after the restart", || holders(&redis).len() == 100).await;
+    let converged = restarted.elapsed();
+    let h = holders(&redis);
+    for i in 0..100u64 {
+        let want = if i % 2 == 0 { "n1" } else { "n2" };
+        assert_eq!(h[&format!("c{i:03}")], want);
+    }
+    for c in &mut clients {
+        assert!(tokio::time::timeout(Duration::from_millis(1), c.next_event()).await.is_err(), "no event at all");
+    }
+    n1.proc.expect("n1 recovered", |v| event(v) == "cluster" && v["degraded"] == false);
+    let closes: Vec<Value> =
+        [&n1, &n2].iter().flat_map(|n| n.proc.drain()).filter(|v| matches!(event(v), "offline" | "closed")).collect();
+    assert!(closes.is_empty(), "{closes:?}");
+    println!(
+        "MEASURED Redis kill -9, 5s down, restarted empty: 0 of 100 clients disconnected; registered sessions equal the \
+         live ones {:.2}s after the restart",
+        converged.as_secs_f64()
+    );
+}
