@@ -3,6 +3,8 @@
 //! Each test prints `MEASURED` lines for docs/cluster.md.
 
 mod common;
+#[macro_use]
+mod netlab;
 #[path = "../../tether/tests/support/redis.rs"]
 mod redis;
 
@@ -366,5 +368,103 @@ async fn redis_killed_and_restarted_empty_disconnects_nobody_and_the_cluster_con
         "MEASURED Redis kill -9, 5s down, restarted empty: 0 of 100 clients disconnected; registered sessions equal the \
          live ones {:.2}s after the restart",
         converged.as_secs_f64()
+    );
+}
+
+/// `tether ARGS` inside network namespace `ns` (JSON lines on stdout).
+fn tether_in(ns: &str, args: &[&str]) -> Proc {
+    let mut all = vec!["netns", "exec", ns, env!("CARGO_BIN_EXE_tether")];
+    all.extend_from_slice(args);
+    Proc::spawn_cmd("ip", &all)
+}
+
+/// In the fault lab: node n1 (server namespace) loses Redis (watchers namespace, beside node n2) and nothing else;
+/// its clients (devices namespace) keep talking to it.
+#[test]
+#[ignore = "fault lab: needs root and network namespaces; scripts/test runs it"]
+fn lab_a_node_cut_off_from_redis_keeps_its_clients_and_rejoins_when_healed() {
+    redis_or_skip!("cut off from Redis");
+    let mut lab = lab_or_skip!("cluster partition");
+    use netlab::{SERVER_IP, WATCHER_IP};
+    let redis_addr = format!("{WATCHER_IP}:6379");
+    let url = format!("redis://{redis_addr}/0");
+    let wat = lab.watchers.clone();
+    let dev = lab.devices.clone();
+    // Redis in the watchers' namespace; the lab kills it with the namespace.
+    std::process::Command::new("ip")
+        .args(["netns", "exec", &wat, "redis-server", "--bind", WATCHER_IP, "--port", "6379", "--save", ""])
+        .args(["--appendonly", "no", "--protected-mode", "no", "--daemonize", "yes", "--loglevel", "warning"])
+        .status()
+        .unwrap();
+    let node =
+        ["--cluster", url.as_str(), "--node-lease", "3s", "--heartbeat-interval", "1s", "--heartbeat-timeout", "3s"];
+    lab.serve(&[&node[..], &["--node-id", "n1", "--insecure-no-auth"]].concat());
+    let n2_listen = format!("{WATCHER_IP}:7400");
+    let serve_n2 = ["serve", "--listen", &n2_listen, "--events", "json", "--node-id", "n2", "--insecure-no-auth"];
+    let n2 = tether_in(&wat, &[&serve_n2[..], &node[..]].concat());
+    n2.expect("n2 listening", |v| event(v) == "listening");
+    let n1_addr = format!("{SERVER_IP}:7400");
+    let watcher = tether_in(&dev, &["connect", &n2_listen, "--id", "watcher", "--subscribe", "*", "--json"]);
+    watcher.expect("watcher connected", |v| event(v) == "connected");
+    let devices: Vec<Proc> = (0..5)
+        .map(|i| {
+            let d = tether_in(&dev, &["connect", &n1_addr, "--id", &format!("d{i}"), "--json"]);
+            d.expect("device connected", |v| event(v) == "connected");
+            d
+        })
+        .collect();
+    // The watcher's presence lines for d0..d4 in `state`, in whatever order they come.
+    let all_five = |state: &str| -> Vec<Value> {
+        let mut seen: HashMap<String, Value> = HashMap::new();
+        while seen.len() < 5 {
+            let v = watcher.expect(state, |v| {
+                event(v) == "presence"
+                    && v["state"] == state
+                    && v["client"].as_str().is_some_and(|c| c.starts_with('d'))
+            });
+            seen.insert(v["client"].as_str().unwrap().to_owned(), v);
+        }
+        seen.into_values().collect()
+    };
+    all_five("online");
+
+    // n1 loses Redis: its lease runs out; n2 declares its sessions lost (it cannot know better).
+    lab.cut_between(SERVER_IP, WATCHER_IP);
+    let cut = Instant::now();
+    lab.server_proc().expect("n1 degraded", |v| event(v) == "cluster" && v["degraded"] == true);
+    for off in all_five("offline") {
+        assert_eq!(off["reason"], "node_lost", "{off}");
+    }
+    let lost = cut.elapsed();
+    // Healed after 5 s: n1 rejoins and registers its sessions again; the devices never noticed.
+    while cut.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    lab.restore(SERVER_IP);
+    let healed = Instant::now();
+    all_five("online");
+    let back = healed.elapsed();
+    lab.server_proc().expect("n1 recovered", |v| event(v) == "cluster" && v["degraded"] == false);
+    for d in &devices {
+        let gone: Vec<Value> = d.drain().into_iter().filter(|v| event(v) == "disconnected").collect();
+        assert!(gone.is_empty(), "a device was disconnected: {gone:?}");
+    }
+    let closes: Vec<Value> =
+        lab.server_proc().drain().into_iter().filter(|v| matches!(event(v), "offline" | "closed")).collect();
+    assert!(closes.is_empty(), "n1 closed someone: {closes:?}");
+    let holders = String::from_utf8(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &wat, "redis-cli", "-h", WATCHER_IP, "--scan", "--pattern", "tether:id:d*"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert_eq!(holders.lines().count(), 5, "{holders}");
+    println!(
+        "MEASURED node cut off from Redis: its 5 clients declared node_lost {:.2}s after the cut (lease 3s), never \
+         disconnected; online again {:.2}s after healing",
+        lost.as_secs_f64(),
+        back.as_secs_f64()
     );
 }

@@ -203,7 +203,14 @@ impl Lab {
         self.rule(&["from", &h, "prohibit", "priority", "101"]);
     }
 
-    /// Undo `cut`, `unreachable` or `prohibit` for `host`.
+    /// Silence between two hosts only (a partition: each still reaches everyone else).
+    pub fn cut_between(&mut self, a: &str, b: &str) {
+        let (a, b) = (format!("{a}/32"), format!("{b}/32"));
+        self.rule(&["from", &a, "to", &b, "blackhole", "priority", "100"]);
+        self.rule(&["from", &b, "to", &a, "blackhole", "priority", "101"]);
+    }
+
+    /// Undo `cut`, `cut_between`, `unreachable` or `prohibit` for `host`.
     pub fn restore(&mut self, host: &str) {
         self.clear_rules(host);
     }
