@@ -27,8 +27,8 @@ pub fn ms(d: Duration) -> f64 {
 pub fn event_json(ev: &ServerEvent) -> serde_json::Value {
     let mut v = json!({ "ts": rfc3339(ev.at), "event": ev.kind.name() });
     let fields = match &ev.kind {
-        EventKind::Listening { addr, admin } => {
-            json!({ "addr": addr.to_string(), "admin": admin.map(|a| a.to_string()) })
+        EventKind::Listening { addr, admin, node } => {
+            json!({ "addr": addr.to_string(), "admin": admin.map(|a| a.to_string()), "node": node })
         }
         EventKind::Online { client, conn, peer, epoch, heartbeat, timeout } => json!({
             "client": client, "conn": conn, "peer": peer.to_string(), "epoch": epoch,
@@ -218,7 +218,7 @@ pub fn cluster_json(
         Err(e) => json!({ "error": e }),
     };
     json!({
-        "node": c.node_id, "incarnation": c.incarnation, "degraded": c.degraded,
+        "node": c.node_id, "incarnation": c.incarnation, "degraded": c.degraded, "node_count": c.nodes,
         "remote_sessions": c.remote_sessions, "claims": c.claims, "asks": c.asks, "ask_timeouts": c.ask_timeouts,
         "published": c.published, "received": c.received, "reaped": c.reaped, "rejoins": c.rejoins,
         "redis_errors": c.redis_errors,

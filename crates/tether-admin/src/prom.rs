@@ -158,6 +158,8 @@ fn encode_snapshot(s: &MetricsSnapshot, enc: &mut DescriptorEncoder) -> Result<(
 fn encode_cluster(c: &tether::cluster::ClusterSnapshot, enc: &mut DescriptorEncoder) -> Result<(), Error> {
     let degraded = "1 while Redis cannot be reached (the node serves its own clients only).";
     gauge(enc, "tether_cluster_degraded", degraded, i64::from(c.degraded))?;
+    let nodes = "Nodes in the cluster's table at the last lease renewal (lost ones not reaped yet included).";
+    gauge(enc, "tether_cluster_nodes", nodes, c.nodes as i64)?;
     let remote = "Client ids this node knows online on other nodes.";
     gauge(enc, "tether_cluster_remote_sessions", remote, c.remote_sessions as i64)?;
     counter(enc, "tether_cluster_claims", "Ids claimed in Redis for a new session here.", c.claims)?;

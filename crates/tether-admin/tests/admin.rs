@@ -596,6 +596,7 @@ async fn the_cluster_is_on_the_api_and_in_the_metrics() {
     assert_eq!((b_row["sessions"].as_u64(), b_row["lost"].as_bool()), (Some(1), Some(false)), "{v}");
     let m = metrics(admin).await;
     assert_eq!(value(&m, "tether_cluster_degraded"), 0.0);
+    assert!(value(&m, "tether_cluster_nodes") >= 1.0, "at least itself");
     assert_eq!(value(&m, "tether_cluster_remote_sessions"), 1.0);
     assert!(value(&m, "tether_cluster_redis_rtt_seconds_count") >= 1.0, "the lease was renewed and timed");
     // A single node says it is one.

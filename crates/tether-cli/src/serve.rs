@@ -569,10 +569,16 @@ use tether_admin::json::{decider, event_json, ms};
 
 fn event_human(k: &EventKind) -> String {
     match k {
-        EventKind::Listening { addr, admin: Some(admin) } => {
-            format!("listening on {addr}; admin API and dashboard on http://{admin}/")
+        EventKind::Listening { addr, admin, node } => {
+            let mut line = format!("listening on {addr}");
+            if let Some(node) = node {
+                line.push_str(&format!(" as cluster node {node}"));
+            }
+            if let Some(admin) = admin {
+                line.push_str(&format!("; admin API and dashboard on http://{admin}/"));
+            }
+            line
         }
-        EventKind::Listening { addr, admin: None } => format!("listening on {addr}"),
         EventKind::Online { client, peer, epoch, heartbeat, .. } => {
             format!("online  {client} from {peer} (epoch {epoch}, heartbeat {heartbeat:?})")
         }

@@ -37,6 +37,8 @@ pub enum EventKind {
         addr: SocketAddr,
         /// Where the admin API listens, when the application announced one ([`crate::Server::set_admin_addr`]).
         admin: Option<SocketAddr>,
+        /// Cluster mode: this node's id.
+        node: Option<String>,
     },
     Online {
         client: String,

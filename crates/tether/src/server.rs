@@ -489,7 +489,8 @@ impl Server {
                 tracing::warn!("cluster: Redis unreachable at start; serving local clients only until it answers");
             }
         }
-        shared.emit(EventKind::Listening { addr: self.listener.local_addr()?, admin });
+        let node = shared.cluster.as_ref().map(|c| c.node_id().to_owned());
+        shared.emit(EventKind::Listening { addr: self.listener.local_addr()?, admin, node });
         let mut bucket = shared.cfg.accept_rate.map(|r| TokenBucket::new(r, driver::now()));
         let mut reserve = Reserve::new();
         tokio::pin!(shutdown);

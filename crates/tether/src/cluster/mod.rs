@@ -145,6 +145,8 @@ pub struct ClusterSnapshot {
     pub node_id: String,
     pub incarnation: String,
     pub degraded: bool,
+    /// Members in the node table at the last lease renewal (this one included).
+    pub nodes: u64,
     /// Ids this node knows online on other nodes.
     pub remote_sessions: usize,
     pub redis_rtt: HistogramSnapshot,
@@ -167,6 +169,8 @@ pub struct Cluster {
     /// This incarnation of the node (a new one after it was lost and came back).
     inc: Mutex<String>,
     degraded: AtomicBool,
+    /// Members in the node table at the last renewal (lost ones not reaped yet included).
+    nodes: AtomicU64,
     /// The largest epoch this node has seen: the floor of the epoch counter if Redis restarts empty.
     max_epoch: AtomicU64,
     asks: Mutex<HashMap<u64, oneshot::Sender<AskAnswer>>>,
@@ -205,6 +209,7 @@ impl Cluster {
             store: Mutex::new(None),
             inc: Mutex::new(new_inc()),
             degraded: AtomicBool::new(false),
+            nodes: AtomicU64::new(0),
             max_epoch: AtomicU64::new(0),
             asks: Mutex::new(HashMap::new()),
             next_req: AtomicU64::new(1),
@@ -239,6 +244,7 @@ impl Cluster {
             node_id: self.cfg.node_id.clone(),
             incarnation: self.incarnation(),
             degraded: self.is_degraded(),
+            nodes: self.nodes.load(Ordering::Relaxed),
             remote_sessions: 0,
             redis_rtt: s.redis_rtt.snapshot(),
             pubsub_lag: s.pubsub_lag.snapshot(),
@@ -482,7 +488,9 @@ async fn lease_once(
         async move { store.lease(&node, &inc, lease, join, started, &addr, &admin, floor).await }
     };
     let t0 = tokio::time::Instant::now();
-    let (_, known) = tokio::time::timeout(c.cfg.redis_timeout, renew(!*joined)).await.map_err(|_| timed_out())??;
+    let (_, known, members) =
+        tokio::time::timeout(c.cfg.redis_timeout, renew(!*joined)).await.map_err(|_| timed_out())??;
+    c.nodes.store(members, Ordering::Relaxed);
     c.stats.redis_rtt.observe(t0.elapsed());
     let stale = last_ok.is_none_or(|t| t.elapsed() > c.cfg.lease);
     if *joined && (!known || stale) {

@@ -119,12 +119,12 @@ return {1, '', e}
 /// Renew a node's lease, or join (`ARGV[3]` = 1). A renewal of a member that is no longer there (reaped) does
 /// nothing and says so: the node must rejoin as a new incarnation. KEYS: nodes, info hash, epoch. ARGV: member,
 /// lease ms, join (0/1), node id, started ms, listen address, admin address, epoch floor. Returns {now ms, 1 if
-/// the member is registered}.
+/// the member is registered, members in the table}.
 const LEASE: &str = r#"
 local now = now_ms()
 local known = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if not known and ARGV[3] ~= '1' then
-  return {ms_str(now), 0}
+  return {ms_str(now), 0, redis.call('ZCARD', KEYS[1])}
 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 redis.call('HSET', KEYS[2], 'node', ARGV[4], 'started_ms', ARGV[5], 'addr', ARGV[6], 'admin', ARGV[7],
@@ -132,7 +132,7 @@ redis.call('HSET', KEYS[2], 'node', ARGV[4], 'started_ms', ARGV[5], 'addr', ARGV
 if tonumber(redis.call('GET', KEYS[3]) or '0') < tonumber(ARGV[8]) then
   redis.call('SET', KEYS[3], ARGV[8])
 end
-return {ms_str(now), 1}
+return {ms_str(now), 1, redis.call('ZCARD', KEYS[1])}
 "#;
 
 /// Members whose lease has run out. KEYS: nodes.
@@ -309,7 +309,8 @@ impl Store {
         Ok(node.zip(epoch))
     }
 
-    /// Renew (or, with `join`, create) the lease. Returns Redis's clock and whether the member is registered.
+    /// Renew (or, with `join`, create) the lease. Returns Redis's clock, whether the member is registered, and how
+    /// many members the table holds.
     #[allow(clippy::too_many_arguments)]
     pub async fn lease(
         &self,
@@ -321,10 +322,10 @@ impl Store {
         addr: &str,
         admin: &str,
         epoch_floor: u64,
-    ) -> RedisResult<(u64, bool)> {
+    ) -> RedisResult<(u64, bool, u64)> {
         let mut con = self.con.clone();
         let m = member(node, inc);
-        let (now, known): (String, u8) = self
+        let (now, known, members): (String, u8, u64) = self
             .scripts
             .lease
             .key(NODES)
@@ -340,7 +341,7 @@ impl Store {
             .arg(epoch_floor)
             .invoke_async(&mut con)
             .await?;
-        Ok((now.parse().unwrap_or(0), known == 1))
+        Ok((now.parse().unwrap_or(0), known == 1, members))
     }
 
     /// Members whose lease ran out.
