@@ -221,7 +221,7 @@ pub fn cluster_json(
         "node": c.node_id, "incarnation": c.incarnation, "degraded": c.degraded, "node_count": c.nodes,
         "remote_sessions": c.remote_sessions, "claims": c.claims, "asks": c.asks, "ask_timeouts": c.ask_timeouts,
         "published": c.published, "received": c.received, "reaped": c.reaped, "rejoins": c.rejoins,
-        "redis_errors": c.redis_errors,
+        "redis_errors": c.redis_errors, "unpublished": c.unpublished,
         "redis_rtt_ms": { "p50": q(&c.redis_rtt, 0.5), "p99": q(&c.redis_rtt, 0.99) },
         "pubsub_lag_ms": { "p50": q(&c.pubsub_lag, 0.5), "p99": q(&c.pubsub_lag, 0.99) },
         "nodes": nodes,

@@ -173,6 +173,9 @@ fn encode_cluster(c: &tether::cluster::ClusterSnapshot, enc: &mut DescriptorEnco
     let rejoins = "Times this node joined again as a new incarnation (out of touch past its lease, or Redis emptied).";
     counter(enc, "tether_cluster_rejoins", rejoins, c.rejoins)?;
     counter(enc, "tether_cluster_redis_errors", "Redis requests that failed or timed out.", c.redis_errors)?;
+    let unpublished = "Publishes and releases not carried out (outbox full, or Redis failed); releases are made good \
+                       by the next re-registration, relayed DATA is lost.";
+    counter(enc, "tether_cluster_unpublished", unpublished, c.unpublished)?;
     histogram(enc, "tether_cluster_redis_rtt_seconds", "Lease renewal round trip to Redis.", &c.redis_rtt)?;
     let lag = "From a message's publication (the sender's clock) to its arrival here.";
     histogram(enc, "tether_cluster_pubsub_lag_seconds", lag, &c.pubsub_lag)

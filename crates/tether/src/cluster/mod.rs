@@ -120,6 +120,8 @@ pub struct ClusterStats {
     pub reaped: AtomicU64,
     pub rejoins: AtomicU64,
     pub redis_errors: AtomicU64,
+    /// Operations (publishes, releases) that could not be carried out: the outbox was full, or Redis failed.
+    pub unpublished: AtomicU64,
 }
 
 impl Default for ClusterStats {
@@ -135,6 +137,7 @@ impl Default for ClusterStats {
             reaped: AtomicU64::new(0),
             rejoins: AtomicU64::new(0),
             redis_errors: AtomicU64::new(0),
+            unpublished: AtomicU64::new(0),
         }
     }
 }
@@ -159,6 +162,7 @@ pub struct ClusterSnapshot {
     pub reaped: u64,
     pub rejoins: u64,
     pub redis_errors: u64,
+    pub unpublished: u64,
 }
 
 /// The cluster's live state, shared by the server and the cluster's tasks.
@@ -256,6 +260,7 @@ impl Cluster {
             reaped: n(&s.reaped),
             rejoins: n(&s.rejoins),
             redis_errors: n(&s.redis_errors),
+            unpublished: n(&s.unpublished),
         }
     }
 
@@ -376,6 +381,7 @@ impl Cluster {
         match self.out.try_send(op) {
             Ok(()) => true,
             Err(_) => {
+                self.stats.unpublished.fetch_add(1, Ordering::Relaxed);
                 self.resync.store(true, Ordering::Relaxed);
                 false
             }
@@ -641,6 +647,7 @@ async fn outbox_task(c: Arc<Cluster>, mut rx: mpsc::Receiver<Op>) {
         let Some(store) = c.store() else {
             // Degraded: what ended meanwhile is released by the re-registration once Redis is back.
             c.resync.store(true, Ordering::Relaxed);
+            c.stats.unpublished.fetch_add(batch.len() as u64, Ordering::Relaxed);
             batch.clear();
             continue;
         };
@@ -659,6 +666,8 @@ async fn outbox_task(c: Arc<Cluster>, mut rx: mpsc::Receiver<Op>) {
                     let inc = c.incarnation();
                     let release = store.release(&client, &c.cfg.node_id, &inc, epoch, reason, by_client, last_seen);
                     if !matches!(tokio::time::timeout(c.cfg.redis_timeout, release).await, Ok(Ok(_))) {
+                        c.stats.redis_errors.fetch_add(1, Ordering::Relaxed);
+                        c.stats.unpublished.fetch_add(1, Ordering::Relaxed);
                         c.resync.store(true, Ordering::Relaxed);
                     }
                 }
@@ -676,6 +685,8 @@ async fn flush(c: &Cluster, store: &Store, pipe: &mut redis::Pipeline, publishes
     if matches!(sent, Ok(Ok(()))) {
         c.stats.published.fetch_add(*publishes, Ordering::Relaxed);
     } else {
+        c.stats.redis_errors.fetch_add(1, Ordering::Relaxed);
+        c.stats.unpublished.fetch_add(*publishes, Ordering::Relaxed);
         c.resync.store(true, Ordering::Relaxed);
     }
     pipe.clear();
