@@ -13,6 +13,7 @@
 //! own time limit, and the target address is only ever the one given (or the loopback server the run started).
 //! This crate is an application (the body of a CLI subcommand), so it reports errors with `anyhow`.
 
+pub mod cluster;
 pub mod mqtt;
 pub mod scrape;
 pub mod sys;
@@ -37,6 +38,8 @@ pub enum Scenario {
     Detect,
     Takeover,
     Storm,
+    /// Several tether nodes on one Redis ([`cluster`]).
+    Cluster,
 }
 
 impl Scenario {
@@ -47,6 +50,7 @@ impl Scenario {
             Scenario::Detect => "detect",
             Scenario::Takeover => "takeover",
             Scenario::Storm => "storm",
+            Scenario::Cluster => "cluster",
         }
     }
 }
@@ -78,6 +82,8 @@ pub struct Opts {
     pub exe: PathBuf,
     /// Extra arguments for the owned tether server (`tether serve … ARGS`), e.g. `--admin off`.
     pub server_args: Vec<String>,
+    /// `cluster`: how many nodes (at least 4: the scenario uses four of them in distinct roles).
+    pub nodes: usize,
 }
 
 impl Opts {
@@ -299,6 +305,12 @@ fn ms3(x: f64) -> f64 {
 
 /// Run one scenario.
 pub fn run(opts: &Opts) -> anyhow::Result<Report> {
+    if opts.scenario == Scenario::Cluster {
+        if opts.target != Target::Tether || opts.server.is_some() {
+            bail!("cluster runs tether nodes of its own");
+        }
+        return cluster::run(opts);
+    }
     if opts.target == Target::Mosquitto && matches!(opts.scenario, Scenario::Takeover | Scenario::Storm) {
         bail!("{} is measured for tether only", opts.scenario.name());
     }
@@ -429,6 +441,7 @@ pub fn run(opts: &Opts) -> anyhow::Result<Report> {
             rows.push(("ghosts after (server table)".into(), format!("{ghosts} ({est} ESTABLISHED, {cw} CLOSE_WAIT)")));
         }
         Scenario::Storm => storm(opts, &mut server, &mut workers, n, &mut out, &mut rows)?,
+        Scenario::Cluster => unreachable!("run by cluster::run"),
     }
     for w in &mut workers {
         let _ = w.send("stop");

@@ -4,7 +4,8 @@
 //! [`run`] opens `count` connections from `source_ip` (bounded concurrency), prints one `connected` line with the
 //! handshake latencies, then serves commands read from stdin, one per line:
 //! `report` (heartbeat exchanges and server pings answered so far), `silence M` (the first M connections stop sending, socket open),
-//! `takeover K` (the last K ids reconnect from fresh sockets while their old connection is live), `stop`.
+//! `takeover K [ADDR]` (the last K ids reconnect from fresh sockets while their old connection is live, to ADDR if
+//! given: another node of a cluster), `close M` (the first M connections say `BYE` and close), `stop`.
 //! Replies are JSON lines on stdout. End of stdin, `stop`, or `max_seconds` ends the process: it never outlives
 //! its coordinator.
 //!
@@ -59,6 +60,8 @@ pub struct WorkerOpts {
 struct Conn {
     id: String,
     silent: Arc<AtomicBool>,
+    /// Say `BYE` and close.
+    bye: Arc<AtomicBool>,
     wake: Arc<Notify>,
     /// Epoch µs of the last frame this connection sent.
     last_tx_us: Arc<AtomicU64>,
@@ -94,6 +97,7 @@ async fn serve(opts: WorkerOpts) -> anyhow::Result<()> {
         let c = Conn {
             id: format!("{}{}", opts.prefix, opts.first + i),
             silent: Arc::new(AtomicBool::new(false)),
+            bye: Arc::new(AtomicBool::new(false)),
             wake: Arc::new(Notify::new()),
             last_tx_us: Arc::new(AtomicU64::new(0)),
         };
@@ -117,7 +121,9 @@ async fn serve(opts: WorkerOpts) -> anyhow::Result<()> {
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     while let Some(line) = lines.next_line().await? {
         let mut words = line.split_whitespace();
-        match (words.next(), words.next().and_then(|n| n.parse::<usize>().ok())) {
+        let (cmd, count) = (words.next(), words.next().and_then(|n| n.parse::<usize>().ok()));
+        let other: Option<SocketAddr> = words.next().and_then(|a| a.parse().ok());
+        match (cmd, count) {
             (Some("report"), _) => emit(json!({
                 "event": "report",
                 "exchanges": exchanges.heartbeats.load(Ordering::Relaxed),
@@ -133,15 +139,27 @@ async fn serve(opts: WorkerOpts) -> anyhow::Result<()> {
                 let last: Vec<u64> = chosen.iter().map(|c| c.last_tx_us.load(Ordering::SeqCst)).collect();
                 emit(json!({"event": "silenced", "ids": ids, "last_tx_us": last, "at_us": epoch_us()}));
             }
+            (Some("close"), Some(m)) => {
+                let chosen = &conns[..m.min(conns.len())];
+                let at = epoch_us();
+                for c in chosen {
+                    c.bye.store(true, Ordering::SeqCst);
+                    c.wake.notify_one();
+                }
+                let ids: Vec<&str> = chosen.iter().map(|c| c.id.as_str()).collect();
+                emit(json!({"event": "closed", "ids": ids, "at_us": at}));
+            }
             (Some("takeover"), Some(k)) => {
                 // One at a time: the latency of a takeover, not of a queue of them.
                 let from = conns.len().saturating_sub(k);
                 let mut lat = Vec::new();
                 let mut errors = 0;
+                let to = WorkerOpts { addr: other.unwrap_or(opts.addr), ..opts.clone() };
                 for c in &mut conns[from..] {
                     c.silent = Arc::new(AtomicBool::new(false));
+                    c.bye = Arc::new(AtomicBool::new(false));
                     c.wake = Arc::new(Notify::new());
-                    match spawn_conn(&opts, c, exchanges.clone(), None).await {
+                    match spawn_conn(&to, c, exchanges.clone(), None).await {
                         Ok(Ok((_, hello_rtt))) => lat.push(hello_rtt.as_micros() as u64),
                         _ => errors += 1,
                     }
@@ -164,6 +182,7 @@ fn spawn_conn(opts: &WorkerOpts, c: &Conn, exchanges: Arc<Counts>, gate: Option<
     let (tx, rx) = tokio::sync::oneshot::channel();
     let (target, addr, src, interval) = (opts.target, opts.addr, opts.source_ip, opts.interval);
     let (id, silent, wake, last) = (c.id.clone(), c.silent.clone(), c.wake.clone(), c.last_tx_us.clone());
+    let bye = c.bye.clone();
     tokio::spawn(async move {
         let permit = match gate {
             Some(g) => Some(g.acquire_owned().await),
@@ -184,7 +203,7 @@ fn spawn_conn(opts: &WorkerOpts, c: &Conn, exchanges: Arc<Counts>, gate: Option<
         // Devices connect over time, so their ping phases are spread over the interval; a burst-opened load
         // generator would otherwise ping (and fall due) all at once. The phase comes from the id: repeatable.
         let phase = interval.mul_f64((nonce_of(&id) % 1000) as f64 / 1000.0);
-        let hb = Heartbeat { silent, wake, last_tx_us: last, exchanges, interval, phase };
+        let hb = Heartbeat { silent, bye, wake, last_tx_us: last, exchanges, interval, phase };
         let _ = match target {
             Target::Tether => hb.tether(stream, leftover).await,
             Target::Mosquitto => hb.mqtt(stream).await,
@@ -303,6 +322,7 @@ struct Counts {
 
 struct Heartbeat {
     silent: Arc<AtomicBool>,
+    bye: Arc<AtomicBool>,
     wake: Arc<Notify>,
     last_tx_us: Arc<AtomicU64>,
     exchanges: Arc<Counts>,
@@ -357,7 +377,17 @@ impl Heartbeat {
                     last_tx = tokio::time::Instant::now();
                     self.sent();
                 }
-                () = self.wake.notified() => {}
+                () = self.wake.notified() => {
+                    if self.bye.load(Ordering::SeqCst) {
+                        let bye = tether_proto::Bye {
+                            reason: tether_proto::CloseReason::Bye,
+                            retry_after_ms: 0,
+                            alternative: String::new(),
+                        };
+                        stream.write_all(&Frame::Bye(bye).to_bytes()).await?;
+                        return Ok(());
+                    }
+                }
             }
         }
     }

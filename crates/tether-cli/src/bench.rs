@@ -21,6 +21,9 @@ pub enum ScenarioArg {
     Detect,
     Takeover,
     Storm,
+    /// Several nodes on one Redis (started by this run): rest, a reconnect wave, cross-node takeover, presence
+    /// propagation, node loss.
+    Cluster,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -72,6 +75,9 @@ pub struct Args {
     /// off` measures with metrics off). The result is labelled "metrics off" or "metrics on".
     #[arg(long = "server-arg", value_name = "ARG", allow_hyphen_values = true, conflicts_with = "server")]
     server_args: Vec<String>,
+    /// cluster: how many nodes (at least 4).
+    #[arg(long, default_value_t = 5)]
+    nodes: usize,
     /// Print the result as one JSON object on the last line.
     #[arg(long)]
     json: bool,
@@ -116,6 +122,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         ScenarioArg::Detect => Scenario::Detect,
         ScenarioArg::Takeover => Scenario::Takeover,
         ScenarioArg::Storm => Scenario::Storm,
+        ScenarioArg::Cluster => Scenario::Cluster,
     };
     if args.target == TargetArg::Mosquitto && args.heartbeat_interval < Duration::from_secs(1) {
         anyhow::bail!("MQTT keepalive is in whole seconds: use --heartbeat-interval 1s or more for mosquitto");
@@ -135,6 +142,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         server_pid: args.server_pid,
         exe: std::env::current_exe().context("locating the tether executable")?,
         server_args: args.server_args,
+        nodes: args.nodes,
     };
     let report = tether_bench::run(&opts)?;
     let width = report.rows.iter().map(|(k, _)| k.chars().count()).max().unwrap_or(0);

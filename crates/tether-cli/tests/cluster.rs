@@ -87,6 +87,8 @@ struct Watcher {
     client: Client,
     last: HashMap<String, (PresenceState, Option<CloseReason>)>,
     offline_at: HashMap<String, Instant>,
+    /// Targets of the watcher's own `DATA` that came back `UNDELIVERABLE`.
+    undeliverable: Vec<String>,
 }
 
 impl Watcher {
@@ -95,7 +97,7 @@ impl Watcher {
         c.nonce = Some(1);
         let client = Client::connect(addr.parse().unwrap(), c).await.unwrap();
         client.subscribe(vec!["*".into()]).await.unwrap();
-        Watcher { client, last: HashMap::new(), offline_at: HashMap::new() }
+        Watcher { client, last: HashMap::new(), offline_at: HashMap::new(), undeliverable: Vec::new() }
     }
 
     /// Read presence until `done` holds; fails after [`PATIENCE`].
@@ -109,6 +111,7 @@ impl Watcher {
                     }
                     self.last.insert(p.client_id, (p.state, p.reason));
                 }
+                Ok(Some(ClientEvent::Undeliverable { to, .. })) => self.undeliverable.push(to),
                 Ok(Some(ClientEvent::Disconnected(d))) => panic!("watcher disconnected: {d:?}"),
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => panic!("watcher: no presence for: {what}"),
@@ -205,6 +208,15 @@ async fn a_killed_nodes_clients_are_told_within_its_lease_and_the_rest_move_with
 
     let killed = Instant::now();
     n1.proc.signal(libc::SIGKILL);
+    // Long before the lease runs out (as soon as Redis has seen n1's connections close): DATA to a client of the
+    // dead node reaches no node, and the sender is told so rather than losing it silently.
+    until("n1's inbox has no listener", || {
+        redis.cli(&["PUBSUB", "NUMSUB", "tether:to:n1"]).lines().nth(1) == Some("0")
+    })
+    .await;
+    w.client.send(Some("s000"), bytes::Bytes::from_static(b"are you there")).await.unwrap();
+    w.until("UNDELIVERABLE for s000", |w| w.undeliverable.iter().any(|t| t == "s000")).await;
+    assert!(killed.elapsed() < Duration::from_secs(2), "told before the node was reaped");
     // Every mover reconnects elsewhere.
     for m in &mut movers {
         assert_ne!(connected(m).await, n1.addr);

@@ -88,23 +88,17 @@ pub(crate) trait Host: Send + Sync + 'static {
     fn degraded(&self, degraded: bool, why: &str);
     /// This node reaped `count` sessions of the lost `node`.
     fn reaped(&self, node: &str, count: u64);
+    /// A `DATA` from local `from` to `to` reached no node (the holder's node is gone, or Redis failed).
+    fn undeliverable(&self, from: &str, to: &str);
 }
 
 /// One operation for the outbox, carried out in queue order.
 #[derive(Debug)]
 pub(crate) enum Op {
-    Publish {
-        channel: String,
-        msg: Vec<u8>,
-    },
+    /// `relay`: a relayed `DATA` (sender, target): when no node receives it, the sender is told `UNDELIVERABLE`.
+    Publish { channel: String, msg: Vec<u8>, relay: Option<(String, String)> },
     /// A local session ended (after the presence grace): forget it in Redis and publish `offline`.
-    Release {
-        client: String,
-        epoch: u64,
-        reason: u8,
-        by_client: bool,
-        last_seen: Duration,
-    },
+    Release { client: String, epoch: u64, reason: u8, by_client: bool, last_seen: Duration },
 }
 
 /// Counters and histograms for the admin API and `/metrics`.
@@ -179,6 +173,8 @@ pub struct Cluster {
     max_epoch: AtomicU64,
     asks: Mutex<HashMap<u64, oneshot::Sender<AskAnswer>>>,
     next_req: AtomicU64,
+    /// Nodes whose lease ran out (as of the reaper's last scan): not asked, they cannot answer.
+    lost: Mutex<std::collections::HashSet<String>>,
     out: mpsc::Sender<Op>,
     out_rx: Mutex<Option<mpsc::Receiver<Op>>>,
     /// Set when an operation could not be queued or carried out: the lease task re-registers everything.
@@ -217,6 +213,7 @@ impl Cluster {
             max_epoch: AtomicU64::new(0),
             asks: Mutex::new(HashMap::new()),
             next_req: AtomicU64::new(1),
+            lost: Mutex::new(std::collections::HashSet::new()),
             out,
             out_rx: Mutex::new(Some(out_rx)),
             resync: AtomicBool::new(false),
@@ -350,6 +347,9 @@ impl Cluster {
     /// Ask `node` whether a `HELLO` with `nonce` may have `client`. `None` when it did not answer within
     /// `ask_wait` (hung, cut off, gone) or Redis is unreachable: the caller claims anyway.
     pub(crate) async fn ask(&self, node: &str, client: &str, nonce: u64) -> Option<AskAnswer> {
+        if self.lost.lock().expect("lost lock").contains(node) {
+            return None;
+        }
         let req = self.next_req.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.asks.lock().expect("asks lock").insert(req, tx);
@@ -390,12 +390,18 @@ impl Cluster {
 
     /// Publish `msg` to `node`'s inbox.
     pub(crate) fn send_to(&self, node: &str, msg: &Msg) -> bool {
-        self.queue(Op::Publish { channel: store::inbox(node), msg: msg.encode(unix_ms()) })
+        self.queue(Op::Publish { channel: store::inbox(node), msg: msg.encode(unix_ms()), relay: None })
+    }
+
+    /// Relay `DATA` from local `from` to `to` on `node`; if no node receives it, `from` is told.
+    pub(crate) fn relay(&self, node: &str, from: &str, to: &str, msg: &Msg) -> bool {
+        let relay = Some((from.to_owned(), to.to_owned()));
+        self.queue(Op::Publish { channel: store::inbox(node), msg: msg.encode(unix_ms()), relay })
     }
 
     /// Publish `msg` on the presence channel.
     pub(crate) fn publish_presence(&self, msg: &Msg) -> bool {
-        self.queue(Op::Publish { channel: store::PRESENCE.into(), msg: msg.encode(unix_ms()) })
+        self.queue(Op::Publish { channel: store::PRESENCE.into(), msg: msg.encode(unix_ms()), relay: None })
     }
 
     /// Spawn the lease, reaper, listener and outbox tasks. They run until the returned handles are aborted.
@@ -404,8 +410,8 @@ impl Cluster {
         vec![
             tokio::spawn(lease_task(self.clone(), host.clone())),
             tokio::spawn(reaper_task(self.clone(), host.clone())),
-            tokio::spawn(listener_task(self.clone(), host)),
-            tokio::spawn(outbox_task(self.clone(), rx)),
+            tokio::spawn(listener_task(self.clone(), host.clone())),
+            tokio::spawn(outbox_task(self.clone(), host, rx)),
         ]
     }
 
@@ -569,6 +575,11 @@ async fn reaper_task(c: Arc<Cluster>, host: Arc<dyn Host>) {
             _ => continue,
         };
         let mine = store::member(&c.cfg.node_id, &c.incarnation());
+        *c.lost.lock().expect("lost lock") = expired
+            .iter()
+            .filter(|m| **m != mine)
+            .map(|m| m.rsplit_once('#').map_or(m.as_str(), |x| x.0).to_owned())
+            .collect();
         for member in expired.into_iter().filter(|m| *m != mine) {
             let hold = c.cfg.lease.max(Duration::from_secs(1));
             if !matches!(store.lock_reap(&member, &c.cfg.node_id, hold).await, Ok(true)) {
@@ -638,31 +649,30 @@ async fn listener_task(c: Arc<Cluster>, host: Arc<dyn Host>) {
 }
 
 /// Carry out queued operations in order; consecutive publishes go in one pipeline.
-async fn outbox_task(c: Arc<Cluster>, mut rx: mpsc::Receiver<Op>) {
+async fn outbox_task(c: Arc<Cluster>, host: Arc<dyn Host>, mut rx: mpsc::Receiver<Op>) {
     let mut batch: Vec<Op> = Vec::with_capacity(256);
+    let mut publishes: Vec<Pending> = Vec::with_capacity(256);
     loop {
         if rx.recv_many(&mut batch, 256).await == 0 {
             return;
         }
         let Some(store) = c.store() else {
-            // Degraded: what ended meanwhile is released by the re-registration once Redis is back.
+            // Degraded: what ended meanwhile is released by the re-registration once Redis is back; a relayed
+            // DATA is told to its sender.
             c.resync.store(true, Ordering::Relaxed);
             c.stats.unpublished.fetch_add(batch.len() as u64, Ordering::Relaxed);
-            batch.clear();
+            for op in batch.drain(..) {
+                if let Op::Publish { relay: Some((from, to)), .. } = op {
+                    host.undeliverable(&from, &to);
+                }
+            }
             continue;
         };
-        let mut pipe = redis::pipe();
-        let mut publishes = 0;
         for op in batch.drain(..) {
             match op {
-                Op::Publish { channel, msg } => {
-                    pipe.publish(channel, msg).ignore();
-                    publishes += 1;
-                }
+                Op::Publish { channel, msg, relay } => publishes.push((channel, msg, relay)),
                 Op::Release { client, epoch, reason, by_client, last_seen } => {
-                    if publishes > 0 {
-                        flush(&c, &store, &mut pipe, &mut publishes).await;
-                    }
+                    flush(&c, &*host, &store, &mut publishes).await;
                     let inc = c.incarnation();
                     let release = store.release(&client, &c.cfg.node_id, &inc, epoch, reason, by_client, last_seen);
                     if !matches!(tokio::time::timeout(c.cfg.redis_timeout, release).await, Ok(Ok(_))) {
@@ -673,22 +683,43 @@ async fn outbox_task(c: Arc<Cluster>, mut rx: mpsc::Receiver<Op>) {
                 }
             }
         }
-        if publishes > 0 {
-            flush(&c, &store, &mut pipe, &mut publishes).await;
-        }
+        flush(&c, &*host, &store, &mut publishes).await;
     }
 }
 
-async fn flush(c: &Cluster, store: &Store, pipe: &mut redis::Pipeline, publishes: &mut u64) {
-    let mut con = store.con.clone();
-    let sent = tokio::time::timeout(c.cfg.redis_timeout, pipe.query_async::<()>(&mut con)).await;
-    if matches!(sent, Ok(Ok(()))) {
-        c.stats.published.fetch_add(*publishes, Ordering::Relaxed);
-    } else {
-        c.stats.redis_errors.fetch_add(1, Ordering::Relaxed);
-        c.stats.unpublished.fetch_add(*publishes, Ordering::Relaxed);
-        c.resync.store(true, Ordering::Relaxed);
+/// A publish waiting for the pipeline: channel, message, and the relayed `DATA`'s sender and target.
+type Pending = (String, Vec<u8>, Option<(String, String)>);
+
+/// Publish what is pending in one pipeline. A relayed `DATA` that no node received (its inbox has no listener:
+/// the node is gone) or that Redis did not take is told to its sender as `UNDELIVERABLE`.
+async fn flush(c: &Cluster, host: &dyn Host, store: &Store, publishes: &mut Vec<Pending>) {
+    if publishes.is_empty() {
+        return;
     }
-    pipe.clear();
-    *publishes = 0;
+    let mut pipe = redis::pipe();
+    for (channel, msg, _) in publishes.iter() {
+        pipe.publish(channel, msg);
+    }
+    let mut con = store.con.clone();
+    let sent = tokio::time::timeout(c.cfg.redis_timeout, pipe.query_async::<Vec<u64>>(&mut con)).await;
+    match sent {
+        Ok(Ok(receivers)) => {
+            c.stats.published.fetch_add(publishes.len() as u64, Ordering::Relaxed);
+            for ((_, _, relay), n) in publishes.drain(..).zip(receivers) {
+                if let (Some((from, to)), 0) = (relay, n) {
+                    host.undeliverable(&from, &to);
+                }
+            }
+        }
+        _ => {
+            c.stats.redis_errors.fetch_add(1, Ordering::Relaxed);
+            c.stats.unpublished.fetch_add(publishes.len() as u64, Ordering::Relaxed);
+            c.resync.store(true, Ordering::Relaxed);
+            for (_, _, relay) in publishes.drain(..) {
+                if let Some((from, to)) = relay {
+                    host.undeliverable(&from, &to);
+                }
+            }
+        }
+    }
 }

@@ -118,7 +118,7 @@ impl Shared {
         };
         let Some(node) = node else { return false };
         let msg = Msg::Data { from: from.into(), to: to.into(), origin: cluster.node_id().into(), payload };
-        cluster.send_to(&node, &msg)
+        cluster.relay(&node, from, to, &msg)
     }
 
     /// The node holding `client`, when it is another one.
@@ -238,10 +238,7 @@ impl Host for Shared {
                     cluster.send_to(&origin, &Msg::Undeliverable { from, to });
                 }
             }
-            Msg::Undeliverable { from, to } => {
-                self.metrics.undeliverable.fetch_add(1, Ordering::Relaxed);
-                self.deliver_local(&from, Frame::Undeliverable { to, why: Undeliverable::NotOnline });
-            }
+            Msg::Undeliverable { from, to } => Host::undeliverable(self, &from, &to),
             Msg::Kick { client, retry_after_ms } => {
                 let hub = self.hub.lock().expect("hub lock");
                 if let Some(h) = hub.registry.lookup(&client).and_then(|c| hub.conns.get(&c)) {
@@ -301,6 +298,11 @@ impl Host for Shared {
             tracing::info!("cluster: {why}; local sessions registered again");
         }
         self.emit(EventKind::Cluster { degraded, detail: why.into() });
+    }
+
+    fn undeliverable(&self, from: &str, to: &str) {
+        self.metrics.undeliverable.fetch_add(1, Ordering::Relaxed);
+        self.deliver_local(from, Frame::Undeliverable { to: to.into(), why: Undeliverable::NotOnline });
     }
 
     fn reaped(&self, node: &str, count: u64) {
