@@ -17,6 +17,12 @@ KEYS = {
     "detect": ["silenced", "declared", "false_verdicts", "lateness_ms_p50", "lateness_ms_p99", "lateness_ms_max"],
     "takeover": ["latency_ms_p50", "latency_ms_p99", "ghosts"],
     "storm": ["all_back_s", "peak_handshakes_in_flight"],
+    "cluster": [
+        "nodes", "connections", "node_rss_bytes", "rss_per_conn_bytes", "node_cpu_s", "cpu_s_per_10k_heartbeats",
+        "redis_bytes_per_session", "redis_commands_per_s_at_rest", "redis_commands_per_s_wave", "wave_s",
+        "cross_takeover_ms_p50", "cross_takeover_ms_p99", "presence_ms_p50", "presence_ms_p99",
+        "loss_last_offline_s", "loss_reaped_s",
+    ],
 }
 # An owned tether server with its admin listener (metrics on) is scraped after the idle hold.
 SCRAPE_KEYS = ["metrics_scrapes", "metrics_scrape_ms_p50", "metrics_scrape_ms_max", "metrics_scrape_cpu_ms", "metrics_bytes"]
@@ -44,7 +50,7 @@ def check(rows):
             return 1
         seen.add((r["scenario"], r["target"]))
     want = {(s, t) for s in ("idle", "connect", "detect") for t in ("tether", "mosquitto")}
-    want |= {("takeover", "tether"), ("storm", "tether")}
+    want |= {("takeover", "tether"), ("storm", "tether"), ("cluster", "tether")}
     if not want <= seen:
         print(f"scenarios missing: {sorted(want - seen)}", file=sys.stderr)
         return 1
@@ -211,6 +217,7 @@ def main():
     }
     with open(commands) as f:
         cmds = f.read().strip()
+    cluster = (by.get(("cluster", "tether")) or [None])[-1]
     with open(out_md, "w") as f:
         f.write(BENCH_DOC.format(
             machine="\n".join(f"- {k}: {v}" for k, v in machine.items()),
@@ -221,7 +228,37 @@ def main():
             idle="\n".join(idle_rows),
             commands=cmds,
             findings=open(os.path.join(os.path.dirname(__file__), "bench_findings.md")).read().strip(),
+            cluster=cluster_table(cluster),
         ))
+
+
+def cluster_table(r):
+    if r is None:
+        return "(no cluster run in this suite)"
+    mib = lambda b: f"{b / 2**20:.1f}"
+    per_conn = r["rss_per_conn_bytes"]
+    rows = [
+        ("nodes × connections", f"{r['nodes']} × {r['connections'] // r['nodes']:,} = {r['connections']:,}"),
+        ("heartbeat interval", f"{r['heartbeat_interval_ms'] / 1000:g} s"),
+        ("node RSS (MiB, each)", ", ".join(mib(b) for b in r["node_rss_bytes"])),
+        ("node RSS per connection (bytes, each)", ", ".join(fmt(b) for b in per_conn)),
+        ("node CPU over the hold (s, each)", ", ".join(fmt(c) for c in r["node_cpu_s"]) + f" in {fmt(r['held_s'])} s"),
+        ("CPU per 10k heartbeats, all nodes (s)", fmt(r["cpu_s_per_10k_heartbeats"])),
+        ("Redis memory per session (bytes)", fmt(r["redis_bytes_per_session"])),
+        ("Redis memory in all (MiB)", mib(r["redis_used_memory_bytes"])),
+        ("Redis commands per second at rest", fmt(r["redis_commands_per_s_at_rest"])),
+        ("reconnect wave (a tenth of the ids)", f"{fmt(r['wave_reconnects'])} ids in {fmt(r['wave_s'])} s"),
+        ("Redis commands per second during the wave", fmt(r["redis_commands_per_s_wave"])),
+        ("cross-node takeover HELLO→WELCOME p50 / p99 (ms; goal p99 ≤ 5)",
+         f"{fmt(r['cross_takeover_ms_p50'])} / {fmt(r['cross_takeover_ms_p99'])} ({fmt(r['cross_takeovers'])} takeovers)"),
+        ("presence propagation p50 / p99 (ms; goal p99 ≤ 10)",
+         f"{fmt(r['presence_ms_p50'])} / {fmt(r['presence_ms_p99'])} ({fmt(r['presence_received'])} of {fmt(r['presence_samples'])})"),
+        ("node loss: kill -9 → last watched offline (s; goal ≤ 4)",
+         f"{fmt(r['loss_last_offline_s'])} ({fmt(r['loss_node_lost'])} of {fmt(r['loss_watched'])} `node_lost`)"),
+        ("node loss: kill -9 → the reaping node's `node_lost` event (s)",
+         f"{fmt(r['loss_reaped_s'])} ({fmt(r['loss_reaped_sessions'])} sessions)"),
+    ]
+    return "\n".join(["| figure | measured |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
 
 
 BENCH_DOC = """# Benchmarks: tether and Mosquitto, one run
@@ -276,6 +313,23 @@ round-trip probes.
   `tether_disconnects_total{{reason="heartbeat_timeout"}}`.
   - Latency: request to the end of the body.
   - CPU: the server's CPU time over the 50 scrapes minus its rate during the hold, ÷ 50.
+
+## Cluster on Redis
+
+`tether bench cluster`: a `redis-server` and tether nodes of its own (`--cluster`), every node on this machine,
+the connections spread evenly, then in order:
+- **at rest**, over the hold: each node's RSS and CPU, Redis's memory per session (`used_memory` after the
+  connections, minus before, ÷ N) and commands per second (`total_commands_processed`);
+- **a reconnect wave**: a tenth of the ids reconnect to their node from fresh sockets while their old connection
+  is live (each a takeover: one read and one claim script in Redis), one at a time per load generator;
+- **cross-node takeover**: ids of node 0 say `HELLO` on node 1 (which asks node 0, then claims), one at a time;
+  `HELLO` → `WELCOME`;
+- **presence propagation**: a watcher on node 1 subscribed to ids of node 2, whose clients say `BYE` one at a
+  time; from the `BYE` to the watcher's `PRESENCE`;
+- **node loss**: `kill -9` of node 3 (lease 3 s); from the kill to the last of 1,000 of its ids that a watcher on
+  node 1 sees offline, and to the reaping node's `node_lost` event.
+
+{cluster}
 
 ## Memory against connections
 

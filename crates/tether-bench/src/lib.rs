@@ -91,7 +91,7 @@ impl Opts {
     /// (no admin listener, no per-frame counting, no round-trip probes), else `metrics on`. `None` for Mosquitto
     /// and for a server this run did not start.
     pub fn variant(&self) -> Option<&'static str> {
-        if self.target != Target::Tether || self.server.is_some() {
+        if self.target != Target::Tether || self.server.is_some() || self.scenario == Scenario::Cluster {
             return None;
         }
         let a = &self.server_args;

@@ -5,7 +5,7 @@
 //! handshake latencies, then serves commands read from stdin, one per line:
 //! `report` (heartbeat exchanges and server pings answered so far), `silence M` (the first M connections stop sending, socket open),
 //! `takeover K [ADDR]` (the last K ids reconnect from fresh sockets while their old connection is live, to ADDR if
-//! given: another node of a cluster), `close M` (the first M connections say `BYE` and close), `stop`.
+//! given: another node of a cluster), `close M` (the next M connections not closed yet say `BYE` and close), `stop`.
 //! Replies are JSON lines on stdout. End of stdin, `stop`, or `max_seconds` ends the process: it never outlives
 //! its coordinator.
 //!
@@ -119,6 +119,7 @@ async fn serve(opts: WorkerOpts) -> anyhow::Result<()> {
         "latencies_us": latencies,
     }));
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut closed = 0;
     while let Some(line) = lines.next_line().await? {
         let mut words = line.split_whitespace();
         let (cmd, count) = (words.next(), words.next().and_then(|n| n.parse::<usize>().ok()));
@@ -140,7 +141,9 @@ async fn serve(opts: WorkerOpts) -> anyhow::Result<()> {
                 emit(json!({"event": "silenced", "ids": ids, "last_tx_us": last, "at_us": epoch_us()}));
             }
             (Some("close"), Some(m)) => {
-                let chosen = &conns[..m.min(conns.len())];
+                let end = (closed + m).min(conns.len());
+                let chosen = &conns[closed..end];
+                closed = end;
                 let at = epoch_us();
                 for c in chosen {
                     c.bye.store(true, Ordering::SeqCst);

@@ -420,7 +420,9 @@ impl Cluster {
             .set_connection_timeout(Some(self.cfg.redis_timeout.max(Duration::from_millis(100))))
             .set_response_timeout(Some(self.cfg.redis_timeout));
         let con = self.client.get_multiplexed_async_connection_with_config(&cfg).await?;
-        Ok(Store::new(con))
+        let store = Store::new(con);
+        store.load_scripts().await?;
+        Ok(store)
     }
 }
 
@@ -648,10 +650,10 @@ async fn listener_task(c: Arc<Cluster>, host: Arc<dyn Host>) {
     }
 }
 
-/// Carry out queued operations in order; consecutive publishes go in one pipeline.
+/// Carry out queued operations in order, each batch in one pipeline (Redis runs a pipeline's commands in
+/// order): publishes, and releases by script hash.
 async fn outbox_task(c: Arc<Cluster>, host: Arc<dyn Host>, mut rx: mpsc::Receiver<Op>) {
     let mut batch: Vec<Op> = Vec::with_capacity(256);
-    let mut publishes: Vec<Pending> = Vec::with_capacity(256);
     loop {
         if rx.recv_many(&mut batch, 256).await == 0 {
             return;
@@ -668,57 +670,57 @@ async fn outbox_task(c: Arc<Cluster>, host: Arc<dyn Host>, mut rx: mpsc::Receive
             }
             continue;
         };
-        for op in batch.drain(..) {
-            match op {
-                Op::Publish { channel, msg, relay } => publishes.push((channel, msg, relay)),
-                Op::Release { client, epoch, reason, by_client, last_seen } => {
-                    flush(&c, &*host, &store, &mut publishes).await;
-                    let inc = c.incarnation();
-                    let release = store.release(&client, &c.cfg.node_id, &inc, epoch, reason, by_client, last_seen);
-                    if !matches!(tokio::time::timeout(c.cfg.redis_timeout, release).await, Ok(Ok(_))) {
-                        c.stats.redis_errors.fetch_add(1, Ordering::Relaxed);
-                        c.stats.unpublished.fetch_add(1, Ordering::Relaxed);
-                        c.resync.store(true, Ordering::Relaxed);
-                    }
-                }
-            }
-        }
-        flush(&c, &*host, &store, &mut publishes).await;
+        flush(&c, &*host, &store, &mut batch).await;
     }
 }
 
-/// A publish waiting for the pipeline: channel, message, and the relayed `DATA`'s sender and target.
-type Pending = (String, Vec<u8>, Option<(String, String)>);
-
-/// Publish what is pending in one pipeline. A relayed `DATA` that no node received (its inbox has no listener:
-/// the node is gone) or that Redis did not take is told to its sender as `UNDELIVERABLE`.
-async fn flush(c: &Cluster, host: &dyn Host, store: &Store, publishes: &mut Vec<Pending>) {
-    if publishes.is_empty() {
-        return;
-    }
+/// Send `ops` in one pipeline, in order. A relayed `DATA` that no node received (its inbox has no listener: the
+/// node is gone) or that Redis did not take is told to its sender as `UNDELIVERABLE`. A release that failed is
+/// made good by the next re-registration.
+async fn flush(c: &Cluster, host: &dyn Host, store: &Store, ops: &mut Vec<Op>) {
     let mut pipe = redis::pipe();
-    for (channel, msg, _) in publishes.iter() {
-        pipe.publish(channel, msg);
-    }
-    let mut con = store.con.clone();
-    let sent = tokio::time::timeout(c.cfg.redis_timeout, pipe.query_async::<Vec<u64>>(&mut con)).await;
-    match sent {
-        Ok(Ok(receivers)) => {
-            c.stats.published.fetch_add(publishes.len() as u64, Ordering::Relaxed);
-            for ((_, _, relay), n) in publishes.drain(..).zip(receivers) {
-                if let (Some((from, to)), 0) = (relay, n) {
-                    host.undeliverable(&from, &to);
-                }
+    pipe.ignore_errors();
+    let inc = c.incarnation();
+    for op in ops.iter() {
+        match op {
+            Op::Publish { channel, msg, .. } => {
+                pipe.publish(channel, msg);
+            }
+            Op::Release { client, epoch, reason, by_client, last_seen } => {
+                pipe.add_command(store.release_cmd(
+                    client,
+                    &c.cfg.node_id,
+                    &inc,
+                    *epoch,
+                    *reason,
+                    *by_client,
+                    *last_seen,
+                ));
             }
         }
+    }
+    let mut con = store.con.clone();
+    let sent = tokio::time::timeout(c.cfg.redis_timeout, pipe.query_async::<Vec<redis::Value>>(&mut con)).await;
+    let results: Vec<Option<redis::Value>> = match sent {
+        Ok(Ok(values)) if values.len() == ops.len() => values.into_iter().map(Some).collect(),
         _ => {
             c.stats.redis_errors.fetch_add(1, Ordering::Relaxed);
-            c.stats.unpublished.fetch_add(publishes.len() as u64, Ordering::Relaxed);
+            ops.iter().map(|_| None).collect()
+        }
+    };
+    for (op, result) in ops.drain(..).zip(results) {
+        let ok = matches!(result, Some(redis::Value::Int(_)));
+        if ok {
+            if matches!(op, Op::Publish { .. }) {
+                c.stats.published.fetch_add(1, Ordering::Relaxed);
+            }
+        } else {
+            c.stats.unpublished.fetch_add(1, Ordering::Relaxed);
             c.resync.store(true, Ordering::Relaxed);
-            for (_, _, relay) in publishes.drain(..) {
-                if let Some((from, to)) = relay {
-                    host.undeliverable(&from, &to);
-                }
+        }
+        if let Op::Publish { relay: Some((from, to)), .. } = op {
+            if !ok || matches!(result, Some(redis::Value::Int(0))) {
+                host.undeliverable(&from, &to);
             }
         }
     }

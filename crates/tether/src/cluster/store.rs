@@ -255,6 +255,45 @@ impl Store {
         Ok(Claimed { epoch, previous: (!prev.is_empty()).then_some((prev, prev_epoch)) })
     }
 
+    /// Load every script into Redis's cache, so that pipelines can call them by hash (`EVALSHA`). Done on every
+    /// new connection: a restarted Redis has an empty cache.
+    pub async fn load_scripts(&self) -> RedisResult<()> {
+        let mut con = self.con.clone();
+        let s = &self.scripts;
+        for script in [&s.claim, &s.release, &s.register, &s.lease, &s.expired, &s.reap] {
+            script.load_async(&mut con).await?;
+        }
+        Ok(())
+    }
+
+    /// The release script as one command for a pipeline (its arguments as [`Store::release`]). Needs
+    /// [`Store::load_scripts`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn release_cmd(
+        &self,
+        client: &str,
+        node: &str,
+        inc: &str,
+        epoch: u64,
+        reason: u8,
+        by_client: bool,
+        last_seen: Duration,
+    ) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.scripts.release.get_hash())
+            .arg(2)
+            .arg(id_key(client))
+            .arg(ids_key(&member(node, inc)))
+            .arg(client)
+            .arg(node)
+            .arg(inc)
+            .arg(epoch)
+            .arg(reason)
+            .arg(u8::from(by_client))
+            .arg(last_seen.as_millis().min(u32::MAX as u128) as u64);
+        cmd
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub async fn release(
         &self,
