@@ -266,8 +266,8 @@ impl Store {
         Ok(())
     }
 
-    /// The release script as one command for a pipeline (its arguments as [`Store::release`]). Needs
-    /// [`Store::load_scripts`].
+    /// The release script as one command for a pipeline: a session of `node` ended; if it still holds `client`,
+    /// forget it and publish `offline`. Needs [`Store::load_scripts`].
     #[allow(clippy::too_many_arguments)]
     pub fn release_cmd(
         &self,
@@ -292,35 +292,6 @@ impl Store {
             .arg(u8::from(by_client))
             .arg(last_seen.as_millis().min(u32::MAX as u128) as u64);
         cmd
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub async fn release(
-        &self,
-        client: &str,
-        node: &str,
-        inc: &str,
-        epoch: u64,
-        reason: u8,
-        by_client: bool,
-        last_seen: Duration,
-    ) -> RedisResult<bool> {
-        let mut con = self.con.clone();
-        let held: u8 = self
-            .scripts
-            .release
-            .key(id_key(client))
-            .key(ids_key(&member(node, inc)))
-            .arg(client)
-            .arg(node)
-            .arg(inc)
-            .arg(epoch)
-            .arg(reason)
-            .arg(u8::from(by_client))
-            .arg(last_seen.as_millis().min(u32::MAX as u128) as u64)
-            .invoke_async(&mut con)
-            .await?;
-        Ok(held == 1)
     }
 
     pub async fn register(&self, client: &str, node: &str, inc: &str, epoch: u64) -> RedisResult<Registered> {
