@@ -322,8 +322,8 @@ the connections spread evenly, then in order:
   connections, minus before, ÷ N) and commands per second (`total_commands_processed`);
 - **a reconnect wave**: a tenth of the ids reconnect to their node from fresh sockets while their old connection
   is live (each a takeover: one read and one claim script in Redis), one at a time per load generator;
-- **cross-node takeover**: ids of node 0 say `HELLO` on node 1 (which asks node 0, then claims), one at a time;
-  `HELLO` → `WELCOME`;
+- **cross-node takeover**: ids of node 0 say `HELLO` on node 4 (which asks node 0, then claims), one at a time;
+  `HELLO` → `WELCOME`. Node 4 first closes as many of its own clients, to stay under the descriptor limit;
 - **presence propagation**: a watcher on node 1 subscribed to ids of node 2, whose clients say `BYE` one at a
   time; from the `BYE` to the watcher's `PRESENCE`;
 - **node loss**: `kill -9` of node 3 (lease 3 s); from the kill to the last of 1,000 of its ids that a watcher on

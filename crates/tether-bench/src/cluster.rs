@@ -5,7 +5,8 @@
 //!    per session and commands per second.
 //! 2. **A reconnect wave**: a tenth of the ids reconnect (each to its own node) while their old connection is
 //!    live; the wave's duration and Redis's commands per second during it.
-//! 3. **Cross-node takeover**: `--takeovers` ids of node 0 say `HELLO` on node 1; `HELLO` → `WELCOME`.
+//! 3. **Cross-node takeover**: `--takeovers` ids of node 0 say `HELLO` on node 4 (which first closes as many of
+//!    its own, for descriptor room); `HELLO` → `WELCOME`.
 //! 4. **Presence propagation**: a watcher on node 1 subscribed to 200 ids of node 2; those clients say `BYE`, one
 //!    at a time; from the `BYE` to the watcher's `PRESENCE`.
 //! 5. **Node loss**: the watcher subscribes to 1,000 ids of node 3, which is killed (`kill -9`); from the kill
@@ -303,13 +304,21 @@ pub fn run(opts: &Opts) -> anyhow::Result<Report> {
     rows.push(("reconnect wave".into(), format!("{wave_done} ids in {wave_s:.2} s")));
     rows.push(("Redis commands per second during the wave".into(), format!("{wave_cps:.0}")));
 
-    // 3. Cross-node takeover: ids of node 0 say HELLO on node 1. The workers' last ids took part in the wave:
-    //    the takeovers use those (they are live on node 0 again).
+    // 3. Cross-node takeover: ids of node 0 say HELLO on node 4. The workers' last ids took part in the wave:
+    //    the takeovers use those (they are live on node 0 again). Node 4 first makes room (each process may hold
+    //    at most 20,000 descriptors): as many of its clients say BYE.
     let takeovers = opts.takeovers.min(per_node / 10).max(1);
+    let room = takeovers.div_ceil(workers[4].len());
+    for w in workers[4].iter_mut() {
+        w.send(&format!("close {room}"))?;
+    }
+    for w in workers[4].iter() {
+        w.expect("room made", Duration::from_secs(30), |v| event(v) == "closed")?;
+    }
     let ws0 = &mut workers[0];
     let share = takeovers.div_ceil(ws0.len());
     for w in ws0.iter_mut() {
-        w.send(&format!("takeover {share} {}", nodes[1].addr))?;
+        w.send(&format!("takeover {share} {}", nodes[4].addr))?;
     }
     let mut lat = Vec::new();
     for w in ws0.iter() {
