@@ -521,6 +521,9 @@ impl Server {
         }
         drop(self.listener);
         shared.shutdown(&mut tasks).await;
+        if let Some(cluster) = &shared.cluster {
+            cluster.leave(Duration::from_secs(2)).await;
+        }
         for h in helpers {
             h.abort();
         }
@@ -1681,11 +1684,12 @@ impl Hooks for ServerHooks {
                 let mut hub = self.shared.hub.lock().expect("hub lock");
                 hub.registry.suspect(self.conn_id, &client, silent_for);
                 hub.pump(Some((self.conn_id, conn, now)));
+                let own = hub.registry.lookup(&client) == Some(self.conn_id);
+                let epoch = hub.registry.local_epoch(&client).filter(|_| own);
                 drop(hub);
-                if let (Some(cluster), Some(meta)) = (&self.shared.cluster, self.control.session.get()) {
+                if let (Some(cluster), Some(epoch)) = (&self.shared.cluster, epoch) {
                     let silent_ms = silent_for.as_millis().min(u32::MAX as u128) as u32;
-                    let msg =
-                        crate::cluster::wire::Msg::Suspect { client: client.clone(), epoch: meta.epoch, silent_ms };
+                    let msg = crate::cluster::wire::Msg::Suspect { client: client.clone(), epoch, silent_ms };
                     cluster.publish_presence(&msg);
                 }
                 self.shared.emit(EventKind::Suspect {
@@ -1700,9 +1704,11 @@ impl Hooks for ServerHooks {
                 let mut hub = self.shared.hub.lock().expect("hub lock");
                 hub.registry.recovered(self.conn_id, &client);
                 hub.pump(Some((self.conn_id, conn, now)));
+                let own = hub.registry.lookup(&client) == Some(self.conn_id);
+                let epoch = hub.registry.local_epoch(&client).filter(|_| own);
                 drop(hub);
-                if let (Some(cluster), Some(meta)) = (&self.shared.cluster, self.control.session.get()) {
-                    let msg = crate::cluster::wire::Msg::Recovered { client: client.clone(), epoch: meta.epoch };
+                if let (Some(cluster), Some(epoch)) = (&self.shared.cluster, epoch) {
+                    let msg = crate::cluster::wire::Msg::Recovered { client: client.clone(), epoch };
                     cluster.publish_presence(&msg);
                 }
                 self.shared.emit(EventKind::Recovered { client, conn: self.conn_id, peer: self.control.peer });

@@ -121,3 +121,60 @@ async fn id_conflict_holds_across_nodes() {
     assert!(n2.handle.session("x").is_some(), "B keeps the id");
     drop((b, n1, n3));
 }
+
+/// Redis stalls (`CLIENT PAUSE`) past the node's request deadline while one client leaves and another arrives:
+/// the release that failed is made good, and the claim that timed out but was applied is adopted, not mistaken
+/// for another node's (which would close the newcomer).
+#[tokio::test]
+async fn a_stalled_redis_loses_no_release_and_no_client() {
+    redis_or_skip!("stalled Redis");
+    let redis = Redis::start();
+    let n1 = node(&redis, "n1").await;
+    let mut leaving = Client::connect(n1.addr, client("leaving", 1)).await.unwrap();
+    let held = |id: &str| redis.cli(&["HGET", &format!("tether:id:{id}"), "node"]);
+    assert_eq!(held("leaving"), "n1");
+    assert_eq!(redis.cli(&["CLIENT", "PAUSE", "1500", "ALL"]), "OK");
+    let _ = leaving.close().await;
+    let mut arriving = Client::connect(n1.addr, client("arriving", 2)).await.unwrap();
+    // After the pause, within a few lease ticks: the leaver is gone from Redis, the newcomer registered and kept.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !held("leaving").is_empty() || held("arriving") != "n1" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "leaving: {:?}, arriving: {:?}",
+            held("leaving"),
+            held("arriving")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let quiet = tokio::time::timeout(Duration::from_millis(1500), arriving.next_event()).await;
+    assert!(quiet.is_err(), "the newcomer was told something: {quiet:?}");
+    // The stall was real for the node: requests timed out, and the release could not be sent at first.
+    let c = n1.handle.metrics().cluster.unwrap();
+    assert!(c.redis_errors >= 1 && c.unpublished >= 1, "{c:?}");
+    let _ = arriving.close().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !held("arriving").is_empty() {
+        assert!(std::time::Instant::now() < deadline, "arriving was not released");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_graceful_shutdown_leaves_the_cluster_at_once() {
+    redis_or_skip!("leave");
+    let redis = Redis::start();
+    let (n1, n2) = (node(&redis, "n1").await, node(&redis, "n2").await);
+    let mut w = Client::connect(n2.addr, client("watcher", 1)).await.unwrap();
+    w.subscribe(vec!["dev".into()]).await.unwrap();
+    next_presence(&mut w).await;
+    let _dev = Client::connect(n1.addr, client("dev", 2)).await.unwrap();
+    assert_eq!(next_presence(&mut w).await.state, PresenceState::Online);
+    assert_eq!(redis.cli(&["ZCARD", "tether:nodes"]), "2");
+    n1.shutdown().await;
+    // Its client said goodbye (server_shutdown), was released, and the node is out of the table: no lease to wait.
+    let p = next_presence(&mut w).await;
+    assert_eq!((p.state, p.reason), (PresenceState::Offline, Some(CloseReason::ServerShutdown)));
+    assert_eq!(redis.cli(&["ZCARD", "tether:nodes"]), "1");
+    assert_eq!(redis.cli(&["EXISTS", "tether:id:dev"]), "0");
+}

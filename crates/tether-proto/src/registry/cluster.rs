@@ -196,9 +196,23 @@ impl Registry {
         self.admit_at(now, client, nonce, conn, Some(epoch), inherited, holder_last_rx)
     }
 
-    /// Forget every remote id (a node that lost its view of the cluster reloads it), without announcing anything.
-    pub fn clear_remote(&mut self) {
-        self.remote.clear();
+    /// How `client` last went offline here, if that is remembered: reason, whether the client ended it, and when
+    /// its last frame arrived.
+    pub fn gone_of(&self, client: &str) -> Option<(CloseReason, bool, Instant)> {
+        self.gone.get(client).map(|g| (g.reason, g.by_client, g.last_seen))
+    }
+
+    /// The local session of `client` with epoch `from` takes epoch `to` (the cluster already holds it under that
+    /// one). False when there is no such session.
+    pub fn adopt_epoch(&mut self, client: &str, from: u64, to: u64) -> bool {
+        match self.sessions.get_mut(client).filter(|s| s.epoch == from) {
+            Some(s) => {
+                s.epoch = to;
+                self.next_epoch = self.next_epoch.max(to + 1);
+                true
+            }
+            None => false,
+        }
     }
 }
 

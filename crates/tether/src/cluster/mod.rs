@@ -90,6 +90,12 @@ pub(crate) trait Host: Send + Sync + 'static {
     fn reaped(&self, node: &str, count: u64);
     /// A `DATA` from local `from` to `to` reached no node (the holder's node is gone, or Redis failed).
     fn undeliverable(&self, from: &str, to: &str);
+    /// The local session of `client` with `epoch` has ended (or never was): how it ended, for its release
+    /// (reason code, by the client, silent for), as well as the node remembers. `None` while it is live.
+    fn ended(&self, client: &str, epoch: u64) -> Option<(u8, bool, Duration)>;
+    /// Redis holds `client` for this node with the larger epoch `to` (a claim whose answer was lost): the local
+    /// session of epoch `from` takes it.
+    fn adopt_epoch(&self, client: &str, from: u64, to: u64);
 }
 
 /// One operation for the outbox, carried out in queue order.
@@ -187,6 +193,12 @@ pub struct Cluster {
     joined: AtomicBool,
     listening: AtomicBool,
     ready: tokio::sync::Notify,
+    /// When this node last heard its own beat through pub/sub (Unix ms), and the listener's restart switch: a
+    /// pub/sub connection that stopped delivering (half-open after a failover, say) is replaced.
+    heard_ms: AtomicU64,
+    restart_listener: tokio::sync::Notify,
+    /// The outbox is sending a batch (for a graceful leave, which waits for it).
+    outbox_busy: AtomicBool,
 }
 
 pub(crate) fn unix_ms() -> u64 {
@@ -223,6 +235,9 @@ impl Cluster {
             joined: AtomicBool::new(false),
             listening: AtomicBool::new(false),
             ready: tokio::sync::Notify::new(),
+            heard_ms: AtomicU64::new(unix_ms()),
+            restart_listener: tokio::sync::Notify::new(),
+            outbox_busy: AtomicBool::new(false),
         })
     }
 
@@ -310,7 +325,9 @@ impl Cluster {
     pub(crate) async fn claim(&self, client: &str) -> Option<Claimed> {
         let store = self.store()?;
         let inc = self.incarnation();
-        let claimed = tokio::time::timeout(self.cfg.redis_timeout, store.claim(client, &self.cfg.node_id, &inc)).await;
+        let floor = self.max_epoch.load(Ordering::Relaxed);
+        let claimed =
+            tokio::time::timeout(self.cfg.redis_timeout, store.claim(client, &self.cfg.node_id, &inc, floor)).await;
         match claimed {
             Ok(Ok(c)) => {
                 self.stats.claims.fetch_add(1, Ordering::Relaxed);
@@ -402,6 +419,23 @@ impl Cluster {
     /// Publish `msg` on the presence channel.
     pub(crate) fn publish_presence(&self, msg: &Msg) -> bool {
         self.queue(Op::Publish { channel: store::PRESENCE.into(), msg: msg.encode(unix_ms()), relay: None })
+    }
+
+    /// Leave the cluster on a graceful shutdown: let the outbox send what is queued (the goodbyes' releases), at
+    /// most `patience`, then take this node out of the table. Whatever is still registered is declared lost at
+    /// once instead of after the lease.
+    pub async fn leave(&self, patience: Duration) {
+        let deadline = tokio::time::Instant::now() + patience;
+        let pending = || self.out.capacity() < self.out.max_capacity() || self.outbox_busy.load(Ordering::Acquire);
+        while pending() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let Some(store) = self.store() else { return };
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now()).max(self.cfg.redis_timeout);
+        match tokio::time::timeout(left, store.leave(&self.cfg.node_id, &self.incarnation())).await {
+            Ok(Ok(n)) => tracing::info!("cluster: left ({n} sessions still registered were declared lost)"),
+            _ => tracing::warn!("cluster: could not leave cleanly; the lease will run out"),
+        }
     }
 
     /// Spawn the lease, reaper, listener and outbox tasks. They run until the returned handles are aborted.
@@ -525,16 +559,27 @@ async fn lease_once(
     }
     *last_ok = Some(tokio::time::Instant::now());
     c.set_ready(&c.joined);
+    // The pub/sub connection must deliver too: a beat to our own inbox each tick, heard back by the listener.
+    c.send_to(&c.cfg.node_id, &Msg::Beat);
+    let silent = unix_ms().saturating_sub(c.heard_ms.load(Ordering::Relaxed));
+    if c.listening.load(Ordering::Relaxed) && silent > c.cfg.lease.as_millis() as u64 {
+        tracing::warn!("cluster: pub/sub delivered nothing for {silent} ms; reconnecting it");
+        c.heard_ms.store(unix_ms(), Ordering::Relaxed);
+        c.restart_listener.notify_one();
+    }
     if c.degraded.swap(false, Ordering::AcqRel) {
         host.degraded(false, "Redis answers again");
     }
     Ok(())
 }
 
-/// Register every local session under the current incarnation; close those a newer session elsewhere holds.
-/// False when Redis failed on the way (the next tick tries again).
+/// Register every local session under the current incarnation; close those a newer session elsewhere holds (or
+/// held and ended: a tombstone). Then release what Redis still holds for this node and is not live here any more:
+/// releases lost while Redis was away, and sessions that ended while this ran. False when Redis failed on the way
+/// (the next tick tries again).
 async fn register_all(c: &Cluster, host: &dyn Host, store: &Store) -> bool {
     let inc = c.incarnation();
+    let me = c.cfg.node_id.clone();
     let sessions = host.local_sessions();
     let mut tasks = tokio::task::JoinSet::new();
     let mut sessions = sessions.into_iter();
@@ -542,7 +587,7 @@ async fn register_all(c: &Cluster, host: &dyn Host, store: &Store) -> bool {
     loop {
         while tasks.len() < 64 {
             let Some((client, epoch)) = sessions.next() else { break };
-            let (store, node, inc) = (store.clone(), c.cfg.node_id.clone(), inc.clone());
+            let (store, node, inc) = (store.clone(), me.clone(), inc.clone());
             let wait = c.cfg.redis_timeout;
             tasks.spawn(async move {
                 let r = tokio::time::timeout(wait, store.register(&client, &node, &inc, epoch)).await;
@@ -553,6 +598,10 @@ async fn register_all(c: &Cluster, host: &dyn Host, store: &Store) -> bool {
         let Ok((client, epoch, r)) = done else { continue };
         match r {
             Ok(Ok(Registered::Kept)) => {}
+            Ok(Ok(Registered::Adopted(theirs))) => {
+                c.saw_epoch(theirs);
+                host.adopt_epoch(&client, epoch, theirs);
+            }
             Ok(Ok(Registered::Superseded { node, epoch: theirs })) => host.superseded(&client, epoch, &node, theirs),
             Ok(Err(e)) => {
                 c.stats.redis_errors.fetch_add(1, Ordering::Relaxed);
@@ -562,7 +611,25 @@ async fn register_all(c: &Cluster, host: &dyn Host, store: &Store) -> bool {
             Err(_) => ok = false,
         }
     }
-    ok
+    if !ok {
+        return false;
+    }
+    // What Redis holds for this node that is not live here: release it (compare-and-delete on its epoch, so a
+    // session claimed meanwhile is never touched).
+    let own = match tokio::time::timeout(c.cfg.redis_timeout * 10, store.own_ids(&me, &inc)).await {
+        Ok(Ok(own)) => own,
+        _ => return false,
+    };
+    for (client, node, epoch) in own {
+        let (Some(node), Some(epoch)) = (node, epoch) else { continue };
+        if node != me {
+            continue;
+        }
+        if let Some((reason, by_client, last_seen)) = host.ended(&client, epoch) {
+            c.queue(Op::Release { client, epoch, reason, by_client, last_seen });
+        }
+    }
+    true
 }
 
 /// Look for lost members; reap the ones this node gets the lock for.
@@ -633,17 +700,23 @@ async fn listener_task(c: Arc<Cluster>, host: Arc<dyn Host>) {
             }
         }
         c.set_ready(&c.listening);
+        c.heard_ms.store(unix_ms(), Ordering::Relaxed);
         let mut stream = ps.into_on_message();
-        while let Some(m) = stream.next().await {
+        loop {
+            let m = tokio::select! {
+                m = stream.next() => m,
+                () = c.restart_listener.notified() => None,
+            };
+            let Some(m) = m else { break };
             c.stats.received.fetch_add(1, Ordering::Relaxed);
             let Some(stamped) = Msg::decode(m.get_payload_bytes()) else { continue };
             let lag = unix_ms().saturating_sub(stamped.sent_ms);
             c.stats.pubsub_lag.observe(Duration::from_millis(lag));
-            if let Msg::Answer { req, answer } = stamped.msg {
-                c.answered(req, answer);
-                continue;
+            match stamped.msg {
+                Msg::Answer { req, answer } => c.answered(req, answer),
+                Msg::Beat => c.heard_ms.store(unix_ms(), Ordering::Relaxed),
+                _ => host.on_message(stamped),
             }
-            host.on_message(stamped);
         }
         // The connection dropped: Redis restarted or is unreachable.
         c.resync.store(true, Ordering::Relaxed);
@@ -655,9 +728,11 @@ async fn listener_task(c: Arc<Cluster>, host: Arc<dyn Host>) {
 async fn outbox_task(c: Arc<Cluster>, host: Arc<dyn Host>, mut rx: mpsc::Receiver<Op>) {
     let mut batch: Vec<Op> = Vec::with_capacity(256);
     loop {
+        c.outbox_busy.store(false, Ordering::Release);
         if rx.recv_many(&mut batch, 256).await == 0 {
             return;
         }
+        c.outbox_busy.store(true, Ordering::Release);
         let Some(store) = c.store() else {
             // Degraded: what ended meanwhile is released by the re-registration once Redis is back; a relayed
             // DATA is told to its sender.
@@ -680,22 +755,13 @@ async fn outbox_task(c: Arc<Cluster>, host: Arc<dyn Host>, mut rx: mpsc::Receive
 async fn flush(c: &Cluster, host: &dyn Host, store: &Store, ops: &mut Vec<Op>) {
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
-    let inc = c.incarnation();
     for op in ops.iter() {
         match op {
             Op::Publish { channel, msg, .. } => {
                 pipe.publish(channel, msg);
             }
             Op::Release { client, epoch, reason, by_client, last_seen } => {
-                pipe.add_command(store.release_cmd(
-                    client,
-                    &c.cfg.node_id,
-                    &inc,
-                    *epoch,
-                    *reason,
-                    *by_client,
-                    *last_seen,
-                ));
+                pipe.add_command(store.release_cmd(client, &c.cfg.node_id, *epoch, *reason, *by_client, *last_seen));
             }
         }
     }

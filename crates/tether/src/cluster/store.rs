@@ -33,6 +33,15 @@ pub fn info_key(member: &str) -> String {
     format!("{PREFIX}node:{member}")
 }
 
+/// The tombstone a release leaves: the epoch of the session that ended, for [`GONE_TTL`].
+pub fn gone_key(client: &str) -> String {
+    format!("{PREFIX}gone:{client}")
+}
+
+/// How long a released id's tombstone stays: a node out of touch for less than this cannot register an older
+/// session of the id again.
+pub const GONE_TTL: Duration = Duration::from_secs(3600);
+
 pub fn inbox(node: &str) -> String {
     format!("{PREFIX}to:{node}")
 }
@@ -59,71 +68,111 @@ end
 local function ms_str(n)
   return string.format('%d', n)
 end
+-- Forget the ids of `ids` that node incarnation `node`#`inc` still holds, and publish them in one `lost` message.
+local function declare_lost(node, inc, ids, now)
+  local msg = tok('lo') .. tok(ms_str(now)) .. tok(node)
+  local n = 0
+  for _, id in ipairs(ids) do
+    local key = 'tether:id:' .. id
+    local cur = redis.call('HMGET', key, 'node', 'inc', 'epoch')
+    if cur[1] == node and cur[2] == inc then
+      redis.call('DEL', key)
+      msg = msg .. tok(id) .. tok(cur[3])
+      n = n + 1
+    end
+  end
+  if n > 0 then redis.call('PUBLISH', 'tether:presence', msg) end
+  return n
+end
 "#;
 
-/// Claim an id for a new session: a fresh epoch, the holder replaced, the previous holder's set updated, and
-/// `online` published. KEYS: id, epoch, own ids set. ARGV: client, node, inc. Returns {epoch, previous node or
-/// '', previous epoch or 0}.
+/// Claim an id for a new session: a fresh epoch (above `floor`, the largest this node has seen, in case Redis
+/// restarted empty), the holder replaced, the previous holder's set updated, and `online` published. KEYS: id,
+/// epoch, own ids set. ARGV: client, node, inc, floor. Returns {epoch, previous node or '', previous epoch or 0}.
 const CLAIM: &str = r#"
 local old = redis.call('HMGET', KEYS[1], 'node', 'inc', 'epoch')
 local epoch = redis.call('INCR', KEYS[2])
-redis.call('HSET', KEYS[1], 'node', ARGV[2], 'inc', ARGV[3], 'epoch', epoch)
+if epoch <= tonumber(ARGV[4]) then
+  epoch = tonumber(ARGV[4]) + 1
+  redis.call('SET', KEYS[2], ms_str(epoch))
+end
+redis.call('HSET', KEYS[1], 'node', ARGV[2], 'inc', ARGV[3], 'epoch', ms_str(epoch))
 redis.call('SADD', KEYS[3], ARGV[1])
 if old[1] and (old[1] ~= ARGV[2] or old[2] ~= ARGV[3]) then
   redis.call('SREM', 'tether:node:' .. old[1] .. '#' .. old[2] .. ':ids', ARGV[1])
 end
-redis.call('PUBLISH', 'tether:presence', tok('on') .. tok(ms_str(now_ms())) .. tok(ARGV[1]) .. tok(ARGV[2]) .. tok(epoch))
+redis.call('PUBLISH', 'tether:presence', tok('on') .. tok(ms_str(now_ms())) .. tok(ARGV[1]) .. tok(ARGV[2])
+  .. tok(ms_str(epoch)))
 return {epoch, old[1] or '', tonumber(old[3] or '0')}
 "#;
 
-/// A session ended: if the id is still held by this session, forget it and publish `offline`. KEYS: id, own
-/// ids set. ARGV: client, node, inc, epoch, reason code, by client (0/1), last seen ms ago. Returns 1 when it
-/// was still held.
+/// A session ended: if the id is still held by this session (this node, this epoch: epochs are unique, the
+/// incarnation may have changed since), forget it, publish `offline`, and leave a tombstone with the epoch for
+/// `GONE_TTL` (so that a node out of touch meanwhile cannot register an older session of the id again). KEYS: id,
+/// tombstone. ARGV: client, node, epoch, reason code, by client (0/1), last seen ms ago, tombstone ttl ms.
+/// Returns 1 when it was still held.
 const RELEASE: &str = r#"
 local cur = redis.call('HMGET', KEYS[1], 'node', 'inc', 'epoch')
-if cur[1] == ARGV[2] and cur[2] == ARGV[3] and cur[3] == ARGV[4] then
+if cur[1] == ARGV[2] and tonumber(cur[3] or '-1') == tonumber(ARGV[3]) then
   redis.call('DEL', KEYS[1])
-  redis.call('SREM', KEYS[2], ARGV[1])
-  redis.call('PUBLISH', 'tether:presence', tok('of') .. tok(ms_str(now_ms())) .. tok(ARGV[1]) .. tok(ARGV[4])
-    .. tok(ARGV[5]) .. tok(ARGV[6]) .. tok(ARGV[7]))
+  redis.call('SREM', 'tether:node:' .. cur[1] .. '#' .. cur[2] .. ':ids', ARGV[1])
+  redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[7])
+  redis.call('PUBLISH', 'tether:presence', tok('of') .. tok(ms_str(now_ms())) .. tok(ARGV[1]) .. tok(ARGV[3])
+    .. tok(ARGV[4]) .. tok(ARGV[5]) .. tok(ARGV[6]))
   return 1
 end
 return 0
 "#;
 
-/// Register a session this node already holds (after Redis came back, or after this node was out of touch
-/// past its lease): kept, or taken over by a newer session elsewhere. KEYS: id, own ids set, epoch. ARGV:
-/// client, node, inc, epoch. Returns {1} when the session is registered, {0, holder node, holder epoch} when a
-/// newer one holds the id.
+/// Register a session this node holds (after Redis came back, or after this node was out of touch past its
+/// lease). KEYS: id, own ids set, epoch, tombstone. ARGV: client, node, inc, epoch. Returns:
+/// - {1, '', epoch}: registered with this epoch;
+/// - {2, '', e}: the id already names this node with epoch e (a claim whose answer was lost): registered, and the
+///   session takes e;
+/// - {0, holder node, holder epoch}: a newer session holds the id, or held it and ended (a tombstone).
 const REGISTER: &str = r#"
 local cur = redis.call('HMGET', KEYS[1], 'node', 'inc', 'epoch')
 local e = tonumber(ARGV[4])
 local ce = tonumber(cur[3] or '0')
-if cur[3] and (ce > e or (ce == e and cur[1] ~= ARGV[2])) then
+if cur[3] and cur[1] == ARGV[2] and ce >= e then
+  if cur[2] ~= ARGV[3] then
+    redis.call('SREM', 'tether:node:' .. cur[1] .. '#' .. cur[2] .. ':ids', ARGV[1])
+    redis.call('HSET', KEYS[1], 'inc', ARGV[3])
+  end
+  redis.call('SADD', KEYS[2], ARGV[1])
+  return {2, '', ce}
+end
+if cur[3] and ce >= e then
   return {0, cur[1], ce}
+end
+local gone = tonumber(redis.call('GET', KEYS[4]) or '0')
+if not cur[3] and gone > e then
+  return {0, '', gone}
 end
 if cur[1] and (cur[1] ~= ARGV[2] or cur[2] ~= ARGV[3]) then
   redis.call('SREM', 'tether:node:' .. cur[1] .. '#' .. cur[2] .. ':ids', ARGV[1])
 end
-redis.call('HSET', KEYS[1], 'node', ARGV[2], 'inc', ARGV[3], 'epoch', e)
+redis.call('HSET', KEYS[1], 'node', ARGV[2], 'inc', ARGV[3], 'epoch', ARGV[4])
 redis.call('SADD', KEYS[2], ARGV[1])
 if tonumber(redis.call('GET', KEYS[3]) or '0') < e then
-  redis.call('SET', KEYS[3], e)
+  redis.call('SET', KEYS[3], ARGV[4])
 end
 if not cur[3] or cur[1] ~= ARGV[2] or ce ~= e then
-  redis.call('PUBLISH', 'tether:presence', tok('on') .. tok(ms_str(now_ms())) .. tok(ARGV[1]) .. tok(ARGV[2]) .. tok(e))
+  redis.call('PUBLISH', 'tether:presence', tok('on') .. tok(ms_str(now_ms())) .. tok(ARGV[1]) .. tok(ARGV[2])
+    .. tok(ARGV[4]))
 end
 return {1, '', e}
 "#;
 
-/// Renew a node's lease, or join (`ARGV[3]` = 1). A renewal of a member that is no longer there (reaped) does
-/// nothing and says so: the node must rejoin as a new incarnation. KEYS: nodes, info hash, epoch. ARGV: member,
-/// lease ms, join (0/1), node id, started ms, listen address, admin address, epoch floor. Returns {now ms, 1 if
-/// the member is registered, members in the table}.
+/// Renew a node's lease, or join (`ARGV[3]` = 1). A renewal of a member that is no longer there (reaped), or whose
+/// lease has already run out (a reaper may be working on it), does nothing and says so: the node must rejoin as
+/// a new incarnation. KEYS: nodes, info hash, epoch. ARGV: member, lease ms, join (0/1), node id, started ms,
+/// listen address, admin address, epoch floor. Returns {now ms, 1 if the member is registered, members in the
+/// table}.
 const LEASE: &str = r#"
 local now = now_ms()
 local known = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not known and ARGV[3] ~= '1' then
+if ARGV[3] ~= '1' and (not known or tonumber(known) < now) then
   return {ms_str(now), 0, redis.call('ZCARD', KEYS[1])}
 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
@@ -133,6 +182,16 @@ if tonumber(redis.call('GET', KEYS[3]) or '0') < tonumber(ARGV[8]) then
   redis.call('SET', KEYS[3], ARGV[8])
 end
 return {ms_str(now), 1, redis.call('ZCARD', KEYS[1])}
+"#;
+
+/// A node leaves (graceful shutdown): out of the node table, its sets gone. Its sessions were released one by one
+/// as they said goodbye; any still registered (a goodbye that did not finish) are declared lost at once rather
+/// than after the lease. KEYS: nodes, info hash, ids set. ARGV: member, node, inc. Returns how many were left.
+const LEAVE: &str = r#"
+local n = declare_lost(ARGV[2], ARGV[3], redis.call('SMEMBERS', KEYS[3]), now_ms())
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2], KEYS[3])
+return n
 "#;
 
 /// Members whose lease has run out. KEYS: nodes.
@@ -149,19 +208,7 @@ local now = now_ms()
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if not score then return {0, 1} end
 if tonumber(score) >= now then return {0, -1} end
-local ids = redis.call('SPOP', KEYS[2], tonumber(ARGV[4]))
-local msg = tok('lo') .. tok(ms_str(now)) .. tok(ARGV[2])
-local n = 0
-for _, id in ipairs(ids) do
-  local key = 'tether:id:' .. id
-  local cur = redis.call('HMGET', key, 'node', 'inc', 'epoch')
-  if cur[1] == ARGV[2] and cur[2] == ARGV[3] then
-    redis.call('DEL', key)
-    msg = msg .. tok(id) .. tok(cur[3])
-    n = n + 1
-  end
-end
-if n > 0 then redis.call('PUBLISH', 'tether:presence', msg) end
+local n = declare_lost(ARGV[2], ARGV[3], redis.call('SPOP', KEYS[2], tonumber(ARGV[4])), now)
 if redis.call('SCARD', KEYS[2]) == 0 then
   redis.call('ZREM', KEYS[1], ARGV[1])
   redis.call('DEL', KEYS[3])
@@ -178,6 +225,7 @@ pub struct Scripts {
     lease: Script,
     expired: Script,
     reap: Script,
+    leave: Script,
 }
 
 impl Default for Scripts {
@@ -190,6 +238,7 @@ impl Default for Scripts {
             lease: s(LEASE),
             expired: s(EXPIRED),
             reap: s(REAP),
+            leave: s(LEAVE),
         }
     }
 }
@@ -206,6 +255,8 @@ pub struct Claimed {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Registered {
     Kept,
+    /// The id already named this node with this (larger) epoch: a claim whose answer was lost. The session takes it.
+    Adopted(u64),
     /// A newer session on `node` holds the id.
     Superseded {
         node: String,
@@ -239,7 +290,7 @@ impl Store {
         Store { con, scripts: Default::default() }
     }
 
-    pub async fn claim(&self, client: &str, node: &str, inc: &str) -> RedisResult<Claimed> {
+    pub async fn claim(&self, client: &str, node: &str, inc: &str, floor: u64) -> RedisResult<Claimed> {
         let mut con = self.con.clone();
         let (epoch, prev, prev_epoch): (u64, String, u64) = self
             .scripts
@@ -250,6 +301,7 @@ impl Store {
             .arg(client)
             .arg(node)
             .arg(inc)
+            .arg(floor)
             .invoke_async(&mut con)
             .await?;
         Ok(Claimed { epoch, previous: (!prev.is_empty()).then_some((prev, prev_epoch)) })
@@ -260,7 +312,7 @@ impl Store {
     pub async fn load_scripts(&self) -> RedisResult<()> {
         let mut con = self.con.clone();
         let s = &self.scripts;
-        for script in [&s.claim, &s.release, &s.register, &s.lease, &s.expired, &s.reap] {
+        for script in [&s.claim, &s.release, &s.register, &s.lease, &s.expired, &s.reap, &s.leave] {
             script.load_async(&mut con).await?;
         }
         Ok(())
@@ -268,12 +320,10 @@ impl Store {
 
     /// The release script as one command for a pipeline: a session of `node` ended; if it still holds `client`,
     /// forget it and publish `offline`. Needs [`Store::load_scripts`].
-    #[allow(clippy::too_many_arguments)]
     pub fn release_cmd(
         &self,
         client: &str,
         node: &str,
-        inc: &str,
         epoch: u64,
         reason: u8,
         by_client: bool,
@@ -283,15 +333,40 @@ impl Store {
         cmd.arg(self.scripts.release.get_hash())
             .arg(2)
             .arg(id_key(client))
-            .arg(ids_key(&member(node, inc)))
+            .arg(gone_key(client))
             .arg(client)
             .arg(node)
-            .arg(inc)
             .arg(epoch)
             .arg(reason)
             .arg(u8::from(by_client))
-            .arg(last_seen.as_millis().min(u32::MAX as u128) as u64);
+            .arg(last_seen.as_millis().min(u32::MAX as u128) as u64)
+            .arg(GONE_TTL.as_millis() as u64);
         cmd
+    }
+
+    /// Leave the cluster (graceful shutdown); how many sessions were still registered.
+    pub async fn leave(&self, node: &str, inc: &str) -> RedisResult<u64> {
+        let mut con = self.con.clone();
+        let m = member(node, inc);
+        let mut leave = self.scripts.leave.prepare_invoke();
+        leave.key(NODES).key(info_key(&m)).key(ids_key(&m)).arg(&m).arg(node).arg(inc);
+        leave.invoke_async(&mut con).await
+    }
+
+    /// The ids a node incarnation's set holds, with their holder's node and epoch now.
+    pub async fn own_ids(&self, node: &str, inc: &str) -> RedisResult<Vec<(String, Option<String>, Option<u64>)>> {
+        let mut con = self.con.clone();
+        let ids: Vec<String> = con.smembers(ids_key(&member(node, inc))).await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(1000) {
+            let mut pipe = redis::pipe();
+            for id in chunk {
+                pipe.cmd("HMGET").arg(id_key(id)).arg("node").arg("epoch");
+            }
+            let rows: Vec<(Option<String>, Option<u64>)> = pipe.query_async(&mut con).await?;
+            out.extend(chunk.iter().cloned().zip(rows).map(|(id, (n, e))| (id, n, e)));
+        }
+        Ok(out)
     }
 
     pub async fn register(&self, client: &str, node: &str, inc: &str, epoch: u64) -> RedisResult<Registered> {
@@ -302,13 +377,18 @@ impl Store {
             .key(id_key(client))
             .key(ids_key(&member(node, inc)))
             .key(EPOCH)
+            .key(gone_key(client))
             .arg(client)
             .arg(node)
             .arg(inc)
             .arg(epoch)
             .invoke_async(&mut con)
             .await?;
-        Ok(if kept == 1 { Registered::Kept } else { Registered::Superseded { node: holder, epoch: holder_epoch } })
+        Ok(match kept {
+            1 => Registered::Kept,
+            2 => Registered::Adopted(holder_epoch),
+            _ => Registered::Superseded { node: holder, epoch: holder_epoch },
+        })
     }
 
     /// Who holds `client` now: its node and epoch.

@@ -33,6 +33,8 @@ pub enum Msg {
     Kick { client: String, retry_after_ms: u32 },
     /// To one node: deliver `payload` from the server application to `client`.
     Send { client: String, payload: Bytes },
+    /// To a node's own inbox: the proof that its pub/sub connection still delivers.
+    Beat,
 }
 
 /// The holding node's answer to [`Msg::Ask`].
@@ -112,6 +114,7 @@ impl Msg {
             Msg::Undeliverable { .. } => "un",
             Msg::Kick { .. } => "ki",
             Msg::Send { .. } => "se",
+            Msg::Beat => "be",
         };
         o.str(kind).num(sent_ms);
         match self {
@@ -165,6 +168,7 @@ impl Msg {
             Msg::Send { client, payload } => {
                 o.str(client).field(payload);
             }
+            Msg::Beat => {}
         }
         o.0
     }
@@ -219,6 +223,7 @@ impl Msg {
             b"un" => Msg::Undeliverable { from: i.str()?, to: i.str()? },
             b"ki" => Msg::Kick { client: i.str()?, retry_after_ms: i.num()? },
             b"se" => Msg::Send { client: i.str()?, payload: Bytes::copy_from_slice(i.field()?) },
+            b"be" => Msg::Beat,
             _ => return None,
         };
         i.0.is_empty().then_some(Stamped { sent_ms, msg })
@@ -245,6 +250,7 @@ mod tests {
             Msg::Undeliverable { from: "a".into(), to: "b".into() },
             Msg::Kick { client: "a".into(), retry_after_ms: 0 },
             Msg::Send { client: "a".into(), payload: Bytes::new() },
+            Msg::Beat,
         ]
     }
 

@@ -172,7 +172,11 @@ impl Host for Shared {
                 hub.pump(None);
             }
             Msg::Offline { client, epoch, reason, by_client, last_seen_ms } => {
-                let reason = CloseReason::try_from(reason).unwrap_or(CloseReason::Unknown(reason));
+                // Code 0 names no reason; an unknown one is kept as such (v2 watchers get it, v1 ones `bye`).
+                let reason = match reason {
+                    0 => CloseReason::Eof,
+                    r => CloseReason::try_from(r).unwrap_or(CloseReason::Unknown(r)),
+                };
                 let off = RemoteOffline {
                     epoch,
                     reason,
@@ -231,6 +235,7 @@ impl Host for Shared {
                 cluster.send_to(&from, &Msg::Answer { req, answer });
             }
             Msg::Answer { req, answer } => cluster.answered(req, answer),
+            Msg::Beat => {}
             Msg::Data { from, to, origin, payload } => {
                 if self.deliver_local(&to, Frame::Data { peer: from.clone(), payload }) {
                     self.metrics.relayed.fetch_add(1, Ordering::Relaxed);
@@ -258,9 +263,23 @@ impl Host for Shared {
     }
 
     fn superseded(&self, client: &str, epoch: u64, node: &str, holder_epoch: u64) {
+        let me = self.cluster.as_ref().map(|c| c.node_id().to_owned()).unwrap_or_default();
+        if node == me {
+            return; // our own claim: register_all adopts its epoch instead
+        }
         let evicted = {
             let mut hub = self.hub.lock().expect("hub lock");
             if hub.registry.local_epoch(client) != Some(epoch) {
+                return;
+            }
+            if node.is_empty() {
+                // A newer session of the id held it elsewhere and has ended (a tombstone): ours is stale. Its
+                // close announces it offline here; its release finds nothing to delete in Redis.
+                let conn = hub.registry.lookup(client);
+                drop(hub);
+                if let Some(conn) = conn {
+                    self.close_taken(conn);
+                }
                 return;
             }
             let e = hub.registry.remote_online(client, node, holder_epoch);
@@ -276,12 +295,13 @@ impl Host for Shared {
         let Some(cluster) = &self.cluster else { return };
         let me = cluster.node_id().to_owned();
         let mut evict = Vec::new();
-        {
+        // In chunks: connections wait for the hub's lock at most one chunk's work.
+        for chunk in holders.chunks(1000) {
             let mut hub = self.hub.lock().expect("hub lock");
-            for (client, node, epoch) in holders {
-                cluster.saw_epoch(epoch);
-                if node != me {
-                    evict.extend(hub.registry.remote_online(&client, &node, epoch));
+            for (client, node, epoch) in chunk {
+                cluster.saw_epoch(*epoch);
+                if *node != me {
+                    evict.extend(hub.registry.remote_online(client, node, *epoch));
                 }
             }
             hub.pump(None);
@@ -289,6 +309,25 @@ impl Host for Shared {
         for conn in evict {
             self.close_taken(conn);
         }
+    }
+
+    fn ended(&self, client: &str, epoch: u64) -> Option<(u8, bool, Duration)> {
+        let hub = self.hub.lock().expect("hub lock");
+        if hub.registry.local_epoch(client) == Some(epoch) {
+            return None;
+        }
+        let now = driver::now();
+        Some(match hub.registry.gone_of(client) {
+            Some((reason, by_client, last_seen)) => {
+                (reason.code(), by_client, now.saturating_duration_since(last_seen))
+            }
+            // Not remembered any more: it closed without a reason this node can still tell.
+            None => (CloseReason::Eof.code(), false, Duration::ZERO),
+        })
+    }
+
+    fn adopt_epoch(&self, client: &str, from: u64, to: u64) {
+        self.hub.lock().expect("hub lock").registry.adopt_epoch(client, from, to);
     }
 
     fn degraded(&self, degraded: bool, why: &str) {
