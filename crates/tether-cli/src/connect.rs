@@ -134,7 +134,14 @@ fn whole_ms(d: Duration) -> u64 {
     d.as_millis() as u64
 }
 
-pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+/// The flags and the client's configuration, its files read: done before the runtime starts (a file read may
+/// block).
+pub struct Prepared {
+    args: Args,
+    cfg: ClientConfig,
+}
+
+pub fn prepare(args: Args) -> anyhow::Result<Prepared> {
     let mut cfg = ClientConfig::new(args.id.clone());
     cfg.heartbeat_interval = args.heartbeat_interval;
     if let Some(path) = &args.token_file {
@@ -142,6 +149,11 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         cfg.credential = token.trim().as_bytes().to_vec();
     }
     cfg.tls = args.tls.client_tls()?;
+    Ok(Prepared { args, cfg })
+}
+
+pub async fn run(p: Prepared) -> anyhow::Result<ExitCode> {
+    let Prepared { args, cfg } = p;
     let shutdown = crate::shutdown_signal()?;
     let out = Printer::new(args.json);
     let stdin = BufReader::new(tokio::io::stdin()).lines();

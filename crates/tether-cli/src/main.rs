@@ -60,6 +60,7 @@ fn main() -> std::process::ExitCode {
     enum Job {
         Command(Command),
         Probe(Box<probe::Prepared>),
+        Connect(Box<connect::Prepared>),
     }
     let job = match cli.command {
         Command::Bench(args) => return finish(bench::run(args)),
@@ -70,6 +71,10 @@ fn main() -> std::process::ExitCode {
         Command::Probe(args) if args.is_from_server() => return finish(probe::from_server(&args)),
         Command::Probe(args) => match probe::prepare(*args) {
             Ok(p) => Job::Probe(Box::new(p)),
+            Err(e) => return finish(Err(e)),
+        },
+        Command::Connect(args) => match connect::prepare(*args) {
+            Ok(p) => Job::Connect(Box::new(p)),
             Err(e) => return finish(Err(e)),
         },
         other => Job::Command(other),
@@ -87,7 +92,7 @@ fn main() -> std::process::ExitCode {
         match job {
             Job::Probe(p) => probe::run(*p).await,
             Job::Command(Command::Serve(args)) => serve::run(*args).await,
-            Job::Command(Command::Connect(args)) => connect::run(*args).await,
+            Job::Connect(p) => connect::run(*p).await,
             Job::Command(Command::BenchWorker(args)) => bench::worker(args).await,
             Job::Command(_) => unreachable!("handled before the runtime starts"),
         }

@@ -245,13 +245,16 @@ impl ProbeReport {
     pub fn verdict(&self) -> (ProbeVerdict, String) {
         let k = self.kernel.map(|k| k.info);
         let krtt = k.map(|i| i.rtt);
+        // A late or missing answer is judged against the kernel first; a slow path is the verdict only when the
+        // program answered in step with it (a slow RTT does not explain seconds of silence).
         match (self.app_rtt, k) {
-            (_, Some(i)) if i.rtt >= SLOW_RTT => {
-                (ProbeVerdict::SlowNetwork, format!("the kernel's smoothed RTT is {:.1?} (rttvar {:.1?})", i.rtt, i.rttvar))
-            }
             (Some(app), _) if app > krtt.unwrap_or_default() + SLOW_ANSWER => (
                 ProbeVerdict::ClientSlow,
                 format!("the PONG took {app:.1?} against a kernel RTT of {:.1?}", krtt.unwrap_or_default()),
+            ),
+            (Some(app), Some(i)) if i.rtt >= SLOW_RTT => (
+                ProbeVerdict::SlowNetwork,
+                format!("the PONG took {app:.1?}, in step with the kernel's smoothed RTT of {:.1?} (rttvar {:.1?})", i.rtt, i.rttvar),
             ),
             (Some(app), _) => {
                 (ProbeVerdict::Ok, format!("the PONG took {app:.1?}; the kernel's RTT is {:.1?}", krtt.unwrap_or_default()))
@@ -338,7 +341,8 @@ mod tests {
         assert_eq!(report(Some(1), 1, 0).verdict().0, ProbeVerdict::Ok);
         assert_eq!(report(Some(400), 1, 0).verdict().0, ProbeVerdict::ClientSlow);
         assert_eq!(report(Some(300), 250, 0).verdict().0, ProbeVerdict::SlowNetwork);
-        assert_eq!(report(None, 250, 1).verdict().0, ProbeVerdict::SlowNetwork, "the kernel's RTT speaks first");
+        assert_eq!(report(None, 250, 1).verdict().0, ProbeVerdict::PathDown, "silence is judged by what is unacked");
+        assert_eq!(report(None, 250, 0).verdict().0, ProbeVerdict::ClientStalled, "a slow path does not explain it");
         assert_eq!(report(None, 1, 0).verdict().0, ProbeVerdict::ClientStalled);
         assert_eq!(report(None, 1, 1).verdict().0, ProbeVerdict::PathDown);
         assert!(report(None, 1, 0).verdict().1.contains("acknowledged everything"));
