@@ -37,6 +37,10 @@ impl IntoResponse for ApiError {
     }
 }
 
+fn not_online(id: &str) -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, format!("client {id} is not online"))
+}
+
 fn bad(msg: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, msg.into())
 }
@@ -223,8 +227,7 @@ async fn sessions(State(st): State<AppState>, Query(q): Params) -> Result<Json<s
 }
 
 async fn session(State(st): State<AppState>, Path(id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
-    let (info, kernel) =
-        st.handle.session(&id).ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("client {id} is not online")))?;
+    let (info, kernel) = st.handle.session(&id).ok_or_else(|| not_online(&id))?;
     Ok(Json(json!({ "session": session_json(&info), "kernel": kernel.as_ref().map(kernel_json) })))
 }
 
@@ -273,7 +276,7 @@ async fn kick(
         return Err(bad("retry_after is at most 49 days (a u32 of milliseconds)"));
     }
     if !st.handle.kick_with(&id, retry) {
-        return Err(ApiError(StatusCode::NOT_FOUND, format!("client {id} is not online")));
+        return Err(not_online(&id));
     }
     Ok(Json(json!({ "kicked": id, "retry_after_ms": retry.as_millis() as u64 })))
 }
@@ -289,11 +292,7 @@ async fn probe(
     if wait.is_zero() || wait > Duration::from_secs(30) {
         return Err(bad("timeout is more than zero and at most 30 s"));
     }
-    let report = st
-        .handle
-        .probe(&id, wait)
-        .await
-        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("client {id} is not online")))?;
+    let report = st.handle.probe(&id, wait).await.ok_or_else(|| not_online(&id))?;
     Ok(Json(probe_json(&report)))
 }
 

@@ -201,6 +201,15 @@ pub fn probe_json(p: &ProbeReport) -> serde_json::Value {
     })
 }
 
+/// One row of the cluster's node table (`/v1/cluster`, `tether cluster status --json`).
+pub fn node_json(n: &tether::cluster::store::NodeStatus) -> serde_json::Value {
+    json!({
+        "node": n.node, "member": n.member, "lease_left_ms": n.lease_left_ms, "lease_ms": n.lease_ms,
+        "lost": n.lease_left_ms < 0, "sessions": n.sessions, "addr": n.addr, "admin": n.admin,
+        "started_ms": n.started_ms,
+    })
+}
+
 /// `/v1/cluster`: the node's view, its Redis figures, and the node table (or why Redis could not give it).
 pub fn cluster_json(
     c: &tether::cluster::ClusterSnapshot,
@@ -208,13 +217,7 @@ pub fn cluster_json(
 ) -> serde_json::Value {
     let q = |h: &tether::metrics::HistogramSnapshot, p: f64| h.quantile(p).map(|s| s * 1e3);
     let nodes = match nodes {
-        Ok(list) => json!(list
-            .iter()
-            .map(|n| json!({
-                "node": n.node, "member": n.member, "lease_left_ms": n.lease_left_ms, "lost": n.lease_left_ms < 0,
-                "sessions": n.sessions, "addr": n.addr, "admin": n.admin, "started_ms": n.started_ms,
-            }))
-            .collect::<Vec<_>>()),
+        Ok(list) => json!(list.iter().map(node_json).collect::<Vec<_>>()),
         Err(e) => json!({ "error": e }),
     };
     json!({

@@ -17,62 +17,17 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
-use super::{connected, event, ms3, pct, spawn_tether, sys, Child2, Opts, Report};
+use super::{ask, connected, event, exchanges, ms3, pct, sorted_ms, spawn_tether, sys, Child2, Opts, Report};
+use crate::redis::Redis;
 
 /// Subscriptions one watcher connection may hold by default.
 const WATCHED: usize = 1000;
-
-struct Redis {
-    port: u16,
-    _proc: Child2,
-}
-
-impl Redis {
-    fn start() -> anyhow::Result<Redis> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let mut cmd = Command::new("redis-server");
-        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(["--protected-mode", "no", "--loglevel", "warning", "--maxclients", "1000"])
-            // A node catching up after a connect storm must not be cut off from its pub/sub (docs/cluster.md).
-            .args(["--client-output-buffer-limit", "pubsub 256mb 64mb 60"])
-            .stderr(Stdio::null());
-        let proc = Child2::spawn(&mut cmd).context("starting redis-server (apt-get install redis-server)")?;
-        let r = Redis { port, _proc: proc };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while r.cli(&["PING"]).map(|s| s != "PONG").unwrap_or(true) {
-            if Instant::now() > deadline {
-                bail!("redis-server did not answer on port {port}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(r)
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
-    }
-
-    fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
-        let out = Command::new("redis-cli").args(["-p", &self.port.to_string()]).args(args).output()?;
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-    }
-
-    /// A numeric field of `INFO`.
-    fn info(&self, field: &str) -> anyhow::Result<u64> {
-        let text = self.cli(&["INFO", "all"])?;
-        let prefix = format!("{field}:");
-        text.lines()
-            .find_map(|l| l.strip_prefix(&prefix))
-            .and_then(|v| v.trim().parse().ok())
-            .with_context(|| format!("INFO has no {field}"))
-    }
-}
 
 struct Node {
     addr: SocketAddr,
@@ -113,16 +68,21 @@ fn spawn_node_workers(opts: &Opts, node: &Node, i: usize, per_node: usize) -> an
 }
 
 /// A tether client watching presence, on a thread with its own runtime: (id, state, reason, arrival µs) lines.
+/// Both channels are bounded: when the coordinator stops reading, the watcher's thread waits, stops reading its
+/// socket, and the server cuts it off as a slow consumer.
 struct Watcher {
     events: std::sync::mpsc::Receiver<(String, String, Option<String>, u64)>,
-    subscribe: tokio::sync::mpsc::UnboundedSender<Vec<String>>,
+    subscribe: tokio::sync::mpsc::Sender<Vec<String>>,
 }
+
+/// Presence lines waiting for the coordinator: a snapshot and the changes of the watched ids, several times over.
+const WATCHER_LINES: usize = 4 * WATCHED;
 
 impl Watcher {
     fn start(addr: SocketAddr, id: &str) -> anyhow::Result<Watcher> {
         let id = id.to_owned();
-        let (tx, events) = std::sync::mpsc::channel();
-        let (subscribe, mut subs) = tokio::sync::mpsc::unbounded_channel::<Vec<String>>();
+        let (tx, events) = std::sync::mpsc::sync_channel(WATCHER_LINES);
+        let (subscribe, mut subs) = tokio::sync::mpsc::channel::<Vec<String>>(1);
         let (ready_tx, ready) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
@@ -166,7 +126,8 @@ impl Watcher {
 
     /// Subscribe to `ids` and wait for their snapshot.
     fn watch(&self, ids: &[String]) -> anyhow::Result<()> {
-        self.subscribe.send(ids.to_vec()).ok().context("watcher gone")?;
+        // The coordinator has no runtime: a blocking send is right here.
+        self.subscribe.blocking_send(ids.to_vec()).ok().context("watcher gone")?;
         let mut left: std::collections::HashSet<&String> = ids.iter().collect();
         let deadline = Instant::now() + Duration::from_secs(30);
         while !left.is_empty() {
@@ -207,13 +168,13 @@ pub fn run(opts: &Opts) -> anyhow::Result<Report> {
     let per_node = opts.connections / k;
     let n = per_node * k;
     sys::wait_quiet(Duration::from_secs(60));
-    let redis = Redis::start()?;
+    let redis = Redis::try_start().context("starting redis-server (apt-get install redis-server)")?;
     let mut nodes = Vec::new();
     for i in 0..k {
         nodes.push(spawn_node(opts, &redis, i, per_node)?);
     }
     let empty = rss_and_cpu(&nodes);
-    let mem0 = redis.info("used_memory")?;
+    let mem0 = redis.info("used_memory").context("INFO used_memory")?;
     let mut workers: Vec<Vec<Child2>> = Vec::new();
     for (i, node) in nodes.iter().enumerate() {
         workers.push(spawn_node_workers(opts, node, i, per_node)?);
@@ -235,17 +196,17 @@ pub fn run(opts: &Opts) -> anyhow::Result<Report> {
 
     // 1. At rest.
     std::thread::sleep(opts.settle);
-    let ex0 = exchanges_of(&mut workers)?;
+    let ex0 = exchanges(workers.iter_mut().flatten())?.heartbeats;
     let before = rss_and_cpu(&nodes);
-    let cmd0 = redis.info("total_commands_processed")?;
+    let cmd0 = redis.info("total_commands_processed").context("INFO total_commands_processed")?;
     let t0 = Instant::now();
     std::thread::sleep(opts.hold);
     let held = t0.elapsed().as_secs_f64();
-    let cmd1 = redis.info("total_commands_processed")?;
+    let cmd1 = redis.info("total_commands_processed").context("INFO total_commands_processed")?;
     let after = rss_and_cpu(&nodes);
-    let ex1 = exchanges_of(&mut workers)?;
-    let mem1 = redis.info("used_memory")?;
-    let keys = redis.cli(&["DBSIZE"])?.parse::<u64>().unwrap_or(0);
+    let ex1 = exchanges(workers.iter_mut().flatten())?.heartbeats;
+    let mem1 = redis.info("used_memory").context("INFO used_memory")?;
+    let keys = redis.cli(&["DBSIZE"]).parse::<u64>().unwrap_or(0);
     let hb = ex1.saturating_sub(ex0) as f64;
     let rss: Vec<u64> = after.iter().map(|(r, _)| r.unwrap_or(0)).collect();
     let rss_per_conn: Vec<f64> =
@@ -285,19 +246,15 @@ pub fn run(opts: &Opts) -> anyhow::Result<Report> {
 
     // 2. A reconnect wave: a tenth of the ids, each to its own node.
     let wave = n / 10;
-    let c0 = redis.info("total_commands_processed")?;
+    let c0 = redis.info("total_commands_processed").context("INFO total_commands_processed")?;
     let t0 = Instant::now();
     let per_worker = wave.div_ceil(workers.iter().map(Vec::len).sum::<usize>());
-    for w in workers.iter_mut().flatten() {
-        w.send(&format!("takeover {per_worker}"))?;
-    }
-    let mut wave_done = 0;
-    for w in workers.iter().flatten() {
-        let v = w.expect("wave", Duration::from_secs(300), |v| event(v) == "takeover")?;
-        wave_done += v["latencies_us"].as_array().map_or(0, Vec::len);
-    }
+    let done =
+        ask(workers.iter_mut().flatten(), &format!("takeover {per_worker}"), "takeover", Duration::from_secs(300))?;
+    let wave_done: usize = done.iter().map(|v| v["latencies_us"].as_array().map_or(0, Vec::len)).sum();
     let wave_s = t0.elapsed().as_secs_f64();
-    let wave_cps = (redis.info("total_commands_processed")? - c0) as f64 / wave_s;
+    let wave_cps =
+        (redis.info("total_commands_processed").context("INFO total_commands_processed")? - c0) as f64 / wave_s;
     out["wave_reconnects"] = json!(wave_done);
     out["wave_s"] = json!(ms3(wave_s));
     out["redis_commands_per_s_wave"] = json!(ms3(wave_cps));
@@ -309,24 +266,15 @@ pub fn run(opts: &Opts) -> anyhow::Result<Report> {
     //    at most 20,000 descriptors): as many of its clients say BYE.
     let takeovers = opts.takeovers.min(per_node / 10).max(1);
     let room = takeovers.div_ceil(workers[4].len());
-    for w in workers[4].iter_mut() {
-        w.send(&format!("close {room}"))?;
-    }
-    for w in workers[4].iter() {
-        w.expect("room made", Duration::from_secs(30), |v| event(v) == "closed")?;
-    }
-    let ws0 = &mut workers[0];
-    let share = takeovers.div_ceil(ws0.len());
-    for w in ws0.iter_mut() {
-        w.send(&format!("takeover {share} {}", nodes[4].addr))?;
-    }
-    let mut lat = Vec::new();
-    for w in ws0.iter() {
-        let v = w.expect("cross-node takeover", Duration::from_secs(120), |v| event(v) == "takeover")?;
-        lat.extend(v["latencies_us"].as_array().into_iter().flatten().filter_map(Value::as_u64));
-    }
-    let mut l: Vec<f64> = lat.iter().map(|u| *u as f64 / 1000.0).collect();
-    l.sort_by(f64::total_cmp);
+    ask(&mut workers[4], &format!("close {room}"), "closed", Duration::from_secs(30))?;
+    let share = takeovers.div_ceil(workers[0].len());
+    let cmd = format!("takeover {share} {}", nodes[4].addr);
+    let done = ask(&mut workers[0], &cmd, "takeover", Duration::from_secs(120))?;
+    let lat: Vec<u64> = done
+        .iter()
+        .flat_map(|v| v["latencies_us"].as_array().into_iter().flatten().filter_map(Value::as_u64))
+        .collect();
+    let l = sorted_ms(&lat);
     out["cross_takeovers"] = json!(l.len());
     out["cross_takeover_ms_p50"] = json!(ms3(pct(&l, 0.5)));
     out["cross_takeover_ms_p99"] = json!(ms3(pct(&l, 0.99)));
@@ -344,7 +292,7 @@ pub fn run(opts: &Opts) -> anyhow::Result<Report> {
     watcher.watch(&ids2)?;
     let ws2 = &mut workers[2];
     let mut prop = Vec::new();
-    for j in 0..samples {
+    for _ in 0..samples {
         let w = &mut ws2[0];
         w.send("close 1")?;
         let v = w.expect("closed", Duration::from_secs(10), |v| event(v) == "closed")?;
@@ -354,7 +302,6 @@ pub fn run(opts: &Opts) -> anyhow::Result<Report> {
         if let Some((seen, _)) = got.get(id) {
             prop.push(seen.saturating_sub(at) as f64 / 1000.0);
         }
-        let _ = j;
     }
     prop.sort_by(f64::total_cmp);
     out["presence_samples"] = json!(samples);
@@ -413,16 +360,4 @@ pub fn run(opts: &Opts) -> anyhow::Result<Report> {
         let _ = w.send("stop");
     }
     Ok(Report { json: out, rows })
-}
-
-fn exchanges_of(workers: &mut [Vec<Child2>]) -> anyhow::Result<u64> {
-    for w in workers.iter_mut().flatten() {
-        w.send("report")?;
-    }
-    let mut total = 0;
-    for w in workers.iter().flatten() {
-        let v = w.expect("report", Duration::from_secs(10), |v| event(v) == "report")?;
-        total += v["exchanges"].as_u64().unwrap_or(0);
-    }
-    Ok(total)
 }

@@ -7,6 +7,7 @@
 //!   [`Report`]: the JSON object scripts compare, plus human rows.
 //! - [`worker`]: one load-generator process (`tether bench-worker`).
 //! - [`mqtt`]: the MQTT 3.1.1 packets used against Mosquitto. [`sys`]: /proc readers.
+//! - [`redis`]: a `redis-server` of the run's own (the `cluster` scenario; the cluster tests use it too).
 //! - [`scrape`]: after an `idle` hold, `GET /metrics` from an owned tether server's admin listener, timed.
 //!
 //! Every run is bounded: waits have deadlines, workers die with their coordinator (end of stdin) and at their
@@ -15,6 +16,7 @@
 
 pub mod cluster;
 pub mod mqtt;
+pub mod redis;
 pub mod scrape;
 pub mod sys;
 pub mod worker;
@@ -324,7 +326,7 @@ pub fn run(opts: &Opts) -> anyhow::Result<Report> {
     let rss0 = sys::rss_bytes(server.pid);
     let connect_limit = Duration::from_secs(60) + Duration::from_millis(opts.connections as u64 * 5);
     let mut workers = spawn_workers(opts, server.addr, opts.scenario == Scenario::Storm)?;
-    let (mut lat, slowest, failed) = connected(&workers, connect_limit)?;
+    let (lat, slowest, failed) = connected(&workers, connect_limit)?;
     let n = opts.connections - failed;
     let mut rows =
         vec![("target".into(), format!("{:?}", opts.target).to_lowercase()), ("connections".into(), n.to_string())];
@@ -342,8 +344,7 @@ pub fn run(opts: &Opts) -> anyhow::Result<Report> {
     }
     match opts.scenario {
         Scenario::Connect => {
-            lat.sort_unstable();
-            let l: Vec<f64> = lat.iter().map(|u| *u as f64 / 1000.0).collect();
+            let l = sorted_ms(&lat);
             let hps = n as f64 / slowest.as_secs_f64().max(1e-9);
             out["handshakes_per_s"] = json!(hps.round());
             out["handshake_ms_p50"] = json!(ms3(pct(&l, 0.5)));
@@ -422,8 +423,7 @@ pub fn run(opts: &Opts) -> anyhow::Result<Report> {
                 let v = w.expect("takeover done", Duration::from_secs(60), |v| event(v) == "takeover")?;
                 lat.extend(v["latencies_us"].as_array().into_iter().flatten().filter_map(Value::as_u64));
             }
-            let mut l: Vec<f64> = lat.iter().map(|u| *u as f64 / 1000.0).collect();
-            l.sort_by(f64::total_cmp);
+            let l = sorted_ms(&lat);
             // Every evicted connection must be gone from the server's table: exactly n ESTABLISHED, no CLOSE_WAIT.
             let deadline = Instant::now() + Duration::from_secs(10);
             let (mut est, mut cw) = sys::server_socket_counts(server.addr);
@@ -461,17 +461,34 @@ struct Exchanges {
     server_pings: u64,
 }
 
-fn exchanges(workers: &mut [Child2]) -> anyhow::Result<Exchanges> {
+fn exchanges<'a>(workers: impl IntoIterator<Item = &'a mut Child2>) -> anyhow::Result<Exchanges> {
     let mut total = Exchanges::default();
-    for w in workers.iter_mut() {
-        w.send("report")?;
-    }
-    for w in workers.iter() {
-        let v = w.expect("report", Duration::from_secs(10), |v| event(v) == "report")?;
+    for v in ask(workers, "report", "report", Duration::from_secs(10))? {
         total.heartbeats += v["exchanges"].as_u64().unwrap_or(0);
         total.server_pings += v["server_pings"].as_u64().unwrap_or(0);
     }
     Ok(total)
+}
+
+/// Send `cmd` to every worker at once, then collect each one's `reply` line (in the workers' order).
+fn ask<'a>(
+    workers: impl IntoIterator<Item = &'a mut Child2>,
+    cmd: &str,
+    reply: &str,
+    within: Duration,
+) -> anyhow::Result<Vec<Value>> {
+    let mut workers: Vec<&mut Child2> = workers.into_iter().collect();
+    for w in workers.iter_mut() {
+        w.send(cmd)?;
+    }
+    workers.iter().map(|w| w.expect(reply, within, |v| event(v) == reply)).collect()
+}
+
+/// Microsecond latencies as milliseconds, sorted (for [`pct`]).
+fn sorted_ms(us: &[u64]) -> Vec<f64> {
+    let mut l: Vec<f64> = us.iter().map(|u| *u as f64 / 1000.0).collect();
+    l.sort_by(f64::total_cmp);
+    l
 }
 
 fn detect(

@@ -40,11 +40,9 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             .nodes
             .iter()
             .map(|n| {
-                json!({
-                    "node": n.node, "member": n.member, "lease_left_ms": n.lease_left_ms, "lease_ms": n.lease_ms,
-                    "lost": n.lease_left_ms < 0, "sessions": n.sessions, "addr": n.addr, "admin": n.admin,
-                    "uptime_ms": now_ms.saturating_sub(n.started_ms),
-                })
+                let mut v = tether_admin::json::node_json(n);
+                v["uptime_ms"] = json!(now_ms.saturating_sub(n.started_ms));
+                v
             })
             .collect();
         let v = json!({

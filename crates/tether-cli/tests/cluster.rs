@@ -5,18 +5,16 @@
 mod common;
 #[macro_use]
 mod netlab;
-#[path = "../../tether/tests/support/redis.rs"]
-mod redis;
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use common::{event, Proc};
-use redis::Redis;
 use serde_json::Value;
 use tether::proto::frame::{self, Hello};
 use tether::proto::{Frame, PresenceState};
 use tether::{Client, ClientConfig, ClientEvent, CloseReason, LinkEvent, ReconnectingClient, ResilienceConfig};
+use tether_bench::redis::{self, Redis};
 
 const LEASE: Duration = Duration::from_secs(3);
 const PATIENCE: Duration = Duration::from_secs(30);

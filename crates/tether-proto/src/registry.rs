@@ -371,7 +371,8 @@ impl Registry {
         }
         self.next_epoch = self.next_epoch.max(epoch + 1);
         let came_back = self.cancel_pending(client);
-        let was_remote = self.remote.remove(client);
+        // (A single node never has remote ids: no lookup for it.)
+        let was_remote = if self.remote.is_empty() { None } else { self.remote.remove(client) };
         self.forget_gone(client);
         self.sessions.insert(client.into(), Session { conn, epoch, nonce, suspect: false, displaced: inherited });
         self.emit(SessionEvent::Online { client: client.into(), conn, epoch });

@@ -211,6 +211,12 @@ impl ControlState {
             w.wake();
         }
     }
+
+    /// The socket is closing: forget it, and hand back a cluster admission that came too late.
+    fn close(&mut self) -> Option<Box<clustered::Admit>> {
+        self.fd = -1;
+        self.admit.take()
+    }
 }
 
 /// Why a frame was not queued.
@@ -1214,11 +1220,8 @@ impl Drop for ConnGuard {
     fn drop(&mut self) {
         // However the task ended (its close event, or aborted at shutdown), it leaves nothing queued behind.
         if let Ok(mut st) = self.control.state.lock() {
-            st.fd = -1;
-            if let (Some(a), Some(cluster)) = (st.admit.take(), &self.shared.cluster) {
-                if let clustered::Decision::Welcome { epoch, .. } = a.decision {
-                    clustered::release(cluster, &a.hello.client_id, epoch, CloseReason::Reset, false, Duration::ZERO);
-                }
+            if let (Some(a), Some(cluster)) = (st.close(), &self.shared.cluster) {
+                a.give_back(cluster, CloseReason::Reset, false);
             }
         }
         let queued = self.control.queued.swap(0, Ordering::Relaxed);
@@ -1591,16 +1594,10 @@ impl ServerHooks {
         self.handshake_done();
         // The socket closes right after this: the operator's view of it ends here.
         // (Its last frame and queued-byte counts settle at the driver's next flush and in `ConnGuard`.)
-        let unadmitted = {
-            let mut st = self.control.state.lock().expect("control lock");
-            st.fd = -1;
-            st.admit.take()
-        };
+        let unadmitted = self.control.state.lock().expect("control lock").close();
         // Cluster mode: claimed for this connection, which closed before it could be welcomed.
         if let (Some(a), Some(cluster)) = (unadmitted, &self.shared.cluster) {
-            if let clustered::Decision::Welcome { epoch, .. } = a.decision {
-                clustered::release(cluster, &a.hello.client_id, epoch, c.reason, c.by_peer, Duration::ZERO);
-            }
+            a.give_back(cluster, c.reason, c.by_peer);
         }
         let last_seen = conn.last_rx().unwrap_or(now);
         let by_peer = c.by_peer;

@@ -326,10 +326,8 @@ impl Cluster {
         let store = self.store()?;
         let inc = self.incarnation();
         let floor = self.max_epoch.load(Ordering::Relaxed);
-        let claimed =
-            tokio::time::timeout(self.cfg.redis_timeout, store.claim(client, &self.cfg.node_id, &inc, floor)).await;
-        match claimed {
-            Ok(Ok(c)) => {
+        match store.claim(client, &self.cfg.node_id, &inc, floor).await {
+            Ok(c) => {
                 self.stats.claims.fetch_add(1, Ordering::Relaxed);
                 self.saw_epoch(c.epoch);
                 Some(c)
@@ -355,10 +353,7 @@ impl Cluster {
     /// Redis did not answer in time.
     pub(crate) async fn holder(&self, client: &str) -> Result<Option<(String, u64)>, ()> {
         let store = self.store().ok_or(())?;
-        match tokio::time::timeout(self.cfg.redis_timeout, store.holder(client)).await {
-            Ok(Ok(h)) => Ok(h),
-            _ => Err(()),
-        }
+        store.holder(client).await.map_err(|_| ())
     }
 
     /// Ask `node` whether a `HELLO` with `nonce` may have `client`. `None` when it did not answer within
@@ -431,9 +426,8 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let Some(store) = self.store() else { return };
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now()).max(self.cfg.redis_timeout);
-        match tokio::time::timeout(left, store.leave(&self.cfg.node_id, &self.incarnation())).await {
-            Ok(Ok(n)) => tracing::info!("cluster: left ({n} sessions still registered were declared lost)"),
+        match store.leave(&self.cfg.node_id, &self.incarnation()).await {
+            Ok(n) => tracing::info!("cluster: left ({n} sessions still registered were declared lost)"),
             _ => tracing::warn!("cluster: could not leave cleanly; the lease will run out"),
         }
     }
@@ -449,6 +443,8 @@ impl Cluster {
         ]
     }
 
+    /// The command connection. Every request on it (a script, a pipeline) fails after `redis_timeout`: that one
+    /// setting bounds every single call to Redis; only calls made of several requests bound their total apart.
     async fn connect(&self) -> redis::RedisResult<Store> {
         let cfg = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.cfg.redis_timeout.max(Duration::from_millis(100))))
@@ -510,10 +506,6 @@ async fn lease_task(c: Arc<Cluster>, host: Arc<dyn Host>) {
     }
 }
 
-fn timed_out() -> redis::RedisError {
-    redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
-}
-
 async fn lease_once(
     c: &Cluster,
     host: &dyn Host,
@@ -536,8 +528,7 @@ async fn lease_once(
         async move { store.lease(&node, &inc, lease, join, started, &addr, &admin, floor).await }
     };
     let t0 = tokio::time::Instant::now();
-    let (_, known, members) =
-        tokio::time::timeout(c.cfg.redis_timeout, renew(!*joined)).await.map_err(|_| timed_out())??;
+    let (_, known, members) = renew(!*joined).await?;
     c.nodes.store(members, Ordering::Relaxed);
     c.stats.redis_rtt.observe(t0.elapsed());
     let stale = last_ok.is_none_or(|t| t.elapsed() > c.cfg.lease);
@@ -547,7 +538,7 @@ async fn lease_once(
         *c.inc.lock().expect("inc lock") = new_inc();
         c.stats.rejoins.fetch_add(1, Ordering::Relaxed);
         *joined = false;
-        tokio::time::timeout(c.cfg.redis_timeout, renew(true)).await.map_err(|_| timed_out())??;
+        renew(true).await?;
     }
     if !*joined {
         *joined = true;
@@ -588,27 +579,25 @@ async fn register_all(c: &Cluster, host: &dyn Host, store: &Store) -> bool {
         while tasks.len() < 64 {
             let Some((client, epoch)) = sessions.next() else { break };
             let (store, node, inc) = (store.clone(), me.clone(), inc.clone());
-            let wait = c.cfg.redis_timeout;
             tasks.spawn(async move {
-                let r = tokio::time::timeout(wait, store.register(&client, &node, &inc, epoch)).await;
+                let r = store.register(&client, &node, &inc, epoch).await;
                 (client, epoch, r)
             });
         }
         let Some(done) = tasks.join_next().await else { break };
         let Ok((client, epoch, r)) = done else { continue };
         match r {
-            Ok(Ok(Registered::Kept)) => {}
-            Ok(Ok(Registered::Adopted(theirs))) => {
+            Ok(Registered::Kept) => {}
+            Ok(Registered::Adopted(theirs)) => {
                 c.saw_epoch(theirs);
                 host.adopt_epoch(&client, epoch, theirs);
             }
-            Ok(Ok(Registered::Superseded { node, epoch: theirs })) => host.superseded(&client, epoch, &node, theirs),
-            Ok(Err(e)) => {
+            Ok(Registered::Superseded { node, epoch: theirs }) => host.superseded(&client, epoch, &node, theirs),
+            Err(e) => {
                 c.stats.redis_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!("registering {client}: {e}");
                 ok = false;
             }
-            Err(_) => ok = false,
         }
     }
     if !ok {
@@ -639,28 +628,22 @@ async fn reaper_task(c: Arc<Cluster>, host: Arc<dyn Host>) {
     loop {
         tick.tick().await;
         let Some(store) = c.store() else { continue };
-        let expired = match tokio::time::timeout(c.cfg.redis_timeout, store.expired()).await {
-            Ok(Ok(m)) => m,
-            _ => continue,
-        };
+        let Ok(expired) = store.expired().await else { continue };
         let mine = store::member(&c.cfg.node_id, &c.incarnation());
-        *c.lost.lock().expect("lost lock") = expired
-            .iter()
-            .filter(|m| **m != mine)
-            .map(|m| m.rsplit_once('#').map_or(m.as_str(), |x| x.0).to_owned())
-            .collect();
+        *c.lost.lock().expect("lost lock") =
+            expired.iter().filter(|m| **m != mine).map(|m| store::node_of(m).to_owned()).collect();
         for member in expired.into_iter().filter(|m| *m != mine) {
             let hold = c.cfg.lease.max(Duration::from_secs(1));
             if !matches!(store.lock_reap(&member, &c.cfg.node_id, hold).await, Ok(true)) {
                 continue;
             }
-            let node = member.rsplit_once('#').map_or(member.as_str(), |x| x.0).to_owned();
+            let node = store::node_of(&member).to_owned();
             let mut total = 0;
             // Bounded: each batch empties up to REAP_BATCH of a finite set, or stops.
             for _ in 0..10_000 {
-                match tokio::time::timeout(c.cfg.redis_timeout * 4, store.reap(&member, REAP_BATCH)).await {
-                    Ok(Ok((n, 0))) => total += n,
-                    Ok(Ok((n, _))) => {
+                match store.reap(&member, REAP_BATCH).await {
+                    Ok((n, 0)) => total += n,
+                    Ok((n, _)) => {
                         total += n;
                         break;
                     }
@@ -766,9 +749,9 @@ async fn flush(c: &Cluster, host: &dyn Host, store: &Store, ops: &mut Vec<Op>) {
         }
     }
     let mut con = store.con.clone();
-    let sent = tokio::time::timeout(c.cfg.redis_timeout, pipe.query_async::<Vec<redis::Value>>(&mut con)).await;
-    let results: Vec<Option<redis::Value>> = match sent {
-        Ok(Ok(values)) if values.len() == ops.len() => values.into_iter().map(Some).collect(),
+    // One request: the connection's response timeout bounds it.
+    let results: Vec<Option<redis::Value>> = match pipe.query_async::<Vec<redis::Value>>(&mut con).await {
+        Ok(values) if values.len() == ops.len() => values.into_iter().map(Some).collect(),
         _ => {
             c.stats.redis_errors.fetch_add(1, Ordering::Relaxed);
             ops.iter().map(|_| None).collect()

@@ -55,6 +55,11 @@ pub fn member(node: &str, inc: &str) -> String {
     format!("{node}#{inc}")
 }
 
+/// The node id of a member name.
+pub fn node_of(member: &str) -> &str {
+    member.rsplit_once('#').map_or(member, |(node, _)| node)
+}
+
 /// Shared Lua: Redis's clock in ms, and the `LEN:BYTES` field of the inter-node messages (`wire`).
 const LUA_HEAD: &str = r#"
 local function now_ms()
@@ -489,7 +494,7 @@ impl Store {
             let sessions: u64 = con.scard(ids_key(&m)).await?;
             let get = |k: &str| info.get(k).cloned().unwrap_or_default();
             out.push(NodeStatus {
-                node: info.get("node").cloned().unwrap_or_else(|| m.rsplit_once('#').map_or(&*m, |x| x.0).into()),
+                node: info.get("node").cloned().unwrap_or_else(|| node_of(&m).into()),
                 lease_left_ms: deadline as i64 - now as i64,
                 lease_ms: get("lease_ms").parse().unwrap_or(0),
                 sessions,

@@ -85,9 +85,16 @@ pub(super) async fn admit(shared: Arc<Shared>, cluster: Arc<Cluster>, control: A
     };
     let admit = Box::new(Admit { hello, decision });
     if let Err(admit) = control.admit(admit) {
-        // The connection closed while the claim was in flight: give the id back.
-        if let Decision::Welcome { epoch, .. } = admit.decision {
-            release(&cluster, &admit.hello.client_id, epoch, CloseReason::Eof, true, Duration::ZERO);
+        // The connection closed while the claim was in flight.
+        admit.give_back(&cluster, CloseReason::Eof, true);
+    }
+}
+
+impl Admit {
+    /// The connection this was decided for closed before its `WELCOME`: give back the id claimed for it.
+    pub(super) fn give_back(self, cluster: &Cluster, reason: CloseReason, by_client: bool) {
+        if let Decision::Welcome { epoch, .. } = self.decision {
+            release(cluster, &self.hello.client_id, epoch, reason, by_client, Duration::ZERO);
         }
     }
 }

@@ -1,7 +1,20 @@
 //! Shared test support: a server on port 0, event waiting, a hand-driven raw peer, the kernel's socket table.
 #![allow(dead_code)]
 
+#[path = "../../../tether-bench/src/redis.rs"]
 pub mod redis;
+
+/// Skip the calling test loudly when Redis is not installed.
+#[macro_export]
+macro_rules! redis_or_skip {
+    ($name:expr) => {
+        if let Some(why) = support::redis::unavailable() {
+            eprintln!("\n*** SKIPPED cluster test {}: {why} ***\n", $name);
+            println!("SKIPPED: {} ({why})", $name);
+            return;
+        }
+    };
+}
 
 use std::net::SocketAddr;
 use std::time::Duration;
