@@ -92,8 +92,8 @@ async fn connect(addr: std::net::SocketAddr, from: usize, to: usize, clients: &m
 
 fn wait_online(handle: &ServerHandle, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(60);
-    while handle.online() < n {
-        assert!(Instant::now() < deadline, "only {} of {n} clients online", handle.online());
+    while handle.stats().online < n {
+        assert!(Instant::now() < deadline, "only {} of {n} clients online", handle.stats().online);
         std::thread::sleep(Duration::from_millis(10));
     }
     // Let the handshakes' own allocations finish before counting.

@@ -491,7 +491,7 @@ async fn a_stalled_event_stream_is_cut_off_and_closed_while_a_reading_one_keeps_
     println!("the stalled reader was sent {got} bytes of 16 MiB+ emitted before its connection was closed");
     assert!(got < 10 * 1024 * 1024, "{got} bytes reached the stalled reader: the server kept queueing");
     // The server and its application never noticed.
-    assert_eq!(s.handle.online(), 1);
+    assert_eq!(s.handle.stats().online, 1);
     let _ = s.drain();
 }
 
@@ -545,7 +545,7 @@ async fn a_web_page_cannot_use_an_operators_browser_against_the_listener() {
     let r = support_http::request_with(admin, "GET", "/v1/sessions", None, rebound).await;
     assert_eq!(r.status, 403, "{}", r.body);
     assert!(r.json()["error"].as_str().unwrap().contains("Host"));
-    assert!(s.handle.is_ready() && s.handle.online() == 1, "nothing happened");
+    assert!(s.handle.is_ready() && s.handle.stats().online == 1, "nothing happened");
     // The dashboard's own requests (same origin) and localhost work.
     let same = format!("{host}Origin: http://{admin}\r\nSec-Fetch-Site: same-origin\r\n");
     assert_eq!(support_http::request_with(admin, "GET", "/v1/sessions", None, &same).await.status, 200);

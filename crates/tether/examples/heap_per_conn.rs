@@ -58,7 +58,7 @@ fn live() -> (isize, isize) {
 
 /// Wait until `handle` counts `online` sessions, then `settle` more for the tasks to go idle.
 fn wait_online(handle: &tether::ServerHandle, online: usize, settle: Duration) {
-    while handle.online() < online {
+    while handle.stats().online < online {
         std::thread::sleep(Duration::from_millis(10));
     }
     std::thread::sleep(settle);
@@ -127,7 +127,7 @@ fn main() {
     let trickled = live();
     report(&format!("slowloris connections ({TRICKLED} bytes of a HELLO, one at a time)"), n, idle, trickled);
     report("slowloris connections, for the trickled bytes alone", n, connected, trickled);
-    assert_eq!(handle.online(), n + 1, "no slowloris got in");
+    assert_eq!(handle.stats().online, n + 1, "no slowloris got in");
     drop(slow);
     drop(peers);
 

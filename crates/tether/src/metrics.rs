@@ -6,7 +6,9 @@
 //! [`CloseReason`] in an array indexed like [`CloseReason::ALL`] (plus one slot for codes this build does not
 //! know), so a reason added to the enum is counted and exported without touching this file. A [`Histogram`] has
 //! fixed bucket bounds and one atomic per bucket. [`MetricsSnapshot`] is a plain copy for exporters (the admin
-//! layer renders it for Prometheus); nothing here knows about HTTP or an exposition format.
+//! layer renders it for Prometheus); nothing here knows about HTTP or an exposition format. A leaf: it imports
+//! nothing else of this crate; the cluster builds its own [`ClusterSnapshot`], and the `PRESENCE` frame count
+//! is kept by the server's hub, under the lock that sends them.
 //!
 //! A snapshot is not one atomic instant: counters read a moment apart may disagree by the events in between,
 //! which scrapers tolerate. Each counter on its own only grows.
@@ -113,8 +115,6 @@ pub struct Metrics {
     /// `DATA` relayed to another client, and `DATA` answered `UNDELIVERABLE`.
     pub relayed: AtomicU64,
     pub undeliverable: AtomicU64,
-    /// `PRESENCE` frames handed to subscribers.
-    pub presence_frames: AtomicU64,
     /// Frames and bytes over every connection that reached the session layer (refusals at accept not counted).
     pub frames_in: AtomicU64,
     pub frames_out: AtomicU64,
@@ -149,7 +149,6 @@ impl Default for Metrics {
             refused_draining: AtomicU64::new(0),
             relayed: AtomicU64::new(0),
             undeliverable: AtomicU64::new(0),
-            presence_frames: AtomicU64::new(0),
             frames_in: AtomicU64::new(0),
             frames_out: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
@@ -216,7 +215,30 @@ pub struct MetricsSnapshot {
     pub handshake: HistogramSnapshot,
     pub session: HistogramSnapshot,
     /// Cluster mode: the node's view of the cluster and Redis.
-    pub cluster: Option<crate::cluster::ClusterSnapshot>,
+    pub cluster: Option<ClusterSnapshot>,
+}
+
+/// A snapshot of a cluster node's state for operators (built by `Cluster::snapshot`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterSnapshot {
+    pub node_id: String,
+    pub incarnation: String,
+    pub degraded: bool,
+    /// Members in the node table at the last lease renewal (this one included).
+    pub nodes: u64,
+    /// Ids this node knows online on other nodes.
+    pub remote_sessions: usize,
+    pub redis_rtt: HistogramSnapshot,
+    pub pubsub_lag: HistogramSnapshot,
+    pub published: u64,
+    pub received: u64,
+    pub claims: u64,
+    pub asks: u64,
+    pub ask_timeouts: u64,
+    pub reaped: u64,
+    pub rejoins: u64,
+    pub redis_errors: u64,
+    pub unpublished: u64,
 }
 
 #[cfg(test)]

@@ -50,7 +50,7 @@ async fn bad_credentials_are_refused_after_the_delay() {
         let k = s.wait(|k| matches!(k, EventKind::Closed { .. })).await;
         assert!(matches!(k, EventKind::Closed { reason: CloseReason::AuthFailed, client: None, .. }), "{what}: {k:?}");
     }
-    assert_eq!(s.handle.online(), 0);
+    assert_eq!(s.handle.stats().online, 0);
 }
 
 #[tokio::test(start_paused = true)]
@@ -64,7 +64,7 @@ async fn a_token_for_one_id_cannot_take_over_another_but_its_own_holder_can() {
     // A's valid token, presented for id b: refused, and b keeps its session.
     let (reason, _) = refused(s.addr, with_token("b", &tok_a, 2)).await;
     assert_eq!(reason, CloseReason::AuthFailed);
-    assert_eq!(s.handle.online(), 1);
+    assert_eq!(s.handle.stats().online, 1);
     // b's own token from a fresh socket (a rebooted device): takeover.
     let _b2 = Client::connect(s.addr, with_token("b", &tok_b, 3)).await.unwrap();
     loop {

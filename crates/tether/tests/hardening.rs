@@ -99,7 +99,7 @@ async fn a_stalled_event_reader_loses_counted_events_and_stops_nothing() {
     let dropped: u64 = received.iter().map(|k| if let EventKind::Dropped { count } = k { *count } else { 0 }).sum();
     let delivered = received.iter().filter(|k| !matches!(k, EventKind::Dropped { .. })).count() as u64;
     assert!(dropped > 300, "dropped {dropped}");
-    assert_eq!(s.handle.events_dropped(), dropped);
+    assert_eq!(s.handle.stats().events_dropped, dropped);
     // Every event was either delivered or counted: 1 listening was read at start; 400 online/offline of the
     // clients, then the silent one's online and offline.
     assert_eq!(delivered + dropped, 400 + 2, "{received:?}");
@@ -134,7 +134,7 @@ async fn one_address_cannot_take_every_handshake_slot() {
             Err(_) => {}
         }
     }
-    assert_eq!((refused, s.handle.handshakes(), s.handle.refused_ip_limit()), (520 - 32, 32, 520 - 32));
+    assert_eq!((refused, s.handle.stats().handshakes, s.handle.stats().refused_ip_limit), (520 - 32, 32, 520 - 32));
     // A newcomer from anywhere else is admitted.
     let mut other = RawPeer::from_stream(connect_from("127.0.0.3", s.addr).await);
     other.send(&hello_frame(PROTOCOL_VERSION, "newcomer", 1)).await;

@@ -86,5 +86,5 @@ async fn garbage_connections_do_not_disturb_good_clients() {
             other => panic!("a good client got a verdict: {other:?}"),
         }
     }
-    assert_eq!(s.handle.online(), GOOD);
+    assert_eq!(s.handle.stats().online, GOOD);
 }

@@ -43,7 +43,7 @@ async fn silent_peers_are_declared_on_time() {
     assert!(max < Duration::from_secs(1), "worst verdict {max:?} late");
     // The live client never noticed, and the server never judged it.
     assert!(!matches!(live_event(&mut live).await, Some(ClientEvent::Disconnected(_))));
-    assert_eq!(s.handle.online(), 1);
+    assert_eq!(s.handle.stats().online, 1);
     drop(silent);
 }
 

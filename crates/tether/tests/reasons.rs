@@ -142,7 +142,7 @@ async fn two_live_devices_on_one_id_get_id_conflict() {
     assert_eq!(d.retry_after, Some(Duration::from_secs(30)));
     let k = s.wait(|k| matches!(k, EventKind::IdConflict { .. })).await;
     assert!(matches!(k, EventKind::IdConflict { client, .. } if client == "x"));
-    assert_eq!(s.handle.online(), 1);
+    assert_eq!(s.handle.stats().online, 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -243,7 +243,7 @@ async fn busy_refuses_newcomers_and_spares_existing_clients() {
     // Existing clients are unaffected.
     a.send(Some("a"), Bytes::from_static(b"ok")).await.unwrap();
     assert_eq!(&support::next_data(&mut a).await[..], b"ok");
-    assert_eq!(s.handle.online(), 2);
+    assert_eq!(s.handle.stats().online, 2);
 }
 
 #[tokio::test(start_paused = true)]
@@ -321,12 +321,15 @@ async fn handshakes_in_flight_are_capped() {
     let _slow2 = RawPeer::connect(s.addr).await;
     let err = Client::connect(s.addr, client_cfg("c")).await.err().unwrap();
     assert!(matches!(err, ConnectError::Refused(ref d) if d.reason == CloseReason::Busy), "{err:?}");
-    assert_eq!((s.handle.handshakes(), s.handle.peak_handshakes(), s.handle.refused_busy()), (2, 2, 1));
+    assert_eq!(
+        (s.handle.stats().handshakes, s.handle.stats().peak_handshakes, s.handle.stats().refused_busy),
+        (2, 2, 1)
+    );
     // One finishes its handshake: room again.
     slow1.send(&hello_frame(1, "slow1", 1)).await;
     assert!(matches!(slow1.next_frame().await, Some(Frame::Welcome(_))));
     let _c = Client::connect(s.addr, client_cfg("c")).await.unwrap();
-    assert_eq!(s.handle.peak_handshakes(), 2, "never above the cap");
+    assert_eq!(s.handle.stats().peak_handshakes, 2, "never above the cap");
     s.wait(|k| matches!(k, EventKind::Online { client, .. } if client == "c")).await;
     // The established client never noticed.
     good.send(Some("good"), Bytes::from_static(b"unaffected")).await.unwrap();

@@ -55,7 +55,7 @@ async fn restart_under_a_thousand_clients() {
             up += 1;
         }
     }
-    let first_wave_busy = s.handle.refused_busy();
+    let first_wave_busy = s.handle.stats().refused_busy;
 
     // Crash and restart on the same port at once.
     s.crash().await;
@@ -87,8 +87,8 @@ async fn restart_under_a_thousand_clients() {
     let mut times: Vec<Duration> = back_at.into_iter().flatten().collect();
     times.sort();
     let all_back = *times.last().unwrap();
-    let peak = s2.handle.peak_handshakes();
-    let busy = s2.handle.refused_busy();
+    let peak = s2.handle.stats().peak_handshakes;
+    let busy = s2.handle.stats().refused_busy;
     println!("restart under {CLIENTS} clients, handshake cap {CAP}:");
     println!(
         "  all back after {:.3}s (bound {:.1}s); p50 {:.3}s, p99 {:.3}s",
@@ -115,5 +115,5 @@ async fn restart_under_a_thousand_clients() {
         let n = times.iter().filter(|t| (t.as_millis() / 100) as usize == b).count();
         assert!(n <= CLIENTS / 2, "{n} clients reconnected in one 100 ms bucket");
     }
-    assert_eq!(s2.handle.online(), CLIENTS);
+    assert_eq!(s2.handle.stats().online, CLIENTS);
 }

@@ -4,37 +4,47 @@
 //! # Layout
 //! - [`ClusterConfig`]: the Redis URL, this node's id, its lease.
 //! - [`store`]: the keys and Lua scripts in Redis; every ownership change is one script that also publishes it.
-//! - [`wire`]: the messages nodes publish to each other.
-//! - [`Cluster`]: the live state the server shares with the tasks below; [`Cluster::start`] spawns them:
+//! - `wire`: the messages nodes publish to each other (crate-private).
+//! - [`Cluster`]: the live state the server shares with the cluster's tasks, and the only way the server reaches
+//!   Redis and other nodes: `claim` when a `HELLO` is admitted, and methods that queue each message or release
+//!   for the outbox (`relay`, `deliver`, `kick`, `publish_suspect`, `release`, ...). No message is built outside
+//!   this module.
+//! - `tasks`: the four background tasks `Cluster::start` spawns:
 //!   - the **lease** task renews this node's lease every third of it, measures Redis's round trip, and, when
 //!     Redis comes back or the node was out of touch past its lease (hung, cut off: a zombie), rejoins as a new
-//!     incarnation and re-registers every local session ([`Host::local_sessions`]); the ones taken over
-//!     elsewhere meanwhile are closed with `takeover` ([`Host::superseded`]);
+//!     incarnation and re-registers every local session (`Host::local_sessions`); the ones taken over
+//!     elsewhere meanwhile are closed with `takeover` (`Host::superseded`);
 //!   - the **reaper** looks for members whose lease ran out every [`REAP_EVERY`]; one node (a lock in Redis)
 //!     declares their sessions offline (`node_lost`), batch by batch;
 //!   - the **listener** holds the pub/sub connection (the presence channel and this node's inbox) and hands
-//!     each message to [`Host::on_message`]; after a reconnect it reloads who holds what;
+//!     each message to `Host::on_message`; after a reconnect it reloads who holds what;
 //!   - the **outbox** publishes and releases in the order the server queued them, so `DATA` from one sender to
 //!     one receiver arrives in order.
+//! - `Host`: what the cluster's tasks ask of the server (implemented by the server's shared state).
 //!
-//! The server talks to Redis only through this module: [`Cluster::claim`] when a `HELLO` is admitted, the
-//! outbox for everything else. Nothing is written to Redis per heartbeat: liveness stays on each node, and the
+//! # Rules
+//! Below the server: this module knows nothing of connections, the hub or the server's state, only the `Host`
+//! trait. Its counters are read through [`Cluster::snapshot`] into a [`ClusterSnapshot`] (defined with the other
+//! metrics).
+//!
+//! Nothing is written to Redis per heartbeat: liveness stays on each node, and the
 //! node's lease covers its sessions. While Redis cannot be reached the node is *degraded*: it keeps serving its
 //! own clients (admitting them with local epochs), and registers them when Redis answers again.
 
 pub mod store;
-pub mod wire;
+mod tasks;
+pub(crate) mod wire;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::metrics::{Histogram, HistogramSnapshot, LATENCY_BUCKETS};
-use store::{Claimed, Registered, Store};
+pub use crate::metrics::ClusterSnapshot;
+use crate::metrics::{Histogram, LATENCY_BUCKETS};
+use store::{Claimed, Store};
 use wire::{AskAnswer, Msg, Stamped};
 
 /// How often every node looks for lost members.
@@ -100,7 +110,7 @@ pub(crate) trait Host: Send + Sync + 'static {
 
 /// One operation for the outbox, carried out in queue order.
 #[derive(Debug)]
-pub(crate) enum Op {
+enum Op {
     /// `relay`: a relayed `DATA` (sender, target): when no node receives it, the sender is told `UNDELIVERABLE`.
     Publish { channel: String, msg: Vec<u8>, relay: Option<(String, String)> },
     /// A local session ended (after the presence grace): forget it in Redis and publish `offline`.
@@ -142,32 +152,9 @@ impl Default for ClusterStats {
     }
 }
 
-/// A snapshot of the cluster's state for operators.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ClusterSnapshot {
-    pub node_id: String,
-    pub incarnation: String,
-    pub degraded: bool,
-    /// Members in the node table at the last lease renewal (this one included).
-    pub nodes: u64,
-    /// Ids this node knows online on other nodes.
-    pub remote_sessions: usize,
-    pub redis_rtt: HistogramSnapshot,
-    pub pubsub_lag: HistogramSnapshot,
-    pub published: u64,
-    pub received: u64,
-    pub claims: u64,
-    pub asks: u64,
-    pub ask_timeouts: u64,
-    pub reaped: u64,
-    pub rejoins: u64,
-    pub redis_errors: u64,
-    pub unpublished: u64,
-}
-
 /// The cluster's live state, shared by the server and the cluster's tasks.
 pub struct Cluster {
-    pub cfg: ClusterConfig,
+    cfg: ClusterConfig,
     client: redis::Client,
     store: Mutex<Option<Store>>,
     /// This incarnation of the node (a new one after it was lost and came back).
@@ -185,9 +172,9 @@ pub struct Cluster {
     out_rx: Mutex<Option<mpsc::Receiver<Op>>>,
     /// Set when an operation could not be queued or carried out: the lease task re-registers everything.
     resync: AtomicBool,
-    pub stats: ClusterStats,
+    stats: ClusterStats,
     /// Where the lease task says this node listens (for `tether cluster status`).
-    pub addrs: Mutex<(String, String)>,
+    addrs: Mutex<(String, String)>,
     started_ms: u64,
     /// Joined (lease) and listening (pub/sub): the node sees the cluster. Waited for before serving.
     joined: AtomicBool,
@@ -210,7 +197,7 @@ fn new_inc() -> String {
 }
 
 impl Cluster {
-    /// The state for `cfg`; no connection yet ([`Cluster::start`] makes them). Fails only on a URL that is not
+    /// The state for `cfg`; no connection yet (`Cluster::start` makes them). Fails only on a URL that is not
     /// one.
     pub fn new(cfg: ClusterConfig) -> redis::RedisResult<Cluster> {
         let client = redis::Client::open(cfg.url.as_str())?;
@@ -253,7 +240,9 @@ impl Cluster {
         self.degraded.load(Ordering::Relaxed)
     }
 
-    pub fn snapshot(&self) -> ClusterSnapshot {
+    /// The cluster's counters now, with `remote_sessions` (ids this node knows online elsewhere, which the
+    /// server's registry counts).
+    pub fn snapshot(&self, remote_sessions: usize) -> ClusterSnapshot {
         let s = &self.stats;
         let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
         ClusterSnapshot {
@@ -261,7 +250,7 @@ impl Cluster {
             incarnation: self.incarnation(),
             degraded: self.is_degraded(),
             nodes: self.nodes.load(Ordering::Relaxed),
-            remote_sessions: 0,
+            remote_sessions,
             redis_rtt: s.redis_rtt.snapshot(),
             pubsub_lag: s.pubsub_lag.snapshot(),
             published: n(&s.published),
@@ -389,7 +378,7 @@ impl Cluster {
     /// Queue an operation for the outbox. It never waits: when the queue is full the operation is not lost
     /// silently, the node re-registers everything once Redis keeps up again (which releases what ended). False
     /// when it could not be queued.
-    pub(crate) fn queue(&self, op: Op) -> bool {
+    fn queue(&self, op: Op) -> bool {
         match self.out.try_send(op) {
             Ok(()) => true,
             Err(_) => {
@@ -401,19 +390,76 @@ impl Cluster {
     }
 
     /// Publish `msg` to `node`'s inbox.
-    pub(crate) fn send_to(&self, node: &str, msg: &Msg) -> bool {
+    fn send_to(&self, node: &str, msg: &Msg) -> bool {
         self.queue(Op::Publish { channel: store::inbox(node), msg: msg.encode(unix_ms()), relay: None })
     }
 
     /// Relay `DATA` from local `from` to `to` on `node`; if no node receives it, `from` is told.
-    pub(crate) fn relay(&self, node: &str, from: &str, to: &str, msg: &Msg) -> bool {
+    pub(crate) fn relay(&self, node: &str, from: &str, to: &str, payload: bytes::Bytes) -> bool {
+        let msg = Msg::Data { from: from.into(), to: to.into(), origin: self.cfg.node_id.clone(), payload };
         let relay = Some((from.to_owned(), to.to_owned()));
         self.queue(Op::Publish { channel: store::inbox(node), msg: msg.encode(unix_ms()), relay })
     }
 
     /// Publish `msg` on the presence channel.
-    pub(crate) fn publish_presence(&self, msg: &Msg) -> bool {
+    fn publish_presence(&self, msg: &Msg) -> bool {
         self.queue(Op::Publish { channel: store::PRESENCE.into(), msg: msg.encode(unix_ms()), relay: None })
+    }
+
+    /// The local session of `client` with `epoch` has been silent for `silent_for`: tell the other nodes.
+    pub(crate) fn publish_suspect(&self, client: &str, epoch: u64, silent_for: Duration) -> bool {
+        let silent_ms = silent_for.as_millis().min(u32::MAX as u128) as u32;
+        self.publish_presence(&Msg::Suspect { client: client.into(), epoch, silent_ms })
+    }
+
+    /// The local session of `client` with `epoch` is heard again: tell the other nodes.
+    pub(crate) fn publish_recovered(&self, client: &str, epoch: u64) -> bool {
+        self.publish_presence(&Msg::Recovered { client: client.into(), epoch })
+    }
+
+    /// Forget a session of this node in Redis (if it still holds the id) and tell the other nodes it is offline,
+    /// in the outbox's order.
+    pub(crate) fn release(
+        &self,
+        client: &str,
+        epoch: u64,
+        reason: tether_proto::CloseReason,
+        by_client: bool,
+        silent: Duration,
+    ) {
+        let op = Op::Release { client: client.into(), epoch, reason: reason.code(), by_client, last_seen: silent };
+        self.queue(op);
+    }
+
+    /// `DATA` from the server application for `client`, held on `node`. False when it could not be queued.
+    pub(crate) fn deliver(&self, node: &str, client: &str, payload: bytes::Bytes) -> bool {
+        self.send_to(node, &Msg::Send { client: client.into(), payload })
+    }
+
+    /// Kick `client`, held on `node`, asking it to wait `retry_after`. False when it could not be queued.
+    pub(crate) fn kick(&self, node: &str, client: &str, retry_after: Duration) -> bool {
+        let retry_after_ms = retry_after.as_millis().min(u32::MAX as u128) as u32;
+        self.send_to(node, &Msg::Kick { client: client.into(), retry_after_ms })
+    }
+
+    /// Answer `node`'s ask `req`.
+    pub(crate) fn answer(&self, node: &str, req: u64, answer: AskAnswer) {
+        self.send_to(node, &Msg::Answer { req, answer });
+    }
+
+    /// Tell `origin` that the `DATA` its client `from` sent to `to` found no one here.
+    pub(crate) fn undeliverable(&self, origin: &str, from: String, to: String) {
+        self.send_to(origin, &Msg::Undeliverable { from, to });
+    }
+
+    /// Where this node listens (the protocol and the admin listener), for the node table.
+    pub(crate) fn set_addrs(&self, listen: String, admin: String) {
+        *self.addrs.lock().expect("addrs lock") = (listen, admin);
+    }
+
+    /// A node that has not renewed its lease for this long is lost.
+    pub fn lease(&self) -> Duration {
+        self.cfg.lease
     }
 
     /// Leave the cluster on a graceful shutdown: let the outbox send what is queued (the goodbyes' releases), at
@@ -430,17 +476,6 @@ impl Cluster {
             Ok(n) => tracing::info!("cluster: left ({n} sessions still registered were declared lost)"),
             _ => tracing::warn!("cluster: could not leave cleanly; the lease will run out"),
         }
-    }
-
-    /// Spawn the lease, reaper, listener and outbox tasks. They run until the returned handles are aborted.
-    pub(crate) fn start(self: &Arc<Self>, host: Arc<dyn Host>) -> Vec<tokio::task::JoinHandle<()>> {
-        let rx = self.out_rx.lock().expect("outbox lock").take().expect("started once");
-        vec![
-            tokio::spawn(lease_task(self.clone(), host.clone())),
-            tokio::spawn(reaper_task(self.clone(), host.clone())),
-            tokio::spawn(listener_task(self.clone(), host.clone())),
-            tokio::spawn(outbox_task(self.clone(), host, rx)),
-        ]
     }
 
     /// The command connection. Every request on it (a script, a pipeline) fails after `redis_timeout`: that one
@@ -488,289 +523,4 @@ pub async fn status(url: &str) -> redis::RedisResult<StatusReport> {
         info.lines().find_map(|l| l.strip_prefix("used_memory:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
     let epoch: Option<u64> = redis::cmd("GET").arg("tether:epoch").query_async(&mut con).await?;
     Ok(StatusReport { nodes, epoch: epoch.unwrap_or(0), redis_used_memory, redis_rtts })
-}
-
-/// Renew the lease every third of it; (re)connect, rejoin and re-register as needed.
-async fn lease_task(c: Arc<Cluster>, host: Arc<dyn Host>) {
-    let mut tick = tokio::time::interval(c.cfg.lease / 3);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut joined = false;
-    // The last renewal Redis confirmed, on our clock: out of touch for longer than the lease means we may have
-    // been declared lost (and our sessions offline) meanwhile.
-    let mut last_ok: Option<tokio::time::Instant> = None;
-    loop {
-        tick.tick().await;
-        if let Err(e) = lease_once(&c, &*host, &mut joined, &mut last_ok).await {
-            c.failed(&*host, &e);
-        }
-    }
-}
-
-async fn lease_once(
-    c: &Cluster,
-    host: &dyn Host,
-    joined: &mut bool,
-    last_ok: &mut Option<tokio::time::Instant>,
-) -> redis::RedisResult<()> {
-    let store = match c.store() {
-        Some(s) => s,
-        None => {
-            let s = c.connect().await?;
-            *c.store.lock().expect("store lock") = Some(s.clone());
-            s
-        }
-    };
-    let renew = |join: bool| {
-        let (addr, admin) = c.addrs.lock().expect("addrs lock").clone();
-        let floor = c.max_epoch.load(Ordering::Relaxed);
-        let (store, node, inc) = (store.clone(), c.cfg.node_id.clone(), c.incarnation());
-        let (lease, started) = (c.cfg.lease, c.started_ms);
-        async move { store.lease(&node, &inc, lease, join, started, &addr, &admin, floor).await }
-    };
-    let t0 = tokio::time::Instant::now();
-    let (_, known, members) = renew(!*joined).await?;
-    c.nodes.store(members, Ordering::Relaxed);
-    c.stats.redis_rtt.observe(t0.elapsed());
-    let stale = last_ok.is_none_or(|t| t.elapsed() > c.cfg.lease);
-    if *joined && (!known || stale) {
-        // Declared lost (reaped, or Redis restarted empty), or out of touch long enough to have been: join again as
-        // a new incarnation, so that a reaper still working on the old one cannot touch what is registered now.
-        *c.inc.lock().expect("inc lock") = new_inc();
-        c.stats.rejoins.fetch_add(1, Ordering::Relaxed);
-        *joined = false;
-        renew(true).await?;
-    }
-    if !*joined {
-        *joined = true;
-        c.resync.store(true, Ordering::Relaxed);
-    }
-    if c.resync.swap(false, Ordering::AcqRel) && !register_all(c, host, &store).await {
-        c.resync.store(true, Ordering::Relaxed);
-        return Ok(());
-    }
-    *last_ok = Some(tokio::time::Instant::now());
-    c.set_ready(&c.joined);
-    // The pub/sub connection must deliver too: a beat to our own inbox each tick, heard back by the listener.
-    c.send_to(&c.cfg.node_id, &Msg::Beat);
-    let silent = unix_ms().saturating_sub(c.heard_ms.load(Ordering::Relaxed));
-    if c.listening.load(Ordering::Relaxed) && silent > c.cfg.lease.as_millis() as u64 {
-        tracing::warn!("cluster: pub/sub delivered nothing for {silent} ms; reconnecting it");
-        c.heard_ms.store(unix_ms(), Ordering::Relaxed);
-        c.restart_listener.notify_one();
-    }
-    if c.degraded.swap(false, Ordering::AcqRel) {
-        host.degraded(false, "Redis answers again");
-    }
-    Ok(())
-}
-
-/// Register every local session under the current incarnation; close those a newer session elsewhere holds (or
-/// held and ended: a tombstone). Then release what Redis still holds for this node and is not live here any more:
-/// releases lost while Redis was away, and sessions that ended while this ran. False when Redis failed on the way
-/// (the next tick tries again).
-async fn register_all(c: &Cluster, host: &dyn Host, store: &Store) -> bool {
-    let inc = c.incarnation();
-    let me = c.cfg.node_id.clone();
-    let sessions = host.local_sessions();
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut sessions = sessions.into_iter();
-    let mut ok = true;
-    loop {
-        while tasks.len() < 64 {
-            let Some((client, epoch)) = sessions.next() else { break };
-            let (store, node, inc) = (store.clone(), me.clone(), inc.clone());
-            tasks.spawn(async move {
-                let r = store.register(&client, &node, &inc, epoch).await;
-                (client, epoch, r)
-            });
-        }
-        let Some(done) = tasks.join_next().await else { break };
-        let Ok((client, epoch, r)) = done else { continue };
-        match r {
-            Ok(Registered::Kept) => {}
-            Ok(Registered::Adopted(theirs)) => {
-                c.saw_epoch(theirs);
-                host.adopt_epoch(&client, epoch, theirs);
-            }
-            Ok(Registered::Superseded { node, epoch: theirs }) => host.superseded(&client, epoch, &node, theirs),
-            Err(e) => {
-                c.stats.redis_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!("registering {client}: {e}");
-                ok = false;
-            }
-        }
-    }
-    if !ok {
-        return false;
-    }
-    // What Redis holds for this node that is not live here: release it (compare-and-delete on its epoch, so a
-    // session claimed meanwhile is never touched).
-    let own = match tokio::time::timeout(c.cfg.redis_timeout * 10, store.own_ids(&me, &inc)).await {
-        Ok(Ok(own)) => own,
-        _ => return false,
-    };
-    for (client, node, epoch) in own {
-        let (Some(node), Some(epoch)) = (node, epoch) else { continue };
-        if node != me {
-            continue;
-        }
-        if let Some((reason, by_client, last_seen)) = host.ended(&client, epoch) {
-            c.queue(Op::Release { client, epoch, reason, by_client, last_seen });
-        }
-    }
-    true
-}
-
-/// Look for lost members; reap the ones this node gets the lock for.
-async fn reaper_task(c: Arc<Cluster>, host: Arc<dyn Host>) {
-    let mut tick = tokio::time::interval(REAP_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let Some(store) = c.store() else { continue };
-        let Ok(expired) = store.expired().await else { continue };
-        let mine = store::member(&c.cfg.node_id, &c.incarnation());
-        *c.lost.lock().expect("lost lock") =
-            expired.iter().filter(|m| **m != mine).map(|m| store::node_of(m).to_owned()).collect();
-        for member in expired.into_iter().filter(|m| *m != mine) {
-            let hold = c.cfg.lease.max(Duration::from_secs(1));
-            if !matches!(store.lock_reap(&member, &c.cfg.node_id, hold).await, Ok(true)) {
-                continue;
-            }
-            let node = store::node_of(&member).to_owned();
-            let mut total = 0;
-            // Bounded: each batch empties up to REAP_BATCH of a finite set, or stops.
-            for _ in 0..10_000 {
-                match store.reap(&member, REAP_BATCH).await {
-                    Ok((n, 0)) => total += n,
-                    Ok((n, _)) => {
-                        total += n;
-                        break;
-                    }
-                    _ => break,
-                }
-            }
-            c.stats.reaped.fetch_add(total, Ordering::Relaxed);
-            host.reaped(&node, total);
-        }
-    }
-}
-
-/// Hold the pub/sub connection; hand every message over; reload who holds what after each (re)connect.
-async fn listener_task(c: Arc<Cluster>, host: Arc<dyn Host>) {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let connected = async {
-            let mut ps = c.client.get_async_pubsub().await?;
-            ps.subscribe(store::PRESENCE).await?;
-            ps.subscribe(store::inbox(&c.cfg.node_id)).await?;
-            redis::RedisResult::Ok(ps)
-        };
-        let ps = match tokio::time::timeout(c.cfg.redis_timeout * 2, connected).await {
-            Ok(Ok(ps)) => ps,
-            _ => {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
-            }
-        };
-        backoff = Duration::from_millis(100);
-        // Subscribed first, then the snapshot: whatever changes meanwhile arrives as a message, and the epochs
-        // order the two.
-        if let Some(store) = c.store() {
-            if let Ok(Ok(h)) = tokio::time::timeout(c.cfg.redis_timeout * 10, store.holders()).await {
-                host.reload(h);
-            }
-        }
-        c.set_ready(&c.listening);
-        c.heard_ms.store(unix_ms(), Ordering::Relaxed);
-        let mut stream = ps.into_on_message();
-        loop {
-            let m = tokio::select! {
-                m = stream.next() => m,
-                () = c.restart_listener.notified() => None,
-            };
-            let Some(m) = m else { break };
-            c.stats.received.fetch_add(1, Ordering::Relaxed);
-            let Some(stamped) = Msg::decode(m.get_payload_bytes()) else { continue };
-            let lag = unix_ms().saturating_sub(stamped.sent_ms);
-            c.stats.pubsub_lag.observe(Duration::from_millis(lag));
-            match stamped.msg {
-                Msg::Answer { req, answer } => c.answered(req, answer),
-                Msg::Beat => c.heard_ms.store(unix_ms(), Ordering::Relaxed),
-                _ => host.on_message(stamped),
-            }
-        }
-        // The connection dropped: Redis restarted or is unreachable.
-        c.resync.store(true, Ordering::Relaxed);
-    }
-}
-
-/// Carry out queued operations in order, each batch in one pipeline (Redis runs a pipeline's commands in
-/// order): publishes, and releases by script hash.
-async fn outbox_task(c: Arc<Cluster>, host: Arc<dyn Host>, mut rx: mpsc::Receiver<Op>) {
-    let mut batch: Vec<Op> = Vec::with_capacity(256);
-    loop {
-        c.outbox_busy.store(false, Ordering::Release);
-        if rx.recv_many(&mut batch, 256).await == 0 {
-            return;
-        }
-        c.outbox_busy.store(true, Ordering::Release);
-        let Some(store) = c.store() else {
-            // Degraded: what ended meanwhile is released by the re-registration once Redis is back; a relayed
-            // DATA is told to its sender.
-            c.resync.store(true, Ordering::Relaxed);
-            c.stats.unpublished.fetch_add(batch.len() as u64, Ordering::Relaxed);
-            for op in batch.drain(..) {
-                if let Op::Publish { relay: Some((from, to)), .. } = op {
-                    host.undeliverable(&from, &to);
-                }
-            }
-            continue;
-        };
-        flush(&c, &*host, &store, &mut batch).await;
-    }
-}
-
-/// Send `ops` in one pipeline, in order. A relayed `DATA` that no node received (its inbox has no listener: the
-/// node is gone) or that Redis did not take is told to its sender as `UNDELIVERABLE`. A release that failed is
-/// made good by the next re-registration.
-async fn flush(c: &Cluster, host: &dyn Host, store: &Store, ops: &mut Vec<Op>) {
-    let mut pipe = redis::pipe();
-    pipe.ignore_errors();
-    for op in ops.iter() {
-        match op {
-            Op::Publish { channel, msg, .. } => {
-                pipe.publish(channel, msg);
-            }
-            Op::Release { client, epoch, reason, by_client, last_seen } => {
-                pipe.add_command(store.release_cmd(client, &c.cfg.node_id, *epoch, *reason, *by_client, *last_seen));
-            }
-        }
-    }
-    let mut con = store.con.clone();
-    // One request: the connection's response timeout bounds it.
-    let results: Vec<Option<redis::Value>> = match pipe.query_async::<Vec<redis::Value>>(&mut con).await {
-        Ok(values) if values.len() == ops.len() => values.into_iter().map(Some).collect(),
-        _ => {
-            c.stats.redis_errors.fetch_add(1, Ordering::Relaxed);
-            ops.iter().map(|_| None).collect()
-        }
-    };
-    for (op, result) in ops.drain(..).zip(results) {
-        let ok = matches!(result, Some(redis::Value::Int(_)));
-        if ok {
-            if matches!(op, Op::Publish { .. }) {
-                c.stats.published.fetch_add(1, Ordering::Relaxed);
-            }
-        } else {
-            c.stats.unpublished.fetch_add(1, Ordering::Relaxed);
-            c.resync.store(true, Ordering::Relaxed);
-        }
-        if let Op::Publish { relay: Some((from, to)), .. } = op {
-            if !ok || matches!(result, Some(redis::Value::Int(0))) {
-                host.undeliverable(&from, &to);
-            }
-        }
-    }
 }

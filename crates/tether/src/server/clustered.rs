@@ -1,10 +1,21 @@
-//! The server's side of cluster mode: admission through Redis, and what other nodes' messages do here.
+//! The server's side of cluster mode: admission across nodes, and what other nodes' messages do here.
 //!
-//! A `HELLO` in cluster mode is decided off the connection's task ([`admit`]): the node holding the id is asked
-//! first (it applies the `id_conflict` rule, knowing its holder's liveness), then the id is claimed in Redis for
-//! a new epoch, and the decision goes back to the connection as a command ([`Admit`]), which welcomes or refuses
-//! under the hub's lock like a single node does. A connection that closes while its claim is in flight releases
-//! the claim itself, so Redis never keeps an id nobody holds.
+//! # Layout
+//! - [`admit`]: a `HELLO` in cluster mode is decided off the connection's task. The node holding the id is asked
+//!   first (it applies the `id_conflict` rule, knowing its holder's liveness), then the id is claimed in Redis
+//!   for a new epoch, and the decision goes back to the connection as a command ([`Admit`]), which welcomes or
+//!   refuses under the hub's lock like a single node does. A connection that closes while its claim is in
+//!   flight releases the claim itself, so Redis never keeps an id nobody holds.
+//! - Reaching a client held elsewhere: [`Shared::relay_remote`] (`DATA` from a local client) and
+//!   [`Shared::remote_node_of`] (the operator's send and kick).
+//! - `impl Host for Shared`: what the cluster's tasks ask of this server. Other nodes' presence goes into the
+//!   registry (and out as `PRESENCE` frames by the hub's pump), their relayed `DATA` and kicks reach local
+//!   connections, their asks are answered, and a re-registration's findings (superseded, adopted, ended) are
+//!   carried out.
+//!
+//! # Rules
+//! Talks to Redis and to other nodes only through [`Cluster`]'s methods; builds no message itself. Like
+//! everything under the hub's lock, holds it only for registry calls and pushes, never across an `.await`.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -13,23 +24,13 @@ use std::time::{Duration, Instant as StdInstant};
 use tether_proto::registry::{RemoteOffline, Yield};
 use tether_proto::{CloseReason, Frame, Hello, Undeliverable};
 
-use super::{bye, driver, CloseCmd, Control, Shared};
+use super::control::{bye, Admit, CloseCmd, Control, Decision};
+use super::hub::Hub;
+use super::state::Shared;
 use crate::cluster::wire::{AskAnswer, Msg, Stamped};
-use crate::cluster::{Cluster, Host, Op};
+use crate::cluster::{Cluster, Host};
+use crate::driver;
 use crate::event::EventKind;
-
-/// What the cluster decided about a `HELLO`, handed back to its connection.
-pub(super) struct Admit {
-    pub hello: Hello,
-    pub decision: Decision,
-}
-
-pub(super) enum Decision {
-    /// Welcome with this cluster epoch; `displaced` comes with the id from its previous node.
-    Welcome { epoch: u64, displaced: Vec<(u64, Duration)> },
-    /// Another live device holds the id (here or on `node`).
-    Conflict { retry_after: Duration, node: Option<String> },
-}
 
 /// Decide on `hello` for the connection behind `control`, then hand the decision to it. Runs as a task of its
 /// own; the connection keeps counting as a handshake meanwhile.
@@ -39,7 +40,7 @@ pub(super) async fn admit(shared: Arc<Shared>, cluster: Arc<Cluster>, control: A
     let in_redis = cluster.holder(&hello.client_id).await;
     let (remote, conflict) = {
         let mut hub = shared.hub.lock().expect("hub lock");
-        let super::Hub { registry, conns, .. } = &mut *hub;
+        let Hub { registry, conns, .. } = &mut *hub;
         let remote = match in_redis {
             Ok(h) => h.map(|(n, _)| n),
             Err(()) => registry.remote_holder(&hello.client_id).map(|(n, _)| n.to_owned()),
@@ -90,27 +91,6 @@ pub(super) async fn admit(shared: Arc<Shared>, cluster: Arc<Cluster>, control: A
     }
 }
 
-impl Admit {
-    /// The connection this was decided for closed before its `WELCOME`: give back the id claimed for it.
-    pub(super) fn give_back(self, cluster: &Cluster, reason: CloseReason, by_client: bool) {
-        if let Decision::Welcome { epoch, .. } = self.decision {
-            release(cluster, &self.hello.client_id, epoch, reason, by_client, Duration::ZERO);
-        }
-    }
-}
-
-/// Forget a session of this node in Redis (if it still holds the id) and tell the other nodes it is offline.
-pub(super) fn release(
-    cluster: &Cluster,
-    client: &str,
-    epoch: u64,
-    reason: CloseReason,
-    by_client: bool,
-    silent: Duration,
-) {
-    cluster.queue(Op::Release { client: client.into(), epoch, reason: reason.code(), by_client, last_seen: silent });
-}
-
 impl Shared {
     /// `DATA` from `from` to `to`, who is not connected here: relay it to the node that holds `to`. False when no
     /// node holds it (or the message could not be queued), for an `UNDELIVERABLE`.
@@ -124,8 +104,7 @@ impl Shared {
             hub.registry.remote_holder(to).map(|(n, _)| n.to_owned())
         };
         let Some(node) = node else { return false };
-        let msg = Msg::Data { from: from.into(), to: to.into(), origin: cluster.node_id().into(), payload };
-        cluster.relay(&node, from, to, &msg)
+        cluster.relay(&node, from, to, payload)
     }
 
     /// The node holding `client`, when it is another one.
@@ -145,8 +124,7 @@ impl Shared {
 
     fn deliver_local(&self, client: &str, frame: Frame) -> bool {
         let hub = self.hub.lock().expect("hub lock");
-        let target = hub.registry.lookup(client).and_then(|c| hub.conns.get(&c));
-        target.is_some_and(|h| h.push(frame, self.cfg.outbound_queue).is_ok())
+        hub.holder(client).is_some_and(|h| h.push(frame, self.cfg.outbound_queue).is_ok())
     }
 }
 
@@ -217,7 +195,7 @@ impl Host for Shared {
             Msg::Ask { req, client, nonce, from } => {
                 let answer = {
                     let mut hub = self.hub.lock().expect("hub lock");
-                    let super::Hub { registry, conns, .. } = &mut *hub;
+                    let Hub { registry, conns, .. } = &mut *hub;
                     let y = registry
                         .yield_to(now, &client, nonce, &from, |c| conns.get(&c).map(|h| self.last_rx_of(&h.control)));
                     hub.pump(None);
@@ -239,7 +217,7 @@ impl Host for Shared {
                         }
                     }
                 };
-                cluster.send_to(&from, &Msg::Answer { req, answer });
+                cluster.answer(&from, req, answer);
             }
             Msg::Answer { req, answer } => cluster.answered(req, answer),
             Msg::Beat => {}
@@ -247,13 +225,13 @@ impl Host for Shared {
                 if self.deliver_local(&to, Frame::Data { peer: from.clone(), payload }) {
                     self.metrics.relayed.fetch_add(1, Ordering::Relaxed);
                 } else {
-                    cluster.send_to(&origin, &Msg::Undeliverable { from, to });
+                    cluster.undeliverable(&origin, from, to);
                 }
             }
             Msg::Undeliverable { from, to } => Host::undeliverable(self, &from, &to),
             Msg::Kick { client, retry_after_ms } => {
                 let hub = self.hub.lock().expect("hub lock");
-                if let Some(h) = hub.registry.lookup(&client).and_then(|c| hub.conns.get(&c)) {
+                if let Some(h) = hub.holder(&client) {
                     let retry = Duration::from_millis(retry_after_ms.into());
                     h.control.request(CloseCmd::Bye(bye(CloseReason::Kicked, retry)));
                 }

@@ -1,0 +1,256 @@
+//! How other tasks reach one connection: its control slot, the commands it carries, and the cluster's decision
+//! about its `HELLO`.
+//!
+//! # Layout
+//! - [`Control`]: one per connection, shared (`Arc`) by its task, the hub's table and whoever asks about it. A close
+//!   request (first wins, never blocked by queued frames), a bounded frame queue, a probe request and an
+//!   admission decision, plus what the operator may read about the session and its traffic.
+//! - [`Cmd`] and [`CloseCmd`]: what the task takes out of its slot, in that order of precedence.
+//! - [`Admit`] and [`Decision`]: what the cluster decided about a `HELLO`, handed to the connection as a command.
+//!
+//! # Rules
+//! A leaf: nothing here knows the server's shared state or the hub. The slot's lock is held only to move a
+//! command in or out (never across IO, never while taking another lock); the task is the only writer of the
+//! traffic counts and the round trip, so those are plain loads and stores on atomics.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Mutex, OnceLock};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant as StdInstant};
+
+use tether_proto::{Bye, CloseReason, Frame, Hello};
+
+use crate::cluster::Cluster;
+use crate::ops::KernelView;
+use crate::sockopt;
+
+/// How other tasks reach a connection task: a close request (first wins, never blocked by queued frames) and a
+/// bounded frame queue. The queue is a `VecDeque` that allocates only when something is queued and is released
+/// when it drains: an idle connection pays nothing for it (a channel would pre-allocate a block of slots).
+/// It also carries what the operator may ask about the connection; the task is its only writer.
+pub(super) struct Control {
+    state: Mutex<ControlState>,
+    /// Milliseconds after `Shared::origin` of the last frame received (for the id-conflict liveness rule).
+    pub(super) last_rx_ms: AtomicU64,
+    pub(super) peer: SocketAddr,
+    /// Set once, when the session is admitted.
+    pub(super) session: OnceLock<SessionMeta>,
+    /// Bytes on the socket; the core's frame counts last added to the server's totals (received in the high
+    /// half, sent in the low); outbound bytes last added to the server's queued gauge.
+    pub(super) bytes_in: AtomicU64,
+    pub(super) bytes_out: AtomicU64,
+    pub(super) frames_seen: AtomicU64,
+    pub(super) queued: AtomicU64,
+    /// The last heartbeat round trip in microseconds (low half, 0 before the first) and how many there were (high
+    /// half: a probe waits for it to move), in one word.
+    pub(super) rtt: AtomicU64,
+}
+
+/// What a session was admitted with.
+pub(super) struct SessionMeta {
+    pub(super) epoch: u64,
+    pub(super) since_at: StdInstant,
+    pub(super) heartbeat_ms: u32,
+    pub(super) timeout_ms: u32,
+    pub(super) version: u8,
+}
+
+struct ControlState {
+    close: Option<CloseCmd>,
+    frames: VecDeque<Frame>,
+    /// The connection task, when it waits for a command.
+    waker: Option<Waker>,
+    /// The socket while it is open, -1 after: the kernel's view is read under this lock, and the task clears it
+    /// before the socket closes, so a reused descriptor is never read. (A bare descriptor rather than an
+    /// `Option`: it keeps this slot, one per connection, a word smaller.)
+    fd: RawFd,
+    /// An operator asked for a round-trip probe.
+    probe: bool,
+    /// Cluster mode: the decision about this connection's `HELLO`, waiting for its task.
+    admit: Option<Box<Admit>>,
+}
+
+impl ControlState {
+    fn new(fd: RawFd) -> ControlState {
+        ControlState { close: None, frames: VecDeque::new(), waker: None, fd, probe: false, admit: None }
+    }
+
+    /// The socket, if it is still open.
+    fn fd(&self) -> Option<RawFd> {
+        (self.fd >= 0).then_some(self.fd)
+    }
+
+    fn wake(&mut self) {
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
+    /// The socket is closing: forget it, and hand back a cluster admission that came too late.
+    fn close(&mut self) -> Option<Box<Admit>> {
+        self.fd = -1;
+        self.admit.take()
+    }
+}
+
+/// Why a frame was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum PushError {
+    /// The queue was full: the connection is now condemned as a slow consumer.
+    Full,
+}
+
+#[derive(Debug, Clone)]
+pub(super) enum CloseCmd {
+    /// Goodbye and linger (takeover, kick, shutdown).
+    Bye(Bye),
+    /// Refuse: flush the `BYE` and close (a delayed `auth_failed`).
+    Reject(Bye),
+    Abort(CloseReason),
+}
+
+pub(super) enum Cmd {
+    Frame(Frame),
+    Close(CloseCmd),
+    /// Measure the round trip now ([`crate::ServerHandle::probe`]).
+    Probe,
+    /// Cluster mode: welcome or refuse the `HELLO` as decided.
+    Admit(Box<Admit>),
+}
+
+/// A `BYE` with `retry_after` in milliseconds (saturated) and no alternative.
+pub(super) fn bye(reason: CloseReason, retry_after: Duration) -> Bye {
+    Bye { reason, retry_after_ms: retry_after.as_millis().min(u32::MAX as u128) as u32, alternative: String::new() }
+}
+
+impl Control {
+    pub(super) fn new(peer: SocketAddr, fd: RawFd, now_ms: u64) -> Control {
+        Control {
+            state: Mutex::new(ControlState::new(fd)),
+            last_rx_ms: AtomicU64::new(now_ms),
+            peer,
+            session: OnceLock::new(),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            frames_seen: AtomicU64::new(0),
+            queued: AtomicU64::new(0),
+            rtt: AtomicU64::new(0),
+        }
+    }
+
+    /// The kernel's view of the socket, if it is still open.
+    pub(super) fn kernel_view(&self) -> Option<KernelView> {
+        let st = self.state.lock().expect("control lock");
+        let fd = st.fd()?;
+        let info = sockopt::tcp_info(fd)?;
+        Some(KernelView { info, send_queue: sockopt::unacked_bytes(fd) })
+    }
+
+    /// The socket, if it is still open.
+    pub(super) fn fd(&self) -> Option<RawFd> {
+        self.state.lock().expect("control lock").fd()
+    }
+
+    /// The socket is closing: the operator's view of it ends here. Returns a cluster admission that came too
+    /// late, for the caller to give back.
+    pub(super) fn close_socket(&self) -> Option<Box<Admit>> {
+        self.state.lock().ok()?.close()
+    }
+
+    /// Ask the task to close; the first request wins.
+    pub(super) fn request(&self, cmd: CloseCmd) {
+        let mut st = self.state.lock().expect("control lock");
+        if st.close.is_none() {
+            st.close = Some(cmd);
+            st.wake();
+        }
+    }
+
+    /// Ask the task to measure a round trip now.
+    pub(super) fn request_probe(&self) {
+        let mut st = self.state.lock().expect("control lock");
+        st.probe = true;
+        st.wake();
+    }
+
+    /// Queue a frame for the connection (at most `limit`); a full queue condemns it as a slow consumer.
+    pub(super) fn push(&self, frame: Frame, limit: usize) -> Result<(), PushError> {
+        let mut st = self.state.lock().expect("control lock");
+        if st.frames.len() >= limit.max(1) {
+            if st.close.is_none() {
+                st.close = Some(CloseCmd::Abort(CloseReason::SlowConsumer));
+                st.wake();
+            }
+            return Err(PushError::Full);
+        }
+        st.frames.push_back(frame);
+        st.wake();
+        Ok(())
+    }
+
+    /// Hand the cluster's decision about the `HELLO` to the task; given back when the connection is already
+    /// closed (the caller then releases what it claimed).
+    pub(super) fn admit(&self, a: Box<Admit>) -> Result<(), Box<Admit>> {
+        let mut st = self.state.lock().expect("control lock");
+        if st.fd < 0 {
+            return Err(a);
+        }
+        st.admit = Some(a);
+        st.wake();
+        Ok(())
+    }
+
+    /// The next command: a close request first, then queued frames in order. When there is none, `cx` is woken
+    /// by the next push or request.
+    pub(super) fn poll_take(&self, cx: &mut Context<'_>) -> Poll<Cmd> {
+        let mut st = self.state.lock().expect("control lock");
+        if let Some(c) = st.close.take() {
+            return Poll::Ready(Cmd::Close(c));
+        }
+        if std::mem::take(&mut st.probe) {
+            return Poll::Ready(Cmd::Probe);
+        }
+        if let Some(a) = st.admit.take() {
+            return Poll::Ready(Cmd::Admit(a));
+        }
+        match st.frames.pop_front() {
+            Some(f) => {
+                if st.frames.is_empty() && st.frames.capacity() > 0 {
+                    st.frames = VecDeque::new();
+                }
+                Poll::Ready(Cmd::Frame(f))
+            }
+            None => {
+                if !st.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    st.waker = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+/// What the cluster decided about a `HELLO`, handed back to its connection.
+pub(super) struct Admit {
+    pub(super) hello: Hello,
+    pub(super) decision: Decision,
+}
+
+pub(super) enum Decision {
+    /// Welcome with this cluster epoch; `displaced` comes with the id from its previous node.
+    Welcome { epoch: u64, displaced: Vec<(u64, Duration)> },
+    /// Another live device holds the id (here or on `node`).
+    Conflict { retry_after: Duration, node: Option<String> },
+}
+
+impl Admit {
+    /// The connection this was decided for closed before its `WELCOME`: give back the id claimed for it.
+    pub(super) fn give_back(self, cluster: &Cluster, reason: CloseReason, by_client: bool) {
+        if let Decision::Welcome { epoch, .. } = self.decision {
+            cluster.release(&self.hello.client_id, epoch, reason, by_client, Duration::ZERO);
+        }
+    }
+}

@@ -1,0 +1,301 @@
+//! [`ServerHandle`]: what the application and the operator do to a running server, and the paced drain.
+//!
+//! # Layout
+//! - Steering one client: [`ServerHandle::send`], [`ServerHandle::kick`], [`ServerHandle::probe`]; in cluster
+//!   mode a client held by another node is reached through it.
+//! - Reading: [`ServerHandle::stats`], [`ServerHandle::metrics`], [`ServerHandle::sessions`],
+//!   [`ServerHandle::session`], [`ServerHandle::disconnects`], [`ServerHandle::watch_events`].
+//! - Lame duck: [`ServerHandle::drain`] spawns `drain_paced`, which says goodbye in batches.
+//!
+//! # Rules
+//! Nothing here runs on a connection's task: a connection is reached only through its control slot (a close
+//! request, a queued frame, a probe request), so no operator call can block a heartbeat. Under the hub's lock
+//! only references are gathered; copies and the kernel's view are made after it is released.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use tether_proto::{CloseReason, ConnId, Frame};
+
+use super::control::{bye, CloseCmd, Control, PushError};
+use super::state::Shared;
+use crate::event::Stats;
+use crate::metrics::MetricsSnapshot;
+use crate::ops::{DisconnectRecord, DrainError, DrainStatus, EventWatch, KernelView, ProbeReport, SessionInfo};
+
+/// A cheap handle for the application: send to a client, kick one, count sessions.
+#[derive(Clone)]
+pub struct ServerHandle {
+    pub(super) shared: Arc<Shared>,
+}
+
+/// Why [`ServerHandle::send`] did not queue a message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendToError {
+    #[error("client {0} is not online")]
+    Offline(String),
+    #[error("client {0} is not draining its queue (closed as slow_consumer)")]
+    SlowConsumer(String),
+    #[error("payload of {len} bytes exceeds the largest frame a client accepts ({max} bytes of payload)")]
+    TooLarge { len: usize, max: usize },
+}
+
+/// How often a drain sends a batch of goodbyes.
+const DRAIN_TICK: Duration = Duration::from_millis(100);
+
+impl ServerHandle {
+    /// Queue `payload` for `client` (delivered as `DATA` from the server application, with an empty peer). At most
+    /// `max_frame - 2` bytes: the largest frame a client must accept.
+    pub fn send(&self, client: &str, payload: Bytes) -> Result<(), SendToError> {
+        let max = tether_proto::frame::max_payload(self.shared.cfg.conn.max_frame, false);
+        if payload.len() > max {
+            return Err(SendToError::TooLarge { len: payload.len(), max });
+        }
+        let payload = {
+            let hub = self.shared.hub.lock().expect("hub lock");
+            if let Some(h) = hub.holder(client) {
+                let limit = self.shared.cfg.outbound_queue;
+                return h
+                    .push(Frame::Data { peer: String::new(), payload }, limit)
+                    .map_err(|PushError::Full| SendToError::SlowConsumer(client.into()));
+            }
+            payload
+        };
+        // Cluster mode: the node holding it delivers it.
+        match self.shared.remote_node_of(client) {
+            Some((cluster, node)) => {
+                cluster.deliver(&node, client, payload).then_some(()).ok_or_else(|| SendToError::Offline(client.into()))
+            }
+            None => Err(SendToError::Offline(client.into())),
+        }
+    }
+
+    /// Remove `client` with `BYE(kicked)`. Returns whether it was online.
+    pub fn kick(&self, client: &str) -> bool {
+        self.kick_with(client, Duration::ZERO)
+    }
+
+    /// Remove `client` with `BYE(kicked)` asking it to wait `retry_after` before reconnecting. Returns whether it
+    /// was online.
+    pub fn kick_with(&self, client: &str, retry_after: Duration) -> bool {
+        {
+            let hub = self.shared.hub.lock().expect("hub lock");
+            if let Some(h) = hub.holder(client) {
+                h.control.request(CloseCmd::Bye(bye(CloseReason::Kicked, retry_after)));
+                return true;
+            }
+        }
+        // Cluster mode: the node holding it kicks it.
+        match self.shared.remote_node_of(client) {
+            Some((cluster, node)) => cluster.kick(&node, client, retry_after),
+            None => false,
+        }
+    }
+
+    /// Cluster mode: the node table from Redis. `None` for a single node; an error when Redis does not answer.
+    pub async fn cluster_nodes(&self) -> Option<Result<Vec<crate::cluster::store::NodeStatus>, String>> {
+        let c = self.shared.cluster.clone()?;
+        Some(c.nodes().await)
+    }
+
+    /// Every counter, gauge and histogram, read now.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.shared.metrics_snapshot()
+    }
+
+    /// Online sessions whose id starts with `prefix` and sorts after `after`, in id order, at most `limit`. Under
+    /// the hub's lock only references are gathered and the first `limit` selected (linear); just those are
+    /// copied, and the per-session details are read after.
+    pub fn sessions(&self, prefix: &str, after: Option<&str>, limit: usize) -> Vec<SessionInfo> {
+        let page: Vec<(String, Arc<Control>, ConnId, bool)> = {
+            let hub = self.shared.hub.lock().expect("hub lock");
+            let mut matching: Vec<(&str, ConnId, bool)> = hub
+                .registry
+                .sessions()
+                .filter(|(id, _, _)| id.starts_with(prefix) && after.is_none_or(|a| *id > a))
+                .collect();
+            if matching.len() > limit && limit > 0 {
+                matching.select_nth_unstable_by(limit - 1, |a, b| a.0.cmp(b.0));
+            }
+            matching.truncate(limit);
+            matching.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            matching
+                .into_iter()
+                .filter_map(|(id, conn, suspect)| {
+                    hub.conns.get(&conn).map(|h| (id.to_owned(), h.control.clone(), conn, suspect))
+                })
+                .collect()
+        };
+        page.into_iter()
+            .filter_map(|(id, control, conn, suspect)| self.shared.session_info(id, conn, &control, suspect))
+            .collect()
+    }
+
+    /// One online session and the kernel's view of its socket (`None` where the platform has no `TCP_INFO`).
+    pub fn session(&self, client: &str) -> Option<(SessionInfo, Option<KernelView>)> {
+        let (control, conn, suspect) = {
+            let hub = self.shared.hub.lock().expect("hub lock");
+            let (conn, suspect) = hub.registry.session(client)?;
+            (hub.conns.get(&conn)?.control.clone(), conn, suspect)
+        };
+        let info = self.shared.session_info(client.to_owned(), conn, &control, suspect)?;
+        Some((info, control.kernel_view()))
+    }
+
+    /// Ping `client` now and wait up to `wait` for its `PONG`; then read the kernel's view of its socket. The
+    /// report tells a slow network from a client whose program does not answer while its kernel still does
+    /// ([`ProbeReport::verdict`]). `None` when the client is not online.
+    pub async fn probe(&self, client: &str, wait: Duration) -> Option<ProbeReport> {
+        let control = {
+            let hub = self.shared.hub.lock().expect("hub lock");
+            hub.holder(client)?.control.clone()
+        };
+        let heartbeat = control.session.get().map(|m| Duration::from_millis(m.heartbeat_ms.into()));
+        let shared = &self.shared;
+        shared.probe_waiters.fetch_add(1, Ordering::AcqRel);
+        let before = control.rtt.load(Ordering::Acquire) >> 32;
+        control.request_probe();
+        let started = tokio::time::Instant::now();
+        let answered = tokio::time::timeout(wait, async {
+            loop {
+                let notified = shared.probe_done.notified();
+                if control.rtt.load(Ordering::Acquire) >> 32 != before {
+                    return;
+                }
+                notified.await;
+            }
+        })
+        .await
+        .is_ok();
+        shared.probe_waiters.fetch_sub(1, Ordering::AcqRel);
+        let app_rtt = answered.then(|| Duration::from_micros(control.rtt.load(Ordering::Acquire) & 0xffff_ffff));
+        Some(ProbeReport {
+            client: client.to_owned(),
+            app_rtt,
+            waited: started.elapsed(),
+            heartbeat,
+            kernel: control.kernel_view(),
+        })
+    }
+
+    /// The most recent closed connections, newest first (`reason` only, when given; at most `limit`). Kept:
+    /// `ServerConfig::disconnect_history`.
+    pub fn disconnects(&self, reason: Option<CloseReason>, limit: usize) -> Vec<DisconnectRecord> {
+        self.shared.disconnects.recent(reason, limit)
+    }
+
+    /// A live copy of every event from now on, for a watcher that may fall behind: one more than `capacity`
+    /// events behind, it is cut off (see [`EventWatch`]), counted in the metrics, and the server goes on.
+    pub fn watch_events(&self, capacity: usize) -> EventWatch {
+        self.shared.watchers.add(capacity)
+    }
+
+    /// Lame duck: admit no one (newcomers get `BYE(server_shutdown)` naming `redirect`), and say
+    /// `BYE(server_shutdown, retry_after, redirect)` to every connection in batches paced evenly over `spread`,
+    /// so that the server the clients go to is not hit by one wave. Runs on the caller's tokio runtime.
+    pub fn drain(&self, redirect: Option<String>, spread: Duration) -> Result<DrainStatus, DrainError> {
+        let shared = &self.shared;
+        if shared.shutting_down.load(Ordering::Relaxed) {
+            return Err(DrainError::ShuttingDown);
+        }
+        let mut d = shared.drain.lock().expect("drain lock");
+        if shared.draining.swap(true, Ordering::Relaxed) {
+            return Err(DrainError::AlreadyDraining);
+        }
+        let mut targets: Vec<(ConnId, Arc<Control>)> = {
+            let hub = shared.hub.lock().expect("hub lock");
+            hub.conns.iter().map(|(id, h)| (*id, h.control.clone())).collect()
+        };
+        targets.sort_unstable_by_key(|(id, _)| *id);
+        let status = DrainStatus {
+            draining: true,
+            total: targets.len(),
+            sent: 0,
+            remaining: targets.len(),
+            redirect: redirect.clone(),
+            spread,
+            started: Some(SystemTime::now()),
+        };
+        d.status = Some(status.clone());
+        tracing::info!("draining {} connections over {spread:?}, redirect {redirect:?}", targets.len());
+        d.task = Some(tokio::spawn(drain_paced(shared.clone(), targets, redirect, spread)));
+        Ok(status)
+    }
+
+    /// Stop draining: admit again. Goodbyes already sent stay sent; the rest are not sent.
+    pub fn undrain(&self) -> DrainStatus {
+        let mut d = self.shared.drain.lock().expect("drain lock");
+        if let Some(t) = d.task.take() {
+            t.abort();
+        }
+        self.shared.draining.store(false, Ordering::Relaxed);
+        if let Some(s) = &mut d.status {
+            s.draining = false;
+        }
+        drop(d);
+        self.drain_status()
+    }
+
+    /// The current (or last) drain's progress.
+    pub fn drain_status(&self) -> DrainStatus {
+        let d = self.shared.drain.lock().expect("drain lock");
+        let mut s = d.status.clone().unwrap_or_default();
+        s.draining = self.shared.draining.load(Ordering::Relaxed);
+        s.remaining = self.shared.active.load(Ordering::Relaxed);
+        s
+    }
+
+    /// Accepting new sessions: not draining and not shutting down.
+    pub fn is_ready(&self) -> bool {
+        !self.shared.draining.load(Ordering::Relaxed) && !self.shared.shutting_down.load(Ordering::Relaxed)
+    }
+
+    /// When the server was bound.
+    pub fn started(&self) -> SystemTime {
+        self.shared.started
+    }
+
+    /// The id this server gives in `WELCOME`.
+    pub fn server_id(&self) -> &str {
+        &self.shared.cfg.server_id
+    }
+
+    /// Where the admin listener is, once the application has announced it ([`crate::Server::set_admin_addr`]).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.shared.admin_addr.get().copied()
+    }
+
+    /// Every counter at once: connections, online ids, handshakes (now and at most), refusals, undeliverable
+    /// messages, events the application did not take.
+    pub fn stats(&self) -> Stats {
+        self.shared.stats()
+    }
+}
+
+/// A drain's goodbyes: batches every [`DRAIN_TICK`], each the share of `spread` that tick covers, each `BYE`
+/// with a retry-after jittered within the tick so that one batch's reconnects do not arrive as one burst either.
+async fn drain_paced(
+    shared: Arc<Shared>,
+    targets: Vec<(ConnId, Arc<Control>)>,
+    redirect: Option<String>,
+    spread: Duration,
+) {
+    let ticks = (spread.as_nanos() / DRAIN_TICK.as_nanos()).max(1) as usize;
+    let per_tick = targets.len().div_ceil(ticks).max(1);
+    let mut tick = tokio::time::interval(DRAIN_TICK);
+    for batch in targets.chunks(per_tick) {
+        tick.tick().await;
+        for (_, control) in batch {
+            let mut b = bye(CloseReason::ServerShutdown, DRAIN_TICK.mul_f64(rand::random::<f64>()));
+            b.alternative = redirect.clone().unwrap_or_default();
+            control.request(CloseCmd::Bye(b));
+        }
+        if let Some(s) = shared.drain.lock().expect("drain lock").status.as_mut() {
+            s.sent += batch.len();
+        }
+    }
+    tracing::info!("drain: every goodbye sent ({})", targets.len());
+}

@@ -1,0 +1,581 @@
+//! One connection's life on the server: its task ([`serve_conn`]) and what the server does at each thing the
+//! core reports ([`ServerHooks`]).
+//!
+//! # Layout
+//! - [`serve_conn`]: registers the connection's control slot in the hub, builds its `Connection` and runs
+//!   `driver::drive` with [`ServerHooks`] until it closes; [`ConnGuard`] undoes the registration however the task
+//!   ends (a close, or an abort at shutdown).
+//! - Where a `HELLO` is decided: [`ServerHooks::on_hello`] checks the credential, then admits through the
+//!   registry under the hub's lock (a single node) or hands the decision to `clustered::admit` (cluster mode),
+//!   whose answer comes back as a command ([`ServerHooks::on_admit`]); [`ServerHooks::conclude`] sends `WELCOME`
+//!   or the refusal and announces takeovers.
+//! - Where a frame is relayed: [`ServerHooks::on_data`] pushes `DATA` into the receiver's queue here, or through
+//!   the cluster to the node holding it, or answers `UNDELIVERABLE`.
+//! - Where a verdict becomes an event: the core's `Event::Closed` (a heartbeat timeout, a `BYE`, a reset, each
+//!   with its reason) reaches [`ServerHooks::on_closed`], which records it, tells the registry (presence and the
+//!   grace) and emits `offline` for the session's holder or `closed` for anyone else. `Suspect` and `Recovered`
+//!   become events and, in cluster mode, presence messages in the same place.
+//!
+//! # Rules
+//! Runs on the connection's own task, so nothing here may block or wait: the hub's lock only for a registry call
+//! and its pump, work that can wait (a delayed `auth_failed`, a cluster admission) is spawned, and events and
+//! log lines leave after the hub's lock is released. The task is the only writer of its `Control`'s counts.
+
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant as StdInstant, SystemTime};
+
+use bytes::Bytes;
+use tether_proto::registry::{Admission, SessionEvent};
+use tether_proto::{CloseReason, ConnId, Connection, Event, Frame, Undeliverable, Welcome};
+use tokio::net::TcpStream;
+
+use super::clustered;
+use super::control::{bye, Admit, CloseCmd, Cmd, Control, Decision, SessionMeta};
+use super::hub::{ConnHandle, Hub};
+use super::state::Shared;
+use crate::driver::{self, drive, Hooks};
+use crate::event::EventKind;
+use crate::ops::DisconnectRecord;
+use crate::sockopt;
+
+/// Guard that keeps `active` and the hub's connection table honest however the task ends.
+struct ConnGuard {
+    shared: Arc<Shared>,
+    conn_id: ConnId,
+    /// Also holds the peer's address (kept once per connection, here).
+    control: Arc<Control>,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        // However the task ended (its close event, or aborted at shutdown), it leaves nothing queued behind.
+        if let (Some(a), Some(cluster)) = (self.control.close_socket(), &self.shared.cluster) {
+            a.give_back(cluster, CloseReason::Reset, false);
+        }
+        let queued = self.control.queued.swap(0, Ordering::Relaxed);
+        self.shared.metrics.outbound_queued.fetch_sub(queued as i64, Ordering::Relaxed);
+        if let Ok(mut hub) = self.shared.hub.lock() {
+            hub.conns.remove(&self.conn_id);
+        }
+        if self.shared.cfg.max_per_ip.is_some() {
+            self.shared.sources.connection_done(self.control.peer.ip());
+        }
+        self.shared.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pub(super) async fn serve_conn(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, conn_id: ConnId) {
+    let control = {
+        let now_ms = driver::now().saturating_duration_since(shared.origin).as_millis() as u64;
+        Arc::new(Control::new(peer, stream.as_raw_fd(), now_ms))
+    };
+    let _guard = ConnGuard { shared: shared.clone(), conn_id, control: control.clone() };
+    if shared.shutting_down.load(Ordering::Relaxed) {
+        control.request(CloseCmd::Bye(bye(CloseReason::ServerShutdown, shared.cfg.shutdown_spread)));
+    }
+    shared.hub.lock().expect("hub lock").conns.insert(conn_id, ConnHandle { control: control.clone() });
+    // Accepted just before a drain began, too late for its list: it leaves like the others. (The hub's lock
+    // orders this against the drain's snapshot of the connections.)
+    if shared.draining.load(Ordering::Relaxed) {
+        control.request(CloseCmd::Bye(shared.drain_bye()));
+    }
+    let mut conn = Connection::server(driver::now(), shared.conn_cfg.clone());
+    // Where in its first 12 intervals the session's first round-trip probe falls.
+    conn.set_ping_phase(rand::random::<f64>());
+    let tls = shared.tls_session();
+    let mut hooks = ServerHooks { shared, conn_id, client: None, control, handshaking: true, grant: None };
+    if let Ok(tls) = tls {
+        drive(stream, tls, &mut conn, &mut hooks).await;
+    }
+    // However the connection ended (even before it started, on a TLS session error), it leaves the handshake
+    // counts.
+    hooks.handshake_done();
+}
+
+struct ServerHooks {
+    shared: Arc<Shared>,
+    conn_id: ConnId,
+    /// The admitted client id, once `WELCOME` was sent.
+    client: Option<String>,
+    control: Arc<Control>,
+    /// Still counted in `Shared::handshakes` (until admitted or closed).
+    handshaking: bool,
+    /// What the credential allows (no limit without authentication).
+    grant: Option<crate::auth::Grant>,
+}
+
+impl ServerHooks {
+    /// Leave the handshake counts (server-wide and per source), once.
+    fn handshake_done(&mut self) {
+        if std::mem::take(&mut self.handshaking) {
+            self.shared.handshakes.fetch_sub(1, Ordering::Relaxed);
+            self.shared.sources.handshake_done(self.control.peer.ip());
+        }
+    }
+
+    fn on_hello(&mut self, conn: &mut Connection, now: StdInstant, hello: tether_proto::Hello) {
+        let shared = self.shared.clone();
+        if let Some(auth) = &shared.cfg.auth {
+            match auth.0.authenticate(&hello.client_id, &hello.credential, SystemTime::now()) {
+                Ok(grant) => self.grant = Some(grant),
+                Err(e) => {
+                    // Refused, but only after a delay, to slow guessing. The connection stays counted as a
+                    // handshake meanwhile (bounded by max_handshakes) and its input is capped by the core.
+                    shared.metrics.refused_auth.fetch_add(1, Ordering::Relaxed);
+                    if shared.log_allowed("auth failed", &hello.client_id) {
+                        tracing::info!(conn = self.conn_id, peer = %self.control.peer, client = %hello.client_id, "auth failed: {e}");
+                    }
+                    let control = self.control.clone();
+                    let delay = shared.cfg.auth_fail_delay;
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        control.request(CloseCmd::Reject(bye(CloseReason::AuthFailed, Duration::ZERO)));
+                    });
+                    return;
+                }
+            }
+        }
+        if let Some(cluster) = shared.cluster.clone() {
+            // Decided off this task (the holder's node is asked, the id claimed in Redis); the connection stays a
+            // handshake until the decision comes back as a command.
+            tokio::spawn(clustered::admit(shared, cluster, self.control.clone(), hello));
+            return;
+        }
+        self.handshake_done();
+        let mut hub = shared.hub.lock().expect("hub lock");
+        let Hub { registry, conns, .. } = &mut *hub;
+        let admission = registry.admit(now, &hello.client_id, hello.nonce, self.conn_id, |c| {
+            conns.get(&c).map(|h| shared.last_rx_of(&h.control))
+        });
+        self.conclude(conn, now, hello, admission, hub);
+    }
+
+    /// Cluster mode: carry out the decision about this connection's `HELLO`.
+    fn on_admit(&mut self, conn: &mut Connection, now: StdInstant, a: Admit) {
+        self.handshake_done();
+        let Admit { hello, decision } = a;
+        let shared = self.shared.clone();
+        match decision {
+            Decision::Conflict { retry_after, node } => {
+                conn.reject(now, bye(CloseReason::IdConflict, retry_after));
+                shared.metrics.id_conflicts.fetch_add(1, Ordering::Relaxed);
+                if let Some(node) = node {
+                    tracing::debug!(conn = self.conn_id, client = %hello.client_id, "id conflict with a device on {node}");
+                }
+                shared.emit(EventKind::IdConflict {
+                    client: hello.client_id,
+                    holder_conn: 0,
+                    newcomer_conn: self.conn_id,
+                    peer: self.control.peer,
+                    retry_after,
+                });
+            }
+            Decision::Welcome { epoch, displaced } => {
+                let hub = shared.hub.lock().expect("hub lock");
+                // A newer session claimed the id while this one's claim was in flight: it wins.
+                let newer_here = hub.registry.local_epoch(&hello.client_id).is_some_and(|e| e > epoch);
+                let newer_there = hub.registry.remote_holder(&hello.client_id).is_some_and(|(_, e)| e > epoch);
+                if newer_here || newer_there {
+                    drop(hub);
+                    conn.reject(now, bye(CloseReason::Takeover, Duration::ZERO));
+                    return;
+                }
+                let mut hub = hub;
+                // The conflict rule was applied before the claim (here or by the holder's node).
+                let admission = hub.registry.admit_cluster(
+                    now,
+                    &hello.client_id,
+                    hello.nonce,
+                    self.conn_id,
+                    epoch,
+                    &displaced,
+                    |_| None,
+                );
+                self.conclude(conn, now, hello, admission, hub);
+            }
+        }
+    }
+
+    /// Welcome or refuse, as the registry admitted; `hub` is held throughout.
+    fn conclude(
+        &mut self,
+        conn: &mut Connection,
+        now: StdInstant,
+        hello: tether_proto::Hello,
+        admission: Admission,
+        mut hub: std::sync::MutexGuard<'_, Hub>,
+    ) {
+        let shared = self.shared.clone();
+        match admission {
+            Admission::Welcome { epoch, evicted } => {
+                let (interval, timeout) = shared.cfg.heartbeat.negotiate(hello.heartbeat_ms);
+                let welcome = Welcome {
+                    version: tether_proto::frame::PROTOCOL_VERSION,
+                    heartbeat_ms: interval.as_millis() as u32,
+                    timeout_ms: timeout.as_millis() as u32,
+                    epoch,
+                    server_id: shared.cfg.server_id.clone(),
+                    max_frame: None,
+                    // v1 has no room for them: built only for a session that will carry them.
+                    extensions: if conn.version() >= tether_proto::frame::V2 {
+                        shared.welcome_extensions()
+                    } else {
+                        Vec::new()
+                    },
+                };
+                let (heartbeat_ms, timeout_ms) = (welcome.heartbeat_ms, welcome.timeout_ms);
+                conn.accept(now, welcome);
+                shared.metrics.handshake.observe(now.saturating_duration_since(conn.opened()));
+                let meta = SessionMeta { epoch, since_at: now, heartbeat_ms, timeout_ms, version: conn.version() };
+                let _ = self.control.session.set(meta);
+                let client = hello.client_id;
+                if let Some(h) = evicted.and_then(|old| hub.conns.get(&old)) {
+                    h.control.request(CloseCmd::Bye(bye(CloseReason::Takeover, Duration::ZERO)));
+                }
+                let session_events = hub.pump(Some((self.conn_id, conn, now)));
+                drop(hub);
+                for e in session_events {
+                    if let SessionEvent::Takeover { old, new, epoch, same_device, .. } = e {
+                        shared.metrics.takeovers.fetch_add(1, Ordering::Relaxed);
+                        let peer = self.control.peer;
+                        let client = client.clone();
+                        shared.emit(EventKind::Takeover {
+                            client,
+                            old_conn: old,
+                            new_conn: new,
+                            peer,
+                            epoch,
+                            same_device,
+                        });
+                    }
+                }
+                shared.emit(EventKind::Online {
+                    client: client.clone(),
+                    conn: self.conn_id,
+                    peer: self.control.peer,
+                    epoch,
+                    heartbeat: interval,
+                    timeout,
+                });
+                self.client = Some(client);
+            }
+            Admission::Conflict { holder, retry_after } => {
+                hub.pump(None);
+                drop(hub);
+                conn.reject(now, bye(CloseReason::IdConflict, retry_after));
+                shared.metrics.id_conflicts.fetch_add(1, Ordering::Relaxed);
+                shared.emit(EventKind::IdConflict {
+                    client: hello.client_id,
+                    holder_conn: holder,
+                    newcomer_conn: self.conn_id,
+                    peer: self.control.peer,
+                    retry_after,
+                });
+            }
+        }
+    }
+
+    fn on_data(&mut self, conn: &mut Connection, now: StdInstant, to: String, payload: Bytes) {
+        let Some(from) = self.client.clone() else { return };
+        if to.is_empty() {
+            self.shared.emit(EventKind::Data { client: from, conn: self.conn_id, payload });
+            return;
+        }
+        let local = {
+            let hub = self.shared.hub.lock().expect("hub lock");
+            let limit = self.shared.cfg.outbound_queue;
+            match hub.holder(&to) {
+                Some(h) => Ok(h.push(Frame::Data { peer: from, payload }, limit).is_ok()),
+                None => Err((from, payload)),
+            }
+        };
+        let delivered = match local {
+            Ok(delivered) => delivered,
+            // Cluster mode: the node holding `to` delivers it (or answers that it is online nowhere).
+            Err((from, payload)) => self.shared.relay_remote(&from, &to, payload),
+        };
+        if delivered {
+            self.shared.metrics.relayed.fetch_add(1, Ordering::Relaxed);
+        }
+        if !delivered {
+            // Told to the sender and counted; no event per message, which one sender could use to crowd out
+            // everyone else's events.
+            self.shared.metrics.undeliverable.fetch_add(1, Ordering::Relaxed);
+            let _ = conn.send(now, Frame::Undeliverable { to, why: Undeliverable::NotOnline });
+        }
+    }
+
+    /// The core refused to relay an oversized payload and told the sender; tell the application and the log.
+    fn on_relay_too_large(&mut self, to: String, len: usize) {
+        let Some(from) = self.client.clone() else { return };
+        if self.shared.log_allowed("relay refused: payload too large", &from) {
+            let max = tether_proto::frame::max_relay_payload(self.shared.cfg.conn.max_frame);
+            tracing::info!(conn = self.conn_id, client = %from, "DATA to {to} not relayed: {len} bytes, relay maximum {max}");
+        }
+        self.shared.metrics.undeliverable.fetch_add(1, Ordering::Relaxed);
+        let why = Undeliverable::TooLarge;
+        self.shared.emit(EventKind::Undeliverable { client: from, conn: self.conn_id, to, len, why });
+    }
+
+    /// A heartbeat round trip: into the histograms, beside the kernel's smoothed RTT read at the same moment.
+    fn on_rtt(&mut self, rtt: Duration) {
+        let us = rtt.as_micros().clamp(1, u32::MAX as u128) as u64;
+        let count = (self.control.rtt.load(Ordering::Relaxed) >> 32) + 1;
+        self.control.rtt.store((count << 32) | us, Ordering::Release);
+        if self.shared.probe_waiters.load(Ordering::Acquire) > 0 {
+            self.shared.probe_done.notify_waiters();
+        }
+        if !self.shared.cfg.metrics {
+            return;
+        }
+        let m = &self.shared.metrics;
+        m.app_rtt.observe(rtt);
+        let fd = self.control.fd();
+        if let Some(info) = fd.and_then(sockopt::tcp_info) {
+            m.kernel_rtt.observe(info.rtt);
+        }
+    }
+
+    /// Count a closed connection: by reason, its lateness and session length, and in the ring of recent ones.
+    fn record_close(&self, conn: &Connection, now: StdInstant, c: &tether_proto::Closed, last_seen: StdInstant) {
+        let m = &self.shared.metrics;
+        m.count_disconnect(c.reason);
+        if let Some(l) = c.lateness {
+            m.lateness.observe(l);
+        }
+        let session = self.control.session.get();
+        if let Some(meta) = session {
+            m.session.observe(now.saturating_duration_since(meta.since_at));
+        }
+        self.shared.disconnects.push(DisconnectRecord {
+            at: SystemTime::now(),
+            conn: self.conn_id,
+            client: self.client.clone(),
+            peer: self.control.peer,
+            reason: c.reason,
+            by_peer: c.by_peer,
+            lateness: c.lateness,
+            silent_for: session.map(|_| now.saturating_duration_since(last_seen)),
+            duration: now.saturating_duration_since(conn.opened()),
+            bytes_in: self.control.bytes_in.load(Ordering::Relaxed),
+            bytes_out: self.control.bytes_out.load(Ordering::Relaxed),
+            detail: c.detail.clone(),
+        });
+    }
+
+    fn on_closed(&mut self, conn: &Connection, now: StdInstant, c: tether_proto::Closed) {
+        self.handshake_done();
+        // The socket closes right after this: the operator's view of it ends here.
+        // (Its last frame and queued-byte counts settle at the driver's next flush and in `ConnGuard`.)
+        let unadmitted = self.control.close_socket();
+        // Cluster mode: claimed for this connection, which closed before it could be welcomed.
+        if let (Some(a), Some(cluster)) = (unadmitted, &self.shared.cluster) {
+            a.give_back(cluster, c.reason, c.by_peer);
+        }
+        let last_seen = conn.last_rx().unwrap_or(now);
+        let by_peer = c.by_peer;
+        self.record_close(conn, now, &c, last_seen);
+        let holder = {
+            let mut hub = self.shared.hub.lock().expect("hub lock");
+            let holder = self.client.as_deref().is_some_and(|id| hub.registry.lookup(id) == Some(self.conn_id));
+            hub.registry.disconnect(now, self.conn_id, self.client.as_deref(), c.reason, by_peer, last_seen);
+            hub.pump(None);
+            holder
+        };
+        self.shared.registry_wake.notify_one();
+        let (conn_id, peer, reason, lateness, detail) =
+            (self.conn_id, self.control.peer, c.reason, c.lateness, c.detail);
+        // Every close is an event (the application's record, which the CLI prints); the log line repeats it for
+        // debugging only, so a busy server's INFO log is not one line per connection. Summarised per client (or
+        // per address before a session exists) and reason when it repeats.
+        if reason != CloseReason::Bye && tracing::enabled!(tracing::Level::DEBUG) {
+            let key = match &self.client {
+                Some(client) => format!("{client}, {reason}"),
+                None => format!("{}, {reason}", peer.ip()),
+            };
+            if self.shared.log_allowed("closed", &key) {
+                let by = if by_peer { "by the peer" } else { "by the server" };
+                tracing::debug!(conn = conn_id, %peer, client = ?self.client, detail, "closed {by}: {reason}");
+            }
+        }
+        let kind = match (&self.client, holder) {
+            (Some(client), true) => EventKind::Offline {
+                client: client.clone(),
+                conn: conn_id,
+                peer,
+                reason,
+                lateness,
+                silent_for: now.saturating_duration_since(last_seen),
+                by_peer,
+                detail,
+            },
+            (client, _) => {
+                EventKind::Closed { client: client.clone(), conn: conn_id, peer, reason, lateness, by_peer, detail }
+            }
+        };
+        self.shared.emit(kind);
+    }
+}
+
+impl Hooks for ServerHooks {
+    type Cmd = Cmd;
+
+    fn on_event(&mut self, conn: &mut Connection, now: StdInstant, event: Event) {
+        match event {
+            Event::Hello(h) => self.on_hello(conn, now, h),
+            Event::Data { peer, payload } => self.on_data(conn, now, peer, payload),
+            Event::Subscribe(ids) => {
+                if let Some(denied) = self.grant.as_ref().and_then(|g| ids.iter().find(|id| !g.allows(id))) {
+                    if self.shared.log_allowed("subscription not granted", self.client.as_deref().unwrap_or("")) {
+                        tracing::info!(conn = self.conn_id, client = ?self.client, "subscription to {denied} not granted");
+                    }
+                    conn.reject(now, bye(CloseReason::AuthFailed, Duration::ZERO));
+                    return;
+                }
+                let mut hub = self.shared.hub.lock().expect("hub lock");
+                match hub.registry.subscribe(now, self.conn_id, &ids) {
+                    Ok(()) => {
+                        hub.pump(Some((self.conn_id, conn, now)));
+                    }
+                    Err(e) => {
+                        drop(hub);
+                        if self.shared.log_allowed("subscription refused", self.client.as_deref().unwrap_or("")) {
+                            tracing::info!(conn = self.conn_id, client = ?self.client, "subscription refused: {e}");
+                        }
+                        conn.reject(now, bye(CloseReason::SubscriptionRefused, Duration::ZERO));
+                    }
+                }
+            }
+            Event::Unsubscribe(ids) => {
+                self.shared.hub.lock().expect("hub lock").registry.unsubscribe(self.conn_id, &ids)
+            }
+            Event::Suspect { silent_for } => {
+                let Some(client) = self.client.clone() else { return };
+                let mut hub = self.shared.hub.lock().expect("hub lock");
+                hub.registry.suspect(self.conn_id, &client, silent_for);
+                hub.pump(Some((self.conn_id, conn, now)));
+                let own = hub.registry.lookup(&client) == Some(self.conn_id);
+                let epoch = hub.registry.local_epoch(&client).filter(|_| own);
+                drop(hub);
+                if let (Some(cluster), Some(epoch)) = (&self.shared.cluster, epoch) {
+                    cluster.publish_suspect(&client, epoch, silent_for);
+                }
+                self.shared.emit(EventKind::Suspect {
+                    client,
+                    conn: self.conn_id,
+                    peer: self.control.peer,
+                    silent_for,
+                });
+            }
+            Event::Recovered => {
+                let Some(client) = self.client.clone() else { return };
+                let mut hub = self.shared.hub.lock().expect("hub lock");
+                hub.registry.recovered(self.conn_id, &client);
+                hub.pump(Some((self.conn_id, conn, now)));
+                let own = hub.registry.lookup(&client) == Some(self.conn_id);
+                let epoch = hub.registry.local_epoch(&client).filter(|_| own);
+                drop(hub);
+                if let (Some(cluster), Some(epoch)) = (&self.shared.cluster, epoch) {
+                    cluster.publish_recovered(&client, epoch);
+                }
+                self.shared.emit(EventKind::Recovered { client, conn: self.conn_id, peer: self.control.peer });
+            }
+            Event::Rtt(rtt) => self.on_rtt(rtt),
+            Event::RelayTooLarge { to, len } => self.on_relay_too_large(to, len),
+            Event::Closed(c) => self.on_closed(conn, now, c),
+            // Client-only events cannot come out of a server-role connection.
+            Event::Welcome(_) | Event::Presence(_) | Event::Undeliverable { .. } => {}
+        }
+    }
+
+    fn on_cmd(&mut self, conn: &mut Connection, now: StdInstant, cmd: Cmd) {
+        match cmd {
+            Cmd::Frame(f) => {
+                let _ = conn.send(now, f);
+            }
+            Cmd::Close(CloseCmd::Bye(b)) => conn.close(now, b),
+            Cmd::Close(CloseCmd::Reject(b)) => conn.reject(now, b),
+            Cmd::Close(CloseCmd::Abort(r)) => conn.abort(now, r),
+            Cmd::Probe => conn.probe_now(now),
+            Cmd::Admit(a) => self.on_admit(conn, now, *a),
+        }
+    }
+
+    fn poll_cmd(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Cmd>> {
+        self.control.poll_take(cx).map(Some)
+    }
+
+    fn on_progress(&mut self, conn: &Connection) {
+        if let Some(t) = conn.last_rx() {
+            let ms = t.saturating_duration_since(self.shared.origin).as_millis() as u64;
+            self.control.last_rx_ms.store(ms, Ordering::Relaxed);
+        }
+    }
+
+    /// Traffic into the connection's own counts (the task is their only writer: plain loads and stores) and, with
+    /// metrics on, the server's totals (relaxed atomic adds, no lock).
+    fn on_io(&mut self, conn: &Connection, read: usize, written: usize) {
+        let c = &self.control;
+        if read > 0 {
+            c.bytes_in.store(c.bytes_in.load(Ordering::Relaxed) + read as u64, Ordering::Relaxed);
+        }
+        if written > 0 {
+            c.bytes_out.store(c.bytes_out.load(Ordering::Relaxed) + written as u64, Ordering::Relaxed);
+        }
+        if !self.shared.cfg.metrics {
+            return;
+        }
+        let m = &self.shared.metrics;
+        if read > 0 {
+            m.bytes_in.fetch_add(read as u64, Ordering::Relaxed);
+        }
+        if written > 0 {
+            m.bytes_out.fetch_add(written as u64, Ordering::Relaxed);
+        }
+        let (rx, tx) = conn.frame_counts();
+        let seen = c.frames_seen.load(Ordering::Relaxed);
+        let (seen_rx, seen_tx) = ((seen >> 32) as u32, seen as u32);
+        if (rx, tx) != (seen_rx, seen_tx) {
+            c.frames_seen.store((u64::from(rx) << 32) | u64::from(tx), Ordering::Relaxed);
+            if rx != seen_rx {
+                m.frames_in.fetch_add(u64::from(rx.wrapping_sub(seen_rx)), Ordering::Relaxed);
+            }
+            if tx != seen_tx {
+                m.frames_out.fetch_add(u64::from(tx.wrapping_sub(seen_tx)), Ordering::Relaxed);
+            }
+        }
+        let pending = if conn.is_closed() { 0 } else { conn.pending_tx() as u64 };
+        let reported = c.queued.load(Ordering::Relaxed);
+        if pending != reported {
+            c.queued.store(pending, Ordering::Relaxed);
+            m.outbound_queued.fetch_add(pending as i64 - reported as i64, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod size_guard {
+    use super::*;
+    use crate::config::ServerConfig;
+    use crate::server::Server;
+
+    /// Every idle connection holds one task whose future is this big: a regression here is memory per
+    /// connection (see BENCHMARKS.md), and so is its `Control` on the heap. Measured with rustc 1.95 (debug build):
+    /// future 1000 bytes, Connection 384, Control 240 (the operator's view of the session and its traffic
+    /// counts included, and the slot a cluster admission arrives in).
+    #[tokio::test]
+    async fn per_connection_task_stays_small() {
+        let cfg = ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..Default::default() };
+        let server = Server::bind(cfg).await.unwrap();
+        let c = TcpStream::connect(server.local_addr().unwrap()).await.unwrap();
+        let peer = c.local_addr().unwrap();
+        let f = serve_conn(server.shared.clone(), c, peer, 1);
+        assert!(std::mem::size_of_val(&f) <= 1024, "serve_conn future is {} bytes", std::mem::size_of_val(&f));
+        assert!(std::mem::size_of::<Connection>() <= 384, "Connection is {} bytes", std::mem::size_of::<Connection>());
+        assert!(std::mem::size_of::<Control>() <= 240, "Control is {} bytes", std::mem::size_of::<Control>());
+        drop(f);
+    }
+}
