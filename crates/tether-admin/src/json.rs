@@ -23,7 +23,7 @@ pub fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
-/// One event as the JSON object documented in the README.
+/// One event as the JSON object documented in docs/operations.md ("Events").
 pub fn event_json(ev: &ServerEvent) -> serde_json::Value {
     let mut v = json!({ "ts": rfc3339(ev.at), "event": ev.kind.name() });
     let fields = match &ev.kind {

@@ -1,9 +1,9 @@
 //! Fault-lab scenarios: every bound tether promises, proven against the real Linux TCP stack on a path that can
-//! go silent, unreachable, or reboot (see `lab/mod.rs`). They need root; `scripts/test` runs them
+//! go silent, unreachable, or reboot (see `netlab/mod.rs`). They need root; `scripts/test` runs them
 //! (`--ignored --test-threads=1`, so timings are not disturbed by other tests). Without root each test prints
 //! a loud SKIPPED line and returns.
 //!
-//! Each scenario asserts the reason *and* the time bound, and prints a `MEASURED` line that the README's table
+//! Each scenario asserts the reason *and* the time bound, and prints a `MEASURED` line that docs/testing.md's table
 //! quotes.
 
 mod common;

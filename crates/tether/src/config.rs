@@ -3,7 +3,7 @@
 //! # Layout
 //! [`ServerConfig`] gathers everything `tether serve` can set: the listen address, the heartbeat policy, the
 //! per-connection limits ([`ConnConfig`]), socket options, the registry policy, and server-wide limits. Defaults
-//! are documented in the README's configuration table and chosen for mobile/IoT fleets: a 5 s heartbeat with a
+//! are documented in docs/configuration.md and chosen for mobile/IoT fleets: a 5 s heartbeat with a
 //! 15 s timeout (MQTT's 1.5 × keepalive would be 7.5 s; we allow three missed intervals to ride out cellular
 //! jitter), kernel keepalive 15 s + 3 × 5 s, user timeout derived as 30 s.
 
