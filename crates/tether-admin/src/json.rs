@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::json;
 use tether::metrics::HistogramSnapshot;
+use tether::sockopt::tcp_state_name;
 use tether::{
     DisconnectRecord, DrainStatus, EventKind, KernelView, MetricsSnapshot, ProbeReport, ServerEvent, SessionInfo,
 };
@@ -116,25 +117,6 @@ pub fn kernel_json(k: &KernelView) -> serde_json::Value {
         "last_ack_recv_ms": ms(i.since_ack_recv), "snd_wnd": i.snd_wnd, "rcv_wnd": i.rcv_wnd, "cwnd": i.snd_cwnd,
         "bytes_acked": i.bytes_acked, "bytes_received": i.bytes_received,
     })
-}
-
-/// The Linux TCP state names (`include/net/tcp_states.h`), lower case as `ss` prints them.
-pub fn tcp_state_name(state: u8) -> &'static str {
-    match state {
-        1 => "established",
-        2 => "syn_sent",
-        3 => "syn_recv",
-        4 => "fin_wait1",
-        5 => "fin_wait2",
-        6 => "time_wait",
-        7 => "close",
-        8 => "close_wait",
-        9 => "last_ack",
-        10 => "listen",
-        11 => "closing",
-        12 => "new_syn_recv",
-        _ => "unknown",
-    }
 }
 
 /// One closed connection from the ring of recent disconnects.

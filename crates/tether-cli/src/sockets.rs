@@ -21,7 +21,7 @@ use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, InetResponse, 
 use netlink_packet_sock_diag::SockDiagMessage;
 use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket};
 use serde_json::{json, Value};
-use tether_admin::json::tcp_state_name as state_name;
+use tether::sockopt::tcp_state_name as state_name;
 
 use crate::duration::{human, ms};
 

@@ -6,8 +6,8 @@
 //! copies to accepted sockets). An option the platform lacks is warned about once per process and skipped.
 //! [`unacked_bytes`] asks the kernel how much written data it still holds, which tells a user timeout
 //! (`write_timeout`) from a keepalive timeout (`keepalive_timeout`) when a read fails with ETIMEDOUT.
-//! [`tcp_info`] reads the kernel's view of one socket (`TCP_INFO`), and [`kernel_queue`] the part of it the
-//! write-progress rule needs.
+//! [`tcp_info`] reads the kernel's view of one socket (`TCP_INFO`), [`tcp_state_name`] names its state, and
+//! [`kernel_queue`] is the part of it the write-progress rule needs.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -191,6 +191,26 @@ pub struct TcpInfo {
     pub snd_cwnd: u32,
     pub bytes_acked: u64,
     pub bytes_received: u64,
+}
+
+/// The name of a Linux TCP state number ([`TcpInfo::state`]; `include/net/tcp_states.h`), lower case as `ss`
+/// prints it; `"unknown"` for any other number.
+pub fn tcp_state_name(state: u8) -> &'static str {
+    match state {
+        1 => "established",
+        2 => "syn_sent",
+        3 => "syn_recv",
+        4 => "fin_wait1",
+        5 => "fin_wait2",
+        6 => "time_wait",
+        7 => "close",
+        8 => "close_wait",
+        9 => "last_ack",
+        10 => "listen",
+        11 => "closing",
+        12 => "new_syn_recv",
+        _ => "unknown",
+    }
 }
 
 /// `TCP_INFO` for `fd`; `None` where the platform has none or the call fails.

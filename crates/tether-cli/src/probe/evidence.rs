@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde_json::{json, Value};
 use tether::proto::CloseReason;
-use tether::sockopt::TcpInfo;
+use tether::sockopt::{tcp_state_name, TcpInfo};
 
 use crate::duration::{human, ms};
 
@@ -629,7 +629,7 @@ pub(super) fn evidence_json(ev: &Evidence) -> Value {
     });
     let kernel = ev.kernel.map(|i| {
         json!({
-            "state": tether_admin::json::tcp_state_name(i.state), "rtt_ms": ms(i.rtt), "rttvar_ms": ms(i.rttvar),
+            "state": tcp_state_name(i.state), "rtt_ms": ms(i.rtt), "rttvar_ms": ms(i.rttvar),
             "unacked": i.unacked, "retransmits": i.retransmits, "total_retrans": i.total_retrans,
             "last_ack_recv_ms": ms(i.since_ack_recv),
         })
