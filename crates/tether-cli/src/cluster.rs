@@ -1,5 +1,6 @@
 //! `tether cluster status`: the cluster as Redis holds it: nodes, their leases, sessions per node, Redis's round
 //! trip and memory. A one-shot command: its own small runtime for the Redis requests, the output printed after.
+//! [`redacted`] hides a Redis URL's password wherever the CLI prints one (here, and in `tether serve`'s log).
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -30,7 +31,7 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let report = rt
         .block_on(tether::cluster::status(&args.redis))
-        .with_context(|| format!("reading the cluster from {}", crate::serve::redacted(&args.redis)))?;
+        .with_context(|| format!("reading the cluster from {}", redacted(&args.redis)))?;
     drop(rt);
     let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     let sessions: u64 = report.nodes.iter().map(|n| n.sessions).sum();
@@ -79,4 +80,26 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     ));
     crate::emit_line(&out);
     Ok(ExitCode::SUCCESS)
+}
+
+/// A Redis URL with its password (everything between the scheme and the last `@`) replaced by `***`, for logs
+/// and error messages; a URL without credentials is returned as it is.
+pub fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}***{}", &url[..scheme + 3], &url[at..]),
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redacted;
+
+    #[test]
+    fn a_redis_url_loses_its_password_and_nothing_else() {
+        assert_eq!(redacted("redis://user:s3cret@10.0.0.5:6379/2"), "redis://***@10.0.0.5:6379/2");
+        assert_eq!(redacted("rediss://:p@ss@redis.internal:6380"), "rediss://***@redis.internal:6380");
+        assert_eq!(redacted("redis://127.0.0.1:6379/0"), "redis://127.0.0.1:6379/0");
+        assert_eq!(redacted("not a url @ all"), "not a url @ all");
+    }
 }

@@ -20,6 +20,7 @@ use tether::loglimit::LogLimiter;
 use tether::proto::{DetectorConfig, PhiConfig};
 use tether::{EventKind, EventQueue, EventStream, Keepalive, Server, ServerConfig};
 
+use crate::cluster::redacted;
 use crate::duration;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -501,14 +502,6 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         admin.abort();
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// A Redis URL without its password, for the log.
-pub fn redacted(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => format!("{}***{}", &url[..scheme + 3], &url[at..]),
-        _ => url.to_owned(),
-    }
 }
 
 /// The JSON event printer's loop, on a thread of its own: one line per event on stdout.
