@@ -177,7 +177,7 @@ async fn readyz(State(st): State<AppState>) -> Response {
 fn server_json(st: &AppState) -> serde_json::Value {
     let uptime = st.handle.started().elapsed().unwrap_or_default();
     json!({
-        "listen": st.cfg.listen.map(|a| a.to_string()), "admin": st.cfg.admin.map(|a| a.to_string()),
+        "listen": st.handle.local_addr().to_string(), "admin": st.handle.admin_addr().map(|a| a.to_string()),
         "server_id": st.handle.server_id(), "started": rfc3339(st.handle.started()),
         "uptime_s": uptime.as_secs_f64(), "draining": !st.handle.is_ready(),
     })

@@ -2,9 +2,13 @@
 //! Events, health checks and the dashboard, over a [`tether::ServerHandle`].
 //!
 //! # Layout
+//! - [`start`] is the one call that runs the admin listener for a server: it checks the address's exposure,
+//!   binds, records the bound address in the server ([`ServerHandle::admin_addr`]) and serves, returning an
+//!   [`AdminListener`] to read the address from and to stop it by.
 //! - [`router`] builds the axum [`Router`] (an embedding application can mount it in its own server);
 //!   [`serve`] runs it on a listener with the limits an admin port needs (connection cap, header timeout, and
-//!   closing a connection whose event stream was cut off even when the client does not read).
+//!   closing a connection whose event stream was cut off even when the client does not read). [`start`] is
+//!   [`bind`], [`ServerHandle::set_admin_addr`], [`router`] and [`serve`] in that order.
 //! - [`prom`] renders the server's metrics snapshot for Prometheus; [`json`] holds every JSON shape, the event
 //!   objects of `tether serve --events json` included.
 //! - `api`: the handlers. Every error is `{"error": "..."}` with its status.
@@ -37,6 +41,7 @@ use hyper_util::service::TowerToHyperService;
 use tether::ServerHandle;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinHandle;
 
 /// How the admin listener behaves.
 #[derive(Debug, Clone, Default)]
@@ -45,9 +50,6 @@ pub struct AdminConfig {
     pub token: Option<String>,
     /// Serve `/metrics`, `/healthz` and `/readyz` without the token.
     pub open_metrics: bool,
-    /// Addresses shown by the dashboard and `/v1/overview`.
-    pub listen: Option<SocketAddr>,
-    pub admin: Option<SocketAddr>,
 }
 
 /// Why the admin listener will not start.
@@ -75,6 +77,44 @@ pub fn check_exposure(addr: SocketAddr, token: Option<&str>) -> Result<(), Admin
 pub async fn bind(addr: SocketAddr, token: Option<&str>) -> Result<TcpListener, AdminError> {
     check_exposure(addr, token)?;
     TcpListener::bind(addr).await.map_err(|e| AdminError::Bind(addr, e))
+}
+
+/// A running admin listener, from [`start`]: where it listens, and how to stop it. Dropping it leaves the listener
+/// running, as dropping a task's `JoinHandle` does.
+#[derive(Debug)]
+pub struct AdminListener {
+    addr: SocketAddr,
+    stop: Arc<Notify>,
+    task: JoinHandle<()>,
+}
+
+impl AdminListener {
+    /// The bound address (port 0 resolved), as recorded in the server.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stop accepting admin connections and wait for the accept loop to end. Connections already accepted (an
+    /// open event stream, say) are not waited for; they end with their client or the runtime.
+    pub async fn stop(self) {
+        self.stop.notify_one();
+        let _ = self.task.await;
+    }
+}
+
+/// Run the admin listener for the server behind `handle`: refuse a non-loopback `addr` without a token
+/// ([`check_exposure`]), bind it, record the bound address in the server ([`ServerHandle::set_admin_addr`]: the
+/// `listening` event names it when this comes before `Server::run`, and `/v1/overview` shows it), and serve
+/// [`router`] on it with [`serve`]'s limits on a task of the current tokio runtime.
+pub async fn start(addr: SocketAddr, cfg: AdminConfig, handle: ServerHandle) -> Result<AdminListener, AdminError> {
+    let listener = bind(addr, cfg.token.as_deref()).await?;
+    let bound = listener.local_addr().map_err(|e| AdminError::Bind(addr, e))?;
+    handle.set_admin_addr(bound);
+    let stop = Arc::new(Notify::new());
+    let app = router(handle, cfg);
+    let stopped = stop.clone();
+    let task = tokio::spawn(serve(listener, app, async move { stopped.notified().await }));
+    Ok(AdminListener { addr: bound, stop, task })
 }
 
 /// State shared by the handlers.

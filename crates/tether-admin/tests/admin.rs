@@ -404,7 +404,7 @@ async fn the_token_is_required_and_compared() {
     assert!(err.to_string().contains("not loopback"), "{err}");
     assert!(tether_admin::check_exposure("[::]:7401".parse().unwrap(), Some("")).is_err());
     assert!(tether_admin::check_exposure("10.0.0.1:7401".parse().unwrap(), Some("t0ken")).is_ok());
-    let cfg = AdminConfig { token: Some("s3cret-token".into()), open_metrics: true, ..Default::default() };
+    let cfg = AdminConfig { token: Some("s3cret-token".into()), open_metrics: true };
     let admin = start_admin(s.handle.clone(), cfg).await;
     let r = request(admin, "GET", "/v1/overview", None, None).await;
     assert_eq!(r.status, 401);
@@ -421,6 +421,22 @@ async fn the_token_is_required_and_compared() {
     let closed = AdminConfig { token: Some("s3cret-token".into()), ..Default::default() };
     let admin = start_admin(s.handle.clone(), closed).await;
     assert_eq!(get(admin, "/metrics").await.status, 401);
+}
+
+#[tokio::test]
+async fn start_records_the_bound_address_and_stop_ends_the_listener() {
+    let s = TestServer::start(test_config()).await;
+    assert_eq!(s.handle.admin_addr(), None);
+    let admin =
+        tether_admin::start("127.0.0.1:0".parse().unwrap(), AdminConfig::default(), s.handle.clone()).await.unwrap();
+    let addr = admin.addr();
+    assert_ne!(addr.port(), 0);
+    assert_eq!(s.handle.admin_addr(), Some(addr));
+    let overview = request(addr, "GET", "/v1/overview", None, None).await.json();
+    assert_eq!(overview["server"]["listen"], s.addr.to_string(), "the bound address, not port 0");
+    assert_eq!(overview["server"]["admin"], addr.to_string());
+    admin.stop().await;
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "stopped: nothing listens there");
 }
 
 /// Open `/v1/events` on a fresh connection and return the socket once the response headers arrived (the watch

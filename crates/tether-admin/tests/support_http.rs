@@ -9,12 +9,10 @@ use tether::ServerHandle;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Start the admin listener for `handle` on 127.0.0.1:0; returns its address.
+/// Start the admin listener for `handle` on 127.0.0.1:0 ([`tether_admin::start`]); returns its address. The
+/// listener runs until the test's runtime ends.
 pub async fn start_admin(handle: ServerHandle, cfg: tether_admin::AdminConfig) -> SocketAddr {
-    let listener = tether_admin::bind("127.0.0.1:0".parse().unwrap(), cfg.token.as_deref()).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(tether_admin::serve(listener, tether_admin::router(handle, cfg), std::future::pending()));
-    addr
+    tether_admin::start("127.0.0.1:0".parse().unwrap(), cfg, handle).await.unwrap().addr()
 }
 
 pub struct Reply {

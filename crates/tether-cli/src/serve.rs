@@ -405,7 +405,6 @@ fn admin_config(args: &Args, file: &FileConfig) -> anyhow::Result<tether_admin::
     Ok(tether_admin::AdminConfig {
         token,
         open_metrics: args.admin_open_metrics || file.admin_open_metrics.unwrap_or(false),
-        ..Default::default()
     })
 }
 
@@ -465,19 +464,15 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let json = args.events == Some(EventsFormat::Json);
     cfg.stats_interval = args.stats_interval.filter(|d| !d.is_zero());
     let mut server = Server::bind(cfg.clone()).await.with_context(|| format!("binding {}", cfg.listen))?;
+    // Before `run`, so that the `listening` event names the admin address.
     let admin = match admin_addr(&args, &file)? {
         None => None,
         Some(addr) => {
-            let mut admin_cfg = admin_config(&args, &file)?;
-            let listener = tether_admin::bind(addr, admin_cfg.token.as_deref()).await?;
-            let bound = listener.local_addr()?;
-            admin_cfg.listen = Some(server.local_addr()?);
-            admin_cfg.admin = Some(bound);
-            server.set_admin_addr(bound);
+            let admin_cfg = admin_config(&args, &file)?;
             let auth = if admin_cfg.token.is_some() { "bearer token required" } else { "no token (loopback)" };
-            tracing::info!("admin API, /metrics and dashboard on http://{bound}/ ({auth})");
-            let app = tether_admin::router(server.handle(), admin_cfg);
-            Some(tokio::spawn(tether_admin::serve(listener, app, std::future::pending())))
+            let admin = tether_admin::start(addr, admin_cfg, server.handle()).await?;
+            tracing::info!("admin API, /metrics and dashboard on http://{}/ ({auth})", admin.addr());
+            Some(admin)
         }
     };
     let events = server.events().expect("fresh server has its event stream");
@@ -499,7 +494,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         let _ = tokio::time::timeout(Duration::from_secs(5), printer).await;
     }
     if let Some(admin) = admin {
-        admin.abort();
+        admin.stop().await;
     }
     Ok(ExitCode::SUCCESS)
 }

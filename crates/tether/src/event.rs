@@ -35,7 +35,8 @@ pub struct ServerEvent {
 pub enum EventKind {
     Listening {
         addr: SocketAddr,
-        /// Where the admin API listens, when the application announced one ([`crate::Server::set_admin_addr`]).
+        /// Where the admin API listens, when the application recorded one before running the server
+        /// ([`crate::ServerHandle::set_admin_addr`]).
         admin: Option<SocketAddr>,
         /// Cluster mode: this node's id.
         node: Option<String>,

@@ -114,6 +114,7 @@ impl Server {
             }
         };
         let mut cfg = cfg;
+        cfg.listen = listener.local_addr()?; // port 0 resolved, for `ServerHandle::local_addr`
         let cluster = match cfg.cluster.clone() {
             Some(cc) => {
                 cfg.server_id = cc.node_id.clone();
@@ -142,11 +143,6 @@ impl Server {
     /// leaves room for fewer.
     pub fn capacity(&self) -> usize {
         self.shared.capacity
-    }
-
-    /// Announce the admin listener's address in the `listening` event (the HTTP layer lives outside this crate).
-    pub fn set_admin_addr(&self, addr: SocketAddr) {
-        let _ = self.shared.admin_addr.set(addr);
     }
 
     pub fn handle(&self) -> ServerHandle {

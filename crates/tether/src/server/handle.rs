@@ -263,7 +263,19 @@ impl ServerHandle {
         &self.shared.cfg.server_id
     }
 
-    /// Where the admin listener is, once the application has announced it ([`crate::Server::set_admin_addr`]).
+    /// The address the server listens on (port 0 resolved).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared.cfg.listen
+    }
+
+    /// Record the admin listener's address (the HTTP layer lives outside this crate): [`ServerHandle::admin_addr`]
+    /// returns it, and the `listening` event names it when this comes before [`crate::Server::run`]. The first
+    /// one stays.
+    pub fn set_admin_addr(&self, addr: SocketAddr) {
+        let _ = self.shared.admin_addr.set(addr);
+    }
+
+    /// The admin listener's address, once recorded by [`ServerHandle::set_admin_addr`].
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.shared.admin_addr.get().copied()
     }
