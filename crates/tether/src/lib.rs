@@ -15,6 +15,8 @@
 //! - [`metrics`]: the server's counters and histograms (atomics on the hot path) and their snapshot.
 //! - [`ops`]: what an operator reads and steers: sessions, the kernel's view of a socket, recent disconnects,
 //!   live event watchers, the drain. The HTTP admin layer over them is the `tether-admin` crate.
+//! - [`probe`]: the rule a round-trip probe is judged by, from either end: an answer (or none) against the
+//!   kernel's view of the same socket.
 //! - [`tls`]: [`ServerTls`] and [`ClientTls`], rustls configurations from PEM.
 //! - [`sockopt`]: TCP_NODELAY, keepalive and TCP_USER_TIMEOUT on every socket, read back for the logs.
 //! - `driver`: the IO pump that carries out a [`tether_proto::Connection`]'s decisions on a socket.
@@ -31,6 +33,7 @@ pub mod fdlimit;
 pub mod loglimit;
 pub mod metrics;
 pub mod ops;
+pub mod probe;
 pub mod resilient;
 pub mod server;
 pub mod sockopt;

@@ -17,6 +17,7 @@ use tether_proto::{CloseReason, ConnId};
 use tokio::sync::{mpsc, Notify};
 
 use crate::event::ServerEvent;
+use crate::probe::{judge, Judgement};
 use crate::sockopt::TcpInfo;
 
 /// One online session as the server sees it.
@@ -207,7 +208,8 @@ pub struct ProbeReport {
     pub kernel: Option<KernelView>,
 }
 
-/// The answer to "is it the network or the client's program?" for one connection.
+/// The answer to "is it the network or the client's program?" for one connection: the server's words for the
+/// [`Judgement`] about its client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProbeVerdict {
     /// The client answered, and neither the path nor its program is slow.
@@ -219,14 +221,10 @@ pub enum ProbeVerdict {
     /// No answer, yet the client's kernel acknowledged our `PING`: the program is stalled (hung, stopped,
     /// swapping), not the network.
     ClientStalled,
-    /// No answer, and our `PING` is not acknowledged either: the path or the client's host is gone.
+    /// No answer, and our `PING` is not acknowledged either: the path or the client's host is gone. Also the
+    /// verdict when there is no answer and no kernel view (see [`ProbeReport::verdict`]).
     PathDown,
 }
-
-/// A kernel RTT at or above this is a slow network.
-pub const SLOW_RTT: Duration = Duration::from_millis(200);
-/// An answer later than the kernel's RTT by this much is a slow program.
-pub const SLOW_ANSWER: Duration = Duration::from_millis(100);
 
 impl ProbeVerdict {
     pub fn as_str(self) -> &'static str {
@@ -241,39 +239,45 @@ impl ProbeVerdict {
 }
 
 impl ProbeReport {
-    /// The verdict and the evidence for it, in one sentence.
+    /// The verdict and the evidence for it, in one sentence: the `PONG` (or its absence) judged against the
+    /// kernel's view of the session's socket by [`judge`], the rule `tether probe` uses from the other end.
+    ///
+    /// No `PONG` and no kernel view is `path_down`: the view is read after the wait, and it is missing when the
+    /// session's socket closed meanwhile (or where the platform has no `TCP_INFO`). Nothing then shows that the
+    /// client's kernel took the `PING`, so `client_stalled`, a claim about the client's program, would go beyond
+    /// the evidence.
     pub fn verdict(&self) -> (ProbeVerdict, String) {
         let k = self.kernel.map(|k| k.info);
-        let krtt = k.map(|i| i.rtt);
-        // A late or missing answer is judged against the kernel first; a slow path is the verdict only when the
-        // program answered in step with it (a slow RTT does not explain seconds of silence).
-        match (self.app_rtt, k) {
-            (Some(app), _) if app > krtt.unwrap_or_default() + SLOW_ANSWER => (
-                ProbeVerdict::ClientSlow,
-                format!("the PONG took {app:.1?} against a kernel RTT of {:.1?}", krtt.unwrap_or_default()),
-            ),
-            (Some(app), Some(i)) if i.rtt >= SLOW_RTT => (
+        let krtt = k.map_or(Duration::ZERO, |i| i.rtt);
+        let app = self.app_rtt.unwrap_or_default();
+        match judge(self.app_rtt, k) {
+            Judgement::PeerSlow => {
+                (ProbeVerdict::ClientSlow, format!("the PONG took {app:.1?} against a kernel RTT of {krtt:.1?}"))
+            }
+            Judgement::SlowNetwork(i) => (
                 ProbeVerdict::SlowNetwork,
                 format!("the PONG took {app:.1?}, in step with the kernel's smoothed RTT of {:.1?} (rttvar {:.1?})", i.rtt, i.rttvar),
             ),
-            (Some(app), _) => {
-                (ProbeVerdict::Ok, format!("the PONG took {app:.1?}; the kernel's RTT is {:.1?}", krtt.unwrap_or_default()))
+            Judgement::PeerAnswered => {
+                (ProbeVerdict::Ok, format!("the PONG took {app:.1?}; the kernel's RTT is {krtt:.1?}"))
             }
-            (None, Some(i)) if i.unacked == 0 => (
+            Judgement::PeerStalled(i) => (
                 ProbeVerdict::ClientStalled,
                 format!(
                     "no PONG in {:.1?}, but the client's kernel acknowledged everything (last ACK {:.1?} ago, RTT {:.1?})",
                     self.waited, i.since_ack_recv, i.rtt
                 ),
             ),
-            (None, Some(i)) => (
+            Judgement::PathDown(i) => (
                 ProbeVerdict::PathDown,
                 format!(
                     "no PONG in {:.1?} and {} segments unacknowledged ({} retransmissions, last ACK {:.1?} ago)",
                     self.waited, i.unacked, i.retransmits, i.since_ack_recv
                 ),
             ),
-            (None, None) => (ProbeVerdict::PathDown, format!("no PONG in {:.1?} and no kernel view", self.waited)),
+            Judgement::Silent => {
+                (ProbeVerdict::PathDown, format!("no PONG in {:.1?} and no kernel view", self.waited))
+            }
         }
     }
 }
@@ -346,6 +350,8 @@ mod tests {
         assert_eq!(report(None, 1, 0).verdict().0, ProbeVerdict::ClientStalled);
         assert_eq!(report(None, 1, 1).verdict().0, ProbeVerdict::PathDown);
         assert!(report(None, 1, 0).verdict().1.contains("acknowledged everything"));
+        let gone = ProbeReport { kernel: None, ..report(None, 1, 0) };
+        assert_eq!(gone.verdict().0, ProbeVerdict::PathDown, "no PONG and no kernel view: the socket may be closed");
     }
 
     #[test]

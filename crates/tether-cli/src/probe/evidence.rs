@@ -1,7 +1,8 @@
 //! What each layer of a probe found, the verdict it adds up to, and how both are printed.
 //!
 //! [`Evidence::verdict`] is pure: the first layer that failed decides, and the kernel's view of the probe's own
-//! socket says whether silence is the path's or the program's.
+//! socket says whether silence is the path's or the program's, by [`tether::probe::judge`], the rule the server's
+//! own probe of a client uses from the other end (here the peer is the server).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -9,6 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use serde_json::{json, Value};
+use tether::probe::{judge, Judgement};
 use tether::proto::CloseReason;
 use tether::sockopt::{tcp_state_name, TcpInfo};
 
@@ -104,11 +106,6 @@ impl Verdict {
         Verdict::ALL.into_iter().find(|v| v.as_str() == name)
     }
 }
-
-/// A kernel RTT at or above this is a slow network (the same bound as the server's own probe).
-const SLOW_RTT: Duration = tether::ops::SLOW_RTT;
-/// An answer later than the kernel's RTT by this much is a slow program.
-const SLOW_ANSWER: Duration = tether::ops::SLOW_ANSWER;
 
 /// Layer 1: ICMP echo.
 #[derive(Debug, Clone, PartialEq)]
@@ -369,8 +366,8 @@ impl Evidence {
             Some(Ended::Foreign(first)) => return foreign(None, first, self.tls.is_some()),
             Some(Ended::Closed { reset }) => {
                 let how = if *reset { "reset" } else { "closed" };
-                return match k {
-                    Some(i) if i.unacked > 0 => path_failed(&format!("PING {}", r.sent), None, i),
+                return match judge(None, k) {
+                    Judgement::PathDown(i) => path_failed(&format!("PING {}", r.sent), None, i),
                     _ => (
                         Verdict::ServerLost,
                         format!(
@@ -381,8 +378,8 @@ impl Evidence {
                 };
             }
             Some(Ended::Failed(error)) => {
-                return match k {
-                    Some(i) if i.unacked > 0 => path_failed(&format!("PING {}", r.sent), None, i),
+                return match judge(None, k) {
+                    Judgement::PathDown(i) => path_failed(&format!("PING {}", r.sent), None, i),
                     _ => (Verdict::PathDown, format!("after {after} round trips the connection failed: {error}")),
                 };
             }
@@ -394,8 +391,8 @@ impl Evidence {
         let Some((min, median, max)) = spread(&r.rtts) else {
             return (Verdict::Ok, "connected".into());
         };
-        if median > krtt + SLOW_ANSWER {
-            return (
+        match judge(Some(median), k) {
+            Judgement::PeerSlow => (
                 Verdict::ServerStalled,
                 format!(
                     "the server's PONGs took {} (median) against a kernel RTT of {}: the program answers late \
@@ -403,10 +400,8 @@ impl Evidence {
                     human(median),
                     human(krtt)
                 ),
-            );
-        }
-        if let Some(i) = k.filter(|i| i.rtt >= SLOW_RTT) {
-            return (
+            ),
+            Judgement::SlowNetwork(i) => (
                 Verdict::SlowNetwork,
                 format!(
                     "the server answers in step with its kernel, but the kernel's smoothed RTT is {} (rttvar {}): \
@@ -414,30 +409,43 @@ impl Evidence {
                     human(i.rtt),
                     human(i.rttvar)
                 ),
-            );
-        }
-        let icmp = if icmp_answered { "" } else { " (ICMP echo unanswered or unavailable: that alone proves nothing)" };
-        (
-            Verdict::Ok,
-            format!(
-                "the path, the port and the tether server answer: {} round trips in {} / {} / {} (min / median / max), \
-                 kernel RTT {}{icmp}",
-                r.rtts.len(),
-                human(min),
-                human(median),
-                human(max),
-                human(krtt)
             ),
-        )
+            // PeerAnswered; the other judgements are of a missing answer.
+            _ => {
+                let icmp = if icmp_answered {
+                    ""
+                } else {
+                    " (ICMP echo unanswered or unavailable: that alone proves nothing)"
+                };
+                (
+                    Verdict::Ok,
+                    format!(
+                        "the path, the port and the tether server answer: {} round trips in {} / {} / {} \
+                         (min / median / max), kernel RTT {}{icmp}",
+                        r.rtts.len(),
+                        human(min),
+                        human(median),
+                        human(max),
+                        human(krtt)
+                    ),
+                )
+            }
+        }
     }
 }
 
 /// No answer to `step` within `waited`: the kernel's view of the probe's socket says whether the path still
-/// carries our bytes (then the program is silent) or not.
+/// carries our bytes (then the program is silent) or not ([`judge`]).
+///
+/// No answer and no kernel view is `server_stalled`: this comes after a TCP connect that succeeded, so the path
+/// and the server's kernel answered moments before, and the probe's own socket is still open; a missing view
+/// means only that `TCP_INFO` cannot be read here, not that the path failed. The sentence says the view is
+/// missing. (The server's own probe says `path_down` in that case, where the view is missing because the
+/// session's socket closed.)
 fn silent(k: Option<TcpInfo>, step: &str, waited: Duration) -> (Verdict, String) {
-    match k {
-        Some(i) if i.unacked > 0 => path_failed(step, Some(waited), i),
-        Some(i) => (
+    match judge(None, k) {
+        Judgement::PathDown(i) => path_failed(step, Some(waited), i),
+        Judgement::PeerStalled(i) => (
             Verdict::ServerStalled,
             format!(
                 "TCP connects and the server's kernel acknowledged {step} (RTT {}), but the program did not answer in \
@@ -446,7 +454,8 @@ fn silent(k: Option<TcpInfo>, step: &str, waited: Duration) -> (Verdict, String)
                 human(waited)
             ),
         ),
-        None => (
+        // Judgement::Silent; an answer's judgements cannot come of `None`.
+        _ => (
             Verdict::ServerStalled,
             format!(
                 "TCP connects, but nothing answered {step} in {} (the kernel's view of the socket is not available \
