@@ -94,8 +94,8 @@ impl AdminListener {
         self.addr
     }
 
-    /// Stop accepting admin connections and wait for the accept loop to end. Connections already accepted (an
-    /// open event stream, say) are not waited for; they end with their client or the runtime.
+    /// Stop accepting admin connections, end the ones open (an event stream included: each holds a
+    /// `ServerHandle`, which would keep the server's event stream from ending), and wait for the accept loop to end.
     pub async fn stop(self) {
         self.stop.notify_one();
         let _ = self.task.await;
@@ -149,15 +149,19 @@ impl ConnKill {
     }
 }
 
-/// Serve `app` on `listener` until `shutdown` resolves: HTTP/1.1, at most [`MAX_ADMIN_CONNECTIONS`] at once
-/// (a connection beyond them is closed at once, so idle ones cannot hold the listener's backlog), 10 s to send
-/// request headers.
+/// Serve `app` on `listener` until `shutdown` resolves, then end the connections still open: HTTP/1.1, at most
+/// [`MAX_ADMIN_CONNECTIONS`] at once (a connection beyond them is closed at once, so idle ones cannot hold the
+/// listener's backlog), 10 s to send request headers.
 pub async fn serve(listener: TcpListener, app: Router, shutdown: impl Future<Output = ()>) {
     let slots = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    // Open connections, ended with the listener (dropping the set aborts them); finished ones are reaped as they
+    // end, so the set holds at most MAX_ADMIN_CONNECTIONS.
+    let mut conns = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
         let (stream, _peer) = tokio::select! {
             () = &mut shutdown => return,
+            Some(_) = conns.join_next() => continue,
             r = listener.accept() => match r {
                 Ok(s) => s,
                 Err(e) => {
@@ -173,7 +177,7 @@ pub async fn serve(listener: TcpListener, app: Router, shutdown: impl Future<Out
         };
         let kill = ConnKill::default();
         let svc = TowerToHyperService::new(app.clone().layer(axum::Extension(kill.clone())));
-        tokio::spawn(async move {
+        conns.spawn(async move {
             let _permit = permit;
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())

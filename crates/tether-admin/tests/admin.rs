@@ -439,6 +439,28 @@ async fn start_records_the_bound_address_and_stop_ends_the_listener() {
     assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "stopped: nothing listens there");
 }
 
+#[tokio::test]
+async fn stopping_the_listener_ends_its_event_streams_so_the_servers_own_stream_ends() {
+    let mut server = tether::Server::bind(test_config()).await.unwrap();
+    let mut events = server.events().unwrap();
+    let admin =
+        tether_admin::start("127.0.0.1:0".parse().unwrap(), AdminConfig::default(), server.handle()).await.unwrap();
+    // An operator's open event stream: its connection holds a handle on the server.
+    let watcher = open_event_stream(admin.addr(), None).await;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(server.run(async move {
+        let _ = stopped.await;
+    }));
+    let _ = stop.send(());
+    run.await.unwrap().unwrap();
+    admin.stop().await;
+    // The application's stream ends once nothing holds the server any more (the CLI's event printer waits for
+    // that at shutdown): the watcher's connection was ended with the listener, though its client is still there.
+    let ended = tokio::time::timeout(support::PATIENCE, async { while events.recv().await.is_some() {} }).await;
+    assert!(ended.is_ok(), "an admin connection still holds the server after stop()");
+    drop(watcher);
+}
+
 /// Open `/v1/events` on a fresh connection and return the socket once the response headers arrived (the watch
 /// is registered before the handler answers).
 async fn open_event_stream(admin: std::net::SocketAddr, rcvbuf: Option<u32>) -> tokio::net::TcpStream {

@@ -483,20 +483,28 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             .spawn(move || print_json(events))
             .context("starting the event printer")?;
         server.run(shutdown).await?;
-        // The stream ends once the server's last handle is gone; the printer then writes what is left and stops.
-        // A reader that stalled for good must not keep the process alive: wait a bounded time.
+        stop_admin(admin).await;
+        // The stream ends once the server's last handle is gone (the admin listener held one); the printer then
+        // writes what is left and stops. A reader that stalled for good must not keep the process alive: wait a
+        // bounded time.
         let printed = tokio::task::spawn_blocking(move || printer.join());
         let _ = tokio::time::timeout(Duration::from_secs(5), printed).await;
     } else {
         // Human lines go through the log, whose writer never blocks: a task will do.
         let printer = tokio::spawn(log_events(events));
         server.run(shutdown).await?;
+        stop_admin(admin).await;
         let _ = tokio::time::timeout(Duration::from_secs(5), printer).await;
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// After the server stopped: end the admin listener and its connections, which hold handles on the server (and
+/// so keep its event stream open).
+async fn stop_admin(admin: Option<tether_admin::AdminListener>) {
     if let Some(admin) = admin {
         admin.stop().await;
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 /// The JSON event printer's loop, on a thread of its own: one line per event on stdout.
