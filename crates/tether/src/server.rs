@@ -26,13 +26,14 @@
 //! 1 s) instead of spinning.
 //!
 //! Events go to the application through a bounded `EventSink` that never blocks (it counts what it drops).
-//! Log lines about one client are summarised by a [`LogLimiter`] when they repeat, and nothing here writes to a
+//! Log lines about one client are summarised by a [`crate::loglimit::LogLimiter`] when they repeat, and nothing here writes to a
 //! stream that could block: the binary's log writer is non-blocking.
 //!
 //! # Rules
 //! This file owns the listener, the connection tasks' `JoinSet` and the helper tasks; it holds no lock across an
-//! `.await`. The lock order everywhere in the server is: the hub, then a connection's control slot; the drain,
-//! sources and log-limiter locks are leaves taken alone.
+//! `.await`. The lock order everywhere in the server is: the drain lock (only `ServerHandle::drain` holds it
+//! while taking another), then the hub, then a connection's control slot; the sources and log-limiter locks are
+//! leaves taken alone.
 
 use std::future::Future;
 use std::io;
@@ -396,5 +397,28 @@ async fn goodbye_all(shared: &Shared, tasks: &mut JoinSet<()>) {
     if tokio::time::timeout(shared.cfg.shutdown_grace, all_done).await.is_err() {
         tracing::warn!("{} connections did not finish their goodbye in time; closing them", tasks.len());
         tasks.abort_all();
+    }
+}
+
+#[cfg(test)]
+mod size_guard {
+    use super::control::Control;
+    use super::*;
+
+    /// Every idle connection holds one task whose future is this big: a regression here is memory per
+    /// connection (see BENCHMARKS.md), and so is its `Control` on the heap. Measured with rustc 1.95 (debug build):
+    /// future 1000 bytes, Connection 384, Control 240 (the operator's view of the session and its traffic
+    /// counts included, and the slot a cluster admission arrives in).
+    #[tokio::test]
+    async fn per_connection_task_stays_small() {
+        let cfg = ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..Default::default() };
+        let server = Server::bind(cfg).await.unwrap();
+        let c = TcpStream::connect(server.local_addr().unwrap()).await.unwrap();
+        let peer = c.local_addr().unwrap();
+        let f = serve_conn(server.shared.clone(), c, peer, 1);
+        assert!(std::mem::size_of_val(&f) <= 1024, "serve_conn future is {} bytes", std::mem::size_of_val(&f));
+        assert!(std::mem::size_of::<Connection>() <= 384, "Connection is {} bytes", std::mem::size_of::<Connection>());
+        assert!(std::mem::size_of::<Control>() <= 240, "Control is {} bytes", std::mem::size_of::<Control>());
+        drop(f);
     }
 }

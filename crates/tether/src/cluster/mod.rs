@@ -119,7 +119,7 @@ enum Op {
 
 /// Counters and histograms for the admin API and `/metrics`.
 #[derive(Debug)]
-pub struct ClusterStats {
+pub(crate) struct ClusterStats {
     pub redis_rtt: Histogram,
     pub pubsub_lag: Histogram,
     pub published: AtomicU64,

@@ -14,7 +14,9 @@
 //!   carried out.
 //!
 //! # Rules
-//! Talks to Redis and to other nodes only through [`Cluster`]'s methods; builds no message itself. Like
+//! Talks to Redis and to other nodes only through [`Cluster`]'s methods, which build every message; the one
+//! thing decided here is the content of an answer to another node's ask (an `AskAnswer`, from the registry's
+//! `Yield`). Like
 //! everything under the hub's lock, holds it only for registry calls and pushes, never across an `.await`.
 
 use std::sync::atomic::Ordering;

@@ -5,13 +5,16 @@
 //! - [`Control`]: one per connection, shared (`Arc`) by its task, the hub's table and whoever asks about it. A close
 //!   request (first wins, never blocked by queued frames), a bounded frame queue, a probe request and an
 //!   admission decision, plus what the operator may read about the session and its traffic.
-//! - [`Cmd`] and [`CloseCmd`]: what the task takes out of its slot, in that order of precedence.
+//! - [`Cmd`] and [`CloseCmd`]: what the task takes out of its slot: a close request first, then a probe request,
+//!   then an admission decision, then queued frames in order ([`Control::poll_take`]).
 //! - [`Admit`] and [`Decision`]: what the cluster decided about a `HELLO`, handed to the connection as a command.
 //!
 //! # Rules
 //! A leaf: nothing here knows the server's shared state or the hub. The slot's lock is held only to move a
-//! command in or out (never across IO, never while taking another lock); the task is the only writer of the
-//! traffic counts and the round trip, so those are plain loads and stores on atomics.
+//! command in or out, never while taking another lock, and across no IO but one: the kernel's view of the socket
+//! is read under it, so that a descriptor the task has closed (and the kernel may have reused) is never read. The
+//! task is the only writer of the traffic counts and the round trip, so those are plain loads and stores on
+//! atomics.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -157,6 +160,12 @@ impl Control {
     /// The socket is closing: the operator's view of it ends here. Returns a cluster admission that came too
     /// late, for the caller to give back.
     pub(super) fn close_socket(&self) -> Option<Box<Admit>> {
+        self.state.lock().expect("control lock").close()
+    }
+
+    /// [`Control::close_socket`] for a task that is being torn down (a guard's `drop`): a poisoned lock is passed
+    /// over rather than panicking a second time.
+    pub(super) fn close_socket_on_drop(&self) -> Option<Box<Admit>> {
         self.state.lock().ok()?.close()
     }
 
@@ -203,8 +212,8 @@ impl Control {
         Ok(())
     }
 
-    /// The next command: a close request first, then queued frames in order. When there is none, `cx` is woken
-    /// by the next push or request.
+    /// The next command: a close request first, then a probe request, then the cluster's admission decision, then
+    /// queued frames in order. When there is none, `cx` is woken by the next push or request.
     pub(super) fn poll_take(&self, cx: &mut Context<'_>) -> Poll<Cmd> {
         let mut st = self.state.lock().expect("control lock");
         if let Some(c) = st.close.take() {

@@ -10,7 +10,9 @@
 //! # Rules
 //! Nothing here runs on a connection's task: a connection is reached only through its control slot (a close
 //! request, a queued frame, a probe request), so no operator call can block a heartbeat. Under the hub's lock
-//! only references are gathered; copies and the kernel's view are made after it is released.
+//! references are gathered, or one frame pushed or one close requested; copies and the kernel's view are made
+//! after it is released. The drain lock is the one taken before the hub's (by `drain`, to snapshot the
+//! connections it will say goodbye to).
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -269,8 +271,8 @@ impl ServerHandle {
     }
 
     /// Record the admin listener's address (the HTTP layer lives outside this crate): [`ServerHandle::admin_addr`]
-    /// returns it, and the `listening` event names it when this comes before [`crate::Server::run`]. The first
-    /// one stays.
+    /// returns it, and, when this comes before [`crate::Server::run`], the `listening` event and (in cluster mode)
+    /// the node table name it too. The first one stays.
     pub fn set_admin_addr(&self, addr: SocketAddr) {
         let _ = self.shared.admin_addr.set(addr);
     }
