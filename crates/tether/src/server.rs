@@ -390,7 +390,7 @@ async fn goodbye_all(shared: &Shared, tasks: &mut JoinSet<()>) {
             let retry = shared.cfg.shutdown_spread * (i as u32 + 1) / n;
             let mut b = bye(CloseReason::ServerShutdown, retry);
             b.alternative = shared.cfg.shutdown_redirect.clone().unwrap_or_default();
-            hub.conns[id].control.request(CloseCmd::Bye(b));
+            hub.conns[id].request(CloseCmd::Bye(b));
         }
     }
     let all_done = async { while tasks.join_next().await.is_some() {} };

@@ -49,7 +49,7 @@ pub(super) async fn admit(shared: Arc<Shared>, cluster: Arc<Cluster>, control: A
         };
         let remote = remote.filter(|n| *n != me);
         let conflict = registry.would_conflict(driver::now(), &hello.client_id, hello.nonce, |c| {
-            conns.get(&c).map(|h| shared.last_rx_of(&h.control))
+            conns.get(&c).map(|h| shared.last_rx_of(h))
         });
         (remote, conflict)
     };
@@ -120,7 +120,7 @@ impl Shared {
     fn close_taken(&self, conn: tether_proto::ConnId) {
         let hub = self.hub.lock().expect("hub lock");
         if let Some(h) = hub.conns.get(&conn) {
-            h.control.request(CloseCmd::Bye(bye(CloseReason::Takeover, Duration::ZERO)));
+            h.request(CloseCmd::Bye(bye(CloseReason::Takeover, Duration::ZERO)));
         }
     }
 
@@ -145,7 +145,7 @@ impl Host for Shared {
                 let evicted = hub.registry.remote_online(&client, &node, epoch);
                 hub.pump(None);
                 if let Some(conn) = evicted.and_then(|c| hub.conns.get(&c)) {
-                    conn.control.request(CloseCmd::Bye(bye(CloseReason::Takeover, Duration::ZERO)));
+                    conn.request(CloseCmd::Bye(bye(CloseReason::Takeover, Duration::ZERO)));
                 }
             }
             Msg::Suspect { client, epoch, silent_ms } => {
@@ -198,8 +198,8 @@ impl Host for Shared {
                 let answer = {
                     let mut hub = self.hub.lock().expect("hub lock");
                     let Hub { registry, conns, .. } = &mut *hub;
-                    let y = registry
-                        .yield_to(now, &client, nonce, &from, |c| conns.get(&c).map(|h| self.last_rx_of(&h.control)));
+                    let y =
+                        registry.yield_to(now, &client, nonce, &from, |c| conns.get(&c).map(|h| self.last_rx_of(h)));
                     hub.pump(None);
                     match y {
                         Yield::NotHere => AskAnswer::NotHere,
@@ -208,7 +208,7 @@ impl Host for Shared {
                         }
                         Yield::Granted { evicted, displaced } => {
                             if let Some(h) = hub.conns.get(&evicted) {
-                                h.control.request(CloseCmd::Bye(bye(CloseReason::Takeover, Duration::ZERO)));
+                                h.request(CloseCmd::Bye(bye(CloseReason::Takeover, Duration::ZERO)));
                             }
                             self.metrics.takeovers.fetch_add(1, Ordering::Relaxed);
                             let displaced = displaced
@@ -235,7 +235,7 @@ impl Host for Shared {
                 let hub = self.hub.lock().expect("hub lock");
                 if let Some(h) = hub.holder(&client) {
                     let retry = Duration::from_millis(retry_after_ms.into());
-                    h.control.request(CloseCmd::Bye(bye(CloseReason::Kicked, retry)));
+                    h.request(CloseCmd::Bye(bye(CloseReason::Kicked, retry)));
                 }
             }
             Msg::Send { client, payload } => {

@@ -86,7 +86,7 @@ impl ServerHandle {
         {
             let hub = self.shared.hub.lock().expect("hub lock");
             if let Some(h) = hub.holder(client) {
-                h.control.request(CloseCmd::Bye(bye(CloseReason::Kicked, retry_after)));
+                h.request(CloseCmd::Bye(bye(CloseReason::Kicked, retry_after)));
                 return true;
             }
         }
@@ -127,7 +127,7 @@ impl ServerHandle {
             matching
                 .into_iter()
                 .filter_map(|(id, conn, suspect)| {
-                    hub.conns.get(&conn).map(|h| (id.to_owned(), h.control.clone(), conn, suspect))
+                    hub.conns.get(&conn).map(|h| (id.to_owned(), h.clone(), conn, suspect))
                 })
                 .collect()
         };
@@ -141,7 +141,7 @@ impl ServerHandle {
         let (control, conn, suspect) = {
             let hub = self.shared.hub.lock().expect("hub lock");
             let (conn, suspect) = hub.registry.session(client)?;
-            (hub.conns.get(&conn)?.control.clone(), conn, suspect)
+            (hub.conns.get(&conn)?.clone(), conn, suspect)
         };
         let info = self.shared.session_info(client.to_owned(), conn, &control, suspect)?;
         Some((info, control.kernel_view()))
@@ -153,7 +153,7 @@ impl ServerHandle {
     pub async fn probe(&self, client: &str, wait: Duration) -> Option<ProbeReport> {
         let control = {
             let hub = self.shared.hub.lock().expect("hub lock");
-            hub.holder(client)?.control.clone()
+            hub.holder(client)?.clone()
         };
         let heartbeat = control.session.get().map(|m| Duration::from_millis(m.heartbeat_ms.into()));
         let shared = &self.shared;
@@ -209,7 +209,7 @@ impl ServerHandle {
         }
         let mut targets: Vec<(ConnId, Arc<Control>)> = {
             let hub = shared.hub.lock().expect("hub lock");
-            hub.conns.iter().map(|(id, h)| (*id, h.control.clone())).collect()
+            hub.conns.iter().map(|(id, h)| (*id, h.clone())).collect()
         };
         targets.sort_unstable_by_key(|(id, _)| *id);
         let status = DrainStatus {

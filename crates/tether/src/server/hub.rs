@@ -18,13 +18,14 @@ use std::time::Instant as StdInstant;
 use tether_proto::registry::{Output, Registry, SessionEvent};
 use tether_proto::{ConnId, Connection, Frame};
 
-use super::control::{Control, PushError};
+use super::control::Control;
 use crate::cluster::Cluster;
 
 /// The server-wide book: sessions and presence, and how to reach each connection's task.
 pub(super) struct Hub {
     pub(super) registry: Registry,
-    pub(super) conns: HashMap<ConnId, ConnHandle>,
+    /// How to reach each connection's task: its control slot.
+    pub(super) conns: HashMap<ConnId, Arc<Control>>,
     /// `ServerConfig::outbound_queue`, for pushes made while holding the hub.
     outbound_queue: usize,
     /// `PRESENCE` frames handed out so far (counted here, under the lock that sends them).
@@ -33,24 +34,13 @@ pub(super) struct Hub {
     cluster: Option<Arc<Cluster>>,
 }
 
-pub(super) struct ConnHandle {
-    pub(super) control: Arc<Control>,
-}
-
-impl ConnHandle {
-    /// Queue a frame for the connection (at most `limit`); a full queue condemns it as a slow consumer.
-    pub(super) fn push(&self, frame: Frame, limit: usize) -> Result<(), PushError> {
-        self.control.push(frame, limit)
-    }
-}
-
 impl Hub {
     pub(super) fn new(registry: Registry, outbound_queue: usize, cluster: Option<Arc<Cluster>>) -> Hub {
         Hub { registry, conns: HashMap::new(), outbound_queue, presence_frames: 0, cluster }
     }
 
     /// The connection that holds `client`'s session here.
-    pub(super) fn holder(&self, client: &str) -> Option<&ConnHandle> {
+    pub(super) fn holder(&self, client: &str) -> Option<&Arc<Control>> {
         self.registry.lookup(client).and_then(|c| self.conns.get(&c))
     }
 

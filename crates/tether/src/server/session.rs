@@ -34,7 +34,7 @@ use tokio::net::TcpStream;
 
 use super::clustered;
 use super::control::{bye, Admit, CloseCmd, Cmd, Control, Decision, SessionMeta};
-use super::hub::{ConnHandle, Hub};
+use super::hub::Hub;
 use super::state::Shared;
 use crate::driver::{self, drive, Hooks};
 use crate::event::EventKind;
@@ -76,7 +76,7 @@ pub(super) async fn serve_conn(shared: Arc<Shared>, stream: TcpStream, peer: Soc
     if shared.shutting_down.load(Ordering::Relaxed) {
         control.request(CloseCmd::Bye(bye(CloseReason::ServerShutdown, shared.cfg.shutdown_spread)));
     }
-    shared.hub.lock().expect("hub lock").conns.insert(conn_id, ConnHandle { control: control.clone() });
+    shared.hub.lock().expect("hub lock").conns.insert(conn_id, control.clone());
     // Accepted just before a drain began, too late for its list: it leaves like the others. (The hub's lock
     // orders this against the drain's snapshot of the connections.)
     if shared.draining.load(Ordering::Relaxed) {
@@ -147,9 +147,8 @@ impl ServerHooks {
         self.handshake_done();
         let mut hub = shared.hub.lock().expect("hub lock");
         let Hub { registry, conns, .. } = &mut *hub;
-        let admission = registry.admit(now, &hello.client_id, hello.nonce, self.conn_id, |c| {
-            conns.get(&c).map(|h| shared.last_rx_of(&h.control))
-        });
+        let admission = registry
+            .admit(now, &hello.client_id, hello.nonce, self.conn_id, |c| conns.get(&c).map(|h| shared.last_rx_of(h)));
         self.conclude(conn, now, hello, admission, hub);
     }
 
@@ -233,7 +232,7 @@ impl ServerHooks {
                 let _ = self.control.session.set(meta);
                 let client = hello.client_id;
                 if let Some(h) = evicted.and_then(|old| hub.conns.get(&old)) {
-                    h.control.request(CloseCmd::Bye(bye(CloseReason::Takeover, Duration::ZERO)));
+                    h.request(CloseCmd::Bye(bye(CloseReason::Takeover, Duration::ZERO)));
                 }
                 let session_events = hub.pump(Some((self.conn_id, conn, now)));
                 drop(hub);
