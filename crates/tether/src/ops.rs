@@ -17,7 +17,7 @@ use tether_proto::{CloseReason, ConnId};
 use tokio::sync::{mpsc, Notify};
 
 use crate::event::ServerEvent;
-use crate::probe::{judge, Judgement};
+use crate::probe::{answered, unanswered, Answered, Unanswered};
 use crate::sockopt::TcpInfo;
 
 /// One online session as the server sees it.
@@ -208,8 +208,8 @@ pub struct ProbeReport {
     pub kernel: Option<KernelView>,
 }
 
-/// The answer to "is it the network or the client's program?" for one connection: the server's words for the
-/// [`Judgement`] about its client.
+/// The answer to "is it the network or the client's program?" for one connection: the server's words for what
+/// [`crate::probe`] judged about its client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProbeVerdict {
     /// The client answered, and neither the path nor its program is slow.
@@ -240,7 +240,8 @@ impl ProbeVerdict {
 
 impl ProbeReport {
     /// The verdict and the evidence for it, in one sentence: the `PONG` (or its absence) judged against the
-    /// kernel's view of the session's socket by [`judge`], the rule `tether probe` uses from the other end.
+    /// kernel's view of the session's socket by [`answered`] or [`unanswered`], the rule `tether probe` uses from
+    /// the other end.
     ///
     /// No `PONG` and no kernel view is `path_down`: the view is read after the wait, and it is missing when the
     /// session's socket closed meanwhile (or where the platform has no `TCP_INFO`). Nothing then shows that the
@@ -248,36 +249,40 @@ impl ProbeReport {
     /// the evidence.
     pub fn verdict(&self) -> (ProbeVerdict, String) {
         let k = self.kernel.map(|k| k.info);
+        let Some(app) = self.app_rtt else {
+            return match unanswered(k) {
+                Unanswered::Stalled(i) => (
+                    ProbeVerdict::ClientStalled,
+                    format!(
+                        "no PONG in {:.1?}, but the client's kernel acknowledged everything (last ACK {:.1?} ago, RTT {:.1?})",
+                        self.waited, i.since_ack_recv, i.rtt
+                    ),
+                ),
+                Unanswered::PathDown(i) => (
+                    ProbeVerdict::PathDown,
+                    format!(
+                        "no PONG in {:.1?} and {} segments unacknowledged ({} retransmissions, last ACK {:.1?} ago)",
+                        self.waited, i.unacked, i.retransmits, i.since_ack_recv
+                    ),
+                ),
+                Unanswered::NoView => {
+                    (ProbeVerdict::PathDown, format!("no PONG in {:.1?} and no kernel view", self.waited))
+                }
+            };
+        };
         let krtt = k.map_or(Duration::ZERO, |i| i.rtt);
-        let app = self.app_rtt.unwrap_or_default();
-        match judge(self.app_rtt, k) {
-            Judgement::PeerSlow => {
+        match answered(app, k) {
+            Answered::Late => {
                 (ProbeVerdict::ClientSlow, format!("the PONG took {app:.1?} against a kernel RTT of {krtt:.1?}"))
             }
-            Judgement::SlowNetwork(i) => (
+            Answered::SlowNetwork(i) => (
                 ProbeVerdict::SlowNetwork,
-                format!("the PONG took {app:.1?}, in step with the kernel's smoothed RTT of {:.1?} (rttvar {:.1?})", i.rtt, i.rttvar),
-            ),
-            Judgement::PeerAnswered => {
-                (ProbeVerdict::Ok, format!("the PONG took {app:.1?}; the kernel's RTT is {krtt:.1?}"))
-            }
-            Judgement::PeerStalled(i) => (
-                ProbeVerdict::ClientStalled,
                 format!(
-                    "no PONG in {:.1?}, but the client's kernel acknowledged everything (last ACK {:.1?} ago, RTT {:.1?})",
-                    self.waited, i.since_ack_recv, i.rtt
+                    "the PONG took {app:.1?}, in step with the kernel's smoothed RTT of {:.1?} (rttvar {:.1?})",
+                    i.rtt, i.rttvar
                 ),
             ),
-            Judgement::PathDown(i) => (
-                ProbeVerdict::PathDown,
-                format!(
-                    "no PONG in {:.1?} and {} segments unacknowledged ({} retransmissions, last ACK {:.1?} ago)",
-                    self.waited, i.unacked, i.retransmits, i.since_ack_recv
-                ),
-            ),
-            Judgement::Silent => {
-                (ProbeVerdict::PathDown, format!("no PONG in {:.1?} and no kernel view", self.waited))
-            }
+            Answered::InStep => (ProbeVerdict::Ok, format!("the PONG took {app:.1?}; the kernel's RTT is {krtt:.1?}")),
         }
     }
 }

@@ -1,7 +1,7 @@
 //! What each layer of a probe found, the verdict it adds up to, and how both are printed.
 //!
 //! [`Evidence::verdict`] is pure: the first layer that failed decides, and the kernel's view of the probe's own
-//! socket says whether silence is the path's or the program's, by [`tether::probe::judge`], the rule the server's
+//! socket says whether silence is the path's or the program's, by [`tether::probe`], the rule the server's
 //! own probe of a client uses from the other end (here the peer is the server).
 
 use std::fmt::Write as _;
@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use serde_json::{json, Value};
-use tether::probe::{judge, Judgement};
+use tether::probe::{answered, unanswered, Answered, Unanswered};
 use tether::proto::CloseReason;
 use tether::sockopt::{tcp_state_name, TcpInfo};
 
@@ -366,8 +366,8 @@ impl Evidence {
             Some(Ended::Foreign(first)) => return foreign(None, first, self.tls.is_some()),
             Some(Ended::Closed { reset }) => {
                 let how = if *reset { "reset" } else { "closed" };
-                return match judge(None, k) {
-                    Judgement::PathDown(i) => path_failed(&format!("PING {}", r.sent), None, i),
+                return match unanswered(k) {
+                    Unanswered::PathDown(i) => path_failed(&format!("PING {}", r.sent), None, i),
                     _ => (
                         Verdict::ServerLost,
                         format!(
@@ -378,8 +378,8 @@ impl Evidence {
                 };
             }
             Some(Ended::Failed(error)) => {
-                return match judge(None, k) {
-                    Judgement::PathDown(i) => path_failed(&format!("PING {}", r.sent), None, i),
+                return match unanswered(k) {
+                    Unanswered::PathDown(i) => path_failed(&format!("PING {}", r.sent), None, i),
                     _ => (Verdict::PathDown, format!("after {after} round trips the connection failed: {error}")),
                 };
             }
@@ -391,8 +391,8 @@ impl Evidence {
         let Some((min, median, max)) = spread(&r.rtts) else {
             return (Verdict::Ok, "connected".into());
         };
-        match judge(Some(median), k) {
-            Judgement::PeerSlow => (
+        match answered(median, k) {
+            Answered::Late => (
                 Verdict::ServerStalled,
                 format!(
                     "the server's PONGs took {} (median) against a kernel RTT of {}: the program answers late \
@@ -401,7 +401,7 @@ impl Evidence {
                     human(krtt)
                 ),
             ),
-            Judgement::SlowNetwork(i) => (
+            Answered::SlowNetwork(i) => (
                 Verdict::SlowNetwork,
                 format!(
                     "the server answers in step with its kernel, but the kernel's smoothed RTT is {} (rttvar {}): \
@@ -410,8 +410,7 @@ impl Evidence {
                     human(i.rttvar)
                 ),
             ),
-            // PeerAnswered; the other judgements are of a missing answer.
-            _ => {
+            Answered::InStep => {
                 let icmp = if icmp_answered {
                     ""
                 } else {
@@ -435,7 +434,7 @@ impl Evidence {
 }
 
 /// No answer to `step` within `waited`: the kernel's view of the probe's socket says whether the path still
-/// carries our bytes (then the program is silent) or not ([`judge`]).
+/// carries our bytes (then the program is silent) or not ([`unanswered`]).
 ///
 /// No answer and no kernel view is `server_stalled`: this comes after a TCP connect that succeeded, so the path
 /// and the server's kernel answered moments before, and the probe's own socket is still open; a missing view
@@ -443,9 +442,9 @@ impl Evidence {
 /// missing. (The server's own probe says `path_down` in that case, where the view is missing because the
 /// session's socket closed.)
 fn silent(k: Option<TcpInfo>, step: &str, waited: Duration) -> (Verdict, String) {
-    match judge(None, k) {
-        Judgement::PathDown(i) => path_failed(step, Some(waited), i),
-        Judgement::PeerStalled(i) => (
+    match unanswered(k) {
+        Unanswered::PathDown(i) => path_failed(step, Some(waited), i),
+        Unanswered::Stalled(i) => (
             Verdict::ServerStalled,
             format!(
                 "TCP connects and the server's kernel acknowledged {step} (RTT {}), but the program did not answer in \
@@ -454,8 +453,7 @@ fn silent(k: Option<TcpInfo>, step: &str, waited: Duration) -> (Verdict, String)
                 human(waited)
             ),
         ),
-        // Judgement::Silent; an answer's judgements cannot come of `None`.
-        _ => (
+        Unanswered::NoView => (
             Verdict::ServerStalled,
             format!(
                 "TCP connects, but nothing answered {step} in {} (the kernel's view of the socket is not available \
