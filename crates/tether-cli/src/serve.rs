@@ -469,7 +469,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         None => None,
         Some(addr) => {
             let admin_cfg = admin_config(&args, &file)?;
-            let auth = if admin_cfg.token.is_some() { "bearer token required" } else { "no token (loopback)" };
+            let auth = if admin_cfg.token.is_some() { "bearer token required" } else { "no token: loopback only" };
             let admin = tether_admin::start(addr, admin_cfg, server.handle()).await?;
             tracing::info!("admin API, /metrics and dashboard on http://{}/ ({auth})", admin.addr());
             Some(admin)
