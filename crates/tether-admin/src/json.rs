@@ -180,6 +180,7 @@ pub fn probe_json(p: &ProbeReport) -> serde_json::Value {
         "client": p.client, "verdict": verdict.as_str(), "evidence": evidence, "app_rtt_ms": p.app_rtt.map(ms),
         "waited_ms": ms(p.waited), "heartbeat_ms": p.heartbeat.map(|h| h.as_millis() as u64),
         "kernel": p.kernel.as_ref().map(kernel_json),
+        "ended": p.ended.map(|e| json!({ "reason": e.reason.as_str(), "by": if e.by_client { "client" } else { "server" } })),
     })
 }
 

@@ -132,3 +132,25 @@ fn a_probe_from_the_server_tells_a_stalled_client_program_from_the_network() {
     let (status, gone) = post(&admin, "/v1/sessions/nobody/probe", "{}");
     assert_eq!((status, gone["error"].as_str().is_some()), (404, true));
 }
+
+/// A probe that waits longer than the session's own heartbeat timeout: the server convicts the stopped client
+/// meanwhile, and the probe still judges it by its socket as it closed, not by the socket's absence.
+#[test]
+fn a_probe_outlasting_the_heartbeat_timeout_still_tells_a_stalled_client() {
+    let hb = ["--heartbeat-interval", "500ms", "--heartbeat-timeout", "1500ms"];
+    let (srv, addr, admin) = serve(&["--admin", "127.0.0.1:0", hb[0], hb[1], hb[2], hb[3]]);
+    let admin = admin.unwrap();
+    let c = Proc::spawn(&["connect", &addr, "--id", "dev", "--json"]);
+    srv.expect("dev online", |v| event(v) == "online" && v["client"] == "dev");
+    c.signal(libc::SIGSTOP);
+    let (status, v) = post(&admin, "/v1/sessions/dev/probe", r#"{"timeout": "10s"}"#);
+    c.signal(libc::SIGCONT);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["verdict"], "client_stalled", "{v}");
+    assert_eq!(v["ended"]["reason"], "heartbeat_timeout", "{v}");
+    assert_eq!(v["ended"]["by"], "server", "{v}");
+    assert_eq!(v["kernel"]["unacked"], 0, "its kernel had acknowledged the PING: {v}");
+    assert!(v["evidence"].as_str().unwrap().contains("meanwhile (heartbeat_timeout)"), "{v}");
+    assert!(v["waited_ms"].as_f64().unwrap() < 10_000.0, "the probe ends with the session: {v}");
+    srv.expect("dev offline", |v| event(v) == "offline" && v["reason"] == "heartbeat_timeout");
+}

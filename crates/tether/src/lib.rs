@@ -46,7 +46,8 @@ pub use config::{Auth, ClientConfig, ServerConfig};
 pub use event::{EventKind, EventQueue, EventStream, ServerEvent, Stats};
 pub use metrics::MetricsSnapshot;
 pub use ops::{
-    DisconnectRecord, DrainError, DrainStatus, EventWatch, KernelView, ProbeReport, ProbeVerdict, SessionInfo,
+    DisconnectRecord, DrainError, DrainStatus, EventWatch, KernelView, ProbeEnded, ProbeReport, ProbeVerdict,
+    SessionInfo,
 };
 pub use resilient::{LinkError, LinkEvent, ReconnectingClient, ResilienceConfig, Sent};
 pub use server::{SendToError, Server, ServerHandle};

@@ -204,8 +204,19 @@ pub struct ProbeReport {
     pub waited: Duration,
     /// The session's heartbeat interval.
     pub heartbeat: Option<Duration>,
-    /// The kernel's view of the socket after the wait.
+    /// The kernel's view of the socket after the wait, or, when the session closed during it, just before its
+    /// socket was let go.
     pub kernel: Option<KernelView>,
+    /// The session closed during the wait: how.
+    pub ended: Option<ProbeEnded>,
+}
+
+/// How a probed session ended while the probe waited for its `PONG`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeEnded {
+    pub reason: CloseReason,
+    /// The client ended it (its `BYE`, FIN or reset), rather than a verdict or command of the server's.
+    pub by_client: bool,
 }
 
 /// The answer to "is it the network or the client's program?" for one connection: the server's words for what
@@ -224,6 +235,9 @@ pub enum ProbeVerdict {
     /// No answer, and our `PING` is not acknowledged either: the path or the client's host is gone. Also the
     /// verdict when there is no answer and no kernel view (see [`ProbeReport::verdict`]).
     PathDown,
+    /// No answer: the client closed its session during the wait (its `BYE`, FIN or reset). Its program acted, so
+    /// it is not stalled, and whatever reached us came over the path.
+    ClientClosed,
 }
 
 impl ProbeVerdict {
@@ -234,6 +248,7 @@ impl ProbeVerdict {
             ProbeVerdict::ClientSlow => "client_slow",
             ProbeVerdict::ClientStalled => "client_stalled",
             ProbeVerdict::PathDown => "path_down",
+            ProbeVerdict::ClientClosed => "client_closed",
         }
     }
 }
@@ -243,30 +258,41 @@ impl ProbeReport {
     /// kernel's view of the session's socket by [`answered`] or [`unanswered`], the rule `tether probe` uses from
     /// the other end.
     ///
-    /// No `PONG` and no kernel view is `path_down`: the view is read after the wait, and it is missing when the
-    /// session's socket closed meanwhile (or where the platform has no `TCP_INFO`). Nothing then shows that the
-    /// client's kernel took the `PING`, so `client_stalled`, a claim about the client's program, would go beyond
-    /// the evidence.
+    /// A session that closed during the wait is judged by the kernel's view read as it closed (a stalled client
+    /// convicted of `heartbeat_timeout` meanwhile is still `client_stalled`), unless the client closed it itself
+    /// (`client_closed`). No `PONG` and no kernel view at all (a platform without `TCP_INFO`) is `path_down`:
+    /// nothing shows that the client's kernel took the `PING`, so `client_stalled`, a claim about the client's
+    /// program, would go beyond the evidence.
     pub fn verdict(&self) -> (ProbeVerdict, String) {
         let k = self.kernel.map(|k| k.info);
         let Some(app) = self.app_rtt else {
+            if let Some(e) = self.ended.filter(|e| e.by_client) {
+                let sentence = format!("no PONG: the client closed its session during the probe ({})", e.reason);
+                return (ProbeVerdict::ClientClosed, sentence);
+            }
+            let meanwhile = match self.ended {
+                Some(e) => {
+                    format!("; the server closed the session meanwhile ({}), as the kernel saw it then", e.reason)
+                }
+                None => String::new(),
+            };
             return match unanswered(k) {
                 Unanswered::Stalled(i) => (
                     ProbeVerdict::ClientStalled,
                     format!(
-                        "no PONG in {:.1?}, but the client's kernel acknowledged everything (last ACK {:.1?} ago, RTT {:.1?})",
+                        "no PONG in {:.1?}, but the client's kernel acknowledged everything (last ACK {:.1?} ago, RTT {:.1?}){meanwhile}",
                         self.waited, i.since_ack_recv, i.rtt
                     ),
                 ),
                 Unanswered::PathDown(i) => (
                     ProbeVerdict::PathDown,
                     format!(
-                        "no PONG in {:.1?} and {} segments unacknowledged ({} retransmissions, last ACK {:.1?} ago)",
+                        "no PONG in {:.1?} and {} segments unacknowledged ({} retransmissions, last ACK {:.1?} ago){meanwhile}",
                         self.waited, i.unacked, i.retransmits, i.since_ack_recv
                     ),
                 ),
                 Unanswered::NoView => {
-                    (ProbeVerdict::PathDown, format!("no PONG in {:.1?} and no kernel view", self.waited))
+                    (ProbeVerdict::PathDown, format!("no PONG in {:.1?} and no kernel view{meanwhile}", self.waited))
                 }
             };
         };
@@ -342,6 +368,7 @@ mod tests {
             waited: Duration::from_secs(2),
             heartbeat: None,
             kernel: Some(KernelView { info, send_queue: Some(0) }),
+            ended: None,
         }
     }
 
@@ -357,6 +384,21 @@ mod tests {
         assert!(report(None, 1, 0).verdict().1.contains("acknowledged everything"));
         let gone = ProbeReport { kernel: None, ..report(None, 1, 0) };
         assert_eq!(gone.verdict().0, ProbeVerdict::PathDown, "no PONG and no kernel view: the socket may be closed");
+    }
+
+    #[test]
+    fn a_session_that_closed_during_the_probe_is_judged_by_the_kernel_as_it_closed() {
+        let convicted = ProbeEnded { reason: CloseReason::HeartbeatTimeout, by_client: false };
+        let stalled = ProbeReport { ended: Some(convicted), ..report(None, 1, 0) };
+        let (verdict, evidence) = stalled.verdict();
+        assert_eq!(verdict, ProbeVerdict::ClientStalled, "convicted meanwhile, but its kernel took the PING");
+        assert!(evidence.contains("closed the session meanwhile (heartbeat_timeout)"), "{evidence}");
+        let cut = ProbeReport { ended: Some(convicted), ..report(None, 1, 3) };
+        assert_eq!(cut.verdict().0, ProbeVerdict::PathDown);
+        let left = ProbeEnded { reason: CloseReason::Bye, by_client: true };
+        let (verdict, evidence) = ProbeReport { ended: Some(left), ..report(None, 1, 0) }.verdict();
+        assert_eq!(verdict, ProbeVerdict::ClientClosed, "its program said goodbye: not stalled");
+        assert!(evidence.contains("(bye)"), "{evidence}");
     }
 
     #[test]

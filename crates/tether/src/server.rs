@@ -7,6 +7,7 @@
 //! (`session`); the rooms below hold one idea each, lowest first (a room uses only the rooms above it in this
 //! list, and none uses this file):
 //! - `limits`: the accept-rate token bucket and the per-source counts (a leaf).
+//! - `probes`: operators' round-trip probes in flight, and how a probed session ended during one (a leaf).
 //! - `control`: a connection's control slot, the commands other tasks send it, and the cluster's admission
 //!   decision (a leaf: it knows neither the hub nor the shared state).
 //! - `hub`: the sans-IO `Registry` and the connection table behind one mutex, and the pump that carries out
@@ -32,8 +33,8 @@
 //! # Rules
 //! This file owns the listener, the connection tasks' `JoinSet` and the helper tasks; it holds no lock across an
 //! `.await`. The lock order everywhere in the server is: the drain lock (only `ServerHandle::drain` holds it
-//! while taking another), then the hub, then a connection's control slot; the sources and log-limiter locks are
-//! leaves taken alone.
+//! while taking another), then the hub, then a connection's control slot; the sources, probes and log-limiter
+//! locks are leaves taken alone.
 
 use std::future::Future;
 use std::io;
@@ -58,6 +59,7 @@ mod control;
 mod handle;
 mod hub;
 mod limits;
+mod probes;
 mod session;
 mod state;
 

@@ -44,12 +44,14 @@ pub enum Verdict {
     ClientSlow,
     /// `--server`: the client's kernel acknowledged the `PING`, its program did not answer.
     ClientStalled,
+    /// `--server`: the client closed its session during the probe.
+    ClientClosed,
     /// The server welcomed the probe, then closed or reset the connection without `BYE`: its process ended.
     ServerLost,
 }
 
 impl Verdict {
-    pub const ALL: [Verdict; 13] = [
+    pub const ALL: [Verdict; 14] = [
         Verdict::Ok,
         Verdict::PathDown,
         Verdict::HostDown,
@@ -63,6 +65,7 @@ impl Verdict {
         Verdict::ClientSlow,
         Verdict::ClientStalled,
         Verdict::ServerLost,
+        Verdict::ClientClosed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -80,6 +83,7 @@ impl Verdict {
             Verdict::ClientSlow => "client_slow",
             Verdict::ClientStalled => "client_stalled",
             Verdict::ServerLost => "server_lost",
+            Verdict::ClientClosed => "client_closed",
         }
     }
 
@@ -99,6 +103,7 @@ impl Verdict {
             Verdict::ClientSlow => 19,
             Verdict::ClientStalled => 20,
             Verdict::ServerLost => 21,
+            Verdict::ClientClosed => 22,
         }
     }
 

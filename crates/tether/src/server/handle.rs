@@ -151,35 +151,43 @@ impl ServerHandle {
     /// report tells a slow network from a client whose program does not answer while its kernel still does
     /// ([`ProbeReport::verdict`]). `None` when the client is not online.
     pub async fn probe(&self, client: &str, wait: Duration) -> Option<ProbeReport> {
-        let control = {
+        let (conn, control) = {
             let hub = self.shared.hub.lock().expect("hub lock");
-            hub.holder(client)?.clone()
+            let conn = hub.registry.lookup(client)?;
+            (conn, hub.conns.get(&conn)?.clone())
         };
         let heartbeat = control.session.get().map(|m| Duration::from_millis(m.heartbeat_ms.into()));
-        let shared = &self.shared;
-        shared.probe_waiters.fetch_add(1, Ordering::AcqRel);
+        let probes = &self.shared.probes;
+        probes.begin(conn);
         let before = control.rtt.load(Ordering::Acquire) >> 32;
         control.request_probe();
         let started = tokio::time::Instant::now();
         let answered = tokio::time::timeout(wait, async {
             loop {
-                let notified = shared.probe_done.notified();
+                let notified = probes.notified();
                 if control.rtt.load(Ordering::Acquire) >> 32 != before {
-                    return;
+                    return true;
+                }
+                if probes.has_ended(conn) {
+                    return false;
                 }
                 notified.await;
             }
         })
         .await
-        .is_ok();
-        shared.probe_waiters.fetch_sub(1, Ordering::AcqRel);
+        .unwrap_or(false);
+        let end = probes.finish(conn);
         let app_rtt = answered.then(|| Duration::from_micros(control.rtt.load(Ordering::Acquire) & 0xffff_ffff));
         Some(ProbeReport {
             client: client.to_owned(),
             app_rtt,
             waited: started.elapsed(),
             heartbeat,
-            kernel: control.kernel_view(),
+            kernel: match end {
+                Some(e) => e.kernel,
+                None => control.kernel_view(),
+            },
+            ended: end.map(|e| e.ended),
         })
     }
 

@@ -35,10 +35,11 @@ use tokio::net::TcpStream;
 use super::clustered;
 use super::control::{bye, Admit, CloseCmd, Cmd, Control, Decision, SessionMeta};
 use super::hub::Hub;
+use super::probes;
 use super::state::Shared;
 use crate::driver::{self, drive, Hooks};
 use crate::event::EventKind;
-use crate::ops::DisconnectRecord;
+use crate::ops::{DisconnectRecord, ProbeEnded};
 use crate::sockopt;
 
 /// Guard that keeps `active` and the hub's connection table honest however the task ends.
@@ -324,9 +325,7 @@ impl ServerHooks {
         let us = rtt.as_micros().clamp(1, u32::MAX as u128) as u64;
         let count = (self.control.rtt.load(Ordering::Relaxed) >> 32) + 1;
         self.control.rtt.store((count << 32) | us, Ordering::Release);
-        if self.shared.probe_waiters.load(Ordering::Acquire) > 0 {
-            self.shared.probe_done.notify_waiters();
-        }
+        self.shared.probes.round_trip();
         if !self.shared.cfg.metrics {
             return;
         }
@@ -367,6 +366,11 @@ impl ServerHooks {
 
     fn on_closed(&mut self, conn: &Connection, now: StdInstant, c: tether_proto::Closed) {
         self.handshake_done();
+        // An operator's probe waiting on this connection judges it by the kernel's view as it closes.
+        if self.shared.probes.watches(self.conn_id) {
+            let ended = ProbeEnded { reason: c.reason, by_client: c.by_peer };
+            self.shared.probes.closed(self.conn_id, probes::End { ended, kernel: self.control.kernel_view() });
+        }
         // The socket closes right after this: the operator's view of it ends here.
         // (Its last frame and queued-byte counts settle at the driver's next flush and in `ConnGuard`.)
         let unadmitted = self.control.close_socket();

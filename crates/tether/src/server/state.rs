@@ -26,6 +26,7 @@ use tokio::sync::Notify;
 use super::control::{bye, Control};
 use super::hub::Hub;
 use super::limits::Sources;
+use super::probes::Probes;
 use crate::cluster::Cluster;
 use crate::config::ServerConfig;
 use crate::driver;
@@ -62,10 +63,8 @@ pub(super) struct Shared {
     pub(super) started: SystemTime,
     /// The admin listener's address, for the `listening` event.
     pub(super) admin_addr: OnceLock<SocketAddr>,
-    /// Operators' round-trip probes waiting for a `PONG` ([`crate::ServerHandle::probe`]), woken at every round
-    /// trip while there are any.
-    pub(super) probe_waiters: AtomicUsize,
-    pub(super) probe_done: Notify,
+    /// Operators' round-trip probes waiting for a `PONG` ([`crate::ServerHandle::probe`]).
+    pub(super) probes: Probes,
     /// Handshakes in flight and (when `max_per_ip` is set) connections, per source.
     pub(super) sources: Sources,
     /// Repeated log lines about one client are summarised.
@@ -115,8 +114,7 @@ impl Shared {
             drain: Mutex::new(DrainState::default()),
             started: SystemTime::now(),
             admin_addr: OnceLock::new(),
-            probe_waiters: AtomicUsize::new(0),
-            probe_done: Notify::new(),
+            probes: Probes::default(),
             sources: Sources::default(),
             log: LogLimiter::new(Duration::from_secs(10), 3, 4096),
             log_wake: Notify::new(),
