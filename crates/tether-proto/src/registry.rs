@@ -31,7 +31,7 @@ use crate::frame::{presence_flags, Presence, PresenceState};
 use crate::reason::CloseReason;
 
 mod cluster;
-pub use cluster::{RemoteOffline, Yield};
+pub use cluster::{digest_of, NodeDigest, RemoteOffline, Yield};
 
 /// The IO layer's handle for one connection.
 pub type ConnId = u64;
@@ -281,6 +281,8 @@ pub struct Registry {
     gone_seq: u64,
     /// Cluster: ids online on other nodes, as their presence messages said ([`cluster`]).
     remote: HashMap<String, cluster::Remote>,
+    /// Per other node: its ids in `remote`, counted and digested ([`digest_of`]).
+    remote_digests: HashMap<Arc<str>, NodeDigest>,
     subscribers: HashMap<String, HashSet<ConnId>>,
     wildcard: HashSet<ConnId>,
     subscriptions: HashMap<ConnId, HashSet<String>>,
@@ -372,7 +374,7 @@ impl Registry {
         self.next_epoch = self.next_epoch.max(epoch + 1);
         let came_back = self.cancel_pending(client);
         // (A single node never has remote ids: no lookup for it.)
-        let was_remote = if self.remote.is_empty() { None } else { self.remote.remove(client) };
+        let was_remote = if self.remote.is_empty() { None } else { self.remote_take(client) };
         self.forget_gone(client);
         self.sessions.insert(client.into(), Session { conn, epoch, nonce, suspect: false, displaced: inherited });
         self.emit(SessionEvent::Online { client: client.into(), conn, epoch });

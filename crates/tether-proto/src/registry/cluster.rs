@@ -6,6 +6,11 @@
 //! an id that moves between nodes causes no flap, and a message older than what is known (a smaller epoch) is
 //! ignored, so the order in which two nodes' messages arrive does not matter.
 //!
+//! The view is checked against the cluster's state, not only fed by messages: each node's ids carry a digest
+//! ([`digest_of`], XORed per node and kept up to date with every change), which the IO layer compares with the
+//! digest Redis keeps for that node. When they differ, the IO layer reads the node's sessions and repairs the view
+//! with the same calls ([`Registry::remote_ids_of`] gives what the view holds).
+//!
 //! When a `HELLO` arrives for an id another node holds, that node decides, because only it knows how recently
 //! its holder was heard from: [`Registry::yield_to`] applies the `id_conflict` rule there and, if the newcomer
 //! may have the id, lets it go with the nonces it displaced; the newcomer's node then admits it with
@@ -24,6 +29,26 @@ pub(super) struct Remote {
     node: Arc<str>,
     epoch: u64,
     pub(super) suspect: bool,
+}
+
+/// One id's share of its node's digest: the first 32 bits of SHA-1(`client:epoch`, the epoch in ASCII decimal).
+/// A node's digest is the XOR of its ids' shares, so it changes in O(1) per change, and two views of a node agree
+/// exactly when they hold the same sessions (but for a chance of 2^-32). Redis's scripts compute the same with
+/// `redis.sha1hex`.
+pub fn digest_of(client: &str, epoch: u64) -> u32 {
+    let mut h = sha1_smol::Sha1::new();
+    h.update(client.as_bytes());
+    h.update(b":");
+    h.update(epoch.to_string().as_bytes());
+    let b = h.digest().bytes();
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+}
+
+/// What the view holds of one node: how many ids, and the XOR of their [`digest_of`] shares.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodeDigest {
+    pub ids: usize,
+    pub xor: u32,
 }
 
 /// Another node's news that an id went offline.
@@ -61,6 +86,50 @@ impl Registry {
         self.remote.len()
     }
 
+    /// Each other node the view holds ids of, with their count and digest.
+    pub fn remote_digests(&self) -> impl Iterator<Item = (&str, NodeDigest)> {
+        self.remote_digests.iter().map(|(n, d)| (&**n, *d))
+    }
+
+    /// The ids the view holds on `node`, with their epochs (a scan of every remote id: for a repair, not per
+    /// message).
+    pub fn remote_ids_of(&self, node: &str) -> Vec<(String, u64)> {
+        self.remote.iter().filter(|(_, r)| &*r.node == node).map(|(id, r)| (id.clone(), r.epoch)).collect()
+    }
+
+    /// A remote entry for `node`, sharing the node's name with the other entries of that node.
+    fn remote_entry(&self, node: &str, epoch: u64) -> Remote {
+        let node = self.remote_digests.get_key_value(node).map_or_else(|| node.into(), |(n, _)| n.clone());
+        Remote { node, epoch, suspect: false }
+    }
+
+    /// Insert or replace `client`'s remote entry, keeping the digests.
+    pub(super) fn remote_put(&mut self, client: &str, r: Remote) {
+        self.flip(&r.node, client, r.epoch, true);
+        if let Some(old) = self.remote.insert(client.into(), r) {
+            self.flip(&old.node, client, old.epoch, false);
+        }
+    }
+
+    /// Remove `client`'s remote entry, keeping the digests.
+    pub(super) fn remote_take(&mut self, client: &str) -> Option<Remote> {
+        let r = self.remote.remove(client)?;
+        self.flip(&r.node, client, r.epoch, false);
+        Some(r)
+    }
+
+    fn flip(&mut self, node: &Arc<str>, client: &str, epoch: u64, added: bool) {
+        let d = self.remote_digests.entry(node.clone()).or_default();
+        d.xor ^= digest_of(client, epoch);
+        match added {
+            true => d.ids += 1,
+            false => d.ids -= 1,
+        }
+        if d.ids == 0 {
+            self.remote_digests.remove(node);
+        }
+    }
+
     /// The epoch of `client`'s session here, if it has one.
     pub fn local_epoch(&self, client: &str) -> Option<u64> {
         self.sessions.get(client).map(|s| s.epoch)
@@ -75,32 +144,41 @@ impl Registry {
     /// older epoch: the id moved away, and that connection must close with `takeover` (its end then announces
     /// nothing).
     pub fn remote_online(&mut self, client: &str, node: &str, epoch: u64) -> Option<ConnId> {
-        let fresh = || Remote { node: node.into(), epoch, suspect: false };
         if let Some(s) = self.sessions.get(client) {
             if s.epoch >= epoch {
                 return None;
             }
             let s = self.sessions.remove(client).expect("checked above");
-            self.remote.insert(client.into(), fresh());
+            let fresh = self.remote_entry(node, epoch);
+            self.remote_put(client, fresh);
             if s.suspect {
                 self.notify(client, PresenceState::Online, None, 0, 0);
             }
             return Some(s.conn);
         }
-        if let Some(r) = self.remote.get_mut(client) {
+        if let Some(r) = self.remote.get(client) {
             if r.epoch > epoch {
                 return None;
             }
             let was_suspect = r.suspect;
-            *r = fresh();
+            let fresh = self.remote_entry(node, epoch);
+            self.remote_put(client, fresh);
             if was_suspect {
                 self.notify(client, PresenceState::Online, None, 0, 0);
             }
             return None;
         }
+        // A session known to have ended (here, or as another node said) does not come back with a late message
+        // or a snapshot read before it ended. One declared lost with its node may: the node was cut off, not dead,
+        // and registers it again under the same epoch when it is back.
+        let ended = |g: &Gone| g.epoch > epoch || (g.epoch == epoch && g.reason != CloseReason::NodeLost);
+        if self.pending.get(client).is_some_and(|p| ended(&p.gone)) || self.gone.get(client).is_some_and(ended) {
+            return None;
+        }
         let came_back = self.cancel_pending(client);
         self.forget_gone(client);
-        self.remote.insert(client.into(), fresh());
+        let fresh = self.remote_entry(node, epoch);
+        self.remote_put(client, fresh);
         if !came_back {
             self.notify(client, PresenceState::Online, None, 0, 0);
         }
@@ -128,7 +206,7 @@ impl Registry {
         if self.remote.get(client).is_none_or(|r| r.epoch > off.epoch) {
             return;
         }
-        self.remote.remove(client);
+        self.remote_take(client);
         let last_seen = now.checked_sub(off.last_seen_ago).unwrap_or(now);
         let gone =
             Gone { epoch: off.epoch, reason: off.reason, by_client: off.by_client, last_seen, left: now, seq: 0 };
@@ -172,7 +250,8 @@ impl Registry {
         if held_by != nonce {
             displaced.insert(held_by, now);
         }
-        self.remote.insert(client.into(), Remote { node: node.into(), epoch, suspect: false });
+        let placeholder = self.remote_entry(node, epoch);
+        self.remote_put(client, placeholder);
         if suspect {
             self.notify(client, PresenceState::Online, None, 0, 0);
         }

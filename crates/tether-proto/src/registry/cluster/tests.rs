@@ -1,6 +1,8 @@
 //! Cluster presence and hand-over, with registries standing for nodes and explicit instants.
 
 use super::*;
+use std::collections::HashMap;
+
 use crate::registry::{Output, RegistryConfig, SessionEvent};
 
 fn ms(n: u64) -> Duration {
@@ -173,4 +175,53 @@ fn snapshots_include_ids_online_elsewhere() {
         snap,
         vec![(100, "here".into(), PresenceState::Online, None), (100, "there".into(), PresenceState::Suspect, None)]
     );
+}
+
+/// The view's digest of `node`, recomputed from scratch.
+fn recomputed(r: &Registry, node: &str) -> NodeDigest {
+    let ids = r.remote_ids_of(node);
+    NodeDigest { ids: ids.len(), xor: ids.iter().fold(0, |x, (id, e)| x ^ digest_of(id, *e)) }
+}
+
+#[test]
+fn each_nodes_digest_follows_every_change_of_the_view() {
+    let t = Instant::now();
+    let mut r = watching(t, &["*"]);
+    r.remote_online("a", "node-b", 1);
+    r.remote_online("b", "node-b", 2);
+    r.remote_online("c", "node-c", 3);
+    // A newer session moves "a" to node-c; "b" ends; "d" is handed to node-c by a local session here.
+    r.remote_online("a", "node-c", 4);
+    r.remote_offline(t, "b", off(2, CloseReason::Bye));
+    r.admit(t, "d", 9, 1, NEVER);
+    assert!(matches!(r.yield_to(t, "d", 10, "node-c", NEVER), Yield::Granted { .. }));
+    // And a remote id that moves here leaves the view.
+    r.admit_cluster(t, "c", 11, 2, 6, &[], NEVER);
+    let digests: HashMap<String, NodeDigest> = r.remote_digests().map(|(n, d)| (n.to_owned(), d)).collect();
+    assert_eq!(digests.len(), 1, "node-b holds nothing any more: {digests:?}");
+    assert_eq!(digests["node-c"], recomputed(&r, "node-c"));
+    assert_eq!(digests["node-c"].ids, 2);
+    // The share is the first 32 bits of SHA-1("a:4") (`printf a:4 | sha1sum`: 64b537c6...), as Redis's
+    // `redis.sha1hex` gives them.
+    assert_eq!(digest_of("a", 4), 0x64b5_37c6);
+}
+
+#[test]
+fn an_ended_session_does_not_come_back_but_a_lost_one_does() {
+    let t = Instant::now();
+    let mut r = watching(t, &["*"]);
+    r.remote_online("x", "node-b", 5);
+    r.remote_offline(t, "x", off(5, CloseReason::Bye));
+    told(&mut r);
+    // A late `online` for the session that ended (or a repair that read Redis before it ended) changes nothing.
+    r.remote_online("x", "node-b", 5);
+    assert_eq!(r.remote_holder("x"), None);
+    assert!(told(&mut r).is_empty());
+    // A node declared lost comes back and registers the same session again: it is online again.
+    r.remote_online("y", "node-c", 7);
+    r.remote_offline(t, "y", off(7, CloseReason::NodeLost));
+    told(&mut r);
+    r.remote_online("y", "node-c", 7);
+    assert_eq!(r.remote_holder("y"), Some(("node-c", 7)));
+    assert_eq!(told(&mut r), vec![(100, "y".into(), PresenceState::Online, None)]);
 }
