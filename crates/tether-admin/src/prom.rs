@@ -176,6 +176,12 @@ fn encode_cluster(c: &tether::cluster::ClusterSnapshot, enc: &mut DescriptorEnco
     let unpublished = "Publishes and releases not carried out (outbox full, or Redis failed); releases are made good \
                        by the next re-registration, relayed DATA is lost.";
     counter(enc, "tether_cluster_unpublished", unpublished, c.unpublished)?;
+    let shed = "Pub/sub messages shed because this node fell behind (its view is repaired from Redis after).";
+    counter(enc, "tether_cluster_shed", shed, c.shed)?;
+    let repairs = "Repairs of this node's view of other nodes' ids against Redis (join, reconnect, digest differed).";
+    counter(enc, "tether_cluster_repairs", repairs, c.repairs)?;
+    let repaired = "Ids those repairs changed: messages this node had missed.";
+    counter(enc, "tether_cluster_repaired_ids", repaired, c.repaired)?;
     histogram(enc, "tether_cluster_redis_rtt_seconds", "Lease renewal round trip to Redis.", &c.redis_rtt)?;
     let lag = "From a message's publication (the sender's clock) to its arrival here.";
     histogram(enc, "tether_cluster_pubsub_lag_seconds", lag, &c.pubsub_lag)

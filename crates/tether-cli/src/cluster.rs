@@ -49,6 +49,8 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
         let v = json!({
             "nodes": nodes, "sessions": sessions, "epoch": report.epoch, "redis_used_memory": report.redis_used_memory,
             "redis_rtt_ms": {"min": ms(rtt[0]), "median": ms(rtt[rtt.len() / 2]), "max": ms(rtt[rtt.len() - 1])},
+            "conflicts": report.conflicts.iter().map(|(node, what)| json!({"node": node, "detail": what}))
+                .collect::<Vec<_>>(),
         });
         crate::emit_line(&v.to_string());
         return Ok(ExitCode::SUCCESS);
@@ -78,6 +80,9 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
         human(rtt[0]),
         report.redis_used_memory as f64 / (1 << 20) as f64
     ));
+    for (node, what) in &report.conflicts {
+        out.push_str(&format!("\nwarning: node id {node}: a second process was refused in the last minute ({what})"));
+    }
     crate::emit_line(&out);
     Ok(ExitCode::SUCCESS)
 }

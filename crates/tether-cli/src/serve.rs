@@ -357,6 +357,7 @@ pub fn build_config(args: &Args, file: &FileConfig) -> anyhow::Result<ServerConf
     cfg.disconnect_history = pick!(args.disconnect_history, file.disconnect_history).unwrap_or(cfg.disconnect_history);
     if let Some(url) = pick!(args.cluster.clone(), file.cluster.clone()) {
         let mut cc = tether::ClusterConfig::new(url);
+        cc.check_url().map_err(|e| anyhow::anyhow!("--cluster {}: {e}", redacted(&cc.url)))?;
         if let Some(id) = pick!(args.node_id.clone(), file.node_id.clone()) {
             if id.is_empty() || id.contains('#') || id.len() > 64 {
                 bail!("--node-id {id:?}: 1 to 64 characters, no '#'");
@@ -482,19 +483,21 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             .name("events".into())
             .spawn(move || print_json(events))
             .context("starting the event printer")?;
-        server.run(shutdown).await?;
+        let ran = server.run(shutdown).await;
         stop_admin(admin).await;
         // The stream ends once the server's last handle is gone (the admin listener held one); the printer then
-        // writes what is left and stops. A reader that stalled for good must not keep the process alive: wait a
-        // bounded time.
+        // writes what is left and stops, also when the server stopped on an error (its `listening` line first). A
+        // reader that stalled for good must not keep the process alive: wait a bounded time.
         let printed = tokio::task::spawn_blocking(move || printer.join());
         let _ = tokio::time::timeout(Duration::from_secs(5), printed).await;
+        ran?;
     } else {
         // Human lines go through the log, whose writer never blocks: a task will do.
         let printer = tokio::spawn(log_events(events));
-        server.run(shutdown).await?;
+        let ran = server.run(shutdown).await;
         stop_admin(admin).await;
         let _ = tokio::time::timeout(Duration::from_secs(5), printer).await;
+        ran?;
     }
     Ok(ExitCode::SUCCESS)
 }

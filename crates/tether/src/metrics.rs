@@ -239,6 +239,11 @@ pub struct ClusterSnapshot {
     pub rejoins: u64,
     pub redis_errors: u64,
     pub unpublished: u64,
+    /// Pub/sub messages shed because the node fell behind (the view is repaired after).
+    pub shed: u64,
+    /// Repairs of the view of other nodes' ids, and the ids they changed (messages this node had missed).
+    pub repairs: u64,
+    pub repaired: u64,
 }
 
 #[cfg(test)]

@@ -163,25 +163,49 @@ impl Server {
         if let Some(every) = shared.cfg.stats_interval.filter(|d| !d.is_zero()) {
             helpers.push(tokio::spawn(stats_ticker(shared.clone(), every)));
         }
+        let node = shared.cluster.as_ref().map(|c| c.node_id().to_owned());
+        shared.emit(EventKind::Listening { addr: self.listener.local_addr()?, admin, node });
         if let Some(cluster) = &shared.cluster {
             let admin = admin.map(|a| a.to_string()).unwrap_or_default();
             cluster.set_addrs(self.listener.local_addr()?.to_string(), admin);
             let host: Arc<dyn crate::cluster::Host> = shared.clone();
             helpers.extend(cluster.start(host));
-            // Serve once the node sees the cluster; without Redis, after one lease, degraded.
-            if !cluster.wait_ready(cluster.lease()).await {
-                tracing::warn!("cluster: Redis unreachable at start; serving local clients only until it answers");
+            // Accept once the node sees the cluster (joined, its view complete); without Redis, after one lease,
+            // degraded. Connections wait in the listen queue meanwhile.
+            match cluster.wait_ready(cluster.lease()).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!("cluster: Redis unreachable at start; serving local clients only until it answers")
+                }
+                Err(why) => {
+                    for h in helpers {
+                        h.abort();
+                    }
+                    return Err(io::Error::other(format!("cannot join the cluster: {why}")));
+                }
             }
         }
-        let node = shared.cluster.as_ref().map(|c| c.node_id().to_owned());
-        shared.emit(EventKind::Listening { addr: self.listener.local_addr()?, admin, node });
         let mut bucket = shared.cfg.accept_rate.map(|r| TokenBucket::new(r, driver::now()));
         let mut reserve = Reserve::new();
         tokio::pin!(shutdown);
+        let cluster = shared.cluster.clone();
+        let fatal = async move {
+            match cluster {
+                Some(c) => c.wait_fatal().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(fatal);
+        let mut cannot_join = None;
         let mut backoff = Duration::from_millis(10);
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
+                why = &mut fatal => {
+                    tracing::error!("cluster: {why}; shutting down");
+                    cannot_join = Some(why);
+                    break;
+                }
                 Some(_) = tasks.join_next() => {}
                 r = self.listener.accept() => match r {
                     Ok((stream, peer)) => {
@@ -211,7 +235,10 @@ impl Server {
         for h in helpers {
             h.abort();
         }
-        Ok(())
+        match cannot_join {
+            Some(why) => Err(io::Error::other(format!("cannot join the cluster: {why}"))),
+            None => Ok(()),
+        }
     }
 
     /// Out of descriptors: free the reserved one, accept one waiting connection, tell it `busy` (a plain `BYE`

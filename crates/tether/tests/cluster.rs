@@ -178,3 +178,75 @@ async fn a_graceful_shutdown_leaves_the_cluster_at_once() {
     assert_eq!(redis.cli(&["ZCARD", "tether:nodes"]), "1");
     assert_eq!(redis.cli(&["EXISTS", "tether:id:dev"]), "0");
 }
+
+#[tokio::test]
+async fn redis_digest_per_node_equals_the_xor_of_its_ids_as_rust_computes_it() {
+    redis_or_skip!("digest");
+    let redis = Redis::start();
+    let (n1, n2) = (node(&redis, "n1").await, node(&redis, "n2").await);
+    let mut clients = Vec::new();
+    for i in 0..20u64 {
+        let n = if i % 2 == 0 { &n1 } else { &n2 };
+        clients.push(Client::connect(n.addr, client(&format!("d{i}:x"), i)).await.unwrap());
+    }
+    // A takeover across nodes and a goodbye change both digests.
+    let _moved = Client::connect(n2.addr, client("d0:x", 100)).await.unwrap();
+    let mut leaving = clients.pop().unwrap();
+    let _ = leaving.close().await;
+    let digest_in_redis = |node: &str| -> u32 {
+        let v = redis.cli(&["HGET", "tether:digest", node]);
+        v.parse::<i64>().map_or(0, |d| d as u32)
+    };
+    let digest_of_holders = |node: &str| -> u32 {
+        let keys = redis.cli(&["--scan", "--pattern", "tether:id:*"]);
+        keys.lines()
+            .filter(|k| !k.is_empty())
+            .filter(|k| redis.cli(&["HGET", k, "node"]) == node)
+            .map(|k| {
+                let epoch: u64 = redis.cli(&["HGET", k, "epoch"]).parse().unwrap();
+                tether::cluster::store::digest_of(k.trim_start_matches("tether:id:"), epoch)
+            })
+            .fold(0, |a, b| a ^ b)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while redis.cli(&["EXISTS", "tether:id:d19:x"]) != "0" {
+        assert!(std::time::Instant::now() < deadline, "the leaver was not released");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for n in ["n1", "n2"] {
+        assert_ne!(digest_of_holders(n), 0, "{n} holds ids");
+        assert_eq!(digest_in_redis(n), digest_of_holders(n), "{n}");
+    }
+    // n1's view of n2 holds what Redis says n2 holds: its odd devices but the leaver, and the moved one.
+    assert_eq!(n1.handle.metrics().cluster.unwrap().remote_sessions, 10);
+}
+
+#[tokio::test]
+async fn a_lie_in_a_nodes_view_is_found_by_the_checkpoints_and_repaired() {
+    redis_or_skip!("checkpoint repair");
+    let redis = Redis::start();
+    let (n1, n2) = (node(&redis, "n1").await, node(&redis, "n2").await);
+    let _real = Client::connect(n2.addr, client("real", 1)).await.unwrap();
+    let mut w = Client::connect(n1.addr, client("watcher", 2)).await.unwrap();
+    w.subscribe(vec!["ghost".into(), "real".into()]).await.unwrap();
+    let mut snapshot = vec![next_presence(&mut w).await, next_presence(&mut w).await];
+    snapshot.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+    assert_eq!(snapshot[0].state, PresenceState::Offline, "{snapshot:?}");
+    assert_eq!(snapshot[1].state, PresenceState::Online, "{snapshot:?}");
+    // A message no script published (so no state in Redis backs it): `ghost` online on n2, as the wire encodes
+    // it (`LEN:BYTES` fields: kind, sent ms, client, node, epoch).
+    let lie = "2:on13:17640000000005:ghost2:n21:9";
+    assert_eq!(redis.cli(&["PUBLISH", "tether:presence", lie]), "2");
+    let p = next_presence(&mut w).await;
+    assert_eq!((p.client_id.as_str(), p.state), ("ghost", PresenceState::Online));
+    let lied = std::time::Instant::now();
+    // n1's digest of n2 now differs from Redis's at every checkpoint (one per lease tick): two in a row, and n1
+    // reads n2's sessions and removes the ghost. `real` is left alone.
+    let p = next_presence(&mut w).await;
+    assert_eq!((p.client_id.as_str(), p.state), ("ghost", PresenceState::Offline));
+    let took = lied.elapsed();
+    assert!(took < Duration::from_secs(4), "repaired after {took:?}");
+    let c = n1.handle.metrics().cluster.unwrap();
+    assert_eq!((c.remote_sessions, c.repaired), (1, 1), "{c:?}");
+    println!("MEASURED a lie in a node's view (a ghost online) repaired {:.2}s after it arrived", took.as_secs_f64());
+}

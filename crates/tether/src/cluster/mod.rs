@@ -9,7 +9,7 @@
 //!   Redis and other nodes: `claim` when a `HELLO` is admitted, and methods that queue each message or release
 //!   for the outbox (`relay`, `deliver`, `kick`, `publish_suspect`, `release`, ...). No message is built outside
 //!   this module.
-//! - `tasks`: the four background tasks `Cluster::start` spawns:
+//! - `tasks`: the background tasks `Cluster::start` spawns:
 //!   - the **lease** task renews this node's lease every third of it, measures Redis's round trip, and, when
 //!     Redis comes back or the node was out of touch past its lease (hung, cut off: a zombie), rejoins as a new
 //!     incarnation and re-registers every local session (`Host::local_sessions`); the ones taken over
@@ -17,7 +17,12 @@
 //!   - the **reaper** looks for members whose lease ran out every [`REAP_EVERY`]; one node (a lock in Redis)
 //!     declares their sessions offline (`node_lost`), batch by batch;
 //!   - the **listener** holds the pub/sub connection (the presence channel and this node's inbox) and hands
-//!     each message to `Host::on_message`; after a reconnect it reloads who holds what;
+//!     each message to `Host::on_message`, through a bounded queue (what does not fit is shed, counted, and
+//!     repaired);
+//!   - the **repairer** reconciles this node's view of the other nodes' ids with Redis, adding and removing: in
+//!     full at join and after every pub/sub reconnect or shed message, and for the nodes whose digest differs at
+//!     two checkpoints in a row (the lease task publishes one to this node's inbox each tick, in order with every
+//!     ownership change), or that have had no live member for two leases;
 //!   - the **outbox** publishes and releases in the order the server queued them, so `DATA` from one sender to
 //!     one receiver arrives in order.
 //! - `Host`: what the cluster's tasks ask of the server (implemented by the server's shared state).
@@ -45,6 +50,7 @@ use tokio::sync::{mpsc, oneshot};
 pub use crate::metrics::ClusterSnapshot;
 use crate::metrics::{Histogram, LATENCY_BUCKETS};
 use store::{Claimed, Store};
+use tether_proto::registry::{NodeDigest, RemoteOffline};
 use wire::{AskAnswer, Msg, Stamped};
 
 /// How often every node looks for lost members.
@@ -53,6 +59,18 @@ pub const REAP_EVERY: Duration = Duration::from_millis(250);
 const REAP_BATCH: usize = 500;
 /// Operations waiting for the outbox; beyond it the node falls back to re-registering (see [`Cluster::queue`]).
 const OUTBOX: usize = 65_536;
+/// Pub/sub messages received and not handled yet; beyond it they are shed, counted, and the view repaired.
+const PUBSUB_QUEUE: usize = 65_536;
+/// Releases remembered for a retry when Redis did not confirm them; beyond it, other nodes' repairs correct the
+/// rest (without the reason).
+const UNCONFIRMED: usize = 65_536;
+
+/// The lease clock's stall threshold for a node with `lease`: a stretch longer than this in which Redis ran no
+/// lease script does not count against leases. Above the 250 ms between reaper scans, below the two thirds of a
+/// lease a renewal leaves.
+pub(crate) fn stall_gap(lease: Duration) -> Duration {
+    (lease / 3).clamp(Duration::from_millis(300), Duration::from_secs(1))
+}
 
 /// How to join a cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,6 +100,14 @@ impl ClusterConfig {
             redis_timeout: Duration::from_millis(500),
         }
     }
+
+    /// Whether the URL is a Redis URL, with the reason when it is not (the URL itself is not repeated: it may hold
+    /// a password).
+    pub fn check_url(&self) -> Result<(), String> {
+        redis::Client::open(self.url.as_str())
+            .map(drop)
+            .map_err(|e| format!("not a Redis URL ({e}); expected redis://[:PASSWORD@]HOST:PORT/DB"))
+    }
 }
 
 /// What the server does for the cluster tasks.
@@ -92,8 +118,6 @@ pub(crate) trait Host: Send + Sync + 'static {
     fn local_sessions(&self) -> Vec<(String, u64)>;
     /// A newer session on `node` holds `client`: close the local one of `epoch` with `takeover`.
     fn superseded(&self, client: &str, epoch: u64, node: &str, holder_epoch: u64);
-    /// Who holds what, reloaded after the listener reconnected.
-    fn reload(&self, holders: Vec<(String, String, u64)>);
     /// Redis became unreachable (`true`) or answers again (`false`).
     fn degraded(&self, degraded: bool, why: &str);
     /// This node reaped `count` sessions of the lost `node`.
@@ -106,6 +130,38 @@ pub(crate) trait Host: Send + Sync + 'static {
     /// Redis holds `client` for this node with the larger epoch `to` (a claim whose answer was lost): the local
     /// session of epoch `from` takes it.
     fn adopt_epoch(&self, client: &str, from: u64, to: u64);
+    /// Each other node the view holds ids of, with their count and digest.
+    fn view_digests(&self) -> Vec<(String, NodeDigest)>;
+    /// The ids the view holds on `node`, with their epochs.
+    fn view_of(&self, node: &str) -> Vec<(String, u64)>;
+    /// A repair begins: remember every id a message changes from now on, so that the repair (read before those
+    /// messages were applied) does not undo them.
+    fn repair_begin(&self);
+    /// Apply a repair, skipping ids changed since [`Host::repair_begin`]: `online` (client, node, epoch) first,
+    /// then `offline`. Returns how many ids it changed.
+    fn repair_apply(&self, online: Vec<(String, String, u64)>, offline: Vec<(String, RemoteOffline)>) -> usize;
+}
+
+/// A release Redis did not confirm: retried, by force, once Redis answers again.
+#[derive(Debug, Clone)]
+struct Unconfirmed {
+    epoch: u64,
+    reason: u8,
+    by_client: bool,
+    last_seen: Duration,
+}
+
+/// What the repairer has to do.
+#[derive(Debug, Default)]
+struct RepairState {
+    /// Reconcile every node (join, pub/sub reconnect, shed messages).
+    full: bool,
+    /// Reconcile these nodes.
+    nodes: std::collections::HashSet<String>,
+    /// Nodes whose digest differed at the last checkpoint.
+    differed: std::collections::HashSet<String>,
+    /// Nodes the view holds ids of with no live member in Redis, since when.
+    absent_since: HashMap<String, tokio::time::Instant>,
 }
 
 /// One operation for the outbox, carried out in queue order.
@@ -113,8 +169,11 @@ pub(crate) trait Host: Send + Sync + 'static {
 enum Op {
     /// `relay`: a relayed `DATA` (sender, target): when no node receives it, the sender is told `UNDELIVERABLE`.
     Publish { channel: String, msg: Vec<u8>, relay: Option<(String, String)> },
-    /// A local session ended (after the presence grace): forget it in Redis and publish `offline`.
-    Release { client: String, epoch: u64, reason: u8, by_client: bool, last_seen: Duration },
+    /// A local session ended (after the presence grace): forget it in Redis and publish `offline`. `force`: a
+    /// retry of one Redis did not confirm, announced even if Redis lost the id meanwhile.
+    Release { client: String, epoch: u64, reason: u8, by_client: bool, last_seen: Duration, force: bool },
+    /// A previous incarnation of this node leaves the table, after the releases queued before it.
+    Leave { inc: String },
 }
 
 /// Counters and histograms for the admin API and `/metrics`.
@@ -132,6 +191,11 @@ pub(crate) struct ClusterStats {
     pub redis_errors: AtomicU64,
     /// Operations (publishes, releases) that could not be carried out: the outbox was full, or Redis failed.
     pub unpublished: AtomicU64,
+    /// Pub/sub messages shed because the node fell behind (the view is then repaired).
+    pub shed: AtomicU64,
+    /// Repairs of the view run, and the ids they changed (each a message this node missed).
+    pub repairs: AtomicU64,
+    pub repaired: AtomicU64,
 }
 
 impl Default for ClusterStats {
@@ -148,6 +212,9 @@ impl Default for ClusterStats {
             rejoins: AtomicU64::new(0),
             redis_errors: AtomicU64::new(0),
             unpublished: AtomicU64::new(0),
+            shed: AtomicU64::new(0),
+            repairs: AtomicU64::new(0),
+            repaired: AtomicU64::new(0),
         }
     }
 }
@@ -186,6 +253,13 @@ pub struct Cluster {
     restart_listener: tokio::sync::Notify,
     /// The outbox is sending a batch (for a graceful leave, which waits for it).
     outbox_busy: AtomicBool,
+    /// Releases Redis did not confirm, retried by the next re-registration.
+    unconfirmed: Mutex<HashMap<String, Unconfirmed>>,
+    repair: Mutex<RepairState>,
+    repair_wake: tokio::sync::Notify,
+    /// Why this node cannot be part of the cluster at all (a configuration Redis refuses, or its node id held by
+    /// another live process at start): the server does not start.
+    fatal: Mutex<Option<String>>,
 }
 
 pub(crate) fn unix_ms() -> u64 {
@@ -225,6 +299,10 @@ impl Cluster {
             heard_ms: AtomicU64::new(unix_ms()),
             restart_listener: tokio::sync::Notify::new(),
             outbox_busy: AtomicBool::new(false),
+            unconfirmed: Mutex::new(HashMap::new()),
+            repair: Mutex::new(RepairState::default()),
+            repair_wake: tokio::sync::Notify::new(),
+            fatal: Mutex::new(None),
         })
     }
 
@@ -262,23 +340,52 @@ impl Cluster {
             rejoins: n(&s.rejoins),
             redis_errors: n(&s.redis_errors),
             unpublished: n(&s.unpublished),
+            shed: n(&s.shed),
+            repairs: n(&s.repairs),
+            repaired: n(&s.repaired),
         }
     }
 
-    /// Wait until the node has joined and listens to the cluster, at most `patience`. False when it did not (Redis
-    /// unreachable: the node serves degraded meanwhile).
-    pub async fn wait_ready(&self, patience: Duration) -> bool {
+    /// Wait until the node has joined and its view of the cluster is complete, at most `patience`. `Ok(false)` when
+    /// it did not (Redis unreachable: the node serves degraded meanwhile); `Err` when it cannot join at all (Redis
+    /// refuses the configuration, or another live process holds this node id).
+    pub async fn wait_ready(&self, patience: Duration) -> Result<bool, String> {
         let ready = || self.joined.load(Ordering::Acquire) && self.listening.load(Ordering::Acquire);
         let waiting = async {
             loop {
                 let notified = self.ready.notified();
+                if let Some(why) = self.fatal.lock().expect("fatal lock").clone() {
+                    return Err(why);
+                }
                 if ready() {
-                    return;
+                    return Ok(());
                 }
                 notified.await;
             }
         };
-        tokio::time::timeout(patience, waiting).await.is_ok()
+        match tokio::time::timeout(patience, waiting).await {
+            Ok(Ok(())) => Ok(true),
+            Ok(Err(why)) => Err(why),
+            Err(_) => Ok(false),
+        }
+    }
+
+    /// Resolves when the node finds it cannot be part of the cluster at all (see [`Cluster::wait_ready`]), with
+    /// why: also after start, when Redis could not be reached at first.
+    pub async fn wait_fatal(&self) -> String {
+        loop {
+            let notified = self.ready.notified();
+            if let Some(why) = self.fatal.lock().expect("fatal lock").clone() {
+                return why;
+            }
+            notified.await;
+        }
+    }
+
+    /// This node cannot join (see [`Cluster::wait_ready`]).
+    fn set_fatal(&self, why: String) {
+        *self.fatal.lock().expect("fatal lock") = Some(why);
+        self.ready.notify_waiters();
     }
 
     fn set_ready(&self, flag: &AtomicBool) {
@@ -303,7 +410,7 @@ impl Cluster {
     fn failed(&self, host: &dyn Host, e: &redis::RedisError) {
         self.stats.redis_errors.fetch_add(1, Ordering::Relaxed);
         if !self.degraded.swap(true, Ordering::AcqRel) {
-            host.degraded(true, &e.to_string());
+            host.degraded(true, &describe(e));
         }
         self.resync.store(true, Ordering::Relaxed);
         *self.store.lock().expect("store lock") = None;
@@ -381,12 +488,87 @@ impl Cluster {
     fn queue(&self, op: Op) -> bool {
         match self.out.try_send(op) {
             Ok(()) => true,
-            Err(_) => {
+            Err(e) => {
                 self.stats.unpublished.fetch_add(1, Ordering::Relaxed);
                 self.resync.store(true, Ordering::Relaxed);
+                self.unconfirmed(e.into_inner());
                 false
             }
         }
+    }
+
+    /// `op` was not carried out: a release is remembered for a retry (by force: Redis may have lost the id).
+    fn unconfirmed(&self, op: Op) {
+        if let Op::Release { client, epoch, reason, by_client, last_seen, .. } = op {
+            let mut u = self.unconfirmed.lock().expect("unconfirmed lock");
+            if u.len() < UNCONFIRMED || u.contains_key(&client) {
+                u.insert(client, Unconfirmed { epoch, reason, by_client, last_seen });
+            }
+        }
+    }
+
+    /// The checkpoint published by the lease task arrived, after every ownership change before it: compare each
+    /// live node's digest with this node's view. A node that differs at two checkpoints in a row (one may catch a
+    /// change this node made itself and has not heard back yet), or that has had ids in the view and no live
+    /// member for two leases, is repaired.
+    fn checkpoint(&self, host: &dyn Host, nodes: Vec<wire::CheckpointNode>) {
+        let me = self.cfg.node_id.as_str();
+        let view: HashMap<String, NodeDigest> = host.view_digests().into_iter().collect();
+        // A node may have two live members for a moment (its previous incarnation): synced only if both are.
+        let mut live: HashMap<String, (bool, u32)> = HashMap::new();
+        for n in nodes.into_iter().filter(|n| n.node != me) {
+            let e = live.entry(n.node).or_insert((true, n.digest));
+            e.0 &= n.synced;
+        }
+        let now = tokio::time::Instant::now();
+        let mut st = self.repair.lock().expect("repair lock");
+        let mut differed = std::collections::HashSet::new();
+        let mut wake = false;
+        for (node, (synced, digest)) in &live {
+            st.absent_since.remove(node);
+            let mine = view.get(node).map_or(0, |d| d.xor);
+            if !synced || mine == *digest {
+                continue;
+            }
+            if st.differed.contains(node) {
+                wake |= st.nodes.insert(node.clone());
+            } else {
+                differed.insert(node.clone());
+            }
+        }
+        st.differed = differed;
+        let absent_for = self.cfg.lease * 2;
+        for node in view.keys().filter(|n| !live.contains_key(*n) && *n != me) {
+            let since = *st.absent_since.entry(node.clone()).or_insert(now);
+            if now.duration_since(since) >= absent_for {
+                wake |= st.nodes.insert(node.clone());
+            }
+        }
+        st.absent_since.retain(|n, _| view.contains_key(n));
+        drop(st);
+        if wake {
+            self.repair_wake.notify_one();
+        }
+    }
+
+    /// Wait until the outbox has sent everything queued so far, at most `patience`.
+    async fn outbox_idle(&self, patience: Duration) {
+        let deadline = tokio::time::Instant::now() + patience;
+        let pending = || self.out.capacity() < self.out.max_capacity() || self.outbox_busy.load(Ordering::Acquire);
+        while pending() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A previous incarnation of this node leaves, in the outbox's order.
+    fn queue_leave(&self, inc: String) {
+        self.queue(Op::Leave { inc });
+    }
+
+    /// Reconcile the whole view with Redis (join, pub/sub reconnect, shed messages).
+    fn repair_all(&self) {
+        self.repair.lock().expect("repair lock").full = true;
+        self.repair_wake.notify_one();
     }
 
     /// Publish `msg` to `node`'s inbox.
@@ -427,8 +609,8 @@ impl Cluster {
         by_client: bool,
         silent: Duration,
     ) {
-        let op = Op::Release { client: client.into(), epoch, reason: reason.code(), by_client, last_seen: silent };
-        self.queue(op);
+        let (reason, last_seen) = (reason.code(), silent);
+        self.queue(Op::Release { client: client.into(), epoch, reason, by_client, last_seen, force: false });
     }
 
     /// `DATA` from the server application for `client`, held on `node`. False when it could not be queued.
@@ -466,11 +648,7 @@ impl Cluster {
     /// most `patience`, then take this node out of the table. Whatever is still registered is declared lost at
     /// once instead of after the lease.
     pub async fn leave(&self, patience: Duration) {
-        let deadline = tokio::time::Instant::now() + patience;
-        let pending = || self.out.capacity() < self.out.max_capacity() || self.outbox_busy.load(Ordering::Acquire);
-        while pending() && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        self.outbox_idle(patience).await;
         let Some(store) = self.store() else { return };
         match store.leave(&self.cfg.node_id, &self.incarnation()).await {
             Ok(n) => tracing::info!("cluster: left ({n} sessions still registered were declared lost)"),
@@ -491,6 +669,40 @@ impl Cluster {
     }
 }
 
+/// What went wrong with Redis, in words an operator acts on.
+pub(crate) fn describe(e: &redis::RedisError) -> String {
+    match problem(e) {
+        Problem::Config(why) => why,
+        Problem::OutOfMemory => format!("Redis is out of memory (maxmemory reached; it refuses writes): {e}"),
+        Problem::Unreachable => format!("Redis is unreachable: {e}"),
+    }
+}
+
+enum Problem {
+    /// Redis answers but refuses this node's configuration: a retry will not help.
+    Config(String),
+    OutOfMemory,
+    Unreachable,
+}
+
+fn problem(e: &redis::RedisError) -> Problem {
+    let text = e.to_string();
+    let code = e.code().unwrap_or("");
+    if matches!(e.kind(), redis::ErrorKind::AuthenticationFailed) || matches!(code, "NOAUTH" | "WRONGPASS") {
+        return Problem::Config(format!("Redis refused the credentials (check the password in the URL): {text}"));
+    }
+    if code == "NOPERM" {
+        return Problem::Config(format!("Redis refused a command for this user (ACL): {text}"));
+    }
+    if text.contains("DB index is out of range") || text.contains("invalid DB index") {
+        return Problem::Config(format!("Redis has no such database (the number after the port in the URL): {text}"));
+    }
+    if code == "OOM" || text.contains("OOM command not allowed") {
+        return Problem::OutOfMemory;
+    }
+    Problem::Unreachable
+}
+
 /// The cluster as Redis holds it, for `tether cluster status`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StatusReport {
@@ -501,6 +713,8 @@ pub struct StatusReport {
     pub redis_used_memory: u64,
     /// Five `PING` round trips, sorted.
     pub redis_rtts: Vec<Duration>,
+    /// Processes refused in the last minute because another live node holds their node id: node id, what.
+    pub conflicts: Vec<(String, String)>,
 }
 
 /// Read the cluster's state from the Redis at `url`.
@@ -517,10 +731,12 @@ pub async fn status(url: &str) -> redis::RedisResult<StatusReport> {
         redis_rtts.push(t0.elapsed());
     }
     redis_rtts.sort();
-    let nodes = Store::new(con.clone()).nodes().await?;
+    let store = Store::new(con.clone());
+    let nodes = store.nodes().await?;
+    let conflicts = store.conflicts().await?;
     let info: String = redis::cmd("INFO").arg("memory").query_async(&mut con).await?;
     let redis_used_memory =
         info.lines().find_map(|l| l.strip_prefix("used_memory:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
     let epoch: Option<u64> = redis::cmd("GET").arg("tether:epoch").query_async(&mut con).await?;
-    Ok(StatusReport { nodes, epoch: epoch.unwrap_or(0), redis_used_memory, redis_rtts })
+    Ok(StatusReport { nodes, epoch: epoch.unwrap_or(0), redis_used_memory, redis_rtts, conflicts })
 }

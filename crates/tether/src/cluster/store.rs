@@ -7,6 +7,13 @@
 //! - `nodes`: sorted set of members, scored by the end of their lease (Redis's clock, ms).
 //! - `node:{member}`: hash with what `tether cluster status` shows (node id, start time, addresses).
 //! - `reap:{member}`: the lock of the node that reaps a lost member.
+//! - `gone:{client}`: the tombstone a release leaves: `epoch:reason:by_client` of the session that ended, for
+//!   [`GONE_TTL`].
+//! - `digest`: hash, node id -> the XOR of [`digest_of`] over every id that node holds: what each node's view of
+//!   the others is checked against ([`CHECKPOINT`]).
+//! - `clock`: hash `last`, `skew`: the lease clock (Redis's clock less the time Redis answered no script, so that a
+//!   stalled Redis does not run leases out).
+//! - `conflict:{node}`: a process refused because another live process holds its node id (for a minute).
 //! - Channels: `presence` (every node listens) and `to:{node}` (one node's inbox).
 //!
 //! Every change of ownership happens in one script, and the scripts that change ownership publish the
@@ -33,7 +40,7 @@ pub fn info_key(member: &str) -> String {
     format!("{PREFIX}node:{member}")
 }
 
-/// The tombstone a release leaves: the epoch of the session that ended, for [`GONE_TTL`].
+/// The tombstone a release leaves: `epoch:reason:by_client` of the session that ended, for [`GONE_TTL`].
 pub fn gone_key(client: &str) -> String {
     format!("{PREFIX}gone:{client}")
 }
@@ -49,6 +56,16 @@ pub fn inbox(node: &str) -> String {
 pub const PRESENCE: &str = "tether:presence";
 const EPOCH: &str = "tether:epoch";
 const NODES: &str = "tether:nodes";
+const DIGEST: &str = "tether:digest";
+const CLOCK: &str = "tether:clock";
+
+/// Where a process refused for a node id another live process holds says so (for `tether cluster status`).
+pub fn conflict_key(node: &str) -> String {
+    format!("{PREFIX}conflict:{node}")
+}
+
+/// One id's share of its node's digest, as the Lua scripts compute it with `redis.sha1hex`.
+pub use tether_proto::registry::digest_of;
 
 /// The member name of a node incarnation in `nodes`.
 pub fn member(node: &str, inc: &str) -> String {
@@ -73,20 +90,45 @@ end
 local function ms_str(n)
   return string.format('%d', n)
 end
+-- The lease clock: Redis's clock less every stretch longer than `gap` ms in which no lease script ran (Redis
+-- stalled: paused, busy, swapping). Nodes run one every 250 ms, so such a stretch is Redis standing still, and
+-- leases must not run out through it.
+local function lease_now(gap)
+  local now = now_ms()
+  local c = redis.call('HMGET', 'tether:clock', 'last', 'skew')
+  local last = tonumber(c[1] or '0')
+  local skew = tonumber(c[2] or '0')
+  if last > 0 and now - last > tonumber(gap) then
+    skew = skew + (now - last)
+  end
+  redis.call('HSET', 'tether:clock', 'last', ms_str(now), 'skew', ms_str(skew))
+  return now - skew
+end
+-- Flip `id`'s share in `node`'s digest (added when it takes the id, removed when it loses it).
+local function digest_flip(node, id, epoch)
+  local share = tonumber(string.sub(redis.sha1hex(id .. ':' .. epoch), 1, 8), 16)
+  local d = tonumber(redis.call('HGET', 'tether:digest', node) or '0')
+  redis.call('HSET', 'tether:digest', node, string.format('%d', bit.bxor(d, share)))
+end
+-- The epoch of a tombstone (`epoch:reason:by`), or 0.
+local function gone_epoch(key)
+  return tonumber(string.match(redis.call('GET', key) or '0', '^%d+') or '0')
+end
 -- Forget the ids of `ids` that node incarnation `node`#`inc` still holds, and publish them in one `lost` message.
 local function declare_lost(node, inc, ids, now)
-  local msg = tok('lo') .. tok(ms_str(now)) .. tok(node)
+  local msg = {tok('lo'), tok(ms_str(now)), tok(node)}
   local n = 0
   for _, id in ipairs(ids) do
     local key = 'tether:id:' .. id
     local cur = redis.call('HMGET', key, 'node', 'inc', 'epoch')
     if cur[1] == node and cur[2] == inc then
       redis.call('DEL', key)
-      msg = msg .. tok(id) .. tok(cur[3])
+      digest_flip(node, id, cur[3])
+      msg[#msg + 1] = tok(id) .. tok(cur[3])
       n = n + 1
     end
   end
-  if n > 0 then redis.call('PUBLISH', 'tether:presence', msg) end
+  if n > 0 then redis.call('PUBLISH', 'tether:presence', table.concat(msg)) end
   return n
 end
 "#;
@@ -106,25 +148,37 @@ redis.call('SADD', KEYS[3], ARGV[1])
 if old[1] and (old[1] ~= ARGV[2] or old[2] ~= ARGV[3]) then
   redis.call('SREM', 'tether:node:' .. old[1] .. '#' .. old[2] .. ':ids', ARGV[1])
 end
+if old[3] then digest_flip(old[1], ARGV[1], old[3]) end
+digest_flip(ARGV[2], ARGV[1], ms_str(epoch))
 redis.call('PUBLISH', 'tether:presence', tok('on') .. tok(ms_str(now_ms())) .. tok(ARGV[1]) .. tok(ARGV[2])
   .. tok(ms_str(epoch)))
 return {epoch, old[1] or '', tonumber(old[3] or '0')}
 "#;
 
 /// A session ended: if the id is still held by this session (this node, this epoch: epochs are unique, the
-/// incarnation may have changed since), forget it, publish `offline`, and leave a tombstone with the epoch for
-/// `GONE_TTL` (so that a node out of touch meanwhile cannot register an older session of the id again). KEYS: id,
-/// tombstone. ARGV: client, node, epoch, reason code, by client (0/1), last seen ms ago, tombstone ttl ms.
-/// Returns 1 when it was still held.
+/// incarnation may have changed since), forget it, publish `offline`, and leave a tombstone (`epoch:reason:by`) for
+/// `GONE_TTL` (so that a node out of touch meanwhile cannot register an older session of the id again, and so that a
+/// node repairing its view knows how it ended). With `force` (a release retried after Redis was away: Redis may
+/// have restarted empty and lost the id), an id nobody holds whose tombstone is older is announced offline all the
+/// same. KEYS: id, tombstone. ARGV: client, node, epoch, reason code, by client (0/1), last seen ms ago, tombstone
+/// ttl ms, force (0/1). Returns 1 when it was still held, 2 when it was announced by force, 0 otherwise.
 const RELEASE: &str = r#"
 local cur = redis.call('HMGET', KEYS[1], 'node', 'inc', 'epoch')
+local function announce()
+  redis.call('SET', KEYS[2], ARGV[3] .. ':' .. ARGV[4] .. ':' .. ARGV[5], 'PX', ARGV[7])
+  redis.call('PUBLISH', 'tether:presence', tok('of') .. tok(ms_str(now_ms())) .. tok(ARGV[1]) .. tok(ARGV[3])
+    .. tok(ARGV[4]) .. tok(ARGV[5]) .. tok(ARGV[6]))
+end
 if cur[1] == ARGV[2] and tonumber(cur[3] or '-1') == tonumber(ARGV[3]) then
   redis.call('DEL', KEYS[1])
   redis.call('SREM', 'tether:node:' .. cur[1] .. '#' .. cur[2] .. ':ids', ARGV[1])
-  redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[7])
-  redis.call('PUBLISH', 'tether:presence', tok('of') .. tok(ms_str(now_ms())) .. tok(ARGV[1]) .. tok(ARGV[3])
-    .. tok(ARGV[4]) .. tok(ARGV[5]) .. tok(ARGV[6]))
+  digest_flip(cur[1], ARGV[1], cur[3])
+  announce()
   return 1
+end
+if ARGV[8] == '1' and not cur[3] and gone_epoch(KEYS[2]) < tonumber(ARGV[3]) then
+  announce()
+  return 2
 end
 return 0
 "#;
@@ -150,13 +204,15 @@ end
 if cur[3] and ce >= e then
   return {0, cur[1], ce}
 end
-local gone = tonumber(redis.call('GET', KEYS[4]) or '0')
+local gone = gone_epoch(KEYS[4])
 if not cur[3] and gone > e then
   return {0, '', gone}
 end
 if cur[1] and (cur[1] ~= ARGV[2] or cur[2] ~= ARGV[3]) then
   redis.call('SREM', 'tether:node:' .. cur[1] .. '#' .. cur[2] .. ':ids', ARGV[1])
 end
+if cur[3] then digest_flip(cur[1], ARGV[1], cur[3]) end
+digest_flip(ARGV[2], ARGV[1], ARGV[4])
 redis.call('HSET', KEYS[1], 'node', ARGV[2], 'inc', ARGV[3], 'epoch', ARGV[4])
 redis.call('SADD', KEYS[2], ARGV[1])
 if tonumber(redis.call('GET', KEYS[3]) or '0') < e then
@@ -171,27 +227,41 @@ return {1, '', e}
 
 /// Renew a node's lease, or join (`ARGV[3]` = 1). A renewal of a member that is no longer there (reaped), or whose
 /// lease has already run out (a reaper may be working on it), does nothing and says so: the node must rejoin as
-/// a new incarnation. KEYS: nodes, info hash, epoch. ARGV: member, lease ms, join (0/1), node id, started ms,
-/// listen address, admin address, epoch floor. Returns {now ms, 1 if the member is registered, members in the
-/// table}.
+/// a new incarnation. A join is refused while another member with the same node id holds a live lease (a second
+/// process started with a node id in use, or this node's previous life whose lease has not run out yet). Leases
+/// run on the lease clock. KEYS: nodes, info hash, epoch. ARGV: member, lease ms, join (0/1), node id, started ms,
+/// listen address, admin address, epoch floor, stall gap ms, synced (0/1: every local session is registered under
+/// this incarnation). Returns {lease clock ms, 1 if the member is registered (0 if not, -1 if the join was refused),
+/// members in the table, the live member with this node id that refused the join or '', its lease's end}.
 const LEASE: &str = r#"
-local now = now_ms()
+local now = lease_now(ARGV[9])
 local known = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if ARGV[3] ~= '1' and (not known or tonumber(known) < now) then
-  return {ms_str(now), 0, redis.call('ZCARD', KEYS[1])}
+  return {ms_str(now), 0, redis.call('ZCARD', KEYS[1]), '', 0}
+end
+if ARGV[3] == '1' then
+  local live = redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf', 'WITHSCORES')
+  local prefix = ARGV[4] .. '#'
+  for i = 1, #live, 2 do
+    local m = live[i]
+    if m ~= ARGV[1] and string.sub(m, 1, #prefix) == prefix and not string.find(m, '#', #prefix + 1, true) then
+      return {ms_str(now), -1, redis.call('ZCARD', KEYS[1]), m, tonumber(live[i + 1])}
+    end
+  end
 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 redis.call('HSET', KEYS[2], 'node', ARGV[4], 'started_ms', ARGV[5], 'addr', ARGV[6], 'admin', ARGV[7],
-  'lease_ms', ARGV[2])
+  'lease_ms', ARGV[2], 'synced', ARGV[10])
 if tonumber(redis.call('GET', KEYS[3]) or '0') < tonumber(ARGV[8]) then
   redis.call('SET', KEYS[3], ARGV[8])
 end
-return {ms_str(now), 1, redis.call('ZCARD', KEYS[1])}
+return {ms_str(now), 1, redis.call('ZCARD', KEYS[1]), '', 0}
 "#;
 
-/// A node leaves (graceful shutdown): out of the node table, its sets gone. Its sessions were released one by one
-/// as they said goodbye; any still registered (a goodbye that did not finish) are declared lost at once rather
-/// than after the lease. KEYS: nodes, info hash, ids set. ARGV: member, node, inc. Returns how many were left.
+/// A node leaves (graceful shutdown, or the previous incarnation of a node that rejoined): out of the node table,
+/// its sets gone. Its sessions were released one by one as they said goodbye; any still registered (a goodbye
+/// that did not finish) are declared lost at once rather than after the lease. KEYS: nodes, info hash, ids set.
+/// ARGV: member, node, inc. Returns how many were left.
 const LEAVE: &str = r#"
 local n = declare_lost(ARGV[2], ARGV[3], redis.call('SMEMBERS', KEYS[3]), now_ms())
 redis.call('ZREM', KEYS[1], ARGV[1])
@@ -199,27 +269,45 @@ redis.call('DEL', KEYS[2], KEYS[3])
 return n
 "#;
 
-/// Members whose lease has run out. KEYS: nodes.
+/// Members whose lease has run out, on the lease clock. KEYS: nodes. ARGV: stall gap ms.
 const EXPIRED: &str = r#"
-return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now_ms())
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. lease_now(ARGV[1]))
 "#;
 
 /// Reap up to a batch of a lost member's sessions: each id it still holds is forgotten and listed in one
-/// `lost` message. KEYS: nodes, the member's ids set, its info hash. ARGV: member, node, inc, batch size.
-/// Returns {reaped, done}: done is 1 when the member is gone (reaped whole, or reaped by another node), -1 when
-/// it renewed its lease meanwhile (it came back: stop).
+/// `lost` message. KEYS: nodes, the member's ids set, its info hash. ARGV: member, node, inc, batch size, stall
+/// gap ms. Returns {reaped, done}: done is 1 when the member is gone (reaped whole, or reaped by another node), -1
+/// when it renewed its lease meanwhile (it came back: stop).
 const REAP: &str = r#"
-local now = now_ms()
+local now = lease_now(ARGV[5])
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if not score then return {0, 1} end
 if tonumber(score) >= now then return {0, -1} end
-local n = declare_lost(ARGV[2], ARGV[3], redis.call('SPOP', KEYS[2], tonumber(ARGV[4])), now)
+local n = declare_lost(ARGV[2], ARGV[3], redis.call('SPOP', KEYS[2], tonumber(ARGV[4])), now_ms())
 if redis.call('SCARD', KEYS[2]) == 0 then
   redis.call('ZREM', KEYS[1], ARGV[1])
   redis.call('DEL', KEYS[3])
   return {n, 1}
 end
 return {n, 0}
+"#;
+
+/// A checkpoint in the stream of ownership changes: publish to one node's inbox, in the same order as every
+/// `online`, `offline` and `lost` (each published by the script that made the change), every live member's node
+/// id, whether it is synced, and its node's digest. A node that has applied every message before the checkpoint
+/// holds exactly these digests; one that does not has missed something. KEYS: nodes, digest. ARGV: the inbox,
+/// stall gap ms. Returns the number of live members.
+const CHECKPOINT: &str = r#"
+local now = lease_now(ARGV[2])
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')
+local msg = {tok('ck'), tok(ms_str(now_ms()))}
+for _, m in ipairs(live) do
+  local info = redis.call('HMGET', 'tether:node:' .. m, 'node', 'synced')
+  local node = info[1] or string.match(m, '^(.*)#[^#]*$') or m
+  msg[#msg + 1] = tok(node) .. tok(info[2] or '0') .. tok(redis.call('HGET', KEYS[2], node) or '0')
+end
+redis.call('PUBLISH', ARGV[1], table.concat(msg))
+return #live
 "#;
 
 /// The scripts, loaded once per process (their SHA1 is what travels after the first call).
@@ -231,6 +319,7 @@ pub struct Scripts {
     expired: Script,
     reap: Script,
     leave: Script,
+    checkpoint: Script,
 }
 
 impl Default for Scripts {
@@ -244,6 +333,7 @@ impl Default for Scripts {
             expired: s(EXPIRED),
             reap: s(REAP),
             leave: s(LEAVE),
+            checkpoint: s(CHECKPOINT),
         }
     }
 }
@@ -267,6 +357,17 @@ pub enum Registered {
         node: String,
         epoch: u64,
     },
+}
+
+/// What a lease renewal found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Leased {
+    /// Renewed (or joined); `members` in the table.
+    Renewed { members: u64 },
+    /// The member is not registered, or its lease ran out: rejoin as a new incarnation.
+    Unknown { members: u64 },
+    /// The join was refused: `member`, with the same node id, holds a live lease until `lease_end` (lease clock).
+    Refused { member: String, lease_end: u64 },
 }
 
 /// One node's view of the cluster, for `tether cluster status` and the admin API.
@@ -317,14 +418,16 @@ impl Store {
     pub async fn load_scripts(&self) -> RedisResult<()> {
         let mut con = self.con.clone();
         let s = &self.scripts;
-        for script in [&s.claim, &s.release, &s.register, &s.lease, &s.expired, &s.reap, &s.leave] {
+        for script in [&s.claim, &s.release, &s.register, &s.lease, &s.expired, &s.reap, &s.leave, &s.checkpoint] {
             script.load_async(&mut con).await?;
         }
         Ok(())
     }
 
     /// The release script as one command for a pipeline: a session of `node` ended; if it still holds `client`,
-    /// forget it and publish `offline`. Needs [`Store::load_scripts`].
+    /// forget it and publish `offline` (with `force`, also when nobody holds it and its tombstone is older). Needs
+    /// [`Store::load_scripts`].
+    #[allow(clippy::too_many_arguments)]
     pub fn release_cmd(
         &self,
         client: &str,
@@ -333,6 +436,7 @@ impl Store {
         reason: u8,
         by_client: bool,
         last_seen: Duration,
+        force: bool,
     ) -> redis::Cmd {
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(self.scripts.release.get_hash())
@@ -345,8 +449,64 @@ impl Store {
             .arg(reason)
             .arg(u8::from(by_client))
             .arg(last_seen.as_millis().min(u32::MAX as u128) as u64)
-            .arg(GONE_TTL.as_millis() as u64);
+            .arg(GONE_TTL.as_millis() as u64)
+            .arg(u8::from(force));
         cmd
+    }
+
+    /// The leave script as one command for a pipeline (a previous incarnation of this node).
+    pub fn leave_cmd(&self, node: &str, inc: &str) -> redis::Cmd {
+        let m = member(node, inc);
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.scripts.leave.get_hash()).arg(3).arg(NODES).arg(info_key(&m)).arg(ids_key(&m));
+        cmd.arg(&m).arg(node).arg(inc);
+        cmd
+    }
+
+    /// Where `member` says it listens.
+    pub async fn addr_of(&self, member: &str) -> RedisResult<String> {
+        let mut con = self.con.clone();
+        let addr: Option<String> = con.hget(info_key(member), "addr").await?;
+        Ok(addr.unwrap_or_default())
+    }
+
+    /// Note, for a minute, that a process listening on `addr` was refused node id `node`, held by `holder`.
+    pub async fn note_conflict(&self, node: &str, addr: &str, holder: &str) -> RedisResult<()> {
+        let mut con = self.con.clone();
+        let what = format!("{addr} refused: {holder} holds the node id");
+        redis::cmd("SET").arg(conflict_key(node)).arg(what).arg("PX").arg(60_000).query_async(&mut con).await
+    }
+
+    /// The refusals noted in the last minute: node id, what happened.
+    pub async fn conflicts(&self) -> RedisResult<Vec<(String, String)>> {
+        let mut con = self.con.clone();
+        let prefix = conflict_key("");
+        let mut keys = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{prefix}*"))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut con)
+                .await?;
+            keys.extend(batch);
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        let mut out = Vec::new();
+        for k in keys {
+            let v: Option<String> = con.get(&k).await?;
+            if let Some(v) = v {
+                out.push((k[prefix.len()..].to_owned(), v));
+            }
+        }
+        out.sort();
+        Ok(out)
     }
 
     /// Leave the cluster (graceful shutdown); how many sessions were still registered.
@@ -404,8 +564,8 @@ impl Store {
         Ok(node.zip(epoch))
     }
 
-    /// Renew (or, with `join`, create) the lease. Returns Redis's clock, whether the member is registered, and how
-    /// many members the table holds.
+    /// Renew (or, with `join`, create) the lease; `synced` says every local session is registered under this
+    /// incarnation. `gap` is the stall threshold of the lease clock.
     #[allow(clippy::too_many_arguments)]
     pub async fn lease(
         &self,
@@ -414,13 +574,14 @@ impl Store {
         lease: Duration,
         join: bool,
         started_ms: u64,
-        addr: &str,
-        admin: &str,
+        addrs: (&str, &str),
         epoch_floor: u64,
-    ) -> RedisResult<(u64, bool, u64)> {
+        gap: Duration,
+        synced: bool,
+    ) -> RedisResult<Leased> {
         let mut con = self.con.clone();
         let m = member(node, inc);
-        let (now, known, members): (String, u8, u64) = self
+        let (_now, known, members, other, other_end): (String, i8, u64, String, u64) = self
             .scripts
             .lease
             .key(NODES)
@@ -431,18 +592,69 @@ impl Store {
             .arg(u8::from(join))
             .arg(node)
             .arg(started_ms)
-            .arg(addr)
-            .arg(admin)
+            .arg(addrs.0)
+            .arg(addrs.1)
             .arg(epoch_floor)
+            .arg(gap.as_millis() as u64)
+            .arg(u8::from(synced))
             .invoke_async(&mut con)
             .await?;
-        Ok((now.parse().unwrap_or(0), known == 1, members))
+        Ok(match known {
+            1 => Leased::Renewed { members },
+            0 => Leased::Unknown { members },
+            _ => Leased::Refused { member: other, lease_end: other_end },
+        })
     }
 
     /// Members whose lease ran out.
-    pub async fn expired(&self) -> RedisResult<Vec<String>> {
+    pub async fn expired(&self, gap: Duration) -> RedisResult<Vec<String>> {
         let mut con = self.con.clone();
-        self.scripts.expired.key(NODES).invoke_async(&mut con).await
+        self.scripts.expired.key(NODES).arg(gap.as_millis() as u64).invoke_async(&mut con).await
+    }
+
+    /// Publish a checkpoint to `node`'s inbox (see [`CHECKPOINT`]).
+    pub async fn checkpoint(&self, node: &str, gap: Duration) -> RedisResult<u64> {
+        let mut con = self.con.clone();
+        let mut ck = self.scripts.checkpoint.prepare_invoke();
+        ck.key(NODES).key(DIGEST).arg(inbox(node)).arg(gap.as_millis() as u64);
+        ck.invoke_async(&mut con).await
+    }
+
+    /// Every live member's node id, incarnation and whether it is synced (for a repair of this node's view).
+    pub async fn live_members(&self) -> RedisResult<Vec<(String, String, bool)>> {
+        let mut con = self.con.clone();
+        let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut con).await?;
+        let skew: Option<u64> = con.hget(CLOCK, "skew").await?;
+        let now = (secs * 1000 + micros / 1000).saturating_sub(skew.unwrap_or(0));
+        let live: Vec<String> = con.zrangebyscore(NODES, now, "+inf").await?;
+        let mut out = Vec::with_capacity(live.len());
+        for m in live {
+            let synced: Option<String> = con.hget(info_key(&m), "synced").await?;
+            let (node, inc) = m.rsplit_once('#').unwrap_or((&m, ""));
+            out.push((node.to_owned(), inc.to_owned(), synced.as_deref() == Some("1")));
+        }
+        Ok(out)
+    }
+
+    /// The tombstones of `ids`: (epoch, reason code, by client) of the session that ended last, if remembered.
+    pub async fn tombstones(&self, ids: &[String]) -> RedisResult<Vec<Option<(u64, u8, bool)>>> {
+        let mut con = self.con.clone();
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(1000) {
+            let mut pipe = redis::pipe();
+            for id in chunk {
+                pipe.get(gone_key(id));
+            }
+            let rows: Vec<Option<String>> = pipe.query_async(&mut con).await?;
+            out.extend(rows.into_iter().map(|v| {
+                let v = v?;
+                let mut f = v.split(':');
+                let epoch = f.next()?.parse().ok()?;
+                let reason = f.next().and_then(|r| r.parse().ok()).unwrap_or(0);
+                Some((epoch, reason, f.next() == Some("1")))
+            }));
+        }
+        Ok(out)
     }
 
     /// Take the lock for reaping `member` (held for `hold`); true when this node got it.
@@ -460,7 +672,7 @@ impl Store {
     }
 
     /// One batch of reaping: (ids declared lost, done: 1 gone, 0 more to do, -1 it came back).
-    pub async fn reap(&self, member: &str, batch: usize) -> RedisResult<(u64, i8)> {
+    pub async fn reap(&self, member: &str, batch: usize, gap: Duration) -> RedisResult<(u64, i8)> {
         let mut con = self.con.clone();
         let (node, inc) = member.rsplit_once('#').unwrap_or((member, ""));
         self.scripts
@@ -472,6 +684,7 @@ impl Store {
             .arg(node)
             .arg(inc)
             .arg(batch)
+            .arg(gap.as_millis() as u64)
             .invoke_async(&mut con)
             .await
     }
@@ -486,7 +699,8 @@ impl Store {
     pub async fn nodes(&self) -> RedisResult<Vec<NodeStatus>> {
         let mut con = self.con.clone();
         let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut con).await?;
-        let now = secs * 1000 + micros / 1000;
+        let skew: Option<u64> = con.hget(CLOCK, "skew").await?;
+        let now = (secs * 1000 + micros / 1000).saturating_sub(skew.unwrap_or(0));
         let members: Vec<(String, f64)> = con.zrange_withscores(NODES, 0, -1).await?;
         let mut out = Vec::with_capacity(members.len());
         for (m, deadline) in members {
@@ -505,38 +719,5 @@ impl Store {
             });
         }
         Ok(out)
-    }
-
-    /// Every held id with its node and epoch (a node that lost its view reloads it). `SCAN`, batch by batch.
-    pub async fn holders(&self) -> RedisResult<Vec<(String, String, u64)>> {
-        let mut con = self.con.clone();
-        let mut cursor: u64 = 0;
-        let mut out = Vec::new();
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(format!("{PREFIX}id:*"))
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut con)
-                .await?;
-            if !keys.is_empty() {
-                let mut pipe = redis::pipe();
-                for k in &keys {
-                    pipe.cmd("HMGET").arg(k).arg("node").arg("epoch");
-                }
-                let rows: Vec<(Option<String>, Option<u64>)> = pipe.query_async(&mut con).await?;
-                for (k, (node, epoch)) in keys.iter().zip(rows) {
-                    if let (Some(node), Some(epoch)) = (node, epoch) {
-                        out.push((k[PREFIX.len() + 3..].to_owned(), node, epoch));
-                    }
-                }
-            }
-            cursor = next;
-            if cursor == 0 {
-                return Ok(out);
-            }
-        }
     }
 }

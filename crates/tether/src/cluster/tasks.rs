@@ -1,13 +1,15 @@
-//! The cluster's four background tasks, spawned by [`Cluster::start`] and run until the server stops.
+//! The cluster's five background tasks, spawned by [`Cluster::start`] and run until the server stops.
 //!
 //! # Layout
 //! - [`lease`]: renews this node's lease every third of it, measures Redis's round trip, rejoins as a new
-//!   incarnation when the node was declared lost or out of touch past its lease, and re-registers every local
-//!   session when asked to (`resync`): after a rejoin, a reconnect, or an operation that could not be carried out.
+//!   incarnation when the node was declared lost or out of touch past its lease, re-registers every local
+//!   session when asked to (`resync`: after a rejoin, a reconnect, or an operation that could not be carried out),
+//!   retries the releases Redis did not confirm, and publishes a checkpoint to this node's inbox.
 //! - [`reaper`]: looks for members whose lease ran out; the node that takes a member's lock declares its sessions
 //!   offline (`node_lost`), batch by batch.
-//! - [`listener`]: holds the pub/sub connection and hands each message to [`Host::on_message`]; after each
-//!   (re)connect it reloads who holds what.
+//! - [`listener`]: holds the pub/sub connection and hands each message to [`Host::on_message`] through a bounded
+//!   queue; after each (re)connect, and when it shed messages, it asks for a full repair.
+//! - [`repairer`]: reconciles the view of other nodes' ids with Redis when asked (see [`Cluster::checkpoint`]).
 //! - [`outbox`]: carries out queued publishes and releases in queue order, each batch in one pipeline.
 //!
 //! # Rules
@@ -22,45 +24,64 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
-use super::store::{self, Registered, Store};
+use super::store::{self, Leased, Registered, Store};
 use super::wire::Msg;
-use super::{new_inc, unix_ms, Cluster, Host, Op, REAP_BATCH, REAP_EVERY};
+use super::{new_inc, problem, stall_gap, unix_ms, Cluster, Host, Op, Problem, PUBSUB_QUEUE, REAP_BATCH, REAP_EVERY};
+use tether_proto::registry::RemoteOffline;
+use tether_proto::CloseReason;
 
 impl Cluster {
-    /// Spawn the lease, reaper, listener and outbox tasks. They run until the returned handles are aborted.
+    /// Spawn the lease, reaper, listener, repairer and outbox tasks. They run until the returned handles are
+    /// aborted.
     pub(crate) fn start(self: &Arc<Self>, host: Arc<dyn Host>) -> Vec<tokio::task::JoinHandle<()>> {
         let rx = self.out_rx.lock().expect("outbox lock").take().expect("started once");
         vec![
             tokio::spawn(lease(self.clone(), host.clone())),
             tokio::spawn(reaper(self.clone(), host.clone())),
             tokio::spawn(listener(self.clone(), host.clone())),
+            tokio::spawn(repairer(self.clone(), host.clone())),
             tokio::spawn(outbox(self.clone(), host, rx)),
         ]
     }
+}
+
+/// What the lease task keeps between ticks.
+#[derive(Default)]
+struct LeaseState {
+    joined: bool,
+    /// Every local session is registered under the current incarnation (other nodes may trust its absences).
+    synced: bool,
+    /// The last renewal Redis confirmed, on our clock: out of touch for longer than the lease means we may have
+    /// been declared lost (and our sessions offline) meanwhile.
+    last_ok: Option<tokio::time::Instant>,
+    /// Incarnations this node left behind by rejoining: their leftovers are released, then they leave.
+    previous: Vec<String>,
+    /// A live member with this node id that refused our join, and its lease's end then.
+    refused_by: Option<(String, u64)>,
+    /// Ever joined: a refusal then is a twin that appeared later, not a start to refuse.
+    ever_joined: bool,
 }
 
 /// Renew the lease every third of it; (re)connect, rejoin and re-register as needed.
 async fn lease(c: Arc<Cluster>, host: Arc<dyn Host>) {
     let mut tick = tokio::time::interval(c.cfg.lease / 3);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut joined = false;
-    // The last renewal Redis confirmed, on our clock: out of touch for longer than the lease means we may have
-    // been declared lost (and our sessions offline) meanwhile.
-    let mut last_ok: Option<tokio::time::Instant> = None;
+    let mut st = LeaseState::default();
     loop {
         tick.tick().await;
-        if let Err(e) = lease_once(&c, &*host, &mut joined, &mut last_ok).await {
+        if let Err(e) = lease_once(&c, &*host, &mut st).await {
+            if let Problem::Config(why) = problem(&e) {
+                if !st.ever_joined {
+                    tracing::error!("cluster: {why}");
+                    c.set_fatal(why);
+                }
+            }
             c.failed(&*host, &e);
         }
     }
 }
 
-async fn lease_once(
-    c: &Cluster,
-    host: &dyn Host,
-    joined: &mut bool,
-    last_ok: &mut Option<tokio::time::Instant>,
-) -> redis::RedisResult<()> {
+async fn lease_once(c: &Cluster, host: &dyn Host, st: &mut LeaseState) -> redis::RedisResult<()> {
     let store = match c.store() {
         Some(s) => s,
         None => {
@@ -69,36 +90,66 @@ async fn lease_once(
             s
         }
     };
-    let renew = |join: bool| {
+    let gap = stall_gap(c.cfg.lease);
+    let renew = |join: bool, synced: bool| {
         let (addr, admin) = c.addrs.lock().expect("addrs lock").clone();
         let floor = c.max_epoch.load(Ordering::Relaxed);
         let (store, node, inc) = (store.clone(), c.cfg.node_id.clone(), c.incarnation());
         let (lease, started) = (c.cfg.lease, c.started_ms);
-        async move { store.lease(&node, &inc, lease, join, started, &addr, &admin, floor).await }
+        async move { store.lease(&node, &inc, lease, join, started, (&addr, &admin), floor, gap, synced).await }
     };
     let t0 = tokio::time::Instant::now();
-    let (_, known, members) = renew(!*joined).await?;
-    c.nodes.store(members, Ordering::Relaxed);
+    let leased = renew(!st.joined, st.synced).await?;
     c.stats.redis_rtt.observe(t0.elapsed());
-    let stale = last_ok.is_none_or(|t| t.elapsed() > c.cfg.lease);
-    if *joined && (!known || stale) {
-        // Declared lost (reaped, or Redis restarted empty), or out of touch long enough to have been: join again as
-        // a new incarnation, so that a reaper still working on the old one cannot touch what is registered now.
-        *c.inc.lock().expect("inc lock") = new_inc();
-        c.stats.rejoins.fetch_add(1, Ordering::Relaxed);
-        *joined = false;
-        renew(true).await?;
-    }
-    if !*joined {
-        *joined = true;
+    // Out of touch for longer than the lease (on our clock), yet Redis renewed the lease: Redis stalled with us,
+    // and its lease clock did not count the stall, so nobody reaped us. Still, what we sent meanwhile may be
+    // lost (a failover to a replica that missed it): register everything again.
+    if st.joined && st.last_ok.is_none_or(|t| t.elapsed() > c.cfg.lease) {
         c.resync.store(true, Ordering::Relaxed);
     }
-    if c.resync.swap(false, Ordering::AcqRel) && !register_all(c, host, &store).await {
+    let leased = match leased {
+        Leased::Renewed { members } => Leased::Renewed { members },
+        Leased::Refused { member, lease_end } => return refused(c, host, st, &store, member, lease_end).await,
+        Leased::Unknown { .. } => {
+            // Declared lost (reaped, or Redis restarted empty): join again as a new incarnation, so that a reaper
+            // still working on the old one cannot touch what is registered now. What the old one still holds is
+            // released, then it leaves.
+            st.previous.push(c.incarnation());
+            *c.inc.lock().expect("inc lock") = new_inc();
+            c.stats.rejoins.fetch_add(1, Ordering::Relaxed);
+            st.joined = false;
+            st.synced = false;
+            match renew(true, false).await? {
+                Leased::Refused { member, lease_end } => return refused(c, host, st, &store, member, lease_end).await,
+                l => l,
+            }
+        }
+    };
+    if let Leased::Renewed { members } | Leased::Unknown { members } = leased {
+        c.nodes.store(members, Ordering::Relaxed);
+    }
+    st.refused_by = None;
+    if !st.joined {
+        st.joined = true;
+        st.ever_joined = true;
+        c.resync.store(true, Ordering::Relaxed);
+    }
+    if c.resync.swap(false, Ordering::AcqRel) && !register_all(c, host, &store, &mut st.previous).await {
         c.resync.store(true, Ordering::Relaxed);
         return Ok(());
     }
-    *last_ok = Some(tokio::time::Instant::now());
+    if !st.synced {
+        // Synced once the releases register_all queued are out: the others trust this node's absences from then
+        // on, and must hear each offline, with its reason, first.
+        c.outbox_idle(c.cfg.redis_timeout * 4).await;
+        renew(false, true).await?;
+        st.synced = true;
+    }
+    st.last_ok = Some(tokio::time::Instant::now());
     c.set_ready(&c.joined);
+    // The view is checked against Redis at every tick: a checkpoint in this node's inbox, in order with every
+    // ownership change (see `Cluster::checkpoint`).
+    store.checkpoint(&c.cfg.node_id, gap).await?;
     // The pub/sub connection must deliver too: a beat to our own inbox each tick, heard back by the listener.
     c.send_to(&c.cfg.node_id, &Msg::Beat);
     let silent = unix_ms().saturating_sub(c.heard_ms.load(Ordering::Relaxed));
@@ -113,11 +164,54 @@ async fn lease_once(
     Ok(())
 }
 
+/// Our join was refused: `member` has this node id and a live lease. If it renews, it is another live process with
+/// our node id: at start, this node does not start; later (this node was out of touch and the other started
+/// meanwhile), it serves its own clients degraded and says so at every tick. If its lease runs out instead (this
+/// node's own previous life, crashed), the next tick joins.
+async fn refused(
+    c: &Cluster,
+    host: &dyn Host,
+    st: &mut LeaseState,
+    store: &Store,
+    member: String,
+    lease_end: u64,
+) -> redis::RedisResult<()> {
+    let renewed = st.refused_by.as_ref().is_some_and(|(m, end)| *m == member && lease_end > *end);
+    if st.refused_by.as_ref().is_none_or(|(m, _)| *m != member) {
+        st.refused_by = Some((member.clone(), lease_end));
+    }
+    if !renewed {
+        tracing::info!("cluster: node id {} is held by {member}; waiting to see whether it is alive", c.cfg.node_id);
+        return Ok(());
+    }
+    st.refused_by = Some((member.clone(), lease_end));
+    let addr = store.addr_of(&member).await.unwrap_or_default();
+    let (mine, _) = c.addrs.lock().expect("addrs lock").clone();
+    store.note_conflict(&c.cfg.node_id, &mine, &member).await?;
+    let why = format!(
+        "node id {:?} is already held by a live node (member {member}, listening on {addr}); give this process \
+         another --node-id",
+        c.cfg.node_id
+    );
+    if !st.ever_joined {
+        tracing::error!("cluster: {why}");
+        c.set_fatal(why);
+    } else {
+        tracing::error!("cluster: cannot rejoin: {why}; serving local clients only");
+        if !c.degraded.swap(true, Ordering::AcqRel) {
+            host.degraded(true, &why);
+        }
+    }
+    Ok(())
+}
+
 /// Register every local session under the current incarnation; close those a newer session elsewhere holds (or
 /// held and ended: a tombstone). Then release what Redis still holds for this node and is not live here any more:
-/// releases lost while Redis was away, and sessions that ended while this ran. False when Redis failed on the way
-/// (the next tick tries again).
-async fn register_all(c: &Cluster, host: &dyn Host, store: &Store) -> bool {
+/// releases lost while Redis was away, sessions that ended while this ran, and what previous incarnations left.
+/// Then retry, by force, the releases Redis never confirmed (Redis may have restarted empty and lost the id: the
+/// others must still hear it went offline, and why). False when Redis failed on the way (the next tick tries
+/// again).
+async fn register_all(c: &Cluster, host: &dyn Host, store: &Store, previous: &mut Vec<String>) -> bool {
     let inc = c.incarnation();
     let me = c.cfg.node_id.clone();
     let sessions = host.local_sessions();
@@ -152,19 +246,34 @@ async fn register_all(c: &Cluster, host: &dyn Host, store: &Store) -> bool {
     if !ok {
         return false;
     }
-    // What Redis holds for this node that is not live here: release it (compare-and-delete on its epoch, so a
-    // session claimed meanwhile is never touched).
-    let own = match tokio::time::timeout(c.cfg.redis_timeout * 10, store.own_ids(&me, &inc)).await {
-        Ok(Ok(own)) => own,
-        _ => return false,
-    };
-    for (client, node, epoch) in own {
-        let (Some(node), Some(epoch)) = (node, epoch) else { continue };
-        if node != me {
-            continue;
+    // What Redis holds for this node (this incarnation and the ones it left) that is not live here: release it
+    // (compare-and-delete on its epoch, so a session claimed meanwhile is never touched).
+    let incs: Vec<String> = std::iter::once(inc.clone()).chain(previous.iter().cloned()).collect();
+    for i in &incs {
+        let own = match tokio::time::timeout(c.cfg.redis_timeout * 10, store.own_ids(&me, i)).await {
+            Ok(Ok(own)) => own,
+            _ => return false,
+        };
+        for (client, node, epoch) in own {
+            let (Some(node), Some(epoch)) = (node, epoch) else { continue };
+            if node != me {
+                continue;
+            }
+            if let Some((reason, by_client, last_seen)) = host.ended(&client, epoch) {
+                c.queue(Op::Release { client, epoch, reason, by_client, last_seen, force: false });
+            }
         }
-        if let Some((reason, by_client, last_seen)) = host.ended(&client, epoch) {
-            c.queue(Op::Release { client, epoch, reason, by_client, last_seen });
+    }
+    // The previous incarnations leave (after their releases, in the outbox's order: the leave runs once they
+    // are sent).
+    for old in previous.drain(..) {
+        c.queue_leave(old);
+    }
+    let retry: Vec<_> = c.unconfirmed.lock().expect("unconfirmed lock").drain().collect();
+    for (client, u) in retry {
+        if host.ended(&client, u.epoch).is_some() {
+            let super::Unconfirmed { epoch, reason, by_client, last_seen } = u;
+            c.queue(Op::Release { client, epoch, reason, by_client, last_seen, force: true });
         }
     }
     true
@@ -177,7 +286,8 @@ async fn reaper(c: Arc<Cluster>, host: Arc<dyn Host>) {
     loop {
         tick.tick().await;
         let Some(store) = c.store() else { continue };
-        let Ok(expired) = store.expired().await else { continue };
+        let gap = stall_gap(c.cfg.lease);
+        let Ok(expired) = store.expired(gap).await else { continue };
         let mine = store::member(&c.cfg.node_id, &c.incarnation());
         *c.lost.lock().expect("lost lock") =
             expired.iter().filter(|m| **m != mine).map(|m| store::node_of(m).to_owned()).collect();
@@ -190,7 +300,7 @@ async fn reaper(c: Arc<Cluster>, host: Arc<dyn Host>) {
             let mut total = 0;
             // Bounded: each batch empties up to REAP_BATCH of a finite set, or stops.
             for _ in 0..10_000 {
-                match store.reap(&member, REAP_BATCH).await {
+                match store.reap(&member, REAP_BATCH, gap).await {
                     Ok((n, 0)) => total += n,
                     Ok((n, _)) => {
                         total += n;
@@ -205,7 +315,9 @@ async fn reaper(c: Arc<Cluster>, host: Arc<dyn Host>) {
     }
 }
 
-/// Hold the pub/sub connection; hand every message over; reload who holds what after each (re)connect.
+/// Hold the pub/sub connection and hand every message over. A forwarding task drains the redis crate's own
+/// (unbounded) queue into a bounded one as fast as messages arrive; what does not fit is shed and counted, and the
+/// view repaired. After each (re)connect the view is repaired in full.
 async fn listener(c: Arc<Cluster>, host: Arc<dyn Host>) {
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -224,19 +336,28 @@ async fn listener(c: Arc<Cluster>, host: Arc<dyn Host>) {
             }
         };
         backoff = Duration::from_millis(100);
-        // Subscribed first, then the snapshot: whatever changes meanwhile arrives as a message, and the epochs
-        // order the two.
-        if let Some(store) = c.store() {
-            if let Ok(Ok(h)) = tokio::time::timeout(c.cfg.redis_timeout * 10, store.holders()).await {
-                host.reload(h);
-            }
-        }
-        c.set_ready(&c.listening);
+        // Subscribed first, then the repair reads Redis: whatever changes meanwhile arrives as a message, and the
+        // repair leaves alone what a message changed.
+        c.repair_all();
         c.heard_ms.store(unix_ms(), Ordering::Relaxed);
+        let (tx, mut rx) = mpsc::channel::<redis::Msg>(PUBSUB_QUEUE);
         let mut stream = ps.into_on_message();
+        let fc = c.clone();
+        let forward = tokio::spawn(async move {
+            while let Some(m) = stream.next().await {
+                if tx.try_send(m).is_err() {
+                    if fc.stats.shed.fetch_add(1, Ordering::Relaxed) % 10_000 == 0 {
+                        tracing::warn!(
+                            "cluster: pub/sub messages arrive faster than handled; shedding (repaired after)"
+                        );
+                    }
+                    fc.repair_all();
+                }
+            }
+        });
         loop {
             let m = tokio::select! {
-                m = stream.next() => m,
+                m = rx.recv() => m,
                 () = c.restart_listener.notified() => None,
             };
             let Some(m) = m else { break };
@@ -247,11 +368,153 @@ async fn listener(c: Arc<Cluster>, host: Arc<dyn Host>) {
             match stamped.msg {
                 Msg::Answer { req, answer } => c.answered(req, answer),
                 Msg::Beat => c.heard_ms.store(unix_ms(), Ordering::Relaxed),
+                Msg::Checkpoint { nodes } => c.checkpoint(&*host, nodes),
                 _ => host.on_message(stamped),
             }
         }
+        forward.abort();
         // The connection dropped: Redis restarted or is unreachable.
         c.resync.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Reconcile the view of other nodes' ids with Redis when asked: every node, or the ones a checkpoint named.
+async fn repairer(c: Arc<Cluster>, host: Arc<dyn Host>) {
+    loop {
+        let wake = c.repair_wake.notified();
+        let pending = {
+            let st = c.repair.lock().expect("repair lock");
+            st.full || !st.nodes.is_empty()
+        };
+        if !pending {
+            wake.await;
+            continue;
+        }
+        let Some(store) = c.store() else {
+            // Not connected yet: try again shortly (the lease task connects).
+            tokio::time::sleep(c.cfg.lease / 6).await;
+            continue;
+        };
+        let (full, nodes) = {
+            let mut st = c.repair.lock().expect("repair lock");
+            (std::mem::take(&mut st.full), std::mem::take(&mut st.nodes))
+        };
+        let t0 = tokio::time::Instant::now();
+        match tokio::time::timeout(c.cfg.redis_timeout * 20, repair(&c, &*host, &store, full, nodes.clone())).await {
+            Ok(Ok(changed)) => {
+                c.stats.repairs.fetch_add(1, Ordering::Relaxed);
+                c.stats.repaired.fetch_add(changed as u64, Ordering::Relaxed);
+                let what = if full { "every node".to_owned() } else { format!("{nodes:?}") };
+                match changed {
+                    0 => tracing::debug!("cluster: view of {what} checked against Redis in {:?}", t0.elapsed()),
+                    n => tracing::info!("cluster: view of {what} repaired from Redis: {n} ids ({:?})", t0.elapsed()),
+                }
+                if full {
+                    c.set_ready(&c.listening);
+                }
+            }
+            _ => {
+                // Redis failed on the way: the same work again at the next try.
+                host.repair_apply(Vec::new(), Vec::new());
+                {
+                    let mut st = c.repair.lock().expect("repair lock");
+                    st.full |= full;
+                    st.nodes.extend(nodes);
+                }
+                tokio::time::sleep(c.cfg.lease / 6).await;
+            }
+        }
+    }
+}
+
+/// One repair: read what Redis says each node holds, diff it with the view, apply the difference. A node with a
+/// live, synced member is taken at its word (adding and removing); one still registering (not synced) only adds;
+/// one with no live member for two leases (dead while Redis was away, say) has its ids declared `node_lost`.
+async fn repair(
+    c: &Cluster,
+    host: &dyn Host,
+    store: &Store,
+    full: bool,
+    nodes: std::collections::HashSet<String>,
+) -> redis::RedisResult<usize> {
+    let me = c.cfg.node_id.as_str();
+    host.repair_begin();
+    let members = store.live_members().await?;
+    let mut targets: std::collections::BTreeSet<String> = nodes.into_iter().collect();
+    if full {
+        targets.extend(members.iter().map(|(n, _, _)| n.clone()));
+        targets.extend(host.view_digests().into_iter().map(|(n, _)| n));
+    }
+    targets.remove(me);
+    let absent_for = c.cfg.lease * 2;
+    let (mut online, mut offline) = (Vec::new(), Vec::new());
+    let mut gone_ids = Vec::new();
+    for node in &targets {
+        let live: Vec<&(String, String, bool)> = members.iter().filter(|(n, _, _)| n == node).collect();
+        let view = host.view_of(node);
+        if live.is_empty() {
+            let since = {
+                let mut st = c.repair.lock().expect("repair lock");
+                *st.absent_since.entry(node.clone()).or_insert_with(tokio::time::Instant::now)
+            };
+            if since.elapsed() >= absent_for {
+                for (id, epoch) in view {
+                    let off = RemoteOffline {
+                        epoch,
+                        reason: CloseReason::NodeLost,
+                        by_client: false,
+                        last_seen_ago: Duration::ZERO,
+                        grace: true,
+                    };
+                    offline.push((id, off));
+                }
+            }
+            continue;
+        }
+        let synced = live.iter().all(|(_, _, s)| *s);
+        let mut truth: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+        for (_, inc, _) in &live {
+            for (id, holder, epoch) in store.own_ids(node, inc).await? {
+                if let (Some(h), Some(e)) = (holder, epoch) {
+                    if h == *node {
+                        truth.insert(id, e);
+                    }
+                }
+            }
+        }
+        let held: std::collections::HashMap<&str, u64> = view.iter().map(|(id, e)| (id.as_str(), *e)).collect();
+        for (id, e) in &truth {
+            if held.get(id.as_str()).is_none_or(|v| v < e) {
+                online.push((id.clone(), node.clone(), *e));
+            }
+        }
+        if synced {
+            for (id, e) in &view {
+                if !truth.contains_key(id) {
+                    gone_ids.push((id.clone(), *e));
+                }
+            }
+        }
+    }
+    // How the missing ones ended, as their tombstones say (an offline this node missed carried the same).
+    let ids: Vec<String> = gone_ids.iter().map(|(id, _)| id.clone()).collect();
+    let stones = store.tombstones(&ids).await?;
+    for ((id, epoch), stone) in gone_ids.into_iter().zip(stones) {
+        let (reason, by_client) = match stone {
+            Some((e, code, by)) if e == epoch => (code_reason(code), by),
+            _ => (CloseReason::Eof, false),
+        };
+        let off = RemoteOffline { epoch, reason, by_client, last_seen_ago: Duration::ZERO, grace: false };
+        offline.push((id, off));
+    }
+    Ok(host.repair_apply(online, offline))
+}
+
+/// A reason code as Redis keeps it (0 names none).
+pub(super) fn code_reason(code: u8) -> CloseReason {
+    match code {
+        0 => CloseReason::Eof,
+        r => CloseReason::try_from(r).unwrap_or(CloseReason::Unknown(r)),
     }
 }
 
@@ -271,8 +534,10 @@ async fn outbox(c: Arc<Cluster>, host: Arc<dyn Host>, mut rx: mpsc::Receiver<Op>
             c.resync.store(true, Ordering::Relaxed);
             c.stats.unpublished.fetch_add(batch.len() as u64, Ordering::Relaxed);
             for op in batch.drain(..) {
-                if let Op::Publish { relay: Some((from, to)), .. } = op {
-                    host.undeliverable(&from, &to);
+                match op {
+                    Op::Publish { relay: Some((from, to)), .. } => host.undeliverable(&from, &to),
+                    Op::Publish { .. } | Op::Leave { .. } => {}
+                    release @ Op::Release { .. } => c.unconfirmed(release),
                 }
             }
             continue;
@@ -292,8 +557,12 @@ async fn flush(c: &Cluster, host: &dyn Host, store: &Store, ops: &mut Vec<Op>) {
             Op::Publish { channel, msg, .. } => {
                 pipe.publish(channel, msg);
             }
-            Op::Release { client, epoch, reason, by_client, last_seen } => {
-                pipe.add_command(store.release_cmd(client, &c.cfg.node_id, *epoch, *reason, *by_client, *last_seen));
+            Op::Release { client, epoch, reason, by_client, last_seen, force } => {
+                let me = &c.cfg.node_id;
+                pipe.add_command(store.release_cmd(client, me, *epoch, *reason, *by_client, *last_seen, *force));
+            }
+            Op::Leave { inc } => {
+                pipe.add_command(store.leave_cmd(&c.cfg.node_id, inc));
             }
         }
     }
@@ -316,10 +585,12 @@ async fn flush(c: &Cluster, host: &dyn Host, store: &Store, ops: &mut Vec<Op>) {
             c.stats.unpublished.fetch_add(1, Ordering::Relaxed);
             c.resync.store(true, Ordering::Relaxed);
         }
-        if let Op::Publish { relay: Some((from, to)), .. } = op {
-            if !ok || matches!(result, Some(redis::Value::Int(0))) {
-                host.undeliverable(&from, &to);
+        match op {
+            Op::Publish { relay: Some((from, to)), .. } if !ok || matches!(result, Some(redis::Value::Int(0))) => {
+                host.undeliverable(&from, &to)
             }
+            release @ Op::Release { .. } if !ok => c.unconfirmed(release),
+            _ => {}
         }
     }
 }

@@ -35,6 +35,19 @@ pub enum Msg {
     Send { client: String, payload: Bytes },
     /// To a node's own inbox: the proof that its pub/sub connection still delivers.
     Beat,
+    /// To a node's own inbox, from a script, in order with every ownership change: each live member's node, whether
+    /// it is synced, and its node's digest (published by the checkpoint script).
+    Checkpoint { nodes: Vec<CheckpointNode> },
+}
+
+/// One live member in a [`Msg::Checkpoint`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointNode {
+    pub node: String,
+    /// Every session it holds is registered under its current incarnation.
+    pub synced: bool,
+    /// The XOR of `digest_of` over the ids Redis says the node holds.
+    pub digest: u32,
 }
 
 /// The holding node's answer to [`Msg::Ask`].
@@ -115,6 +128,7 @@ impl Msg {
             Msg::Kick { .. } => "ki",
             Msg::Send { .. } => "se",
             Msg::Beat => "be",
+            Msg::Checkpoint { .. } => "ck",
         };
         o.str(kind).num(sent_ms);
         match self {
@@ -169,6 +183,12 @@ impl Msg {
                 o.str(client).field(payload);
             }
             Msg::Beat => {}
+            Msg::Checkpoint { nodes } => {
+                for n in nodes {
+                    // As Lua writes it: a signed 32-bit decimal.
+                    o.str(&n.node).num(n.synced.into()).field((n.digest as i32).to_string().as_bytes());
+                }
+            }
         }
         o.0
     }
@@ -224,6 +244,16 @@ impl Msg {
             b"ki" => Msg::Kick { client: i.str()?, retry_after_ms: i.num()? },
             b"se" => Msg::Send { client: i.str()?, payload: Bytes::copy_from_slice(i.field()?) },
             b"be" => Msg::Beat,
+            b"ck" => {
+                let mut nodes = Vec::new();
+                while !i.0.is_empty() {
+                    let (node, synced) = (i.str()?, i.flag()?);
+                    // Lua's bit library works in signed 32 bits.
+                    let digest = i.num::<i64>()? as u32;
+                    nodes.push(CheckpointNode { node, synced, digest });
+                }
+                Msg::Checkpoint { nodes }
+            }
             _ => return None,
         };
         i.0.is_empty().then_some(Stamped { sent_ms, msg })
@@ -251,6 +281,13 @@ mod tests {
             Msg::Kick { client: "a".into(), retry_after_ms: 0 },
             Msg::Send { client: "a".into(), payload: Bytes::new() },
             Msg::Beat,
+            Msg::Checkpoint {
+                nodes: vec![
+                    CheckpointNode { node: "n1".into(), synced: true, digest: 0xdead_beef },
+                    CheckpointNode { node: "n#2".into(), synced: false, digest: 0 },
+                ],
+            },
+            Msg::Checkpoint { nodes: vec![] },
         ]
     }
 

@@ -23,7 +23,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant as StdInstant};
 
-use tether_proto::registry::{RemoteOffline, Yield};
+use tether_proto::registry::{NodeDigest, RemoteOffline, Yield};
 use tether_proto::{CloseReason, Frame, Hello, Undeliverable};
 
 use super::control::{bye, Admit, CloseCmd, Control, Decision};
@@ -142,6 +142,7 @@ impl Host for Shared {
                     return; // our own claim
                 }
                 let mut hub = self.hub.lock().expect("hub lock");
+                hub.touch(&client);
                 let evicted = hub.registry.remote_online(&client, &node, epoch);
                 hub.pump(None);
                 if let Some(conn) = evicted.and_then(|c| hub.conns.get(&c)) {
@@ -172,6 +173,7 @@ impl Host for Shared {
                     grace: false,
                 };
                 let mut hub = self.hub.lock().expect("hub lock");
+                hub.touch(&client);
                 hub.registry.remote_offline(now, &client, off);
                 hub.pump(None);
                 drop(hub);
@@ -187,6 +189,7 @@ impl Host for Shared {
                         last_seen_ago: Duration::ZERO,
                         grace: true,
                     };
+                    hub.touch(client);
                     hub.registry.remote_offline(now, client, off);
                 }
                 hub.pump(None);
@@ -221,8 +224,8 @@ impl Host for Shared {
                 };
                 cluster.answer(&from, req, answer);
             }
-            Msg::Answer { req, answer } => cluster.answered(req, answer),
-            Msg::Beat => {}
+            // Handled by the listener.
+            Msg::Answer { .. } | Msg::Beat | Msg::Checkpoint { .. } => {}
             Msg::Data { from, to, origin, payload } => {
                 if self.deliver_local(&to, Frame::Data { peer: from.clone(), payload }) {
                     self.metrics.relayed.fetch_add(1, Ordering::Relaxed);
@@ -278,24 +281,58 @@ impl Host for Shared {
         }
     }
 
-    fn reload(&self, holders: Vec<(String, String, u64)>) {
-        let Some(cluster) = &self.cluster else { return };
+    fn view_digests(&self) -> Vec<(String, NodeDigest)> {
+        let hub = self.hub.lock().expect("hub lock");
+        hub.registry.remote_digests().map(|(n, d)| (n.to_owned(), d)).collect()
+    }
+
+    fn view_of(&self, node: &str) -> Vec<(String, u64)> {
+        self.hub.lock().expect("hub lock").registry.remote_ids_of(node)
+    }
+
+    fn repair_begin(&self) {
+        self.hub.lock().expect("hub lock").touched = Some(Default::default());
+    }
+
+    fn repair_apply(&self, online: Vec<(String, String, u64)>, offline: Vec<(String, RemoteOffline)>) -> usize {
+        let Some(cluster) = &self.cluster else { return 0 };
         let me = cluster.node_id().to_owned();
+        let now = driver::now();
         let mut evict = Vec::new();
+        let mut changed = 0;
         // In chunks: connections wait for the hub's lock at most one chunk's work.
-        for chunk in holders.chunks(1000) {
+        for chunk in online.chunks(1000) {
             let mut hub = self.hub.lock().expect("hub lock");
             for (client, node, epoch) in chunk {
                 cluster.saw_epoch(*epoch);
-                if *node != me {
+                let skip = hub.touched.as_ref().is_some_and(|t| t.contains(client));
+                if *node == me || skip {
+                    continue;
+                }
+                if hub.registry.remote_holder(client) != Some((node.as_str(), *epoch)) {
                     evict.extend(hub.registry.remote_online(client, node, *epoch));
+                    changed += 1;
                 }
             }
             hub.pump(None);
         }
+        for chunk in offline.chunks(1000) {
+            let mut hub = self.hub.lock().expect("hub lock");
+            for (client, off) in chunk {
+                let skip = hub.touched.as_ref().is_some_and(|t| t.contains(client));
+                if !skip && hub.registry.remote_holder(client).is_some_and(|(_, e)| e <= off.epoch) {
+                    hub.registry.remote_offline(now, client, *off);
+                    changed += 1;
+                }
+            }
+            hub.pump(None);
+        }
+        self.hub.lock().expect("hub lock").touched = None;
+        self.registry_wake.notify_one();
         for conn in evict {
             self.close_taken(conn);
         }
+        changed
     }
 
     fn ended(&self, client: &str, epoch: u64) -> Option<(u8, bool, Duration)> {
@@ -319,7 +356,7 @@ impl Host for Shared {
 
     fn degraded(&self, degraded: bool, why: &str) {
         if degraded {
-            tracing::warn!("cluster degraded: Redis is unreachable ({why}); serving local clients only");
+            tracing::warn!("cluster degraded: {why}; serving local clients only");
         } else {
             tracing::info!("cluster: {why}; local sessions registered again");
         }

@@ -32,11 +32,20 @@ pub(super) struct Hub {
     pub(super) presence_frames: u64,
     /// Cluster mode: sessions that end here are released in Redis ([`Hub::pump`]).
     cluster: Option<Arc<Cluster>>,
+    /// Cluster mode, while a repair of the view runs: the ids other nodes' messages changed since it began.
+    pub(super) touched: Option<std::collections::HashSet<String>>,
 }
 
 impl Hub {
     pub(super) fn new(registry: Registry, outbound_queue: usize, cluster: Option<Arc<Cluster>>) -> Hub {
-        Hub { registry, conns: HashMap::new(), outbound_queue, presence_frames: 0, cluster }
+        Hub { registry, conns: HashMap::new(), outbound_queue, presence_frames: 0, cluster, touched: None }
+    }
+
+    /// A message changed `client` in the view: a repair running now must leave it alone.
+    pub(super) fn touch(&mut self, client: &str) {
+        if let Some(t) = &mut self.touched {
+            t.insert(client.to_owned());
+        }
     }
 
     /// The connection that holds `client`'s session here.
