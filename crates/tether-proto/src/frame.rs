@@ -734,6 +734,8 @@ impl Frame {
 /// and `node_lost` (defined after v1) as `unreachable`.
 fn reason_code(reason: CloseReason, version: u8) -> u8 {
     match reason {
+        // Code 0 names no reason, in every version (a cluster node that knows an id ended but not how).
+        CloseReason::Unknown(0) => 0,
         CloseReason::Unknown(_) if version < V2 => CloseReason::Bye.code(),
         CloseReason::NodeLost if version < V2 => CloseReason::Unreachable.code(),
         r => r.code(),

@@ -175,7 +175,10 @@ impl Server {
             match cluster.wait_ready(cluster.lease()).await {
                 Ok(true) => {}
                 Ok(false) => {
-                    tracing::warn!("cluster: Redis unreachable at start; serving local clients only until it answers")
+                    tracing::warn!(
+                        "cluster: not joined within one lease (Redis unreachable, or this node id's previous lease \
+                         still running); serving local clients only until it joins"
+                    )
                 }
                 Err(why) => {
                     for h in helpers {

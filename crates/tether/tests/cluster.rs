@@ -250,3 +250,27 @@ async fn a_lie_in_a_nodes_view_is_found_by_the_checkpoints_and_repaired() {
     assert_eq!((c.remote_sessions, c.repaired), (1, 1), "{c:?}");
     println!("MEASURED a lie in a node's view (a ghost online) repaired {:.2}s after it arrived", took.as_secs_f64());
 }
+
+#[tokio::test]
+async fn a_digest_redis_got_wrong_is_recomputed_and_nobody_hears_of_it() {
+    redis_or_skip!("reseal");
+    let redis = Redis::start();
+    let (n1, n2) = (node(&redis, "n1").await, node(&redis, "n2").await);
+    let _dev = Client::connect(n2.addr, client("dev", 1)).await.unwrap();
+    let mut w = Client::connect(n1.addr, client("watcher", 2)).await.unwrap();
+    w.subscribe(vec!["dev".into()]).await.unwrap();
+    assert_eq!(next_presence(&mut w).await.state, PresenceState::Online);
+    let right = redis.cli(&["HGET", "tether:digest", "n2"]);
+    // As a version without digests, or a hand edit, would leave it.
+    assert_eq!(redis.cli(&["HSET", "tether:digest", "n2", "12345"]), "0");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while redis.cli(&["HGET", "tether:digest", "n2"]) != right {
+        assert!(std::time::Instant::now() < deadline, "the digest of n2 was not recomputed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The view was right all along: nothing was changed in it, and the watcher heard nothing.
+    let c = n1.handle.metrics().cluster.unwrap();
+    assert!(c.repairs >= 2 && c.repaired == 0, "{c:?}");
+    let quiet = tokio::time::timeout(Duration::from_millis(1500), w.next_event()).await;
+    assert!(quiet.is_err(), "the watcher was told something: {quiet:?}");
+}

@@ -135,6 +135,17 @@ impl Registry {
         self.sessions.get(client).map(|s| s.epoch)
     }
 
+    /// Local sessions that ended and wait out the presence grace, with their epochs: still registered in the
+    /// cluster until the grace ends (their release comes then).
+    pub fn graced_sessions(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.pending.iter().filter(|(_, p)| p.conn.is_some()).map(|(id, p)| (id.as_str(), p.gone.epoch))
+    }
+
+    /// Whether the local session of `client` with `epoch` ended and waits out the presence grace.
+    pub fn in_grace(&self, client: &str, epoch: u64) -> bool {
+        self.pending.get(client).is_some_and(|p| p.conn.is_some() && p.gone.epoch == epoch)
+    }
+
     /// Local sessions with their epochs, in no particular order: id, connection, epoch.
     pub fn local_sessions(&self) -> impl Iterator<Item = (&str, ConnId, u64)> {
         self.sessions.iter().map(|(id, s)| (id.as_str(), s.conn, s.epoch))
@@ -169,9 +180,11 @@ impl Registry {
             return None;
         }
         // A session known to have ended (here, or as another node said) does not come back with a late message
-        // or a snapshot read before it ended. One declared lost with its node may: the node was cut off, not dead,
-        // and registers it again under the same epoch when it is back.
-        let ended = |g: &Gone| g.epoch > epoch || (g.epoch == epoch && g.reason != CloseReason::NodeLost);
+        // or a snapshot read before it ended. One declared lost with its node, or found gone from Redis without a
+        // reason (`Unknown`), may: the node was cut off or Redis lost its writes, and the node registers it again
+        // under the same epoch.
+        let for_good = |r: CloseReason| !matches!(r, CloseReason::NodeLost | CloseReason::Unknown(_));
+        let ended = |g: &Gone| g.epoch > epoch || (g.epoch == epoch && for_good(g.reason));
         if self.pending.get(client).is_some_and(|p| ended(&p.gone)) || self.gone.get(client).is_some_and(ended) {
             return None;
         }

@@ -59,8 +59,10 @@ pub const REAP_EVERY: Duration = Duration::from_millis(250);
 const REAP_BATCH: usize = 500;
 /// Operations waiting for the outbox; beyond it the node falls back to re-registering (see [`Cluster::queue`]).
 const OUTBOX: usize = 65_536;
-/// Pub/sub messages received and not handled yet; beyond it they are shed, counted, and the view repaired.
+/// Pub/sub messages received and not handled yet, and their bytes; beyond either they are shed, counted, and the
+/// view repaired.
 const PUBSUB_QUEUE: usize = 65_536;
+const PUBSUB_BYTES: usize = 64 << 20;
 /// Releases remembered for a retry when Redis did not confirm them; beyond it, other nodes' repairs correct the
 /// rest (without the reason).
 const UNCONFIRMED: usize = 65_536;
@@ -162,6 +164,10 @@ struct RepairState {
     differed: std::collections::HashSet<String>,
     /// Nodes the view holds ids of with no live member in Redis, since when.
     absent_since: HashMap<String, tokio::time::Instant>,
+    /// When the last checkpoint arrived.
+    last_checkpoint: Option<tokio::time::Instant>,
+    /// Per node, repairs in a row that changed nothing.
+    unchanged: HashMap<String, u32>,
 }
 
 /// One operation for the outbox, carried out in queue order.
@@ -255,11 +261,19 @@ pub struct Cluster {
     outbox_busy: AtomicBool,
     /// Releases Redis did not confirm, retried by the next re-registration.
     unconfirmed: Mutex<HashMap<String, Unconfirmed>>,
+    /// Claims Redis made whose connection has not taken the decision yet (bounded by the handshakes in flight).
+    in_flight: Mutex<std::collections::HashSet<(String, u64)>>,
     repair: Mutex<RepairState>,
     repair_wake: tokio::sync::Notify,
     /// Why this node cannot be part of the cluster at all (a configuration Redis refuses, or its node id held by
     /// another live process at start): the server does not start.
     fatal: Mutex<Option<String>>,
+    /// This process holds the node id's live membership (joined, renewing). A process refused the node id, or
+    /// rejoining, neither answers the inbox nor claims.
+    member: AtomicBool,
+    /// Operations queued for the outbox, and carried out (sent or failed) by it, so far.
+    outbox_queued: AtomicU64,
+    outbox_done: AtomicU64,
 }
 
 pub(crate) fn unix_ms() -> u64 {
@@ -300,9 +314,13 @@ impl Cluster {
             restart_listener: tokio::sync::Notify::new(),
             outbox_busy: AtomicBool::new(false),
             unconfirmed: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(std::collections::HashSet::new()),
             repair: Mutex::new(RepairState::default()),
             repair_wake: tokio::sync::Notify::new(),
             fatal: Mutex::new(None),
+            member: AtomicBool::new(false),
+            outbox_queued: AtomicU64::new(0),
+            outbox_done: AtomicU64::new(0),
         })
     }
 
@@ -416,9 +434,22 @@ impl Cluster {
         *self.store.lock().expect("store lock") = None;
     }
 
+    /// Whether `client`'s claim of `epoch` succeeded and its connection has not taken the decision yet.
+    pub(crate) fn in_flight(&self, client: &str, epoch: u64) -> bool {
+        self.in_flight.lock().expect("in flight lock").contains(&(client.to_owned(), epoch))
+    }
+
+    /// The connection took the decision about `client`'s claim of `epoch` (admitted it, refused it, or closed).
+    pub(crate) fn admitted(&self, client: &str, epoch: u64) {
+        self.in_flight.lock().expect("in flight lock").remove(&(client.to_owned(), epoch));
+    }
+
     /// Claim `client` for a new session here: its cluster epoch and the previous holder. `None` when Redis did not
     /// answer in time (degraded: the caller admits locally and the lease task registers it later).
     pub(crate) async fn claim(&self, client: &str) -> Option<Claimed> {
+        if !self.member.load(Ordering::Relaxed) {
+            return None;
+        }
         let store = self.store()?;
         let inc = self.incarnation();
         let floor = self.max_epoch.load(Ordering::Relaxed);
@@ -426,6 +457,11 @@ impl Cluster {
             Ok(c) => {
                 self.stats.claims.fetch_add(1, Ordering::Relaxed);
                 self.saw_epoch(c.epoch);
+                self.in_flight.lock().expect("in flight lock").insert((client.to_owned(), c.epoch));
+                if self.incarnation() != inc {
+                    // The node rejoined while this claim ran: it went to the old incarnation. Register again.
+                    self.resync.store(true, Ordering::Relaxed);
+                }
                 Some(c)
             }
             _ => {
@@ -487,7 +523,10 @@ impl Cluster {
     /// when it could not be queued.
     fn queue(&self, op: Op) -> bool {
         match self.out.try_send(op) {
-            Ok(()) => true,
+            Ok(()) => {
+                self.outbox_queued.fetch_add(1, Ordering::Release);
+                true
+            }
             Err(e) => {
                 self.stats.unpublished.fetch_add(1, Ordering::Relaxed);
                 self.resync.store(true, Ordering::Relaxed);
@@ -522,6 +561,12 @@ impl Cluster {
         }
         let now = tokio::time::Instant::now();
         let mut st = self.repair.lock().expect("repair lock");
+        // Absences are counted over checkpoints in a row: after a gap (Redis away), they count from now.
+        if st.last_checkpoint.is_none_or(|t| now.duration_since(t) > self.cfg.lease) {
+            st.absent_since.clear();
+            st.differed.clear();
+        }
+        st.last_checkpoint = Some(now);
         let mut differed = std::collections::HashSet::new();
         let mut wake = false;
         for (node, (synced, digest)) in &live {

@@ -104,11 +104,22 @@ local function lease_now(gap)
   redis.call('HSET', 'tether:clock', 'last', ms_str(now), 'skew', ms_str(skew))
   return now - skew
 end
+-- One id's share of its node's digest: the first 32 bits of SHA-1(id:epoch).
+local function share(id, epoch)
+  return tonumber(string.sub(redis.sha1hex(id .. ':' .. epoch), 1, 8), 16)
+end
+-- Store `node`'s digest (a node whose ids are all gone has none).
+local function digest_set(node, d)
+  if d == 0 then
+    redis.call('HDEL', 'tether:digest', node)
+  else
+    redis.call('HSET', 'tether:digest', node, string.format('%d', d))
+  end
+end
 -- Flip `id`'s share in `node`'s digest (added when it takes the id, removed when it loses it).
 local function digest_flip(node, id, epoch)
-  local share = tonumber(string.sub(redis.sha1hex(id .. ':' .. epoch), 1, 8), 16)
   local d = tonumber(redis.call('HGET', 'tether:digest', node) or '0')
-  redis.call('HSET', 'tether:digest', node, string.format('%d', bit.bxor(d, share)))
+  digest_set(node, bit.bxor(d, share(id, epoch)))
 end
 -- The epoch of a tombstone (`epoch:reason:by`), or 0.
 local function gone_epoch(key)
@@ -205,7 +216,7 @@ if cur[3] and ce >= e then
   return {0, cur[1], ce}
 end
 local gone = gone_epoch(KEYS[4])
-if not cur[3] and gone > e then
+if not cur[3] and gone >= e then
   return {0, '', gone}
 end
 if cur[1] and (cur[1] ~= ARGV[2] or cur[2] ~= ARGV[3]) then
@@ -310,6 +321,28 @@ redis.call('PUBLISH', ARGV[1], table.concat(msg))
 return #live
 "#;
 
+/// Recompute a node's digest from what Redis holds (its incarnations' id sets, each id counted once if the node
+/// holds it): for a digest that no script kept (written by a version without digests, or edited by hand). KEYS:
+/// nodes, digest. ARGV: node. Returns the digest.
+const RESEAL: &str = r#"
+local d = 0
+local seen = {}
+local prefix = ARGV[1] .. '#'
+for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if string.sub(m, 1, #prefix) == prefix and not string.find(m, '#', #prefix + 1, true) then
+    for _, id in ipairs(redis.call('SMEMBERS', 'tether:node:' .. m .. ':ids')) do
+      local cur = redis.call('HMGET', 'tether:id:' .. id, 'node', 'epoch')
+      if cur[1] == ARGV[1] and not seen[id] then
+        seen[id] = true
+        d = bit.bxor(d, share(id, cur[2]))
+      end
+    end
+  end
+end
+digest_set(ARGV[1], d)
+return d
+"#;
+
 /// The scripts, loaded once per process (their SHA1 is what travels after the first call).
 pub struct Scripts {
     claim: Script,
@@ -320,6 +353,7 @@ pub struct Scripts {
     reap: Script,
     leave: Script,
     checkpoint: Script,
+    reseal: Script,
 }
 
 impl Default for Scripts {
@@ -334,6 +368,7 @@ impl Default for Scripts {
             reap: s(REAP),
             leave: s(LEAVE),
             checkpoint: s(CHECKPOINT),
+            reseal: s(RESEAL),
         }
     }
 }
@@ -418,7 +453,9 @@ impl Store {
     pub async fn load_scripts(&self) -> RedisResult<()> {
         let mut con = self.con.clone();
         let s = &self.scripts;
-        for script in [&s.claim, &s.release, &s.register, &s.lease, &s.expired, &s.reap, &s.leave, &s.checkpoint] {
+        for script in
+            [&s.claim, &s.release, &s.register, &s.lease, &s.expired, &s.reap, &s.leave, &s.checkpoint, &s.reseal]
+        {
             script.load_async(&mut con).await?;
         }
         Ok(())
@@ -618,6 +655,12 @@ impl Store {
         let mut ck = self.scripts.checkpoint.prepare_invoke();
         ck.key(NODES).key(DIGEST).arg(inbox(node)).arg(gap.as_millis() as u64);
         ck.invoke_async(&mut con).await
+    }
+
+    /// Recompute `node`'s digest from its sessions (see [`RESEAL`]).
+    pub async fn reseal(&self, node: &str) -> RedisResult<i64> {
+        let mut con = self.con.clone();
+        self.scripts.reseal.key(NODES).key(DIGEST).arg(node).invoke_async(&mut con).await
     }
 
     /// Every live member's node id, incarnation and whether it is synced (for a repair of this node's view).

@@ -26,7 +26,10 @@ use tokio::sync::mpsc;
 
 use super::store::{self, Leased, Registered, Store};
 use super::wire::Msg;
-use super::{new_inc, problem, stall_gap, unix_ms, Cluster, Host, Op, Problem, PUBSUB_QUEUE, REAP_BATCH, REAP_EVERY};
+use super::{
+    new_inc, problem, stall_gap, unix_ms, Cluster, Host, Op, Problem, PUBSUB_BYTES, PUBSUB_QUEUE, REAP_BATCH,
+    REAP_EVERY,
+};
 use tether_proto::registry::RemoteOffline;
 use tether_proto::CloseReason;
 
@@ -51,6 +54,8 @@ struct LeaseState {
     joined: bool,
     /// Every local session is registered under the current incarnation (other nodes may trust its absences).
     synced: bool,
+    /// Synced once the outbox has carried out this many operations (the releases a re-registration queued).
+    synced_after: Option<u64>,
     /// The last renewal Redis confirmed, on our clock: out of touch for longer than the lease means we may have
     /// been declared lost (and our sessions offline) meanwhile.
     last_ok: Option<tokio::time::Instant>,
@@ -91,6 +96,16 @@ async fn lease_once(c: &Cluster, host: &dyn Host, st: &mut LeaseState) -> redis:
         }
     };
     let gap = stall_gap(c.cfg.lease);
+    // While a re-registration is due, other nodes must not trust this node's absences; once the releases it
+    // queued are out (the others heard each offline with its reason first), they may again.
+    if c.resync.load(Ordering::Relaxed) {
+        st.synced = false;
+        st.synced_after = None;
+    }
+    if st.synced_after.is_some_and(|n| c.outbox_done.load(Ordering::Acquire) >= n) {
+        st.synced = true;
+        st.synced_after = None;
+    }
     let renew = |join: bool, synced: bool| {
         let (addr, admin) = c.addrs.lock().expect("addrs lock").clone();
         let floor = c.max_epoch.load(Ordering::Relaxed);
@@ -119,6 +134,8 @@ async fn lease_once(c: &Cluster, host: &dyn Host, st: &mut LeaseState) -> redis:
             c.stats.rejoins.fetch_add(1, Ordering::Relaxed);
             st.joined = false;
             st.synced = false;
+            st.synced_after = None;
+            c.member.store(false, Ordering::Relaxed);
             match renew(true, false).await? {
                 Leased::Refused { member, lease_end } => return refused(c, host, st, &store, member, lease_end).await,
                 l => l,
@@ -129,21 +146,18 @@ async fn lease_once(c: &Cluster, host: &dyn Host, st: &mut LeaseState) -> redis:
         c.nodes.store(members, Ordering::Relaxed);
     }
     st.refused_by = None;
+    c.member.store(true, Ordering::Relaxed);
     if !st.joined {
         st.joined = true;
         st.ever_joined = true;
         c.resync.store(true, Ordering::Relaxed);
     }
-    if c.resync.swap(false, Ordering::AcqRel) && !register_all(c, host, &store, &mut st.previous).await {
-        c.resync.store(true, Ordering::Relaxed);
-        return Ok(());
-    }
-    if !st.synced {
-        // Synced once the releases register_all queued are out: the others trust this node's absences from then
-        // on, and must hear each offline, with its reason, first.
-        c.outbox_idle(c.cfg.redis_timeout * 4).await;
-        renew(false, true).await?;
-        st.synced = true;
+    if c.resync.swap(false, Ordering::AcqRel) {
+        if !register_all(c, host, &store, &mut st.previous).await {
+            c.resync.store(true, Ordering::Relaxed);
+            return Ok(());
+        }
+        st.synced_after = Some(c.outbox_queued.load(Ordering::Acquire));
     }
     st.last_ok = Some(tokio::time::Instant::now());
     c.set_ready(&c.joined);
@@ -176,6 +190,8 @@ async fn refused(
     member: String,
     lease_end: u64,
 ) -> redis::RedisResult<()> {
+    // Not a member: this process must not answer for the node id (asks, relayed DATA) nor claim under it.
+    c.member.store(false, Ordering::Relaxed);
     let renewed = st.refused_by.as_ref().is_some_and(|(m, end)| *m == member && lease_end > *end);
     if st.refused_by.as_ref().is_none_or(|(m, _)| *m != member) {
         st.refused_by = Some((member.clone(), lease_end));
@@ -341,11 +357,16 @@ async fn listener(c: Arc<Cluster>, host: Arc<dyn Host>) {
         c.repair_all();
         c.heard_ms.store(unix_ms(), Ordering::Relaxed);
         let (tx, mut rx) = mpsc::channel::<redis::Msg>(PUBSUB_QUEUE);
+        let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut stream = ps.into_on_message();
-        let fc = c.clone();
+        let (fc, fq) = (c.clone(), queued.clone());
         let forward = tokio::spawn(async move {
             while let Some(m) = stream.next().await {
-                if tx.try_send(m).is_err() {
+                let len = m.get_payload_bytes().len();
+                let room = fq.load(Ordering::Relaxed) + len <= PUBSUB_BYTES;
+                if room && tx.try_send(m).is_ok() {
+                    fq.fetch_add(len, Ordering::Relaxed);
+                } else {
                     if fc.stats.shed.fetch_add(1, Ordering::Relaxed) % 10_000 == 0 {
                         tracing::warn!(
                             "cluster: pub/sub messages arrive faster than handled; shedding (repaired after)"
@@ -361,6 +382,7 @@ async fn listener(c: Arc<Cluster>, host: Arc<dyn Host>) {
                 () = c.restart_listener.notified() => None,
             };
             let Some(m) = m else { break };
+            queued.fetch_sub(m.get_payload_bytes().len(), Ordering::Relaxed);
             c.stats.received.fetch_add(1, Ordering::Relaxed);
             let Some(stamped) = Msg::decode(m.get_payload_bytes()) else { continue };
             let lag = unix_ms().saturating_sub(stamped.sent_ms);
@@ -369,6 +391,10 @@ async fn listener(c: Arc<Cluster>, host: Arc<dyn Host>) {
                 Msg::Answer { req, answer } => c.answered(req, answer),
                 Msg::Beat => c.heard_ms.store(unix_ms(), Ordering::Relaxed),
                 Msg::Checkpoint { nodes } => c.checkpoint(&*host, nodes),
+                // Not (yet, or any more) the member with this node id: what the inbox asks of that node is the
+                // member's to answer.
+                Msg::Ask { .. } | Msg::Data { .. } | Msg::Send { .. } | Msg::Kick { .. }
+                    if !c.member.load(Ordering::Relaxed) => {}
                 _ => host.on_message(stamped),
             }
         }
@@ -404,6 +430,27 @@ async fn repairer(c: Arc<Cluster>, host: Arc<dyn Host>) {
             Ok(Ok(changed)) => {
                 c.stats.repairs.fetch_add(1, Ordering::Relaxed);
                 c.stats.repaired.fetch_add(changed as u64, Ordering::Relaxed);
+                // A node whose digest differs twice though its sessions match the view (twice, not to chase a
+                // change in flight): Redis's digest is what is wrong (written without one by an older version):
+                // recompute it there.
+                let mut reseal = Vec::new();
+                {
+                    let mut st = c.repair.lock().expect("repair lock");
+                    for node in &nodes {
+                        let n = st.unchanged.entry(node.clone()).or_default();
+                        *n = if changed == 0 { *n + 1 } else { 0 };
+                        if *n >= 2 {
+                            st.unchanged.remove(node);
+                            reseal.push(node.clone());
+                        }
+                    }
+                }
+                for node in reseal {
+                    match store.reseal(&node).await {
+                        Ok(_) => tracing::info!("cluster: the digest of node {node} in Redis was recomputed"),
+                        Err(e) => tracing::debug!("cluster: recomputing the digest of {node}: {e}"),
+                    }
+                }
                 let what = if full { "every node".to_owned() } else { format!("{nodes:?}") };
                 match changed {
                     0 => tracing::debug!("cluster: view of {what} checked against Redis in {:?}", t0.elapsed()),
@@ -500,9 +547,11 @@ async fn repair(
     let ids: Vec<String> = gone_ids.iter().map(|(id, _)| id.clone()).collect();
     let stones = store.tombstones(&ids).await?;
     for ((id, epoch), stone) in gone_ids.into_iter().zip(stones) {
+        // Without its tombstone, how it ended is not known: no reason (and the same session may come back, if Redis
+        // lost its registration rather than its end).
         let (reason, by_client) = match stone {
             Some((e, code, by)) if e == epoch => (code_reason(code), by),
-            _ => (CloseReason::Eof, false),
+            _ => (CloseReason::Unknown(0), false),
         };
         let off = RemoteOffline { epoch, reason, by_client, last_seen_ago: Duration::ZERO, grace: false };
         offline.push((id, off));
@@ -528,6 +577,7 @@ async fn outbox(c: Arc<Cluster>, host: Arc<dyn Host>, mut rx: mpsc::Receiver<Op>
             return;
         }
         c.outbox_busy.store(true, Ordering::Release);
+        let n = batch.len() as u64;
         let Some(store) = c.store() else {
             // Degraded: what ended meanwhile is released by the re-registration once Redis is back; a relayed
             // DATA is told to its sender.
@@ -540,9 +590,11 @@ async fn outbox(c: Arc<Cluster>, host: Arc<dyn Host>, mut rx: mpsc::Receiver<Op>
                     release @ Op::Release { .. } => c.unconfirmed(release),
                 }
             }
+            c.outbox_done.fetch_add(n, Ordering::Release);
             continue;
         };
         flush(&c, &*host, &store, &mut batch).await;
+        c.outbox_done.fetch_add(n, Ordering::Release);
     }
 }
 
@@ -575,6 +627,13 @@ async fn flush(c: &Cluster, host: &dyn Host, store: &Store, ops: &mut Vec<Op>) {
             ops.iter().map(|_| None).collect()
         }
     };
+    let lost_scripts =
+        results.iter().any(|r| matches!(r, Some(redis::Value::ServerError(e)) if e.code() == "NOSCRIPT"));
+    if lost_scripts {
+        // Redis forgot the scripts (SCRIPT FLUSH, a failover to a replica without them): a new connection loads
+        // them again; what failed is retried by the re-registration.
+        *c.store.lock().expect("store lock") = None;
+    }
     for (op, result) in ops.drain(..).zip(results) {
         let ok = matches!(result, Some(redis::Value::Int(_)));
         if ok {

@@ -200,6 +200,9 @@ impl Host for Shared {
             Msg::Ask { req, client, nonce, from } => {
                 let answer = {
                     let mut hub = self.hub.lock().expect("hub lock");
+                    // The id moves to `from` (a placeholder until its claim's `online`): a repair running now must not
+                    // take the placeholder for a lie.
+                    hub.touch(&client);
                     let Hub { registry, conns, .. } = &mut *hub;
                     let y =
                         registry.yield_to(now, &client, nonce, &from, |c| conns.get(&c).map(|h| self.last_rx_of(h)));
@@ -249,7 +252,9 @@ impl Host for Shared {
 
     fn local_sessions(&self) -> Vec<(String, u64)> {
         let hub = self.hub.lock().expect("hub lock");
-        hub.registry.local_sessions().map(|(id, _, epoch)| (id.to_owned(), epoch)).collect()
+        let live = hub.registry.local_sessions().map(|(id, _, epoch)| (id, epoch));
+        // Sessions in their presence grace are still registered: their release comes when the grace ends.
+        live.chain(hub.registry.graced_sessions()).map(|(id, epoch)| (id.to_owned(), epoch)).collect()
     }
 
     fn superseded(&self, client: &str, epoch: u64, node: &str, holder_epoch: u64) {
@@ -309,9 +314,10 @@ impl Host for Shared {
                 if *node == me || skip {
                     continue;
                 }
-                if hub.registry.remote_holder(client) != Some((node.as_str(), *epoch)) {
+                let now_held = |hub: &Hub| hub.registry.remote_holder(client) == Some((node.as_str(), *epoch));
+                if !now_held(&hub) {
                     evict.extend(hub.registry.remote_online(client, node, *epoch));
-                    changed += 1;
+                    changed += usize::from(now_held(&hub));
                 }
             }
             hub.pump(None);
@@ -322,7 +328,7 @@ impl Host for Shared {
                 let skip = hub.touched.as_ref().is_some_and(|t| t.contains(client));
                 if !skip && hub.registry.remote_holder(client).is_some_and(|(_, e)| e <= off.epoch) {
                     hub.registry.remote_offline(now, client, *off);
-                    changed += 1;
+                    changed += usize::from(hub.registry.remote_holder(client).is_none());
                 }
             }
             hub.pump(None);
@@ -337,7 +343,9 @@ impl Host for Shared {
 
     fn ended(&self, client: &str, epoch: u64) -> Option<(u8, bool, Duration)> {
         let hub = self.hub.lock().expect("hub lock");
-        if hub.registry.local_epoch(client) == Some(epoch) {
+        // Live, in its presence grace (released when the grace ends), or claimed and not admitted yet.
+        let in_flight = || self.cluster.as_ref().is_some_and(|c| c.in_flight(client, epoch));
+        if hub.registry.local_epoch(client) == Some(epoch) || hub.registry.in_grace(client, epoch) || in_flight() {
             return None;
         }
         let now = driver::now();

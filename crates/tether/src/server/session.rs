@@ -175,6 +175,10 @@ impl ServerHooks {
             }
             Decision::Welcome { epoch, displaced } => {
                 let hub = shared.hub.lock().expect("hub lock");
+                // From here the registry knows the claim (admitted, or refused and then released as ended).
+                if let Some(cluster) = &shared.cluster {
+                    cluster.admitted(&hello.client_id, epoch);
+                }
                 // A newer session claimed the id while this one's claim was in flight: it wins.
                 let newer_here = hub.registry.local_epoch(&hello.client_id).is_some_and(|e| e > epoch);
                 let newer_there = hub.registry.remote_holder(&hello.client_id).is_some_and(|(_, e)| e > epoch);
