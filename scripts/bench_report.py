@@ -21,7 +21,7 @@ KEYS = {
         "nodes", "connections", "node_rss_bytes", "rss_per_conn_bytes", "node_cpu_s", "cpu_s_per_10k_heartbeats",
         "redis_bytes_per_session", "redis_commands_per_s_at_rest", "redis_commands_per_s_wave", "wave_s",
         "cross_takeover_ms_p50", "cross_takeover_ms_p99", "presence_ms_p50", "presence_ms_p99",
-        "loss_last_offline_s", "loss_reaped_s",
+        "loss_last_offline_s", "loss_reaped_s", "late_node_view_s", "full_repair_s",
     ],
 }
 # An owned tether server with its admin listener (metrics on) is scraped after the idle hold.
@@ -258,6 +258,14 @@ def cluster_table(r):
         ("node loss: kill -9 → the reaping node's `node_lost` event (s)",
          f"{fmt(r['loss_reaped_s'])} ({fmt(r['loss_reaped_sessions'])} sessions)"),
     ]
+    if "late_node_view_s" in r:
+        rows += [
+            ("a late node: start → its view holds every other node's ids (s)",
+             f"{fmt(r['late_node_view_s'])} ({fmt(r['late_node_ids'])} ids; {fmt(r['late_node_redis_commands'])} Redis commands)"),
+            ("a full repair: all pub/sub connections killed → the late node's view checked (s)",
+             f"{fmt(r['full_repair_s'])} ({fmt(r['full_repair_changed_ids'])} ids changed; "
+             f"{fmt(r['full_repair_redis_commands'])} Redis commands, all nodes)"),
+        ]
     return "\n".join(["| figure | measured |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
 
 
@@ -327,7 +335,11 @@ the connections spread evenly, then in order:
 - **presence propagation**: a watcher on node 1 subscribed to ids of node 2, whose clients say `BYE` one at a
   time; from the `BYE` to the watcher's `PRESENCE`;
 - **node loss**: `kill -9` of node 3 (lease 3 s); from the kill to the last of 1,000 of its ids that a watcher on
-  node 1 sees offline, and to the reaping node's `node_lost` event.
+  node 1 sees offline, and to the reaping node's `node_lost` event;
+- **a late node**: a node started now (with an admin listener) reads every other node's sessions from Redis before
+  it accepts; from its start to its view (`remote_sessions` in `GET /v1/cluster`) holding all of them;
+- **a full repair**: `CLIENT KILL TYPE pubsub` drops every node's pub/sub connection; each reconnects and checks
+  its whole view against Redis; from the kill to the late node's repair, and Redis's commands meanwhile.
 
 {cluster}
 

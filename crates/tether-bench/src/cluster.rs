@@ -11,6 +11,12 @@
 //!    at a time; from the `BYE` to the watcher's `PRESENCE`.
 //! 5. **Node loss**: the watcher subscribes to 1,000 ids of node 3, which is killed (`kill -9`); from the kill
 //!    to the last of those offlines at the watcher, and to the reaping node's `node_lost` event.
+//! 6. **A late node**: a node started now (with an admin listener) reads every other node's sessions from Redis
+//!    before it serves: from its start to its view holding all of them (`remote_sessions`), and Redis's commands
+//!    meanwhile.
+//! 7. **A full repair**: Redis drops every node's pub/sub connection (`CLIENT KILL TYPE pubsub`); each node
+//!    reconnects and checks its whole view against Redis. From the kill to the late node's repair, and Redis's
+//!    commands meanwhile.
 //!
 //! Redis is a `redis-server` this run starts on a free loopback port (no persistence) and stops. Everything is
 //! read with `redis-cli`; nothing else talks to it.
@@ -36,15 +42,32 @@ struct Node {
 }
 
 fn spawn_node(opts: &Opts, redis: &Redis, i: usize, per_node: usize) -> anyhow::Result<Node> {
+    Ok(spawn_node_with(opts, redis, i, per_node, "off")?.0)
+}
+
+/// A node with its admin listener on `admin` (`off`, or an address), and that listener's address.
+fn spawn_node_with(
+    opts: &Opts,
+    redis: &Redis,
+    i: usize,
+    per_node: usize,
+    admin: &str,
+) -> anyhow::Result<(Node, Option<SocketAddr>)> {
     let mut o = opts.clone();
     o.connections = per_node + WATCHED;
     let id = format!("n{i}");
     o.server_args.extend(["--cluster", &redis.url(), "--node-id", &id].map(String::from));
-    o.server_args.extend(["--admin", "off"].map(String::from));
+    o.server_args.extend(["--admin", admin].map(String::from));
     let proc = spawn_tether(&o, "127.0.0.1:0")?;
     let l = proc.expect("listening", Duration::from_secs(20), |v| event(v) == "listening")?;
     let addr = l["addr"].as_str().context("listening addr")?.parse()?;
-    Ok(Node { addr, pid: proc.child.id(), proc })
+    let admin = l["admin"].as_str().map(str::parse).transpose().context("listening admin")?;
+    Ok((Node { addr, pid: proc.child.id(), proc }, admin))
+}
+
+/// A node's `GET /v1/cluster`.
+fn cluster_json(admin: SocketAddr) -> anyhow::Result<Value> {
+    Ok(serde_json::from_str(&crate::scrape::get(admin, "/v1/cluster")?)?)
 }
 
 /// Workers for node `i`: ids `c{first}` .. for its share, each worker on its own source address.
@@ -355,6 +378,56 @@ pub fn run(opts: &Opts) -> anyhow::Result<Report> {
         "node loss: kill -9 → reaping finished (its node_lost event)".into(),
         format!("{reaped_s:.3} s ({reaped} sessions)"),
     ));
+
+    // 6. A late node reads every other node's sessions before it serves.
+    let held_elsewhere: u64 =
+        redis.cli(&["EVAL", "return #redis.call('KEYS', 'tether:id:*')", "0"]).parse().context("counting ids")?;
+    let c0 = redis.info("total_commands_processed").context("INFO total_commands_processed")?;
+    let t0 = Instant::now();
+    let (late, late_admin) = spawn_node_with(opts, &redis, k, per_node, "127.0.0.1:0")?;
+    let late_admin = late_admin.context("the late node's admin listener")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut view = 0;
+    while view < held_elsewhere && Instant::now() < deadline {
+        view = cluster_json(late_admin)?["remote_sessions"].as_u64().unwrap_or(0);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let join_s = t0.elapsed().as_secs_f64();
+    let join_cmds = redis.info("total_commands_processed").context("INFO total_commands_processed")? - c0;
+    out["late_node_ids"] = json!(view);
+    out["late_node_view_s"] = json!(ms3(join_s));
+    out["late_node_redis_commands"] = json!(join_cmds);
+    rows.push((
+        "a late node: start → its view holds every other node's ids".into(),
+        format!("{join_s:.3} s ({view} of {held_elsewhere} ids; {join_cmds} Redis commands)"),
+    ));
+
+    // 7. A full repair: every node's pub/sub connection dropped at once; each checks its whole view.
+    let before = cluster_json(late_admin)?;
+    let repairs0 = before["repairs"].as_u64().unwrap_or(0);
+    let repaired0 = before["repaired"].as_u64().unwrap_or(0);
+    let c0 = redis.info("total_commands_processed").context("INFO total_commands_processed")?;
+    let t0 = Instant::now();
+    redis.client_kill_pubsub();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut after = cluster_json(late_admin)?;
+    while after["repairs"].as_u64().unwrap_or(0) <= repairs0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+        after = cluster_json(late_admin)?;
+    }
+    let repair_s = t0.elapsed().as_secs_f64();
+    let repair_cmds = redis.info("total_commands_processed").context("INFO total_commands_processed")? - c0;
+    let repaired = after["repaired"].as_u64().unwrap_or(0) - repaired0;
+    out["full_repair_s"] = json!(ms3(repair_s));
+    out["full_repair_redis_commands"] = json!(repair_cmds);
+    out["full_repair_changed_ids"] = json!(repaired);
+    rows.push((
+        "a full repair (all pub/sub connections killed): kill → the late node's view checked".into(),
+        format!(
+            "{repair_s:.3} s ({view} ids in its view, {repaired} changed; {repair_cmds} Redis commands, all nodes)"
+        ),
+    ));
+    drop(late);
 
     for w in workers.iter_mut().flatten() {
         let _ = w.send("stop");
