@@ -217,8 +217,13 @@ async fn redis_digest_per_node_equals_the_xor_of_its_ids_as_rust_computes_it() {
         assert_ne!(digest_of_holders(n), 0, "{n} holds ids");
         assert_eq!(digest_in_redis(n), digest_of_holders(n), "{n}");
     }
-    // n1's view of n2 holds what Redis says n2 holds: its odd devices but the leaver, and the moved one.
-    assert_eq!(n1.handle.metrics().cluster.unwrap().remote_sessions, 10);
+    // n1's view of n2 comes to hold what Redis says n2 holds (the leaver's offline may still be on its way): its
+    // odd devices but the leaver, and the moved one.
+    let view = || n1.handle.metrics().cluster.unwrap().remote_sessions;
+    while view() != 10 {
+        assert!(std::time::Instant::now() < deadline, "n1's view of n2 holds {} ids, not 10", view());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]
@@ -245,9 +250,15 @@ async fn a_lie_in_a_nodes_view_is_found_by_the_checkpoints_and_repaired() {
     let p = next_presence(&mut w).await;
     assert_eq!((p.client_id.as_str(), p.state), ("ghost", PresenceState::Offline));
     let took = lied.elapsed();
-    assert!(took < Duration::from_secs(4), "repaired after {took:?}");
-    let c = n1.handle.metrics().cluster.unwrap();
-    assert_eq!((c.remote_sessions, c.repaired), (1, 1), "{c:?}");
+    // The bound is three checkpoints and a repair (about 3 s); the margin is for a loaded machine.
+    assert!(took < Duration::from_secs(10), "repaired after {took:?}");
+    // The counter follows the repair's last write (the watcher may hear of it first).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let counts = || n1.handle.metrics().cluster.map(|c| (c.remote_sessions, c.repaired));
+    while counts() != Some((1, 1)) {
+        assert!(std::time::Instant::now() < deadline, "{:?}", n1.handle.metrics().cluster);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     println!("MEASURED a lie in a node's view (a ghost online) repaired {:.2}s after it arrived", took.as_secs_f64());
 }
 
