@@ -50,7 +50,8 @@ pub struct KernelQueue {
     pub notsent: u32,
     /// The kernel is retransmitting on its timer: nothing it sent was acknowledged for `since_ack`.
     pub retransmitting: bool,
-    /// The kernel is probing a zero window: the peer accepts no data, none was sent for `since_data_sent`.
+    /// The peer's window is closed: output waits and nothing is in flight, or the kernel is probing the window.
+    /// No data was sent for `since_data_sent`.
     pub zero_window: bool,
     /// Time since the last acknowledgement arrived.
     pub since_ack: Duration,
@@ -64,14 +65,16 @@ impl KernelQueue {
         self.unacked > 0 || self.notsent > 0
     }
 
-    /// How long the kernel's queue has made no progress, as far as its own state tells: since the window closed
-    /// (zero-window probing), or since the last acknowledgement (retransmitting); zero while it makes progress.
+    /// How long the kernel's queue has made no progress, as far as its own state tells: since it last sent data
+    /// while output waits with nothing in flight (the window is closed, whether or not the kernel is probing it:
+    /// the peer's own segments reset the probe count), or since the last acknowledgement (retransmitting); zero
+    /// while it makes progress.
     pub fn stalled_for(&self) -> Duration {
         if !self.holds_output() {
             return Duration::ZERO;
         }
         let mut stalled = Duration::ZERO;
-        if self.zero_window && self.notsent > 0 {
+        if self.notsent > 0 && (self.zero_window || self.unacked == 0) {
             stalled = stalled.max(self.since_data_sent);
         }
         if self.retransmitting && self.unacked > 0 {

@@ -260,7 +260,9 @@ pub fn kernel_queue(fd: std::os::fd::RawFd) -> Option<tether_proto::KernelQueue>
         unacked: i.unacked,
         notsent: i.notsent_bytes,
         retransmitting: i.retransmits > 0,
-        zero_window: i.probes > 0 && i.notsent_bytes > 0,
+        // Probing, or output waiting with nothing in flight: the peer's window is closed. (A peer that keeps sending
+        // resets the probe count with every segment, so probes alone miss it.)
+        zero_window: i.notsent_bytes > 0 && (i.probes > 0 || i.unacked == 0),
         since_ack: i.since_ack_recv,
         since_data_sent: i.since_data_sent,
     })

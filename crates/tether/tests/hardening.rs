@@ -214,6 +214,18 @@ async fn a_client_offering_a_later_version_gets_v2_and_a_v1_client_gets_v1() {
     assert_eq!((c.welcome().version, c.welcome().max_frame), (V2, Some(65_536)));
 }
 
+/// A raw peer with a receive buffer of `bytes`, welcomed as `id`.
+async fn welcomed_with_receive_buffer(addr: SocketAddr, id: &str, bytes: usize) -> RawPeer {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(bytes).unwrap();
+    sock.set_nonblocking(true).unwrap();
+    let sock = TcpSocket::from_std_stream(sock.into());
+    let mut peer = RawPeer::from_stream(sock.connect(addr).await.unwrap());
+    peer.send(&hello_frame(PROTOCOL_VERSION, id, 1)).await;
+    assert!(matches!(peer.next_frame().await, Some(Frame::Welcome(_))));
+    peer
+}
+
 /// Real clock: the kernel's zero-window probing runs on its own time, not tokio's.
 #[tokio::test]
 async fn output_stuck_in_the_kernel_is_a_write_timeout_like_output_stuck_in_ours() {
@@ -226,13 +238,7 @@ async fn output_stuck_in_the_kernel_is_a_write_timeout_like_output_stuck_in_ours
     let mut s = TestServer::start(cfg).await;
     // A watcher whose application stopped reading: a tiny receive buffer it never drains, while it keeps pinging
     // (so it is alive to the heartbeat rule).
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    sock.set_recv_buffer_size(1024).unwrap();
-    sock.set_nonblocking(true).unwrap();
-    let sock = TcpSocket::from_std_stream(sock.into());
-    let mut watcher = RawPeer::from_stream(sock.connect(s.addr).await.unwrap());
-    watcher.send(&hello_frame(PROTOCOL_VERSION, "watcher", 1)).await;
-    assert!(matches!(watcher.next_frame().await, Some(Frame::Welcome(_))));
+    let mut watcher = welcomed_with_receive_buffer(s.addr, "watcher", 1024).await;
     // Relayed data fills its window; what is left (a few KiB) fits in the server's kernel send buffer, so the
     // server's own queue stays empty and only the kernel holds it.
     let sender = Client::connect(s.addr, ClientConfig::new("sender")).await.unwrap();
@@ -257,6 +263,64 @@ async fn output_stuck_in_the_kernel_is_a_write_timeout_like_output_stuck_in_ours
     assert!(detail.as_deref().unwrap().contains("the kernel holds"), "{detail:?}");
     assert!(started.elapsed() < Duration::from_secs(5), "judged after {:?}", started.elapsed());
     pinger.abort();
+}
+
+/// A client that stops reading while it keeps pinging, the relayed backlog (`kib` KiB) waiting in the server's
+/// kernel with the window closed (and, when it is larger than the kernel's send buffer, in the server's own queue
+/// too). No user timeout: only the write rule can end it. Returns the verdict's reason and detail, and when.
+async fn a_reader_that_stopped(kib: usize, ping_every: Duration) -> (CloseReason, String, Duration) {
+    let mut cfg = test_config();
+    cfg.heartbeat.interval = Duration::from_millis(500);
+    cfg.heartbeat.timeout = Duration::from_secs(60);
+    // Long enough that the kernel's zero-window probes back off past the peer's PINGs (each of which resets
+    // their count): the kernel's probing no longer shows.
+    cfg.conn.write_timeout = Duration::from_secs(3);
+    cfg.socket.user_timeout = Some(Duration::ZERO);
+    cfg.socket.keepalive = None;
+    // Room in our queue for the part the kernel does not take (the slow-consumer rule is not what is tested).
+    cfg.outbound_queue = 4096;
+    cfg.conn.max_outbound_bytes = 64 << 20;
+    let mut s = TestServer::start(cfg).await;
+    let mut reader = welcomed_with_receive_buffer(s.addr, "reader", 4096).await;
+    // The application's sends: into our queue, then the kernel's, as fast as the window lets them.
+    for _ in 0..kib / 8 {
+        s.handle.send("reader", Bytes::from(vec![b'x'; 8 * 1024])).unwrap();
+    }
+    // A fixed-timer heartbeat: one PING per period, whatever comes back (it reads nothing).
+    let pinger = tokio::spawn(async move {
+        for seq in 0.. {
+            let ping = Frame::Ping { seq, ts_ms: 0 }.to_bytes_v(reader.version);
+            if reader.stream.write_all(&ping).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(ping_every).await;
+        }
+    });
+    let started = std::time::Instant::now();
+    let k = tokio::time::timeout(Duration::from_secs(30), s.wait(|k| offline_reason(k, "reader").is_some()))
+        .await
+        .expect("no verdict in 30 s");
+    pinger.abort();
+    let EventKind::Offline { reason, detail, .. } = k else { unreachable!() };
+    (reason, detail.unwrap_or_default(), started.elapsed())
+}
+
+/// Real clock: the kernel's queue runs on its own time. The window closed, the peer's own segments (its PINGs)
+/// keep acknowledging nothing new, so the kernel never probes: what tells the stall is that it holds unsent
+/// output and has sent nothing for the write timeout.
+#[tokio::test]
+async fn a_reader_that_stopped_with_its_backlog_in_the_kernel_is_a_write_timeout() {
+    let (reason, detail, took) = a_reader_that_stopped(1600, Duration::from_millis(500)).await;
+    assert_eq!(reason, CloseReason::WriteTimeout, "{detail}");
+    assert!(detail.contains("the kernel holds"), "{detail}");
+    println!("MEASURED a reader that stopped, 1.6 MB in the kernel: write_timeout after {took:?} ({detail})");
+}
+
+#[tokio::test]
+async fn a_reader_that_stopped_with_its_backlog_split_between_the_kernel_and_our_queue_is_a_write_timeout() {
+    let (reason, detail, took) = a_reader_that_stopped(12 * 1024, Duration::from_millis(500)).await;
+    assert_eq!(reason, CloseReason::WriteTimeout, "{detail}");
+    println!("MEASURED a reader that stopped, 12 MiB between the kernel and our queue: write_timeout after {took:?} ({detail})");
 }
 
 /// A client that offers v2 to a server that speaks only v1 (and refuses the HELLO as unknown) is welcomed on its

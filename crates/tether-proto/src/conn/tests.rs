@@ -1042,3 +1042,23 @@ fn a_probe_on_request_measures_the_next_pong_only() {
     fresh.probe_now(t0);
     assert!(fresh.poll_transmit().is_empty());
 }
+
+#[test]
+fn the_kernel_queue_is_stalled_when_output_waits_with_nothing_in_flight_whether_or_not_it_probes() {
+    let q = |unacked, notsent, probing, since_data_sent_ms| KernelQueue {
+        unacked,
+        notsent,
+        retransmitting: false,
+        zero_window: probing,
+        since_ack: Duration::from_millis(10),
+        since_data_sent: Duration::from_millis(since_data_sent_ms),
+    };
+    // The window closed, and the peer's own segments keep resetting the probe count: nothing sent for 3 s.
+    assert_eq!(q(0, 1_600_000, false, 3000).stalled_for(), Duration::from_millis(3000));
+    // The same while the kernel probes.
+    assert_eq!(q(0, 1_600_000, true, 3000).stalled_for(), Duration::from_millis(3000));
+    // Data in flight and acknowledged as it goes (the last ACK 10 ms ago): progress.
+    assert_eq!(q(10, 1_600_000, false, 3000).stalled_for(), Duration::ZERO);
+    // Nothing held: nothing stalled.
+    assert_eq!(q(0, 0, false, 3000).stalled_for(), Duration::ZERO);
+}
