@@ -189,7 +189,7 @@ pub fn node_json(n: &tether::cluster::store::NodeStatus) -> serde_json::Value {
     json!({
         "node": n.node, "member": n.member, "lease_left_ms": n.lease_left_ms, "lease_ms": n.lease_ms,
         "lost": n.lease_left_ms < 0, "sessions": n.sessions, "addr": n.addr, "admin": n.admin,
-        "started_ms": n.started_ms,
+        "started_ms": n.started_ms, "synced": n.synced,
     })
 }
 

@@ -101,7 +101,8 @@ struct Peer {
     id: String,
     watcher: bool,
     seen: Arc<Mutex<Seen>>,
-    cmds: mpsc::UnboundedSender<Cmd>,
+    /// Each command waits for its answer, so one at a time is all a peer ever has in flight.
+    cmds: mpsc::Sender<Cmd>,
 }
 
 impl Peer {
@@ -114,7 +115,7 @@ impl Peer {
             client.subscribe(vec!["*".into()]).await.unwrap();
         }
         let seen = Arc::new(Mutex::new(Seen { at: Some(addr.to_owned()), ..Seen::default() }));
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(1);
         tokio::spawn(pump_plain(client, rx, seen.clone()));
         Peer { id: id.to_owned(), watcher, seen, cmds: tx }
     }
@@ -132,7 +133,7 @@ impl Peer {
             client.subscribe(vec!["*".into()]).await.unwrap();
         }
         let seen = Arc::new(Mutex::new(Seen::default()));
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(1);
         tokio::spawn(pump_resilient(client, rx, seen.clone()));
         let peer = Peer { id: id.to_owned(), watcher, seen, cmds: tx };
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -157,14 +158,14 @@ impl Peer {
 
     async fn send(&self, to: &str, payload: Bytes) -> Result<(), String> {
         let (ack, rx) = oneshot::channel();
-        self.cmds.send(Cmd::Send(to.to_owned(), payload, ack)).map_err(|_| format!("{}: ended", self.id))?;
+        self.cmds.send(Cmd::Send(to.to_owned(), payload, ack)).await.map_err(|_| format!("{}: ended", self.id))?;
         rx.await.map_err(|_| format!("{}: ended", self.id))?
     }
 
     /// Leave with `BYE`, and wait until the connection is closed.
     async fn close(&self) {
         let (done, rx) = oneshot::channel();
-        if self.cmds.send(Cmd::Close(done)).is_ok() {
+        if self.cmds.send(Cmd::Close(done)).await.is_ok() {
             let _ = rx.await;
         }
         let mut s = self.seen();
@@ -173,7 +174,7 @@ impl Peer {
     }
 }
 
-async fn pump_plain(mut c: Client, mut cmds: mpsc::UnboundedReceiver<Cmd>, seen: Arc<Mutex<Seen>>) {
+async fn pump_plain(mut c: Client, mut cmds: mpsc::Receiver<Cmd>, seen: Arc<Mutex<Seen>>) {
     let done = loop {
         tokio::select! {
             cmd = cmds.recv() => match cmd {
@@ -213,7 +214,7 @@ async fn pump_plain(mut c: Client, mut cmds: mpsc::UnboundedReceiver<Cmd>, seen:
     }
 }
 
-async fn pump_resilient(mut c: ReconnectingClient, mut cmds: mpsc::UnboundedReceiver<Cmd>, seen: Arc<Mutex<Seen>>) {
+async fn pump_resilient(mut c: ReconnectingClient, mut cmds: mpsc::Receiver<Cmd>, seen: Arc<Mutex<Seen>>) {
     let done = loop {
         tokio::select! {
             cmd = cmds.recv() => match cmd {

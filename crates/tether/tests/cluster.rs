@@ -19,6 +19,15 @@ async fn node(redis: &Redis, id: &str) -> TestServer {
     TestServer::start(cfg).await
 }
 
+/// Poll `cond` every 20 ms until it holds; fails after `within`, saying `what` (read then).
+async fn until(within: Duration, what: impl Fn() -> String, cond: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "{}", what());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn client(id: &str, nonce: u64) -> ClientConfig {
     let mut c = ClientConfig::new(id);
     c.nonce = Some(nonce);
@@ -137,27 +146,15 @@ async fn a_stalled_redis_loses_no_release_and_no_client() {
     let _ = leaving.close().await;
     let mut arriving = Client::connect(n1.addr, client("arriving", 2)).await.unwrap();
     // After the pause, within a few lease ticks: the leaver is gone from Redis, the newcomer registered and kept.
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while !held("leaving").is_empty() || held("arriving") != "n1" {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "leaving: {:?}, arriving: {:?}",
-            held("leaving"),
-            held("arriving")
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let state = || format!("leaving: {:?}, arriving: {:?}", held("leaving"), held("arriving"));
+    until(Duration::from_secs(15), state, || held("leaving").is_empty() && held("arriving") == "n1").await;
     let quiet = tokio::time::timeout(Duration::from_millis(1500), arriving.next_event()).await;
     assert!(quiet.is_err(), "the newcomer was told something: {quiet:?}");
     // The stall was real for the node: requests timed out, and the release could not be sent at first.
     let c = n1.handle.metrics().cluster.unwrap();
     assert!(c.redis_errors >= 1 && c.unpublished >= 1, "{c:?}");
     let _ = arriving.close().await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !held("arriving").is_empty() {
-        assert!(std::time::Instant::now() < deadline, "arriving was not released");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until(Duration::from_secs(10), || "arriving was not released".into(), || held("arriving").is_empty()).await;
 }
 
 #[tokio::test]
@@ -208,11 +205,8 @@ async fn redis_digest_per_node_equals_the_xor_of_its_ids_as_rust_computes_it() {
             })
             .fold(0, |a, b| a ^ b)
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while redis.cli(&["EXISTS", "tether:id:d19:x"]) != "0" {
-        assert!(std::time::Instant::now() < deadline, "the leaver was not released");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let released = || redis.cli(&["EXISTS", "tether:id:d19:x"]) == "0";
+    until(Duration::from_secs(10), || "the leaver was not released".into(), released).await;
     for n in ["n1", "n2"] {
         assert_ne!(digest_of_holders(n), 0, "{n} holds ids");
         assert_eq!(digest_in_redis(n), digest_of_holders(n), "{n}");
@@ -220,10 +214,7 @@ async fn redis_digest_per_node_equals_the_xor_of_its_ids_as_rust_computes_it() {
     // n1's view of n2 comes to hold what Redis says n2 holds (the leaver's offline may still be on its way): its
     // odd devices but the leaver, and the moved one.
     let view = || n1.handle.metrics().cluster.unwrap().remote_sessions;
-    while view() != 10 {
-        assert!(std::time::Instant::now() < deadline, "n1's view of n2 holds {} ids, not 10", view());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until(Duration::from_secs(10), || format!("n1's view of n2 holds {} ids, not 10", view()), || view() == 10).await;
 }
 
 #[tokio::test]
@@ -253,12 +244,8 @@ async fn a_lie_in_a_nodes_view_is_found_by_the_checkpoints_and_repaired() {
     // The bound is three checkpoints and a repair (about 3 s); the margin is for a loaded machine.
     assert!(took < Duration::from_secs(10), "repaired after {took:?}");
     // The counter follows the repair's last write (the watcher may hear of it first).
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
     let counts = || n1.handle.metrics().cluster.map(|c| (c.remote_sessions, c.repaired));
-    while counts() != Some((1, 1)) {
-        assert!(std::time::Instant::now() < deadline, "{:?}", n1.handle.metrics().cluster);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until(Duration::from_secs(5), || format!("{:?}", n1.handle.metrics().cluster), || counts() == Some((1, 1))).await;
     println!("MEASURED a lie in a node's view (a ghost online) repaired {:.2}s after it arrived", took.as_secs_f64());
 }
 
@@ -274,11 +261,8 @@ async fn a_digest_redis_got_wrong_is_recomputed_and_nobody_hears_of_it() {
     let right = redis.cli(&["HGET", "tether:digest", "n2"]);
     // As a version without digests, or a hand edit, would leave it.
     assert_eq!(redis.cli(&["HSET", "tether:digest", "n2", "12345"]), "0");
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while redis.cli(&["HGET", "tether:digest", "n2"]) != right {
-        assert!(std::time::Instant::now() < deadline, "the digest of n2 was not recomputed");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let resealed = || redis.cli(&["HGET", "tether:digest", "n2"]) == right;
+    until(Duration::from_secs(15), || "the digest of n2 was not recomputed".into(), resealed).await;
     // The view was right all along: nothing was changed in it, and the watcher heard nothing.
     let c = n1.handle.metrics().cluster.unwrap();
     assert!(c.repairs >= 2 && c.repaired == 0, "{c:?}");

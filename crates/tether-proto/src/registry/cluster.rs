@@ -16,6 +16,7 @@
 //! may have the id, lets it go with the nonces it displaced; the newcomer's node then admits it with
 //! [`Registry::admit_cluster`].
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -91,10 +92,14 @@ impl Registry {
         self.remote_digests.iter().map(|(n, d)| (&**n, *d))
     }
 
-    /// The ids the view holds on `node`, with their epochs (a scan of every remote id: for a repair, not per
-    /// message).
-    pub fn remote_ids_of(&self, node: &str) -> Vec<(String, u64)> {
-        self.remote.iter().filter(|(_, r)| &*r.node == node).map(|(id, r)| (id.clone(), r.epoch)).collect()
+    /// The ids the view holds on the nodes `wanted` picks, with their epochs, per node (one scan of every
+    /// remote id: for a repair, not per message).
+    pub fn remote_ids_of(&self, wanted: impl Fn(&str) -> bool) -> HashMap<String, Vec<(String, u64)>> {
+        let mut out: HashMap<String, Vec<(String, u64)>> = HashMap::new();
+        for (id, r) in self.remote.iter().filter(|(_, r)| wanted(&r.node)) {
+            out.entry(r.node.to_string()).or_default().push((id.clone(), r.epoch));
+        }
+        out
     }
 
     /// A remote entry for `node`, sharing the node's name with the other entries of that node.

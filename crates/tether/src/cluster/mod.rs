@@ -134,8 +134,8 @@ pub(crate) trait Host: Send + Sync + 'static {
     fn adopt_epoch(&self, client: &str, from: u64, to: u64);
     /// Each other node the view holds ids of, with their count and digest.
     fn view_digests(&self) -> Vec<(String, NodeDigest)>;
-    /// The ids the view holds on `node`, with their epochs.
-    fn view_of(&self, node: &str) -> Vec<(String, u64)>;
+    /// The ids the view holds on each of `nodes`, with their epochs (one pass over the view).
+    fn view_of(&self, nodes: &std::collections::BTreeSet<String>) -> HashMap<String, Vec<(String, u64)>>;
     /// A repair begins: remember every id a message changes from now on, so that the repair (read before those
     /// messages were applied) does not undo them.
     fn repair_begin(&self);
@@ -262,7 +262,8 @@ pub struct Cluster {
     /// Releases Redis did not confirm, retried by the next re-registration.
     unconfirmed: Mutex<HashMap<String, Unconfirmed>>,
     /// Claims Redis made whose connection has not taken the decision yet (bounded by the handshakes in flight).
-    in_flight: Mutex<std::collections::HashSet<(String, u64)>>,
+    /// Keyed by epoch alone: epochs from Redis are unique.
+    in_flight: Mutex<std::collections::HashSet<u64>>,
     repair: Mutex<RepairState>,
     repair_wake: tokio::sync::Notify,
     /// Why this node cannot be part of the cluster at all (a configuration Redis refuses, or its node id held by
@@ -369,18 +370,10 @@ impl Cluster {
     /// refuses the configuration, or another live process holds this node id).
     pub async fn wait_ready(&self, patience: Duration) -> Result<bool, String> {
         let ready = || self.joined.load(Ordering::Acquire) && self.listening.load(Ordering::Acquire);
-        let waiting = async {
-            loop {
-                let notified = self.ready.notified();
-                if let Some(why) = self.fatal.lock().expect("fatal lock").clone() {
-                    return Err(why);
-                }
-                if ready() {
-                    return Ok(());
-                }
-                notified.await;
-            }
-        };
+        let waiting = self.until(|fatal| match fatal {
+            Some(why) => Some(Err(why)),
+            None => ready().then_some(Ok(())),
+        });
         match tokio::time::timeout(patience, waiting).await {
             Ok(Ok(())) => Ok(true),
             Ok(Err(why)) => Err(why),
@@ -391,10 +384,16 @@ impl Cluster {
     /// Resolves when the node finds it cannot be part of the cluster at all (see [`Cluster::wait_ready`]), with
     /// why: also after start, when Redis could not be reached at first.
     pub async fn wait_fatal(&self) -> String {
+        self.until(|fatal| fatal).await
+    }
+
+    /// Wait until `done`, given why the node cannot join (if it cannot), says so; checked at every change of the
+    /// readiness flags.
+    async fn until<T>(&self, done: impl Fn(Option<String>) -> Option<T>) -> T {
         loop {
             let notified = self.ready.notified();
-            if let Some(why) = self.fatal.lock().expect("fatal lock").clone() {
-                return why;
+            if let Some(t) = done(self.fatal.lock().expect("fatal lock").clone()) {
+                return t;
             }
             notified.await;
         }
@@ -434,14 +433,14 @@ impl Cluster {
         *self.store.lock().expect("store lock") = None;
     }
 
-    /// Whether `client`'s claim of `epoch` succeeded and its connection has not taken the decision yet.
-    pub(crate) fn in_flight(&self, client: &str, epoch: u64) -> bool {
-        self.in_flight.lock().expect("in flight lock").contains(&(client.to_owned(), epoch))
+    /// Whether the claim that got `epoch` succeeded and its connection has not taken the decision yet.
+    pub(crate) fn in_flight(&self, epoch: u64) -> bool {
+        self.in_flight.lock().expect("in flight lock").contains(&epoch)
     }
 
-    /// The connection took the decision about `client`'s claim of `epoch` (admitted it, refused it, or closed).
-    pub(crate) fn admitted(&self, client: &str, epoch: u64) {
-        self.in_flight.lock().expect("in flight lock").remove(&(client.to_owned(), epoch));
+    /// The connection took the decision about the claim of `epoch` (admitted it, refused it, or closed).
+    pub(crate) fn admitted(&self, epoch: u64) {
+        self.in_flight.lock().expect("in flight lock").remove(&epoch);
     }
 
     /// Claim `client` for a new session here: its cluster epoch and the previous holder. `None` when Redis did not
@@ -457,7 +456,7 @@ impl Cluster {
             Ok(c) => {
                 self.stats.claims.fetch_add(1, Ordering::Relaxed);
                 self.saw_epoch(c.epoch);
-                self.in_flight.lock().expect("in flight lock").insert((client.to_owned(), c.epoch));
+                self.in_flight.lock().expect("in flight lock").insert(c.epoch);
                 if self.incarnation() != inc {
                     // The node rejoined while this claim ran: it went to the old incarnation. Register again.
                     self.resync.store(true, Ordering::Relaxed);
@@ -590,6 +589,7 @@ impl Cluster {
             }
         }
         st.absent_since.retain(|n, _| view.contains_key(n));
+        st.unchanged.retain(|n, _| live.contains_key(n));
         drop(st);
         if wake {
             self.repair_wake.notify_one();

@@ -104,6 +104,10 @@ local function lease_now(gap)
   redis.call('HSET', 'tether:clock', 'last', ms_str(now), 'skew', ms_str(skew))
   return now - skew
 end
+-- Whether member `m` (`node#inc`) is an incarnation of `node`.
+local function of_node(m, node)
+  return string.sub(m, 1, #node + 1) == node .. '#' and not string.find(m, '#', #node + 2, true)
+end
 -- One id's share of its node's digest: the first 32 bits of SHA-1(id:epoch).
 local function share(id, epoch)
   return tonumber(string.sub(redis.sha1hex(id .. ':' .. epoch), 1, 8), 16)
@@ -252,10 +256,9 @@ if ARGV[3] ~= '1' and (not known or tonumber(known) < now) then
 end
 if ARGV[3] == '1' then
   local live = redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf', 'WITHSCORES')
-  local prefix = ARGV[4] .. '#'
   for i = 1, #live, 2 do
     local m = live[i]
-    if m ~= ARGV[1] and string.sub(m, 1, #prefix) == prefix and not string.find(m, '#', #prefix + 1, true) then
+    if m ~= ARGV[1] and of_node(m, ARGV[4]) then
       return {ms_str(now), -1, redis.call('ZCARD', KEYS[1]), m, tonumber(live[i + 1])}
     end
   end
@@ -327,9 +330,8 @@ return #live
 const RESEAL: &str = r#"
 local d = 0
 local seen = {}
-local prefix = ARGV[1] .. '#'
 for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  if string.sub(m, 1, #prefix) == prefix and not string.find(m, '#', #prefix + 1, true) then
+  if of_node(m, ARGV[1]) then
     for _, id in ipairs(redis.call('SMEMBERS', 'tether:node:' .. m .. ':ids')) do
       local cur = redis.call('HMGET', 'tether:id:' .. id, 'node', 'epoch')
       if cur[1] == ARGV[1] and not seen[id] then
@@ -417,6 +419,8 @@ pub struct NodeStatus {
     pub started_ms: u64,
     pub addr: String,
     pub admin: String,
+    /// Every session the member holds is registered under it: other nodes take its absences at their word.
+    pub synced: bool,
 }
 
 /// The typed calls, over one multiplexed connection (requests from many tasks share it, pipelined).
@@ -663,22 +667,6 @@ impl Store {
         self.scripts.reseal.key(NODES).key(DIGEST).arg(node).invoke_async(&mut con).await
     }
 
-    /// Every live member's node id, incarnation and whether it is synced (for a repair of this node's view).
-    pub async fn live_members(&self) -> RedisResult<Vec<(String, String, bool)>> {
-        let mut con = self.con.clone();
-        let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut con).await?;
-        let skew: Option<u64> = con.hget(CLOCK, "skew").await?;
-        let now = (secs * 1000 + micros / 1000).saturating_sub(skew.unwrap_or(0));
-        let live: Vec<String> = con.zrangebyscore(NODES, now, "+inf").await?;
-        let mut out = Vec::with_capacity(live.len());
-        for m in live {
-            let synced: Option<String> = con.hget(info_key(&m), "synced").await?;
-            let (node, inc) = m.rsplit_once('#').unwrap_or((&m, ""));
-            out.push((node.to_owned(), inc.to_owned(), synced.as_deref() == Some("1")));
-        }
-        Ok(out)
-    }
-
     /// The tombstones of `ids`: (epoch, reason code, by client) of the session that ended last, if remembered.
     pub async fn tombstones(&self, ids: &[String]) -> RedisResult<Vec<Option<(u64, u8, bool)>>> {
         let mut con = self.con.clone();
@@ -741,6 +729,7 @@ impl Store {
     /// Every node in the table, with its lease and session count.
     pub async fn nodes(&self) -> RedisResult<Vec<NodeStatus>> {
         let mut con = self.con.clone();
+        // The lease clock as the scripts keep it (read only: a stall in progress is not skipped yet).
         let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut con).await?;
         let skew: Option<u64> = con.hget(CLOCK, "skew").await?;
         let now = (secs * 1000 + micros / 1000).saturating_sub(skew.unwrap_or(0));
@@ -758,6 +747,7 @@ impl Store {
                 started_ms: get("started_ms").parse().unwrap_or(0),
                 addr: get("addr"),
                 admin: get("admin"),
+                synced: get("synced") == "1",
                 member: m,
             });
         }

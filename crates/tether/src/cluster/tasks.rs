@@ -25,7 +25,7 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
 use super::store::{self, Leased, Registered, Store};
-use super::wire::Msg;
+use super::wire::{self, Msg};
 use super::{
     new_inc, problem, stall_gap, unix_ms, Cluster, Host, Op, Problem, PUBSUB_BYTES, PUBSUB_QUEUE, REAP_BATCH,
     REAP_EVERY,
@@ -486,19 +486,20 @@ async fn repair(
 ) -> redis::RedisResult<usize> {
     let me = c.cfg.node_id.as_str();
     host.repair_begin();
-    let members = store.live_members().await?;
+    let members: Vec<store::NodeStatus> = store.nodes().await?.into_iter().filter(|m| m.lease_left_ms >= 0).collect();
     let mut targets: std::collections::BTreeSet<String> = nodes.into_iter().collect();
     if full {
-        targets.extend(members.iter().map(|(n, _, _)| n.clone()));
+        targets.extend(members.iter().map(|m| m.node.clone()));
         targets.extend(host.view_digests().into_iter().map(|(n, _)| n));
     }
     targets.remove(me);
+    let mut views = host.view_of(&targets);
     let absent_for = c.cfg.lease * 2;
     let (mut online, mut offline) = (Vec::new(), Vec::new());
     let mut gone_ids = Vec::new();
     for node in &targets {
-        let live: Vec<&(String, String, bool)> = members.iter().filter(|(n, _, _)| n == node).collect();
-        let view = host.view_of(node);
+        let live: Vec<&store::NodeStatus> = members.iter().filter(|m| m.node == *node).collect();
+        let view = views.remove(node).unwrap_or_default();
         if live.is_empty() {
             let since = {
                 let mut st = c.repair.lock().expect("repair lock");
@@ -518,9 +519,10 @@ async fn repair(
             }
             continue;
         }
-        let synced = live.iter().all(|(_, _, s)| *s);
+        let synced = live.iter().all(|m| m.synced);
         let mut truth: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
-        for (_, inc, _) in &live {
+        for m in &live {
+            let inc = m.member.rsplit_once('#').map_or("", |(_, inc)| inc);
             for (id, holder, epoch) in store.own_ids(node, inc).await? {
                 if let (Some(h), Some(e)) = (holder, epoch) {
                     if h == *node {
@@ -550,21 +552,13 @@ async fn repair(
         // Without its tombstone, how it ended is not known: no reason (and the same session may come back, if Redis
         // lost its registration rather than its end).
         let (reason, by_client) = match stone {
-            Some((e, code, by)) if e == epoch => (code_reason(code), by),
+            Some((e, code, by)) if e == epoch => (wire::reason_of(code), by),
             _ => (CloseReason::Unknown(0), false),
         };
         let off = RemoteOffline { epoch, reason, by_client, last_seen_ago: Duration::ZERO, grace: false };
         offline.push((id, off));
     }
     Ok(host.repair_apply(online, offline))
-}
-
-/// A reason code as Redis keeps it (0 names none).
-pub(super) fn code_reason(code: u8) -> CloseReason {
-    match code {
-        0 => CloseReason::Eof,
-        r => CloseReason::try_from(r).unwrap_or(CloseReason::Unknown(r)),
-    }
 }
 
 /// Carry out queued operations in order, each batch in one pipeline (Redis runs a pipeline's commands in

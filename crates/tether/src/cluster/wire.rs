@@ -50,6 +50,16 @@ pub struct CheckpointNode {
     pub digest: u32,
 }
 
+/// A reason code as nodes exchange it (an `offline`, a tombstone): 0 names none (`eof`); one this version does
+/// not know is kept as such (v2 watchers get it, v1 ones `bye`).
+pub fn reason_of(code: u8) -> tether_proto::CloseReason {
+    use tether_proto::CloseReason;
+    match code {
+        0 => CloseReason::Eof,
+        r => CloseReason::try_from(r).unwrap_or(CloseReason::Unknown(r)),
+    }
+}
+
 /// The holding node's answer to [`Msg::Ask`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AskAnswer {

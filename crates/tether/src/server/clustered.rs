@@ -19,6 +19,7 @@
 //! `Yield`). Like
 //! everything under the hub's lock, holds it only for registry calls and pushes, never across an `.await`.
 
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant as StdInstant};
@@ -29,7 +30,7 @@ use tether_proto::{CloseReason, Frame, Hello, Undeliverable};
 use super::control::{bye, Admit, CloseCmd, Control, Decision};
 use super::hub::Hub;
 use super::state::Shared;
-use crate::cluster::wire::{AskAnswer, Msg, Stamped};
+use crate::cluster::wire::{self, AskAnswer, Msg, Stamped};
 use crate::cluster::{Cluster, Host};
 use crate::driver;
 use crate::event::EventKind;
@@ -160,14 +161,9 @@ impl Host for Shared {
                 hub.pump(None);
             }
             Msg::Offline { client, epoch, reason, by_client, last_seen_ms } => {
-                // Code 0 names no reason; an unknown one is kept as such (v2 watchers get it, v1 ones `bye`).
-                let reason = match reason {
-                    0 => CloseReason::Eof,
-                    r => CloseReason::try_from(r).unwrap_or(CloseReason::Unknown(r)),
-                };
                 let off = RemoteOffline {
                     epoch,
-                    reason,
+                    reason: wire::reason_of(reason),
                     by_client,
                     last_seen_ago: Duration::from_millis(last_seen_ms.into()),
                     grace: false,
@@ -291,8 +287,8 @@ impl Host for Shared {
         hub.registry.remote_digests().map(|(n, d)| (n.to_owned(), d)).collect()
     }
 
-    fn view_of(&self, node: &str) -> Vec<(String, u64)> {
-        self.hub.lock().expect("hub lock").registry.remote_ids_of(node)
+    fn view_of(&self, nodes: &BTreeSet<String>) -> HashMap<String, Vec<(String, u64)>> {
+        self.hub.lock().expect("hub lock").registry.remote_ids_of(|n| nodes.contains(n))
     }
 
     fn repair_begin(&self) {
@@ -344,7 +340,7 @@ impl Host for Shared {
     fn ended(&self, client: &str, epoch: u64) -> Option<(u8, bool, Duration)> {
         let hub = self.hub.lock().expect("hub lock");
         // Live, in its presence grace (released when the grace ends), or claimed and not admitted yet.
-        let in_flight = || self.cluster.as_ref().is_some_and(|c| c.in_flight(client, epoch));
+        let in_flight = || self.cluster.as_ref().is_some_and(|c| c.in_flight(epoch));
         if hub.registry.local_epoch(client) == Some(epoch) || hub.registry.in_grace(client, epoch) || in_flight() {
             return None;
         }

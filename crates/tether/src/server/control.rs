@@ -259,7 +259,7 @@ impl Admit {
     /// The connection this was decided for closed before its `WELCOME`: give back the id claimed for it.
     pub(super) fn give_back(self, cluster: &Cluster, reason: CloseReason, by_client: bool) {
         if let Decision::Welcome { epoch, .. } = self.decision {
-            cluster.admitted(&self.hello.client_id, epoch);
+            cluster.admitted(epoch);
             cluster.release(&self.hello.client_id, epoch, reason, by_client, Duration::ZERO);
         }
     }

@@ -177,7 +177,7 @@ impl ServerHooks {
                 let hub = shared.hub.lock().expect("hub lock");
                 // From here the registry knows the claim (admitted, or refused and then released as ended).
                 if let Some(cluster) = &shared.cluster {
-                    cluster.admitted(&hello.client_id, epoch);
+                    cluster.admitted(epoch);
                 }
                 // A newer session claimed the id while this one's claim was in flight: it wins.
                 let newer_here = hub.registry.local_epoch(&hello.client_id).is_some_and(|e| e > epoch);
