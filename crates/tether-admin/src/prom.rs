@@ -178,7 +178,8 @@ fn encode_cluster(c: &tether::cluster::ClusterSnapshot, enc: &mut DescriptorEnco
     counter(enc, "tether_cluster_unpublished", unpublished, c.unpublished)?;
     let shed = "Pub/sub messages shed because this node fell behind (its view is repaired from Redis after).";
     counter(enc, "tether_cluster_shed", shed, c.shed)?;
-    let repairs = "Repairs of this node's view of other nodes' ids against Redis (join, reconnect, digest differed).";
+    let repairs = "Repairs of this node's view of other nodes' ids against Redis (pub/sub reconnect, shed \
+                   messages, digest differed).";
     counter(enc, "tether_cluster_repairs", repairs, c.repairs)?;
     let repaired = "Ids those repairs changed: messages this node had missed.";
     counter(enc, "tether_cluster_repaired_ids", repaired, c.repaired)?;

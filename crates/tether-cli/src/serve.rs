@@ -537,6 +537,10 @@ async fn log_events(mut events: EventStream) {
             }
         };
         let Some(ev) = ev else { break };
+        // The library logs the cluster's state changes itself (a warning when degraded): one line, not two.
+        if matches!(ev.kind, EventKind::Cluster { .. }) {
+            continue;
+        }
         if limiter.check(std::time::Instant::now(), ev.kind.name(), &event_key(&ev.kind)) {
             tracing::info!("{}", event_human(&ev.kind));
         }

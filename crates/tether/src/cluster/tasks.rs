@@ -427,6 +427,11 @@ async fn repairer(c: Arc<Cluster>, host: Arc<dyn Host>) {
         };
         let t0 = tokio::time::Instant::now();
         match tokio::time::timeout(c.cfg.redis_timeout * 20, repair(&c, &*host, &store, full, nodes.clone())).await {
+            Ok(Ok(changed)) if full && !c.listening.load(Ordering::Acquire) => {
+                // The first read at start: the view was empty, nothing was missed.
+                tracing::debug!("cluster: view of the other nodes read from Redis: {changed} ids ({:?})", t0.elapsed());
+                c.set_ready(&c.listening);
+            }
             Ok(Ok(changed)) => {
                 c.stats.repairs.fetch_add(1, Ordering::Relaxed);
                 c.stats.repaired.fetch_add(changed as u64, Ordering::Relaxed);
