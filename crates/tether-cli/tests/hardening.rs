@@ -176,6 +176,20 @@ impl Peer {
         Some(Frame::parse(&whole).expect("a frame the server sent"))
     }
 
+    /// Still connected and answered: read what waits (PONGs, the server's own PINGs, no BYE) up to the answer to
+    /// one more `PING`.
+    fn still_answered(&mut self, i: usize) {
+        self.s.set_nonblocking(false).unwrap();
+        self.send(&Frame::Ping { seq: 9999, ts_ms: 0 }).expect("still connected");
+        loop {
+            match self.next() {
+                Some(Frame::Pong { seq: 9999, .. }) => break,
+                Some(Frame::Pong { .. }) | Some(Frame::Ping { .. }) => continue,
+                other => panic!("client p{i} got {other:?}"),
+            }
+        }
+    }
+
     /// The answer to `HELLO`: `Ok` for `WELCOME`, the `BYE` otherwise.
     fn answer(&mut self) -> Result<(), Bye> {
         match self.next() {
@@ -307,20 +321,25 @@ fn the_soft_descriptor_limit_is_raised_to_the_hard_limit() {
     assert!(line.contains(&format!("file descriptor limit {hard}")), "{line}");
 }
 
-/// The server is stopped for 2 s while 50 clients keep pinging every 200 ms: on resume it reads about ten `PING`s
-/// from each at once. That is its own stall, not their flood: nobody is cut off, everybody gets answers.
-#[test]
-fn a_stalled_server_does_not_blame_its_clients_for_the_pings_it_did_not_read() {
-    let srv = Server::start(&["--heartbeat-interval", "200ms", "--heartbeat-timeout", "10s"], None, false);
-    let mut peers: Vec<Peer> = (0..50)
+/// `n` clients `p0`..`p{n-1}`, each welcomed, with non-blocking sockets (their answers wait unread).
+fn welcomed_nonblocking(addr: SocketAddr, n: u64) -> Vec<Peer> {
+    (0..n)
         .map(|i| {
-            let mut p = Peer::connect(srv.addr);
+            let mut p = Peer::connect(addr);
             p.hello(&format!("p{i}"), i);
             assert_eq!(p.answer(), Ok(()));
             p.s.set_nonblocking(true).unwrap();
             p
         })
-        .collect();
+        .collect()
+}
+
+/// The server is stopped for 2 s while 50 clients keep pinging every 200 ms: on resume it reads about ten `PING`s
+/// from each at once. That is its own stall, not their flood: nobody is cut off, everybody gets answers.
+#[test]
+fn a_stalled_server_does_not_blame_its_clients_for_the_pings_it_did_not_read() {
+    let srv = Server::start(&["--heartbeat-interval", "200ms", "--heartbeat-timeout", "10s"], None, false);
+    let mut peers = welcomed_nonblocking(srv.addr, 50);
     let ping_all = |peers: &mut Vec<Peer>, seq: u32| {
         for p in peers.iter_mut() {
             p.send(&Frame::Ping { seq, ts_ms: 0 }).expect("send PING");
@@ -346,19 +365,56 @@ fn a_stalled_server_does_not_blame_its_clients_for_the_pings_it_did_not_read() {
         std::thread::sleep(Duration::from_millis(200));
     }
     // Everyone is still connected and answered: read what is waiting, expect PONGs and no BYE.
-    for (i, p) in peers.iter_mut().enumerate() {
-        p.s.set_nonblocking(false).unwrap();
-        p.send(&Frame::Ping { seq: 9999, ts_ms: 0 }).expect("still connected");
-        loop {
-            match p.next() {
-                Some(Frame::Pong { seq: 9999, .. }) => break,
-                Some(Frame::Pong { .. }) | Some(Frame::Ping { .. }) => continue,
-                other => panic!("client p{i} got {other:?}"),
-            }
-        }
-    }
+    peers.iter_mut().enumerate().for_each(|(i, p)| p.still_answered(i));
     let floods = srv.events().into_iter().filter(|e| e["reason"] == "ping_flood").count();
     assert_eq!(floods, 0);
+}
+
+/// Clients that ping on a fixed timer, answered or not (the field's heartbeat threads do), while the server is
+/// stopped for 6 s and then for 20 s against a 1 s / 3 s heartbeat: on each resume it reads six, then twenty
+/// `PING`s from each at once. None of them earns a verdict; the one client that fell silent with the first stall
+/// earns `heartbeat_timeout`, and a client that floods back-to-back `PING`s afterwards is still cut.
+#[test]
+fn a_stalled_server_convicts_no_fixed_timer_pinger_after_6_or_20_s() {
+    let srv = Server::start(&["--heartbeat-interval", "1s", "--heartbeat-timeout", "3s"], None, false);
+    let mut peers = welcomed_nonblocking(srv.addr, 200);
+    // (stop at, resume at) in seconds from the start; the pinging ends 3 s after the last resume.
+    let stalls = [(2, 8), (11, 31)];
+    let start = Instant::now();
+    let mut next_ping = Duration::ZERO;
+    let mut seq = 0;
+    for (stop, resume) in stalls {
+        for (at, sig) in [(stop, libc::SIGSTOP), (resume, libc::SIGCONT)] {
+            while start.elapsed() < Duration::from_secs(at) {
+                if start.elapsed() >= next_ping {
+                    // p0 falls silent with the first stall; everyone else pings once a second, whatever happens.
+                    let pinging = if seq < 2 { &mut peers[..] } else { &mut peers[1..] };
+                    for p in pinging {
+                        p.send(&Frame::Ping { seq, ts_ms: u64::from(seq) * 1000 }).expect("send PING");
+                    }
+                    seq += 1;
+                    next_ping += Duration::from_secs(1);
+                }
+                // Pace the loop: the pings are the load under test, not a synchronisation.
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            srv.signal(sig);
+        }
+    }
+    let silent = srv.expect("p0's verdict", |e| event(e) == "offline" && e["client"] == "p0");
+    assert_eq!(silent["reason"], "heartbeat_timeout", "{silent}");
+    // Everyone else is still connected and answered: read what is waiting, expect PONGs and no BYE.
+    peers.iter_mut().enumerate().skip(1).for_each(|(i, p)| p.still_answered(i));
+    let verdicts: Vec<Value> = srv.events().into_iter().filter(|e| event(e) == "offline").collect();
+    assert!(verdicts.is_empty(), "{} verdicts, the first {:?}", verdicts.len(), verdicts.first());
+    // A flood is still a flood.
+    let mut f = Peer::connect(srv.addr);
+    f.hello("flooder", 1);
+    assert_eq!(f.answer(), Ok(()));
+    let burst: Vec<u8> = (0..100).flat_map(|seq| Frame::Ping { seq, ts_ms: 0 }.to_bytes()).collect();
+    let _ = f.s.write_all(&burst);
+    let cut = srv.expect("the flooder's verdict", |e| event(e) == "offline" && e["client"] == "flooder");
+    assert_eq!(cut["reason"], "ping_flood", "{cut}");
 }
 
 /// Ten live devices configured with one id, each reconnecting the moment it is evicted or refused and pinging

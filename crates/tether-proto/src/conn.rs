@@ -437,6 +437,11 @@ impl Connection {
         if !self.reading() || self.discarding() {
             return;
         }
+        // A deadline of ours passed before these bytes were handled: this side was late (stopped, starved of
+        // CPU), and what the peer sent meanwhile waited for it.
+        if let Some(due) = self.poll_timeout().filter(|&due| now > due && self.state == State::Established) {
+            self.credit_own_stall(now, now - due);
+        }
         if self.rx.is_empty() {
             let used = self.process(now, data);
             if self.reading() && !self.discarding() && used < data.len() {
@@ -770,11 +775,10 @@ impl Connection {
 
     /// Take `len` bytes from the `DATA` rate limit's bucket; false when the peer is over the limit.
     fn data_allowed(&mut self, now: Instant, len: usize) -> bool {
-        let Some(rate) = self.cfg.max_data_rate else { return true };
-        let burst = (rate as f64).max(self.cfg.max_frame as f64);
-        let elapsed = now.saturating_duration_since(self.data_refilled).as_secs_f64();
-        self.data_refilled = now;
-        self.data_tokens = (self.data_tokens + elapsed * rate as f64).min(burst);
+        if self.cfg.max_data_rate.is_none() {
+            return true;
+        }
+        self.refill_data(now);
         if (len as f64) > self.data_tokens {
             return false;
         }
@@ -782,23 +786,67 @@ impl Connection {
         true
     }
 
+    /// Refill the `DATA` bucket up to `now`, to its burst; a stall's credit above it lasts as a `PING` one does.
+    fn refill_data(&mut self, now: Instant) {
+        let Some(rate) = self.cfg.max_data_rate else { return };
+        let burst = (rate as f64).max(self.cfg.max_frame as f64);
+        let elapsed = now.saturating_duration_since(self.data_refilled);
+        self.data_refilled = now;
+        let limit = if self.reading_backlog(elapsed) { burst.max(self.data_tokens) } else { burst };
+        self.data_tokens = (self.data_tokens + elapsed.as_secs_f64() * rate as f64).min(limit);
+    }
+
+    /// Whether frames `elapsed` apart can belong to one backlog read after a stall: less than half an interval.
+    fn reading_backlog(&self, elapsed: Duration) -> bool {
+        self.heartbeat().is_some_and(|(interval, _)| elapsed < interval / 2)
+    }
+
     /// Police the peer's pings (like gRPC's `too_many_pings`) with a token bucket: the peer may send
     /// [`ping_allowance`] `PING`s at once, and earns one back per half interval, twice the rate at which a
     /// legitimate peer pings (once per interval for a client, per 1.5 intervals for a server). It judges what the
-    /// peer sent over time, not how we read it: `PING`s that queued up while this side was stalled are paid for
-    /// by the time that passed meanwhile, and fit the allowance because a peer stops pinging after `timeout`.
+    /// peer sent over time, not how we read it: see [`credit_own_stall`](Self::credit_own_stall).
     fn ping_flooded(&mut self, now: Instant) -> bool {
-        let Some((interval, timeout)) = self.heartbeat() else { return false };
-        let cap = ping_allowance(interval, timeout) as f32;
-        let elapsed = now.saturating_duration_since(self.ping_refilled);
-        self.ping_refilled = now;
-        let earned = 2.0 * elapsed.as_secs_f64() / interval.as_secs_f64();
-        self.ping_tokens = (self.ping_tokens + earned as f32).min(cap);
+        if self.heartbeat().is_none() {
+            return false;
+        }
+        self.refill_pings(now);
         if self.ping_tokens < 1.0 {
             return true;
         }
         self.ping_tokens -= 1.0;
         false
+    }
+
+    /// Refill the `PING` bucket up to `now`, to the allowance. Tokens above it (a stall's credit) stay while one
+    /// backlog is read ([`reading_backlog`](Self::reading_backlog)), and are gone after.
+    fn refill_pings(&mut self, now: Instant) {
+        let Some((interval, timeout)) = self.heartbeat() else { return };
+        let cap = ping_allowance(interval, timeout) as f32;
+        let elapsed = now.saturating_duration_since(self.ping_refilled);
+        self.ping_refilled = now;
+        let limit = if self.reading_backlog(elapsed) { cap.max(self.ping_tokens) } else { cap };
+        let earned = 2.0 * elapsed.as_secs_f64() / interval.as_secs_f64();
+        self.ping_tokens = (self.ping_tokens + earned as f32).min(limit);
+    }
+
+    /// This side was `late` past one of its own deadlines: it was not running (stopped, starved of CPU), so it
+    /// neither read nor answered. A peer that kept pinging on a fixed timer meanwhile (as field clients do,
+    /// answers or not) left one `PING` per interval in our receive queue, and one sending `DATA` within the rate
+    /// limit left that much `DATA`; we cannot see how it was spaced. So both buckets are refilled past their caps
+    /// at their own rates (two `PING`s per interval, the rate limit's bytes per second) for the time since they
+    /// were last refilled, counting at most `late` plus the longest a connection goes between two deadlines of
+    /// its own (one and a half intervals), while that backlog is read. A flood (far more than that) is still cut.
+    fn credit_own_stall(&mut self, now: Instant, late: Duration) {
+        let Some((interval, _)) = self.heartbeat() else { return };
+        let window = late + interval * 3 / 2;
+        let (pings, since) = (self.ping_tokens, now.saturating_duration_since(self.ping_refilled).min(window));
+        self.refill_pings(now);
+        self.ping_tokens = self.ping_tokens.max(pings + (2.0 * since.as_secs_f64() / interval.as_secs_f64()) as f32);
+        if let Some(rate) = self.cfg.max_data_rate {
+            let (bytes, since) = (self.data_tokens, now.saturating_duration_since(self.data_refilled).min(window));
+            self.refill_data(now);
+            self.data_tokens = self.data_tokens.max(bytes + since.as_secs_f64() * f64::from(rate));
+        }
     }
 
     /// When our next `PING` is due. The client drives the heartbeat: it pings after one interval without sending.

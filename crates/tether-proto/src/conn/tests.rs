@@ -762,6 +762,66 @@ fn a_backlog_of_pings_read_after_our_own_stall_is_not_a_flood() {
     assert_eq!(p.server.state(), State::Established);
 }
 
+/// Field clients often ping on a fixed timer, answered or not. When this side stalls for longer than the
+/// timeout (6 s and 20 s against 1 s / 3 s), such a peer leaves one `PING` per second in our receive queue. It
+/// earns no verdict: its `PING`s are paid for by the time we were late. A flood is still cut, stall or not, and
+/// the stall's credit does not outlive the backlog.
+#[test]
+fn a_fixed_timer_pinger_is_not_a_flood_whatever_our_own_stall() {
+    let ping = |p: &Pair, seq: u32| Frame::Ping { seq, ts_ms: u64::from(seq) * 1000 }.to_bytes_v(p.server.version());
+    for stall in [6, 20] {
+        let mut p = Pair::new(ConnConfig::default());
+        p.run_for(Duration::from_secs(10));
+        // Our stall begins right after the peer's last PING was answered; it pings once a second throughout and
+        // once more as we resume: `stall + 1` PINGs, read at one instant (and in two reads, as a large backlog is).
+        p.now += Duration::from_secs(stall);
+        let backlog: Vec<u8> = (0..=stall as u32).flat_map(|seq| ping(&p, seq)).collect();
+        let (first, rest) = backlog.split_at(backlog.len() / 2 + 3);
+        p.server.handle_bytes(p.now, first);
+        p.server.handle_bytes(p.now + ms(1), rest);
+        assert_eq!(p.server.state(), State::Established, "{stall} s: {:?}", Pair::closed(&p.s_events));
+        let pongs = frames_in(p.server.poll_transmit(), p.server.version());
+        assert_eq!(pongs.iter().filter(|f| matches!(f, Frame::Pong { .. })).count(), stall as usize + 1);
+        // The credit went with the backlog: half an interval later a burst beyond the allowance is a flood.
+        p.now += ms(600);
+        let cap = ping_allowance(ms(1000), ms(3000));
+        for seq in 0..=cap {
+            p.server.handle_bytes(p.now, &ping(&p, seq));
+        }
+        assert_eq!(p.server.close_reason(), Some(CloseReason::PingFlood), "{stall} s");
+    }
+    // A flood during our stall, with honest or forged timestamps, is cut: 1,000 PINGs in 6 s.
+    for forged in [false, true] {
+        let mut p = Pair::new(ConnConfig::default());
+        p.run_for(Duration::from_secs(10));
+        p.now += Duration::from_secs(6);
+        let ts = |i: u64| if forged { i * 1_000_000 } else { i * 6 };
+        let flood: Vec<u8> = (0..1000u32)
+            .flat_map(|seq| Frame::Ping { seq, ts_ms: ts(u64::from(seq)) }.to_bytes_v(p.server.version()))
+            .collect();
+        p.server.handle_bytes(p.now, &flood);
+        assert_eq!(p.server.close_reason(), Some(CloseReason::PingFlood), "forged: {forged}");
+    }
+}
+
+/// The `DATA` rate limit judges the sender over time too: a peer within the limit whose `DATA` waited out our
+/// 6 s stall is not rate limited, and one above it still is.
+#[test]
+fn data_within_the_rate_limit_is_not_cut_for_waiting_out_our_stall() {
+    let cfg = ConnConfig { max_data_rate: Some(1000), max_frame: 1024, ..ConnConfig::default() };
+    let data = |n: usize| Frame::Data { peer: String::new(), payload: Bytes::from(vec![0u8; n]) }.to_bytes();
+    for (per_second, cut) in [(900, false), (3000, true)] {
+        let mut p = Pair::new(cfg.clone());
+        p.run_for(Duration::from_secs(10));
+        p.now += Duration::from_secs(6);
+        // Seven seconds of it, in frames of a third of a second: the stall and the second before it.
+        let backlog: Vec<u8> = (0..21).flat_map(|_| data(per_second / 3)).collect();
+        p.server.handle_bytes(p.now, &backlog);
+        let reason = p.server.close_reason();
+        assert_eq!(reason == Some(CloseReason::RateLimited), cut, "{per_second} B/s: {reason:?}");
+    }
+}
+
 #[test]
 fn the_version_is_negotiated_down_and_v1_peers_get_v1_frames() {
     let now = Instant::now();
