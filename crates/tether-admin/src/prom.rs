@@ -114,6 +114,12 @@ fn encode_snapshot(s: &MetricsSnapshot, enc: &mut DescriptorEncoder) -> Result<(
             ("draining", s.refused_draining),
         ],
     )?;
+    counter(
+        enc,
+        "tether_connection_task_panics",
+        "Connection tasks that panicked (a bug); each was closed and gave back its slots and session.",
+        s.task_panics,
+    )?;
     counter(enc, "tether_relayed_data", "DATA frames relayed to another client.", s.relayed)?;
     counter(enc, "tether_undeliverable", "DATA frames answered UNDELIVERABLE.", s.undeliverable)?;
     counter(enc, "tether_presence_frames_sent", "PRESENCE frames handed to subscribers.", s.presence_frames)?;

@@ -29,6 +29,7 @@ pub mod cluster;
 pub mod config;
 mod driver;
 pub mod event;
+mod fault;
 pub mod fdlimit;
 pub mod loglimit;
 pub mod metrics;

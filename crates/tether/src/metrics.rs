@@ -112,6 +112,8 @@ pub struct Metrics {
     pub refused_ip_limit: AtomicU64,
     pub refused_auth: AtomicU64,
     pub refused_draining: AtomicU64,
+    /// Connection tasks that panicked (a bug of ours): each was closed and its slots and session given back.
+    pub task_panics: AtomicU64,
     /// `DATA` relayed to another client, and `DATA` answered `UNDELIVERABLE`.
     pub relayed: AtomicU64,
     pub undeliverable: AtomicU64,
@@ -147,6 +149,7 @@ impl Default for Metrics {
             refused_ip_limit: AtomicU64::new(0),
             refused_auth: AtomicU64::new(0),
             refused_draining: AtomicU64::new(0),
+            task_panics: AtomicU64::new(0),
             relayed: AtomicU64::new(0),
             undeliverable: AtomicU64::new(0),
             frames_in: AtomicU64::new(0),
@@ -199,6 +202,7 @@ pub struct MetricsSnapshot {
     pub refused_ip_limit: u64,
     pub refused_auth: u64,
     pub refused_draining: u64,
+    pub task_panics: u64,
     pub relayed: u64,
     pub undeliverable: u64,
     pub presence_frames: u64,

@@ -349,7 +349,7 @@ async fn stats_ticker(shared: Arc<Shared>, every: Duration) {
 /// Runs `Registry::handle_timeout` at the registry's one deadline (presence grace).
 async fn registry_timer(shared: Arc<Shared>) {
     loop {
-        let next = shared.hub.lock().expect("hub lock").registry.poll_timeout();
+        let next = shared.hub().registry.poll_timeout();
         let sleep = async {
             match next {
                 Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
@@ -358,7 +358,7 @@ async fn registry_timer(shared: Arc<Shared>) {
         };
         tokio::select! {
             () = sleep => {
-                let mut hub = shared.hub.lock().expect("hub lock");
+                let mut hub = shared.hub();
                 hub.registry.handle_timeout(driver::now());
                 hub.pump(None);
             }
@@ -414,7 +414,7 @@ impl Hooks for BusyHooks {
 async fn goodbye_all(shared: &Shared, tasks: &mut JoinSet<()>) {
     shared.shutting_down.store(true, Ordering::Relaxed);
     {
-        let hub = shared.hub.lock().expect("hub lock");
+        let hub = shared.hub();
         let mut ids: Vec<&ConnId> = hub.conns.keys().collect();
         ids.sort_unstable();
         let n = ids.len().max(1) as u32;

@@ -42,7 +42,7 @@ pub(super) async fn admit(shared: Arc<Shared>, cluster: Arc<Cluster>, control: A
     // The holder as Redis has it (this node's view may be a message behind), else as this node knows it.
     let in_redis = cluster.holder(&hello.client_id).await;
     let (remote, conflict) = {
-        let mut hub = shared.hub.lock().expect("hub lock");
+        let mut hub = shared.hub();
         let Hub { registry, conns, .. } = &mut *hub;
         let remote = match in_redis {
             Ok(h) => h.map(|(n, _)| n),
@@ -103,7 +103,7 @@ impl Shared {
             return false;
         }
         let node = {
-            let hub = self.hub.lock().expect("hub lock");
+            let hub = self.hub();
             hub.registry.remote_holder(to).map(|(n, _)| n.to_owned())
         };
         let Some(node) = node else { return false };
@@ -113,20 +113,20 @@ impl Shared {
     /// The node holding `client`, when it is another one.
     pub(super) fn remote_node_of(&self, client: &str) -> Option<(Arc<Cluster>, String)> {
         let cluster = self.cluster.clone()?;
-        let hub = self.hub.lock().expect("hub lock");
+        let hub = self.hub();
         let node = hub.registry.remote_holder(client).map(|(n, _)| n.to_owned())?;
         Some((cluster, node))
     }
 
     fn close_taken(&self, conn: tether_proto::ConnId) {
-        let hub = self.hub.lock().expect("hub lock");
+        let hub = self.hub();
         if let Some(h) = hub.conns.get(&conn) {
             h.request(CloseCmd::Bye(bye(CloseReason::Takeover, Duration::ZERO)));
         }
     }
 
     fn deliver_local(&self, client: &str, frame: Frame) -> bool {
-        let hub = self.hub.lock().expect("hub lock");
+        let hub = self.hub();
         hub.holder(client).is_some_and(|h| h.push(frame, self.cfg.outbound_queue).is_ok())
     }
 }
@@ -142,7 +142,7 @@ impl Host for Shared {
                 if node == me {
                     return; // our own claim
                 }
-                let mut hub = self.hub.lock().expect("hub lock");
+                let mut hub = self.hub();
                 hub.touch(&client);
                 let evicted = hub.registry.remote_online(&client, &node, epoch);
                 hub.pump(None);
@@ -151,12 +151,12 @@ impl Host for Shared {
                 }
             }
             Msg::Suspect { client, epoch, silent_ms } => {
-                let mut hub = self.hub.lock().expect("hub lock");
+                let mut hub = self.hub();
                 hub.registry.remote_suspect(&client, epoch, Duration::from_millis(silent_ms.into()));
                 hub.pump(None);
             }
             Msg::Recovered { client, epoch } => {
-                let mut hub = self.hub.lock().expect("hub lock");
+                let mut hub = self.hub();
                 hub.registry.remote_recovered(&client, epoch);
                 hub.pump(None);
             }
@@ -168,7 +168,7 @@ impl Host for Shared {
                     last_seen_ago: Duration::from_millis(last_seen_ms.into()),
                     grace: false,
                 };
-                let mut hub = self.hub.lock().expect("hub lock");
+                let mut hub = self.hub();
                 hub.touch(&client);
                 hub.registry.remote_offline(now, &client, off);
                 hub.pump(None);
@@ -176,7 +176,7 @@ impl Host for Shared {
                 self.registry_wake.notify_one();
             }
             Msg::Lost { node, sessions } => {
-                let mut hub = self.hub.lock().expect("hub lock");
+                let mut hub = self.hub();
                 for (client, epoch) in &sessions {
                     let off = RemoteOffline {
                         epoch: *epoch,
@@ -195,7 +195,7 @@ impl Host for Shared {
             }
             Msg::Ask { req, client, nonce, from } => {
                 let answer = {
-                    let mut hub = self.hub.lock().expect("hub lock");
+                    let mut hub = self.hub();
                     // The id moves to `from` (a placeholder until its claim's `online`): a repair running now must not
                     // take the placeholder for a lie.
                     hub.touch(&client);
@@ -234,7 +234,7 @@ impl Host for Shared {
             }
             Msg::Undeliverable { from, to } => Host::undeliverable(self, &from, &to),
             Msg::Kick { client, retry_after_ms } => {
-                let hub = self.hub.lock().expect("hub lock");
+                let hub = self.hub();
                 if let Some(h) = hub.holder(&client) {
                     let retry = Duration::from_millis(retry_after_ms.into());
                     h.request(CloseCmd::Bye(bye(CloseReason::Kicked, retry)));
@@ -247,7 +247,7 @@ impl Host for Shared {
     }
 
     fn local_sessions(&self) -> Vec<(String, u64)> {
-        let hub = self.hub.lock().expect("hub lock");
+        let hub = self.hub();
         let live = hub.registry.local_sessions().map(|(id, _, epoch)| (id, epoch));
         // Sessions in their presence grace are still registered: their release comes when the grace ends.
         live.chain(hub.registry.graced_sessions()).map(|(id, epoch)| (id.to_owned(), epoch)).collect()
@@ -259,7 +259,7 @@ impl Host for Shared {
             return; // our own claim: register_all adopts its epoch instead
         }
         let evicted = {
-            let mut hub = self.hub.lock().expect("hub lock");
+            let mut hub = self.hub();
             if hub.registry.local_epoch(client) != Some(epoch) {
                 return;
             }
@@ -283,16 +283,16 @@ impl Host for Shared {
     }
 
     fn view_digests(&self) -> Vec<(String, NodeDigest)> {
-        let hub = self.hub.lock().expect("hub lock");
+        let hub = self.hub();
         hub.registry.remote_digests().map(|(n, d)| (n.to_owned(), d)).collect()
     }
 
     fn view_of(&self, nodes: &BTreeSet<String>) -> HashMap<String, Vec<(String, u64)>> {
-        self.hub.lock().expect("hub lock").registry.remote_ids_of(|n| nodes.contains(n))
+        self.hub().registry.remote_ids_of(|n| nodes.contains(n))
     }
 
     fn repair_begin(&self) {
-        self.hub.lock().expect("hub lock").touched = Some(Default::default());
+        self.hub().touched = Some(Default::default());
     }
 
     fn repair_apply(&self, online: Vec<(String, String, u64)>, offline: Vec<(String, RemoteOffline)>) -> usize {
@@ -303,7 +303,7 @@ impl Host for Shared {
         let mut changed = 0;
         // In chunks: connections wait for the hub's lock at most one chunk's work.
         for chunk in online.chunks(1000) {
-            let mut hub = self.hub.lock().expect("hub lock");
+            let mut hub = self.hub();
             for (client, node, epoch) in chunk {
                 cluster.saw_epoch(*epoch);
                 let skip = hub.touched.as_ref().is_some_and(|t| t.contains(client));
@@ -319,7 +319,7 @@ impl Host for Shared {
             hub.pump(None);
         }
         for chunk in offline.chunks(1000) {
-            let mut hub = self.hub.lock().expect("hub lock");
+            let mut hub = self.hub();
             for (client, off) in chunk {
                 let skip = hub.touched.as_ref().is_some_and(|t| t.contains(client));
                 if !skip && hub.registry.remote_holder(client).is_some_and(|(_, e)| e <= off.epoch) {
@@ -329,7 +329,7 @@ impl Host for Shared {
             }
             hub.pump(None);
         }
-        self.hub.lock().expect("hub lock").touched = None;
+        self.hub().touched = None;
         self.registry_wake.notify_one();
         for conn in evict {
             self.close_taken(conn);
@@ -338,7 +338,7 @@ impl Host for Shared {
     }
 
     fn ended(&self, client: &str, epoch: u64) -> Option<(u8, bool, Duration)> {
-        let hub = self.hub.lock().expect("hub lock");
+        let hub = self.hub();
         // Live, in its presence grace (released when the grace ends), or claimed and not admitted yet.
         let in_flight = || self.cluster.as_ref().is_some_and(|c| c.in_flight(epoch));
         if hub.registry.local_epoch(client) == Some(epoch) || hub.registry.in_grace(client, epoch) || in_flight() {
@@ -355,7 +355,7 @@ impl Host for Shared {
     }
 
     fn adopt_epoch(&self, client: &str, from: u64, to: u64) {
-        self.hub.lock().expect("hub lock").registry.adopt_epoch(client, from, to);
+        self.hub().registry.adopt_epoch(client, from, to);
     }
 
     fn degraded(&self, degraded: bool, why: &str) {

@@ -57,7 +57,7 @@ impl ServerHandle {
             return Err(SendToError::TooLarge { len: payload.len(), max });
         }
         let payload = {
-            let hub = self.shared.hub.lock().expect("hub lock");
+            let hub = self.shared.hub();
             if let Some(h) = hub.holder(client) {
                 let limit = self.shared.cfg.outbound_queue;
                 return h
@@ -84,7 +84,7 @@ impl ServerHandle {
     /// was online.
     pub fn kick_with(&self, client: &str, retry_after: Duration) -> bool {
         {
-            let hub = self.shared.hub.lock().expect("hub lock");
+            let hub = self.shared.hub();
             if let Some(h) = hub.holder(client) {
                 h.request(CloseCmd::Bye(bye(CloseReason::Kicked, retry_after)));
                 return true;
@@ -113,7 +113,7 @@ impl ServerHandle {
     /// copied, and the per-session details are read after.
     pub fn sessions(&self, prefix: &str, after: Option<&str>, limit: usize) -> Vec<SessionInfo> {
         let page: Vec<(String, Arc<Control>, ConnId, bool)> = {
-            let hub = self.shared.hub.lock().expect("hub lock");
+            let hub = self.shared.hub();
             let mut matching: Vec<(&str, ConnId, bool)> = hub
                 .registry
                 .sessions()
@@ -139,7 +139,7 @@ impl ServerHandle {
     /// One online session and the kernel's view of its socket (`None` where the platform has no `TCP_INFO`).
     pub fn session(&self, client: &str) -> Option<(SessionInfo, Option<KernelView>)> {
         let (control, conn, suspect) = {
-            let hub = self.shared.hub.lock().expect("hub lock");
+            let hub = self.shared.hub();
             let (conn, suspect) = hub.registry.session(client)?;
             (hub.conns.get(&conn)?.clone(), conn, suspect)
         };
@@ -152,7 +152,7 @@ impl ServerHandle {
     /// ([`ProbeReport::verdict`]). `None` when the client is not online.
     pub async fn probe(&self, client: &str, wait: Duration) -> Option<ProbeReport> {
         let (conn, control) = {
-            let hub = self.shared.hub.lock().expect("hub lock");
+            let hub = self.shared.hub();
             let conn = hub.registry.lookup(client)?;
             (conn, hub.conns.get(&conn)?.clone())
         };
@@ -216,7 +216,7 @@ impl ServerHandle {
             return Err(DrainError::AlreadyDraining);
         }
         let mut targets: Vec<(ConnId, Arc<Control>)> = {
-            let hub = shared.hub.lock().expect("hub lock");
+            let hub = shared.hub();
             hub.conns.iter().map(|(id, h)| (*id, h.clone())).collect()
         };
         targets.sort_unstable_by_key(|(id, _)| *id);

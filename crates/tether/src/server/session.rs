@@ -58,9 +58,7 @@ impl Drop for ConnGuard {
         }
         let queued = self.control.queued.swap(0, Ordering::Relaxed);
         self.shared.metrics.outbound_queued.fetch_sub(queued as i64, Ordering::Relaxed);
-        if let Ok(mut hub) = self.shared.hub.lock() {
-            hub.conns.remove(&self.conn_id);
-        }
+        self.shared.hub().conns.remove(&self.conn_id);
         if self.shared.cfg.max_per_ip.is_some() {
             self.shared.sources.connection_done(self.control.peer.ip());
         }
@@ -77,7 +75,7 @@ pub(super) async fn serve_conn(shared: Arc<Shared>, stream: TcpStream, peer: Soc
     if shared.shutting_down.load(Ordering::Relaxed) {
         control.request(CloseCmd::Bye(bye(CloseReason::ServerShutdown, shared.cfg.shutdown_spread)));
     }
-    shared.hub.lock().expect("hub lock").conns.insert(conn_id, control.clone());
+    shared.hub().conns.insert(conn_id, control.clone());
     // Accepted just before a drain began, too late for its list: it leaves like the others. (The hub's lock
     // orders this against the drain's snapshot of the connections.)
     if shared.draining.load(Ordering::Relaxed) {
@@ -118,6 +116,7 @@ impl ServerHooks {
     }
 
     fn on_hello(&mut self, conn: &mut Connection, now: StdInstant, hello: tether_proto::Hello) {
+        crate::fault::panic_at("hello", &hello.client_id);
         let shared = self.shared.clone();
         if let Some(auth) = &shared.cfg.auth {
             match auth.0.authenticate(&hello.client_id, &hello.credential, SystemTime::now()) {
@@ -146,7 +145,8 @@ impl ServerHooks {
             return;
         }
         self.handshake_done();
-        let mut hub = shared.hub.lock().expect("hub lock");
+        let mut hub = shared.hub();
+        crate::fault::panic_at("hub", &hello.client_id);
         let Hub { registry, conns, .. } = &mut *hub;
         let admission = registry
             .admit(now, &hello.client_id, hello.nonce, self.conn_id, |c| conns.get(&c).map(|h| shared.last_rx_of(h)));
@@ -174,7 +174,7 @@ impl ServerHooks {
                 });
             }
             Decision::Welcome { epoch, displaced } => {
-                let hub = shared.hub.lock().expect("hub lock");
+                let hub = shared.hub();
                 // From here the registry knows the claim (admitted, or refused and then released as ended).
                 if let Some(cluster) = &shared.cluster {
                     cluster.admitted(epoch);
@@ -284,12 +284,13 @@ impl ServerHooks {
 
     fn on_data(&mut self, conn: &mut Connection, now: StdInstant, to: String, payload: Bytes) {
         let Some(from) = self.client.clone() else { return };
+        crate::fault::panic_at("data", &from);
         if to.is_empty() {
             self.shared.emit(EventKind::Data { client: from, conn: self.conn_id, payload });
             return;
         }
         let local = {
-            let hub = self.shared.hub.lock().expect("hub lock");
+            let hub = self.shared.hub();
             let limit = self.shared.cfg.outbound_queue;
             match hub.holder(&to) {
                 Some(h) => Ok(h.push(Frame::Data { peer: from, payload }, limit).is_ok()),
@@ -386,7 +387,7 @@ impl ServerHooks {
         let by_peer = c.by_peer;
         self.record_close(conn, now, &c, last_seen);
         let holder = {
-            let mut hub = self.shared.hub.lock().expect("hub lock");
+            let mut hub = self.shared.hub();
             let holder = self.client.as_deref().is_some_and(|id| hub.registry.lookup(id) == Some(self.conn_id));
             hub.registry.disconnect(now, self.conn_id, self.client.as_deref(), c.reason, by_peer, last_seen);
             hub.pump(None);
@@ -427,6 +428,42 @@ impl ServerHooks {
     }
 }
 
+/// A panic in this connection's task (a bug of ours) unwinds through here: the connection leaves as a close
+/// would, so that it holds no handshake slot and no session. `ConnGuard` gives back the rest (the connection
+/// table, its count, its source's share), and the socket closes as the task's state is dropped.
+impl Drop for ServerHooks {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        tracing::error!(conn = self.conn_id, peer = %self.control.peer, client = ?self.client, "this connection's task panicked (a bug): closing it");
+        self.shared.metrics.task_panics.fetch_add(1, Ordering::Relaxed);
+        self.handshake_done();
+        let Some(client) = self.client.take() else { return };
+        let now = driver::now();
+        let holder = {
+            let mut hub = self.shared.hub();
+            let holder = hub.registry.lookup(&client) == Some(self.conn_id);
+            hub.registry.disconnect(now, self.conn_id, Some(&client), CloseReason::Reset, false, now);
+            hub.pump(None);
+            holder
+        };
+        self.shared.registry_wake.notify_one();
+        if holder {
+            self.shared.emit(EventKind::Offline {
+                client,
+                conn: self.conn_id,
+                peer: self.control.peer,
+                reason: CloseReason::Reset,
+                lateness: None,
+                silent_for: Duration::ZERO,
+                by_peer: false,
+                detail: Some("the server's task for this connection panicked; see its log".into()),
+            });
+        }
+    }
+}
+
 impl Hooks for ServerHooks {
     type Cmd = Cmd;
 
@@ -442,7 +479,7 @@ impl Hooks for ServerHooks {
                     conn.reject(now, bye(CloseReason::AuthFailed, Duration::ZERO));
                     return;
                 }
-                let mut hub = self.shared.hub.lock().expect("hub lock");
+                let mut hub = self.shared.hub();
                 match hub.registry.subscribe(now, self.conn_id, &ids) {
                     Ok(()) => {
                         hub.pump(Some((self.conn_id, conn, now)));
@@ -456,12 +493,10 @@ impl Hooks for ServerHooks {
                     }
                 }
             }
-            Event::Unsubscribe(ids) => {
-                self.shared.hub.lock().expect("hub lock").registry.unsubscribe(self.conn_id, &ids)
-            }
+            Event::Unsubscribe(ids) => self.shared.hub().registry.unsubscribe(self.conn_id, &ids),
             Event::Suspect { silent_for } => {
                 let Some(client) = self.client.clone() else { return };
-                let mut hub = self.shared.hub.lock().expect("hub lock");
+                let mut hub = self.shared.hub();
                 hub.registry.suspect(self.conn_id, &client, silent_for);
                 hub.pump(Some((self.conn_id, conn, now)));
                 let own = hub.registry.lookup(&client) == Some(self.conn_id);
@@ -479,7 +514,7 @@ impl Hooks for ServerHooks {
             }
             Event::Recovered => {
                 let Some(client) = self.client.clone() else { return };
-                let mut hub = self.shared.hub.lock().expect("hub lock");
+                let mut hub = self.shared.hub();
                 hub.registry.recovered(self.conn_id, &client);
                 hub.pump(Some((self.conn_id, conn, now)));
                 let own = hub.registry.lookup(&client) == Some(self.conn_id);

@@ -39,7 +39,8 @@ pub(super) struct Shared {
     pub(super) cfg: ServerConfig,
     /// `cfg.conn`, shared by every connection's state machine.
     pub(super) conn_cfg: Arc<tether_proto::ConnConfig>,
-    pub(super) hub: Mutex<Hub>,
+    /// The session hub: read and changed through [`hub`](Self::hub) only.
+    hub_lock: Mutex<Hub>,
     pub(super) events: EventSink,
     pub(super) next_conn: AtomicU64,
     /// Connections the server holds at most: `max_connections`, or what the descriptor limit allows if less.
@@ -88,6 +89,13 @@ pub(super) struct DrainState {
 }
 
 impl Shared {
+    /// The session hub, locked. A panic in a connection task while it held the lock does not take the server
+    /// down with it: the lock is taken over rather than poisoned for everyone (the registry's own operations are
+    /// sans IO and fuzzed; what panics is ours, and it leaves through `ConnGuard` and `ServerHooks`'s drop).
+    pub(super) fn hub(&self) -> std::sync::MutexGuard<'_, Hub> {
+        self.hub_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// The state for a server with `cfg`, holding at most `capacity` connections.
     pub(super) fn new(cfg: ServerConfig, capacity: usize, cluster: Option<Arc<Cluster>>, events: EventSink) -> Shared {
         let handshakes_per_source = cfg.max_handshakes_per_ip.unwrap_or((cfg.max_handshakes / 16).max(2));
@@ -98,7 +106,7 @@ impl Shared {
         };
         Shared {
             conn_cfg: Arc::new(conn_cfg),
-            hub: Mutex::new(Hub::new(Registry::new(cfg.registry.clone()), cfg.outbound_queue, cluster.clone())),
+            hub_lock: Mutex::new(Hub::new(Registry::new(cfg.registry.clone()), cfg.outbound_queue, cluster.clone())),
             disconnects: DisconnectRing::new(cfg.disconnect_history),
             cfg,
             events,
@@ -154,7 +162,7 @@ impl Shared {
     }
 
     pub(super) fn stats(&self) -> Stats {
-        let online = self.hub.lock().expect("hub lock").registry.online();
+        let online = self.hub().registry.online();
         Stats {
             connections: self.active.load(Ordering::Relaxed),
             online,
@@ -169,7 +177,7 @@ impl Shared {
 
     pub(super) fn metrics_snapshot(&self) -> MetricsSnapshot {
         let (online, subscriptions, presence_frames, remote_sessions) = {
-            let hub = self.hub.lock().expect("hub lock");
+            let hub = self.hub();
             let remote = self.cluster.as_ref().map(|_| hub.registry.remote_online_count());
             (hub.registry.online(), hub.registry.subscriptions(), hub.presence_frames, remote)
         };
@@ -193,6 +201,7 @@ impl Shared {
             refused_ip_limit: load(&m.refused_ip_limit),
             refused_auth: load(&m.refused_auth),
             refused_draining: load(&m.refused_draining),
+            task_panics: load(&m.task_panics),
             relayed: load(&m.relayed),
             undeliverable: load(&m.undeliverable),
             presence_frames,
