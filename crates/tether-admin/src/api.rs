@@ -19,7 +19,7 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use serde_json::json;
 use subtle::ConstantTimeEq;
-use tether::CloseReason;
+use tether::{CloseReason, KickError};
 
 use crate::json::{
     disconnect_json, drain_json, event_json, kernel_json, overview_json, probe_json, rfc3339, session_json,
@@ -275,10 +275,11 @@ async fn kick(
     if retry > MAX_RETRY_AFTER {
         return Err(bad("retry_after is at most 49 days (a u32 of milliseconds)"));
     }
-    if !st.handle.kick_with(&id, retry) {
-        return Err(not_online(&id));
+    match st.handle.kick_with(&id, retry) {
+        Ok(()) => Ok(Json(json!({ "kicked": id, "retry_after_ms": retry.as_millis() as u64 }))),
+        Err(KickError::Offline(_)) => Err(not_online(&id)),
+        Err(e @ KickError::Leaving(_)) => Err(ApiError(StatusCode::CONFLICT, e.to_string())),
     }
-    Ok(Json(json!({ "kicked": id, "retry_after_ms": retry.as_millis() as u64 })))
 }
 
 /// Ping one client now and say whether the network or its program is slow: `{"timeout": "2s"}` at most 30 s.
