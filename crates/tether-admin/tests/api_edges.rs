@@ -1,4 +1,5 @@
-//! The admin API's edges over real loopback sockets: parallel kicks of one session.
+//! The admin API's edges over real loopback sockets: parallel kicks of one session, and drain redirects that are
+//! not addresses.
 
 #[path = "../../tether/tests/support/mod.rs"]
 mod support;
@@ -15,6 +16,11 @@ use tether_admin::AdminConfig;
 /// One request, failing the test after [`PATIENCE`].
 async fn call(admin: SocketAddr, method: &str, path: &str, body: Option<&str>) -> Reply {
     tokio::time::timeout(PATIENCE, request(admin, method, path, body, None)).await.expect("admin request hung")
+}
+
+/// The `error` of a JSON error reply.
+fn error_of(r: &Reply) -> String {
+    r.json()["error"].as_str().unwrap_or_else(|| panic!("no error message: {}", r.body)).to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -55,5 +61,68 @@ async fn parallel_kicks_of_one_session_have_exactly_one_winner() {
             }
         };
         assert_eq!((bye.reason, bye.retry_after_ms), (CloseReason::Kicked, 2000));
+    }
+}
+
+/// `POST /v1/drain` with `redirect`; undone at once when it was accepted.
+async fn drain_to(admin: SocketAddr, redirect: &str) -> Reply {
+    let body = serde_json::json!({ "redirect": redirect, "spread": 0 }).to_string();
+    let r = call(admin, "POST", "/v1/drain", Some(&body)).await;
+    if r.status == 202 {
+        assert_eq!(call(admin, "DELETE", "/v1/drain", None).await.status, 200);
+    }
+    r
+}
+
+#[tokio::test(start_paused = true)]
+async fn drain_redirects_must_be_addresses() {
+    let s = TestServer::start(test_config()).await;
+    let admin = start_admin(s.handle.clone(), AdminConfig::default()).await;
+    let refused: &[(&str, &str)] = &[
+        ("http://evil.example:80", "scheme"),
+        ("[zz]:80", "IPv6"),
+        ("999.1.1.1:80", "IPv4"),
+        ("1.2.3:80", "IPv4"),
+        ("evil.example:80/path", "path"),
+        ("user@evil.example:80", "userinfo"),
+        ("evil example:80", "space"),
+        ("evil.example", "port"),
+        ("evil.example:0", "port"),
+        ("evil.example:65536", "port"),
+        ("evil.example:+80", "port"),
+        (":80", "host"),
+        ("-evil.example:80", "hyphen"),
+        ("evil-.example:80", "hyphen"),
+        ("evil..example:80", "label"),
+        ("evil.example.:80", "label"),
+        ("ev!l.example:80", "letters, digits"),
+        ("2001:db8::1:80", "brackets"),
+    ];
+    let long_label = format!("{}.example:80", "a".repeat(64));
+    // 254 bytes of name: with its port, longer than `BYE.alternative` carries (so a name is at most 253 bytes).
+    let long_name = format!("{}:1", ["a".repeat(63), "a".repeat(63), "a".repeat(63), "a".repeat(62)].join("."));
+    let mut cases: Vec<(&str, &str)> = refused.to_vec();
+    cases.push((&long_label, "63"));
+    cases.push((&long_name, "255 bytes"));
+    for (redirect, needle) in cases {
+        let r = drain_to(admin, redirect).await;
+        assert_eq!(r.status, 400, "{redirect:?} was accepted: {}", r.body);
+        let msg = error_of(&r);
+        assert!(msg.contains(needle), "{redirect:?}: {msg:?} does not name {needle:?}");
+        assert!(s.handle.is_ready(), "{redirect:?} started a drain");
+    }
+    let max_name = format!("{}:1", ["a".repeat(63), "a".repeat(63), "a".repeat(63), "a".repeat(61)].join("."));
+    assert_eq!(max_name.len(), 255);
+    for redirect in [
+        "other.example:7400",
+        "127.0.0.2:7401",
+        "[::1]:7400",
+        "[2001:db8::1]:1",
+        "localhost:65535",
+        "x1-2.a:9",
+        &max_name,
+    ] {
+        let r = drain_to(admin, redirect).await;
+        assert_eq!(r.status, 202, "{redirect:?}: {}", r.body);
     }
 }
