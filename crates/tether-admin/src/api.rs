@@ -1,9 +1,11 @@
 //! The admin API's handlers: `/v1/*`, `/metrics`, `/healthz`, `/readyz` and the dashboard at `/`.
 //!
 //! # Layout
-//! [`routes`] wires paths to handlers behind the token check. Query strings are parsed by hand from a map so
-//! that a bad value gets a JSON 400 naming the parameter (axum's own rejection is plain text). Handlers only call
-//! `ServerHandle` methods, which never block: the session hub's lock is held for a copy at most.
+//! [`routes`] wires paths to handlers behind the token check. Each route is declared with the query parameters
+//! it takes ([`Routes::at`]), and a parameter it does not take is refused before its handler runs. Query strings
+//! are parsed by hand from a map so that a bad value gets a JSON 400 naming the parameter (axum's own rejection
+//! is plain text). Handlers only call `ServerHandle` methods, which never block: the session hub's lock is held
+//! for a copy at most.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -15,7 +17,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, MethodRouter};
 use axum::{Extension, Json, Router};
 use serde_json::json;
 use subtle::ConstantTimeEq;
@@ -47,21 +49,35 @@ fn bad(msg: impl Into<String>) -> ApiError {
 
 type Params = Query<HashMap<String, String>>;
 
+/// The query parameters one route takes.
+type Known = &'static [&'static str];
+
+/// A router under construction whose every route says which query parameters it takes.
+struct Routes(Router<AppState>);
+
+impl Routes {
+    /// Route `path` to `handlers`, refusing any query parameter but `known` before they run ([`known_params`]).
+    fn at(self, path: &str, known: Known, handlers: MethodRouter<AppState>) -> Routes {
+        Routes(self.0.route(path, handlers.layer(middleware::from_fn_with_state(known, known_params))))
+    }
+}
+
 pub(crate) fn routes(state: AppState) -> Router {
-    Router::new()
-        .route("/", get(dashboard))
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/v1/overview", get(overview))
-        .route("/v1/sessions", get(sessions))
-        .route("/v1/sessions/{id}", get(session))
-        .route("/v1/sessions/{id}/kick", post(kick))
-        .route("/v1/sessions/{id}/probe", post(probe))
-        .route("/v1/disconnects", get(disconnects))
-        .route("/v1/events", get(events))
-        .route("/v1/drain", get(drain_status).post(drain).delete(undrain))
-        .route("/v1/cluster", get(cluster))
+    Routes(Router::new())
+        .at("/", &[], get(dashboard))
+        .at("/metrics", &[], get(metrics))
+        .at("/healthz", &[], get(healthz))
+        .at("/readyz", &[], get(readyz))
+        .at("/v1/overview", &[], get(overview))
+        .at("/v1/sessions", &["prefix", "limit", "after"], get(sessions))
+        .at("/v1/sessions/{id}", &[], get(session))
+        .at("/v1/sessions/{id}/kick", &[], post(kick))
+        .at("/v1/sessions/{id}/probe", &[], post(probe))
+        .at("/v1/disconnects", &["reason", "limit"], get(disconnects))
+        .at("/v1/events", &["snapshots"], get(events))
+        .at("/v1/drain", &[], get(drain_status).post(drain).delete(undrain))
+        .at("/v1/cluster", &[], get(cluster))
+        .0
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .method_not_allowed_fallback(|| async {
             ApiError(StatusCode::METHOD_NOT_ALLOWED, "this endpoint does not take that method".into())
@@ -74,6 +90,18 @@ pub(crate) fn routes(state: AppState) -> Router {
 
 /// Request bodies are small JSON objects.
 const MAX_BODY: usize = 16 * 1024;
+
+/// A route's gate: a query parameter the route does not take is a 400 naming it, before anything is done.
+async fn known_params(State(known): State<Known>, req: Request, next: Next) -> Response {
+    let checked = match Params::try_from_uri(req.uri()) {
+        Ok(Query(q)) => only_known(&q, known),
+        Err(e) => Err(bad(format!("the query string is not valid: {}", e.body_text()))),
+    };
+    match checked {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
 
 /// Errors produced outside the handlers (an extractor's rejection, an oversized body) become JSON too.
 async fn json_errors(res: Response) -> Response {
@@ -209,13 +237,13 @@ fn limit(q: &HashMap<String, String>, default: usize, max: usize) -> Result<usiz
 
 fn only_known(q: &HashMap<String, String>, known: &[&str]) -> Result<(), ApiError> {
     match q.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(k) if known.is_empty() => Err(bad(format!("unknown query parameter {k:?} (this endpoint takes none)"))),
         Some(k) => Err(bad(format!("unknown query parameter {k:?} (known: {})", known.join(", ")))),
         None => Ok(()),
     }
 }
 
 async fn sessions(State(st): State<AppState>, Query(q): Params) -> Result<Json<serde_json::Value>, ApiError> {
-    only_known(&q, &["prefix", "limit", "after"])?;
     let limit = limit(&q, 100, 1000)?;
     let prefix = q.get("prefix").map_or("", String::as_str);
     let after = q.get("after").map(String::as_str);
@@ -298,7 +326,6 @@ async fn probe(
 }
 
 async fn disconnects(State(st): State<AppState>, Query(q): Params) -> Result<Json<serde_json::Value>, ApiError> {
-    only_known(&q, &["reason", "limit"])?;
     let limit = limit(&q, 100, 10_000)?;
     let reason = match q.get("reason").map(String::as_str) {
         None | Some("") => None,
@@ -442,7 +469,6 @@ async fn events(
     kill: Option<Extension<ConnKill>>,
     Query(q): Params,
 ) -> Result<Response, ApiError> {
-    only_known(&q, &["snapshots"])?;
     let snapshots = match q.get("snapshots").map(String::as_str) {
         None | Some("0") | Some("false") => false,
         Some("1") | Some("true") => true,

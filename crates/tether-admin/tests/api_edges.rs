@@ -1,16 +1,17 @@
-//! The admin API's edges over real loopback sockets: parallel kicks of one session, and drain redirects that are
-//! not addresses.
+//! The admin API's edges over real loopback sockets: parallel kicks of one session, drain redirects that are not
+//! addresses, and query parameters no route knows.
 
 #[path = "../../tether/tests/support/mod.rs"]
 mod support;
 mod support_http;
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use support::{test_config, RawPeer, TestServer, PATIENCE};
 use support_http::{request, start_admin, Reply};
 use tether::proto::Frame;
-use tether::CloseReason;
+use tether::{Client, ClientConfig, CloseReason};
 use tether_admin::AdminConfig;
 
 /// One request, failing the test after [`PATIENCE`].
@@ -125,4 +126,45 @@ async fn drain_redirects_must_be_addresses() {
         let r = drain_to(admin, redirect).await;
         assert_eq!(r.status, 202, "{redirect:?}: {}", r.body);
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_route_refuses_query_parameters_it_does_not_know() {
+    let s = TestServer::start(test_config()).await;
+    let admin = start_admin(s.handle.clone(), AdminConfig::default()).await;
+    // A client that answers heartbeats: paused time runs ahead while the test waits on sockets.
+    let mut present = ClientConfig::new("present");
+    present.heartbeat_interval = Some(Duration::from_secs(1));
+    let _present = Client::connect(s.addr, present).await.unwrap();
+    let routes: &[(&str, &str, Option<&str>)] = &[
+        ("GET", "/", None),
+        ("GET", "/metrics", None),
+        ("GET", "/healthz", None),
+        ("GET", "/readyz", None),
+        ("GET", "/v1/overview", None),
+        ("GET", "/v1/sessions", None),
+        ("GET", "/v1/sessions/present", None),
+        ("POST", "/v1/sessions/present/kick", Some("{}")),
+        ("POST", "/v1/sessions/present/probe", Some("{}")),
+        ("GET", "/v1/disconnects", None),
+        ("GET", "/v1/events", None),
+        ("GET", "/v1/drain", None),
+        ("POST", "/v1/drain", Some("{}")),
+        ("DELETE", "/v1/drain", None),
+        ("GET", "/v1/cluster", None),
+    ];
+    for (method, path, body) in routes {
+        let r = call(admin, method, &format!("{path}?bogus=1"), *body).await;
+        assert_eq!(r.status, 400, "{method} {path}?bogus=1: {}", r.body);
+        let msg = error_of(&r);
+        assert!(msg.contains("\"bogus\""), "{method} {path}: {msg:?} does not name the parameter");
+    }
+    // Refused before anything was done: the session is still here, and no drain began.
+    assert_eq!(s.handle.stats().online, 1);
+    assert!(s.handle.is_ready());
+    // The parameters a route knows are still taken.
+    assert_eq!(call(admin, "GET", "/v1/sessions?prefix=pr&limit=5", None).await.status, 200);
+    assert_eq!(call(admin, "GET", "/v1/disconnects?reason=kicked&limit=5", None).await.status, 200);
+    let r = call(admin, "GET", "/v1/sessions?prefix=pr&bogus=1&limit=5", None).await;
+    assert!(error_of(&r).contains("known: prefix, limit, after"), "{}", r.body);
 }
