@@ -1,11 +1,11 @@
 //! The admin API's handlers: `/v1/*`, `/metrics`, `/healthz`, `/readyz` and the dashboard at `/`.
 //!
 //! # Layout
-//! [`routes`] wires paths to handlers behind the token check. Each route is declared with the query parameters
-//! it takes ([`Routes::at`]), and a parameter it does not take is refused before its handler runs. Query strings
-//! are parsed by hand from a map so that a bad value gets a JSON 400 naming the parameter (axum's own rejection
-//! is plain text). Handlers only call `ServerHandle` methods, which never block: the session hub's lock is held
-//! for a copy at most.
+//! [`routes`] wires paths to handlers behind the request checks ([`authorize`]: duplicate `Host`, other sites'
+//! pages, DNS rebinding, the token). Each route is declared with the query parameters it takes ([`Routes::at`]),
+//! and a parameter it does not take is refused before its handler runs. Query strings are parsed by hand from a
+//! map so that a bad value gets a JSON 400 naming the parameter (axum's own rejection is plain text). Handlers
+//! only call `ServerHandle` methods, which never block: the session hub's lock is held for a copy at most.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -135,14 +135,27 @@ fn sha256(b: &[u8]) -> [u8; 32] {
     sha2::Sha256::digest(b).into()
 }
 
-/// Browsers first: a request another site's page makes (its `Origin` is not this listener, or the browser says
-/// `Sec-Fetch-Site: cross-site`) is refused, so a page cannot drain or kick through an operator's browser; and
-/// without a token only a `Host` that is an address or `localhost` is served (DNS rebinding). Then the bearer
-/// token: 401 without credentials, 403 with a wrong one (compared as SHA-256 digests in constant time, so
-/// neither its bytes nor its length leak through timing).
+/// The host a request names: the authority of an absolute-form target (`GET http://host/path`), which
+/// overrides `Host` (RFC 9112, section 3.2.2), userinfo left out; otherwise its `Host`.
+fn named_host<'a>(req: &'a Request, host_header: Option<&'a str>) -> &'a str {
+    match req.uri().authority() {
+        Some(a) => a.as_str().rsplit_once('@').map_or(a.as_str(), |(_, host)| host),
+        None => host_header.unwrap_or(""),
+    }
+}
+
+/// First the request itself: more than one `Host` is a 400 (RFC 9112, section 3.2: which one a proxy believed is
+/// unknowable). Then browsers: a request another site's page makes (its `Origin` is not the host the request
+/// names, or the browser says `Sec-Fetch-Site: cross-site`) is refused, so a page cannot drain or kick through an
+/// operator's browser; and without a token only a host that is an address or `localhost` is served (DNS
+/// rebinding), judged by [`named_host`]. Then the bearer token: 401 without credentials, 403 with a wrong one
+/// (compared as SHA-256 digests in constant time, so neither its bytes nor its length leak through timing).
 async fn authorize(State(st): State<AppState>, headers: HeaderMap, req: Request, next: Next) -> Response {
+    if headers.get_all(header::HOST).iter().nth(1).is_some() {
+        return bad("more than one Host header").into_response();
+    }
     let header = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
-    let host = header(header::HOST).unwrap_or("");
+    let host = named_host(&req, header(header::HOST));
     let cross_origin = header(header::ORIGIN)
         .is_some_and(|o| o.split_once("://").is_none_or(|(_, authority)| !authority.eq_ignore_ascii_case(host)));
     let cross_site = headers.get("sec-fetch-site").is_some_and(|v| v.as_bytes() == b"cross-site");
@@ -151,7 +164,9 @@ async fn authorize(State(st): State<AppState>, headers: HeaderMap, req: Request,
     }
     let Some(token) = st.cfg.token.as_deref().filter(|t| !t.is_empty()) else {
         if !local_host(host) {
-            let msg = format!("Host {host:?} is not this machine's address; without a token only addresses are served");
+            let named = if req.uri().authority().is_some() { "the request line's host" } else { "Host" };
+            let msg =
+                format!("{named} {host:?} is not this machine's address; without a token only addresses are served");
             return ApiError(StatusCode::FORBIDDEN, msg).into_response();
         }
         return next.run(req).await;

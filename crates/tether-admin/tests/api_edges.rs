@@ -1,5 +1,5 @@
 //! The admin API's edges over real loopback sockets: parallel kicks of one session, drain redirects that are not
-//! addresses, and query parameters no route knows.
+//! addresses, query parameters no route knows, and requests that name another host twice or in the request line.
 
 #[path = "../../tether/tests/support/mod.rs"]
 mod support;
@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use support::{test_config, RawPeer, TestServer, PATIENCE};
-use support_http::{request, start_admin, Reply};
+use support_http::{request, request_with, start_admin, Reply};
 use tether::proto::Frame;
 use tether::{Client, ClientConfig, CloseReason};
 use tether_admin::AdminConfig;
@@ -167,4 +167,40 @@ async fn every_route_refuses_query_parameters_it_does_not_know() {
     assert_eq!(call(admin, "GET", "/v1/disconnects?reason=kicked&limit=5", None).await.status, 200);
     let r = call(admin, "GET", "/v1/sessions?prefix=pr&bogus=1&limit=5", None).await;
     assert!(error_of(&r).contains("known: prefix, limit, after"), "{}", r.body);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_second_host_or_another_host_in_the_request_line_is_refused() {
+    let s = TestServer::start(test_config()).await;
+    let admin = start_admin(s.handle.clone(), AdminConfig::default()).await;
+    let raw = |method: &'static str, target: String, headers: String| async move {
+        tokio::time::timeout(PATIENCE, request_with(admin, method, &target, None, &headers)).await.expect("hung")
+    };
+    // Two Host headers: which one a proxy or this server believes is unknowable.
+    let twice = format!("Host: {admin}\r\nHost: evil.example\r\n");
+    let r = raw("GET", "/v1/overview".into(), twice).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(error_of(&r).contains("Host"), "{}", r.body);
+    let twice = format!("Host: evil.example\r\nHost: {admin}\r\n");
+    assert_eq!(raw("GET", "/v1/overview".into(), twice).await.status, 400);
+    // The absolute form's authority overrides Host (RFC 9112): another host there is a rebinding page's request.
+    let r = raw("GET", "http://other.example/v1/overview".into(), format!("Host: {admin}\r\n")).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(error_of(&r).contains("other.example"), "{}", r.body);
+    let r = raw("POST", "http://other.example:80/v1/drain".into(), format!("Host: {admin}\r\n")).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(s.handle.is_ready(), "a refused request started a drain");
+    // The same by address is served, and so is an Origin that names it.
+    let r = raw("GET", format!("http://{admin}/v1/overview"), format!("Host: {admin}\r\n")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let origin = format!("Host: evil.example\r\nOrigin: http://{admin}\r\n");
+    let r = raw("GET", format!("http://{admin}/v1/overview"), origin).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    // With a token the Host rule does not apply, but a second Host is still refused.
+    let token = AdminConfig { token: Some("t0ken".into()), open_metrics: false };
+    let admin = start_admin(s.handle.clone(), token).await;
+    let twice = format!("Host: {admin}\r\nHost: {admin}\r\nAuthorization: Bearer t0ken\r\n");
+    let r = tokio::time::timeout(PATIENCE, request_with(admin, "GET", "/v1/overview", None, &twice)).await.unwrap();
+    assert_eq!(r.status, 400, "{}", r.body);
 }
