@@ -91,6 +91,9 @@ pub(crate) fn routes(state: AppState) -> Router {
 /// Request bodies are small JSON objects.
 const MAX_BODY: usize = 16 * 1024;
 
+/// What `/metrics` is: `prometheus-client` encodes the OpenMetrics text format (`# EOF` last, `_total` counters).
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
 /// A route's gate: a query parameter the route does not take is a 400 naming it, before anything is done.
 async fn known_params(State(known): State<Known>, req: Request, next: Next) -> Response {
     let checked = match Params::try_from_uri(req.uri()) {
@@ -199,7 +202,7 @@ async fn dashboard() -> impl IntoResponse {
 
 async fn metrics(State(st): State<AppState>) -> Response {
     match crate::prom::render(&st.handle) {
-        Ok(body) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response(),
+        Ok(body) => ([(header::CONTENT_TYPE, OPENMETRICS)], body).into_response(),
         Err(_) => ApiError(StatusCode::INTERNAL_SERVER_ERROR, "metrics encoding failed".into()).into_response(),
     }
 }

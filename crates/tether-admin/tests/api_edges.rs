@@ -1,5 +1,6 @@
 //! The admin API's edges over real loopback sockets: parallel kicks of one session, drain redirects that are not
-//! addresses, query parameters no route knows, and requests that name another host twice or in the request line.
+//! addresses, query parameters no route knows, requests that name another host twice or in the request line, and
+//! the content type of `/metrics`.
 
 #[path = "../../tether/tests/support/mod.rs"]
 mod support;
@@ -9,7 +10,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use support::{test_config, RawPeer, TestServer, PATIENCE};
-use support_http::{request, request_with, start_admin, Reply};
+use support_http::{get, request, request_with, start_admin, Reply};
 use tether::proto::Frame;
 use tether::{Client, ClientConfig, CloseReason};
 use tether_admin::AdminConfig;
@@ -203,4 +204,19 @@ async fn a_second_host_or_another_host_in_the_request_line_is_refused() {
     let twice = format!("Host: {admin}\r\nHost: {admin}\r\nAuthorization: Bearer t0ken\r\n");
     let r = tokio::time::timeout(PATIENCE, request_with(admin, "GET", "/v1/overview", None, &twice)).await.unwrap();
     assert_eq!(r.status, 400, "{}", r.body);
+}
+
+#[tokio::test(start_paused = true)]
+async fn metrics_are_labelled_as_the_openmetrics_they_are() {
+    let s = TestServer::start(test_config()).await;
+    let admin = start_admin(s.handle.clone(), AdminConfig::default()).await;
+    let r = get(admin, "/metrics").await;
+    assert_eq!(r.status, 200);
+    let content_type = r
+        .headers
+        .lines()
+        .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("content-type")))
+        .map(|(_, v)| v.trim().to_owned());
+    assert_eq!(content_type.as_deref(), Some("application/openmetrics-text; version=1.0.0; charset=utf-8"));
+    assert!(r.body.ends_with("# EOF\n"), "not OpenMetrics: {:?}", &r.body[r.body.len().saturating_sub(40)..]);
 }
