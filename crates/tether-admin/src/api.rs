@@ -152,7 +152,8 @@ fn named_host<'a>(req: &'a Request, host_header: Option<&'a str>) -> &'a str {
 /// names, or the browser says `Sec-Fetch-Site: cross-site`) is refused, so a page cannot drain or kick through an
 /// operator's browser; and without a token only a host that is an address or `localhost` is served (DNS
 /// rebinding), judged by [`named_host`]. Then the bearer token: 401 without credentials, 403 with a wrong one
-/// (compared as SHA-256 digests in constant time, so neither its bytes nor its length leak through timing).
+/// (compared as SHA-256 digests in constant time, so neither its bytes nor its length leak through timing),
+/// marked `WWW-Authenticate: Bearer error="invalid_token"` so that the dashboard asks for another.
 async fn authorize(State(st): State<AppState>, headers: HeaderMap, req: Request, next: Next) -> Response {
     if headers.get_all(header::HOST).iter().nth(1).is_some() {
         return bad("more than one Host header").into_response();
@@ -192,7 +193,12 @@ async fn authorize(State(st): State<AppState>, headers: HeaderMap, req: Request,
             r
         }
         Some(g) if bool::from(sha256(g.as_bytes()).ct_eq(&sha256(token.as_bytes()))) => next.run(req).await,
-        Some(_) => ApiError(StatusCode::FORBIDDEN, "the bearer token is not valid".into()).into_response(),
+        Some(_) => {
+            let mut r = ApiError(StatusCode::FORBIDDEN, "the bearer token is not valid".into()).into_response();
+            let invalid = header::HeaderValue::from_static("Bearer error=\"invalid_token\"");
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, invalid);
+            r
+        }
     }
 }
 
