@@ -1,9 +1,11 @@
 //! The admin API's handlers: `/v1/*`, `/metrics`, `/healthz`, `/readyz` and the dashboard at `/`.
 //!
 //! # Layout
-//! [`routes`] wires paths to handlers behind the token check. Query strings are parsed by hand from a map so
-//! that a bad value gets a JSON 400 naming the parameter (axum's own rejection is plain text). Handlers only call
-//! `ServerHandle` methods, which never block: the session hub's lock is held for a copy at most.
+//! [`routes`] wires paths to handlers behind the request checks ([`authorize`]: duplicate `Host`, other sites'
+//! pages, DNS rebinding, the token). Each route is declared with the query parameters it takes ([`Routes::at`]),
+//! and a parameter it does not take is refused before its handler runs. Query strings are parsed by hand from a
+//! map so that a bad value gets a JSON 400 naming the parameter (axum's own rejection is plain text). Handlers
+//! only call `ServerHandle` methods, which never block: the session hub's lock is held for a copy at most.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -15,11 +17,11 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, MethodRouter};
 use axum::{Extension, Json, Router};
 use serde_json::json;
 use subtle::ConstantTimeEq;
-use tether::CloseReason;
+use tether::{CloseReason, KickError};
 
 use crate::json::{
     disconnect_json, drain_json, event_json, kernel_json, overview_json, probe_json, rfc3339, session_json,
@@ -47,21 +49,35 @@ fn bad(msg: impl Into<String>) -> ApiError {
 
 type Params = Query<HashMap<String, String>>;
 
+/// The query parameters one route takes.
+type Known = &'static [&'static str];
+
+/// A router under construction whose every route says which query parameters it takes.
+struct Routes(Router<AppState>);
+
+impl Routes {
+    /// Route `path` to `handlers`, refusing any query parameter but `known` before they run ([`known_params`]).
+    fn at(self, path: &str, known: Known, handlers: MethodRouter<AppState>) -> Routes {
+        Routes(self.0.route(path, handlers.layer(middleware::from_fn_with_state(known, known_params))))
+    }
+}
+
 pub(crate) fn routes(state: AppState) -> Router {
-    Router::new()
-        .route("/", get(dashboard))
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/v1/overview", get(overview))
-        .route("/v1/sessions", get(sessions))
-        .route("/v1/sessions/{id}", get(session))
-        .route("/v1/sessions/{id}/kick", post(kick))
-        .route("/v1/sessions/{id}/probe", post(probe))
-        .route("/v1/disconnects", get(disconnects))
-        .route("/v1/events", get(events))
-        .route("/v1/drain", get(drain_status).post(drain).delete(undrain))
-        .route("/v1/cluster", get(cluster))
+    Routes(Router::new())
+        .at("/", &[], get(dashboard))
+        .at("/metrics", &[], get(metrics))
+        .at("/healthz", &[], get(healthz))
+        .at("/readyz", &[], get(readyz))
+        .at("/v1/overview", &[], get(overview))
+        .at("/v1/sessions", &["prefix", "limit", "after"], get(sessions))
+        .at("/v1/sessions/{id}", &[], get(session))
+        .at("/v1/sessions/{id}/kick", &[], post(kick))
+        .at("/v1/sessions/{id}/probe", &[], post(probe))
+        .at("/v1/disconnects", &["reason", "limit"], get(disconnects))
+        .at("/v1/events", &["snapshots"], get(events))
+        .at("/v1/drain", &[], get(drain_status).post(drain).delete(undrain))
+        .at("/v1/cluster", &[], get(cluster))
+        .0
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .method_not_allowed_fallback(|| async {
             ApiError(StatusCode::METHOD_NOT_ALLOWED, "this endpoint does not take that method".into())
@@ -74,6 +90,21 @@ pub(crate) fn routes(state: AppState) -> Router {
 
 /// Request bodies are small JSON objects.
 const MAX_BODY: usize = 16 * 1024;
+
+/// What `/metrics` is: `prometheus-client` encodes the OpenMetrics text format (`# EOF` last, `_total` counters).
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// A route's gate: a query parameter the route does not take is a 400 naming it, before anything is done.
+async fn known_params(State(known): State<Known>, req: Request, next: Next) -> Response {
+    let checked = match Params::try_from_uri(req.uri()) {
+        Ok(Query(q)) => only_known(&q, known),
+        Err(e) => Err(bad(format!("the query string is not valid: {}", e.body_text()))),
+    };
+    match checked {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
 
 /// Errors produced outside the handlers (an extractor's rejection, an oversized body) become JSON too.
 async fn json_errors(res: Response) -> Response {
@@ -107,14 +138,28 @@ fn sha256(b: &[u8]) -> [u8; 32] {
     sha2::Sha256::digest(b).into()
 }
 
-/// Browsers first: a request another site's page makes (its `Origin` is not this listener, or the browser says
-/// `Sec-Fetch-Site: cross-site`) is refused, so a page cannot drain or kick through an operator's browser; and
-/// without a token only a `Host` that is an address or `localhost` is served (DNS rebinding). Then the bearer
-/// token: 401 without credentials, 403 with a wrong one (compared as SHA-256 digests in constant time, so
-/// neither its bytes nor its length leak through timing).
+/// The host a request names: the authority of an absolute-form target (`GET http://host/path`), which
+/// overrides `Host` (RFC 9112, section 3.2.2), userinfo left out; otherwise its `Host`.
+fn named_host<'a>(req: &'a Request, host_header: Option<&'a str>) -> &'a str {
+    match req.uri().authority() {
+        Some(a) => a.as_str().rsplit_once('@').map_or(a.as_str(), |(_, host)| host),
+        None => host_header.unwrap_or(""),
+    }
+}
+
+/// First the request itself: more than one `Host` is a 400 (RFC 9112, section 3.2: which one a proxy believed is
+/// unknowable). Then browsers: a request another site's page makes (its `Origin` is not the host the request
+/// names, or the browser says `Sec-Fetch-Site: cross-site`) is refused, so a page cannot drain or kick through an
+/// operator's browser; and without a token only a host that is an address or `localhost` is served (DNS
+/// rebinding), judged by [`named_host`]. Then the bearer token: 401 without credentials, 403 with a wrong one
+/// (compared as SHA-256 digests in constant time, so neither its bytes nor its length leak through timing),
+/// marked `WWW-Authenticate: Bearer error="invalid_token"` so that the dashboard asks for another.
 async fn authorize(State(st): State<AppState>, headers: HeaderMap, req: Request, next: Next) -> Response {
+    if headers.get_all(header::HOST).iter().nth(1).is_some() {
+        return bad("more than one Host header").into_response();
+    }
     let header = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
-    let host = header(header::HOST).unwrap_or("");
+    let host = named_host(&req, header(header::HOST));
     let cross_origin = header(header::ORIGIN)
         .is_some_and(|o| o.split_once("://").is_none_or(|(_, authority)| !authority.eq_ignore_ascii_case(host)));
     let cross_site = headers.get("sec-fetch-site").is_some_and(|v| v.as_bytes() == b"cross-site");
@@ -123,7 +168,9 @@ async fn authorize(State(st): State<AppState>, headers: HeaderMap, req: Request,
     }
     let Some(token) = st.cfg.token.as_deref().filter(|t| !t.is_empty()) else {
         if !local_host(host) {
-            let msg = format!("Host {host:?} is not this machine's address; without a token only addresses are served");
+            let named = if req.uri().authority().is_some() { "the request line's host" } else { "Host" };
+            let msg =
+                format!("{named} {host:?} is not this machine's address; without a token only addresses are served");
             return ApiError(StatusCode::FORBIDDEN, msg).into_response();
         }
         return next.run(req).await;
@@ -146,7 +193,12 @@ async fn authorize(State(st): State<AppState>, headers: HeaderMap, req: Request,
             r
         }
         Some(g) if bool::from(sha256(g.as_bytes()).ct_eq(&sha256(token.as_bytes()))) => next.run(req).await,
-        Some(_) => ApiError(StatusCode::FORBIDDEN, "the bearer token is not valid".into()).into_response(),
+        Some(_) => {
+            let mut r = ApiError(StatusCode::FORBIDDEN, "the bearer token is not valid".into()).into_response();
+            let invalid = header::HeaderValue::from_static("Bearer error=\"invalid_token\"");
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, invalid);
+            r
+        }
     }
 }
 
@@ -156,7 +208,7 @@ async fn dashboard() -> impl IntoResponse {
 
 async fn metrics(State(st): State<AppState>) -> Response {
     match crate::prom::render(&st.handle) {
-        Ok(body) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response(),
+        Ok(body) => ([(header::CONTENT_TYPE, OPENMETRICS)], body).into_response(),
         Err(_) => ApiError(StatusCode::INTERNAL_SERVER_ERROR, "metrics encoding failed".into()).into_response(),
     }
 }
@@ -209,13 +261,13 @@ fn limit(q: &HashMap<String, String>, default: usize, max: usize) -> Result<usiz
 
 fn only_known(q: &HashMap<String, String>, known: &[&str]) -> Result<(), ApiError> {
     match q.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(k) if known.is_empty() => Err(bad(format!("unknown query parameter {k:?} (this endpoint takes none)"))),
         Some(k) => Err(bad(format!("unknown query parameter {k:?} (known: {})", known.join(", ")))),
         None => Ok(()),
     }
 }
 
 async fn sessions(State(st): State<AppState>, Query(q): Params) -> Result<Json<serde_json::Value>, ApiError> {
-    only_known(&q, &["prefix", "limit", "after"])?;
     let limit = limit(&q, 100, 1000)?;
     let prefix = q.get("prefix").map_or("", String::as_str);
     let after = q.get("after").map(String::as_str);
@@ -275,10 +327,11 @@ async fn kick(
     if retry > MAX_RETRY_AFTER {
         return Err(bad("retry_after is at most 49 days (a u32 of milliseconds)"));
     }
-    if !st.handle.kick_with(&id, retry) {
-        return Err(not_online(&id));
+    match st.handle.kick_with(&id, retry) {
+        Ok(()) => Ok(Json(json!({ "kicked": id, "retry_after_ms": retry.as_millis() as u64 }))),
+        Err(KickError::Offline(_)) => Err(not_online(&id)),
+        Err(e @ KickError::Leaving(_)) => Err(ApiError(StatusCode::CONFLICT, e.to_string())),
     }
-    Ok(Json(json!({ "kicked": id, "retry_after_ms": retry.as_millis() as u64 })))
 }
 
 /// Ping one client now and say whether the network or its program is slow: `{"timeout": "2s"}` at most 30 s.
@@ -297,7 +350,6 @@ async fn probe(
 }
 
 async fn disconnects(State(st): State<AppState>, Query(q): Params) -> Result<Json<serde_json::Value>, ApiError> {
-    only_known(&q, &["reason", "limit"])?;
     let limit = limit(&q, 100, 10_000)?;
     let reason = match q.get("reason").map(String::as_str) {
         None | Some("") => None,
@@ -318,10 +370,11 @@ async fn drain(State(st): State<AppState>, body: axum::body::Bytes) -> Result<Re
     let body = json_body(&body, &["redirect", "spread"])?;
     let redirect = match body.get("redirect") {
         None | Some(serde_json::Value::Null) => None,
-        Some(serde_json::Value::String(s)) if valid_address(s) => Some(s.clone()),
-        Some(v) => {
-            return Err(bad(format!("redirect must be an address like \"host:7400\" (at most 255 bytes), not {v}")))
+        Some(serde_json::Value::String(s)) => {
+            check_address(s).map_err(|what| bad(format!("redirect {s:?} {what}")))?;
+            Some(s.clone())
         }
+        Some(v) => return Err(bad(format!("redirect must be a string like \"host:7400\", not {v}"))),
     };
     let spread = duration_field(body.get("spread"), "spread")?.unwrap_or(Duration::from_secs(30));
     if spread > Duration::from_secs(3600) {
@@ -333,10 +386,78 @@ async fn drain(State(st): State<AppState>, body: axum::body::Bytes) -> Result<Re
     }
 }
 
-/// `host:port` as `BYE.alternative` carries it: a non-empty host, a port, no spaces, at most 255 bytes.
-fn valid_address(s: &str) -> bool {
-    let port_ok = s.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-    port_ok && s.len() <= 255 && !s.chars().any(char::is_whitespace)
+/// `host:port` as `BYE.alternative` carries it (docs/protocol.md, section 1), at most 255 bytes: `host` an IPv4
+/// address, an IPv6 address in brackets or a DNS name ([`check_name`]), `port` 1 to 65535; nothing else (no
+/// scheme, userinfo, path or spaces). Otherwise what is wrong, worded to follow the address.
+fn check_address(s: &str) -> Result<(), String> {
+    if s.len() > 255 {
+        return Err(format!("is {} bytes, more than the 255 bytes BYE.alternative carries", s.len()));
+    }
+    if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("contains a space or control character".into());
+    }
+    if s.contains("://") {
+        return Err("has a scheme: give only host:port".into());
+    }
+    if s.contains('@') {
+        return Err("has userinfo (user@): give only host:port".into());
+    }
+    if s.contains(['/', '?', '#', '\\']) {
+        return Err("has a path: give only host:port".into());
+    }
+    let (host, port) = match s.strip_prefix('[') {
+        Some(rest) => {
+            let (ip, after) = rest.split_once(']').ok_or("has no ] after its IPv6 address")?;
+            if ip.parse::<std::net::Ipv6Addr>().is_err() {
+                return Err(format!("has [{ip}], which is not an IPv6 address"));
+            }
+            (None, after.strip_prefix(':').ok_or("has no :port after its ]")?)
+        }
+        None => {
+            let (host, port) = s.rsplit_once(':').ok_or("has no :port")?;
+            (Some(host), port)
+        }
+    };
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) || !matches!(port.parse::<u16>(), Ok(1..)) {
+        return Err(format!("has port {port:?}: a port is a number from 1 to 65535"));
+    }
+    match host {
+        None => Ok(()),
+        Some("") => Err("has no host before its :port".into()),
+        Some(h) if h.contains(':') => Err("has an IPv6 address without brackets: write [address]:port".into()),
+        Some(h) => check_name(h),
+    }
+}
+
+/// A host that is not bracketed: an IPv4 address, or a DNS name of RFC 1123 labels (letters, digits and
+/// hyphens, 1 to 63 bytes, no hyphen first or last; at most 253 bytes in all). A name whose last label is all
+/// digits must be an IPv4 address: no top-level domain is numeric, so `999.1.1.1` is a typo, not a name.
+fn check_name(host: &str) -> Result<(), String> {
+    let last = host.rsplit('.').next().unwrap_or_default();
+    if !last.is_empty() && last.bytes().all(|b| b.is_ascii_digit()) {
+        return match host.parse::<std::net::Ipv4Addr>() {
+            Ok(_) => Ok(()),
+            Err(_) => Err(format!("has {host:?}, which is not an IPv4 address (and a name cannot end in digits)")),
+        };
+    }
+    if host.len() > 253 {
+        return Err(format!("has a name of {} bytes; a DNS name is at most 253", host.len()));
+    }
+    for label in host.split('.') {
+        if label.is_empty() {
+            return Err(format!("has {host:?}, with an empty label (two dots in a row, or a dot at an end)"));
+        }
+        if label.len() > 63 {
+            return Err(format!("has a label of {} bytes; a label is at most 63", label.len()));
+        }
+        if !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            return Err(format!("has the label {label:?}: a label is letters, digits and hyphens only"));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(format!("has the label {label:?}: a label does not start or end with a hyphen"));
+        }
+    }
+    Ok(())
 }
 
 async fn undrain(State(st): State<AppState>) -> Json<serde_json::Value> {
@@ -372,7 +493,6 @@ async fn events(
     kill: Option<Extension<ConnKill>>,
     Query(q): Params,
 ) -> Result<Response, ApiError> {
-    only_known(&q, &["snapshots"])?;
     let snapshots = match q.get("snapshots").map(String::as_str) {
         None | Some("0") | Some("false") => false,
         Some("1") | Some("true") => true,

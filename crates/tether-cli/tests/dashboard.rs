@@ -1,7 +1,9 @@
 //! The admin dashboard in a real browser: the system Chromium, headless, driven through chromedriver (WebDriver)
 //! against a real `tether serve` and real `tether connect` clients on loopback. It checks what an operator sees:
 //! a hung (SIGSTOPped) client appears in the page as a `heartbeat_timeout` disconnect within 2 s of the server's
-//! verdict, and the kick button on the page disconnects a client with reason `kicked`.
+//! verdict, and the kick button on the page disconnects a client with reason `kicked`. Against a server with an
+//! admin token, the page asks for it, says so when the one typed is wrong and sends nothing more until another
+//! is saved.
 //!
 //! Waits on tether are for its output lines; waits on the page poll the DOM every 100 ms; every wait has a
 //! deadline. With `TETHER_SCREENSHOT=1` the test also saves `docs/dashboard.png`. Without `/usr/bin/chromium`
@@ -324,6 +326,92 @@ async fn the_dashboard_shows_a_hung_client_and_kicks_another() {
 
     browser.close().await.expect("close the browser session");
     drop(clients);
+    drop(srv);
+    drop(driver);
+}
+
+/// The token form's message while the form is shown.
+async fn token_form_says(c: &Client) -> Option<String> {
+    let form = c.find(Locator::Css("#token-form")).await.expect("#token-form");
+    if !form.is_displayed().await.expect("displayed") {
+        return None;
+    }
+    text_of(c, "#token-msg").await
+}
+
+/// Type `token` into the token form and save it.
+async fn enter_token(c: &Client, token: &str) {
+    let input = c.find(Locator::Css("#token-input")).await.expect("#token-input");
+    input.send_keys(token).await.expect("type into #token-input");
+    c.find(Locator::Css("#token-save")).await.expect("#token-save").click().await.expect("click #token-save");
+}
+
+/// How many API requests the page has completed (its resource timing entries under `/v1/`).
+async fn api_requests(c: &Client) -> u64 {
+    let js = "return performance.getEntriesByType('resource').filter((e) => e.name.includes('/v1/')).length;";
+    c.execute(js, vec![]).await.expect("count the page's requests").as_u64().expect("a count")
+}
+
+/// A file holding the admin token, removed when dropped.
+struct TokenFile(PathBuf);
+
+impl Drop for TokenFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_asks_again_for_a_token_the_server_refuses_and_waits_for_it() {
+    if !Path::new(CHROMEDRIVER).exists() || !Path::new(CHROMIUM).exists() {
+        println!("SKIPPED: chromium/chromedriver not installed (scripts/test installs them)");
+        return;
+    }
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+    let file = TokenFile(std::env::temp_dir().join(format!("tether-admin-token-{}-{nanos}", std::process::id())));
+    std::fs::write(&file.0, "right-token\n").unwrap();
+    let driver = Chromedriver::start();
+    let (srv, _addr, admin) = common::serve_with_admin(&["--admin-token-file", file.0.to_str().unwrap()]);
+
+    let browser = driver.session().await;
+    let c = &browser;
+    c.goto(&format!("http://{admin}/")).await.expect("open the dashboard");
+    // No token yet: 401, and the form asks for one.
+    page_until("the token form asking for a token", PATIENCE, || async move {
+        token_form_says(c).await.filter(|m| m.contains("admin token required"))
+    })
+    .await;
+    // A wrong one: 403, and the form says so.
+    enter_token(c, "wrong-token").await;
+    page_until("the token form saying the token is not valid", PATIENCE, || async move {
+        token_form_says(c).await.filter(|m| m.contains("the token is not valid"))
+    })
+    .await;
+    // The page's three requests at start (the overview, the disconnects, the event stream) were each answered
+    // twice, 401 and then 403, and now wait for a new token: nothing more is sent. (The page used to retry its
+    // event stream every second; the watch lasts 3 s.)
+    page_until("the three requests answered 401 and 403", PATIENCE, || async move {
+        (api_requests(c).await == 6).then_some(())
+    })
+    .await;
+    let watch_until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < watch_until {
+        let sent = api_requests(c).await;
+        assert_eq!(sent, 6, "the page sent {} more requests with a refused token", sent - 6);
+        tokio::time::sleep(POLL).await;
+    }
+    let dot = c.find(Locator::Css("#live-dot")).await.expect("#live-dot");
+    assert_eq!(dot.attr("data-state").await.expect("data-state").as_deref(), Some("auth"));
+    // The right one: the page goes live.
+    enter_token(c, "right-token").await;
+    page_until("the live dot (event stream connected)", PATIENCE, || async move {
+        let live = c.find_all(Locator::Css("#live-dot[data-state=\"live\"]")).await.expect("find #live-dot");
+        (!live.is_empty()).then_some(())
+    })
+    .await;
+    assert!(token_form_says(c).await.is_none(), "the token form is still shown");
+
+    browser.close().await.expect("close the browser session");
     drop(srv);
     drop(driver);
 }

@@ -51,7 +51,7 @@ pub use ops::{
     SessionInfo,
 };
 pub use resilient::{LinkError, LinkEvent, ReconnectingClient, ResilienceConfig, Sent};
-pub use server::{SendToError, Server, ServerHandle};
+pub use server::{KickError, SendToError, Server, ServerHandle};
 pub use sockopt::{Keepalive, SocketOptions};
 pub use tether_proto as proto;
 pub use tether_proto::CloseReason;

@@ -64,7 +64,7 @@ mod session;
 mod state;
 
 use control::{bye, CloseCmd};
-pub use handle::{SendToError, ServerHandle};
+pub use handle::{KickError, SendToError, ServerHandle};
 pub use limits::source_of;
 use limits::TokenBucket;
 use session::serve_conn;

@@ -3,8 +3,9 @@
 //!
 //! # Layout
 //! - [`Control`]: one per connection, shared (`Arc`) by its task, the hub's table and whoever asks about it. A close
-//!   request (first wins, never blocked by queued frames), a bounded frame queue, a probe request and an
-//!   admission decision, plus what the operator may read about the session and its traffic.
+//!   request (first wins, never blocked by queued frames; each asker learns whether it won: [`Requested`]), a
+//!   bounded frame queue, a probe request and an admission decision, plus what the operator may read about the
+//!   session and its traffic.
 //! - [`Cmd`] and [`CloseCmd`]: what the task takes out of its slot: a close request first, then a probe request,
 //!   then an admission decision, then queued frames in order ([`Control::poll_take`]).
 //! - [`Admit`] and [`Decision`]: what the cluster decided about a `HELLO`, handed to the connection as a command.
@@ -62,7 +63,11 @@ pub(super) struct SessionMeta {
 }
 
 struct ControlState {
+    /// The close request the task has not taken yet.
     close: Option<CloseCmd>,
+    /// A close request was accepted (taken by the task or not): the first one decided how the connection ends,
+    /// and every later one is told so. Never cleared.
+    closing: bool,
     frames: VecDeque<Frame>,
     /// The connection task, when it waits for a command.
     waker: Option<Waker>,
@@ -78,12 +83,34 @@ struct ControlState {
 
 impl ControlState {
     fn new(fd: RawFd) -> ControlState {
-        ControlState { close: None, frames: VecDeque::new(), waker: None, fd, probe: false, admit: None }
+        ControlState {
+            close: None,
+            closing: false,
+            frames: VecDeque::new(),
+            waker: None,
+            fd,
+            probe: false,
+            admit: None,
+        }
     }
 
     /// The socket, if it is still open.
     fn fd(&self) -> Option<RawFd> {
         (self.fd >= 0).then_some(self.fd)
+    }
+
+    /// Accept `cmd` as how the connection ends, unless a close was requested before or the socket is closed.
+    fn request(&mut self, cmd: CloseCmd) -> Requested {
+        if self.fd < 0 {
+            return Requested::Closed;
+        }
+        if self.closing {
+            return Requested::AlreadyClosing;
+        }
+        self.closing = true;
+        self.close = Some(cmd);
+        self.wake();
+        Requested::Accepted
     }
 
     fn wake(&mut self) {
@@ -104,6 +131,18 @@ impl ControlState {
 pub(super) enum PushError {
     /// The queue was full: the connection is now condemned as a slow consumer.
     Full,
+}
+
+/// What became of a close request ([`Control::request`]), decided under the slot's lock: of several at once,
+/// exactly one is accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Requested {
+    /// This request decides how the connection ends.
+    Accepted,
+    /// An earlier request (or a full queue) already decided it; the connection is leaving.
+    AlreadyClosing,
+    /// The socket is closed already.
+    Closed,
 }
 
 #[derive(Debug, Clone)]
@@ -169,13 +208,9 @@ impl Control {
         self.state.lock().ok()?.close()
     }
 
-    /// Ask the task to close; the first request wins.
-    pub(super) fn request(&self, cmd: CloseCmd) {
-        let mut st = self.state.lock().expect("control lock");
-        if st.close.is_none() {
-            st.close = Some(cmd);
-            st.wake();
-        }
+    /// Ask the task to close; the first request wins, and the answer says whether this was it.
+    pub(super) fn request(&self, cmd: CloseCmd) -> Requested {
+        self.state.lock().expect("control lock").request(cmd)
     }
 
     /// Ask the task to measure a round trip now.
@@ -189,10 +224,7 @@ impl Control {
     pub(super) fn push(&self, frame: Frame, limit: usize) -> Result<(), PushError> {
         let mut st = self.state.lock().expect("control lock");
         if st.frames.len() >= limit.max(1) {
-            if st.close.is_none() {
-                st.close = Some(CloseCmd::Abort(CloseReason::SlowConsumer));
-                st.wake();
-            }
+            st.request(CloseCmd::Abort(CloseReason::SlowConsumer));
             return Err(PushError::Full);
         }
         st.frames.push_back(frame);
@@ -262,5 +294,38 @@ impl Admit {
             cluster.admitted(epoch);
             cluster.release(&self.hello.client_id, epoch, reason, by_client, Duration::ZERO);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kick() -> CloseCmd {
+        CloseCmd::Bye(bye(CloseReason::Kicked, Duration::ZERO))
+    }
+
+    #[test]
+    fn the_first_close_request_wins_and_every_later_one_is_told() {
+        let c = Control::new("127.0.0.1:1".parse().unwrap(), 0, 0);
+        assert_eq!(c.request(kick()), Requested::Accepted);
+        assert_eq!(c.request(kick()), Requested::AlreadyClosing);
+        // Taken by the task: still closing, not open to a second close.
+        let waker = std::task::Waker::noop();
+        assert!(matches!(c.poll_take(&mut Context::from_waker(waker)), Poll::Ready(Cmd::Close(CloseCmd::Bye(_)))));
+        assert_eq!(c.request(CloseCmd::Abort(CloseReason::SlowConsumer)), Requested::AlreadyClosing);
+        c.close_socket();
+        assert_eq!(c.request(kick()), Requested::Closed);
+    }
+
+    #[test]
+    fn a_full_queue_is_a_close_request_that_a_kick_then_loses() {
+        let c = Control::new("127.0.0.1:1".parse().unwrap(), 0, 0);
+        assert_eq!(c.push(Frame::Ping { seq: 1, ts_ms: 0 }, 1), Ok(()));
+        assert_eq!(c.push(Frame::Ping { seq: 2, ts_ms: 0 }, 1), Err(PushError::Full));
+        assert_eq!(c.request(kick()), Requested::AlreadyClosing);
+        let waker = std::task::Waker::noop();
+        let taken = c.poll_take(&mut Context::from_waker(waker));
+        assert!(matches!(taken, Poll::Ready(Cmd::Close(CloseCmd::Abort(CloseReason::SlowConsumer)))));
     }
 }

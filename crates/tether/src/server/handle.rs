@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use tether_proto::{CloseReason, ConnId, Frame};
 
-use super::control::{bye, CloseCmd, Control, PushError};
+use super::control::{bye, CloseCmd, Control, PushError, Requested};
 use super::state::Shared;
 use crate::event::Stats;
 use crate::metrics::MetricsSnapshot;
@@ -43,6 +43,17 @@ pub enum SendToError {
     SlowConsumer(String),
     #[error("payload of {len} bytes exceeds the largest frame a client accepts ({max} bytes of payload)")]
     TooLarge { len: usize, max: usize },
+}
+
+/// Why [`ServerHandle::kick_with`] did not kick a client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KickError {
+    #[error("client {0} is not online")]
+    Offline(String),
+    /// Its connection is already closing: another kick, a takeover, a drain or the shutdown came first, and that
+    /// goodbye is the one it gets.
+    #[error("client {0} is already being disconnected")]
+    Leaving(String),
 }
 
 /// How often a drain sends a batch of goodbyes.
@@ -75,25 +86,31 @@ impl ServerHandle {
         }
     }
 
-    /// Remove `client` with `BYE(kicked)`. Returns whether it was online.
+    /// Remove `client` with `BYE(kicked)`. Returns whether this call kicked it (see [`ServerHandle::kick_with`]).
     pub fn kick(&self, client: &str) -> bool {
-        self.kick_with(client, Duration::ZERO)
+        self.kick_with(client, Duration::ZERO).is_ok()
     }
 
-    /// Remove `client` with `BYE(kicked)` asking it to wait `retry_after` before reconnecting. Returns whether it
-    /// was online.
-    pub fn kick_with(&self, client: &str, retry_after: Duration) -> bool {
+    /// Remove `client` with `BYE(kicked)` asking it to wait `retry_after` before reconnecting. Of several calls at
+    /// once (or a kick racing a takeover, a drain or the shutdown), exactly one decides how the connection ends:
+    /// its control slot accepts the first close request and tells every later one [`KickError::Leaving`]. In
+    /// cluster mode a client held by another node is kicked through it: `Ok` then means the request was sent,
+    /// and that node applies the same rule.
+    pub fn kick_with(&self, client: &str, retry_after: Duration) -> Result<(), KickError> {
         {
             let hub = self.shared.hub();
             if let Some(h) = hub.holder(client) {
-                h.request(CloseCmd::Bye(bye(CloseReason::Kicked, retry_after)));
-                return true;
+                return match h.request(CloseCmd::Bye(bye(CloseReason::Kicked, retry_after))) {
+                    Requested::Accepted => Ok(()),
+                    Requested::AlreadyClosing => Err(KickError::Leaving(client.into())),
+                    Requested::Closed => Err(KickError::Offline(client.into())),
+                };
             }
         }
         // Cluster mode: the node holding it kicks it.
         match self.shared.remote_node_of(client) {
-            Some((cluster, node)) => cluster.kick(&node, client, retry_after),
-            None => false,
+            Some((cluster, node)) if cluster.kick(&node, client, retry_after) => Ok(()),
+            _ => Err(KickError::Offline(client.into())),
         }
     }
 
