@@ -433,6 +433,9 @@ fn load_file(path: &Option<PathBuf>) -> anyhow::Result<FileConfig> {
     toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
+/// How long, once the server has stopped, the event printer may take to write what is left.
+const PRINTER_PATIENCE: Duration = Duration::from_secs(5);
+
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let file = load_file(&args.config)?;
     let mut cfg = build_config(&args, &file)?;
@@ -489,14 +492,18 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         // writes what is left and stops, also when the server stopped on an error (its `listening` line first). A
         // reader that stalled for good must not keep the process alive: wait a bounded time.
         let printed = tokio::task::spawn_blocking(move || printer.join());
-        let _ = tokio::time::timeout(Duration::from_secs(5), printed).await;
+        if tokio::time::timeout(PRINTER_PATIENCE, printed).await.is_err() {
+            tracing::warn!("stdout is not read: exiting with events unprinted after {PRINTER_PATIENCE:?}");
+        }
         ran?;
     } else {
         // Human lines go through the log, whose writer never blocks: a task will do.
         let printer = tokio::spawn(log_events(events));
         let ran = server.run(shutdown).await;
         stop_admin(admin).await;
-        let _ = tokio::time::timeout(Duration::from_secs(5), printer).await;
+        if tokio::time::timeout(PRINTER_PATIENCE, printer).await.is_err() {
+            tracing::warn!("exiting with event lines unwritten after {PRINTER_PATIENCE:?}");
+        }
         ran?;
     }
     Ok(ExitCode::SUCCESS)
