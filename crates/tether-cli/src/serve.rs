@@ -3,10 +3,11 @@
 //! # Layout
 //! [`Args`] are the flags; [`FileConfig`] is the TOML file, with the same names in snake_case and durations as
 //! strings. [`build_config`] layers them onto [`ServerConfig::default`]. [`run`] raises the file-descriptor
-//! limit, binds, prints events until SIGINT/SIGTERM, then shuts down gracefully. JSON events are printed by a
-//! thread of their own from the server's bounded event stream, so a stalled reader of stdout loses events
-//! (counted, and reported with a `dropped` event when it catches up) but never stalls the server; human event
-//! lines go through the non-blocking log.
+//! limit, binds, prints events until SIGINT/SIGTERM, then shuts down gracefully; under a service manager it says
+//! `READY=1` once the server accepts and `STOPPING=1` at the signal ([`crate::sd_notify`]). JSON events are
+//! printed by a thread of their own from the server's bounded event stream, so a stalled reader of stdout loses
+//! events (counted, and reported with a `dropped` event when it catches up) but never stalls the server; human
+//! event lines go through the non-blocking log.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -464,6 +465,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     if let Some(c) = &cfg.cluster {
         tracing::info!("cluster on {} as node {}, lease {:?}", redacted(&c.url), c.node_id, c.lease);
     }
+    let notifier = std::sync::Arc::new(crate::sd_notify::Notifier::from_env());
     let shutdown = crate::shutdown_signal()?;
     let json = args.events == Some(EventsFormat::Json);
     cfg.stats_interval = args.stats_interval.filter(|d| !d.is_zero());
@@ -480,6 +482,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
     };
     let events = server.events().expect("fresh server has its event stream");
+    let node = cfg.cluster.as_ref().map(|c| c.node_id.clone());
+    let shutdown = tell_manager(&mut server, node, notifier, shutdown);
     if json {
         // JSON lines go to stdout, where a write may block: on a thread of its own.
         let printer = std::thread::Builder::new()
@@ -507,6 +511,31 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         ran?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Tell a service manager (`$NOTIFY_SOCKET`) `READY=1` once the server accepts, and `STOPPING=1` as soon as the
+/// signal to stop arrives: returns the shutdown future to run the server with.
+fn tell_manager(
+    server: &mut Server,
+    node: Option<String>,
+    notifier: std::sync::Arc<crate::sd_notify::Notifier>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> impl std::future::Future<Output = ()> {
+    let handle = server.handle();
+    let listening = EventKind::Listening { addr: handle.local_addr(), admin: handle.admin_addr(), node };
+    let accepting = server.accepting();
+    let ready = notifier.clone();
+    tokio::spawn(async move {
+        if accepting.await {
+            ready.ready(&event_human(&listening));
+        }
+    });
+    async move {
+        shutdown.await;
+        let conns = handle.stats().connections;
+        let s = if conns == 1 { "" } else { "s" };
+        notifier.stopping(&format!("shutting down: saying goodbye to {conns} connection{s}"));
+    }
 }
 
 /// After the server stopped: end the admin listener and its connections, which hold handles on the server (and

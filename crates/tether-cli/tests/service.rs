@@ -1,9 +1,12 @@
-//! `tether serve`'s shutdown as an operator sees it: an idle server's prompt exit, and the log lines of a busy
-//! shutdown (what it waits for, the longest it will wait, how it ended). Real processes on loopback, real clock;
-//! every wait has a deadline.
+//! `tether serve` under a service manager, and its shutdown as an operator sees it: the `$NOTIFY_SOCKET`
+//! messages (`READY=1` once the port answers, `STOPPING=1` at the signal), an idle server's prompt exit, and the
+//! log lines of a busy shutdown (what it waits for, the longest it will wait, how it ended). Real processes on
+//! loopback, real clock; every wait has a deadline.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::os::unix::net::UnixDatagram;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -110,6 +113,58 @@ fn lines<T: Send + 'static>(r: impl Read + Send + 'static, f: fn(String) -> T) -
     rx
 }
 
+/// A datagram socket standing in for the service manager's notify socket.
+struct Manager {
+    socket: UnixDatagram,
+    /// The value for `$NOTIFY_SOCKET`.
+    name: String,
+    /// The directory holding a path socket, removed on drop.
+    dir: Option<PathBuf>,
+}
+
+impl Manager {
+    fn at_path(test: &str) -> Manager {
+        let dir = std::env::temp_dir().join(format!("tether-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("notify");
+        let socket = UnixDatagram::bind(&path).unwrap();
+        Manager { socket, name: path.to_str().unwrap().to_owned(), dir: Some(dir) }
+    }
+
+    fn abstract_name(test: &str) -> Manager {
+        use std::os::linux::net::SocketAddrExt;
+        let name = format!("tether-{test}-{}", std::process::id());
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+        let socket = UnixDatagram::bind_addr(&addr).unwrap();
+        Manager { socket, name: format!("@{name}"), dir: None }
+    }
+
+    /// The next message, within [`PATIENCE`].
+    fn recv(&self) -> String {
+        self.socket.set_read_timeout(Some(PATIENCE)).unwrap();
+        let mut buf = [0u8; 4096];
+        let n = self.socket.recv(&mut buf).expect("a message from tether serve within the patience");
+        String::from_utf8(buf[..n].to_vec()).unwrap()
+    }
+}
+
+impl Drop for Manager {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// The listening address a `READY=1` message's status names.
+fn ready_addr(msg: &str) -> String {
+    assert!(msg.starts_with("READY=1\n"), "{msg:?}");
+    let status = msg.lines().find_map(|l| l.strip_prefix("STATUS=")).expect("a STATUS line");
+    let rest = status.strip_prefix("listening on ").unwrap_or_else(|| panic!("status {status:?}"));
+    rest.split([' ', ';']).next().unwrap().to_owned()
+}
+
 /// A raw client that sends `HELLO` and never reads (so it never answers the server's `BYE` either).
 fn mute_client(addr: &str, id: &str) -> TcpStream {
     let mut s = TcpStream::connect(addr).expect("connect");
@@ -126,6 +181,76 @@ fn serving_mute_clients(args: &[&str]) -> (Serve, Vec<TcpStream>) {
         srv.event("online", |v| v["event"] == "online");
     }
     (srv, mute)
+}
+
+/// Connect, say `HELLO`, and return the server's first frame.
+fn first_answer(addr: &str, id: &str) -> Frame {
+    let mut s = mute_client(addr, id);
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut header = [0u8; 4];
+    s.read_exact(&mut header).expect("an answer to HELLO");
+    let mut whole = header.to_vec();
+    whole.resize(4 + u32::from_be_bytes(header) as usize, 0);
+    s.read_exact(&mut whole[4..]).unwrap();
+    Frame::parse(&whole).expect("a frame")
+}
+
+/// `READY=1` arrives, the port it names answers `HELLO` with `WELCOME` at once, and `STOPPING=1` follows
+/// SIGTERM before the process exits.
+fn ready_then_stopping(manager: Manager) {
+    let mut srv = Serve::start(Some(&manager.name), &[]);
+    let ready = manager.recv();
+    let addr = ready_addr(&ready);
+    assert!(ready.contains("admin API and dashboard on http://127.0.0.1:"), "{ready:?}");
+    assert!(matches!(first_answer(&addr, "first"), Frame::Welcome(_)), "the port answers when READY=1 arrives");
+    let listening = srv.event("listening", |v| v["event"] == "listening");
+    assert_eq!(listening["addr"].as_str(), Some(addr.as_str()));
+    let sent = srv.signal(libc::SIGTERM);
+    let stopping = manager.recv();
+    assert!(stopping.starts_with("STOPPING=1\nSTATUS=shutting down"), "{stopping:?}");
+    srv.exited_within(sent, PATIENCE);
+}
+
+#[test]
+fn ready_is_sent_once_the_port_answers_and_stopping_at_sigterm() {
+    ready_then_stopping(Manager::at_path("notify-path"));
+}
+
+#[test]
+fn ready_and_stopping_reach_an_abstract_notify_socket() {
+    ready_then_stopping(Manager::abstract_name("notify-abstract"));
+}
+
+#[test]
+fn a_cluster_node_is_ready_only_once_it_has_joined() {
+    if let Some(why) = tether_bench::redis::unavailable() {
+        println!("SKIPPED: {why}");
+        return;
+    }
+    let redis = Redis::start();
+    let manager = Manager::at_path("notify-cluster");
+    let url = redis.url();
+    // Redis holds every command for a second: the node listens at once but cannot join before that.
+    let paused = Instant::now();
+    redis.pause(1000);
+    let mut srv = Serve::start(Some(&manager.name), &["--cluster", &url, "--node-id", "n1", "--admin", "off"]);
+    srv.event("listening", |v| v["event"] == "listening");
+    let listening = paused.elapsed();
+    let ready = manager.recv();
+    let ready_after = paused.elapsed();
+    println!("listening after {listening:?}, READY=1 after {ready_after:?} (Redis paused for 1 s)");
+    assert!(ready_after >= Duration::from_secs(1), "READY=1 while Redis was paused: {ready_after:?}");
+    // Joined: the node is in Redis's node table when it says it is ready.
+    let members = redis.cli(&["ZRANGE", "tether:nodes", "0", "-1"]);
+    assert!(members.starts_with("n1#"), "READY=1 before joining: node table {members:?}");
+    assert!(ready.contains("as cluster node n1"), "{ready:?}");
+    match first_answer(&ready_addr(&ready), "first") {
+        Frame::Welcome(w) => assert_eq!(w.server_id, "n1"),
+        other => panic!("expected WELCOME, got {other:?}"),
+    }
+    let sent = srv.signal(libc::SIGTERM);
+    assert!(manager.recv().starts_with("STOPPING=1\n"));
+    srv.exited_within(sent, PATIENCE);
 }
 
 /// An idle server with its admin listener exits within a second of SIGINT, and of SIGTERM with a dashboard's

@@ -2,9 +2,9 @@
 //!
 //! # Layout
 //! [`Server::bind`] opens the listener (options set and read back once, logged); [`Server::run`] accepts until
-//! the shutdown future resolves, then says `BYE(server_shutdown)` to everyone with retry-after hints spread over a
-//! window and waits (bounded) for the goodbyes, logging what it waits for, the longest it will wait and how it
-//! ended. Each admitted connection runs in a task of its own
+//! the shutdown future resolves ([`Server::accepting`] tells when it starts), then says `BYE(server_shutdown)` to
+//! everyone with retry-after hints spread over a window and waits (bounded) for the goodbyes, logging what it
+//! waits for, the longest it will wait and how it ended. Each admitted connection runs in a task of its own
 //! (`session`); the rooms below hold one idea each, lowest first (a room uses only the rooms above it in this
 //! list, and none uses this file):
 //! - `limits`: the accept-rate token bucket and the per-source counts (a leaf).
@@ -81,6 +81,8 @@ pub struct Server {
     listener: TcpListener,
     shared: Arc<Shared>,
     events: Option<EventStream>,
+    /// Told when the accept loop starts ([`Server::accepting`]), for a service manager's readiness.
+    accepting: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Server {
@@ -132,7 +134,7 @@ impl Server {
         };
         let (events, rx) = EventSink::new(cfg.event_queue);
         let shared = Arc::new(Shared::new(cfg, capacity, cluster, events));
-        Ok(Server { listener, shared, events: Some(rx) })
+        Ok(Server { listener, shared, events: Some(rx), accepting: None })
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -154,6 +156,16 @@ impl Server {
 
     pub fn handle(&self) -> ServerHandle {
         ServerHandle { shared: self.shared.clone() }
+    }
+
+    /// A future that resolves `true` once [`Server::run`] accepts connections: at once after the `listening` event
+    /// on a single node, in cluster mode once the node has joined (or has given up waiting for Redis for one lease
+    /// and serves its own clients). It resolves `false` if the server stops before that (it cannot join). Only the
+    /// latest call's future is told.
+    pub fn accepting(&mut self) -> impl Future<Output = bool> + Send + 'static {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.accepting = Some(tx);
+        async move { rx.await.is_ok() }
     }
 
     /// Accept and serve until `shutdown` resolves, then shut down gracefully.
@@ -205,6 +217,9 @@ impl Server {
         tokio::pin!(fatal);
         let mut cannot_join = None;
         let mut backoff = Duration::from_millis(10);
+        if let Some(tx) = self.accepting.take() {
+            let _ = tx.send(());
+        }
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
