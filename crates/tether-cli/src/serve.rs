@@ -701,6 +701,35 @@ mod tests {
         assert!(admin_addr(&bad, &none).unwrap_err().to_string().contains("--admin"));
     }
 
+    /// packaging/tether.toml names every setting, and each `#name = value` line in it is the real default: the
+    /// file parses as it is, and with those lines uncommented it gives the same server as no file at all.
+    #[test]
+    fn the_packaged_example_config_shows_the_defaults() {
+        let text = include_str!("../../../packaging/tether.toml");
+        let as_shipped: FileConfig = toml::from_str(text).unwrap();
+        let none = Args::default();
+        assert_eq!(build_config(&none, &as_shipped).unwrap(), build_config(&none, &FileConfig::default()).unwrap());
+        let defaults: String = text
+            .lines()
+            .filter_map(|l| l.strip_prefix('#').filter(|rest| rest.starts_with(|c: char| c.is_ascii_lowercase())))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let uncommented: FileConfig = toml::from_str(&defaults).unwrap();
+        assert!(uncommented.listen.is_some() && uncommented.close_grace.is_some(), "{defaults}");
+        assert_eq!(build_config(&none, &uncommented).unwrap(), build_config(&none, &FileConfig::default()).unwrap());
+        assert_eq!(admin_addr(&none, &uncommented).unwrap(), admin_addr(&none, &FileConfig::default()).unwrap());
+        // Every setting is named, as a default or an example: the names are the ones serde lists when it refuses
+        // an unknown one.
+        let refusal = toml::from_str::<FileConfig>("not_a_setting = 1").unwrap_err().to_string();
+        let expected = refusal.split_once("expected one of").expect("serde lists the fields").1;
+        let fields: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+        assert!(fields.len() > 40 && fields.contains(&"node_lease"), "{refusal}");
+        for field in fields {
+            let named = |prefix: &str| text.lines().any(|l| l.starts_with(&format!("{prefix}{field} = ")));
+            assert!(named("#") || named("# "), "packaging/tether.toml does not name {field}");
+        }
+    }
+
     #[test]
     fn bad_settings_are_refused_with_a_reason() {
         let bad: Result<FileConfig, _> = toml::from_str("heartbeat = 5");
