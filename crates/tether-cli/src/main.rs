@@ -8,6 +8,7 @@
 //! - `token`: [`token`], mints client tokens; also loads the auth secret for `serve`.
 //! - `cert`: [`cert`], writes a throwaway CA, server and client certificate for TLS tests and demos.
 //! - [`duration`]: `500ms` / `1.5s` / `30s` parsing for flags and the file.
+//! - [`sd_notify`]: `serve` tells a service manager (systemd's `Type=notify`) when it is ready and stopping.
 
 mod bench;
 mod cert;
@@ -16,6 +17,7 @@ mod connect;
 mod duration;
 mod output;
 mod probe;
+mod sd_notify;
 mod serve;
 mod sockets;
 mod token;

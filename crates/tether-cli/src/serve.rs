@@ -3,10 +3,11 @@
 //! # Layout
 //! [`Args`] are the flags; [`FileConfig`] is the TOML file, with the same names in snake_case and durations as
 //! strings. [`build_config`] layers them onto [`ServerConfig::default`]. [`run`] raises the file-descriptor
-//! limit, binds, prints events until SIGINT/SIGTERM, then shuts down gracefully. JSON events are printed by a
-//! thread of their own from the server's bounded event stream, so a stalled reader of stdout loses events
-//! (counted, and reported with a `dropped` event when it catches up) but never stalls the server; human event
-//! lines go through the non-blocking log.
+//! limit, binds, prints events until SIGINT/SIGTERM, then shuts down gracefully; under a service manager it says
+//! `READY=1` once the server accepts and `STOPPING=1` at the signal ([`crate::sd_notify`]). JSON events are
+//! printed by a thread of their own from the server's bounded event stream, so a stalled reader of stdout loses
+//! events (counted, and reported with a `dropped` event when it catches up) but never stalls the server; human
+//! event lines go through the non-blocking log.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -433,6 +434,9 @@ fn load_file(path: &Option<PathBuf>) -> anyhow::Result<FileConfig> {
     toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
+/// How long, once the server has stopped, the event printer may take to write what is left.
+const PRINTER_PATIENCE: Duration = Duration::from_secs(5);
+
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let file = load_file(&args.config)?;
     let mut cfg = build_config(&args, &file)?;
@@ -461,6 +465,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     if let Some(c) = &cfg.cluster {
         tracing::info!("cluster on {} as node {}, lease {:?}", redacted(&c.url), c.node_id, c.lease);
     }
+    let notifier = std::sync::Arc::new(crate::sd_notify::Notifier::from_env());
     let shutdown = crate::shutdown_signal()?;
     let json = args.events == Some(EventsFormat::Json);
     cfg.stats_interval = args.stats_interval.filter(|d| !d.is_zero());
@@ -477,6 +482,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
     };
     let events = server.events().expect("fresh server has its event stream");
+    let node = cfg.cluster.as_ref().map(|c| c.node_id.clone());
+    let shutdown = tell_manager(&mut server, node, notifier, shutdown);
     if json {
         // JSON lines go to stdout, where a write may block: on a thread of its own.
         let printer = std::thread::Builder::new()
@@ -489,17 +496,46 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         // writes what is left and stops, also when the server stopped on an error (its `listening` line first). A
         // reader that stalled for good must not keep the process alive: wait a bounded time.
         let printed = tokio::task::spawn_blocking(move || printer.join());
-        let _ = tokio::time::timeout(Duration::from_secs(5), printed).await;
+        if tokio::time::timeout(PRINTER_PATIENCE, printed).await.is_err() {
+            tracing::warn!("stdout is not read: exiting with events unprinted after {PRINTER_PATIENCE:?}");
+        }
         ran?;
     } else {
         // Human lines go through the log, whose writer never blocks: a task will do.
         let printer = tokio::spawn(log_events(events));
         let ran = server.run(shutdown).await;
         stop_admin(admin).await;
-        let _ = tokio::time::timeout(Duration::from_secs(5), printer).await;
+        if tokio::time::timeout(PRINTER_PATIENCE, printer).await.is_err() {
+            tracing::warn!("exiting with event lines unwritten after {PRINTER_PATIENCE:?}");
+        }
         ran?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Tell a service manager (`$NOTIFY_SOCKET`) `READY=1` once the server accepts, and `STOPPING=1` as soon as the
+/// signal to stop arrives: returns the shutdown future to run the server with.
+fn tell_manager(
+    server: &mut Server,
+    node: Option<String>,
+    notifier: std::sync::Arc<crate::sd_notify::Notifier>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> impl std::future::Future<Output = ()> {
+    let handle = server.handle();
+    let listening = EventKind::Listening { addr: handle.local_addr(), admin: handle.admin_addr(), node };
+    let accepting = server.accepting();
+    let ready = notifier.clone();
+    tokio::spawn(async move {
+        if accepting.await {
+            ready.ready(&event_human(&listening));
+        }
+    });
+    async move {
+        shutdown.await;
+        let conns = handle.stats().connections;
+        let s = if conns == 1 { "" } else { "s" };
+        notifier.stopping(&format!("shutting down: saying goodbye to {conns} connection{s}"));
+    }
 }
 
 /// After the server stopped: end the admin listener and its connections, which hold handles on the server (and
@@ -663,6 +699,35 @@ mod tests {
         assert!(!build_config(&off, &none).unwrap().metrics, "no admin listener: no per-frame counting");
         let bad = Args { admin: Some("localhost".into()), ..Args::default() };
         assert!(admin_addr(&bad, &none).unwrap_err().to_string().contains("--admin"));
+    }
+
+    /// packaging/tether.toml names every setting, and each `#name = value` line in it is the real default: the
+    /// file parses as it is, and with those lines uncommented it gives the same server as no file at all.
+    #[test]
+    fn the_packaged_example_config_shows_the_defaults() {
+        let text = include_str!("../../../packaging/tether.toml");
+        let as_shipped: FileConfig = toml::from_str(text).unwrap();
+        let none = Args::default();
+        assert_eq!(build_config(&none, &as_shipped).unwrap(), build_config(&none, &FileConfig::default()).unwrap());
+        let defaults: String = text
+            .lines()
+            .filter_map(|l| l.strip_prefix('#').filter(|rest| rest.starts_with(|c: char| c.is_ascii_lowercase())))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let uncommented: FileConfig = toml::from_str(&defaults).unwrap();
+        assert!(uncommented.listen.is_some() && uncommented.close_grace.is_some(), "{defaults}");
+        assert_eq!(build_config(&none, &uncommented).unwrap(), build_config(&none, &FileConfig::default()).unwrap());
+        assert_eq!(admin_addr(&none, &uncommented).unwrap(), admin_addr(&none, &FileConfig::default()).unwrap());
+        // Every setting is named, as a default or an example: the names are the ones serde lists when it refuses
+        // an unknown one.
+        let refusal = toml::from_str::<FileConfig>("not_a_setting = 1").unwrap_err().to_string();
+        let expected = refusal.split_once("expected one of").expect("serde lists the fields").1;
+        let fields: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+        assert!(fields.len() > 40 && fields.contains(&"node_lease"), "{refusal}");
+        for field in fields {
+            let named = |prefix: &str| text.lines().any(|l| l.starts_with(&format!("{prefix}{field} = ")));
+            assert!(named("#") || named("# "), "packaging/tether.toml does not name {field}");
+        }
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //!
 //! # Layout
 //! [`Server::bind`] opens the listener (options set and read back once, logged); [`Server::run`] accepts until
-//! the shutdown future resolves, then says `BYE(server_shutdown)` to everyone with retry-after hints spread over a
-//! window and waits (bounded) for the goodbyes. Each admitted connection runs in a task of its own
+//! the shutdown future resolves ([`Server::accepting`] tells when it starts), then says `BYE(server_shutdown)` to
+//! everyone with retry-after hints spread over a window and waits (bounded) for the goodbyes, logging what it
+//! waits for, the longest it will wait and how it ended. Each admitted connection runs in a task of its own
 //! (`session`); the rooms below hold one idea each, lowest first (a room uses only the rooms above it in this
 //! list, and none uses this file):
 //! - `limits`: the accept-rate token bucket and the per-source counts (a leaf).
@@ -72,11 +73,16 @@ use state::Shared;
 
 const LISTEN_BACKLOG: u32 = 4096;
 
+/// How long a graceful shutdown lets the cluster's outbox send the goodbyes' releases before leaving.
+const LEAVE_PATIENCE: Duration = Duration::from_secs(2);
+
 /// A bound, not yet running server.
 pub struct Server {
     listener: TcpListener,
     shared: Arc<Shared>,
     events: Option<EventStream>,
+    /// Told when the accept loop starts ([`Server::accepting`]), for a service manager's readiness.
+    accepting: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Server {
@@ -128,7 +134,7 @@ impl Server {
         };
         let (events, rx) = EventSink::new(cfg.event_queue);
         let shared = Arc::new(Shared::new(cfg, capacity, cluster, events));
-        Ok(Server { listener, shared, events: Some(rx) })
+        Ok(Server { listener, shared, events: Some(rx), accepting: None })
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -152,6 +158,16 @@ impl Server {
         ServerHandle { shared: self.shared.clone() }
     }
 
+    /// A future that resolves `true` once [`Server::run`] accepts connections: at once after the `listening` event
+    /// on a single node, in cluster mode once the node has joined (or has given up waiting for Redis for one lease
+    /// and serves its own clients). It resolves `false` if the server stops before that (it cannot join). Only the
+    /// latest call's future is told.
+    pub fn accepting(&mut self) -> impl Future<Output = bool> + Send + 'static {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.accepting = Some(tx);
+        async move { rx.await.is_ok() }
+    }
+
     /// Accept and serve until `shutdown` resolves, then shut down gracefully.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
         drop(self.events.take());
@@ -164,6 +180,9 @@ impl Server {
             helpers.push(tokio::spawn(stats_ticker(shared.clone(), every)));
         }
         let node = shared.cluster.as_ref().map(|c| c.node_id().to_owned());
+        tokio::pin!(shutdown);
+        // A shutdown asked for while the node is still joining is carried out at once, not after the join.
+        let mut stopped = false;
         shared.emit(EventKind::Listening { addr: self.listener.local_addr()?, admin, node });
         if let Some(cluster) = &shared.cluster {
             let admin = admin.map(|a| a.to_string()).unwrap_or_default();
@@ -172,7 +191,14 @@ impl Server {
             helpers.extend(cluster.start(host));
             // Accept once the node sees the cluster (joined, its view complete); without Redis, after one lease,
             // degraded. Connections wait in the listen queue meanwhile.
-            match cluster.wait_ready(cluster.lease()).await {
+            let ready = tokio::select! {
+                r = cluster.wait_ready(cluster.lease()) => r,
+                () = &mut shutdown => {
+                    stopped = true;
+                    Ok(true)
+                }
+            };
+            match ready {
                 Ok(true) => {}
                 Ok(false) => {
                     tracing::warn!(
@@ -190,7 +216,6 @@ impl Server {
         }
         let mut bucket = shared.cfg.accept_rate.map(|r| TokenBucket::new(r, driver::now()));
         let mut reserve = Reserve::new();
-        tokio::pin!(shutdown);
         let cluster = shared.cluster.clone();
         let fatal = async move {
             match cluster {
@@ -201,7 +226,13 @@ impl Server {
         tokio::pin!(fatal);
         let mut cannot_join = None;
         let mut backoff = Duration::from_millis(10);
+        if let Some(tx) = self.accepting.take().filter(|_| !stopped) {
+            let _ = tx.send(());
+        }
         loop {
+            if stopped {
+                break;
+            }
             tokio::select! {
                 () = &mut shutdown => break,
                 why = &mut fatal => {
@@ -233,7 +264,7 @@ impl Server {
         drop(self.listener);
         goodbye_all(&shared, &mut tasks).await;
         if let Some(cluster) = &shared.cluster {
-            cluster.leave(Duration::from_secs(2)).await;
+            cluster.leave(LEAVE_PATIENCE).await;
         }
         for h in helpers {
             h.abort();
@@ -410,10 +441,11 @@ impl Hooks for BusyHooks {
 
 /// `BYE(server_shutdown)` to every connection, retry-after hints spread evenly over `shutdown_spread` and the
 /// `shutdown_redirect` address as the alternative, then wait up to `shutdown_grace` for the goodbyes and abort
-/// what is left.
+/// what is left. Logs what it waits for and the longest it will wait (and, in cluster mode, what leaving the
+/// cluster will take), then how it ended.
 async fn goodbye_all(shared: &Shared, tasks: &mut JoinSet<()>) {
     shared.shutting_down.store(true, Ordering::Relaxed);
-    {
+    let (conns, online) = {
         let hub = shared.hub();
         let mut ids: Vec<&ConnId> = hub.conns.keys().collect();
         ids.sort_unstable();
@@ -424,12 +456,45 @@ async fn goodbye_all(shared: &Shared, tasks: &mut JoinSet<()>) {
             b.alternative = shared.cfg.shutdown_redirect.clone().unwrap_or_default();
             hub.conns[id].request(CloseCmd::Bye(b));
         }
-    }
+        (hub.conns.len(), hub.registry.online())
+    };
+    let grace = shared.cfg.shutdown_grace;
+    tracing::info!("{}", shutdown_plan(&shared.cfg, conns, online));
+    let started = tokio::time::Instant::now();
     let all_done = async { while tasks.join_next().await.is_some() {} };
-    if tokio::time::timeout(shared.cfg.shutdown_grace, all_done).await.is_err() {
-        tracing::warn!("{} connections did not finish their goodbye in time; closing them", tasks.len());
+    if tokio::time::timeout(grace, all_done).await.is_err() {
+        let left = count(tasks.len(), "connection");
+        tracing::warn!("shutting down: gave up after {grace:?} on {left} still saying goodbye; closing them");
         tasks.abort_all();
+    } else if conns > 0 {
+        tracing::info!("shutting down: all {} closed in {:.2?}", count(conns, "connection"), started.elapsed());
     }
+}
+
+/// The line a graceful shutdown starts with: what it waits for, and the longest it will wait.
+fn shutdown_plan(cfg: &ServerConfig, conns: usize, online: usize) -> String {
+    let (grace, each) = (cfg.shutdown_grace, cfg.conn.close_grace);
+    let bound = if each < grace {
+        format!("each at most {each:?}, all at most {grace:?}")
+    } else {
+        format!("at most {grace:?}")
+    };
+    let mut line = match conns {
+        0 => "shutting down: no connections".to_owned(),
+        n => format!("shutting down: saying goodbye to {} ({bound})", count(n, "connection")),
+    };
+    if let Some(c) = &cfg.cluster {
+        // The outbox gets LEAVE_PATIENCE, the one script that leaves is bounded by redis_timeout.
+        let most = LEAVE_PATIENCE + c.redis_timeout;
+        let ids = count(online, "id");
+        line.push_str(&format!(", then releasing {ids} in Redis and leaving the cluster (at most {most:?})"));
+    }
+    line
+}
+
+/// "1 connection", "3 connections".
+fn count(n: usize, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
 }
 
 #[cfg(test)]

@@ -596,12 +596,19 @@ impl Cluster {
         }
     }
 
-    /// Wait until the outbox has sent everything queued so far, at most `patience`.
-    async fn outbox_idle(&self, patience: Duration) {
+    /// Wait until the outbox has sent everything queued so far, at most `patience`. Returns how many operations
+    /// were still queued then (0: it caught up).
+    async fn outbox_idle(&self, patience: Duration) -> usize {
         let deadline = tokio::time::Instant::now() + patience;
-        let pending = || self.out.capacity() < self.out.max_capacity() || self.outbox_busy.load(Ordering::Acquire);
+        let queued = || self.out.max_capacity() - self.out.capacity();
+        let pending = || queued() > 0 || self.outbox_busy.load(Ordering::Acquire);
         while pending() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if pending() {
+            queued().max(1)
+        } else {
+            0
         }
     }
 
@@ -693,11 +700,30 @@ impl Cluster {
     /// most `patience`, then take this node out of the table. Whatever is still registered is declared lost at
     /// once instead of after the lease.
     pub async fn leave(&self, patience: Duration) {
-        self.outbox_idle(patience).await;
-        let Some(store) = self.store() else { return };
+        let started = tokio::time::Instant::now();
+        let unsent = self.outbox_idle(patience).await;
+        if unsent > 0 {
+            tracing::warn!(
+                "cluster: gave up on {unsent} releases and messages still queued for Redis after {patience:?}"
+            );
+        }
+        let lease = self.cfg.lease;
+        let Some(store) = self.store() else {
+            tracing::warn!(
+                "cluster: Redis is unreachable: not left; this node's sessions end when its lease ({lease:?}) runs out"
+            );
+            return;
+        };
         match store.leave(&self.cfg.node_id, &self.incarnation()).await {
-            Ok(n) => tracing::info!("cluster: left ({n} sessions still registered were declared lost)"),
-            _ => tracing::warn!("cluster: could not leave cleanly; the lease will run out"),
+            Ok(n) => tracing::info!(
+                "cluster: left in {:.2?} ({n} sessions still registered were declared lost)",
+                started.elapsed()
+            ),
+            Err(e) => tracing::warn!(
+                "cluster: could not leave cleanly after {:.2?} ({}); the lease ({lease:?}) will run out",
+                started.elapsed(),
+                describe(&e)
+            ),
         }
     }
 
