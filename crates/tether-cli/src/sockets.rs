@@ -115,12 +115,25 @@ pub fn dump() -> anyhow::Result<Vec<KernelSocket>> {
 }
 
 fn dump_family(family: u8, out: &mut Vec<KernelSocket>) -> anyhow::Result<()> {
+    let socket_id = if family == AF_INET { SocketId::new_v4() } else { SocketId::new_v6() };
+    let socket = ask(family, NLM_F_REQUEST | NLM_F_DUMP, socket_id)?;
+    let mut rx = vec![0u8; 64 * 1024];
+    loop {
+        let n = socket.recv(&mut &mut rx[..], 0)?;
+        if decode(&rx[..n], out)? {
+            return Ok(());
+        }
+    }
+}
+
+/// Send one sock_diag request for TCP sockets of `family` (with `TCP_INFO`); the answers are read from the socket
+/// returned.
+fn ask(family: u8, flags: u16, socket_id: SocketId) -> anyhow::Result<Socket> {
     let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
     socket.bind_auto()?;
     socket.connect(&netlink_sys::SocketAddr::new(0, 0))?;
     let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    let socket_id = if family == AF_INET { SocketId::new_v4() } else { SocketId::new_v6() };
+    header.flags = flags;
     let request = SockDiagMessage::InetRequest(InetRequest {
         family,
         protocol: IPPROTO_TCP,
@@ -133,13 +146,43 @@ fn dump_family(family: u8, out: &mut Vec<KernelSocket>) -> anyhow::Result<()> {
     let mut buf = vec![0; packet.buffer_len()];
     packet.serialize(&mut buf);
     socket.send(&buf, 0)?;
-    let mut rx = vec![0u8; 64 * 1024];
-    loop {
-        let n = socket.recv(&mut &mut rx[..], 0)?;
-        if decode(&rx[..n], out)? {
-            return Ok(());
-        }
+    Ok(socket)
+}
+
+/// The one TCP socket of this network namespace whose local address is `local` and whose peer is `remote`:
+/// `None` when the kernel holds no such socket here (the address is another host's, or the connection is gone).
+/// One exact lookup, not a dump; a blocking call.
+pub fn lookup(local: SocketAddr, remote: SocketAddr) -> anyhow::Result<Option<KernelSocket>> {
+    let family = match (local, remote) {
+        (SocketAddr::V4(_), SocketAddr::V4(_)) => AF_INET,
+        (SocketAddr::V6(_), SocketAddr::V6(_)) => AF_INET6,
+        _ => bail!("{local} and {remote} are of two address families"),
+    };
+    let socket_id = SocketId {
+        source_port: local.port(),
+        destination_port: remote.port(),
+        source_address: local.ip(),
+        destination_address: remote.ip(),
+        interface_id: 0,
+        // INET_DIAG_NOCOOKIE: any socket with these four.
+        cookie: [0xff; 8],
+    };
+    let socket = ask(family, NLM_F_REQUEST, socket_id).context("asking the kernel for one TCP socket")?;
+    let mut rx = vec![0u8; 8 * 1024];
+    let n = socket.recv(&mut &mut rx[..], 0)?;
+    let msg = <NetlinkMessage<SockDiagMessage>>::deserialize(&rx[..n])
+        .map_err(|e| anyhow::anyhow!("an undecodable sock_diag message: {e}"))?;
+    match msg.payload {
+        NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => Ok(Some(from_response(&r))),
+        NetlinkPayload::Error(e) if e.code.is_some_and(|c| no_such_socket(c.get())) => Ok(None),
+        NetlinkPayload::Error(e) => bail!("the kernel refused the lookup: {e:?}"),
+        other => bail!("an unexpected answer to a sock_diag lookup: {other:?}"),
     }
+}
+
+/// Whether a netlink error code (a negative errno) is ENOENT: the kernel holds no such socket.
+fn no_such_socket(code: i32) -> bool {
+    std::io::Error::from_raw_os_error(-code).kind() == std::io::ErrorKind::NotFound
 }
 
 /// Decode one datagram of a dump into `out`; true when it carried the end of the dump.
