@@ -36,7 +36,8 @@ pub struct Args {
     /// Only these states, comma-separated (established, close_wait, listen, time_wait, syn_recv, ...).
     #[arg(long, value_delimiter = ',')]
     state: Vec<String>,
-    /// Only sockets the kernel holds and tether does not; exit 1 when there are any (a health check).
+    /// Only sockets the kernel holds and tether does not; exit 1 when there are any, or when nothing listens on
+    /// the port (a health check).
     #[arg(long)]
     ghosts: bool,
     /// One JSON object per socket instead of the table.
@@ -247,8 +248,33 @@ struct Session {
     timeout: Duration,
 }
 
-/// Every online session from the admin API, by the peer's address (all pages).
+/// How long one admin API request may take: a server that answers none in this time is not answering.
+const ADMIN_WAIT: Duration = Duration::from_secs(3);
+
+/// Every online session from the admin API, by the peer's address (all pages), or why there are none to join:
+/// nothing listens at `admin`, it listens and does not answer (a stalled server), or it refused us.
 fn sessions(admin: SocketAddr) -> anyhow::Result<HashMap<SocketAddr, Session>> {
+    let started = std::time::Instant::now();
+    all_sessions(admin).map_err(|e| {
+        let refused = e
+            .chain()
+            .filter_map(|c| c.downcast_ref::<std::io::Error>())
+            .any(|io| io.kind() == std::io::ErrorKind::ConnectionRefused);
+        if refused {
+            anyhow::anyhow!("nothing listens at {admin}; give --admin ADDR where the server's admin API listens")
+        } else if started.elapsed() >= ADMIN_WAIT {
+            anyhow::anyhow!(
+                "the admin listener at {admin} did not answer in {}: the server's process is stalled or overloaded",
+                human(ADMIN_WAIT)
+            )
+        } else {
+            e.context(format!("the admin API at {admin}"))
+        }
+    })
+}
+
+fn all_sessions(admin: SocketAddr) -> anyhow::Result<HashMap<SocketAddr, Session>> {
+    let token = std::env::var("TETHER_ADMIN_TOKEN").ok().filter(|t| !t.is_empty());
     let mut out = HashMap::new();
     let mut after: Option<String> = None;
     loop {
@@ -256,7 +282,13 @@ fn sessions(admin: SocketAddr) -> anyhow::Result<HashMap<SocketAddr, Session>> {
             None => "/v1/sessions?limit=1000".to_owned(),
             Some(a) => format!("/v1/sessions?limit=1000&after={}", percent(a)),
         };
-        let body = tether_bench::scrape::get(admin, &path)?;
+        let (status, body) =
+            tether_bench::scrape::request_with(admin, "GET", &path, None, token.as_deref(), ADMIN_WAIT)?;
+        match status {
+            200 => {}
+            401 => bail!("it asks for a token: set TETHER_ADMIN_TOKEN"),
+            _ => bail!("GET {path}: {status} {}", body.trim()),
+        }
         let page: Value = serde_json::from_str(&body).context("the admin API's answer is not JSON")?;
         for s in page["sessions"].as_array().into_iter().flatten() {
             let Some(peer) = s["peer"].as_str().and_then(|p| p.parse().ok()) else { continue };
@@ -333,6 +365,8 @@ fn flag(s: &KernelSocket, session: Option<&Session>, sessions_known: bool, orpha
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let port = args.port.unwrap_or(7400);
     let mut sockets = dump()?;
+    // A health check of a port nothing listens on has no server to pass: a dead server is not a healthy one.
+    let listening = args.pid.is_some() || sockets.iter().any(|s| s.state == LISTEN && s.local.port() == port);
     match args.pid {
         Some(pid) => {
             let mine = inodes_of(pid)?;
@@ -350,10 +384,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(a) => Some(a.parse::<SocketAddr>().with_context(|| format!("--admin {a:?} is not IP:PORT or off"))?),
         None => Some(SocketAddr::from(([127, 0, 0, 1], 7401))),
     };
-    let joined = match admin.map(sessions) {
+    let joined = match admin.filter(|_| listening).map(sessions) {
         Some(Ok(s)) => Some(s),
         Some(Err(e)) => {
-            eprintln!("tether sockets: no sessions to join ({e:#}); `orphan` cannot be told (give --admin ADDR)");
+            eprintln!("tether sockets: no sessions to join: {e:#}; `orphan` cannot be told");
             None
         }
         None => None,
@@ -382,7 +416,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     } else {
         print_table(&rows, &queues, listen_drops());
     }
-    Ok(if args.ghosts && ghosts > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+    if !listening {
+        eprintln!("tether sockets: nothing listens on port {port}: no server there (or it runs elsewhere: --port)");
+    }
+    Ok(if args.ghosts && (ghosts > 0 || !listening) { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }
 
 fn row_json(s: &KernelSocket, session: Option<&Session>, f: Option<Flag>) -> Value {
