@@ -132,7 +132,7 @@ fn loopback_refusals_tls_and_pacing() {
     assert!(v["explanation"].as_str().unwrap().contains("add --tls"), "{v}");
     let (code, v) = probe(&[&addr, "--tls-ca", &f("ca.pem")]);
     assert_eq!((code, verdict(&v)), (16, "tls_failed"), "{v}");
-    assert!(v["explanation"].as_str().unwrap().contains("Probe without --tls"), "{v}");
+    assert!(v["explanation"].as_str().unwrap().contains("plain tether on this port, not TLS"), "{v}");
     let _ = std::fs::remove_dir_all(&dir);
 
     // An id the server could not accept is a usage error, not the server's fault.

@@ -252,10 +252,7 @@ async fn probe(
                     let rustls = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
                     let mut hint = rustls.and_then(tether::tls::explain).map(str::to_owned);
                     if matches!(rustls, Some(rustls::Error::InvalidMessage(_))) {
-                        hint = Some(
-                            "the server answered with bytes that are not TLS: a plain-TCP server? Probe without --tls"
-                                .into(),
-                        );
+                        hint = Some(format!("{}; probe without --tls", crate::connect::NOT_TLS));
                     }
                     Err(Tls::Failed { took: started.elapsed(), error: e.to_string(), hint })
                 }
