@@ -356,8 +356,8 @@ pub fn build_config(args: &Args, file: &FileConfig) -> anyhow::Result<ServerConf
     cfg.tls = server_tls(args, file)?;
     cfg.disconnect_history = pick!(args.disconnect_history, file.disconnect_history).unwrap_or(cfg.disconnect_history);
     if let Some(url) = pick!(args.cluster.clone(), file.cluster.clone()) {
+        crate::cluster::check_url("--cluster", &url)?;
         let mut cc = tether::ClusterConfig::new(url);
-        cc.check_url().map_err(|e| anyhow::anyhow!("--cluster {}: {e}", redacted(&cc.url)))?;
         if let Some(id) = pick!(args.node_id.clone(), file.node_id.clone()) {
             if id.is_empty() || id.contains('#') || id.len() > 64 {
                 bail!("--node-id {id:?}: 1 to 64 characters, no '#'");

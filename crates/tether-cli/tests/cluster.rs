@@ -357,3 +357,44 @@ fn lab_a_node_cut_off_from_redis_keeps_its_clients_and_rejoins_when_healed() {
         back.as_secs_f64()
     );
 }
+
+/// `tether cluster status` as a newcomer meets it: one node reads "1 node", a bare HOST:PORT is told the URL to
+/// write, and an unreachable Redis is named once.
+#[test]
+fn cluster_status_speaks_plainly() {
+    redis_or_skip!("cluster status");
+    let redis = Redis::start();
+    let url = redis.url();
+    let _n1 = node(&redis, "n1", &[]);
+    let status = |redis_arg: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+            .args(["cluster", "status", "--redis", redis_arg])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // The node listens before it has joined: read until Redis lists it.
+    let deadline = Instant::now() + PATIENCE;
+    let stdout = loop {
+        let (code, stdout, stderr) = status(&url);
+        assert_eq!(code, Some(0), "{stderr}");
+        if stdout.contains("\nn1 ") {
+            break stdout;
+        }
+        assert!(Instant::now() < deadline, "n1 never joined: {stdout}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(stdout.contains("\n1 node, 0 sessions, epoch"), "{stdout}");
+    let bare = url.trim_start_matches("redis://").split('/').next().unwrap().to_owned();
+    let (code, _, stderr) = status(&bare);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains(&format!("write redis://{bare}")), "{stderr}");
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let (code, _, stderr) = status(&format!("redis://{free}"));
+    assert_eq!(code, Some(1));
+    assert_eq!(stderr.matches("Connection refused").count(), 1, "said once: {stderr}");
+}
