@@ -73,6 +73,10 @@ fn main() -> std::process::ExitCode {
             Ok(p) => Job::Probe(Box::new(p)),
             Err(e) => return finish(Err(e)),
         },
+        Command::Serve(mut args) => match serve::resolve_listen(&mut args) {
+            Ok(()) => Job::Command(Command::Serve(args)),
+            Err(e) => return finish(Err(e)),
+        },
         Command::Connect(args) => match connect::prepare(*args) {
             Ok(p) => Job::Connect(Box::new(p)),
             Err(e) => return finish(Err(e)),

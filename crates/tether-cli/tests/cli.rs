@@ -378,3 +378,15 @@ fn a_tls_client_on_a_plain_port_is_told_the_server_speaks_plain_tether() {
     assert!(!again.wait_exit().success());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn listen_takes_a_host_name_and_says_what_it_bound() {
+    let srv = Proc::spawn(&["serve", "--listen", "localhost:0", "--insecure-no-auth", "--events", "json"]);
+    let l = srv.expect("listening", |v| event(v) == "listening");
+    let addr: std::net::SocketAddr = l["addr"].as_str().unwrap().parse().unwrap();
+    assert!(addr.ip().is_loopback() && addr.port() != 0, "{l}");
+    let _c = connect(&addr.to_string(), "a", &[]);
+    let out = Command::new(env!("CARGO_BIN_EXE_tether")).args(["serve", "--listen", "localhost"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("neither IP:PORT nor HOST:PORT"), "{out:?}");
+}
