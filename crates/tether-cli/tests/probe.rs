@@ -79,11 +79,17 @@ fn loopback_verdicts_and_the_server_side_probe() {
     let client = Proc::spawn(&["connect", &addr, "--id", "dev", "--json"]);
     client.expect("connected", |e| event(e) == "connected");
     let (code, v) = probe(&["--server", &admin, "--id", "dev", "--timeout", "2s"]);
-    assert_eq!((code, verdict(&v)), (0, "ok"), "{v}");
+    assert_eq!((code, verdict(&v), v["exit_code"].as_u64()), (0, "ok", Some(0)), "{v}");
+    // The human form: one duration style in every line, the server's evidence's own (`{:.1?}`).
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_tether")).args(["probe", "--server", &admin, "--id", "dev"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("PONG in ") && !text.contains(" ms"), "{text}");
     client.signal(libc::SIGSTOP);
     let (code, v) = probe(&["--server", &admin, "--id", "dev", "--timeout", "1s"]);
     client.signal(libc::SIGCONT);
-    assert_eq!((code, verdict(&v)), (20, "client_stalled"), "{v}");
+    assert_eq!((code, verdict(&v), v["exit_code"].as_u64()), (20, "client_stalled", Some(20)), "{v}");
     assert_eq!(v["kernel"]["unacked"], 0, "{v}");
     assert!(v["kernel"]["rtt_ms"].as_f64().unwrap() < 200.0, "the kernel's RTT stays normal: {v}");
 

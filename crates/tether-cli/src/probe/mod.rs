@@ -659,23 +659,28 @@ pub fn from_server(args: &Args) -> anyhow::Result<ExitCode> {
     let name = v["verdict"].as_str().unwrap_or_default();
     let verdict = Verdict::from_name(name).with_context(|| format!("unknown verdict {name:?} from the server"))?;
     let line = if args.json {
+        let mut v = v;
+        v["exit_code"] = json!(verdict.exit_code());
         v.to_string()
     } else {
+        // Durations as the server's evidence writes them (`{:.1?}`: 135.0µs, 1.2ms), one style in every line.
+        let d =
+            |x: &Value| x.as_f64().map_or("?".to_owned(), |ms| format!("{:.1?}", Duration::from_secs_f64(ms / 1e3)));
         let mut s = format!("probe of client {id} from {admin}\n");
-        if let Some(app) = v["app_rtt_ms"].as_f64() {
-            let _ = writeln!(s, "{:<10} PONG in {app:.3} ms", "app");
+        if !v["app_rtt_ms"].is_null() {
+            let _ = writeln!(s, "{:<10} PONG in {}", "app", d(&v["app_rtt_ms"]));
         } else {
-            let _ = writeln!(s, "{:<10} no PONG in {} ms", "app", v["waited_ms"]);
+            let _ = writeln!(s, "{:<10} no PONG in {}", "app", d(&v["waited_ms"]));
         }
         let k = &v["kernel"];
         if k.is_object() {
             let _ = writeln!(
                 s,
-                "{:<10} {} RTT {} ms ± {} ms, {} unacknowledged, {} retransmits",
+                "{:<10} {} RTT {} ± {}, {} unacknowledged, {} retransmits",
                 "kernel",
                 k["state"].as_str().unwrap_or("?"),
-                k["rtt_ms"],
-                k["rttvar_ms"],
+                d(&k["rtt_ms"]),
+                d(&k["rttvar_ms"]),
                 k["unacked"],
                 k["retransmits"]
             );
