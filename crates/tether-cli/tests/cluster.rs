@@ -398,3 +398,47 @@ fn cluster_status_speaks_plainly() {
     assert_eq!(code, Some(1));
     assert_eq!(stderr.matches("Connection refused").count(), 1, "said once: {stderr}");
 }
+
+/// A node killed while Redis is down, and Redis back empty: no reaper sees the node's lease run out, so the other
+/// node's repair declares its clients `node_lost`. Their last-seen time says when the node was last known alive
+/// (its last checkpoint, before Redis went down), not zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_lost_from_a_repair_says_when_the_node_was_last_seen_alive() {
+    redis_or_skip!("node_lost last seen");
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let (n1, n2) = (node(&redis, "n1", &[]), node(&redis, "n2", &[]));
+    let mut watcher = Client::connect(n1.addr.parse().unwrap(), ClientConfig::new("watcher")).await.unwrap();
+    watcher.subscribe(vec!["dev".into()]).await.unwrap();
+    let _dev = Client::connect(n2.addr.parse().unwrap(), ClientConfig::new("dev")).await.unwrap();
+    presence_of(&mut watcher, "dev", PresenceState::Online).await;
+    redis.kill();
+    let down = Instant::now();
+    n2.proc.signal(libc::SIGKILL);
+    redis = Redis::start_on(port);
+    let off = presence_of(&mut watcher, "dev", PresenceState::Offline).await;
+    let told = down.elapsed();
+    assert_eq!(off.reason, Some(CloseReason::NodeLost), "{off:?}");
+    let last_seen = Duration::from_millis(off.last_seen_ago_ms.into());
+    // Last listed live at a checkpoint before Redis went down (they come every third of the lease).
+    assert!(last_seen >= told.saturating_sub(LEASE) && last_seen <= told + LEASE, "{last_seen:?}, told {told:?}");
+    println!(
+        "MEASURED node_lost by repair {:.1}s after Redis went down, last seen {:.1}s before",
+        told.as_secs_f64(),
+        last_seen.as_secs_f64()
+    );
+    drop((n1, redis));
+}
+
+/// The next presence of `id` in `state` that `w` hears, within [`PATIENCE`].
+async fn presence_of(w: &mut Client, id: &str, state: PresenceState) -> tether::proto::Presence {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        match tokio::time::timeout_at(deadline, w.next_event()).await {
+            Ok(Some(ClientEvent::Presence(p))) if p.client_id == id && p.state == state => return p,
+            Ok(Some(ClientEvent::Disconnected(d))) => panic!("watcher disconnected: {d:?}"),
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => panic!("no {state:?} presence of {id}"),
+        }
+    }
+}
