@@ -6,7 +6,8 @@
 //! server's port (or of one process, by the socket inodes in `/proc/PID/fd`), joins each with the session that
 //! holds it from the admin API (`/v1/sessions`, matched by the peer's address), flags the ones the kernel has and
 //! tether does not ([`Flag`]), and prints a table or JSON lines. Everything here runs before any runtime starts:
-//! the netlink dump and the admin requests are plain blocking calls of a one-shot command.
+//! the netlink dump and the admin requests are plain blocking calls of a one-shot command. [`lookup`] asks for one
+//! socket by its two addresses (`tether probe` reads a local server's receive queue with it, off the runtime).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;

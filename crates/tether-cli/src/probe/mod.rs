@@ -10,6 +10,10 @@
 //! - `tether probe --server ADMIN --id ID` ([`from_server`]) asks a server's admin API to ping one of its
 //!   clients now (`POST /v1/sessions/{id}/probe`): the network or the client's program?
 //!
+//! A `HELLO` that the server's kernel acknowledged and its program did not answer gets a [`second_look`] before
+//! it is called a stall: the server's receive queue when its socket is visible from here, else a nudge that a
+//! listener waiting for the rest of a request answers.
+//!
 //! The probe speaks the protocol with the codec itself rather than through [`tether::Client`]: it must see the
 //! bytes a foreign service answers, time each step, and read `TCP_INFO` of its own socket. It connects as a
 //! throwaway id (`probe-` and random hex) unless `--id` is given; a live client's id would be taken over.
