@@ -28,6 +28,7 @@ pub struct StatusArgs {
 
 pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     let Command::Status(args) = cmd;
+    check_url("--redis", &args.redis)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let report = rt
         .block_on(tether::cluster::status(&args.redis))
@@ -74,8 +75,9 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
         out.push('\n');
     }
     out.push_str(&format!(
-        "{} nodes, {sessions} sessions, epoch {}; Redis: round trip {} (best of 5), {:.1} MiB used",
-        report.nodes.len(),
+        "{}, {}, epoch {}; Redis: round trip {} (best of 5), {:.1} MiB used",
+        count(report.nodes.len() as u64, "node"),
+        count(sessions, "session"),
         report.epoch,
         human(rtt[0]),
         report.redis_used_memory as f64 / (1 << 20) as f64
@@ -85,6 +87,26 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     }
     crate::emit_line(&out);
     Ok(ExitCode::SUCCESS)
+}
+
+/// `n thing`, or `n things` unless n is 1.
+fn count(n: u64, thing: &str) -> String {
+    if n == 1 {
+        format!("1 {thing}")
+    } else {
+        format!("{n} {thing}s")
+    }
+}
+
+/// Refuse what is not a Redis URL, with the URL a bare `HOST:PORT` was meant to be (`flag` names where it came
+/// from). The URL is printed without its password.
+pub fn check_url(flag: &str, url: &str) -> anyhow::Result<()> {
+    let Err(why) = tether::ClusterConfig::new(url.to_owned()).check_url() else { return Ok(()) };
+    let shown = redacted(url);
+    if !url.contains("://") {
+        anyhow::bail!("{flag} {shown}: a Redis URL starts with redis:// (or rediss:// for TLS): write redis://{shown}");
+    }
+    anyhow::bail!("{flag} {shown}: {why}")
 }
 
 /// A Redis URL with its password (everything between the scheme and the last `@`) replaced by `***`, for logs
@@ -98,7 +120,7 @@ pub fn redacted(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::redacted;
+    use super::{check_url, count, redacted};
 
     #[test]
     fn a_redis_url_loses_its_password_and_nothing_else() {
@@ -106,5 +128,18 @@ mod tests {
         assert_eq!(redacted("rediss://:p@ss@redis.internal:6380"), "rediss://***@redis.internal:6380");
         assert_eq!(redacted("redis://127.0.0.1:6379/0"), "redis://127.0.0.1:6379/0");
         assert_eq!(redacted("not a url @ all"), "not a url @ all");
+    }
+
+    #[test]
+    fn a_bare_host_and_port_is_told_the_url_to_write() {
+        let e = check_url("--redis", "127.0.0.1:6379").unwrap_err().to_string();
+        assert!(e.contains("write redis://127.0.0.1:6379"), "{e}");
+        let e = check_url("--redis", "http://127.0.0.1:6379").unwrap_err().to_string();
+        assert!(e.contains("not a Redis URL"), "{e}");
+        assert!(check_url("--redis", "redis://127.0.0.1:6379/0").is_ok());
+        assert_eq!(
+            (count(1, "node"), count(2, "node"), count(0, "session")),
+            ("1 node".into(), "2 nodes".into(), "0 sessions".into())
+        );
     }
 }

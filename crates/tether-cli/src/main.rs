@@ -75,6 +75,10 @@ fn main() -> std::process::ExitCode {
             Ok(p) => Job::Probe(Box::new(p)),
             Err(e) => return finish(Err(e)),
         },
+        Command::Serve(mut args) => match serve::resolve_listen(&mut args) {
+            Ok(()) => Job::Command(Command::Serve(args)),
+            Err(e) => return finish(Err(e)),
+        },
         Command::Connect(args) => match connect::prepare(*args) {
             Ok(p) => Job::Connect(Box::new(p)),
             Err(e) => return finish(Err(e)),
@@ -110,10 +114,27 @@ fn finish(result: anyhow::Result<std::process::ExitCode>) -> std::process::ExitC
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("tether: {e:#}");
+            eprintln!("tether: {}", causes(&e));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes, `: `-separated, without a cause that only repeats what the message before it already
+/// says (the redis crate's errors, say, print their I/O error and then give it again as their source).
+fn causes(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 /// Install the SIGINT and SIGTERM handlers now, and return a future that resolves when either arrives.

@@ -41,7 +41,8 @@ pub struct Args {
     /// TOML file with the same settings (flags override it).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Address to listen on [default: 127.0.0.1:7400].
+    /// Address to listen on, IP:PORT or HOST:PORT (a name is resolved at start; tether listens on its first IPv4
+    /// address, else its first address) [default: 127.0.0.1:7400].
     #[arg(long, value_name = "ADDR")]
     listen: Option<String>,
     /// Server id sent in WELCOME [default: tether].
@@ -235,6 +236,39 @@ pub struct FileConfig {
     node_lease: Option<String>,
 }
 
+/// Before the runtime starts: resolve a host name given as `--listen` (or `listen` in the file) to the address
+/// tether will listen on, the first IPv4 address it resolves to, else its first address, and say which. The
+/// resolver may block; nothing that can block runs on the runtime.
+pub fn resolve_listen(args: &mut Args) -> anyhow::Result<()> {
+    use std::net::ToSocketAddrs;
+    let from_file = if args.listen.is_none() { load_file(&args.config)?.listen } else { None };
+    let Some(listen) = args.listen.clone().or(from_file) else { return Ok(()) };
+    if listen.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let Some((host, _)) = listen.rsplit_once(':').filter(|(_, p)| p.parse::<u16>().is_ok()) else {
+        bail!("--listen {listen:?} is neither IP:PORT nor HOST:PORT");
+    };
+    let all: Vec<SocketAddr> =
+        listen.to_socket_addrs().with_context(|| format!("--listen {listen}: cannot resolve {host:?}"))?.collect();
+    let chosen = all
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(all.first())
+        .copied()
+        .with_context(|| format!("--listen {listen}: {host:?} resolves to no address"))?;
+    let ip = chosen.ip();
+    let others: Vec<String> = all.iter().map(|a| a.ip()).filter(|a| *a != ip).map(|a| a.to_string()).collect();
+    if others.is_empty() {
+        tracing::info!("--listen {listen}: {host} is {ip}");
+    } else {
+        let others = others.join(", ");
+        tracing::info!("--listen {listen}: {host} is {ip} and {others}; listening on {ip} only (give an IP to choose)");
+    }
+    args.listen = Some(chosen.to_string());
+    Ok(())
+}
+
 fn dur(field: &str, v: &Option<String>) -> anyhow::Result<Option<Duration>> {
     v.as_deref().map(duration::parse).transpose().map_err(|e| anyhow::anyhow!("{field}: {e}"))
 }
@@ -357,8 +391,8 @@ pub fn build_config(args: &Args, file: &FileConfig) -> anyhow::Result<ServerConf
     cfg.tls = server_tls(args, file)?;
     cfg.disconnect_history = pick!(args.disconnect_history, file.disconnect_history).unwrap_or(cfg.disconnect_history);
     if let Some(url) = pick!(args.cluster.clone(), file.cluster.clone()) {
+        crate::cluster::check_url("--cluster", &url)?;
         let mut cc = tether::ClusterConfig::new(url);
-        cc.check_url().map_err(|e| anyhow::anyhow!("--cluster {}: {e}", redacted(&cc.url)))?;
         if let Some(id) = pick!(args.node_id.clone(), file.node_id.clone()) {
             if id.is_empty() || id.contains('#') || id.len() > 64 {
                 bail!("--node-id {id:?}: 1 to 64 characters, no '#'");

@@ -6,7 +6,8 @@
 //! server's port (or of one process, by the socket inodes in `/proc/PID/fd`), joins each with the session that
 //! holds it from the admin API (`/v1/sessions`, matched by the peer's address), flags the ones the kernel has and
 //! tether does not ([`Flag`]), and prints a table or JSON lines. Everything here runs before any runtime starts:
-//! the netlink dump and the admin requests are plain blocking calls of a one-shot command.
+//! the netlink dump and the admin requests are plain blocking calls of a one-shot command. [`lookup`] asks for one
+//! socket by its two addresses (`tether probe` reads a local server's receive queue with it, off the runtime).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -36,7 +37,8 @@ pub struct Args {
     /// Only these states, comma-separated (established, close_wait, listen, time_wait, syn_recv, ...).
     #[arg(long, value_delimiter = ',')]
     state: Vec<String>,
-    /// Only sockets the kernel holds and tether does not; exit 1 when there are any (a health check).
+    /// Only sockets the kernel holds and tether does not; exit 1 when there are any, or when nothing listens on
+    /// the port (a health check).
     #[arg(long)]
     ghosts: bool,
     /// One JSON object per socket instead of the table.
@@ -115,12 +117,25 @@ pub fn dump() -> anyhow::Result<Vec<KernelSocket>> {
 }
 
 fn dump_family(family: u8, out: &mut Vec<KernelSocket>) -> anyhow::Result<()> {
+    let socket_id = if family == AF_INET { SocketId::new_v4() } else { SocketId::new_v6() };
+    let socket = ask(family, NLM_F_REQUEST | NLM_F_DUMP, socket_id)?;
+    let mut rx = vec![0u8; 64 * 1024];
+    loop {
+        let n = socket.recv(&mut &mut rx[..], 0)?;
+        if decode(&rx[..n], out)? {
+            return Ok(());
+        }
+    }
+}
+
+/// Send one sock_diag request for TCP sockets of `family` (with `TCP_INFO`); the answers are read from the socket
+/// returned.
+fn ask(family: u8, flags: u16, socket_id: SocketId) -> anyhow::Result<Socket> {
     let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
     socket.bind_auto()?;
     socket.connect(&netlink_sys::SocketAddr::new(0, 0))?;
     let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    let socket_id = if family == AF_INET { SocketId::new_v4() } else { SocketId::new_v6() };
+    header.flags = flags;
     let request = SockDiagMessage::InetRequest(InetRequest {
         family,
         protocol: IPPROTO_TCP,
@@ -133,13 +148,43 @@ fn dump_family(family: u8, out: &mut Vec<KernelSocket>) -> anyhow::Result<()> {
     let mut buf = vec![0; packet.buffer_len()];
     packet.serialize(&mut buf);
     socket.send(&buf, 0)?;
-    let mut rx = vec![0u8; 64 * 1024];
-    loop {
-        let n = socket.recv(&mut &mut rx[..], 0)?;
-        if decode(&rx[..n], out)? {
-            return Ok(());
-        }
+    Ok(socket)
+}
+
+/// The one TCP socket of this network namespace whose local address is `local` and whose peer is `remote`:
+/// `None` when the kernel holds no such socket here (the address is another host's, or the connection is gone).
+/// One exact lookup, not a dump; a blocking call.
+pub fn lookup(local: SocketAddr, remote: SocketAddr) -> anyhow::Result<Option<KernelSocket>> {
+    let family = match (local, remote) {
+        (SocketAddr::V4(_), SocketAddr::V4(_)) => AF_INET,
+        (SocketAddr::V6(_), SocketAddr::V6(_)) => AF_INET6,
+        _ => bail!("{local} and {remote} are of two address families"),
+    };
+    let socket_id = SocketId {
+        source_port: local.port(),
+        destination_port: remote.port(),
+        source_address: local.ip(),
+        destination_address: remote.ip(),
+        interface_id: 0,
+        // INET_DIAG_NOCOOKIE: any socket with these four.
+        cookie: [0xff; 8],
+    };
+    let socket = ask(family, NLM_F_REQUEST, socket_id).context("asking the kernel for one TCP socket")?;
+    let mut rx = vec![0u8; 8 * 1024];
+    let n = socket.recv(&mut &mut rx[..], 0)?;
+    let msg = <NetlinkMessage<SockDiagMessage>>::deserialize(&rx[..n])
+        .map_err(|e| anyhow::anyhow!("an undecodable sock_diag message: {e}"))?;
+    match msg.payload {
+        NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => Ok(Some(from_response(&r))),
+        NetlinkPayload::Error(e) if e.code.is_some_and(|c| no_such_socket(c.get())) => Ok(None),
+        NetlinkPayload::Error(e) => bail!("the kernel refused the lookup: {e:?}"),
+        other => bail!("an unexpected answer to a sock_diag lookup: {other:?}"),
     }
+}
+
+/// Whether a netlink error code (a negative errno) is ENOENT: the kernel holds no such socket.
+fn no_such_socket(code: i32) -> bool {
+    std::io::Error::from_raw_os_error(-code).kind() == std::io::ErrorKind::NotFound
 }
 
 /// Decode one datagram of a dump into `out`; true when it carried the end of the dump.
@@ -204,8 +249,33 @@ struct Session {
     timeout: Duration,
 }
 
-/// Every online session from the admin API, by the peer's address (all pages).
+/// How long one admin API request may take: a server that answers none in this time is not answering.
+const ADMIN_WAIT: Duration = Duration::from_secs(3);
+
+/// Every online session from the admin API, by the peer's address (all pages), or why there are none to join:
+/// nothing listens at `admin`, it listens and does not answer (a stalled server), or it refused us.
 fn sessions(admin: SocketAddr) -> anyhow::Result<HashMap<SocketAddr, Session>> {
+    let started = std::time::Instant::now();
+    all_sessions(admin).map_err(|e| {
+        let refused = e
+            .chain()
+            .filter_map(|c| c.downcast_ref::<std::io::Error>())
+            .any(|io| io.kind() == std::io::ErrorKind::ConnectionRefused);
+        if refused {
+            anyhow::anyhow!("nothing listens at {admin}; give --admin ADDR where the server's admin API listens")
+        } else if started.elapsed() >= ADMIN_WAIT {
+            anyhow::anyhow!(
+                "the admin listener at {admin} did not answer in {}: the server's process is stalled or overloaded",
+                human(ADMIN_WAIT)
+            )
+        } else {
+            e.context(format!("the admin API at {admin}"))
+        }
+    })
+}
+
+fn all_sessions(admin: SocketAddr) -> anyhow::Result<HashMap<SocketAddr, Session>> {
+    let token = std::env::var("TETHER_ADMIN_TOKEN").ok().filter(|t| !t.is_empty());
     let mut out = HashMap::new();
     let mut after: Option<String> = None;
     loop {
@@ -213,7 +283,13 @@ fn sessions(admin: SocketAddr) -> anyhow::Result<HashMap<SocketAddr, Session>> {
             None => "/v1/sessions?limit=1000".to_owned(),
             Some(a) => format!("/v1/sessions?limit=1000&after={}", percent(a)),
         };
-        let body = tether_bench::scrape::get(admin, &path)?;
+        let (status, body) =
+            tether_bench::scrape::request_with(admin, "GET", &path, None, token.as_deref(), ADMIN_WAIT)?;
+        match status {
+            200 => {}
+            401 => bail!("it asks for a token: set TETHER_ADMIN_TOKEN"),
+            _ => bail!("GET {path}: {status} {}", body.trim()),
+        }
         let page: Value = serde_json::from_str(&body).context("the admin API's answer is not JSON")?;
         for s in page["sessions"].as_array().into_iter().flatten() {
             let Some(peer) = s["peer"].as_str().and_then(|p| p.parse().ok()) else { continue };
@@ -290,6 +366,8 @@ fn flag(s: &KernelSocket, session: Option<&Session>, sessions_known: bool, orpha
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let port = args.port.unwrap_or(7400);
     let mut sockets = dump()?;
+    // A health check of a port nothing listens on has no server to pass: a dead server is not a healthy one.
+    let listening = args.pid.is_some() || sockets.iter().any(|s| s.state == LISTEN && s.local.port() == port);
     match args.pid {
         Some(pid) => {
             let mine = inodes_of(pid)?;
@@ -307,10 +385,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(a) => Some(a.parse::<SocketAddr>().with_context(|| format!("--admin {a:?} is not IP:PORT or off"))?),
         None => Some(SocketAddr::from(([127, 0, 0, 1], 7401))),
     };
-    let joined = match admin.map(sessions) {
+    let joined = match admin.filter(|_| listening).map(sessions) {
         Some(Ok(s)) => Some(s),
         Some(Err(e)) => {
-            eprintln!("tether sockets: no sessions to join ({e:#}); `orphan` cannot be told (give --admin ADDR)");
+            eprintln!("tether sockets: no sessions to join: {e:#}; `orphan` cannot be told");
             None
         }
         None => None,
@@ -339,7 +417,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     } else {
         print_table(&rows, &queues, listen_drops());
     }
-    Ok(if args.ghosts && ghosts > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+    if !listening {
+        eprintln!("tether sockets: nothing listens on port {port}: no server there (or it runs elsewhere: --port)");
+    }
+    Ok(if args.ghosts && (ghosts > 0 || !listening) { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }
 
 fn row_json(s: &KernelSocket, session: Option<&Session>, f: Option<Flag>) -> Value {

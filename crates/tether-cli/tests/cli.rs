@@ -355,3 +355,38 @@ fn tls_with_client_certificates_and_tokens_from_the_cli() {
     assert!(srv.drain().iter().all(|v| !(event(v) == "offline" && v["client"] == "alice")));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_tls_client_on_a_plain_port_is_told_the_server_speaks_plain_tether() {
+    let dir = std::env::temp_dir().join(format!("tether-cli-plain-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = Command::new(env!("CARGO_BIN_EXE_tether")).args(["cert", "--out"]).arg(&dir).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let ca = dir.join("ca.pem").to_str().unwrap().to_owned();
+    let (_srv, addr) = serve(&["--insecure-no-auth"]);
+    let hint = "the server speaks plain tether on this port, not TLS";
+    let mut once = Proc::spawn(&["connect", &addr, "--id", "a", "--json", "--tls-ca", &ca]);
+    let d = once.expect("refusal", |v| event(v) == "disconnected");
+    assert_eq!(d["reason"], "tls_error", "{d}");
+    assert!(d["detail"].as_str().unwrap().contains(hint), "{d}");
+    assert!(!once.wait_exit().success());
+    let args = ["connect", &addr, "--id", "b", "--json", "--tls-ca", &ca, "--reconnect", "--max-attempts", "1"];
+    let mut again = Proc::spawn(&args);
+    let f = again.expect("connect_failed", |v| event(v) == "connect_failed");
+    assert_eq!(f["reason"], "tls_error", "{f}");
+    assert!(f["detail"].as_str().unwrap().contains(hint), "{f}");
+    assert!(!again.wait_exit().success());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn listen_takes_a_host_name_and_says_what_it_bound() {
+    let srv = Proc::spawn(&["serve", "--listen", "localhost:0", "--insecure-no-auth", "--events", "json"]);
+    let l = srv.expect("listening", |v| event(v) == "listening");
+    let addr: std::net::SocketAddr = l["addr"].as_str().unwrap().parse().unwrap();
+    assert!(addr.ip().is_loopback() && addr.port() != 0, "{l}");
+    let _c = connect(&addr.to_string(), "a", &[]);
+    let out = Command::new(env!("CARGO_BIN_EXE_tether")).args(["serve", "--listen", "localhost"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("neither IP:PORT nor HOST:PORT"), "{out:?}");
+}

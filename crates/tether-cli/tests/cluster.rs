@@ -357,3 +357,88 @@ fn lab_a_node_cut_off_from_redis_keeps_its_clients_and_rejoins_when_healed() {
         back.as_secs_f64()
     );
 }
+
+/// `tether cluster status` as a newcomer meets it: one node reads "1 node", a bare HOST:PORT is told the URL to
+/// write, and an unreachable Redis is named once.
+#[test]
+fn cluster_status_speaks_plainly() {
+    redis_or_skip!("cluster status");
+    let redis = Redis::start();
+    let url = redis.url();
+    let _n1 = node(&redis, "n1", &[]);
+    let status = |redis_arg: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+            .args(["cluster", "status", "--redis", redis_arg])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // The node listens before it has joined: read until Redis lists it.
+    let deadline = Instant::now() + PATIENCE;
+    let stdout = loop {
+        let (code, stdout, stderr) = status(&url);
+        assert_eq!(code, Some(0), "{stderr}");
+        if stdout.contains("\nn1 ") {
+            break stdout;
+        }
+        assert!(Instant::now() < deadline, "n1 never joined: {stdout}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(stdout.contains("\n1 node, 0 sessions, epoch"), "{stdout}");
+    let bare = url.trim_start_matches("redis://").split('/').next().unwrap().to_owned();
+    let (code, _, stderr) = status(&bare);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains(&format!("write redis://{bare}")), "{stderr}");
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let (code, _, stderr) = status(&format!("redis://{free}"));
+    assert_eq!(code, Some(1));
+    assert_eq!(stderr.matches("Connection refused").count(), 1, "said once: {stderr}");
+}
+
+/// A node killed while Redis is down, and Redis back empty: no reaper sees the node's lease run out, so the other
+/// node's repair declares its clients `node_lost`. Their last-seen time says when the node was last known alive
+/// (its last checkpoint, before Redis went down), not zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_lost_from_a_repair_says_when_the_node_was_last_seen_alive() {
+    redis_or_skip!("node_lost last seen");
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let (n1, n2) = (node(&redis, "n1", &[]), node(&redis, "n2", &[]));
+    let mut watcher = Client::connect(n1.addr.parse().unwrap(), ClientConfig::new("watcher")).await.unwrap();
+    watcher.subscribe(vec!["dev".into()]).await.unwrap();
+    let _dev = Client::connect(n2.addr.parse().unwrap(), ClientConfig::new("dev")).await.unwrap();
+    presence_of(&mut watcher, "dev", PresenceState::Online).await;
+    redis.kill();
+    let down = Instant::now();
+    n2.proc.signal(libc::SIGKILL);
+    redis = Redis::start_on(port);
+    let off = presence_of(&mut watcher, "dev", PresenceState::Offline).await;
+    let told = down.elapsed();
+    assert_eq!(off.reason, Some(CloseReason::NodeLost), "{off:?}");
+    let last_seen = Duration::from_millis(off.last_seen_ago_ms.into());
+    // Last listed live at a checkpoint before Redis went down (they come every third of the lease).
+    assert!(last_seen >= told.saturating_sub(LEASE) && last_seen <= told + LEASE, "{last_seen:?}, told {told:?}");
+    println!(
+        "MEASURED node_lost by repair {:.1}s after Redis went down, last seen {:.1}s before",
+        told.as_secs_f64(),
+        last_seen.as_secs_f64()
+    );
+    drop((n1, redis));
+}
+
+/// The next presence of `id` in `state` that `w` hears, within [`PATIENCE`].
+async fn presence_of(w: &mut Client, id: &str, state: PresenceState) -> tether::proto::Presence {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        match tokio::time::timeout_at(deadline, w.next_event()).await {
+            Ok(Some(ClientEvent::Presence(p))) if p.client_id == id && p.state == state => return p,
+            Ok(Some(ClientEvent::Disconnected(d))) => panic!("watcher disconnected: {d:?}"),
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => panic!("no {state:?} presence of {id}"),
+        }
+    }
+}

@@ -1,5 +1,6 @@
 //! `tether probe`: each verdict from the real thing. On loopback (no root needed): a healthy server, an HTTP
-//! server on the port, and the server-side probe of a stopped client. In the fault lab (root, network
+//! server on the port (one that answers at once, and one that waits for the client to finish its request), a
+//! stopped server, and the server-side probe of a stopped client. In the fault lab (root, network
 //! namespaces; `scripts/test` runs them with `--ignored`): a healthy path, a stopped server, a closed port, an HTTP
 //! listener, a blackholed path and a host that went off its network.
 
@@ -78,11 +79,17 @@ fn loopback_verdicts_and_the_server_side_probe() {
     let client = Proc::spawn(&["connect", &addr, "--id", "dev", "--json"]);
     client.expect("connected", |e| event(e) == "connected");
     let (code, v) = probe(&["--server", &admin, "--id", "dev", "--timeout", "2s"]);
-    assert_eq!((code, verdict(&v)), (0, "ok"), "{v}");
+    assert_eq!((code, verdict(&v), v["exit_code"].as_u64()), (0, "ok", Some(0)), "{v}");
+    // The human form: one duration style in every line, the server's evidence's own (`{:.1?}`).
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_tether")).args(["probe", "--server", &admin, "--id", "dev"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("PONG in ") && !text.contains(" ms"), "{text}");
     client.signal(libc::SIGSTOP);
     let (code, v) = probe(&["--server", &admin, "--id", "dev", "--timeout", "1s"]);
     client.signal(libc::SIGCONT);
-    assert_eq!((code, verdict(&v)), (20, "client_stalled"), "{v}");
+    assert_eq!((code, verdict(&v), v["exit_code"].as_u64()), (20, "client_stalled", Some(20)), "{v}");
     assert_eq!(v["kernel"]["unacked"], 0, "{v}");
     assert!(v["kernel"]["rtt_ms"].as_f64().unwrap() < 200.0, "the kernel's RTT stays normal: {v}");
 
@@ -131,12 +138,84 @@ fn loopback_refusals_tls_and_pacing() {
     assert!(v["explanation"].as_str().unwrap().contains("add --tls"), "{v}");
     let (code, v) = probe(&[&addr, "--tls-ca", &f("ca.pem")]);
     assert_eq!((code, verdict(&v)), (16, "tls_failed"), "{v}");
-    assert!(v["explanation"].as_str().unwrap().contains("Probe without --tls"), "{v}");
+    assert!(v["explanation"].as_str().unwrap().contains("plain tether on this port, not TLS"), "{v}");
     let _ = std::fs::remove_dir_all(&dir);
 
     // An id the server could not accept is a usage error, not the server's fault.
     let out = Command::new(env!("CARGO_BIN_EXE_tether")).args(["probe", &addr, "--id", ""]).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
+
+/// `python3 -m http.server` on a free loopback port: it reads what a client sends and waits for the end of a
+/// request line. The probe's own `HELLO` alone gets no answer from it, which must not pass for a stalled tether
+/// server.
+struct HttpServer {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl HttpServer {
+    /// On a free port of `ip` (in the network namespace `ns` when given: `ip netns exec` runs it in place).
+    fn start(ns: Option<&str>, ip: &str) -> HttpServer {
+        use std::io::BufRead;
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "python3"]);
+                c
+            }
+            None => Command::new("python3"),
+        };
+        let mut child = cmd
+            .args(["-u", "-m", "http.server", "0", "--bind", ip])
+            .current_dir(std::env::temp_dir())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3 (scripts/test installs it)");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        // "Serving HTTP on 127.0.0.1 port 41234 (http://127.0.0.1:41234/) ..."
+        let line = rx.recv_timeout(common::PATIENCE).expect("http.server says where it listens");
+        let port = line.split_whitespace().skip_while(|w| *w != "port").nth(1).expect("a port").to_owned();
+        HttpServer { child, addr: format!("{ip}:{port}") }
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_listener_that_waits_for_the_client_is_not_a_stalled_server() {
+    let http = HttpServer::start(None, "127.0.0.1");
+    let (code, v) = probe(&[&http.addr, "--timeout", "1s"]);
+    assert_eq!((code, verdict(&v)), (14, "not_tether"), "{v}");
+    let app = &v["layers"]["app"];
+    assert_eq!((app["result"].as_str(), app["nudged"].as_bool()), (Some("foreign"), Some(true)), "{v}");
+    assert_eq!(app["protocol"], "HTML", "http.server answers a line it cannot parse with a bare page: {v}");
+
+    // A stopped tether server on this host: its kernel took HELLO, its process never read it.
+    let (server, addr, _) = serve_with_admin(&[]);
+    server.signal(libc::SIGSTOP);
+    let (code, v) = probe(&[&addr, "--timeout", "1s"]);
+    server.signal(libc::SIGCONT);
+    assert_eq!((code, verdict(&v)), (17, "server_stalled"), "{v}");
+    assert!(v["layers"]["app"]["peer_unread_bytes"].as_u64().unwrap() > 0, "HELLO waits unread: {v}");
+    assert_eq!(v["layers"]["app"]["nudge_ms"], Value::Null, "no nudge once the stall is certain: {v}");
+    assert!(v["explanation"].as_str().unwrap().contains("has not read it"), "{v}");
+    let (code, v) = probe(&[&addr, "--count", "1"]);
+    assert_eq!((code, verdict(&v)), (0, "ok"), "resumed: {v}");
 }
 
 /// The verdicts that need a real path: run from the devices' namespace against the server's.
@@ -166,6 +245,13 @@ fn lab_probe_tells_each_fault_apart() {
     // The admin API is an HTTP server: not tether.
     let (code, v) = run(&[&http]);
     assert_eq!((code, verdict(&v)), (14, "not_tether"), "{v}");
+    // So is one that reads HELLO and waits for the rest of its request line, seen from another host (no view of
+    // its socket): it answers the nudge after HELLO.
+    let waiting = HttpServer::start(Some(&lab.server), SERVER_IP);
+    let (code, v) = run(&[&waiting.addr, "--timeout", "1s"]);
+    assert_eq!((code, verdict(&v)), (14, "not_tether"), "{v}");
+    assert_eq!(v["layers"]["app"]["nudged"], true, "{v}");
+    drop(waiting);
 
     // The server process stopped: its kernel still completes the connect and acknowledges HELLO.
     lab.server_proc().signal(libc::SIGSTOP);

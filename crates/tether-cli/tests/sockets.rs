@@ -1,5 +1,6 @@
 //! `tether sockets` against real kernel sockets: an accept queue nobody drains, a CLOSE_WAIT nobody closes, an
-//! established socket no session holds, and a real tether server whose sockets all belong to sessions.
+//! established socket no session holds, a real tether server whose sockets all belong to sessions, a port with
+//! no server, and a stalled server whose admin listener does not answer.
 
 mod common;
 
@@ -12,13 +13,20 @@ use serde_json::Value;
 
 /// `tether sockets ARGS --json`: its exit status and one object per socket.
 fn sockets(args: &[&str]) -> (i32, Vec<Value>) {
+    let (code, rows, _) = sockets_stderr(args);
+    (code, rows)
+}
+
+/// [`sockets`], with what it said on stderr.
+fn sockets_stderr(args: &[&str]) -> (i32, Vec<Value>, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_tether")).arg("sockets").args(args).arg("--json").output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let rows = String::from_utf8(out.stdout)
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
         .collect();
-    (out.status.code().unwrap_or(-1), rows)
+    (out.status.code().unwrap_or(-1), rows, stderr)
 }
 
 fn flags(rows: &[Value]) -> Vec<&str> {
@@ -81,4 +89,31 @@ fn sockets_are_joined_with_sessions_and_one_no_session_holds_is_an_orphan() {
     let (_held, _) = listener.accept().unwrap();
     let (code, ghosts) = sockets(&["--port", &other, "--admin", &admin, "--orphan-after", "0s", "--ghosts"]);
     assert_eq!((code, flags(&ghosts)), (1, vec!["orphan"]));
+}
+
+#[test]
+fn a_port_nothing_listens_on_fails_the_health_check() {
+    // A port that was free a moment ago: nothing listens on it.
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    let (code, rows, stderr) = sockets_stderr(&["--port", &port, "--ghosts"]);
+    assert_eq!((code, rows.len()), (1, 0), "a dead server is not a healthy one: {stderr}");
+    assert!(stderr.contains(&format!("nothing listens on port {port}")), "{stderr}");
+    assert!(!stderr.contains("admin"), "no admin API is asked about a port with no server: {stderr}");
+}
+
+#[test]
+fn a_stalled_servers_admin_listener_is_named_as_not_answering() {
+    let (srv, addr, admin) = common::serve_with_admin(&[]);
+    let port = addr.rsplit(':').next().unwrap().to_owned();
+    srv.signal(libc::SIGSTOP);
+    let (code, rows, stderr) = sockets_stderr(&["--port", &port, "--admin", &admin]);
+    srv.signal(libc::SIGCONT);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(rows.iter().any(|r| r["state"] == "listen"), "the kernel's view is printed all the same: {rows:?}");
+    assert!(stderr.contains(&format!("the admin listener at {admin} did not answer")), "{stderr}");
+    assert!(!stderr.contains("give --admin"), "the address was right: {stderr}");
+    // An address where nothing listens is named as such.
+    let free = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let (_, _, stderr) = sockets_stderr(&["--port", &port, "--admin", &free]);
+    assert!(stderr.contains(&format!("nothing listens at {free}")), "{stderr}");
 }

@@ -214,8 +214,19 @@ pub enum App {
         took: Duration,
         reset: bool,
     },
+    /// No answer to `HELLO` in `waited`, though its kernel acknowledged it (or no kernel view says otherwise).
     NoAnswer {
         waited: Duration,
+        /// Bytes waiting unread in the server's receive queue, when its socket is visible from here (a server on
+        /// this host): more than zero means its process never read `HELLO`.
+        unread: Option<u32>,
+        /// How long the nudge after `HELLO` then waited in vain, when one was sent.
+        nudged: Option<Duration>,
+    },
+    /// No answer to `HELLO` in `waited`; the nudge after it got `answer`.
+    Nudged {
+        waited: Duration,
+        answer: Box<App>,
     },
 }
 
@@ -353,7 +364,8 @@ impl Evidence {
                 let how = if *reset { "reset the connection" } else { "closed the connection" };
                 return (Verdict::NotTether, format!("the peer {how} without BYE: tether always says why it closes"));
             }
-            Some(App::NoAnswer { waited }) => return silent(k, "HELLO", *waited),
+            Some(App::NoAnswer { waited, unread, nudged }) => return unanswered_hello(k, *waited, *unread, *nudged),
+            Some(App::Nudged { waited, answer }) => return nudged(*waited, answer, self.tls.is_some()),
         }
         let Some(r) = &self.round_trips else {
             return (Verdict::Ok, "connected".into());
@@ -469,6 +481,76 @@ fn silent(k: Option<TcpInfo>, step: &str, waited: Duration) -> (Verdict, String)
     }
 }
 
+/// `HELLO` acknowledged and not answered: what the second look found decides how sure the verdict is.
+fn unanswered_hello(
+    k: Option<TcpInfo>,
+    waited: Duration,
+    unread: Option<u32>,
+    nudged: Option<Duration>,
+) -> (Verdict, String) {
+    if let Unanswered::PathDown(i) = unanswered(k) {
+        return path_failed("HELLO", Some(waited), i);
+    }
+    match (unread, nudged) {
+        (Some(n), _) if n > 0 => (
+            Verdict::ServerStalled,
+            format!(
+                "TCP connects and the server's kernel took HELLO, but its process has not read it: after {} its {n} \
+                 bytes still wait in the server's receive queue (the process is stopped or hung, or does not accept \
+                 connections)",
+                human(waited)
+            ),
+        ),
+        (Some(_), Some(more)) => (
+            Verdict::ServerStalled,
+            format!(
+                "the server's process read HELLO and an empty line after it, and answered neither in {}: a tether \
+                 server holding its answer (a long --auth-fail-delay, a cluster claim waiting on Redis), or a \
+                 service that is not tether and waits for something else",
+                human(waited + more)
+            ),
+        ),
+        (_, Some(more)) => silent(k, "HELLO and an empty line after it", waited + more),
+        _ => silent(k, "HELLO", waited),
+    }
+}
+
+/// `HELLO` went unanswered for `waited`, and the nudge after it got `answer`.
+fn nudged(waited: Duration, answer: &App, tls: bool) -> (Verdict, String) {
+    let before = format!("HELLO got no answer in {}, and an empty line after it", human(waited));
+    let answered = format!("HELLO got no answer in {}, but an empty line after it did", human(waited));
+    match answer {
+        App::Welcome { took, .. } => (
+            Verdict::ServerStalled,
+            format!(
+                "the server answered HELLO with WELCOME only after {}: the program answers late",
+                human(waited + *took)
+            ),
+        ),
+        App::Refused { took, reason, retry_after, alternative } => (
+            Verdict::Refused,
+            format!("{} after {}", refusal(*reason, *retry_after, alternative), human(waited + *took)),
+        ),
+        App::Foreign { what, first, .. } => {
+            let (v, why) = foreign(*what, first, tls);
+            (v, format!("{answered}: {why}"))
+        }
+        App::Closed { reset, .. } => {
+            let how = if *reset { "a reset" } else { "a close" };
+            (
+                Verdict::NotTether,
+                format!(
+                    "{before} got {how} without BYE: it read HELLO and waited for more, as a tether server never does"
+                ),
+            )
+        }
+        App::Unexpected { frame, .. } => {
+            (Verdict::NotTether, format!("{before} got {frame}, not WELCOME or BYE: not tether, or a broken one"))
+        }
+        App::NoAnswer { .. } | App::Nudged { .. } => (Verdict::ServerStalled, format!("{before} got no answer either")),
+    }
+}
+
 /// Our bytes are not acknowledged: the path (or the host) went away after the connect.
 fn path_failed(step: &str, waited: Option<Duration>, i: TcpInfo) -> (Verdict, String) {
     let within = waited.map(|w| format!(" in {}", human(w))).unwrap_or_default();
@@ -571,7 +653,23 @@ pub(super) fn describe_app(a: &App) -> String {
         App::Unexpected { took, frame } => format!("{frame} instead of WELCOME or BYE, in {}", human(*took)),
         App::Closed { took, reset: false } => format!("closed without BYE after {}", human(*took)),
         App::Closed { took, reset: true } => format!("reset without BYE after {}", human(*took)),
-        App::NoAnswer { waited } => format!("no answer to HELLO in {}", human(*waited)),
+        App::NoAnswer { waited, unread, nudged } => {
+            let mut s = format!("no answer to HELLO in {}", human(*waited));
+            match unread {
+                Some(0) => s.push_str("; the server's process read it (its socket holds nothing unread)"),
+                Some(n) => {
+                    let _ = write!(s, "; its {n} bytes wait unread in the server's socket");
+                }
+                None => {}
+            }
+            if let Some(more) = nudged {
+                let _ = write!(s, "; nor to an empty line after it in {}", human(*more));
+            }
+            s
+        }
+        App::Nudged { waited, answer } => {
+            format!("no answer to HELLO in {}; an empty line after it got {}", human(*waited), describe_app(answer))
+        }
     }
 }
 
@@ -614,22 +712,7 @@ pub(super) fn evidence_json(ev: &Evidence) -> Value {
         }
         Some(Tls::NoAnswer { waited }) => json!({"result": "no_answer", "ms": ms(*waited)}),
     };
-    let app = ev.app.as_ref().map(|a| match a {
-        App::Welcome { took, server_id, epoch, version, heartbeat, timeout } => json!({
-            "result": "welcome", "ms": ms(*took), "server_id": server_id, "epoch": epoch, "version": version,
-            "heartbeat_ms": heartbeat.as_millis() as u64, "timeout_ms": timeout.as_millis() as u64,
-        }),
-        App::Refused { took, reason, retry_after, alternative } => json!({
-            "result": "bye", "ms": ms(*took), "reason": reason.as_str(),
-            "retry_after_ms": retry_after.as_millis() as u64, "alternative": alternative,
-        }),
-        App::Foreign { took, what, first } => {
-            json!({"result": "foreign", "ms": ms(*took), "protocol": what, "first_bytes": escape(first)})
-        }
-        App::Unexpected { took, frame } => json!({"result": "unexpected", "ms": ms(*took), "frame": frame}),
-        App::Closed { took, reset } => json!({"result": if *reset { "reset" } else { "closed" }, "ms": ms(*took)}),
-        App::NoAnswer { waited } => json!({"result": "no_answer", "ms": ms(*waited)}),
-    });
+    let app = ev.app.as_ref().map(app_json);
     let round_trips = ev.round_trips.as_ref().map(|r| {
         let s = spread(&r.rtts);
         json!({
@@ -647,6 +730,34 @@ pub(super) fn evidence_json(ev: &Evidence) -> Value {
         })
     });
     json!({"layers": {"path": path, "transport": transport, "tls": tls, "app": app, "round_trips": round_trips, "kernel": kernel}})
+}
+
+fn app_json(a: &App) -> Value {
+    match a {
+        App::Welcome { took, server_id, epoch, version, heartbeat, timeout } => json!({
+            "result": "welcome", "ms": ms(*took), "server_id": server_id, "epoch": epoch, "version": version,
+            "heartbeat_ms": heartbeat.as_millis() as u64, "timeout_ms": timeout.as_millis() as u64,
+        }),
+        App::Refused { took, reason, retry_after, alternative } => json!({
+            "result": "bye", "ms": ms(*took), "reason": reason.as_str(),
+            "retry_after_ms": retry_after.as_millis() as u64, "alternative": alternative,
+        }),
+        App::Foreign { took, what, first } => {
+            json!({"result": "foreign", "ms": ms(*took), "protocol": what, "first_bytes": escape(first)})
+        }
+        App::Unexpected { took, frame } => json!({"result": "unexpected", "ms": ms(*took), "frame": frame}),
+        App::Closed { took, reset } => json!({"result": if *reset { "reset" } else { "closed" }, "ms": ms(*took)}),
+        App::NoAnswer { waited, unread, nudged } => json!({
+            "result": "no_answer", "ms": ms(*waited), "peer_unread_bytes": unread,
+            "nudge_ms": nudged.map(ms),
+        }),
+        App::Nudged { waited, answer } => {
+            let mut v = app_json(answer);
+            v["hello_unanswered_ms"] = json!(ms(*waited));
+            v["nudged"] = json!(true);
+            v
+        }
+    }
 }
 
 #[cfg(test)]
@@ -715,13 +826,42 @@ mod tests {
             kernel: Some(kernel),
             ..connected()
         };
-        let silent = App::NoAnswer { waited: Duration::from_secs(5) };
+        let silent = App::NoAnswer { waited: Duration::from_secs(5), unread: None, nudged: None };
         let (v, why) = with_app(silent.clone(), info(1, 0)).verdict();
         assert_eq!(v, Verdict::ServerStalled);
         assert!(why.contains("not tether looks the same"), "{why}");
         assert_eq!(with_app(silent.clone(), info(1, 1)).verdict().0, Verdict::PathDown, "HELLO never acknowledged");
         let (v, why) = with_app(silent, info(300, 0)).verdict();
         assert_eq!(v, Verdict::ServerStalled, "a 300 ms RTT does not explain 5 s of silence: {why}");
+        // The second look: HELLO unread in the server's socket is a stall for certain; read, then silent to the
+        // nudge too, is said to be either; a nudge answered with foreign bytes or a close is not tether.
+        let second = |unread, nudged| App::NoAnswer { waited: Duration::from_secs(1), unread, nudged };
+        let (v, why) = with_app(second(Some(45), None), info(1, 0)).verdict();
+        assert_eq!(v, Verdict::ServerStalled);
+        assert!(why.contains("has not read it") && !why.contains("looks the same"), "{why}");
+        let (v, why) = with_app(second(Some(0), Some(T)), info(1, 0)).verdict();
+        assert_eq!(v, Verdict::ServerStalled);
+        assert!(why.contains("read HELLO") && why.contains("not tether"), "{why}");
+        let (v, why) = with_app(second(None, Some(T)), info(1, 0)).verdict();
+        assert_eq!(v, Verdict::ServerStalled);
+        assert!(why.contains("an empty line after it") && why.contains("looks the same"), "{why}");
+        assert_eq!(with_app(second(None, Some(T)), info(1, 1)).verdict().0, Verdict::PathDown);
+        let nudged = |answer: App| App::Nudged { waited: Duration::from_secs(1), answer: Box::new(answer) };
+        let page = App::Foreign { took: T, what: Some("HTML"), first: Bytes::from_static(b"<!DOCTYPE HTML>") };
+        let (v, why) = with_app(nudged(page), info(1, 0)).verdict();
+        assert_eq!(v, Verdict::NotTether);
+        assert!(why.contains("an empty line after it did") && why.contains("HTML, not tether"), "{why}");
+        let closed = nudged(App::Closed { took: T, reset: false });
+        assert_eq!(with_app(closed, info(1, 0)).verdict().0, Verdict::NotTether);
+        let late = App::Welcome {
+            took: T,
+            server_id: "s".into(),
+            epoch: 1,
+            version: 2,
+            heartbeat: Duration::from_secs(5),
+            timeout: Duration::from_secs(15),
+        };
+        assert_eq!(with_app(nudged(late), info(1, 0)).verdict().0, Verdict::ServerStalled, "WELCOME, late");
         let bye = || App::Refused {
             took: T,
             reason: CloseReason::Busy,
@@ -772,7 +912,7 @@ mod tests {
         slow_ok.kernel = Some(info(250, 0));
         assert_eq!(slow_ok.verdict().0, Verdict::SlowNetwork, "fast answers on a slow path");
         let mut no_kernel = connected();
-        no_kernel.app = Some(App::NoAnswer { waited: T });
+        no_kernel.app = Some(App::NoAnswer { waited: T, unread: None, nudged: None });
         no_kernel.kernel = None;
         let (v, why) = no_kernel.verdict();
         assert_eq!(v, Verdict::ServerStalled);

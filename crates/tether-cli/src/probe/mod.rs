@@ -10,6 +10,10 @@
 //! - `tether probe --server ADMIN --id ID` ([`from_server`]) asks a server's admin API to ping one of its
 //!   clients now (`POST /v1/sessions/{id}/probe`): the network or the client's program?
 //!
+//! A `HELLO` that the server's kernel acknowledged and its program did not answer gets a [`second_look`] before
+//! it is called a stall: the server's receive queue when its socket is visible from here, else a nudge that a
+//! listener waiting for the rest of a request answers.
+//!
 //! The probe speaks the protocol with the codec itself rather than through [`tether::Client`]: it must see the
 //! bytes a foreign service answers, time each step, and read `TCP_INFO` of its own socket. It connects as a
 //! throwaway id (`probe-` and random hex) unless `--id` is given; a live client's id would be taken over.
@@ -23,6 +27,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use bytes::{Bytes, BytesMut};
 use serde_json::{json, Value};
+use tether::probe::{unanswered, Unanswered};
 use tether::proto::frame::{self, Bye, Frame, Hello, PROTOCOL_VERSION};
 use tether::proto::{ping_allowance, CloseReason};
 use tether::sockopt::tcp_info;
@@ -81,6 +86,14 @@ pub struct Args {
 const ICMP_WAIT: Duration = Duration::from_secs(1);
 /// Bytes of a foreign answer kept as evidence.
 const FOREIGN_BYTES: usize = 48;
+/// Sent after a `HELLO` that the server's process read and did not answer: the end of a line, and of an empty
+/// header block. A listener that waits for the client to finish its request (an HTTP server waits for the end of
+/// its request line, Redis for the end of a command) answers this; a tether server answers `HELLO` first.
+const NUDGE: &[u8] = b"\r\n\r\n";
+/// How long the nudge is given (at most `--timeout`).
+const NUDGE_WAIT: Duration = Duration::from_secs(1);
+/// How long the kernel may take to say what the server's socket holds.
+const LOOKUP_WAIT: Duration = Duration::from_secs(1);
 
 // ---- running it ----
 
@@ -214,6 +227,7 @@ async fn probe(
     say("transport", describe_transport(&transport));
     ev.transport = transport;
     let Some(tcp) = tcp else { return ev };
+    let ends = tcp.local_addr().ok().zip(tcp.peer_addr().ok());
     // A second descriptor of the same socket: the kernel's view stays readable after a failed TLS handshake has
     // dropped the stream (and its descriptor number cannot be reused by another socket meanwhile).
     let kernel_fd = match socket2::SockRef::from(&tcp).try_clone() {
@@ -227,7 +241,7 @@ async fn probe(
     match tls {
         None => {
             let mut wire = Wire::new(tcp);
-            session(&mut wire, fd, id, credential, args, &mut ev, &say).await;
+            session(&mut wire, fd, ends, id, credential, args, &mut ev, &say).await;
         }
         Some(cfg) => {
             let started = Instant::now();
@@ -242,10 +256,7 @@ async fn probe(
                     let rustls = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
                     let mut hint = rustls.and_then(tether::tls::explain).map(str::to_owned);
                     if matches!(rustls, Some(rustls::Error::InvalidMessage(_))) {
-                        hint = Some(
-                            "the server answered with bytes that are not TLS: a plain-TCP server? Probe without --tls"
-                                .into(),
-                        );
+                        hint = Some(format!("{}; probe without --tls", crate::connect::NOT_TLS));
                     }
                     Err(Tls::Failed { took: started.elapsed(), error: e.to_string(), hint })
                 }
@@ -256,7 +267,7 @@ async fn probe(
                     say("tls", describe_tls(&done));
                     ev.tls = Some(done);
                     let mut wire = Wire::new(stream);
-                    session(&mut wire, fd, id, credential, args, &mut ev, &say).await;
+                    session(&mut wire, fd, ends, id, credential, args, &mut ev, &say).await;
                 }
                 Err(failed) => {
                     say("tls", describe_tls(&failed));
@@ -269,17 +280,28 @@ async fn probe(
     ev
 }
 
-/// Layers 4 and 5 on an open stream; `fd` is its TCP socket, for `TCP_INFO`.
+/// Layers 4 and 5 on an open stream; `fd` is its TCP socket, for `TCP_INFO`, and `ends` its (local, peer)
+/// addresses.
+#[allow(clippy::too_many_arguments)]
 async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     wire: &mut Wire<S>,
     fd: RawFd,
+    ends: Option<(SocketAddr, SocketAddr)>,
     id: &str,
     credential: Vec<u8>,
     args: &Args,
     ev: &mut Evidence,
     say: &impl Fn(&str, String),
 ) {
-    let app = app(wire, id, credential, args.timeout).await;
+    let mut app = app(wire, id, credential, args.timeout).await;
+    // The kernel's view when HELLO went unanswered: whether HELLO itself was acknowledged.
+    let mut kernel = None;
+    if let App::NoAnswer { waited, .. } = app {
+        kernel = tcp_info(fd);
+        if !matches!(unanswered(kernel), Unanswered::PathDown(_)) {
+            app = second_look(wire, ends, waited, args.timeout).await;
+        }
+    }
     say("app", describe_app(&app));
     let welcomed = match &app {
         App::Welcome { heartbeat, timeout, .. } => Some((*heartbeat, *timeout)),
@@ -303,8 +325,50 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             let _ = tokio::time::timeout(Duration::from_secs(1), wire.io.shutdown()).await;
         }
     } else {
-        ev.kernel = tcp_info(fd);
+        ev.kernel = kernel.or_else(|| tcp_info(fd));
     }
+}
+
+/// `HELLO` was acknowledged by the server's kernel and got no answer: before calling the program stalled, look
+/// again. A stalled process never reads, so its socket still holds `HELLO`: when the server is on this host (and
+/// in this network namespace), the kernel says how many bytes wait unread in its receive queue, and a non-zero
+/// count settles it. Otherwise (its process read `HELLO`, or its socket is not visible from here) the server gets
+/// [`NUDGE`]: a listener that waits for the client to finish a request answers it, and what answers it is not
+/// tether.
+async fn second_look<S: AsyncRead + AsyncWrite + Unpin>(
+    wire: &mut Wire<S>,
+    ends: Option<(SocketAddr, SocketAddr)>,
+    waited: Duration,
+    wait: Duration,
+) -> App {
+    let unread = match ends {
+        Some((local, peer)) => {
+            let lookup = tokio::task::spawn_blocking(move || crate::sockets::lookup(peer, local));
+            match tokio::time::timeout(LOOKUP_WAIT, lookup).await {
+                Ok(Ok(Ok(Some(socket)))) => Some(socket.recv_q),
+                _ => None,
+            }
+        }
+        None => None,
+    };
+    if unread.is_some_and(|n| n > 0) {
+        return App::NoAnswer { waited, unread, nudged: None };
+    }
+    let started = Instant::now();
+    let nudge_wait = wait.min(NUDGE_WAIT);
+    let sent = async {
+        wire.io.write_all(NUDGE).await?;
+        wire.io.flush().await
+    };
+    let answer = match tokio::time::timeout(nudge_wait, sent).await {
+        Ok(Ok(())) => match wire.recv(started + nudge_wait).await {
+            Got::Timeout => return App::NoAnswer { waited, unread, nudged: Some(nudge_wait) },
+            got => answer(wire, got, started.elapsed(), nudge_wait),
+        },
+        Ok(Err(e)) => App::Closed { took: started.elapsed(), reset: e.kind() != std::io::ErrorKind::UnexpectedEof },
+        Err(_) => return App::NoAnswer { waited, unread, nudged: Some(nudge_wait) },
+    };
+    App::Nudged { waited, answer: Box::new(answer) }
 }
 
 /// Layer 1: up to three ICMP echoes, the first answer wins.
@@ -376,8 +440,14 @@ async fn app<S: AsyncRead + AsyncWrite + Unpin>(
     if let Err(e) = wire.send(&Frame::Hello(hello)).await {
         return App::Closed { took: started.elapsed(), reset: e.kind() != std::io::ErrorKind::UnexpectedEof };
     }
-    let took = || started.elapsed();
-    match wire.recv(started + wait).await {
+    let got = wire.recv(started + wait).await;
+    answer(wire, got, started.elapsed(), wait)
+}
+
+/// What one read brought, as the answer to a `HELLO` sent `took` ago (given `wait`).
+fn answer<S>(wire: &mut Wire<S>, got: Got, took: Duration, wait: Duration) -> App {
+    let took = || took;
+    match got {
         Got::Frame(Frame::Welcome(w)) => {
             wire.version = w.version;
             if let Some(max) = w.max_frame {
@@ -399,9 +469,9 @@ async fn app<S: AsyncRead + AsyncWrite + Unpin>(
             alternative: b.alternative,
         },
         Got::Frame(other) => App::Unexpected { took: took(), frame: other.name() },
-        Got::Foreign(first) => App::Foreign { took: took(), what: frame::sniff(&first).map(|f| f.name()), first },
+        Got::Foreign(first) => App::Foreign { took: took(), what: protocol(&first), first },
         Got::Closed { reset } => App::Closed { took: took(), reset },
-        Got::Timeout => App::NoAnswer { waited: wait },
+        Got::Timeout => App::NoAnswer { waited: wait, unread: None, nudged: None },
     }
 }
 
@@ -480,6 +550,16 @@ async fn round_trips<S: AsyncRead + AsyncWrite + Unpin>(
         next = sent + interval;
     }
     r
+}
+
+/// The protocol foreign bytes speak, when it can be told: as the codec sniffs it, or an HTML page (an HTTP server
+/// that answers a request it cannot parse with a bare page, as HTTP/0.9 did).
+fn protocol(first: &[u8]) -> Option<&'static str> {
+    let html = |b: &[u8]| {
+        let start: Vec<u8> = b.iter().take(14).map(u8::to_ascii_lowercase).collect();
+        start.starts_with(b"<!doctype html") || start.starts_with(b"<html")
+    };
+    frame::sniff(first).map(|f| f.name()).or_else(|| html(first).then_some("HTML"))
 }
 
 /// What one read brought.
@@ -583,23 +663,28 @@ pub fn from_server(args: &Args) -> anyhow::Result<ExitCode> {
     let name = v["verdict"].as_str().unwrap_or_default();
     let verdict = Verdict::from_name(name).with_context(|| format!("unknown verdict {name:?} from the server"))?;
     let line = if args.json {
+        let mut v = v;
+        v["exit_code"] = json!(verdict.exit_code());
         v.to_string()
     } else {
+        // Durations as the server's evidence writes them (`{:.1?}`: 135.0µs, 1.2ms), one style in every line.
+        let d =
+            |x: &Value| x.as_f64().map_or("?".to_owned(), |ms| format!("{:.1?}", Duration::from_secs_f64(ms / 1e3)));
         let mut s = format!("probe of client {id} from {admin}\n");
-        if let Some(app) = v["app_rtt_ms"].as_f64() {
-            let _ = writeln!(s, "{:<10} PONG in {app:.3} ms", "app");
+        if !v["app_rtt_ms"].is_null() {
+            let _ = writeln!(s, "{:<10} PONG in {}", "app", d(&v["app_rtt_ms"]));
         } else {
-            let _ = writeln!(s, "{:<10} no PONG in {} ms", "app", v["waited_ms"]);
+            let _ = writeln!(s, "{:<10} no PONG in {}", "app", d(&v["waited_ms"]));
         }
         let k = &v["kernel"];
         if k.is_object() {
             let _ = writeln!(
                 s,
-                "{:<10} {} RTT {} ms ± {} ms, {} unacknowledged, {} retransmits",
+                "{:<10} {} RTT {} ± {}, {} unacknowledged, {} retransmits",
                 "kernel",
                 k["state"].as_str().unwrap_or("?"),
-                k["rtt_ms"],
-                k["rttvar_ms"],
+                d(&k["rtt_ms"]),
+                d(&k["rttvar_ms"]),
                 k["unacked"],
                 k["retransmits"]
             );

@@ -164,6 +164,9 @@ struct RepairState {
     differed: std::collections::HashSet<String>,
     /// Nodes the view holds ids of with no live member in Redis, since when.
     absent_since: HashMap<String, tokio::time::Instant>,
+    /// When each other node was last listed live (by a checkpoint or a repair): a node declared lost was last
+    /// known alive then, and so were its clients, as far as this node knows (their `node_lost` last-seen time).
+    alive: HashMap<String, tokio::time::Instant>,
     /// When the last checkpoint arrived.
     last_checkpoint: Option<tokio::time::Instant>,
     /// Per node, repairs in a row that changed nothing.
@@ -323,6 +326,12 @@ impl Cluster {
             outbox_queued: AtomicU64::new(0),
             outbox_done: AtomicU64::new(0),
         })
+    }
+
+    /// How long ago `node` was last listed live in Redis (by a checkpoint or a repair), as far as this node knows:
+    /// when its clients were last known alive, for their `node_lost` presence. `None` for a node never seen live.
+    pub(crate) fn last_alive_ago(&self, node: &str) -> Option<Duration> {
+        self.repair.lock().expect("repair lock").alive.get(node).map(|t| t.elapsed())
     }
 
     pub fn node_id(&self) -> &str {
@@ -570,6 +579,7 @@ impl Cluster {
         let mut wake = false;
         for (node, (synced, digest)) in &live {
             st.absent_since.remove(node);
+            st.alive.insert(node.clone(), now);
             let mine = view.get(node).map_or(0, |d| d.xor);
             if !synced || mine == *digest {
                 continue;
@@ -589,6 +599,7 @@ impl Cluster {
             }
         }
         st.absent_since.retain(|n, _| view.contains_key(n));
+        st.alive.retain(|n, _| view.contains_key(n) || live.contains_key(n));
         st.unchanged.retain(|n, _| live.contains_key(n));
         drop(st);
         if wake {

@@ -511,12 +511,15 @@ async fn repair(
                 *st.absent_since.entry(node.clone()).or_insert_with(tokio::time::Instant::now)
             };
             if since.elapsed() >= absent_for {
+                // Its clients were last known alive when the node last was (or, never seen live here, at least
+                // since it has been missed).
+                let last_seen_ago = c.last_alive_ago(node).unwrap_or_else(|| since.elapsed());
                 for (id, epoch) in view {
                     let off = RemoteOffline {
                         epoch,
                         reason: CloseReason::NodeLost,
                         by_client: false,
-                        last_seen_ago: Duration::ZERO,
+                        last_seen_ago,
                         grace: true,
                     };
                     offline.push((id, off));
@@ -524,6 +527,7 @@ async fn repair(
             }
             continue;
         }
+        c.repair.lock().expect("repair lock").alive.insert(node.clone(), tokio::time::Instant::now());
         let synced = live.iter().all(|m| m.synced);
         let mut truth: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
         for m in &live {
