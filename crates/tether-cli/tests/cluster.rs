@@ -23,6 +23,8 @@ struct Watcher {
     client: Client,
     last: HashMap<String, (PresenceState, Option<CloseReason>)>,
     offline_at: HashMap<String, Instant>,
+    /// The `last_seen_ago_ms` of each id's latest `offline`.
+    last_seen_ms: HashMap<String, u32>,
     /// Targets of the watcher's own `DATA` that came back `UNDELIVERABLE`.
     undeliverable: Vec<String>,
 }
@@ -33,7 +35,8 @@ impl Watcher {
         c.nonce = Some(1);
         let client = Client::connect(addr.parse().unwrap(), c).await.unwrap();
         client.subscribe(vec!["*".into()]).await.unwrap();
-        Watcher { client, last: HashMap::new(), offline_at: HashMap::new(), undeliverable: Vec::new() }
+        let (last, offline_at, last_seen_ms) = (HashMap::new(), HashMap::new(), HashMap::new());
+        Watcher { client, last, offline_at, last_seen_ms, undeliverable: Vec::new() }
     }
 
     /// Read presence until `done` holds; fails after [`PATIENCE`].
@@ -44,6 +47,7 @@ impl Watcher {
                 Ok(Some(ClientEvent::Presence(p))) => {
                     if p.state == PresenceState::Offline {
                         self.offline_at.insert(p.client_id.clone(), Instant::now());
+                        self.last_seen_ms.insert(p.client_id.clone(), p.last_seen_ago_ms);
                     }
                     self.last.insert(p.client_id, (p.state, p.reason));
                 }
@@ -104,7 +108,14 @@ async fn a_killed_nodes_clients_are_told_within_its_lease_and_the_rest_move_with
     let last = (0..100).map(|i| w.offline_at[&format!("s{i:03}")]).max().unwrap();
     let told = last.duration_since(killed);
     for i in 0..100 {
-        assert_eq!(w.last[&format!("s{i:03}")], (PresenceState::Offline, Some(CloseReason::NodeLost)));
+        let id = format!("s{i:03}");
+        assert_eq!(w.last[&id], (PresenceState::Offline, Some(CloseReason::NodeLost)));
+        // Last seen when n2 last saw n1 live (a checkpoint each second): about as long before as the reaping
+        // came after the kill.
+        let seen = Duration::from_millis(w.last_seen_ms[&id].into());
+        let after_kill = w.offline_at[&id].duration_since(killed);
+        assert!(seen >= after_kill.saturating_sub(Duration::from_secs(1)), "{id}: last seen {seen:?} ago");
+        assert!(seen <= after_kill + Duration::from_secs(2), "{id}: last seen {seen:?} ago");
     }
     for i in 0..200 {
         let id = format!("m{i:03}");

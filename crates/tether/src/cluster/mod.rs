@@ -164,8 +164,8 @@ struct RepairState {
     differed: std::collections::HashSet<String>,
     /// Nodes the view holds ids of with no live member in Redis, since when.
     absent_since: HashMap<String, tokio::time::Instant>,
-    /// When each other node was last listed live (by a checkpoint or a repair): a node declared lost was last
-    /// known alive then, and so were its clients, as far as this node knows (their `node_lost` last-seen time).
+    /// When each other node last renewed its lease, as the last checkpoint or repair listing it said: a node
+    /// declared lost was last known alive then, and so were its clients (their `node_lost` last-seen time).
     alive: HashMap<String, tokio::time::Instant>,
     /// When the last checkpoint arrived.
     last_checkpoint: Option<tokio::time::Instant>,
@@ -328,8 +328,9 @@ impl Cluster {
         })
     }
 
-    /// How long ago `node` was last listed live in Redis (by a checkpoint or a repair), as far as this node knows:
-    /// when its clients were last known alive, for their `node_lost` presence. `None` for a node never seen live.
+    /// How long ago `node` last renewed its lease, as far as this node knows (from the last checkpoint or repair
+    /// that listed it): when its clients were last known alive, for their `node_lost` presence. `None` for a node
+    /// never seen live.
     pub(crate) fn last_alive_ago(&self, node: &str) -> Option<Duration> {
         self.repair.lock().expect("repair lock").alive.get(node).map(|t| t.elapsed())
     }
@@ -561,11 +562,13 @@ impl Cluster {
     fn checkpoint(&self, host: &dyn Host, nodes: Vec<wire::CheckpointNode>) {
         let me = self.cfg.node_id.as_str();
         let view: HashMap<String, NodeDigest> = host.view_digests().into_iter().collect();
-        // A node may have two live members for a moment (its previous incarnation): synced only if both are.
-        let mut live: HashMap<String, (bool, u32)> = HashMap::new();
+        // A node may have two live members for a moment (its previous incarnation): synced only if both are, and
+        // alive when the fresher renewed its lease.
+        let mut live: HashMap<String, (bool, u32, u64)> = HashMap::new();
         for n in nodes.into_iter().filter(|n| n.node != me) {
-            let e = live.entry(n.node).or_insert((true, n.digest));
+            let e = live.entry(n.node).or_insert((true, n.digest, n.renewed_ago_ms));
             e.0 &= n.synced;
+            e.2 = e.2.min(n.renewed_ago_ms);
         }
         let now = tokio::time::Instant::now();
         let mut st = self.repair.lock().expect("repair lock");
@@ -577,9 +580,10 @@ impl Cluster {
         st.last_checkpoint = Some(now);
         let mut differed = std::collections::HashSet::new();
         let mut wake = false;
-        for (node, (synced, digest)) in &live {
+        for (node, (synced, digest, renewed_ago_ms)) in &live {
             st.absent_since.remove(node);
-            st.alive.insert(node.clone(), now);
+            let renewed = now.checked_sub(Duration::from_millis(*renewed_ago_ms)).unwrap_or(now);
+            st.alive.insert(node.clone(), renewed);
             let mine = view.get(node).map_or(0, |d| d.xor);
             if !synced || mine == *digest {
                 continue;

@@ -308,20 +308,24 @@ return {n, 0}
 
 /// A checkpoint in the stream of ownership changes: publish to one node's inbox, in the same order as every
 /// `online`, `offline` and `lost` (each published by the script that made the change), every live member's node
-/// id, whether it is synced, and its node's digest. A node that has applied every message before the checkpoint
-/// holds exactly these digests; one that does not has missed something. KEYS: nodes, digest. ARGV: the inbox,
-/// stall gap ms. Returns the number of live members.
+/// id, whether it is synced, its node's digest, and how long ago it renewed its lease. A node that has applied
+/// every message before the checkpoint holds exactly these digests; one that does not has missed something.
+/// KEYS: nodes, digest. ARGV: the inbox, stall gap ms. Returns the number of live members.
 const CHECKPOINT: &str = r#"
 local now = lease_now(ARGV[2])
-local live = redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf', 'WITHSCORES')
 local msg = {tok('ck'), tok(ms_str(now_ms()))}
-for _, m in ipairs(live) do
-  local info = redis.call('HMGET', 'tether:node:' .. m, 'node', 'synced')
+for i = 1, #live, 2 do
+  local m = live[i]
+  local info = redis.call('HMGET', 'tether:node:' .. m, 'node', 'synced', 'lease_ms')
   local node = info[1] or string.match(m, '^(.*)#[^#]*$') or m
+  -- The lease ends at its score; it was renewed a lease before that.
+  local renewed = math.max(0, (tonumber(info[3]) or 0) - (tonumber(live[i + 1]) - now))
   msg[#msg + 1] = tok(node) .. tok(info[2] or '0') .. tok(redis.call('HGET', KEYS[2], node) or '0')
+    .. tok(ms_str(renewed))
 end
 redis.call('PUBLISH', ARGV[1], table.concat(msg))
-return #live
+return #live / 2
 "#;
 
 /// Recompute a node's digest from what Redis holds (its incarnations' id sets, each id counted once if the node

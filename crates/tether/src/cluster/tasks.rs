@@ -527,7 +527,11 @@ async fn repair(
             }
             continue;
         }
-        c.repair.lock().expect("repair lock").alive.insert(node.clone(), tokio::time::Instant::now());
+        // Alive when its freshest member last renewed its lease.
+        let renewed_ago = live.iter().map(|m| m.lease_ms.saturating_sub(m.lease_left_ms.max(0) as u64)).min();
+        let now = tokio::time::Instant::now();
+        let renewed = now.checked_sub(Duration::from_millis(renewed_ago.unwrap_or(0))).unwrap_or(now);
+        c.repair.lock().expect("repair lock").alive.insert(node.clone(), renewed);
         let synced = live.iter().all(|m| m.synced);
         let mut truth: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
         for m in &live {

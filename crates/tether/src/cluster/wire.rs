@@ -48,6 +48,8 @@ pub struct CheckpointNode {
     pub synced: bool,
     /// The XOR of `digest_of` over the ids Redis says the node holds.
     pub digest: u32,
+    /// How long ago it last renewed its lease (lease clock): when it was last known alive.
+    pub renewed_ago_ms: u64,
 }
 
 /// A reason code as nodes exchange it (an `offline`, a tombstone): 0 names none (`eof`); one this version does
@@ -197,6 +199,7 @@ impl Msg {
                 for n in nodes {
                     // As Lua writes it: a signed 32-bit decimal.
                     o.str(&n.node).num(n.synced.into()).field((n.digest as i32).to_string().as_bytes());
+                    o.num(n.renewed_ago_ms);
                 }
             }
         }
@@ -260,7 +263,7 @@ impl Msg {
                     let (node, synced) = (i.str()?, i.flag()?);
                     // Lua's bit library works in signed 32 bits.
                     let digest = i.num::<i64>()? as u32;
-                    nodes.push(CheckpointNode { node, synced, digest });
+                    nodes.push(CheckpointNode { node, synced, digest, renewed_ago_ms: i.num()? });
                 }
                 Msg::Checkpoint { nodes }
             }
@@ -293,8 +296,8 @@ mod tests {
             Msg::Beat,
             Msg::Checkpoint {
                 nodes: vec![
-                    CheckpointNode { node: "n1".into(), synced: true, digest: 0xdead_beef },
-                    CheckpointNode { node: "n#2".into(), synced: false, digest: 0 },
+                    CheckpointNode { node: "n1".into(), synced: true, digest: 0xdead_beef, renewed_ago_ms: 250 },
+                    CheckpointNode { node: "n#2".into(), synced: false, digest: 0, renewed_ago_ms: 0 },
                 ],
             },
             Msg::Checkpoint { nodes: vec![] },

@@ -176,13 +176,15 @@ impl Host for Shared {
                 self.registry_wake.notify_one();
             }
             Msg::Lost { node, sessions } => {
+                // Its clients were last known alive when this node last saw the lost one live in Redis.
+                let last_seen_ago = self.cluster.as_ref().and_then(|c| c.last_alive_ago(&node)).unwrap_or_default();
                 let mut hub = self.hub();
                 for (client, epoch) in &sessions {
                     let off = RemoteOffline {
                         epoch: *epoch,
                         reason: CloseReason::NodeLost,
                         by_client: false,
-                        last_seen_ago: Duration::ZERO,
+                        last_seen_ago,
                         grace: true,
                     };
                     hub.touch(client);
