@@ -141,22 +141,6 @@ pub struct Prepared {
     cfg: ClientConfig,
 }
 
-/// Why a TLS handshake read bytes that are not TLS: the server on that port answers in plain text. A plain tether
-/// server answers a ClientHello with a `BYE` frame, whose first byte is no TLS record type.
-pub const NOT_TLS: &str = "the server speaks plain tether on this port, not TLS (or it is no tether server)";
-
-/// The disconnect with a hint where the library's detail has none: a TLS client that read bytes that are not TLS
-/// (rustls: "received corrupt message") was talking to a plain port. (The converse, plain tether on a TLS port,
-/// is named by the codec: "the server speaks TLS; connect with TLS".)
-fn with_hint(mut d: Disconnect) -> Disconnect {
-    if d.reason == tether::CloseReason::TlsError {
-        if let Some(detail) = d.detail.as_mut().filter(|x| x.contains("received corrupt message")) {
-            detail.push_str(&format!("; hint: {NOT_TLS}; connect without --tls and --tls-ca"));
-        }
-    }
-    d
-}
-
 pub fn prepare(args: Args) -> anyhow::Result<Prepared> {
     let mut cfg = ClientConfig::new(args.id.clone());
     cfg.heartbeat_interval = args.heartbeat_interval;
@@ -198,7 +182,6 @@ async fn once(
                 break;
             }
             Err(ConnectError::Refused(d)) => {
-                let d = with_hint(d);
                 out.disconnected(Some(server), &d);
                 out.error(format!("{server} refused the connection: {}{}", d.reason, detail(&d)));
             }
@@ -237,8 +220,7 @@ async fn once(
             },
             ev = client.next_event() => match ev {
                 Some(ClientEvent::Disconnected(d)) => {
-                    let d = with_hint(d);
-                    out.disconnected(Some(&server), &d);
+                        out.disconnected(Some(&server), &d);
                     out.error(format!("disconnected: {}{}", d.reason, detail(&d)));
                     return Ok(ExitCode::FAILURE);
                 }
@@ -386,15 +368,13 @@ impl Printer {
             LinkEvent::Connected { server, epoch, heartbeat, timeout, .. } => {
                 self.connected(server, id, *epoch, whole_ms(*heartbeat), whole_ms(*timeout), server == primary)
             }
-            LinkEvent::Disconnected { server, disconnect } => {
-                self.disconnected(Some(server), &with_hint(disconnect.clone()))
-            }
+            LinkEvent::Disconnected { server, disconnect } => self.disconnected(Some(server), disconnect),
             LinkEvent::Reconnecting { attempt, delay, server } => self.line(
                 json!({"event": "reconnecting", "attempt": attempt, "delay_ms": whole_ms(*delay), "server": server}),
                 &format!("reconnecting to {server} in {delay:?} (attempt {attempt})"),
             ),
             LinkEvent::ConnectFailed { server, refused, error } => {
-                let refused = refused.clone().map(with_hint);
+                let refused = refused.clone();
                 let detail = refused.as_ref().and_then(|d| d.detail.clone());
                 self.line(
                     json!({

@@ -361,6 +361,10 @@ fn ca_used_as_end_entity(err: &rustls::Error) -> bool {
     matches!(err, rustls::Error::InvalidCertificate(CertificateError::Other(e)) if e.to_string() == "CaUsedAsEndEntity")
 }
 
+/// The hint for a TLS client that read bytes that are not TLS.
+pub const NOT_TLS: &str =
+    "the server speaks plain tether on this port, not TLS (or it is no tether server); connect without TLS";
+
 /// A hint, in plain words, for a client whose TLS handshake failed with `err`: what is wrong with the server's
 /// certificate, or why the server refused the client's, and how to fix it. `None` when there is nothing to add.
 /// The hints name the `tether` command's options. On a server they would be wrong (they speak of the server's
@@ -399,6 +403,8 @@ pub fn explain(err: &rustls::Error) -> Option<&'static str> {
         rustls::Error::AlertReceived(Alert::UnknownCA) => {
             "the server does not trust the client certificate; use one signed by the server's --tls-client-ca"
         }
+        // What came back is no TLS record: a plain tether server answers a ClientHello with a `BYE` frame.
+        rustls::Error::InvalidMessage(_) => NOT_TLS,
         _ => return None,
     };
     Some(hint)

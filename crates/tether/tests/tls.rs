@@ -217,6 +217,8 @@ async fn a_tls_client_on_a_plaintext_port_fails_cleanly() {
     let mut s = TestServer::start(test_config()).await;
     let d = refused(Client::connect(s.addr, tls_client("a", &pki)).await);
     assert_eq!(d.reason, CloseReason::TlsError);
+    let mine = d.detail.unwrap();
+    assert!(mine.ends_with(&format!("hint: {}", tether::tls::NOT_TLS)), "the client is told why: {mine}");
     let (reason, detail) = closed_reason(&s.wait(|k| closed_reason(k).is_some()).await).unwrap();
     assert_eq!(reason, CloseReason::ProtocolError);
     let detail = detail.unwrap();

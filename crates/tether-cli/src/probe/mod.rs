@@ -254,10 +254,7 @@ async fn probe(
                 }
                 Ok(Err(e)) => {
                     let rustls = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
-                    let mut hint = rustls.and_then(tether::tls::explain).map(str::to_owned);
-                    if matches!(rustls, Some(rustls::Error::InvalidMessage(_))) {
-                        hint = Some(format!("{}; probe without --tls", crate::connect::NOT_TLS));
-                    }
+                    let hint = rustls.and_then(tether::tls::explain).map(str::to_owned);
                     Err(Tls::Failed { took: started.elapsed(), error: e.to_string(), hint })
                 }
                 Err(_) => Err(Tls::NoAnswer { waited: args.timeout }),
