@@ -370,8 +370,10 @@ pub fn build_config(args: &Args, file: &FileConfig) -> anyhow::Result<ServerConf
     cfg.busy_retry_spread = pick!(args.busy_retry_spread, dur("busy_retry_spread", &file.busy_retry_spread)?)
         .unwrap_or(cfg.busy_retry_spread);
     cfg.shutdown_redirect = pick!(args.shutdown_redirect.clone(), file.shutdown_redirect.clone());
-    if cfg.shutdown_redirect.as_ref().is_some_and(|a| a.is_empty() || a.len() > 255) {
-        bail!("shutdown_redirect must be a HOST:PORT of at most 255 bytes");
+    if let Some(a) = &cfg.shutdown_redirect {
+        if let Err(what) = tether::config::check_address(a) {
+            bail!("shutdown_redirect {a:?} {what}");
+        }
     }
     cfg.auth_fail_delay =
         pick!(args.auth_fail_delay, dur("auth_fail_delay", &file.auth_fail_delay)?).unwrap_or(cfg.auth_fail_delay);

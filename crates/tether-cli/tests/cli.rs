@@ -147,6 +147,15 @@ fn bad_flags_and_config_are_refused_clearly() {
     std::fs::remove_dir_all(&dir).unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("must be longer than the interval"));
+    // A shutdown redirect is checked as the admin API checks a drain's: clients would be sent there in BYE.
+    for (bad, why) in [("http://evil.example:80", "has a scheme"), ("999.1.1.1:80", "not an IPv4 address")] {
+        let out = Command::new(env!("CARGO_BIN_EXE_tether"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--shutdown-redirect", bad])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{bad} was accepted");
+        assert!(String::from_utf8_lossy(&out.stderr).contains(why), "{}", String::from_utf8_lossy(&out.stderr));
+    }
 }
 
 #[test]

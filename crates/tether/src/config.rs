@@ -168,3 +168,77 @@ impl ClientConfig {
         }
     }
 }
+
+/// `host:port` as `BYE.alternative` carries it (docs/protocol.md, section 1), at most 255 bytes: `host` an IPv4
+/// address, an IPv6 address in brackets or a DNS name ([`check_name`]), `port` 1 to 65535; nothing else (no
+/// scheme, userinfo, path or spaces). Otherwise what is wrong, worded to follow the address.
+pub fn check_address(s: &str) -> Result<(), String> {
+    if s.len() > 255 {
+        return Err(format!("is {} bytes, more than the 255 bytes BYE.alternative carries", s.len()));
+    }
+    if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("contains a space or control character".into());
+    }
+    if s.contains("://") {
+        return Err("has a scheme: give only host:port".into());
+    }
+    if s.contains('@') {
+        return Err("has userinfo (user@): give only host:port".into());
+    }
+    if s.contains(['/', '?', '#', '\\']) {
+        return Err("has a path: give only host:port".into());
+    }
+    let (host, port) = match s.strip_prefix('[') {
+        Some(rest) => {
+            let (ip, after) = rest.split_once(']').ok_or("has no ] after its IPv6 address")?;
+            if ip.parse::<std::net::Ipv6Addr>().is_err() {
+                return Err(format!("has [{ip}], which is not an IPv6 address"));
+            }
+            (None, after.strip_prefix(':').ok_or("has no :port after its ]")?)
+        }
+        None => {
+            let (host, port) = s.rsplit_once(':').ok_or("has no :port")?;
+            (Some(host), port)
+        }
+    };
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) || !matches!(port.parse::<u16>(), Ok(1..)) {
+        return Err(format!("has port {port:?}: a port is a number from 1 to 65535"));
+    }
+    match host {
+        None => Ok(()),
+        Some("") => Err("has no host before its :port".into()),
+        Some(h) if h.contains(':') => Err("has an IPv6 address without brackets: write [address]:port".into()),
+        Some(h) => check_name(h),
+    }
+}
+
+/// A host that is not bracketed: an IPv4 address, or a DNS name of RFC 1123 labels (letters, digits and
+/// hyphens, 1 to 63 bytes, no hyphen first or last; at most 253 bytes in all). A name whose last label is all
+/// digits must be an IPv4 address: no top-level domain is numeric, so `999.1.1.1` is a typo, not a name.
+fn check_name(host: &str) -> Result<(), String> {
+    let last = host.rsplit('.').next().unwrap_or_default();
+    if !last.is_empty() && last.bytes().all(|b| b.is_ascii_digit()) {
+        return match host.parse::<std::net::Ipv4Addr>() {
+            Ok(_) => Ok(()),
+            Err(_) => Err(format!("has {host:?}, which is not an IPv4 address (and a name cannot end in digits)")),
+        };
+    }
+    if host.len() > 253 {
+        return Err(format!("has a name of {} bytes; a DNS name is at most 253", host.len()));
+    }
+    for label in host.split('.') {
+        if label.is_empty() {
+            return Err(format!("has {host:?}, with an empty label (two dots in a row, or a dot at an end)"));
+        }
+        if label.len() > 63 {
+            return Err(format!("has a label of {} bytes; a label is at most 63", label.len()));
+        }
+        if !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            return Err(format!("has the label {label:?}: a label is letters, digits and hyphens only"));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(format!("has the label {label:?}: a label does not start or end with a hyphen"));
+        }
+    }
+    Ok(())
+}
