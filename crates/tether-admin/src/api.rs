@@ -158,6 +158,10 @@ async fn authorize(State(st): State<AppState>, headers: HeaderMap, req: Request,
     if headers.get_all(header::HOST).iter().nth(1).is_some() {
         return bad("more than one Host header").into_response();
     }
+    // RFC 9112, section 3.2: an HTTP/1.1 request without Host is a 400 (HTTP/1.0 may omit it).
+    if !headers.contains_key(header::HOST) && req.version() == axum::http::Version::HTTP_11 {
+        return bad("an HTTP/1.1 request needs a Host header").into_response();
+    }
     let header = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
     let host = named_host(&req, header(header::HOST));
     let cross_origin = header(header::ORIGIN)

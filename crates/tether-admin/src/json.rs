@@ -156,7 +156,7 @@ pub fn overview_json(m: &MetricsSnapshot, server: serde_json::Value) -> serde_js
         },
         "totals": {
             "accepted": m.accepted, "disconnects": disconnects, "takeovers": m.takeovers,
-            "id_conflicts": m.id_conflicts,
+            "id_conflicts": m.id_conflicts, "task_panics": m.task_panics,
             "refused": {
                 "busy": m.refused_busy, "ip_limit": m.refused_ip_limit, "auth_failed": m.refused_auth,
                 "draining": m.refused_draining,

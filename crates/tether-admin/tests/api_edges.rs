@@ -204,6 +204,11 @@ async fn a_second_host_or_another_host_in_the_request_line_is_refused() {
     let twice = format!("Host: {admin}\r\nHost: {admin}\r\nAuthorization: Bearer t0ken\r\n");
     let r = tokio::time::timeout(PATIENCE, request_with(admin, "GET", "/v1/overview", None, &twice)).await.unwrap();
     assert_eq!(r.status, 400, "{}", r.body);
+    // And so is an HTTP/1.1 request without one (RFC 9112).
+    let none = "Authorization: Bearer t0ken\r\n";
+    let r = tokio::time::timeout(PATIENCE, request_with(admin, "GET", "/v1/overview", None, none)).await.unwrap();
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(error_of(&r).contains("needs a Host header"), "{}", r.body);
 }
 
 #[tokio::test(start_paused = true)]
