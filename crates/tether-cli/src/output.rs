@@ -47,6 +47,15 @@ pub fn init_logging() -> Logging {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    // A panic (a bug) is reported through the same non-blocking log: the default hook writes to stderr from the
+    // panicking thread, which may be a runtime worker, and would block it while stderr is not read.
+    std::panic::set_hook(Box::new(|info| {
+        let trace = std::backtrace::Backtrace::capture();
+        match trace.status() {
+            std::backtrace::BacktraceStatus::Captured => tracing::error!("{info}\n{trace}"),
+            _ => tracing::error!("{info} (RUST_BACKTRACE=1 shows where)"),
+        }
+    }));
     Logging { _guard: guard, dropped }
 }
 
