@@ -24,7 +24,7 @@ use tether::CloseReason;
 use crate::json::{
     disconnect_json, drain_json, event_json, kernel_json, overview_json, probe_json, rfc3339, session_json,
 };
-use crate::{AppState, ConnKill, EVENT_STREAM_BUFFER, MAX_EVENT_STREAMS};
+use crate::{AppState, ConnKill, EVENT_STREAM_BUFFER, MAX_BODY, MAX_EVENT_STREAMS};
 
 const DASHBOARD: &str = include_str!("dashboard.html");
 
@@ -71,9 +71,6 @@ pub(crate) fn routes(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .with_state(state)
 }
-
-/// Request bodies are small JSON objects.
-const MAX_BODY: usize = 16 * 1024;
 
 /// Errors produced outside the handlers (an extractor's rejection, an oversized body) become JSON too.
 async fn json_errors(res: Response) -> Response {

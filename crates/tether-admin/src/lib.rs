@@ -6,12 +6,20 @@
 //!   binds, records the bound address in the server ([`ServerHandle::admin_addr`]) and serves, returning an
 //!   [`AdminListener`] to read the address from and to stop it by.
 //! - [`router`] builds the axum [`Router`] (an embedding application can mount it in its own server);
-//!   [`serve`] runs it on a listener with the limits an admin port needs (connection cap, header timeout, and
-//!   closing a connection whose event stream was cut off even when the client does not read). [`start`] is
-//!   [`bind`], [`ServerHandle::set_admin_addr`], [`router`] and [`serve`] in that order.
+//!   [`serve`] runs it on a listener, on whatever runtime polls it, with the limits an admin port needs
+//!   (connection cap, request deadline, body size, and closing a connection whose event stream was cut off even
+//!   when the client does not read). [`start`] is [`bind`], [`ServerHandle::set_admin_addr`], [`router`] and
+//!   [`serve`] in that order.
 //! - [`prom`] renders the server's metrics snapshot for Prometheus; [`json`] holds every JSON shape, the event
 //!   objects of `tether serve --events json` included.
 //! - `api`: the handlers. Every error is `{"error": "..."}` with its status.
+//!
+//! # Isolation
+//! Per request, [`serve`] bounds what a client can hold: headers within [`REQUEST_TIMEOUT`] (also the longest
+//! a keep-alive connection stays idle), then the body within as long again (`408` and the connection closed
+//! when it is late), at most [`MAX_BODY`] bytes of it (`413`), copied into one buffer as it arrives so that no
+//! segmentation of it pins more; at most [`MAX_ADMIN_CONNECTIONS`] connections and [`MAX_EVENT_STREAMS`] event
+//! streams at once.
 //!
 //! The server core knows nothing of HTTP: this crate reads it through `ServerHandle` only, and nothing here runs
 //! on a connection's hot path (a scrape reads atomics and takes the session hub's lock once, briefly).
@@ -28,20 +36,26 @@ mod api;
 pub mod json;
 pub mod prom;
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::Bytes;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::Router;
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use tether::ServerHandle;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinHandle;
+use tower::ServiceExt as _;
 
 /// How the admin listener behaves.
 #[derive(Debug, Clone, Default)]
@@ -126,9 +140,14 @@ pub(crate) struct AppState {
     streams: Arc<AtomicUsize>,
 }
 
+/// The largest request body, in bytes: request bodies are small JSON objects. Larger ones get `413`.
+pub const MAX_BODY: usize = 16 * 1024;
+/// How long a client has to send a request's headers, and then its body (`408` when the body is late); also the
+/// longest a keep-alive connection may stay idle between requests.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Event streams (SSE) served at once; more get 503.
 pub const MAX_EVENT_STREAMS: usize = 64;
-/// Admin connections served at once; more wait in the accept queue.
+/// Admin connections served at once; more are closed at once.
 pub const MAX_ADMIN_CONNECTIONS: usize = 256;
 /// Events one stream may fall behind before it is cut off.
 pub const EVENT_STREAM_BUFFER: usize = 1024;
@@ -151,7 +170,9 @@ impl ConnKill {
 
 /// Serve `app` on `listener` until `shutdown` resolves, then end the connections still open: HTTP/1.1, at most
 /// [`MAX_ADMIN_CONNECTIONS`] at once (a connection beyond them is closed at once, so idle ones cannot hold the
-/// listener's backlog), 10 s to send request headers.
+/// listener's backlog), [`REQUEST_TIMEOUT`] to send request headers (also the most a keep-alive connection stays
+/// idle between requests) and as much again for the body, which is read here, frame by frame, into one buffer of
+/// at most [`MAX_BODY`] bytes before `app` sees the request. Runs on whatever tokio runtime polls it.
 pub async fn serve(listener: TcpListener, app: Router, shutdown: impl Future<Output = ()>) {
     let slots = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
     // Open connections, ended with the listener (dropping the set aborts them); finished ones are reaped as they
@@ -176,12 +197,14 @@ pub async fn serve(listener: TcpListener, app: Router, shutdown: impl Future<Out
             continue;
         };
         let kill = ConnKill::default();
-        let svc = TowerToHyperService::new(app.clone().layer(axum::Extension(kill.clone())));
+        let app = app.clone();
+        let killer = kill.clone();
+        let svc = hyper::service::service_fn(move |req| respond(app.clone(), killer.clone(), req));
         conns.spawn(async move {
             let _permit = permit;
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
+                .header_read_timeout(REQUEST_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), svc);
             tokio::select! {
                 r = conn => if let Err(e) = r { tracing::debug!("admin connection: {e}") },
@@ -189,4 +212,67 @@ pub async fn serve(listener: TcpListener, app: Router, shutdown: impl Future<Out
             }
         });
     }
+}
+
+/// One request: its body read within [`REQUEST_TIMEOUT`] and at most [`MAX_BODY`] bytes (else `408` or `413`,
+/// and the connection is closed), then `app`'s answer.
+async fn respond(app: Router, kill: ConnKill, req: hyper::Request<Incoming>) -> Result<Response, Infallible> {
+    let (parts, body) = req.into_parts();
+    let body = match tokio::time::timeout(REQUEST_TIMEOUT, read_body(body)).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(BodyError::TooLarge)) => {
+            return Ok(closing(StatusCode::PAYLOAD_TOO_LARGE, format!("the request body is over {MAX_BODY} bytes")))
+        }
+        Ok(Err(BodyError::Read(e))) => {
+            return Ok(closing(StatusCode::BAD_REQUEST, format!("cannot read the request body: {e}")))
+        }
+        Err(_) => {
+            let msg = format!("the request body did not arrive within {}s", REQUEST_TIMEOUT.as_secs());
+            return Ok(closing(StatusCode::REQUEST_TIMEOUT, msg));
+        }
+    };
+    let mut req = axum::extract::Request::from_parts(parts, axum::body::Body::from(body));
+    req.extensions_mut().insert(kill);
+    app.oneshot(req).await
+}
+
+/// Why a request body was not read whole.
+enum BodyError {
+    TooLarge,
+    Read(hyper::Error),
+}
+
+/// The body, copied frame by frame into one buffer: a frame is dropped as soon as it is copied, so however the
+/// client cuts the body up (a byte per TCP segment: each of hyper's chunks would otherwise keep its own read
+/// buffer alive), a request holds at most [`MAX_BODY`] bytes plus one frame.
+async fn read_body(mut body: Incoming) -> Result<Bytes, BodyError> {
+    use hyper::body::Body as _;
+    if body.is_end_stream() {
+        return Ok(Bytes::new());
+    }
+    let hint = body.size_hint();
+    if hint.lower() > MAX_BODY as u64 {
+        return Err(BodyError::TooLarge);
+    }
+    let mut buf = Vec::with_capacity(hint.exact().unwrap_or(0) as usize);
+    while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+        let Ok(data) = frame.map_err(BodyError::Read)?.into_data() else { continue };
+        if buf.len() + data.len() > MAX_BODY {
+            return Err(BodyError::TooLarge);
+        }
+        buf.extend_from_slice(&data);
+    }
+    Ok(buf.into())
+}
+
+/// An error as the API reports it (`{"error": message}`), closing the connection: a request whose body was
+/// not read whole leaves the stream mid-message.
+fn closing(status: StatusCode, msg: String) -> Response {
+    let mut res = error_response(status, msg);
+    res.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+    res
+}
+
+fn error_response(status: StatusCode, msg: String) -> Response {
+    (status, axum::Json(serde_json::json!({ "error": msg }))).into_response()
 }
