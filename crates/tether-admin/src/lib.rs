@@ -3,8 +3,8 @@
 //!
 //! # Layout
 //! - [`start`] is the one call that runs the admin listener for a server: it checks the address's exposure,
-//!   binds, records the bound address in the server ([`ServerHandle::admin_addr`]) and serves, returning an
-//!   [`AdminListener`] to read the address from and to stop it by.
+//!   binds, records the bound address in the server ([`ServerHandle::admin_addr`]) and serves on a thread of its
+//!   own, returning an [`AdminListener`] to read the address from and to stop it by.
 //! - [`router`] builds the axum [`Router`] (an embedding application can mount it in its own server);
 //!   [`serve`] runs it on a listener, on whatever runtime polls it, with the limits an admin port needs
 //!   (connection cap, request deadline, body size, and closing a connection whose event stream was cut off even
@@ -15,6 +15,14 @@
 //! - `api`: the handlers. Every error is `{"error": "..."}` with its status.
 //!
 //! # Isolation
+//! The admin layer cannot take the devices' CPU. [`start`] serves on a thread of its own (`tether-admin`), a
+//! current-thread tokio runtime that on Linux runs at nice 19: however many admin requests arrive, their work
+//! (a 2 MB `/v1/disconnects` answer, a scrape storm) uses at most one core and only what the server's runtime
+//! leaves of it. The handlers reach the server through `ServerHandle` alone (atomics, tokio channels, a lock
+//! held for a copy), which works from any runtime; the one request that starts a task on the server, `POST
+//! /v1/drain`, is run on the runtime `start` was called on (the server's), so the paced goodbyes do not run at the
+//! admin thread's priority nor end with the listener.
+//!
 //! Per request, [`serve`] bounds what a client can hold: headers within [`REQUEST_TIMEOUT`] (also the longest
 //! a keep-alive connection stays idle), then the body within as long again (`408` and the connection closed
 //! when it is late), at most [`MAX_BODY`] bytes of it (`413`), copied into one buffer as it arrives so that no
@@ -53,8 +61,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tether::ServerHandle;
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, Semaphore};
-use tokio::task::JoinHandle;
+use tokio::sync::{oneshot, Notify, Semaphore};
 use tower::ServiceExt as _;
 
 /// How the admin listener behaves.
@@ -76,6 +83,8 @@ pub enum AdminError {
     NoToken(SocketAddr),
     #[error("cannot listen for the admin API on {0}: {1}")]
     Bind(SocketAddr, io::Error),
+    #[error("cannot start the admin listener's thread: {0}")]
+    Thread(io::Error),
 }
 
 /// Refuse an admin listener that anyone on the network could reach without a token.
@@ -93,13 +102,15 @@ pub async fn bind(addr: SocketAddr, token: Option<&str>) -> Result<TcpListener, 
     TcpListener::bind(addr).await.map_err(|e| AdminError::Bind(addr, e))
 }
 
-/// A running admin listener, from [`start`]: where it listens, and how to stop it. Dropping it leaves the listener
-/// running, as dropping a task's `JoinHandle` does.
+/// A running admin listener, from [`start`]: where it listens, and how to stop it. Dropping it stops it too,
+/// without waiting: its thread ends the open connections and exits on its own.
 #[derive(Debug)]
 pub struct AdminListener {
     addr: SocketAddr,
-    stop: Arc<Notify>,
-    task: JoinHandle<()>,
+    /// Sending (or dropping) it ends the listener's serve loop, and with it the thread.
+    stop: Option<oneshot::Sender<()>>,
+    /// The listener's thread, joined by [`AdminListener::stop`].
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl AdminListener {
@@ -109,27 +120,99 @@ impl AdminListener {
     }
 
     /// Stop accepting admin connections, end the ones open (an event stream included: each holds a
-    /// `ServerHandle`, which would keep the server's event stream from ending), and wait for the accept loop to end.
-    pub async fn stop(self) {
-        self.stop.notify_one();
-        let _ = self.task.await;
+    /// `ServerHandle`, which would keep the server's event stream from ending), and wait for the listener's thread
+    /// to exit (on the blocking pool, not on a runtime thread).
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            match tokio::task::spawn_blocking(move || thread.join()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => tracing::error!("the admin listener's thread panicked"),
+                Err(e) => tracing::error!("waiting for the admin listener's thread: {e}"),
+            }
+        }
+    }
+}
+
+impl Drop for AdminListener {
+    fn drop(&mut self) {
+        // Dropping the sender ends the serve loop; the thread is left to exit by itself (detached).
+        self.stop.take();
     }
 }
 
 /// Run the admin listener for the server behind `handle`: refuse a non-loopback `addr` without a token
 /// ([`check_exposure`]), bind it, record the bound address in the server ([`ServerHandle::set_admin_addr`]: the
 /// `listening` event names it when this comes before `Server::run`, and `/v1/overview` shows it), and serve
-/// [`router`] on it with [`serve`]'s limits on a task of the current tokio runtime.
+/// [`router`] on it with [`serve`]'s limits on a thread of its own: a current-thread tokio runtime at the lowest
+/// CPU priority (see the crate docs). A drain started through the API runs its paced goodbyes on the caller's
+/// runtime (the server's), not on the admin thread.
 pub async fn start(addr: SocketAddr, cfg: AdminConfig, handle: ServerHandle) -> Result<AdminListener, AdminError> {
     let listener = bind(addr, cfg.token.as_deref()).await?;
     let bound = listener.local_addr().map_err(|e| AdminError::Bind(addr, e))?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(AdminError::Thread)?;
+    // Move the socket from the caller's runtime to the admin runtime's reactor.
+    let listener = listener.into_std().and_then(|l| {
+        let _in_rt = rt.enter();
+        TcpListener::from_std(l)
+    });
+    let listener = listener.map_err(|e| AdminError::Bind(addr, e))?;
     handle.set_admin_addr(bound);
-    let stop = Arc::new(Notify::new());
-    let app = router(handle, cfg);
-    let stopped = stop.clone();
-    let task = tokio::spawn(serve(listener, app, async move { stopped.notified().await }));
-    Ok(AdminListener { addr: bound, stop, task })
+    let server_rt = tokio::runtime::Handle::current();
+    let app = router(handle, cfg)
+        .layer(axum::middleware::from_fn(move |req, next| drain_on_server_runtime(server_rt.clone(), req, next)));
+    let (stop, stopped) = oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("tether-admin".into())
+        .spawn(move || {
+            lower_this_threads_priority();
+            rt.block_on(serve(listener, app, async move {
+                let _ = stopped.await;
+            }));
+            // Dropping the runtime drops every task left: no connection outlives the thread.
+            drop(rt);
+        })
+        .map_err(AdminError::Thread)?;
+    Ok(AdminListener { addr: bound, stop: Some(stop), thread: Some(thread) })
 }
+
+/// `POST /v1/drain` spawns the paced goodbyes on the runtime it is called from: run that request on the
+/// server's runtime, where the goodbyes belong (not at the admin thread's priority, and not ended with the
+/// listener).
+async fn drain_on_server_runtime(
+    server: tokio::runtime::Handle,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if !(req.method() == axum::http::Method::POST && req.uri().path() == "/v1/drain") {
+        return next.run(req).await;
+    }
+    match server.spawn(next.run(req)).await {
+        Ok(res) => res,
+        Err(_) => error_response(StatusCode::SERVICE_UNAVAILABLE, "the server is stopping".into()),
+    }
+}
+
+/// The admin thread runs at the lowest priority, so that admin work (a 2 MB answer, a scrape storm) only gets
+/// the CPU the server's own threads leave. Linux: nice 19 for this thread alone (`setpriority` on its thread id),
+/// which still gets a small share beside busy nice-0 threads (weight 15 against 1024), so a scrape is answered,
+/// slowly, even when the devices keep every core busy. Not `SCHED_IDLE`: its share is a fifth of that (weight 3),
+/// and any waking normal thread preempts it at once, which makes it likelier to be preempted while it holds one
+/// of the server's locks for a copy (the disconnect history), with a device's task then waiting on that lock.
+#[cfg(target_os = "linux")]
+fn lower_this_threads_priority() {
+    // SAFETY: gettid(2) takes no arguments; setpriority(2) with this thread's own id and a valid priority.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19) };
+    if rc != 0 {
+        tracing::warn!("cannot lower the admin thread's priority: {}", io::Error::last_os_error());
+    }
+}
+
+/// Elsewhere the admin thread keeps the default priority: it is still one thread, so it takes at most one core.
+#[cfg(not(target_os = "linux"))]
+fn lower_this_threads_priority() {}
 
 /// State shared by the handlers.
 #[derive(Clone)]
