@@ -26,7 +26,7 @@ use tether::{CloseReason, KickError};
 use crate::json::{
     disconnect_json, drain_json, event_json, kernel_json, overview_json, probe_json, rfc3339, session_json,
 };
-use crate::{AppState, ConnKill, EVENT_STREAM_BUFFER, MAX_EVENT_STREAMS};
+use crate::{AppState, ConnKill, EVENT_STREAM_BUFFER, MAX_BODY, MAX_EVENT_STREAMS};
 
 const DASHBOARD: &str = include_str!("dashboard.html");
 
@@ -87,9 +87,6 @@ pub(crate) fn routes(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .with_state(state)
 }
-
-/// Request bodies are small JSON objects.
-const MAX_BODY: usize = 16 * 1024;
 
 /// What `/metrics` is: `prometheus-client` encodes the OpenMetrics text format (`# EOF` last, `_total` counters).
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";

@@ -9,10 +9,15 @@ use tether::ServerHandle;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Start the admin listener for `handle` on 127.0.0.1:0 ([`tether_admin::start`]); returns its address. The
-/// listener runs until the test's runtime ends.
+/// Start the admin listener for `handle` on 127.0.0.1:0 as [`tether_admin::start`] does, but served on the test's
+/// runtime (a paused clock must see the listener's timers, and a thread of its own would let that clock jump while
+/// it works); returns its address. The listener runs until the test's runtime ends.
 pub async fn start_admin(handle: ServerHandle, cfg: tether_admin::AdminConfig) -> SocketAddr {
-    tether_admin::start("127.0.0.1:0".parse().unwrap(), cfg, handle).await.unwrap().addr()
+    let listener = tether_admin::bind("127.0.0.1:0".parse().unwrap(), cfg.token.as_deref()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    handle.set_admin_addr(addr);
+    tokio::spawn(tether_admin::serve(listener, tether_admin::router(handle, cfg), std::future::pending()));
+    addr
 }
 
 pub struct Reply {
