@@ -359,7 +359,7 @@ async fn disconnects(State(st): State<AppState>, Query(q): Params) -> Result<Jso
             bad(format!("unknown reason {r:?} (known: {})", names.join(", ")))
         })?),
     };
-    let list: Vec<_> = st.handle.disconnects(reason, limit).iter().map(disconnect_json).collect();
+    let list: Vec<_> = st.handle.disconnects(reason, limit).iter().map(|r| disconnect_json(r)).collect();
     Ok(Json(json!({ "disconnects": list })))
 }
 

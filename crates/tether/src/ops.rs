@@ -81,7 +81,9 @@ pub struct DisconnectRecord {
 #[derive(Debug)]
 pub struct DisconnectRing {
     cap: usize,
-    ring: Mutex<VecDeque<DisconnectRecord>>,
+    /// Shared records: a reader copies pointers under the lock (10,000 in tens of microseconds), not records, so
+    /// every connection's close, which takes the lock too, never waits behind a long copy for the operator.
+    ring: Mutex<VecDeque<Arc<DisconnectRecord>>>,
 }
 
 impl DisconnectRing {
@@ -97,11 +99,11 @@ impl DisconnectRing {
         if ring.len() >= self.cap {
             ring.pop_front();
         }
-        ring.push_back(r);
+        ring.push_back(Arc::new(r));
     }
 
     /// Newest first, at most `limit`, only `reason` when given.
-    pub fn recent(&self, reason: Option<CloseReason>, limit: usize) -> Vec<DisconnectRecord> {
+    pub fn recent(&self, reason: Option<CloseReason>, limit: usize) -> Vec<Arc<DisconnectRecord>> {
         let ring = self.ring.lock().expect("disconnect ring lock");
         ring.iter().rev().filter(|r| reason.is_none_or(|x| x == r.reason)).take(limit).cloned().collect()
     }

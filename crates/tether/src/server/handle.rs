@@ -210,7 +210,7 @@ impl ServerHandle {
 
     /// The most recent closed connections, newest first (`reason` only, when given; at most `limit`). Kept:
     /// `ServerConfig::disconnect_history`.
-    pub fn disconnects(&self, reason: Option<CloseReason>, limit: usize) -> Vec<DisconnectRecord> {
+    pub fn disconnects(&self, reason: Option<CloseReason>, limit: usize) -> Vec<Arc<DisconnectRecord>> {
         self.shared.disconnects.recent(reason, limit)
     }
 
