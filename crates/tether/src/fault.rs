@@ -4,8 +4,8 @@
 //!
 //! # Layout
 //! [`panic_at`] panics when the client id is `panic-at-POINT` for the named point: `hello` (a `HELLO` arrived,
-//! before anything is decided), `hub` (while the session hub's lock is held), `data` (an admitted client's
-//! `DATA`).
+//! before anything is decided), `hub` (while the session hub's lock is held), `welcome` (admitted by the
+//! registry, before the `online` event), `data` (an admitted client's `DATA`).
 
 /// Panic at `point` for the client id `panic-at-POINT`.
 #[cfg(feature = "fault-injection")]

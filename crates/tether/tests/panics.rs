@@ -48,6 +48,15 @@ async fn a_panicking_connection_task_leaks_no_slot_session_descriptor_or_lock() 
         assert!(matches!(ok.next_frame().await, Some(Frame::Pong { seq: 1, .. })));
         live.push(ok);
     }
+    // Admitted by the registry, and the task panics before its `online` event: the session is not left behind.
+    let mut p = RawPeer::connect(s.addr).await;
+    p.send(&support::hello_frame(V2, "panic-at-welcome", 1)).await;
+    let off = s.wait(|k| matches!(k, EventKind::Offline { client, .. } if client == "panic-at-welcome")).await;
+    assert!(matches!(off, EventKind::Offline { reason: CloseReason::Reset, .. }), "{off:?}");
+    assert!(s.handle.session("panic-at-welcome").is_none(), "no session is left behind");
+    let others = live.len();
+    until_stats(&s, "welcome", |st| st.handshakes == 0 && st.connections == others && st.online == others).await;
+    drop(p);
     // An admitted client: its session ends as a close would, announced offline, and its id is free again.
     let (mut p, _) = RawPeer::hello(s.addr, "panic-at-data", 1).await;
     s.wait(|k| matches!(k, EventKind::Online { client, .. } if client == "panic-at-data")).await;
@@ -65,9 +74,13 @@ async fn a_panicking_connection_task_leaks_no_slot_session_descriptor_or_lock() 
         !s.drain().iter().any(|k| matches!(k, EventKind::Takeover { .. })),
         "a fresh session, not a takeover of a ghost"
     );
-    // Nothing left behind: three live clients, the panicked tasks' descriptors closed, three panics counted.
+    // Nothing left behind: three live clients, the panicked tasks' descriptors closed, four panics counted.
     drop(p);
     until_stats(&s, "settled", |st| st.handshakes == 0 && st.online == 3).await;
-    assert_eq!(s.handle.metrics().task_panics, 3);
+    assert_eq!(s.handle.metrics().task_panics, 4);
+    // Each is in the disconnect history, as any close is.
+    let history = s.handle.disconnects(Some(CloseReason::Reset), 10);
+    assert_eq!(history.len(), 4, "{history:?}");
+    assert!(history.iter().all(|r| r.detail.as_deref().is_some_and(|d| d.contains("panicked"))));
     assert_eq!(open_fds(), fds + 3 * 2, "each of the three live clients holds two descriptors (ours and the server's)");
 }

@@ -4,7 +4,8 @@
 //! # Layout
 //! - [`serve_conn`]: registers the connection's control slot in the hub, builds its `Connection` and runs
 //!   `driver::drive` with [`ServerHooks`] until it closes; [`ConnGuard`] undoes the registration however the task
-//!   ends (a close, or an abort at shutdown).
+//!   ends (a close, or an abort at shutdown). A panic while driving (a bug of ours) is caught there and closes the
+//!   connection as any close does ([`ServerHooks::after_panic`]).
 //! - Where a `HELLO` is decided: [`ServerHooks::on_hello`] checks the credential, then admits through the
 //!   registry under the hub's lock (a single node) or hands the decision to `clustered::admit` (cluster mode),
 //!   whose answer comes back as a command ([`ServerHooks::on_admit`]); [`ServerHooks::conclude`] sends `WELCOME`
@@ -28,6 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant as StdInstant, SystemTime};
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use tether_proto::registry::{Admission, SessionEvent};
 use tether_proto::{CloseReason, ConnId, Connection, Event, Frame, Undeliverable, Welcome};
 use tokio::net::TcpStream;
@@ -87,7 +89,11 @@ pub(super) async fn serve_conn(shared: Arc<Shared>, stream: TcpStream, peer: Soc
     let tls = shared.tls_session();
     let mut hooks = ServerHooks { shared, conn_id, client: None, control, handshaking: true, grant: None };
     if let Ok(tls) = tls {
-        drive(stream, tls, &mut conn, &mut hooks).await;
+        // A panic in the task (a bug of ours) is caught here, and the connection leaves as a close would.
+        let ran = std::panic::AssertUnwindSafe(drive(stream, tls, &mut conn, &mut hooks)).catch_unwind().await;
+        if let Err(panic) = ran {
+            hooks.after_panic(&conn, panic.as_ref());
+        }
     }
     // However the connection ended (even before it started, on a TLS session error), it leaves the handshake
     // counts.
@@ -113,6 +119,23 @@ impl ServerHooks {
             self.shared.handshakes.fetch_sub(1, Ordering::Relaxed);
             self.shared.sources.handshake_done(self.control.peer.ip());
         }
+    }
+
+    /// The task panicked while driving the connection (its socket is already closed: the panic dropped it): log
+    /// and count it, and close as any close does ([`on_closed`](Self::on_closed)): the handshake slot, the session
+    /// (announced `offline`, reason `reset`, the detail saying why), the history's record and a waiting probe.
+    fn after_panic(&mut self, conn: &Connection, panic: &(dyn std::any::Any + Send)) {
+        let what = panic
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("a panic");
+        tracing::error!(conn = self.conn_id, peer = %self.control.peer, client = ?self.client, "this connection's task panicked (a bug): {what}; closing it");
+        self.shared.metrics.task_panics.fetch_add(1, Ordering::Relaxed);
+        let detail = Some("the server's task for this connection panicked; see its log".to_owned());
+        let closed =
+            tether_proto::Closed { reason: CloseReason::Reset, lateness: None, by_peer: false, peer_bye: None, detail };
+        self.on_closed(conn, driver::now(), closed);
     }
 
     fn on_hello(&mut self, conn: &mut Connection, now: StdInstant, hello: tether_proto::Hello) {
@@ -215,6 +238,8 @@ impl ServerHooks {
         let shared = self.shared.clone();
         match admission {
             Admission::Welcome { epoch, evicted } => {
+                // The session exists from here on: however this task ends, it is closed as this client's.
+                self.client = Some(hello.client_id.clone());
                 let (interval, timeout) = shared.cfg.heartbeat.negotiate(hello.heartbeat_ms);
                 let welcome = Welcome {
                     version: tether_proto::frame::PROTOCOL_VERSION,
@@ -241,6 +266,7 @@ impl ServerHooks {
                 }
                 let session_events = hub.pump(Some((self.conn_id, conn, now)));
                 drop(hub);
+                crate::fault::panic_at("welcome", &client);
                 for e in session_events {
                     if let SessionEvent::Takeover { old, new, epoch, same_device, .. } = e {
                         shared.metrics.takeovers.fetch_add(1, Ordering::Relaxed);
@@ -264,7 +290,6 @@ impl ServerHooks {
                     heartbeat: interval,
                     timeout,
                 });
-                self.client = Some(client);
             }
             Admission::Conflict { holder, retry_after } => {
                 hub.pump(None);
@@ -425,42 +450,6 @@ impl ServerHooks {
             }
         };
         self.shared.emit(kind);
-    }
-}
-
-/// A panic in this connection's task (a bug of ours) unwinds through here: the connection leaves as a close
-/// would, so that it holds no handshake slot and no session. `ConnGuard` gives back the rest (the connection
-/// table, its count, its source's share), and the socket closes as the task's state is dropped.
-impl Drop for ServerHooks {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            return;
-        }
-        tracing::error!(conn = self.conn_id, peer = %self.control.peer, client = ?self.client, "this connection's task panicked (a bug): closing it");
-        self.shared.metrics.task_panics.fetch_add(1, Ordering::Relaxed);
-        self.handshake_done();
-        let Some(client) = self.client.take() else { return };
-        let now = driver::now();
-        let holder = {
-            let mut hub = self.shared.hub();
-            let holder = hub.registry.lookup(&client) == Some(self.conn_id);
-            hub.registry.disconnect(now, self.conn_id, Some(&client), CloseReason::Reset, false, now);
-            hub.pump(None);
-            holder
-        };
-        self.shared.registry_wake.notify_one();
-        if holder {
-            self.shared.emit(EventKind::Offline {
-                client,
-                conn: self.conn_id,
-                peer: self.control.peer,
-                reason: CloseReason::Reset,
-                lateness: None,
-                silent_for: Duration::ZERO,
-                by_peer: false,
-                detail: Some("the server's task for this connection panicked; see its log".into()),
-            });
-        }
     }
 }
 
