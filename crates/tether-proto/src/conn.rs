@@ -32,6 +32,10 @@ use crate::detector::{Deadlines, Detector, DetectorConfig};
 use crate::frame::{self, Bye, Foreign, Frame, Hello, Presence, Undeliverable, Welcome, PROTOCOL_VERSION, V1};
 use crate::reason::CloseReason;
 
+/// How far past one of its own deadlines a connection must be when input is handled to take it as its own stall
+/// (stopped, starved of CPU) rather than timing: a timer that fires on time is late by a millisecond or two.
+pub const OWN_STALL: Duration = Duration::from_millis(50);
+
 /// The most `PING`s a peer may send in a burst with a heartbeat of `interval` and `timeout`:
 /// `⌈timeout / interval⌉ + 2`. A peer pings at most once per interval and gives up after `timeout` of silence, so
 /// even when this side stalled (and read a whole backlog of `PING`s at once) a well-behaved peer never has more
@@ -437,10 +441,11 @@ impl Connection {
         if !self.reading() || self.discarding() {
             return;
         }
-        // A deadline of ours passed before these bytes were handled: this side was late (stopped, starved of
-        // CPU), and what the peer sent meanwhile waited for it.
-        if let Some(due) = self.poll_timeout().filter(|&due| now > due && self.state == State::Established) {
-            self.credit_own_stall(now, now - due);
+        // A deadline of ours passed well before these bytes were handled: this side was stopped or starved of
+        // CPU, and what the peer sent meanwhile waited for it.
+        let late = self.poll_timeout().map_or(Duration::ZERO, |due| now.saturating_duration_since(due));
+        if late >= OWN_STALL && self.state == State::Established {
+            self.credit_own_stall(now);
         }
         if self.rx.is_empty() {
             let used = self.process(now, data);
@@ -829,16 +834,17 @@ impl Connection {
         self.ping_tokens = (self.ping_tokens + earned as f32).min(limit);
     }
 
-    /// This side was `late` past one of its own deadlines: it was not running (stopped, starved of CPU), so it
-    /// neither read nor answered. A peer that kept pinging on a fixed timer meanwhile (as field clients do,
-    /// answers or not) left one `PING` per interval in our receive queue, and one sending `DATA` within the rate
-    /// limit left that much `DATA`; we cannot see how it was spaced. So both buckets are refilled past their caps
-    /// at their own rates (two `PING`s per interval, the rate limit's bytes per second) for the time since they
-    /// were last refilled, counting at most `late` plus the longest a connection goes between two deadlines of
-    /// its own (one and a half intervals), while that backlog is read. A flood (far more than that) is still cut.
-    fn credit_own_stall(&mut self, now: Instant, late: Duration) {
+    /// This side was [`OWN_STALL`] or more past one of its own deadlines: it was not running (stopped, starved of
+    /// CPU), so it neither read nor answered. A peer that kept pinging on a fixed timer meanwhile (as field
+    /// clients do, answers or not) left one `PING` per interval in our receive queue, and one sending `DATA` within
+    /// the rate limit left that much `DATA`; we cannot see how it was spaced. So both buckets are refilled past
+    /// their caps at their own rates (two `PING`s per interval, the rate limit's bytes per second) for the time
+    /// since the peer's last frame was read (all it sent since waited in the backlog), while that backlog is
+    /// read. A flood (far more than that) is still cut, and a peer cannot aim for the credit: it comes only with a
+    /// real stall of ours, not with bytes that merely arrive as a deadline falls due.
+    fn credit_own_stall(&mut self, now: Instant) {
         let Some((interval, _)) = self.heartbeat() else { return };
-        let window = late + interval * 3 / 2;
+        let window = now.saturating_duration_since(self.last_rx().unwrap_or(self.origin));
         let (pings, since) = (self.ping_tokens, now.saturating_duration_since(self.ping_refilled).min(window));
         self.refill_pings(now);
         self.ping_tokens = self.ping_tokens.max(pings + (2.0 * since.as_secs_f64() / interval.as_secs_f64()) as f32);

@@ -804,6 +804,28 @@ fn a_fixed_timer_pinger_is_not_a_flood_whatever_our_own_stall() {
     }
 }
 
+/// The stall credit cannot be aimed at: a burst that arrives just as one of the server's deadlines falls due (1 ms
+/// after it, which a peer can time) is judged by the ordinary caps; only a real stall of ours earns credit.
+#[test]
+fn a_burst_timed_for_a_deadline_earns_no_stall_credit() {
+    let cfg = ConnConfig { max_data_rate: Some(1000), max_frame: 1024, ..ConnConfig::default() };
+    let data = Frame::Data { peer: String::new(), payload: Bytes::from(vec![0u8; 400]) }.to_bytes();
+    let pings: Vec<u8> = (0..7).flat_map(|seq| Frame::Ping { seq, ts_ms: 0 }.to_bytes()).collect();
+    for (burst, reason) in [(pings, CloseReason::PingFlood), (data.repeat(5), CloseReason::RateLimited)] {
+        let mut p = Pair::new(cfg.clone());
+        p.run_for(Duration::from_secs(10));
+        let due = p.server.poll_timeout().expect("a deadline");
+        p.server.handle_bytes(due + ms(1), &burst);
+        assert_eq!(p.server.close_reason(), Some(reason), "1 ms after a deadline");
+        // The same burst after a stall of ours (the deadline passed 2 s before) is the stall's backlog.
+        let mut p = Pair::new(cfg.clone());
+        p.run_for(Duration::from_secs(10));
+        let due = p.server.poll_timeout().expect("a deadline");
+        p.server.handle_bytes(due + ms(2000), &burst);
+        assert_eq!(p.server.close_reason(), None, "after a stall of ours");
+    }
+}
+
 /// The `DATA` rate limit judges the sender over time too: a peer within the limit whose `DATA` waited out our
 /// 6 s stall is not rate limited, and one above it still is.
 #[test]
