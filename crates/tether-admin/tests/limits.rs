@@ -211,3 +211,37 @@ async fn a_chunked_body_over_the_limit_gets_413() {
     assert!(v["error"].as_str().unwrap().contains("over 16384 bytes"), "{v}");
     assert!(s.handle.is_ready(), "nothing was drained");
 }
+
+/// A client that sends requests down its connection and reads no answer (a tiny receive buffer, so the answers
+/// back up into the server's send buffer) is closed once the server's writes to it have made no progress for the
+/// request deadline: it cannot hold its slot, and the answers queued for it, for good.
+#[tokio::test(start_paused = true)]
+async fn a_client_that_reads_no_answer_is_closed_at_the_deadline() {
+    let s = TestServer::start(test_config()).await;
+    let admin = start_admin(s.handle.clone(), AdminConfig::default()).await;
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(2048).unwrap();
+    sock.set_nonblocking(true).unwrap();
+    let c = tokio::net::TcpSocket::from_std_stream(sock.into()).connect(admin).await.unwrap();
+    let (mut rd, mut wr) = c.into_split();
+    // 2,000 scrapes of about 9 KB each: far more than the kernel's buffers hold.
+    let requests = format!("GET /metrics HTTP/1.1\r\nHost: {admin}\r\n\r\n").repeat(2000);
+    let writer = tokio::spawn(async move {
+        let _ = wr.write_all(requests.as_bytes()).await;
+        wr
+    });
+    tokio::time::sleep(REQUEST_TIMEOUT * 3).await;
+    // Closed by now: what the kernels held comes out, then the end (or a reset), well before the 2,000 answers.
+    let mut buf = vec![0u8; 1 << 16];
+    let mut read = 0;
+    let closed = loop {
+        match rd.read(&mut buf).await {
+            Ok(0) | Err(_) => break true,
+            Ok(n) if read < 8 << 20 => read += n,
+            Ok(_) => break false,
+        }
+    };
+    writer.abort();
+    assert!(closed, "still answering after {read} bytes: a client that read nothing was left connected");
+    assert_eq!(get(admin, "/healthz").await.status, 200);
+}
