@@ -31,7 +31,7 @@ use crate::{AppState, ConnKill, EVENT_STREAM_BUFFER, MAX_BODY, MAX_EVENT_STREAMS
 const DASHBOARD: &str = include_str!("dashboard.html");
 
 /// An error as the API reports it: `{"error": message}` with a status.
-pub(crate) struct ApiError(StatusCode, String);
+pub(crate) struct ApiError(pub(crate) StatusCode, pub(crate) String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {

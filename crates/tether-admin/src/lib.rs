@@ -439,5 +439,5 @@ fn closing(status: StatusCode, msg: String) -> Response {
 }
 
 fn error_response(status: StatusCode, msg: String) -> Response {
-    (status, axum::Json(serde_json::json!({ "error": msg }))).into_response()
+    api::ApiError(status, msg).into_response()
 }

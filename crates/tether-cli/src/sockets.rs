@@ -293,7 +293,8 @@ fn all_sessions(admin: SocketAddr) -> anyhow::Result<HashMap<SocketAddr, Session
         let page: Value = serde_json::from_str(&body).context("the admin API's answer is not JSON")?;
         for s in page["sessions"].as_array().into_iter().flatten() {
             let Some(peer) = s["peer"].as_str().and_then(|p| p.parse().ok()) else { continue };
-            let ms = |k: &str| Duration::from_secs_f64(s[k].as_f64().unwrap_or(0.0) / 1000.0);
+            // A value the API should never send (negative, not a number) reads as zero rather than a panic.
+            let ms = |k: &str| Duration::try_from_secs_f64(s[k].as_f64().unwrap_or(0.0) / 1000.0).unwrap_or_default();
             let client = s["client"].as_str().unwrap_or_default().to_owned();
             out.insert(
                 peer,

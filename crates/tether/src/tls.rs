@@ -404,7 +404,7 @@ pub fn explain(err: &rustls::Error) -> Option<&'static str> {
             "the server does not trust the client certificate; use one signed by the server's --tls-client-ca"
         }
         // What came back is no TLS record: a plain tether server answers a ClientHello with a `BYE` frame.
-        rustls::Error::InvalidMessage(_) => NOT_TLS,
+        rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType) => NOT_TLS,
         _ => return None,
     };
     Some(hint)
@@ -658,5 +658,8 @@ mod tests {
         assert_eq!(hint(CertificateError::BadEncoding), None);
         assert_eq!(explain(&Error::AlertReceived(AlertDescription::HandshakeFailure)), None);
         assert_eq!(explain(&Error::DecryptError), None);
+        // Bytes that are no TLS record at all: a plain port. Any other malformed message is not named so.
+        assert_eq!(explain(&Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType)), Some(NOT_TLS));
+        assert_eq!(explain(&Error::InvalidMessage(rustls::InvalidMessage::HandshakePayloadTooLarge)), None);
     }
 }

@@ -665,8 +665,10 @@ pub fn from_server(args: &Args) -> anyhow::Result<ExitCode> {
         v.to_string()
     } else {
         // Durations as the server's evidence writes them (`{:.1?}`: 135.0µs, 1.2ms), one style in every line.
-        let d =
-            |x: &Value| x.as_f64().map_or("?".to_owned(), |ms| format!("{:.1?}", Duration::from_secs_f64(ms / 1e3)));
+        let d = |x: &Value| match x.as_f64().and_then(|ms| Duration::try_from_secs_f64(ms / 1e3).ok()) {
+            Some(d) => format!("{d:.1?}"),
+            None => "?".to_owned(),
+        };
         let mut s = format!("probe of client {id} from {admin}\n");
         if !v["app_rtt_ms"].is_null() {
             let _ = writeln!(s, "{:<10} PONG in {}", "app", d(&v["app_rtt_ms"]));

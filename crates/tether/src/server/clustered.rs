@@ -176,8 +176,12 @@ impl Host for Shared {
                 self.registry_wake.notify_one();
             }
             Msg::Lost { node, sessions } => {
-                // Its clients were last known alive when this node last saw the lost one live in Redis.
-                let last_seen_ago = self.cluster.as_ref().and_then(|c| c.last_alive_ago(&node)).unwrap_or_default();
+                // Its clients were last known alive when the lost node last renewed its lease, as this node heard;
+                // never heard of, at least one lease ago (the lease ran out before it was reaped).
+                let last_seen_ago = self
+                    .cluster
+                    .as_ref()
+                    .map_or(Duration::ZERO, |c| c.last_alive_ago(&node).unwrap_or_else(|| c.lease()));
                 let mut hub = self.hub();
                 for (client, epoch) in &sessions {
                     let off = RemoteOffline {
