@@ -421,6 +421,13 @@ fn problems(c: &Check<'_>) -> Vec<String> {
             out.push(format!("Redis holds {id} on {r:?}, expected {e:?}"));
         }
     }
+    // 1. Every node can be reached: its inbox has a listener (else a relay to its clients is UNDELIVERABLE).
+    for n in c.nodes {
+        let subs = c.redis.cli(&["PUBSUB", "NUMSUB", &tether::cluster::store::inbox(&n.id)]);
+        if subs.lines().nth(1).and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0) == 0 {
+            out.push(format!("node {}'s inbox has no listener in Redis", n.id));
+        }
+    }
     // 1. Each node's own sessions.
     for n in c.nodes {
         let mut listed = sessions_of(n);
