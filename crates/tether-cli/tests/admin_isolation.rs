@@ -1,6 +1,6 @@
 //! The admin port cannot take the devices' CPU: a real `tether serve` process, its admin listener hammered at full
 //! tilt by keep-alive clients asking for the largest answers it gives, while healthy devices ping on time and
-//! newcomers connect. Real clock, so it is `#[ignore]`d and run alone in the serial "fault lab" step of
+//! newcomers connect. Real clock, so it is ignored by default (the attribute says why) and run alone in the serial "fault lab" step of
 //! `scripts/test`: beside other tests its timings mean nothing. Every wait has a deadline; the load is bounded in
 //! count and time (about 15 s in all).
 

@@ -777,19 +777,24 @@ mod tests {
 
     const T: Duration = Duration::from_millis(1);
 
+    /// `WELCOME` after `T`, with the default heartbeat.
+    fn welcome() -> App {
+        App::Welcome {
+            took: T,
+            server_id: "s".into(),
+            epoch: 1,
+            version: 2,
+            heartbeat: Duration::from_secs(5),
+            timeout: Duration::from_secs(15),
+        }
+    }
+
     fn connected() -> Evidence {
         Evidence {
             path: Path::Reply { rtt: T, socket: "raw socket" },
             transport: Transport::Connected { took: T, local: "127.0.0.1:1".parse().unwrap() },
             tls: None,
-            app: Some(App::Welcome {
-                took: T,
-                server_id: "s".into(),
-                epoch: 1,
-                version: 2,
-                heartbeat: Duration::from_secs(5),
-                timeout: Duration::from_secs(15),
-            }),
+            app: Some(welcome()),
             round_trips: Some(RoundTrips { sent: 3, rtts: vec![T, T, T], interval: T, ..Default::default() }),
             kernel: Some(info(1, 0)),
         }
@@ -853,14 +858,7 @@ mod tests {
         assert!(why.contains("an empty line after it did") && why.contains("HTML, not tether"), "{why}");
         let closed = nudged(App::Closed { took: T, reset: false });
         assert_eq!(with_app(closed, info(1, 0)).verdict().0, Verdict::NotTether);
-        let late = App::Welcome {
-            took: T,
-            server_id: "s".into(),
-            epoch: 1,
-            version: 2,
-            heartbeat: Duration::from_secs(5),
-            timeout: Duration::from_secs(15),
-        };
+        let late = welcome();
         assert_eq!(with_app(nudged(late), info(1, 0)).verdict().0, Verdict::ServerStalled, "WELCOME, late");
         let bye = || App::Refused {
             took: T,
