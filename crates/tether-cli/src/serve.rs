@@ -484,11 +484,14 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Err(e) => tracing::warn!("cannot raise the file descriptor limit: {e}"),
     }
     tracing::info!(
-        "heartbeat {:?}/{:?} ({:?}), user timeout {:?}, close grace {:?}, handshake timeout {:?}, max {} connections",
+        "heartbeat {:?}/{:?} ({}), user timeout {}, close grace {:?}, handshake timeout {:?}, max {} connections",
         cfg.heartbeat.interval,
         cfg.heartbeat.timeout,
-        cfg.conn.detector,
-        cfg.socket.effective_user_timeout(),
+        match cfg.conn.detector {
+            tether::proto::detector::DetectorConfig::Fixed => "fixed timeout",
+            tether::proto::detector::DetectorConfig::Phi(_) => "phi accrual",
+        },
+        cfg.socket.effective_user_timeout().map_or("off".to_owned(), |t| format!("{t:?}")),
         cfg.conn.close_grace,
         cfg.conn.handshake_timeout,
         cfg.max_connections
@@ -660,8 +663,10 @@ fn event_human(k: &EventKind) -> String {
         EventKind::Offline { client, peer, reason, lateness, silent_for, by_peer, detail, .. } => {
             let late = lateness.map(|l| format!(", {:.3} ms after its deadline", ms(l))).unwrap_or_default();
             let detail = detail.as_deref().map(|d| format!(": {d}")).unwrap_or_default();
-            let by = decider(*by_peer);
-            format!("offline {client} from {peer}: {reason} by the {by} (silent {silent_for:?}{late}){detail}")
+            // How long it had been silent says something only of a verdict of ours; a client that left was heard
+            // from as it left.
+            let how = if *by_peer { String::new() } else { format!(" (silent {silent_for:.1?}{late})") };
+            format!("offline {client} from {peer}: {reason} by the {}{how}{detail}", decider(*by_peer))
         }
         EventKind::Closed { client, peer, reason, by_peer, detail, .. } => {
             let detail = detail.as_deref().map(|d| format!(": {d}")).unwrap_or_default();
