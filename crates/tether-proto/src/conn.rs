@@ -29,8 +29,9 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 
 use crate::detector::{Deadlines, Detector, DetectorConfig};
-use crate::frame::{self, Bye, Foreign, Frame, Hello, Presence, Undeliverable, Welcome, PROTOCOL_VERSION, V1};
+use crate::frame::{self, Bye, Foreign, Frame, Hello, Presence, Report, Undeliverable, Welcome, PROTOCOL_VERSION, V1};
 use crate::reason::CloseReason;
+use crate::reliable::{self, Accept, Inbox};
 
 /// How far past one of its own deadlines a connection must be when input is handled to take it as its own stall
 /// (stopped, starved of CPU) rather than timing: a timer that fires on time is late by a millisecond or two.
@@ -224,6 +225,24 @@ pub enum Event {
         to: String,
         len: usize,
     },
+    /// `reliable`: the next message of the peer's stream, in order, exactly once (duplicates are dropped here).
+    Sdata {
+        seq: u64,
+        peer: String,
+        payload: Bytes,
+    },
+    /// Server, `reliable`: message `seq` for client `to` carried a payload of `len` bytes, more than the server
+    /// relays. It was taken (its sequence number is used); the session reports it undeliverable.
+    SdataTooLarge {
+        seq: u64,
+        to: String,
+        len: usize,
+    },
+    /// `reliable`: the peer acknowledged our stream up to this sequence number (not yet checked against what
+    /// was sent: the owner of the outbox does that).
+    Acked(u64),
+    /// Client, `reliable`: the server's word on messages we sent, in order, exactly once.
+    Report(Report),
     Closed(Closed),
 }
 
@@ -241,6 +260,8 @@ pub enum SendError {
     TooLargeToRelay { len: usize, max: usize },
     #[error("this side may not send {0}")]
     WrongDirection(&'static str),
+    #[error("the reliable extension is not in effect on this connection")]
+    NotReliable,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -323,6 +344,9 @@ pub struct Connection {
     /// Frames parsed and frames queued, wrapping: the IO layer counts them into its metrics by difference.
     frames_rx: u32,
     frames_tx: u32,
+    /// The `reliable` extension's receiving half, once granted (a client keeps the stream it asked to resume here
+    /// until `WELCOME` says whether it continues). Boxed: most connections have none.
+    rel: Option<Box<Inbox>>,
     events: VecDeque<Event>,
 }
 
@@ -337,6 +361,10 @@ impl Connection {
         let mut c = Connection::new(Role::Client, now, cfg);
         // The server answers in the version we offer or a lower one; its refusal `BYE` too.
         c.version = hello.version.clamp(V1, PROTOCOL_VERSION);
+        // Asked for a reliable session: where our side of the server's stream stands if it continues.
+        if let Some(offer) = reliable::Offer::find(&hello.extensions).filter(|_| hello.version >= frame::V2) {
+            c.rel = Some(Box::new(Inbox::new(offer.resume.map_or(0, |r| r.received))));
+        }
         c.queue(now, &Frame::Hello(hello));
         c
     }
@@ -376,6 +404,7 @@ impl Connection {
             probe_due_ms: 0,
             frames_rx: 0,
             frames_tx: 0,
+            rel: None,
             events: VecDeque::new(),
         }
     }
@@ -629,6 +658,9 @@ impl Connection {
                         self.send_ping(now);
                     }
                 }
+                if let Some(ack) = self.rel.as_mut().and_then(|r| r.ack_due(now)) {
+                    self.queue(now, &Frame::Ack { seq: ack });
+                }
             }
             State::Draining | State::Closed => {}
         }
@@ -663,6 +695,9 @@ impl Connection {
         self.admission_pending = false;
         welcome.version = self.version;
         welcome.max_frame = (self.version >= frame::V2).then_some(self.cfg.max_frame);
+        if let Some(g) = reliable::Grant::find(&welcome.extensions).filter(|_| self.version >= frame::V2) {
+            self.rel = Some(Box::new(Inbox::new(g.received)));
+        }
         self.establish(now, welcome.heartbeat_ms, welcome.timeout_ms);
         self.queue(now, &Frame::Welcome(welcome));
         self.process_buffered(now);
@@ -710,7 +745,11 @@ impl Connection {
             (Frame::Data { .. }, _)
                 | (Frame::Subscribe(_) | Frame::Unsubscribe(_), Role::Client)
                 | (Frame::Presence(_) | Frame::Undeliverable { .. }, Role::Server)
-        );
+        ) || (self.rel.is_some()
+            && matches!((&frame, self.role), (Frame::Sdata { .. }, _) | (Frame::Report(_), Role::Server)));
+        if !allowed && matches!(frame, Frame::Sdata { .. } | Frame::Report(_)) && self.rel.is_none() {
+            return Err(SendError::NotReliable);
+        }
         if !allowed {
             return Err(SendError::WrongDirection(frame.name()));
         }
@@ -718,7 +757,8 @@ impl Connection {
         if len > self.tx_max as usize {
             return Err(SendError::TooLarge { len, max: self.tx_max });
         }
-        if let (Role::Client, Frame::Data { peer, payload }) = (self.role, &frame) {
+        if let (Role::Client, Frame::Data { peer, payload } | Frame::Sdata { peer, payload, .. }) = (self.role, &frame)
+        {
             // The server relays no larger payload than this, whoever the sender and receiver are.
             let relay_max = frame::max_relay_payload(self.tx_max);
             if !peer.is_empty() && payload.len() > relay_max {
@@ -759,7 +799,8 @@ impl Connection {
                 let dl = self.deadlines?;
                 let suspect = dl.suspect_at.filter(|_| !self.suspected);
                 let ping = self.ping_due();
-                [Some(dl.convict_at), suspect, ping].into_iter().flatten().min()
+                let ack = self.rel.as_ref().and_then(|r| r.poll_timeout());
+                [Some(dl.convict_at), suspect, ping, ack].into_iter().flatten().min()
             }
             _ => None,
         };
@@ -870,6 +911,7 @@ impl Connection {
     /// Queue a `PING`; a server's `PING` is also its round-trip probe, so the next probe is due a probe period
     /// later.
     fn send_ping(&mut self, now: Instant) {
+        self.ack_along(now);
         self.ping_seq = self.ping_seq.wrapping_add(1);
         self.awaiting_pong = true;
         // Microseconds: the field is ours to fill and the peer echoes it, so the round trip is exact to the µs.
@@ -986,11 +1028,16 @@ impl Connection {
                 self.on_established_frame(now, f);
             }
             // Late frames after a verdict: data is still delivered, nothing else counts.
-            State::Draining => {
-                if let Frame::Data { peer, payload } = f {
-                    self.events.push_back(Event::Data { peer, payload });
+            State::Draining => match f {
+                Frame::Data { peer, payload } => self.events.push_back(Event::Data { peer, payload }),
+                // Taken (so a resume does not bring it twice), but no longer acknowledged: the write half is done.
+                Frame::Sdata { seq, peer, payload } => {
+                    if let Some(Accept::New) = self.rel.as_mut().map(|r| r.accept(now, seq)) {
+                        self.events.push_back(Event::Sdata { seq, peer, payload });
+                    }
                 }
-            }
+                _ => {}
+            },
             State::Closed => {}
         }
     }
@@ -1017,6 +1064,12 @@ impl Connection {
                     self.tx_max = frame::peer_max_frame(max);
                     self.rx_max = self.rx_max.max(self.tx_max);
                 }
+                // The reliable extension is in effect only if granted; a stream that does not continue restarts at 1.
+                self.rel = match (self.rel.take(), reliable::Grant::find(&w.extensions)) {
+                    (Some(inbox), Some(g)) if g.continues() && w.version >= frame::V2 => Some(inbox),
+                    (Some(_), Some(_)) if w.version >= frame::V2 => Some(Box::new(Inbox::new(0))),
+                    _ => None,
+                };
                 self.establish(now, w.heartbeat_ms, w.timeout_ms);
                 self.events.push_back(Event::Welcome(w));
             }
@@ -1036,6 +1089,7 @@ impl Connection {
                         Some(format!("PINGs beyond the allowance ({allowance} at once, one per half interval)"));
                     return self.decide(now, CloseReason::PingFlood, CloseMode::Flush, bye, false, None, detail, None);
                 }
+                self.ack_along(now);
                 self.queue(now, &Frame::Pong { seq, ts_ms });
                 // A due round-trip probe rides along with the answer: same write, no wakeup of its own.
                 if self.probe_due_ms != 0 && self.ms_since_origin(now) >= u64::from(self.probe_due_ms) {
@@ -1058,19 +1112,7 @@ impl Connection {
             }
             (role, Frame::Data { peer, payload }) => {
                 if !self.data_allowed(now, payload.len()) {
-                    let bye =
-                        Some(Bye { reason: CloseReason::RateLimited, retry_after_ms: 0, alternative: String::new() });
-                    let detail = Some(format!("DATA above {} bytes/s", self.cfg.max_data_rate.unwrap_or(0)));
-                    return self.decide(
-                        now,
-                        CloseReason::RateLimited,
-                        CloseMode::Flush,
-                        bye,
-                        false,
-                        None,
-                        detail,
-                        None,
-                    );
+                    return self.rate_limited(now);
                 }
                 if role == Role::Server && !peer.is_empty() && payload.len() > frame::max_relay_payload(self.rx_max) {
                     let len = payload.len();
@@ -1079,12 +1121,66 @@ impl Connection {
                 }
                 self.events.push_back(Event::Data { peer, payload })
             }
+            (role, Frame::Sdata { seq, peer, payload }) if self.rel.is_some() => {
+                if !self.data_allowed(now, payload.len()) {
+                    return self.rate_limited(now);
+                }
+                if !self.take_seq(now, seq) {
+                    return;
+                }
+                if role == Role::Server && !peer.is_empty() && payload.len() > frame::max_relay_payload(self.rx_max) {
+                    // Taken (and acknowledged): the session answers with its sequenced REPORT.
+                    let len = payload.len();
+                    return self.events.push_back(Event::SdataTooLarge { seq, to: peer, len });
+                }
+                self.events.push_back(Event::Sdata { seq, peer, payload })
+            }
+            (_, Frame::Ack { seq }) if self.rel.is_some() => self.events.push_back(Event::Acked(seq)),
+            (Role::Client, Frame::Report(r)) if self.rel.is_some() => {
+                if self.take_seq(now, r.seq) {
+                    self.events.push_back(Event::Report(r));
+                }
+            }
+            (_, f @ (Frame::Sdata { .. } | Frame::Ack { .. } | Frame::Report(_))) if self.rel.is_none() => {
+                self.protocol_error(now, format!("{} without the reliable extension", f.name()))
+            }
             (_, Frame::Bye(b)) => self.peer_bye(now, b),
             (Role::Server, Frame::Subscribe(ids)) => self.events.push_back(Event::Subscribe(ids)),
             (Role::Server, Frame::Unsubscribe(ids)) => self.events.push_back(Event::Unsubscribe(ids)),
             (Role::Client, Frame::Presence(p)) => self.events.push_back(Event::Presence(p)),
             (Role::Client, Frame::Undeliverable { to, why }) => self.events.push_back(Event::Undeliverable { to, why }),
             (_, other) => self.protocol_error(now, format!("unexpected {} on an established connection", other.name())),
+        }
+    }
+
+    fn rate_limited(&mut self, now: Instant) {
+        let bye = Some(Bye { reason: CloseReason::RateLimited, retry_after_ms: 0, alternative: String::new() });
+        let detail = Some(format!("DATA above {} bytes/s", self.cfg.max_data_rate.unwrap_or(0)));
+        self.decide(now, CloseReason::RateLimited, CloseMode::Flush, bye, false, None, detail, None);
+    }
+
+    /// A sequenced frame arrived: true when it is the next in order (deliver it). A duplicate is dropped; a gap
+    /// is a protocol error. An `ACK` goes out once [`reliable::ACK_EVERY`] are pending.
+    fn take_seq(&mut self, now: Instant, seq: u64) -> bool {
+        let Some(inbox) = self.rel.as_mut() else { return false };
+        let verdict = inbox.accept(now, seq);
+        if let Some(ack) = inbox.ack_due(now) {
+            self.queue(now, &Frame::Ack { seq: ack });
+        }
+        match verdict {
+            Accept::New => true,
+            Accept::Duplicate => false,
+            Accept::Gap { expected } => {
+                self.protocol_error(now, format!("sequence number {seq} where {expected} was next"));
+                false
+            }
+        }
+    }
+
+    /// Before a frame sent anyway (`PING`, `PONG`): the pending `ACK` rides along in the same write.
+    fn ack_along(&mut self, now: Instant) {
+        if let Some(ack) = self.rel.as_mut().and_then(|r| r.ack_pending()) {
+            self.queue(now, &Frame::Ack { seq: ack });
         }
     }
 

@@ -74,6 +74,8 @@ pub mod ext {
     pub const MAX_SUBSCRIPTIONS: u16 = 0x0001;
     /// In `WELCOME`: `u32`, `DATA` payload bytes per second one connection may send (absent: no limit).
     pub const MAX_DATA_RATE: u16 = 0x0002;
+    /// In `HELLO` and `WELCOME`: acknowledged delivery and resume ([`crate::reliable`]).
+    pub const RELIABLE: u16 = 0x0003;
 }
 
 /// `PRESENCE` flag bits (v2). A receiver ignores bits it does not know.
@@ -95,6 +97,10 @@ pub mod kind {
     pub const PRESENCE: u8 = 0x08;
     pub const BYE: u8 = 0x09;
     pub const UNDELIVERABLE: u8 = 0x0A;
+    /// `reliable` extension only: sequenced `DATA`, acknowledgements, and the server's reports on messages.
+    pub const SDATA: u8 = 0x0B;
+    pub const ACK: u8 = 0x0C;
+    pub const REPORT: u8 = 0x0D;
 }
 
 /// A protocol that is not tether, recognised from the first bytes a peer sent.
@@ -179,6 +185,8 @@ pub enum FrameError {
     DuplicateExtension(u16),
     #[error("more than {MAX_EXTENSIONS} extensions")]
     TooManyExtensions,
+    #[error("sequence number 0 (sequences start at 1)")]
+    ZeroSeq,
 }
 
 /// Presence state of a client id, as sent in `PRESENCE`.
@@ -298,6 +306,15 @@ pub enum Undeliverable {
     NotOnline,
     /// The payload is larger than the server relays ([`max_relay_payload`]).
     TooLarge,
+    /// The target's reliable session expired (offline longer than the server keeps sessions) before it took the
+    /// message.
+    Expired,
+    /// The target's reliable session holds as many messages or bytes as the server allows.
+    HoldFull,
+    /// The target's reliable session ended because a connection without its resume token took the id.
+    Replaced,
+    /// For the server application: its event queue was full.
+    AppBusy,
     /// A code this build does not know (a newer server).
     Other(u8),
 }
@@ -308,6 +325,10 @@ impl Undeliverable {
             Undeliverable::Unspecified => 0,
             Undeliverable::NotOnline => 1,
             Undeliverable::TooLarge => 2,
+            Undeliverable::Expired => 3,
+            Undeliverable::HoldFull => 4,
+            Undeliverable::Replaced => 5,
+            Undeliverable::AppBusy => 6,
             Undeliverable::Other(c) => c,
         }
     }
@@ -317,6 +338,10 @@ impl Undeliverable {
             0 => Undeliverable::Unspecified,
             1 => Undeliverable::NotOnline,
             2 => Undeliverable::TooLarge,
+            3 => Undeliverable::Expired,
+            4 => Undeliverable::HoldFull,
+            5 => Undeliverable::Replaced,
+            6 => Undeliverable::AppBusy,
             c => Undeliverable::Other(c),
         }
     }
@@ -326,9 +351,27 @@ impl Undeliverable {
             Undeliverable::Unspecified => "unspecified",
             Undeliverable::NotOnline => "not_online",
             Undeliverable::TooLarge => "too_large",
+            Undeliverable::Expired => "expired",
+            Undeliverable::HoldFull => "hold_full",
+            Undeliverable::Replaced => "replaced",
+            Undeliverable::AppBusy => "app_busy",
             Undeliverable::Other(_) => "unknown",
         }
     }
+}
+
+/// The server's word on messages a reliable client sent (`REPORT`, `reliable` extension): sequenced in the
+/// server's stream like `SDATA`, so it is held and replayed too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// Its place in the server's stream to this client.
+    pub seq: u64,
+    /// The client the messages were sent to (empty: the server application).
+    pub peer: String,
+    /// `None`: the receiving application took them (a delivery receipt). `Some(why)`: they will never arrive.
+    pub outcome: Option<Undeliverable>,
+    /// The sender's own sequence numbers of those messages.
+    pub seqs: Vec<u64>,
 }
 
 /// Goodbye: the sender closes the connection after this frame.
@@ -370,6 +413,19 @@ pub enum Frame {
         to: String,
         why: Undeliverable,
     },
+    /// `reliable` extension, both directions: `DATA` with the sender's sequence number (1, 2, 3, … per session
+    /// and direction).
+    Sdata {
+        seq: u64,
+        peer: String,
+        payload: Bytes,
+    },
+    /// `reliable` extension, both directions: every sequenced frame up to `seq` was received.
+    Ack {
+        seq: u64,
+    },
+    /// `reliable` extension, server → client.
+    Report(Report),
 }
 
 /// Whether `buf` starts with a complete frame: `Ok(Some(total_len))` (header included), `Ok(None)` when more bytes
@@ -439,6 +495,27 @@ impl<'a> Cursor<'a> {
         }
         (0..n).map(|_| self.id("subscription id")).collect()
     }
+    fn seq(&mut self) -> Result<u64, FrameError> {
+        match self.u64()? {
+            0 => Err(FrameError::ZeroSeq),
+            n => Ok(n),
+        }
+    }
+    fn peer(&mut self, field: &'static str) -> Result<String, FrameError> {
+        let peer = self.str8(field)?;
+        if peer.len() > MAX_ID_LEN {
+            return Err(FrameError::BadId(peer.len()));
+        }
+        Ok(peer)
+    }
+    fn seqs(&mut self) -> Result<Vec<u64>, FrameError> {
+        let n = self.u16()? as usize;
+        // As for ids: a count the frame has no room for is refused before anything is reserved.
+        if n > self.buf.len() / 8 {
+            return Err(FrameError::Truncated { kind: self.kind });
+        }
+        (0..n).map(|_| self.seq()).collect()
+    }
     /// A v2 extension block: `bytes16` of `type: u16, len: u16, value` entries, each type at most once, at most
     /// [`MAX_EXTENSIONS`] of them.
     fn extensions(&mut self) -> Result<Vec<Extension>, FrameError> {
@@ -493,6 +570,9 @@ impl Frame {
             Frame::Presence(_) => "PRESENCE",
             Frame::Bye(_) => "BYE",
             Frame::Undeliverable { .. } => "UNDELIVERABLE",
+            Frame::Sdata { .. } => "SDATA",
+            Frame::Ack { .. } => "ACK",
+            Frame::Report(_) => "REPORT",
         }
     }
 
@@ -517,6 +597,9 @@ impl Frame {
             kind::PRESENCE => "PRESENCE",
             kind::BYE => "BYE",
             kind::UNDELIVERABLE => "UNDELIVERABLE",
+            kind::SDATA => "SDATA",
+            kind::ACK => "ACK",
+            kind::REPORT => "REPORT",
             other => return Err(FrameError::UnknownKind(other)),
         };
         let mut c = Cursor { buf: body, kind: name };
@@ -562,12 +645,29 @@ impl Frame {
                 c.finish(f)
             }
             kind::DATA => {
-                let peer = c.str8("data peer")?;
-                if peer.len() > MAX_ID_LEN {
-                    return Err(FrameError::BadId(peer.len()));
-                }
+                let peer = c.peer("data peer")?;
                 let payload = Bytes::copy_from_slice(c.buf);
                 Ok(Frame::Data { peer, payload })
+            }
+            kind::SDATA => {
+                let seq = c.seq()?;
+                let peer = c.peer("data peer")?;
+                let payload = Bytes::copy_from_slice(c.buf);
+                Ok(Frame::Sdata { seq, peer, payload })
+            }
+            kind::ACK => {
+                let seq = c.u64()?;
+                c.finish(Frame::Ack { seq })
+            }
+            kind::REPORT => {
+                let seq = c.seq()?;
+                let peer = c.peer("report peer")?;
+                let outcome = match c.u8()? {
+                    0 => None,
+                    code => Some(Undeliverable::from_code(code)),
+                };
+                let seqs = c.seqs()?;
+                c.finish(Frame::Report(Report { seq, peer, outcome, seqs }))
             }
             kind::SUBSCRIBE => {
                 let ids = c.ids()?;
@@ -688,6 +788,27 @@ impl Frame {
                     out.put_u8(why.code());
                 }
             }
+            Frame::Sdata { seq, peer, payload } => {
+                out.put_u8(kind::SDATA);
+                out.put_u64(*seq);
+                put_str8(out, peer);
+                out.put_slice(payload);
+            }
+            Frame::Ack { seq } => {
+                out.put_u8(kind::ACK);
+                out.put_u64(*seq);
+            }
+            Frame::Report(r) => {
+                out.put_u8(kind::REPORT);
+                out.put_u64(r.seq);
+                put_str8(out, &r.peer);
+                out.put_u8(r.outcome.map_or(0, report_code));
+                let seqs = &r.seqs[..r.seqs.len().min(u16::MAX as usize)];
+                out.put_u16(seqs.len() as u16);
+                for s in seqs {
+                    out.put_u64(*s);
+                }
+            }
         }
         let len = (out.len() - start - HEADER_LEN) as u32;
         out[start..start + HEADER_LEN].copy_from_slice(&len.to_be_bytes());
@@ -712,6 +833,9 @@ impl Frame {
             Frame::Presence(p) => 1 + p.client_id.len() + 1 + 1 + 4 + v2(version),
             Frame::Bye(b) => 1 + 4 + 1 + b.alternative.len(),
             Frame::Undeliverable { to, .. } => 1 + to.len() + v2(version),
+            Frame::Sdata { peer, payload, .. } => 8 + 1 + peer.len() + payload.len(),
+            Frame::Ack { .. } => 8,
+            Frame::Report(r) => 8 + 1 + r.peer.len() + 1 + 2 + 8 * r.seqs.len().min(u16::MAX as usize),
         };
         HEADER_LEN + 1 + body
     }
@@ -739,6 +863,15 @@ fn reason_code(reason: CloseReason, version: u8) -> u8 {
         CloseReason::Unknown(_) if version < V2 => CloseReason::Bye.code(),
         CloseReason::NodeLost if version < V2 => CloseReason::Unreachable.code(),
         r => r.code(),
+    }
+}
+
+/// `REPORT.outcome` for an undeliverable outcome: never 0, which means delivered (a `why` of "not said" is sent
+/// as 255, an unknown reason).
+fn report_code(why: Undeliverable) -> u8 {
+    match why.code() {
+        0 => u8::MAX,
+        c => c,
     }
 }
 

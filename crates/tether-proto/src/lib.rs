@@ -16,11 +16,12 @@ pub mod frame;
 pub mod reason;
 pub mod reconnect;
 pub mod registry;
+pub mod reliable;
 
 pub use conn::{
     ping_allowance, Closed, ConnConfig, Connection, Event, HeartbeatPolicy, KernelQueue, Role, SendError, State,
 };
 pub use detector::{DetectorConfig, PhiConfig};
-pub use frame::{Bye, Extension, Frame, FrameError, Hello, Presence, PresenceState, Undeliverable, Welcome};
+pub use frame::{Bye, Extension, Frame, FrameError, Hello, Presence, PresenceState, Report, Undeliverable, Welcome};
 pub use reason::CloseReason;
 pub use registry::{Admission, ConnId, Registry, RegistryConfig, SessionEvent};

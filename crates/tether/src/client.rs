@@ -288,7 +288,13 @@ impl Hooks for ClientHooks {
                 return;
             }
             // Server-only events cannot come out of a client-role connection.
-            Event::Hello(_) | Event::Subscribe(_) | Event::Unsubscribe(_) | Event::RelayTooLarge { .. } => return,
+            Event::Hello(_)
+            | Event::Subscribe(_)
+            | Event::Unsubscribe(_)
+            | Event::RelayTooLarge { .. }
+            | Event::SdataTooLarge { .. } => return,
+            // This client never offers the reliable extension, so none of these can arrive.
+            Event::Sdata { .. } | Event::Acked(_) | Event::Report(_) => return,
         };
         let _ = self.events.send(ev);
     }

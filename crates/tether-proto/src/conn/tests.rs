@@ -1144,3 +1144,148 @@ fn the_kernel_queue_is_stalled_when_output_waits_with_nothing_in_flight_whether_
     // Nothing held: nothing stalled.
     assert_eq!(q(0, 0, false, 3000).stalled_for(), Duration::ZERO);
 }
+
+/// The `reliable` extension on a connection: sequence checks, cumulative acks, and its refusal when not granted.
+mod reliable_ext {
+    use super::*;
+    use crate::reliable::{Grant, Offer, Resume, Status, ACK_DELAY};
+
+    fn offer_hello(resume: Option<Resume>) -> Hello {
+        let mut h = hello("a");
+        h.extensions = vec![Offer { receipts: false, resume }.to_extension()];
+        h
+    }
+
+    fn grant(status: Status, received: u64) -> Grant {
+        Grant { token: [1; 16], status, why: None, received, lost: 0 }
+    }
+
+    /// A server and a client joined directly; `granted`: the server's `WELCOME` carries the grant.
+    fn pair(now: Instant, hello: Hello, granted: Option<Grant>) -> (Connection, Connection) {
+        let cfg = ConnConfig::default();
+        let mut s = Connection::server(now, cfg.clone());
+        let mut c = Connection::client(now, cfg, hello);
+        s.handle_bytes(now, &take(&mut c, now));
+        assert!(matches!(s.poll_event(), Some(Event::Hello(_))));
+        let mut w = welcome();
+        w.extensions = granted.iter().map(Grant::to_extension).collect();
+        s.accept(now, w);
+        c.handle_bytes(now, &take(&mut s, now));
+        assert!(matches!(c.poll_event(), Some(Event::Welcome(_))));
+        (s, c)
+    }
+
+    fn take(c: &mut Connection, now: Instant) -> Vec<u8> {
+        let out = c.poll_transmit().to_vec();
+        c.handle_written(now, out.len());
+        out
+    }
+
+    fn sdata(seq: u64) -> Frame {
+        Frame::Sdata { seq, peer: "b".into(), payload: Bytes::from_static(b"m") }
+    }
+
+    fn events(c: &mut Connection) -> Vec<Event> {
+        std::iter::from_fn(|| c.poll_event()).collect()
+    }
+
+    #[test]
+    fn sequenced_data_arrives_once_in_order_and_is_acknowledged_once_per_sixteen() {
+        let now = Instant::now();
+        let (mut s, mut c) = pair(now, offer_hello(None), Some(grant(Status::New, 0)));
+        for seq in 1..=40 {
+            c.send(now, sdata(seq)).unwrap();
+        }
+        s.handle_bytes(now, &take(&mut c, now));
+        let got: Vec<u64> = events(&mut s)
+            .into_iter()
+            .map(|e| match e {
+                Event::Sdata { seq, .. } => seq,
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(got, (1..=40).collect::<Vec<_>>());
+        let acks = frames_in(&take(&mut s, now), V2);
+        assert_eq!(acks, vec![Frame::Ack { seq: 16 }, Frame::Ack { seq: 32 }], "one ACK per 16, none per message");
+        // The rest is acknowledged when the delay is up, exactly then.
+        assert_eq!(s.poll_timeout(), Some(now + ACK_DELAY));
+        s.handle_timeout(now + ACK_DELAY);
+        assert_eq!(frames_in(&take(&mut s, now), V2), vec![Frame::Ack { seq: 40 }]);
+        c.handle_bytes(now, &Frame::Ack { seq: 40 }.to_bytes_v(V2));
+        assert_eq!(events(&mut c), vec![Event::Acked(40)]);
+    }
+
+    #[test]
+    fn a_duplicate_is_dropped_and_a_gap_is_a_protocol_error() {
+        let now = Instant::now();
+        let (mut s, mut c) = pair(now, offer_hello(None), Some(grant(Status::New, 0)));
+        c.send(now, sdata(1)).unwrap();
+        c.send(now, sdata(1)).unwrap();
+        s.handle_bytes(now, &take(&mut c, now));
+        assert_eq!(events(&mut s).len(), 1, "the replayed 1 is dropped");
+        c.send(now, sdata(3)).unwrap();
+        s.handle_bytes(now, &take(&mut c, now));
+        match events(&mut s).as_slice() {
+            [Event::Closed(cl)] => {
+                assert_eq!(cl.reason, CloseReason::ProtocolError);
+                assert_eq!(cl.detail.as_deref(), Some("sequence number 3 where 2 was next"));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_pending_ack_rides_with_the_ping_sent_anyway() {
+        let now = Instant::now();
+        let (mut s, mut c) = pair(now, offer_hello(None), Some(grant(Status::New, 0)));
+        s.send(now, sdata(1)).unwrap();
+        c.handle_bytes(now, &take(&mut s, now));
+        // The client's PING falls due before the ack delay would: the ACK goes in the same write.
+        let ping_at = c.poll_timeout().unwrap();
+        assert!(ping_at <= now + ACK_DELAY);
+        let later = now + ACK_DELAY / 2;
+        c.probe_now(later);
+        let out = frames_in(&take(&mut c, later), V2);
+        assert_eq!(out[0], Frame::Ack { seq: 1 });
+        assert!(matches!(out[1], Frame::Ping { .. }));
+    }
+
+    #[test]
+    fn a_continued_stream_starts_after_what_the_client_said_it_had() {
+        let now = Instant::now();
+        let resume = Resume { token: [1; 16], received: 7 };
+        let (mut s, mut c) = pair(now, offer_hello(Some(resume)), Some(grant(Status::Resumed, 3)));
+        s.send(now, sdata(7)).unwrap();
+        s.send(now, sdata(8)).unwrap();
+        c.handle_bytes(now, &take(&mut s, now));
+        assert!(matches!(events(&mut c).as_slice(), [Event::Sdata { seq: 8, .. }]), "7 it had: dropped");
+        // The server resumes the client's stream after 3.
+        c.send(now, sdata(4)).unwrap();
+        s.handle_bytes(now, &take(&mut c, now));
+        assert!(matches!(events(&mut s).as_slice(), [Event::Sdata { seq: 4, .. }]));
+        // A stream that does not continue starts again at 1.
+        let (mut s, mut c) = pair(now, offer_hello(Some(resume)), Some(grant(Status::Fresh, 0)));
+        s.send(now, sdata(1)).unwrap();
+        c.handle_bytes(now, &take(&mut s, now));
+        assert!(matches!(events(&mut c).as_slice(), [Event::Sdata { seq: 1, .. }]));
+    }
+
+    #[test]
+    fn without_the_grant_sequenced_frames_are_refused_both_ways() {
+        let now = Instant::now();
+        let (mut s, mut c) = pair(now, offer_hello(None), None);
+        assert_eq!(c.send(now, sdata(1)), Err(SendError::NotReliable));
+        s.handle_bytes(now, &sdata(1).to_bytes_v(V2));
+        match events(&mut s).as_slice() {
+            [Event::Closed(cl)] => {
+                assert_eq!(cl.detail.as_deref(), Some("SDATA without the reliable extension"))
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        // A v1 session never has it, whatever was asked.
+        let mut h = offer_hello(None);
+        h.version = V1;
+        let (_, mut c) = pair(now, h, Some(grant(Status::New, 0)));
+        assert_eq!(c.send(now, sdata(1)), Err(SendError::NotReliable));
+    }
+}

@@ -518,7 +518,9 @@ impl Hooks for ServerHooks {
             Event::RelayTooLarge { to, len } => self.on_relay_too_large(to, len),
             Event::Closed(c) => self.on_closed(conn, now, c),
             // Client-only events cannot come out of a server-role connection.
-            Event::Welcome(_) | Event::Presence(_) | Event::Undeliverable { .. } => {}
+            Event::Welcome(_) | Event::Presence(_) | Event::Undeliverable { .. } | Event::Report(_) => {}
+            // The server grants no reliable session yet, so none of these can arrive.
+            Event::Sdata { .. } | Event::SdataTooLarge { .. } | Event::Acked(_) => {}
         }
     }
 
