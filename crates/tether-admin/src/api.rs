@@ -24,7 +24,7 @@ use subtle::ConstantTimeEq;
 use tether::{CloseReason, KickError};
 
 use crate::json::{
-    disconnect_json, drain_json, event_json, kernel_json, overview_json, probe_json, rfc3339, session_json,
+    disconnect_json, drain_json, event_json, hold_json, kernel_json, overview_json, probe_json, rfc3339, session_json,
 };
 use crate::{AppState, ConnKill, EVENT_STREAM_BUFFER, MAX_BODY, MAX_EVENT_STREAMS};
 
@@ -279,9 +279,20 @@ async fn sessions(State(st): State<AppState>, Query(q): Params) -> Result<Json<s
     Ok(Json(json!({ "sessions": list, "next": next })))
 }
 
+/// One session: online, with the kernel's view of its socket; or offline but holding messages for a resume (a
+/// reliable session), with `session` and `kernel` null. 404 when neither.
 async fn session(State(st): State<AppState>, Path(id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
-    let (info, kernel) = st.handle.session(&id).ok_or_else(|| not_online(&id))?;
-    Ok(Json(json!({ "session": session_json(&info), "kernel": kernel.as_ref().map(kernel_json) })))
+    let hold = st.handle.hold(&id);
+    let online = st.handle.session(&id);
+    if online.is_none() && hold.is_none() {
+        return Err(not_online(&id));
+    }
+    let (info, kernel) = online.unzip();
+    Ok(Json(json!({
+        "session": info.as_ref().map(session_json),
+        "kernel": kernel.flatten().as_ref().map(kernel_json),
+        "hold": hold.as_ref().map(hold_json),
+    })))
 }
 
 /// A duration from JSON: a number of milliseconds, or a string such as `"30s"` or `"1m 30s"`.

@@ -11,7 +11,8 @@ use serde_json::json;
 use tether::metrics::HistogramSnapshot;
 use tether::sockopt::tcp_state_name;
 use tether::{
-    DisconnectRecord, DrainStatus, EventKind, KernelView, MetricsSnapshot, ProbeReport, ServerEvent, SessionInfo,
+    DisconnectRecord, DrainStatus, EventKind, HoldInfo, KernelView, MetricsSnapshot, ProbeReport, ServerEvent,
+    SessionInfo,
 };
 
 /// RFC 3339 in UTC with milliseconds.
@@ -106,6 +107,14 @@ pub fn session_json(s: &SessionInfo) -> serde_json::Value {
     })
 }
 
+/// What a reliable session holds.
+pub fn hold_json(h: &HoldInfo) -> serde_json::Value {
+    json!({
+        "messages": h.messages, "bytes": h.bytes, "online": h.online, "expires_in_ms": h.expires_in.map(ms),
+        "received": h.received, "assigned": h.assigned, "lost": h.lost,
+    })
+}
+
 /// The kernel's view of a socket (`TCP_INFO`, `TIOCOUTQ`).
 pub fn kernel_json(k: &KernelView) -> serde_json::Value {
     let i = &k.info;
@@ -164,6 +173,12 @@ pub fn overview_json(m: &MetricsSnapshot, server: serde_json::Value) -> serde_js
             "relayed": m.relayed, "undeliverable": m.undeliverable, "presence_frames": m.presence_frames,
             "frames_in": m.frames_in, "frames_out": m.frames_out, "bytes_in": m.bytes_in, "bytes_out": m.bytes_out,
             "events_dropped": m.events_dropped, "sse_cut": m.watchers_cut,
+        },
+        "reliable": {
+            "sessions": m.reliable.sessions, "held_messages": m.reliable.held_messages,
+            "held_bytes": m.reliable.held_bytes, "replayed": m.reliable.replayed,
+            "duplicates": m.reliable.duplicates, "expired": m.reliable.expired, "overflows": m.reliable.overflows,
+            "resumed": m.reliable.resumed, "resume_refused": m.reliable.resume_refused,
         },
         "histograms": {
             "lateness_seconds": histogram_json(&m.lateness), "app_rtt_seconds": histogram_json(&m.app_rtt),

@@ -122,6 +122,35 @@ fn encode_snapshot(s: &MetricsSnapshot, enc: &mut DescriptorEncoder) -> Result<(
     )?;
     counter(enc, "tether_relayed_data", "DATA frames relayed to another client.", s.relayed)?;
     counter(enc, "tether_undeliverable", "DATA frames answered UNDELIVERABLE.", s.undeliverable)?;
+    gauge(enc, "tether_reliable_sessions", "Reliable sessions, online or offline.", s.reliable.sessions as i64)?;
+    gauge(
+        enc,
+        "tether_held_messages",
+        "Messages and reports reliable sessions hold until their clients acknowledge them.",
+        s.reliable.held_messages as i64,
+    )?;
+    gauge(
+        enc,
+        "tether_held_bytes",
+        "Bytes reliable sessions hold, as counted against their bounds.",
+        s.reliable.held_bytes as i64,
+    )?;
+    counter(enc, "tether_reliable_replayed", "Held items sent again after a resume.", s.reliable.replayed)?;
+    counter(enc, "tether_reliable_duplicates", "Duplicates of clients' messages dropped.", s.reliable.duplicates)?;
+    counter(enc, "tether_reliable_expired", "Reliable sessions ended by expiry.", s.reliable.expired)?;
+    counter(
+        enc,
+        "tether_hold_overflows",
+        "Messages refused because a reliable session's hold was full.",
+        s.reliable.overflows,
+    )?;
+    counter(enc, "tether_reliable_resumed", "Resumes that kept continuity.", s.reliable.resumed)?;
+    counter(
+        enc,
+        "tether_reliable_resume_refused",
+        "Resumes that could not keep continuity (a fresh session was given).",
+        s.reliable.resume_refused,
+    )?;
     counter(enc, "tether_presence_frames_sent", "PRESENCE frames handed to subscribers.", s.presence_frames)?;
     counter(enc, "tether_frames_received", "Frames received from clients.", s.frames_in)?;
     counter(enc, "tether_frames_sent", "Frames queued for clients.", s.frames_out)?;

@@ -323,6 +323,43 @@ async fn sessions_are_paged_in_id_order_and_filtered_by_prefix() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_reliable_sessions_hold_is_on_the_api_online_and_offline_and_in_the_metrics() {
+    let mut s = TestServer::start(test_config()).await;
+    let admin = start_admin(s.handle.clone(), AdminConfig::default()).await;
+    let link = tether::ReliableLink::new(tether::ReliableConfig::default());
+    let cfg = ClientConfig { reliable: Some(link.clone()), ..client_cfg("r") };
+    let mut r = Client::connect(s.addr, cfg.clone()).await.unwrap();
+    s.wait(|k| matches!(k, EventKind::Online { .. })).await;
+    let online = get(admin, "/v1/sessions/r").await.json();
+    assert_eq!(online["session"]["client"], "r");
+    assert_eq!((online["hold"]["online"].as_bool(), online["hold"]["messages"].as_u64()), (Some(true), Some(0)));
+    r.close().await;
+    s.wait(|k| matches!(k, EventKind::Offline { .. })).await;
+    for i in 0..3 {
+        s.handle.send("r", Bytes::from(format!("held {i}"))).unwrap();
+    }
+    // Offline, its session still holds what was sent to it, and says when it expires.
+    let offline = get(admin, "/v1/sessions/r").await.json();
+    assert_eq!(offline["session"], serde_json::Value::Null);
+    let hold = &offline["hold"];
+    assert_eq!(
+        (hold["online"].as_bool(), hold["messages"].as_u64(), hold["assigned"].as_u64()),
+        (Some(false), Some(3), Some(3))
+    );
+    assert_eq!(hold["expires_in_ms"].as_f64(), Some(120_000.0));
+    let m = metrics(admin).await;
+    assert_eq!((value(&m, "tether_held_messages"), value(&m, "tether_reliable_sessions")), (3.0, 1.0));
+    assert_eq!(get(admin, "/v1/sessions/nobody").await.status, 404);
+    // It resumes and takes them: nothing held.
+    let mut r = Client::connect(s.addr, cfg).await.unwrap();
+    for i in 0..3 {
+        assert_eq!(support::next_data(&mut r).await, Bytes::from(format!("held {i}")));
+    }
+    let m = metrics(admin).await;
+    assert_eq!(value(&m, "tether_reliable_resumed_total"), 1.0);
+}
+
+#[tokio::test(start_paused = true)]
 async fn bad_input_gets_a_json_error_with_the_right_status() {
     let s = TestServer::start(test_config()).await;
     let admin = start_admin(s.handle.clone(), AdminConfig::default()).await;

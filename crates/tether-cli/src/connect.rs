@@ -18,10 +18,11 @@ use anyhow::{bail, Context};
 use bytes::Bytes;
 use serde_json::json;
 use tether::proto::reconnect::{BackoffConfig, ReconnectConfig};
+use tether::proto::reliable::{Grant, Status};
 use tether::proto::{Presence, PresenceState, Undeliverable};
 use tether::{
-    Client, ClientConfig, ClientEvent, ClientTls, ConnectError, Disconnect, LinkEvent, ReconnectingClient,
-    ResilienceConfig, Sent, TrustRoots,
+    Client, ClientConfig, ClientEvent, ClientTls, ConnectError, Disconnect, InDoubt, LinkEvent, ReconnectingClient,
+    ReliableConfig, ReliableLink, ResilienceConfig, Sent, TrustRoots,
 };
 use tokio::io::{AsyncBufReadExt, BufReader, Lines, Stdin};
 
@@ -80,6 +81,14 @@ pub struct Args {
     /// Messages held while disconnected; beyond it sends are refused [default: 1000].
     #[arg(long, value_name = "N", requires = "reconnect")]
     queue: Option<usize>,
+    /// Ask for a reliable session: every line is acknowledged (`acked`), receipts say when the receiver took it
+    /// (`delivered`), and with --reconnect the session resumes after an outage without losing or repeating a
+    /// message.
+    #[arg(long)]
+    reliable: bool,
+    /// Reliable: messages sent and not yet acknowledged, at most; beyond it a line is refused [default: 10000].
+    #[arg(long, value_name = "N", requires = "reliable")]
+    window: Option<usize>,
 }
 
 /// The TLS flags of the commands that connect to a server (`connect`, `probe`).
@@ -149,6 +158,11 @@ pub fn prepare(args: Args) -> anyhow::Result<Prepared> {
         cfg.credential = token.trim().as_bytes().to_vec();
     }
     cfg.tls = args.tls.client_tls()?;
+    if args.reliable {
+        let mut rc = ReliableConfig::default();
+        rc.window.messages = args.window.unwrap_or(rc.window.messages);
+        cfg.reliable = Some(ReliableLink::new(rc));
+    }
     Ok(Prepared { args, cfg })
 }
 
@@ -196,7 +210,8 @@ async fn once(
     }
     let Some((mut client, server)) = connected else { return Ok(ExitCode::FAILURE) };
     let w = client.welcome().clone();
-    out.connected(&server, &args.id, w.epoch, w.heartbeat_ms.into(), w.timeout_ms.into(), server == args.addrs[0]);
+    let primary = server == args.addrs[0];
+    out.connected(&server, &args.id, w.epoch, w.heartbeat_ms.into(), w.timeout_ms.into(), primary, client.reliable());
     if !args.subscribe.is_empty() {
         client.subscribe(args.subscribe.clone()).await.context("subscribing")?;
     }
@@ -274,7 +289,7 @@ async fn resilient(
             }
             line = stdin.next_line(), if stdin_open => match line {
                 Ok(Some(line)) => match rc.send(args.to.as_deref(), Bytes::from(line)).await {
-                    Ok(Sent::Now) => {}
+                    Ok(Sent::Now | Sent::Held(_)) => {}
                     Ok(Sent::Queued) => out.line(json!({"event": "queued"}), "(queued until reconnected)"),
                     Err(e) => out.error(format!("not sent: {e}")),
                 },
@@ -293,6 +308,15 @@ async fn resilient(
                 None => return Ok(ExitCode::FAILURE),
             },
         }
+    }
+}
+
+fn status_str(s: Status) -> &'static str {
+    match s {
+        Status::New => "new",
+        Status::Resumed => "resumed",
+        Status::ResumedWithLoss => "resumed_with_loss",
+        Status::Fresh => "fresh",
     }
 }
 
@@ -339,13 +363,69 @@ impl Printer {
         self.err.finish(Duration::from_secs(1));
     }
 
-    fn connected(&self, server: &str, id: &str, epoch: u64, heartbeat_ms: u64, timeout_ms: u64, primary: bool) {
+    #[allow(clippy::too_many_arguments)]
+    fn connected(
+        &self,
+        server: &str,
+        id: &str,
+        epoch: u64,
+        heartbeat_ms: u64,
+        timeout_ms: u64,
+        primary: bool,
+        reliable: Option<Grant>,
+    ) {
+        let rel = reliable.map(|g| {
+            let lost = (g.lost != u32::MAX).then_some(g.lost);
+            json!({"status": status_str(g.status), "why": g.why.map(|w| w.as_str()), "lost": lost})
+        });
+        let rel_human = match reliable {
+            None => String::new(),
+            Some(g) => match (g.status, g.why) {
+                (Status::New, _) => ", reliable session".to_owned(),
+                (Status::Resumed, _) => ", reliable session resumed, nothing lost".to_owned(),
+                (_, why) => {
+                    format!(
+                        ", reliable session {}: {} ({})",
+                        status_str(g.status),
+                        if g.lost == u32::MAX { "an unknown number of".to_owned() } else { g.lost.to_string() },
+                        why.map_or("unknown", |w| w.as_str())
+                    ) + " messages lost"
+                }
+            },
+        };
         self.line(
             json!({
                 "event": "connected", "server": server, "client": id, "epoch": epoch,
-                "heartbeat_ms": heartbeat_ms, "timeout_ms": timeout_ms, "primary": primary,
+                "heartbeat_ms": heartbeat_ms, "timeout_ms": timeout_ms, "primary": primary, "reliable": rel,
             }),
-            &format!("connected to {server} as {id} (epoch {epoch}, heartbeat {heartbeat_ms} ms)"),
+            &format!("connected to {server} as {id} (epoch {epoch}, heartbeat {heartbeat_ms} ms{rel_human})"),
+        );
+    }
+
+    /// The reliable session's word on what this client sent.
+    fn acked(&self, upto: u64) {
+        self.line(json!({"event": "acked", "upto": upto}), &format!("acked up to {upto}"));
+    }
+
+    fn delivered(&self, to: &str, seqs: &[u64], why: Option<Undeliverable>) {
+        let to_name = if to.is_empty() { "(server)" } else { to };
+        match why {
+            None => self.line(
+                json!({"event": "delivered", "to": to, "seqs": seqs}),
+                &format!("delivered to {to_name}: {seqs:?}"),
+            ),
+            Some(why) => self.line(
+                json!({"event": "not_delivered", "to": to, "seqs": seqs, "why": why.as_str()}),
+                &format!("never delivered to {to_name} ({}): {seqs:?}", why.as_str()),
+            ),
+        }
+    }
+
+    fn in_doubt(&self, msgs: &[InDoubt]) {
+        let seqs: Vec<u64> = msgs.iter().map(|m| m.seq).collect();
+        self.line(
+            json!({"event": "in_doubt", "seqs": seqs}),
+            &format!("the session could not be resumed; these may or may not have arrived: {seqs:?}"),
         );
     }
 
@@ -365,9 +445,15 @@ impl Printer {
 
     fn link_event(&self, id: &str, primary: &str, ev: &LinkEvent) {
         match ev {
-            LinkEvent::Connected { server, epoch, heartbeat, timeout, .. } => {
-                self.connected(server, id, *epoch, whole_ms(*heartbeat), whole_ms(*timeout), server == primary)
-            }
+            LinkEvent::Connected { server, epoch, heartbeat, timeout, reliable, .. } => self.connected(
+                server,
+                id,
+                *epoch,
+                whole_ms(*heartbeat),
+                whole_ms(*timeout),
+                server == primary,
+                *reliable,
+            ),
             LinkEvent::Disconnected { server, disconnect } => self.disconnected(Some(server), disconnect),
             LinkEvent::Reconnecting { attempt, delay, server } => self.line(
                 json!({"event": "reconnecting", "attempt": attempt, "delay_ms": whole_ms(*delay), "server": server}),
@@ -402,6 +488,10 @@ impl Printer {
             ),
             LinkEvent::Suspect { silent_for } => self.suspect(*silent_for),
             LinkEvent::Recovered => self.line(json!({"event": "recovered"}), "server recovered"),
+            LinkEvent::Acked { upto } => self.acked(*upto),
+            LinkEvent::Delivered { to, seqs } => self.delivered(to, seqs, None),
+            LinkEvent::NotDelivered { to, seqs, why } => self.delivered(to, seqs, Some(*why)),
+            LinkEvent::InDoubt(msgs) => self.in_doubt(msgs),
         }
     }
 
@@ -412,6 +502,10 @@ impl Printer {
             ClientEvent::Undeliverable { to, why } => self.undeliverable(to, *why),
             ClientEvent::Suspect { silent_for } => self.suspect(*silent_for),
             ClientEvent::Recovered => self.line(json!({"event": "recovered"}), "server recovered"),
+            ClientEvent::Acked { upto } => self.acked(*upto),
+            ClientEvent::Delivered { to, seqs } => self.delivered(to, seqs, None),
+            ClientEvent::NotDelivered { to, seqs, why } => self.delivered(to, seqs, Some(*why)),
+            ClientEvent::InDoubt(msgs) => self.in_doubt(msgs),
             ClientEvent::Disconnected(d) => self.disconnected(None, d),
         }
     }

@@ -175,6 +175,18 @@ pub struct Args {
     /// Closed connections kept for the admin API's /v1/disconnects [default: 10000].
     #[arg(long, value_name = "N")]
     disconnect_history: Option<usize>,
+    /// A reliable session outlives its connection this long, holding its messages for a resume [default: 2m].
+    #[arg(long, value_parser = duration::parse, value_name = "DUR")]
+    session_expiry: Option<Duration>,
+    /// Messages one reliable session may hold unacknowledged, online or offline [default: 10000].
+    #[arg(long, value_name = "N")]
+    hold_messages: Option<usize>,
+    /// Bytes one reliable session may hold [default: 4194304].
+    #[arg(long, value_name = "BYTES")]
+    hold_bytes: Option<usize>,
+    /// Bytes all reliable sessions together may hold [default: 268435456].
+    #[arg(long, value_name = "BYTES")]
+    hold_total: Option<usize>,
     /// Join a cluster on Redis: redis://HOST:PORT/DB [default: none, a single node in memory].
     #[arg(long, value_name = "URL")]
     cluster: Option<String>,
@@ -231,6 +243,10 @@ pub struct FileConfig {
     admin_token_file: Option<PathBuf>,
     admin_open_metrics: Option<bool>,
     disconnect_history: Option<usize>,
+    session_expiry: Option<String>,
+    hold_messages: Option<usize>,
+    hold_bytes: Option<usize>,
+    hold_total: Option<usize>,
     cluster: Option<String>,
     node_id: Option<String>,
     node_lease: Option<String>,
@@ -392,6 +408,14 @@ pub fn build_config(args: &Args, file: &FileConfig) -> anyhow::Result<ServerConf
     }
     cfg.tls = server_tls(args, file)?;
     cfg.disconnect_history = pick!(args.disconnect_history, file.disconnect_history).unwrap_or(cfg.disconnect_history);
+    let hold = &mut cfg.hold;
+    hold.expiry = pick!(args.session_expiry, dur("session_expiry", &file.session_expiry)?).unwrap_or(hold.expiry);
+    hold.per_session.messages = pick!(args.hold_messages, file.hold_messages).unwrap_or(hold.per_session.messages);
+    hold.per_session.bytes = pick!(args.hold_bytes, file.hold_bytes).unwrap_or(hold.per_session.bytes);
+    hold.total_bytes = pick!(args.hold_total, file.hold_total).unwrap_or(hold.total_bytes);
+    if hold.expiry.is_zero() || hold.per_session.messages == 0 || hold.per_session.bytes == 0 {
+        bail!("session_expiry, hold_messages and hold_bytes must be above zero");
+    }
     if let Some(url) = pick!(args.cluster.clone(), file.cluster.clone()) {
         crate::cluster::check_url("--cluster", &url)?;
         let mut cc = tether::ClusterConfig::new(url);

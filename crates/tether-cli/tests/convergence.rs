@@ -190,7 +190,15 @@ async fn pump_plain(mut c: Client, mut cmds: mpsc::Receiver<Cmd>, seen: Arc<Mute
                     Some(ClientEvent::Presence(p)) => s.heard(p.client_id, p.state, p.reason),
                     Some(ClientEvent::Data { from, payload }) => s.data.push((from, payload)),
                     Some(ClientEvent::Undeliverable { to, .. }) => s.undeliverable.push((Instant::now(), to)),
-                    Some(ClientEvent::Suspect { .. } | ClientEvent::Recovered) => {}
+                    // These clients are not reliable: the reliable events do not come.
+                    Some(
+                        ClientEvent::Suspect { .. }
+                        | ClientEvent::Recovered
+                        | ClientEvent::Acked { .. }
+                        | ClientEvent::Delivered { .. }
+                        | ClientEvent::NotDelivered { .. }
+                        | ClientEvent::InDoubt(_),
+                    ) => {}
                     Some(ClientEvent::Disconnected(d)) => {
                         s.disconnects.push((Instant::now(), format!("{:?}", d)));
                         (s.at, s.ended) = (None, true);
@@ -220,7 +228,7 @@ async fn pump_resilient(mut c: ReconnectingClient, mut cmds: mpsc::Receiver<Cmd>
             cmd = cmds.recv() => match cmd {
                 Some(Cmd::Send(to, payload, ack)) => {
                     let r = match c.send(Some(&to), payload).await {
-                        Ok(tether::Sent::Now) => Ok(()),
+                        Ok(tether::Sent::Now | tether::Sent::Held(_)) => Ok(()),
                         Ok(tether::Sent::Queued) => Err(format!("queued: not connected, sending to {to}")),
                         Err(e) => Err(e.to_string()),
                     };

@@ -443,6 +443,16 @@ impl Connection {
         (self.frames_rx, self.frames_tx)
     }
     /// The last measured round-trip time.
+    /// `reliable`: duplicates of the peer's messages dropped on this connection (0 without the extension).
+    pub fn reliable_duplicates(&self) -> u64 {
+        self.rel.as_ref().map_or(0, |r| r.duplicates())
+    }
+
+    /// Whether the `reliable` extension is in effect.
+    pub fn is_reliable(&self) -> bool {
+        self.rel.is_some()
+    }
+
     pub fn rtt(&self) -> Option<Duration> {
         self.rtt
     }

@@ -231,16 +231,23 @@ pub struct Inbox {
     pending: u32,
     /// When an `ACK` is due, once something is pending.
     due: Option<Instant>,
+    /// Duplicates dropped.
+    duplicates: u64,
 }
 
 impl Inbox {
     /// An inbox whose stream continues after `last` (0 for a new stream).
     pub fn new(last: u64) -> Inbox {
-        Inbox { last, acked: last, pending: 0, due: None }
+        Inbox { last, acked: last, pending: 0, due: None, duplicates: 0 }
     }
 
     pub fn last(&self) -> u64 {
         self.last
+    }
+
+    /// Duplicates dropped so far.
+    pub fn duplicates(&self) -> u64 {
+        self.duplicates
     }
 
     /// Judge sequence number `seq` arriving at `now`, and schedule the `ACK` that covers it.
@@ -249,6 +256,7 @@ impl Inbox {
             self.last = seq;
             Accept::New
         } else if seq <= self.last {
+            self.duplicates += 1;
             Accept::Duplicate
         } else {
             return Accept::Gap { expected: self.last + 1 };
@@ -564,6 +572,8 @@ pub struct Sessions<A> {
     /// Ended sessions' tokens, oldest first, with why and how many messages were lost.
     ended: HashMap<Token, (LostWhy, u32)>,
     ended_order: VecDeque<Token>,
+    /// Items and bytes held by all sessions.
+    held_messages: usize,
     held_bytes: usize,
     stats: Stats,
 }
@@ -578,6 +588,7 @@ impl<A: Clone + PartialEq> Sessions<A> {
             expiries: BTreeSet::new(),
             ended: HashMap::new(),
             ended_order: VecDeque::new(),
+            held_messages: 0,
             held_bytes: 0,
             stats: Stats::default(),
         }
@@ -593,8 +604,7 @@ impl<A: Clone + PartialEq> Sessions<A> {
 
     /// Sessions, and messages and bytes held by all of them.
     pub fn totals(&self) -> (usize, usize, usize) {
-        let messages = self.by_id.values().map(|s| s.out.len()).sum();
-        (self.by_id.len(), messages, self.held_bytes)
+        (self.by_id.len(), self.held_messages, self.held_bytes)
     }
 
     pub fn hold_of(&self, id: &str) -> Option<HoldView> {
@@ -697,10 +707,15 @@ impl<A: Clone + PartialEq> Sessions<A> {
         self.expiries.insert((at, id.to_owned()));
     }
 
-    /// The client `id` sent its message `seq` and the server took it.
-    pub fn received(&mut self, id: &str, seq: u64) {
-        if let Some(s) = self.by_id.get_mut(id) {
-            s.rx = s.rx.max(seq);
+    /// The client `id` sent its message `seq` on `attach`, which the server takes: true, unless `attach` no longer
+    /// carries the session (a resume moved it; the client sends the message again there).
+    pub fn received(&mut self, id: &str, attach: &A, seq: u64) -> bool {
+        match self.by_id.get_mut(id) {
+            Some(s) if s.attached.as_ref() == Some(attach) => {
+                s.rx = s.rx.max(seq);
+                true
+            }
+            _ => false,
         }
     }
 
@@ -724,6 +739,7 @@ impl<A: Clone + PartialEq> Sessions<A> {
         let body = Body::Data { from: from.to_owned(), payload, origin };
         match s.out.push(body, size, limits) {
             Ok(_) => {
+                self.held_messages += 1;
                 self.held_bytes += size;
                 Ok(s.attached.clone())
             }
@@ -756,22 +772,29 @@ impl<A: Clone + PartialEq> Sessions<A> {
         }
         let size = held_size(seqs.len() * 8, peer.len());
         s.out.push_unbounded(Body::Report { peer: peer.to_owned(), outcome, seqs }, size);
+        self.held_messages += 1;
         self.held_bytes += size;
         s.attached.clone()
     }
 
-    /// `id`'s client acknowledged its stream up to `seq`: release those items, and route delivery receipts.
-    pub fn ack(&mut self, id: &str, seq: u64) -> Result<Effects<A>, AckError> {
+    /// `id`'s client acknowledged its stream up to `seq` on `attach`: release those items, and route delivery
+    /// receipts. An acknowledgement on a connection that no longer carries the session is ignored.
+    pub fn ack(&mut self, id: &str, attach: &A, seq: u64) -> Result<Effects<A>, AckError> {
         let mut effects = Effects::default();
-        let Some(s) = self.by_id.get_mut(id) else { return Ok(effects) };
+        let Some(s) = self.by_id.get_mut(id).filter(|s| s.attached.as_ref() == Some(attach)) else {
+            return Ok(effects);
+        };
         let released = s.out.ack(seq)?;
         self.release(id, released, &mut effects);
         Ok(effects)
     }
 
-    /// Up to `budget` bytes of `id`'s items not yet sent on its connection, as frames; and whether more wait.
-    pub fn next_frames(&mut self, id: &str, budget: usize) -> (Vec<Frame>, bool) {
-        let Some(s) = self.by_id.get_mut(id) else { return (Vec::new(), false) };
+    /// Up to `budget` bytes of `id`'s items not yet sent on `attach`, as frames; and whether more wait. Nothing
+    /// for a connection that no longer carries the session.
+    pub fn next_frames(&mut self, id: &str, attach: &A, budget: usize) -> (Vec<Frame>, bool) {
+        let Some(s) = self.by_id.get_mut(id).filter(|s| s.attached.as_ref() == Some(attach)) else {
+            return (Vec::new(), false);
+        };
         let mut frames = Vec::new();
         let mut used = 0;
         while used < budget {
@@ -806,6 +829,7 @@ impl<A: Clone + PartialEq> Sessions<A> {
     fn release(&mut self, id: &str, released: Vec<(u64, Body)>, effects: &mut Effects<A>) {
         let mut receipts: Vec<(String, Token, Vec<u64>)> = Vec::new();
         for (_, body) in released {
+            self.held_messages -= 1;
             self.held_bytes -= body_size(&body).min(self.held_bytes);
             if let Body::Data { origin: Some(origin), .. } = body {
                 match origin {
@@ -842,6 +866,7 @@ impl<A: Clone + PartialEq> Sessions<A> {
         let mut lost = 0u32;
         let mut reports: Vec<(String, Token, Vec<u64>)> = Vec::new();
         for (_, body) in s.out.drain() {
+            self.held_messages -= 1;
             self.held_bytes -= body_size(&body).min(self.held_bytes);
             let Body::Data { origin, .. } = body else { continue };
             lost = lost.saturating_add(1);

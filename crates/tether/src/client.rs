@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant as StdInstant};
 
 use bytes::Bytes;
-use tether_proto::frame::{Hello, V1};
+use tether_proto::frame::{Hello, V1, V2};
 use tether_proto::{Bye, CloseReason, Closed, Connection, Event, Frame, Presence, Undeliverable, Welcome};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -22,6 +22,8 @@ use tokio::task::JoinHandle;
 
 use crate::config::ClientConfig;
 use crate::driver::{self, drive, Hooks};
+use crate::reliable::{InDoubt, ReliableLink};
+use tether_proto::reliable;
 
 /// A connected client.
 pub struct Client {
@@ -35,6 +37,8 @@ pub struct Client {
     task: JoinHandle<()>,
     /// `close` has run (the task is joined).
     closed: bool,
+    /// The reliable session this connection carries (the server granted the extension).
+    reliable: Option<ReliableLink>,
 }
 
 /// How a connection ended, from the client's side.
@@ -87,6 +91,25 @@ pub enum ClientEvent {
         silent_for: Duration,
     },
     Recovered,
+    /// `reliable`: the server took every message this client sent up to sequence number `upto` (it is where the
+    /// receiver's resume will find it, or its fate will be reported).
+    Acked {
+        upto: u64,
+    },
+    /// `reliable`, with receipts: the application of `to` (empty: the server application) took these messages.
+    Delivered {
+        to: String,
+        seqs: Vec<u64>,
+    },
+    /// `reliable`: these messages to `to` will never arrive, and why.
+    NotDelivered {
+        to: String,
+        seqs: Vec<u64>,
+        why: Undeliverable,
+    },
+    /// `reliable`: the server could not resume the session (the grant says why); these messages were sent on the
+    /// old session and never acknowledged, so they may or may not have arrived. They are not sent again.
+    InDoubt(Vec<InDoubt>),
     /// Always the last event.
     Disconnected(Disconnect),
 }
@@ -107,12 +130,22 @@ pub enum ClientError {
     Closed,
     #[error("payload of {len} bytes exceeds the largest the server takes for this destination ({max})")]
     TooLarge { len: usize, max: usize },
+    /// `reliable`: as many messages as the window allows are unacknowledged.
+    #[error("{0}")]
+    Full(#[from] crate::reliable::SendError),
+    #[error("the reliable extension is not in effect on this connection")]
+    NotReliable,
 }
 
 enum ClientCmd {
     Frame(Frame),
     Close,
+    /// Send what the reliable outbox has not sent.
+    Pull,
 }
+
+/// Bytes of the reliable outbox put on the wire at once; more follow as the output drains.
+const PULL_BUDGET: usize = 64 * 1024;
 
 impl Client {
     /// Resolve `server` (`host:port`, the first address found) and [`connect`](Self::connect). Over TLS, the
@@ -165,7 +198,7 @@ impl Client {
             nonce,
             client_id: cfg.client_id.clone(),
             credential: Bytes::from(cfg.credential.clone()),
-            extensions: Vec::new(),
+            extensions: cfg.reliable.iter().filter(|_| version >= V2).map(ReliableLink::offer).collect(),
         };
         let mut conn = Connection::client(driver::now(), cfg.conn.clone(), hello);
         if cfg.ping_jitter {
@@ -174,16 +207,34 @@ impl Client {
         let (cmd_tx, cmd_rx) = mpsc::channel(cfg.command_queue.max(1));
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
         let (welcome_tx, welcome_rx) = oneshot::channel();
+        let link = cfg.reliable.clone().filter(|_| version >= V2);
         let task = tokio::spawn(async move {
-            let mut hooks =
-                ClientHooks { events: ev_tx, cmds: cmd_rx, welcome: Some(welcome_tx), close_requested: false };
+            let mut hooks = ClientHooks {
+                events: ev_tx,
+                cmds: cmd_rx,
+                welcome: Some(welcome_tx),
+                close_requested: false,
+                link,
+                more: false,
+            };
             drive(stream, tls, &mut conn, &mut hooks).await;
         });
         match welcome_rx.await {
             Ok(Ok(welcome)) => {
                 // Held to what the core holds the server to.
                 let max_frame = welcome.max_frame.map_or(cfg.conn.max_frame, tether_proto::frame::peer_max_frame);
-                Ok(Client { cmds: cmd_tx, events: ev_rx, welcome, nonce, local_addr, max_frame, task, closed: false })
+                let reliable = cfg.reliable.clone().filter(|_| reliable::Grant::find(&welcome.extensions).is_some());
+                Ok(Client {
+                    cmds: cmd_tx,
+                    events: ev_rx,
+                    welcome,
+                    nonce,
+                    local_addr,
+                    max_frame,
+                    task,
+                    closed: false,
+                    reliable,
+                })
             }
             Ok(Err(d)) => Err(ConnectError::Refused(d)),
             Err(_) => Err(ConnectError::Io(io::Error::other("client task ended during the handshake"))),
@@ -204,13 +255,39 @@ impl Client {
     /// Send `payload` to client `to`, or to the server application when `to` is `None`. The payload may be at
     /// most `max_frame - 130` bytes to a client and `max_frame - 2` to the server application, with the server's
     /// `max_frame` (see docs/protocol.md).
+    ///
+    /// On a reliable session the message goes through its outbox ([`send_reliable`](Self::send_reliable)).
     pub async fn send(&self, to: Option<&str>, payload: Bytes) -> Result<(), ClientError> {
+        if self.reliable.is_some() {
+            return self.send_reliable(to, payload).map(|_| ());
+        }
         let peer = to.unwrap_or_default().to_owned();
+        self.check_size(&peer, &payload)?;
+        self.command(ClientCmd::Frame(Frame::Data { peer, payload })).await
+    }
+
+    /// Send through the reliable session: the message is kept until the server acknowledges it, sent again
+    /// after a resume, and reported on ([`ClientEvent::Acked`], [`ClientEvent::Delivered`],
+    /// [`ClientEvent::NotDelivered`]). Returns its sequence number. Refused when the window is full
+    /// ([`ClientError::Full`]: wait for acknowledgements) or the server did not grant the extension.
+    pub fn send_reliable(&self, to: Option<&str>, payload: Bytes) -> Result<u64, ClientError> {
+        let link = self.reliable.as_ref().ok_or(ClientError::NotReliable)?;
+        let peer = to.unwrap_or_default();
+        self.check_size(peer, &payload)?;
+        Ok(link.send(peer, payload)?)
+    }
+
+    /// Whether the server granted a reliable session, and how it resumed.
+    pub fn reliable(&self) -> Option<reliable::Grant> {
+        self.reliable.as_ref().and_then(ReliableLink::grant)
+    }
+
+    fn check_size(&self, peer: &str, payload: &Bytes) -> Result<(), ClientError> {
         let max = tether_proto::frame::max_payload(self.max_frame, !peer.is_empty());
         if payload.len() > max {
             return Err(ClientError::TooLarge { len: payload.len(), max });
         }
-        self.command(ClientCmd::Frame(Frame::Data { peer, payload })).await
+        Ok(())
     }
 
     /// Subscribe to the presence of `ids` (`*` for everyone, where the server allows it).
@@ -255,20 +332,63 @@ struct ClientHooks {
     /// Completes `connect` with the `WELCOME`, or with the refusal.
     welcome: Option<oneshot::Sender<Result<Welcome, Disconnect>>>,
     close_requested: bool,
+    /// The reliable session offered in `HELLO`, and whether its outbox has more to send than was pulled.
+    link: Option<ReliableLink>,
+    more: bool,
+}
+
+impl ClientHooks {
+    fn emit(&self, ev: ClientEvent) {
+        let _ = self.events.send(ev);
+    }
+
+    /// The server's grant, or none: continue or restart the session, and send what it holds.
+    fn on_welcome(&mut self, conn: &mut Connection, now: StdInstant, w: &Welcome) {
+        let Some(link) = &self.link else { return };
+        let grant = reliable::Grant::find(&w.extensions).filter(|_| conn.is_reliable());
+        let (acked, doubt) = link.welcome(grant);
+        if grant.is_none() {
+            self.link = None;
+        }
+        if acked > 0 {
+            self.emit(ClientEvent::Acked { upto: acked });
+        }
+        if !doubt.is_empty() {
+            self.emit(ClientEvent::InDoubt(doubt));
+        }
+        self.pull(conn, now);
+    }
+
+    /// Put up to [`PULL_BUDGET`] bytes of the outbox's unsent messages on the wire.
+    fn pull(&mut self, conn: &mut Connection, now: StdInstant) {
+        let Some(link) = &self.link else { return };
+        let (frames, more) = link.next_frames(PULL_BUDGET);
+        self.more = more;
+        for f in frames {
+            if let Err(e) = conn.send(now, f) {
+                tracing::debug!("reliable send refused: {e}");
+                break;
+            }
+        }
+    }
 }
 
 impl Hooks for ClientHooks {
     type Cmd = ClientCmd;
 
-    fn on_event(&mut self, _conn: &mut Connection, _now: StdInstant, event: Event) {
+    fn on_event(&mut self, conn: &mut Connection, now: StdInstant, event: Event) {
         let ev = match event {
             Event::Welcome(w) => {
+                self.on_welcome(conn, now, &w);
                 if let Some(tx) = self.welcome.take() {
                     let _ = tx.send(Ok(w));
                 }
                 return;
             }
             Event::Closed(c) => {
+                if let Some(link) = &self.link {
+                    link.detach();
+                }
                 let d = Disconnect::from(c);
                 match self.welcome.take() {
                     Some(tx) => {
@@ -293,8 +413,34 @@ impl Hooks for ClientHooks {
             | Event::Unsubscribe(_)
             | Event::RelayTooLarge { .. }
             | Event::SdataTooLarge { .. } => return,
-            // This client never offers the reliable extension, so none of these can arrive.
-            Event::Sdata { .. } | Event::Acked(_) | Event::Report(_) => return,
+            Event::Sdata { seq, peer, payload } => {
+                if let Some(link) = &self.link {
+                    link.received_seq(seq);
+                }
+                ClientEvent::Data { from: (!peer.is_empty()).then_some(peer), payload }
+            }
+            Event::Report(r) => {
+                if let Some(link) = &self.link {
+                    link.received_seq(r.seq);
+                }
+                match r.outcome {
+                    None => ClientEvent::Delivered { to: r.peer, seqs: r.seqs },
+                    Some(why) => ClientEvent::NotDelivered { to: r.peer, seqs: r.seqs, why },
+                }
+            }
+            Event::Acked(seq) => {
+                let Some(link) = &self.link else { return };
+                match link.acked(seq) {
+                    Ok(0) => return,
+                    Ok(_) => ClientEvent::Acked { upto: seq },
+                    Err(e) => {
+                        tracing::warn!("protocol error from the server: {e}");
+                        let bye =
+                            Bye { reason: CloseReason::ProtocolError, retry_after_ms: 0, alternative: String::new() };
+                        return conn.reject(now, bye);
+                    }
+                }
+            }
         };
         let _ = self.events.send(ev);
     }
@@ -309,10 +455,22 @@ impl Hooks for ClientHooks {
             ClientCmd::Close => {
                 conn.close(now, Bye { reason: CloseReason::Bye, retry_after_ms: 0, alternative: String::new() })
             }
+            ClientCmd::Pull => self.pull(conn, now),
+        }
+    }
+
+    fn after_flush(&mut self, conn: &mut Connection, now: StdInstant) {
+        if self.more && conn.pending_tx() < PULL_BUDGET {
+            self.pull(conn, now);
         }
     }
 
     fn poll_cmd(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<ClientCmd>> {
+        if let Some(link) = &self.link {
+            if link.poll_pull(cx).is_ready() {
+                return std::task::Poll::Ready(Some(ClientCmd::Pull));
+            }
+        }
         self.cmds.poll_recv(cx).map(|c| match c {
             Some(c) => Some(c),
             // The `Client` was dropped: say goodbye once, then run on until closed.

@@ -66,6 +66,9 @@ pub struct ServerConfig {
     pub busy_retry_spread: Duration,
     /// Frames waiting for one connection's task (relayed data, presence); overflow is `slow_consumer`.
     pub outbound_queue: usize,
+    /// Reliable sessions (the `reliable` extension): how long one outlives its connection, and how much it and
+    /// all of them may hold. A single node keeps them in memory; cluster nodes do not grant the extension.
+    pub hold: tether_proto::reliable::HoldConfig,
     /// How long a graceful shutdown waits for connections to finish their goodbye.
     pub shutdown_grace: Duration,
     /// `BYE(server_shutdown)` retry-after hints are spread evenly over this window.
@@ -111,6 +114,7 @@ impl Default for ServerConfig {
             busy_retry_after: Duration::from_secs(1),
             busy_retry_spread: Duration::from_secs(5),
             outbound_queue: 1024,
+            hold: tether_proto::reliable::HoldConfig::default(),
             shutdown_grace: Duration::from_secs(5),
             shutdown_spread: Duration::from_secs(10),
             shutdown_redirect: None,
@@ -149,6 +153,9 @@ pub struct ClientConfig {
     /// The protocol version offered in `HELLO` (the highest this library speaks by default); a server that
     /// refuses it as unknown is asked again with version 1.
     pub protocol_version: u8,
+    /// Ask for a reliable session (acknowledged delivery, resume) carried by this link's state; v2 only. Clone
+    /// one link into every connection of the session ([`crate::ReconnectingClient`] does).
+    pub reliable: Option<crate::reliable::ReliableLink>,
 }
 
 impl ClientConfig {
@@ -165,6 +172,7 @@ impl ClientConfig {
             ping_jitter: true,
             tls: None,
             protocol_version: tether_proto::frame::PROTOCOL_VERSION,
+            reliable: None,
         }
     }
 }

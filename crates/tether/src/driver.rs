@@ -77,6 +77,8 @@ pub(crate) trait Hooks {
     fn on_progress(&mut self, _conn: &Connection) {}
     /// Called after bytes moved: `read` from the socket, `written` to it (TLS records included), for metrics.
     fn on_io(&mut self, _conn: &Connection, _read: usize, _written: usize) {}
+    /// Called after each flush to the socket: the role may queue more output now that some drained.
+    fn after_flush(&mut self, _conn: &mut Connection, _now: StdInstant) {}
 }
 
 /// Run the connection until the core says it is closed, then close the socket. `tls`: the rustls connection
@@ -103,6 +105,7 @@ pub(crate) async fn drive<H: Hooks>(
                 Some(tls) => flush_tls(&stream, tls, conn, now),
             };
             hooks.on_io(conn, 0, written);
+            hooks.after_flush(conn, now);
         }
         if conn.kernel_check_due(now) {
             conn.handle_kernel_queue(now, sockopt::kernel_queue(stream.as_raw_fd()));

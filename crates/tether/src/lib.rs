@@ -35,6 +35,7 @@ pub mod loglimit;
 pub mod metrics;
 pub mod ops;
 pub mod probe;
+pub mod reliable;
 pub mod resilient;
 pub mod server;
 pub mod sockopt;
@@ -47,11 +48,12 @@ pub use config::{Auth, ClientConfig, ServerConfig};
 pub use event::{EventKind, EventQueue, EventStream, ServerEvent, Stats};
 pub use metrics::MetricsSnapshot;
 pub use ops::{
-    DisconnectRecord, DrainError, DrainStatus, EventWatch, KernelView, ProbeEnded, ProbeReport, ProbeVerdict,
+    DisconnectRecord, DrainError, DrainStatus, EventWatch, HoldInfo, KernelView, ProbeEnded, ProbeReport, ProbeVerdict,
     SessionInfo,
 };
+pub use reliable::{InDoubt, ReliableConfig, ReliableLink};
 pub use resilient::{LinkError, LinkEvent, ReconnectingClient, ResilienceConfig, Sent};
-pub use server::{KickError, SendToError, Server, ServerHandle};
+pub use server::{Delivery, KickError, Receipt, SendToError, Server, ServerHandle};
 pub use sockopt::{Keepalive, SocketOptions};
 pub use tether_proto as proto;
 pub use tether_proto::CloseReason;

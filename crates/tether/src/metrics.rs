@@ -117,6 +117,8 @@ pub struct Metrics {
     /// `DATA` relayed to another client, and `DATA` answered `UNDELIVERABLE`.
     pub relayed: AtomicU64,
     pub undeliverable: AtomicU64,
+    /// `reliable`: duplicates of clients' messages dropped (counted as each connection ends).
+    pub reliable_duplicates: AtomicU64,
     /// Frames and bytes over every connection that reached the session layer (refusals at accept not counted).
     pub frames_in: AtomicU64,
     pub frames_out: AtomicU64,
@@ -152,6 +154,7 @@ impl Default for Metrics {
             task_panics: AtomicU64::new(0),
             relayed: AtomicU64::new(0),
             undeliverable: AtomicU64::new(0),
+            reliable_duplicates: AtomicU64::new(0),
             frames_in: AtomicU64::new(0),
             frames_out: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
@@ -220,6 +223,27 @@ pub struct MetricsSnapshot {
     pub session: HistogramSnapshot,
     /// Cluster mode: the node's view of the cluster and Redis.
     pub cluster: Option<ClusterSnapshot>,
+    /// Reliable sessions and what they hold.
+    pub reliable: ReliableSnapshot,
+}
+
+/// Reliable sessions (the `reliable` extension) at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReliableSnapshot {
+    /// Sessions, online or offline, and the messages (reports included) and bytes they hold.
+    pub sessions: usize,
+    pub held_messages: usize,
+    pub held_bytes: usize,
+    /// Items sent again after a resume.
+    pub replayed: u64,
+    /// Duplicates of clients' messages dropped.
+    pub duplicates: u64,
+    /// Sessions ended by expiry, messages refused because a hold was full.
+    pub expired: u64,
+    pub overflows: u64,
+    /// Resumes that kept continuity, and those that could not (a fresh session was given).
+    pub resumed: u64,
+    pub resume_refused: u64,
 }
 
 /// A snapshot of a cluster node's state for operators (built by `Cluster::snapshot`).

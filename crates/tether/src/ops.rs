@@ -47,6 +47,23 @@ pub struct SessionInfo {
     pub bytes_out: u64,
 }
 
+/// What a reliable session holds (the `reliable` extension), online or offline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HoldInfo {
+    /// Messages and reports waiting for the client's acknowledgement (sent or not), and their bytes as counted
+    /// against the hold's bounds.
+    pub messages: usize,
+    pub bytes: usize,
+    /// Whether a connection carries the session now; if not, how long until it expires.
+    pub online: bool,
+    pub expires_in: Option<Duration>,
+    /// The last sequence number taken from the client, and the last assigned to the server's stream to it.
+    pub received: u64,
+    pub assigned: u64,
+    /// Messages refused since the client last resumed (its hold was full).
+    pub lost: u32,
+}
+
 /// The kernel's view of a session's socket at the moment it was asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KernelView {

@@ -12,7 +12,14 @@
 //! takeover on the server, never a conflict); the presence subscriptions are re-sent after every connect; data
 //! sent while disconnected waits in a bounded FIFO (`queue_limit`) and is sent first after the next connect, and
 //! a full queue refuses with [`LinkError::QueueFull`]. Data handed to a connection that then dies may be lost
-//! with it (TCP gives no delivery receipt; tether v1 has no acknowledgements): delivery is at most once.
+//! with it (TCP gives no delivery receipt): without the `reliable` extension, delivery is at most once.
+//!
+//! With a [`crate::ReliableLink`] in the configuration, every send goes into the link's bounded outbox instead
+//! (connected or not: [`Sent::Held`]), each connection offers to resume the session, and what the server has
+//! not acknowledged is sent again after the resume: every message arrives once, in order, or is reported
+//! ([`LinkEvent::NotDelivered`], [`LinkEvent::InDoubt`]). Such a client does not move back to the primary while
+//! connected to a backup (servers outside one cluster do not share sessions, so the move would end it); it
+//! returns to the primary at its next reconnect.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::future::Future;
@@ -54,6 +61,8 @@ pub enum LinkEvent {
         heartbeat: Duration,
         timeout: Duration,
         primary: bool,
+        /// The reliable session's grant: whether it resumed, and what was lost if not (`None`: not reliable).
+        reliable: Option<tether_proto::reliable::Grant>,
     },
     Disconnected {
         server: String,
@@ -96,6 +105,23 @@ pub enum LinkEvent {
         silent_for: Duration,
     },
     Recovered,
+    /// `reliable`: the server took every message up to this sequence number.
+    Acked {
+        upto: u64,
+    },
+    /// `reliable`, with receipts: `to`'s application took these messages.
+    Delivered {
+        to: String,
+        seqs: Vec<u64>,
+    },
+    /// `reliable`: these messages to `to` will never arrive.
+    NotDelivered {
+        to: String,
+        seqs: Vec<u64>,
+        why: tether_proto::Undeliverable,
+    },
+    /// `reliable`: the session could not be resumed; these messages may or may not have arrived.
+    InDoubt(Vec<crate::reliable::InDoubt>),
 }
 
 /// Where a message went.
@@ -105,6 +131,8 @@ pub enum Sent {
     Now,
     /// Held until the next connection.
     Queued,
+    /// `reliable`: kept in the link's outbox under this sequence number until the server acknowledges it.
+    Held(u64),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -115,6 +143,9 @@ pub enum LinkError {
     Stopped,
     #[error("payload of {len} bytes exceeds the largest the server takes for this destination ({max})")]
     TooLarge { len: usize, max: usize },
+    /// `reliable`: the outbox's window is full; wait for acknowledgements.
+    #[error("{0}")]
+    Full(crate::reliable::SendError),
 }
 
 enum Cmd {
@@ -307,6 +338,7 @@ impl Supervisor {
             heartbeat: Duration::from_millis(w.heartbeat_ms.into()),
             timeout: Duration::from_millis(w.timeout_ms.into()),
             primary: *target == Target::Listed(0),
+            reliable: client.reliable(),
         });
         if !self.subs.is_empty() {
             let _ = client.subscribe(self.subs.iter().cloned().collect()).await;
@@ -324,7 +356,11 @@ impl Supervisor {
         let mut last_probe = None;
         let mut probe: Option<Probe> = None;
         loop {
-            let probe_at = if probe.is_none() { self.policy.primary_probe_at(last_probe) } else { None };
+            let probe_at = if probe.is_none() && self.cfg.reliable.is_none() {
+                self.policy.primary_probe_at(last_probe)
+            } else {
+                None
+            };
             let probe_sleep = async {
                 match probe_at {
                     Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
@@ -345,11 +381,15 @@ impl Supervisor {
                 },
                 cmd = self.cmds.recv() => match cmd {
                     Some(Cmd::Send { to, payload, ack }) => {
-                        let r = client.send(to.as_deref(), payload).await.map(|()| Sent::Now);
+                        let r = match client.reliable() {
+                            Some(_) => client.send_reliable(to.as_deref(), payload).map(Sent::Held),
+                            None => client.send(to.as_deref(), payload).await.map(|()| Sent::Now),
+                        };
                         let _ = ack.send(r.map_err(|e| match e {
                             // The server's announced maximum is below what the caller checked against.
                             ClientError::TooLarge { len, max } => LinkError::TooLarge { len, max },
-                            ClientError::Closed => LinkError::Stopped,
+                            ClientError::Full(e) => LinkError::Full(e),
+                            ClientError::Closed | ClientError::NotReliable => LinkError::Stopped,
                         }));
                     }
                     Some(Cmd::Subscribe(ids)) => {
@@ -398,6 +438,10 @@ impl Supervisor {
             ClientEvent::Undeliverable { to, why } => LinkEvent::Undeliverable { to, why },
             ClientEvent::Suspect { silent_for } => LinkEvent::Suspect { silent_for },
             ClientEvent::Recovered => LinkEvent::Recovered,
+            ClientEvent::Acked { upto } => LinkEvent::Acked { upto },
+            ClientEvent::Delivered { to, seqs } => LinkEvent::Delivered { to, seqs },
+            ClientEvent::NotDelivered { to, seqs, why } => LinkEvent::NotDelivered { to, seqs, why },
+            ClientEvent::InDoubt(msgs) => LinkEvent::InDoubt(msgs),
             ClientEvent::Disconnected(_) => return,
         };
         self.emit(e);
@@ -411,6 +455,11 @@ impl Supervisor {
             tokio::select! {
                 () = &mut sleep => return true,
                 cmd = self.cmds.recv() => match cmd {
+                    Some(Cmd::Send { to, payload, ack }) if self.cfg.reliable.is_some() => {
+                        let link = self.cfg.reliable.as_ref().expect("checked");
+                        let r = link.send(to.as_deref().unwrap_or_default(), payload).map(Sent::Held);
+                        let _ = ack.send(r.map_err(LinkError::Full));
+                    }
                     Some(Cmd::Send { to, payload, ack }) => {
                         let r = if self.queue.len() < self.queue_limit {
                             self.queue.push_back((to, payload));

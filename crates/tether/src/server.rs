@@ -11,6 +11,8 @@
 //! - `probes`: operators' round-trip probes in flight, and how a probed session ended during one (a leaf).
 //! - `control`: a connection's control slot, the commands other tasks send it, and the cluster's admission
 //!   decision (a leaf: it knows neither the hub nor the shared state).
+//! - `held`: the reliable sessions' table behind its lock, and how its decisions reach connections (a leaf
+//!   besides `control`).
 //! - `hub`: the sans-IO `Registry` and the connection table behind one mutex, and the pump that carries out
 //!   the registry's outputs.
 //! - `state`: `Shared`, the state every task shares: emit, stats, metrics and session snapshots.
@@ -34,8 +36,8 @@
 //! # Rules
 //! This file owns the listener, the connection tasks' `JoinSet` and the helper tasks; it holds no lock across an
 //! `.await`. The lock order everywhere in the server is: the drain lock (only `ServerHandle::drain` holds it
-//! while taking another), then the hub, then a connection's control slot; the sources, probes and log-limiter
-//! locks are leaves taken alone.
+//! while taking another), then the hub, then the reliable sessions' table, then a connection's control slot;
+//! the sources, probes and log-limiter locks are leaves taken alone.
 
 use std::future::Future;
 use std::io;
@@ -58,6 +60,7 @@ use crate::sockopt;
 mod clustered;
 mod control;
 mod handle;
+mod held;
 mod hub;
 mod limits;
 mod probes;
@@ -65,7 +68,8 @@ mod session;
 mod state;
 
 use control::{bye, CloseCmd};
-pub use handle::{KickError, SendToError, ServerHandle};
+pub use handle::{KickError, Receipt, SendToError, ServerHandle};
+pub use held::Delivery;
 pub use limits::source_of;
 use limits::TokenBucket;
 use session::serve_conn;
@@ -176,6 +180,9 @@ impl Server {
         let mut tasks = JoinSet::new();
         let mut helpers =
             vec![tokio::spawn(registry_timer(shared.clone())), tokio::spawn(log_summaries(shared.clone()))];
+        if shared.cluster.is_none() {
+            helpers.push(tokio::spawn(expiry_timer(shared.clone())));
+        }
         if let Some(every) = shared.cfg.stats_interval.filter(|d| !d.is_zero()) {
             helpers.push(tokio::spawn(stats_ticker(shared.clone(), every)));
         }
@@ -379,21 +386,39 @@ async fn stats_ticker(shared: Arc<Shared>, every: Duration) {
 
 /// Runs `Registry::handle_timeout` at the registry's one deadline (presence grace).
 async fn registry_timer(shared: Arc<Shared>) {
+    let next = || shared.hub().registry.poll_timeout();
+    let fire = || {
+        let mut hub = shared.hub();
+        hub.registry.handle_timeout(driver::now());
+        hub.pump(None);
+    };
+    at_deadlines(&shared.registry_wake, next, fire).await
+}
+
+/// Ends offline reliable sessions at their expiry: what they held is reported undeliverable (`expired`) to its
+/// senders.
+async fn expiry_timer(shared: Arc<Shared>) {
+    let next = || shared.held.table().poll_timeout();
+    let fire = || {
+        let fx = shared.held.table().expire(driver::now());
+        shared.held.carry_out(fx);
+    };
+    at_deadlines(&shared.held.wake, next, fire).await
+}
+
+/// Call `fire` at each deadline `next` gives (none: wait for `wake`), re-reading it whenever `wake` is notified.
+async fn at_deadlines(wake: &tokio::sync::Notify, next: impl Fn() -> Option<StdInstant>, fire: impl Fn()) {
     loop {
-        let next = shared.hub().registry.poll_timeout();
+        let deadline = next();
         let sleep = async {
-            match next {
+            match deadline {
                 Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
                 None => std::future::pending().await,
             }
         };
         tokio::select! {
-            () = sleep => {
-                let mut hub = shared.hub();
-                hub.registry.handle_timeout(driver::now());
-                hub.pump(None);
-            }
-            () = shared.registry_wake.notified() => {}
+            () = sleep => fire(),
+            () = wake.notified() => {}
         }
     }
 }
@@ -504,8 +529,9 @@ mod size_guard {
 
     /// Every idle connection holds one task whose future is this big: a regression here is memory per
     /// connection (see BENCHMARKS.md), and so is its `Control` on the heap. Measured with rustc 1.95 (debug build):
-    /// future 1000 bytes, Connection 384, Control 240 (the operator's view of the session and its traffic
-    /// counts included, and the slot a cluster admission arrives in).
+    /// future 1000 bytes, Connection 392 (the reliable extension's receiving half is one pointer, boxed only when
+    /// granted), Control 240 (the operator's view of the session and its traffic counts included, and the slot
+    /// a cluster admission arrives in).
     #[tokio::test]
     async fn per_connection_task_stays_small() {
         let cfg = ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..Default::default() };
@@ -514,7 +540,7 @@ mod size_guard {
         let peer = c.local_addr().unwrap();
         let f = serve_conn(server.shared.clone(), c, peer, 1);
         assert!(std::mem::size_of_val(&f) <= 1024, "serve_conn future is {} bytes", std::mem::size_of_val(&f));
-        assert!(std::mem::size_of::<Connection>() <= 384, "Connection is {} bytes", std::mem::size_of::<Connection>());
+        assert!(std::mem::size_of::<Connection>() <= 392, "Connection is {} bytes", std::mem::size_of::<Connection>());
         assert!(std::mem::size_of::<Control>() <= 240, "Control is {} bytes", std::mem::size_of::<Control>());
         drop(f);
     }

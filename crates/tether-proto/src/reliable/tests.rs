@@ -125,16 +125,16 @@ fn a_resume_with_the_token_replays_what_the_client_did_not_receive() {
     for p in ["x", "y"] {
         assert_eq!(t.push("b", "a", Bytes::from(p), None), Ok(Some(10)));
     }
-    let (frames, more) = t.next_frames("b", 1 << 16);
+    let (frames, more) = t.next_frames("b", &10, 1 << 16);
     assert_eq!((seqs_of(&frames), more), (vec![1, 2], false));
-    t.received("b", 7);
+    assert!(t.received("b", &10, 7));
     // The link dies after the client took 1; the session waits, offline.
     t.detach(now, "b", &10);
     assert_eq!(t.hold_of("b").map(|h| h.online), Some(false));
     t.push("b", "a", Bytes::from("z"), None).unwrap();
     let opened = t.open("b", resume(token, 1), [2; 8], 11);
     assert_eq!(opened.grant, Grant { token, status: Status::Resumed, why: None, received: 7, lost: 0 });
-    let (frames, _) = t.next_frames("b", 1 << 16);
+    let (frames, _) = t.next_frames("b", &11, 1 << 16);
     assert_eq!(seqs_of(&frames), vec![2, 3]);
     assert_eq!(t.poll_timeout(), None, "a resumed session does not expire");
     assert_eq!(t.stats().replayed, 2);
@@ -151,7 +151,7 @@ fn a_forged_or_stale_token_gets_a_fresh_session_never_the_stream() {
     assert_eq!(opened.grant.status, Status::Fresh);
     assert_eq!(opened.grant.why, Some(LostWhy::Unknown));
     assert_eq!(opened.detached, Some(10), "the old session's connection no longer carries it");
-    assert!(t.next_frames("b", 1 << 16).0.is_empty(), "the newcomer gets nothing of the old stream");
+    assert!(t.next_frames("b", &11, 1 << 16).0.is_empty(), "the newcomer gets nothing of the old stream");
     // The device that held the real token comes back: its session was replaced, and it is told so.
     let back = t.open("b", resume(real, 0), [3; 8], 12);
     assert_eq!((back.grant.status, back.grant.why, back.grant.lost), (Status::Fresh, Some(LostWhy::Replaced), 1));
@@ -178,7 +178,7 @@ fn expiry_tells_every_sender_and_the_late_resume_says_how_many_were_lost() {
     let fx = t.expire(now + Duration::from_secs(120));
     assert_eq!(fx.wake, vec![1]);
     assert_eq!(fx.app, vec![(77, Some(Undeliverable::Expired))]);
-    let (frames, _) = t.next_frames("a", 1 << 16);
+    let (frames, _) = t.next_frames("a", &1, 1 << 16);
     assert_eq!(
         frames,
         vec![Frame::Report(Report {
@@ -207,7 +207,7 @@ fn a_full_hold_refuses_counts_and_the_resume_says_continuity_was_lost() {
     let back = t.open("b", resume(b, 0), [3; 8], 3);
     assert_eq!(back.grant.status, Status::ResumedWithLoss);
     assert_eq!((back.grant.why, back.grant.lost), (Some(LostWhy::HoldOverflow), 2));
-    assert_eq!(seqs_of(&t.next_frames("b", 1 << 16).0), vec![1, 2, 3], "what was held still arrives");
+    assert_eq!(seqs_of(&t.next_frames("b", &3, 1 << 16).0), vec![1, 2, 3], "what was held still arrives");
     assert_eq!(t.stats().overflows, 2);
 }
 
@@ -229,14 +229,14 @@ fn receipts_reach_the_sender_when_the_receiver_acknowledges() {
         assert_eq!(t.push("b", "a", Bytes::from("m"), origin), Ok(Some(2)));
     }
     t.push("b", "", Bytes::from("app"), Some(Origin::App(9))).unwrap();
-    t.next_frames("b", 1 << 16);
-    assert!(t.ack("b", 4).is_err(), "only 3 were sent");
-    let fx = t.ack("b", 3).unwrap();
+    t.next_frames("b", &2, 1 << 16);
+    assert!(t.ack("b", &2, 4).is_err(), "only 3 were sent");
+    let fx = t.ack("b", &2, 3).unwrap();
     assert_eq!((fx.wake, fx.app), (vec![1], vec![(9, None)]));
-    let (frames, _) = t.next_frames("a", 1 << 16);
+    let (frames, _) = t.next_frames("a", &1, 1 << 16);
     assert_eq!(frames, vec![Frame::Report(Report { seq: 1, peer: "b".into(), outcome: None, seqs: vec![5, 6] })]);
     // b did not ask for receipts: a's acknowledgement of the report sends it none.
-    assert!(t.ack("a", 1).unwrap().wake.is_empty());
+    assert!(t.ack("a", &1, 1).unwrap().wake.is_empty());
     assert_eq!(t.totals(), (2, 0, 0));
 }
 
@@ -249,6 +249,12 @@ fn a_connection_that_no_longer_carries_the_session_does_not_detach_it() {
     assert_eq!(opened.detached, Some(2));
     t.detach(now, "b", &2);
     assert_eq!(t.hold_of("b").map(|h| h.online), Some(true));
+    // Nor take messages, acknowledgements or items: the client sends them again on the new connection.
+    t.push("b", "a", Bytes::from("m"), None).unwrap();
+    assert!(!t.received("b", &2, 1));
+    assert!(t.next_frames("b", &2, 1 << 16).0.is_empty());
+    assert!(t.ack("b", &2, 1).unwrap().wake.is_empty());
+    assert_eq!(seqs_of(&t.next_frames("b", &3, 1 << 16).0), vec![1]);
     assert_eq!(t.poll_timeout(), None);
 }
 

@@ -79,6 +79,8 @@ struct ControlState {
     probe: bool,
     /// Cluster mode: the decision about this connection's `HELLO`, waiting for its task.
     admit: Option<Box<Admit>>,
+    /// Its reliable session has items to send (the task takes them from the table).
+    pull: bool,
 }
 
 impl ControlState {
@@ -91,6 +93,7 @@ impl ControlState {
             fd,
             probe: false,
             admit: None,
+            pull: false,
         }
     }
 
@@ -161,6 +164,8 @@ pub(super) enum Cmd {
     Probe,
     /// Cluster mode: welcome or refuse the `HELLO` as decided.
     Admit(Box<Admit>),
+    /// Send what the connection's reliable session holds for it.
+    Pull,
 }
 
 /// A `BYE` with `retry_after` in milliseconds (saturated) and no alternative.
@@ -220,6 +225,15 @@ impl Control {
         st.wake();
     }
 
+    /// Tell the task that its reliable session has items to send.
+    pub(super) fn wake_pull(&self) {
+        let mut st = self.state.lock().expect("control lock");
+        if !st.pull {
+            st.pull = true;
+            st.wake();
+        }
+    }
+
     /// Queue a frame for the connection (at most `limit`); a full queue condemns it as a slow consumer.
     pub(super) fn push(&self, frame: Frame, limit: usize) -> Result<(), PushError> {
         let mut st = self.state.lock().expect("control lock");
@@ -245,7 +259,7 @@ impl Control {
     }
 
     /// The next command: a close request first, then a probe request, then the cluster's admission decision, then
-    /// queued frames in order. When there is none, `cx` is woken by the next push or request.
+    /// queued frames in order, then held items to send. When there is none, `cx` is woken by the next push or request.
     pub(super) fn poll_take(&self, cx: &mut Context<'_>) -> Poll<Cmd> {
         let mut st = self.state.lock().expect("control lock");
         if let Some(c) = st.close.take() {
@@ -264,6 +278,7 @@ impl Control {
                 }
                 Poll::Ready(Cmd::Frame(f))
             }
+            None if std::mem::take(&mut st.pull) => Poll::Ready(Cmd::Pull),
             None => {
                 if !st.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                     st.waker = Some(cx.waker().clone());

@@ -26,7 +26,9 @@ use super::control::{bye, CloseCmd, Control, PushError, Requested};
 use super::state::Shared;
 use crate::event::Stats;
 use crate::metrics::MetricsSnapshot;
-use crate::ops::{DisconnectRecord, DrainError, DrainStatus, EventWatch, KernelView, ProbeReport, SessionInfo};
+use crate::ops::{
+    DisconnectRecord, DrainError, DrainStatus, EventWatch, HoldInfo, KernelView, ProbeReport, SessionInfo,
+};
 
 /// A cheap handle for the application: send to a client, kick one, count sessions.
 #[derive(Clone)]
@@ -43,7 +45,16 @@ pub enum SendToError {
     SlowConsumer(String),
     #[error("payload of {len} bytes exceeds the largest frame a client accepts ({max} bytes of payload)")]
     TooLarge { len: usize, max: usize },
+    #[error("client {0}'s reliable session holds as much as the server allows")]
+    HoldFull(String),
+    #[error("client {0} has no reliable session: no receipt can be given")]
+    NotReliable(String),
 }
+
+/// What [`ServerHandle::send_with_receipt`] returns: resolves when the client's application took the message
+/// (`None`), or with why it never will (`Some`: the session expired, or was replaced by another device). A
+/// server that stops before either resolves it with `Err`.
+pub type Receipt = tokio::sync::oneshot::Receiver<super::held::Delivery>;
 
 /// Why [`ServerHandle::kick_with`] did not kick a client.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -67,6 +78,12 @@ impl ServerHandle {
         if payload.len() > max {
             return Err(SendToError::TooLarge { len: payload.len(), max });
         }
+        // A reliable session, online or offline, holds it until its client acknowledges it.
+        let payload = match self.shared.held.push_from(client, "", payload, None) {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(_)) => return Err(SendToError::HoldFull(client.into())),
+            Err(payload) => payload,
+        };
         let payload = {
             let hub = self.shared.hub();
             if let Some(h) = hub.holder(client) {
@@ -83,6 +100,28 @@ impl ServerHandle {
                 cluster.deliver(&node, client, payload).then_some(()).ok_or_else(|| SendToError::Offline(client.into()))
             }
             None => Err(SendToError::Offline(client.into())),
+        }
+    }
+
+    /// [`send`](Self::send) to a client with a reliable session, with a receipt that resolves when its
+    /// application took the message, or with why it never will. The message is held while the client is offline
+    /// (until its session expires).
+    pub fn send_with_receipt(&self, client: &str, payload: Bytes) -> Result<Receipt, SendToError> {
+        let max = tether_proto::frame::max_payload(self.shared.cfg.conn.max_frame, false);
+        if payload.len() > max {
+            return Err(SendToError::TooLarge { len: payload.len(), max });
+        }
+        let held = &self.shared.held;
+        let (n, receipt) = held.new_receipt();
+        match held.push_from(client, "", payload, Some(n)) {
+            Ok(Ok(())) => Ok(receipt),
+            other => {
+                held.drop_receipt(n);
+                Err(match other {
+                    Ok(Err(_)) => SendToError::HoldFull(client.into()),
+                    _ => SendToError::NotReliable(client.into()),
+                })
+            }
         }
     }
 
@@ -162,6 +201,21 @@ impl ServerHandle {
         };
         let info = self.shared.session_info(client.to_owned(), conn, &control, suspect)?;
         Some((info, control.kernel_view()))
+    }
+
+    /// What `client`'s reliable session holds, online or offline; `None` when it has none.
+    pub fn hold(&self, client: &str) -> Option<HoldInfo> {
+        let h = self.shared.held.table().hold_of(client)?;
+        let now = crate::driver::now();
+        Some(HoldInfo {
+            messages: h.messages,
+            bytes: h.bytes,
+            online: h.online,
+            expires_in: h.expires.map(|at| at.saturating_duration_since(now)),
+            received: h.received,
+            assigned: h.assigned,
+            lost: h.lost,
+        })
     }
 
     /// Ping `client` now and wait up to `wait` for its `PONG`; then read the kernel's view of its socket. The

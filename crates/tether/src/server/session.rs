@@ -10,8 +10,15 @@
 //!   registry under the hub's lock (a single node) or hands the decision to `clustered::admit` (cluster mode),
 //!   whose answer comes back as a command ([`ServerHooks::on_admit`]); [`ServerHooks::conclude`] sends `WELCOME`
 //!   or the refusal and announces takeovers.
-//! - Where a frame is relayed: [`ServerHooks::on_data`] pushes `DATA` into the receiver's queue here, or through
-//!   the cluster to the node holding it, or answers `UNDELIVERABLE`.
+//! - Where a frame is relayed: [`ServerHooks::on_data`] holds `DATA` in the receiver's reliable session, or
+//!   pushes it into the receiver's queue here, or through the cluster to the node holding it, or answers
+//!   `UNDELIVERABLE`.
+//! - A reliable session (the `reliable` extension, single node): [`ServerHooks::open_reliable`] resumes or opens
+//!   it as the `HELLO` is welcomed; [`ServerHooks::on_sdata`] takes the client's sequenced messages (held for a
+//!   reliable receiver, pushed to a plain one, or reported on the sender's own stream);
+//!   [`ServerHooks::on_acked`] releases what the client acknowledged and routes the receipts;
+//!   [`ServerHooks::pull`] sends what the session holds, a budget at a time. When the connection closes the
+//!   session is detached and waits offline for a resume.
 //! - Where a verdict becomes an event: the core's `Event::Closed` (a heartbeat timeout, a `BYE`, a reset, each
 //!   with its reason) reaches [`ServerHooks::on_closed`], which records it, tells the registry (presence and the
 //!   grace) and emits `offline` for the session's holder or `closed` for anyone else. `Suspect` and `Recovered`
@@ -31,11 +38,13 @@ use std::time::{Duration, Instant as StdInstant, SystemTime};
 use bytes::Bytes;
 use futures_util::FutureExt;
 use tether_proto::registry::{Admission, SessionEvent};
+use tether_proto::reliable;
 use tether_proto::{CloseReason, ConnId, Connection, Event, Frame, Undeliverable, Welcome};
 use tokio::net::TcpStream;
 
 use super::clustered;
 use super::control::{bye, Admit, CloseCmd, Cmd, Control, Decision, SessionMeta};
+use super::held::{Attached, PULL_BUDGET};
 use super::hub::Hub;
 use super::probes;
 use super::state::Shared;
@@ -87,7 +96,16 @@ pub(super) async fn serve_conn(shared: Arc<Shared>, stream: TcpStream, peer: Soc
     // Where in its first 12 intervals the session's first round-trip probe falls.
     conn.set_ping_phase(rand::random::<f64>());
     let tls = shared.tls_session();
-    let mut hooks = ServerHooks { shared, conn_id, client: None, control, handshaking: true, grant: None };
+    let mut hooks = ServerHooks {
+        shared,
+        conn_id,
+        client: None,
+        control,
+        handshaking: true,
+        grant: None,
+        rel: false,
+        rel_more: false,
+    };
     if let Ok(tls) = tls {
         // A panic in the task (a bug of ours) is caught here, and the connection leaves as a close would.
         let ran = std::panic::AssertUnwindSafe(drive(stream, tls, &mut conn, &mut hooks)).catch_unwind().await;
@@ -110,6 +128,9 @@ struct ServerHooks {
     handshaking: bool,
     /// What the credential allows (no limit without authentication).
     grant: Option<crate::auth::Grant>,
+    /// The session is reliable (the extension was granted), and the table holds items it has not sent yet.
+    rel: bool,
+    rel_more: bool,
 }
 
 impl ServerHooks {
@@ -241,6 +262,13 @@ impl ServerHooks {
                 // The session exists from here on: however this task ends, it is closed as this client's.
                 self.client = Some(hello.client_id.clone());
                 let (interval, timeout) = shared.cfg.heartbeat.negotiate(hello.heartbeat_ms);
+                let v2 = conn.version() >= tether_proto::frame::V2;
+                // v1 has no room for them: built only for a session that will carry them.
+                let mut extensions = if v2 { shared.welcome_extensions() } else { Vec::new() };
+                let (rel_grant, rel_fx) = self.open_reliable(&hello, v2);
+                if let Some(g) = &rel_grant {
+                    extensions.push(g.to_extension());
+                }
                 let welcome = Welcome {
                     version: tether_proto::frame::PROTOCOL_VERSION,
                     heartbeat_ms: interval.as_millis() as u32,
@@ -248,15 +276,16 @@ impl ServerHooks {
                     epoch,
                     server_id: shared.cfg.server_id.clone(),
                     max_frame: None,
-                    // v1 has no room for them: built only for a session that will carry them.
-                    extensions: if conn.version() >= tether_proto::frame::V2 {
-                        shared.welcome_extensions()
-                    } else {
-                        Vec::new()
-                    },
+                    extensions,
                 };
                 let (heartbeat_ms, timeout_ms) = (welcome.heartbeat_ms, welcome.timeout_ms);
                 conn.accept(now, welcome);
+                if let Some(g) = rel_grant {
+                    self.rel = true;
+                    let _ = g;
+                    // A resumed session's replay follows the WELCOME at once.
+                    self.pull(conn, now);
+                }
                 shared.metrics.handshake.observe(now.saturating_duration_since(conn.opened()));
                 let meta = SessionMeta { epoch, since_at: now, heartbeat_ms, timeout_ms, version: conn.version() };
                 let _ = self.control.session.set(meta);
@@ -266,6 +295,7 @@ impl ServerHooks {
                 }
                 let session_events = hub.pump(Some((self.conn_id, conn, now)));
                 drop(hub);
+                shared.held.carry_out(rel_fx);
                 crate::fault::panic_at("welcome", &client);
                 for e in session_events {
                     if let SessionEvent::Takeover { old, new, epoch, same_device, .. } = e {
@@ -314,6 +344,12 @@ impl ServerHooks {
             self.shared.emit(EventKind::Data { client: from, conn: self.conn_id, payload });
             return;
         }
+        // A reliable session (online or offline) holds it.
+        let payload = match self.shared.held.push_from(&to, &from, payload, None) {
+            Ok(Ok(())) => return self.relayed(),
+            Ok(Err(why)) => return self.undeliverable(conn, now, to, why),
+            Err(payload) => payload,
+        };
         let local = {
             let hub = self.shared.hub();
             let limit = self.shared.cfg.outbound_queue;
@@ -328,13 +364,143 @@ impl ServerHooks {
             Err((from, payload)) => self.shared.relay_remote(&from, &to, payload),
         };
         if delivered {
-            self.shared.metrics.relayed.fetch_add(1, Ordering::Relaxed);
+            self.relayed();
+        } else {
+            self.undeliverable(conn, now, to, Undeliverable::NotOnline);
         }
-        if !delivered {
-            // Told to the sender and counted; no event per message, which one sender could use to crowd out
-            // everyone else's events.
+    }
+
+    fn relayed(&self) {
+        self.shared.metrics.relayed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A plain `DATA` was not delivered: told to the sender and counted; no event per message, which one sender
+    /// could use to crowd out everyone else's events.
+    fn undeliverable(&self, conn: &mut Connection, now: StdInstant, to: String, why: Undeliverable) {
+        self.shared.metrics.undeliverable.fetch_add(1, Ordering::Relaxed);
+        let _ = conn.send(now, Frame::Undeliverable { to, why });
+    }
+
+    /// Decide this `HELLO`'s reliable session (a session exists from here on, under the hub's lock, which the
+    /// caller holds): resume or open one when it offers the extension (a v2 single node grants it), or end the
+    /// id's session when it does not (another device, or a client that lost its state, took the id). What the
+    /// table asks for is carried out by the caller once the hub is released.
+    fn open_reliable(
+        &mut self,
+        hello: &tether_proto::Hello,
+        v2: bool,
+    ) -> (Option<reliable::Grant>, reliable::Effects<Attached>) {
+        let offer = reliable::Offer::find(&hello.extensions).filter(|_| v2 && self.shared.cluster.is_none());
+        let mut table = self.shared.held.table();
+        match offer {
+            Some(offer) => {
+                let opened = table.open(&hello.client_id, offer, rand::random(), Attached(self.control.clone()));
+                (Some(opened.grant), opened.effects)
+            }
+            None => (None, table.replace(&hello.client_id).1),
+        }
+    }
+
+    /// The client's message `seq` is taken here unless this connection no longer carries its session (a resume
+    /// moved it: the client sends it again there).
+    fn take(&mut self, seq: u64) -> bool {
+        let Some(from) = &self.client else { return false };
+        self.shared.held.table().received(from, &Attached(self.control.clone()), seq)
+    }
+
+    /// Put a `REPORT` on this client's own stream about its message `seq` to `peer`, and send it.
+    fn report(&mut self, conn: &mut Connection, now: StdInstant, peer: &str, outcome: Option<Undeliverable>, seq: u64) {
+        let Some(from) = &self.client else { return };
+        if outcome.is_some() {
             self.shared.metrics.undeliverable.fetch_add(1, Ordering::Relaxed);
-            let _ = conn.send(now, Frame::Undeliverable { to, why: Undeliverable::NotOnline });
+        }
+        self.shared.held.table().report(from, None, peer, outcome, vec![seq]);
+        self.pull(conn, now);
+    }
+
+    /// A reliable client's message: for the server application, held for a reliable receiver, or pushed to an
+    /// online plain one; its fate, when it is not held, goes back on the sender's own stream.
+    fn on_sdata(&mut self, conn: &mut Connection, now: StdInstant, seq: u64, to: String, payload: Bytes) {
+        let Some(from) = self.client.clone() else { return };
+        if !self.take(seq) {
+            return;
+        }
+        crate::fault::panic_at("data", &from);
+        if to.is_empty() {
+            let taken = self.shared.emit(EventKind::Data { client: from.clone(), conn: self.conn_id, payload });
+            let wants = self.shared.held.table().wants_receipts(&from);
+            if !taken || wants {
+                self.report(conn, now, "", (!taken).then_some(Undeliverable::AppBusy), seq);
+            }
+            return;
+        }
+        let pushed = {
+            let mut table = self.shared.held.table();
+            let token = table.token_of(&from).expect("this connection carries the session");
+            let origin = reliable::Origin::Client { id: from.clone(), token, seq };
+            match table.push(&to, &from, payload.clone(), Some(origin)) {
+                Err(reliable::PushError::Full) => Err(table.attached(&to).cloned()),
+                other => Ok(other),
+            }
+        };
+        match pushed {
+            Ok(Ok(wake)) => {
+                self.relayed();
+                if let Some(a) = wake {
+                    a.0.wake_pull();
+                }
+            }
+            Err(receiver) => {
+                // An online receiver whose hold fills is not reading: it leaves, and learns at its resume.
+                if let Some(a) = receiver {
+                    a.0.request(CloseCmd::Abort(CloseReason::SlowConsumer));
+                }
+                self.report(conn, now, &to, Some(Undeliverable::HoldFull), seq);
+            }
+            Ok(Err(_)) => {
+                // No reliable session: an online plain client gets it as DATA, at most once from here.
+                let delivered = {
+                    let hub = self.shared.hub();
+                    let limit = self.shared.cfg.outbound_queue;
+                    hub.holder(&to).is_some_and(|h| h.push(Frame::Data { peer: from, payload }, limit).is_ok())
+                };
+                if delivered {
+                    self.relayed();
+                } else {
+                    self.report(conn, now, &to, Some(Undeliverable::NotOnline), seq);
+                }
+            }
+        }
+    }
+
+    /// The client acknowledged our stream up to `seq`: release, and deliver the receipts that follow.
+    fn on_acked(&mut self, conn: &mut Connection, now: StdInstant, seq: u64) {
+        let Some(client) = &self.client else { return };
+        let acked = self.shared.held.table().ack(client, &Attached(self.control.clone()), seq);
+        match acked {
+            Ok(fx) => self.shared.held.carry_out(fx),
+            Err(e) => {
+                if self.shared.log_allowed("bad acknowledgement", client) {
+                    tracing::info!(conn = self.conn_id, client = %client, "protocol error: {e}");
+                }
+                conn.reject(now, bye(CloseReason::ProtocolError, Duration::ZERO));
+            }
+        }
+    }
+
+    /// Send what the session holds and this connection has not sent, up to [`PULL_BUDGET`] bytes; the rest
+    /// follows as the output drains ([`Hooks::after_flush`]).
+    fn pull(&mut self, conn: &mut Connection, now: StdInstant) {
+        let Some(client) = &self.client else { return };
+        if !self.rel {
+            return;
+        }
+        let (frames, more) = self.shared.held.table().next_frames(client, &Attached(self.control.clone()), PULL_BUDGET);
+        self.rel_more = more;
+        for f in frames {
+            if conn.send(now, f).is_err() {
+                break;
+            }
         }
     }
 
@@ -411,6 +577,12 @@ impl ServerHooks {
         let last_seen = conn.last_rx().unwrap_or(now);
         let by_peer = c.by_peer;
         self.record_close(conn, now, &c, last_seen);
+        if let (true, Some(client)) = (self.rel, &self.client) {
+            // The session outlives the connection: offline, it holds what arrives until it resumes or expires.
+            self.shared.held.table().detach(now, client, &Attached(self.control.clone()));
+            self.shared.held.wake.notify_one();
+            self.shared.metrics.reliable_duplicates.fetch_add(conn.reliable_duplicates(), Ordering::Relaxed);
+        }
         let holder = {
             let mut hub = self.shared.hub();
             let holder = self.client.as_deref().is_some_and(|id| hub.registry.lookup(id) == Some(self.conn_id));
@@ -518,9 +690,15 @@ impl Hooks for ServerHooks {
             Event::RelayTooLarge { to, len } => self.on_relay_too_large(to, len),
             Event::Closed(c) => self.on_closed(conn, now, c),
             // Client-only events cannot come out of a server-role connection.
+            Event::Sdata { seq, peer, payload } => self.on_sdata(conn, now, seq, peer, payload),
+            Event::SdataTooLarge { seq, to, len } => {
+                if self.take(seq) {
+                    self.report(conn, now, &to, Some(Undeliverable::TooLarge), seq);
+                    self.on_relay_too_large(to, len);
+                }
+            }
+            Event::Acked(seq) => self.on_acked(conn, now, seq),
             Event::Welcome(_) | Event::Presence(_) | Event::Undeliverable { .. } | Event::Report(_) => {}
-            // The server grants no reliable session yet, so none of these can arrive.
-            Event::Sdata { .. } | Event::SdataTooLarge { .. } | Event::Acked(_) => {}
         }
     }
 
@@ -534,6 +712,13 @@ impl Hooks for ServerHooks {
             Cmd::Close(CloseCmd::Abort(r)) => conn.abort(now, r),
             Cmd::Probe => conn.probe_now(now),
             Cmd::Admit(a) => self.on_admit(conn, now, *a),
+            Cmd::Pull => self.pull(conn, now),
+        }
+    }
+
+    fn after_flush(&mut self, conn: &mut Connection, now: StdInstant) {
+        if self.rel_more && conn.pending_tx() < PULL_BUDGET {
+            self.pull(conn, now);
         }
     }
 

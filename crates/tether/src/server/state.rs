@@ -24,6 +24,7 @@ use tether_proto::{Bye, CloseReason, ConnId};
 use tokio::sync::Notify;
 
 use super::control::{bye, Control};
+use super::held::Held;
 use super::hub::Hub;
 use super::limits::Sources;
 use super::probes::Probes;
@@ -79,6 +80,8 @@ pub(super) struct Shared {
     pub(super) shutting_down: AtomicBool,
     /// Cluster mode ([`crate::cluster`]); `None` for a single node.
     pub(super) cluster: Option<Arc<Cluster>>,
+    /// Reliable sessions (the `reliable` extension).
+    pub(super) held: Held,
 }
 
 /// A drain in progress, or the last one.
@@ -104,6 +107,7 @@ impl Shared {
             rtt_probe_every: cfg.conn.rtt_probe_every.filter(|_| cfg.metrics),
             ..cfg.conn.clone()
         };
+        let cfg_hold = cfg.hold;
         Shared {
             conn_cfg: Arc::new(conn_cfg),
             hub_lock: Mutex::new(Hub::new(Registry::new(cfg.registry.clone()), cfg.outbound_queue, cluster.clone())),
@@ -130,10 +134,12 @@ impl Shared {
             registry_wake: Notify::new(),
             shutting_down: AtomicBool::new(false),
             cluster,
+            held: Held::new(cfg_hold),
         }
     }
 
-    pub(super) fn emit(&self, kind: EventKind) {
+    /// Emit an event; false when the application's stream was full and it was dropped (and counted).
+    pub(super) fn emit(&self, kind: EventKind) -> bool {
         let ev = ServerEvent { at: SystemTime::now(), kind };
         if self.watchers.watching() {
             let cut = self.watchers.send(&ev);
@@ -144,12 +150,14 @@ impl Shared {
                 }
             }
         }
-        if !self.events.emit(ev) && self.log_allowed("events dropped", "the application") {
+        let taken = self.events.emit(ev);
+        if !taken && self.log_allowed("events dropped", "the application") {
             tracing::warn!(
                 "the event reader is not keeping up: events are dropped and counted ({} so far)",
                 self.events.dropped()
             );
         }
+        taken
     }
 
     /// Whether a log line of `kind` about `key` may be written now (repeats are summarised later).
@@ -185,8 +193,25 @@ impl Shared {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let disconnects = m.disconnects();
         let cluster = self.cluster.as_ref().map(|c| c.snapshot(remote_sessions.unwrap_or(0)));
+        let reliable = {
+            let table = self.held.table();
+            let (sessions, held_messages, held_bytes) = table.totals();
+            let st = table.stats();
+            crate::metrics::ReliableSnapshot {
+                sessions,
+                held_messages,
+                held_bytes,
+                replayed: st.replayed,
+                duplicates: load(&m.reliable_duplicates),
+                expired: st.expired,
+                overflows: st.overflows,
+                resumed: st.resumed,
+                resume_refused: st.resume_refused,
+            }
+        };
         MetricsSnapshot {
             cluster,
+            reliable,
             connections: self.active.load(Ordering::Relaxed),
             online,
             handshakes: self.handshakes.load(Ordering::Relaxed),

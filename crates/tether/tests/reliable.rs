@@ -1,0 +1,333 @@
+//! The `reliable` extension end to end over loopback, with tokio's paused clock: acknowledgements and receipts,
+//! resume after a dead link (a relay that goes silent), the offline hold, expiry, a full hold, a forged token,
+//! and a takeover by the same device. In every case each message reaches the application once, in order, or its
+//! sender is told it never will.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use support::{test_config, RawPeer, TestServer, PATIENCE};
+use tether::proto::frame::{Frame, Hello, V2};
+use tether::proto::reliable::{Grant, Limits, LostWhy, Offer, Resume, Status};
+use tether::proto::Undeliverable;
+use tether::{Client, ClientConfig, ClientEvent, ReliableConfig, ReliableLink};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+fn link() -> ReliableLink {
+    ReliableLink::new(ReliableConfig::default())
+}
+
+async fn connect(addr: std::net::SocketAddr, id: &str, link: &ReliableLink) -> Client {
+    let cfg = ClientConfig { reliable: Some(link.clone()), nonce: Some(7), ..ClientConfig::new(id) };
+    Client::connect(addr, cfg).await.expect("connect")
+}
+
+/// The next event that `pick` accepts, skipping others (a disconnect fails unless picked).
+async fn until<T>(c: &mut Client, what: &str, pick: impl Fn(ClientEvent) -> Option<T>) -> T {
+    let found = tokio::time::timeout(PATIENCE, async {
+        loop {
+            let ev = c.next_event().await.unwrap_or_else(|| panic!("stream ended waiting for {what}"));
+            if let Some(t) = pick(ev) {
+                return t;
+            }
+        }
+    });
+    found.await.unwrap_or_else(|_| panic!("no {what}"))
+}
+
+/// Collect `n` data payloads (as strings), failing on a disconnect.
+async fn data(c: &mut Client, n: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let got = until(c, "data", |e| match e {
+            ClientEvent::Data { payload, .. } => Some(Some(String::from_utf8(payload.to_vec()).unwrap())),
+            ClientEvent::Disconnected(d) => panic!("disconnected while reading data: {d:?}"),
+            _ => None,
+        })
+        .await;
+        out.extend(got);
+    }
+    out
+}
+
+fn numbered(range: std::ops::RangeInclusive<u32>) -> Vec<String> {
+    range.map(|i| format!("m{i}")).collect()
+}
+
+async fn send_all(c: &Client, to: &str, range: std::ops::RangeInclusive<u32>) {
+    for i in range {
+        c.send_reliable(Some(to), Bytes::from(format!("m{i}"))).expect("window has room");
+    }
+}
+
+/// What one client heard, gathered in one pass (a wait for one kind of event must not skip the others).
+#[derive(Debug, Default)]
+struct Heard {
+    data: Vec<String>,
+    acked: u64,
+    delivered: Vec<u64>,
+}
+
+/// Gather `c`'s events until `done` holds, failing on a disconnect.
+async fn hear(c: &mut Client, what: &str, done: impl Fn(&Heard) -> bool) -> Heard {
+    let mut h = Heard::default();
+    let found = tokio::time::timeout(PATIENCE, async {
+        while !done(&h) {
+            match c.next_event().await {
+                Some(ClientEvent::Data { payload, .. }) => h.data.push(String::from_utf8(payload.to_vec()).unwrap()),
+                Some(ClientEvent::Acked { upto }) => h.acked = upto,
+                Some(ClientEvent::Delivered { seqs, .. }) => h.delivered.extend(seqs),
+                Some(ClientEvent::Disconnected(d)) => panic!("disconnected waiting for {what}: {d:?}"),
+                Some(_) => {}
+                None => panic!("stream ended waiting for {what}"),
+            }
+        }
+    });
+    found.await.unwrap_or_else(|_| panic!("no {what}"));
+    h
+}
+
+#[tokio::test(start_paused = true)]
+async fn messages_arrive_once_in_order_and_the_sender_hears_acked_then_delivered() {
+    let s = TestServer::start(test_config()).await;
+    let (la, lb) = (link(), link());
+    let mut a = connect(s.addr, "a", &la).await;
+    let mut b = connect(s.addr, "b", &lb).await;
+    assert_eq!(a.reliable().map(|g| g.status), Some(Status::New));
+    send_all(&a, "b", 1..=200).await;
+    assert_eq!(data(&mut b, 200).await, numbered(1..=200));
+    let h = hear(&mut a, "acks and receipts", |h| h.acked == 200 && h.delivered.len() == 200).await;
+    assert_eq!(h.delivered, (1..=200).collect::<Vec<_>>());
+    assert_eq!(la.unacknowledged(), 0);
+    // The last receipt is released once a acknowledges it (after the ack delay, virtual time).
+    let mut held = s.handle.metrics().reliable;
+    for _ in 0..10 {
+        if held.held_messages == 0 {
+            break;
+        }
+        tokio::time::sleep(tether::proto::reliable::ACK_DELAY).await;
+        held = s.handle.metrics().reliable;
+    }
+    assert_eq!((held.sessions, held.held_messages, held.held_bytes), (2, 0, 0), "all released: {held:?}");
+}
+
+/// A TCP relay that can go silent both ways (a blackholed path: nothing arrives, nothing is refused).
+struct Relay {
+    addr: std::net::SocketAddr,
+    silent: Arc<AtomicBool>,
+}
+
+impl Relay {
+    async fn start(to: std::net::SocketAddr) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let silent = Arc::new(AtomicBool::new(false));
+        let flag = silent.clone();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let outbound = TcpStream::connect(to).await.unwrap();
+                let (ri, wi) = inbound.into_split();
+                let (ro, wo) = outbound.into_split();
+                tokio::spawn(pipe(ri, wo, flag.clone()));
+                tokio::spawn(pipe(ro, wi, flag.clone()));
+            }
+        });
+        Relay { addr, silent }
+    }
+}
+
+/// Copy until either side ends; while silent, what is read is thrown away (and nothing is closed).
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    silent: Arc<AtomicBool>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) if silent.load(Ordering::Relaxed) => {}
+            Ok(n) => {
+                if to.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dead_link_loses_nothing_the_resume_replays_what_was_in_flight_once() {
+    let mut s = TestServer::start(test_config()).await;
+    let relay = Relay::start(s.addr).await;
+    let (la, lb) = (link(), link());
+    let mut a = connect(s.addr, "a", &la).await;
+    let mut b = connect(relay.addr, "b", &lb).await;
+    send_all(&a, "b", 1..=50).await;
+    assert_eq!(data(&mut b, 50).await, numbered(1..=50));
+    // The path dies without a word; both sides keep sending into it.
+    relay.silent.store(true, Ordering::Relaxed);
+    send_all(&a, "b", 51..=120).await;
+    for i in 1..=30 {
+        b.send_reliable(Some("a"), Bytes::from(format!("r{i}"))).unwrap();
+    }
+    let gone = until(&mut b, "the verdict", |e| match e {
+        ClientEvent::Disconnected(d) => Some(d.reason),
+        _ => None,
+    })
+    .await;
+    assert_eq!(gone, tether::CloseReason::HeartbeatTimeout);
+    s.wait(|k| matches!(k, tether::EventKind::Offline { client, .. } if client == "b")).await;
+    // The same device comes back on a healthy path and resumes.
+    let mut b = connect(s.addr, "b", &lb).await;
+    let g = b.reliable().expect("granted");
+    assert_eq!((g.status, g.lost), (Status::Resumed, 0));
+    assert_eq!(data(&mut b, 70).await, numbered(51..=120), "the rest, once, in order");
+    assert_eq!(s.handle.metrics().reliable.replayed, 70, "what went into the dead path was sent again");
+    let h = hear(&mut a, "b's messages and receipts", |h| h.data.len() == 30 && h.delivered.len() == 120).await;
+    assert_eq!(h.data, (1..=30).map(|i| format!("r{i}")).collect::<Vec<_>>());
+    assert_eq!(h.delivered, (1..=120).collect::<Vec<_>>());
+    // Nothing more: no message came twice.
+    let extra = tokio::time::timeout(Duration::from_secs(5), data(&mut b, 1)).await;
+    assert!(extra.is_err(), "a message arrived twice: {extra:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_takeover_by_the_same_device_resumes_before_any_verdict() {
+    let mut s = TestServer::start(test_config()).await;
+    let relay = Relay::start(s.addr).await;
+    let (la, lb) = (link(), link());
+    let a = connect(s.addr, "a", &la).await;
+    let mut b1 = connect(relay.addr, "b", &lb).await;
+    send_all(&a, "b", 1..=20).await;
+    assert_eq!(data(&mut b1, 20).await, numbered(1..=20));
+    relay.silent.store(true, Ordering::Relaxed);
+    send_all(&a, "b", 21..=40).await;
+    // The device reconnects at once, while the server still thinks its old connection is alive.
+    let mut b2 = connect(s.addr, "b", &lb).await;
+    assert_eq!(b2.reliable().map(|g| g.status), Some(Status::Resumed));
+    s.wait(|k| matches!(k, tether::EventKind::Takeover { client, .. } if client == "b")).await;
+    assert_eq!(data(&mut b2, 20).await, numbered(21..=40));
+    let extra = tokio::time::timeout(Duration::from_secs(5), data(&mut b2, 1)).await;
+    assert!(extra.is_err(), "a message arrived twice: {extra:?}");
+    drop(b1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_offline_session_holds_its_messages_and_gets_them_at_its_resume() {
+    let s = TestServer::start(test_config()).await;
+    let (la, lb) = (link(), link());
+    let mut a = connect(s.addr, "a", &la).await;
+    let mut b = connect(s.addr, "b", &lb).await;
+    b.close().await;
+    send_all(&a, "b", 1..=10).await;
+    // Taken by the server (held), not yet delivered.
+    let h = hear(&mut a, "acked", |h| h.acked == 10).await;
+    assert!(h.delivered.is_empty());
+    let hold = s.handle.metrics().reliable;
+    assert_eq!(hold.held_messages, 10, "{hold:?}");
+    // Plain DATA from a client without the extension is held too.
+    let mut plain = Client::connect(s.addr, ClientConfig::new("plain")).await.unwrap();
+    plain.send(Some("b"), Bytes::from_static(b"plain")).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let mut b = connect(s.addr, "b", &lb).await;
+    assert_eq!(b.reliable().map(|g| g.status), Some(Status::Resumed));
+    let mut want = numbered(1..=10);
+    want.push("plain".into());
+    assert_eq!(data(&mut b, 11).await, want);
+    assert_eq!(hear(&mut a, "receipts", |h| h.delivered.len() == 10).await.delivered, (1..=10).collect::<Vec<_>>());
+    plain.close().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn expiry_tells_the_sender_why_and_the_late_resume_counts_what_was_lost() {
+    let mut cfg = test_config();
+    cfg.hold.expiry = Duration::from_secs(5);
+    let s = TestServer::start(cfg).await;
+    let (la, lb) = (link(), link());
+    let mut a = connect(s.addr, "a", &la).await;
+    let mut b = connect(s.addr, "b", &lb).await;
+    b.close().await;
+    send_all(&a, "b", 1..=3).await;
+    let (seqs, why) = until(&mut a, "not delivered", |e| match e {
+        ClientEvent::NotDelivered { to, seqs, why } if to == "b" => Some((seqs, why)),
+        _ => None,
+    })
+    .await;
+    assert_eq!((seqs, why), (vec![1, 2, 3], Undeliverable::Expired));
+    let b = connect(s.addr, "b", &lb).await;
+    let g = b.reliable().unwrap();
+    assert_eq!((g.status, g.why, g.lost), (Status::Fresh, Some(LostWhy::Expired), 3));
+    assert_eq!(s.handle.metrics().reliable.expired, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_hold_refuses_with_why_and_the_resume_says_how_many_were_lost() {
+    let mut cfg = test_config();
+    cfg.hold.per_session = Limits { messages: 5, bytes: 1 << 20 };
+    let s = TestServer::start(cfg).await;
+    let (la, lb) = (link(), link());
+    let mut a = connect(s.addr, "a", &la).await;
+    let mut b = connect(s.addr, "b", &lb).await;
+    b.close().await;
+    send_all(&a, "b", 1..=8).await;
+    let (seqs, why) = until(&mut a, "not delivered", |e| match e {
+        ClientEvent::NotDelivered { seqs, why, .. } => Some((seqs, why)),
+        _ => None,
+    })
+    .await;
+    assert_eq!((seqs, why), (vec![6], Undeliverable::HoldFull));
+    let mut b = connect(s.addr, "b", &lb).await;
+    let g = b.reliable().unwrap();
+    assert_eq!((g.status, g.why, g.lost), (Status::ResumedWithLoss, Some(LostWhy::HoldOverflow), 3));
+    assert_eq!(data(&mut b, 5).await, numbered(1..=5));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_forged_token_gets_a_fresh_session_never_another_devices_messages() {
+    let s = TestServer::start(test_config()).await;
+    let (la, lb) = (link(), link());
+    let a = connect(s.addr, "a", &la).await;
+    let mut b = connect(s.addr, "b", &lb).await;
+    let real = b.reliable().unwrap().token;
+    b.close().await;
+    send_all(&a, "b", 1..=3).await;
+    let mut forged = real;
+    forged[15] ^= 0x55;
+    let mut hello = Hello::new(V2, "b", 99);
+    hello.extensions =
+        vec![Offer { receipts: false, resume: Some(Resume { token: forged, received: 0 }) }.to_extension()];
+    let mut peer = RawPeer::connect(s.addr).await;
+    peer.send(&Frame::Hello(hello)).await;
+    let Some(Frame::Welcome(w)) = peer.next_frame().await else { panic!("no WELCOME") };
+    let g = Grant::find(&w.extensions).expect("granted");
+    assert_eq!((g.status, g.why), (Status::Fresh, Some(LostWhy::Unknown)));
+    assert_ne!(g.token, real);
+    // Nothing of b's stream comes: the next frame is the server's heartbeat, not data.
+    match peer.next_frame().await {
+        Some(Frame::Ping { .. }) => {}
+        Some(Frame::Sdata { .. }) => panic!("another device's message was handed to a forged token"),
+        other => panic!("unexpected {other:?}"),
+    }
+    // The real device's session was replaced by the id's new holder; its held messages went back to a.
+    drop(peer);
+    let b = connect(s.addr, "b", &lb).await;
+    assert_eq!(b.reliable().map(|g| (g.status, g.why)), Some((Status::Fresh, Some(LostWhy::Replaced))));
+    drop(a);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_without_the_extension_and_a_v1_client_are_served_as_before() {
+    let s = TestServer::start(test_config()).await;
+    let plain = Client::connect(s.addr, ClientConfig::new("p")).await.unwrap();
+    assert!(Grant::find(&plain.welcome().extensions).is_none());
+    let cfg = ClientConfig { protocol_version: 1, reliable: Some(link()), ..ClientConfig::new("v1") };
+    let v1 = Client::connect(s.addr, cfg).await.unwrap();
+    assert_eq!(v1.welcome().version, 1);
+    assert!(v1.reliable().is_none());
+}
