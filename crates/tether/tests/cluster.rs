@@ -34,6 +34,27 @@ fn client(id: &str, nonce: u64) -> ClientConfig {
     c
 }
 
+/// A cluster node does not grant the reliable extension (its sessions would not survive the node): the client
+/// asking for it is welcomed without it, knows it, and is served at most once as before.
+#[tokio::test]
+async fn a_cluster_node_does_not_grant_reliable_sessions() {
+    redis_or_skip!("reliable not granted");
+    let redis = Redis::start();
+    let n1 = node(&redis, "n1").await;
+    let cfg = ClientConfig {
+        reliable: Some(tether::ReliableLink::new(tether::ReliableConfig::default())),
+        ..client("dev", 1)
+    };
+    let mut dev = Client::connect(n1.addr, cfg).await.unwrap();
+    assert_eq!(dev.welcome().version, 2);
+    assert!(dev.reliable().is_none());
+    assert!(tether::proto::reliable::Grant::find(&dev.welcome().extensions).is_none());
+    assert!(matches!(dev.send_reliable(None, Bytes::from_static(b"x")), Err(tether::ClientError::NotReliable)));
+    dev.send(None, Bytes::from_static(b"plain")).await.unwrap();
+    dev.close().await;
+    drop(n1);
+}
+
 #[tokio::test]
 async fn presence_and_relay_cross_nodes() {
     redis_or_skip!("presence and relay");
