@@ -533,11 +533,14 @@ pub struct Effects<A> {
     pub wake: Vec<A>,
     /// Outcomes of the server application's messages (`None`: delivered).
     pub app: Vec<(u64, Option<Undeliverable>)>,
+    /// Connections whose session now holds more than its bound (reports on what they sent pile up unread): close
+    /// them as slow consumers.
+    pub slow: Vec<A>,
 }
 
 impl<A> Default for Effects<A> {
     fn default() -> Self {
-        Effects { wake: Vec::new(), app: Vec::new() }
+        Effects { wake: Vec::new(), app: Vec::new(), slow: Vec::new() }
     }
 }
 
@@ -757,7 +760,9 @@ impl<A: Clone + PartialEq> Sessions<A> {
     }
 
     /// Tell `to` (a reliable sender) what became of its messages `seqs` to `peer`. Returns the connection to
-    /// wake. A session that does not exist (or no longer holds `token`, when given) is told nothing.
+    /// wake. A session that does not exist (or no longer holds `token`, when given) is told nothing. Reports are
+    /// never refused (a sender must learn the fate of what it sent); a session they take past its bound is
+    /// [`over_bound`](Self::over_bound), and its connection should be closed as a slow consumer.
     pub fn report(
         &mut self,
         to: &str,
@@ -775,6 +780,12 @@ impl<A: Clone + PartialEq> Sessions<A> {
         self.held_messages += 1;
         self.held_bytes += size;
         s.attached.clone()
+    }
+
+    /// Whether `id`'s session holds more than its per-session bound (possible only through reports).
+    pub fn over_bound(&self, id: &str) -> bool {
+        let limits = self.cfg.per_session;
+        self.by_id.get(id).is_some_and(|s| s.out.len() > limits.messages || s.out.bytes() > limits.bytes)
     }
 
     /// `id`'s client acknowledged its stream up to `seq` on `attach`: release those items, and route delivery
@@ -847,9 +858,25 @@ impl<A: Clone + PartialEq> Sessions<A> {
             }
         }
         for (from, token, seqs) in receipts {
-            if let Some(w) = self.report(&from, Some(&token), id, None, seqs) {
-                effects.wake.push(w);
+            self.report_into(&from, &token, id, None, seqs, effects);
+        }
+    }
+
+    /// [`report`](Self::report) to the session that sent the messages, noting what to wake and what to close.
+    fn report_into(
+        &mut self,
+        from: &str,
+        token: &Token,
+        peer: &str,
+        outcome: Option<Undeliverable>,
+        seqs: Vec<u64>,
+        effects: &mut Effects<A>,
+    ) {
+        if let Some(w) = self.report(from, Some(token), peer, outcome, seqs) {
+            if self.over_bound(from) {
+                effects.slow.push(w.clone());
             }
+            effects.wake.push(w);
         }
     }
 
@@ -882,9 +909,7 @@ impl<A: Clone + PartialEq> Sessions<A> {
             }
         }
         for (from, token, seqs) in reports {
-            if let Some(w) = self.report(&from, Some(&token), id, Some(outcome), seqs) {
-                effects.wake.push(w);
-            }
+            self.report_into(&from, &token, id, Some(outcome), seqs, effects);
         }
         if self.cfg.remember_ended > 0 {
             if self.ended_order.len() >= self.cfg.remember_ended {

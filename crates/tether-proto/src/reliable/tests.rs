@@ -270,3 +270,22 @@ fn ended_tokens_are_remembered_within_a_bound() {
     assert_eq!(why(&mut t, tokens[0]), Some(LostWhy::Unknown), "the oldest was forgotten (bound 2)");
     assert_eq!(why(&mut t, tokens[2]), Some(LostWhy::Replaced));
 }
+
+#[test]
+fn reports_are_never_refused_but_a_sender_that_lets_them_pile_up_is_named_slow() {
+    let mut t = table();
+    let a = t.open("a", fresh(), [1; 8], 1).grant.token;
+    t.open("b", fresh(), [2; 8], 2);
+    t.detach(t0(), "b", &2);
+    for seq in 1..=3 {
+        t.push("b", "a", Bytes::from("m"), Some(Origin::Client { id: "a".into(), token: a, seq })).unwrap();
+    }
+    // a's own hold (bound 3) fills with reports it does not acknowledge.
+    for seq in 4..=7 {
+        assert_eq!(t.report("a", None, "b", Some(Undeliverable::HoldFull), vec![seq]), Some(1));
+    }
+    assert!(t.over_bound("a"));
+    let fx = t.expire(t0() + Duration::from_secs(200));
+    assert_eq!((fx.wake, fx.slow), (vec![1], vec![1]));
+    assert_eq!(t.hold_of("a").map(|h| h.messages), Some(5), "every report is kept");
+}

@@ -91,6 +91,9 @@ impl Held {
         for a in fx.wake {
             a.0.wake_pull();
         }
+        for a in fx.slow {
+            a.0.request(super::control::CloseCmd::Abort(tether_proto::CloseReason::SlowConsumer));
+        }
         if fx.app.is_empty() {
             return;
         }

@@ -414,7 +414,15 @@ impl ServerHooks {
         if outcome.is_some() {
             self.shared.metrics.undeliverable.fetch_add(1, Ordering::Relaxed);
         }
-        self.shared.held.table().report(from, None, peer, outcome, vec![seq]);
+        let over = {
+            let mut table = self.shared.held.table();
+            table.report(from, None, peer, outcome, vec![seq]);
+            table.over_bound(from)
+        };
+        if over {
+            // Its reports pile up unacknowledged: it does not read what it is told.
+            return conn.abort(now, CloseReason::SlowConsumer);
+        }
         self.pull(conn, now);
     }
 
