@@ -400,7 +400,12 @@ async fn registry_timer(shared: Arc<Shared>) {
 async fn expiry_timer(shared: Arc<Shared>) {
     let next = || shared.held.table().poll_timeout();
     let fire = || {
-        let fx = shared.held.table().expire(driver::now());
+        let fx = {
+            let mut table = shared.held.table();
+            let fx = table.expire(driver::now());
+            shared.held.note_sessions(&table);
+            fx
+        };
         shared.held.carry_out(fx);
     };
     at_deadlines(&shared.held.wake, next, fire).await

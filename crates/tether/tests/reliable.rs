@@ -331,3 +331,24 @@ async fn a_client_without_the_extension_and_a_v1_client_are_served_as_before() {
     assert_eq!(v1.welcome().version, 1);
     assert!(v1.reliable().is_none());
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_application_learns_when_its_message_was_taken_or_why_it_never_will_be() {
+    let mut cfg = test_config();
+    cfg.hold.expiry = Duration::from_secs(5);
+    let s = TestServer::start(cfg).await;
+    let lb = link();
+    let mut b = connect(s.addr, "b", &lb).await;
+    let receipt = s.handle.send_with_receipt("b", Bytes::from_static(b"hello")).expect("b is reliable");
+    assert_eq!(data(&mut b, 1).await, ["hello"]);
+    let outcome = tokio::time::timeout(PATIENCE, receipt).await.expect("no receipt").expect("server gone");
+    assert_eq!(outcome, None, "b's application took it");
+    // Offline until its session expires: the receipt says so.
+    b.close().await;
+    let receipt = s.handle.send_with_receipt("b", Bytes::from_static(b"late")).unwrap();
+    let outcome = tokio::time::timeout(PATIENCE, receipt).await.expect("no receipt").expect("server gone");
+    assert_eq!(outcome, Some(Undeliverable::Expired));
+    // No reliable session: no receipt can be promised.
+    let _plain = Client::connect(s.addr, ClientConfig::new("p")).await.unwrap();
+    assert!(matches!(s.handle.send_with_receipt("p", Bytes::new()), Err(tether::SendToError::NotReliable(_))));
+}

@@ -14,7 +14,7 @@
 //! a resume then says so (`server_restarted`). Cluster nodes do not grant the extension.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -55,6 +55,8 @@ pub(super) struct Held {
     /// The application's messages waiting for their outcome, by the number the table carries for them.
     receipts: Mutex<HashMap<u64, oneshot::Sender<Delivery>>>,
     next_receipt: AtomicU64,
+    /// Whether the table has any session: while it has none, a plain relay does not take its lock.
+    any: AtomicBool,
 }
 
 impl Held {
@@ -64,7 +66,14 @@ impl Held {
             wake: Notify::new(),
             receipts: Mutex::new(HashMap::new()),
             next_receipt: AtomicU64::new(1),
+            any: AtomicBool::new(false),
         }
+    }
+
+    /// Record whether `table` (this one's, locked) has sessions; called under its lock after every change of
+    /// their number.
+    pub(super) fn note_sessions(&self, table: &Sessions<Attached>) {
+        self.any.store(table.totals().0 > 0, Ordering::Release);
     }
 
     /// The table, locked (a panic elsewhere while holding it does not poison it for everyone, as for the hub).
@@ -115,6 +124,9 @@ impl Held {
         payload: Bytes,
         receipt: Option<u64>,
     ) -> Result<Result<(), Undeliverable>, Bytes> {
+        if !self.any.load(Ordering::Acquire) {
+            return Err(payload);
+        }
         let origin = receipt.map(Origin::App);
         let pushed = self.table().push(client, from, payload.clone(), origin);
         match pushed {

@@ -392,13 +392,15 @@ impl ServerHooks {
     ) -> (Option<reliable::Grant>, reliable::Effects<Attached>) {
         let offer = reliable::Offer::find(&hello.extensions).filter(|_| v2 && self.shared.cluster.is_none());
         let mut table = self.shared.held.table();
-        match offer {
+        let opened = match offer {
             Some(offer) => {
                 let opened = table.open(&hello.client_id, offer, rand::random(), Attached(self.control.clone()));
                 (Some(opened.grant), opened.effects)
             }
             None => (None, table.replace(&hello.client_id).1),
-        }
+        };
+        self.shared.held.note_sessions(&table);
+        opened
     }
 
     /// The client's message `seq` is taken here unless this connection no longer carries its session (a resume
