@@ -1,6 +1,9 @@
 //! Codec tests. The hex vectors are read from docs/protocol.md itself, so the document and the codec cannot drift.
 
+use std::collections::HashMap;
+
 use super::*;
+use crate::reliable::{Grant, LostWhy, Offer, Resume, Status};
 
 const SPEC: &str = include_str!("../../../../docs/protocol.md");
 
@@ -50,6 +53,22 @@ fn welcome(version: u8, max_frame: Option<u32>, extensions: Vec<Extension>) -> F
     })
 }
 
+/// The session token of the spec's `reliable` vectors.
+const TOKEN: crate::reliable::Token = *b"\x00\x11\x22\x33\x44\x55\x66\x77\x88\x99\xaa\xbb\xcc\xdd\xee\xff";
+
+/// The spec's v2 `hello` with `extensions`.
+fn hello_v2(extensions: Vec<Extension>) -> Frame {
+    let Frame::Hello(h) = hello(2, 5000, 0x0102_0304_0506_0708, "dev-1", b"") else { unreachable!() };
+    Frame::Hello(Hello { extensions, ..h })
+}
+
+/// The spec's v2 `welcome` with `max_subscriptions` = 1024 and the `reliable` grant `status`, `why`, `received`,
+/// `lost` for [`TOKEN`].
+fn welcome_reliable(status: Status, why: Option<LostWhy>, received: u64, lost: u32) -> Frame {
+    let grant = Grant { token: TOKEN, status, why, received, lost };
+    welcome(2, Some(65_536), vec![Extension::u32(ext::MAX_SUBSCRIPTIONS, 1024), grant.to_extension()])
+}
+
 fn presence(state: PresenceState, reason: Option<CloseReason>, last_seen_ago_ms: u32, flags: u8) -> Frame {
     Frame::Presence(Presence { client_id: "a".into(), state, reason, last_seen_ago_ms, flags })
 }
@@ -84,10 +103,7 @@ fn expected(name: &str) -> Frame {
 fn expected_v2(name: &str) -> Frame {
     match name {
         "hello" => hello(2, 5000, 0x0102_0304_0506_0708, "dev-1", b""),
-        "hello-extension" => {
-            let Frame::Hello(h) = hello(2, 5000, 0x0102_0304_0506_0708, "dev-1", b"") else { unreachable!() };
-            Frame::Hello(Hello { extensions: vec![Extension { kind: 0x7abc, value: Bytes::from_static(b"hi") }], ..h })
-        }
+        "hello-extension" => hello_v2(vec![Extension { kind: 0x7abc, value: Bytes::from_static(b"hi") }]),
         "welcome" => welcome(
             2,
             Some(65_536),
@@ -104,6 +120,21 @@ fn expected_v2(name: &str) -> Frame {
         "undeliverable-not-online" => Frame::Undeliverable { to: "b".into(), why: Undeliverable::NotOnline },
         "bye-unknown-reason" => {
             Frame::Bye(Bye { reason: CloseReason::Unknown(0xee), retry_after_ms: 0, alternative: String::new() })
+        }
+        "hello-reliable" => hello_v2(vec![Offer { receipts: true, resume: None }.to_extension()]),
+        "hello-resume" => {
+            let resume = Some(Resume { token: TOKEN, received: 7 });
+            hello_v2(vec![Offer { receipts: true, resume }.to_extension()])
+        }
+        "welcome-reliable" => welcome_reliable(Status::New, None, 0, 0),
+        "welcome-resumed-with-loss" => welcome_reliable(Status::ResumedWithLoss, Some(LostWhy::HoldOverflow), 9, 3),
+        "welcome-fresh-restarted" => welcome_reliable(Status::Fresh, Some(LostWhy::Restarted), 0, u32::MAX),
+        "sdata" => Frame::Sdata { seq: 1, peer: "b".into(), payload: Bytes::from_static(b"hi") },
+        "sdata-server" => Frame::Sdata { seq: 2, peer: String::new(), payload: Bytes::from_static(b"x") },
+        "ack" => Frame::Ack { seq: 16 },
+        "report-delivered" => Frame::Report(Report { seq: 3, peer: "b".into(), outcome: None, seqs: vec![1, 2] }),
+        "report-hold-full" => {
+            Frame::Report(Report { seq: 4, peer: "b".into(), outcome: Some(Undeliverable::HoldFull), seqs: vec![5] })
         }
         other => panic!("spec has vector2 {other} that the test does not know"),
     }
@@ -125,6 +156,34 @@ fn spec_v2_vectors_parse_and_encode_exactly() {
     assert_eq!(Extension::find_u32(&w.extensions, ext::MAX_DATA_RATE), None);
 }
 
+/// The `reliable` values of the spec's vectors, as `Offer::find` and `Grant::find` read them from the bytes.
+#[test]
+fn spec_reliable_vectors_carry_the_offers_and_grants_they_describe() {
+    let frames: HashMap<String, Frame> =
+        vectors("vector2 ").into_iter().map(|(name, bytes)| (name, Frame::parse_v(&bytes, V2).unwrap())).collect();
+    let offer = |name: &str| match &frames[name] {
+        Frame::Hello(h) => Offer::find(&h.extensions),
+        other => panic!("{name}: {other:?}"),
+    };
+    let grant = |name: &str| match &frames[name] {
+        Frame::Welcome(w) => Grant::find(&w.extensions),
+        other => panic!("{name}: {other:?}"),
+    };
+    assert_eq!(offer("hello"), None);
+    assert_eq!(offer("hello-reliable"), Some(Offer { receipts: true, resume: None }));
+    let resume = Some(Resume { token: TOKEN, received: 7 });
+    assert_eq!(offer("hello-resume"), Some(Offer { receipts: true, resume }));
+    assert_eq!(grant("welcome"), None);
+    let g = grant("welcome-reliable").unwrap();
+    assert_eq!((g.token, g.status, g.why, g.received, g.lost), (TOKEN, Status::New, None, 0, 0));
+    let g = grant("welcome-resumed-with-loss").unwrap();
+    assert_eq!((g.status, g.why, g.received, g.lost), (Status::ResumedWithLoss, Some(LostWhy::HoldOverflow), 9, 3));
+    assert!(g.continues());
+    let g = grant("welcome-fresh-restarted").unwrap();
+    assert_eq!((g.status, g.why, g.received, g.lost), (Status::Fresh, Some(LostWhy::Restarted), 0, u32::MAX));
+    assert!(!g.continues());
+}
+
 #[test]
 fn spec_v2_rejections_are_rejected() {
     let bad = vectors("reject2 ");
@@ -136,6 +195,9 @@ fn spec_v2_rejections_are_rejected() {
             "presence-without-flags" => matches!(err, FrameError::Truncated { kind: "PRESENCE" }),
             "duplicate-extension" => err == FrameError::DuplicateExtension(1),
             "extension-overruns-block" => matches!(err, FrameError::Truncated { kind: "WELCOME" }),
+            "sdata-seq-0" | "report-seq-0-in-list" => err == FrameError::ZeroSeq,
+            "report-lying-count" => matches!(err, FrameError::Truncated { kind: "REPORT" }),
+            "ack-truncated" => matches!(err, FrameError::Truncated { kind: "ACK" }),
             other => panic!("unknown v2 rejection vector {other}"),
         };
         assert!(expect_ok, "{name}: got {err:?}");
