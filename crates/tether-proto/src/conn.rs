@@ -770,7 +770,10 @@ impl Connection {
         if let (Role::Client, Frame::Data { peer, payload } | Frame::Sdata { peer, payload, .. }) = (self.role, &frame)
         {
             // The server relays no larger payload than this, whoever the sender and receiver are.
-            let relay_max = frame::max_relay_payload(self.tx_max);
+            let relay_max = match frame {
+                Frame::Sdata { .. } => frame::max_reliable_relay_payload(self.tx_max),
+                _ => frame::max_relay_payload(self.tx_max),
+            };
             if !peer.is_empty() && payload.len() > relay_max {
                 return Err(SendError::TooLargeToRelay { len: payload.len(), max: relay_max });
             }
@@ -1138,7 +1141,8 @@ impl Connection {
                 if !self.take_seq(now, seq) {
                     return;
                 }
-                if role == Role::Server && !peer.is_empty() && payload.len() > frame::max_relay_payload(self.rx_max) {
+                let relay_max = frame::max_reliable_relay_payload(self.rx_max);
+                if role == Role::Server && !peer.is_empty() && payload.len() > relay_max {
                     // Taken (and acknowledged): the session answers with its sequenced REPORT.
                     let len = payload.len();
                     return self.events.push_back(Event::SdataTooLarge { seq, to: peer, len });

@@ -46,6 +46,20 @@ pub const fn max_relay_payload(max_frame: u32) -> usize {
     max_frame.saturating_sub(RELAY_OVERHEAD) as usize
 }
 
+/// Bytes a sequence number adds to a frame (`SDATA`, the `reliable` extension).
+pub const SEQ_LEN: u32 = 8;
+
+/// [`max_relay_payload`] for `SDATA` (the `reliable` extension), whose sequence number takes 8 bytes more: the
+/// largest payload a reliable session relays or holds for a client under a `max_frame` limit.
+pub const fn max_reliable_relay_payload(max_frame: u32) -> usize {
+    max_frame.saturating_sub(RELAY_OVERHEAD + SEQ_LEN) as usize
+}
+
+/// [`max_payload`] for `SDATA`: 8 bytes less, for the sequence number.
+pub const fn max_reliable_payload(max_frame: u32, to_client: bool) -> usize {
+    max_payload(max_frame, to_client).saturating_sub(SEQ_LEN as usize)
+}
+
 /// The largest `DATA` payload a client may send under the server's `max_frame`: to another client
 /// ([`max_relay_payload`]) or to the server application (the whole frame but the kind byte and an empty `peer`).
 pub const fn max_payload(max_frame: u32, to_client: bool) -> usize {

@@ -307,12 +307,15 @@ pub struct Full {
     pub bytes: usize,
 }
 
-/// An `ACK` (or a resume's `received`) names a sequence number that was never sent.
+/// An `ACK` or a resume's `received` that no peer following the rules sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("acknowledgement of {acked}, but only {sent} were sent")]
-pub struct AckError {
-    pub acked: u64,
-    pub sent: u64,
+pub enum AckError {
+    /// It names a sequence number that was never sent.
+    #[error("acknowledgement of {acked}, but only {sent} were sent")]
+    Unsent { acked: u64, sent: u64 },
+    /// A resume below what the peer had already acknowledged: what it claims to lack was released.
+    #[error("resume after {received}, but {acked} were acknowledged")]
+    Behind { received: u64, acked: u64 },
 }
 
 /// The sending half of one direction: sequence numbers, and what waits for acknowledgement.
@@ -322,13 +325,15 @@ pub struct Outbox<T> {
     next: u64,
     /// The highest sequence number handed to the current connection.
     sent: u64,
+    /// The highest sequence number the peer acknowledged.
+    acked: u64,
     items: VecDeque<(u64, usize, T)>,
     bytes: usize,
 }
 
 impl<T> Default for Outbox<T> {
     fn default() -> Self {
-        Outbox { next: 1, sent: 0, items: VecDeque::new(), bytes: 0 }
+        Outbox { next: 1, sent: 0, acked: 0, items: VecDeque::new(), bytes: 0 }
     }
 }
 
@@ -353,8 +358,9 @@ impl<T> Outbox<T> {
     /// The peer acknowledged everything up to `seq`: the released items, oldest first.
     pub fn ack(&mut self, seq: u64) -> Result<Vec<(u64, T)>, AckError> {
         if seq > self.sent {
-            return Err(AckError { acked: seq, sent: self.sent });
+            return Err(AckError::Unsent { acked: seq, sent: self.sent });
         }
+        self.acked = self.acked.max(seq);
         let mut out = Vec::new();
         while self.items.front().is_some_and(|(s, _, _)| *s <= seq) {
             let (s, size, item) = self.items.pop_front().expect("front exists");
@@ -368,7 +374,10 @@ impl<T> Outbox<T> {
     pub fn resume(&mut self, received: u64) -> Result<Vec<(u64, T)>, AckError> {
         let assigned = self.next - 1;
         if received > assigned {
-            return Err(AckError { acked: received, sent: assigned });
+            return Err(AckError::Unsent { acked: received, sent: assigned });
+        }
+        if received < self.acked {
+            return Err(AckError::Behind { received, acked: self.acked });
         }
         self.sent = assigned;
         let released = self.ack(received);
@@ -558,9 +567,10 @@ pub struct Opened<A> {
 pub enum PushError {
     /// No reliable session has this id: deliver it another way, or it is undeliverable (not online).
     NoSession,
-    /// The session's hold (or the server's total) is full. The attached connection, if any, is returned: it is
-    /// not keeping up.
+    /// The session's hold (or the server's total) is full.
     Full,
+    /// The message would need a frame larger than the connections accept.
+    TooLarge,
 }
 
 /// The server's reliable sessions, by client id.
@@ -579,6 +589,8 @@ pub struct Sessions<A> {
     held_messages: usize,
     held_bytes: usize,
     stats: Stats,
+    /// The largest frame the connections carrying sessions accept: nothing held may need a larger one.
+    max_frame: u32,
 }
 
 impl<A: Clone + PartialEq> Sessions<A> {
@@ -594,7 +606,15 @@ impl<A: Clone + PartialEq> Sessions<A> {
             held_messages: 0,
             held_bytes: 0,
             stats: Stats::default(),
+            max_frame: crate::frame::DEFAULT_MAX_FRAME,
         }
+    }
+
+    /// The largest frame the connections accept (their `max_frame`; 65,536 unless told): a message that would
+    /// need a larger `SDATA` is refused ([`PushError::TooLarge`]), and reports are split to fit.
+    pub fn with_max_frame(mut self, max_frame: u32) -> Sessions<A> {
+        self.max_frame = max_frame;
+        self
     }
 
     pub fn config(&self) -> &HoldConfig {
@@ -738,6 +758,10 @@ impl<A: Clone + PartialEq> Sessions<A> {
         let size = held_size(payload.len(), from.len());
         let total_full = self.held_bytes + size > self.cfg.total_bytes;
         let s = self.by_id.get_mut(to).ok_or(PushError::NoSession)?;
+        // SDATA: kind, seq, the sender's id as str8, the payload.
+        if 1 + 8 + 1 + from.len() + payload.len() > self.max_frame as usize {
+            return Err(PushError::TooLarge);
+        }
         let limits = if total_full { Limits { messages: 0, bytes: 0 } } else { self.cfg.per_session };
         let body = Body::Data { from: from.to_owned(), payload, origin };
         match s.out.push(body, size, limits) {
@@ -775,10 +799,14 @@ impl<A: Clone + PartialEq> Sessions<A> {
         if token.is_some_and(|t| !tokens_equal(t, &s.token)) || seqs.is_empty() {
             return None;
         }
-        let size = held_size(seqs.len() * 8, peer.len());
-        s.out.push_unbounded(Body::Report { peer: peer.to_owned(), outcome, seqs }, size);
-        self.held_messages += 1;
-        self.held_bytes += size;
+        // REPORT: kind, seq, peer as str8, outcome, count, then 8 bytes per sequence number; split to fit a frame.
+        let per_frame = (self.max_frame as usize).saturating_sub(1 + 8 + 1 + peer.len() + 1 + 2) / 8;
+        for chunk in seqs.chunks(per_frame.clamp(1, u16::MAX as usize)) {
+            let size = held_size(chunk.len() * 8, peer.len());
+            s.out.push_unbounded(Body::Report { peer: peer.to_owned(), outcome, seqs: chunk.to_vec() }, size);
+            self.held_messages += 1;
+            self.held_bytes += size;
+        }
         s.attached.clone()
     }
 

@@ -273,7 +273,10 @@ impl Client {
     pub fn send_reliable(&self, to: Option<&str>, payload: Bytes) -> Result<u64, ClientError> {
         let link = self.reliable.as_ref().ok_or(ClientError::NotReliable)?;
         let peer = to.unwrap_or_default();
-        self.check_size(peer, &payload)?;
+        let max = tether_proto::frame::max_reliable_payload(self.max_frame, !peer.is_empty());
+        if payload.len() > max {
+            return Err(ClientError::TooLarge { len: payload.len(), max });
+        }
         Ok(link.send(peer, payload)?)
     }
 
@@ -366,7 +369,9 @@ impl ClientHooks {
         self.more = more;
         for f in frames {
             if let Err(e) = conn.send(now, f) {
-                tracing::debug!("reliable send refused: {e}");
+                // Only a server announcing a smaller maximum frame than this client's own refuses here; the
+                // message stays in the outbox (skipping it would leave a gap in the stream).
+                tracing::warn!("reliable send refused: {e}");
                 break;
             }
         }

@@ -161,6 +161,8 @@ pub struct ReconnectingClient {
     events: mpsc::UnboundedReceiver<LinkEvent>,
     nonce: u64,
     max_frame: u32,
+    /// Sends go through a reliable session (their sequence number takes room in the frame).
+    reliable: bool,
     task: JoinHandle<()>,
 }
 
@@ -169,6 +171,7 @@ impl ReconnectingClient {
     pub fn start(servers: Vec<String>, mut cfg: ClientConfig, res: ResilienceConfig) -> ReconnectingClient {
         let nonce = *cfg.nonce.get_or_insert_with(rand::random);
         let max_frame = cfg.conn.max_frame;
+        let reliable = cfg.reliable.is_some();
         let (cmd_tx, cmd_rx) = mpsc::channel(cfg.command_queue.max(1));
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
         let seed = res.seed.unwrap_or_else(rand::random);
@@ -184,7 +187,7 @@ impl ReconnectingClient {
             queue: VecDeque::new(),
         };
         let task = tokio::spawn(sup.run());
-        ReconnectingClient { cmds: cmd_tx, events: ev_rx, nonce, max_frame, task }
+        ReconnectingClient { cmds: cmd_tx, events: ev_rx, nonce, max_frame, reliable, task }
     }
 
     /// The instance nonce kept across reconnects.
@@ -194,7 +197,11 @@ impl ReconnectingClient {
 
     /// Send now if connected; otherwise queue (bounded) for the next connection.
     pub async fn send(&self, to: Option<&str>, payload: Bytes) -> Result<Sent, LinkError> {
-        let max = tether_proto::frame::max_payload(self.max_frame, to.is_some_and(|t| !t.is_empty()));
+        let to_client = to.is_some_and(|t| !t.is_empty());
+        let max = match self.reliable {
+            true => tether_proto::frame::max_reliable_payload(self.max_frame, to_client),
+            false => tether_proto::frame::max_payload(self.max_frame, to_client),
+        };
         if payload.len() > max {
             return Err(LinkError::TooLarge { len: payload.len(), max });
         }

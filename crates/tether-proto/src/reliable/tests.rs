@@ -102,7 +102,7 @@ fn an_outbox_refuses_at_its_bound_releases_on_ack_and_replays_after_a_resume() {
     assert!(out.push("e", 10, byte_bound).is_err(), "bytes bound too");
     assert_eq!(out.next_unsent(), Some((1, &"a")));
     assert_eq!(out.next_unsent(), Some((2, &"b")));
-    assert_eq!(out.ack(3), Err(AckError { acked: 3, sent: 2 }), "3 was never sent");
+    assert_eq!(out.ack(3), Err(AckError::Unsent { acked: 3, sent: 2 }), "3 was never sent");
     assert_eq!(out.ack(1), Ok(vec![(1, "a")]));
     assert_eq!(out.ack(1), Ok(vec![]), "acks are cumulative and idempotent");
     // The link dies; the peer had taken 2. Everything after it goes again, in order.
@@ -110,7 +110,7 @@ fn an_outbox_refuses_at_its_bound_releases_on_ack_and_replays_after_a_resume() {
     assert_eq!(out.next_unsent(), Some((3, &"c")));
     assert_eq!(out.next_unsent(), Some((4, &"d")));
     assert_eq!(out.next_unsent(), None);
-    assert_eq!(out.resume(9), Err(AckError { acked: 9, sent: 4 }), "a peer cannot have more than was sent");
+    assert_eq!(out.resume(9), Err(AckError::Unsent { acked: 9, sent: 4 }), "a peer cannot have more than was sent");
     assert_eq!((out.len(), out.bytes()), (2, 20));
 }
 
@@ -288,4 +288,66 @@ fn reports_are_never_refused_but_a_sender_that_lets_them_pile_up_is_named_slow()
     let fx = t.expire(t0() + Duration::from_secs(200));
     assert_eq!((fx.wake, fx.slow), (vec![1], vec![1]));
     assert_eq!(t.hold_of("a").map(|h| h.messages), Some(5), "every report is kept");
+}
+
+#[test]
+fn reports_are_split_to_fit_the_frame_limit() {
+    let now = t0();
+    let cfg = HoldConfig { per_session: Limits { messages: 10_000, bytes: 4 << 20 }, ..cfg() };
+    let mut t: Sessions<u32> = Sessions::new(cfg, *b"store-01").with_max_frame(crate::frame::MIN_MAX_FRAME);
+    let a = t.open("a", fresh(), [1; 8], 1).grant.token;
+    t.open("b", fresh(), [2; 8], 2);
+    t.detach(now, "b", &2);
+    for seq in 1..=1_000 {
+        let origin = Some(Origin::Client { id: "a".into(), token: a, seq });
+        t.push("b", "a", Bytes::from_static(b"m"), origin).unwrap();
+    }
+    t.expire(now + Duration::from_secs(120));
+    let (frames, _) = t.next_frames("a", &1, 1 << 20);
+    let mut told: Vec<u64> = Vec::new();
+    for f in &frames {
+        let len = f.encoded_len() - crate::frame::HEADER_LEN;
+        assert!(len <= crate::frame::MIN_MAX_FRAME as usize, "a {len}-byte {}", f.name());
+        let Frame::Report(r) = f else { panic!("{f:?}") };
+        told.extend(&r.seqs);
+    }
+    assert_eq!(told, (1..=1_000).collect::<Vec<_>>(), "every message reported, once, in order");
+}
+
+#[test]
+fn a_message_that_would_need_a_larger_frame_is_refused_not_held() {
+    let mut t: Sessions<u32> = Sessions::new(cfg(), *b"store-01").with_max_frame(300);
+    t.open("b", fresh(), [2; 8], 2);
+    let fits = 300 - (1 + 8 + 1 + 1);
+    assert!(t.push("b", "a", Bytes::from(vec![0; fits]), None).is_ok());
+    assert_eq!(t.push("b", "a", Bytes::from(vec![0; fits + 1]), None), Err(PushError::TooLarge));
+    // The largest relay a client may send as SDATA always fits, whatever the ids.
+    for max in [crate::frame::MIN_MAX_FRAME, crate::frame::DEFAULT_MAX_FRAME, crate::frame::MAX_MAX_FRAME] {
+        let payload = Bytes::from(vec![0; crate::frame::max_reliable_relay_payload(max)]);
+        let relayed = Frame::Sdata { seq: u64::MAX, peer: "x".repeat(crate::frame::MAX_ID_LEN), payload };
+        assert!(relayed.encoded_len() - crate::frame::HEADER_LEN <= max as usize);
+    }
+}
+
+#[test]
+fn a_resume_below_what_the_peer_acknowledged_is_refused_never_a_gap() {
+    let mut out: Outbox<&str> = Outbox::default();
+    for m in ["a", "b", "c", "d"] {
+        out.push(m, 1, LIMITS).unwrap();
+    }
+    for _ in 0..3 {
+        out.next_unsent();
+    }
+    out.ack(3).unwrap();
+    assert_eq!(out.resume(1), Err(AckError::Behind { received: 1, acked: 3 }));
+    // The server's table gives such a client a fresh session instead of a stream with a hole in it.
+    let mut t = table();
+    let token = t.open("b", fresh(), [2; 8], 2).grant.token;
+    for p in ["x", "y", "z"] {
+        t.push("b", "a", Bytes::from(p), None).unwrap();
+    }
+    t.next_frames("b", &2, 1 << 16);
+    t.ack("b", &2, 2).unwrap();
+    let opened = t.open("b", resume(token, 1), [3; 8], 3);
+    assert_eq!((opened.grant.status, opened.grant.why), (Status::Fresh, Some(LostWhy::Unknown)));
 }

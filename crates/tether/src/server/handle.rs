@@ -81,9 +81,10 @@ impl ServerHandle {
             return Err(SendToError::TooLarge { len: payload.len(), max });
         }
         // A reliable session, online or offline, holds it until its client acknowledges it.
+        let len = payload.len();
         let payload = match self.shared.held.push_from(client, "", payload, None) {
             Ok(Ok(())) => return Ok(()),
-            Ok(Err(_)) => return Err(SendToError::HoldFull(client.into())),
+            Ok(Err(why)) => return Err(self.refused(client, why, len)),
             Err(payload) => payload,
         };
         let payload = {
@@ -115,15 +116,27 @@ impl ServerHandle {
         }
         let held = &self.shared.held;
         let (n, receipt) = held.new_receipt();
+        let len = payload.len();
         match held.push_from(client, "", payload, Some(n)) {
             Ok(Ok(())) => Ok(receipt),
             other => {
                 held.drop_receipt(n);
                 Err(match other {
-                    Ok(Err(_)) => SendToError::HoldFull(client.into()),
+                    Ok(Err(why)) => self.refused(client, why, len),
                     _ => SendToError::NotReliable(client.into()),
                 })
             }
+        }
+    }
+
+    /// Why a reliable session did not take the application's message of `len` bytes.
+    fn refused(&self, client: &str, why: tether_proto::Undeliverable, len: usize) -> SendToError {
+        match why {
+            tether_proto::Undeliverable::TooLarge => {
+                let max = tether_proto::frame::max_reliable_payload(self.shared.cfg.conn.max_frame, false);
+                SendToError::TooLarge { len, max }
+            }
+            _ => SendToError::HoldFull(client.into()),
         }
     }
 

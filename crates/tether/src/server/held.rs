@@ -60,9 +60,10 @@ pub(super) struct Held {
 }
 
 impl Held {
-    pub(super) fn new(cfg: HoldConfig) -> Held {
+    /// A table for connections that accept frames up to `max_frame`.
+    pub(super) fn new(cfg: HoldConfig, max_frame: u32) -> Held {
         Held {
-            table: Mutex::new(Sessions::new(cfg, rand::random())),
+            table: Mutex::new(Sessions::new(cfg, rand::random()).with_max_frame(max_frame)),
             wake: Notify::new(),
             receipts: Mutex::new(HashMap::new()),
             next_receipt: AtomicU64::new(1),
@@ -116,7 +117,7 @@ impl Held {
 
     /// Hold a message from `from` (empty: the server application, with its receipt number) for `client`'s
     /// reliable session, and wake its connection. `Err(payload)` when the client has none (deliver it another
-    /// way); `Ok(Err(HoldFull))` when its hold is full.
+    /// way); `Ok(Err(why))` when its hold is full, or the message too large to send as `SDATA`.
     pub(super) fn push_from(
         &self,
         client: &str,
@@ -137,6 +138,7 @@ impl Held {
                 Ok(Ok(()))
             }
             Err(PushError::Full) => Ok(Err(Undeliverable::HoldFull)),
+            Err(PushError::TooLarge) => Ok(Err(Undeliverable::TooLarge)),
             Err(PushError::NoSession) => Err(payload),
         }
     }

@@ -467,6 +467,9 @@ impl ServerHooks {
                 }
                 self.report(conn, now, &to, Some(Undeliverable::HoldFull), seq);
             }
+            Ok(Err(reliable::PushError::TooLarge)) => {
+                self.report(conn, now, &to, Some(Undeliverable::TooLarge), seq);
+            }
             Ok(Err(_)) => {
                 // No reliable session: an online plain client gets it as DATA, at most once from here.
                 let delivered = {

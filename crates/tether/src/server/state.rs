@@ -107,7 +107,7 @@ impl Shared {
             rtt_probe_every: cfg.conn.rtt_probe_every.filter(|_| cfg.metrics),
             ..cfg.conn.clone()
         };
-        let cfg_hold = cfg.hold;
+        let (cfg_hold, cfg_max_frame) = (cfg.hold, cfg.conn.max_frame);
         Shared {
             conn_cfg: Arc::new(conn_cfg),
             hub_lock: Mutex::new(Hub::new(Registry::new(cfg.registry.clone()), cfg.outbound_queue, cluster.clone())),
@@ -134,7 +134,7 @@ impl Shared {
             registry_wake: Notify::new(),
             shutting_down: AtomicBool::new(false),
             cluster,
-            held: Held::new(cfg_hold),
+            held: Held::new(cfg_hold, cfg_max_frame),
         }
     }
 
