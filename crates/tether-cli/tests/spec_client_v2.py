@@ -234,7 +234,7 @@ class Conn:
         self.started = now()
         self.out = bytearray()
         self.inbuf = bytearray()
-        self.limit = DEFAULT_MAX_FRAME  # until WELCOME.max_frame (section 5, step 2)
+        self.limit = DEFAULT_MAX_FRAME  # until WELCOME.max_frame (section 6, step 2)
         self.version = None  # None until WELCOME
         self.heartbeat_s = self.timeout_s = None
         self.auto_ping = False

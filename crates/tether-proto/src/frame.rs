@@ -255,7 +255,8 @@ pub struct Hello {
     pub client_id: String,
     /// The client's token when the server requires authentication; empty when none.
     pub credential: Bytes,
-    /// v2: extensions (none are defined for `HELLO` yet; a server skips what it does not know). Not sent in v1.
+    /// v2: extensions (`reliable` is the one defined for `HELLO`; a server skips what it does not know). Not sent
+    /// in v1.
     pub extensions: Vec<Extension>,
 }
 
