@@ -422,10 +422,15 @@ impl Printer {
     }
 
     fn in_doubt(&self, msgs: &[InDoubt]) {
-        let seqs: Vec<u64> = msgs.iter().map(|m| m.seq).collect();
+        let doubt: Vec<u64> = msgs.iter().filter(|m| m.sent).map(|m| m.seq).collect();
+        let resent: Vec<(u64, u64)> = msgs.iter().filter_map(|m| Some((m.seq, m.resent_as?))).collect();
+        let unsent: Vec<u64> = msgs.iter().filter(|m| !m.sent && m.resent_as.is_none()).map(|m| m.seq).collect();
         self.line(
-            json!({"event": "in_doubt", "seqs": seqs}),
-            &format!("the session could not be resumed; these may or may not have arrived: {seqs:?}"),
+            json!({"event": "in_doubt", "seqs": doubt, "resent": resent, "not_sent": unsent}),
+            &format!(
+                "the session could not be resumed: may or may not have arrived {doubt:?}; sent again as \
+                 (old, new) {resent:?}; not sent {unsent:?}"
+            ),
         );
     }
 

@@ -226,6 +226,7 @@ pub enum Event {
         len: usize,
     },
     /// `reliable`: the next message of the peer's stream, in order, exactly once (duplicates are dropped here).
+    /// It is acknowledged once the owner confirms it took it ([`Connection::confirm`]).
     Sdata {
         seq: u64,
         peer: String,
@@ -451,6 +452,19 @@ impl Connection {
     /// Whether the `reliable` extension is in effect.
     pub fn is_reliable(&self) -> bool {
         self.rel.is_some()
+    }
+
+    /// `reliable`: the owner took the peer's messages up to `seq` (held them, handed them on, or reported on
+    /// them). Only what is confirmed is acknowledged; an `ACK` goes out once [`reliable::ACK_EVERY`] are
+    /// confirmed, else after [`reliable::ACK_DELAY`] or with the next `PING`/`PONG`.
+    pub fn confirm(&mut self, now: Instant, seq: u64) {
+        let Some(inbox) = self.rel.as_mut() else { return };
+        inbox.confirm(now, seq);
+        if self.state == State::Established {
+            if let Some(ack) = inbox.ack_due(now) {
+                self.queue(now, &Frame::Ack { seq: ack });
+            }
+        }
     }
 
     pub fn rtt(&self) -> Option<Duration> {
@@ -1173,8 +1187,8 @@ impl Connection {
         self.decide(now, CloseReason::RateLimited, CloseMode::Flush, bye, false, None, detail, None);
     }
 
-    /// A sequenced frame arrived: true when it is the next in order (deliver it). A duplicate is dropped; a gap
-    /// is a protocol error. An `ACK` goes out once [`reliable::ACK_EVERY`] are pending.
+    /// A sequenced frame arrived: true when it is the next in order (deliver it; its owner confirms it with
+    /// [`Connection::confirm`]). A duplicate is dropped and acknowledged again; a gap is a protocol error.
     fn take_seq(&mut self, now: Instant, seq: u64) -> bool {
         let Some(inbox) = self.rel.as_mut() else { return false };
         let verdict = inbox.accept(now, seq);

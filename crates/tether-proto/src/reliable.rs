@@ -4,9 +4,11 @@
 //! # Layout
 //! - [`Offer`] and [`Grant`]: the extension's value in `HELLO` (a resume request, or none) and in `WELCOME` (the
 //!   resume token and whether continuity holds).
-//! - [`Inbox`]: the receiving half of one direction: the last sequence number taken in order, duplicates dropped,
-//!   a gap refused, and when a cumulative `ACK` is due (after [`ACK_EVERY`] messages or [`ACK_DELAY`], or riding
-//!   along with a frame sent anyway). [`crate::Connection`] runs one per reliable connection.
+//! - [`Inbox`]: the receiving half of one direction: the last sequence number received in order, duplicates
+//!   dropped, a gap refused, and when a cumulative `ACK` is due (after [`ACK_EVERY`] messages or [`ACK_DELAY`],
+//!   or riding along with a frame sent anyway). An `ACK` covers only what the inbox's owner confirmed it took
+//!   (`Inbox::confirm`): a message the owner could not take (its session moved, a store did not answer) is never
+//!   acknowledged. [`crate::Connection`] runs one per reliable connection.
 //! - [`Outbox`]: the sending half: sequence numbers assigned, what is unacknowledged kept (bounded in messages
 //!   and bytes: a full outbox refuses, it never drops), released by `ACK`, replayed after a resume.
 //! - [`Sessions`]: the server's reliable sessions by client id: their outboxes outlive connections (the offline
@@ -33,6 +35,10 @@ use crate::frame::{ext, Extension, Frame, Report, Undeliverable};
 /// A session's resume token: the first 8 bytes name the store that issued it (a server's run, or a cluster's
 /// Redis), the last 8 are random.
 pub type Token = [u8; 16];
+
+/// Sessions one [`Sessions::expire`] call ends at most, so that one call's work under the caller's lock stays
+/// small.
+pub const EXPIRE_BATCH: usize = 16;
 
 /// An `ACK` is sent at the latest after this many sequenced frames received.
 pub const ACK_EVERY: u32 = 16;
@@ -223,11 +229,13 @@ pub enum Accept {
 /// The receiving half of one direction of a reliable session.
 #[derive(Debug, Clone, Default)]
 pub struct Inbox {
-    /// The last sequence number taken in order.
+    /// The last sequence number received in order.
     last: u64,
+    /// The last one its owner confirmed it took (held, handed on, or reported): an `ACK` never covers more.
+    taken: u64,
     /// The last sequence number acknowledged to the peer.
     acked: u64,
-    /// Received since `acked` was last sent, duplicates included.
+    /// Confirmed (or received again as duplicates) since `acked` was last sent.
     pending: u32,
     /// When an `ACK` is due, once something is pending.
     due: Option<Instant>,
@@ -238,7 +246,7 @@ pub struct Inbox {
 impl Inbox {
     /// An inbox whose stream continues after `last` (0 for a new stream).
     pub fn new(last: u64) -> Inbox {
-        Inbox { last, acked: last, pending: 0, due: None, duplicates: 0 }
+        Inbox { last, taken: last, acked: last, pending: 0, due: None, duplicates: 0 }
     }
 
     pub fn last(&self) -> u64 {
@@ -250,20 +258,39 @@ impl Inbox {
         self.duplicates
     }
 
-    /// Judge sequence number `seq` arriving at `now`, and schedule the `ACK` that covers it.
+    /// The last sequence number its owner confirmed.
+    pub fn taken(&self) -> u64 {
+        self.taken
+    }
+
+    /// Judge sequence number `seq` arriving at `now`. A new one is acknowledged only once its owner confirms it
+    /// ([`confirm`](Self::confirm)); a duplicate is acknowledged again (the peer missed our `ACK`).
     pub fn accept(&mut self, now: Instant, seq: u64) -> Accept {
-        let verdict = if seq == self.last + 1 {
+        if seq == self.last + 1 {
             self.last = seq;
             Accept::New
         } else if seq <= self.last {
             self.duplicates += 1;
+            self.schedule(now, 1);
             Accept::Duplicate
         } else {
-            return Accept::Gap { expected: self.last + 1 };
-        };
-        self.pending += 1;
+            Accept::Gap { expected: self.last + 1 }
+        }
+    }
+
+    /// The owner took everything up to `seq` (at most what was received): schedule the `ACK` that covers it.
+    pub fn confirm(&mut self, now: Instant, seq: u64) {
+        let seq = seq.min(self.last);
+        if seq > self.taken {
+            let n = u32::try_from(seq - self.taken).unwrap_or(u32::MAX);
+            self.taken = seq;
+            self.schedule(now, n);
+        }
+    }
+
+    fn schedule(&mut self, now: Instant, n: u32) {
+        self.pending = self.pending.saturating_add(n);
         self.due.get_or_insert(now + ACK_DELAY);
-        verdict
     }
 
     /// The `ACK` to send now, if one is due at `now` (the delay passed, or [`ACK_EVERY`] are pending).
@@ -282,8 +309,8 @@ impl Inbox {
     fn take(&mut self) -> Option<u64> {
         self.due = None;
         self.pending = 0;
-        self.acked = self.last;
-        Some(self.last)
+        self.acked = self.taken;
+        Some(self.taken)
     }
 
     /// When the next `ACK` falls due.
@@ -346,7 +373,8 @@ impl<T> Outbox<T> {
         Ok(self.push_unbounded(item, size))
     }
 
-    /// Keep `item` whatever the bounds (the server's reports, which are bounded by the messages they report on).
+    /// Keep `item` whatever the bounds (the server's reports: a sender must learn the fate of what it sent; the
+    /// server bounds them by closing a sender they take past its bound, see [`Sessions::over_bound`]).
     pub fn push_unbounded(&mut self, item: T, size: usize) -> u64 {
         let seq = self.next;
         self.next += 1;
@@ -393,6 +421,19 @@ impl<T> Outbox<T> {
         let (seq, _, item) = self.items.get(idx)?;
         self.sent = *seq;
         Some((*seq, item))
+    }
+
+    /// The highest sequence number handed to the current connection.
+    pub fn sent(&self) -> u64 {
+        self.sent
+    }
+
+    /// The current connection could not send `seq` after all: it is the next unsent again (nothing after it was
+    /// sent either).
+    pub fn unsend(&mut self, seq: u64) {
+        if seq <= self.sent && seq > self.acked {
+            self.sent = seq - 1;
+        }
     }
 
     /// Whether items wait to be sent on the current connection.
@@ -845,10 +886,12 @@ impl<A: Clone + PartialEq> Sessions<A> {
         (frames, s.out.has_unsent())
     }
 
-    /// End the sessions whose expiry is at or before `now`.
+    /// End the sessions whose expiry is at or before `now`, at most [`EXPIRE_BATCH`] per call (each may hold
+    /// thousands of messages, all reported): [`poll_timeout`](Self::poll_timeout) is still due when more are.
     pub fn expire(&mut self, now: Instant) -> Effects<A> {
         let mut effects = Effects::default();
-        while let Some((at, id)) = self.expiries.first().cloned() {
+        for _ in 0..EXPIRE_BATCH {
+            let Some((at, id)) = self.expiries.first().cloned() else { break };
             if at > now {
                 break;
             }
@@ -869,6 +912,7 @@ impl<A: Clone + PartialEq> Sessions<A> {
         let mut receipts: Vec<(String, Token, Vec<u64>)> = Vec::new();
         for (_, body) in released {
             self.held_messages -= 1;
+            debug_assert!(self.held_bytes >= body_size(&body), "held bytes drifted");
             self.held_bytes -= body_size(&body).min(self.held_bytes);
             if let Body::Data { origin: Some(origin), .. } = body {
                 match origin {
@@ -922,6 +966,7 @@ impl<A: Clone + PartialEq> Sessions<A> {
         let mut reports: Vec<(String, Token, Vec<u64>)> = Vec::new();
         for (_, body) in s.out.drain() {
             self.held_messages -= 1;
+            debug_assert!(self.held_bytes >= body_size(&body), "held bytes drifted");
             self.held_bytes -= body_size(&body).min(self.held_bytes);
             let Body::Data { origin, .. } = body else { continue };
             lost = lost.saturating_add(1);

@@ -91,8 +91,9 @@ pub enum ClientEvent {
         silent_for: Duration,
     },
     Recovered,
-    /// `reliable`: the server took every message this client sent up to sequence number `upto` (it is where the
-    /// receiver's resume will find it, or its fate will be reported).
+    /// `reliable`: the server took every message this client sent up to sequence number `upto`: held for a
+    /// reliable receiver (its fate will be reported), pushed to an online plain one (at most once from there,
+    /// no receipt), handed to the server application, or reported undeliverable.
     Acked {
         upto: u64,
     },
@@ -107,8 +108,10 @@ pub enum ClientEvent {
         seqs: Vec<u64>,
         why: Undeliverable,
     },
-    /// `reliable`: the server could not resume the session (the grant says why); these messages were sent on the
-    /// old session and never acknowledged, so they may or may not have arrived. They are not sent again.
+    /// `reliable`: the server could not resume the session (the grant says why), or does not grant reliable
+    /// sessions: what the old session's outbox held. Each message says whether it was on the wire
+    /// unacknowledged (it may or may not have arrived; not sent again), or never sent (sent again in the new
+    /// session under `resent_as`, or, not granted, not sent).
     InDoubt(Vec<InDoubt>),
     /// Always the last event.
     Disconnected(Disconnect),
@@ -207,7 +210,8 @@ impl Client {
         let (cmd_tx, cmd_rx) = mpsc::channel(cfg.command_queue.max(1));
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
         let (welcome_tx, welcome_rx) = oneshot::channel();
-        let link = cfg.reliable.clone().filter(|_| version >= V2);
+        // Also to a v1 connection, which cannot carry it: its WELCOME then reports what the session held.
+        let link = cfg.reliable.clone();
         let task = tokio::spawn(async move {
             let mut hooks = ClientHooks {
                 events: ev_tx,
@@ -215,6 +219,7 @@ impl Client {
                 welcome: Some(welcome_tx),
                 close_requested: false,
                 link,
+                generation: None,
                 more: false,
             };
             drive(stream, tls, &mut conn, &mut hooks).await;
@@ -254,7 +259,7 @@ impl Client {
 
     /// Send `payload` to client `to`, or to the server application when `to` is `None`. The payload may be at
     /// most `max_frame - 130` bytes to a client and `max_frame - 2` to the server application, with the server's
-    /// `max_frame` (see docs/protocol.md).
+    /// `max_frame` (see docs/protocol.md); on a reliable session 8 bytes less (`max_frame - 138`, `- 10`).
     ///
     /// On a reliable session the message goes through its outbox ([`send_reliable`](Self::send_reliable)).
     pub async fn send(&self, to: Option<&str>, payload: Bytes) -> Result<(), ClientError> {
@@ -335,8 +340,10 @@ struct ClientHooks {
     /// Completes `connect` with the `WELCOME`, or with the refusal.
     welcome: Option<oneshot::Sender<Result<Welcome, Disconnect>>>,
     close_requested: bool,
-    /// The reliable session offered in `HELLO`, and whether its outbox has more to send than was pulled.
+    /// The reliable session, its generation once this connection was welcomed (its calls count only then),
+    /// and whether its outbox has more to send than was pulled.
     link: Option<ReliableLink>,
+    generation: Option<u64>,
     more: bool,
 }
 
@@ -349,7 +356,8 @@ impl ClientHooks {
     fn on_welcome(&mut self, conn: &mut Connection, now: StdInstant, w: &Welcome) {
         let Some(link) = &self.link else { return };
         let grant = reliable::Grant::find(&w.extensions).filter(|_| conn.is_reliable());
-        let (acked, doubt) = link.welcome(grant);
+        let (generation, acked, doubt) = link.welcome(grant, conn.peer_max_frame());
+        self.generation = Some(generation);
         if grant.is_none() {
             self.link = None;
         }
@@ -364,17 +372,32 @@ impl ClientHooks {
 
     /// Put up to [`PULL_BUDGET`] bytes of the outbox's unsent messages on the wire.
     fn pull(&mut self, conn: &mut Connection, now: StdInstant) {
-        let Some(link) = &self.link else { return };
-        let (frames, more) = link.next_frames(PULL_BUDGET);
+        let (Some(link), Some(generation)) = (&self.link, self.generation) else { return };
+        let (frames, more) = link.next_frames(generation, PULL_BUDGET);
         self.more = more;
         for f in frames {
+            let seq = match &f {
+                Frame::Sdata { seq, .. } => *seq,
+                _ => 0,
+            };
             if let Err(e) = conn.send(now, f) {
-                // Only a server announcing a smaller maximum frame than this client's own refuses here; the
-                // message stays in the outbox (skipping it would leave a gap in the stream).
-                tracing::warn!("reliable send refused: {e}");
+                // Only a message kept before this server announced a smaller maximum frame is refused here. It
+                // and what follows stay unsent (skipping it would leave a gap in the stream): the session stalls
+                // rather than losing or reordering anything.
+                tracing::warn!("reliable send refused: {e}; the session's outbox waits");
+                link.unsend(generation, seq);
+                self.more = false;
                 break;
             }
         }
+    }
+
+    /// A sequenced frame was handed to the application: it may be acknowledged.
+    fn took(&self, conn: &mut Connection, now: StdInstant, seq: u64) {
+        if let (Some(link), Some(generation)) = (&self.link, self.generation) {
+            link.received_seq(generation, seq);
+        }
+        conn.confirm(now, seq);
     }
 }
 
@@ -391,8 +414,8 @@ impl Hooks for ClientHooks {
                 return;
             }
             Event::Closed(c) => {
-                if let Some(link) = &self.link {
-                    link.detach();
+                if let (Some(link), Some(generation)) = (&self.link, self.generation) {
+                    link.detach(generation);
                 }
                 let d = Disconnect::from(c);
                 match self.welcome.take() {
@@ -419,23 +442,20 @@ impl Hooks for ClientHooks {
             | Event::RelayTooLarge { .. }
             | Event::SdataTooLarge { .. } => return,
             Event::Sdata { seq, peer, payload } => {
-                if let Some(link) = &self.link {
-                    link.received_seq(seq);
-                }
-                ClientEvent::Data { from: (!peer.is_empty()).then_some(peer), payload }
+                self.emit(ClientEvent::Data { from: (!peer.is_empty()).then_some(peer), payload });
+                return self.took(conn, now, seq);
             }
             Event::Report(r) => {
-                if let Some(link) = &self.link {
-                    link.received_seq(r.seq);
-                }
-                match r.outcome {
+                let seq = r.seq;
+                self.emit(match r.outcome {
                     None => ClientEvent::Delivered { to: r.peer, seqs: r.seqs },
                     Some(why) => ClientEvent::NotDelivered { to: r.peer, seqs: r.seqs, why },
-                }
+                });
+                return self.took(conn, now, seq);
             }
             Event::Acked(seq) => {
-                let Some(link) = &self.link else { return };
-                match link.acked(seq) {
+                let (Some(link), Some(generation)) = (&self.link, self.generation) else { return };
+                match link.acked(generation, seq) {
                     Ok(0) => return,
                     Ok(_) => ClientEvent::Acked { upto: seq },
                     Err(e) => {
@@ -471,8 +491,8 @@ impl Hooks for ClientHooks {
     }
 
     fn poll_cmd(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<ClientCmd>> {
-        if let Some(link) = &self.link {
-            if link.poll_pull(cx).is_ready() {
+        if let (Some(link), Some(generation)) = (&self.link, self.generation) {
+            if link.poll_pull(generation, cx).is_ready() {
                 return std::task::Poll::Ready(Some(ClientCmd::Pull));
             }
         }

@@ -42,16 +42,25 @@ impl Default for ReliableConfig {
 pub enum SendError {
     #[error("{0}: wait for acknowledgements")]
     Full(tether_proto::reliable::Full),
+    #[error("payload of {len} bytes exceeds the largest a reliable session carries for this destination ({max})")]
+    TooLarge { len: usize, max: usize },
 }
 
-/// A message this client sent whose fate is unknown: the server could not resume the session, so it may or may
-/// not have been delivered.
+/// A message this client sent on a session that could not be resumed (or on a server that does not grant
+/// reliable sessions): what is known of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InDoubt {
+    /// Its sequence number in the old session.
     pub seq: u64,
     /// The target id (empty: the server application).
     pub to: String,
     pub payload: Bytes,
+    /// It was on the wire and never acknowledged: it may or may not have arrived, and it is not sent again.
+    /// `false`: it never reached the server.
+    pub sent: bool,
+    /// Never sent before, it was sent again in the new session under this sequence number (`None`: not sent;
+    /// the server does not grant reliable sessions).
+    pub resent_as: Option<u64>,
 }
 
 /// One reliable session's state, shared by the connections that carry it in turn.
@@ -83,8 +92,13 @@ struct State {
     out: Outbox<(String, Bytes)>,
     /// The last grant, for the application to read.
     grant: Option<Grant>,
-    /// The connection carrying the session has taken the grant and sends from the outbox.
+    /// Which connection carries the session: each `WELCOME` starts a new generation, and calls from a
+    /// connection of another one (an old connection still closing) are ignored.
+    generation: u64,
+    /// The current generation's connection has taken the grant and sends from the outbox.
     live: bool,
+    /// The largest frame the server accepts (its `WELCOME`; before that, the client's own limit).
+    max_frame: u32,
     /// The connection's task, to wake when the outbox has something to send.
     waker: Option<Waker>,
     pull: bool,
@@ -98,7 +112,9 @@ impl ReliableLink {
             received: 0,
             out: Outbox::default(),
             grant: None,
+            generation: 0,
             live: false,
+            max_frame: tether_proto::frame::DEFAULT_MAX_FRAME,
             waker: None,
             pull: false,
         };
@@ -110,9 +126,13 @@ impl ReliableLink {
     }
 
     /// Keep a message for `to` (empty: the server application) and have the connection send it (now, or after the
-    /// next resume). Returns its sequence number, which receipts and reports name.
+    /// next connect or resume). Returns its sequence number, which receipts and reports name.
     pub fn send(&self, to: &str, payload: Bytes) -> Result<u64, SendError> {
         let mut st = self.state();
+        let max = tether_proto::frame::max_reliable_payload(st.max_frame, !to.is_empty());
+        if payload.len() > max {
+            return Err(SendError::TooLarge { len: payload.len(), max });
+        }
         let size = payload.len() + to.len();
         let limits = st.cfg.window;
         let seq = st.out.push((to.to_owned(), payload), size, limits).map_err(SendError::Full)?;
@@ -142,56 +162,81 @@ impl ReliableLink {
         Offer { receipts: st.cfg.receipts, resume }.to_extension()
     }
 
-    /// The server's `WELCOME` (its grant, or `None`: the extension is not in effect on this connection). A stream
-    /// that continues resends what the server has not; one that does not starts afresh (or, not granted, does
-    /// not start), and what the outbox held is returned as of unknown fate. Returns the messages the resume showed delivered (by sequence) and
-    /// the messages in doubt.
-    pub(crate) fn welcome(&self, grant: Option<Grant>) -> (u64, Vec<InDoubt>) {
+    /// The largest frame the next server accepts, as far as this client knows (its own limit before a `WELCOME`).
+    pub(crate) fn set_max_frame(&self, max_frame: u32) {
+        self.state().max_frame = max_frame;
+    }
+
+    /// The server's `WELCOME`: its grant, or `None` (the extension is not in effect on this connection). Starts a
+    /// new generation (returned): only this connection's calls count from here.
+    /// - A session that continues resends what the server has not; what the resume showed acknowledged is
+    ///   returned (the last such sequence number, 0 for none).
+    /// - A first session keeps what was sent before any connection, numbered from 1 as the server expects.
+    /// - A session that does not continue starts afresh: what was on the wire unacknowledged is in doubt, and
+    ///   what never left is sent again under new numbers. Not granted, nothing is sent and all of it is returned.
+    pub(crate) fn welcome(&self, grant: Option<Grant>, max_frame: u32) -> (u64, u64, Vec<InDoubt>) {
         let mut st = self.state();
-        st.live = false;
+        st.generation += 1;
+        let generation = st.generation;
+        st.max_frame = max_frame;
         st.grant = grant;
+        let had_session = st.token.is_some();
         let Some(g) = grant else {
-            // The server does not grant the extension: the session cannot continue, and what it holds is not sent
-            // on this connection.
+            st.live = false;
             st.token = None;
             st.received = 0;
-            return (0, take_in_doubt(&mut st.out));
+            let old = std::mem::take(&mut st.out);
+            return (generation, 0, in_doubt(old, None));
         };
         st.token = Some(g.token);
         st.live = true;
         st.pull = true;
-        if g.continues() {
+        if g.continues() || !had_session {
             match st.out.resume(g.received) {
-                Ok(released) => return (released.last().map_or(0, |(s, _)| *s), Vec::new()),
+                Ok(released) => return (generation, released.last().map_or(0, |(s, _)| *s), Vec::new()),
                 // The server claims messages never sent: continuity cannot be trusted, start afresh.
                 Err(e) => tracing::warn!("reliable resume: {e}; starting afresh"),
             }
         }
         st.received = 0;
-        (0, take_in_doubt(&mut st.out))
+        let old = std::mem::take(&mut st.out);
+        let limits = st.cfg.window;
+        let doubt = in_doubt(old, Some((&mut st.out, limits)));
+        (generation, 0, doubt)
     }
 
-    /// The connection ended: sends wait in the outbox for the next one.
-    pub(crate) fn detach(&self) {
+    /// Connection `generation` ended: sends wait in the outbox for the next one.
+    pub(crate) fn detach(&self, generation: u64) {
         let mut st = self.state();
-        st.live = false;
-        st.waker = None;
+        if st.generation == generation {
+            st.live = false;
+            st.waker = None;
+        }
     }
 
-    /// A sequenced frame from the server was taken.
-    pub(crate) fn received_seq(&self, seq: u64) {
+    /// A sequenced frame from the server was taken on connection `generation`.
+    pub(crate) fn received_seq(&self, generation: u64, seq: u64) {
         let mut st = self.state();
-        st.received = st.received.max(seq);
+        if st.generation == generation {
+            st.received = st.received.max(seq);
+        }
     }
 
-    /// The server acknowledged up to `seq`: how many messages that released.
-    pub(crate) fn acked(&self, seq: u64) -> Result<usize, AckError> {
-        self.state().out.ack(seq).map(|r| r.len())
-    }
-
-    /// Register the connection's task; true when the outbox has something for it to send.
-    pub(crate) fn poll_pull(&self, cx: &mut Context<'_>) -> Poll<()> {
+    /// The server acknowledged up to `seq` on connection `generation`: how many messages that released.
+    pub(crate) fn acked(&self, generation: u64, seq: u64) -> Result<usize, AckError> {
         let mut st = self.state();
+        if st.generation != generation {
+            return Ok(0);
+        }
+        st.out.ack(seq).map(|r| r.len())
+    }
+
+    /// Register connection `generation`'s task; ready when the outbox has something for it to send.
+    pub(crate) fn poll_pull(&self, generation: u64, cx: &mut Context<'_>) -> Poll<()> {
+        let mut st = self.state();
+        if st.generation != generation {
+            return Poll::Pending;
+        }
         if st.live && std::mem::take(&mut st.pull) {
             return Poll::Ready(());
         }
@@ -201,10 +246,11 @@ impl ReliableLink {
         Poll::Pending
     }
 
-    /// Up to `budget` bytes of unsent messages as `SDATA` frames, and whether more wait.
-    pub(crate) fn next_frames(&self, budget: usize) -> (Vec<Frame>, bool) {
+    /// Up to `budget` bytes of unsent messages as `SDATA` frames for connection `generation`, and whether more
+    /// wait.
+    pub(crate) fn next_frames(&self, generation: u64, budget: usize) -> (Vec<Frame>, bool) {
         let mut st = self.state();
-        if !st.live {
+        if !st.live || st.generation != generation {
             return (Vec::new(), false);
         }
         let mut frames = Vec::new();
@@ -216,11 +262,36 @@ impl ReliableLink {
         }
         (frames, st.out.has_unsent())
     }
+
+    /// The connection refused to send message `seq` (a server whose maximum frame is below what it was checked
+    /// against): it is unsent again, so that the stream keeps no gap.
+    pub(crate) fn unsend(&self, generation: u64, seq: u64) {
+        let mut st = self.state();
+        if st.generation == generation {
+            st.out.unsend(seq);
+        }
+    }
 }
 
-/// Empty the outbox (a session that does not continue): its messages, of unknown fate.
-fn take_in_doubt(out: &mut Outbox<(String, Bytes)>) -> Vec<InDoubt> {
-    std::mem::take(out).drain().map(|(seq, (to, payload))| InDoubt { seq, to, payload }).collect()
+/// What an old outbox held, for a session that does not continue: what was sent is in doubt; what was not is
+/// pushed into `fresh` (the new session's outbox, under its window) when there is one.
+fn in_doubt(
+    mut old: Outbox<(String, Bytes)>,
+    mut fresh: Option<(&mut Outbox<(String, Bytes)>, Limits)>,
+) -> Vec<InDoubt> {
+    let sent_up_to = old.sent();
+    old.drain()
+        .map(|(seq, (to, payload))| {
+            let sent = seq <= sent_up_to;
+            let resent_as = match (&mut fresh, sent) {
+                (Some((out, limits)), false) => {
+                    out.push((to.clone(), payload.clone()), payload.len() + to.len(), *limits).ok()
+                }
+                _ => None,
+            };
+            InDoubt { seq, to, payload, sent, resent_as }
+        })
+        .collect()
 }
 
 impl State {

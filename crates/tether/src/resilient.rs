@@ -172,6 +172,10 @@ impl ReconnectingClient {
         let nonce = *cfg.nonce.get_or_insert_with(rand::random);
         let max_frame = cfg.conn.max_frame;
         let reliable = cfg.reliable.is_some();
+        if let Some(link) = &cfg.reliable {
+            // Sends before the first WELCOME are checked against this client's own limit.
+            link.set_max_frame(max_frame);
+        }
         let (cmd_tx, cmd_rx) = mpsc::channel(cfg.command_queue.max(1));
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
         let seed = res.seed.unwrap_or_else(rand::random);

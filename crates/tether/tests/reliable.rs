@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use support::{test_config, RawPeer, TestServer, PATIENCE};
-use tether::proto::frame::{Frame, Hello, V2};
+use tether::proto::frame::{self, Frame, Hello, V2};
 use tether::proto::reliable::{Grant, Limits, LostWhy, Offer, Resume, Status};
 use tether::proto::Undeliverable;
 use tether::{Client, ClientConfig, ClientEvent, ReliableConfig, ReliableLink};
@@ -351,4 +351,216 @@ async fn the_application_learns_when_its_message_was_taken_or_why_it_never_will_
     // No reliable session: no receipt can be promised.
     let _plain = Client::connect(s.addr, ClientConfig::new("p")).await.unwrap();
     assert!(matches!(s.handle.send_with_receipt("p", Bytes::new()), Err(tether::SendToError::NotReliable(_))));
+}
+
+// ---- Found by a review: each failed before its fix. ----
+
+/// The first event that is data, a disconnect, in-doubt or not-delivered, as text.
+async fn first_outcome(c: &mut Client) -> String {
+    let r = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match c.next_event().await {
+                Some(ClientEvent::Data { payload, .. }) => return format!("data({} bytes)", payload.len()),
+                Some(ClientEvent::Disconnected(d)) => return format!("disconnected({:?})", d.reason),
+                Some(ClientEvent::InDoubt(v)) => {
+                    return format!("in_doubt({:?})", v.iter().map(|m| m.seq).collect::<Vec<_>>())
+                }
+                Some(ClientEvent::NotDelivered { seqs, why, .. }) => {
+                    return format!("not_delivered({} seqs, {why:?})", seqs.len())
+                }
+                Some(_) => {}
+                None => return "stream ended".into(),
+            }
+        }
+    })
+    .await;
+    r.unwrap_or_else(|_| "nothing within PATIENCE".into())
+}
+
+/// A message kept by `ReliableLink::send` before the first connection is sent on it, numbered from 1.
+#[tokio::test(start_paused = true)]
+async fn a_message_kept_before_the_first_connection_is_sent_on_it() {
+    let s = TestServer::start(test_config()).await;
+    let (la, lb) = (link(), link());
+    let mut b = connect(s.addr, "b", &lb).await;
+    assert_eq!(la.send("b", Bytes::from_static(b"early")).unwrap(), 1);
+    let mut a = connect(s.addr, "a", &la).await;
+    let heard_a = first_outcome(&mut a).await;
+    let heard_b = first_outcome(&mut b).await;
+    assert_eq!((heard_a.as_str(), heard_b.as_str()), ("nothing within PATIENCE", "data(5 bytes)"));
+}
+
+/// The application's largest message to a reliable client is 8 bytes less than to a plain one (the sequence
+/// number): one byte more is refused up front, never held unsendable.
+#[tokio::test(start_paused = true)]
+async fn the_applications_largest_message_to_a_reliable_client_arrives_and_one_more_is_refused() {
+    let s = TestServer::start(test_config()).await;
+    let lb = link();
+    let mut b = connect(s.addr, "b", &lb).await;
+    let max = frame::max_reliable_payload(frame::DEFAULT_MAX_FRAME, false);
+    let over = s.handle.send("b", Bytes::from(vec![0u8; max + 1]));
+    assert_eq!(over, Err(tether::SendToError::TooLarge { len: max + 1, max }));
+    s.handle.send("b", Bytes::from(vec![0u8; max])).unwrap();
+    assert_eq!(first_outcome(&mut b).await, format!("data({max} bytes)"));
+}
+
+/// The relay maximum for a reliable sender, from the longest id, fits the receiver's frame; one byte more is
+/// refused by the sender's library.
+#[tokio::test(start_paused = true)]
+async fn the_reliable_relay_maximum_from_the_longest_id_arrives() {
+    let s = TestServer::start(test_config()).await;
+    let (la, lb) = (link(), link());
+    let long = "a".repeat(128);
+    let a = connect(s.addr, &long, &la).await;
+    let mut b = connect(s.addr, "b", &lb).await;
+    let max = frame::max_reliable_relay_payload(frame::DEFAULT_MAX_FRAME);
+    assert!(matches!(
+        a.send_reliable(Some("b"), Bytes::from(vec![0u8; max + 1])),
+        Err(tether::ClientError::TooLarge { .. })
+    ));
+    a.send_reliable(Some("b"), Bytes::from(vec![0u8; max])).unwrap();
+    assert_eq!(first_outcome(&mut b).await, format!("data({max} bytes)"));
+}
+
+/// 8,200 messages expiring at once reach their sender as reports that each fit a frame.
+#[tokio::test(start_paused = true)]
+async fn an_expiry_of_many_messages_reaches_their_sender_in_frames_that_fit() {
+    let mut cfg = test_config();
+    cfg.hold.expiry = Duration::from_secs(5);
+    let s = TestServer::start(cfg).await;
+    let (la, lb) = (link(), link());
+    let mut a = connect(s.addr, "a", &la).await;
+    let mut b = connect(s.addr, "b", &lb).await;
+    b.close().await;
+    for i in 0..8200u32 {
+        a.send_reliable(Some("b"), Bytes::from(i.to_string())).unwrap();
+    }
+    let mut told = Vec::new();
+    while told.len() < 8200 {
+        match tokio::time::timeout(PATIENCE, a.next_event()).await.expect("no report").expect("ended") {
+            ClientEvent::NotDelivered { seqs, why, .. } => {
+                assert_eq!(why, tether::proto::Undeliverable::Expired);
+                told.extend(seqs);
+            }
+            ClientEvent::Disconnected(d) => panic!("{d:?}"),
+            _ => {}
+        }
+    }
+    assert_eq!(told, (1..=8200).collect::<Vec<_>>());
+}
+
+/// The old connection of a takeover by the same device (same link) no longer touches the session's state.
+#[tokio::test(start_paused = true)]
+async fn after_a_same_device_takeover_the_new_connection_still_sends() {
+    let s = TestServer::start(test_config()).await;
+    let (la, lb) = (link(), link());
+    let mut a = connect(s.addr, "a", &la).await;
+    let mut b1 = connect(s.addr, "b", &lb).await;
+    let b2 = connect(s.addr, "b", &lb).await;
+    assert_eq!(first_outcome(&mut b1).await, "disconnected(Takeover)");
+    b2.send_reliable(Some("a"), Bytes::from_static(b"after")).unwrap();
+    assert_eq!(first_outcome(&mut a).await, "data(5 bytes)", "unacknowledged on b: {}", lb.unacknowledged());
+}
+
+/// A plain HELLO of the same device ends the reliable session; SDATA already in the old connection's socket is
+/// never acknowledged, since no session took it.
+#[tokio::test(start_paused = true)]
+async fn nothing_is_acknowledged_that_no_session_took() {
+    let s = TestServer::start(test_config()).await;
+    let mut a = RawPeer::connect(s.addr).await;
+    let mut hello = Hello::new(V2, "a", 42);
+    hello.extensions = vec![Offer { receipts: true, resume: None }.to_extension()];
+    a.send(&Frame::Hello(hello)).await;
+    let Some(Frame::Welcome(w)) = a.next_frame().await else { panic!("no WELCOME") };
+    Grant::find(&w.extensions).expect("granted");
+    let mut plain = RawPeer::connect(s.addr).await;
+    // Wait (without sleeping) until the server runs a task for the second connection.
+    while s.handle.metrics().connections < 2 {
+        tokio::task::yield_now().await;
+    }
+    // The same device (same nonce) takes the id without the extension; then 20 SDATA reach the old socket.
+    plain.send(&Frame::Hello(Hello::new(V2, "a", 42))).await;
+    let mut burst = Vec::new();
+    for seq in 1..=20u64 {
+        burst.extend_from_slice(
+            &Frame::Sdata { seq, peer: "a".into(), payload: Bytes::from_static(b"x") }.to_bytes_v(V2),
+        );
+    }
+    a.send_raw(&burst).await;
+    let mut seen = Vec::new();
+    loop {
+        match a.next_frame().await {
+            Some(Frame::Ping { .. }) => {}
+            Some(f) => {
+                let end = matches!(f, Frame::Bye(_));
+                seen.push(format!("{f:?}").chars().take(60).collect::<String>());
+                if end {
+                    break;
+                }
+            }
+            None => break,
+        }
+    }
+    let acked = seen.iter().any(|f| f.starts_with("Ack"));
+    assert!(!acked, "acknowledged without a session: {seen:?}; hold of a: {:?}", s.handle.hold("a"));
+}
+
+/// Reports are never refused; a sender that never acknowledges them is closed, and each resume takes nothing
+/// more from it while its hold is over the bound.
+#[tokio::test(start_paused = true)]
+async fn a_sender_that_never_acknowledges_cannot_grow_its_hold_across_reconnects() {
+    let mut cfg = test_config();
+    cfg.hold.per_session = Limits { messages: 10, bytes: 1 << 20 };
+    let s = TestServer::start(cfg).await;
+    let mut token = None;
+    for _cycle in 0..5 {
+        let mut p = RawPeer::connect(s.addr).await;
+        let mut hello = Hello::new(V2, "a", 42);
+        let resume = token.map(|token| Resume { token, received: 0 });
+        hello.extensions = vec![Offer { receipts: false, resume }.to_extension()];
+        p.send(&Frame::Hello(hello)).await;
+        let Some(Frame::Welcome(w)) = p.next_frame().await else { panic!("no WELCOME") };
+        let g = Grant::find(&w.extensions).expect("granted");
+        token = Some(g.token);
+        let next = g.received + 1;
+        let mut burst = Vec::new();
+        for seq in next..next + 100 {
+            burst.extend_from_slice(&Frame::Sdata { seq, peer: "nobody".into(), payload: Bytes::new() }.to_bytes_v(V2));
+        }
+        p.send_raw(&burst).await;
+        // Read (never acknowledging) until the server closes.
+        while p.next_frame().await.is_some() {}
+    }
+    let hold = s.handle.hold("a").expect("a's session");
+    assert!(hold.messages <= 10 + 100, "a's hold grew to {} messages (bound 10): {hold:?}", hold.messages);
+}
+
+/// A message kept before connecting over v1 (which cannot carry the session) is reported, not left behind.
+#[tokio::test(start_paused = true)]
+async fn a_kept_message_is_reported_when_the_connection_cannot_carry_it() {
+    let s = TestServer::start(test_config()).await;
+    let la = link();
+    la.send("b", Bytes::from_static(b"kept")).unwrap();
+    let cfg = ClientConfig { protocol_version: 1, reliable: Some(la.clone()), ..ClientConfig::new("a") };
+    let mut a = Client::connect(s.addr, cfg).await.unwrap();
+    let heard = first_outcome(&mut a).await;
+    assert_eq!((heard.as_str(), la.unacknowledged()), ("in_doubt([1])", 0));
+}
+
+/// A message larger than the session can carry is refused by `ReliableLink::send`, never skipped into a gap.
+#[tokio::test(start_paused = true)]
+async fn a_kept_message_too_large_for_the_server_is_refused_or_reported_not_a_gap() {
+    let s = TestServer::start(test_config()).await;
+    let (la, lb) = (link(), link());
+    let mut a = connect(s.addr, "a", &la).await;
+    let _b = connect(s.addr, "b", &lb).await;
+    let sent = la.send("b", Bytes::from(vec![0u8; 70_000]));
+    la.send("b", Bytes::from_static(b"small")).unwrap();
+    let first = first_outcome(&mut a).await;
+    let mut again = Vec::new();
+    for _ in 0..2 {
+        let mut a = connect(s.addr, "a", &la).await;
+        again.push(format!("{:?} then {}", a.reliable().map(|g| g.status), first_outcome(&mut a).await));
+    }
+    assert!(sent.is_err() || first.starts_with("not_delivered"), "send {sent:?}, then {first}, resuming: {again:?}");
 }

@@ -1205,6 +1205,11 @@ mod reliable_ext {
             })
             .collect();
         assert_eq!(got, (1..=40).collect::<Vec<_>>());
+        assert!(s.poll_transmit().is_empty(), "nothing acknowledged before the owner took it");
+        // The owner takes them one by one, as the server does.
+        for seq in got {
+            s.confirm(now, seq);
+        }
         let acks = frames_in(&take(&mut s, now), V2);
         assert_eq!(acks, vec![Frame::Ack { seq: 16 }, Frame::Ack { seq: 32 }], "one ACK per 16, none per message");
         // The rest is acknowledged when the delay is up, exactly then.
@@ -1240,6 +1245,7 @@ mod reliable_ext {
         let (mut s, mut c) = pair(now, offer_hello(None), Some(grant(Status::New, 0)));
         s.send(now, sdata(1)).unwrap();
         c.handle_bytes(now, &take(&mut s, now));
+        c.confirm(now, 1);
         // The client's PING falls due before the ack delay would: the ACK goes in the same write.
         let ping_at = c.poll_timeout().unwrap();
         assert!(ping_at <= now + ACK_DELAY);

@@ -67,23 +67,42 @@ fn an_inbox_takes_the_next_drops_duplicates_and_refuses_gaps() {
 }
 
 #[test]
+fn only_what_the_owner_confirmed_is_ever_acknowledged() {
+    let now = t0();
+    let mut inbox = Inbox::new(0);
+    for seq in 1..=40 {
+        inbox.accept(now, seq);
+    }
+    assert_eq!((inbox.ack_pending(), inbox.ack_due(now + ACK_DELAY * 10)), (None, None));
+    inbox.confirm(now, 20);
+    assert_eq!(inbox.ack_due(now), Some(20), "20 confirmed at once: due at once");
+    inbox.confirm(now, 99);
+    assert_eq!(inbox.taken(), 40, "never more than was received");
+}
+
+#[test]
 fn acks_come_after_sixteen_messages_or_the_delay_never_one_per_message() {
     let now = t0();
     let mut inbox = Inbox::new(0);
     for seq in 1..ACK_EVERY as u64 {
         inbox.accept(now, seq);
+        inbox.confirm(now, seq);
         assert_eq!(inbox.ack_due(now), None, "no ack before the 16th message");
     }
     inbox.accept(now, 16);
+    assert_eq!(inbox.ack_due(now), None, "received, not yet taken by its owner");
+    inbox.confirm(now, 16);
     assert_eq!(inbox.ack_due(now), Some(16));
     assert_eq!(inbox.poll_timeout(), None);
     // A lone message is acknowledged after the delay, exactly.
     inbox.accept(now, 17);
+    inbox.confirm(now, 17);
     assert_eq!(inbox.poll_timeout(), Some(now + ACK_DELAY));
     assert_eq!(inbox.ack_due(now + ACK_DELAY - Duration::from_millis(1)), None);
     assert_eq!(inbox.ack_due(now + ACK_DELAY), Some(17));
     // Or earlier, riding with a frame sent anyway.
     inbox.accept(now, 18);
+    inbox.confirm(now, 18);
     assert_eq!(inbox.ack_pending(), Some(18));
     assert_eq!(inbox.ack_pending(), None);
     // A duplicate is acknowledged again, so the sender stops replaying it.
@@ -350,4 +369,20 @@ fn a_resume_below_what_the_peer_acknowledged_is_refused_never_a_gap() {
     t.ack("b", &2, 2).unwrap();
     let opened = t.open("b", resume(token, 1), [3; 8], 3);
     assert_eq!((opened.grant.status, opened.grant.why), (Status::Fresh, Some(LostWhy::Unknown)));
+}
+
+#[test]
+fn expiry_ends_a_bounded_batch_per_call_and_stays_due_for_the_rest() {
+    let now = t0();
+    let mut t = table();
+    for i in 0..EXPIRE_BATCH + 3 {
+        let id = format!("s{i}");
+        t.open(&id, fresh(), [i as u8; 8], i as u32);
+        t.detach(now, &id, &(i as u32));
+    }
+    let later = now + Duration::from_secs(120);
+    t.expire(later);
+    assert_eq!((t.totals().0, t.poll_timeout()), (3, Some(later)), "three left, still due");
+    t.expire(later);
+    assert_eq!((t.totals().0, t.poll_timeout()), (0, None));
 }

@@ -72,7 +72,8 @@ const DRAIN_TICK: Duration = Duration::from_millis(100);
 
 impl ServerHandle {
     /// Queue `payload` for `client` (delivered as `DATA` from the server application, with an empty peer). At most
-    /// `max_frame - 2` bytes: the largest frame a client must accept. A client with a reliable session gets it
+    /// `max_frame - 2` bytes: the largest frame a client must accept (`max_frame - 10` to a client with a reliable
+    /// session, whose frames carry a sequence number). A client with a reliable session gets it
     /// through its session: held while it is offline, sent again after a resume, until it acknowledges it
     /// ([`send_with_receipt`](Self::send_with_receipt) also tells when it did).
     pub fn send(&self, client: &str, payload: Bytes) -> Result<(), SendToError> {

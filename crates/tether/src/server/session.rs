@@ -118,6 +118,25 @@ pub(super) async fn serve_conn(shared: Arc<Shared>, stream: TcpStream, peer: Soc
     hooks.handshake_done();
 }
 
+/// What became of a reliable client's message, decided under the sessions' lock ([`ServerHooks::on_sdata`]).
+enum Step {
+    /// The sender's own hold is over its bound: close it, take nothing.
+    Slow,
+    /// This connection no longer carries the session: not taken, never acknowledged.
+    Moved,
+    /// For the server application.
+    App {
+        receipts: bool,
+    },
+    /// Held for the receiver's session; its connection to wake.
+    Held(Option<Attached>),
+    /// The receiver's hold is full; its connection, if online.
+    Full(Option<Attached>),
+    TooLarge,
+    /// The receiver has no reliable session.
+    NoSession,
+}
+
 struct ServerHooks {
     shared: Arc<Shared>,
     conn_id: ConnId,
@@ -403,13 +422,6 @@ impl ServerHooks {
         opened
     }
 
-    /// The client's message `seq` is taken here unless this connection no longer carries its session (a resume
-    /// moved it: the client sends it again there).
-    fn take(&mut self, seq: u64) -> bool {
-        let Some(from) = &self.client else { return false };
-        self.shared.held.table().received(from, &Attached(self.control.clone()), seq)
-    }
-
     /// Put a `REPORT` on this client's own stream about its message `seq` to `peer`, and send it.
     fn report(&mut self, conn: &mut Connection, now: StdInstant, peer: &str, outcome: Option<Undeliverable>, seq: u64) {
         let Some(from) = &self.client else { return };
@@ -429,48 +441,62 @@ impl ServerHooks {
     }
 
     /// A reliable client's message: for the server application, held for a reliable receiver, or pushed to an
-    /// online plain one; its fate, when it is not held, goes back on the sender's own stream.
+    /// online plain one; its fate, when it is not held, goes back on the sender's own stream. Whether this
+    /// connection still carries the session (a resume may have moved it: the client sends the message again
+    /// there) and what became of the message are decided under one lock. Only a message taken is confirmed, so
+    /// only it is ever acknowledged.
     fn on_sdata(&mut self, conn: &mut Connection, now: StdInstant, seq: u64, to: String, payload: Bytes) {
         let Some(from) = self.client.clone() else { return };
-        if !self.take(seq) {
-            return;
-        }
         crate::fault::panic_at("data", &from);
-        if to.is_empty() {
-            let taken = self.shared.emit(EventKind::Data { client: from.clone(), conn: self.conn_id, payload });
-            let wants = self.shared.held.table().wants_receipts(&from);
-            if !taken || wants {
-                self.report(conn, now, "", (!taken).then_some(Undeliverable::AppBusy), seq);
-            }
-            return;
-        }
-        let pushed = {
+        let attach = Attached(self.control.clone());
+        let step = {
             let mut table = self.shared.held.table();
-            let token = table.token_of(&from).expect("this connection carries the session");
-            let origin = reliable::Origin::Client { id: from.clone(), token, seq };
-            match table.push(&to, &from, payload.clone(), Some(origin)) {
-                Err(reliable::PushError::Full) => Err(table.attached(&to).cloned()),
-                other => Ok(other),
+            if table.over_bound(&from) {
+                Step::Slow
+            } else if !table.received(&from, &attach, seq) {
+                Step::Moved
+            } else if to.is_empty() {
+                Step::App { receipts: table.wants_receipts(&from) }
+            } else {
+                match table.token_of(&from) {
+                    None => Step::Moved,
+                    Some(token) => {
+                        let origin = reliable::Origin::Client { id: from.clone(), token, seq };
+                        match table.push(&to, &from, payload.clone(), Some(origin)) {
+                            Ok(wake) => Step::Held(wake),
+                            Err(reliable::PushError::Full) => Step::Full(table.attached(&to).cloned()),
+                            Err(reliable::PushError::TooLarge) => Step::TooLarge,
+                            Err(reliable::PushError::NoSession) => Step::NoSession,
+                        }
+                    }
+                }
             }
         };
-        match pushed {
-            Ok(Ok(wake)) => {
+        match step {
+            // Its reports pile up unacknowledged: it does not read what it is told. Nothing more is taken.
+            Step::Slow => return conn.abort(now, CloseReason::SlowConsumer),
+            Step::Moved => return,
+            Step::App { receipts } => {
+                let taken = self.shared.emit(EventKind::Data { client: from, conn: self.conn_id, payload });
+                if !taken || receipts {
+                    self.report(conn, now, "", (!taken).then_some(Undeliverable::AppBusy), seq);
+                }
+            }
+            Step::Held(wake) => {
                 self.relayed();
                 if let Some(a) = wake {
                     a.0.wake_pull();
                 }
             }
-            Err(receiver) => {
+            Step::Full(receiver) => {
                 // An online receiver whose hold fills is not reading: it leaves, and learns at its resume.
                 if let Some(a) = receiver {
                     a.0.request(CloseCmd::Abort(CloseReason::SlowConsumer));
                 }
                 self.report(conn, now, &to, Some(Undeliverable::HoldFull), seq);
             }
-            Ok(Err(reliable::PushError::TooLarge)) => {
-                self.report(conn, now, &to, Some(Undeliverable::TooLarge), seq);
-            }
-            Ok(Err(_)) => {
+            Step::TooLarge => self.report(conn, now, &to, Some(Undeliverable::TooLarge), seq),
+            Step::NoSession => {
                 // No reliable session: an online plain client gets it as DATA, at most once from here.
                 let delivered = {
                     let hub = self.shared.hub();
@@ -483,6 +509,18 @@ impl ServerHooks {
                     self.report(conn, now, &to, Some(Undeliverable::NotOnline), seq);
                 }
             }
+        }
+        conn.confirm(now, seq);
+    }
+
+    /// A reliable client's message too large to relay: taken (under the same rules as any), and reported.
+    fn on_sdata_too_large(&mut self, conn: &mut Connection, now: StdInstant, seq: u64, to: String, len: usize) {
+        let Some(from) = self.client.clone() else { return };
+        let taken = self.shared.held.table().received(&from, &Attached(self.control.clone()), seq);
+        if taken {
+            self.report(conn, now, &to, Some(Undeliverable::TooLarge), seq);
+            self.on_relay_too_large(to, len);
+            conn.confirm(now, seq);
         }
     }
 
@@ -704,12 +742,7 @@ impl Hooks for ServerHooks {
             Event::Closed(c) => self.on_closed(conn, now, c),
             // Client-only events cannot come out of a server-role connection.
             Event::Sdata { seq, peer, payload } => self.on_sdata(conn, now, seq, peer, payload),
-            Event::SdataTooLarge { seq, to, len } => {
-                if self.take(seq) {
-                    self.report(conn, now, &to, Some(Undeliverable::TooLarge), seq);
-                    self.on_relay_too_large(to, len);
-                }
-            }
+            Event::SdataTooLarge { seq, to, len } => self.on_sdata_too_large(conn, now, seq, to, len),
             Event::Acked(seq) => self.on_acked(conn, now, seq),
             Event::Welcome(_) | Event::Presence(_) | Event::Undeliverable { .. } | Event::Report(_) => {}
         }
