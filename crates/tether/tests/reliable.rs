@@ -244,15 +244,21 @@ async fn an_offline_session_holds_its_messages_and_gets_them_at_its_resume() {
     plain.close().await;
 }
 
-#[tokio::test(start_paused = true)]
-async fn expiry_tells_the_sender_why_and_the_late_resume_counts_what_was_lost() {
+/// A server whose sessions expire 5 s after their connection, a reliable `a` connected, and `b`'s session
+/// offline (its client closed): the server, `a`, and `b`'s link.
+async fn b_gone_with_a_5s_expiry() -> (TestServer, Client, ReliableLink) {
     let mut cfg = test_config();
     cfg.hold.expiry = Duration::from_secs(5);
     let s = TestServer::start(cfg).await;
     let (la, lb) = (link(), link());
-    let mut a = connect(s.addr, "a", &la).await;
-    let mut b = connect(s.addr, "b", &lb).await;
-    b.close().await;
+    let a = connect(s.addr, "a", &la).await;
+    connect(s.addr, "b", &lb).await.close().await;
+    (s, a, lb)
+}
+
+#[tokio::test(start_paused = true)]
+async fn expiry_tells_the_sender_why_and_the_late_resume_counts_what_was_lost() {
+    let (s, mut a, lb) = b_gone_with_a_5s_expiry().await;
     send_all(&a, "b", 1..=3).await;
     let (seqs, why) = until(&mut a, "not delivered", |e| match e {
         ClientEvent::NotDelivered { to, seqs, why } if to == "b" => Some((seqs, why)),
@@ -425,13 +431,7 @@ async fn the_reliable_relay_maximum_from_the_longest_id_arrives() {
 /// 8,200 messages expiring at once reach their sender as reports that each fit a frame.
 #[tokio::test(start_paused = true)]
 async fn an_expiry_of_many_messages_reaches_their_sender_in_frames_that_fit() {
-    let mut cfg = test_config();
-    cfg.hold.expiry = Duration::from_secs(5);
-    let s = TestServer::start(cfg).await;
-    let (la, lb) = (link(), link());
-    let mut a = connect(s.addr, "a", &la).await;
-    let mut b = connect(s.addr, "b", &lb).await;
-    b.close().await;
+    let (_server, mut a, _) = b_gone_with_a_5s_expiry().await;
     for i in 0..8200u32 {
         a.send_reliable(Some("b"), Bytes::from(i.to_string())).unwrap();
     }
