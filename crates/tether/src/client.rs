@@ -373,6 +373,12 @@ impl ClientHooks {
     /// Put up to [`PULL_BUDGET`] bytes of the outbox's unsent messages on the wire.
     fn pull(&mut self, conn: &mut Connection, now: StdInstant) {
         let (Some(link), Some(generation)) = (&self.link, self.generation) else { return };
+        if conn.pending_tx() >= PULL_BUDGET {
+            // A path that does not drain: the messages wait in the outbox (bounded by the window), not in the
+            // connection's output (whose limit would end it before its heartbeat verdict).
+            self.more = true;
+            return;
+        }
         let (frames, more) = link.next_frames(generation, PULL_BUDGET);
         self.more = more;
         for f in frames {

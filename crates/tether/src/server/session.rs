@@ -546,6 +546,12 @@ impl ServerHooks {
         if !self.rel {
             return;
         }
+        if conn.pending_tx() >= PULL_BUDGET {
+            // A path that does not drain: the items wait in the hold (bounded), not in the connection's output
+            // (whose limit would end it as a slow consumer before its heartbeat verdict).
+            self.rel_more = true;
+            return;
+        }
         let (frames, more) = self.shared.held.table().next_frames(client, &Attached(self.control.clone()), PULL_BUDGET);
         self.rel_more = more;
         for f in frames {
