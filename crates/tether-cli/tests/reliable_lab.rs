@@ -12,7 +12,8 @@
 //!   and a receiver whose connection is cut mid-stream and resumes.
 //! - Fault-lab tests (`#[ignore]`d, run by `scripts/test` as root with `--ignored --test-threads=1`): a device and
 //!   a peer in separate namespaces exchange 10,000 messages each way at 1,000/s through one `tether serve` while
-//!   the device's path is blackholed, its socket killed with `ss -K`, or it stays offline for 30 s. Each prints a `MEASURED` line (heal to resumed, replays, duplicates dropped).
+//!   the device's path is blackholed, its socket killed with `ss -K`, the server's send queue to it full at the
+//!   cut, or it stays offline for 30 s; and a 3 MB backlog each way on a blackholed path. Each prints a `MEASURED` line (heal to resumed, replays, duplicates dropped).
 
 mod common;
 #[macro_use]
@@ -21,7 +22,7 @@ mod netlab;
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::process::{Child, ChildStdin, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -229,6 +230,15 @@ impl Endpoint {
             }
         });
         Pacer { handle: Some(handle), written }
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill(2) on our own child's pid with a valid signal number.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+        assert_eq!(rc, 0, "kill({sig})");
+        if sig == libc::SIGSTOP {
+            common::until_stopped(self.child.id());
+        }
     }
 }
 
@@ -694,6 +704,71 @@ fn lab_reliable_socket_killed_mid_stream_resumes_exactly_once() {
     measured("ss -K at the start of a 3s blackhole", &describe(&[server, device]), outage, resumed, c, total);
 }
 
+/// The server's socket to the device (in its namespace's table): Send-Q, bytes queued (`skmem` w) and the send
+/// buffer (`skmem` tb).
+fn server_queue(lab: &Lab) -> Option<(u64, u64, u64)> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &lab.server, "ss", "-Htnm", "state", "established", "dst", DEVICE_IP])
+        .output()
+        .expect("ss");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let send_q = text.split_whitespace().nth(1)?.parse().ok()?;
+    let skmem = |key: &str| -> Option<u64> {
+        let inner = text.split_once("skmem:(")?.1.split(')').next()?;
+        inner.split(',').find_map(|f| f.strip_prefix(key)?.parse().ok())
+    };
+    Some((send_q, skmem("w")?, skmem("tb")?))
+}
+
+/// Case c: the server's socket send queue to the device full at the cut. The device stops (SIGSTOP) while the
+/// peer sends it 1 KB messages, until the server's kernel refuses more (bytes queued reach the send buffer);
+/// then the path is blackholed, the device continues (SIGCONT) and the path comes back 3 s later. What sat in
+/// either kernel is lost with the connection; the resume replays exactly what the device had not taken. The
+/// server's verdict is the silence's (`heartbeat_timeout`): the device's hold has room, so what waits for the
+/// device waits there, not in the connection's output (bounded at 1 MiB).
+#[test]
+#[ignore = "fault lab: needs root and network namespaces; scripts/test runs it"]
+fn lab_reliable_full_send_queue_at_the_cut_resumes_exactly_once() {
+    let lab = lab_or_skip!("reliable full queue");
+    // 1 KB towards the device fills the server's queue within a second (its heartbeat verdict comes 3 s after the
+    // device stops); the hold gets room for the seconds the device is away at 1 MB/s.
+    let mut x = Exchange::start(lab, (1000, 32), &["--hold-bytes", "33554432"]);
+    x.device.signal(libc::SIGSTOP);
+    let stopped = Instant::now();
+    let mut last = None;
+    let full = loop {
+        last = server_queue(&x.lab).or(last);
+        if let Some(full) = last.filter(|&(_, w, tb)| w >= tb) {
+            break full;
+        }
+        assert!(
+            stopped.elapsed() < Duration::from_millis(2500),
+            "server's queue not full before its verdict: {last:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let filled = stopped.elapsed();
+    let session: Value = serde_json::from_str(&lab_admin(&x.lab, "/v1/sessions/dev")).unwrap();
+    x.cut();
+    x.device.signal(libc::SIGCONT);
+    let verdicts = x.verdicts();
+    let (outage, resumed) = x.heal(Duration::from_secs(3));
+    let (total, c) = x.finish();
+    assert_silence(&verdicts);
+    let verdicts = format!(
+        "server's send queue full {:.2}s after SIGSTOP (ss: Send-Q {} B, {} B queued of a {} B buffer; admin API \
+         a moment later: {} B not yet sent, {} held unacknowledged for the device); {}",
+        filled.as_secs_f64(),
+        full.0,
+        full.1,
+        full.2,
+        session["kernel"]["notsent_bytes"],
+        session["hold"]["messages"],
+        describe(&verdicts)
+    );
+    measured("full send queue at the cut, 1 KB messages to the device", &verdicts, outage, resumed, c, total);
+}
+
 /// Case d: the device offline for 30 s (its path blackholed): the server holds what the peer sends meanwhile
 /// (the device's session is offline), the device keeps its own sends in its outbox, and when the path is back
 /// both are delivered, each once and in order.
@@ -718,4 +793,45 @@ fn lab_reliable_device_offline_30s_gets_what_was_held() {
     assert!(c.replayed <= held && held - c.replayed <= 100, "held {held}, {c:?}");
     let verdicts = format!("{}; {held} held for the device while offline", describe(&verdicts));
     measured("device offline 30s", &verdicts, outage, resumed, c, total);
+}
+
+/// A backlog on a silent path waits for the path's verdict: with the device's path blackholed, the device is
+/// given 3 MB to send and the peer 3 MB for the device (within the outbox's window and the hold's bounds, 4 MiB
+/// each). Both sides keep them as reliable sessions do, in the outbox and the hold, and put them on the wire
+/// as their output drains, so both verdicts are the silence's, `heartbeat_timeout`, and not `slow_consumer`
+/// from a connection's own output bound (1 MiB).
+#[test]
+#[ignore = "fault lab: needs root and network namespaces; scripts/test runs it"]
+fn lab_reliable_backlog_on_a_blackholed_path_waits_for_the_heartbeat_verdict() {
+    let mut lab = lab_or_skip!("reliable backlog");
+    lab.serve(&HEARTBEAT);
+    let addr = format!("{SERVER_IP}:{}", netlab::PORT);
+    let mut peer = Endpoint::spawn(Some(&lab.watchers), &addr, "peer", "dev", &["--to", "dev"]);
+    let mut device = Endpoint::spawn(Some(&lab.devices), &addr, "dev", "peer", &["--to", "peer"]);
+    for e in [&peer, &device] {
+        e.wait("connected", common::PATIENCE, |h| !h.connected.is_empty());
+    }
+    lab.cut(DEVICE_IP);
+    let cut = Instant::now();
+    for mut p in [device.pace(3000, 1000, None), peer.pace(3000, 1000, None)] {
+        p.finish(common::PATIENCE);
+    }
+    let server = lab
+        .server_proc()
+        .expect_within("the server's verdict", VERDICT, |v| event(v) == "offline" && v["client"] == "dev");
+    let server_after = since(cut, Instant::now());
+    let h = device.until("the device's verdict", VERDICT, |h| !h.disconnected.is_empty());
+    let d = &h.disconnected[0].v;
+    println!(
+        "MEASURED reliable 3 MB backlog each way on a blackholed path: server {} ({}) within {server_after:.2}s, \
+         device {} ({}) {:.2}s after the cut",
+        server["reason"],
+        server["detail"],
+        d["reason"],
+        d["detail"],
+        since(cut, h.disconnected[0].at)
+    );
+    assert_eq!(server["reason"], "heartbeat_timeout", "server: {server}");
+    assert_eq!(d["reason"], "heartbeat_timeout", "device: {d}");
+    assert!(h.stderr.iter().all(|l| !l.contains("not sent")), "the window held every line: {}", h.summary());
 }
