@@ -17,16 +17,7 @@ use serde_json::Value;
 
 /// Run `tether ARGS` (under `ip netns exec NS` when `ns` is given); its exit code and its last stdout line as JSON.
 fn probe_in(ns: Option<&str>, args: &[&str]) -> (i32, Value) {
-    let bin = env!("CARGO_BIN_EXE_tether");
-    let mut cmd = match ns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns, bin]);
-            c
-        }
-        None => Command::new(bin),
-    };
-    let out = cmd.arg("probe").args(args).arg("--json").env("RUST_LOG", "warn").output().unwrap();
+    let out = netlab::tether(ns).arg("probe").args(args).arg("--json").env("RUST_LOG", "warn").output().unwrap();
     let stdout = String::from_utf8(out.stdout).unwrap();
     let last = stdout
         .lines()

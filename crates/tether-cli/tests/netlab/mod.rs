@@ -316,6 +316,20 @@ pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static
     })
 }
 
+/// A `Command` for the `tether` binary, run inside namespace `ns` when given (`ip netns exec` replaces itself with
+/// `tether`, so the child's pid is `tether`'s own for signals).
+pub fn tether(ns: Option<&str>) -> Command {
+    let bin = env!("CARGO_BIN_EXE_tether");
+    match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, bin]);
+            c
+        }
+        None => Command::new(bin),
+    }
+}
+
 /// A current-thread tokio runtime for code running inside a namespace thread.
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
