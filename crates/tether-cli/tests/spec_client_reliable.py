@@ -1,20 +1,21 @@
 #!/usr/bin/env python3
 """A reliable tether client written from docs/protocol.md alone (sections 1-5), standard library only.
 
-Usage: spec_client_reliable.py HOST:PORT
+Usage: spec_client_reliable.py HOST:PORT [scenario|edges]
 
-Runs two reliable clients, `a` (receipts on) and `b`, in one process against a server started with
-`--heartbeat-interval 500ms --heartbeat-timeout 1500ms --session-expiry 10s`, through five steps: the grant,
-100 acknowledged messages with receipts, an abrupt drop and resume of `b`, a forged token for `b`'s id, and a
-clean BYE. It prints one line per step and exits non-zero with a message at the first deviation from the
-document.
+`scenario` (the default) runs two reliable clients, `a` (receipts on) and `b`, in one process against a server
+started with `--heartbeat-interval 500ms --heartbeat-timeout 1500ms --session-expiry 10s`, through five steps:
+the grant, 100 acknowledged messages with receipts, an abrupt drop and resume of `b`, a forged token for `b`'s
+id, and a clean BYE. `edges` checks two resume rules: receipts follow the sender's latest HELLO, and a resume
+below what the client acknowledged gets `fresh`. Each prints one line per step and exits non-zero with a
+message at the first deviation from the document.
 
 # Layout
 
 Codec (`Reader`, `frame` and the encoders), then `Conn` (one TCP connection: framing, heartbeat, the ACK rule),
 then `Client` (what a reliable client keeps across connections: token, `last`, its numbered outbox), then
 `pump` (one select loop serving every open connection until a condition holds or a deadline passes), then the
-scenario.
+two scenarios.
 """
 import os
 import select
@@ -541,10 +542,62 @@ def main(addr):
     print("step 5 ok: bye, both closed cleanly", flush=True)
 
 
+def round_trip(client):
+    """One PING answered: everything the server had queued for this connection before it arrived."""
+    seq = client.conn.ping()
+    pump(lambda: seq in client.conn.pongs, f"{client.name}: PONG {seq}")
+
+
+def edges(addr):
+    x, y = Client("x", "x", receipts=True), Client("y", "y", receipts=False)
+    CLIENTS.extend([x, y])
+    x.connect(addr)
+    y.connect(addr)
+
+    # Receipts follow the flag of the sender's latest HELLO when the receiver acknowledges, not the flag the
+    # message was sent under. y is away (its session holds what x sends); x resumes with the flag flipped.
+    for flag in (False, True):
+        y.half_close()
+        x.send(b"y", b"flag-%d" % flag)
+        pump(lambda: not x.kept, "x: its message held for y")
+        x.abort()
+        x.receipts = flag
+        check(x.connect(addr)[1]["status"] == 1, "x's resume")
+        check(y.connect(addr)[1]["status"] == 1, "y's resume")
+        pump(lambda: y.inbox[-1:] == [(b"x", b"flag-%d" % flag)], "y takes x's message")
+        round_trip(y)  # the PING carries y's pending ACK ahead of it: the server has it
+        round_trip(x)  # and x has what the server queued for it before
+        got = [ns for _p, o, ns in x.reports if o == 0 and x.next_seq - 1 in ns]
+        check(bool(got) == flag, f"receipts {'on' if flag else 'off'} at the resume, yet receipts: {x.reports}")
+    print("edges 1 ok: receipts follow the sender's latest HELLO when the receiver acknowledges", flush=True)
+
+    # A resume that offers less than the client acknowledged: the server released those frames, so the session
+    # cannot continue. It ends (what it held is reported `replaced`) and the answer is fresh/unknown_token.
+    for n in range(1, 21):
+        x.send(b"y", msg(n))
+    pump(lambda: len(y.inbox) >= 22 and not x.kept, "y takes 20 more")
+    round_trip(y)  # y's ACK of all it took is in
+    acked = y.last
+    y.half_close()
+    held = [x.send(b"y", msg(n)) for n in range(21, 24)]
+    pump(lambda: not x.kept, "x: 21..23 held for y")
+    y.last = acked - 5
+    g = y.connect(addr)[1]
+    check((g["status"], g["why"], g["received"], g["lost"]) == (3, 4, 0, 0xFFFFFFFF), f"below-acked resume: {g}")
+    pump(lambda: delivered(x, 5) == set(held), "x: REPORT replaced for what y's session held")
+    round_trip(y)
+    check(len(y.inbox) == 22, f"y got {y.inbox[22:]} after a fresh session")
+    print(f"edges 2 ok: a resume offering {acked - 5} after acknowledging {acked} got fresh/unknown_token, "
+          f"its held {held} reported replaced", flush=True)
+    x.bye()
+    y.bye()
+    print("edges ok", flush=True)
+
+
 if __name__ == "__main__":
     host, _, port = sys.argv[1].rpartition(":")
     try:
-        main((host, int(port)))
+        {"scenario": main, "edges": edges}[sys.argv[2] if len(sys.argv) > 2 else "scenario"]((host, int(port)))
     except (Deviation, OSError) as e:
         print(f"FAIL: {e}", flush=True)
         sys.exit(1)

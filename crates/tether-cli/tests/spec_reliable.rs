@@ -4,9 +4,9 @@
 //!
 //! # Layout
 //!
-//! `serve` starts the server with JSON events, `run` runs the script and returns its output once it succeeded;
-//! the test then checks the script's step lines and, in order, the server's events for the same story. Every
-//! wait is on an output line with a deadline ([`common::PATIENCE`]); ports are ephemeral.
+//! `serve` starts the server with JSON events, `run` runs the script in one of its modes and returns its output
+//! once it succeeded; each test then checks the script's step lines and, in order, the server's events for the
+//! same story. Every wait is on an output line with a deadline ([`common::PATIENCE`]); ports are ephemeral.
 
 mod common;
 
@@ -35,9 +35,9 @@ fn serve() -> (Proc, String) {
     (p, first["addr"].as_str().expect("the listening address").to_owned())
 }
 
-/// Run the script against `addr`; its stdout, once it exited zero.
-fn run(addr: &str) -> String {
-    let out = Command::new("python3").args([SCRIPT, addr]).output().expect("python3 (scripts/test installs it)");
+/// Run the script's `mode` against `addr`; its stdout, once it exited zero.
+fn run(addr: &str, mode: &str) -> String {
+    let out = Command::new("python3").args([SCRIPT, addr, mode]).output().expect("python3 (scripts/test installs it)");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "python reliable client failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     stdout
@@ -58,7 +58,7 @@ fn next(srv: &Proc, kind: &str, client: &str, fields: &[(&str, &str)]) -> Value 
 #[test]
 fn python_reliable_client_from_the_spec_resumes_without_loss_and_resists_a_forged_token() {
     let (srv, addr) = serve();
-    let out = run(&addr);
+    let out = run(&addr, "scenario");
     for line in [
         "step 1 ok: a and b granted reliable, status new; version=2 heartbeat_ms=500 timeout_ms=1500 max_frame=65536",
         "step 2 ok: b took 1..100 in order once",
@@ -83,4 +83,19 @@ fn python_reliable_client_from_the_spec_resumes_without_loss_and_resists_a_forge
     next(&srv, "offline", "a", &[("reason", "bye"), ("by", "client")]);
     let gone = next(&srv, "offline", "b", &[("reason", "bye"), ("by", "client")]);
     assert_eq!(gone["conn"], back["conn"]);
+}
+
+/// The two resume rules the scenario does not reach: receipts follow the sender's latest `HELLO`, and a resume
+/// offering less than the client acknowledged gets a fresh session.
+#[test]
+fn python_reliable_client_from_the_spec_confirms_receipt_flags_and_below_acked_resume() {
+    let (srv, addr) = serve();
+    let out = run(&addr, "edges");
+    assert!(out.contains("edges 1 ok") && out.contains("edges 2 ok") && out.contains("edges ok"), "{out}");
+    // Both were dropped and resumed along the way; each ends with its own BYE.
+    for id in ["x", "y"] {
+        srv.expect(&format!("{id} offline by its BYE"), |v| {
+            event(v) == "offline" && v["client"] == id && v["reason"] == "bye" && v["by"] == "client"
+        });
+    }
 }
