@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -117,9 +117,12 @@ async fn messages_arrive_once_in_order_and_the_sender_hears_acked_then_delivered
 }
 
 /// A TCP relay that can go silent both ways (a blackholed path: nothing arrives, nothing is refused).
+/// Also [`Relay::cut`]: the connections open now go silent for good, and later ones flow (a path that died,
+/// and a new one after the reconnect).
 struct Relay {
     addr: std::net::SocketAddr,
     silent: Arc<AtomicBool>,
+    cuts: Arc<AtomicU64>,
 }
 
 impl Relay {
@@ -127,31 +130,40 @@ impl Relay {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let silent = Arc::new(AtomicBool::new(false));
-        let flag = silent.clone();
+        let cuts = Arc::new(AtomicU64::new(0));
+        let (flag, cut) = (silent.clone(), cuts.clone());
         tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
                 let outbound = TcpStream::connect(to).await.unwrap();
                 let (ri, wi) = inbound.into_split();
                 let (ro, wo) = outbound.into_split();
-                tokio::spawn(pipe(ri, wo, flag.clone()));
-                tokio::spawn(pipe(ro, wi, flag.clone()));
+                let born = cut.load(Ordering::Relaxed);
+                tokio::spawn(pipe(ri, wo, flag.clone(), cut.clone(), born));
+                tokio::spawn(pipe(ro, wi, flag.clone(), cut.clone(), born));
             }
         });
-        Relay { addr, silent }
+        Relay { addr, silent, cuts }
+    }
+
+    fn cut(&self) {
+        self.cuts.fetch_add(1, Ordering::Relaxed);
     }
 }
 
-/// Copy until either side ends; while silent, what is read is thrown away (and nothing is closed).
+/// Copy until either side ends; while silent (or cut since this connection was born), what is read is thrown
+/// away (and nothing is closed).
 async fn pipe(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     silent: Arc<AtomicBool>,
+    cuts: Arc<AtomicU64>,
+    born: u64,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         match from.read(&mut buf).await {
             Ok(0) | Err(_) => return,
-            Ok(_) if silent.load(Ordering::Relaxed) => {}
+            Ok(_) if silent.load(Ordering::Relaxed) || cuts.load(Ordering::Relaxed) != born => {}
             Ok(n) => {
                 if to.write_all(&buf[..n]).await.is_err() {
                     return;
@@ -195,6 +207,73 @@ async fn a_dead_link_loses_nothing_the_resume_replays_what_was_in_flight_once() 
     // Nothing more: no message came twice.
     let extra = tokio::time::timeout(Duration::from_secs(5), data(&mut b, 1)).await;
     assert!(extra.is_err(), "a message arrived twice: {extra:?}");
+}
+
+/// Two reconnecting clients exchange numbered messages while the receiver's path is cut at random moments (1 to 3
+/// times, 8 seeds): each dead path is found by the heartbeat, the client reconnects through a new one and
+/// resumes, and each side's application gets the other's messages once, in order.
+#[tokio::test(start_paused = true)]
+async fn random_cuts_of_a_reconnecting_clients_path_lose_and_repeat_nothing() {
+    use rand::{Rng, SeedableRng};
+    const N: usize = 300;
+    for seed in 0..8u64 {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let s = TestServer::start(test_config()).await;
+        let relay = Relay::start(s.addr).await;
+        let start = |addr: std::net::SocketAddr, id: &str| {
+            let cfg = ClientConfig { reliable: Some(link()), ..ClientConfig::new(id) };
+            tether::ReconnectingClient::start(vec![addr.to_string()], cfg, tether::ResilienceConfig::default())
+        };
+        let (mut a, mut b) = (start(s.addr, "a"), start(relay.addr, "b"));
+        // Cut while messages still follow, so that every cut must be found and resumed from.
+        let cuts: Vec<usize> = (0..rng.random_range(1..=3)).map(|_| rng.random_range(0..N - 50)).collect();
+        let (mut from_a, mut from_b) = (Vec::new(), Vec::new());
+        let mut resumes = 0;
+        let mut i = 0;
+        let collected = tokio::time::timeout(PATIENCE * 4, async {
+            while from_a.len() < N || from_b.len() < N {
+                if i < N {
+                    a.send(Some("b"), Bytes::from(format!("a{i}"))).await.unwrap();
+                    b.send(Some("a"), Bytes::from(format!("b{i}"))).await.unwrap();
+                    if cuts.contains(&i) {
+                        relay.cut();
+                    }
+                    i += 1;
+                }
+                let tick = tokio::time::sleep(Duration::from_millis(rng.random_range(0..5)));
+                tokio::select! {
+                    () = tick => {}
+                    ev = a.next_event() => match ev.expect("a stopped") {
+                        tether::LinkEvent::Data { payload, .. } => from_b.push(payload),
+                        tether::LinkEvent::InDoubt(m) => panic!("seed {seed}: a in doubt: {m:?}"),
+                        _ => {}
+                    },
+                    ev = b.next_event() => match ev.expect("b stopped") {
+                        tether::LinkEvent::Data { payload, .. } => from_a.push(payload),
+                        tether::LinkEvent::Connected { reliable: Some(g), .. } if g.status != Status::New => {
+                            assert_eq!(g.status, Status::Resumed, "seed {seed}: {g:?}");
+                            resumes += 1;
+                        }
+                        tether::LinkEvent::InDoubt(m) => panic!("seed {seed}: b in doubt: {m:?}"),
+                        _ => {}
+                    },
+                }
+            }
+        })
+        .await;
+        let text = |v: &[Bytes]| v.iter().map(|b| String::from_utf8(b.to_vec()).unwrap()).collect::<Vec<_>>();
+        assert!(
+            collected.is_ok(),
+            "seed {seed} (cuts {cuts:?}): b got {} of a's, a got {} of b's",
+            from_a.len(),
+            from_b.len()
+        );
+        assert_eq!(text(&from_a), (0..N).map(|i| format!("a{i}")).collect::<Vec<_>>(), "seed {seed}, cuts {cuts:?}");
+        assert_eq!(text(&from_b), (0..N).map(|i| format!("b{i}")).collect::<Vec<_>>(), "seed {seed}, cuts {cuts:?}");
+        assert!(resumes >= 1, "seed {seed}: the cuts {cuts:?} were never resumed from");
+        a.close().await;
+        b.close().await;
+    }
 }
 
 #[tokio::test(start_paused = true)]
