@@ -1,44 +1,55 @@
 //! The `reliable` extension's sans-IO rules (`tether_proto::reliable`) under operations the fuzz input spells.
 //!
 //! # Layout
-//! The input is read byte by byte; a byte past its end reads as 0. Four bytes of bounds come first (per-session
-//! messages and bytes, the total, how many ended tokens are remembered), then at most 256 operations, each an
-//! opcode byte (taken modulo 11) and its arguments:
+//! The input is read byte by byte; a byte past its end reads as 0. Six bytes of configuration come first:
+//! per-session messages and bytes, the total, how many ended tokens are remembered, and two bytes `a`, `b` that
+//! pick the table's `max_frame`, `min(65536, 256 + (a << (b % 9)) + b / 16)` (256 for `00 00`). At most 256
+//! operations follow, each an opcode byte (taken modulo 11) and its arguments. A `conn` argument names the
+//! connection an operation comes from: 0-1 the device's current one, 2 the one it had before its last `open` (a
+//! resume or takeover moved the session away from it), 3 one that never carried anything.
 //!
 //! | op | what | arguments |
 //! |---|---|---|
-//! | 0 | a device of `id` connects: `Sessions::open` | id, mode (bit 0 receipts; bits 1-2: no resume, its own token, an earlier grant's, garbage; bit 3: lie about `received`), then the grant index, or 16 garbage bytes, or the lie |
-//! | 1 | a connection ends: `detach` | id, stale (bit 0: a connection that no longer carries the session) |
-//! | 2 | a message is relayed: `push` | to, from (`""` or an id), payload length / 4, origin (none, the application, the sender's session) |
-//! | 3 | the device acknowledges: `ack` | id, mode (0-1 its inbox's `ACK`, 2-3 a number near what was sent) |
-//! | 4 | the session's frames go out: `next_frames` | id, budget / 8, lost (bit 0: the connection drops them) |
-//! | 5 | the server reports to a sender: `report` | to, token (current, none, garbage), peer, outcome, count |
+//! | 0 | a device of `id` connects: `Sessions::open` | id, mode (bit 0 receipts; bits 1-2: no resume, its own token, an earlier grant's, garbage; bit 3: lie about `received`, bit 4: downwards), then the grant index, or 16 garbage bytes, then the lie |
+//! | 1 | a connection ends: `detach` | id, conn |
+//! | 2 | a message is relayed: `received` on the sender's connection, then `push`; a refused client message is reported to its sender as the server does | to, from (`""` or an id), payload length / 4, origin (none, the application, the sender's session), conn |
+//! | 3 | the device acknowledges: `ack` | id, mode (0-1 its inbox's `ACK`, 2-3 a number near what was sent), conn |
+//! | 4 | the session's frames go out: `next_frames` | id, budget / 8, lost (bit 0: the connection drops them), conn |
+//! | 5 | the server reports to a sender: `report` | to, token (current, none, garbage), peer, outcome, count (0-255 numbers) |
 //! | 6 | a connection without the token takes the id: `replace` | id |
 //! | 7 | time passes: `expire` | milliseconds / 8 |
 //! | 8 | a standalone `Outbox` | op (push, ack, resume, next_unsent), argument |
 //! | 9 | a standalone `Inbox` | op (accept, ack_due, ack_pending, time), argument |
 //! | 10 | `Offer::find` and `Grant::find` | kind (RELIABLE or not), length, the value |
 //!
-//! A model kept beside the table predicts its answers: grants (status, why, received, lost, the connection
-//! detached), push refusals from the documented bounds, which acknowledgements are refused, the numbers
-//! `next_frames` hands out, the application's outcomes in order, the counters. Reports the table makes
-//! itself (receipts, `expired`, `replaced`) are learnt from each session's `assigned`, so the model knows every
-//! held item's number and which are messages.
+//! A model kept beside the table predicts every answer exactly: grants (status, why, received, lost, the
+//! connection detached; a resume below what was acknowledged is refused as `unknown_token` and ends the old
+//! session as `replaced`), which calls a connection that no longer carries its session may make (none: they do
+//! nothing), push refusals (`TooLarge` from the frame limit, `Full` from the documented bounds), which
+//! acknowledgements are refused, every frame `next_frames` hands out (receipts and the reports the table makes
+//! itself included, split into `REPORT`s of at most `(max_frame - 13 - peer) / 8` numbers), the effects (the
+//! connections to wake and to close as slow, the application's outcomes, in order), the counters.
 //!
 //! Properties checked after every operation:
 //! - no panic, and every answer is the model's;
-//! - messages held (payload + sender + 96 each) never exceed the total bound: `totals()` bytes stay within
-//!   the configured total plus the bytes of the reports held, which are never refused; a session's messages stay
-//!   within its own bounds; `totals()` is the sum of the sessions' holds;
-//! - a frame handed out is the first held item above the last one sent, re-encodes to itself, and within one
-//!   connection the numbers strictly increase; they go up by exactly one unless the connection resumed below
-//!   what the peer had already acknowledged (the items that acknowledgement released cannot be sent again, so
-//!   today the next number leaves a gap in the peer's inbox);
-//! - a device's inbox takes strictly increasing, consecutive numbers, and every message reported to a sender
-//!   was pushed with that sender's origin, to the peer named, and is reported at most once;
-//! - the standalone `Inbox` takes only `last + 1`, and its `ACK`s fall due exactly after 16 frames or 20 ms;
+//! - the held bytes: messages (payload + sender + 96 each) never exceed the total bound, nor a session's
+//!   messages its own bounds; reports are never refused, so `totals()` is the messages' bytes plus the reports'
+//!   (each report carries numbers of distinct messages, each reported once), and a session they take past its
+//!   bound is `over_bound` and named in `Effects::slow` while online;
+//! - every frame handed out fits `max_frame`, re-encodes to itself, and within one connection the numbers go up
+//!   by exactly one;
+//! - a device's inbox takes strictly increasing, consecutive numbers; every message reported to a sender was
+//!   sent by it to the peer named, is reported with the fate the model gave it, and once (again only to a device
+//!   that resumed before that report, as if it had not received it);
+//! - the standalone `Inbox` takes only `last + 1`, counts duplicates, and its `ACK`s fall due exactly after 16
+//!   frames or 20 ms; the standalone `Outbox` refuses an acknowledgement of what was not sent and a resume below
+//!   what was acknowledged;
 //! - `Offer::find` and `Grant::find` never panic, and what they find encodes back to itself;
 //! - the next expiry is the model's earliest, and none is at or before `now` after `expire(now)`.
+//!
+//! And at the end of the input, every message is accounted for: one a client sent is in exactly one hold, or
+//! was delivered or refused and a report on it was made exactly once when its sender's session (still the one
+//! that sent it) had to be told; the application's messages still held are exactly those not yet resolved.
 #![no_main]
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -46,10 +57,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use tether_proto::frame::{ext, Extension, Frame, Undeliverable, V2};
+use tether_proto::frame::{ext, Extension, Frame, Report, Undeliverable, HEADER_LEN, V2};
 use tether_proto::reliable::{
-    held_size, Accept, Effects, Grant, HoldConfig, Inbox, Limits, LostWhy, Offer, Origin, Outbox, PushError, Resume,
-    Sessions, Status, Token, ACK_DELAY, ACK_EVERY,
+    held_size, Accept, AckError, Effects, Grant, HoldConfig, Inbox, Limits, LostWhy, Offer, Origin, Outbox, PushError,
+    Resume, Sessions, Status, Token, ACK_DELAY, ACK_EVERY,
 };
 
 const STORE: [u8; 8] = *b"fuzz-run";
@@ -61,6 +72,8 @@ const TO: [&str; 5] = ["a", "b", "c", "d", "e"];
 const EXPIRY: Duration = Duration::from_secs(1);
 /// Sequence numbers the harness's own `report` calls use: far above any real message's.
 const FAKE_SEQS: u64 = 1 << 40;
+/// A connection number no device ever had (connections are numbered from 1).
+const NO_CONN: u32 = 0;
 
 /// The input, read a byte at a time; bytes past the end read as 0.
 struct Reader<'a> {
@@ -80,19 +93,47 @@ impl Reader<'_> {
     fn more(&self) -> bool {
         self.pos < self.data.len()
     }
+    fn id(&mut self) -> &'static str {
+        IDS[usize::from(self.u8() % 4)]
+    }
+}
+
+/// What a held item is, as the model knows it.
+#[derive(Debug, Clone)]
+enum Body {
+    /// A message: its sender, payload length (the payload is zeros), and who learns its fate.
+    Data { from: String, len: usize, origin: Option<Origin> },
+    /// A report to this session's client on messages it sent.
+    Report { peer: String, outcome: Option<Undeliverable>, seqs: Vec<u64> },
 }
 
 /// One held item, as the model knows it.
 #[derive(Debug, Clone)]
 struct Item {
     seq: u64,
-    /// `Some` for a message: its sender, payload length, origin. `None` for a report the table made.
-    data: Option<(String, usize, Option<Origin>)>,
+    body: Body,
 }
 
 impl Item {
     fn size(&self) -> usize {
-        self.data.as_ref().map_or(0, |(from, len, _)| held_size(*len, from.len()))
+        match &self.body {
+            Body::Data { from, len, .. } => held_size(*len, from.len()),
+            Body::Report { peer, seqs, .. } => held_size(8 * seqs.len(), peer.len()),
+        }
+    }
+    fn is_data(&self) -> bool {
+        matches!(self.body, Body::Data { .. })
+    }
+    /// The frame the table must hand out for it.
+    fn frame(&self) -> Frame {
+        match &self.body {
+            Body::Data { from, len, .. } => {
+                Frame::Sdata { seq: self.seq, peer: from.clone(), payload: Bytes::from(vec![0; *len]) }
+            }
+            Body::Report { peer, outcome, seqs } => {
+                Frame::Report(Report { seq: self.seq, peer: peer.clone(), outcome: *outcome, seqs: seqs.clone() })
+            }
+        }
     }
 }
 
@@ -101,18 +142,18 @@ impl Item {
 struct Model {
     /// What `token_of` and a matching resume must name.
     token: Token,
-    /// The connection carrying the session (what `open` detaches, `push` and `report` wake), and when an offline
-    /// session expires.
+    /// Whether the client asked for delivery receipts (its last `open` said).
+    receipts: bool,
+    /// The connection carrying the session (what `open` detaches, `push` and `report` wake, the only one whose
+    /// `received`, `ack` and `next_frames` count), and when an offline session expires.
     attached: Option<u32>,
     expires: Option<Instant>,
-    /// The held items, oldest first: what `next_frames` may hand out and `hold_of` counts.
+    /// The held items, oldest first: what `next_frames` hands out and `hold_of` counts.
     items: VecDeque<Item>,
-    /// The highest number handed to the current connection (the outbox's `sent`).
+    /// The highest number handed to the current connection (the outbox's `sent`), and the highest the client
+    /// acknowledged or resumed after (its `acked`: a resume below it is refused).
     sent: u64,
-    /// The highest number released by an acknowledgement or a resume, and whether this connection resumed
-    /// below it.
-    floor: u64,
-    gapped: bool,
+    acked: u64,
     /// The last number given to an item; the last number of the client's stream taken; messages refused since
     /// the last resume. A resume's grant reports them.
     assigned: u64,
@@ -121,22 +162,47 @@ struct Model {
 }
 
 impl Model {
-    fn data_bytes(&self) -> usize {
+    fn new(token: Token, receipts: bool, conn: u32) -> Model {
+        Model {
+            token,
+            receipts,
+            attached: Some(conn),
+            expires: None,
+            items: VecDeque::new(),
+            sent: 0,
+            acked: 0,
+            assigned: 0,
+            rx: 0,
+            lost: 0,
+        }
+    }
+    fn bytes(&self) -> usize {
         self.items.iter().map(Item::size).sum()
     }
-    fn data_count(&self) -> usize {
-        self.items.iter().filter(|i| i.data.is_some()).count()
+    fn data(&self) -> impl Iterator<Item = &Item> {
+        self.items.iter().filter(|i| i.is_data())
     }
-    /// Release everything up to `seq`: the application's outcomes of the messages released.
-    fn release(&mut self, seq: u64) -> Vec<(u64, Option<Undeliverable>)> {
-        let mut app = Vec::new();
-        while self.items.front().is_some_and(|i| i.seq <= seq) {
-            if let Some((_, _, Some(Origin::App(n)))) = self.items.pop_front().expect("front").data {
-                app.push((n, None));
-            }
-        }
-        app
+    /// More than the per-session bound: only reports can do that.
+    fn over(&self, cap: Limits) -> bool {
+        self.items.len() > cap.messages || self.bytes() > cap.bytes
     }
+    fn hold(&mut self, body: Body) {
+        self.assigned += 1;
+        self.items.push_back(Item { seq: self.assigned, body });
+    }
+}
+
+/// A message a client sent, by (its session's token, its number).
+#[derive(Debug)]
+struct Msg {
+    /// The receiver it was sent to (what a report on it must name as peer).
+    to: String,
+    /// `None` while held; then `Some(None)` delivered, `Some(Some(why))` undeliverable.
+    fate: Option<Option<Undeliverable>>,
+    /// Whether its sender had to be told when it was resolved (the same session, and receipts wanted or the
+    /// message lost), and how many reports on it were made.
+    tell: bool,
+    reports: u32,
 }
 
 /// A device using an id: what a client library keeps.
@@ -146,9 +212,13 @@ struct Device {
     token: Option<Token>,
     /// Its half of the server's stream: what it took, and so what it offers as `received`.
     inbox: Inbox,
-    /// The connection it holds, and whether frames were lost on it (it takes nothing more from it).
+    /// The connection it holds (none after it ended), and whether frames were lost on it (it takes nothing more
+    /// from it).
     conn: Option<u32>,
     broken: bool,
+    /// Its latest connection and the one before: stale connections that may still speak for it.
+    last: Option<u32>,
+    prev: Option<u32>,
     /// Its own stream's next number.
     next_seq: u64,
 }
@@ -156,10 +226,12 @@ struct Device {
 /// The standalone inbox and what it should do.
 struct InboxModel {
     inbox: Inbox,
-    /// The last number taken; frames taken or dropped since the last `ACK`, and when the first of them came.
+    /// The last number taken; frames taken or dropped since the last `ACK`, and when the first of them came;
+    /// duplicates dropped.
     last: u64,
     pending: u32,
     first: Option<Instant>,
+    duplicates: u64,
 }
 
 /// The standalone outbox and what it should do.
@@ -167,21 +239,29 @@ struct OutboxModel {
     out: Outbox<u64>,
     /// Unacknowledged (seq, size).
     items: VecDeque<(u64, usize)>,
-    /// The next number to assign, and the highest handed out on the current connection.
+    /// The next number to assign, the highest handed out on the current connection, the highest acknowledged.
     next: u64,
     sent: u64,
-    /// As in [`Model`].
-    floor: u64,
-    gapped: bool,
+    acked: u64,
 }
 
 const OUTBOX_LIMITS: Limits = Limits { messages: 6, bytes: 60 };
+
+/// What the model expects an operation's `Effects` to be.
+#[derive(Debug, Default)]
+struct Fx {
+    wake: Vec<u32>,
+    app: Vec<(u64, Option<Undeliverable>)>,
+    slow: Vec<u32>,
+}
 
 /// Everything one input drives, and the model of what it should do.
 struct World {
     /// Virtual time: only `expire` and the standalone inbox move it.
     now: Instant,
     cfg: HoldConfig,
+    /// The table's frame limit, which bounds messages and splits reports.
+    max_frame: usize,
     /// The table under test; connections are numbered `u32`s.
     table: Sessions<u32>,
     /// What the table should hold, by id; the devices that use the ids.
@@ -197,10 +277,10 @@ struct World {
     next_app: u64,
     /// The server application's messages held and not yet resolved.
     app_pending: HashSet<u64>,
-    /// Messages pushed with a client origin: (sender's token, its number) → the receiver.
-    pushed: HashMap<(Token, u64), String>,
-    /// Those a device took a `REPORT` on.
-    reported: HashSet<(Token, u64)>,
+    /// Every message a client sent into a push, and those its device took a `REPORT` on (with where in its
+    /// stream: a device that resumes before it, claiming not to have it, is sent it again).
+    messages: HashMap<(Token, u64), Msg>,
+    reported: HashMap<(Token, u64), u64>,
     /// The counters the table should show: resumed, refused, expired, overflows, replayed.
     stats: (u64, u64, u64, u64, u64),
     inbox: InboxModel,
@@ -215,11 +295,14 @@ fuzz_target!(|data: &[u8]| {
         total_bytes: 200 + 16 * usize::from(r.u8()),
         remember_ended: usize::from(r.u8() % 4),
     };
+    let (a, b) = (u32::from(r.u8()), r.u8());
+    let max_frame = (256 + (a << (b % 9)) + u32::from(b >> 4)).min(65_536);
     let now = Instant::now();
     let mut w = World {
         now,
         cfg,
-        table: Sessions::new(cfg, STORE),
+        max_frame: max_frame as usize,
+        table: Sessions::new(cfg, STORE).with_max_frame(max_frame),
         models: HashMap::new(),
         devices: IDS.iter().map(|id| (id.to_string(), Device { next_seq: 1, ..Device::default() })).collect(),
         ended: VecDeque::new(),
@@ -227,18 +310,11 @@ fuzz_target!(|data: &[u8]| {
         next_conn: 1,
         next_app: 1,
         app_pending: HashSet::new(),
-        pushed: HashMap::new(),
-        reported: HashSet::new(),
+        messages: HashMap::new(),
+        reported: HashMap::new(),
         stats: (0, 0, 0, 0, 0),
-        inbox: InboxModel { inbox: Inbox::new(0), last: 0, pending: 0, first: None },
-        outbox: OutboxModel {
-            out: Outbox::default(),
-            items: VecDeque::new(),
-            next: 1,
-            sent: 0,
-            floor: 0,
-            gapped: false,
-        },
+        inbox: InboxModel { inbox: Inbox::new(0), last: 0, pending: 0, first: None, duplicates: 0 },
+        outbox: OutboxModel { out: Outbox::default(), items: VecDeque::new(), next: 1, sent: 0, acked: 0 },
     };
     for _ in 0..256 {
         if !r.more() {
@@ -252,11 +328,12 @@ fuzz_target!(|data: &[u8]| {
             4 => w.next_frames(&mut r),
             5 => w.report(&mut r),
             6 => {
-                let id = IDS[usize::from(r.u8() % 4)];
+                let id = r.id();
                 let (detached, fx) = w.table.replace(id);
-                let (attached, app) = w.end(id, LostWhy::Replaced);
+                let mut expected = Fx::default();
+                let attached = w.end(id, LostWhy::Replaced, &mut expected);
                 assert_eq!(detached, attached, "replace {id}: the connection it detached");
-                w.effects(fx, app);
+                w.effects(fx, expected);
             }
             7 => {
                 w.now += Duration::from_millis(8 * u64::from(r.u8()));
@@ -268,12 +345,12 @@ fuzz_target!(|data: &[u8]| {
                     .filter_map(|(id, m)| m.expires.filter(|at| *at <= now).map(|at| (at, id.clone())))
                     .collect();
                 due.sort();
-                let mut app = Vec::new();
+                let mut expected = Fx::default();
                 for (_, id) in due {
                     w.stats.2 += 1;
-                    app.extend(w.end(&id, LostWhy::Expired).1);
+                    w.end(&id, LostWhy::Expired, &mut expected);
                 }
-                w.effects(fx, app);
+                w.effects(fx, expected);
                 if let Some(t) = w.table.poll_timeout() {
                     assert!(t > now, "an expiry at or before now after expire(now)");
                 }
@@ -284,30 +361,64 @@ fuzz_target!(|data: &[u8]| {
         }
         w.check();
     }
+    w.account();
 });
 
 impl World {
+    /// The connection a `conn` argument names for `id` (see the module doc).
+    fn conn_of(&self, id: &str, pick: u8) -> u32 {
+        let Some(d) = self.devices.get(id) else { return NO_CONN };
+        match pick % 4 {
+            2 => d.prev.unwrap_or(NO_CONN),
+            3 => 1_000_000 + u32::from(pick),
+            _ => d.conn.unwrap_or(NO_CONN),
+        }
+    }
+
+    /// The session `id`, if `conn` carries it.
+    fn carried(&mut self, id: &str, conn: u32) -> Option<&mut Model> {
+        self.models.get_mut(id).filter(|m| m.attached == Some(conn))
+    }
+
+    /// Bytes held by all sessions, and those of messages alone.
+    fn held(&self) -> (usize, usize) {
+        let all = self.models.values().map(Model::bytes).sum();
+        let data = self.models.values().flat_map(Model::data).map(Item::size).sum();
+        (all, data)
+    }
+
     fn open(&mut self, r: &mut Reader) {
-        let id = IDS[usize::from(r.u8() % 4)];
+        let id = r.id();
         let mode = r.u8();
         let receipts = mode & 1 != 0;
-        let device = self.devices.get_mut(id).expect("device");
+        let device = &self.devices[id];
         let token = match (mode >> 1) % 4 {
             0 => None,
             1 => Some(device.token.unwrap_or([0; 16])),
             2 => Some(self.grants.get(usize::from(r.u8())).copied().unwrap_or([1; 16])),
             _ => Some(r.bytes::<16>()),
         };
-        let received = if mode & 8 != 0 { device.inbox.last() + u64::from(r.u8()) } else { device.inbox.last() };
+        let last = device.inbox.last();
+        let received = match (mode & 8 != 0, mode & 16 != 0) {
+            (false, _) => last,
+            (true, false) => last + u64::from(r.u8()),
+            (true, true) => last.saturating_sub(u64::from(r.u8())),
+        };
         let offer = Offer { receipts, resume: token.map(|token| Resume { token, received }) };
         let conn = self.next_conn;
         self.next_conn += 1;
         let random = u64::from(conn).to_be_bytes();
         let opened = self.table.open(id, offer, random, conn);
 
-        // What the model says: a resume of the live session, or a fresh one.
-        let live = self.models.get(id).filter(|m| token == Some(m.token) && received <= m.assigned);
-        let (expected, app) = if let Some(m) = live {
+        // What the model says: a resume of the live session (never below what was acknowledged, never beyond
+        // what was assigned), or a fresh one that ends it.
+        let mut fx = Fx::default();
+        let live = self
+            .models
+            .get(id)
+            .is_some_and(|m| token == Some(m.token) && received <= m.assigned && received >= m.acked);
+        let (grant, detached) = if live {
+            let m = self.models.get_mut(id).expect("live");
             let grant = Grant {
                 token: m.token,
                 status: if m.lost > 0 { Status::ResumedWithLoss } else { Status::Resumed },
@@ -315,18 +426,16 @@ impl World {
                 received: m.rx,
                 lost: m.lost,
             };
-            let detached = m.attached;
             self.stats.0 += 1;
             self.stats.4 += m.assigned - received;
-            let m = self.models.get_mut(id).expect("live");
-            let app = m.release(received);
-            m.gapped = received < m.floor;
-            m.floor = m.floor.max(received);
+            let detached = m.attached.replace(conn);
+            m.receipts = receipts;
             m.sent = received;
-            m.attached = Some(conn);
+            m.acked = received;
             m.expires = None;
             m.lost = 0;
-            ((grant, detached), app)
+            self.release(id, received, &mut fx);
+            (grant, detached)
         } else {
             let (status, why, lost) = match token {
                 None => (Status::New, None, 0),
@@ -340,56 +449,43 @@ impl World {
                     (Status::Fresh, Some(why), lost)
                 }
             };
-            let (detached, app) = self.end(id, LostWhy::Replaced);
+            let detached = self.end(id, LostWhy::Replaced, &mut fx);
             let mut new_token = [0; 16];
             new_token[..8].copy_from_slice(&STORE);
             new_token[8..].copy_from_slice(&random);
-            self.models.insert(
-                id.to_owned(),
-                Model {
-                    token: new_token,
-                    attached: Some(conn),
-                    expires: None,
-                    items: VecDeque::new(),
-                    sent: 0,
-                    floor: 0,
-                    gapped: false,
-                    assigned: 0,
-                    rx: 0,
-                    lost: 0,
-                },
-            );
-            ((Grant { token: new_token, status, why, received: 0, lost }, detached), app)
+            self.models.insert(id.to_owned(), Model::new(new_token, receipts, conn));
+            (Grant { token: new_token, status, why, received: 0, lost }, detached)
         };
-        assert_eq!((opened.grant, opened.detached), expected, "open {id} with {offer:?}");
-        self.effects(opened.effects, app);
+        assert_eq!((opened.grant, opened.detached), (grant, detached), "open {id} with {offer:?}");
+        self.effects(opened.effects, fx);
 
-        // The device takes the grant as a client library does.
-        self.grants.push(opened.grant.token);
-        let device = self.devices.get_mut(id).expect("device");
-        device.token = Some(opened.grant.token);
-        if !opened.grant.continues() {
-            device.inbox = Inbox::new(0);
-            device.next_seq = 1;
-        } else {
-            device.inbox = Inbox::new(received);
+        // The device takes the grant as a client library does: a stream that continues resumes where it said,
+        // and it sends again what the server did not take.
+        self.grants.push(grant.token);
+        if grant.continues() {
+            self.reported.retain(|(t, _), at| *t != grant.token || *at <= received);
         }
+        let device = self.devices.get_mut(id).expect("device");
+        device.token = Some(grant.token);
+        (device.inbox, device.next_seq) =
+            if grant.continues() { (Inbox::new(received), grant.received + 1) } else { (Inbox::new(0), 1) };
+        device.prev = device.last.replace(conn);
         device.conn = Some(conn);
         device.broken = false;
     }
 
     fn detach(&mut self, r: &mut Reader) {
-        let id = IDS[usize::from(r.u8() % 4)];
-        let stale = r.u8() & 1 != 0;
-        let device = self.devices.get_mut(id).expect("device");
-        let conn = device.conn.unwrap_or(0) + if stale { 1_000_000 } else { 0 };
-        if !stale {
-            device.conn = None;
-        }
+        let id = r.id();
+        let conn = self.conn_of(id, r.u8());
         self.table.detach(self.now, id, &conn);
-        if let Some(m) = self.models.get_mut(id).filter(|m| m.attached == Some(conn)) {
+        let (now, expiry) = (self.now, self.cfg.expiry);
+        if let Some(m) = self.carried(id, conn) {
             m.attached = None;
-            m.expires = Some(self.now + EXPIRY);
+            m.expires = Some(now + expiry);
+        }
+        let device = self.devices.get_mut(id).expect("device");
+        if device.conn == Some(conn) {
+            device.conn = None;
         }
     }
 
@@ -397,160 +493,173 @@ impl World {
         let to = TO[usize::from(r.u8() % 5)];
         let from = FROM[usize::from(r.u8() % 5)];
         let len = 4 * usize::from(r.u8());
-        let origin = match r.u8() % 3 {
+        let kind = r.u8() % 3;
+        let conn = self.conn_of(from, r.u8());
+        let origin = match kind {
             0 => None,
             1 => Some(Origin::App(self.next_app)),
-            _ => self.models.get(from).map(|m| {
-                let device = self.devices.get_mut(from).expect("device");
-                let seq = device.next_seq;
-                device.next_seq += 1;
-                Origin::Client { id: from.to_owned(), token: m.token, seq }
-            }),
+            _ if from.is_empty() => None,
+            _ => {
+                // The sender's SDATA: taken only on the connection that carries its session.
+                let seq = self.devices[from].next_seq;
+                let taken = self.table.received(from, &conn, seq);
+                let Some(m) = self.carried(from, conn) else {
+                    assert!(!taken, "{from}'s message {seq} taken on {conn}, which does not carry its session");
+                    return;
+                };
+                assert!(taken, "{from}'s message {seq} refused on {conn}, which carries its session");
+                m.rx = m.rx.max(seq);
+                let token = m.token;
+                self.devices.get_mut(from).expect("device").next_seq += 1;
+                Some(Origin::Client { id: from.to_owned(), token, seq })
+            }
         };
-        if let Some(Origin::Client { seq, .. }) = origin {
-            self.table.received(from, seq);
-            let m = self.models.get_mut(from).expect("sender");
-            m.rx = m.rx.max(seq);
-        }
         let size = held_size(len, from.len());
-        let (_, _, held) = self.table.totals();
-        let before = self.table.hold_of(to);
+        let (held, _) = self.held();
         let got = self.table.push(to, from, Bytes::from(vec![0; len]), origin.clone());
-        let Some(m) = self.models.get_mut(to) else {
-            assert_eq!(got, Err(PushError::NoSession), "push to {to}, which has no session");
-            return;
-        };
-        let h = before.expect("a session has a hold");
         let cap = self.cfg.per_session;
-        let full = held + size > self.cfg.total_bytes || h.messages >= cap.messages || h.bytes + size > cap.bytes;
-        if full {
-            assert_eq!(got, Err(PushError::Full), "push of {size} bytes to {to} holding {h:?}, {held} in all");
-            m.lost = m.lost.saturating_add(1);
-            self.stats.3 += 1;
-            return;
+        let expected = match self.models.get_mut(to) {
+            None => Err(PushError::NoSession),
+            // SDATA: kind, seq, the sender's id as str8, the payload.
+            Some(_) if 1 + 8 + 1 + from.len() + len > self.max_frame => Err(PushError::TooLarge),
+            Some(m) if held + size > self.cfg.total_bytes || m.items.len() >= cap.messages => Err(PushError::Full),
+            Some(m) if m.bytes() + size > cap.bytes => Err(PushError::Full),
+            Some(m) => Ok(m.attached),
+        };
+        assert_eq!(got, expected, "push of {len} bytes from {from:?} to {to}, {held} bytes held in all");
+        if let Some(Origin::Client { token, seq, .. }) = &origin {
+            let msg = Msg { to: to.to_owned(), fate: None, tell: false, reports: 0 };
+            assert!(self.messages.insert((*token, *seq), msg).is_none(), "{from} sent {seq} twice");
         }
-        assert_eq!(got, Ok(m.attached), "push of {size} bytes to {to} holding {h:?}, {held} in all");
-        m.assigned += 1;
-        m.items.push_back(Item { seq: m.assigned, data: Some((from.to_owned(), len, origin.clone())) });
-        match origin {
-            Some(Origin::App(n)) => {
-                self.app_pending.insert(n);
-                self.next_app += 1;
+        let why = match got {
+            Ok(_) => {
+                self.models.get_mut(to).expect("held").hold(Body::Data {
+                    from: from.to_owned(),
+                    len,
+                    origin: origin.clone(),
+                });
+                if let Some(Origin::App(n)) = origin {
+                    self.app_pending.insert(n);
+                    self.next_app += 1;
+                }
+                return;
             }
-            Some(Origin::Client { token, seq, .. }) => {
-                self.pushed.insert((token, seq), to.to_owned());
+            Err(PushError::Full) => {
+                let m = self.models.get_mut(to).expect("full");
+                m.lost = m.lost.saturating_add(1);
+                self.stats.3 += 1;
+                Undeliverable::HoldFull
             }
-            None => {}
+            Err(PushError::TooLarge) => Undeliverable::TooLarge,
+            Err(PushError::NoSession) => Undeliverable::NotOnline,
+        };
+        // The server tells a client sender on its own stream (the application learns its own way).
+        if let Some(Origin::Client { token, seq, .. }) = origin {
+            let msg = self.messages.get_mut(&(token, seq)).expect("noted");
+            (msg.fate, msg.tell) = (Some(Some(why)), true);
+            let got = self.table.report(from, None, to, Some(why), vec![seq]);
+            let expected = self.report_model(from, None, to, Some(why), &[seq]);
+            assert_eq!(got, expected, "{from} told of its message {seq} to {to}");
         }
     }
 
     fn ack(&mut self, r: &mut Reader) {
-        let id = IDS[usize::from(r.u8() % 4)];
+        let id = r.id();
         let mode = r.u8();
+        let conn = self.conn_of(id, r.u8());
         let now = self.now;
+        let sent = self.models.get(id).map_or(0, |m| m.sent);
         let device = self.devices.get_mut(id).expect("device");
         let seq = match mode % 4 {
             0 => device.inbox.ack_due(now).unwrap_or(device.inbox.last()),
             1 => device.inbox.ack_pending().unwrap_or(device.inbox.last()),
-            _ => self.models.get(id).map_or(0, |m| m.sent) + u64::from(mode >> 2) % 3,
+            _ => sent + u64::from(mode >> 2) % 3,
         };
-        let got = self.table.ack(id, seq);
-        let Some(m) = self.models.get_mut(id) else {
-            assert!(got.is_ok_and(|fx| fx.wake.is_empty() && fx.app.is_empty()), "ack of {id}, which has no session");
+        let got = self.table.ack(id, &conn, seq);
+        let Some(m) = self.carried(id, conn) else {
+            let fx = got.expect("an ack on a connection without the session is ignored");
+            assert!(fx.wake.is_empty() && fx.app.is_empty() && fx.slow.is_empty(), "ack of {id} on {conn}: {fx:?}");
             return;
         };
         if seq > m.sent {
-            let e = got.expect_err("an ack beyond what was sent");
-            assert_eq!((e.acked, e.sent), (seq, m.sent));
+            assert_eq!(got.map(|_| ()), Err(AckError::Unsent { acked: seq, sent: m.sent }), "ack of {id}");
             return;
         }
-        let app = m.release(seq);
-        m.floor = m.floor.max(seq);
-        self.effects(got.expect("an ack of what was sent"), app);
+        m.acked = m.acked.max(seq);
+        let mut fx = Fx::default();
+        self.release(id, seq, &mut fx);
+        self.effects(got.expect("an ack of what was sent"), fx);
     }
 
     fn next_frames(&mut self, r: &mut Reader) {
-        let id = IDS[usize::from(r.u8() % 4)];
+        let id = r.id();
         let budget = 8 * usize::from(r.u8());
         let lost = r.u8() & 1 != 0;
-        let (frames, more) = self.table.next_frames(id, budget);
-        let Some(m) = self.models.get_mut(id) else {
-            assert!(frames.is_empty() && !more, "frames for {id}, which has no session");
+        let conn = self.conn_of(id, r.u8());
+        let (frames, more) = self.table.next_frames(id, &conn, budget);
+        let max_frame = self.max_frame;
+        let Some(m) = self.carried(id, conn) else {
+            assert!(frames.is_empty() && !more, "frames for {id} on {conn}, which does not carry its session");
             return;
         };
+        let mut expected = Vec::new();
         let mut used = 0;
-        for f in &frames {
-            assert!(used < budget, "a frame beyond the budget {budget}");
-            used += f.encoded_len();
-            let seq = match f {
-                Frame::Sdata { seq, .. } => *seq,
-                Frame::Report(r) => r.seq,
-                other => panic!("next_frames gave {other:?}"),
-            };
-            let item = m.items.iter().find(|i| i.seq > m.sent).expect("a frame of a held item");
-            assert_eq!(seq, item.seq, "{id}: the first held item after {}", m.sent);
-            assert!(m.gapped || seq == m.sent + 1, "{id}: {seq} after {} on one connection", m.sent);
-            m.sent = seq;
-            match (&item.data, f) {
-                (Some((from, len, _)), Frame::Sdata { peer, payload, .. }) => {
-                    assert_eq!((peer, payload.len()), (from, *len), "{id}: message {seq}")
-                }
-                (None, Frame::Report(_)) => {}
-                (d, f) => panic!("{id}: item {seq} is {d:?}, sent as {f:?}"),
+        for item in m.items.iter().filter(|i| i.seq > m.sent) {
+            if used >= budget {
+                break;
             }
+            let f = item.frame();
+            used += f.encoded_len();
+            expected.push(f);
+        }
+        assert_eq!(frames, expected, "{id}: the frames after {} within {budget} bytes", m.sent);
+        for f in &frames {
+            let seq = seq_of(f);
+            assert_eq!(seq, m.sent + 1, "{id}: {seq} after {} on one connection", m.sent);
+            m.sent = seq;
+            let len = f.encoded_len() - HEADER_LEN;
+            assert!(len <= max_frame, "{id}: a {len}-byte {} over the limit {max_frame}", f.name());
             let bytes = f.to_bytes_v(V2);
             assert_eq!(Frame::parse_v(&bytes, V2).as_ref(), Ok(f), "{id}: a frame that does not decode to itself");
         }
         assert_eq!(more, m.items.back().is_some_and(|i| i.seq > m.sent), "{id}: more waiting");
         let token = m.token;
-        let attached = m.attached;
 
         // Delivery to the device, in order, unless this connection lost frames before.
         let device = self.devices.get_mut(id).expect("device");
+        assert_eq!(device.conn, Some(conn), "{id}: the session's connection is its device's");
         if lost {
             device.broken = true;
         }
-        if device.broken || device.conn.is_none() || device.conn != attached {
+        if device.broken {
             return;
         }
         for f in frames {
-            let seq = match &f {
-                Frame::Sdata { seq, .. } => *seq,
-                Frame::Report(r) => r.seq,
-                _ => unreachable!(),
-            };
+            let seq = seq_of(&f);
+            // A resume is never below what was acknowledged and replays from what the device offered: its inbox
+            // takes every frame of its connection, in order, once.
             let last = device.inbox.last();
-            match device.inbox.accept(self.now, seq) {
-                Accept::New => assert_eq!(seq, last + 1, "{id}: the inbox took {seq} after {last}"),
-                Accept::Duplicate => {
-                    assert!(seq <= last, "{id}: {seq} a duplicate after {last}");
-                    continue;
-                }
-                Accept::Gap { expected } => {
-                    assert!(seq > last + 1 && expected == last + 1, "{id}: {seq} a gap after {last}");
-                    // A protocol error: the connection ends.
-                    device.broken = true;
-                    return;
-                }
-            }
+            assert_eq!(device.inbox.accept(self.now, seq), Accept::New, "{id}: the inbox at {last} given {seq}");
             let Frame::Report(rep) = f else { continue };
             for s in rep.seqs.iter().filter(|s| **s < FAKE_SEQS) {
-                let to = self.pushed.get(&(token, *s));
-                assert_eq!(to, Some(&rep.peer), "{id}: a report on message {s}, never sent to {}", rep.peer);
-                assert!(self.reported.insert((token, *s)), "{id}: message {s} reported twice");
+                let msg = self.messages.get(&(token, *s));
+                assert_eq!(msg.map(|m| &m.to), Some(&rep.peer), "{id}: a report on message {s}, never sent there");
+                assert_eq!(msg.and_then(|m| m.fate), Some(rep.outcome), "{id}: message {s} reported {rep:?}");
+                let again = self.reported.insert((token, *s), seq);
+                assert_eq!(again, None, "{id}: message {s} reported twice, in {seq} after {again:?}");
             }
         }
     }
 
     fn report(&mut self, r: &mut Reader) {
-        let to = IDS[usize::from(r.u8() % 4)];
+        let to = r.id();
         let which = r.u8() % 3;
         let peer = FROM[usize::from(r.u8() % 5)];
         let outcome = match r.u8() {
             0 => None,
             c => Some(Undeliverable::from_code(c)),
         };
-        let seqs: Vec<u64> = (0..r.u8() % 3).map(|i| FAKE_SEQS + u64::from(i)).collect();
+        let seqs: Vec<u64> = (0..u64::from(r.u8())).map(|i| FAKE_SEQS + i).collect();
         let current = self.models.get(to).map(|m| m.token);
         let token = match which {
             0 => current,
@@ -558,64 +667,133 @@ impl World {
             _ => Some(r.bytes::<16>()),
         };
         let got = self.table.report(to, token.as_ref(), peer, outcome, seqs.clone());
-        let Some(m) = self.models.get_mut(to).filter(|_| token.is_none() || token == current) else {
-            assert_eq!(got, None, "a report to {to} that is not its session's");
-            return;
-        };
-        if seqs.is_empty() {
-            assert_eq!(got, None, "an empty report");
-            return;
-        }
-        assert_eq!(got, m.attached, "report to {to}");
+        let expected = self.report_model(to, token, peer, outcome, &seqs);
+        assert_eq!(got, expected, "report of {} numbers to {to}", seqs.len());
     }
 
-    /// The model's side of `end`: the session's connection and the application's outcomes, in order.
-    fn end(&mut self, id: &str, why: LostWhy) -> (Option<u32>, Vec<(u64, Option<Undeliverable>)>) {
-        let Some(m) = self.models.remove(id) else { return (None, Vec::new()) };
+    /// The model's `report`: `seqs` held for `to`'s session, if it is the one `token` names, in items of at
+    /// most as many numbers as fit a `REPORT` frame. The connection to wake.
+    fn report_model(
+        &mut self,
+        to: &str,
+        token: Option<Token>,
+        peer: &str,
+        outcome: Option<Undeliverable>,
+        seqs: &[u64],
+    ) -> Option<u32> {
+        let m = self.models.get_mut(to)?;
+        if token.is_some_and(|t| t != m.token) || seqs.is_empty() {
+            return None;
+        }
+        let per_item = self.max_frame.saturating_sub(13 + peer.len()) / 8;
+        for chunk in seqs.chunks(per_item.clamp(1, usize::from(u16::MAX))) {
+            m.hold(Body::Report { peer: peer.to_owned(), outcome, seqs: chunk.to_vec() });
+            for s in chunk {
+                if let Some(msg) = self.messages.get_mut(&(m.token, *s)) {
+                    msg.reports += 1;
+                    assert_eq!(msg.reports, 1, "{to}: a second report on message {s}");
+                }
+            }
+        }
+        m.attached
+    }
+
+    /// The model's report to the session that sent messages: what to wake, and what to close as slow.
+    fn report_into(
+        &mut self,
+        from: &str,
+        token: Token,
+        peer: &str,
+        outcome: Option<Undeliverable>,
+        seqs: &[u64],
+        fx: &mut Fx,
+    ) {
+        if let Some(w) = self.report_model(from, Some(token), peer, outcome, seqs) {
+            if self.models[from].over(self.cfg.per_session) {
+                fx.slow.push(w);
+            }
+            fx.wake.push(w);
+        }
+    }
+
+    /// Items that left `id`'s hold: messages delivered (`outcome` `None`) or undeliverable. The application
+    /// learns of its own; each client sender is told in one report per (sender, token), in order, a delivery
+    /// only if it wants receipts.
+    fn resolve(&mut self, id: &str, items: Vec<Item>, outcome: Option<Undeliverable>, fx: &mut Fx) {
+        let mut tell: Vec<(String, Token, Vec<u64>)> = Vec::new();
+        for item in items {
+            let Body::Data { origin: Some(origin), .. } = item.body else { continue };
+            let (from, token, seq) = match origin {
+                Origin::App(n) => {
+                    fx.app.push((n, outcome));
+                    continue;
+                }
+                Origin::Client { id, token, seq } => (id, token, seq),
+            };
+            let sender = self.models.get(&from);
+            let msg = self.messages.get_mut(&(token, seq)).expect("a client's message was noted");
+            assert_eq!(msg.fate, None, "message {seq} of {from} resolved twice");
+            msg.fate = Some(outcome);
+            if outcome.is_none() && !sender.is_some_and(|m| m.receipts) {
+                continue;
+            }
+            msg.tell = sender.is_some_and(|m| m.token == token);
+            match tell.iter_mut().find(|(f, t, _)| *f == from && *t == token) {
+                Some((_, _, seqs)) => seqs.push(seq),
+                None => tell.push((from, token, vec![seq])),
+            }
+        }
+        for (from, token, seqs) in tell {
+            self.report_into(&from, token, id, outcome, &seqs, fx);
+        }
+    }
+
+    /// The model's side of an acknowledgement (or resume) of `id`'s stream up to `seq`.
+    fn release(&mut self, id: &str, seq: u64, fx: &mut Fx) {
+        let m = self.models.get_mut(id).expect("a session");
+        let mut released = Vec::new();
+        while m.items.front().is_some_and(|i| i.seq <= seq) {
+            released.push(m.items.pop_front().expect("front"));
+        }
+        self.resolve(id, released, None, fx);
+    }
+
+    /// The model's side of `end`: the session is gone first (so reports to itself are lost with it), what it held
+    /// is undeliverable, its token remembered. Returns its connection.
+    fn end(&mut self, id: &str, why: LostWhy, fx: &mut Fx) -> Option<u32> {
+        let m = self.models.remove(id)?;
         let outcome = if why == LostWhy::Expired { Undeliverable::Expired } else { Undeliverable::Replaced };
-        let app = m
-            .items
-            .iter()
-            .filter_map(|i| match i.data {
-                Some((_, _, Some(Origin::App(n)))) => Some((n, Some(outcome))),
-                _ => None,
-            })
-            .collect();
+        let lost = u32::try_from(m.data().count()).expect("few").saturating_add(m.lost);
+        self.resolve(id, m.items.into(), Some(outcome), fx);
         if self.cfg.remember_ended > 0 {
             if self.ended.len() >= self.cfg.remember_ended {
                 self.ended.pop_front();
             }
-            let lost = u32::try_from(m.data_count()).expect("few").saturating_add(m.lost);
             self.ended.push_back((m.token, why, lost));
         }
-        (m.attached, app)
+        m.attached
     }
 
-    /// Check what an operation asked of its caller: the application's outcomes exactly, each message resolved
-    /// once; connections to wake are those of live sessions.
-    fn effects(&mut self, fx: Effects<u32>, app: Vec<(u64, Option<Undeliverable>)>) {
-        assert_eq!(fx.app, app, "the application's outcomes");
+    /// Check what an operation asked of its caller against the model, exactly; each application message is
+    /// resolved once.
+    fn effects(&mut self, fx: Effects<u32>, expected: Fx) {
+        assert_eq!((&fx.wake, &fx.app, &fx.slow), (&expected.wake, &expected.app, &expected.slow), "effects");
         for (n, _) in &fx.app {
             assert!(self.app_pending.remove(n), "application message {n} resolved twice");
-        }
-        for c in fx.wake {
-            assert!(self.models.values().any(|m| m.attached == Some(c)), "woke connection {c}, which carries nothing");
         }
     }
 
     fn check(&mut self) {
-        // Reports the operation made: numbers the table assigned beyond the model's. (Nothing releases items
-        // after an operation made reports, so they are the newest.)
-        for id in IDS {
-            let (Some(h), Some(m)) = (self.table.hold_of(id), self.models.get_mut(id)) else { continue };
-            while m.assigned < h.assigned {
-                m.assigned += 1;
-                m.items.push_back(Item { seq: m.assigned, data: None });
-            }
-        }
+        let cap = self.cfg.per_session;
         let (sessions, messages, held) = self.table.totals();
-        let (mut sum_messages, mut sum_bytes, mut data_bytes, mut report_bytes) = (0, 0, 0, 0);
+        let (mut sum_messages, mut sum_bytes) = (0, 0);
         for id in IDS {
+            assert_eq!(self.table.over_bound(id), self.models.get(id).is_some_and(|m| m.over(cap)), "{id}: over bound");
+            assert_eq!(
+                self.table.wants_receipts(id),
+                self.models.get(id).is_some_and(|m| m.receipts),
+                "{id}: receipts"
+            );
             let (h, m) = match (self.table.hold_of(id), self.models.get(id)) {
                 (None, None) => continue,
                 (Some(h), Some(m)) => (h, m),
@@ -623,30 +801,46 @@ impl World {
             };
             assert_eq!(self.table.token_of(id), Some(m.token), "{id}: token");
             assert_eq!(
-                (h.messages, h.online, h.expires, h.received, h.assigned, h.lost),
-                (m.items.len(), m.attached.is_some(), m.expires, m.rx, m.assigned, m.lost),
-                "{id}: messages, online, expiry, received, assigned, lost"
+                (h.messages, h.bytes, h.online, h.expires, h.received, h.assigned, h.lost),
+                (m.items.len(), m.bytes(), m.attached.is_some(), m.expires, m.rx, m.assigned, m.lost),
+                "{id}: messages, bytes, online, expiry, received, assigned, lost"
             );
-            let (data, reports) = (m.data_bytes(), m.items.len() - m.data_count());
-            assert!(data <= self.cfg.per_session.bytes, "{id}: {data} bytes of messages held, bound {:?}", self.cfg);
-            assert!(m.data_count() <= self.cfg.per_session.messages, "{id}: {} messages held", m.data_count());
-            assert!(h.bytes >= data + reports * held_size(8, 0), "{id}: {} bytes held, {data} of messages", h.bytes);
+            let data: usize = m.data().map(Item::size).sum();
+            assert!(data <= cap.bytes && m.data().count() <= cap.messages, "{id}: {data} bytes of messages held");
             sum_messages += h.messages;
             sum_bytes += h.bytes;
-            data_bytes += data;
-            report_bytes += h.bytes - data;
         }
         assert_eq!((sessions, messages, held), (self.models.len(), sum_messages, sum_bytes), "totals()");
         // The true bound: messages are refused at the total, reports never are.
-        assert!(
-            held <= self.cfg.total_bytes + report_bytes,
-            "{held} bytes held: {data_bytes} of messages, {report_bytes} of reports, total bound {}",
-            self.cfg.total_bytes
-        );
+        let (all, data) = self.held();
+        assert!(data <= self.cfg.total_bytes, "{data} bytes of messages held, total bound {}", self.cfg.total_bytes);
+        assert_eq!(held, all, "{held} bytes held: {data} of messages, the rest reports");
         let earliest = self.models.values().filter_map(|m| m.expires).min();
         assert_eq!(self.table.poll_timeout(), earliest, "the next expiry");
         let s = self.table.stats();
         assert_eq!((s.resumed, s.resume_refused, s.expired, s.overflows, s.replayed), self.stats, "stats");
+    }
+
+    /// Every message accounted for, at the end of the input.
+    fn account(&self) {
+        let holds = || self.models.values().flat_map(Model::data);
+        for ((token, seq), msg) in &self.messages {
+            let held = holds()
+                .filter(|i| matches!(&i.body, Body::Data { origin: Some(Origin::Client { token: t, seq: s, .. }), .. } if t == token && s == seq))
+                .count();
+            let expected = match msg.fate {
+                None => (1, 0),
+                Some(_) => (0, u32::from(msg.tell)),
+            };
+            assert_eq!((held, msg.reports), expected, "message {seq}: holds, reports ({msg:?})");
+        }
+        let app: HashSet<u64> = holds()
+            .filter_map(|i| match i.body {
+                Body::Data { origin: Some(Origin::App(n)), .. } => Some(n),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(app, self.app_pending, "the application's messages held");
     }
 
     fn outbox_op(&mut self, r: &mut Reader) {
@@ -675,8 +869,15 @@ impl World {
                 };
                 let got = if op == 1 { o.out.ack(seq) } else { o.out.resume(seq) };
                 let bound = if op == 1 { o.sent } else { o.next - 1 };
-                if seq > bound {
-                    assert_eq!(got.map(|_| ()).map_err(|e| (e.acked, e.sent)), Err((seq, bound)), "outbox ack/resume");
+                let refused = if seq > bound {
+                    Some(AckError::Unsent { acked: seq, sent: bound })
+                } else if op == 2 && seq < o.acked {
+                    Some(AckError::Behind { received: seq, acked: o.acked })
+                } else {
+                    None
+                };
+                if let Some(e) = refused {
+                    assert_eq!(got.map(|_| ()), Err(e), "outbox ack/resume of {seq}");
                     return;
                 }
                 let mut released = Vec::new();
@@ -686,10 +887,9 @@ impl World {
                 let got: Vec<u64> = got.expect("within what was sent").into_iter().map(|(s, _)| s).collect();
                 assert_eq!(got, released, "released by ack/resume of {seq}");
                 if op == 2 {
-                    o.gapped = seq < o.floor;
                     o.sent = seq;
                 }
-                o.floor = o.floor.max(seq);
+                o.acked = o.acked.max(seq);
             }
             _ => {
                 let expected = o.items.iter().find(|(s, _)| *s > o.sent).map(|(s, _)| *s);
@@ -699,8 +899,7 @@ impl World {
                 });
                 assert_eq!(got, expected, "next_unsent after {}", o.sent);
                 if let Some(s) = got {
-                    assert!(s > o.sent, "next_unsent went back");
-                    assert!(o.gapped || s == o.sent + 1, "next_unsent gave {s} after {}", o.sent);
+                    assert_eq!(s, o.sent + 1, "next_unsent gave {s} after {}", o.sent);
                     o.sent = s;
                 }
             }
@@ -732,8 +931,10 @@ impl World {
                     Accept::Gap { expected: i.last + 1 }
                 };
                 assert_eq!(got, expected, "inbox at {} given {seq}", i.last);
-                if got == Accept::New {
-                    i.last = seq;
+                match got {
+                    Accept::New => i.last = seq,
+                    Accept::Duplicate => i.duplicates += 1,
+                    Accept::Gap { .. } => {}
                 }
                 if !matches!(got, Accept::Gap { .. }) {
                     i.pending += 1;
@@ -755,8 +956,17 @@ impl World {
             _ => self.now += Duration::from_millis(u64::from(arg % 32)),
         }
         let i = &self.inbox;
-        assert_eq!(i.inbox.last(), i.last);
+        assert_eq!((i.inbox.last(), i.inbox.duplicates()), (i.last, i.duplicates));
         assert_eq!(i.inbox.poll_timeout(), i.first.map(|f| f + ACK_DELAY), "the ACK's deadline");
+    }
+}
+
+/// The sequence number of a frame of a session's stream.
+fn seq_of(f: &Frame) -> u64 {
+    match f {
+        Frame::Sdata { seq, .. } => *seq,
+        Frame::Report(r) => r.seq,
+        other => panic!("next_frames gave {other:?}"),
     }
 }
 
