@@ -435,14 +435,15 @@ impl Side2 {
                 }
                 Event::Hello(_) => self.hello_pending = true,
                 Event::Welcome(w) => self.welcomed(&w),
-                Event::Sdata { seq, .. } => self.took(seq),
+                // The owner takes each message at once (as tether's server and client do) and confirms it.
+                Event::Sdata { seq, .. } => self.took(now, seq),
                 Event::SdataTooLarge { seq, .. } => {
                     assert_eq!(self.conn.role(), Role::Server, "SdataTooLarge({seq}) on a client");
-                    self.took(seq)
+                    self.took(now, seq)
                 }
                 Event::Report(r) => {
                     assert_eq!(self.conn.role(), Role::Client, "a Report({}) on the server", r.seq);
-                    self.took(r.seq)
+                    self.took(now, r.seq)
                 }
                 Event::Acked(seq) => assert!(self.reliable, "Acked({seq}) without the reliable extension"),
                 _ => {}
@@ -499,11 +500,12 @@ impl Side2 {
     }
 
     /// A sequenced event: only with `reliable`, and the next number of the stream.
-    fn took(&mut self, seq: u64) {
+    fn took(&mut self, now: Instant, seq: u64) {
         assert!(self.reliable && self.conn.is_reliable(), "sequenced event {seq} without the reliable extension");
         assert_eq!(seq, self.last_in + 1, "sequenced event {seq} after {}", self.last_in);
         self.last_in = seq;
         self.taken += 1;
+        self.conn.confirm(now, seq);
     }
 
     /// Read back what the side queued since the last step, and check its `ACK`s.

@@ -19,7 +19,7 @@
 //! | 6 | a connection without the token takes the id: `replace` | id |
 //! | 7 | time passes: `expire` | milliseconds / 8 |
 //! | 8 | a standalone `Outbox` | op (push, ack, resume, next_unsent), argument |
-//! | 9 | a standalone `Inbox` | op (accept, ack_due, ack_pending, time), argument |
+//! | 9 | a standalone `Inbox` | op (accept, ack_due, ack_pending, confirm, time), argument |
 //! | 10 | `Offer::find` and `Grant::find` | kind (RELIABLE or not), length, the value |
 //!
 //! A model kept beside the table predicts every answer exactly: grants (status, why, received, lost, the
@@ -41,8 +41,8 @@
 //! - a device's inbox takes strictly increasing, consecutive numbers; every message reported to a sender was
 //!   sent by it to the peer named, is reported with the fate the model gave it, and once (again only to a device
 //!   that resumed before that report, as if it had not received it);
-//! - the standalone `Inbox` takes only `last + 1`, counts duplicates, and its `ACK`s fall due exactly after 16
-//!   frames or 20 ms; the standalone `Outbox` refuses an acknowledgement of what was not sent and a resume below
+//! - the standalone `Inbox` takes only `last + 1`, counts duplicates, and its `ACK`s cover only what its owner
+//!   confirmed and fall due exactly after 16 confirmed frames (or duplicates) or 20 ms; the standalone `Outbox` refuses an acknowledgement of what was not sent and a resume below
 //!   what was acknowledged;
 //! - `Offer::find` and `Grant::find` never panic, and what they find encodes back to itself;
 //! - the next expiry is the model's earliest, and none is at or before `now` after `expire(now)`.
@@ -226,9 +226,10 @@ struct Device {
 /// The standalone inbox and what it should do.
 struct InboxModel {
     inbox: Inbox,
-    /// The last number taken; frames taken or dropped since the last `ACK`, and when the first of them came;
-    /// duplicates dropped.
+    /// The last number received, and the last its owner confirmed; frames confirmed or dropped as duplicates
+    /// since the last `ACK`, and when the first of them came; duplicates dropped.
     last: u64,
+    taken: u64,
     pending: u32,
     first: Option<Instant>,
     duplicates: u64,
@@ -313,7 +314,7 @@ fuzz_target!(|data: &[u8]| {
         messages: HashMap::new(),
         reported: HashMap::new(),
         stats: (0, 0, 0, 0, 0),
-        inbox: InboxModel { inbox: Inbox::new(0), last: 0, pending: 0, first: None, duplicates: 0 },
+        inbox: InboxModel { inbox: Inbox::new(0), last: 0, taken: 0, pending: 0, first: None, duplicates: 0 },
         outbox: OutboxModel { out: Outbox::default(), items: VecDeque::new(), next: 1, sent: 0, acked: 0 },
     };
     for _ in 0..256 {
@@ -640,6 +641,8 @@ impl World {
             // takes every frame of its connection, in order, once.
             let last = device.inbox.last();
             assert_eq!(device.inbox.accept(self.now, seq), Accept::New, "{id}: the inbox at {last} given {seq}");
+            // The device's application takes it at once.
+            device.inbox.confirm(self.now, seq);
             let Frame::Report(rep) = f else { continue };
             for s in rep.seqs.iter().filter(|s| **s < FAKE_SEQS) {
                 let msg = self.messages.get(&(token, *s));
@@ -910,7 +913,7 @@ impl World {
     }
 
     fn inbox_op(&mut self, r: &mut Reader) {
-        let (op, arg) = (r.u8() % 4, r.u8());
+        let (op, arg) = (r.u8() % 5, r.u8());
         let now = self.now;
         let i = &mut self.inbox;
         let due = |i: &InboxModel| i.first.is_some_and(|f| now >= f + ACK_DELAY || i.pending >= ACK_EVERY);
@@ -932,31 +935,44 @@ impl World {
                 };
                 assert_eq!(got, expected, "inbox at {} given {seq}", i.last);
                 match got {
+                    // Acknowledged only once its owner confirms it.
                     Accept::New => i.last = seq,
-                    Accept::Duplicate => i.duplicates += 1,
+                    // Acknowledged again at once (the peer missed the ACK).
+                    Accept::Duplicate => {
+                        i.duplicates += 1;
+                        i.pending += 1;
+                        i.first.get_or_insert(now);
+                    }
                     Accept::Gap { .. } => {}
                 }
-                if !matches!(got, Accept::Gap { .. }) {
-                    i.pending += 1;
+            }
+            3 => {
+                // The owner confirms up to some number, at most what was received.
+                let upto = i.taken + u64::from(arg % 24);
+                i.inbox.confirm(now, upto);
+                let upto = upto.min(i.last);
+                if upto > i.taken {
+                    i.pending = i.pending.saturating_add((upto - i.taken) as u32);
                     i.first.get_or_insert(now);
+                    i.taken = upto;
                 }
             }
             1 => {
-                let expected = due(i).then_some(i.last);
+                let expected = due(i).then_some(i.taken);
                 assert_eq!(i.inbox.ack_due(now), expected, "ack_due with {} pending since {:?}", i.pending, i.first);
                 if expected.is_some() {
                     (i.pending, i.first) = (0, None);
                 }
             }
             2 => {
-                let expected = i.first.map(|_| i.last);
+                let expected = i.first.map(|_| i.taken);
                 assert_eq!(i.inbox.ack_pending(), expected, "ack_pending");
                 (i.pending, i.first) = (0, None);
             }
             _ => self.now += Duration::from_millis(u64::from(arg % 32)),
         }
         let i = &self.inbox;
-        assert_eq!((i.inbox.last(), i.inbox.duplicates()), (i.last, i.duplicates));
+        assert_eq!((i.inbox.last(), i.inbox.taken(), i.inbox.duplicates()), (i.last, i.taken, i.duplicates));
         assert_eq!(i.inbox.poll_timeout(), i.first.map(|f| f + ACK_DELAY), "the ACK's deadline");
     }
 }

@@ -1282,6 +1282,11 @@ impl Connection {
         if matches!(self.state, State::Draining | State::Closed) {
             return;
         }
+        if self.state == State::Handshake {
+            // No session began: a client's offered stream is not this connection's, and nothing late is taken
+            // into it.
+            self.rel = None;
+        }
         self.reason = Some(reason);
         // A HELLO awaiting admission will never be admitted now; frames behind it are read as late frames.
         self.admission_pending = false;
