@@ -1277,6 +1277,25 @@ mod reliable_ext {
     }
 
     #[test]
+    fn a_client_that_closes_before_welcome_takes_nothing_into_the_stream_it_offered() {
+        let now = Instant::now();
+        let cfg = ConnConfig::default();
+        let resume = Resume { token: [1; 16], received: 7 };
+        let mut c = Connection::client(now, cfg, offer_hello(Some(resume)));
+        take(&mut c, now);
+        let bye = Bye { reason: CloseReason::Bye, retry_after_ms: 0, alternative: String::new() };
+        c.close(now, bye);
+        // The server's WELCOME (restarting the stream) and its first SDATA arrive as the client lingers.
+        let mut w = welcome();
+        w.extensions = vec![grant(Status::Fresh, 0).to_extension()];
+        let mut bytes = Frame::Welcome(w).to_bytes_v(V2).to_vec();
+        bytes.extend_from_slice(&sdata(8).to_bytes_v(V2));
+        c.handle_bytes(now, &bytes);
+        assert!(!c.is_reliable());
+        assert!(events(&mut c).iter().all(|e| !matches!(e, Event::Sdata { .. })), "nothing taken into the old stream");
+    }
+
+    #[test]
     fn without_the_grant_sequenced_frames_are_refused_both_ways() {
         let now = Instant::now();
         let (mut s, mut c) = pair(now, offer_hello(None), None);
