@@ -640,7 +640,7 @@ impl MqttWatcher {
     fn connect(addr: SocketAddr) -> anyhow::Result<MqttWatcher> {
         let mut stream = std::net::TcpStream::connect(addr)?;
         stream.write_all(&mqtt::connect("tether-bench-watcher", 600, None))?;
-        stream.write_all(&mqtt::subscribe(1, "tether-bench/will/#"))?;
+        stream.write_all(&mqtt::subscribe(1, "tether-bench/will/#", 0))?;
         let mut w = MqttWatcher { stream, buf: Vec::new() };
         let mut got_suback = false;
         while !got_suback {
