@@ -67,9 +67,13 @@ const READ_CHUNK: usize = 64 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct RelayOpts {
+    /// The protocol the clients speak.
     pub target: Target,
+    /// The server under test (loopback, started by the coordinator).
     pub addr: SocketAddr,
+    /// The clients' source address, when given.
     pub source_ip: Option<IpAddr>,
+    /// Sender → receiver pairs: two connections each.
     pub pairs: usize,
     /// See the module's "Windows".
     pub window: u64,
@@ -81,6 +85,7 @@ pub struct RelayOpts {
     pub interval: Duration,
     /// Messages one sender sends at most, whatever the run's length.
     pub limit: u64,
+    /// The process ends at this age whatever it is doing: it never outlives a coordinator that hung.
     pub max_seconds: u64,
 }
 
@@ -130,8 +135,11 @@ impl Arena {
 /// within 1% above. Fixed size, so a long run costs no more memory than a short one.
 #[derive(Debug, Clone)]
 pub struct Latencies {
+    /// Samples per bucket ([`Latencies::bucket`]).
     counts: Box<[u64]>,
+    /// Samples in all.
     n: u64,
+    /// The largest sample: the exact maximum, and the answer for the bucket beyond 10 s.
     max_us: u64,
 }
 
@@ -282,10 +290,12 @@ struct Pair {
 
 struct Shared {
     opts: RelayOpts,
+    /// `CONNECTED`, `RUNNING` or `STOPPING`: whether senders send.
     phase: AtomicU8,
     /// Receivers record latencies only between the first and the second `mark`.
     measuring: AtomicBool,
     pairs: Vec<Pair>,
+    /// The counts `mark` reports.
     n: Counts,
     /// Nudged at every batch a receiver takes and every acknowledgement a sender reads: `stop` waits on it.
     progress: Notify,
@@ -412,6 +422,7 @@ async fn nudged(nudge: Option<&Notify>) {
 /// Bytes and frames one connection counted since it last added them to the shared [`Counts`].
 #[derive(Default)]
 struct Local {
+    /// Bytes read from and written to the socket: the server's TCP payload on this connection.
     read: u64,
     written: u64,
     /// `ACK`s this side queued (tether) or PUBACKs it sent (MQTT).
@@ -434,12 +445,15 @@ impl Local {
 
 /// A tether client: the core in client role on a bare socket.
 struct Link {
+    /// The client id, for errors.
     id: String,
     stream: TcpStream,
+    /// The protocol's state: what to send, what arrived, when a timer is due.
     conn: Connection,
     /// Bytes at the front of the core's output already counted by kind (whole frames).
     scanned: usize,
     local: Local,
+    /// Where reads land before the core takes them (the core keeps only an incomplete frame).
     rbuf: Box<[u8]>,
 }
 
@@ -575,6 +589,8 @@ async fn tether_sender(sh: Arc<Shared>, i: usize, mut link: Link) -> anyhow::Res
     let (to, reliable) = (receiver_id(i), sh.opts.reliable);
     let (mut sent, mut acked, mut arena) = (0u64, 0u64, Arena::default());
     loop {
+        // Acknowledgements, receipts and refusals all move `stop`'s accounting: any of them nudges it.
+        let mut moved = false;
         while let Some(ev) = link.conn.poll_event() {
             match ev {
                 Event::Acked(seq) => {
@@ -593,10 +609,12 @@ async fn tether_sender(sh: Arc<Shared>, i: usize, mut link: Link) -> anyhow::Res
                     pair.refused.fetch_add(1, Ordering::Release);
                 }
                 Event::Closed(c) => return Err(link.closed(&c)),
-                _ => {}
+                _ => continue,
             }
+            moved = true;
         }
-        if pair.acked.swap(acked, Ordering::Release) != acked {
+        if moved {
+            pair.acked.store(acked, Ordering::Release);
             sh.progress.notify_one();
         }
         if sh.running() {
@@ -623,6 +641,7 @@ async fn tether_sender(sh: Arc<Shared>, i: usize, mut link: Link) -> anyhow::Res
 /// A receiver's bookkeeping: message numbers in order, latencies, its pair's count.
 struct Taker {
     sh: Arc<Shared>,
+    /// The pair's index.
     i: usize,
     /// The last message number taken.
     last: u64,
@@ -771,6 +790,7 @@ async fn fill(opts: &RelayOpts, k: u64, h: usize) -> anyhow::Result<(u64, u64)> 
 
 /// An MQTT client on a bare socket.
 struct MqttLink {
+    /// The client id, for errors.
     id: String,
     stream: TcpStream,
     /// Bytes read and not yet a whole packet.
@@ -779,6 +799,7 @@ struct MqttLink {
     tx: Vec<u8>,
     /// When this client last wrote: it sends `PINGREQ` after a keepalive without writing.
     last_tx: tokio::time::Instant,
+    /// The keepalive the CONNECT announced.
     keepalive: Duration,
     local: Local,
 }
@@ -1062,15 +1083,21 @@ async fn serve(opts: RelayOpts) -> anyhow::Result<()> {
 }
 
 /// After `stop`: wait until every pair is [`Shared::settled`] (or nothing moved for [`SETTLE_QUIET`]), then the
-/// totals, the checks and the latencies.
+/// totals, the checks, the latencies, and what ended the wait.
 async fn settle(sh: &Shared) -> Value {
     let deadline = tokio::time::Instant::now() + SETTLE_MAX;
-    while !sh.pairs.iter().all(|p| sh.settled(p)) && sh.failure().is_none() {
+    let ended = loop {
+        if sh.failure().is_some() {
+            break "failure";
+        }
+        if sh.pairs.iter().all(|p| sh.settled(p)) {
+            break "accounted";
+        }
         let quiet = (tokio::time::Instant::now() + SETTLE_QUIET).min(deadline);
         if tokio::time::timeout_at(quiet, sh.progress.notified()).await.is_err() {
-            break;
+            break if quiet >= deadline { "deadline" } else { "quiet" };
         }
-    }
+    };
     let sum = |f: fn(&Pair) -> &AtomicU64| sh.pairs.iter().map(|p| f(p).load(Ordering::Acquire)).sum::<u64>();
     let (sent, received, refused) = (sum(|p| &p.sent), sum(|p| &p.received), sum(|p| &p.refused));
     let mut l = Latencies::default();
@@ -1080,6 +1107,8 @@ async fn settle(sh: &Shared) -> Value {
     let mut v = sh.n.json();
     v["event"] = json!("done");
     v["settled"] = json!(sh.pairs.iter().all(|p| sh.settled(p)));
+    // What ended the wait: everything accounted for, nothing moving for SETTLE_QUIET, SETTLE_MAX, or a failure.
+    v["ended"] = json!(ended);
     v["messages_sent"] = json!(sent);
     v["messages_received"] = json!(received);
     v["refused"] = json!(refused);
