@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Turn `tether bench --json` result lines into BENCHMARKS.md (table, ratios, plot, metrics on against off).
+"""Turn `tether bench --json` result lines into BENCHMARKS.md (table, ratios, plot, metrics on against off, relay).
 
 Usage: bench_report.py RESULTS.jsonl COMMANDS.txt OUT.md OUT_DIR
        bench_report.py --check RESULTS.jsonl     (exit 1 unless every scenario reported its keys)
@@ -23,7 +23,13 @@ KEYS = {
         "cross_takeover_ms_p50", "cross_takeover_ms_p99", "presence_ms_p50", "presence_ms_p99",
         "loss_last_offline_s", "loss_reaped_s", "late_node_view_s", "full_repair_s",
     ],
+    "relay": [
+        "pairs", "window", "msgs_per_s", "latency_ms_p50", "latency_ms_p99", "cpu_us_per_msg", "load_cpu_us_per_msg",
+        "wire_bytes_per_msg", "wire_bytes_per_msg_with_headers", "ack_frames_per_msg",
+    ],
 }
+# A tether reliable relay run with --held reports the server's memory per held message.
+HELD_KEYS = ["held_messages", "held_sessions", "rss_per_held_msg_bytes"]
 # An owned tether server with its admin listener (metrics on) is scraped after the idle hold.
 SCRAPE_KEYS = ["metrics_scrapes", "metrics_scrape_ms_p50", "metrics_scrape_ms_max", "metrics_scrape_cpu_ms", "metrics_bytes"]
 OFF = "metrics off"
@@ -44,13 +50,18 @@ def check(rows):
         keys = KEYS[r["scenario"]]
         if r["scenario"] == "idle" and r["target"] == "tether" and not is_off(r):
             keys = keys + SCRAPE_KEYS
+        if r["scenario"] == "relay" and r.get("held_messages"):
+            keys = keys + HELD_KEYS
         missing = [k for k in keys if r.get(k) is None]
         if missing:
             print(f"{r['scenario']} ({r['target']}, {r.get('variant')}): missing {missing}", file=sys.stderr)
             return 1
         seen.add((r["scenario"], r["target"]))
+        if r["scenario"] == "relay":
+            seen.add(("relay", r["target"], r["delivery"]))
     want = {(s, t) for s in ("idle", "connect", "detect") for t in ("tether", "mosquitto")}
     want |= {("takeover", "tether"), ("storm", "tether"), ("cluster", "tether")}
+    want |= {("relay", "tether", "at_most_once"), ("relay", "tether", "reliable"), ("relay", "mosquitto", "qos1")}
     if not want <= seen:
         print(f"scenarios missing: {sorted(want - seen)}", file=sys.stderr)
         return 1
@@ -218,6 +229,7 @@ def main():
     with open(commands) as f:
         cmds = f.read().strip()
     cluster = (by.get(("cluster", "tether")) or [None])[-1]
+    relay = [r for r in rows if r["scenario"] == "relay" and not is_off(r)]
     with open(out_md, "w") as f:
         f.write(BENCH_DOC.format(
             machine="\n".join(f"- {k}: {v}" for k, v in machine.items()),
@@ -229,7 +241,64 @@ def main():
             commands=cmds,
             findings=open(os.path.join(os.path.dirname(__file__), "bench_findings.md")).read().strip(),
             cluster=cluster_table(cluster),
+            relay=relay_table(relay),
         ))
+
+
+RELAY_KINDS = [
+    (("tether", "at_most_once", False), "tether, at most once (`DATA`)"),
+    (("tether", "reliable", True), "tether, `reliable` with receipts"),
+    (("tether", "reliable", False), "tether, `reliable` without receipts"),
+    (("mosquitto", "qos1", False), "Mosquitto, QoS 1"),
+    (("mosquitto", "qos0", False), "Mosquitto, QoS 0"),
+]
+
+
+def relay_table(relay):
+    """The relay runs side by side (the last of each kind), their ratios, and memory per held message."""
+    if not relay:
+        return "(no relay run in this suite)"
+    last = {(r["target"], r["delivery"], bool(r.get("receipts"))): r for r in relay}
+    first = relay[0]
+    lines = [
+        f"{first['pairs']} pairs, window {first['window']}, {first['payload_bytes']}-byte payloads, "
+        f"{fmt(first.get('measured_s'))} s measured per run.",
+        "",
+        "| system, delivery | messages/s | latency p50 / p99 (ms) | server CPU per message (µs) "
+        "| load generator CPU per message (µs) | server TCP payload per message, both ways (B) "
+        "| with TCP/IP headers, estimate (B) | ack frames per message (to senders + from receivers + of REPORTs) "
+        "| REPORTs per message |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, label in RELAY_KINDS:
+        r = last.get(key)
+        if r is None:
+            continue
+        lines.append(
+            f"| {label} | {fmt(r['msgs_per_s'])} | {fmt(r['latency_ms_p50'])} / {fmt(r['latency_ms_p99'])} "
+            f"| {fmt(r['cpu_us_per_msg'])} | {fmt(r['load_cpu_us_per_msg'])} | {fmt(r['wire_bytes_per_msg'])} "
+            f"| {fmt(r['wire_bytes_per_msg_with_headers'])} | {r['ack_frames_per_msg']:.4f} "
+            f"({r['acks_to_senders_per_msg']:.4f} + {r['acks_from_receivers_per_msg']:.4f} + "
+            f"{r['acks_of_reports_per_msg']:.4f}) | {r['reports_per_msg']:.4f} |"
+        )
+    rel, once, q1 = last.get(("tether", "reliable", True)), last.get(("tether", "at_most_once", False)), last.get(
+        ("mosquitto", "qos1", False))
+    lines.append("")
+    if rel and q1:
+        lines.append(f"- tether `reliable` against Mosquitto QoS 1: {rel['msgs_per_s'] / q1['msgs_per_s']:.2f}× the "
+                     f"messages per second, {rel['cpu_us_per_msg'] / q1['cpu_us_per_msg']:.2f}× the server CPU per message.")
+    if rel and once:
+        lines.append(f"- tether `reliable` against at most once: {rel['cpu_us_per_msg'] / once['cpu_us_per_msg']:.2f}× "
+                     f"the server CPU per message, {rel['msgs_per_s'] / once['msgs_per_s']:.2f}× the messages per second.")
+    held = next((r for r in reversed(relay) if r.get("held_messages")), None)
+    if held:
+        by_server = held.get("held_messages_by_server")
+        lines.append(
+            f"- Memory per held message: {fmt(held['rss_per_held_msg_bytes'])} B of server RSS for "
+            f"{fmt(held['held_messages'])} messages of {held['payload_bytes']} bytes in {fmt(held['held_sessions'])} "
+            f"offline sessions" + (f" (the server's own count: {fmt(by_server)} held)." if by_server else ".")
+        )
+    return "\n".join(lines)
 
 
 def cluster_table(r):
@@ -342,6 +411,36 @@ the connections spread evenly, then in order:
   its whole view against Redis; from the kill to the late node's repair, and Redis's commands meanwhile.
 
 {cluster}
+
+## Reliable delivery
+
+`tether bench relay`: messages relayed between pairs of clients over loopback, a sender and its receiver per pair,
+all in one load-generator process that speaks both protocols (bare sockets: tether's sans-IO core in client role,
+MQTT packets as bytes), against a server the run started. Each sender sends at full speed:
+- **windows**: with acknowledged delivery, at most `window` messages unacknowledged by the server (tether's client
+  window; MQTT PUBLISHes without their PUBACK); in every mode, at most 4 windows sent and not yet received, the
+  only bound at most once;
+- **tether**: `tether serve` with its defaults (a single node, metrics on). At most once is plain `DATA`: nothing
+  is acknowledged. `reliable` is protocol v2 with the `reliable` extension: `SDATA` with sequence numbers; the
+  server acknowledges a sender's messages once it holds them for the receiver, the receiver acknowledges the
+  server's stream, each with one cumulative `ACK` per 16 messages or 20 ms (riding along with `PING`/`PONG`); with
+  receipts the server tells the sender of each released batch in a sequenced `REPORT`, which the sender
+  acknowledges by the same rule;
+- **Mosquitto**: `persistence false`, `set_tcp_nodelay true`, otherwise its defaults (at most 20 QoS 1 messages in
+  flight to each subscriber), and `max_queued_messages` above the load generator's end-to-end bound, so that no
+  QoS 1 message is dropped from a subscriber's queue. QoS 1: the broker answers every PUBLISH with a PUBACK once
+  received and delivers at QoS 1 to the subscriber, which answers each with a PUBACK. QoS 0: nothing is
+  acknowledged.
+
+Figures between two marks (after the flow ran for `--settle`): messages delivered per second; latency from the
+send instant in the payload to the receiver's read; CPU time of the server process (and of the load generator)
+per message; the bytes the clients wrote and read (the server's TCP payload, both directions) per message, and
+with 52 bytes of TCP/IP header per segment counted by the clients' `TCP_INFO`; acknowledgement frames per
+message on each leg. Every message is checked by its number at the receiver: an acknowledged mode that lost,
+skipped or duplicated one fails the run. With `--held K` the run first fills offline sessions with K messages and
+reports the server's RSS after, minus before, per message.
+
+{relay}
 
 ## Memory against connections
 

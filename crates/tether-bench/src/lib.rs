@@ -9,6 +9,7 @@
 //! - [`mqtt`]: the MQTT 3.1.1 packets used against Mosquitto. [`sys`]: /proc readers.
 //! - [`redis`]: a `redis-server` of the run's own (the `cluster` scenario; the cluster tests use it too).
 //! - [`scrape`]: after an `idle` hold, `GET /metrics` from an owned tether server's admin listener, timed.
+//! - [`relay`]: the `relay` scenario, messages between pairs of clients (its own coordinator and load generator).
 //!
 //! Every run is bounded: waits have deadlines, workers die with their coordinator (end of stdin) and at their
 //! own time limit, and the target address is only ever the one given (or the loopback server the run started).
@@ -17,6 +18,7 @@
 pub mod cluster;
 pub mod mqtt;
 pub mod redis;
+pub mod relay;
 pub mod scrape;
 pub mod sys;
 pub mod worker;
@@ -42,6 +44,8 @@ pub enum Scenario {
     Storm,
     /// Several tether nodes on one Redis ([`cluster`]).
     Cluster,
+    /// Messages relayed between pairs of clients ([`relay`]).
+    Relay,
 }
 
 impl Scenario {
@@ -53,6 +57,7 @@ impl Scenario {
             Scenario::Takeover => "takeover",
             Scenario::Storm => "storm",
             Scenario::Cluster => "cluster",
+            Scenario::Relay => "relay",
         }
     }
 }
@@ -86,6 +91,19 @@ pub struct Opts {
     pub server_args: Vec<String>,
     /// `cluster`: how many nodes (at least 4: the scenario uses four of them in distinct roles).
     pub nodes: usize,
+    /// `relay`: sender → receiver pairs.
+    pub pairs: usize,
+    /// `relay`: each sender's window in messages ([`relay::load`] says what each mode's window counts).
+    pub window: u64,
+    /// `relay`: acknowledged delivery (tether `reliable`, MQTT QoS 1) instead of at most once.
+    pub reliable: bool,
+    /// `relay`, tether `reliable`: senders ask for delivery receipts.
+    pub receipts: bool,
+    /// `relay`, tether `reliable`: messages to hold in offline sessions first, for memory per held message.
+    pub held: usize,
+    /// The executable of the tether server this run starts, when not `exe` (an older build, for before/after
+    /// comparisons under the same load generator).
+    pub server_exe: Option<PathBuf>,
 }
 
 impl Opts {
@@ -199,7 +217,7 @@ fn spawn_tether(opts: &Opts, listen: &str) -> anyhow::Result<Child2> {
     let timeout = format!("{}ms", timeout_for(opts).as_millis());
     let max = (opts.connections + 1000).to_string();
     let handshakes = if opts.scenario == Scenario::Storm { "512".to_owned() } else { max.clone() };
-    let mut cmd = Command::new(&opts.exe);
+    let mut cmd = Command::new(opts.server_exe.as_ref().unwrap_or(&opts.exe));
     cmd.args(["serve", "--listen", listen, "--events", "json", "--stats-interval", "250ms"])
         .args(["--heartbeat-interval", &interval, "--heartbeat-timeout", &timeout, "--heartbeat-min", "100ms"])
         .args(["--max-connections", &max, "--max-handshakes", &handshakes])
@@ -229,13 +247,16 @@ fn start_server(opts: &Opts) -> anyhow::Result<Server> {
             let dir = std::env::temp_dir().join(format!("tether-bench-mosquitto-{}", std::process::id()));
             std::fs::create_dir_all(&dir)?;
             let conf = dir.join("mosquitto.conf");
-            std::fs::write(
-                &conf,
-                format!(
-                    "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest none\n\
-                     max_keepalive 65535\nset_tcp_nodelay true\n"
-                ),
-            )?;
+            let mut text = format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest none\n\
+                 max_keepalive 65535\nset_tcp_nodelay true\n"
+            );
+            if opts.scenario == Scenario::Relay {
+                // QoS 1 messages beyond a subscriber's 20 in flight wait in its queue, which by default drops
+                // beyond 1,000; the load generator's end-to-end bound keeps it below this, so none is dropped.
+                text.push_str(&format!("max_queued_messages {}\n", opts.window * relay::load::GUARD + 100));
+            }
+            std::fs::write(&conf, text)?;
             let mut cmd = Command::new("mosquitto");
             cmd.arg("-c").arg(&conf).stderr(Stdio::null());
             let p = Child2::spawn(&mut cmd).context("starting mosquitto (apt-get install mosquitto)")?;
@@ -318,6 +339,9 @@ pub fn run(opts: &Opts) -> anyhow::Result<Report> {
     }
     if !opts.server_args.is_empty() && (opts.server.is_some() || opts.target != Target::Tether) {
         bail!("--server-arg is for the tether server this run starts");
+    }
+    if opts.scenario == Scenario::Relay {
+        return relay::run(opts);
     }
     // Not while the kernel still tears down a previous run's connections (that skews every figure).
     sys::wait_quiet(Duration::from_secs(60));
@@ -442,6 +466,7 @@ pub fn run(opts: &Opts) -> anyhow::Result<Report> {
         }
         Scenario::Storm => storm(opts, &mut server, &mut workers, n, &mut out, &mut rows)?,
         Scenario::Cluster => unreachable!("run by cluster::run"),
+        Scenario::Relay => unreachable!("run by relay::run"),
     }
     for w in &mut workers {
         let _ = w.send("stop");
@@ -640,7 +665,7 @@ impl MqttWatcher {
     fn connect(addr: SocketAddr) -> anyhow::Result<MqttWatcher> {
         let mut stream = std::net::TcpStream::connect(addr)?;
         stream.write_all(&mqtt::connect("tether-bench-watcher", 600, None))?;
-        stream.write_all(&mqtt::subscribe(1, "tether-bench/will/#"))?;
+        stream.write_all(&mqtt::subscribe(1, "tether-bench/will/#", 0))?;
         let mut w = MqttWatcher { stream, buf: Vec::new() };
         let mut got_suback = false;
         while !got_suback {

@@ -1,8 +1,9 @@
 //! What the kernel says about a process and the machine: RSS, CPU time, slab memory, socket states.
 //!
 //! # Layout
-//! Plain readers of `/proc`; each returns `None` (or an error) where the file is missing or unreadable, so a
-//! benchmark run elsewhere degrades to missing figures instead of wrong ones.
+//! Plain readers of `/proc`, and of one socket's `TCP_INFO` ([`tcp_segments`]); each returns `None` (or an error)
+//! where the file or option is missing or unreadable, so a benchmark run elsewhere degrades to missing figures
+//! instead of wrong ones.
 
 use std::time::Duration;
 
@@ -96,6 +97,27 @@ pub fn wait_quiet(limit: Duration) {
     }
 }
 
+/// TCP segments a socket sent and received so far (`TCP_INFO`'s `tcpi_segs_out`, `tcpi_segs_in`: pure
+/// acknowledgements included, wrapping at `u32::MAX`); `None` where the platform or kernel has no such count.
+#[cfg(target_os = "linux")]
+pub fn tcp_segments(fd: std::os::fd::RawFd) -> Option<(u32, u32)> {
+    // SAFETY: tcp_info is plain old data; all-zero is a valid value.
+    let mut i: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `i`, which is that large, and updates `len`.
+    let rc = unsafe {
+        libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, (&mut i as *mut libc::tcp_info).cast(), &mut len)
+    };
+    // A kernel older than the counts (4.2) fills less of the struct.
+    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_segs_in) + std::mem::size_of::<u32>();
+    (rc == 0 && len as usize >= needed).then_some((i.tcpi_segs_out, i.tcpi_segs_in))
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn tcp_segments(_fd: i32) -> Option<(u32, u32)> {
+    None
+}
+
 /// Microseconds since the Unix epoch: the clock shared by coordinator and workers (separate processes).
 pub fn epoch_us() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
@@ -119,10 +141,23 @@ mod tests {
         assert!(slab_bytes().unwrap() > 0);
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
-        let _c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (_s, _) = l.accept().unwrap();
+        let client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (server, _) = l.accept().unwrap();
         let _ = port;
         assert_eq!(server_socket_counts(l.local_addr().unwrap()), (1, 0));
+        // Segments move with traffic: the handshake's at least, then one more each way per write and its answer.
+        {
+            use std::io::{Read, Write};
+            use std::os::fd::AsRawFd;
+            let (out0, in0) = tcp_segments(client.as_raw_fd()).unwrap();
+            (&client).write_all(b"ping").unwrap();
+            let mut got = [0u8; 4];
+            (&server).read_exact(&mut got).unwrap();
+            (&server).write_all(b"pong").unwrap();
+            (&client).read_exact(&mut got).unwrap();
+            let (out1, in1) = tcp_segments(client.as_raw_fd()).unwrap();
+            assert!(out1 > out0 && in1 > in0, "segments out {out0}→{out1}, in {in0}→{in1}");
+        }
         // A different address with the same port number is not the server.
         let other = std::net::SocketAddr::from(([127, 0, 1, 1], l.local_addr().unwrap().port()));
         assert_eq!(server_socket_counts(other), (0, 0));

@@ -67,12 +67,12 @@ struct Conn {
     last_tx_us: Arc<AtomicU64>,
 }
 
-fn emit(v: serde_json::Value) {
+pub(crate) fn emit(v: serde_json::Value) {
     println!("{v}");
 }
 
 /// A nonce that is the same for an id every time: a takeover by this worker is the same device reconnecting.
-fn nonce_of(id: &str) -> u64 {
+pub(crate) fn nonce_of(id: &str) -> u64 {
     id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
 }
 
@@ -237,7 +237,7 @@ fn bind_address_no_port(sock: &TcpSocket) {
 #[cfg(not(target_os = "linux"))]
 fn bind_address_no_port(_sock: &TcpSocket) {}
 
-async fn dial(addr: SocketAddr, src: Option<IpAddr>) -> anyhow::Result<TcpStream> {
+pub(crate) async fn dial(addr: SocketAddr, src: Option<IpAddr>) -> anyhow::Result<TcpStream> {
     let sock = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     if let Some(ip) = src {
         bind_address_no_port(&sock);
@@ -275,7 +275,7 @@ async fn open_tether(
 }
 
 /// Read into `buf` until `parse` finds what it waits for in it (a handshake answer).
-async fn read_until<T>(
+pub(crate) async fn read_until<T>(
     stream: &mut TcpStream,
     buf: &mut BytesMut,
     mut parse: impl FnMut(&mut BytesMut) -> anyhow::Result<Option<T>>,

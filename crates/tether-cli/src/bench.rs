@@ -24,6 +24,9 @@ pub enum ScenarioArg {
     /// Several nodes on one Redis (started by this run): rest, a reconnect wave, cross-node takeover, presence
     /// propagation, node loss.
     Cluster,
+    /// Messages relayed between pairs of clients at full speed within a window: throughput, latency, server CPU,
+    /// bytes and acknowledgements per message (at most once, or acknowledged with --reliable).
+    Relay,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -46,11 +49,11 @@ pub struct Args {
     /// Heartbeat interval (MQTT keepalive for mosquitto; whole seconds there).
     #[arg(long, value_parser = duration::parse, default_value = "5s", value_name = "DUR")]
     heartbeat_interval: Duration,
-    /// idle: how long to hold the connections while measuring.
+    /// idle: how long to hold the connections while measuring; relay: how long to measure the flow.
     #[arg(long, value_parser = duration::parse, default_value = "10s", value_name = "DUR")]
     hold: Duration,
     /// idle: wait this long after the connections are up before the hold [default: one heartbeat interval + 1s,
-    /// past the server's first round-trip probe].
+    /// past the server's first round-trip probe]; relay: let the flow run this long before measuring [default: 2s].
     #[arg(long, value_parser = duration::parse, value_name = "DUR")]
     settle: Option<Duration>,
     /// detect: connections that go silent [default: a tenth].
@@ -78,6 +81,16 @@ pub struct Args {
     /// cluster: how many nodes (at least 4).
     #[arg(long, default_value_t = 5)]
     nodes: usize,
+    #[command(flatten)]
+    flow: FlowArgs,
+    /// relay --reliable, tether: first hold this many messages in offline sessions (10,000 each) and report the
+    /// server's RSS per held message.
+    #[arg(long, default_value_t = 0, value_name = "K")]
+    held: usize,
+    /// The tether executable for the server this run starts [default: this one]: an older build measured under
+    /// this load generator.
+    #[arg(long, value_name = "PATH", conflicts_with = "server")]
+    server_exe: Option<std::path::PathBuf>,
     /// Print the result as one JSON object on the last line.
     #[arg(long)]
     json: bool,
@@ -105,6 +118,31 @@ pub struct WorkerArgs {
     reconnect: bool,
     #[arg(long, default_value_t = 900)]
     max_seconds: u64,
+    /// The relay scenario's load generator: --pairs sender → receiver pairs instead of --count connections.
+    #[arg(long)]
+    relay: bool,
+    #[command(flatten)]
+    flow: FlowArgs,
+}
+
+/// The relay scenario's pairs and delivery, for `tether bench relay` and its load generator alike.
+#[derive(clap::Args, Debug)]
+pub struct FlowArgs {
+    /// relay: sender → receiver pairs, two connections each.
+    #[arg(long, default_value_t = 8)]
+    pairs: usize,
+    /// relay: each sender's window with --reliable, 1 to 1000 messages unacknowledged by the server (tether's
+    /// client window, MQTT's PUBLISHes without PUBACK); every sender also keeps at most 4 windows sent and not yet
+    /// received, the only bound at most once.
+    #[arg(long, default_value_t = 100)]
+    window: u64,
+    /// relay: acknowledged delivery, tether's `reliable` extension (SDATA, ACK) or MQTT QoS 1 (PUBACK) [default: at
+    /// most once, tether DATA or MQTT QoS 0].
+    #[arg(long)]
+    reliable: bool,
+    /// relay --reliable, tether: the senders do not ask for delivery receipts.
+    #[arg(long)]
+    no_receipts: bool,
 }
 
 fn target(t: TargetArg) -> Target {
@@ -123,6 +161,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         ScenarioArg::Takeover => Scenario::Takeover,
         ScenarioArg::Storm => Scenario::Storm,
         ScenarioArg::Cluster => Scenario::Cluster,
+        ScenarioArg::Relay => Scenario::Relay,
     };
     if args.target == TargetArg::Mosquitto && args.heartbeat_interval < Duration::from_secs(1) {
         anyhow::bail!("MQTT keepalive is in whole seconds: use --heartbeat-interval 1s or more for mosquitto");
@@ -133,7 +172,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         connections: args.connections.max(1),
         heartbeat_interval: args.heartbeat_interval,
         hold: args.hold,
-        settle: args.settle.unwrap_or(args.heartbeat_interval + Duration::from_secs(1)),
+        settle: args.settle.unwrap_or(match scenario {
+            Scenario::Relay => Duration::from_secs(2),
+            _ => args.heartbeat_interval + Duration::from_secs(1),
+        }),
         silent: args.silent.unwrap_or(args.connections / 10).max(1),
         takeovers: args.takeovers.unwrap_or(args.connections / 10).max(1),
         per_worker: args.per_worker.clamp(1, 19_000),
@@ -143,6 +185,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         exe: std::env::current_exe().context("locating the tether executable")?,
         server_args: args.server_args,
         nodes: args.nodes,
+        pairs: args.flow.pairs.max(1),
+        window: args.flow.window,
+        reliable: args.flow.reliable,
+        receipts: !args.flow.no_receipts,
+        held: args.held,
+        server_exe: args.server_exe,
     };
     let report = tether_bench::run(&opts)?;
     let width = report.rows.iter().map(|(k, _)| k.chars().count()).max().unwrap_or(0);
@@ -160,10 +208,27 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
+    let source_ip = args.source_ip.as_deref().map(tether_bench::parse_ip).transpose()?;
+    if args.relay {
+        let opts = tether_bench::relay::load::RelayOpts {
+            target: target(args.target),
+            addr: args.addr,
+            source_ip,
+            pairs: args.flow.pairs,
+            window: args.flow.window,
+            reliable: args.flow.reliable,
+            receipts: !args.flow.no_receipts,
+            interval: args.interval,
+            limit: u64::MAX,
+            max_seconds: args.max_seconds,
+        };
+        tether_bench::relay::load::run(opts).await?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let opts = WorkerOpts {
         target: target(args.target),
         addr: args.addr,
-        source_ip: args.source_ip.as_deref().map(tether_bench::parse_ip).transpose()?,
+        source_ip,
         count: args.count,
         first: args.first,
         prefix: args.prefix,

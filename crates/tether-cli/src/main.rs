@@ -37,8 +37,8 @@ enum Command {
     Serve(Box<serve::Args>),
     /// Connect to a server as one client id; stdin lines are sent as DATA.
     Connect(Box<connect::Args>),
-    /// Measure a server under load: idle cost, connect rate, detection, takeover, restart storm.
-    Bench(bench::Args),
+    /// Measure a server under load: idle cost, connect rate, detection, takeover, restart storm, message relay.
+    Bench(Box<bench::Args>),
     /// Mint a client token for a server started with an auth secret.
     Token(token::Args),
     /// Write a throwaway CA, server certificate and client certificate (PEM) for TLS tests and demos.
@@ -65,7 +65,7 @@ fn main() -> std::process::ExitCode {
         Connect(Box<connect::Prepared>),
     }
     let job = match cli.command {
-        Command::Bench(args) => return finish(bench::run(args)),
+        Command::Bench(args) => return finish(bench::run(*args)),
         Command::Token(args) => return finish(token::run(args)),
         Command::Cert(args) => return finish(cert::run(args)),
         Command::Sockets(args) => return finish(sockets::run(args)),
