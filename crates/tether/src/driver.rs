@@ -41,6 +41,8 @@ const READ_CHUNK: usize = 16 * 1024;
 const WRITE_BUDGET: usize = 256 * 1024;
 /// How long a closed TLS connection may take to finish writing what rustls still holds.
 const TLS_FINISH_GRACE: Duration = Duration::from_secs(2);
+/// Commands taken from the hooks per wakeup before the connection's output is flushed.
+const CMD_BATCH: usize = 64;
 /// At close, unread bytes up to this are drained so that close() sends FIN, not RST, and our `BYE` survives.
 const CLOSE_DRAIN: usize = 64 * 1024;
 
@@ -185,7 +187,25 @@ pub(crate) async fn drive<H: Hooks>(
                 }
                 conn.handle_timeout(now_std());
             }
-            Wake::Cmd(Some(cmd)) => hooks.on_cmd(conn, now_std(), cmd),
+            Wake::Cmd(Some(cmd)) => {
+                let now = now_std();
+                hooks.on_cmd(conn, now, cmd);
+                // Commands already waiting (a burst of relayed frames) are taken before the next flush, so that
+                // one write carries them all instead of one write each.
+                for _ in 1..CMD_BATCH {
+                    if conn.is_closed() {
+                        break;
+                    }
+                    match std::future::poll_fn(|cx| Poll::Ready(hooks.poll_cmd(cx))).await {
+                        Poll::Ready(Some(cmd)) => hooks.on_cmd(conn, now, cmd),
+                        Poll::Ready(None) => {
+                            cmds_open = false;
+                            break;
+                        }
+                        Poll::Pending => break,
+                    }
+                }
+            }
             Wake::Cmd(None) => cmds_open = false,
         }
     }

@@ -598,6 +598,8 @@ async fn tether_sender(sh: Arc<Shared>, i: usize, mut link: Link) -> anyhow::Res
                     sh.n.acks_to_senders.fetch_add(1, Ordering::Relaxed);
                 }
                 Event::Report(r) => {
+                    // Taken at once, as a client library takes what it hands its application.
+                    link.conn.confirm(Instant::now(), r.seq);
                     sh.n.reports.fetch_add(1, Ordering::Relaxed);
                     let n = r.seqs.len() as u64;
                     match r.outcome {
@@ -705,7 +707,11 @@ async fn tether_receiver(sh: Arc<Shared>, i: usize, mut link: Link) -> anyhow::R
         taker.begin();
         while let Some(ev) = link.conn.poll_event() {
             match ev {
-                Event::Data { payload, .. } | Event::Sdata { payload, .. } => taker.take(&payload)?,
+                Event::Data { payload, .. } => taker.take(&payload)?,
+                Event::Sdata { seq, payload, .. } => {
+                    taker.take(&payload)?;
+                    link.conn.confirm(Instant::now(), seq);
+                }
                 Event::Closed(c) => return Err(link.closed(&c)),
                 _ => {}
             }
@@ -763,7 +769,12 @@ async fn fill(opts: &RelayOpts, k: u64, h: usize) -> anyhow::Result<(u64, u64)> 
         while let Some(ev) = link.conn.poll_event() {
             match ev {
                 Event::Acked(seq) => acked = acked.max(seq),
-                Event::Report(r) if r.outcome.is_some() => refused += r.seqs.len() as u64,
+                Event::Report(r) => {
+                    link.conn.confirm(Instant::now(), r.seq);
+                    if r.outcome.is_some() {
+                        refused += r.seqs.len() as u64;
+                    }
+                }
                 Event::Closed(c) => return Err(link.closed(&c)),
                 _ => {}
             }
