@@ -191,12 +191,15 @@ pub(crate) async fn drive<H: Hooks>(
                 let now = now_std();
                 hooks.on_cmd(conn, now, cmd);
                 // Commands already waiting (a burst of relayed frames) are taken before the next flush, so that
-                // one write carries them all instead of one write each.
+                // one write carries them all instead of one write each. Polled without waiting, with a waker
+                // that does nothing: the next wait polls the commands again with the task's own waker before it
+                // sleeps, so no wake-up is lost (and the connection's future stays the size it was).
+                let mut idle = Context::from_waker(std::task::Waker::noop());
                 for _ in 1..CMD_BATCH {
                     if conn.is_closed() {
                         break;
                     }
-                    match std::future::poll_fn(|cx| Poll::Ready(hooks.poll_cmd(cx))).await {
+                    match hooks.poll_cmd(&mut idle) {
                         Poll::Ready(Some(cmd)) => hooks.on_cmd(conn, now, cmd),
                         Poll::Ready(None) => {
                             cmds_open = false;

@@ -120,7 +120,9 @@ pub enum LinkEvent {
         seqs: Vec<u64>,
         why: tether_proto::Undeliverable,
     },
-    /// `reliable`: the session could not be resumed; these messages may or may not have arrived.
+    /// `reliable`: the session could not be resumed (or the server does not grant it): what its outbox held,
+    /// each sent and unacknowledged (it may or may not have arrived) or never sent (sent again under a new
+    /// number, or not sent) — see [`crate::ClientEvent::InDoubt`].
     InDoubt(Vec<crate::reliable::InDoubt>),
 }
 
@@ -199,7 +201,8 @@ impl ReconnectingClient {
         self.nonce
     }
 
-    /// Send now if connected; otherwise queue (bounded) for the next connection.
+    /// Send now if connected; otherwise queue (bounded) for the next connection. With a reliable session, into its
+    /// outbox either way ([`Sent::Held`], bounded by its window).
     pub async fn send(&self, to: Option<&str>, payload: Bytes) -> Result<Sent, LinkError> {
         let to_client = to.is_some_and(|t| !t.is_empty());
         let max = match self.reliable {
