@@ -10,7 +10,7 @@
 //!   towards the client, then forwards every later connection untouched.
 //! - Loopback tests (no root, the normal test step): a plain relay of N lines with acknowledgements and receipts,
 //!   and a receiver whose connection is cut mid-stream and resumes.
-//! - Fault-lab tests (`#[ignore]`d, run by `scripts/test` as root with `--ignored --test-threads=1`): a device and
+//! - Fault-lab tests (ignored by default, each with its reason; run by `scripts/test` as root with `--ignored --test-threads=1`): a device and
 //!   a peer in separate namespaces exchange 10,000 messages each way at 1,000/s through one `tether serve` while
 //!   the device's path is blackholed, its socket killed with `ss -K`, the server's send queue to it full at the
 //!   cut, or it stays offline for 30 s; and a 3 MB backlog each way on a blackholed path. Each prints a `MEASURED` line (heal to resumed, replays, duplicates dropped).

@@ -684,6 +684,11 @@ impl<A: Clone + PartialEq> Sessions<A> {
         })
     }
 
+    /// Whether `id` has a session (online or offline).
+    pub fn contains(&self, id: &str) -> bool {
+        self.by_id.contains_key(id)
+    }
+
     /// The session `id`'s token, while it exists.
     pub fn token_of(&self, id: &str) -> Option<Token> {
         self.by_id.get(id).map(|s| s.token)

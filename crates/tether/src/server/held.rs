@@ -129,7 +129,14 @@ impl Held {
             return Err(payload);
         }
         let origin = receipt.map(Origin::App);
-        let pushed = self.table().push(client, from, payload.clone(), origin);
+        let pushed = {
+            let mut table = self.table();
+            // Asked first, so that the payload is handed over, not copied, and comes back when there is none.
+            if !table.contains(client) {
+                return Err(payload);
+            }
+            table.push(client, from, payload, origin)
+        };
         match pushed {
             Ok(wake) => {
                 if let Some(a) = wake {
@@ -139,7 +146,8 @@ impl Held {
             }
             Err(PushError::Full) => Ok(Err(Undeliverable::HoldFull)),
             Err(PushError::TooLarge) => Ok(Err(Undeliverable::TooLarge)),
-            Err(PushError::NoSession) => Err(payload),
+            // Not under the same lock as `contains`: cannot happen.
+            Err(PushError::NoSession) => Ok(Err(Undeliverable::NotOnline)),
         }
     }
 }
