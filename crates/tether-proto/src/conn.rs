@@ -1057,7 +1057,9 @@ impl Connection {
             // Late frames after a verdict: data is still delivered, nothing else counts.
             State::Draining => match f {
                 Frame::Data { peer, payload } => self.events.push_back(Event::Data { peer, payload }),
-                // Taken (so a resume does not bring it twice), but no longer acknowledged: the write half is done.
+                // Handed to the owner, never acknowledged (the write half is done). Whether it counts as taken is
+                // the owner's word, given in its resume: the server's table takes it only while the session is
+                // still this connection's; the tokio client, whose `Disconnected` came first, does not take it.
                 Frame::Sdata { seq, peer, payload } => {
                     if let Some(Accept::New) = self.rel.as_mut().map(|r| r.accept(now, seq)) {
                         self.events.push_back(Event::Sdata { seq, peer, payload });

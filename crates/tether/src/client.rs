@@ -221,6 +221,7 @@ impl Client {
                 link,
                 generation: None,
                 more: false,
+                ended: false,
             };
             drive(stream, tls, &mut conn, &mut hooks).await;
         });
@@ -345,6 +346,9 @@ struct ClientHooks {
     link: Option<ReliableLink>,
     generation: Option<u64>,
     more: bool,
+    /// `Disconnected` was emitted: it stays the last event. What the connection still reads while it lingers
+    /// after its verdict is not handed on: a reliable session does not count it, so its resume brings it again.
+    ended: bool,
 }
 
 impl ClientHooks {
@@ -411,6 +415,12 @@ impl Hooks for ClientHooks {
     type Cmd = ClientCmd;
 
     fn on_event(&mut self, conn: &mut Connection, now: StdInstant, event: Event) {
+        if self.ended {
+            if matches!(event, Event::Data { .. }) {
+                tracing::debug!("DATA read after the connection's verdict: not handed on (delivery is at most once)");
+            }
+            return;
+        }
         let ev = match event {
             Event::Welcome(w) => {
                 self.on_welcome(conn, now, &w);
@@ -420,7 +430,9 @@ impl Hooks for ClientHooks {
                 return;
             }
             Event::Closed(c) => {
-                if let (Some(link), Some(generation)) = (&self.link, self.generation) {
+                self.ended = true;
+                // Nothing this connection reads from now on counts as received by the session.
+                if let (Some(link), Some(generation)) = (&self.link, self.generation.take()) {
                     link.detach(generation);
                 }
                 let d = Disconnect::from(c);

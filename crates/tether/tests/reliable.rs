@@ -276,6 +276,83 @@ async fn random_cuts_of_a_reconnecting_clients_path_lose_and_repeat_nothing() {
     }
 }
 
+/// A path that comes back while the client's connection lingers after its own verdict: the server's kernel
+/// delivers what it had queued to the old connection. None of it is handed on (`Disconnected` stays the last
+/// event) or counted as received, so the resume brings it, once.
+#[tokio::test(start_paused = true)]
+async fn frames_read_after_the_verdict_are_not_taken_the_resume_brings_them_once() {
+    let mut s = TestServer::start(test_config()).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let path = listener.local_addr().unwrap();
+    let down = Arc::new(AtomicBool::new(false));
+    let (back, mut is_back) = tokio::sync::oneshot::channel::<()>();
+    let (server_addr, d) = (s.addr, down.clone());
+    // b's path, for one connection: while down, nothing reaches the server and what the server sends waits;
+    // once back, the old connection gets what waited, then the end of the stream.
+    tokio::spawn(async move {
+        let (device, _) = listener.accept().await.unwrap();
+        let server = TcpStream::connect(server_addr).await.unwrap();
+        let ((mut from_device, mut to_device), (mut from_server, mut to_server)) =
+            (device.into_split(), server.into_split());
+        let up = d.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 16 * 1024];
+            while let Ok(n @ 1..) = from_device.read(&mut buf).await {
+                if !up.load(Ordering::Relaxed) && to_server.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let (mut waiting, mut buf) = (Vec::new(), vec![0u8; 16 * 1024]);
+        let mut server_open = true;
+        loop {
+            tokio::select! {
+                r = from_server.read(&mut buf), if server_open => match r {
+                    Ok(n @ 1..) if d.load(Ordering::Relaxed) => waiting.extend_from_slice(&buf[..n]),
+                    Ok(n @ 1..) => to_device.write_all(&buf[..n]).await.unwrap(),
+                    _ => server_open = false,
+                },
+                _ = &mut is_back => break,
+            }
+        }
+        to_device.write_all(&waiting).await.unwrap();
+        to_device.shutdown().await.unwrap();
+    });
+    let (la, lb) = (link(), link());
+    let a = connect(s.addr, "a", &la).await;
+    let mut b = connect(path, "b", &lb).await;
+    send_all(&a, "b", 1..=50).await;
+    assert_eq!(data(&mut b, 50).await, numbered(1..=50));
+    down.store(true, Ordering::Relaxed);
+    send_all(&a, "b", 51..=120).await;
+    let gone = until(&mut b, "the verdict", |e| match e {
+        ClientEvent::Disconnected(d) => Some(d.reason),
+        _ => None,
+    })
+    .await;
+    assert_eq!(gone, tether::CloseReason::HeartbeatTimeout);
+    // The path is back: the old connection, lingering, reads what the server had sent into it, then the end.
+    back.send(()).unwrap();
+    let late = tokio::time::timeout(PATIENCE, async {
+        let mut late = Vec::new();
+        while let Some(ev) = b.next_event().await {
+            late.push(format!("{ev:?}"));
+        }
+        late
+    })
+    .await
+    .expect("the old connection ends");
+    assert_eq!(late, Vec::<String>::new(), "events after Disconnected");
+    assert_eq!(lb.received(), 50, "only what the application got counts as received");
+    s.wait(|k| matches!(k, tether::EventKind::Offline { client, .. } if client == "b")).await;
+    let mut b = connect(s.addr, "b", &lb).await;
+    let g = b.reliable().expect("granted");
+    assert_eq!((g.status, g.lost), (Status::Resumed, 0));
+    assert_eq!(data(&mut b, 70).await, numbered(51..=120), "the rest, once, in order");
+    let extra = tokio::time::timeout(Duration::from_secs(5), data(&mut b, 1)).await;
+    assert!(extra.is_err(), "a message arrived twice: {extra:?}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_takeover_by_the_same_device_resumes_before_any_verdict() {
     let mut s = TestServer::start(test_config()).await;
