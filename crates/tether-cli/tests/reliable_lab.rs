@@ -61,15 +61,19 @@ struct Heard {
 impl Heard {
     fn summary(&self) -> String {
         format!(
-            "data {} (strangers {}), acked {}, delivered {}, broken {:?}, connected {:?}, disconnected {:?}, \
-             closed {}, last lines {:?}, stderr {:?}",
+            "data {} (first out of place: {:?}), strangers {}, acked {}, delivered {}, broken {:?}, connected {:?}, \
+             disconnected {:?}, closed {}, last lines {:?}, stderr {:?}",
             self.data.len(),
+            self.data.iter().enumerate().find_map(|(i, p)| {
+                let number = p.get(1..6).and_then(|d| d.parse::<usize>().ok());
+                (number != Some(i + 1)).then(|| (i, p.get(..6).unwrap_or(p).to_owned()))
+            }),
             self.strangers.len(),
             self.acked,
             self.delivered.len(),
             self.broken.iter().take(5).collect::<Vec<_>>(),
-            self.connected.iter().map(|s| &s.v).collect::<Vec<_>>(),
-            self.disconnected.iter().map(|s| &s.v).collect::<Vec<_>>(),
+            self.connected.iter().map(|s| (s.data, &s.v)).collect::<Vec<_>>(),
+            self.disconnected.iter().map(|s| (s.data, &s.v)).collect::<Vec<_>>(),
             self.closed,
             self.recent,
             self.stderr.iter().rev().take(10).collect::<Vec<_>>(),
@@ -187,14 +191,21 @@ impl Endpoint {
 
     /// Wait until `done` holds, at most `patience`; a failure names `what` and what was heard.
     fn until(&self, what: &str, patience: Duration, done: impl Fn(&Heard) -> bool) -> MutexGuard<'_, Heard> {
+        self.try_until(patience, done).unwrap_or_else(|h| panic!("no {what} within {patience:?}: {h}"))
+    }
+
+    /// Wait until `done` holds, at most `patience`; otherwise what was heard, summarised.
+    fn try_until(&self, patience: Duration, done: impl Fn(&Heard) -> bool) -> Result<MutexGuard<'_, Heard>, String> {
         let deadline = Instant::now() + patience;
         let mut h = self.heard();
         while !done(&h) {
             let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "no {what} within {patience:?}: {}", h.summary());
+            if left.is_zero() {
+                return Err(h.summary());
+            }
             h = self.heard.1.wait_timeout(h, left).unwrap().0;
         }
-        h
+        Ok(h)
     }
 
     /// [`until`](Self::until), without keeping the lock.
@@ -292,7 +303,11 @@ fn assert_complete(sender: &Endpoint, receiver: &Endpoint, n: usize, pad: usize,
 /// Wait until `receiver` has all `n` messages and `sender` acknowledgements and receipts for them.
 fn until_complete(sender: &Endpoint, receiver: &Endpoint, n: usize, patience: Duration, what: &str) {
     let deadline = Instant::now() + patience;
-    receiver.wait(&format!("{what}: all {n} received"), patience, |h| h.data.len() >= n || !h.broken.is_empty());
+    if let Err(r) = receiver.try_until(patience, |h| h.data.len() >= n || !h.broken.is_empty()) {
+        // What the sender heard says whether the missing messages left it (its stderr names refusals).
+        let s = sender.heard().summary();
+        panic!("{what}: not all {n} received within {patience:?}: receiver: {r}; sender: {s}");
+    }
     let left = deadline.saturating_duration_since(Instant::now());
     sender.wait(&format!("{what}: {n} acknowledged and delivered"), left, |h| {
         (h.acked >= n as u64 && h.delivered.len() >= n) || !h.broken.is_empty()
