@@ -3,9 +3,9 @@
 //! each receiver printed.
 //!
 //! # Layout
-//! - [`Endpoint`]: one `tether connect` process (optionally inside a lab namespace), its stdout gathered by a
-//!   reader thread into [`Heard`] (data, acknowledgements, receipts, connects, disconnects), waited on with a
-//!   deadline; [`Pacer`] writes its numbered stdin lines at a given rate.
+//! - The `endpoint` module (shared with `cluster_reliable.rs`): [`Endpoint`], one `tether connect` process
+//!   (optionally inside a lab namespace) and what it printed ([`Heard`](endpoint::Heard)); [`Pacer`] writes its numbered stdin
+//!   lines at a given rate; [`assert_complete`] / [`until_complete`] check one direction of an exchange.
 //! - [`Relay`]: a TCP relay on loopback that cuts its first connection (both ways) after a given number of bytes
 //!   towards the client, then forwards every later connection untouched.
 //! - Loopback tests (no root, the normal test step): a plain relay of N lines with acknowledgements and receipts,
@@ -16,303 +16,21 @@
 //!   cut, or it stays offline for 30 s; and a 3 MB backlog each way on a blackholed path. Each prints a `MEASURED` line (heal to resumed, replays, duplicates dropped).
 
 mod common;
+mod endpoint;
 #[macro_use]
 mod netlab;
 
-use std::collections::HashSet;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{event, serve_with_admin};
-use netlab::{in_ns, Lab, DEVICE_IP, SERVER_IP};
+use endpoint::{assert_complete, until_complete, Endpoint, Pacer};
+use netlab::{in_ns, tether, Lab, DEVICE_IP, SERVER_IP};
 use serde_json::Value;
-
-// ---- one `tether connect --reliable --json` process ----
-
-/// What one `tether connect` process printed, gathered as it printed it.
-#[derive(Default)]
-struct Heard {
-    /// Payloads of `data` events from the expected sender, in the order printed.
-    data: Vec<String>,
-    /// `data` events from anyone else: there should be none.
-    strangers: Vec<Value>,
-    /// The highest `acked.upto`.
-    acked: u64,
-    /// Every sequence number named by a `delivered` event, in the order printed (duplicates kept, to be caught).
-    delivered: Vec<u64>,
-    /// `not_delivered`, `in_doubt` and `dropped` events: each one breaks the promise this file checks.
-    broken: Vec<Value>,
-    /// `connected` events as they were read.
-    connected: Vec<Seen>,
-    /// `disconnected` events as they were read.
-    disconnected: Vec<Seen>,
-    /// The last few lines of any kind, for a failure's message.
-    recent: std::collections::VecDeque<String>,
-    /// The process's stderr lines (its errors, e.g. a refused send).
-    stderr: Vec<String>,
-    /// Stdout ended (the process exited).
-    closed: bool,
-}
-
-impl Heard {
-    fn summary(&self) -> String {
-        format!(
-            "data {} (first out of place: {:?}), strangers {}, acked {}, delivered {}, broken {:?}, connected {:?}, \
-             disconnected {:?}, closed {}, last lines {:?}, stderr {:?}",
-            self.data.len(),
-            self.data.iter().enumerate().find_map(|(i, p)| {
-                let number = p.get(1..6).and_then(|d| d.parse::<usize>().ok());
-                (number != Some(i + 1)).then(|| (i, p.get(..6).unwrap_or(p).to_owned()))
-            }),
-            self.strangers.len(),
-            self.acked,
-            self.delivered.len(),
-            self.broken.iter().take(5).collect::<Vec<_>>(),
-            self.connected.iter().map(|s| (s.data, &s.v)).collect::<Vec<_>>(),
-            self.disconnected.iter().map(|s| (s.data, &s.v)).collect::<Vec<_>>(),
-            self.closed,
-            self.recent,
-            self.stderr.iter().rev().take(10).collect::<Vec<_>>(),
-        )
-    }
-
-    fn take(&mut self, line: &str, from: &str) {
-        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
-        match event(&v) {
-            "data" if v["from"] == from => self.data.push(v["payload"].as_str().unwrap_or_default().to_owned()),
-            "data" => self.strangers.push(v),
-            "acked" => self.acked = self.acked.max(v["upto"].as_u64().unwrap_or(0)),
-            "delivered" => self.delivered.extend(v["seqs"].as_array().into_iter().flatten().filter_map(Value::as_u64)),
-            "not_delivered" | "in_doubt" | "dropped" => self.broken.push(v),
-            "connected" => self.connected.push(Seen { at: Instant::now(), data: self.data.len(), v }),
-            "disconnected" => self.disconnected.push(Seen { at: Instant::now(), data: self.data.len(), v }),
-            _ => {}
-        }
-        if self.recent.len() == 8 {
-            self.recent.pop_front();
-        }
-        self.recent.push_back(line.chars().take(200).collect());
-    }
-
-    /// Every one of `n` messages received once, in order: the first difference, described, otherwise `None`.
-    fn exactly_once(&self, n: usize, pad: usize) -> Option<String> {
-        if self.data.len() == n && self.data.iter().enumerate().all(|(i, p)| *p == line(i + 1, pad)) {
-            return None;
-        }
-        let at = self.data.iter().enumerate().position(|(i, p)| *p != line(i + 1, pad));
-        let distinct: HashSet<&String> = self.data.iter().collect();
-        let shown = |i: usize| self.data.get(i).map(|p| p.split(' ').next().unwrap_or_default().to_owned());
-        Some(format!(
-            "received {} ({} distinct) of {n}; first out of place at index {at:?}: {:?} (before it {:?})",
-            self.data.len(),
-            distinct.len(),
-            at.and_then(shown),
-            at.and_then(|i| i.checked_sub(1)).and_then(shown),
-        ))
-    }
-
-    /// Receipts name each of `1..=n` exactly once.
-    fn delivered_once(&self, n: u64) -> bool {
-        let mut seen = self.delivered.clone();
-        seen.sort_unstable();
-        seen == (1..=n).collect::<Vec<_>>()
-    }
-
-    fn reliable_status(&self, i: usize) -> Option<&str> {
-        self.connected.get(i).and_then(|s| s.v["reliable"]["status"].as_str())
-    }
-}
-
-/// One event line, when it was read and how many messages had been received by then.
-struct Seen {
-    /// When the reader thread took it: what the time figures measure.
-    at: Instant,
-    /// Messages received before it: where in the stream a reconnect fell.
-    data: usize,
-    /// The event itself, for assertions and failure messages.
-    v: Value,
-}
-
-/// Message `i` (from 1): its number, then `pad` bytes of filler.
-fn line(i: usize, pad: usize) -> String {
-    format!("m{i:05} {}", "x".repeat(pad))
-}
-
-/// One `tether connect --reliable --json` process; dropping it kills it.
-struct Endpoint {
-    /// The `tether` process.
-    child: Child,
-    /// Its stdin, until a [`Pacer`] takes it.
-    stdin: Option<ChildStdin>,
-    /// What it printed, and a wake-up for waiters when it prints more.
-    heard: Arc<(Mutex<Heard>, Condvar)>,
-}
-
-impl Endpoint {
-    /// `tether connect ADDR --id ID --json --reliable` plus `extra`, inside namespace `ns` when given; its
-    /// `data` events are counted as received when they come from `from`.
-    fn spawn(ns: Option<&str>, addr: &str, id: &str, from: &str, extra: &[&str]) -> Endpoint {
-        let mut child = netlab::tether(ns)
-            .args(["connect", addr, "--id", id, "--json", "--reliable"])
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn tether connect");
-        let heard = Arc::new((Mutex::new(Heard::default()), Condvar::new()));
-        let (out, err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
-        let (h, from) = (heard.clone(), from.to_owned());
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                h.0.lock().unwrap().take(&l, &from);
-                h.1.notify_all();
-            }
-            h.0.lock().unwrap().closed = true;
-            h.1.notify_all();
-        });
-        let h = heard.clone();
-        std::thread::spawn(move || {
-            for l in BufReader::new(err).lines().map_while(Result::ok) {
-                h.0.lock().unwrap().stderr.push(l);
-            }
-        });
-        Endpoint { stdin: child.stdin.take(), child, heard }
-    }
-
-    fn heard(&self) -> MutexGuard<'_, Heard> {
-        self.heard.0.lock().unwrap()
-    }
-
-    /// Wait until `done` holds, at most `patience`; a failure names `what` and what was heard.
-    fn until(&self, what: &str, patience: Duration, done: impl Fn(&Heard) -> bool) -> MutexGuard<'_, Heard> {
-        self.try_until(patience, done).unwrap_or_else(|h| panic!("no {what} within {patience:?}: {h}"))
-    }
-
-    /// Wait until `done` holds, at most `patience`; otherwise what was heard, summarised.
-    fn try_until(&self, patience: Duration, done: impl Fn(&Heard) -> bool) -> Result<MutexGuard<'_, Heard>, String> {
-        let deadline = Instant::now() + patience;
-        let mut h = self.heard();
-        while !done(&h) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(h.summary());
-            }
-            h = self.heard.1.wait_timeout(h, left).unwrap().0;
-        }
-        Ok(h)
-    }
-
-    /// [`until`](Self::until), without keeping the lock.
-    fn wait(&self, what: &str, patience: Duration, done: impl Fn(&Heard) -> bool) {
-        drop(self.until(what, patience, done));
-    }
-
-    /// Write `n` numbered lines at `rate` per second (all at once when `None`), then close stdin.
-    fn pace(&mut self, n: usize, pad: usize, rate: Option<u32>) -> Pacer {
-        let mut stdin = self.stdin.take().expect("stdin not taken yet");
-        let written = Arc::new(AtomicUsize::new(0));
-        let w = written.clone();
-        let handle = std::thread::spawn(move || {
-            let t0 = Instant::now();
-            let mut i = 0;
-            while i < n {
-                // Everything due by now, then wait for the next tick: a rate, not a synchronisation.
-                let due = rate.map_or(n, |r| ((t0.elapsed().as_secs_f64() * f64::from(r)) as usize + 1).min(n));
-                let mut batch = String::new();
-                for k in i..due {
-                    batch.push_str(&line(k + 1, pad));
-                    batch.push('\n');
-                }
-                // A process that exited ends the pacing; the test's checks say what was lost.
-                if stdin.write_all(batch.as_bytes()).is_err() {
-                    return;
-                }
-                i = due;
-                w.store(i, Ordering::Relaxed);
-                if i < n {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-            }
-        });
-        Pacer { handle: Some(handle), written }
-    }
-
-    fn signal(&self, sig: libc::c_int) {
-        // SAFETY: kill(2) on our own child's pid with a valid signal number.
-        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
-        assert_eq!(rc, 0, "kill({sig})");
-        if sig == libc::SIGSTOP {
-            common::until_stopped(self.child.id());
-        }
-    }
-}
-
-impl Drop for Endpoint {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A thread writing numbered lines to a process's stdin.
-struct Pacer {
-    /// The writing thread, until joined.
-    handle: Option<std::thread::JoinHandle<()>>,
-    /// Lines written so far.
-    written: Arc<AtomicUsize>,
-}
-
-impl Pacer {
-    fn written(&self) -> usize {
-        self.written.load(Ordering::Relaxed)
-    }
-
-    /// Wait (bounded) for the pacing to end.
-    fn finish(&mut self, patience: Duration) {
-        let deadline = Instant::now() + patience;
-        while self.handle.as_ref().is_some_and(|h| !h.is_finished()) {
-            assert!(Instant::now() < deadline, "pacing unfinished after {patience:?}: {} written", self.written());
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        if let Some(h) = self.handle.take() {
-            h.join().expect("pacer");
-        }
-    }
-}
-
-/// Both the receiver's and the sender's side of `n` messages from `sender` to `receiver`: every message
-/// received exactly once, in order; the sender's acknowledgements up to `n`; receipts for each of `1..=n` once;
-/// nothing undelivered, in doubt or dropped.
-fn assert_complete(sender: &Endpoint, receiver: &Endpoint, n: usize, pad: usize, what: &str) {
-    let r = receiver.heard();
-    assert_eq!(r.exactly_once(n, pad), None, "{what}: receiver");
-    assert!(r.strangers.is_empty() && r.broken.is_empty(), "{what}: receiver: {}", r.summary());
-    drop(r);
-    let s = sender.heard();
-    assert_eq!(s.acked, n as u64, "{what}: sender's acknowledgements: {}", s.summary());
-    assert!(s.delivered_once(n as u64), "{what}: receipts are not 1..={n} once each: {}", s.summary());
-    assert!(s.broken.is_empty(), "{what}: sender: {}", s.summary());
-}
-
-/// Wait until `receiver` has all `n` messages and `sender` acknowledgements and receipts for them.
-fn until_complete(sender: &Endpoint, receiver: &Endpoint, n: usize, patience: Duration, what: &str) {
-    let deadline = Instant::now() + patience;
-    if let Err(r) = receiver.try_until(patience, |h| h.data.len() >= n || !h.broken.is_empty()) {
-        // What the sender heard says whether the missing messages left it (its stderr names refusals).
-        let s = sender.heard().summary();
-        panic!("{what}: not all {n} received within {patience:?}: receiver: {r}; sender: {s}");
-    }
-    let left = deadline.saturating_duration_since(Instant::now());
-    sender.wait(&format!("{what}: {n} acknowledged and delivered"), left, |h| {
-        (h.acked >= n as u64 && h.delivered.len() >= n) || !h.broken.is_empty()
-    });
-}
 
 // ---- a relay that cuts ----
 
@@ -448,10 +166,10 @@ const LOOPBACK_N: usize = 2000;
 #[test]
 fn reliable_connect_relays_every_stdin_line_once_in_order_with_receipts() {
     let (_srv, addr, _admin) = serve_with_admin(&[]);
-    let bob = Endpoint::spawn(None, &addr, "bob", "alice", &[]);
+    let bob = Endpoint::spawn(tether(None), &addr, "bob", "alice", &[]);
     bob.wait("bob connected", common::PATIENCE, |h| !h.connected.is_empty());
     assert_eq!(bob.heard().reliable_status(0), Some("new"));
-    let mut alice = Endpoint::spawn(None, &addr, "alice", "bob", &["--to", "bob"]);
+    let mut alice = Endpoint::spawn(tether(None), &addr, "alice", "bob", &["--to", "bob"]);
     alice.wait("alice connected", common::PATIENCE, |h| !h.connected.is_empty());
     alice.pace(LOOPBACK_N, 16, None).finish(common::PATIENCE);
     until_complete(&alice, &bob, LOOPBACK_N, common::PATIENCE, "loopback");
@@ -467,9 +185,9 @@ fn reliable_receiver_cut_mid_stream_resumes_and_prints_every_line_once() {
     let pad = 16;
     // About a third of the stream's bytes towards bob, most likely inside a frame (frames here are ~40 bytes).
     let relay = Relay::start(&addr, LOOPBACK_N * (pad + 30) / 3 + 7);
-    let bob = Endpoint::spawn(None, &relay.addr, "bob", "alice", &["--reconnect", "--backoff-initial", "50ms"]);
+    let bob = Endpoint::spawn(tether(None), &relay.addr, "bob", "alice", &["--reconnect", "--backoff-initial", "50ms"]);
     bob.wait("bob connected", common::PATIENCE, |h| !h.connected.is_empty());
-    let mut alice = Endpoint::spawn(None, &addr, "alice", "bob", &["--to", "bob"]);
+    let mut alice = Endpoint::spawn(tether(None), &addr, "alice", "bob", &["--to", "bob"]);
     alice.wait("alice connected", common::PATIENCE, |h| !h.connected.is_empty());
     alice.pace(LOOPBACK_N, pad, None).finish(common::PATIENCE);
     let h = bob.until("bob's resume", common::PATIENCE, |h| h.connected.len() >= 2);
@@ -538,8 +256,8 @@ impl Exchange {
         lab.serve(&[&HEARTBEAT[..], &["--admin", ADMIN], serve].concat());
         let addr = format!("{SERVER_IP}:{}", netlab::PORT);
         let flags = |to| ["--to", to, "--reconnect", "--backoff-initial", "100ms", "--backoff-max", "500ms"];
-        let mut peer = Endpoint::spawn(Some(&lab.watchers), &addr, "peer", "dev", &flags("dev"));
-        let mut device = Endpoint::spawn(Some(&lab.devices), &addr, "dev", "peer", &flags("peer"));
+        let mut peer = Endpoint::spawn(tether(Some(&lab.watchers)), &addr, "peer", "dev", &flags("dev"));
+        let mut device = Endpoint::spawn(tether(Some(&lab.devices)), &addr, "dev", "peer", &flags("peer"));
         for e in [&peer, &device] {
             let h = e.until("connected", common::PATIENCE, |h| !h.connected.is_empty());
             assert_eq!(h.reliable_status(0), Some("new"), "{}", h.summary());
@@ -821,8 +539,8 @@ fn lab_reliable_backlog_on_a_blackholed_path_waits_for_the_heartbeat_verdict() {
     let mut lab = lab_or_skip!("reliable backlog");
     lab.serve(&HEARTBEAT);
     let addr = format!("{SERVER_IP}:{}", netlab::PORT);
-    let mut peer = Endpoint::spawn(Some(&lab.watchers), &addr, "peer", "dev", &["--to", "dev"]);
-    let mut device = Endpoint::spawn(Some(&lab.devices), &addr, "dev", "peer", &["--to", "peer"]);
+    let mut peer = Endpoint::spawn(tether(Some(&lab.watchers)), &addr, "peer", "dev", &["--to", "dev"]);
+    let mut device = Endpoint::spawn(tether(Some(&lab.devices)), &addr, "dev", "peer", &["--to", "peer"]);
     for e in [&peer, &device] {
         e.wait("connected", common::PATIENCE, |h| !h.connected.is_empty());
     }
