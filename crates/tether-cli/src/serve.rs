@@ -525,19 +525,17 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(t) if t.requires_client_cert() => tracing::info!("TLS, client certificates required"),
         Some(_) => tracing::info!("TLS"),
     }
-    match &cfg.cluster {
-        Some(c) => {
-            tracing::info!("cluster on {} as node {}, lease {:?}", redacted(&c.url), c.node_id, c.lease);
-            tracing::info!("reliable sessions: not granted in cluster mode (delivery is at most once)");
-        }
-        None => tracing::info!(
-            "reliable sessions in memory: kept {:?} offline, {} messages / {} bytes each, {} bytes in all",
-            cfg.hold.expiry,
-            cfg.hold.per_session.messages,
-            cfg.hold.per_session.bytes,
-            cfg.hold.total_bytes
-        ),
+    if let Some(c) = &cfg.cluster {
+        tracing::info!("cluster on {} as node {}, lease {:?}", redacted(&c.url), c.node_id, c.lease);
     }
+    tracing::info!(
+        "reliable sessions in {}: kept {:?} offline, {} messages / {} bytes each, {} bytes in all",
+        if cfg.cluster.is_some() { "Redis" } else { "memory" },
+        cfg.hold.expiry,
+        cfg.hold.per_session.messages,
+        cfg.hold.per_session.bytes,
+        cfg.hold.total_bytes
+    );
     let notifier = std::sync::Arc::new(crate::sd_notify::Notifier::from_env());
     let shutdown = crate::shutdown_signal()?;
     let json = args.events == Some(EventsFormat::Json);

@@ -67,7 +67,7 @@ pub struct ServerConfig {
     /// Frames waiting for one connection's task (relayed data, presence); overflow is `slow_consumer`.
     pub outbound_queue: usize,
     /// Reliable sessions (the `reliable` extension): how long one outlives its connection, and how much it and
-    /// all of them may hold. A single node keeps them in memory; cluster nodes do not grant the extension.
+    /// all of them may hold. A single node keeps them in memory; cluster nodes keep them in Redis, with these bounds.
     pub hold: tether_proto::reliable::HoldConfig,
     /// How long a graceful shutdown waits for connections to finish their goodbye.
     pub shutdown_grace: Duration,

@@ -132,6 +132,14 @@ impl Server {
             Some(cc) => {
                 cfg.server_id = cc.node_id.clone();
                 let c = Cluster::new(cc).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+                let hold = &cfg.hold;
+                c.set_rel_bounds(crate::cluster::reliable::Bounds {
+                    expiry: hold.expiry,
+                    messages: hold.per_session.messages,
+                    bytes: hold.per_session.bytes,
+                    total_bytes: hold.total_bytes,
+                    max_frame: cfg.conn.max_frame,
+                });
                 Some(Arc::new(c))
             }
             None => None,

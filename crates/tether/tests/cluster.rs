@@ -8,8 +8,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use support::redis::Redis;
 use support::{next_disconnect, next_event as next, next_presence, test_config, TestServer};
+use tether::proto::reliable::{LostWhy, Status};
 use tether::proto::PresenceState;
-use tether::{Client, ClientConfig, ClientEvent, CloseReason, ClusterConfig, EventKind};
+use tether::{Client, ClientConfig, ClientEvent, CloseReason, ClusterConfig, EventKind, ReliableLink};
 
 async fn node(redis: &Redis, id: &str) -> TestServer {
     let mut cfg = test_config();
@@ -34,24 +35,246 @@ fn client(id: &str, nonce: u64) -> ClientConfig {
     c
 }
 
-/// A cluster node does not grant the reliable extension (its sessions would not survive the node): the client
-/// asking for it is welcomed without it, knows it, and is served at most once as before.
+fn reliable(id: &str, nonce: u64, link: &ReliableLink) -> ClientConfig {
+    ClientConfig { reliable: Some(link.clone()), ..client(id, nonce) }
+}
+
+fn link() -> ReliableLink {
+    ReliableLink::new(tether::ReliableConfig::default())
+}
+
+/// What one reliable client heard, gathered in one pass.
+#[derive(Debug, Default)]
+struct Heard {
+    data: Vec<String>,
+    acked: u64,
+    delivered: Vec<u64>,
+    not_delivered: Vec<(Vec<u64>, tether::proto::Undeliverable)>,
+}
+
+/// Gather `c`'s events until `done` holds (at most [`support::PATIENCE`]), failing on a disconnect.
+async fn hear(c: &mut Client, what: &str, done: impl Fn(&Heard) -> bool) -> Heard {
+    let mut h = Heard::default();
+    let found = tokio::time::timeout(support::PATIENCE, async {
+        while !done(&h) {
+            match c.next_event().await {
+                Some(ClientEvent::Data { payload, .. }) => h.data.push(String::from_utf8(payload.to_vec()).unwrap()),
+                Some(ClientEvent::Acked { upto }) => h.acked = upto,
+                Some(ClientEvent::Delivered { seqs, .. }) => h.delivered.extend(seqs),
+                Some(ClientEvent::NotDelivered { seqs, why, .. }) => h.not_delivered.push((seqs, why)),
+                Some(ClientEvent::Disconnected(d)) => panic!("disconnected waiting for {what}: {d:?}"),
+                Some(_) => {}
+                None => panic!("stream ended waiting for {what}"),
+            }
+        }
+    });
+    found.await.unwrap_or_else(|_| panic!("no {what} within {:?}: {h:?}", support::PATIENCE));
+    h
+}
+
+fn numbered(range: std::ops::RangeInclusive<u32>) -> Vec<String> {
+    range.map(|i| format!("m{i}")).collect()
+}
+
+fn send_all(c: &Client, to: &str, range: std::ops::RangeInclusive<u32>) {
+    for i in range {
+        c.send_reliable(Some(to), Bytes::from(format!("m{i}"))).expect("window has room");
+    }
+}
+
+/// Reliable sessions live in Redis: a client on one node sends to one on another, each message arrives once and
+/// in order, acknowledged and receipted; while the receiver is away its messages are held, and it resumes on the
+/// other node and gets them, once.
 #[tokio::test]
-async fn a_cluster_node_does_not_grant_reliable_sessions() {
-    redis_or_skip!("reliable not granted");
+async fn a_reliable_session_holds_across_nodes_and_resumes_on_another() {
+    redis_or_skip!("reliable across nodes");
+    let redis = Redis::start();
+    let (n1, n2) = (node(&redis, "n1").await, node(&redis, "n2").await);
+    let (la, lb) = (link(), link());
+    let mut a = Client::connect(n1.addr, reliable("a", 1, &la)).await.unwrap();
+    let mut b = Client::connect(n2.addr, reliable("b", 2, &lb)).await.unwrap();
+    assert_eq!(a.reliable().map(|g| g.status), Some(Status::New));
+    assert_eq!(b.reliable().map(|g| g.status), Some(Status::New));
+    send_all(&a, "b", 1..=100);
+    assert_eq!(hear(&mut b, "100 messages", |h| h.data.len() == 100).await.data, numbered(1..=100));
+    let h = hear(&mut a, "acks and receipts", |h| h.acked == 100 && h.delivered.len() == 100).await;
+    assert_eq!(h.delivered, (1..=100).collect::<Vec<_>>());
+    // b leaves; what a sends meanwhile is held in Redis (acknowledged to a, not delivered yet).
+    b.close().await;
+    send_all(&a, "b", 101..=150);
+    let h = hear(&mut a, "the held ones acknowledged", |h| h.acked == 150).await;
+    assert!(h.delivered.is_empty() && h.not_delivered.is_empty(), "{h:?}");
+    // b resumes on the other node and gets them, once, in order; a hears they were delivered.
+    let mut b = Client::connect(n1.addr, reliable("b", 2, &lb)).await.unwrap();
+    let g = b.reliable().expect("granted");
+    assert_eq!((g.status, g.lost), (Status::Resumed, 0));
+    assert_eq!(hear(&mut b, "the held ones", |h| h.data.len() == 50).await.data, numbered(101..=150));
+    let h = hear(&mut a, "their receipts", |h| h.delivered.len() == 50).await;
+    assert_eq!(h.delivered, (101..=150).collect::<Vec<_>>());
+    let extra =
+        tokio::time::timeout(Duration::from_secs(2), hear(&mut b, "nothing more", |h| !h.data.is_empty())).await;
+    assert!(extra.is_err(), "a message arrived twice: {extra:?}");
+    drop((n1, n2));
+}
+
+/// The reliable extension's `HELLO` for `id` resuming with `token`, as a client from another code base sends it.
+fn resume_hello(id: &str, token: tether::proto::reliable::Token) -> tether::proto::Hello {
+    let mut hello = tether::proto::Hello::new(tether::proto::frame::V2, id, 99);
+    let resume = Some(tether::proto::reliable::Resume { token, received: 0 });
+    hello.extensions = vec![tether::proto::reliable::Offer { receipts: false, resume }.to_extension()];
+    hello
+}
+
+/// Connect `id`, retrying (bounded) while the node refuses with `busy` (its Redis is not back yet).
+async fn connect_when_served(addr: std::net::SocketAddr, cfg: ClientConfig) -> Client {
+    let deadline = std::time::Instant::now() + support::PATIENCE;
+    loop {
+        match Client::connect(addr, cfg.clone()).await {
+            Ok(c) => return c,
+            Err(e) if std::time::Instant::now() < deadline => {
+                tracing::debug!("not served yet: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{} not served within {:?}: {e}", cfg.client_id, support::PATIENCE),
+        }
+    }
+}
+
+/// Resume is binary in a cluster too. A session offline past its expiry ends, its senders are told `expired`,
+/// and the late resume is fresh with the count; a token one byte off gets a fresh session and none of the
+/// stream, and the id's real session ends (`replaced`); after Redis restarted empty, a resume says the store
+/// restarted.
+#[tokio::test]
+async fn a_cluster_resume_is_binary_after_expiry_a_forged_token_and_an_empty_redis() {
+    redis_or_skip!("reliable resume refused");
+    let mut redis = Redis::start();
+    let mut cfg = test_config();
+    cfg.hold.expiry = Duration::from_secs(1);
+    let mut cc = ClusterConfig::new(redis.url());
+    cc.node_id = "n1".into();
+    cfg.cluster = Some(cc);
+    let n1 = TestServer::start(cfg).await;
+    let (la, lb) = (link(), link());
+    let mut a = Client::connect(n1.addr, reliable("a", 1, &la)).await.unwrap();
+    Client::connect(n1.addr, reliable("b", 2, &lb)).await.unwrap().close().await;
+    send_all(&a, "b", 1..=3);
+    let h = hear(&mut a, "expired", |h| !h.not_delivered.is_empty()).await;
+    assert_eq!(h.not_delivered, vec![(vec![1, 2, 3], tether::proto::Undeliverable::Expired)]);
+    let mut b = Client::connect(n1.addr, reliable("b", 2, &lb)).await.unwrap();
+    let g = b.reliable().unwrap();
+    assert_eq!((g.status, g.why, g.lost), (Status::Fresh, Some(LostWhy::Expired), 3));
+
+    // A forged token: a fresh session, nothing of b's stream; b's session is replaced, its sender told.
+    let real = g.token;
+    b.close().await;
+    send_all(&a, "b", 4..=5);
+    hear(&mut a, "4 and 5 held", |h| h.acked == 5).await;
+    let mut forged = real;
+    forged[15] ^= 0x55;
+    let mut peer = support::RawPeer::connect(n1.addr).await;
+    peer.send(&tether::proto::Frame::Hello(resume_hello("b", forged))).await;
+    let Some(tether::proto::Frame::Welcome(w)) = peer.next_frame().await else { panic!("no WELCOME") };
+    let g = tether::proto::reliable::Grant::find(&w.extensions).expect("granted");
+    assert_eq!((g.status, g.why), (Status::Fresh, Some(LostWhy::Unknown)));
+    match peer.next_frame().await {
+        Some(tether::proto::Frame::Ping { .. }) => {}
+        other => panic!("a forged token was handed something: {other:?}"),
+    }
+    let h = hear(&mut a, "replaced", |h| !h.not_delivered.is_empty()).await;
+    assert_eq!(h.not_delivered, vec![(vec![4, 5], tether::proto::Undeliverable::Replaced)]);
+    drop(peer);
+
+    // Redis restarts empty: the sessions are gone; a resume says so, binary, with the count unknown.
+    let b = connect_when_served(n1.addr, reliable("b", 2, &lb)).await;
+    assert_eq!(b.reliable().map(|g| g.why), Some(Some(LostWhy::Replaced)));
+    drop(b);
+    let port = redis.port;
+    redis.kill();
+    let _redis = Redis::start_on(port);
+    let b = connect_when_served(n1.addr, reliable("b", 2, &lb)).await;
+    let g = b.reliable().unwrap();
+    assert_eq!((g.status, g.why, g.lost), (Status::Fresh, Some(LostWhy::Restarted), u32::MAX));
+    drop((a, b, n1));
+}
+
+/// A sender that never acknowledges the receipts on its own stream cannot grow it in Redis without a bound: past
+/// its session's bound, nothing more it sends is taken, and it is closed as `slow_consumer`.
+#[tokio::test]
+async fn a_reliable_sender_that_never_acknowledges_its_receipts_is_closed_at_its_bound() {
+    redis_or_skip!("reliable sender bound");
+    let redis = Redis::start();
+    let mut cfg = test_config();
+    cfg.hold.per_session = tether::proto::reliable::Limits { messages: 8, bytes: 1 << 20 };
+    let mut cc = ClusterConfig::new(redis.url());
+    cc.node_id = "n1".into();
+    cfg.cluster = Some(cc);
+    let n1 = TestServer::start(cfg).await;
+    let lb = link();
+    let mut b = Client::connect(n1.addr, reliable("b", 2, &lb)).await.unwrap();
+    // `a` speaks the protocol by hand: it asks for receipts, sends to b, and never acknowledges anything.
+    let mut hello = tether::proto::Hello::new(tether::proto::frame::V2, "a", 1);
+    hello.extensions = vec![tether::proto::reliable::Offer { receipts: true, resume: None }.to_extension()];
+    let mut a = support::RawPeer::connect(n1.addr).await;
+    a.send(&tether::proto::Frame::Hello(hello)).await;
+    assert!(matches!(a.next_frame().await, Some(tether::proto::Frame::Welcome(_))));
+    // One message at a time: b takes it and acknowledges it, and its receipt lands on a's stream, where it stays.
+    let mut n1 = n1;
+    let mut receipts = 0;
+    let closed = tokio::time::timeout(support::PATIENCE, async {
+        for seq in 1..=40u64 {
+            let payload = Bytes::from(format!("m{seq}"));
+            a.send(&tether::proto::Frame::Sdata { seq, peer: "b".into(), payload }).await;
+            loop {
+                match a.next_frame().await {
+                    Some(tether::proto::Frame::Report(_)) => break receipts += 1,
+                    Some(_) => {}
+                    None => return seq,
+                }
+            }
+        }
+        panic!("a was never closed ({receipts} receipts held)");
+    })
+    .await
+    .expect("a was not closed");
+    n1.wait(|k| matches!(k, EventKind::Offline { client, reason: CloseReason::SlowConsumer, .. } if client == "a"))
+        .await;
+    // Closed once its stream held more than 8: the message after that was not taken; b got each before, once.
+    assert_eq!((receipts, closed), (9, 10));
+    let got = hear(&mut b, "what a sent before its bound", |h| h.data.len() >= 9).await.data;
+    assert_eq!(got, numbered(1..=9));
+    let extra = tokio::time::timeout(Duration::from_secs(2), hear(&mut b, "more", |h| !h.data.is_empty())).await;
+    assert!(extra.is_err(), "taken past the bound: {extra:?}");
+    drop(n1);
+}
+
+/// State, not only events: a session Redis says a node carries, with no connection for it there (a detach
+/// Redis did not take), is taken offline by the node's reconciliation, and then expires like any other.
+#[tokio::test]
+async fn a_reliable_session_no_connection_carries_goes_offline_by_reconciliation() {
+    redis_or_skip!("reliable reconciliation");
     let redis = Redis::start();
     let n1 = node(&redis, "n1").await;
-    let cfg = ClientConfig {
-        reliable: Some(tether::ReliableLink::new(tether::ReliableConfig::default())),
-        ..client("dev", 1)
-    };
-    let mut dev = Client::connect(n1.addr, cfg).await.unwrap();
-    assert_eq!(dev.welcome().version, 2);
-    assert!(dev.reliable().is_none());
-    assert!(tether::proto::reliable::Grant::find(&dev.welcome().extensions).is_none());
-    assert!(matches!(dev.send_reliable(None, Bytes::from_static(b"x")), Err(tether::ClientError::NotReliable)));
-    dev.send(None, Bytes::from_static(b"plain")).await.unwrap();
-    dev.close().await;
+    let lb = link();
+    Client::connect(n1.addr, reliable("b", 2, &lb)).await.unwrap().close().await;
+    let member = redis.cli(&["ZRANGE", "tether:nodes", "0", "0"]).trim().to_owned();
+    assert!(member.starts_with("n1#"), "{member}");
+    // Attached again by hand, long ago, to a connection that does not exist: as if its detach had been lost.
+    until(
+        Duration::from_secs(5),
+        || "b offline".into(),
+        || !redis.cli(&["ZSCORE", "tether:rexp", "b"]).trim().is_empty(),
+    )
+    .await;
+    redis.cli(&["HSET", "tether:rs:b", "at", &format!("{member}/999999"), "nd", "n1", "mb", &member, "t", "0"]);
+    redis.cli(&["SADD", &format!("tether:rnode:{member}"), "b"]);
+    redis.cli(&["ZREM", "tether:rexp", "b"]);
+    until(
+        Duration::from_secs(20),
+        || format!("b still attached: {}", redis.cli(&["HGETALL", "tether:rs:b"])),
+        || redis.cli(&["HGET", "tether:rs:b", "at"]).trim().is_empty(),
+    )
+    .await;
+    assert!(!redis.cli(&["ZSCORE", "tether:rexp", "b"]).trim().is_empty(), "its expiry runs");
     drop(n1);
 }
 

@@ -476,7 +476,7 @@ impl Link {
             while let Some(ev) = link.conn.poll_event() {
                 match ev {
                     Event::Welcome(_) if reliable && !link.conn.is_reliable() => {
-                        bail!("{id}: the server did not grant the reliable extension (a cluster node, or a build without it)")
+                        bail!("{id}: the server did not grant the reliable extension (a build without it)")
                     }
                     Event::Welcome(_) => return Ok(link),
                     Event::Closed(c) => bail!("{id}: refused: {} {}", c.reason, c.detail.unwrap_or_default()),

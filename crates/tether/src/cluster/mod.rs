@@ -36,6 +36,7 @@
 //! node's lease covers its sessions. While Redis cannot be reached the node is *degraded*: it keeps serving its
 //! own clients (admitting them with local epochs), and registers them when Redis answers again.
 
+pub mod reliable;
 pub mod store;
 mod tasks;
 pub(crate) mod wire;
@@ -205,6 +206,14 @@ pub(crate) struct ClusterStats {
     /// Repairs of the view run, and the ids they changed (each a message this node missed).
     pub repairs: AtomicU64,
     pub repaired: AtomicU64,
+    /// Reliable sessions in Redis, as this node saw them: resumes that kept continuity and those that could
+    /// not, items sent again after a resume, sessions this node's expiry scans ended, messages refused (a full
+    /// hold).
+    pub rel_resumed: AtomicU64,
+    pub rel_refused: AtomicU64,
+    pub rel_replayed: AtomicU64,
+    pub rel_expired: AtomicU64,
+    pub rel_overflows: AtomicU64,
 }
 
 impl Default for ClusterStats {
@@ -224,6 +233,11 @@ impl Default for ClusterStats {
             shed: AtomicU64::new(0),
             repairs: AtomicU64::new(0),
             repaired: AtomicU64::new(0),
+            rel_resumed: AtomicU64::new(0),
+            rel_refused: AtomicU64::new(0),
+            rel_replayed: AtomicU64::new(0),
+            rel_expired: AtomicU64::new(0),
+            rel_overflows: AtomicU64::new(0),
         }
     }
 }
@@ -278,6 +292,8 @@ pub struct Cluster {
     /// Operations queued for the outbox, and carried out (sent or failed) by it, so far.
     outbox_queued: AtomicU64,
     outbox_done: AtomicU64,
+    /// The reliable sessions' bounds (the server's hold settings), set once before the node starts.
+    rel_bounds: std::sync::OnceLock<reliable::Bounds>,
 }
 
 pub(crate) fn unix_ms() -> u64 {
@@ -325,6 +341,7 @@ impl Cluster {
             member: AtomicBool::new(false),
             outbox_queued: AtomicU64::new(0),
             outbox_done: AtomicU64::new(0),
+            rel_bounds: std::sync::OnceLock::new(),
         })
     }
 
@@ -729,6 +746,14 @@ impl Cluster {
             );
             return;
         };
+        // Every connection has closed: the reliable sessions still attached here (a detach that had not run yet)
+        // go offline now, and expire unless resumed elsewhere; nothing would reap them once the node is gone.
+        if let Some(b) = self.rel_bounds() {
+            let member = store::member(&self.cfg.node_id, &self.incarnation());
+            if let Err(e) = store.rel_lost(&member, &b).await {
+                tracing::warn!("cluster: the reliable sessions still attached here: {}", describe(&e));
+            }
+        }
         match store.leave(&self.cfg.node_id, &self.incarnation()).await {
             Ok(n) => tracing::info!(
                 "cluster: left in {:.2?} ({n} sessions still registered were declared lost)",

@@ -78,7 +78,7 @@ pub fn node_of(member: &str) -> &str {
 }
 
 /// Shared Lua: Redis's clock in ms, and the `LEN:BYTES` field of the inter-node messages (`wire`).
-const LUA_HEAD: &str = r#"
+pub(super) const LUA_HEAD: &str = r#"
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -432,11 +432,13 @@ pub struct NodeStatus {
 pub struct Store {
     pub con: MultiplexedConnection,
     scripts: std::sync::Arc<Scripts>,
+    /// The reliable sessions' scripts (`super::reliable`).
+    pub(super) rel: std::sync::Arc<super::reliable::Scripts>,
 }
 
 impl Store {
     pub fn new(con: MultiplexedConnection) -> Store {
-        Store { con, scripts: Default::default() }
+        Store { con, scripts: Default::default(), rel: Default::default() }
     }
 
     pub async fn claim(&self, client: &str, node: &str, inc: &str, floor: u64) -> RedisResult<Claimed> {
@@ -464,6 +466,9 @@ impl Store {
         for script in
             [&s.claim, &s.release, &s.register, &s.lease, &s.expired, &s.reap, &s.leave, &s.checkpoint, &s.reseal]
         {
+            script.load_async(&mut con).await?;
+        }
+        for script in self.rel.all() {
             script.load_async(&mut con).await?;
         }
         Ok(())

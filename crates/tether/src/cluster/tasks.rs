@@ -296,12 +296,39 @@ async fn register_all(c: &Cluster, host: &dyn Host, store: &Store, previous: &mu
 }
 
 /// Look for lost members; reap the ones this node gets the lock for.
+/// Reaper ticks between two reconciliations of the reliable sessions this node carries (10 s).
+const RECONCILE_TICKS: u64 = 40;
+/// A session attached this recently is left alone by the reconciliation (its connection may not be registered yet).
+const RECONCILE_AGE: Duration = Duration::from_secs(10);
+
 async fn reaper(c: Arc<Cluster>, host: Arc<dyn Host>) {
     let mut tick = tokio::time::interval(REAP_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks = 0u64;
     loop {
         tick.tick().await;
+        ticks += 1;
         let Some(store) = c.store() else { continue };
+        // Reliable sessions offline past their expiry end (every node may run it: each script is one step).
+        if let Some(b) = c.rel_bounds() {
+            match store.rel_expire(&b).await {
+                Ok(n) => _ = c.stats.rel_expired.fetch_add(n, Ordering::Relaxed),
+                Err(e) => tracing::debug!("reliable sessions' expiry: {e}"),
+            }
+            // Now and then, the sessions Redis says this node carries are checked against its own: one whose
+            // detach Redis did not take goes offline (and expires) all the same.
+            if ticks % RECONCILE_TICKS == 0 {
+                let live: Vec<String> = host.local_sessions().into_iter().map(|(id, _)| id).collect();
+                let mine = store::member(&c.cfg.node_id, &c.incarnation());
+                match store.rel_reconcile(&mine, &live, RECONCILE_AGE, &b).await {
+                    Ok(n) if n > 0 => {
+                        tracing::info!("cluster: {n} reliable sessions no connection carried went offline")
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!("reliable sessions' reconciliation: {e}"),
+                }
+            }
+        }
         let gap = stall_gap(c.cfg.lease);
         let Ok(expired) = store.expired(gap).await else { continue };
         let mine = store::member(&c.cfg.node_id, &c.incarnation());
@@ -313,16 +340,25 @@ async fn reaper(c: Arc<Cluster>, host: Arc<dyn Host>) {
                 continue;
             }
             let node = store::node_of(&member).to_owned();
-            let mut total = 0;
+            let (mut total, mut gone) = (0, false);
             // Bounded: each batch empties up to REAP_BATCH of a finite set, or stops.
             for _ in 0..10_000 {
                 match store.reap(&member, REAP_BATCH, gap).await {
                     Ok((n, 0)) => total += n,
-                    Ok((n, _)) => {
+                    Ok((n, done)) => {
                         total += n;
+                        gone = done == 1;
                         break;
                     }
                     _ => break,
+                }
+            }
+            // The reliable sessions it carried are offline from now, and expire unless resumed elsewhere.
+            if let (true, Some(b)) = (gone, c.rel_bounds()) {
+                match store.rel_lost(&member, &b).await {
+                    Ok(n) if n > 0 => tracing::info!("cluster: {n} reliable sessions of lost node {node} offline"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!("cluster: the reliable sessions of lost node {node}: {e}"),
                 }
             }
             c.stats.reaped.fetch_add(total, Ordering::Relaxed);

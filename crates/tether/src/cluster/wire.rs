@@ -35,6 +35,9 @@ pub enum Msg {
     Send { client: String, payload: Bytes },
     /// To a node's own inbox: the proof that its pub/sub connection still delivers.
     Beat,
+    /// To the node whose connection carries `client`'s reliable session: its stream has new items (published by
+    /// the scripts that add them).
+    Wake { client: String },
     /// To a node's own inbox, from a script, in order with every ownership change: each live member's node, whether
     /// it is synced, and its node's digest (published by the checkpoint script).
     Checkpoint { nodes: Vec<CheckpointNode> },
@@ -140,6 +143,7 @@ impl Msg {
             Msg::Kick { .. } => "ki",
             Msg::Send { .. } => "se",
             Msg::Beat => "be",
+            Msg::Wake { .. } => "rw",
             Msg::Checkpoint { .. } => "ck",
         };
         o.str(kind).num(sent_ms);
@@ -195,6 +199,9 @@ impl Msg {
                 o.str(client).field(payload);
             }
             Msg::Beat => {}
+            Msg::Wake { client } => {
+                o.str(client);
+            }
             Msg::Checkpoint { nodes } => {
                 for n in nodes {
                     // As Lua writes it: a signed 32-bit decimal.
@@ -257,6 +264,7 @@ impl Msg {
             b"ki" => Msg::Kick { client: i.str()?, retry_after_ms: i.num()? },
             b"se" => Msg::Send { client: i.str()?, payload: Bytes::copy_from_slice(i.field()?) },
             b"be" => Msg::Beat,
+            b"rw" => Msg::Wake { client: i.str()? },
             b"ck" => {
                 let mut nodes = Vec::new();
                 while !i.0.is_empty() {
@@ -282,6 +290,7 @@ mod tests {
             Msg::Online { client: "a:b\n".into(), node: "n1".into(), epoch: 7 },
             Msg::Suspect { client: "a".into(), epoch: 7, silent_ms: 3000 },
             Msg::Recovered { client: "a".into(), epoch: 7 },
+            Msg::Wake { client: "a:b\n".into() },
             Msg::Offline { client: "a".into(), epoch: 7, reason: 4, by_client: true, last_seen_ms: 15000 },
             Msg::Lost { node: "n2".into(), sessions: vec![("x".into(), 1), ("y".into(), 2)] },
             Msg::Lost { node: "n2".into(), sessions: vec![] },

@@ -24,10 +24,15 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant as StdInstant};
 
+use tether_proto::frame::V2;
 use tether_proto::registry::{NodeDigest, RemoteOffline, Yield};
+use tether_proto::reliable;
 use tether_proto::{CloseReason, Frame, Hello, Undeliverable};
 
-use super::control::{bye, Admit, CloseCmd, Control, Decision};
+/// How long a client asking for a reliable session waits before it tries again, when Redis cannot open it.
+const UNAVAILABLE_RETRY: Duration = Duration::from_secs(1);
+
+use super::control::{bye, Admit, CloseCmd, Control, Decision, Stored};
 use super::hub::Hub;
 use super::state::Shared;
 use crate::cluster::wire::{self, AskAnswer, Msg, Stamped};
@@ -37,7 +42,13 @@ use crate::event::EventKind;
 
 /// Decide on `hello` for the connection behind `control`, then hand the decision to it. Runs as a task of its
 /// own; the connection keeps counting as a handshake meanwhile.
-pub(super) async fn admit(shared: Arc<Shared>, cluster: Arc<Cluster>, control: Arc<Control>, hello: Hello) {
+pub(super) async fn admit(
+    shared: Arc<Shared>,
+    cluster: Arc<Cluster>,
+    control: Arc<Control>,
+    conn: tether_proto::ConnId,
+    hello: Hello,
+) {
     let me = cluster.node_id().to_owned();
     // The holder as Redis has it (this node's view may be a message behind), else as this node knows it.
     let in_redis = cluster.holder(&hello.client_id).await;
@@ -78,12 +89,38 @@ pub(super) async fn admit(shared: Arc<Shared>, cluster: Arc<Cluster>, control: A
         match refused {
             Some(r) => r,
             None => {
-                let epoch = match cluster.claim(&hello.client_id).await {
-                    Some(c) => c.epoch,
+                let offer = reliable::Offer::find(&hello.extensions).filter(|_| hello.version >= V2);
+                match (cluster.claim(&hello.client_id).await, offer) {
+                    (Some(c), Some(offer)) => {
+                        let attach = cluster.rel_attach(conn);
+                        match cluster.rel_open(&hello.client_id, &attach, &offer).await {
+                            Some(opened) => {
+                                let grant = opened.grant;
+                                let sent = match grant.continues() {
+                                    true => offer.resume.map_or(0, |r| r.received),
+                                    false => 0,
+                                };
+                                let rel = Some(Box::new(Stored { grant, attach, sent }));
+                                Decision::Welcome { epoch: c.epoch, displaced, rel }
+                            }
+                            None => {
+                                // Claimed, but its session could not be opened: the id goes back.
+                                cluster.admitted(c.epoch);
+                                let reason = CloseReason::Busy;
+                                cluster.release(&hello.client_id, c.epoch, reason, false, Duration::ZERO);
+                                Decision::Unavailable { retry_after: UNAVAILABLE_RETRY }
+                            }
+                        }
+                    }
+                    (Some(c), None) => {
+                        // Another device, or one that lost its session, took the id: the session ends.
+                        cluster.rel_replace(&hello.client_id).await;
+                        Decision::Welcome { epoch: c.epoch, displaced, rel: None }
+                    }
+                    (None, Some(_)) => Decision::Unavailable { retry_after: UNAVAILABLE_RETRY },
                     // Redis did not answer: admitted here all the same, registered when Redis is back.
-                    None => cluster.local_epoch(),
-                };
-                Decision::Welcome { epoch, displaced }
+                    (None, None) => Decision::Welcome { epoch: cluster.local_epoch(), displaced, rel: None },
+                }
             }
         }
     };
@@ -231,6 +268,12 @@ impl Host for Shared {
             }
             // Handled by the listener.
             Msg::Answer { .. } | Msg::Beat | Msg::Checkpoint { .. } => {}
+            // The client's reliable session has new items: its connection here fetches them.
+            Msg::Wake { client } => {
+                if let Some(h) = self.hub().holder(&client) {
+                    h.wake_pull();
+                }
+            }
             Msg::Data { from, to, origin, payload } => {
                 if self.deliver_local(&to, Frame::Data { peer: from.clone(), payload }) {
                     self.metrics.relayed.fetch_add(1, Ordering::Relaxed);

@@ -166,6 +166,8 @@ pub(super) enum Cmd {
     Admit(Box<Admit>),
     /// Send what the connection's reliable session holds for it.
     Pull,
+    /// Cluster mode: what came of a step of the connection's reliable session in Redis.
+    Stored(Box<crate::cluster::reliable::Done>),
 }
 
 /// A `BYE` with `retry_after` in milliseconds (saturated) and no alternative.
@@ -296,18 +298,34 @@ pub(super) struct Admit {
 }
 
 pub(super) enum Decision {
-    /// Welcome with this cluster epoch; `displaced` comes with the id from its previous node.
-    Welcome { epoch: u64, displaced: Vec<(u64, Duration)> },
+    /// Welcome with this cluster epoch; `displaced` comes with the id from its previous node. `rel`: the reliable
+    /// session Redis opened for the connection.
+    Welcome { epoch: u64, displaced: Vec<(u64, Duration)>, rel: Option<Box<Stored>> },
     /// Another live device holds the id (here or on `node`).
     Conflict { retry_after: Duration, node: Option<String> },
+    /// A reliable session was asked for and Redis could not open it: come back after `retry_after` (a session
+    /// without its store would break the promise of continuity).
+    Unavailable { retry_after: Duration },
+}
+
+/// A reliable session opened in Redis for a connection: the grant, how the store names the connection, and how
+/// far the stream to the client was sent (what the client said it received, on a resume).
+pub(super) struct Stored {
+    pub(super) grant: tether_proto::reliable::Grant,
+    pub(super) attach: crate::cluster::reliable::Attach,
+    pub(super) sent: u64,
 }
 
 impl Admit {
     /// The connection this was decided for closed before its `WELCOME`: give back the id claimed for it.
     pub(super) fn give_back(self, cluster: &Cluster, reason: CloseReason, by_client: bool) {
-        if let Decision::Welcome { epoch, .. } = self.decision {
+        if let Decision::Welcome { epoch, rel, .. } = self.decision {
             cluster.admitted(epoch);
             cluster.release(&self.hello.client_id, epoch, reason, by_client, Duration::ZERO);
+            // The session opened for it goes offline (its link, dropped at once, detaches it).
+            if let Some(r) = rel {
+                drop(cluster.rel_link(&self.hello.client_id, r.grant.token, r.attach, r.sent));
+            }
         }
     }
 }

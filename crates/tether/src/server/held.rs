@@ -11,7 +11,8 @@
 //! # Rules
 //! The table's lock comes after the hub's and before a control slot's; it is held for table operations only, and
 //! connections are woken after it is released. A single node keeps sessions in memory: a restart loses them, and
-//! a resume then says so (`server_restarted`). Cluster nodes do not grant the extension.
+//! a resume then says so (`server_restarted`). Cluster nodes keep sessions in Redis instead
+//! (`crate::cluster::reliable`), and this table stays empty there.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -48,6 +48,7 @@ use super::held::{Attached, PULL_BUDGET};
 use super::hub::Hub;
 use super::probes;
 use super::state::Shared;
+use crate::cluster::reliable::{Done, Link, Taken};
 use crate::driver::{self, drive, Hooks};
 use crate::event::EventKind;
 use crate::ops::{DisconnectRecord, ProbeEnded};
@@ -105,6 +106,7 @@ pub(super) async fn serve_conn(shared: Arc<Shared>, stream: TcpStream, peer: Soc
         grant: None,
         rel: false,
         rel_more: false,
+        stored: None,
     };
     if let Ok(tls) = tls {
         // A panic in the task (a bug of ours) is caught here, and the connection leaves as a close would.
@@ -117,6 +119,9 @@ pub(super) async fn serve_conn(shared: Arc<Shared>, stream: TcpStream, peer: Soc
     // counts.
     hooks.handshake_done();
 }
+
+/// Cluster mode: a client's messages on their way to Redis at most; beyond, it is not following its window.
+const MAX_IN_FLIGHT: u32 = 65_536;
 
 /// What became of a reliable client's message, decided under the sessions' lock ([`ServerHooks::on_sdata`]).
 enum Step {
@@ -150,6 +155,16 @@ struct ServerHooks {
     /// The session is reliable (the extension was granted), and the table holds items it has not sent yet.
     rel: bool,
     rel_more: bool,
+    /// Cluster mode: the reliable session in Redis (its grant until the `WELCOME` carries it, then the way to
+    /// it), and the client's messages sent to Redis whose outcome has not come back.
+    stored: Option<Box<StoredRel>>,
+}
+
+/// A connection's reliable session in Redis (cluster mode).
+struct StoredRel {
+    grant: Option<reliable::Grant>,
+    link: Link,
+    in_flight: u32,
 }
 
 impl ServerHooks {
@@ -204,7 +219,7 @@ impl ServerHooks {
         if let Some(cluster) = shared.cluster.clone() {
             // Decided off this task (the holder's node is asked, the id claimed in Redis); the connection stays a
             // handshake until the decision comes back as a command.
-            tokio::spawn(clustered::admit(shared, cluster, self.control.clone(), hello));
+            tokio::spawn(clustered::admit(shared, cluster, self.control.clone(), self.conn_id, hello));
             return;
         }
         self.handshake_done();
@@ -236,7 +251,18 @@ impl ServerHooks {
                     retry_after,
                 });
             }
-            Decision::Welcome { epoch, displaced } => {
+            Decision::Unavailable { retry_after } => conn.reject(now, bye(CloseReason::Busy, retry_after)),
+            Decision::Welcome { epoch, displaced, rel } => {
+                if let (Some(r), Some(cluster)) = (rel, &shared.cluster) {
+                    match cluster.rel_link(&hello.client_id, r.grant.token, r.attach, r.sent) {
+                        Some(link) => {
+                            self.stored = Some(Box::new(StoredRel { grant: Some(r.grant), link, in_flight: 0 }))
+                        }
+                        // Redis went away since it opened the session: come back later (the lease's reaper or the
+                        // next resume settles the session).
+                        None => return conn.reject(now, bye(CloseReason::Busy, Duration::from_secs(1))),
+                    }
+                }
                 let hub = shared.hub();
                 // From here the registry knows the claim (admitted, or refused and then released as ended).
                 if let Some(cluster) = &shared.cluster {
@@ -409,7 +435,12 @@ impl ServerHooks {
         hello: &tether_proto::Hello,
         v2: bool,
     ) -> (Option<reliable::Grant>, reliable::Effects<Attached>) {
-        let offer = reliable::Offer::find(&hello.extensions).filter(|_| v2 && self.shared.cluster.is_none());
+        if self.shared.cluster.is_some() {
+            // Opened in Redis before the decision came (`clustered::admit`).
+            let grant = self.stored.as_mut().and_then(|s| s.grant.take()).filter(|_| v2);
+            return (grant, reliable::Effects::default());
+        }
+        let offer = reliable::Offer::find(&hello.extensions).filter(|_| v2);
         let mut table = self.shared.held.table();
         let opened = match offer {
             Some(offer) => {
@@ -448,6 +479,16 @@ impl ServerHooks {
     fn on_sdata(&mut self, conn: &mut Connection, now: StdInstant, seq: u64, to: String, payload: Bytes) {
         let Some(from) = self.client.clone() else { return };
         crate::fault::panic_at("data", &from);
+        if let Some(st) = &mut self.stored {
+            // Cluster mode: Redis decides; the outcome comes back in order ([`Self::on_stored`]).
+            st.link.take(seq, to, payload);
+            st.in_flight += 1;
+            if st.in_flight > MAX_IN_FLIGHT {
+                // No client following the rules has more unacknowledged than its window.
+                conn.abort(now, CloseReason::RateLimited);
+            }
+            return;
+        }
         let attach = Attached(self.control.clone());
         let step = {
             let mut table = self.shared.held.table();
@@ -516,6 +557,11 @@ impl ServerHooks {
     /// A reliable client's message too large to relay: taken (under the same rules as any), and reported.
     fn on_sdata_too_large(&mut self, conn: &mut Connection, now: StdInstant, seq: u64, to: String, len: usize) {
         let Some(from) = self.client.clone() else { return };
+        if let Some(st) = &mut self.stored {
+            st.link.take_too_large(seq, to.clone());
+            st.in_flight += 1;
+            return self.on_relay_too_large(to, len);
+        }
         let taken = self.shared.held.table().received(&from, &Attached(self.control.clone()), seq);
         if taken {
             self.report(conn, now, &to, Some(Undeliverable::TooLarge), seq);
@@ -527,6 +573,9 @@ impl ServerHooks {
     /// The client acknowledged our stream up to `seq`: release, and deliver the receipts that follow.
     fn on_acked(&mut self, conn: &mut Connection, now: StdInstant, seq: u64) {
         let Some(client) = &self.client else { return };
+        if let Some(st) = &self.stored {
+            return st.link.ack(seq);
+        }
         let acked = self.shared.held.table().ack(client, &Attached(self.control.clone()), seq);
         match acked {
             Ok(fx) => self.shared.held.carry_out(fx),
@@ -536,6 +585,97 @@ impl ServerHooks {
                 }
                 conn.reject(now, bye(CloseReason::ProtocolError, Duration::ZERO));
             }
+        }
+    }
+
+    /// Cluster mode: what came of a step of this connection's reliable session in Redis, in the order asked. A
+    /// client's message is confirmed (and so acknowledged) only now that Redis has it.
+    fn on_stored(&mut self, conn: &mut Connection, now: StdInstant, done: Done) {
+        let (Some(from), Some(st)) = (self.client.clone(), self.stored.as_mut()) else { return };
+        match done {
+            Done::Taken { seq, to, payload, taken } => {
+                st.in_flight = st.in_flight.saturating_sub(1);
+                match taken {
+                    // Another connection carries the session now (a resume elsewhere, or this node was declared
+                    // lost meanwhile): this one leaves, and its client resumes.
+                    Taken::Moved => return conn.close(now, bye(CloseReason::Takeover, Duration::ZERO)),
+                    // Redis lost what came before (it restarted empty, or failed over): the client resumes and
+                    // learns where the stream stands.
+                    Taken::Gap => return conn.close(now, bye(CloseReason::Busy, Duration::from_secs(1))),
+                    Taken::Again => {}
+                    // Its reports pile up unacknowledged: it does not read what it is told. Nothing more is taken.
+                    Taken::Slow => return conn.abort(now, CloseReason::SlowConsumer),
+                    Taken::Held => self.relayed(),
+                    Taken::App { receipts } => {
+                        let taken = self.shared.emit(EventKind::Data { client: from, conn: self.conn_id, payload });
+                        if !taken || receipts {
+                            let outcome = (!taken).then_some(Undeliverable::AppBusy);
+                            self.stored_report(String::new(), outcome, seq);
+                        }
+                    }
+                    Taken::NoSession => {
+                        // No reliable session: an online plain client gets it as DATA, at most once from here.
+                        let local = {
+                            let hub = self.shared.hub();
+                            let limit = self.shared.cfg.outbound_queue;
+                            hub.holder(&to).map(|h| {
+                                h.push(Frame::Data { peer: from.clone(), payload: payload.clone() }, limit).is_ok()
+                            })
+                        };
+                        let delivered = match local {
+                            Some(d) => d,
+                            None => self.shared.relay_remote(&from, &to, payload),
+                        };
+                        if delivered {
+                            self.relayed();
+                        } else {
+                            self.stored_report(to, Some(Undeliverable::NotOnline), seq);
+                        }
+                    }
+                    Taken::TooLarge => {
+                        self.shared.metrics.undeliverable.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Taken::Full => {
+                        self.shared.metrics.undeliverable.fetch_add(1, Ordering::Relaxed);
+                        if let Some(c) = &self.shared.cluster {
+                            c.rel_overflow();
+                        }
+                    }
+                }
+                conn.confirm(now, seq);
+            }
+            Done::AckUnsent { seq } => {
+                if self.shared.log_allowed("bad acknowledgement", &from) {
+                    tracing::info!(conn = self.conn_id, client = %from, "protocol error: acknowledgement of {seq}, never sent");
+                }
+                conn.reject(now, bye(CloseReason::ProtocolError, Duration::ZERO));
+            }
+            Done::Items(frames) => {
+                for f in frames {
+                    if conn.send(now, f).is_err() {
+                        break;
+                    }
+                }
+                // More may wait: asked for once the output drains ([`Hooks::after_flush`]).
+                self.rel_more = true;
+            }
+            Done::Moved => conn.close(now, bye(CloseReason::Takeover, Duration::ZERO)),
+            Done::Failed(e) => {
+                if self.shared.log_allowed("reliable session store failed", &from) {
+                    tracing::warn!(conn = self.conn_id, client = %from, "reliable session: Redis failed ({e}); the client will resume");
+                }
+                conn.close(now, bye(CloseReason::Busy, Duration::from_secs(1)));
+            }
+        }
+    }
+
+    /// Cluster mode: tell this client (on its own stream, through Redis) what became of its message `seq`.
+    fn stored_report(&self, peer: String, outcome: Option<Undeliverable>, seq: u64) {
+        if outcome.is_some() {
+            self.shared.metrics.undeliverable.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(st) = &self.stored {
+            st.link.report(peer, outcome, seq);
         }
     }
 
@@ -551,6 +691,11 @@ impl ServerHooks {
             // (whose limit would end it as a slow consumer before its heartbeat verdict).
             self.rel_more = true;
             return;
+        }
+        if let Some(st) = &self.stored {
+            // Cluster mode: the items come from Redis as a command ([`Self::on_stored`]).
+            self.rel_more = false;
+            return st.link.fetch();
         }
         let (frames, more) = self.shared.held.table().next_frames(client, &Attached(self.control.clone()), PULL_BUDGET);
         self.rel_more = more;
@@ -634,6 +779,8 @@ impl ServerHooks {
         let last_seen = conn.last_rx().unwrap_or(now);
         let by_peer = c.by_peer;
         self.record_close(conn, now, &c, last_seen);
+        // Cluster mode: the link's task detaches the session in Redis after every step asked before.
+        self.stored = None;
         if let (true, Some(client)) = (self.rel, &self.client) {
             // The session outlives the connection: offline, it holds what arrives until it resumes or expires.
             self.shared.held.table().detach(now, client, &Attached(self.control.clone()));
@@ -765,6 +912,7 @@ impl Hooks for ServerHooks {
             Cmd::Probe => conn.probe_now(now),
             Cmd::Admit(a) => self.on_admit(conn, now, *a),
             Cmd::Pull => self.pull(conn, now),
+            Cmd::Stored(done) => self.on_stored(conn, now, *done),
         }
     }
 
@@ -775,7 +923,13 @@ impl Hooks for ServerHooks {
     }
 
     fn poll_cmd(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Cmd>> {
-        self.control.poll_take(cx).map(Some)
+        if let std::task::Poll::Ready(cmd) = self.control.poll_take(cx) {
+            return std::task::Poll::Ready(Some(cmd));
+        }
+        match self.stored.as_mut().map(|st| st.link.done.poll_recv(cx)) {
+            Some(std::task::Poll::Ready(Some(done))) => std::task::Poll::Ready(Some(Cmd::Stored(Box::new(done)))),
+            _ => std::task::Poll::Pending,
+        }
     }
 
     fn on_progress(&mut self, conn: &Connection) {

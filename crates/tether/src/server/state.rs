@@ -197,16 +197,19 @@ impl Shared {
             let table = self.held.table();
             let (sessions, held_messages, held_bytes) = table.totals();
             let st = table.stats();
+            // Cluster mode: the sessions and their holds are in Redis; this node counts what it saw of them.
+            let [resumed, refused, replayed, expired, overflows] =
+                self.cluster.as_ref().map_or([0; 5], |c| c.rel_counts());
             crate::metrics::ReliableSnapshot {
                 sessions,
                 held_messages,
                 held_bytes,
-                replayed: st.replayed,
+                replayed: st.replayed + replayed,
                 duplicates: load(&m.reliable_duplicates),
-                expired: st.expired,
-                overflows: st.overflows,
-                resumed: st.resumed,
-                resume_refused: st.resume_refused,
+                expired: st.expired + expired,
+                overflows: st.overflows + overflows,
+                resumed: st.resumed + resumed,
+                resume_refused: st.resume_refused + refused,
             }
         };
         MetricsSnapshot {

@@ -1,0 +1,999 @@
+//! Reliable sessions in cluster mode: each session's state and its stream to the client live in Redis, and only
+//! Lua scripts change them, so any node can resume a session and a node's crash loses nothing Redis confirmed.
+//!
+//! # Layout
+//! - Keys (prefix `tether:`):
+//!   - `rs:{id}`: hash, one per session: `tok` (token, hex), `rx` (the last sequence number of the client's
+//!     stream the cluster took), `as` (the last assigned in the stream to the client), `ack` (the last the client
+//!     acknowledged), `rcp` (receipts asked), `at`/`nd`/`mb` (the connection carrying it, its node and node
+//!     incarnation; empty while offline), `n`/`by` (items and bytes held), `lost` (refused since the last resume).
+//!   - `rq:{id}`: stream of the items not yet acknowledged, entry id `{seq}-0`: `k` `d` (a message: `p` sender,
+//!     `b` payload, and for a reliable sender `o`/`ot`/`oq`, its id, token and sequence number) or `r` (a report:
+//!     `p` peer, `w` outcome, `q` sequence numbers); `z` the bytes it counts for.
+//!   - `rexp`: sorted set of offline sessions by expiry (Redis's clock, ms); `rtotal`: bytes held in all;
+//!     `rnode:{member}`: the sessions a node incarnation carries; `rend:{token}`: an ended session's `why:lost`,
+//!     for a late resume; `rstore`: the store's id, the first 8 bytes of every token (a Redis that restarted
+//!     empty has a new one, so old tokens resume as `server_restarted`).
+//! - The scripts, one per step, each also publishing a wake-up (`rw`) to the node whose connection has new items:
+//!   `OPEN` (resume or start), `REPLACE`, `TAKE` (a client's message: its stream's progress and the receiver's
+//!   hold in one step), `REPORT`, `ACK` (release, and receipts to the senders), `FETCH`, `DETACH`, `EXPIRE` and
+//!   `LOST` (a lost node's sessions go offline).
+//! - [`Store`]'s calls for them, and [`Link`]: one connection's ordered queue of steps, carried out by a task of
+//!   its own in pipelined batches, with the outcomes coming back in order ([`Done`]).
+//!
+//! # Rules
+//! The rules are the single node's (`tether_proto::reliable::Sessions`): the same statuses, reasons, bounds and
+//! receipts. Codes shared with the scripts are formatted into them from the core's enums. Nothing is confirmed to
+//! a client before Redis has it: a connection confirms a message only when its `TAKE` came back.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use redis::{RedisResult, Script, Value};
+use tether_proto::reliable::{Grant, LostWhy, Offer, Status, Token};
+use tether_proto::{Frame, Report, Undeliverable};
+use tokio::sync::mpsc;
+
+use super::store::{Store, LUA_HEAD};
+
+/// Sessions `EXPIRE` ends per call (each may hold thousands of items, all reported).
+pub const EXPIRE_BATCH: usize = 16;
+/// Items one fetch brings at most, and the bytes after which it stops (at least one item).
+const FETCH_COUNT: usize = 256;
+pub const FETCH_BYTES: usize = 64 * 1024;
+/// How long an ended session's token is remembered, to tell a late resume why it is gone.
+const REMEMBER_ENDED: Duration = Duration::from_secs(3600);
+/// Steps carried out in one pipeline at most.
+const BATCH: usize = 256;
+/// How often a connection's link looks for new items without a wake-up (one lost with a shed pub/sub message).
+const RESCAN: Duration = Duration::from_secs(1);
+
+/// The bounds the scripts apply, the single node's `HoldConfig`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    pub expiry: Duration,
+    pub messages: usize,
+    pub bytes: usize,
+    pub total_bytes: usize,
+    /// The largest frame the connections accept: a message needing a larger `SDATA` is refused, reports split.
+    pub max_frame: u32,
+}
+
+impl Bounds {
+    /// Sequence numbers per `REPORT` item, so that it fits a frame whatever the peer's id (up to 255 bytes).
+    fn per_report(&self) -> usize {
+        ((self.max_frame as usize).saturating_sub(1 + 8 + 1 + 255 + 1 + 2) / 8).clamp(1, u16::MAX as usize)
+    }
+}
+
+/// Lua shared by the scripts below (after the store's own head: `now_ms`, `tok`, `ms_str`).
+fn head() -> String {
+    format!(
+        r#"
+local WHY_EXPIRED, WHY_OVERFLOW, WHY_RESTARTED, WHY_UNKNOWN, WHY_REPLACED = {}, {}, {}, {}, {}
+local U_TOO_LARGE, U_EXPIRED, U_HOLD_FULL, U_REPLACED = {}, {}, {}, {}
+local function rs(id) return 'tether:rs:' .. id end
+local function rq(id) return 'tether:rq:' .. id end
+local function sid(seq) return string.format('%d-0', seq) end
+-- Tell node `nd` that `id`'s stream has new items (nobody while offline).
+local function wake(nd, id)
+  if nd and nd ~= '' then
+    redis.call('PUBLISH', 'tether:to:' .. nd, tok('rw') .. tok(ms_str(now_ms())) .. tok(id))
+  end
+end
+-- Add `n` to a counter; nothing for 0 (Lua's -0 would reach Redis as "-0", which it refuses as an integer, and a
+-- script's error does not undo what it wrote before).
+local function add(key, field, n)
+  if n == 0 then return end
+  if field then
+    redis.call('HINCRBY', key, field, string.format('%d', n))
+  else
+    redis.call('INCRBY', key, string.format('%d', n))
+  end
+end
+-- `n` items and `size` bytes more (or fewer) held by `id`, and bytes in all.
+local function held(id, n, size)
+  add(rs(id), 'n', n)
+  add(rs(id), 'by', size)
+  add('tether:rtotal', nil, size)
+end
+-- An entry's fields as a table.
+local function fields(e)
+  local f, kv = {{}}, e[2]
+  for i = 1, #kv, 2 do f[kv[i]] = kv[i + 1] end
+  return f
+end
+-- Tell `to` (if its session exists and, given a token, still holds it) what became of its messages `seqs` to
+-- `peer`: outcome 0 delivered, else why. Split so that each report fits a frame (`per` numbers).
+local function report(to, t, peer, outcome, seqs, per)
+  if #seqs == 0 then return end
+  local s = redis.call('HMGET', rs(to), 'tok', 'nd')
+  if not s[1] or (t ~= '' and s[1] ~= t) then return end
+  for i = 1, #seqs, per do
+    local chunk = {{}}
+    for k = i, math.min(i + per - 1, #seqs) do chunk[#chunk + 1] = seqs[k] end
+    local size = #chunk * 8 + #peer + 96
+    local seq = redis.call('HINCRBY', rs(to), 'as', 1)
+    redis.call('XADD', rq(to), sid(seq), 'k', 'r', 'p', peer, 'w', outcome, 'q', table.concat(chunk, ','), 'z', size)
+    held(to, 1, size)
+  end
+  wake(s[2], to)
+end
+-- Group messages by the session that sent them: key -> {{sender, token, seqs}}, in first-seen order.
+local function group(groups, order, f)
+  if not f.o then return end
+  local key = f.o .. '\0' .. f.ot
+  local g = groups[key]
+  if not g then
+    g = {{f.o, f.ot, {{}}}}
+    groups[key] = g
+    order[#order + 1] = key
+  end
+  g[3][#g[3] + 1] = f.oq
+end
+-- `id`'s client took its stream up to `upto`: those items leave the hold, and senders that asked learn it.
+local function release(id, upto, per)
+  local items = redis.call('XRANGE', rq(id), '-', sid(upto))
+  if #items == 0 then return 0 end
+  local groups, order, size = {{}}, {{}}, 0
+  for _, e in ipairs(items) do
+    local f = fields(e)
+    size = size + tonumber(f.z)
+    if f.k == 'd' then group(groups, order, f) end
+  end
+  redis.call('XTRIM', rq(id), 'MINID', sid(upto + 1))
+  held(id, -#items, -size)
+  for _, key in ipairs(order) do
+    local g = groups[key]
+    if redis.call('HGET', rs(g[1]), 'rcp') == '1' then report(g[1], g[2], id, 0, g[3], per) end
+  end
+  return #items
+end
+-- End `id`'s session: what it held is undeliverable (`outcome` for its senders), its token remembered for `ttl`
+-- ms with `why` and how many were lost.
+local function finish(id, why, outcome, per, ttl)
+  local s = redis.call('HMGET', rs(id), 'tok', 'lost', 'mb', 'by')
+  if not s[1] then return end
+  local items = redis.call('XRANGE', rq(id), '-', '+')
+  local groups, order, lost = {{}}, {{}}, 0
+  for _, e in ipairs(items) do
+    local f = fields(e)
+    if f.k == 'd' then
+      lost = lost + 1
+      group(groups, order, f)
+    end
+  end
+  add('tether:rtotal', nil, -tonumber(s[4] or '0'))
+  redis.call('DEL', rs(id), rq(id))
+  redis.call('ZREM', 'tether:rexp', id)
+  if s[3] and s[3] ~= '' then redis.call('SREM', 'tether:rnode:' .. s[3], id) end
+  redis.call('SET', 'tether:rend:' .. s[1], why .. ':' .. ms_str(lost + tonumber(s[2] or '0')), 'PX', ttl)
+  for _, key in ipairs(order) do
+    local g = groups[key]
+    report(g[1], g[2], id, outcome, g[3], per)
+  end
+end
+-- `id` is carried by connection `at` of node `nd` (incarnation `mb`).
+local function attach(id, at, nd, mb)
+  local old = redis.call('HGET', rs(id), 'mb')
+  if old and old ~= '' and old ~= mb then redis.call('SREM', 'tether:rnode:' .. old, id) end
+  redis.call('HSET', rs(id), 'at', at, 'nd', nd, 'mb', mb, 't', ms_str(now_ms()))
+  redis.call('SADD', 'tether:rnode:' .. mb, id)
+  redis.call('ZREM', 'tether:rexp', id)
+end
+-- `id` is offline (it was carried by incarnation `mb`), and expires `expiry` ms from now.
+local function offline(id, mb, expiry)
+  redis.call('HSET', rs(id), 'at', '', 'nd', '', 'mb', '')
+  if mb and mb ~= '' then redis.call('SREM', 'tether:rnode:' .. mb, id) end
+  redis.call('ZADD', 'tether:rexp', now_ms() + expiry, id)
+end
+"#,
+        LostWhy::Expired.code(),
+        LostWhy::HoldOverflow.code(),
+        LostWhy::Restarted.code(),
+        LostWhy::Unknown.code(),
+        LostWhy::Replaced.code(),
+        Undeliverable::TooLarge.code(),
+        Undeliverable::Expired.code(),
+        Undeliverable::HoldFull.code(),
+        Undeliverable::Replaced.code(),
+    )
+}
+
+/// A connection for `id` was admitted: resume the session its token names, or start one (ending any other of the
+/// id: `replaced`). ARGV: id, at, nd, mb, receipts (0/1), offered token (hex, or empty), received, random (16 hex),
+/// per report, ttl ms, a store id to use if there is none (16 hex). Returns {status, why, token, rx, lost (-1:
+/// unknown), items to replay}.
+const OPEN: &str = r#"
+local id, at, nd, mb, rcp, offered = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local received, per, ttl = tonumber(ARGV[7]), tonumber(ARGV[9]), ARGV[10]
+local s = redis.call('HMGET', rs(id), 'tok', 'rx', 'as', 'ack', 'lost')
+if offered ~= '' and s[1] == offered then
+  local as, ack = tonumber(s[3]), tonumber(s[4])
+  if received <= as and received >= ack then
+    release(id, received, per)
+    local lost = tonumber(s[5] or '0')
+    redis.call('HSET', rs(id), 'ack', ms_str(received), 'rcp', rcp, 'lost', '0')
+    attach(id, at, nd, mb)
+    local status, why = 1, 0
+    if lost > 0 then status, why = 2, WHY_OVERFLOW end
+    return {status, why, s[1], tonumber(s[2]), lost, as - received}
+  end
+end
+local store = redis.call('GET', 'tether:rstore')
+if not store then
+  store = ARGV[11]
+  redis.call('SET', 'tether:rstore', store)
+end
+local status, why, lost = 0, 0, 0
+if offered ~= '' then
+  status = 3
+  local e = redis.call('GET', 'tether:rend:' .. offered)
+  if e then
+    local w, l = string.match(e, '^(%d+):(%d+)$')
+    why, lost = tonumber(w), tonumber(l)
+  elseif string.sub(offered, 1, 16) ~= store then
+    why, lost = WHY_RESTARTED, -1
+  else
+    why, lost = WHY_UNKNOWN, -1
+  end
+end
+finish(id, WHY_REPLACED, U_REPLACED, per, ttl)
+local token = store .. ARGV[8]
+redis.call('HSET', rs(id), 'tok', token, 'rx', '0', 'as', '0', 'ack', '0', 'rcp', rcp, 'n', '0', 'by', '0', 'lost', '0')
+attach(id, at, nd, mb)
+return {status, why, token, 0, lost, 0}
+"#;
+
+/// A connection took the id without asking for a reliable session: the id's session, if any, ends (`replaced`).
+/// ARGV: id, per report, ttl ms. Returns 1 if there was one.
+const REPLACE: &str = r#"
+local had = redis.call('EXISTS', rs(ARGV[1]))
+finish(ARGV[1], WHY_REPLACED, U_REPLACED, tonumber(ARGV[2]), ARGV[3])
+return had
+"#;
+
+/// The client `from` sent its message `seq` on connection `at`. ARGV: from, at, seq, to, payload, mode (`r` to a
+/// client, `a` to the server application, `t` too large to relay), messages, bytes, total bytes, max frame, per report. Returns {code,
+/// ...}: 0 the connection no longer carries the session (not taken); 1 taken before; -1 a gap (not taken); 2 for
+/// the application (taken), with whether the sender wants receipts; 3 `to` has no session (taken: deliver it
+/// another way); 4 too large, 5 `to`'s hold is full (taken, and reported to the sender); 6 held; 7 the sender's
+/// own stream holds more than its bound (reports it does not acknowledge): not taken.
+const TAKE: &str = r#"
+local from, at, seq, to = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local s = redis.call('HMGET', rs(from), 'at', 'rx', 'tok', 'rcp', 'n', 'by')
+if s[1] ~= at then return {0} end
+local rx = tonumber(s[2])
+if seq <= rx then return {1} end
+if tonumber(s[5]) > tonumber(ARGV[7]) or tonumber(s[6]) > tonumber(ARGV[8]) then return {7} end
+if seq ~= rx + 1 then return {-1} end
+redis.call('HSET', rs(from), 'rx', ARGV[3])
+if ARGV[6] == 'a' then
+  if s[4] == '1' then return {2, 1} end
+  return {2, 0}
+end
+local per = tonumber(ARGV[11])
+if ARGV[6] == 't' then
+  report(from, s[3], to, U_TOO_LARGE, {ARGV[3]}, per)
+  return {4}
+end
+local r = redis.call('HMGET', rs(to), 'tok', 'n', 'by', 'nd')
+if not r[1] then return {3} end
+local payload = ARGV[5]
+if 1 + 8 + 1 + #from + #payload > tonumber(ARGV[10]) then
+  report(from, s[3], to, U_TOO_LARGE, {ARGV[3]}, per)
+  return {4}
+end
+local size = #payload + #from + 96
+local total = tonumber(redis.call('GET', 'tether:rtotal') or '0')
+if tonumber(r[2]) >= tonumber(ARGV[7]) or tonumber(r[3]) + size > tonumber(ARGV[8])
+    or total + size > tonumber(ARGV[9]) then
+  redis.call('HINCRBY', rs(to), 'lost', 1)
+  report(from, s[3], to, U_HOLD_FULL, {ARGV[3]}, per)
+  return {5}
+end
+local q = redis.call('HINCRBY', rs(to), 'as', 1)
+redis.call('XADD', rq(to), sid(q), 'k', 'd', 'p', from, 'b', payload, 'o', from, 'ot', s[3], 'oq', ARGV[3],
+  'z', size)
+held(to, 1, size)
+wake(r[4], to)
+return {6}
+"#;
+
+/// Tell `to` what became of its messages. ARGV: to, token (hex), peer, outcome, sequence numbers (comma
+/// separated), per report.
+const REPORT: &str = r#"
+local seqs = {}
+for n in string.gmatch(ARGV[5], '[^,]+') do seqs[#seqs + 1] = n end
+report(ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), seqs, tonumber(ARGV[6]))
+return 0
+"#;
+
+/// `id`'s client acknowledged its stream up to `seq` on connection `at`. ARGV: id, at, seq, per report. Returns 1
+/// released, 0 nothing to do (or not this connection's), -1 never sent.
+const ACK: &str = r#"
+local s = redis.call('HMGET', rs(ARGV[1]), 'at', 'as', 'ack')
+if s[1] ~= ARGV[2] then return 0 end
+local seq = tonumber(ARGV[3])
+if seq > tonumber(s[2]) then return -1 end
+if seq <= tonumber(s[3]) then return 0 end
+release(ARGV[1], seq, tonumber(ARGV[4]))
+redis.call('HSET', rs(ARGV[1]), 'ack', ARGV[3])
+return 1
+"#;
+
+/// The items after `after` for connection `at`, up to a count and about a byte budget (at least one). ARGV: id,
+/// at, after, count, bytes. Returns {0} when the connection no longer carries the session, else {1, entries}.
+const FETCH: &str = r#"
+if redis.call('HGET', rs(ARGV[1]), 'at') ~= ARGV[2] then return {0} end
+local items = redis.call('XRANGE', rq(ARGV[1]), sid(tonumber(ARGV[3]) + 1), '+', 'COUNT', ARGV[4])
+local out, used, budget = {}, 0, tonumber(ARGV[5])
+for _, e in ipairs(items) do
+  if #out > 0 and used >= budget then break end
+  out[#out + 1] = e
+  used = used + tonumber(fields(e).z)
+end
+return {1, out}
+"#;
+
+/// Connection `at` of `id` ended: the session, if it still carried it, is offline and expires. ARGV: id, at,
+/// expiry ms. Returns 1 if it was.
+const DETACH: &str = r#"
+local s = redis.call('HMGET', rs(ARGV[1]), 'at', 'mb')
+if s[1] ~= ARGV[2] then return 0 end
+offline(ARGV[1], s[2], tonumber(ARGV[3]))
+return 1
+"#;
+
+/// End the offline sessions whose expiry has passed, a batch at a time. ARGV: batch, per report, ttl ms. Returns
+/// how many ended.
+const EXPIRE: &str = r#"
+local due = redis.call('ZRANGEBYSCORE', 'tether:rexp', '-inf', now_ms(), 'LIMIT', 0, tonumber(ARGV[1]))
+for _, id in ipairs(due) do
+  redis.call('ZREM', 'tether:rexp', id)
+  finish(id, WHY_EXPIRED, U_EXPIRED, tonumber(ARGV[2]), ARGV[3])
+end
+return #due
+"#;
+
+/// Node incarnation `member` is gone (lost or left): the sessions it carried are offline from now. ARGV: member,
+/// expiry ms. Returns how many.
+const LOST: &str = r#"
+local ids = redis.call('SMEMBERS', 'tether:rnode:' .. ARGV[1])
+local n = 0
+for _, id in ipairs(ids) do
+  local mb = redis.call('HGET', rs(id), 'mb')
+  if mb == ARGV[1] then
+    offline(id, mb, tonumber(ARGV[2]))
+    n = n + 1
+  end
+end
+redis.call('DEL', 'tether:rnode:' .. ARGV[1])
+return n
+"#;
+
+/// Node incarnation `member` carries no connection for the sessions of its set that are not among the live ids
+/// given: those attached more than a while ago go offline (a detach that Redis did not take). ARGV: member,
+/// expiry ms, the while in ms, then the live ids. Returns how many went offline.
+const RECONCILE: &str = r#"
+local live = {}
+for i = 4, #ARGV do live[ARGV[i]] = true end
+local n = 0
+for _, id in ipairs(redis.call('SMEMBERS', 'tether:rnode:' .. ARGV[1])) do
+  if not live[id] then
+    local s = redis.call('HMGET', rs(id), 'mb', 't')
+    if s[1] == ARGV[1] then
+      if now_ms() - tonumber(s[2] or '0') > tonumber(ARGV[3]) then
+        offline(id, s[1], tonumber(ARGV[2]))
+        n = n + 1
+      end
+    else
+      redis.call('SREM', 'tether:rnode:' .. ARGV[1], id)
+    end
+  end
+end
+return n
+"#;
+
+/// The scripts, built once.
+pub struct Scripts {
+    open: Script,
+    replace: Script,
+    take: Script,
+    report: Script,
+    ack: Script,
+    fetch: Script,
+    detach: Script,
+    expire: Script,
+    lost: Script,
+    reconcile: Script,
+}
+
+impl Default for Scripts {
+    fn default() -> Scripts {
+        let head = head();
+        let s = |body: &str| Script::new(&format!("{LUA_HEAD}{head}{body}"));
+        Scripts {
+            open: s(OPEN),
+            replace: s(REPLACE),
+            take: s(TAKE),
+            report: s(REPORT),
+            ack: s(ACK),
+            fetch: s(FETCH),
+            detach: s(DETACH),
+            expire: s(EXPIRE),
+            lost: s(LOST),
+            reconcile: s(RECONCILE),
+        }
+    }
+}
+
+impl Scripts {
+    /// Every script, for loading into Redis's cache (pipelines call them by hash).
+    pub fn all(&self) -> [&Script; 10] {
+        [
+            &self.open,
+            &self.replace,
+            &self.take,
+            &self.report,
+            &self.ack,
+            &self.fetch,
+            &self.detach,
+            &self.expire,
+            &self.lost,
+            &self.reconcile,
+        ]
+    }
+}
+
+/// A connection as the sessions in Redis know it: unique in the cluster's life (node incarnation and connection
+/// number), with the node whose inbox hears of new items.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attach {
+    pub node: String,
+    pub member: String,
+    pub conn: u64,
+}
+
+impl Attach {
+    fn key(&self) -> String {
+        format!("{}/{}", self.member, self.conn)
+    }
+}
+
+/// What [`Store::rel_open`] decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Opened {
+    pub grant: Grant,
+    /// Items the connection will send again (a resume).
+    pub replay: u64,
+}
+
+/// What became of a client's message (`TAKE`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Taken {
+    /// The connection no longer carries the session: not taken (the client sends it again where it resumed).
+    Moved,
+    /// Taken before (confirm it again).
+    Again,
+    /// Not the next in the stream: Redis lost what came before (it restarted empty, or failed over): not taken.
+    Gap,
+    /// For the server application; whether the sender wants a receipt.
+    App { receipts: bool },
+    /// The receiver has no reliable session: deliver it as plain `DATA`, or report why not.
+    NoSession,
+    /// Too large to hold for the receiver: reported to the sender.
+    TooLarge,
+    /// The receiver's hold is full: reported to the sender.
+    Full,
+    /// Held for the receiver.
+    Held,
+    /// The sender's own stream holds more than its bound (reports it does not acknowledge): not taken; it does
+    /// not read what it is told.
+    Slow,
+}
+
+fn hex(t: &[u8]) -> String {
+    t.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Token> {
+    let mut t = [0u8; 16];
+    if s.len() != 32 {
+        return None;
+    }
+    for (i, b) in t.iter_mut().enumerate() {
+        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(t)
+}
+
+fn int(v: &Value) -> i64 {
+    match v {
+        Value::Int(n) => *n,
+        Value::BulkString(b) => std::str::from_utf8(b).ok().and_then(|s| s.parse().ok()).unwrap_or(0),
+        _ => 0,
+    }
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::SimpleString(s) => s.clone(),
+        _ => String::new(),
+    }
+}
+
+fn bad(what: &str) -> redis::RedisError {
+    redis::RedisError::from((redis::ErrorKind::UnexpectedReturnType, "unexpected reply", what.to_owned()))
+}
+
+impl Store {
+    /// Resume or start `id`'s session for connection `at` (see `OPEN`).
+    pub async fn rel_open(&self, id: &str, at: &Attach, offer: &Offer, b: &Bounds) -> RedisResult<Opened> {
+        let mut con = self.con.clone();
+        let random: [u8; 8] = rand::random();
+        let store: [u8; 8] = rand::random();
+        let (offered, received) = offer.resume.map_or((String::new(), 0), |r| (hex(&r.token), r.received));
+        let v: Vec<Value> = self
+            .rel
+            .open
+            .arg(id)
+            .arg(at.key())
+            .arg(&at.node)
+            .arg(&at.member)
+            .arg(u8::from(offer.receipts))
+            .arg(offered)
+            .arg(received)
+            .arg(hex(&random))
+            .arg(b.per_report())
+            .arg(REMEMBER_ENDED.as_millis() as u64)
+            .arg(hex(&store))
+            .invoke_async(&mut con)
+            .await?;
+        let [status, why, token, rx, lost, replay] = &v[..] else { return Err(bad("OPEN")) };
+        let status = match int(status) {
+            0 => Status::New,
+            1 => Status::Resumed,
+            2 => Status::ResumedWithLoss,
+            _ => Status::Fresh,
+        };
+        let why = match int(why) {
+            0 => None,
+            w => Some(LostWhy::from_code(w as u8)),
+        };
+        let lost = u32::try_from(int(lost)).unwrap_or(u32::MAX);
+        let token = unhex(&text(token)).ok_or_else(|| bad("OPEN token"))?;
+        let grant = Grant { token, status, why, received: int(rx).max(0) as u64, lost };
+        Ok(Opened { grant, replay: int(replay).max(0) as u64 })
+    }
+
+    /// End `id`'s session, if any (`replaced`): a connection took the id without asking for one.
+    pub async fn rel_replace(&self, id: &str, b: &Bounds) -> RedisResult<bool> {
+        let mut con = self.con.clone();
+        let had: i64 = self
+            .rel
+            .replace
+            .arg(id)
+            .arg(b.per_report())
+            .arg(REMEMBER_ENDED.as_millis() as u64)
+            .invoke_async(&mut con)
+            .await?;
+        Ok(had == 1)
+    }
+
+    /// End the offline sessions past their expiry, up to [`EXPIRE_BATCH`]; how many ended.
+    pub async fn rel_expire(&self, b: &Bounds) -> RedisResult<u64> {
+        let mut con = self.con.clone();
+        let mut inv = self.rel.expire.prepare_invoke();
+        inv.arg(EXPIRE_BATCH).arg(b.per_report()).arg(REMEMBER_ENDED.as_millis() as u64);
+        inv.invoke_async(&mut con).await
+    }
+
+    /// Node incarnation `member` is gone: its sessions are offline from now; how many.
+    pub async fn rel_lost(&self, member: &str, b: &Bounds) -> RedisResult<u64> {
+        let mut con = self.con.clone();
+        self.rel.lost.arg(member).arg(b.expiry.as_millis() as u64).invoke_async(&mut con).await
+    }
+
+    /// The sessions of node incarnation `member` that none of the `live` ids (this node's sessions) carries, and
+    /// that were attached more than `age` ago, go offline; how many.
+    pub async fn rel_reconcile(&self, member: &str, live: &[String], age: Duration, b: &Bounds) -> RedisResult<u64> {
+        let mut con = self.con.clone();
+        let mut inv = self.rel.reconcile.prepare_invoke();
+        inv.arg(member).arg(b.expiry.as_millis() as u64).arg(age.as_millis() as u64).arg(live);
+        inv.invoke_async(&mut con).await
+    }
+
+    fn evalsha(&self, script: &Script) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(script.get_hash()).arg(0);
+        cmd
+    }
+}
+
+/// One step of a connection's session, in the order the connection asked for them.
+#[derive(Debug)]
+enum Step {
+    /// A client's message; `too_large` to relay (its payload was not kept).
+    Take {
+        seq: u64,
+        to: String,
+        payload: Bytes,
+        too_large: bool,
+    },
+    Report {
+        peer: String,
+        outcome: Option<Undeliverable>,
+        seq: u64,
+    },
+    Ack {
+        seq: u64,
+    },
+    /// The connection can send more: fetch what waits (and keep looking until something does).
+    Fetch,
+    /// New items may wait (a wake-up from the script that added them).
+    Wake,
+}
+
+/// What came of a step, handed back to the connection in order.
+#[derive(Debug)]
+pub enum Done {
+    /// The client's message `seq` (its payload and receiver, for the outcomes that need them).
+    Taken { seq: u64, to: String, payload: Bytes, taken: Taken },
+    /// The client's acknowledgement named an item never sent: a protocol error.
+    AckUnsent { seq: u64 },
+    /// Items to send, in order.
+    Items(Vec<Frame>),
+    /// The connection no longer carries the session (a resume elsewhere, this node declared lost, or Redis
+    /// restarted empty): it should leave, so that its client resumes.
+    Moved,
+    /// Redis did not answer (or refused): nothing after this was carried out.
+    Failed(String),
+}
+
+/// One connection's way to its session in Redis: steps go out in order, in pipelined batches, from a task of its
+/// own; their outcomes come back through [`Link::done`]. Dropping the link detaches the session (after every step
+/// queued before).
+pub struct Link {
+    steps: mpsc::UnboundedSender<Step>,
+    /// The outcomes, in the order the steps were asked.
+    pub done: mpsc::UnboundedReceiver<Done>,
+}
+
+impl Link {
+    /// Start the task for session `id` on connection `at`, whose stream to the client was sent up to `sent`.
+    pub fn start(store: Store, id: String, token: Token, at: Attach, sent: u64, b: Bounds, timeout: Duration) -> Link {
+        let (steps, rx) = mpsc::unbounded_channel();
+        let (tx, done) = mpsc::unbounded_channel();
+        let worker = Worker { store, id, token: hex(&token), at: at.key(), sent, b, timeout, want: false, dirty: true };
+        tokio::spawn(worker.run(rx, tx));
+        Link { steps, done }
+    }
+
+    pub fn take(&self, seq: u64, to: String, payload: Bytes) {
+        let _ = self.steps.send(Step::Take { seq, to, payload, too_large: false });
+    }
+
+    /// A client's message too large to relay: taken, and reported to its sender.
+    pub fn take_too_large(&self, seq: u64, to: String) {
+        let _ = self.steps.send(Step::Take { seq, to, payload: Bytes::new(), too_large: true });
+    }
+
+    /// Tell this session's client what became of its message `seq` to `peer`.
+    pub fn report(&self, peer: String, outcome: Option<Undeliverable>, seq: u64) {
+        let _ = self.steps.send(Step::Report { peer, outcome, seq });
+    }
+
+    pub fn ack(&self, seq: u64) {
+        let _ = self.steps.send(Step::Ack { seq });
+    }
+
+    /// The connection can send more.
+    pub fn fetch(&self) {
+        let _ = self.steps.send(Step::Fetch);
+    }
+
+    /// New items may wait.
+    pub fn wake(&self) {
+        let _ = self.steps.send(Step::Wake);
+    }
+}
+
+struct Worker {
+    store: Store,
+    id: String,
+    token: String,
+    at: String,
+    /// The last item handed to the connection.
+    sent: u64,
+    b: Bounds,
+    timeout: Duration,
+    /// The connection asked for items and has not had them yet.
+    want: bool,
+    /// Items may wait that the last fetch did not see.
+    dirty: bool,
+}
+
+impl Worker {
+    async fn run(mut self, mut steps: mpsc::UnboundedReceiver<Step>, done: mpsc::UnboundedSender<Done>) {
+        let mut batch = VecDeque::new();
+        let mut rescan = tokio::time::interval(RESCAN);
+        rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failed = false;
+        loop {
+            tokio::select! {
+                step = steps.recv() => match step {
+                    Some(s) => batch.push_back(s),
+                    None => break,
+                },
+                _ = rescan.tick() => self.dirty = true,
+            }
+            while batch.len() < BATCH {
+                match steps.try_recv() {
+                    Ok(s) => batch.push_back(s),
+                    Err(_) => break,
+                }
+            }
+            if failed {
+                // Nothing more is carried out: the connection is closing, and its client resumes.
+                batch.clear();
+                continue;
+            }
+            if let Err(e) = self.carry_out(&mut batch, &done).await {
+                let _ = done.send(Done::Failed(e));
+                batch.clear();
+                failed = true;
+            }
+        }
+        // The connection ended: its session goes offline, after everything it asked for.
+        let mut con = self.store.con.clone();
+        let mut detach = self.store.rel.detach.prepare_invoke();
+        detach.arg(&self.id).arg(&self.at).arg(self.b.expiry.as_millis() as u64);
+        match tokio::time::timeout(self.timeout, detach.invoke_async::<i64>(&mut con)).await {
+            Ok(Ok(_)) => {}
+            // The node's reconciliation finds it (a session attached here that no connection carries).
+            Ok(Err(e)) => tracing::debug!("reliable session {}: detach failed: {e}", self.id),
+            Err(_) => tracing::debug!("reliable session {}: detach timed out", self.id),
+        }
+    }
+
+    /// Carry out `batch` in one pipeline (then a fetch, if one is due), sending each outcome back in order.
+    async fn carry_out(
+        &mut self,
+        batch: &mut VecDeque<Step>,
+        done: &mpsc::UnboundedSender<Done>,
+    ) -> Result<(), String> {
+        let s = &self.store;
+        let mut pipe = redis::pipe();
+        let mut asked = Vec::new();
+        for step in batch.drain(..) {
+            match step {
+                Step::Take { seq, to, payload, too_large } => {
+                    let mode = match (too_large, to.is_empty()) {
+                        (true, _) => "t",
+                        (false, true) => "a",
+                        (false, false) => "r",
+                    };
+                    pipe.add_command(
+                        s.evalsha(&s.rel.take)
+                            .arg(&self.id)
+                            .arg(&self.at)
+                            .arg(seq)
+                            .arg(&to)
+                            .arg(payload.as_ref())
+                            .arg(mode)
+                            .arg(self.b.messages)
+                            .arg(self.b.bytes)
+                            .arg(self.b.total_bytes)
+                            .arg(self.b.max_frame)
+                            .arg(self.b.per_report())
+                            .clone(),
+                    );
+                    asked.push(Step::Take { seq, to, payload, too_large });
+                }
+                Step::Report { peer, outcome, seq } => {
+                    pipe.add_command(
+                        s.evalsha(&s.rel.report)
+                            .arg(&self.id)
+                            .arg(&self.token)
+                            .arg(&peer)
+                            .arg(outcome.map_or(0, Undeliverable::code))
+                            .arg(seq)
+                            .arg(self.b.per_report())
+                            .clone(),
+                    );
+                    asked.push(Step::Report { peer, outcome, seq });
+                }
+                Step::Ack { seq } => {
+                    pipe.add_command(
+                        s.evalsha(&s.rel.ack).arg(&self.id).arg(&self.at).arg(seq).arg(self.b.per_report()).clone(),
+                    );
+                    asked.push(Step::Ack { seq });
+                }
+                Step::Fetch => {
+                    self.want = true;
+                    self.dirty = true;
+                }
+                Step::Wake => self.dirty = true,
+            }
+        }
+        if !asked.is_empty() {
+            let mut con = s.con.clone();
+            let replies: Vec<Value> = match tokio::time::timeout(self.timeout, pipe.query_async(&mut con)).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => return Err(e.to_string()),
+                Err(_) => return Err("timed out".into()),
+            };
+            if replies.len() != asked.len() {
+                return Err("a pipeline's replies do not match its commands".into());
+            }
+            for (step, reply) in asked.into_iter().zip(replies) {
+                match step {
+                    Step::Take { seq, to, payload, .. } => {
+                        let taken = taken_of(&reply).ok_or("unexpected TAKE reply")?;
+                        let _ = done.send(Done::Taken { seq, to, payload, taken });
+                    }
+                    Step::Ack { seq } if int(&reply) < 0 => {
+                        let _ = done.send(Done::AckUnsent { seq });
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if self.want && self.dirty {
+            self.fetch(done).await?;
+        }
+        Ok(())
+    }
+
+    async fn fetch(&mut self, done: &mpsc::UnboundedSender<Done>) -> Result<(), String> {
+        let s = &self.store;
+        let mut con = s.con.clone();
+        let mut inv = s.rel.fetch.prepare_invoke();
+        inv.arg(&self.id).arg(&self.at).arg(self.sent).arg(FETCH_COUNT).arg(FETCH_BYTES);
+        let reply: Vec<Value> = match tokio::time::timeout(self.timeout, inv.invoke_async(&mut con)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("timed out".into()),
+        };
+        let entries = match &reply[..] {
+            [ok, Value::Array(entries)] if int(ok) == 1 => entries,
+            _ => {
+                self.want = false;
+                let _ = done.send(Done::Moved);
+                return Ok(());
+            }
+        };
+        if entries.is_empty() {
+            self.dirty = false;
+            return Ok(());
+        }
+        let mut frames = Vec::with_capacity(entries.len());
+        for e in entries {
+            let (seq, f) = frame_of(e).ok_or("unexpected stream entry")?;
+            self.sent = seq;
+            frames.push(f);
+        }
+        self.want = false;
+        let _ = done.send(Done::Items(frames));
+        Ok(())
+    }
+}
+
+fn taken_of(v: &Value) -> Option<Taken> {
+    let Value::Array(a) = v else { return None };
+    Some(match int(a.first()?) {
+        0 => Taken::Moved,
+        1 => Taken::Again,
+        -1 => Taken::Gap,
+        2 => Taken::App { receipts: a.get(1).is_some_and(|r| int(r) == 1) },
+        3 => Taken::NoSession,
+        4 => Taken::TooLarge,
+        5 => Taken::Full,
+        6 => Taken::Held,
+        7 => Taken::Slow,
+        _ => return None,
+    })
+}
+
+/// A stream entry (`[id, [field, value, ...]]`) as its sequence number and frame.
+fn frame_of(e: &Value) -> Option<(u64, Frame)> {
+    let Value::Array(parts) = e else { return None };
+    let [id, Value::Array(kv)] = &parts[..] else { return None };
+    let seq: u64 = text(id).split('-').next()?.parse().ok()?;
+    let field = |name: &str| kv.chunks(2).find(|p| text(&p[0]) == name).and_then(|p| p.get(1));
+    let peer = text(field("p")?);
+    match text(field("k")?).as_str() {
+        "d" => {
+            let payload = match field("b")? {
+                Value::BulkString(b) => Bytes::copy_from_slice(b),
+                _ => Bytes::new(),
+            };
+            Some((seq, Frame::Sdata { seq, peer, payload }))
+        }
+        "r" => {
+            let outcome = match int(field("w")?) {
+                0 => None,
+                w => Some(Undeliverable::from_code(w as u8)),
+            };
+            let seqs = text(field("q")?).split(',').filter_map(|n| n.parse().ok()).collect();
+            Some((seq, Frame::Report(Report { seq, peer, outcome, seqs })))
+        }
+        _ => None,
+    }
+}
+
+impl super::Cluster {
+    /// How this node's connection `conn` is named in the sessions' store.
+    pub(crate) fn rel_attach(&self, conn: u64) -> Attach {
+        let node = self.node_id().to_owned();
+        let member = super::store::member(&node, &self.incarnation());
+        Attach { node, member, conn }
+    }
+
+    /// The reliable sessions' bounds: the server's hold settings and frame size, set once before the node starts.
+    pub(crate) fn set_rel_bounds(&self, b: Bounds) {
+        let _ = self.rel_bounds.set(b);
+    }
+
+    pub(crate) fn rel_bounds(&self) -> Option<Bounds> {
+        self.rel_bounds.get().copied()
+    }
+
+    /// Resume or start `id`'s session for connection `at`; `None` when Redis did not answer in time (or refused).
+    pub(crate) async fn rel_open(&self, id: &str, at: &Attach, offer: &Offer) -> Option<Opened> {
+        let (store, b) = (self.store()?, self.rel_bounds()?);
+        match tokio::time::timeout(self.cfg.redis_timeout, store.rel_open(id, at, offer, &b)).await {
+            Ok(Ok(opened)) => {
+                let st = &self.stats;
+                match opened.grant.status {
+                    Status::Resumed | Status::ResumedWithLoss => {
+                        st.rel_resumed.fetch_add(1, Ordering::Relaxed);
+                        st.rel_replayed.fetch_add(opened.replay, Ordering::Relaxed);
+                    }
+                    Status::Fresh => {
+                        st.rel_refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Status::New => {}
+                }
+                Some(opened)
+            }
+            Ok(Err(e)) => {
+                tracing::warn!("reliable session of {id}: Redis did not open it: {e}");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// Reliable counters this node adds to the server's: (resumed, refused, replayed, expired, overflows).
+    pub(crate) fn rel_counts(&self) -> [u64; 5] {
+        let st = &self.stats;
+        [&st.rel_resumed, &st.rel_refused, &st.rel_replayed, &st.rel_expired, &st.rel_overflows]
+            .map(|a| a.load(Ordering::Relaxed))
+    }
+
+    /// A message was refused: its receiver's hold was full.
+    pub(crate) fn rel_overflow(&self) {
+        self.stats.rel_overflows.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `id` was taken by a connection that did not ask for a reliable session: its session, if any, ends
+    /// (`replaced`). Best effort: while Redis does not answer, the session stays, and expires if nobody resumes it.
+    pub(crate) async fn rel_replace(&self, id: &str) {
+        let (Some(store), Some(b)) = (self.store(), self.rel_bounds()) else { return };
+        if let Ok(Err(e)) = tokio::time::timeout(self.cfg.redis_timeout, store.rel_replace(id, &b)).await {
+            tracing::warn!("reliable session of {id}: Redis did not end it: {e}");
+        }
+    }
+
+    /// The way for connection `at` to `id`'s session (granted `token`), whose stream was sent up to `sent`;
+    /// `None` while Redis is unreachable.
+    pub(crate) fn rel_link(&self, id: &str, token: Token, at: Attach, sent: u64) -> Option<Link> {
+        let (store, b) = (self.store()?, self.rel_bounds()?);
+        Some(Link::start(store, id.to_owned(), token, at, sent, b, self.cfg.redis_timeout))
+    }
+}
