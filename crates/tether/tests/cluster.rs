@@ -114,7 +114,12 @@ async fn a_reliable_session_holds_across_nodes_and_resumes_on_another() {
     let extra =
         tokio::time::timeout(Duration::from_secs(2), hear(&mut b, "nothing more", |h| !h.data.is_empty())).await;
     assert!(extra.is_err(), "a message arrived twice: {extra:?}");
-    drop((n1, n2));
+    // A node that shuts down leaves its sessions offline (their expiry runs), not attached to nothing.
+    assert_eq!(redis.cli(&["ZSCORE", "tether:rexp", "b"]), "");
+    n1.shutdown().await;
+    assert_ne!(redis.cli(&["ZSCORE", "tether:rexp", "b"]), "", "b's session was left attached to a gone node");
+    assert_eq!(redis.cli(&["HGET", "tether:rs:b", "at"]), "");
+    drop(n2);
 }
 
 /// The reliable extension's `HELLO` for `id` resuming with `token`, as a client from another code base sends it.

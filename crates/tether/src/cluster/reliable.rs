@@ -47,6 +47,9 @@ pub const FETCH_BYTES: usize = 64 * 1024;
 const REMEMBER_ENDED: Duration = Duration::from_secs(3600);
 /// Steps carried out in one pipeline at most.
 const BATCH: usize = 256;
+/// Messages one `TAKE` call takes at most, and the payload bytes after which it stops.
+const TAKE_COUNT: usize = 64;
+const TAKE_BYTES: usize = 256 * 1024;
 /// How often a connection's link looks for new items without a wake-up (one lost with a shed pub/sub message).
 const RESCAN: Duration = Duration::from_secs(1);
 
@@ -255,51 +258,102 @@ finish(ARGV[1], WHY_REPLACED, U_REPLACED, tonumber(ARGV[2]), ARGV[3])
 return had
 "#;
 
-/// The client `from` sent its message `seq` on connection `at`. ARGV: from, at, seq, to, payload, mode (`r` to a
-/// client, `a` to the server application, `t` too large to relay), messages, bytes, total bytes, max frame, per report. Returns {code,
-/// ...}: 0 the connection no longer carries the session (not taken); 1 taken before; -1 a gap (not taken); 2 for
-/// the application (taken), with whether the sender wants receipts; 3 `to` has no session (taken: deliver it
-/// another way); 4 too large, 5 `to`'s hold is full (taken, and reported to the sender); 6 held; 7 the sender's
-/// own stream holds more than its bound (reports it does not acknowledge): not taken.
+/// The client `from` sent messages on connection `at`, in order: take each (see the codes), in one script so that
+/// a burst costs one call. ARGV: from, at, messages, bytes, total bytes, max frame, per report, then for each
+/// message: seq, to, payload, mode (`r` to a client, `a` to the server application, `t` too large to relay).
+/// Returns one code per message: 0 the connection no longer carries the session (not taken); 1 taken before; -1
+/// a gap (not taken); 2 for the application (taken), 8 the same with a receipt asked; 3 `to` has no session
+/// (taken: deliver it another way); 4 too large, 5 `to`'s hold is full (taken, and reported to the sender); 6
+/// held; 7 the sender's own stream holds more than its bound (reports it does not acknowledge): not taken.
+/// The receivers' counters are kept in the script and written once, with one wake-up each, at the end (and
+/// before any report, which writes them itself).
 const TAKE: &str = r#"
-local from, at, seq, to = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local from, at = ARGV[1], ARGV[2]
+local maxn, maxb, most, max_frame, per =
+  tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local count = (#ARGV - 7) / 4
+local out = {}
 local s = redis.call('HMGET', rs(from), 'at', 'rx', 'tok', 'rcp', 'n', 'by')
-if s[1] ~= at then return {0} end
-local rx = tonumber(s[2])
-if seq <= rx then return {1} end
-if tonumber(s[5]) > tonumber(ARGV[7]) or tonumber(s[6]) > tonumber(ARGV[8]) then return {7} end
-if seq ~= rx + 1 then return {-1} end
-redis.call('HSET', rs(from), 'rx', ARGV[3])
-if ARGV[6] == 'a' then
-  if s[4] == '1' then return {2, 1} end
-  return {2, 0}
+if s[1] ~= at then
+  for i = 1, count do out[i] = 0 end
+  return out
 end
-local per = tonumber(ARGV[11])
-if ARGV[6] == 't' then
-  report(from, s[3], to, U_TOO_LARGE, {ARGV[3]}, per)
-  return {4}
-end
-local r = redis.call('HMGET', rs(to), 'tok', 'n', 'by', 'nd')
-if not r[1] then return {3} end
-local payload = ARGV[5]
-if 1 + 8 + 1 + #from + #payload > tonumber(ARGV[10]) then
-  report(from, s[3], to, U_TOO_LARGE, {ARGV[3]}, per)
-  return {4}
-end
-local size = #payload + #from + 96
+local rx, t = tonumber(s[2]), s[3]
+-- The sender's own hold, as of the last write of it (a report to it, or a message to itself, changes it).
+local own_n, own_by = tonumber(s[5]), tonumber(s[6])
 local total = tonumber(redis.call('GET', 'tether:rtotal') or '0')
-if tonumber(r[2]) >= tonumber(ARGV[7]) or tonumber(r[3]) + size > tonumber(ARGV[8])
-    or total + size > tonumber(ARGV[9]) then
-  redis.call('HINCRBY', rs(to), 'lost', 1)
-  report(from, s[3], to, U_HOLD_FULL, {ARGV[3]}, per)
-  return {5}
+local written = total
+local cache, order = {}, {}
+-- Write the receivers' counters and the total, and wake each receiver once.
+local function flush()
+  for _, id in ipairs(order) do
+    local c = cache[id]
+    redis.call('HSET', rs(id), 'as', ms_str(c.as), 'n', ms_str(c.n), 'by', ms_str(c.by))
+    if c.woke then wake(c.nd, id) end
+  end
+  add('tether:rtotal', nil, total - written)
+  cache, order = {}, {}
 end
-local q = redis.call('HINCRBY', rs(to), 'as', 1)
-redis.call('XADD', rq(to), sid(q), 'k', 'd', 'p', from, 'b', payload, 'o', from, 'ot', s[3], 'oq', ARGV[3],
-  'z', size)
-held(to, 1, size)
-wake(r[4], to)
-return {6}
+-- Report to the sender (after writing what is cached: a report writes counters itself).
+local function tell(to, outcome, seq)
+  flush()
+  report(from, t, to, outcome, {seq}, per)
+  total = tonumber(redis.call('GET', 'tether:rtotal') or '0')
+  written = total
+  local o = redis.call('HMGET', rs(from), 'n', 'by')
+  own_n, own_by = tonumber(o[1]), tonumber(o[2])
+end
+for i = 1, count do
+  local b = 7 + (i - 1) * 4
+  local seq, to, payload, mode = tonumber(ARGV[b + 1]), ARGV[b + 2], ARGV[b + 3], ARGV[b + 4]
+  local n, by = own_n, own_by
+  if cache[from] then n, by = cache[from].n, cache[from].by end
+  if seq <= rx then
+    out[i] = 1
+  elseif seq ~= rx + 1 then
+    out[i] = -1
+  elseif n > maxn or by > maxb then
+    out[i] = 7
+  else
+    rx = seq
+    if mode == 'a' then
+      if s[4] == '1' then out[i] = 8 else out[i] = 2 end
+    elseif mode == 't' then
+      tell(to, U_TOO_LARGE, ARGV[b + 1])
+      out[i] = 4
+    else
+      local c = cache[to]
+      if not c then
+        local r = redis.call('HMGET', rs(to), 'tok', 'n', 'by', 'nd', 'as')
+        if r[1] then
+          c = {n = tonumber(r[2]), by = tonumber(r[3]), nd = r[4], as = tonumber(r[5]), woke = false}
+          cache[to] = c
+          order[#order + 1] = to
+        end
+      end
+      local size = #payload + #from + 96
+      if not c then
+        out[i] = 3
+      elseif 1 + 8 + 1 + #from + #payload > max_frame then
+        tell(to, U_TOO_LARGE, ARGV[b + 1])
+        out[i] = 4
+      elseif c.n >= maxn or c.by + size > maxb or total + size > most then
+        redis.call('HINCRBY', rs(to), 'lost', 1)
+        tell(to, U_HOLD_FULL, ARGV[b + 1])
+        out[i] = 5
+      else
+        c.as, c.n, c.by, c.woke = c.as + 1, c.n + 1, c.by + size, true
+        total = total + size
+        redis.call('XADD', rq(to), sid(c.as), 'k', 'd', 'p', from, 'b', payload, 'o', from, 'ot', t,
+          'oq', ARGV[b + 1], 'z', size)
+        out[i] = 6
+      end
+    end
+  end
+end
+flush()
+redis.call('HSET', rs(from), 'rx', ms_str(rx))
+return out
 "#;
 
 /// Tell `to` what became of its messages. ARGV: to, token (hex), peer, outcome, sequence numbers (comma
@@ -638,6 +692,9 @@ enum Step {
     Wake,
 }
 
+/// A client's message on its way to Redis: its sequence number, receiver and payload.
+type Message = (u64, String, Bytes);
+
 /// What came of a step, handed back to the connection in order.
 #[derive(Debug)]
 pub enum Done {
@@ -760,7 +817,8 @@ impl Worker {
         }
     }
 
-    /// Carry out `batch` in one pipeline (then a fetch, if one is due), sending each outcome back in order.
+    /// Carry out `batch` in one pipeline (then a fetch, if one is due), sending each outcome back in order. A run
+    /// of consecutive messages is one `TAKE` call.
     async fn carry_out(
         &mut self,
         batch: &mut VecDeque<Step>,
@@ -768,57 +826,62 @@ impl Worker {
     ) -> Result<(), String> {
         let s = &self.store;
         let mut pipe = redis::pipe();
-        let mut asked = Vec::new();
+        // Per command: the messages of a TAKE (none for another step), and the step otherwise.
+        let mut asked: Vec<(Vec<Message>, Option<Step>)> = Vec::new();
+        // The TAKE being built: the command, its messages, their payload bytes.
+        let mut take: Option<(redis::Cmd, Vec<Message>, usize)> = None;
         for step in batch.drain(..) {
-            match step {
-                Step::Take { seq, to, payload, too_large } => {
-                    let mode = match (too_large, to.is_empty()) {
-                        (true, _) => "t",
-                        (false, true) => "a",
-                        (false, false) => "r",
-                    };
-                    pipe.add_command(
-                        s.evalsha(&s.rel.take)
-                            .arg(&self.id)
-                            .arg(&self.at)
-                            .arg(seq)
-                            .arg(&to)
-                            .arg(payload.as_ref())
-                            .arg(mode)
-                            .arg(self.b.messages)
-                            .arg(self.b.bytes)
-                            .arg(self.b.total_bytes)
-                            .arg(self.b.max_frame)
-                            .arg(self.b.per_report())
-                            .clone(),
-                    );
-                    asked.push(Step::Take { seq, to, payload, too_large });
+            if let Step::Take { seq, to, payload, too_large } = step {
+                let (cmd, msgs, bytes) = take.get_or_insert_with(|| {
+                    let mut cmd = s.evalsha(&s.rel.take);
+                    cmd.arg(&self.id).arg(&self.at).arg(self.b.messages).arg(self.b.bytes).arg(self.b.total_bytes);
+                    cmd.arg(self.b.max_frame).arg(self.b.per_report());
+                    (cmd, Vec::new(), 0)
+                });
+                let mode = match (too_large, to.is_empty()) {
+                    (true, _) => "t",
+                    (false, true) => "a",
+                    (false, false) => "r",
+                };
+                cmd.arg(seq).arg(&to).arg(payload.as_ref()).arg(mode);
+                *bytes += payload.len();
+                msgs.push((seq, to, payload));
+                if msgs.len() >= TAKE_COUNT || *bytes >= TAKE_BYTES {
+                    let (cmd, msgs, _) = take.take().expect("just filled");
+                    pipe.add_command(cmd);
+                    asked.push((msgs, None));
                 }
+                continue;
+            }
+            if let Some((cmd, msgs, _)) = take.take() {
+                pipe.add_command(cmd);
+                asked.push((msgs, None));
+            }
+            match step {
                 Step::Report { peer, outcome, seq } => {
-                    pipe.add_command(
-                        s.evalsha(&s.rel.report)
-                            .arg(&self.id)
-                            .arg(&self.token)
-                            .arg(&peer)
-                            .arg(outcome.map_or(0, Undeliverable::code))
-                            .arg(seq)
-                            .arg(self.b.per_report())
-                            .clone(),
-                    );
-                    asked.push(Step::Report { peer, outcome, seq });
+                    let mut cmd = s.evalsha(&s.rel.report);
+                    cmd.arg(&self.id).arg(&self.token).arg(&peer).arg(outcome.map_or(0, Undeliverable::code));
+                    cmd.arg(seq).arg(self.b.per_report());
+                    pipe.add_command(cmd);
+                    asked.push((Vec::new(), Some(Step::Report { peer, outcome, seq })));
                 }
                 Step::Ack { seq } => {
-                    pipe.add_command(
-                        s.evalsha(&s.rel.ack).arg(&self.id).arg(&self.at).arg(seq).arg(self.b.per_report()).clone(),
-                    );
-                    asked.push(Step::Ack { seq });
+                    let mut cmd = s.evalsha(&s.rel.ack);
+                    cmd.arg(&self.id).arg(&self.at).arg(seq).arg(self.b.per_report());
+                    pipe.add_command(cmd);
+                    asked.push((Vec::new(), Some(Step::Ack { seq })));
                 }
                 Step::Fetch => {
                     self.want = true;
                     self.dirty = true;
                 }
                 Step::Wake => self.dirty = true,
+                Step::Take { .. } => unreachable!("handled above"),
             }
+        }
+        if let Some((cmd, msgs, _)) = take.take() {
+            pipe.add_command(cmd);
+            asked.push((msgs, None));
         }
         if !asked.is_empty() {
             let mut con = s.con.clone();
@@ -830,16 +893,22 @@ impl Worker {
             if replies.len() != asked.len() {
                 return Err("a pipeline's replies do not match its commands".into());
             }
-            for (step, reply) in asked.into_iter().zip(replies) {
+            for ((msgs, step), reply) in asked.into_iter().zip(replies) {
                 match step {
-                    Step::Take { seq, to, payload, .. } => {
-                        let taken = taken_of(&reply).ok_or("unexpected TAKE reply")?;
-                        let _ = done.send(Done::Taken { seq, to, payload, taken });
+                    None => {
+                        let Value::Array(codes) = reply else { return Err("unexpected TAKE reply".into()) };
+                        if codes.len() != msgs.len() {
+                            return Err("a TAKE's codes do not match its messages".into());
+                        }
+                        for ((seq, to, payload), code) in msgs.into_iter().zip(codes) {
+                            let taken = taken_of(int(&code)).ok_or("unexpected TAKE code")?;
+                            let _ = done.send(Done::Taken { seq, to, payload, taken });
+                        }
                     }
-                    Step::Ack { seq } if int(&reply) < 0 => {
+                    Some(Step::Ack { seq }) if int(&reply) < 0 => {
                         let _ = done.send(Done::AckUnsent { seq });
                     }
-                    _ => {}
+                    Some(_) => {}
                 }
             }
         }
@@ -883,13 +952,13 @@ impl Worker {
     }
 }
 
-fn taken_of(v: &Value) -> Option<Taken> {
-    let Value::Array(a) = v else { return None };
-    Some(match int(a.first()?) {
+fn taken_of(code: i64) -> Option<Taken> {
+    Some(match code {
         0 => Taken::Moved,
         1 => Taken::Again,
         -1 => Taken::Gap,
-        2 => Taken::App { receipts: a.get(1).is_some_and(|r| int(r) == 1) },
+        2 => Taken::App { receipts: false },
+        8 => Taken::App { receipts: true },
         3 => Taken::NoSession,
         4 => Taken::TooLarge,
         5 => Taken::Full,
