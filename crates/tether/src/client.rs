@@ -360,7 +360,7 @@ impl ClientHooks {
     fn on_welcome(&mut self, conn: &mut Connection, now: StdInstant, w: &Welcome) {
         let Some(link) = &self.link else { return };
         let grant = reliable::Grant::find(&w.extensions).filter(|_| conn.is_reliable());
-        let (generation, acked, doubt) = link.welcome(grant, conn.peer_max_frame());
+        let (generation, acked, doubt, broken) = link.welcome(grant, conn.peer_max_frame());
         self.generation = Some(generation);
         if grant.is_none() {
             self.link = None;
@@ -370,6 +370,11 @@ impl ClientHooks {
         }
         if !doubt.is_empty() {
             self.emit(ClientEvent::InDoubt(doubt));
+        }
+        if broken {
+            // The server resumed a session its own earlier word contradicts: leave, and start a new one.
+            let bye = Bye { reason: CloseReason::ProtocolError, retry_after_ms: 0, alternative: String::new() };
+            return conn.reject(now, bye);
         }
         self.pull(conn, now);
     }

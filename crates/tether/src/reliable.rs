@@ -174,7 +174,11 @@ impl ReliableLink {
     /// - A first session keeps what was sent before any connection, numbered from 1 as the server expects.
     /// - A session that does not continue starts afresh: what was on the wire unacknowledged is in doubt, and
     ///   what never left is sent again under new numbers. Not granted, nothing is sent and all of it is returned.
-    pub(crate) fn welcome(&self, grant: Option<Grant>, max_frame: u32) -> (u64, u64, Vec<InDoubt>) {
+    /// - A grant that says the session continues where this client cannot (the server's stream, or what it
+    ///   took of this client's, went backwards: its store lost writes) is refused: the outbox starts afresh as
+    ///   above, the token is dropped so that the next connection starts a new session, and the last value is
+    ///   true: the caller closes this connection.
+    pub(crate) fn welcome(&self, grant: Option<Grant>, max_frame: u32) -> (u64, u64, Vec<InDoubt>, bool) {
         let mut st = self.state();
         st.generation += 1;
         let generation = st.generation;
@@ -186,23 +190,32 @@ impl ReliableLink {
             st.token = None;
             st.received = 0;
             let old = std::mem::take(&mut st.out);
-            return (generation, 0, in_doubt(old, None));
+            return (generation, 0, in_doubt(old, None), false);
         };
         st.token = Some(g.token);
         st.live = true;
         st.pull = true;
+        let mut broken = false;
         if g.continues() || !had_session {
             match st.out.resume(g.received) {
-                Ok(released) => return (generation, released.last().map_or(0, |(s, _)| *s), Vec::new()),
-                // The server claims messages never sent: continuity cannot be trusted, start afresh.
-                Err(e) => tracing::warn!("reliable resume: {e}; starting afresh"),
+                Ok(released) => return (generation, released.last().map_or(0, |(s, _)| *s), Vec::new(), false),
+                // The server's word contradicts what it acknowledged before: continuity cannot be trusted. Both
+                // sides must start afresh: this client now, the server at the next connection (no token).
+                Err(e) => {
+                    tracing::warn!("reliable resume: {e}; starting a new session");
+                    broken = g.continues();
+                }
             }
         }
         st.received = 0;
+        if broken {
+            st.token = None;
+            st.live = false;
+        }
         let old = std::mem::take(&mut st.out);
         let limits = st.cfg.window;
         let doubt = in_doubt(old, Some((&mut st.out, limits)));
-        (generation, 0, doubt)
+        (generation, 0, doubt, broken)
     }
 
     /// Connection `generation` ended: sends wait in the outbox for the next one.
@@ -300,5 +313,45 @@ impl State {
         if let Some(w) = self.waker.take() {
             w.wake();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tether_proto::reliable::Status;
+
+    fn grant(status: Status, received: u64) -> Grant {
+        Grant { token: [7; 16], status, why: None, received, lost: 0 }
+    }
+
+    /// A server that says the session continues but has taken less than it acknowledged (its store lost writes)
+    /// is not believed: the outbox starts afresh (in doubt), the token goes, and the connection is to be closed,
+    /// so that the next one starts a new session on both sides instead of the server dropping the renumbered
+    /// messages as duplicates.
+    #[test]
+    fn a_resume_below_what_was_acknowledged_starts_a_new_session_on_both_sides() {
+        let link = ReliableLink::new(ReliableConfig::default());
+        for i in 0..3 {
+            link.send("peer", Bytes::from(format!("m{i}"))).unwrap();
+        }
+        let (g1, _, _, broken) = link.welcome(Some(grant(Status::New, 0)), 65_536);
+        assert!(!broken);
+        assert_eq!(link.next_frames(g1, 1 << 20).0.len(), 3);
+        assert_eq!(link.acked(g1, 3), Ok(3));
+        link.send("peer", Bytes::from_static(b"m3")).unwrap();
+        link.detach(g1);
+        // Resumed, but the server says it took only 1 of the 3 it acknowledged.
+        let (_, acked, doubt, broken) = link.welcome(Some(grant(Status::Resumed, 1)), 65_536);
+        assert!(broken, "a contradicting resume is refused");
+        assert_eq!(acked, 0);
+        assert_eq!(doubt.len(), 1, "the unacknowledged message is reported: {doubt:?}");
+        let offer = Offer::find(&[link.offer()]).expect("an offer");
+        assert!(offer.resume.is_none(), "the next HELLO asks for a new session");
+        // The new session: the message that never left goes out as its first.
+        let (g3, _, _, broken) = link.welcome(Some(grant(Status::New, 0)), 65_536);
+        assert!(!broken);
+        let frames = link.next_frames(g3, 1 << 20).0;
+        assert!(matches!(&frames[..], [Frame::Sdata { seq: 1, .. }]), "{frames:?}");
     }
 }

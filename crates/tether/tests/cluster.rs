@@ -252,6 +252,65 @@ async fn a_reliable_sender_that_never_acknowledges_its_receipts_is_closed_at_its
     drop(n1);
 }
 
+/// A message to the server application whose connection closes right after it was sent: Redis takes it (so
+/// the resume counts it received), and the application gets it all the same, once.
+#[tokio::test]
+async fn a_message_to_the_application_is_delivered_though_its_connection_closed_at_once() {
+    redis_or_skip!("reliable message, then close");
+    let redis = Redis::start();
+    let mut n1 = node(&redis, "n1").await;
+    let mut hello = tether::proto::Hello::new(tether::proto::frame::V2, "a", 1);
+    hello.extensions = vec![tether::proto::reliable::Offer { receipts: false, resume: None }.to_extension()];
+    let mut a = support::RawPeer::connect(n1.addr).await;
+    a.send(&tether::proto::Frame::Hello(hello)).await;
+    let Some(tether::proto::Frame::Welcome(w)) = a.next_frame().await else { panic!("no WELCOME") };
+    let token = tether::proto::reliable::Grant::find(&w.extensions).expect("granted").token;
+    a.send(&tether::proto::Frame::Sdata { seq: 1, peer: String::new(), payload: Bytes::from_static(b"for the app") })
+        .await;
+    drop(a);
+    let got = n1.wait(|k| matches!(k, EventKind::Data { client, .. } if client == "a")).await;
+    assert!(matches!(got, EventKind::Data { payload, .. } if payload == Bytes::from_static(b"for the app")));
+    // The resume says it was received: the client does not send it again, and nothing is lost.
+    let mut again = support::RawPeer::connect(n1.addr).await;
+    again.send(&tether::proto::Frame::Hello(resume_hello("a", token))).await;
+    let Some(tether::proto::Frame::Welcome(w)) = again.next_frame().await else { panic!("no WELCOME") };
+    let g = tether::proto::reliable::Grant::find(&w.extensions).expect("granted");
+    assert_eq!((g.status, g.received), (Status::Resumed, 1));
+    let twice = tokio::time::timeout(Duration::from_secs(2), n1.wait(|k| matches!(k, EventKind::Data { .. }))).await;
+    assert!(twice.is_err(), "delivered twice: {twice:?}");
+}
+
+/// Two connections for one id whose claims and opens cross: the open of the older claim, reaching Redis after the
+/// newer one's, touches nothing (no session ended, no token changed), and neither does a plain takeover's end of
+/// the session with an older claim.
+#[tokio::test]
+async fn an_open_from_an_older_claim_after_a_newer_one_touches_nothing() {
+    use tether::cluster::reliable::{Attach, Bounds};
+    redis_or_skip!("reliable open order");
+    let redis = Redis::start();
+    let con = redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let store = tether::cluster::store::Store::new(con);
+    let b = Bounds {
+        expiry: Duration::from_secs(60),
+        messages: 100,
+        bytes: 1 << 20,
+        total_bytes: 1 << 30,
+        max_frame: 65_536,
+    };
+    let at = |conn| Attach { node: "n1".into(), member: "n1#x".into(), conn };
+    let offer = tether::proto::reliable::Offer { receipts: false, resume: None };
+    let newer = store.rel_open("dev", &at(2), &offer, 5, &b).await.unwrap().expect("opened");
+    assert_eq!(newer.grant.status, Status::New);
+    assert_eq!(store.rel_open("dev", &at(1), &offer, 4, &b).await.unwrap(), None, "the older claim lost");
+    assert!(!store.rel_replace("dev", 3, &b).await.unwrap(), "an older plain claim ends nothing");
+    assert_eq!(redis.cli(&["HGET", "tether:rs:dev", "at"]), "n1#x/2");
+    let token: String = newer.grant.token.iter().map(|x| format!("{x:02x}")).collect();
+    assert_eq!(redis.cli(&["HGET", "tether:rs:dev", "tok"]), token);
+    // A newer plain claim does end it.
+    assert!(store.rel_replace("dev", 6, &b).await.unwrap());
+    assert_eq!(redis.cli(&["EXISTS", "tether:rs:dev"]), "0");
+}
+
 /// State, not only events: a session Redis says a node carries, with no connection for it there (a detach
 /// Redis did not take), is taken offline by the node's reconciliation, and then expires like any other.
 #[tokio::test]

@@ -294,6 +294,9 @@ pub struct Cluster {
     outbox_done: AtomicU64,
     /// The reliable sessions' bounds (the server's hold settings), set once before the node starts.
     rel_bounds: std::sync::OnceLock<reliable::Bounds>,
+    /// Moves when this node may have missed pub/sub messages (reconnected, or shed some): each reliable
+    /// session's link then fetches without waiting for a wake-up.
+    rel_rescan: std::sync::Arc<AtomicU64>,
 }
 
 pub(crate) fn unix_ms() -> u64 {
@@ -342,6 +345,7 @@ impl Cluster {
             outbox_queued: AtomicU64::new(0),
             outbox_done: AtomicU64::new(0),
             rel_bounds: std::sync::OnceLock::new(),
+            rel_rescan: Default::default(),
         })
     }
 
@@ -653,6 +657,8 @@ impl Cluster {
     fn repair_all(&self) {
         self.repair.lock().expect("repair lock").full = true;
         self.repair_wake.notify_one();
+        // A wake-up for a reliable session may have been missed too: every link looks again.
+        self.rel_rescan.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Publish `msg` to `node`'s inbox.

@@ -27,7 +27,8 @@
 //! a client before Redis has it: a connection confirms a message only when its `TAKE` came back.
 
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -43,15 +44,20 @@ pub const EXPIRE_BATCH: usize = 16;
 /// Items one fetch brings at most, and the bytes after which it stops (at least one item).
 const FETCH_COUNT: usize = 256;
 pub const FETCH_BYTES: usize = 64 * 1024;
-/// How long an ended session's token is remembered, to tell a late resume why it is gone.
+/// How long an ended session's token is remembered, to tell a late resume why it is gone, and how many at most.
 const REMEMBER_ENDED: Duration = Duration::from_secs(3600);
+const REMEMBER_ENDED_COUNT: usize = 65_536;
+/// Sessions one `LOST` call takes offline at most (Redis runs each script alone).
+const LOST_BATCH: usize = 500;
 /// Steps carried out in one pipeline at most.
 const BATCH: usize = 256;
 /// Messages one `TAKE` call takes at most, and the payload bytes after which it stops.
 const TAKE_COUNT: usize = 64;
 const TAKE_BYTES: usize = 256 * 1024;
-/// How often a connection's link looks for new items without a wake-up (one lost with a shed pub/sub message).
+/// How often a connection's link checks whether its node may have missed a wake-up (reconnected to Redis, shed
+/// pub/sub messages), and looks for new items then; it looks every `RESCAN_EVERY` checks in any case.
 const RESCAN: Duration = Duration::from_secs(1);
+const RESCAN_EVERY: u32 = 30;
 
 /// The bounds the scripts apply, the single node's `HoldConfig`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +81,7 @@ impl Bounds {
 fn head() -> String {
     format!(
         r#"
+local REMEMBER_ENDED = {}
 local WHY_EXPIRED, WHY_OVERFLOW, WHY_RESTARTED, WHY_UNKNOWN, WHY_REPLACED = {}, {}, {}, {}, {}
 local U_TOO_LARGE, U_EXPIRED, U_HOLD_FULL, U_REPLACED = {}, {}, {}, {}
 local function rs(id) return 'tether:rs:' .. id end
@@ -173,6 +180,12 @@ local function finish(id, why, outcome, per, ttl)
   redis.call('ZREM', 'tether:rexp', id)
   if s[3] and s[3] ~= '' then redis.call('SREM', 'tether:rnode:' .. s[3], id) end
   redis.call('SET', 'tether:rend:' .. s[1], why .. ':' .. ms_str(lost + tonumber(s[2] or '0')), 'PX', ttl)
+  -- Ended tokens are remembered up to a count, as on a single node (the oldest forgotten first).
+  redis.call('ZADD', 'tether:rends', now_ms(), s[1])
+  if redis.call('ZCARD', 'tether:rends') > REMEMBER_ENDED then
+    local oldest = redis.call('ZPOPMIN', 'tether:rends')
+    redis.call('DEL', 'tether:rend:' .. oldest[1])
+  end
   for _, key in ipairs(order) do
     local g = groups[key]
     report(g[1], g[2], id, outcome, g[3], per)
@@ -184,6 +197,7 @@ local function attach(id, at, nd, mb)
   if old and old ~= '' and old ~= mb then redis.call('SREM', 'tether:rnode:' .. old, id) end
   redis.call('HSET', rs(id), 'at', at, 'nd', nd, 'mb', mb, 't', ms_str(now_ms()))
   redis.call('SADD', 'tether:rnode:' .. mb, id)
+  redis.call('SADD', 'tether:rmembers', mb)
   redis.call('ZREM', 'tether:rexp', id)
 end
 -- `id` is offline (it was carried by incarnation `mb`), and expires `expiry` ms from now.
@@ -193,6 +207,7 @@ local function offline(id, mb, expiry)
   redis.call('ZADD', 'tether:rexp', now_ms() + expiry, id)
 end
 "#,
+        REMEMBER_ENDED_COUNT,
         LostWhy::Expired.code(),
         LostWhy::HoldOverflow.code(),
         LostWhy::Restarted.code(),
@@ -207,18 +222,21 @@ end
 
 /// A connection for `id` was admitted: resume the session its token names, or start one (ending any other of the
 /// id: `replaced`). ARGV: id, at, nd, mb, receipts (0/1), offered token (hex, or empty), received, random (16 hex),
-/// per report, ttl ms, a store id to use if there is none (16 hex). Returns {status, why, token, rx, lost (-1:
-/// unknown), items to replay}.
+/// per report, ttl ms, a store id to use if there is none (16 hex), the claim's epoch. Returns {status, why,
+/// token, rx, lost (-1: unknown), items to replay}, or {-1} when a newer claim of the id opened its session
+/// already (the claims and the opens of two connections may cross).
 const OPEN: &str = r#"
 local id, at, nd, mb, rcp, offered = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local received, per, ttl = tonumber(ARGV[7]), tonumber(ARGV[9]), ARGV[10]
-local s = redis.call('HMGET', rs(id), 'tok', 'rx', 'as', 'ack', 'lost')
+local s = redis.call('HMGET', rs(id), 'tok', 'rx', 'as', 'ack', 'lost', 'ep')
+-- A newer claim of the id opened its session first: this connection lost the race, and touches nothing.
+if tonumber(ARGV[12]) < tonumber(s[6] or '0') then return {-1} end
 if offered ~= '' and s[1] == offered then
   local as, ack = tonumber(s[3]), tonumber(s[4])
   if received <= as and received >= ack then
     release(id, received, per)
     local lost = tonumber(s[5] or '0')
-    redis.call('HSET', rs(id), 'ack', ms_str(received), 'rcp', rcp, 'lost', '0')
+    redis.call('HSET', rs(id), 'ack', ms_str(received), 'rcp', rcp, 'lost', '0', 'ep', ARGV[12])
     attach(id, at, nd, mb)
     local status, why = 1, 0
     if lost > 0 then status, why = 2, WHY_OVERFLOW end
@@ -245,17 +263,19 @@ if offered ~= '' then
 end
 finish(id, WHY_REPLACED, U_REPLACED, per, ttl)
 local token = store .. ARGV[8]
-redis.call('HSET', rs(id), 'tok', token, 'rx', '0', 'as', '0', 'ack', '0', 'rcp', rcp, 'n', '0', 'by', '0', 'lost', '0')
+redis.call('HSET', rs(id), 'tok', token, 'rx', '0', 'as', '0', 'ack', '0', 'rcp', rcp, 'n', '0', 'by', '0', 'lost', '0',
+  'ep', ARGV[12])
 attach(id, at, nd, mb)
 return {status, why, token, 0, lost, 0}
 "#;
 
-/// A connection took the id without asking for a reliable session: the id's session, if any, ends (`replaced`).
-/// ARGV: id, per report, ttl ms. Returns 1 if there was one.
+/// A connection took the id without asking for a reliable session: the id's session, if any, ends (`replaced`),
+/// unless a newer claim opened it. ARGV: id, per report, ttl ms, the claim's epoch. Returns 1 if one ended.
 const REPLACE: &str = r#"
-local had = redis.call('EXISTS', rs(ARGV[1]))
+local ep = redis.call('HGET', rs(ARGV[1]), 'ep')
+if not ep or tonumber(ARGV[4]) < tonumber(ep) then return 0 end
 finish(ARGV[1], WHY_REPLACED, U_REPLACED, tonumber(ARGV[2]), ARGV[3])
-return had
+return 1
 "#;
 
 /// The client `from` sent messages on connection `at`, in order: take each (see the codes), in one script so that
@@ -412,10 +432,10 @@ end
 return #due
 "#;
 
-/// Node incarnation `member` is gone (lost or left): the sessions it carried are offline from now. ARGV: member,
-/// expiry ms. Returns how many.
+/// Node incarnation `member` is gone (lost or left): the sessions it carried are offline from now, a batch at a
+/// time. ARGV: member, expiry ms, batch. Returns {how many went offline, how many are left}.
 const LOST: &str = r#"
-local ids = redis.call('SMEMBERS', 'tether:rnode:' .. ARGV[1])
+local ids = redis.call('SPOP', 'tether:rnode:' .. ARGV[1], tonumber(ARGV[3]))
 local n = 0
 for _, id in ipairs(ids) do
   local mb = redis.call('HGET', rs(id), 'mb')
@@ -424,8 +444,19 @@ for _, id in ipairs(ids) do
     n = n + 1
   end
 end
-redis.call('DEL', 'tether:rnode:' .. ARGV[1])
-return n
+local left = redis.call('SCARD', 'tether:rnode:' .. ARGV[1])
+if left == 0 then redis.call('SREM', 'tether:rmembers', ARGV[1]) end
+return {n, left}
+"#;
+
+/// The node incarnations that carry reliable sessions but are no longer in the node table (gone, and their LOST
+/// did not run to the end: the reaping node died, or Redis failed meanwhile).
+const ORPHANS: &str = r#"
+local out = {}
+for _, m in ipairs(redis.call('SMEMBERS', 'tether:rmembers')) do
+  if not redis.call('ZSCORE', 'tether:nodes', m) then out[#out + 1] = m end
+end
+return out
 "#;
 
 /// Node incarnation `member` carries no connection for the sessions of its set that are not among the live ids
@@ -462,6 +493,7 @@ pub struct Scripts {
     detach: Script,
     expire: Script,
     lost: Script,
+    orphans: Script,
     reconcile: Script,
 }
 
@@ -479,6 +511,7 @@ impl Default for Scripts {
             detach: s(DETACH),
             expire: s(EXPIRE),
             lost: s(LOST),
+            orphans: s(ORPHANS),
             reconcile: s(RECONCILE),
         }
     }
@@ -486,7 +519,7 @@ impl Default for Scripts {
 
 impl Scripts {
     /// Every script, for loading into Redis's cache (pipelines call them by hash).
-    pub fn all(&self) -> [&Script; 10] {
+    pub fn all(&self) -> [&Script; 11] {
         [
             &self.open,
             &self.replace,
@@ -497,6 +530,7 @@ impl Scripts {
             &self.detach,
             &self.expire,
             &self.lost,
+            &self.orphans,
             &self.reconcile,
         ]
     }
@@ -517,7 +551,8 @@ impl Attach {
     }
 }
 
-/// What [`Store::rel_open`] decided.
+/// What [`Store::rel_open`] decided: the session opened, or `None` when a newer claim of the id opened its own
+/// first.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Opened {
     pub grant: Grant,
@@ -586,7 +621,14 @@ fn bad(what: &str) -> redis::RedisError {
 
 impl Store {
     /// Resume or start `id`'s session for connection `at` (see `OPEN`).
-    pub async fn rel_open(&self, id: &str, at: &Attach, offer: &Offer, b: &Bounds) -> RedisResult<Opened> {
+    pub async fn rel_open(
+        &self,
+        id: &str,
+        at: &Attach,
+        offer: &Offer,
+        epoch: u64,
+        b: &Bounds,
+    ) -> RedisResult<Option<Opened>> {
         let mut con = self.con.clone();
         let random: [u8; 8] = rand::random();
         let store: [u8; 8] = rand::random();
@@ -605,8 +647,12 @@ impl Store {
             .arg(b.per_report())
             .arg(REMEMBER_ENDED.as_millis() as u64)
             .arg(hex(&store))
+            .arg(epoch)
             .invoke_async(&mut con)
             .await?;
+        if let [superseded] = &v[..] {
+            return if int(superseded) == -1 { Ok(None) } else { Err(bad("OPEN")) };
+        }
         let [status, why, token, rx, lost, replay] = &v[..] else { return Err(bad("OPEN")) };
         let status = match int(status) {
             0 => Status::New,
@@ -621,11 +667,11 @@ impl Store {
         let lost = u32::try_from(int(lost)).unwrap_or(u32::MAX);
         let token = unhex(&text(token)).ok_or_else(|| bad("OPEN token"))?;
         let grant = Grant { token, status, why, received: int(rx).max(0) as u64, lost };
-        Ok(Opened { grant, replay: int(replay).max(0) as u64 })
+        Ok(Some(Opened { grant, replay: int(replay).max(0) as u64 }))
     }
 
     /// End `id`'s session, if any (`replaced`): a connection took the id without asking for one.
-    pub async fn rel_replace(&self, id: &str, b: &Bounds) -> RedisResult<bool> {
+    pub async fn rel_replace(&self, id: &str, epoch: u64, b: &Bounds) -> RedisResult<bool> {
         let mut con = self.con.clone();
         let had: i64 = self
             .rel
@@ -633,6 +679,7 @@ impl Store {
             .arg(id)
             .arg(b.per_report())
             .arg(REMEMBER_ENDED.as_millis() as u64)
+            .arg(epoch)
             .invoke_async(&mut con)
             .await?;
         Ok(had == 1)
@@ -646,10 +693,27 @@ impl Store {
         inv.invoke_async(&mut con).await
     }
 
-    /// Node incarnation `member` is gone: its sessions are offline from now; how many.
+    /// Node incarnation `member` is gone: its sessions are offline from now, a batch per call; how many.
     pub async fn rel_lost(&self, member: &str, b: &Bounds) -> RedisResult<u64> {
+        let mut total = 0;
+        // Bounded: each call empties up to a batch of a set nothing adds to any more.
+        for _ in 0..10_000 {
+            let mut con = self.con.clone();
+            let mut inv = self.rel.lost.prepare_invoke();
+            inv.arg(member).arg(b.expiry.as_millis() as u64).arg(LOST_BATCH);
+            let (n, left): (u64, u64) = inv.invoke_async(&mut con).await?;
+            total += n;
+            if left == 0 {
+                break;
+            }
+        }
+        Ok(total)
+    }
+
+    /// Gone node incarnations that still carry reliable sessions (their `LOST` did not finish).
+    pub async fn rel_orphans(&self) -> RedisResult<Vec<String>> {
         let mut con = self.con.clone();
-        self.rel.lost.arg(member).arg(b.expiry.as_millis() as u64).invoke_async(&mut con).await
+        self.rel.orphans.prepare_invoke().invoke_async(&mut con).await
     }
 
     /// The sessions of node incarnation `member` that none of the `live` ids (this node's sessions) carries, and
@@ -700,8 +764,6 @@ type Message = (u64, String, Bytes);
 pub enum Done {
     /// The client's message `seq` (its payload and receiver, for the outcomes that need them).
     Taken { seq: u64, to: String, payload: Bytes, taken: Taken },
-    /// The client's acknowledgement named an item never sent: a protocol error.
-    AckUnsent { seq: u64 },
     /// Items to send, in order.
     Items(Vec<Frame>),
     /// The connection no longer carries the session (a resume elsewhere, this node declared lost, or Redis
@@ -722,10 +784,23 @@ pub struct Link {
 
 impl Link {
     /// Start the task for session `id` on connection `at`, whose stream to the client was sent up to `sent`.
-    pub fn start(store: Store, id: String, token: Token, at: Attach, sent: u64, b: Bounds, timeout: Duration) -> Link {
+    #[allow(clippy::too_many_arguments)]
+    fn start(
+        store: Store,
+        id: String,
+        token: Token,
+        at: Attach,
+        sent: u64,
+        b: Bounds,
+        timeout: Duration,
+        rescan: Arc<AtomicU64>,
+    ) -> Link {
         let (steps, rx) = mpsc::unbounded_channel();
         let (tx, done) = mpsc::unbounded_channel();
-        let worker = Worker { store, id, token: hex(&token), at: at.key(), sent, b, timeout, want: false, dirty: true };
+        let seen = rescan.load(Ordering::Relaxed);
+        let token = hex(&token);
+        let (at, want, dirty, idle) = (at.key(), false, true, 0);
+        let worker = Worker { store, id, token, at, sent, b, timeout, want, dirty, rescan, seen, idle };
         tokio::spawn(worker.run(rx, tx));
         Link { steps, done }
     }
@@ -772,6 +847,10 @@ struct Worker {
     want: bool,
     /// Items may wait that the last fetch did not see.
     dirty: bool,
+    /// The node's count of moments it may have missed a wake-up, as last seen, and ticks since the last look.
+    rescan: Arc<AtomicU64>,
+    seen: u64,
+    idle: u32,
 }
 
 impl Worker {
@@ -786,7 +865,15 @@ impl Worker {
                     Some(s) => batch.push_back(s),
                     None => break,
                 },
-                _ = rescan.tick() => self.dirty = true,
+                _ = rescan.tick() => {
+                    // A wake-up may have been missed (the node reconnected to Redis, or shed messages): look now;
+                    // and every RESCAN_EVERY ticks in any case.
+                    let seen = self.rescan.load(Ordering::Relaxed);
+                    self.idle += 1;
+                    if seen != self.seen || self.idle >= RESCAN_EVERY {
+                        (self.seen, self.idle, self.dirty) = (seen, 0, true);
+                    }
+                }
             }
             while batch.len() < BATCH {
                 match steps.try_recv() {
@@ -905,8 +992,10 @@ impl Worker {
                             let _ = done.send(Done::Taken { seq, to, payload, taken });
                         }
                     }
+                    // The connection checks acknowledgements against what it sent: Redis disagreeing means its
+                    // stream is not the one this connection sent (Redis restarted or failed over).
                     Some(Step::Ack { seq }) if int(&reply) < 0 => {
-                        let _ = done.send(Done::AckUnsent { seq });
+                        return Err(format!("acknowledgement of {seq} beyond the session's stream in Redis"));
                     }
                     Some(_) => {}
                 }
@@ -1012,11 +1101,13 @@ impl super::Cluster {
         self.rel_bounds.get().copied()
     }
 
-    /// Resume or start `id`'s session for connection `at`; `None` when Redis did not answer in time (or refused).
-    pub(crate) async fn rel_open(&self, id: &str, at: &Attach, offer: &Offer) -> Option<Opened> {
+    /// Resume or start `id`'s session for connection `at`, claimed with `epoch`; `None` when Redis did not answer
+    /// in time (or refused), `Some(None)` when a newer claim of the id opened its session first.
+    pub(crate) async fn rel_open(&self, id: &str, at: &Attach, offer: &Offer, epoch: u64) -> Option<Option<Opened>> {
         let (store, b) = (self.store()?, self.rel_bounds()?);
-        match tokio::time::timeout(self.cfg.redis_timeout, store.rel_open(id, at, offer, &b)).await {
-            Ok(Ok(opened)) => {
+        match tokio::time::timeout(self.cfg.redis_timeout, store.rel_open(id, at, offer, epoch, &b)).await {
+            Ok(Ok(None)) => Some(None),
+            Ok(Ok(Some(opened))) => {
                 let st = &self.stats;
                 match opened.grant.status {
                     Status::Resumed | Status::ResumedWithLoss => {
@@ -1028,7 +1119,7 @@ impl super::Cluster {
                     }
                     Status::New => {}
                 }
-                Some(opened)
+                Some(Some(opened))
             }
             Ok(Err(e)) => {
                 tracing::warn!("reliable session of {id}: Redis did not open it: {e}");
@@ -1052,9 +1143,9 @@ impl super::Cluster {
 
     /// `id` was taken by a connection that did not ask for a reliable session: its session, if any, ends
     /// (`replaced`). Best effort: while Redis does not answer, the session stays, and expires if nobody resumes it.
-    pub(crate) async fn rel_replace(&self, id: &str) {
+    pub(crate) async fn rel_replace(&self, id: &str, epoch: u64) {
         let (Some(store), Some(b)) = (self.store(), self.rel_bounds()) else { return };
-        if let Ok(Err(e)) = tokio::time::timeout(self.cfg.redis_timeout, store.rel_replace(id, &b)).await {
+        if let Ok(Err(e)) = tokio::time::timeout(self.cfg.redis_timeout, store.rel_replace(id, epoch, &b)).await {
             tracing::warn!("reliable session of {id}: Redis did not end it: {e}");
         }
     }
@@ -1063,6 +1154,7 @@ impl super::Cluster {
     /// `None` while Redis is unreachable.
     pub(crate) fn rel_link(&self, id: &str, token: Token, at: Attach, sent: u64) -> Option<Link> {
         let (store, b) = (self.store()?, self.rel_bounds()?);
-        Some(Link::start(store, id.to_owned(), token, at, sent, b, self.cfg.redis_timeout))
+        let rescan = self.rel_rescan.clone();
+        Some(Link::start(store, id.to_owned(), token, at, sent, b, self.cfg.redis_timeout, rescan))
     }
 }

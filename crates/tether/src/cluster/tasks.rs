@@ -327,6 +327,15 @@ async fn reaper(c: Arc<Cluster>, host: Arc<dyn Host>) {
                     Ok(_) => {}
                     Err(e) => tracing::debug!("reliable sessions' reconciliation: {e}"),
                 }
+                // And the sessions of node incarnations gone from the table whose sessions did not all go
+                // offline (the node reaping them died, or Redis failed, in between).
+                for member in store.rel_orphans().await.unwrap_or_default() {
+                    match store.rel_lost(&member, &b).await {
+                        Ok(n) if n > 0 => tracing::info!("cluster: {n} reliable sessions of gone {member} offline"),
+                        Ok(_) => {}
+                        Err(e) => tracing::debug!("reliable sessions of gone {member}: {e}"),
+                    }
+                }
             }
         }
         let gap = stall_gap(c.cfg.lease);

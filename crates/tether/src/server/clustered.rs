@@ -93,8 +93,8 @@ pub(super) async fn admit(
                 match (cluster.claim(&hello.client_id).await, offer) {
                     (Some(c), Some(offer)) => {
                         let attach = cluster.rel_attach(conn);
-                        match cluster.rel_open(&hello.client_id, &attach, &offer).await {
-                            Some(opened) => {
+                        match cluster.rel_open(&hello.client_id, &attach, &offer, c.epoch).await {
+                            Some(Some(opened)) => {
                                 let grant = opened.grant;
                                 let sent = match grant.continues() {
                                     true => offer.resume.map_or(0, |r| r.received),
@@ -103,6 +103,8 @@ pub(super) async fn admit(
                                 let rel = Some(Box::new(Stored { grant, attach, sent }));
                                 Decision::Welcome { epoch: c.epoch, displaced, rel }
                             }
+                            // A newer claim of the id (another connection) opened its session first: it wins.
+                            Some(None) => Decision::Superseded { epoch: c.epoch },
                             None => {
                                 // Claimed, but its session could not be opened: the id goes back.
                                 cluster.admitted(c.epoch);
@@ -114,7 +116,7 @@ pub(super) async fn admit(
                     }
                     (Some(c), None) => {
                         // Another device, or one that lost its session, took the id: the session ends.
-                        cluster.rel_replace(&hello.client_id).await;
+                        cluster.rel_replace(&hello.client_id, c.epoch).await;
                         Decision::Welcome { epoch: c.epoch, displaced, rel: None }
                     }
                     (None, Some(_)) => Decision::Unavailable { retry_after: UNAVAILABLE_RETRY },

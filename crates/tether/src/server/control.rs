@@ -303,6 +303,9 @@ pub(super) enum Decision {
     Welcome { epoch: u64, displaced: Vec<(u64, Duration)>, rel: Option<Box<Stored>> },
     /// Another live device holds the id (here or on `node`).
     Conflict { retry_after: Duration, node: Option<String> },
+    /// A newer claim of the id (another connection, here or elsewhere) opened its reliable session first: this
+    /// one, claimed with `epoch`, lost the race.
+    Superseded { epoch: u64 },
     /// A reliable session was asked for and Redis could not open it: come back after `retry_after` (a session
     /// without its store would break the promise of continuity).
     Unavailable { retry_after: Duration },
@@ -319,6 +322,9 @@ pub(super) struct Stored {
 impl Admit {
     /// The connection this was decided for closed before its `WELCOME`: give back the id claimed for it.
     pub(super) fn give_back(self, cluster: &Cluster, reason: CloseReason, by_client: bool) {
+        if let Decision::Superseded { epoch } = self.decision {
+            return cluster.admitted(epoch);
+        }
         if let Decision::Welcome { epoch, rel, .. } = self.decision {
             cluster.admitted(epoch);
             cluster.release(&self.hello.client_id, epoch, reason, by_client, Duration::ZERO);

@@ -120,8 +120,10 @@ pub(super) async fn serve_conn(shared: Arc<Shared>, stream: TcpStream, peer: Soc
     hooks.handshake_done();
 }
 
-/// Cluster mode: a client's messages on their way to Redis at most; beyond, it is not following its window.
+/// Cluster mode: a client's messages (and their payload bytes) on their way to Redis at most; beyond, it is not
+/// following its window.
 const MAX_IN_FLIGHT: u32 = 65_536;
+const MAX_IN_FLIGHT_BYTES: usize = 16 << 20;
 
 /// What became of a reliable client's message, decided under the sessions' lock ([`ServerHooks::on_sdata`]).
 enum Step {
@@ -164,7 +166,97 @@ struct ServerHooks {
 struct StoredRel {
     grant: Option<reliable::Grant>,
     link: Link,
+    /// The client's messages sent to Redis whose outcome has not come back, and their payload bytes.
     in_flight: u32,
+    in_flight_bytes: usize,
+    /// The highest item of the stream to the client sent on this connection, and the highest acknowledgement
+    /// passed on to Redis.
+    sent: u64,
+    acked: u64,
+}
+
+/// What a client's message that Redis took asks of its connection.
+enum ForConn {
+    Confirm,
+    Close(CloseReason, Duration),
+    Abort(CloseReason),
+}
+
+/// Cluster mode: carry out what Redis decided about client `from`'s message `seq`, all but the connection's part
+/// (returned). The application gets its message, a client without a reliable session its `DATA`, the sender its
+/// report through `link`: also after the connection closed ([`settle`]), since Redis counts the message taken.
+#[allow(clippy::too_many_arguments)]
+fn carry_taken(
+    shared: &Shared,
+    conn_id: ConnId,
+    from: &str,
+    link: &Link,
+    seq: u64,
+    to: String,
+    payload: Bytes,
+    taken: Taken,
+) -> ForConn {
+    let report = |peer: String, outcome: Option<Undeliverable>| {
+        if outcome.is_some() {
+            shared.metrics.undeliverable.fetch_add(1, Ordering::Relaxed);
+        }
+        link.report(peer, outcome, seq);
+    };
+    match taken {
+        // Another connection carries the session now (a resume elsewhere, or this node was declared lost
+        // meanwhile): this one leaves, and its client resumes.
+        Taken::Moved => return ForConn::Close(CloseReason::Takeover, Duration::ZERO),
+        // Redis lost what came before (it restarted empty, or failed over): the client resumes and learns where
+        // the stream stands.
+        Taken::Gap => return ForConn::Close(CloseReason::Busy, Duration::from_secs(1)),
+        // Its reports pile up unacknowledged: it does not read what it is told. Nothing more is taken.
+        Taken::Slow => return ForConn::Abort(CloseReason::SlowConsumer),
+        Taken::Again => {}
+        Taken::Held => _ = shared.metrics.relayed.fetch_add(1, Ordering::Relaxed),
+        Taken::App { receipts } => {
+            let taken = shared.emit(EventKind::Data { client: from.to_owned(), conn: conn_id, payload });
+            if !taken || receipts {
+                report(String::new(), (!taken).then_some(Undeliverable::AppBusy));
+            }
+        }
+        Taken::NoSession => {
+            // No reliable session: an online plain client gets it as DATA, at most once from here.
+            let local = {
+                let hub = shared.hub();
+                let data = || Frame::Data { peer: from.to_owned(), payload: payload.clone() };
+                hub.holder(&to).map(|h| h.push(data(), shared.cfg.outbound_queue).is_ok())
+            };
+            if local.unwrap_or_else(|| shared.relay_remote(from, &to, payload)) {
+                shared.metrics.relayed.fetch_add(1, Ordering::Relaxed);
+            } else {
+                report(to, Some(Undeliverable::NotOnline));
+            }
+        }
+        Taken::TooLarge => _ = shared.metrics.undeliverable.fetch_add(1, Ordering::Relaxed),
+        Taken::Full => {
+            shared.metrics.undeliverable.fetch_add(1, Ordering::Relaxed);
+            if let Some(c) = &shared.cluster {
+                c.rel_overflow();
+            }
+        }
+    }
+    ForConn::Confirm
+}
+
+/// Cluster mode: connection `conn_id` of `from` ended with messages on their way to Redis. What Redis decided
+/// about each is carried out all the same ([`carry_taken`]); then the link goes, which detaches the session
+/// after the reports just asked for.
+async fn settle(shared: Arc<Shared>, conn_id: ConnId, from: String, mut st: Box<StoredRel>) {
+    while st.in_flight > 0 {
+        match st.link.done.recv().await {
+            Some(Done::Taken { seq, to, payload, taken }) => {
+                st.in_flight -= 1;
+                carry_taken(&shared, conn_id, &from, &st.link, seq, to, payload, taken);
+            }
+            Some(Done::Failed(_)) | None => return,
+            Some(_) => {}
+        }
+    }
 }
 
 impl ServerHooks {
@@ -252,11 +344,19 @@ impl ServerHooks {
                 });
             }
             Decision::Unavailable { retry_after } => conn.reject(now, bye(CloseReason::Busy, retry_after)),
+            Decision::Superseded { epoch } => {
+                if let Some(cluster) = &shared.cluster {
+                    cluster.admitted(epoch);
+                }
+                conn.reject(now, bye(CloseReason::Takeover, Duration::ZERO));
+            }
             Decision::Welcome { epoch, displaced, rel } => {
                 if let (Some(r), Some(cluster)) = (rel, &shared.cluster) {
                     match cluster.rel_link(&hello.client_id, r.grant.token, r.attach, r.sent) {
                         Some(link) => {
-                            self.stored = Some(Box::new(StoredRel { grant: Some(r.grant), link, in_flight: 0 }))
+                            let (grant, sent) = (Some(r.grant), r.sent);
+                            let st = StoredRel { grant, link, in_flight: 0, in_flight_bytes: 0, sent, acked: sent };
+                            self.stored = Some(Box::new(st))
                         }
                         // Redis went away since it opened the session: come back later (the lease's reaper or the
                         // next resume settles the session).
@@ -481,9 +581,10 @@ impl ServerHooks {
         crate::fault::panic_at("data", &from);
         if let Some(st) = &mut self.stored {
             // Cluster mode: Redis decides; the outcome comes back in order ([`Self::on_stored`]).
-            st.link.take(seq, to, payload);
             st.in_flight += 1;
-            if st.in_flight > MAX_IN_FLIGHT {
+            st.in_flight_bytes += payload.len();
+            st.link.take(seq, to, payload);
+            if st.in_flight > MAX_IN_FLIGHT || st.in_flight_bytes > MAX_IN_FLIGHT_BYTES {
                 // No client following the rules has more unacknowledged than its window.
                 conn.abort(now, CloseReason::RateLimited);
             }
@@ -573,8 +674,20 @@ impl ServerHooks {
     /// The client acknowledged our stream up to `seq`: release, and deliver the receipts that follow.
     fn on_acked(&mut self, conn: &mut Connection, now: StdInstant, seq: u64) {
         let Some(client) = &self.client else { return };
-        if let Some(st) = &self.stored {
-            return st.link.ack(seq);
+        if let Some(st) = &mut self.stored {
+            // Checked here, as the single node's outbox does: an acknowledgement of what this connection never
+            // sent is a protocol error, and one that releases nothing costs Redis nothing.
+            if seq > st.sent {
+                if self.shared.log_allowed("bad acknowledgement", client) {
+                    tracing::info!(conn = self.conn_id, client = %client, "protocol error: acknowledgement of {seq}, but only {} were sent", st.sent);
+                }
+                return conn.reject(now, bye(CloseReason::ProtocolError, Duration::ZERO));
+            }
+            if seq > st.acked {
+                st.acked = seq;
+                st.link.ack(seq);
+            }
+            return;
         }
         let acked = self.shared.held.table().ack(client, &Attached(self.control.clone()), seq);
         match acked {
@@ -594,66 +707,25 @@ impl ServerHooks {
         let (Some(from), Some(st)) = (self.client.clone(), self.stored.as_mut()) else { return };
         match done {
             Done::Taken { seq, to, payload, taken } => {
-                st.in_flight = st.in_flight.saturating_sub(1);
-                match taken {
-                    // Another connection carries the session now (a resume elsewhere, or this node was declared
-                    // lost meanwhile): this one leaves, and its client resumes.
-                    Taken::Moved => return conn.close(now, bye(CloseReason::Takeover, Duration::ZERO)),
-                    // Redis lost what came before (it restarted empty, or failed over): the client resumes and
-                    // learns where the stream stands.
-                    Taken::Gap => return conn.close(now, bye(CloseReason::Busy, Duration::from_secs(1))),
-                    Taken::Again => {}
-                    // Its reports pile up unacknowledged: it does not read what it is told. Nothing more is taken.
-                    Taken::Slow => return conn.abort(now, CloseReason::SlowConsumer),
-                    Taken::Held => self.relayed(),
-                    Taken::App { receipts } => {
-                        let taken = self.shared.emit(EventKind::Data { client: from, conn: self.conn_id, payload });
-                        if !taken || receipts {
-                            let outcome = (!taken).then_some(Undeliverable::AppBusy);
-                            self.stored_report(String::new(), outcome, seq);
-                        }
-                    }
-                    Taken::NoSession => {
-                        // No reliable session: an online plain client gets it as DATA, at most once from here.
-                        let local = {
-                            let hub = self.shared.hub();
-                            let limit = self.shared.cfg.outbound_queue;
-                            hub.holder(&to).map(|h| {
-                                h.push(Frame::Data { peer: from.clone(), payload: payload.clone() }, limit).is_ok()
-                            })
-                        };
-                        let delivered = match local {
-                            Some(d) => d,
-                            None => self.shared.relay_remote(&from, &to, payload),
-                        };
-                        if delivered {
-                            self.relayed();
-                        } else {
-                            self.stored_report(to, Some(Undeliverable::NotOnline), seq);
-                        }
-                    }
-                    Taken::TooLarge => {
-                        self.shared.metrics.undeliverable.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Taken::Full => {
-                        self.shared.metrics.undeliverable.fetch_add(1, Ordering::Relaxed);
-                        if let Some(c) = &self.shared.cluster {
-                            c.rel_overflow();
-                        }
-                    }
+                st.in_flight -= 1;
+                st.in_flight_bytes -= payload.len();
+                match carry_taken(&self.shared, self.conn_id, &from, &st.link, seq, to, payload, taken) {
+                    ForConn::Confirm => conn.confirm(now, seq),
+                    ForConn::Close(reason, retry) => conn.close(now, bye(reason, retry)),
+                    ForConn::Abort(reason) => conn.abort(now, reason),
                 }
-                conn.confirm(now, seq);
-            }
-            Done::AckUnsent { seq } => {
-                if self.shared.log_allowed("bad acknowledgement", &from) {
-                    tracing::info!(conn = self.conn_id, client = %from, "protocol error: acknowledgement of {seq}, never sent");
-                }
-                conn.reject(now, bye(CloseReason::ProtocolError, Duration::ZERO));
             }
             Done::Items(frames) => {
                 for f in frames {
-                    if conn.send(now, f).is_err() {
-                        break;
+                    if let Frame::Sdata { seq, .. } | Frame::Report(tether_proto::Report { seq, .. }) = &f {
+                        st.sent = st.sent.max(*seq);
+                    }
+                    if let Err(e) = conn.send(now, f) {
+                        // What follows was fetched too: skipping it would leave a gap. The client resumes.
+                        if self.shared.log_allowed("reliable item refused", &from) {
+                            tracing::warn!(conn = self.conn_id, client = %from, "a held item could not be sent ({e}); closing, the client will resume (do the nodes share one max frame?)");
+                        }
+                        return conn.close(now, bye(CloseReason::Busy, Duration::from_secs(1)));
                     }
                 }
                 // More may wait: asked for once the output drains ([`Hooks::after_flush`]).
@@ -666,16 +738,6 @@ impl ServerHooks {
                 }
                 conn.close(now, bye(CloseReason::Busy, Duration::from_secs(1)));
             }
-        }
-    }
-
-    /// Cluster mode: tell this client (on its own stream, through Redis) what became of its message `seq`.
-    fn stored_report(&self, peer: String, outcome: Option<Undeliverable>, seq: u64) {
-        if outcome.is_some() {
-            self.shared.metrics.undeliverable.fetch_add(1, Ordering::Relaxed);
-        }
-        if let Some(st) = &self.stored {
-            st.link.report(peer, outcome, seq);
         }
     }
 
@@ -779,8 +841,13 @@ impl ServerHooks {
         let last_seen = conn.last_rx().unwrap_or(now);
         let by_peer = c.by_peer;
         self.record_close(conn, now, &c, last_seen);
-        // Cluster mode: the link's task detaches the session in Redis after every step asked before.
-        self.stored = None;
+        // Cluster mode: the link's task detaches the session in Redis after every step asked before, once the
+        // outcomes still on their way are carried out.
+        if let (Some(st), Some(from)) = (self.stored.take(), &self.client) {
+            if st.in_flight > 0 {
+                tokio::spawn(settle(self.shared.clone(), self.conn_id, from.clone(), st));
+            }
+        }
         if let (true, Some(client)) = (self.rel, &self.client) {
             // The session outlives the connection: offline, it holds what arrives until it resumes or expires.
             self.shared.held.table().detach(now, client, &Attached(self.control.clone()));
