@@ -282,7 +282,7 @@ async fn sessions(State(st): State<AppState>, Query(q): Params) -> Result<Json<s
 /// One session: online, with the kernel's view of its socket; or offline but holding messages for a resume (a
 /// reliable session), with `session` and `kernel` null. 404 when neither.
 async fn session(State(st): State<AppState>, Path(id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
-    let hold = st.handle.hold(&id);
+    let hold = st.handle.hold_anywhere(&id).await;
     let online = st.handle.session(&id);
     if online.is_none() && hold.is_none() {
         return Err(not_online(&id));

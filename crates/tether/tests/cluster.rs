@@ -104,6 +104,12 @@ async fn a_reliable_session_holds_across_nodes_and_resumes_on_another() {
     send_all(&a, "b", 101..=150);
     let h = hear(&mut a, "the held ones acknowledged", |h| h.acked == 150).await;
     assert!(h.delivered.is_empty() && h.not_delivered.is_empty(), "{h:?}");
+    // Any node tells an operator what the offline session holds (`/v1/sessions/b`'s `hold`), from Redis.
+    let hold = n2.handle.hold_anywhere("b").await.expect("b's session is in Redis");
+    assert_eq!((hold.messages, hold.online, hold.received), (50, false, 0), "{hold:?}");
+    assert!(hold.expires_in.is_some_and(|e| e <= Duration::from_secs(120)), "{hold:?}");
+    assert_eq!(n1.handle.hold_anywhere("b").await.map(|h| h.messages), Some(50));
+    assert!(n1.handle.hold_anywhere("nobody").await.is_none());
     // b resumes on the other node and gets them, once, in order; a hears they were delivered.
     let mut b = Client::connect(n1.addr, reliable("b", 2, &lb)).await.unwrap();
     let g = b.reliable().expect("granted");

@@ -449,6 +449,19 @@ if left == 0 then redis.call('SREM', 'tether:rmembers', ARGV[1]) end
 return {n, left}
 "#;
 
+/// What `id`'s session holds, for operators. ARGV: id. Returns {} when there is no session, else {items, bytes,
+/// online (0/1), ms until it expires (-1 while online), rx, as, lost}.
+const HOLD: &str = r#"
+local s = redis.call('HMGET', rs(ARGV[1]), 'tok', 'n', 'by', 'at', 'rx', 'as', 'lost')
+if not s[1] then return {} end
+local left = -1
+local exp = redis.call('ZSCORE', 'tether:rexp', ARGV[1])
+if exp then left = math.max(0, tonumber(exp) - now_ms()) end
+local online = 0
+if s[4] and s[4] ~= '' then online = 1 end
+return {tonumber(s[2]), tonumber(s[3]), online, left, tonumber(s[5]), tonumber(s[6]), tonumber(s[7] or '0')}
+"#;
+
 /// The node incarnations that carry reliable sessions but are no longer in the node table (gone, and their LOST
 /// did not run to the end: the reaping node died, or Redis failed meanwhile).
 const ORPHANS: &str = r#"
@@ -495,6 +508,7 @@ pub struct Scripts {
     lost: Script,
     orphans: Script,
     reconcile: Script,
+    hold: Script,
 }
 
 impl Default for Scripts {
@@ -513,13 +527,14 @@ impl Default for Scripts {
             lost: s(LOST),
             orphans: s(ORPHANS),
             reconcile: s(RECONCILE),
+            hold: s(HOLD),
         }
     }
 }
 
 impl Scripts {
     /// Every script, for loading into Redis's cache (pipelines call them by hash).
-    pub fn all(&self) -> [&Script; 11] {
+    pub fn all(&self) -> [&Script; 12] {
         [
             &self.open,
             &self.replace,
@@ -532,6 +547,7 @@ impl Scripts {
             &self.lost,
             &self.orphans,
             &self.reconcile,
+            &self.hold,
         ]
     }
 }
@@ -708,6 +724,23 @@ impl Store {
             }
         }
         Ok(total)
+    }
+
+    /// What `id`'s session holds, as Redis has it; `None` when it has none.
+    pub async fn rel_hold(&self, id: &str) -> RedisResult<Option<crate::HoldInfo>> {
+        let mut con = self.con.clone();
+        let v: Vec<i64> = self.rel.hold.arg(id).invoke_async(&mut con).await?;
+        let [messages, bytes, online, left, received, assigned, lost] = v[..] else { return Ok(None) };
+        let count = |n: i64| u64::try_from(n).unwrap_or(0);
+        Ok(Some(crate::HoldInfo {
+            messages: count(messages) as usize,
+            bytes: count(bytes) as usize,
+            online: online == 1,
+            expires_in: (left >= 0).then(|| Duration::from_millis(count(left))),
+            received: count(received),
+            assigned: count(assigned),
+            lost: u32::try_from(lost).unwrap_or(u32::MAX),
+        }))
     }
 
     /// Gone node incarnations that still carry reliable sessions (their `LOST` did not finish).
@@ -1127,6 +1160,12 @@ impl super::Cluster {
             }
             Err(_) => None,
         }
+    }
+
+    /// What `id`'s session holds, as Redis has it; `None` when it has none or Redis did not answer in time.
+    pub(crate) async fn rel_hold(&self, id: &str) -> Option<crate::HoldInfo> {
+        let store = self.store()?;
+        tokio::time::timeout(self.cfg.redis_timeout, store.rel_hold(id)).await.ok()?.ok()?
     }
 
     /// Reliable counters this node adds to the server's: (resumed, refused, replayed, expired, overflows).

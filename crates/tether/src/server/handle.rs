@@ -219,7 +219,17 @@ impl ServerHandle {
         Some((info, control.kernel_view()))
     }
 
-    /// What `client`'s reliable session holds, online or offline; `None` when it has none.
+    /// What `client`'s reliable session holds, online or offline, wherever it is kept: this server's memory, or
+    /// Redis for a cluster node (one script call, bounded by the Redis timeout); `None` when it has none.
+    pub async fn hold_anywhere(&self, client: &str) -> Option<HoldInfo> {
+        match &self.shared.cluster {
+            Some(cluster) => cluster.rel_hold(client).await,
+            None => self.hold(client),
+        }
+    }
+
+    /// What `client`'s reliable session holds, online or offline, in this server's memory (a single node); `None`
+    /// when it has none.
     pub fn hold(&self, client: &str) -> Option<HoldInfo> {
         let h = self.shared.held.table().hold_of(client)?;
         let now = crate::driver::now();
