@@ -27,7 +27,7 @@
 //! a client before Redis has it: a connection confirms a message only when its `TAKE` came back.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -785,8 +785,6 @@ enum Step {
     },
     /// The connection can send more: fetch what waits (and keep looking until something does).
     Fetch,
-    /// New items may wait (a wake-up from the script that added them).
-    Wake,
 }
 
 /// A client's message on its way to Redis: its sequence number, receiver and payload.
@@ -809,9 +807,16 @@ pub enum Done {
 /// One connection's way to its session in Redis: steps go out in order, in pipelined batches, from a task of its
 /// own; their outcomes come back through [`Link::done`]. Dropping the link detaches the session (after every step
 /// queued before).
+///
+/// The queues are unbounded channels because the connection's task must never wait on Redis, but what they hold
+/// is bounded by the connection: its client's messages in flight (at most 65,536 and 16 MiB, beyond which it is
+/// closed), one report per message, acknowledgements only as they grow and never past what was sent, and at most
+/// one fetch waiting. A stalled Redis fails the batch after the Redis timeout, and the connection closes.
 pub struct Link {
     steps: mpsc::UnboundedSender<Step>,
-    /// The outcomes, in the order the steps were asked.
+    /// A fetch is queued and the task has not taken it yet: a wake-up storm queues one, not one each.
+    fetch_queued: Arc<AtomicBool>,
+    /// The outcomes, in the order the steps were asked (at most one per step).
     pub done: mpsc::UnboundedReceiver<Done>,
 }
 
@@ -833,9 +838,11 @@ impl Link {
         let seen = rescan.load(Ordering::Relaxed);
         let token = hex(&token);
         let (at, want, dirty, idle) = (at.key(), false, true, 0);
-        let worker = Worker { store, id, token, at, sent, b, timeout, want, dirty, rescan, seen, idle };
+        let fetch_queued = Arc::new(AtomicBool::new(false));
+        let queued = fetch_queued.clone();
+        let worker = Worker { store, id, token, at, sent, b, timeout, want, dirty, rescan, seen, idle, queued };
         tokio::spawn(worker.run(rx, tx));
-        Link { steps, done }
+        Link { steps, fetch_queued, done }
     }
 
     pub fn take(&self, seq: u64, to: String, payload: Bytes) {
@@ -856,14 +863,11 @@ impl Link {
         let _ = self.steps.send(Step::Ack { seq });
     }
 
-    /// The connection can send more.
+    /// The connection can send more, and new items may wait (a wake-up): look, once.
     pub fn fetch(&self) {
-        let _ = self.steps.send(Step::Fetch);
-    }
-
-    /// New items may wait.
-    pub fn wake(&self) {
-        let _ = self.steps.send(Step::Wake);
+        if !self.fetch_queued.swap(true, Ordering::AcqRel) {
+            let _ = self.steps.send(Step::Fetch);
+        }
     }
 }
 
@@ -884,6 +888,8 @@ struct Worker {
     rescan: Arc<AtomicU64>,
     seen: u64,
     idle: u32,
+    /// The link's flag: a fetch is queued (cleared as it is taken).
+    queued: Arc<AtomicBool>,
 }
 
 impl Worker {
@@ -992,10 +998,10 @@ impl Worker {
                     asked.push((Vec::new(), Some(Step::Ack { seq })));
                 }
                 Step::Fetch => {
+                    self.queued.store(false, Ordering::Release);
                     self.want = true;
                     self.dirty = true;
                 }
-                Step::Wake => self.dirty = true,
                 Step::Take { .. } => unreachable!("handled above"),
             }
         }
@@ -1050,8 +1056,8 @@ impl Worker {
             Ok(Err(e)) => return Err(e.to_string()),
             Err(_) => return Err("timed out".into()),
         };
-        let entries = match &reply[..] {
-            [ok, Value::Array(entries)] if int(ok) == 1 => entries,
+        let entries = match <[Value; 2]>::try_from(reply) {
+            Ok([ok, Value::Array(entries)]) if int(&ok) == 1 => entries,
             _ => {
                 self.want = false;
                 let _ = done.send(Done::Moved);
@@ -1091,26 +1097,42 @@ fn taken_of(code: i64) -> Option<Taken> {
 }
 
 /// A stream entry (`[id, [field, value, ...]]`) as its sequence number and frame.
-fn frame_of(e: &Value) -> Option<(u64, Frame)> {
+fn frame_of(e: Value) -> Option<(u64, Frame)> {
     let Value::Array(parts) = e else { return None };
-    let [id, Value::Array(kv)] = &parts[..] else { return None };
-    let seq: u64 = text(id).split('-').next()?.parse().ok()?;
-    let field = |name: &str| kv.chunks(2).find(|p| text(&p[0]) == name).and_then(|p| p.get(1));
-    let peer = text(field("p")?);
-    match text(field("k")?).as_str() {
-        "d" => {
-            let payload = match field("b")? {
-                Value::BulkString(b) => Bytes::copy_from_slice(b),
+    let [id, Value::Array(kv)]: [Value; 2] = parts.try_into().ok()? else { return None };
+    let seq: u64 = text(&id).split('-').next()?.parse().ok()?;
+    // Field names compared as bytes, and the payload moved out of the reply: nothing copied or allocated per field
+    // for each item sent.
+    let mut fields: [Option<Value>; 5] = Default::default();
+    let mut kv = kv.into_iter();
+    while let (Some(name), Some(value)) = (kv.next(), kv.next()) {
+        let Value::BulkString(name) = name else { continue };
+        let slot = match name.as_slice() {
+            b"k" => 0,
+            b"p" => 1,
+            b"b" => 2,
+            b"w" => 3,
+            b"q" => 4,
+            _ => continue,
+        };
+        fields[slot] = Some(value);
+    }
+    let [kind, peer, body, outcome, seqs] = fields;
+    let peer = text(&peer?);
+    match &kind? {
+        Value::BulkString(k) if k == b"d" => {
+            let payload = match body? {
+                Value::BulkString(b) => Bytes::from(b),
                 _ => Bytes::new(),
             };
             Some((seq, Frame::Sdata { seq, peer, payload }))
         }
-        "r" => {
-            let outcome = match int(field("w")?) {
+        Value::BulkString(k) if k == b"r" => {
+            let outcome = match int(&outcome?) {
                 0 => None,
                 w => Some(Undeliverable::from_code(w as u8)),
             };
-            let seqs = text(field("q")?).split(',').filter_map(|n| n.parse().ok()).collect();
+            let seqs = text(&seqs?).split(',').filter_map(|n| n.parse().ok()).collect();
             Some((seq, Frame::Report(Report { seq, peer, outcome, seqs })))
         }
         _ => None,
