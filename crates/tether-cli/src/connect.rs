@@ -19,7 +19,7 @@ use bytes::Bytes;
 use serde_json::json;
 use tether::proto::reconnect::{BackoffConfig, ReconnectConfig};
 use tether::proto::reliable::{Grant, Status};
-use tether::proto::{Presence, PresenceState, Undeliverable};
+use tether::proto::{CloseReason, Presence, PresenceState, Undeliverable};
 use tether::{
     Client, ClientConfig, ClientEvent, ClientTls, ConnectError, Disconnect, InDoubt, LinkEvent, ReconnectingClient,
     ReliableConfig, ReliableLink, ResilienceConfig, Sent, TrustRoots,
@@ -197,7 +197,15 @@ async fn once(
             }
             Err(ConnectError::Refused(d)) => {
                 out.disconnected(Some(server), &d);
-                out.error(format!("{server} refused the connection: {}{}", d.reason, detail(&d)));
+                // `busy` to a reliable client has two causes the protocol does not tell apart.
+                let hint = match (d.reason, args.reliable) {
+                    (CloseReason::Busy, true) => {
+                        " (the server is full, or it is a cluster node that cannot reach Redis, where reliable \
+                         sessions are kept)"
+                    }
+                    _ => "",
+                };
+                out.error(format!("{server} refused the connection: {}{}{hint}", d.reason, detail(&d)));
             }
             Err(e) => {
                 out.line(

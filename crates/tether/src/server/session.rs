@@ -343,7 +343,13 @@ impl ServerHooks {
                     retry_after,
                 });
             }
-            Decision::Unavailable { retry_after } => conn.reject(now, bye(CloseReason::Busy, retry_after)),
+            Decision::Unavailable { retry_after } => {
+                // `busy` alone would read as a full server: the log says why.
+                if shared.log_allowed("reliable session unavailable", "") {
+                    tracing::warn!(conn = self.conn_id, client = %hello.client_id, "reliable session refused: Redis, where sessions are kept, does not answer; told busy, retry after {retry_after:?} (repeats summarised)");
+                }
+                conn.reject(now, bye(CloseReason::Busy, retry_after))
+            }
             Decision::Superseded { epoch } => {
                 if let Some(cluster) = &shared.cluster {
                     cluster.admitted(epoch);
