@@ -319,15 +319,6 @@ async fn resilient(
     }
 }
 
-fn status_str(s: Status) -> &'static str {
-    match s {
-        Status::New => "new",
-        Status::Resumed => "resumed",
-        Status::ResumedWithLoss => "resumed_with_loss",
-        Status::Fresh => "fresh",
-    }
-}
-
 /// ` (detail)` when the disconnect has one.
 fn detail(d: &Disconnect) -> String {
     d.detail.as_deref().map(|x| format!(" ({x})")).unwrap_or_default()
@@ -384,7 +375,7 @@ impl Printer {
     ) {
         let rel = reliable.map(|g| {
             let lost = (g.lost != u32::MAX).then_some(g.lost);
-            json!({"status": status_str(g.status), "why": g.why.map(|w| w.as_str()), "lost": lost})
+            json!({"status": Status::as_str(g.status), "why": g.why.map(|w| w.as_str()), "lost": lost})
         });
         let rel_human = match reliable {
             None => String::new(),
@@ -394,7 +385,7 @@ impl Printer {
                 (_, why) => {
                     format!(
                         ", reliable session {}: {} ({})",
-                        status_str(g.status),
+                        Status::as_str(g.status),
                         if g.lost == u32::MAX { "an unknown number of".to_owned() } else { g.lost.to_string() },
                         why.map_or("unknown", |w| w.as_str())
                     ) + " messages lost"
@@ -505,11 +496,21 @@ impl Printer {
             LinkEvent::Delivered { to, seqs } => self.delivered(to, seqs, None),
             LinkEvent::NotDelivered { to, seqs, why } => self.delivered(to, seqs, Some(*why)),
             LinkEvent::InDoubt(msgs) => self.in_doubt(msgs),
+            LinkEvent::Dropped { count } => self.dropped(*count),
         }
+    }
+
+    /// The output fell behind (stdout blocked, say) by a whole event queue: `count` events were lost.
+    fn dropped(&self, count: u64) {
+        self.line(
+            json!({"event": "dropped", "count": count}),
+            &format!("{count} events dropped: this program fell behind by a whole queue"),
+        );
     }
 
     fn client_event(&self, ev: &ClientEvent) {
         match ev {
+            ClientEvent::Dropped { count } => self.dropped(*count),
             ClientEvent::Data { from, payload } => self.data(from.as_deref(), payload),
             ClientEvent::Presence(p) => self.presence(p),
             ClientEvent::Undeliverable { to, why } => self.undeliverable(to, *why),

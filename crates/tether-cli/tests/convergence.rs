@@ -199,6 +199,10 @@ async fn pump_plain(mut c: Client, mut cmds: mpsc::Receiver<Cmd>, seen: Arc<Mute
                         | ClientEvent::NotDelivered { .. }
                         | ClientEvent::InDoubt(_),
                     ) => {}
+                    // Counted among the disconnects, which the scenarios assert on: a test that lost events fails.
+                    Some(ClientEvent::Dropped { count }) => {
+                        s.disconnects.push((Instant::now(), format!("{count} events dropped")))
+                    }
                     Some(ClientEvent::Disconnected(d)) => {
                         s.disconnects.push((Instant::now(), format!("{:?}", d)));
                         (s.at, s.ended) = (None, true);

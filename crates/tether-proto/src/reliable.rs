@@ -104,6 +104,18 @@ pub enum Status {
     Fresh,
 }
 
+impl Status {
+    /// The snake_case name used in JSON lines and by libtether.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Status::New => "new",
+            Status::Resumed => "resumed",
+            Status::ResumedWithLoss => "resumed_with_loss",
+            Status::Fresh => "fresh",
+        }
+    }
+}
+
 /// Why a resume did not find its session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LostWhy {

@@ -8,9 +8,19 @@
 //! `BYE` reason) as [`ClientEvent::Disconnected`], always the last event. One `Client` is one connection;
 //! [`crate::ReconnectingClient`] reconnects, fails over and follows the `Disconnect`'s retry-after and
 //! alternative-address hints.
+//!
+//! # The event queue
+//! Events wait for the application in a bounded queue ([`ClientConfig::event_queue`], the rule of
+//! [`crate::queue`]): an application that stops reading loses events, counted and reported with
+//! [`ClientEvent::Dropped`], rather than growing its process. Two kinds are never dropped: `Disconnected` (a
+//! reserve beyond the bound keeps room for it), and a reliable session's messages and receipts. The client
+//! acknowledges those as it queues them, so it takes one only when the queue has room; when it has none, the
+//! client ends the connection with `slow_consumer` instead, and the session's resume brings the message again.
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant as StdInstant};
 
 use bytes::Bytes;
@@ -22,13 +32,20 @@ use tokio::task::JoinHandle;
 
 use crate::config::ClientConfig;
 use crate::driver::{self, drive, Hooks};
+use crate::queue::{Events, Queued, Sink};
 use crate::reliable::{InDoubt, ReliableLink};
+use crate::resilient::LinkEvent;
 use tether_proto::reliable;
 
 /// A connected client.
 pub struct Client {
     cmds: mpsc::Sender<ClientCmd>,
-    events: mpsc::UnboundedReceiver<ClientEvent>,
+    /// The application's events; `None` when they go to a [`crate::ReconnectingClient`]'s queue.
+    events: Option<Events<ClientEvent>>,
+    /// How the connection ended, and the gate its events wait behind until `Connected` was said, when its events
+    /// go to a reconnecting client's queue.
+    ended: Option<oneshot::Receiver<Disconnect>>,
+    gate: Option<(Arc<Gate>, Sink<LinkEvent>)>,
     welcome: Welcome,
     nonce: u64,
     local_addr: SocketAddr,
@@ -113,8 +130,141 @@ pub enum ClientEvent {
     /// unacknowledged (it may or may not have arrived; not sent again), or never sent (sent again in the new
     /// session under `resent_as`, or, not granted, not sent).
     InDoubt(Vec<InDoubt>),
+    /// The application fell behind: `count` events were dropped since the last one it received.
+    Dropped {
+        count: u64,
+    },
     /// Always the last event.
     Disconnected(Disconnect),
+}
+
+impl Queued for ClientEvent {
+    fn payload_len(&self) -> usize {
+        match self {
+            ClientEvent::Data { payload, .. } => payload.len(),
+            _ => 0,
+        }
+    }
+
+    fn dropped(count: u64) -> ClientEvent {
+        ClientEvent::Dropped { count }
+    }
+}
+
+/// Places kept beyond an event queue's bound for the events that must not be dropped (`Disconnected`, and a
+/// reconnecting client's `Connected`, `Disconnected` and `GaveUp`).
+pub(crate) const EVENT_RESERVE: usize = 64;
+
+/// Where a connection's events go.
+#[derive(Clone)]
+pub(crate) enum Route {
+    /// Its own queue, read with [`Client::next_event`].
+    Own,
+    /// A reconnecting client's queue; its end is told through [`Client::ended`].
+    Link(Sink<LinkEvent>),
+}
+
+/// The connection task's end of a [`Route`].
+enum Out {
+    Own(Sink<ClientEvent>),
+    Link { sink: Sink<LinkEvent>, gate: Arc<Gate>, ended: Option<oneshot::Sender<Disconnect>> },
+}
+
+/// A linked connection's events wait here from its `WELCOME` until the supervisor has said `Connected` (so that
+/// nothing the connection hears comes before it), then go straight to the queue.
+#[derive(Default)]
+pub(crate) struct Gate {
+    open: AtomicBool,
+    /// Each with whether it must not be dropped.
+    held: Mutex<Vec<(LinkEvent, bool)>>,
+}
+
+/// Events a closed gate holds at most, besides those that must not be dropped; more are dropped and counted.
+const GATE_HOLDS: usize = 1024;
+
+impl Gate {
+    fn put(&self, sink: &Sink<LinkEvent>, ev: LinkEvent, kept: bool) {
+        if self.open.load(Ordering::Acquire) {
+            sink.put(ev, kept);
+            return;
+        }
+        let mut held = self.held.lock().expect("gate lock");
+        if self.open.load(Ordering::Acquire) {
+            sink.put(ev, kept);
+        } else if kept || held.len() < GATE_HOLDS {
+            held.push((ev, kept));
+        } else {
+            sink.count_dropped();
+        }
+    }
+
+    /// Hand on what was held, in order, and let later events through.
+    fn open(&self, sink: &Sink<LinkEvent>) {
+        let mut held = self.held.lock().expect("gate lock");
+        for (ev, kept) in held.drain(..) {
+            sink.put(ev, kept);
+        }
+        self.open.store(true, Ordering::Release);
+    }
+
+    /// Events held, and their payload bytes: they will take room in the queue when the gate opens.
+    fn holds(&self) -> (usize, usize) {
+        if self.open.load(Ordering::Acquire) {
+            return (0, 0);
+        }
+        let held = self.held.lock().expect("gate lock");
+        (held.len(), held.iter().map(|(ev, _)| ev.payload_len()).sum())
+    }
+}
+
+impl Out {
+    /// An event the application may lose to a full queue (counted).
+    fn emit(&self, ev: ClientEvent) {
+        self.put(ev, false);
+    }
+
+    /// An event that must not be lost: a reliable message or receipt (after [`has_room`](Self::has_room)), or
+    /// what an outbox held.
+    fn emit_kept(&self, ev: ClientEvent) {
+        self.put(ev, true);
+    }
+
+    fn put(&self, ev: ClientEvent, kept: bool) {
+        match self {
+            Out::Own(sink) => {
+                sink.put(ev, kept);
+            }
+            Out::Link { sink, gate, .. } => {
+                if let Some(ev) = LinkEvent::from_client(ev) {
+                    gate.put(sink, ev, kept);
+                }
+            }
+        }
+    }
+
+    fn has_room(&self, len: usize) -> bool {
+        match self {
+            Out::Own(sink) => sink.has_room(len, 0, 0),
+            Out::Link { sink, gate, .. } => {
+                let (held, held_bytes) = gate.holds();
+                sink.has_room(len, held, held_bytes)
+            }
+        }
+    }
+
+    /// The connection ended: the last event.
+    fn end(&mut self, d: Disconnect) {
+        match self {
+            Out::Own(sink) => {
+                sink.emit_kept(ClientEvent::Disconnected(d));
+            }
+            Out::Link { ended, .. } => {
+                if let Some(tx) = ended.take() {
+                    let _ = tx.send(d);
+                }
+            }
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -153,13 +303,22 @@ const PULL_BUDGET: usize = 64 * 1024;
 impl Client {
     /// Resolve `server` (`host:port`, the first address found) and [`connect`](Self::connect). Over TLS, the
     /// server's certificate is checked against `host` when it is a DNS name, unless a server name is configured.
-    pub async fn connect_to(server: &str, mut cfg: ClientConfig) -> Result<Client, ConnectError> {
+    pub async fn connect_to(server: &str, cfg: ClientConfig) -> Result<Client, ConnectError> {
+        Client::connect_routed(server, cfg, &Route::Own).await
+    }
+
+    /// [`connect_to`](Self::connect_to), with the events going where `route` says.
+    pub(crate) async fn connect_routed(
+        server: &str,
+        mut cfg: ClientConfig,
+        route: &Route,
+    ) -> Result<Client, ConnectError> {
         let addr = resolve(server).await?;
         if let Some(tls) = cfg.tls.take() {
             let host = server.rsplit_once(':').map_or(server, |(h, _)| h);
             cfg.tls = Some(tls.for_host(host.trim_start_matches('[').trim_end_matches(']')));
         }
-        Client::connect(addr, cfg).await
+        Client::connect_with(addr, cfg, route).await
     }
 
     /// Connect to `addr`, say `HELLO`, and wait for `WELCOME` (bounded by the handshake timeout).
@@ -167,12 +326,16 @@ impl Client {
     /// The client offers `cfg.protocol_version`. A server that speaks only version 1 refuses a v2 `HELLO` with
     /// `protocol_error`; the client then tries once more offering version 1, so new clients work with old
     /// servers.
-    pub async fn connect(addr: SocketAddr, mut cfg: ClientConfig) -> Result<Client, ConnectError> {
+    pub async fn connect(addr: SocketAddr, cfg: ClientConfig) -> Result<Client, ConnectError> {
+        Client::connect_with(addr, cfg, &Route::Own).await
+    }
+
+    async fn connect_with(addr: SocketAddr, mut cfg: ClientConfig, route: &Route) -> Result<Client, ConnectError> {
         let nonce = *cfg.nonce.get_or_insert_with(rand::random);
-        match Client::connect_offering(addr, &cfg, nonce, cfg.protocol_version).await {
+        match Client::connect_offering(addr, &cfg, nonce, cfg.protocol_version, route).await {
             Err(ConnectError::Refused(d)) if d.reason == CloseReason::ProtocolError && cfg.protocol_version > V1 => {
                 tracing::debug!(nonce, "{addr} refused a v{} HELLO ({d:?}); offering version 1", cfg.protocol_version);
-                Client::connect_offering(addr, &cfg, nonce, V1).await
+                Client::connect_offering(addr, &cfg, nonce, V1, route).await
             }
             other => other,
         }
@@ -183,6 +346,7 @@ impl Client {
         cfg: &ClientConfig,
         nonce: u64,
         version: u8,
+        route: &Route,
     ) -> Result<Client, ConnectError> {
         let stream = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(addr))
             .await
@@ -208,13 +372,24 @@ impl Client {
             conn.set_ping_phase(rand::random::<f64>());
         }
         let (cmd_tx, cmd_rx) = mpsc::channel(cfg.command_queue.max(1));
-        let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+        let (out, events, ended, gate) = match route {
+            Route::Own => {
+                let (sink, events) = Sink::new(cfg.event_queue, EVENT_RESERVE);
+                (Out::Own(sink), Some(events), None, None)
+            }
+            Route::Link(sink) => {
+                let (tx, rx) = oneshot::channel();
+                let gate = Arc::new(Gate::default());
+                let out = Out::Link { sink: sink.clone(), gate: gate.clone(), ended: Some(tx) };
+                (out, None, Some(rx), Some((gate, sink.clone())))
+            }
+        };
         let (welcome_tx, welcome_rx) = oneshot::channel();
         // Also to a v1 connection, which cannot carry it: its WELCOME then reports what the session held.
         let link = cfg.reliable.clone();
         let task = tokio::spawn(async move {
             let mut hooks = ClientHooks {
-                events: ev_tx,
+                out,
                 cmds: cmd_rx,
                 welcome: Some(welcome_tx),
                 close_requested: false,
@@ -232,7 +407,9 @@ impl Client {
                 let reliable = cfg.reliable.clone().filter(|_| reliable::Grant::find(&welcome.extensions).is_some());
                 Ok(Client {
                     cmds: cmd_tx,
-                    events: ev_rx,
+                    events,
+                    ended,
+                    gate,
                     welcome,
                     nonce,
                     local_addr,
@@ -310,7 +487,25 @@ impl Client {
 
     /// The next event; `None` after `Disconnected` has been returned.
     pub async fn next_event(&mut self) -> Option<ClientEvent> {
-        self.events.recv().await
+        match &mut self.events {
+            Some(events) => events.recv().await,
+            None => None,
+        }
+    }
+
+    /// A connection whose events go to a reconnecting client: `Connected` was said, let its events through.
+    pub(crate) fn open_events(&self) {
+        if let Some((gate, sink)) = &self.gate {
+            gate.open(sink);
+        }
+    }
+
+    /// A connection whose events go to a reconnecting client: how it ended, once it has.
+    pub(crate) async fn ended(&mut self) -> Option<Disconnect> {
+        match &mut self.ended {
+            Some(rx) => rx.await.ok(),
+            None => std::future::pending().await,
+        }
     }
 
     /// Say `BYE`, wait (bounded by `close_grace`) for the server to close, and return how it ended (`None` if
@@ -321,8 +516,11 @@ impl Client {
         }
         let _ = self.cmds.send(ClientCmd::Close).await;
         let _ = (&mut self.task).await;
+        if let Some(rx) = &mut self.ended {
+            return rx.try_recv().ok();
+        }
         let mut last = None;
-        while let Ok(ev) = self.events.try_recv() {
+        while let Some(ev) = self.events.as_mut().and_then(Events::try_recv) {
             if let ClientEvent::Disconnected(d) = ev {
                 last = Some(d);
             }
@@ -336,7 +534,7 @@ impl Client {
 }
 
 struct ClientHooks {
-    events: mpsc::UnboundedSender<ClientEvent>,
+    out: Out,
     cmds: mpsc::Receiver<ClientCmd>,
     /// Completes `connect` with the `WELCOME`, or with the refusal.
     welcome: Option<oneshot::Sender<Result<Welcome, Disconnect>>>,
@@ -353,7 +551,20 @@ struct ClientHooks {
 
 impl ClientHooks {
     fn emit(&self, ev: ClientEvent) {
-        let _ = self.events.send(ev);
+        self.out.emit(ev);
+    }
+
+    /// Whether a reliable message or receipt of `len` payload bytes can be handed on. If not, the application is
+    /// behind by a whole queue: the connection ends with `slow_consumer` (the message is neither handed on nor
+    /// acknowledged, so the session's resume brings it again).
+    fn room_for_reliable(&self, conn: &mut Connection, now: StdInstant, len: usize) -> bool {
+        if self.out.has_room(len) {
+            return true;
+        }
+        tracing::warn!("the application's event queue is full: ending the connection; its resume brings the rest");
+        let bye = Bye { reason: CloseReason::SlowConsumer, retry_after_ms: 0, alternative: String::new() };
+        conn.reject(now, bye);
+        false
     }
 
     /// The server's grant, or none: continue or restart the session, and send what it holds.
@@ -369,7 +580,7 @@ impl ClientHooks {
             self.emit(ClientEvent::Acked { upto: acked });
         }
         if !doubt.is_empty() {
-            self.emit(ClientEvent::InDoubt(doubt));
+            self.out.emit_kept(ClientEvent::InDoubt(doubt));
         }
         if broken {
             // The server resumed a session its own earlier word contradicts: leave, and start a new one.
@@ -444,10 +655,10 @@ impl Hooks for ClientHooks {
                 match self.welcome.take() {
                     Some(tx) => {
                         let _ = tx.send(Err(d));
-                        return;
                     }
-                    None => ClientEvent::Disconnected(d),
+                    None => self.out.end(d),
                 }
+                return;
             }
             Event::Data { peer, payload } => ClientEvent::Data { from: (!peer.is_empty()).then_some(peer), payload },
             Event::Presence(p) => ClientEvent::Presence(p),
@@ -465,12 +676,18 @@ impl Hooks for ClientHooks {
             | Event::RelayTooLarge { .. }
             | Event::SdataTooLarge { .. } => return,
             Event::Sdata { seq, peer, payload } => {
-                self.emit(ClientEvent::Data { from: (!peer.is_empty()).then_some(peer), payload });
+                if !self.room_for_reliable(conn, now, payload.len()) {
+                    return;
+                }
+                self.out.emit_kept(ClientEvent::Data { from: (!peer.is_empty()).then_some(peer), payload });
                 return self.took(conn, now, seq);
             }
             Event::Report(r) => {
+                if !self.room_for_reliable(conn, now, 0) {
+                    return;
+                }
                 let seq = r.seq;
-                self.emit(match r.outcome {
+                self.out.emit_kept(match r.outcome {
                     None => ClientEvent::Delivered { to: r.peer, seqs: r.seqs },
                     Some(why) => ClientEvent::NotDelivered { to: r.peer, seqs: r.seqs, why },
                 });
@@ -490,7 +707,7 @@ impl Hooks for ClientHooks {
                 }
             }
         };
-        let _ = self.events.send(ev);
+        self.emit(ev);
     }
 
     fn on_cmd(&mut self, conn: &mut Connection, now: StdInstant, cmd: ClientCmd) {

@@ -156,6 +156,9 @@ pub struct ClientConfig {
     /// Ask for a reliable session (acknowledged delivery, resume) carried by this link's state; v2 only. Clone
     /// one link into every connection of the session ([`crate::ReconnectingClient`] does).
     pub reliable: Option<crate::reliable::ReliableLink>,
+    /// The events that may wait for the application ([`crate::queue`]'s rule): beyond the bound they are
+    /// dropped and counted (`Dropped`), except `Disconnected` and reliable messages (see [`crate::Client`]).
+    pub event_queue: crate::EventQueue,
 }
 
 impl ClientConfig {
@@ -173,6 +176,7 @@ impl ClientConfig {
             tls: None,
             protocol_version: tether_proto::frame::PROTOCOL_VERSION,
             reliable: None,
+            event_queue: crate::EventQueue::default(),
         }
     }
 }

@@ -8,20 +8,18 @@
 //! `presence_grace`; the application's stream does not wait for the grace.
 //!
 //! The stream is an [`EventStream`]: bounded by default ([`EventQueue`]), in events and in the payload bytes of
-//! queued `Data` events. When the application falls behind by a whole bound, further events are dropped and
-//! counted, never blocking a connection or a verdict, and the
-//! application is told with a [`EventKind::Dropped`] event carrying the count: in place of the first event that
-//! finds room again, or when it has read everything queued, whichever comes first.
-//! [`EventQueue::Unbounded`] never drops, at the price of memory that grows for as long as nobody reads.
+//! queued `Data` events, with the rule of [`crate::queue`]: when the application falls behind by a whole bound,
+//! further events are dropped and counted, never blocking a connection or a verdict, and the application is told
+//! with a [`EventKind::Dropped`] event carrying the count.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use tether_proto::{CloseReason, ConnId, Undeliverable};
-use tokio::sync::mpsc;
+
+pub use crate::queue::{Events, QUEUED_DATA_BYTES};
+use crate::queue::{Queued, Sink};
 
 /// One event, stamped with the wall-clock time it was emitted.
 #[derive(Debug, Clone, PartialEq)]
@@ -177,10 +175,6 @@ impl EventKind {
     }
 }
 
-/// Payload bytes of `Data` events that may wait for the application in a bounded queue (16 MiB): with
-/// 64 KiB payloads, a full queue of events would otherwise hold a gigabyte.
-pub const QUEUED_DATA_BYTES: usize = 16 << 20;
-
 /// How the server's event stream is buffered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventQueue {
@@ -201,166 +195,30 @@ impl Default for EventQueue {
     }
 }
 
-/// The receiving end of the server's events (see [`crate::Server::events`]).
-pub struct EventStream {
-    rx: Rx,
-    /// Payload bytes of the `Data` events queued (bounded queue only), shared with the sink.
-    data_bytes: Arc<AtomicUsize>,
-    /// The sink's count of events dropped and not reported yet: when the queue runs empty, the stream reports
-    /// them itself, so a reader that catches up learns of the gap even if the server has nothing more to say.
-    unreported: Arc<AtomicU64>,
-}
-
-enum Rx {
-    Bounded(mpsc::Receiver<ServerEvent>),
-    Unbounded(mpsc::UnboundedReceiver<ServerEvent>),
-}
-
-impl EventStream {
-    /// The next event; `None` once the server has stopped and everything was read.
-    pub async fn recv(&mut self) -> Option<ServerEvent> {
-        if let Some(ev) = self.try_recv() {
-            return Some(ev);
-        }
-        let ev = match &mut self.rx {
-            Rx::Bounded(rx) => rx.recv().await,
-            Rx::Unbounded(rx) => rx.recv().await,
-        };
-        ev.map(|ev| self.taken(ev))
-    }
-
-    /// The next event if one is waiting (or the count of dropped events, once the queue has run empty).
-    pub fn try_recv(&mut self) -> Option<ServerEvent> {
-        let queued = match &mut self.rx {
-            Rx::Bounded(rx) => rx.try_recv().ok(),
-            Rx::Unbounded(rx) => rx.try_recv().ok(),
-        };
-        match queued {
-            Some(ev) => Some(self.taken(ev)),
-            None => self.gap(),
-        }
-    }
-
-    /// Wait for the next event on a thread that is not a runtime thread (e.g. a thread that writes events to a
-    /// pipe and may block there).
-    pub fn blocking_recv(&mut self) -> Option<ServerEvent> {
-        if let Some(ev) = self.try_recv() {
-            return Some(ev);
-        }
-        let ev = match &mut self.rx {
-            Rx::Bounded(rx) => rx.blocking_recv(),
-            Rx::Unbounded(rx) => rx.blocking_recv(),
-        };
-        ev.map(|ev| self.taken(ev))
-    }
-
-    /// `ev` left the queue: its payload no longer counts against the byte bound.
-    fn taken(&self, ev: ServerEvent) -> ServerEvent {
-        if let (Rx::Bounded(_), EventKind::Data { payload, .. }) = (&self.rx, &ev.kind) {
-            self.data_bytes.fetch_sub(payload.len(), Ordering::AcqRel);
-        }
-        ev
-    }
-
-    /// A `Dropped` event for what was dropped and not reported yet, if anything.
-    fn gap(&self) -> Option<ServerEvent> {
-        let count = self.unreported.swap(0, Ordering::AcqRel);
-        (count > 0).then(|| ServerEvent { at: SystemTime::now(), kind: EventKind::Dropped { count } })
-    }
-}
+/// The receiving end of the server's events (see [`crate::Server::events`]): `recv`, `try_recv`, and
+/// `blocking_recv` for a thread that is not a runtime thread.
+pub type EventStream = Events<ServerEvent>;
 
 /// The sending end: never blocks, counts what it has to drop.
-pub(crate) struct EventSink {
-    tx: Tx,
-    /// Dropped since the last `Dropped` event that got through (shared with the stream).
-    unreported: Arc<AtomicU64>,
-    /// Dropped since the start.
-    total_dropped: AtomicU64,
-    /// Payload bytes of the `Data` events queued (shared with the stream), against [`QUEUED_DATA_BYTES`].
-    data_bytes: Arc<AtomicUsize>,
-}
-
-enum Tx {
-    Bounded(mpsc::Sender<ServerEvent>),
-    Unbounded(mpsc::UnboundedSender<ServerEvent>),
-}
+pub(crate) type EventSink = Sink<ServerEvent>;
 
 impl EventSink {
-    pub(crate) fn new(queue: EventQueue) -> (EventSink, EventStream) {
-        let (tx, rx) = match queue {
-            EventQueue::Bounded(n) => {
-                let (tx, rx) = mpsc::channel(n.max(1));
-                (Tx::Bounded(tx), Rx::Bounded(rx))
-            }
-            EventQueue::Unbounded => {
-                let (tx, rx) = mpsc::unbounded_channel();
-                (Tx::Unbounded(tx), Rx::Unbounded(rx))
-            }
-        };
-        let unreported = Arc::new(AtomicU64::new(0));
-        let data_bytes = Arc::new(AtomicUsize::new(0));
-        let sink = EventSink {
-            tx,
-            unreported: unreported.clone(),
-            total_dropped: AtomicU64::new(0),
-            data_bytes: data_bytes.clone(),
-        };
-        (sink, EventStream { rx, unreported, data_bytes })
+    /// The server's sink: no reserve (every event may be dropped when the application falls behind).
+    pub(crate) fn server(queue: EventQueue) -> (EventSink, EventStream) {
+        Sink::new(queue, 0)
     }
+}
 
-    /// Queue `kind` for the application, or count it as dropped when the bounded queue is full. Returns false
-    /// when it was dropped for that reason. The first event that fits after a gap is preceded by `Dropped`.
-    pub(crate) fn emit(&self, ev: ServerEvent) -> bool {
-        let tx = match &self.tx {
-            Tx::Unbounded(tx) => {
-                let _ = tx.send(ev);
-                return true;
-            }
-            Tx::Bounded(tx) => tx,
-        };
-        // A load first: the swap (a read-modify-write every emitter would contend on) only after a drop.
-        let gap = match self.unreported.load(Ordering::Acquire) {
-            0 => 0,
-            _ => self.unreported.swap(0, Ordering::AcqRel),
-        };
-        if gap > 0 {
-            let dropped = ServerEvent { at: ev.at, kind: EventKind::Dropped { count: gap } };
-            match tx.try_send(dropped) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    self.unreported.fetch_add(gap + 1, Ordering::AcqRel);
-                    self.total_dropped.fetch_add(1, Ordering::Relaxed);
-                    return false;
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => return true,
-            }
-        }
-        let len = match &ev.kind {
+impl Queued for ServerEvent {
+    /// Only `Data` events carry a payload.
+    fn payload_len(&self) -> usize {
+        match &self.kind {
             EventKind::Data { payload, .. } => payload.len(),
             _ => 0,
-        };
-        if len > 0 && self.data_bytes.fetch_add(len, Ordering::AcqRel) + len > QUEUED_DATA_BYTES {
-            self.data_bytes.fetch_sub(len, Ordering::AcqRel);
-            return self.dropped_one();
-        }
-        match tx.try_send(ev) {
-            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.data_bytes.fetch_sub(len, Ordering::AcqRel);
-                self.dropped_one()
-            }
         }
     }
 
-    /// Count one dropped event; always false (for [`emit`](Self::emit) to return).
-    fn dropped_one(&self) -> bool {
-        self.unreported.fetch_add(1, Ordering::AcqRel);
-        self.total_dropped.fetch_add(1, Ordering::Relaxed);
-        false
-    }
-
-    /// Events dropped since the start.
-    pub(crate) fn dropped(&self) -> u64 {
-        self.total_dropped.load(Ordering::Relaxed)
+    fn dropped(count: u64) -> ServerEvent {
+        ServerEvent { at: SystemTime::now(), kind: EventKind::Dropped { count } }
     }
 }

@@ -35,6 +35,7 @@ pub mod loglimit;
 pub mod metrics;
 pub mod ops;
 pub mod probe;
+pub mod queue;
 pub mod reliable;
 pub mod resilient;
 pub mod server;

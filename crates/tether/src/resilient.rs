@@ -20,6 +20,12 @@
 //! ([`LinkEvent::NotDelivered`], [`LinkEvent::InDoubt`]). Such a client does not move back to the primary while
 //! connected to a backup (servers outside one cluster do not share sessions, so the move would end it); it
 //! returns to the primary at its next reconnect.
+//!
+//! Events reach the application through one bounded queue for the client's whole life
+//! ([`ClientConfig::event_queue`], the rule of [`crate::queue`]): each connection puts its events straight into
+//! it, so a slow reader loses only what may be lost (counted, [`LinkEvent::Dropped`]); `Connected`,
+//! `Disconnected`, `GaveUp`, `NotSent`, `InDoubt` and a reliable session's messages are never dropped (see
+//! [`crate::Client`]). The supervisor never waits for the reader.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::future::Future;
@@ -32,9 +38,10 @@ use tether_proto::{CloseReason, Presence};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::client::{Client, ClientError, ClientEvent, ConnectError, Disconnect};
+use crate::client::{Client, ClientError, ClientEvent, ConnectError, Disconnect, Route, EVENT_RESERVE};
 use crate::config::ClientConfig;
 use crate::driver;
+use crate::queue::{Events, Queued, Sink};
 
 /// Reconnection settings on top of [`ClientConfig`].
 #[derive(Debug, Clone, PartialEq)]
@@ -124,6 +131,43 @@ pub enum LinkEvent {
     /// each sent and unacknowledged (it may or may not have arrived) or never sent (sent again under a new
     /// number, or not sent) — see [`crate::ClientEvent::InDoubt`].
     InDoubt(Vec<crate::reliable::InDoubt>),
+    /// The application fell behind: `count` events were dropped since the last one it received.
+    Dropped {
+        count: u64,
+    },
+}
+
+impl LinkEvent {
+    /// A connection's event as the application hears it (`None` for `Disconnected`, which the supervisor reports
+    /// with the server's name).
+    pub(crate) fn from_client(ev: ClientEvent) -> Option<LinkEvent> {
+        Some(match ev {
+            ClientEvent::Data { from, payload } => LinkEvent::Data { from, payload },
+            ClientEvent::Presence(p) => LinkEvent::Presence(p),
+            ClientEvent::Undeliverable { to, why } => LinkEvent::Undeliverable { to, why },
+            ClientEvent::Suspect { silent_for } => LinkEvent::Suspect { silent_for },
+            ClientEvent::Recovered => LinkEvent::Recovered,
+            ClientEvent::Acked { upto } => LinkEvent::Acked { upto },
+            ClientEvent::Delivered { to, seqs } => LinkEvent::Delivered { to, seqs },
+            ClientEvent::NotDelivered { to, seqs, why } => LinkEvent::NotDelivered { to, seqs, why },
+            ClientEvent::InDoubt(msgs) => LinkEvent::InDoubt(msgs),
+            ClientEvent::Dropped { count } => LinkEvent::Dropped { count },
+            ClientEvent::Disconnected(_) => return None,
+        })
+    }
+}
+
+impl Queued for LinkEvent {
+    fn payload_len(&self) -> usize {
+        match self {
+            LinkEvent::Data { payload, .. } => payload.len(),
+            _ => 0,
+        }
+    }
+
+    fn dropped(count: u64) -> LinkEvent {
+        LinkEvent::Dropped { count }
+    }
 }
 
 /// Where a message went.
@@ -160,12 +204,13 @@ enum Cmd {
 /// A client that reconnects by itself. Dropping it closes it.
 pub struct ReconnectingClient {
     cmds: mpsc::Sender<Cmd>,
-    events: mpsc::UnboundedReceiver<LinkEvent>,
+    events: Events<LinkEvent>,
     nonce: u64,
     max_frame: u32,
     /// Sends go through a reliable session (their sequence number takes room in the frame).
     reliable: bool,
-    task: JoinHandle<()>,
+    /// The supervisor, until `close` joined it.
+    task: Option<JoinHandle<()>>,
 }
 
 impl ReconnectingClient {
@@ -179,7 +224,7 @@ impl ReconnectingClient {
             link.set_max_frame(max_frame);
         }
         let (cmd_tx, cmd_rx) = mpsc::channel(cfg.command_queue.max(1));
-        let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+        let (sink, ev_rx) = Sink::new(cfg.event_queue, EVENT_RESERVE);
         let seed = res.seed.unwrap_or_else(rand::random);
         let policy = Reconnect::new(servers.len(), res.reconnect.clone(), seed);
         let sup = Supervisor {
@@ -188,12 +233,14 @@ impl ReconnectingClient {
             queue_limit: res.queue_limit,
             policy,
             cmds: cmd_rx,
-            events: ev_tx,
+            route: Route::Link(sink.clone()),
+            events: sink,
             subs: BTreeSet::new(),
             queue: VecDeque::new(),
+            behind: false,
         };
         let task = tokio::spawn(sup.run());
-        ReconnectingClient { cmds: cmd_tx, events: ev_rx, nonce, max_frame, reliable, task }
+        ReconnectingClient { cmds: cmd_tx, events: ev_rx, nonce, max_frame, reliable, task: Some(task) }
     }
 
     /// The instance nonce kept across reconnects.
@@ -231,13 +278,16 @@ impl ReconnectingClient {
         self.events.recv().await
     }
 
-    /// Say `BYE` if connected, and stop.
-    pub async fn close(self) {
+    /// Say `BYE` if connected, and stop. The events already queued (the last `Disconnected` among them) can still
+    /// be read; [`next_event`](Self::next_event) then returns `None`. A second call does nothing.
+    pub async fn close(&mut self) {
         let (tx, rx) = oneshot::channel();
         if self.cmds.send(Cmd::Close(tx)).await.is_ok() {
             let _ = rx.await;
         }
-        let _ = self.task.await;
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
     }
 }
 
@@ -247,11 +297,15 @@ struct Supervisor {
     queue_limit: usize,
     policy: Reconnect,
     cmds: mpsc::Receiver<Cmd>,
-    events: mpsc::UnboundedSender<LinkEvent>,
+    /// The application's queue, and the same as where each connection puts its events.
+    events: Sink<LinkEvent>,
+    route: Route,
     /// Presence subscriptions to re-establish after every connect.
     subs: BTreeSet<String>,
     /// Data sent while disconnected, oldest first.
     queue: VecDeque<(Option<String>, Bytes)>,
+    /// The last connection ended because the application's queue was full: reconnect only once it has drained.
+    behind: bool,
 }
 
 /// How a connected period ended.
@@ -265,8 +319,14 @@ enum Ended {
 type Probe = Pin<Box<dyn Future<Output = Result<Client, ConnectError>> + Send>>;
 
 impl Supervisor {
+    /// An event the application may lose to a full queue (counted): `Reconnecting`, `ConnectFailed`.
     fn emit(&self, e: LinkEvent) {
-        let _ = self.events.send(e);
+        self.events.emit(e);
+    }
+
+    /// An event that must reach the application: `Connected`, `Disconnected`, `GaveUp`, `NotSent`.
+    fn emit_kept(&self, e: LinkEvent) {
+        self.events.emit_kept(e);
     }
 
     fn name(&self, t: &Target) -> String {
@@ -282,7 +342,7 @@ impl Supervisor {
             let (target, delay, attempt) = match next {
                 Next::Connect { target, delay, attempt } => (target, delay, attempt),
                 Next::GiveUp { attempts, last } => {
-                    self.emit(LinkEvent::GaveUp { attempts, reason: last });
+                    self.emit_kept(LinkEvent::GaveUp { attempts, reason: last });
                     return self.refuse_all().await;
                 }
             };
@@ -293,7 +353,7 @@ impl Supervisor {
             if !self.wait_disconnected(delay).await {
                 return;
             }
-            let client = Client::connect_to(&server, self.cfg.clone()).await;
+            let client = Client::connect_routed(&server, self.cfg.clone(), &self.route).await;
             let mut client = match client {
                 Ok(c) => c,
                 Err(e) => {
@@ -325,15 +385,19 @@ impl Supervisor {
                 match self.run_connected(&mut client, &target).await {
                     Ended::Closed => return,
                     Ended::Lost(d) => {
-                        self.emit(LinkEvent::Disconnected { server: server.clone(), disconnect: d.clone() });
-                        next = self.policy.lost(driver::now(), target, d.reason, d.retry_after, d.alternative);
+                        self.emit_kept(LinkEvent::Disconnected { server: server.clone(), disconnect: d.clone() });
+                        // Our own verdict that the application fell behind (a reliable message found its queue
+                        // full) says nothing about the server: go back to it once the application has caught up.
+                        self.behind = d.reason == CloseReason::SlowConsumer && !d.by_peer;
+                        let health = if self.behind { CloseReason::Bye } else { d.reason };
+                        next = self.policy.lost(driver::now(), target, health, d.retry_after, d.alternative);
                         break;
                     }
                     // The primary welcomed a probe: leave the backup with a goodbye and carry on there.
                     Ended::SwitchToPrimary(primary) => {
                         let mut old = std::mem::replace(&mut client, primary);
                         if let Some(d) = old.close().await {
-                            self.emit(LinkEvent::Disconnected { server: server.clone(), disconnect: d });
+                            self.emit_kept(LinkEvent::Disconnected { server: server.clone(), disconnect: d });
                         }
                         target = Target::Listed(0);
                         server = self.name(&target);
@@ -346,7 +410,7 @@ impl Supervisor {
     async fn on_connected(&mut self, client: &Client, target: &Target, server: &str) {
         self.policy.connected(driver::now(), target.clone());
         let w = client.welcome();
-        self.emit(LinkEvent::Connected {
+        self.emit_kept(LinkEvent::Connected {
             server: server.to_owned(),
             epoch: w.epoch,
             heartbeat: Duration::from_millis(w.heartbeat_ms.into()),
@@ -354,13 +418,14 @@ impl Supervisor {
             primary: *target == Target::Listed(0),
             reliable: client.reliable(),
         });
+        client.open_events();
         if !self.subs.is_empty() {
             let _ = client.subscribe(self.subs.iter().cloned().collect()).await;
         }
         while let Some((to, payload)) = self.queue.pop_front() {
             let len = payload.len();
             if let Err(e @ ClientError::TooLarge { .. }) = client.send(to.as_deref(), payload).await {
-                self.emit(LinkEvent::NotSent { to, len, error: e.to_string() });
+                self.emit_kept(LinkEvent::NotSent { to, len, error: e.to_string() });
             }
         }
     }
@@ -388,11 +453,7 @@ impl Supervisor {
                 }
             };
             tokio::select! {
-                ev = client.next_event() => match ev {
-                    Some(ClientEvent::Disconnected(d)) => return Ended::Lost(d),
-                    Some(ev) => self.forward(ev),
-                    None => return Ended::Lost(lost_task()),
-                },
+                d = client.ended() => return Ended::Lost(d.unwrap_or_else(lost_task)),
                 cmd = self.cmds.recv() => match cmd {
                     Some(Cmd::Send { to, payload, ack }) => {
                         let r = match client.reliable() {
@@ -418,7 +479,7 @@ impl Supervisor {
                     }
                     Some(Cmd::Close(done)) => {
                         if let Some(d) = client.close().await {
-                            self.emit(LinkEvent::Disconnected { server: self.name(target), disconnect: d });
+                            self.emit_kept(LinkEvent::Disconnected { server: self.name(target), disconnect: d });
                         }
                         let _ = done.send(());
                         return Ended::Closed;
@@ -431,8 +492,8 @@ impl Supervisor {
                 () = probe_sleep => {
                     last_probe = Some(driver::now());
                     let primary = self.servers[0].clone();
-                    let cfg = self.cfg.clone();
-                    probe = Some(Box::pin(async move { Client::connect_to(&primary, cfg).await }));
+                    let (cfg, route) = (self.cfg.clone(), self.route.clone());
+                    probe = Some(Box::pin(async move { Client::connect_routed(&primary, cfg, &route).await }));
                 }
                 r = probing => {
                     probe = None;
@@ -445,29 +506,20 @@ impl Supervisor {
         }
     }
 
-    fn forward(&self, ev: ClientEvent) {
-        let e = match ev {
-            ClientEvent::Data { from, payload } => LinkEvent::Data { from, payload },
-            ClientEvent::Presence(p) => LinkEvent::Presence(p),
-            ClientEvent::Undeliverable { to, why } => LinkEvent::Undeliverable { to, why },
-            ClientEvent::Suspect { silent_for } => LinkEvent::Suspect { silent_for },
-            ClientEvent::Recovered => LinkEvent::Recovered,
-            ClientEvent::Acked { upto } => LinkEvent::Acked { upto },
-            ClientEvent::Delivered { to, seqs } => LinkEvent::Delivered { to, seqs },
-            ClientEvent::NotDelivered { to, seqs, why } => LinkEvent::NotDelivered { to, seqs, why },
-            ClientEvent::InDoubt(msgs) => LinkEvent::InDoubt(msgs),
-            ClientEvent::Disconnected(_) => return,
-        };
-        self.emit(e);
-    }
-
-    /// Sleep `delay` while disconnected, queueing sends and recording subscriptions. False when closed.
+    /// Sleep `delay` (and, when the application fell behind, until it has read half its queue) while
+    /// disconnected, queueing sends and recording subscriptions. False when closed.
     async fn wait_disconnected(&mut self, delay: Duration) -> bool {
-        let sleep = tokio::time::sleep(delay);
-        tokio::pin!(sleep);
+        let (events, behind) = (self.events.clone(), std::mem::take(&mut self.behind));
+        let ready = async move {
+            tokio::time::sleep(delay).await;
+            if behind {
+                events.drained().await;
+            }
+        };
+        tokio::pin!(ready);
         loop {
             tokio::select! {
-                () = &mut sleep => return true,
+                () = &mut ready => return true,
                 cmd = self.cmds.recv() => match cmd {
                     Some(Cmd::Send { to, payload, ack }) if self.cfg.reliable.is_some() => {
                         let link = self.cfg.reliable.as_ref().expect("checked");

@@ -144,7 +144,7 @@ impl Server {
             }
             None => None,
         };
-        let (events, rx) = EventSink::new(cfg.event_queue);
+        let (events, rx) = EventSink::server(cfg.event_queue);
         let shared = Arc::new(Shared::new(cfg, capacity, cluster, events));
         Ok(Server { listener, shared, events: Some(rx), accepting: None })
     }

@@ -1,0 +1,97 @@
+//! The client's event queue is bounded: an application that stops reading loses plain events, counted and
+//! reported, and never a reliable message (the connection ends with `slow_consumer` and the resume brings what
+//! it could not take); how a connection ended is always heard.
+
+mod support;
+
+use bytes::Bytes;
+use support::{test_config, TestServer, PATIENCE};
+use tether::{
+    Client, ClientConfig, ClientEvent, CloseReason, EventKind, EventQueue, LinkEvent, ReconnectingClient,
+    ReliableConfig, ReliableLink, ResilienceConfig,
+};
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_stops_reading_loses_counted_events_and_still_hears_how_it_ended() {
+    let mut s = TestServer::start(test_config()).await;
+    let cfg = ClientConfig { event_queue: EventQueue::Bounded(16), ..ClientConfig::new("slow") };
+    let mut c = Client::connect(s.addr, cfg).await.expect("connect");
+    s.wait(|k| matches!(k, EventKind::Online { client, .. } if client == "slow")).await;
+    // The application reads nothing while the server sends.
+    let mut sent = 0u64;
+    for i in 0..2000 {
+        if s.handle.send("slow", Bytes::from(format!("m{i}"))).is_ok() {
+            sent += 1;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(s.handle.kick("slow"));
+    let (mut data, mut dropped, mut ends) = (0u64, 0u64, Vec::new());
+    tokio::time::timeout(PATIENCE, async {
+        while let Some(ev) = c.next_event().await {
+            assert!(ends.is_empty(), "{ev:?} after Disconnected");
+            match ev {
+                ClientEvent::Data { .. } => data += 1,
+                ClientEvent::Dropped { count } => dropped += count,
+                ClientEvent::Disconnected(d) => ends.push(d.reason),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("the events end");
+    // Every message is accounted for: taken, or counted as dropped. The ending is heard once, last.
+    assert_eq!(data + dropped, sent, "{data} taken + {dropped} dropped");
+    assert!(dropped > 0, "nothing was dropped: the queue held {data} events");
+    assert_eq!(ends, [CloseReason::Kicked]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reliable_reader_that_falls_behind_ends_its_connection_and_loses_nothing() {
+    const N: usize = 300;
+    let mut s = TestServer::start(test_config()).await;
+    let link = || Some(ReliableLink::new(ReliableConfig::default()));
+    let cfg = ClientConfig { reliable: link(), event_queue: EventQueue::Bounded(8), ..ClientConfig::new("reader") };
+    let mut reader = ReconnectingClient::start(vec![s.addr.to_string()], cfg, ResilienceConfig::default());
+    s.wait(|k| matches!(k, EventKind::Online { client, .. } if client == "reader")).await;
+    let writer = Client::connect(s.addr, ClientConfig { reliable: link(), ..ClientConfig::new("writer") }).await;
+    let writer = writer.expect("connect");
+    for i in 0..N {
+        writer.send_reliable(Some("reader"), Bytes::from(format!("m{i}"))).expect("within the window");
+    }
+    // The reader's queue fills: its client ends the connection rather than take what it cannot queue.
+    let verdict = s
+        .wait(|k| {
+            matches!(k, EventKind::Offline { client, reason: CloseReason::SlowConsumer, by_peer: true, .. }
+                if client == "reader")
+        })
+        .await;
+    assert!(matches!(verdict, EventKind::Offline { .. }));
+    // Now it reads: every message once, in order, across however many resumes it took.
+    let mut got = Vec::new();
+    let mut slow = 0;
+    tokio::time::timeout(PATIENCE, async {
+        while got.len() < N {
+            match reader.next_event().await.expect("the client runs") {
+                LinkEvent::Data { payload, .. } => got.push(String::from_utf8(payload.to_vec()).unwrap()),
+                LinkEvent::Disconnected { disconnect, .. } => {
+                    assert_eq!(disconnect.reason, CloseReason::SlowConsumer, "{disconnect:?}");
+                    assert!(!disconnect.by_peer);
+                    slow += 1;
+                }
+                LinkEvent::Connected { reliable, .. } => {
+                    let grant = reliable.expect("reliable");
+                    assert!(grant.lost == 0, "{grant:?}");
+                }
+                // Plain events the full queue dropped (the `Reconnecting`s), counted.
+                LinkEvent::Dropped { .. } | LinkEvent::Reconnecting { .. } => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("every message arrives");
+    assert_eq!(got, (0..N).map(|i| format!("m{i}")).collect::<Vec<_>>());
+    assert!(slow >= 1, "the reader's own slow_consumer verdict was not reported");
+    reader.close().await;
+}
