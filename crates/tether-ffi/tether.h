@@ -27,7 +27,8 @@
 /*
  Connected to `server` (`flag`: 1 if it is the primary): `epoch`, `heartbeat_ms`, `timeout_ms` (the silence
  after which either side declares the other dead); reliable: `reason` is "new", "resumed", "resumed_with_loss"
- or "fresh", and `count` the messages lost ("" and 0 when not reliable).
+ or "fresh", `count` the messages lost, and `text` why the session did not resume ("expired", "replaced",
+ "server_restarted", ...); all "" and 0 when not reliable.
  */
 #define TETHER_EVENT_CONNECTED 1
 
@@ -50,8 +51,9 @@
 #define TETHER_EVENT_CONNECT_FAILED 4
 
 /*
- Reconnecting stopped after `attempt` attempts (`reason`: "kicked", or the last failure when the configured
- attempts ran out). Sends fail with `TETHER_ERR_CLOSED` from now on; `TETHER_CLOSED` follows.
+ Reconnecting stopped after `attempt` failed retries (`reason`: "kicked", or the last failure's when the
+ configured attempts ran out: "reset" for a connection refused or cut, the server's reason when it refused
+ us). Sends fail with `TETHER_ERR_CLOSED` from now on; `TETHER_CLOSED` follows.
  */
 #define TETHER_EVENT_GAVE_UP 5
 
@@ -273,7 +275,9 @@ int32_t tether_unsubscribe(struct tether_client *client, const char *id);
 
 /*
  Register `cb` (NULL: none) to be called with `user` when an event becomes available (see `tether_wakeup_fn`),
- in place of any earlier one; if events are already waiting, it is called once at once, on this thread.
+ in place of any earlier one; if events are already waiting, it is called once at once, on this thread. A call
+ of the earlier callback already under way on the library's thread may still finish after this returns;
+ after `tether_free` none is made.
  */
 int32_t tether_set_wakeup(struct tether_client *client, tether_wakeup_fn cb, void *user);
 
@@ -331,16 +335,17 @@ int32_t tether_config_set_heartbeat(struct tether_config *cfg, uint32_t interval
 int32_t tether_config_set_tls(struct tether_config *cfg, const char *ca_file, const char *server_name);
 
 /*
- Reconnect policy: the backoff starts at `initial_ms` and doubles (with jitter) up to `max_ms`; give up after
- `max_attempts` consecutive failures (0: never). `return_to_primary_ms`: while on a backup, try the primary
+ Reconnect policy: the backoff starts at `initial_ms` and doubles (with jitter) up to `max_ms`; give up when
+ `max_attempts` retries in a row have failed (0: never; the first attempt, and the first after a connection
+ was lost, are not counted). `return_to_primary_ms`: while on a backup, try the primary
  this often and move back when it answers (0: stay until the next reconnect).
  */
 int32_t tether_config_set_reconnect(struct tether_config *cfg, uint32_t initial_ms, uint32_t max_ms, uint32_t max_attempts, uint32_t return_to_primary_ms);
 
 /*
- Queues: `held_sends`, the sends held while disconnected (0 refuses sends then); `max_events`, the events that
- may wait for the application (at least 1): beyond it, events are dropped and counted, and the application
- hears `TETHER_EVENT_DROPPED` with the count.
+ Queues: `held_sends`, the sends held while disconnected (0 refuses sends then; the default is 1,000);
+ `max_events`, the events that may wait for the application (at least 1; the default is 16,384): beyond it,
+ events are dropped and counted, and the application hears `TETHER_EVENT_DROPPED` with the count.
  */
 int32_t tether_config_set_queues(struct tether_config *cfg, uint32_t held_sends, uint32_t max_events);
 

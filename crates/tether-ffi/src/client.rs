@@ -340,7 +340,9 @@ pub unsafe extern "C" fn tether_unsubscribe(client: *mut tether_client, id: *con
 }
 
 /// Register `cb` (NULL: none) to be called with `user` when an event becomes available (see `tether_wakeup_fn`),
-/// in place of any earlier one; if events are already waiting, it is called once at once, on this thread.
+/// in place of any earlier one; if events are already waiting, it is called once at once, on this thread. A call
+/// of the earlier callback already under way on the library's thread may still finish after this returns;
+/// after `tether_free` none is made.
 #[no_mangle]
 pub unsafe extern "C" fn tether_set_wakeup(client: *mut tether_client, cb: tether_wakeup_fn, user: *mut c_void) -> i32 {
     guard(|| {
@@ -397,6 +399,8 @@ pub unsafe extern "C" fn tether_free(client: *mut tether_client) {
     let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         // SAFETY: a client from `tether_client_start`, freed once (the header's rule).
         let c = unsafe { Box::from_raw(client) };
+        // The task may outlive the handle for its goodbye: it must not call back into a caller that freed it.
+        c.handoff.lock().wakeup = None;
         if !c.closed.swap(true, Ordering::AcqRel) {
             let (done, _) = oneshot::channel();
             let _ = c.cmds.try_send(Cmd::Close(done));

@@ -123,8 +123,9 @@ pub unsafe extern "C" fn tether_config_set_tls(
     })
 }
 
-/// Reconnect policy: the backoff starts at `initial_ms` and doubles (with jitter) up to `max_ms`; give up after
-/// `max_attempts` consecutive failures (0: never). `return_to_primary_ms`: while on a backup, try the primary
+/// Reconnect policy: the backoff starts at `initial_ms` and doubles (with jitter) up to `max_ms`; give up when
+/// `max_attempts` retries in a row have failed (0: never; the first attempt, and the first after a connection
+/// was lost, are not counted). `return_to_primary_ms`: while on a backup, try the primary
 /// this often and move back when it answers (0: stay until the next reconnect).
 #[no_mangle]
 pub unsafe extern "C" fn tether_config_set_reconnect(
@@ -149,9 +150,9 @@ pub unsafe extern "C" fn tether_config_set_reconnect(
     })
 }
 
-/// Queues: `held_sends`, the sends held while disconnected (0 refuses sends then); `max_events`, the events that
-/// may wait for the application (at least 1): beyond it, events are dropped and counted, and the application
-/// hears `TETHER_EVENT_DROPPED` with the count.
+/// Queues: `held_sends`, the sends held while disconnected (0 refuses sends then; the default is 1,000);
+/// `max_events`, the events that may wait for the application (at least 1; the default is 16,384): beyond it,
+/// events are dropped and counted, and the application hears `TETHER_EVENT_DROPPED` with the count.
 #[no_mangle]
 pub unsafe extern "C" fn tether_config_set_queues(cfg: *mut tether_config, held_sends: u32, max_events: u32) -> i32 {
     guard(|| {

@@ -13,7 +13,8 @@ use crate::status::*;
 
 /// Connected to `server` (`flag`: 1 if it is the primary): `epoch`, `heartbeat_ms`, `timeout_ms` (the silence
 /// after which either side declares the other dead); reliable: `reason` is "new", "resumed", "resumed_with_loss"
-/// or "fresh", and `count` the messages lost ("" and 0 when not reliable).
+/// or "fresh", `count` the messages lost, and `text` why the session did not resume ("expired", "replaced",
+/// "server_restarted", ...); all "" and 0 when not reliable.
 pub const TETHER_EVENT_CONNECTED: i32 = 1;
 /// The connection to `server` ended: `reason` (e.g. "heartbeat_timeout", "eof", "reset", "bye"), `flag` 1 if the
 /// server ended it (its `BYE`, FIN or reset) and 0 if this client decided, `retry_after_ms` and `alternative`
@@ -24,8 +25,9 @@ pub const TETHER_EVENT_RECONNECTING: i32 = 3;
 /// An attempt on `server` failed: `text` says why; `reason` and `retry_after_ms` are the server's refusal, if it
 /// refused ("" otherwise).
 pub const TETHER_EVENT_CONNECT_FAILED: i32 = 4;
-/// Reconnecting stopped after `attempt` attempts (`reason`: "kicked", or the last failure when the configured
-/// attempts ran out). Sends fail with `TETHER_ERR_CLOSED` from now on; `TETHER_CLOSED` follows.
+/// Reconnecting stopped after `attempt` failed retries (`reason`: "kicked", or the last failure's when the
+/// configured attempts ran out: "reset" for a connection refused or cut, the server's reason when it refused
+/// us). Sends fail with `TETHER_ERR_CLOSED` from now on; `TETHER_CLOSED` follows.
 pub const TETHER_EVENT_GAVE_UP: i32 = 5;
 /// A message: `data`/`len` from `peer` ("" for the server's application).
 pub const TETHER_EVENT_DATA: i32 = 6;

@@ -168,6 +168,31 @@ fn a_closed_client_refuses_calls_and_a_second_close_and_ends_its_events() {
 }
 
 #[test]
+fn a_client_that_gives_up_ends_its_events() {
+    let cfg = config("erin");
+    let mut client = ptr::null_mut();
+    // SAFETY: valid arguments.
+    unsafe {
+        assert_eq!(tether_config_set_reconnect(cfg, 10, 20, 1, 0), TETHER_OK);
+        assert_eq!(tether_client_start(cfg, &mut client), TETHER_OK);
+        tether_config_free(cfg);
+        let mut ev = std::mem::zeroed::<tether_event>();
+        let mut kinds = Vec::new();
+        let end = loop {
+            match tether_next_event(client, 5000, &mut ev) {
+                TETHER_OK => kinds.push(ev.kind),
+                other => break other,
+            }
+        };
+        assert_eq!(end, TETHER_CLOSED, "events: {kinds:?}");
+        assert_eq!(kinds.last(), Some(&TETHER_EVENT_GAVE_UP), "{kinds:?}");
+        let to = CString::new("x").unwrap();
+        assert_eq!(tether_send(client, to.as_ptr(), ptr::null(), 0, ptr::null_mut()), TETHER_ERR_CLOSED);
+        tether_free(client);
+    }
+}
+
+#[test]
 fn every_status_has_a_name() {
     for code in -9..=2 {
         // SAFETY: static strings.

@@ -552,9 +552,12 @@ impl Supervisor {
     }
 
     /// After giving up: answer every later command with `Stopped` until the handle is dropped.
-    async fn refuse_all(mut self) {
-        self.queue.clear();
-        while let Some(cmd) = self.cmds.recv().await {
+    /// The application's queue ends here (`next_event` returns `None` once `GaveUp` is read): only the commands'
+    /// receiver is kept.
+    async fn refuse_all(self) {
+        let Supervisor { mut cmds, events, route, .. } = self;
+        drop((events, route));
+        while let Some(cmd) = cmds.recv().await {
             match cmd {
                 Cmd::Send { ack, .. } => {
                     let _ = ack.send(Err(LinkError::Stopped));

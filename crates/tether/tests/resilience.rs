@@ -138,6 +138,8 @@ async fn kicked_gives_up_unless_configured() {
     assert!(s.handle.kick("k"));
     let g = until(&mut rc, "gave up", |e| matches!(e, LinkEvent::GaveUp { .. })).await;
     assert_eq!(g, LinkEvent::GaveUp { attempts: 0, reason: CloseReason::Kicked });
+    // The last event: the stream ends (nothing more will come), and sends are refused.
+    assert_eq!(tokio::time::timeout(support::PATIENCE, rc.next_event()).await.expect("the stream ends"), None);
     assert_eq!(rc.send(None, Bytes::new()).await, Err(LinkError::Stopped));
 
     let mut r = res(10);
