@@ -164,7 +164,8 @@
 
 /*
  Disconnected and the queue of sends waiting for the next connection is full, or (reliable) the window of
- unacknowledged messages is full: try again after `TETHER_EVENT_CONNECTED` or `TETHER_EVENT_ACKED`.
+ unacknowledged messages is full: try again later (after `TETHER_EVENT_CONNECTED`, or `TETHER_EVENT_ACKED`,
+ which is cumulative and may itself be dropped when the application falls behind).
  */
 #define TETHER_ERR_FULL (-5)
 
@@ -344,8 +345,12 @@ int32_t tether_config_set_reconnect(struct tether_config *cfg, uint32_t initial_
 
 /*
  Queues: `held_sends`, the sends held while disconnected (0 refuses sends then; the default is 1,000);
- `max_events`, the events that may wait for the application (at least 1; the default is 16,384): beyond it,
- events are dropped and counted, and the application hears `TETHER_EVENT_DROPPED` with the count.
+ `max_events`, the events that may wait for the application (at least 1; the default is 16,384), with at
+ most 16 MiB of payload: beyond either, events are dropped and counted, and the application hears
+ `TETHER_EVENT_DROPPED` with the count. Never dropped: connected, disconnected, gave up, not sent, in doubt,
+ and a reliable session's messages and receipts. For those, a client whose application stops pulling ends its
+ connection (`slow_consumer`) and reconnects once half the queue was pulled; the session's resume brings what
+ it could not take.
  */
 int32_t tether_config_set_queues(struct tether_config *cfg, uint32_t held_sends, uint32_t max_events);
 

@@ -44,6 +44,11 @@ const HANDOFF: usize = 16;
 
 pub(crate) struct Handoff {
     state: Mutex<HandoffState>,
+    /// Held while the wake-up callback runs, so that `tether_free` and `tether_set_wakeup` can wait for a call
+    /// under way before they return.
+    calling: Mutex<()>,
+    /// The reconnecting client gave up: later commands are refused.
+    gave_up: AtomicBool,
     /// Signalled when an event is queued or the client ends (for `tether_next_event`).
     ready: Condvar,
     /// Notified when an event was pulled (for the task, which stops taking events while the hand-off is full).
@@ -84,7 +89,13 @@ pub(crate) enum Popped {
 
 impl Handoff {
     fn new() -> Handoff {
-        Handoff { state: Mutex::new(HandoffState::default()), ready: Condvar::new(), room: Notify::new() }
+        Handoff {
+            state: Mutex::new(HandoffState::default()),
+            calling: Mutex::new(()),
+            gave_up: AtomicBool::new(false),
+            ready: Condvar::new(),
+            room: Notify::new(),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HandoffState> {
@@ -96,27 +107,43 @@ impl Handoff {
     }
 
     fn push(&self, ev: LinkEvent) {
-        let wake = {
+        if matches!(ev, LinkEvent::GaveUp { .. }) {
+            self.gave_up.store(true, Ordering::Release);
+        }
+        let was_empty = {
             let mut st = self.lock();
             let was_empty = st.queue.is_empty();
             st.queue.push_back(ev);
-            st.wakeup.filter(|_| was_empty)
+            was_empty
         };
         self.ready.notify_one();
-        if let Some(w) = wake {
-            w.call();
+        if was_empty {
+            self.wake();
         }
     }
 
     fn end(&self) {
-        let wake = {
-            let mut st = self.lock();
-            st.ended = true;
-            st.wakeup
-        };
+        self.lock().ended = true;
         self.ready.notify_all();
-        if let Some(w) = wake {
+        self.wake();
+    }
+
+    /// Call the wake-up callback, if one is registered (read under `calling`, so that one cleared is never called
+    /// after `clear_wakeup` returned).
+    fn wake(&self) {
+        let _calling = self.calling.lock().unwrap_or_else(|p| p.into_inner());
+        let wakeup = self.lock().wakeup;
+        if let Some(w) = wakeup {
             w.call();
+        }
+    }
+
+    /// Register `wakeup` in place of the callback, and wait for a call of the old one under way (unless this is
+    /// the library's thread, where that call is running).
+    fn set_wakeup(&self, wakeup: Option<Wakeup>) {
+        self.lock().wakeup = wakeup;
+        if !runtime::on_runtime() {
+            drop(self.calling.lock().unwrap_or_else(|p| p.into_inner()));
         }
     }
 
@@ -235,10 +262,13 @@ pub unsafe extern "C" fn tether_client_start(cfg: *const tether_config, out: *mu
 
 impl tether_client {
     fn open(&self) -> Result<()> {
-        match self.closed.load(Ordering::Acquire) {
-            true => Err(Error::new(TETHER_ERR_CLOSED, "the client is closed")),
-            false => Ok(()),
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::new(TETHER_ERR_CLOSED, "the client is closed"));
         }
+        if self.handoff.gave_up.load(Ordering::Acquire) {
+            return Err(Error::new(TETHER_ERR_CLOSED, "the client gave up reconnecting"));
+        }
+        Ok(())
     }
 
     /// Hand `cmd` to the task and wait for its answer.
@@ -349,12 +379,12 @@ pub unsafe extern "C" fn tether_set_wakeup(client: *mut tether_client, cb: tethe
         // SAFETY: a client from `tether_client_start`, not freed (the header's rule).
         let c = unsafe { arg_ref(client, "client") }?;
         let wakeup = cb.map(|f| Wakeup { f, user });
-        let now = {
-            let mut st = c.handoff.lock();
-            st.wakeup = wakeup;
-            wakeup.filter(|_| !st.queue.is_empty() || st.ended)
+        c.handoff.set_wakeup(wakeup);
+        let waiting = {
+            let st = c.handoff.lock();
+            !st.queue.is_empty() || st.ended
         };
-        if let Some(w) = now {
+        if let (Some(w), true) = (wakeup, waiting) {
             w.call();
         }
         Ok(TETHER_OK)
@@ -376,14 +406,13 @@ pub unsafe extern "C" fn tether_close(client: *mut tether_client, timeout_ms: u3
             return Err(Error::new(TETHER_ERR_CLOSED, "the client is already closed"));
         }
         let (done, rx) = oneshot::channel();
-        let wait = Duration::from_millis(timeout_ms.into());
-        let finished = c.io.block_on(async {
-            tokio::time::timeout(wait, async {
-                let _ = c.cmds.send(Cmd::Close(done)).await;
-                let _ = rx.await;
-            })
-            .await
+        // Queued by the library's thread, so that the goodbye happens even when the wait below times out first.
+        let cmds = c.cmds.clone();
+        c.io.spawn(async move {
+            let _ = cmds.send(Cmd::Close(done)).await;
         });
+        let wait = Duration::from_millis(timeout_ms.into());
+        let finished = c.io.block_on(async { tokio::time::timeout(wait, rx).await });
         Ok(if finished.is_ok() { TETHER_OK } else { TETHER_TIMEOUT })
     })
 }
@@ -400,7 +429,7 @@ pub unsafe extern "C" fn tether_free(client: *mut tether_client) {
         // SAFETY: a client from `tether_client_start`, freed once (the header's rule).
         let c = unsafe { Box::from_raw(client) };
         // The task may outlive the handle for its goodbye: it must not call back into a caller that freed it.
-        c.handoff.lock().wakeup = None;
+        c.handoff.set_wakeup(None);
         if !c.closed.swap(true, Ordering::AcqRel) {
             let (done, _) = oneshot::channel();
             let _ = c.cmds.try_send(Cmd::Close(done));

@@ -151,8 +151,12 @@ pub unsafe extern "C" fn tether_config_set_reconnect(
 }
 
 /// Queues: `held_sends`, the sends held while disconnected (0 refuses sends then; the default is 1,000);
-/// `max_events`, the events that may wait for the application (at least 1; the default is 16,384): beyond it,
-/// events are dropped and counted, and the application hears `TETHER_EVENT_DROPPED` with the count.
+/// `max_events`, the events that may wait for the application (at least 1; the default is 16,384), with at
+/// most 16 MiB of payload: beyond either, events are dropped and counted, and the application hears
+/// `TETHER_EVENT_DROPPED` with the count. Never dropped: connected, disconnected, gave up, not sent, in doubt,
+/// and a reliable session's messages and receipts. For those, a client whose application stops pulling ends its
+/// connection (`slow_consumer`) and reconnects once half the queue was pulled; the session's resume brings what
+/// it could not take.
 #[no_mangle]
 pub unsafe extern "C" fn tether_config_set_queues(cfg: *mut tether_config, held_sends: u32, max_events: u32) -> i32 {
     guard(|| {

@@ -30,11 +30,16 @@ pub(crate) fn handle() -> Result<Handle> {
 /// Refuse a call that waits when it is made on a runtime thread (the wake-up callback runs there): waiting would
 /// stall every client, and tokio forbids it.
 pub(crate) fn not_on_runtime(what: &str) -> Result<()> {
-    match Handle::try_current() {
-        Ok(_) => Err(Error::new(
+    match on_runtime() {
+        true => Err(Error::new(
             TETHER_ERR_THREAD,
             format!("{what} waits, and was called on the library's own thread (from the wake-up callback?)"),
         )),
-        Err(_) => Ok(()),
+        false => Ok(()),
     }
+}
+
+/// This thread is a runtime's (the library's own, where the wake-up callback runs).
+pub(crate) fn on_runtime() -> bool {
+    Handle::try_current().is_ok()
 }

@@ -188,6 +188,8 @@ fn a_client_that_gives_up_ends_its_events() {
         assert_eq!(kinds.last(), Some(&TETHER_EVENT_GAVE_UP), "{kinds:?}");
         let to = CString::new("x").unwrap();
         assert_eq!(tether_send(client, to.as_ptr(), ptr::null(), 0, ptr::null_mut()), TETHER_ERR_CLOSED);
+        assert_eq!(tether_subscribe(client, to.as_ptr()), TETHER_ERR_CLOSED);
+        assert_eq!(last_error(), "the client gave up reconnecting");
         tether_free(client);
     }
 }

@@ -32,7 +32,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::ClientConfig;
 use crate::driver::{self, drive, Hooks};
-use crate::queue::{Events, Queued, Sink};
+use crate::queue::{Events, Queued, Sink, QUEUED_DATA_BYTES};
 use crate::reliable::{InDoubt, ReliableLink};
 use crate::resilient::LinkEvent;
 use tether_proto::reliable;
@@ -175,11 +175,18 @@ enum Out {
 #[derive(Default)]
 pub(crate) struct Gate {
     open: AtomicBool,
-    /// Each with whether it must not be dropped.
-    held: Mutex<Vec<(LinkEvent, bool)>>,
+    held: Mutex<Held>,
 }
 
-/// Events a closed gate holds at most, besides those that must not be dropped; more are dropped and counted.
+/// What a closed gate holds: each event with whether it must not be dropped, and their payload bytes.
+#[derive(Default)]
+struct Held {
+    events: Vec<(LinkEvent, bool)>,
+    bytes: usize,
+}
+
+/// Events a closed gate holds at most, besides those that must not be dropped (and [`QUEUED_DATA_BYTES`] of
+/// their payload); more are dropped and counted.
 const GATE_HOLDS: usize = 1024;
 
 impl Gate {
@@ -189,10 +196,12 @@ impl Gate {
             return;
         }
         let mut held = self.held.lock().expect("gate lock");
+        let len = ev.payload_len();
         if self.open.load(Ordering::Acquire) {
             sink.put(ev, kept);
-        } else if kept || held.len() < GATE_HOLDS {
-            held.push((ev, kept));
+        } else if kept || (held.events.len() < GATE_HOLDS && held.bytes + len <= QUEUED_DATA_BYTES) {
+            held.events.push((ev, kept));
+            held.bytes += len;
         } else {
             sink.count_dropped();
         }
@@ -201,9 +210,10 @@ impl Gate {
     /// Hand on what was held, in order, and let later events through.
     fn open(&self, sink: &Sink<LinkEvent>) {
         let mut held = self.held.lock().expect("gate lock");
-        for (ev, kept) in held.drain(..) {
+        for (ev, kept) in held.events.drain(..) {
             sink.put(ev, kept);
         }
+        held.bytes = 0;
         self.open.store(true, Ordering::Release);
     }
 
@@ -213,7 +223,7 @@ impl Gate {
             return (0, 0);
         }
         let held = self.held.lock().expect("gate lock");
-        (held.len(), held.iter().map(|(ev, _)| ev.payload_len()).sum())
+        (held.events.len(), held.bytes)
     }
 }
 

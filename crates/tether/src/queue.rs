@@ -14,16 +14,28 @@
 //!
 //! [`EventQueue::Unbounded`] never drops, at the price of memory that grows for as long as nobody reads.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 use crate::event::EventQueue;
 
 /// Payload bytes of events that may wait for the application in a bounded queue (16 MiB): with 64 KiB payloads,
 /// a full queue of events would otherwise hold a gigabyte.
 pub const QUEUED_DATA_BYTES: usize = 16 << 20;
+
+/// The largest bound a queue takes (a larger one is this).
+const MAX_BOUND: usize = 1 << 30;
+
+/// Payload bytes of the events queued (bounded queue only), shared by the sinks and the receiver, and a wake-up
+/// for a sink waiting for them to drain ([`Sink::drained`]).
+#[derive(Default)]
+struct Payload {
+    bytes: AtomicUsize,
+    draining: AtomicBool,
+    drained: Notify,
+}
 
 /// An event a queue carries.
 pub trait Queued: Send + 'static {
@@ -36,8 +48,7 @@ pub trait Queued: Send + 'static {
 /// The receiving end: the application's.
 pub struct Events<T> {
     rx: Rx<T>,
-    /// Payload bytes of the events queued (bounded queue only), shared with the sink.
-    data_bytes: Arc<AtomicUsize>,
+    payload: Arc<Payload>,
     /// The sink's count of events dropped and not reported yet: when the queue runs empty, the receiver reports
     /// them itself, so a reader that catches up learns of the gap even if nothing more is said.
     unreported: Arc<AtomicU64>,
@@ -90,7 +101,10 @@ impl<T: Queued> Events<T> {
     fn taken(&self, ev: T) -> T {
         let len = ev.payload_len();
         if len > 0 && matches!(self.rx, Rx::Bounded(_)) {
-            self.data_bytes.fetch_sub(len, Ordering::AcqRel);
+            self.payload.bytes.fetch_sub(len, Ordering::SeqCst);
+            if self.payload.draining.load(Ordering::SeqCst) {
+                self.payload.drained.notify_waiters();
+            }
         }
         ev
     }
@@ -112,7 +126,7 @@ pub(crate) struct Sink<T> {
     /// Dropped since the start.
     total_dropped: Arc<AtomicU64>,
     /// Payload bytes of the events queued (shared with the receiver), against [`QUEUED_DATA_BYTES`].
-    data_bytes: Arc<AtomicUsize>,
+    payload: Arc<Payload>,
 }
 
 impl<T> Clone for Sink<T> {
@@ -125,7 +139,7 @@ impl<T> Clone for Sink<T> {
             reserve: self.reserve,
             unreported: self.unreported.clone(),
             total_dropped: self.total_dropped.clone(),
-            data_bytes: self.data_bytes.clone(),
+            payload: self.payload.clone(),
         }
     }
 }
@@ -140,7 +154,7 @@ impl<T: Queued> Sink<T> {
     pub(crate) fn new(queue: EventQueue, reserve: usize) -> (Sink<T>, Events<T>) {
         let (tx, rx) = match queue {
             EventQueue::Bounded(n) => {
-                let (tx, rx) = mpsc::channel(n.max(1) + reserve);
+                let (tx, rx) = mpsc::channel(n.clamp(1, MAX_BOUND) + reserve);
                 (Tx::Bounded(tx), Rx::Bounded(rx))
             }
             EventQueue::Unbounded => {
@@ -149,15 +163,15 @@ impl<T: Queued> Sink<T> {
             }
         };
         let unreported = Arc::new(AtomicU64::new(0));
-        let data_bytes = Arc::new(AtomicUsize::new(0));
+        let payload = Arc::new(Payload::default());
         let sink = Sink {
             tx,
             reserve,
             unreported: unreported.clone(),
             total_dropped: Arc::new(AtomicU64::new(0)),
-            data_bytes: data_bytes.clone(),
+            payload: payload.clone(),
         };
-        (sink, Events { rx, unreported, data_bytes })
+        (sink, Events { rx, unreported, payload })
     }
 
     /// Queue `ev` for the application, or count it as dropped when the bounded queue is full. Returns false
@@ -190,14 +204,14 @@ impl<T: Queued> Sink<T> {
             }
         }
         let len = ev.payload_len();
-        if len > 0 && self.data_bytes.fetch_add(len, Ordering::AcqRel) + len > QUEUED_DATA_BYTES {
-            self.data_bytes.fetch_sub(len, Ordering::AcqRel);
+        if len > 0 && self.payload.bytes.fetch_add(len, Ordering::AcqRel) + len > QUEUED_DATA_BYTES {
+            self.payload.bytes.fetch_sub(len, Ordering::AcqRel);
             return self.dropped_one();
         }
         match tx.try_send(ev) {
             Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
-                self.data_bytes.fetch_sub(len, Ordering::AcqRel);
+                self.payload.bytes.fetch_sub(len, Ordering::AcqRel);
                 self.dropped_one()
             }
         }
@@ -210,7 +224,7 @@ impl<T: Queued> Sink<T> {
             Tx::Unbounded(_) => true,
             Tx::Bounded(tx) => {
                 tx.capacity() > self.reserve + ahead
-                    && self.data_bytes.load(Ordering::Acquire) + ahead_bytes + len <= QUEUED_DATA_BYTES
+                    && self.payload.bytes.load(Ordering::Acquire) + ahead_bytes + len <= QUEUED_DATA_BYTES
             }
         }
     }
@@ -230,12 +244,20 @@ impl<T: Queued> Sink<T> {
         let Tx::Bounded(tx) = &self.tx else {
             return self.emit(ev);
         };
+        // What was dropped before it is reported before it (it may be the last event).
+        let gap = match self.unreported.load(Ordering::Acquire) {
+            0 => 0,
+            _ => self.unreported.swap(0, Ordering::AcqRel),
+        };
+        if gap > 0 && tx.try_send(T::dropped(gap)).is_err() {
+            self.unreported.fetch_add(gap, Ordering::AcqRel);
+        }
         let len = ev.payload_len();
-        self.data_bytes.fetch_add(len, Ordering::AcqRel);
+        self.payload.bytes.fetch_add(len, Ordering::AcqRel);
         match tx.try_send(ev) {
             Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
-                self.data_bytes.fetch_sub(len, Ordering::AcqRel);
+                self.payload.bytes.fetch_sub(len, Ordering::AcqRel);
                 self.dropped_one()
             }
         }
@@ -244,10 +266,21 @@ impl<T: Queued> Sink<T> {
     /// Wait until at most half the bound is in use (at once when unbounded): an application that fell behind has
     /// caught up enough to be sent more.
     pub(crate) async fn drained(&self) {
-        if let Tx::Bounded(tx) = &self.tx {
-            let bound = tx.max_capacity() - self.reserve;
-            let _ = tx.reserve_many(self.reserve + bound.div_ceil(2)).await;
+        let Tx::Bounded(tx) = &self.tx else { return };
+        let bound = tx.max_capacity() - self.reserve;
+        let _ = tx.reserve_many(self.reserve + bound.div_ceil(2)).await;
+        // And half the payload bytes: a queue full of large messages has room in count long before.
+        self.payload.draining.store(true, Ordering::SeqCst);
+        loop {
+            let notified = self.payload.drained.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.payload.bytes.load(Ordering::SeqCst) <= QUEUED_DATA_BYTES / 2 {
+                break;
+            }
+            notified.await;
         }
+        self.payload.draining.store(false, Ordering::SeqCst);
     }
 
     /// Count an event dropped before it reached the queue.
@@ -300,13 +333,13 @@ mod tests {
         // Four fit; six are dropped and counted. The reserve is not for them.
         assert!(!sink.has_room(0, 0, 0));
         assert_eq!(sink.dropped(), 6);
-        assert!(sink.emit_kept(Ev::Kept));
+        // A kept event goes into the reserve, after the count of what was dropped before it.
         assert!(sink.emit_kept(Ev::Kept));
         // Beyond the reserve even a kept event is dropped (an application that stopped reading for that long).
         assert!(!sink.emit_kept(Ev::Kept));
         assert_eq!(sink.dropped(), 7);
         let got: Vec<Ev> = std::iter::from_fn(|| events.try_recv()).collect();
-        assert_eq!(got, [Ev::Data(1), Ev::Data(1), Ev::Data(1), Ev::Data(1), Ev::Kept, Ev::Kept, Ev::Dropped(7)]);
+        assert_eq!(got, [Ev::Data(1), Ev::Data(1), Ev::Data(1), Ev::Data(1), Ev::Dropped(6), Ev::Kept, Ev::Dropped(1)]);
         // Read up: the next event that fits is not preceded by a gap already reported.
         assert!(sink.has_room(0, 0, 0));
         assert!(sink.emit(Ev::Data(1)));
@@ -327,5 +360,26 @@ mod tests {
         assert!(sink.emit(Ev::Data(1)));
         let got: Vec<Ev> = std::iter::from_fn(|| events.try_recv()).collect();
         assert_eq!(got, [Ev::Dropped(1), Ev::Data(10), Ev::Data(1)]);
+    }
+
+    #[tokio::test]
+    async fn drained_waits_for_half_the_count_and_half_the_bytes() {
+        let (sink, mut events) = Sink::<Ev>::new(EventQueue::Bounded(100), 4);
+        // Two large events: a full queue by bytes, though nearly empty by count.
+        assert!(sink.emit(Ev::Data(QUEUED_DATA_BYTES / 2)));
+        assert!(sink.emit(Ev::Data(QUEUED_DATA_BYTES / 2)));
+        let waiting = {
+            let sink = sink.clone();
+            tokio::spawn(async move { sink.drained().await })
+        };
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiting.is_finished(), "drained while the payload bytes are at the bound");
+        assert_eq!(events.try_recv(), Some(Ev::Data(QUEUED_DATA_BYTES / 2)));
+        tokio::time::timeout(std::time::Duration::from_secs(10), waiting)
+            .await
+            .expect("drained once half the bytes were read")
+            .unwrap();
     }
 }
