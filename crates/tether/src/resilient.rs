@@ -506,8 +506,8 @@ impl Supervisor {
         }
     }
 
-    /// Sleep `delay` (and, when the application fell behind, until it has read half its queue) while
-    /// disconnected, queueing sends and recording subscriptions. False when closed.
+    /// Sleep `delay` (and, when the application fell behind, until it has read half its queue: events and bytes)
+    /// while disconnected, queueing sends and recording subscriptions. False when closed.
     async fn wait_disconnected(&mut self, delay: Duration) -> bool {
         let (events, behind) = (self.events.clone(), std::mem::take(&mut self.behind));
         let ready = async move {
