@@ -407,6 +407,7 @@ impl Client {
                 generation: None,
                 more: false,
                 ended: false,
+                refused: false,
             };
             drive(stream, tls, &mut conn, &mut hooks).await;
         });
@@ -557,6 +558,9 @@ struct ClientHooks {
     /// `Disconnected` was emitted: it stays the last event. What the connection still reads while it lingers
     /// after its verdict is not handed on: a reliable session does not count it, so its resume brings it again.
     ended: bool,
+    /// A reliable message found the application's queue full: the connection is ending, and no later message
+    /// (already read in the same batch) may be taken either, or its acknowledgement would cover the one refused.
+    refused: bool,
 }
 
 impl ClientHooks {
@@ -567,10 +571,14 @@ impl ClientHooks {
     /// Whether a reliable message or receipt of `len` payload bytes can be handed on. If not, the application is
     /// behind by a whole queue: the connection ends with `slow_consumer` (the message is neither handed on nor
     /// acknowledged, so the session's resume brings it again).
-    fn room_for_reliable(&self, conn: &mut Connection, now: StdInstant, len: usize) -> bool {
+    fn room_for_reliable(&mut self, conn: &mut Connection, now: StdInstant, len: usize) -> bool {
+        if self.refused {
+            return false;
+        }
         if self.out.has_room(len) {
             return true;
         }
+        self.refused = true;
         tracing::warn!("the application's event queue is full: ending the connection; its resume brings the rest");
         let bye = Bye { reason: CloseReason::SlowConsumer, retry_after_ms: 0, alternative: String::new() };
         conn.reject(now, bye);

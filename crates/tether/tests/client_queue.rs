@@ -95,3 +95,52 @@ async fn a_reliable_reader_that_falls_behind_ends_its_connection_and_loses_nothi
     assert!(slow >= 1, "the reader's own slow_consumer verdict was not reported");
     reader.close().await;
 }
+
+/// A reliable message refused for want of room ends the connection; a smaller one right behind it, read in the
+/// same batch, must not be taken either (its acknowledgement would cover the refused one, which would be lost).
+#[tokio::test(start_paused = true)]
+async fn a_message_behind_a_refused_one_is_not_taken_either() {
+    const BIG: usize = 65_000;
+    // 258 big messages leave 7,216 bytes of the 16 MiB: the next (8,000 bytes) does not fit, the last (10) would.
+    let sizes: Vec<usize> = (0..258).map(|_| BIG).chain([8_000, 10]).collect();
+    // The server may hold the whole burst for the reader.
+    let mut cfg = test_config();
+    cfg.hold.per_session.bytes = 64 << 20;
+    let mut s = TestServer::start(cfg).await;
+    let link = || Some(ReliableLink::new(ReliableConfig::default()));
+    let cfg =
+        ClientConfig { reliable: link(), event_queue: EventQueue::Bounded(100_000), ..ClientConfig::new("reader") };
+    let mut reader = ReconnectingClient::start(vec![s.addr.to_string()], cfg, ResilienceConfig::default());
+    s.wait(|k| matches!(k, EventKind::Online { client, .. } if client == "reader")).await;
+    let mut writer = Client::connect(s.addr, ClientConfig { reliable: link(), ..ClientConfig::new("writer") })
+        .await
+        .expect("connect");
+    for (i, &len) in sizes.iter().enumerate() {
+        let mut payload = format!("{i}:").into_bytes();
+        payload.resize(len, b'x');
+        let payload = Bytes::from(payload);
+        // The writer's window holds 4 MiB: wait for acknowledgements when it is full.
+        while writer.send_reliable(Some("reader"), payload.clone()).is_err() {
+            tokio::time::timeout(PATIENCE, writer.next_event()).await.expect("acknowledgements come");
+        }
+    }
+    s.wait(|k| {
+        matches!(k, EventKind::Offline { client, reason: CloseReason::SlowConsumer, by_peer: true, .. }
+            if client == "reader")
+    })
+    .await;
+    let mut got = Vec::new();
+    tokio::time::timeout(PATIENCE, async {
+        while got.len() < sizes.len() {
+            if let LinkEvent::Data { payload, .. } = reader.next_event().await.expect("the client runs") {
+                let head = payload.split(|&b| b == b':').next().unwrap().to_vec();
+                got.push((String::from_utf8(head).unwrap().parse::<usize>().unwrap(), payload.len()));
+            }
+        }
+    })
+    .await
+    .expect("every message arrives");
+    let want: Vec<(usize, usize)> = sizes.iter().copied().enumerate().collect();
+    assert_eq!(got, want);
+    reader.close().await;
+}
