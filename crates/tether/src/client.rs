@@ -408,6 +408,7 @@ impl Client {
                 more: false,
                 ended: false,
                 refused: false,
+                pending_ack: None,
             };
             drive(stream, tls, &mut conn, &mut hooks).await;
         });
@@ -561,11 +562,28 @@ struct ClientHooks {
     /// A reliable message found the application's queue full: the connection is ending, and no later message
     /// (already read in the same batch) may be taken either, or its acknowledgement would cover the one refused.
     refused: bool,
+    /// `reliable`: the highest acknowledgement the full queue could not take yet. Acknowledgements are cumulative:
+    /// it is handed on (in place of those it covers) before the next event, at the latest with the next
+    /// heartbeat's, or before `Disconnected`; none is dropped.
+    pending_ack: Option<u64>,
 }
 
 impl ClientHooks {
     fn emit(&self, ev: ClientEvent) {
         self.out.emit(ev);
+    }
+
+    /// The server took every message up to `upto`: tell the application, or keep it for when its queue has room.
+    fn acked(&mut self, upto: u64) {
+        self.pending_ack = Some(upto);
+        self.flush_ack();
+    }
+
+    fn flush_ack(&mut self) {
+        if self.pending_ack.is_some() && self.out.has_room(0) {
+            let upto = self.pending_ack.take().expect("checked");
+            self.emit(ClientEvent::Acked { upto });
+        }
     }
 
     /// Whether a reliable message or receipt of `len` payload bytes can be handed on. If not, the application is
@@ -595,7 +613,7 @@ impl ClientHooks {
             self.link = None;
         }
         if acked > 0 {
-            self.emit(ClientEvent::Acked { upto: acked });
+            self.acked(acked);
         }
         if !doubt.is_empty() {
             self.out.emit_kept(ClientEvent::InDoubt(doubt));
@@ -655,6 +673,7 @@ impl Hooks for ClientHooks {
             }
             return;
         }
+        self.flush_ack();
         let ev = match event {
             Event::Welcome(w) => {
                 self.on_welcome(conn, now, &w);
@@ -674,7 +693,12 @@ impl Hooks for ClientHooks {
                     Some(tx) => {
                         let _ = tx.send(Err(d));
                     }
-                    None => self.out.end(d),
+                    None => {
+                        if let Some(upto) = self.pending_ack.take() {
+                            self.out.emit_kept(ClientEvent::Acked { upto });
+                        }
+                        self.out.end(d)
+                    }
                 }
                 return;
             }
@@ -715,7 +739,7 @@ impl Hooks for ClientHooks {
                 let (Some(link), Some(generation)) = (&self.link, self.generation) else { return };
                 match link.acked(generation, seq) {
                     Ok(0) => return,
-                    Ok(_) => ClientEvent::Acked { upto: seq },
+                    Ok(_) => return self.acked(seq),
                     Err(e) => {
                         tracing::warn!("protocol error from the server: {e}");
                         let bye =

@@ -144,3 +144,36 @@ async fn a_message_behind_a_refused_one_is_not_taken_either() {
     assert_eq!(got, want);
     reader.close().await;
 }
+
+/// Acknowledgements are cumulative: a full queue holds the latest back rather than dropping it, and the
+/// application learns the final position (here: a sender that reads nothing while it sends).
+#[tokio::test(start_paused = true)]
+async fn acknowledgements_are_held_back_not_dropped_when_the_queue_is_full() {
+    const N: u64 = 400;
+    let s = TestServer::start(test_config()).await;
+    let reliable = |receipts| Some(ReliableLink::new(ReliableConfig { receipts, ..ReliableConfig::default() }));
+    let _reader = Client::connect(s.addr, ClientConfig { reliable: reliable(true), ..ClientConfig::new("reader") })
+        .await
+        .expect("connect");
+    let cfg =
+        ClientConfig { reliable: reliable(false), event_queue: EventQueue::Bounded(2), ..ClientConfig::new("sender") };
+    let mut sender = Client::connect(s.addr, cfg).await.expect("connect");
+    for i in 0..N {
+        sender.send_reliable(Some("reader"), Bytes::from(format!("m{i}"))).expect("within the window");
+        tokio::task::yield_now().await;
+    }
+    let mut last = 0;
+    tokio::time::timeout(PATIENCE, async {
+        while last < N {
+            match sender.next_event().await.expect("the client runs") {
+                ClientEvent::Acked { upto } => {
+                    assert!(upto > last, "{upto} after {last}");
+                    last = upto;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the last acknowledgement heard was {last} of {N}"));
+}
