@@ -91,7 +91,8 @@
 #define TETHER_EVENT_RECOVERED 11
 
 /*
- Reliable: the server took every message up to sequence number `seq`.
+ Reliable: the server took every message up to sequence number `seq`. Cumulative: when the application has
+ fallen behind, one event reports the latest position in place of several (never dropped).
  */
 #define TETHER_EVENT_ACKED 12
 
@@ -164,8 +165,7 @@
 
 /*
  Disconnected and the queue of sends waiting for the next connection is full, or (reliable) the window of
- unacknowledged messages is full: try again later (after `TETHER_EVENT_CONNECTED`, or `TETHER_EVENT_ACKED`,
- which is cumulative and may itself be dropped when the application falls behind).
+ unacknowledged messages is full: try again after `TETHER_EVENT_CONNECTED` or `TETHER_EVENT_ACKED`.
  */
 #define TETHER_ERR_FULL (-5)
 
@@ -348,7 +348,8 @@ int32_t tether_config_set_reconnect(struct tether_config *cfg, uint32_t initial_
  `max_events`, the events that may wait for the application (at least 1; the default is 16,384), with at
  most 16 MiB of payload: beyond either, events are dropped and counted, and the application hears
  `TETHER_EVENT_DROPPED` with the count. Never dropped: connected, disconnected, gave up, not sent, in doubt,
- and a reliable session's messages and receipts. For those, a client whose application stops pulling ends its
+ and a reliable session's messages, receipts and acknowledgements (the latest position stands for those it
+ covers). For those, a client whose application stops pulling ends its
  connection (`slow_consumer`) and reconnects once half the queue was pulled; the session's resume brings what
  it could not take.
  */

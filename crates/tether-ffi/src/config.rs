@@ -154,7 +154,8 @@ pub unsafe extern "C" fn tether_config_set_reconnect(
 /// `max_events`, the events that may wait for the application (at least 1; the default is 16,384), with at
 /// most 16 MiB of payload: beyond either, events are dropped and counted, and the application hears
 /// `TETHER_EVENT_DROPPED` with the count. Never dropped: connected, disconnected, gave up, not sent, in doubt,
-/// and a reliable session's messages and receipts. For those, a client whose application stops pulling ends its
+/// and a reliable session's messages, receipts and acknowledgements (the latest position stands for those it
+/// covers). For those, a client whose application stops pulling ends its
 /// connection (`slow_consumer`) and reconnects once half the queue was pulled; the session's resume brings what
 /// it could not take.
 #[no_mangle]

@@ -44,7 +44,8 @@ pub const TETHER_EVENT_NOT_SENT: i32 = 9;
 pub const TETHER_EVENT_SUSPECT: i32 = 10;
 /// The server was heard again after `TETHER_EVENT_SUSPECT`.
 pub const TETHER_EVENT_RECOVERED: i32 = 11;
-/// Reliable: the server took every message up to sequence number `seq`.
+/// Reliable: the server took every message up to sequence number `seq`. Cumulative: when the application has
+/// fallen behind, one event reports the latest position in place of several (never dropped).
 pub const TETHER_EVENT_ACKED: i32 = 12;
 /// Reliable, with receipts: `peer`'s application took the messages numbered `seqs[0..nseqs]`.
 pub const TETHER_EVENT_DELIVERED: i32 = 13;

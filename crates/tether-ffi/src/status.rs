@@ -20,8 +20,7 @@ pub const TETHER_ERR_INVALID: i32 = -3;
 /// The payload is larger than the server takes for that destination.
 pub const TETHER_ERR_TOO_LARGE: i32 = -4;
 /// Disconnected and the queue of sends waiting for the next connection is full, or (reliable) the window of
-/// unacknowledged messages is full: try again later (after `TETHER_EVENT_CONNECTED`, or `TETHER_EVENT_ACKED`,
-/// which is cumulative and may itself be dropped when the application falls behind).
+/// unacknowledged messages is full: try again after `TETHER_EVENT_CONNECTED` or `TETHER_EVENT_ACKED`.
 pub const TETHER_ERR_FULL: i32 = -5;
 /// The client was closed (`tether_close`), or it gave up reconnecting (`TETHER_EVENT_GAVE_UP`).
 pub const TETHER_ERR_CLOSED: i32 = -6;
