@@ -178,11 +178,14 @@ pub(crate) struct Gate {
     held: Mutex<Held>,
 }
 
-/// What a closed gate holds: each event with whether it must not be dropped, and their payload bytes.
+/// What a closed gate holds: each event with whether it must not be dropped, their payload bytes, and how many
+/// of them may be dropped (only those count against [`GATE_HOLDS`]: a resume's replay can put thousands of
+/// reliable messages ahead of them).
 #[derive(Default)]
 struct Held {
     events: Vec<(LinkEvent, bool)>,
     bytes: usize,
+    droppable: usize,
 }
 
 /// Events a closed gate holds at most, besides those that must not be dropped (and [`QUEUED_DATA_BYTES`] of
@@ -199,9 +202,10 @@ impl Gate {
         let len = ev.payload_len();
         if self.open.load(Ordering::Acquire) {
             sink.put(ev, kept);
-        } else if kept || (held.events.len() < GATE_HOLDS && held.bytes + len <= QUEUED_DATA_BYTES) {
+        } else if kept || (held.droppable < GATE_HOLDS && held.bytes + len <= QUEUED_DATA_BYTES) {
             held.events.push((ev, kept));
             held.bytes += len;
+            held.droppable += usize::from(!kept);
         } else {
             sink.count_dropped();
         }
@@ -213,7 +217,7 @@ impl Gate {
         for (ev, kept) in held.events.drain(..) {
             sink.put(ev, kept);
         }
-        held.bytes = 0;
+        (held.bytes, held.droppable) = (0, 0);
         self.open.store(true, Ordering::Release);
     }
 
