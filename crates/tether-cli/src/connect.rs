@@ -324,8 +324,11 @@ fn detail(d: &Disconnect) -> String {
     d.detail.as_deref().map(|x| format!(" ({x})")).unwrap_or_default()
 }
 
-/// Lines waiting for stdout or stderr at most.
-const OUTPUT_LINES: usize = 4096;
+/// Lines waiting for stdout at most: as many as the client's own event queue holds, so that a burst the client
+/// may hand on at once (a resume's replay: up to a session's hold of messages and their receipts) fits.
+const OUTPUT_LINES: usize = 16_384;
+/// Lines waiting for stderr at most.
+const ERROR_LINES: usize = 4096;
 
 struct Printer {
     json: bool,
@@ -343,7 +346,7 @@ impl Printer {
         Printer {
             json,
             out: Writer::spawn("stdout", std::io::stdout(), OUTPUT_LINES, dropped),
-            err: Writer::spawn("stderr", std::io::stderr(), OUTPUT_LINES, |n| format!("tether: {n} messages dropped")),
+            err: Writer::spawn("stderr", std::io::stderr(), ERROR_LINES, |n| format!("tether: {n} messages dropped")),
         }
     }
 

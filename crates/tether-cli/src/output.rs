@@ -88,7 +88,7 @@ impl Lines {
     /// lines.
     pub fn spawn(
         name: &str,
-        mut target: impl Write + Send + 'static,
+        target: impl Write + Send + 'static,
         capacity: usize,
         dropped_line: fn(u64) -> String,
     ) -> Lines {
@@ -100,12 +100,19 @@ impl Lines {
             .name(name.into())
             .spawn(move || {
                 let _done = done_tx;
-                while let Ok(line) = rx.recv() {
-                    let n = gap.swap(0, Ordering::AcqRel);
-                    if n > 0 {
-                        let _ = writeln!(target, "{}", dropped_line(n));
+                // Lines that wait are written together, flushed once the queue is empty: one write for a burst
+                // rather than one per line, so a burst (a resume's replay) drains at the reader's pace.
+                let mut target = std::io::BufWriter::with_capacity(64 * 1024, target);
+                while let Ok(first) = rx.recv() {
+                    let mut next = Some(first);
+                    while let Some(line) = next {
+                        let n = gap.swap(0, Ordering::AcqRel);
+                        if n > 0 {
+                            let _ = writeln!(target, "{}", dropped_line(n));
+                        }
+                        let _ = writeln!(target, "{line}");
+                        next = rx.try_recv().ok();
                     }
-                    let _ = writeln!(target, "{line}");
                     let _ = target.flush();
                 }
                 // Lines dropped after the last one that got through are reported too.
