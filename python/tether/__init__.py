@@ -13,41 +13,18 @@ Set TETHER_LIB_DIR to load the libtether.so in that directory instead of the one
 """
 from ._ffi import lib as _lib, library_path, text as _text
 from .client import DEFAULT_HELD_SENDS, DEFAULT_MAX_EVENTS, Client
-from .errors import (
-    ClosedError,
-    FullError,
-    InternalError,
-    InvalidArgument,
-    NullError,
-    Status,
-    TetherError,
-    ThreadError,
-    TlsError,
-    TooLargeError,
-    Utf8Error,
-    last_error,
-    status_text,
-)
+from . import errors as _errors
+from .errors import *  # noqa: F401,F403 (the statuses and exceptions, as listed in errors.__all__)
 from .events import UNKNOWN_LAST_SEEN, Event, EventKind, PresenceState
 
+# The package's names: the client and its events, every name errors.py exports (but its internal helpers
+# `check` and `error_for`), and the library's facts.
 __all__ = [
     "Client",
     "Event",
     "EventKind",
     "PresenceState",
-    "Status",
-    "TetherError",
-    "NullError",
-    "Utf8Error",
-    "InvalidArgument",
-    "TooLargeError",
-    "FullError",
-    "ClosedError",
-    "TlsError",
-    "ThreadError",
-    "InternalError",
-    "status_text",
-    "last_error",
+    *(n for n in _errors.__all__ if n not in ("check", "error_for")),
     "version",
     "library_path",
     "DEFAULT_HELD_SENDS",
