@@ -22,6 +22,8 @@ static void *print_events(void *arg) {
         switch (ev.kind) {
         case TETHER_EVENT_CONNECTED: printf("* connected to %s\n", ev.server); break;
         case TETHER_EVENT_DISCONNECTED: printf("* disconnected from %s: %s\n", ev.server, ev.reason); break;
+        case TETHER_EVENT_CONNECT_FAILED: printf("* could not connect to %s: %s (retrying)\n", ev.server, ev.text); break;
+        case TETHER_EVENT_GAVE_UP: printf("* gave up reconnecting: %s\n", ev.reason); break;
         case TETHER_EVENT_PRESENCE:
             printf("* %s is %s%s%s\n", ev.peer,
                    ev.state == TETHER_ONLINE ? "online" : ev.state == TETHER_SUSPECT ? "suspect" : "offline",

@@ -18,6 +18,8 @@ static class Chat
             switch (ev.Kind)
             {
                 case EventKind.Connected: Console.WriteLine("* connected to {0}", ev.Server); break;
+                case EventKind.ConnectFailed: Console.WriteLine("* could not connect to {0}: {1} (retrying)", ev.Server, ev.Text); break;
+                case EventKind.GaveUp: Console.WriteLine("* gave up reconnecting: {0}", ev.Reason); break;
                 case EventKind.Disconnected: Console.WriteLine("* disconnected from {0}: {1}", ev.Server, ev.Reason); break;
                 case EventKind.Presence:
                     Console.WriteLine("* {0} is {1}{2}", ev.Peer, ev.State.ToString().ToLowerInvariant(),

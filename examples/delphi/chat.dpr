@@ -43,6 +43,10 @@ begin
         WriteLn('* connected to ', Ev.Server);
       TETHER_EVENT_DISCONNECTED:
         WriteLn('* disconnected from ', Ev.Server, ': ', Ev.Reason);
+      TETHER_EVENT_CONNECT_FAILED:
+        WriteLn('* could not connect to ', Ev.Server, ': ', Ev.Text, ' (retrying)');
+      TETHER_EVENT_GAVE_UP:
+        WriteLn('* gave up reconnecting: ', Ev.Reason);
       TETHER_EVENT_PRESENCE:
         begin
           Why := '';

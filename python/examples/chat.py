@@ -19,6 +19,10 @@ def print_events(client: tether.Client) -> None:
             print(f"* connected to {ev.server}")
         elif ev.kind == EventKind.DISCONNECTED:
             print(f"* disconnected from {ev.server}: {ev.reason}")
+        elif ev.kind == EventKind.CONNECT_FAILED:
+            print(f"* could not connect to {ev.server}: {ev.text} (retrying)")
+        elif ev.kind == EventKind.GAVE_UP:
+            print(f"* gave up reconnecting: {ev.reason}")
         elif ev.kind == EventKind.PRESENCE:
             state = {PresenceState.ONLINE: "online", PresenceState.SUSPECT: "suspect"}.get(ev.state, "offline")
             print(f"* {ev.peer} is {state}{': ' + ev.reason if ev.reason else ''}")
