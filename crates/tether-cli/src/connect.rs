@@ -46,6 +46,10 @@ pub struct Args {
     /// Requested heartbeat interval (the server clamps it).
     #[arg(long, value_parser = duration::parse, value_name = "DUR")]
     heartbeat_interval: Option<Duration>,
+    /// Ceiling on TCP's retransmission backoff: auto (a fifth of the heartbeat interval, at least 1s), off, or
+    /// 1s–120s.
+    #[arg(long, value_parser = duration::rto_max, value_name = "auto|off|DUR", default_value = "auto")]
+    rto_max: tether::RtoMax,
     /// Print one JSON object per line.
     #[arg(long)]
     json: bool,
@@ -153,6 +157,7 @@ pub struct Prepared {
 pub fn prepare(args: Args) -> anyhow::Result<Prepared> {
     let mut cfg = ClientConfig::new(args.id.clone());
     cfg.heartbeat_interval = args.heartbeat_interval;
+    cfg.socket.rto_max = args.rto_max;
     if let Some(path) = &args.token_file {
         let token = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         cfg.credential = token.trim().as_bytes().to_vec();

@@ -1,7 +1,7 @@
 //! Human durations for flags and the config file: `500ms`, `1.5s`, `30s`, `2m`, `1h`; a bare number is seconds.
 //!
 //! # Layout
-//! [`parse`] reads them; [`human`] and [`ms`] print them (a table cell, a JSON number of milliseconds). Written here rather than taken from a crate because the common ones (humantime)
+//! [`parse`] reads them ([`rto_max`] also `auto` and `off`); [`human`] and [`ms`] print them (a table cell, a JSON number of milliseconds). Written here rather than taken from a crate because the common ones (humantime)
 //! do not accept fractions such as `1.5s`, which the CLI contract requires.
 
 use std::time::Duration;
@@ -38,6 +38,22 @@ pub fn parse(text: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|_| format!("invalid duration {text:?}: out of range"))
 }
 
+/// `--rto-max`: `auto` (a fifth of the heartbeat interval, at least 1s), `off` (the kernel's own backoff), or a
+/// ceiling from 1s to 120s (the range the kernel accepts).
+pub fn rto_max(text: &str) -> Result<tether::RtoMax, String> {
+    match text.trim() {
+        "auto" => Ok(tether::RtoMax::Auto),
+        "off" => Ok(tether::RtoMax::Off),
+        t => {
+            let d = parse(t)?;
+            if !(tether::sockopt::RTO_MAX_FLOOR..=tether::sockopt::KERNEL_RTO_MAX).contains(&d) {
+                return Err(format!("rto_max {text:?}: the kernel accepts 1s to 120s (or say auto or off)"));
+            }
+            Ok(tether::RtoMax::Fixed(d))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -58,5 +74,14 @@ mod tests {
         assert!(parse("5 parsecs").unwrap_err().contains("unknown unit"));
         assert!(parse("").is_err());
         assert!(parse("1e400s").is_err());
+    }
+
+    #[test]
+    fn rto_max_takes_auto_off_or_a_ceiling_the_kernel_accepts() {
+        assert_eq!(rto_max("auto"), Ok(tether::RtoMax::Auto));
+        assert_eq!(rto_max("off"), Ok(tether::RtoMax::Off));
+        assert_eq!(rto_max("2s"), Ok(tether::RtoMax::Fixed(Duration::from_secs(2))));
+        assert!(rto_max("500ms").unwrap_err().contains("1s to 120s"));
+        assert!(rto_max("5m").unwrap_err().contains("1s to 120s"));
     }
 }

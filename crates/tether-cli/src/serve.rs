@@ -81,6 +81,10 @@ pub struct Args {
     /// TCP_USER_TIMEOUT; 0 leaves the kernel default [default: idle + interval × count].
     #[arg(long, value_parser = duration::parse, value_name = "DUR")]
     user_timeout: Option<Duration>,
+    /// Ceiling on TCP's retransmission backoff, so a connection carries data again within it after a blip
+    /// heals: auto (a fifth of the connection's heartbeat interval, at least 1s), off, or 1s–120s [default: auto].
+    #[arg(long, value_parser = duration::rto_max, value_name = "auto|off|DUR")]
+    rto_max: Option<tether::RtoMax>,
     /// Pending output that makes no progress for this long ends the connection [default: 15s].
     #[arg(long, value_parser = duration::parse, value_name = "DUR")]
     write_timeout: Option<Duration>,
@@ -215,6 +219,7 @@ pub struct FileConfig {
     keepalive_interval: Option<String>,
     keepalive_count: Option<u32>,
     user_timeout: Option<String>,
+    rto_max: Option<String>,
     write_timeout: Option<String>,
     close_grace: Option<String>,
     handshake_timeout: Option<String>,
@@ -341,6 +346,8 @@ pub fn build_config(args: &Args, file: &FileConfig) -> anyhow::Result<ServerConf
     if let Some(uto) = pick!(args.user_timeout, dur("user_timeout", &file.user_timeout)?) {
         cfg.socket.user_timeout = Some(uto);
     }
+    let file_rto = file.rto_max.as_deref().map(duration::rto_max).transpose().map_err(|e| anyhow::anyhow!(e))?;
+    cfg.socket.rto_max = pick!(args.rto_max, file_rto).unwrap_or(cfg.socket.rto_max);
     let c = &mut cfg.conn;
     c.write_timeout = pick!(args.write_timeout, dur("write_timeout", &file.write_timeout)?).unwrap_or(c.write_timeout);
     c.close_grace = pick!(args.close_grace, dur("close_grace", &file.close_grace)?).unwrap_or(c.close_grace);
@@ -508,7 +515,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Err(e) => tracing::warn!("cannot raise the file descriptor limit: {e}"),
     }
     tracing::info!(
-        "heartbeat {:?}/{:?} ({}), user timeout {}, close grace {:?}, handshake timeout {:?}, max {} connections",
+        "heartbeat {:?}/{:?} ({}), user timeout {}, retransmission ceiling {}, close grace {:?}, handshake \
+         timeout {:?}, max {} connections",
         cfg.heartbeat.interval,
         cfg.heartbeat.timeout,
         match cfg.conn.detector {
@@ -516,6 +524,11 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             tether::proto::detector::DetectorConfig::Phi(_) => "phi accrual",
         },
         cfg.socket.effective_user_timeout().map_or("off".to_owned(), |t| format!("{t:?}")),
+        match cfg.socket.rto_max.for_interval(cfg.heartbeat.interval) {
+            Some(cap) if cfg.socket.rto_max == tether::RtoMax::Auto => format!("auto ({cap:?} at this heartbeat)"),
+            Some(cap) => format!("{cap:?}"),
+            None => "the kernel's (120s)".to_owned(),
+        },
         cfg.conn.close_grace,
         cfg.conn.handshake_timeout,
         cfg.max_connections

@@ -401,6 +401,7 @@ impl Client {
         let (welcome_tx, welcome_rx) = oneshot::channel();
         // Also to a v1 connection, which cannot carry it: its WELCOME then reports what the session held.
         let link = cfg.reliable.clone();
+        let rto_max = cfg.socket.rto_max;
         let task = tokio::spawn(async move {
             let mut hooks = ClientHooks {
                 out,
@@ -413,6 +414,7 @@ impl Client {
                 ended: false,
                 refused: false,
                 pending_ack: None,
+                rto_max,
             };
             drive(stream, tls, &mut conn, &mut hooks).await;
         });
@@ -570,6 +572,8 @@ struct ClientHooks {
     /// it is handed on (in place of those it covers) before the next event, at the latest with the next
     /// heartbeat's, or before `Disconnected`; none is dropped.
     pending_ack: Option<u64>,
+    /// The retransmission ceiling's rule, applied once the heartbeat is negotiated.
+    rto_max: crate::sockopt::RtoMax,
 }
 
 impl ClientHooks {
@@ -768,6 +772,10 @@ impl Hooks for ClientHooks {
             }
             ClientCmd::Pull => self.pull(conn, now),
         }
+    }
+
+    fn rto_max(&self, interval: Duration) -> Option<Duration> {
+        self.rto_max.for_interval(interval)
     }
 
     fn after_flush(&mut self, conn: &mut Connection, now: StdInstant) {

@@ -81,6 +81,11 @@ pub(crate) trait Hooks {
     fn on_io(&mut self, _conn: &Connection, _read: usize, _written: usize) {}
     /// Called after each flush to the socket: the role may queue more output now that some drained.
     fn after_flush(&mut self, _conn: &mut Connection, _now: StdInstant) {}
+    /// The ceiling on the socket's retransmission timeout for a heartbeat of `interval` (see
+    /// [`sockopt::RtoMax`]); `None` leaves the kernel's.
+    fn rto_max(&self, _interval: Duration) -> Option<Duration> {
+        None
+    }
 }
 
 /// Run the connection until the core says it is closed, then close the socket. `tls`: the rustls connection
@@ -96,10 +101,21 @@ pub(crate) async fn drive<H: Hooks>(
     let mut armed: Option<StdInstant> = None;
     let mut cmds_open = true;
     let mut close_notify_sent = false;
+    // The heartbeat interval (ms) the retransmission ceiling was last set for; 0 until one is negotiated.
+    let mut rto_for_ms: u32 = 0;
     loop {
         let now = now();
         while let Some(ev) = conn.poll_event() {
             hooks.on_event(conn, now, ev);
+        }
+        if let Some((interval, _)) = conn.heartbeat() {
+            let ms = u32::try_from(interval.as_millis()).unwrap_or(u32::MAX);
+            if ms != rto_for_ms {
+                rto_for_ms = ms;
+                if let Some(cap) = hooks.rto_max(interval) {
+                    sockopt::cap_retransmissions(&stream, cap);
+                }
+            }
         }
         {
             let written = match tls.as_deref_mut() {

@@ -55,7 +55,7 @@ pub use ops::{
 pub use reliable::{InDoubt, ReliableConfig, ReliableLink};
 pub use resilient::{LinkError, LinkEvent, ReconnectingClient, ResilienceConfig, Sent};
 pub use server::{Delivery, KickError, Receipt, SendToError, Server, ServerHandle};
-pub use sockopt::{Keepalive, SocketOptions};
+pub use sockopt::{Keepalive, RtoMax, SocketOptions};
 pub use tether_proto as proto;
 pub use tether_proto::CloseReason;
 pub use tls::{ClientTls, DevPki, ServerTls, TlsConfigError, TrustRoots};

@@ -96,6 +96,10 @@ impl Server {
         socket.set_reuseaddr(true)?;
         socket.bind(cfg.listen)?;
         cfg.socket.apply(&socket)?;
+        // For the log below: each connection gets its own once its heartbeat is negotiated.
+        if let Some(cap) = cfg.socket.rto_max.for_interval(cfg.heartbeat.interval) {
+            sockopt::cap_retransmissions(&socket, cap);
+        }
         match sockopt::read_back(&socket) {
             Ok(eff) => tracing::info!("socket options in effect: {eff}"),
             Err(e) => tracing::warn!("could not read socket options back: {e}"),

@@ -1,4 +1,5 @@
-//! TCP socket options on every accepted and connected socket: NODELAY, keepalive, and TCP_USER_TIMEOUT.
+//! TCP socket options on every accepted and connected socket: NODELAY, keepalive, TCP_USER_TIMEOUT, and a
+//! ceiling on the retransmission timeout.
 //!
 //! # Layout
 //! [`SocketOptions`] is the configuration; [`SocketOptions::apply`] sets it on one socket; [`read_back`] reads
@@ -8,8 +9,22 @@
 //! (`write_timeout`) from a keepalive timeout (`keepalive_timeout`) when a read fails with ETIMEDOUT.
 //! [`tcp_info`] reads the kernel's view of one socket (`TCP_INFO`), [`tcp_state_name`] names its state, and
 //! [`kernel_queue`] is the part of it the write-progress rule needs.
+//!
+//! # The retransmission ceiling
+//! A path that goes silent for a few seconds (a tunnel, a cell handover) leaves TCP retransmitting with a timeout
+//! that doubles each time, from about 200 ms up to 120 s. After the path heals, the next retransmission can come
+//! seconds later, and a heartbeat deadline can pass in that wait although nothing is wrong any more. [`RtoMax`]
+//! caps the doubling per socket (Linux 6.15's `TCP_RTO_MAX_MS`, at least 1 s): with a ceiling of `c`, the first
+//! segment goes through at most `c` after the heal. The driver sets it once the heartbeat is negotiated
+//! ([`cap_retransmissions`]), from that connection's interval. Where the kernel lacks the option it falls back to
+//! thin-stream linear timeouts (`TCP_THIN_LINEAR_TIMEOUTS`: the first six retransmissions of a connection with
+//! little in flight keep the first timeout instead of doubling), and says so once; where neither exists, once as
+//! well. A ceiling under 60 s departs from RFC 6298, which asks for a maximum of at least 60 s; the RFC guards
+//! against retransmissions piling onto a congested path, and a heartbeat connection carries a few small segments,
+//! so the cost is a retransmission a second at most while a path is down, against a live device condemned.
 
 use std::fmt;
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -34,6 +49,8 @@ pub struct SocketOptions {
     /// `None` derives it as `idle + interval × count` (or leaves the kernel default without keepalive);
     /// `Some(ZERO)` leaves the kernel default (about 15 minutes of retransmissions).
     pub user_timeout: Option<Duration>,
+    /// The ceiling on the retransmission timeout, set once a connection's heartbeat is negotiated.
+    pub rto_max: RtoMax,
 }
 
 impl Default for SocketOptions {
@@ -42,8 +59,142 @@ impl Default for SocketOptions {
             nodelay: true,
             keepalive: Some(Keepalive { idle: Duration::from_secs(15), interval: Duration::from_secs(5), count: 3 }),
             user_timeout: None,
+            rto_max: RtoMax::Auto,
         }
     }
+}
+
+/// The smallest retransmission ceiling Linux accepts.
+pub const RTO_MAX_FLOOR: Duration = Duration::from_secs(1);
+/// Linux's own ceiling (`TCP_RTO_MAX`): a cap at or above it changes nothing.
+pub const KERNEL_RTO_MAX: Duration = Duration::from_secs(120);
+
+/// The ceiling on a socket's retransmission timeout (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RtoMax {
+    /// A fifth of the connection's heartbeat interval, at least 1 s: 1 s for heartbeats up to 5 s, 6 s at 30 s,
+    /// none (the kernel's 120 s) from 10 minutes on. A blip then costs at most a fifth of an interval after it
+    /// heals, while a long outage is retransmitted into no more than five times per interval.
+    #[default]
+    Auto,
+    /// This ceiling on every connection, whatever its interval (1 s to 120 s).
+    Fixed(Duration),
+    /// The kernel's own doubling up to 120 s.
+    Off,
+}
+
+impl RtoMax {
+    /// The ceiling for a connection whose heartbeat interval is `interval`; `None` leaves the kernel's.
+    pub fn for_interval(self, interval: Duration) -> Option<Duration> {
+        let cap = match self {
+            RtoMax::Off => return None,
+            RtoMax::Fixed(d) => d,
+            RtoMax::Auto => interval / 5,
+        };
+        let cap = cap.clamp(RTO_MAX_FLOOR, KERNEL_RTO_MAX);
+        (cap < KERNEL_RTO_MAX).then_some(cap)
+    }
+}
+
+impl fmt::Display for RtoMax {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RtoMax::Auto => f.write_str("auto"),
+            RtoMax::Fixed(d) => write!(f, "{d:?}"),
+            RtoMax::Off => f.write_str("off"),
+        }
+    }
+}
+
+/// What [`cap_retransmissions`] could do on a socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RtoCap {
+    /// `TCP_RTO_MAX_MS` is set to this.
+    Capped(Duration),
+    /// The kernel has no `TCP_RTO_MAX_MS`: thin-stream linear timeouts are on instead.
+    ThinLinear,
+    /// Neither option exists here: the kernel's exponential backoff stands.
+    Unavailable,
+}
+
+/// Linux's `TCP_RTO_MAX_MS` (include/uapi/linux/tcp.h, since 6.15); the libc crate does not name it yet.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const TCP_RTO_MAX_MS: libc::c_int = 44;
+
+/// Cap the retransmission timeout of `sock` at `cap` (see the module docs), falling back to thin-stream linear
+/// timeouts; what could not be done is warned about once per process.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub fn cap_retransmissions<'s>(sock: impl Into<SockRef<'s>>, cap: Duration) -> RtoCap {
+    use std::os::fd::AsRawFd;
+    let sock = sock.into();
+    let ms = cap.clamp(RTO_MAX_FLOOR, KERNEL_RTO_MAX).as_millis() as libc::c_int;
+    // SAFETY: setsockopt reads one c_int through a pointer valid for the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            TCP_RTO_MAX_MS,
+            (&ms as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        return RtoCap::Capped(Duration::from_millis(ms as u64));
+    }
+    let e = std::io::Error::last_os_error();
+    match sock.set_tcp_thin_linear_timeouts(true) {
+        Ok(()) => {
+            if !RTO_MAX_WARNED.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "TCP_RTO_MAX_MS is not available ({e}; it needs Linux 6.15): thin-stream linear timeouts \
+                     instead, so a path that heals after more than about a second may take seconds to carry data again"
+                );
+            }
+            RtoCap::ThinLinear
+        }
+        Err(e2) => {
+            if !RTO_MAX_WARNED.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "neither TCP_RTO_MAX_MS ({e}) nor TCP_THIN_LINEAR_TIMEOUTS ({e2}) is available: the kernel's \
+                     exponential retransmission backoff stands, so a blip can end in a heartbeat timeout"
+                );
+            }
+            RtoCap::Unavailable
+        }
+    }
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+pub fn cap_retransmissions<'s>(_sock: impl Into<SockRef<'s>>, _cap: Duration) -> RtoCap {
+    if !RTO_MAX_WARNED.swap(true, Ordering::Relaxed) {
+        tracing::warn!("no retransmission ceiling on this platform: the kernel's exponential backoff stands");
+    }
+    RtoCap::Unavailable
+}
+
+/// The retransmission ceiling the kernel holds for `sock` (`None`: the option does not exist here).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub fn rto_max<'s>(sock: impl Into<SockRef<'s>>) -> Option<Duration> {
+    use std::os::fd::AsRawFd;
+    let sock = sock.into();
+    let mut ms: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `ms`, which is that large.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            TCP_RTO_MAX_MS,
+            (&mut ms as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && ms > 0).then(|| Duration::from_millis(ms as u64))
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+pub fn rto_max<'s>(_sock: impl Into<SockRef<'s>>) -> Option<Duration> {
+    None
 }
 
 impl SocketOptions {
@@ -83,6 +234,8 @@ pub struct Effective {
     pub nodelay: bool,
     pub keepalive: Option<Keepalive>,
     pub user_timeout: Option<Duration>,
+    /// The retransmission ceiling on this socket; `None` where the kernel has no such option.
+    pub rto_max: Option<Duration>,
 }
 
 impl fmt::Display for Effective {
@@ -93,8 +246,12 @@ impl fmt::Display for Effective {
             None => write!(f, "keepalive=off ")?,
         }
         match self.user_timeout {
-            Some(d) => write!(f, "user_timeout={d:?}"),
-            None => write!(f, "user_timeout=kernel default"),
+            Some(d) => write!(f, "user_timeout={d:?} ")?,
+            None => write!(f, "user_timeout=kernel default ")?,
+        }
+        match self.rto_max {
+            Some(d) => write!(f, "rto_max={d:?}"),
+            None => write!(f, "rto_max=not available"),
         }
     }
 }
@@ -111,7 +268,12 @@ pub fn read_back<'s>(sock: impl Into<SockRef<'s>>) -> std::io::Result<Effective>
     } else {
         None
     };
-    Ok(Effective { nodelay: sock.tcp_nodelay()?, keepalive, user_timeout: get_user_timeout(&sock) })
+    Ok(Effective {
+        nodelay: sock.tcp_nodelay()?,
+        keepalive,
+        user_timeout: get_user_timeout(&sock),
+        rto_max: rto_max(&sock.as_fd()),
+    })
 }
 
 #[cfg(any(target_os = "linux", target_os = "android"))]
@@ -141,6 +303,7 @@ fn get_user_timeout(_sock: &SockRef<'_>) -> Option<Duration> {
 
 static KEEPALIVE_WARNED: AtomicBool = AtomicBool::new(false);
 static USER_TIMEOUT_WARNED: AtomicBool = AtomicBool::new(false);
+static RTO_MAX_WARNED: AtomicBool = AtomicBool::new(false);
 
 fn warn_once(flag: &AtomicBool, what: &str, err: &std::io::Error) {
     if !flag.swap(true, Ordering::Relaxed) {
@@ -290,6 +453,7 @@ mod tests {
             nodelay: true,
             keepalive: Some(Keepalive { idle: Duration::from_secs(7), interval: Duration::from_secs(2), count: 4 }),
             user_timeout: None,
+            rto_max: RtoMax::Auto,
         };
         o.apply(&s).unwrap();
         let e = read_back(&s).unwrap();
@@ -299,6 +463,37 @@ mod tests {
             assert_eq!(e.user_timeout, Some(Duration::from_secs(15)));
         }
         assert!(e.to_string().contains("count 4"));
+    }
+
+    #[test]
+    fn the_retransmission_ceiling_follows_the_interval() {
+        let s = Duration::from_secs;
+        assert_eq!(RtoMax::Auto.for_interval(s(5)), Some(s(1)), "the default heartbeat");
+        assert_eq!(RtoMax::Auto.for_interval(Duration::from_millis(200)), Some(s(1)), "never under the floor");
+        assert_eq!(RtoMax::Auto.for_interval(s(30)), Some(s(6)));
+        assert_eq!(RtoMax::Auto.for_interval(s(600)), None, "a fifth of 10 min is the kernel's own ceiling");
+        assert_eq!(RtoMax::Fixed(Duration::from_millis(300)).for_interval(s(5)), Some(s(1)));
+        assert_eq!(RtoMax::Fixed(s(3)).for_interval(s(60)), Some(s(3)));
+        assert_eq!(RtoMax::Off.for_interval(s(5)), None);
+    }
+
+    /// On a kernel with `TCP_RTO_MAX_MS` (6.15+) the ceiling reads back as set; elsewhere the fallback is named.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_retransmission_ceiling_reads_back_as_set() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let s = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        match cap_retransmissions(&s, Duration::from_millis(1500)) {
+            RtoCap::Capped(d) => {
+                assert_eq!(d, Duration::from_millis(1500));
+                assert_eq!(rto_max(&s), Some(d));
+                assert!(read_back(&s).unwrap().to_string().ends_with("rto_max=1.5s"));
+            }
+            other => {
+                assert_eq!(rto_max(&s), None, "{other:?} means the option is missing");
+                println!("SKIPPED: this kernel has no TCP_RTO_MAX_MS ({other:?})");
+            }
+        }
     }
 
     #[cfg(target_os = "linux")]

@@ -989,6 +989,10 @@ impl Hooks for ServerHooks {
         }
     }
 
+    fn rto_max(&self, interval: Duration) -> Option<Duration> {
+        self.shared.cfg.socket.rto_max.for_interval(interval)
+    }
+
     fn after_flush(&mut self, conn: &mut Connection, now: StdInstant) {
         if self.rel_more && conn.pending_tx() < PULL_BUDGET {
             self.pull(conn, now);
