@@ -13,6 +13,7 @@
 //! ICMP, [`Lab::link`] takes an interface down. [`Lab::forget_sockets`] makes a namespace's kernel forget its TCP
 //! sockets (`ss -K`), as a rebooted host does. [`Lab::serve`] runs the real `tether serve` inside the server
 //! namespace; [`in_ns`] runs test code on a thread that joined a namespace, so sockets it opens live there.
+//! [`Lab::nat`] turns the router into a carrier NAT for the devices, one that forgets idle connections.
 //!
 //! Addresses come from 198.18.0.0/15 (RFC 2544, set aside for network test labs) and exist only inside the
 //! namespaces a lab creates. Everything is torn down on drop, also when a test fails; namespaces left by a run
@@ -32,6 +33,17 @@ pub const SERVER_IP: &str = "198.18.1.2";
 pub const DEVICE_IP: &str = "198.18.2.2";
 pub const WATCHER_IP: &str = "198.18.3.2";
 pub const PORT: u16 = 7400;
+/// The router's address on the server's side: behind [`Lab::nat`], the server sees every device as this.
+pub const NAT_IP: &str = "198.18.1.1";
+
+/// What the NAT of [`Lab::nat`] does with a segment of a connection it forgot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forgotten {
+    /// Drops it: the connection goes silent both ways (most carriers).
+    Dropped,
+    /// Answers it with a TCP reset, whichever side sent it.
+    Reset,
+}
 
 static SEQ: AtomicUsize = AtomicUsize::new(0);
 
@@ -45,6 +57,14 @@ pub fn unavailable() -> Option<String> {
         Ok(o) if o.status.success() => None,
         _ => Some("needs iproute2 (`ip`); scripts/test installs it".into()),
     }
+}
+
+/// Why a NAT lab test did not run: the lab's reasons, or no `nft`.
+pub fn nat_unavailable() -> Option<String> {
+    unavailable().or_else(|| match Command::new("nft").arg("--version").output() {
+        Ok(o) if o.status.success() => None,
+        _ => Some("needs nftables (`nft`); scripts/test installs it".into()),
+    })
 }
 
 /// Skip the calling test loudly when the lab cannot run here.
@@ -213,6 +233,46 @@ impl Lab {
     /// Undo `cut`, `cut_between`, `unreachable` or `prohibit` for `host`.
     pub fn restore(&mut self, host: &str) {
         self.clear_rules(host);
+    }
+
+    /// A carrier NAT in the router: connections from the devices leave towards the server from [`NAT_IP`] with a
+    /// random port per mapping (nftables `masquerade random`), and a mapping idle for `idle` (whole seconds:
+    /// conntrack's established timeout, set in the router's namespace only) is forgotten. A segment of a
+    /// forgotten connection is not taken as a new one (`nf_conntrack_tcp_loose = 0`): it is dropped or answered
+    /// with a reset, from either side, as `forgotten` says. A new connection gets a new mapping. Needs `nft`.
+    pub fn nat(&self, idle: Duration, forgotten: Forgotten) {
+        let stray = match forgotten {
+            Forgotten::Dropped => "ct state invalid drop",
+            Forgotten::Reset => "ct state invalid meta l4proto tcp reject with tcp reset",
+        };
+        let rules = format!(
+            "table ip tlab_nat {{\n\
+               chain masq {{ type nat hook postrouting priority srcnat; policy accept; \
+                 oifname \"to-srv\" ip saddr 198.18.2.0/24 masquerade random; }}\n\
+               chain strays_through {{ type filter hook forward priority filter; policy accept; {stray}; }}\n\
+               chain strays_to_me {{ type filter hook input priority filter; policy accept; {stray}; }}\n\
+             }}\n"
+        );
+        let mut nft = Command::new("ip")
+            .args(["netns", "exec", &self.router, "nft", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("nft (scripts/test installs nftables)");
+        use std::io::Write;
+        nft.stdin.take().unwrap().write_all(rules.as_bytes()).unwrap();
+        assert!(nft.wait().unwrap().success(), "nft refused the NAT rules:\n{rules}");
+        let secs = idle.as_secs().max(1);
+        let r = &self.router;
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            r,
+            "sysctl",
+            "-qw",
+            &format!("net.netfilter.nf_conntrack_tcp_timeout_established={secs}"),
+        ]);
+        run(&["ip", "netns", "exec", r, "sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_loose=0"]);
     }
 
     /// Take the router's interface towards `ns_role` ("srv", "dev", "wat") down or up.
