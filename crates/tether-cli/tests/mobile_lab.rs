@@ -415,3 +415,75 @@ fn lab_nat_forgets_an_idle_connection() {
         assert!(v.back_after < 1.0, "the path works: the device is back at once, not {:.2}s later", v.back_after);
     }
 }
+
+/// What one idle connection put on the wire in a window.
+#[derive(Debug)]
+struct WireCost {
+    packets: usize,
+    /// IP packet bytes: frames, TCP and IP headers (no link header).
+    bytes: usize,
+    /// The gaps between bursts: a burst is what follows at least [`BURST_GAP`] of silence.
+    gaps: Vec<Duration>,
+}
+
+/// Silence that separates two bursts of packets (two wake-ups of a radio with a tail shorter than this).
+const BURST_GAP: Duration = Duration::from_millis(1000);
+
+fn wire_cost(seen: &[(Instant, usize)]) -> WireCost {
+    let mut starts = Vec::new();
+    let mut last: Option<Instant> = None;
+    for &(at, _) in seen {
+        if last.is_none_or(|l| at - l >= BURST_GAP) {
+            starts.push(at);
+        }
+        last = Some(at);
+    }
+    WireCost {
+        packets: seen.len(),
+        bytes: seen.iter().map(|(_, n)| n).sum(),
+        gaps: starts.windows(2).map(|w| w[1] - w[0]).collect(),
+    }
+}
+
+/// An idle device with a 6 s heartbeat, watched on the router's interface towards the devices for three
+/// intervals: one burst per heartbeat, and nothing in between. The server's kernel keepalive is set to probe
+/// after 2 s of silence: keepalive follows the negotiated heartbeat (at least one and a half intervals), so an
+/// idle connection's heartbeat is its only traffic. The bytes and packets per exchange are what docs/mobile.md's
+/// cost table is computed from.
+#[test]
+#[ignore = "fault lab: needs root and network namespaces; scripts/test runs it"]
+fn lab_an_idle_connection_wakes_the_path_once_per_heartbeat() {
+    let mut lab = lab_or_skip!("idle cost");
+    let dev = lab.devices.clone();
+    let router = lab.router.clone();
+    let server = lab.serve(&["--keepalive-idle", "2s", "--keepalive-interval", "1s", "--insecure-no-auth"]);
+    let target = format!("{SERVER_IP}:{PORT}");
+    let bin = env!("CARGO_BIN_EXE_tether");
+    let device = common::Proc::spawn_cmd(
+        "ip",
+        &["netns", "exec", &dev, bin, "connect", &target, "--id", "phone", "--json", "--heartbeat-interval", "6s"],
+    );
+    device.expect("connected", |v| common::event(v) == "connected");
+    server.expect("online", |v| common::event(v) == "online");
+    let interval = Duration::from_secs(6);
+    let capture = netlab::Capture::start(&router, "to-dev");
+    std::thread::sleep(interval * 3); // the measurement window
+    let cost = wire_cost(&capture.stop());
+    let exchanges = cost.gaps.len() + 1;
+    println!(
+        "MEASURED idle interval=6s window=18s: {} packets, {} bytes, {exchanges} bursts, gaps {:?}; per exchange \
+         {:.1} packets, {:.0} bytes",
+        cost.packets,
+        cost.bytes,
+        cost.gaps,
+        cost.packets as f64 / exchanges as f64,
+        cost.bytes as f64 / exchanges as f64,
+    );
+    assert!(cost.packets > 0, "the heartbeat crossed the router");
+    assert!(
+        cost.gaps.iter().all(|g| *g >= interval * 4 / 5),
+        "a burst between two heartbeats (a keepalive probe, or a ping of the server's off the client's phase): {cost:?}"
+    );
+    assert!((3..=4).contains(&exchanges), "one burst per heartbeat over three intervals: {cost:?}");
+    drop(device);
+}

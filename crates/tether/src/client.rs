@@ -401,7 +401,7 @@ impl Client {
         let (welcome_tx, welcome_rx) = oneshot::channel();
         // Also to a v1 connection, which cannot carry it: its WELCOME then reports what the session held.
         let link = cfg.reliable.clone();
-        let rto_max = cfg.socket.rto_max;
+        let socket = cfg.socket;
         let task = tokio::spawn(async move {
             let mut hooks = ClientHooks {
                 out,
@@ -414,7 +414,7 @@ impl Client {
                 ended: false,
                 refused: false,
                 pending_ack: None,
-                rto_max,
+                socket,
             };
             drive(stream, tls, &mut conn, &mut hooks).await;
         });
@@ -572,8 +572,8 @@ struct ClientHooks {
     /// it is handed on (in place of those it covers) before the next event, at the latest with the next
     /// heartbeat's, or before `Disconnected`; none is dropped.
     pending_ack: Option<u64>,
-    /// The retransmission ceiling's rule, applied once the heartbeat is negotiated.
-    rto_max: crate::sockopt::RtoMax,
+    /// The socket options, whose per-connection part is applied once the heartbeat is negotiated.
+    socket: crate::sockopt::SocketOptions,
 }
 
 impl ClientHooks {
@@ -774,8 +774,8 @@ impl Hooks for ClientHooks {
         }
     }
 
-    fn rto_max(&self, interval: Duration) -> Option<Duration> {
-        self.rto_max.for_interval(interval)
+    fn socket_options(&self) -> Option<&crate::sockopt::SocketOptions> {
+        Some(&self.socket)
     }
 
     fn after_flush(&mut self, conn: &mut Connection, now: StdInstant) {

@@ -81,9 +81,9 @@ pub(crate) trait Hooks {
     fn on_io(&mut self, _conn: &Connection, _read: usize, _written: usize) {}
     /// Called after each flush to the socket: the role may queue more output now that some drained.
     fn after_flush(&mut self, _conn: &mut Connection, _now: StdInstant) {}
-    /// The ceiling on the socket's retransmission timeout for a heartbeat of `interval` (see
-    /// [`sockopt::RtoMax`]); `None` leaves the kernel's.
-    fn rto_max(&self, _interval: Duration) -> Option<Duration> {
+    /// The socket options whose per-connection part follows the negotiated heartbeat
+    /// ([`sockopt::SocketOptions::for_heartbeat`]); `None` leaves the socket as it is.
+    fn socket_options(&self) -> Option<&sockopt::SocketOptions> {
         None
     }
 }
@@ -101,8 +101,8 @@ pub(crate) async fn drive<H: Hooks>(
     let mut armed: Option<StdInstant> = None;
     let mut cmds_open = true;
     let mut close_notify_sent = false;
-    // The heartbeat interval (ms) the retransmission ceiling was last set for; 0 until one is negotiated.
-    let mut rto_for_ms: u32 = 0;
+    // The heartbeat interval (ms) the socket's options were last set for; 0 until one is negotiated.
+    let mut options_for_ms: u32 = 0;
     loop {
         let now = now();
         while let Some(ev) = conn.poll_event() {
@@ -110,10 +110,10 @@ pub(crate) async fn drive<H: Hooks>(
         }
         if let Some((interval, _)) = conn.heartbeat() {
             let ms = u32::try_from(interval.as_millis()).unwrap_or(u32::MAX);
-            if ms != rto_for_ms {
-                rto_for_ms = ms;
-                if let Some(cap) = hooks.rto_max(interval) {
-                    sockopt::cap_retransmissions(&stream, cap);
+            if ms != options_for_ms {
+                options_for_ms = ms;
+                if let Some(options) = hooks.socket_options() {
+                    options.for_heartbeat(&stream, interval);
                 }
             }
         }

@@ -226,6 +226,30 @@ impl SocketOptions {
         set_user_timeout(&sock, self.effective_user_timeout());
         Ok(())
     }
+
+    /// What changes once a connection's heartbeat `interval` is negotiated: the retransmission ceiling
+    /// ([`RtoMax`]), and keepalive's idle time raised to one and a half intervals when that is longer, so that
+    /// a connection whose heartbeat runs never sends a keepalive probe of its own (each probe would wake a mobile
+    /// device's radio between two heartbeats); keepalive still probes a connection whose heartbeat stopped.
+    pub fn for_heartbeat<'s>(&self, sock: impl Into<SockRef<'s>>, interval: Duration) {
+        let sock = sock.into();
+        if let Some(cap) = self.rto_max.for_interval(interval) {
+            cap_retransmissions(&sock.as_fd(), cap);
+        }
+        if let Some(idle) = self.keepalive_idle_for(interval) {
+            if let Err(e) = sock.set_tcp_keepalive(&TcpKeepalive::new().with_time(idle)) {
+                warn_once(&KEEPALIVE_WARNED, "keepalive idle time", &e);
+            }
+        }
+    }
+
+    /// Keepalive's idle time for a heartbeat of `interval`, when it differs from the configured one.
+    pub fn keepalive_idle_for(&self, interval: Duration) -> Option<Duration> {
+        let k = self.keepalive?;
+        // The kernel counts whole seconds.
+        let idle = k.idle.max(Duration::from_secs((interval * 3 / 2).as_secs_f64().ceil() as u64));
+        (idle != k.idle).then_some(idle)
+    }
 }
 
 /// The values the kernel reports for a socket.
@@ -463,6 +487,16 @@ mod tests {
             assert_eq!(e.user_timeout, Some(Duration::from_secs(15)));
         }
         assert!(e.to_string().contains("count 4"));
+    }
+
+    #[test]
+    fn keepalive_waits_out_a_heartbeat_and_a_half() {
+        let o = SocketOptions::default();
+        let s = Duration::from_secs;
+        assert_eq!(o.keepalive_idle_for(s(5)), None, "15 s already exceeds 7.5 s");
+        assert_eq!(o.keepalive_idle_for(s(30)), Some(s(45)));
+        assert_eq!(o.keepalive_idle_for(Duration::from_millis(10_100)), Some(s(16)), "whole seconds, rounded up");
+        assert_eq!(SocketOptions { keepalive: None, ..o }.keepalive_idle_for(s(30)), None);
     }
 
     #[test]

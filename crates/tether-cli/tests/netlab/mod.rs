@@ -376,6 +376,79 @@ pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static
     })
 }
 
+/// The IP packets crossing one interface of a namespace, both ways, with the time each was seen: for counting the
+/// segments and bytes a connection puts on the wire (the IP packet's length: IP and TCP headers included, no
+/// link header). An `AF_PACKET` socket of the test's own, so no capture tool is needed.
+pub struct Capture {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<(Instant, usize)>>,
+}
+
+impl Capture {
+    pub fn start(ns: &str, ifname: &str) -> Capture {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let (flag, ifname) = (stop.clone(), std::ffi::CString::new(ifname).unwrap());
+        let thread = in_ns(ns, move || {
+            let all = (libc::ETH_P_ALL as u16).to_be();
+            // SAFETY: plain socket calls on a descriptor this thread owns; every pointer is valid for its call.
+            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM, all.into()) };
+            assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+            // SAFETY: as above.
+            let index = unsafe { libc::if_nametoindex(ifname.as_ptr()) };
+            assert!(index > 0, "no interface {ifname:?}");
+            // SAFETY: sockaddr_ll is plain old data; all-zero is valid.
+            let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_protocol = all;
+            addr.sll_ifindex = index as i32;
+            let len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+            // SAFETY: as above.
+            let rc = unsafe { libc::bind(fd, (&addr as *const libc::sockaddr_ll).cast(), len) };
+            assert_eq!(rc, 0, "bind AF_PACKET: {}", std::io::Error::last_os_error());
+            let tv = libc::timeval { tv_sec: 0, tv_usec: 50_000 };
+            let tv_len = std::mem::size_of::<libc::timeval>() as libc::socklen_t;
+            // SAFETY: as above.
+            unsafe {
+                libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), tv_len)
+            };
+            let _ = ready_tx.send(());
+            let mut seen = Vec::new();
+            let mut buf = vec![0u8; 65536];
+            while !flag.load(Ordering::Relaxed) {
+                // SAFETY: sockaddr_ll is plain old data; recvfrom writes at most the lengths given.
+                let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+                let mut from_len = len;
+                // SAFETY: as above.
+                let n = unsafe {
+                    libc::recvfrom(
+                        fd,
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                        0,
+                        (&mut from as *mut libc::sockaddr_ll).cast(),
+                        &mut from_len,
+                    )
+                };
+                if n > 0 && from.sll_protocol == (libc::ETH_P_IP as u16).to_be() {
+                    seen.push((Instant::now(), n as usize));
+                }
+            }
+            // SAFETY: fd is this thread's own.
+            unsafe { libc::close(fd) };
+            seen
+        });
+        ready.recv_timeout(Duration::from_secs(5)).expect("capture started");
+        Capture { stop, thread }
+    }
+
+    /// Stop, and every packet seen: its time and its IP length.
+    pub fn stop(self) -> Vec<(Instant, usize)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("capture thread")
+    }
+}
+
 /// A `Command` for the `tether` binary, run inside namespace `ns` when given (`ip netns exec` replaces itself with
 /// `tether`, so the child's pid is `tether`'s own for signals).
 pub fn tether(ns: Option<&str>) -> Command {

@@ -989,8 +989,8 @@ impl Hooks for ServerHooks {
         }
     }
 
-    fn rto_max(&self, interval: Duration) -> Option<Duration> {
-        self.shared.cfg.socket.rto_max.for_interval(interval)
+    fn socket_options(&self) -> Option<&crate::sockopt::SocketOptions> {
+        Some(&self.shared.cfg.socket)
     }
 
     fn after_flush(&mut self, conn: &mut Connection, now: StdInstant) {
