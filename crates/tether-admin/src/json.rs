@@ -48,6 +48,10 @@ pub fn event_json(ev: &ServerEvent) -> serde_json::Value {
             "client": client, "conn": new_conn, "old_conn": old_conn, "peer": peer.to_string(),
             "epoch": epoch, "same_device": same_device,
         }),
+        EventKind::Diagnosis { client, conn, peer, diagnosis, explanation } => json!({
+            "client": client, "conn": conn, "peer": peer.to_string(), "diagnosis": diagnosis.as_str(),
+            "explanation": explanation,
+        }),
         EventKind::IdConflict { client, holder_conn, newcomer_conn, peer, retry_after } => json!({
             "client": client, "conn": newcomer_conn, "holder_conn": holder_conn, "peer": peer.to_string(),
             "retry_after_ms": retry_after.as_millis() as u64,
@@ -134,7 +138,7 @@ pub fn disconnect_json(r: &DisconnectRecord) -> serde_json::Value {
         "at": rfc3339(r.at), "conn": r.conn, "client": r.client, "peer": r.peer.to_string(),
         "reason": r.reason.as_str(), "by": decider(r.by_peer), "lateness_ms": r.lateness.map(ms),
         "silent_ms": r.silent_for.map(ms), "duration_ms": ms(r.duration), "bytes_in": r.bytes_in,
-        "bytes_out": r.bytes_out, "detail": r.detail,
+        "bytes_out": r.bytes_out, "detail": r.detail, "diagnosis": r.diagnosis.map(|d| d.as_str()),
     });
     if !r.reason.is_known() {
         v["reason_code"] = json!(r.reason.code());

@@ -677,6 +677,7 @@ fn event_key(k: &EventKind) -> String {
         EventKind::Online { client, .. }
         | EventKind::Offline { client, .. }
         | EventKind::Takeover { client, .. }
+        | EventKind::Diagnosis { client, .. }
         | EventKind::IdConflict { client, .. }
         | EventKind::Suspect { client, .. }
         | EventKind::Recovered { client, .. }
@@ -724,6 +725,9 @@ fn event_human(k: &EventKind) -> String {
         }
         EventKind::IdConflict { client, peer, retry_after, .. } => {
             format!("id_conflict {client}: {peer} told to retry after {retry_after:?}")
+        }
+        EventKind::Diagnosis { client, conn, explanation, .. } => {
+            format!("diagnosis {client} (connection {conn}): {explanation}")
         }
         EventKind::Suspect { client, silent_for, .. } => format!("suspect {client} (silent {silent_for:?})"),
         EventKind::Recovered { client, .. } => format!("recovered {client}"),

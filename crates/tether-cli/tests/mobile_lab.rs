@@ -330,6 +330,8 @@ struct NatVerdicts {
     server: Value,
     /// Seconds from the device's `disconnected` to its next `connected`.
     back_after: f64,
+    /// The server's `diagnosis` line about the first connection.
+    diagnosis: Value,
 }
 
 /// A device behind a NAT that forgets a mapping after `nat_idle`, with a heartbeat slower than that.
@@ -360,11 +362,23 @@ fn nat_forgets(
     let disconnected = Instant::now();
     device.expect_within("connected again", patience, |v| common::event(v) == "connected");
     let back_after = disconnected.elapsed().as_secs_f64();
-    let offline = server.expect_within("the first connection's end", patience, |v| {
-        matches!(common::event(v), "offline" | "closed") && v["conn"] == online["conn"]
-    });
+    // The first connection's end and the diagnosis about it, in whichever order they come.
+    let (mut offline, mut diagnosis) = (None, None);
+    let deadline = Instant::now() + patience;
+    while offline.is_none() || diagnosis.is_none() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let v = server
+            .try_expect(left, |v| v["conn"] == online["conn"])
+            .expect("the first connection's end and a diagnosis");
+        match common::event(&v) {
+            "offline" | "closed" => offline = Some(v),
+            "diagnosis" => diagnosis = Some(v),
+            _ => {}
+        }
+    }
+    let (offline, diagnosis) = (offline.unwrap(), diagnosis.unwrap());
     drop(device);
-    NatVerdicts { device: gone, device_after, server: offline, back_after }
+    NatVerdicts { device: gone, device_after, server: offline, back_after, diagnosis }
 }
 
 /// What each side reports today when a carrier NAT forgets an idle connection: a heartbeat of 4 s through a NAT
@@ -413,6 +427,10 @@ fn lab_nat_forgets_an_idle_connection() {
             }
         }
         assert!(v.back_after < 1.0, "the path works: the device is back at once, not {:.2}s later", v.back_after);
+        println!("MEASURED nat forgotten={forgotten:?}: server diagnosis {}", v.diagnosis);
+        assert_eq!(v.diagnosis["diagnosis"], "middlebox_forgot", "{}", v.diagnosis);
+        let why = v.diagnosis["explanation"].as_str().unwrap();
+        assert!(why.starts_with("the path's middlebox forgot the connection"), "{why}");
     }
 }
 

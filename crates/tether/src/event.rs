@@ -79,6 +79,15 @@ pub enum EventKind {
         /// Same instance nonce: the same process reconnected (its old socket was a ghost).
         same_device: bool,
     },
+    /// The server concluded why an earlier connection of `client` ended, from what came after: `conn` is that
+    /// connection, `peer` the address of the one that revealed it.
+    Diagnosis {
+        client: String,
+        conn: ConnId,
+        peer: SocketAddr,
+        diagnosis: crate::ops::Diagnosis,
+        explanation: String,
+    },
     IdConflict {
         client: String,
         holder_conn: ConnId,
@@ -162,6 +171,7 @@ impl EventKind {
             EventKind::Offline { .. } => "offline",
             EventKind::Closed { .. } => "closed",
             EventKind::Takeover { .. } => "takeover",
+            EventKind::Diagnosis { .. } => "diagnosis",
             EventKind::IdConflict { .. } => "id_conflict",
             EventKind::Suspect { .. } => "suspect",
             EventKind::Recovered { .. } => "recovered",

@@ -49,8 +49,8 @@ pub use config::{Auth, ClientConfig, ServerConfig};
 pub use event::{EventKind, EventQueue, EventStream, ServerEvent, Stats};
 pub use metrics::MetricsSnapshot;
 pub use ops::{
-    DisconnectRecord, DrainError, DrainStatus, EventWatch, HoldInfo, KernelView, ProbeEnded, ProbeReport, ProbeVerdict,
-    SessionInfo,
+    Diagnosis, DisconnectRecord, DrainError, DrainStatus, EventWatch, HoldInfo, KernelView, ProbeEnded, ProbeReport,
+    ProbeVerdict, SessionInfo,
 };
 pub use reliable::{InDoubt, ReliableConfig, ReliableLink};
 pub use resilient::{LinkError, LinkEvent, ReconnectingClient, ResilienceConfig, Sent};

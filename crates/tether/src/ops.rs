@@ -92,6 +92,34 @@ pub struct DisconnectRecord {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub detail: Option<String>,
+    /// What the server concluded about the connection's end after it, from what came next.
+    pub diagnosis: Option<Diagnosis>,
+}
+
+/// What the server concluded about why a connection ended, beyond its reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Diagnosis {
+    /// The path's middlebox (a NAT or a firewall) forgot the connection: the same client came straight back from
+    /// the same address, so the path works, after this connection went silent here (`heartbeat_timeout`,
+    /// `keepalive_timeout`, `write_timeout`) or while it was still open here (it gave the connection up first: a
+    /// `takeover` by the same device).
+    MiddleboxForgot,
+}
+
+impl Diagnosis {
+    /// The name on the wire of events and the admin API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Diagnosis::MiddleboxForgot => "middlebox_forgot",
+        }
+    }
+
+    /// What it means, in a sentence.
+    pub fn meaning(self) -> &'static str {
+        match self {
+            Diagnosis::MiddleboxForgot => "the path's middlebox forgot the connection",
+        }
+    }
 }
 
 /// The most recent closed connections, oldest dropped first.
@@ -117,6 +145,18 @@ impl DisconnectRing {
             ring.pop_front();
         }
         ring.push_back(Arc::new(r));
+    }
+
+    /// Add a diagnosis (and its explanation as the detail) to connection `conn`'s record, if it is still kept.
+    /// Searches from the newest: a diagnosis comes moments after the close.
+    pub fn annotate(&self, conn: ConnId, diagnosis: Diagnosis, explanation: &str) {
+        let mut ring = self.ring.lock().expect("disconnect ring lock");
+        if let Some(r) = ring.iter_mut().rev().find(|r| r.conn == conn) {
+            let mut annotated = DisconnectRecord::clone(r);
+            annotated.diagnosis = Some(diagnosis);
+            annotated.detail = Some(explanation.to_owned());
+            *r = Arc::new(annotated);
+        }
     }
 
     /// Newest first, at most `limit`, only `reason` when given.
@@ -375,6 +415,7 @@ mod tests {
             bytes_in: 0,
             bytes_out: 0,
             detail: None,
+            diagnosis: None,
         }
     }
 

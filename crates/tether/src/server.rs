@@ -9,6 +9,8 @@
 //! list, and none uses this file):
 //! - `limits`: the accept-rate token bucket and the per-source counts (a leaf).
 //! - `probes`: operators' round-trip probes in flight, and how a probed session ended during one (a leaf).
+//! - `forgotten`: the `middlebox_forgot` diagnosis: a connection the path forgot, told from one the client
+//!   dropped (a leaf).
 //! - `control`: a connection's control slot, the commands other tasks send it, and the cluster's admission
 //!   decision (a leaf: it knows neither the hub nor the shared state).
 //! - `held`: the reliable sessions' table behind its lock, and how its decisions reach connections (a leaf
@@ -59,6 +61,7 @@ use crate::sockopt;
 
 mod clustered;
 mod control;
+mod forgotten;
 mod handle;
 mod held;
 mod hub;

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use socket2::SockRef;
 use support::{hello_frame, next_disconnect, offline_reason, test_config, RawPeer, TestServer};
 use tether::proto::{Frame, PresenceState};
-use tether::{Client, ClientConfig, ClientEvent, CloseReason, ConnectError, EventKind};
+use tether::{Client, ClientConfig, ClientEvent, CloseReason, ConnectError, Diagnosis, EventKind};
 
 fn client_cfg(id: &str) -> ClientConfig {
     let mut c = ClientConfig::new(id);
@@ -467,4 +467,70 @@ async fn too_many_subscriptions_are_refused_while_a_good_client_is_unaffected() 
     good.send(Some("good"), Bytes::from_static(b"unaffected")).await.unwrap();
     assert_eq!(&support::next_data(&mut good).await[..], b"unaffected");
     assert!(s.drain().iter().all(|k| offline_reason(k, "good").is_none()));
+}
+
+/// A connection the path forgot: the same device comes straight back from the same address, either while the
+/// server still holds its old connection (silent for half an interval or more: it gave the connection up), or
+/// within an interval and a second of the server's own verdict of silence. Both are diagnosed in an event and in
+/// the ring of recent disconnects; a live connection taken over and a client back later are not.
+#[tokio::test(start_paused = true)]
+async fn the_same_device_straight_back_means_the_path_forgot_the_connection() {
+    let mut s = TestServer::start(test_config()).await;
+    let diagnosed = |s: &TestServer, reason, conn| {
+        let recs = s.handle.disconnects(Some(reason), 10);
+        recs.iter().find(|r| r.conn == conn).map(|r| (r.diagnosis, r.detail.clone())).expect("the record is kept")
+    };
+    let takeover_of = |k: &EventKind| match k {
+        EventKind::Closed { reason: CloseReason::Takeover, conn, .. } => Some(*conn),
+        _ => None,
+    };
+    let with_nonce = |id: &str, nonce| ClientConfig { nonce: Some(nonce), ..client_cfg(id) };
+
+    // A live connection taken over by its own device: nothing was forgotten.
+    let _live = Client::connect(s.addr, with_nonce("w", 6)).await.unwrap();
+    let _w = Client::connect(s.addr, with_nonce("w", 6)).await.unwrap();
+    let k = s.wait(|k| takeover_of(k).is_some() || matches!(k, EventKind::Diagnosis { .. })).await;
+    let live = takeover_of(&k).unwrap_or_else(|| panic!("a live connection was diagnosed: {k:?}"));
+    assert_eq!(diagnosed(&s, CloseReason::Takeover, live).0, None);
+
+    // The old connection silent for 0.8 of an interval when its device takes it over.
+    let (_gone, _) = RawPeer::hello(s.addr, "x", 7).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let _x = Client::connect(s.addr, with_nonce("x", 7)).await.unwrap();
+    let k = s.wait(|k| matches!(k, EventKind::Diagnosis { .. })).await;
+    let EventKind::Diagnosis { client, conn, diagnosis, explanation, .. } = k else { unreachable!() };
+    assert_eq!((client.as_str(), diagnosis), ("x", Diagnosis::MiddleboxForgot));
+    assert!(explanation.starts_with("the path's middlebox forgot the connection"), "{explanation}");
+    assert!(explanation.contains("still open here, 0.8 s after its last frame"), "{explanation}");
+    let closed = takeover_of(&s.wait(|k| takeover_of(k).is_some()).await).unwrap();
+    assert_eq!(closed, conn);
+    assert_eq!(diagnosed(&s, CloseReason::Takeover, conn), (Some(Diagnosis::MiddleboxForgot), Some(explanation)));
+
+    // The server ends a silent session, and its client is back at once.
+    let (_gone, _) = RawPeer::hello(s.addr, "y", 8).await;
+    let k = s.wait(|k| offline_reason(k, "y").is_some()).await;
+    let EventKind::Offline { conn: old, reason: CloseReason::HeartbeatTimeout, .. } = k else { panic!("{k:?}") };
+    let _y = Client::connect(s.addr, with_nonce("y", 8)).await.unwrap();
+    let k = s.wait(|k| matches!(k, EventKind::Diagnosis { .. })).await;
+    let EventKind::Diagnosis { conn, explanation, .. } = k else { unreachable!() };
+    assert_eq!(conn, old);
+    assert!(
+        explanation.contains("after 3.0 s without a frame the server ended it (heartbeat_timeout)"),
+        "{explanation}"
+    );
+    assert_eq!(diagnosed(&s, CloseReason::HeartbeatTimeout, old).0, Some(Diagnosis::MiddleboxForgot));
+
+    // Back later than an interval and a second after the verdict: a path that was down, not forgotten.
+    let (_gone, _) = RawPeer::hello(s.addr, "z", 9).await;
+    let k = s.wait(|k| offline_reason(k, "z").is_some()).await;
+    let EventKind::Offline { conn: old, .. } = k else { unreachable!() };
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let _z = Client::connect(s.addr, with_nonce("z", 9)).await.unwrap();
+    let k = s
+        .wait(|k| {
+            matches!(k, EventKind::Online { client, .. } if client == "z") || matches!(k, EventKind::Diagnosis { .. })
+        })
+        .await;
+    assert!(matches!(k, EventKind::Online { .. }), "{k:?}");
+    assert_eq!(diagnosed(&s, CloseReason::HeartbeatTimeout, old).0, None);
 }

@@ -441,17 +441,28 @@ impl ServerHooks {
                 let meta = SessionMeta { epoch, since_at: now, heartbeat_ms, timeout_ms, version: conn.version() };
                 let _ = self.control.session.set(meta);
                 let client = hello.client_id;
+                // The connection taken over: where it came from and when it last sent a frame.
+                let mut evicted_seen = None;
                 if let Some(h) = evicted.and_then(|old| hub.conns.get(&old)) {
                     h.request(CloseCmd::Bye(bye(CloseReason::Takeover, Duration::ZERO)));
+                    let interval =
+                        h.session.get().map_or(Duration::ZERO, |m| Duration::from_millis(m.heartbeat_ms.into()));
+                    evicted_seen = Some((h.peer, shared.last_rx_of(h), interval));
                 }
                 let session_events = hub.pump(Some((self.conn_id, conn, now)));
                 drop(hub);
                 shared.held.carry_out(rel_fx);
                 crate::fault::panic_at("welcome", &client);
+                let peer = self.control.peer;
+                let mut found = None;
                 for e in session_events {
                     if let SessionEvent::Takeover { old, new, epoch, same_device, .. } = e {
                         shared.metrics.takeovers.fetch_add(1, Ordering::Relaxed);
-                        let peer = self.control.peer;
+                        if let (true, Some((old_peer, last_rx, interval))) = (same_device, evicted_seen) {
+                            let silent = now.saturating_duration_since(last_rx);
+                            let (ips, f) = ((old_peer.ip(), peer.ip()), &shared.forgotten);
+                            found = f.taken_over(now, old, ips, silent, interval);
+                        }
                         let client = client.clone();
                         shared.emit(EventKind::Takeover {
                             client,
@@ -462,6 +473,16 @@ impl ServerHooks {
                             same_device,
                         });
                     }
+                }
+                if evicted.is_none() {
+                    found = shared.forgotten.welcomed(now, &client, peer.ip());
+                    if let Some(f) = &found {
+                        shared.disconnects.annotate(f.conn, f.diagnosis, &f.explanation);
+                    }
+                }
+                if let Some(f) = found {
+                    let (conn, diagnosis, explanation) = (f.conn, f.diagnosis, f.explanation);
+                    shared.emit(EventKind::Diagnosis { client: client.clone(), conn, peer, diagnosis, explanation });
                 }
                 shared.emit(EventKind::Online {
                     client: client.clone(),
@@ -814,6 +835,9 @@ impl ServerHooks {
         if let Some(meta) = session {
             m.session.observe(now.saturating_duration_since(meta.since_at));
         }
+        // A takeover by the same device, from the same address, explained why it ended (`forgotten`).
+        let forgot = self.shared.forgotten.closing(self.conn_id);
+        let silent_for = session.map(|_| now.saturating_duration_since(last_seen));
         self.shared.disconnects.push(DisconnectRecord {
             at: SystemTime::now(),
             conn: self.conn_id,
@@ -822,12 +846,19 @@ impl ServerHooks {
             reason: c.reason,
             by_peer: c.by_peer,
             lateness: c.lateness,
-            silent_for: session.map(|_| now.saturating_duration_since(last_seen)),
+            silent_for,
             duration: now.saturating_duration_since(conn.opened()),
             bytes_in: self.control.bytes_in.load(Ordering::Relaxed),
             bytes_out: self.control.bytes_out.load(Ordering::Relaxed),
-            detail: c.detail.clone(),
+            diagnosis: forgot.as_ref().map(|_| crate::ops::Diagnosis::MiddleboxForgot),
+            detail: forgot.or_else(|| c.detail.clone()),
         });
+        // Ended here for silence: whether its client comes straight back decides if the path forgot it.
+        if let (Some(meta), Some(client), Some(silent), false) = (session, &self.client, silent_for, c.by_peer) {
+            let interval = Duration::from_millis(meta.heartbeat_ms.into());
+            let ip = self.control.peer.ip();
+            self.shared.forgotten.silenced(now, client, (self.conn_id, ip), interval, (c.reason, silent));
+        }
     }
 
     fn on_closed(&mut self, conn: &Connection, now: StdInstant, c: tether_proto::Closed) {

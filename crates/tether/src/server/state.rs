@@ -24,6 +24,7 @@ use tether_proto::{Bye, CloseReason, ConnId};
 use tokio::sync::Notify;
 
 use super::control::{bye, Control};
+use super::forgotten::Forgotten;
 use super::held::Held;
 use super::hub::Hub;
 use super::limits::Sources;
@@ -57,6 +58,8 @@ pub(super) struct Shared {
     pub(super) metrics: Metrics,
     /// Recent closed connections, for the operator.
     pub(super) disconnects: DisconnectRing,
+    /// Sessions ended for silence and taken over, waiting to see whether the path forgot them.
+    pub(super) forgotten: Forgotten,
     /// Live copies of the event stream (admin SSE clients).
     pub(super) watchers: Watchers,
     /// Lame duck: no one is admitted, and a drain task is saying goodbye to everyone.
@@ -112,6 +115,7 @@ impl Shared {
             conn_cfg: Arc::new(conn_cfg),
             hub_lock: Mutex::new(Hub::new(Registry::new(cfg.registry.clone()), cfg.outbound_queue, cluster.clone())),
             disconnects: DisconnectRing::new(cfg.disconnect_history),
+            forgotten: Forgotten::default(),
             cfg,
             events,
             next_conn: AtomicU64::new(1),
