@@ -119,6 +119,14 @@
 #define TETHER_EVENT_DROPPED 16
 
 /*
+ Why the previous connection ended, concluded once this one was welcomed: `reason` names the diagnosis
+ (`"middlebox_forgot"`: it ended in silence or a reset, and the same server welcomed the next attempt at once,
+ so the path works and a NAT or firewall on it forgot the connection), `text` explains it. Follows the
+ `TETHER_EVENT_CONNECTED` it was concluded from.
+ */
+#define TETHER_EVENT_DIAGNOSIS 17
+
+/*
  `state` of `TETHER_EVENT_PRESENCE`.
  */
 #define TETHER_ONLINE 1

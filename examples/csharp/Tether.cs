@@ -48,6 +48,7 @@ namespace Tether
         NotDelivered = 14,
         InDoubt = 15,
         Dropped = 16,
+        Diagnosis = 17,
     }
 
     /// <summary>The state of a Presence event (None for every other kind).</summary>

@@ -41,6 +41,7 @@ const
   TETHER_EVENT_NOT_DELIVERED = 14;  { peer, seqs/nseqs, reason }
   TETHER_EVENT_IN_DOUBT = 15;       { peer, seq, data/len, flag, resent_as }
   TETHER_EVENT_DROPPED = 16;        { count }
+  TETHER_EVENT_DIAGNOSIS = 17;      { reason (the diagnosis), text (its explanation) }
 
   { tether_event.state of TETHER_EVENT_PRESENCE }
   TETHER_ONLINE = 1;
@@ -295,9 +296,9 @@ end;
 
 function TTetherEvent.KindName: string;
 const
-  Names: array[TETHER_EVENT_CONNECTED..TETHER_EVENT_DROPPED] of string = ('connected', 'disconnected',
+  Names: array[TETHER_EVENT_CONNECTED..TETHER_EVENT_DIAGNOSIS] of string = ('connected', 'disconnected',
     'reconnecting', 'connect_failed', 'gave_up', 'data', 'presence', 'undeliverable', 'not_sent', 'suspect',
-    'recovered', 'acked', 'delivered', 'not_delivered', 'in_doubt', 'dropped');
+    'recovered', 'acked', 'delivered', 'not_delivered', 'in_doubt', 'dropped', 'diagnosis');
 begin
   if (Kind >= Low(Names)) and (Kind <= High(Names)) then
     Result := Names[Kind]

@@ -30,6 +30,7 @@ class EventKind(enum.IntEnum):
     NOT_DELIVERED = lib.TETHER_EVENT_NOT_DELIVERED
     IN_DOUBT = lib.TETHER_EVENT_IN_DOUBT
     DROPPED = lib.TETHER_EVENT_DROPPED
+    DIAGNOSIS = lib.TETHER_EVENT_DIAGNOSIS
 
 
 class PresenceState(enum.IntEnum):

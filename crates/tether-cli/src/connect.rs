@@ -505,6 +505,10 @@ impl Printer {
             LinkEvent::NotDelivered { to, seqs, why } => self.delivered(to, seqs, Some(*why)),
             LinkEvent::InDoubt(msgs) => self.in_doubt(msgs),
             LinkEvent::Dropped { count } => self.dropped(*count),
+            LinkEvent::Diagnosis { diagnosis, explanation } => self.line(
+                json!({"event": "diagnosis", "diagnosis": diagnosis.as_str(), "explanation": explanation}),
+                &format!("diagnosis of the last connection: {explanation}"),
+            ),
         }
     }
 

@@ -330,8 +330,9 @@ struct NatVerdicts {
     server: Value,
     /// Seconds from the device's `disconnected` to its next `connected`.
     back_after: f64,
-    /// The server's `diagnosis` line about the first connection.
+    /// The server's `diagnosis` line about the first connection, and the device's.
     diagnosis: Value,
+    device_diagnosis: Value,
 }
 
 /// A device behind a NAT that forgets a mapping after `nat_idle`, with a heartbeat slower than that.
@@ -362,6 +363,8 @@ fn nat_forgets(
     let disconnected = Instant::now();
     device.expect_within("connected again", patience, |v| common::event(v) == "connected");
     let back_after = disconnected.elapsed().as_secs_f64();
+    let device_diagnosis =
+        device.expect_within("the device's diagnosis", Duration::from_secs(2), |v| common::event(v) == "diagnosis");
     // The first connection's end and the diagnosis about it, in whichever order they come.
     let (mut offline, mut diagnosis) = (None, None);
     let deadline = Instant::now() + patience;
@@ -378,15 +381,16 @@ fn nat_forgets(
     }
     let (offline, diagnosis) = (offline.unwrap(), diagnosis.unwrap());
     drop(device);
-    NatVerdicts { device: gone, device_after, server: offline, back_after, diagnosis }
+    NatVerdicts { device: gone, device_after, server: offline, back_after, diagnosis, device_diagnosis }
 }
 
-/// What each side reports today when a carrier NAT forgets an idle connection: a heartbeat of 4 s through a NAT
-/// that forgets after 2 s. Where the NAT drops what it no longer knows, both ends hear nothing more and say
+/// What each side reports when a carrier NAT forgets an idle connection: a heartbeat of 4 s through a NAT that
+/// forgets after 2 s. Where the NAT drops what it no longer knows, both ends hear nothing more and say
 /// `heartbeat_timeout` a whole timeout after the last exchange; where it answers with a reset, the device says
 /// `reset` (from the server, as far as it can tell) at its first `PING` after the mapping expired, and its
 /// reconnect takes the old connection over on the server. Either way the path itself works: the device is back
-/// within a second. docs/mobile.md quotes the `MEASURED` lines.
+/// within a second, and both ends then name the old connection's end `middlebox_forgot`. docs/mobile.md quotes
+/// the `MEASURED` lines.
 #[test]
 #[ignore = "fault lab: needs root and network namespaces; scripts/test runs it"]
 fn lab_nat_forgets_an_idle_connection() {
@@ -428,9 +432,12 @@ fn lab_nat_forgets_an_idle_connection() {
         }
         assert!(v.back_after < 1.0, "the path works: the device is back at once, not {:.2}s later", v.back_after);
         println!("MEASURED nat forgotten={forgotten:?}: server diagnosis {}", v.diagnosis);
-        assert_eq!(v.diagnosis["diagnosis"], "middlebox_forgot", "{}", v.diagnosis);
-        let why = v.diagnosis["explanation"].as_str().unwrap();
-        assert!(why.starts_with("the path's middlebox forgot the connection"), "{why}");
+        println!("MEASURED nat forgotten={forgotten:?}: device diagnosis {}", v.device_diagnosis);
+        for d in [&v.diagnosis, &v.device_diagnosis] {
+            assert_eq!(d["diagnosis"], "middlebox_forgot", "both sides name it the same way: {d}");
+            let why = d["explanation"].as_str().unwrap();
+            assert!(why.starts_with("the path's middlebox forgot the connection"), "{why}");
+        }
     }
 }
 
@@ -504,4 +511,32 @@ fn lab_an_idle_connection_wakes_the_path_once_per_heartbeat() {
     );
     assert!((3..=4).contains(&exchanges), "one burst per heartbeat over three intervals: {cost:?}");
     drop(device);
+}
+
+/// `tether probe --idle` from behind a NAT that forgets after 2 s: idle for 1 s the connection is kept; idle for
+/// 3 s its `PING` is lost while a new connection goes through, which the probe names `middlebox_forgot` (exit 23).
+#[test]
+#[ignore = "fault lab: needs root and network namespaces; scripts/test runs it"]
+fn lab_probe_idle_names_a_middlebox_that_forgot() {
+    let mut lab = nat_lab_or_skip!("probe idle");
+    lab.nat(Duration::from_secs(2), Forgotten::Dropped);
+    lab.serve(&["--insecure-no-auth"]);
+    let target = format!("{SERVER_IP}:{PORT}");
+    let probe = |idle: &str| -> (i32, Value) {
+        let out = netlab::tether(Some(&lab.devices))
+            .args(["probe", &target, "--idle", idle, "--timeout", "2s", "--count", "1", "--json"])
+            .output()
+            .expect("tether probe");
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {out:?}"));
+        (out.status.code().unwrap_or(-1), v)
+    };
+    let (code, v) = probe("1s");
+    println!("MEASURED probe idle=1s behind a 2s NAT: {} ({})", v["verdict"], v["explanation"]);
+    assert_eq!((code, v["verdict"].as_str()), (0, Some("ok")), "{v}");
+    assert_eq!(v["layers"]["idle"]["result"], "kept", "{v}");
+    let (code, v) = probe("3s");
+    println!("MEASURED probe idle=3s behind a 2s NAT: {} ({})", v["verdict"], v["explanation"]);
+    assert_eq!((code, v["verdict"].as_str()), (23, Some("middlebox_forgot")), "{v}");
+    assert!(v["explanation"].as_str().unwrap().starts_with("the path's middlebox forgot the connection"), "{v}");
+    assert_eq!(v["layers"]["idle"]["how"], "no PONG in 2.0s", "{v}");
 }

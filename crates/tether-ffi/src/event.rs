@@ -57,6 +57,11 @@ pub const TETHER_EVENT_NOT_DELIVERED: i32 = 14;
 pub const TETHER_EVENT_IN_DOUBT: i32 = 15;
 /// The application fell behind by a whole event queue: `count` events were dropped.
 pub const TETHER_EVENT_DROPPED: i32 = 16;
+/// Why the previous connection ended, concluded once this one was welcomed: `reason` names the diagnosis
+/// (`"middlebox_forgot"`: it ended in silence or a reset, and the same server welcomed the next attempt at once,
+/// so the path works and a NAT or firewall on it forgot the connection), `text` explains it. Follows the
+/// `TETHER_EVENT_CONNECTED` it was concluded from.
+pub const TETHER_EVENT_DIAGNOSIS: i32 = 17;
 
 /// `state` of `TETHER_EVENT_PRESENCE`.
 pub const TETHER_ONLINE: i32 = 1;
@@ -268,6 +273,11 @@ impl Taken {
             LinkEvent::Dropped { count } => {
                 e = tether_event::blank(TETHER_EVENT_DROPPED);
                 e.count = count;
+            }
+            LinkEvent::Diagnosis { diagnosis, explanation } => {
+                e = tether_event::blank(TETHER_EVENT_DIAGNOSIS);
+                e.reason = self.keep(diagnosis.as_str());
+                e.text = self.keep(&explanation);
             }
         }
         e

@@ -135,6 +135,14 @@ pub enum LinkEvent {
     Dropped {
         count: u64,
     },
+    /// Why the previous connection ended, concluded once this one was welcomed: for
+    /// [`Diagnosis::MiddleboxForgot`](crate::Diagnosis), it ended in silence or a reset and the same server
+    /// welcomed the first attempt after it within one heartbeat interval and a second, so the path works and
+    /// something on it forgot the connection. Follows the `Connected` it was concluded from.
+    Diagnosis {
+        diagnosis: crate::Diagnosis,
+        explanation: String,
+    },
 }
 
 impl LinkEvent {
@@ -238,6 +246,7 @@ impl ReconnectingClient {
             subs: BTreeSet::new(),
             queue: VecDeque::new(),
             behind: false,
+            forgotten: None,
         };
         let task = tokio::spawn(sup.run());
         ReconnectingClient { cmds: cmd_tx, events: ev_rx, nonce, max_frame, reliable, task: Some(task) }
@@ -306,7 +315,22 @@ struct Supervisor {
     queue: VecDeque<(Option<String>, Bytes)>,
     /// The last connection ended because the application's queue was full: reconnect only once it has drained.
     behind: bool,
+    /// The last connection ended in silence or a reset: if the same server welcomes the next attempt at once,
+    /// the path forgot it ([`LinkEvent::Diagnosis`]).
+    forgotten: Option<Lost>,
 }
+
+/// A connection that ended the way one the path forgot does.
+struct Lost {
+    server: String,
+    reason: CloseReason,
+    at: std::time::Instant,
+    /// The heartbeat interval it had, and how long after its end a welcome counts as at once.
+    interval: Duration,
+}
+
+/// Added to the heartbeat interval for how long after a connection's end the next welcome counts as at once.
+const FORGOTTEN_SLACK: Duration = Duration::from_secs(1);
 
 /// How a connected period ended.
 enum Ended {
@@ -357,6 +381,8 @@ impl Supervisor {
             let mut client = match client {
                 Ok(c) => c,
                 Err(e) => {
+                    // Not at once: the path did not take the next attempt either.
+                    self.forgotten = None;
                     let now = driver::now();
                     next = match &e {
                         ConnectError::Refused(d) => {
@@ -386,6 +412,19 @@ impl Supervisor {
                     Ended::Closed => return,
                     Ended::Lost(d) => {
                         self.emit_kept(LinkEvent::Disconnected { server: server.clone(), disconnect: d.clone() });
+                        self.forgotten = matches!(
+                            d.reason,
+                            CloseReason::HeartbeatTimeout
+                                | CloseReason::WriteTimeout
+                                | CloseReason::KeepaliveTimeout
+                                | CloseReason::Reset
+                        )
+                        .then(|| Lost {
+                            server: server.clone(),
+                            reason: d.reason,
+                            at: driver::now(),
+                            interval: Duration::from_millis(client.welcome().heartbeat_ms.into()),
+                        });
                         // Our own verdict that the application fell behind (a reliable message found its queue
                         // full) says nothing about the server: go back to it once the application has caught up.
                         self.behind = d.reason == CloseReason::SlowConsumer && !d.by_peer;
@@ -418,6 +457,21 @@ impl Supervisor {
             primary: *target == Target::Listed(0),
             reliable: client.reliable(),
         });
+        if let Some(lost) = self.forgotten.take() {
+            let after = driver::now().saturating_duration_since(lost.at);
+            if lost.server == server && after <= lost.interval + FORGOTTEN_SLACK {
+                let explanation = format!(
+                    "{}: the connection to {server} ended ({}) and the next attempt was welcomed {:.1} s later, so \
+                     the path works; a NAT or firewall on it drops idle connections sooner than the heartbeat \
+                     comes (keep the heartbeat interval under its idle timeout)",
+                    crate::Diagnosis::MiddleboxForgot.meaning(),
+                    lost.reason.as_str(),
+                    after.as_secs_f64(),
+                );
+                let diagnosis = crate::Diagnosis::MiddleboxForgot;
+                self.emit_kept(LinkEvent::Diagnosis { diagnosis, explanation });
+            }
+        }
         client.open_events();
         if !self.subs.is_empty() {
             let _ = client.subscribe(self.subs.iter().cloned().collect()).await;

@@ -202,3 +202,44 @@ async fn a_draining_server_sends_clients_to_its_alternative() {
     let c = until(&mut rc, "connected to B", |e| matches!(e, LinkEvent::Connected { .. })).await;
     assert!(matches!(c, LinkEvent::Connected { ref server, primary: false, .. } if *server == b.addr.to_string()));
 }
+
+/// A connection that ends in silence, and the same server welcomes the next attempt at once: the path works, so
+/// something on it forgot the connection, and the client says so after its `Connected`.
+#[tokio::test(start_paused = true)]
+async fn welcomed_at_once_after_a_silent_end_means_the_path_forgot_the_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A server that welcomes every connection and then says nothing more, as a path that forgot it leaves it.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let fake = tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = [0u8; 256];
+            let _ = s.read(&mut buf).await.unwrap(); // the HELLO
+            let welcome = tether::proto::Frame::Welcome(support::v1_welcome("fake")).to_bytes();
+            s.write_all(&welcome).await.unwrap();
+            held.push(s);
+        }
+    });
+    let mut rc = ReconnectingClient::start(vec![addr.to_string()], ClientConfig::new("phone"), res(10));
+    until(&mut rc, "connected", |e| matches!(e, LinkEvent::Connected { .. })).await;
+    let LinkEvent::Disconnected { disconnect, .. } =
+        until(&mut rc, "the verdict", |e| matches!(e, LinkEvent::Disconnected { .. })).await
+    else {
+        unreachable!()
+    };
+    assert_eq!(disconnect.reason, CloseReason::HeartbeatTimeout);
+    until(&mut rc, "connected again", |e| matches!(e, LinkEvent::Connected { .. })).await;
+    match next(&mut rc).await {
+        LinkEvent::Diagnosis { diagnosis, explanation } => {
+            assert_eq!(diagnosis, tether::Diagnosis::MiddleboxForgot);
+            assert!(
+                explanation.contains("ended (heartbeat_timeout) and the next attempt was welcomed"),
+                "{explanation}"
+            );
+        }
+        other => panic!("expected the diagnosis right after Connected, got {other:?}"),
+    }
+    fake.abort();
+}

@@ -48,10 +48,13 @@ pub enum Verdict {
     ClientClosed,
     /// The server welcomed the probe, then closed or reset the connection without `BYE`: its process ended.
     ServerLost,
+    /// `--idle`: the connection, left idle, was lost, while a new one to the same address went through at once:
+    /// the path's middlebox (a NAT or firewall) forgot it.
+    MiddleboxForgot,
 }
 
 impl Verdict {
-    pub const ALL: [Verdict; 14] = [
+    pub const ALL: [Verdict; 15] = [
         Verdict::Ok,
         Verdict::PathDown,
         Verdict::HostDown,
@@ -66,6 +69,7 @@ impl Verdict {
         Verdict::ClientStalled,
         Verdict::ServerLost,
         Verdict::ClientClosed,
+        Verdict::MiddleboxForgot,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -84,6 +88,7 @@ impl Verdict {
             Verdict::ClientStalled => "client_stalled",
             Verdict::ServerLost => "server_lost",
             Verdict::ClientClosed => "client_closed",
+            Verdict::MiddleboxForgot => "middlebox_forgot",
         }
     }
 
@@ -104,6 +109,7 @@ impl Verdict {
             Verdict::ClientStalled => 20,
             Verdict::ServerLost => 21,
             Verdict::ClientClosed => 22,
+            Verdict::MiddleboxForgot => 23,
         }
     }
 
@@ -278,8 +284,20 @@ pub struct Evidence {
     pub tls: Option<Tls>,
     pub app: Option<App>,
     pub round_trips: Option<RoundTrips>,
+    /// `--idle`: what became of the connection left idle.
+    pub idle: Option<Idle>,
     /// `TCP_INFO` of the probe's socket, read after the last step.
     pub kernel: Option<TcpInfo>,
+}
+
+/// Layer 6 (`--idle`): the connection left idle after the round trips, then pinged once more.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Idle {
+    /// The `PING` after `idle` was answered in `rtt`.
+    Kept { idle: Duration, rtt: Duration },
+    /// It was not (`how`: no answer in the wait, a reset, a close); a new connection to the same address then
+    /// went through in this long, or failed.
+    Lost { idle: Duration, how: String, fresh: Result<Duration, String> },
 }
 
 /// min, median, max.
@@ -404,6 +422,29 @@ impl Evidence {
         if let Some(waited) = r.unanswered {
             return silent(k, &format!("PING {}", r.sent), waited);
         }
+        let mut kept = String::new();
+        match &self.idle {
+            Some(Idle::Lost { idle, how, fresh: Ok(took) }) => {
+                return (
+                    Verdict::MiddleboxForgot,
+                    format!(
+                        "the path's middlebox forgot the connection: after {} idle the PING got {how}, while a new \
+                         connection to the same address went through in {}; a NAT or firewall on the path drops \
+                         idle connections sooner than that (keep the heartbeat interval under it)",
+                        human(*idle),
+                        human(*took)
+                    ),
+                )
+            }
+            Some(Idle::Lost { idle, how, fresh: Err(e) }) => {
+                return (
+                    Verdict::PathDown,
+                    format!("after {} idle the PING got {how}, and a new connection failed too ({e})", human(*idle)),
+                )
+            }
+            Some(Idle::Kept { idle, .. }) => kept = format!("; the path kept the connection {} idle", human(*idle)),
+            None => {}
+        }
         let krtt = k.map_or(Duration::ZERO, |i| i.rtt);
         let Some((min, median, max)) = spread(&r.rtts) else {
             return (Verdict::Ok, "connected".into());
@@ -437,7 +478,7 @@ impl Evidence {
                     Verdict::Ok,
                     format!(
                         "the path, the port and the tether server answer: {} round trips in {} / {} / {} \
-                         (min / median / max), kernel RTT {}{icmp}",
+                         (min / median / max), kernel RTT {}{icmp}{kept}",
                         r.rtts.len(),
                         human(min),
                         human(median),
@@ -687,6 +728,18 @@ pub(super) fn describe_round_trips(r: &RoundTrips, k: Option<&TcpInfo>) -> Strin
     s
 }
 
+pub(super) fn describe_idle(i: &Idle) -> String {
+    match i {
+        Idle::Kept { idle, rtt } => format!("kept {} idle: PONG in {}", human(*idle), human(*rtt)),
+        Idle::Lost { idle, how, fresh: Ok(took) } => {
+            format!("after {} idle: {how}; a new connection went through in {}", human(*idle), human(*took))
+        }
+        Idle::Lost { idle, how, fresh: Err(e) } => {
+            format!("after {} idle: {how}; a new connection failed too: {e}", human(*idle))
+        }
+    }
+}
+
 pub(super) fn evidence_json(ev: &Evidence) -> Value {
     let path = match &ev.path {
         Path::Reply { rtt, socket } => json!({"result": "reply", "rtt_ms": ms(*rtt), "socket": socket}),
@@ -729,7 +782,14 @@ pub(super) fn evidence_json(ev: &Evidence) -> Value {
             "last_ack_recv_ms": ms(i.since_ack_recv),
         })
     });
-    json!({"layers": {"path": path, "transport": transport, "tls": tls, "app": app, "round_trips": round_trips, "kernel": kernel}})
+    let idle = ev.idle.as_ref().map(|i| match i {
+        Idle::Kept { idle, rtt } => json!({"result": "kept", "idle_ms": ms(*idle), "rtt_ms": ms(*rtt)}),
+        Idle::Lost { idle, how, fresh } => json!({
+            "result": "lost", "idle_ms": ms(*idle), "how": how,
+            "fresh_connect_ms": fresh.as_ref().ok().map(|d| ms(*d)), "fresh_error": fresh.as_ref().err(),
+        }),
+    });
+    json!({"layers": {"path": path, "transport": transport, "tls": tls, "app": app, "round_trips": round_trips, "idle": idle, "kernel": kernel}})
 }
 
 fn app_json(a: &App) -> Value {
@@ -796,12 +856,13 @@ mod tests {
             tls: None,
             app: Some(welcome()),
             round_trips: Some(RoundTrips { sent: 3, rtts: vec![T, T, T], interval: T, ..Default::default() }),
+            idle: None,
             kernel: Some(info(1, 0)),
         }
     }
 
     fn at(transport: Transport, path: Path) -> Verdict {
-        let ev = Evidence { path, transport, tls: None, app: None, round_trips: None, kernel: None };
+        let ev = Evidence { path, transport, tls: None, app: None, round_trips: None, idle: None, kernel: None };
         ev.verdict().0
     }
 
@@ -931,5 +992,20 @@ mod tests {
         for v in Verdict::ALL {
             assert_eq!(Verdict::from_name(v.as_str()), Some(v));
         }
+    }
+    #[test]
+    fn an_idle_connection_lost_while_a_new_one_goes_through_is_a_middlebox_that_forgot() {
+        let s = Duration::from_secs;
+        let with = |idle: Idle| Evidence { idle: Some(idle), ..connected() };
+        let (v, why) = with(Idle::Lost { idle: s(60), how: "no PONG in 5.0s".into(), fresh: Ok(T) }).verdict();
+        assert_eq!((v, v.exit_code()), (Verdict::MiddleboxForgot, 23));
+        assert!(why.starts_with("the path's middlebox forgot the connection: after 60.0s idle"), "{why}");
+        let (v, _) = with(Idle::Lost { idle: s(60), how: "a reset".into(), fresh: Err("timed out".into()) }).verdict();
+        assert_eq!(v, Verdict::PathDown, "a new connection failing too is the path");
+        let (v, why) = with(Idle::Kept { idle: s(60), rtt: T }).verdict();
+        assert_eq!(v, Verdict::Ok);
+        assert!(why.ends_with("the path kept the connection 60.0s idle"), "{why}");
+        let json = evidence_json(&with(Idle::Kept { idle: s(60), rtt: T }));
+        assert_eq!(json["layers"]["idle"]["result"], "kept");
     }
 }

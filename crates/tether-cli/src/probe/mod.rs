@@ -44,7 +44,7 @@ mod evidence;
 pub use evidence::Verdict;
 use evidence::{
     describe_app, describe_path, describe_round_trips, describe_tls, describe_transport, evidence_json, App, Ended,
-    Evidence, Path, RoundTrips, Tls, Transport,
+    Evidence, Idle, Path, RoundTrips, Tls, Transport,
 };
 
 #[derive(clap::Args, Debug)]
@@ -71,6 +71,11 @@ pub struct Args {
     /// echo gets at most one second).
     #[arg(long, value_parser = duration::parse, value_name = "DUR", default_value = "5s")]
     timeout: Duration,
+    /// After the round trips, leave the connection idle this long, then ping once more: whether the path keeps an
+    /// idle connection. A NAT or firewall that forgets idle connections sooner is `middlebox_forgot`. The probe
+    /// asks the server for a heartbeat of this interval, so the server stays quiet meanwhile.
+    #[arg(long, value_parser = duration::parse, value_name = "DUR")]
+    idle: Option<Duration>,
     /// Print only one JSON object: the verdict, each layer's evidence and the timings.
     #[arg(long)]
     json: bool,
@@ -221,6 +226,7 @@ async fn probe(
         tls: None,
         app: None,
         round_trips: None,
+        idle: None,
         kernel: None,
     };
     let (transport, tcp) = transport(addr, args.timeout).await;
@@ -290,7 +296,8 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     ev: &mut Evidence,
     say: &impl Fn(&str, String),
 ) {
-    let mut app = app(wire, id, credential, args.timeout).await;
+    let heartbeat_ms = args.idle.map_or(0, |d| u32::try_from(d.as_millis()).unwrap_or(u32::MAX));
+    let mut app = app(wire, id, credential, heartbeat_ms, args.timeout).await;
     // The kernel's view when HELLO went unanswered: whether HELLO itself was acknowledged.
     let mut kernel = None;
     if let App::NoAnswer { waited, .. } = app {
@@ -315,7 +322,26 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         let r = round_trips(wire, args.count, interval, args.timeout, heartbeat, timeout, say).await;
         ev.kernel = tcp_info(fd);
         say("round trip", describe_round_trips(&r, ev.kernel.as_ref()));
+        let fine = r.ended.is_none() && r.unanswered.is_none();
         ev.round_trips = Some(r);
+        if let (Some(idle), true, Some((_, peer))) = (args.idle, fine, ends) {
+            // The server quiets down for as long as its heartbeat allows: never longer than the negotiated interval.
+            let idle = if heartbeat.is_zero() { idle } else { idle.min(heartbeat) };
+            if idle < args.idle.unwrap_or_default() {
+                say(
+                    "idle",
+                    format!("the server allows a heartbeat of {} at most: idle for that", duration::human(idle)),
+                );
+            }
+            let i = idle_check(wire, idle, args.timeout, peer).await;
+            say("idle", evidence::describe_idle(&i));
+            let lost = matches!(i, Idle::Lost { .. });
+            ev.idle = Some(i);
+            if lost {
+                ev.kernel = tcp_info(fd);
+                return;
+            }
+        }
         if ev.round_trips.as_ref().is_some_and(|r| r.ended.is_none()) {
             let bye = Frame::Bye(Bye { reason: CloseReason::Bye, retry_after_ms: 0, alternative: String::new() });
             let _ = tokio::time::timeout(Duration::from_secs(1), wire.send(&bye)).await;
@@ -441,11 +467,13 @@ async fn app<S: AsyncRead + AsyncWrite + Unpin>(
     wire: &mut Wire<S>,
     id: &str,
     credential: Vec<u8>,
+    heartbeat_ms: u32,
     wait: Duration,
 ) -> App {
     let started = Instant::now();
     let mut hello = Hello::new(PROTOCOL_VERSION, id, line_free_nonce());
     hello.credential = credential.into();
+    hello.heartbeat_ms = heartbeat_ms;
     if let Err(e) = wire.send(&Frame::Hello(hello)).await {
         return App::Closed { took: started.elapsed(), reset: e.kind() != std::io::ErrorKind::UnexpectedEof };
     }
@@ -559,6 +587,46 @@ async fn round_trips<S: AsyncRead + AsyncWrite + Unpin>(
         next = sent + interval;
     }
     r
+}
+
+/// Layer 6 (`--idle`): say nothing for `idle`, then `PING` and wait up to `wait` for the `PONG`. When it does not
+/// come, a new TCP connection to `peer` tells a path that works (the old connection was forgotten on the way)
+/// from one that does not; it is closed at once.
+async fn idle_check<S: AsyncRead + AsyncWrite + Unpin>(
+    wire: &mut Wire<S>,
+    idle: Duration,
+    wait: Duration,
+    peer: SocketAddr,
+) -> Idle {
+    tokio::time::sleep(idle).await;
+    let sent = Instant::now();
+    let seq = u32::MAX;
+    let how = match wire.send(&Frame::Ping { seq, ts_ms: 0 }).await {
+        Err(e) => format!("an error ({e})"),
+        Ok(()) => loop {
+            match wire.recv(sent + wait).await {
+                Got::Frame(Frame::Pong { seq: s, .. }) if s == seq => {
+                    return Idle::Kept { idle, rtt: sent.elapsed() };
+                }
+                Got::Frame(Frame::Ping { seq: s, ts_ms }) => {
+                    let _ = wire.send(&Frame::Pong { seq: s, ts_ms }).await;
+                }
+                Got::Frame(Frame::Bye(b)) => break format!("BYE({})", b.reason.as_str()),
+                Got::Frame(_) => {}
+                Got::Foreign(_) => break "bytes that are not tether".into(),
+                Got::Closed { reset: true } => break "a reset".into(),
+                Got::Closed { reset: false } => break "a close".into(),
+                Got::Timeout => break format!("no PONG in {}", duration::human(wait)),
+            }
+        },
+    };
+    let started = Instant::now();
+    let fresh = match tokio::time::timeout(wait, TcpStream::connect(peer)).await {
+        Ok(Ok(_)) => Ok(started.elapsed()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer in {}", duration::human(wait))),
+    };
+    Idle::Lost { idle, how, fresh }
 }
 
 /// The protocol foreign bytes speak, when it can be told: as the codec sniffs it, or an HTML page (an HTTP server
