@@ -336,13 +336,16 @@ pub fn build_config(args: &Args, file: &FileConfig) -> anyhow::Result<ServerConf
         interval: Duration::from_secs(5),
         count: 3,
     });
-    ka.idle = pick!(args.keepalive_idle, dur("keepalive_idle", &file.keepalive_idle)?).unwrap_or(ka.idle);
+    let asked_idle = pick!(args.keepalive_idle, dur("keepalive_idle", &file.keepalive_idle)?);
+    ka.idle = asked_idle.unwrap_or(ka.idle);
     ka.interval =
         pick!(args.keepalive_interval, dur("keepalive_interval", &file.keepalive_interval)?).unwrap_or(ka.interval);
     ka.count = pick!(args.keepalive_count, file.keepalive_count).unwrap_or(ka.count);
     if ka.idle.as_secs() < 1 || ka.interval.as_secs() < 1 || ka.count == 0 {
         bail!("keepalive idle and interval must be at least 1s and count at least 1 (the kernel counts in seconds)");
     }
+    // An idle time the operator gave is kept as given; the default one follows each connection's heartbeat.
+    cfg.socket.keepalive_follows_heartbeat = asked_idle.is_none();
     if let Some(uto) = pick!(args.user_timeout, dur("user_timeout", &file.user_timeout)?) {
         cfg.socket.user_timeout = Some(uto);
     }

@@ -51,6 +51,10 @@ pub struct SocketOptions {
     pub user_timeout: Option<Duration>,
     /// The ceiling on the retransmission timeout, set once a connection's heartbeat is negotiated.
     pub rto_max: RtoMax,
+    /// Raise keepalive's idle time on each connection to 1.5 heartbeat intervals when that is longer
+    /// ([`SocketOptions::for_heartbeat`]). Off: keepalive's idle time is what `keepalive` says, whatever the
+    /// heartbeat (an operator who asked for a keepalive idle time gets exactly that).
+    pub keepalive_follows_heartbeat: bool,
 }
 
 impl Default for SocketOptions {
@@ -60,6 +64,7 @@ impl Default for SocketOptions {
             keepalive: Some(Keepalive { idle: Duration::from_secs(15), interval: Duration::from_secs(5), count: 3 }),
             user_timeout: None,
             rto_max: RtoMax::Auto,
+            keepalive_follows_heartbeat: true,
         }
     }
 }
@@ -228,9 +233,10 @@ impl SocketOptions {
     }
 
     /// What changes once a connection's heartbeat `interval` is negotiated: the retransmission ceiling
-    /// ([`RtoMax`]), and keepalive's idle time raised to one and a half intervals when that is longer, so that
-    /// a connection whose heartbeat runs never sends a keepalive probe of its own (each probe would wake a mobile
-    /// device's radio between two heartbeats); keepalive still probes a connection whose heartbeat stopped.
+    /// ([`RtoMax`]), and keepalive's idle time raised to one and a half intervals when that is longer (unless
+    /// `keepalive_follows_heartbeat` is off), so that a connection whose heartbeat runs never sends a keepalive
+    /// probe of its own (each probe would wake a mobile device's radio between two heartbeats); keepalive still
+    /// probes a connection whose heartbeat stopped.
     pub fn for_heartbeat<'s>(&self, sock: impl Into<SockRef<'s>>, interval: Duration) {
         let sock = sock.into();
         if let Some(cap) = self.rto_max.for_interval(interval) {
@@ -245,7 +251,7 @@ impl SocketOptions {
 
     /// Keepalive's idle time for a heartbeat of `interval`, when it differs from the configured one.
     pub fn keepalive_idle_for(&self, interval: Duration) -> Option<Duration> {
-        let k = self.keepalive?;
+        let k = self.keepalive.filter(|_| self.keepalive_follows_heartbeat)?;
         // The kernel counts whole seconds.
         let idle = k.idle.max(Duration::from_secs((interval * 3 / 2).as_secs_f64().ceil() as u64));
         (idle != k.idle).then_some(idle)
@@ -478,6 +484,7 @@ mod tests {
             keepalive: Some(Keepalive { idle: Duration::from_secs(7), interval: Duration::from_secs(2), count: 4 }),
             user_timeout: None,
             rto_max: RtoMax::Auto,
+            keepalive_follows_heartbeat: true,
         };
         o.apply(&s).unwrap();
         let e = read_back(&s).unwrap();
@@ -497,6 +504,8 @@ mod tests {
         assert_eq!(o.keepalive_idle_for(s(30)), Some(s(45)));
         assert_eq!(o.keepalive_idle_for(Duration::from_millis(10_100)), Some(s(16)), "whole seconds, rounded up");
         assert_eq!(SocketOptions { keepalive: None, ..o }.keepalive_idle_for(s(30)), None);
+        let asked = SocketOptions { keepalive_follows_heartbeat: false, ..o };
+        assert_eq!(asked.keepalive_idle_for(s(30)), None, "an idle time the operator asked for stays");
     }
 
     #[test]

@@ -74,7 +74,7 @@ pub struct Args {
     /// After the round trips, leave the connection idle this long, then ping once more: whether the path keeps an
     /// idle connection. A NAT or firewall that forgets idle connections sooner is `middlebox_forgot`. The probe
     /// asks the server for a heartbeat of this interval, so the server stays quiet meanwhile.
-    #[arg(long, value_parser = duration::parse, value_name = "DUR")]
+    #[arg(long, value_parser = idle_duration, value_name = "DUR")]
     idle: Option<Duration>,
     /// Print only one JSON object: the verdict, each layer's evidence and the timings.
     #[arg(long)]
@@ -101,6 +101,15 @@ const NUDGE_WAIT: Duration = Duration::from_secs(1);
 const LOOKUP_WAIT: Duration = Duration::from_secs(1);
 
 // ---- running it ----
+
+/// `--idle`: at least a second (NATs forget in seconds or minutes; shorter says nothing).
+fn idle_duration(s: &str) -> Result<Duration, String> {
+    let d = duration::parse(s)?;
+    if d < Duration::from_secs(1) {
+        return Err(format!("--idle {s}: at least 1s"));
+    }
+    Ok(d)
+}
 
 /// A client id the server can accept: 1 to 128 bytes of UTF-8.
 fn client_id(s: &str) -> Result<String, String> {
