@@ -136,9 +136,10 @@ pub enum LinkEvent {
         count: u64,
     },
     /// Why the previous connection ended, concluded once this one was welcomed: for
-    /// [`Diagnosis::MiddleboxForgot`](crate::Diagnosis), it ended in silence or a reset and the same server
-    /// welcomed the first attempt after it within one heartbeat interval and a second, so the path works and
-    /// something on it forgot the connection. Follows the `Connected` it was concluded from.
+    /// [`Diagnosis::MiddleboxForgot`](crate::Diagnosis), it ended in silence or a reset (a verdict taken on
+    /// time) and the same server welcomed the first attempt after it within one heartbeat interval and a second
+    /// (and within a second of the attempt's start), so the path works and something on it forgot the
+    /// connection. Follows the `Connected` it was concluded from.
     Diagnosis {
         diagnosis: crate::Diagnosis,
         explanation: String,
@@ -315,8 +316,9 @@ struct Supervisor {
     queue: VecDeque<(Option<String>, Bytes)>,
     /// The last connection ended because the application's queue was full: reconnect only once it has drained.
     behind: bool,
-    /// The last connection ended in silence or a reset: if the same server welcomes the next attempt at once,
-    /// the path forgot it ([`LinkEvent::Diagnosis`]).
+    /// The last connection ended in silence or a reset, on time: if the same server welcomes the next attempt
+    /// at once (within an interval and a second of that end, and within a second of the attempt's start), the
+    /// path forgot it ([`LinkEvent::Diagnosis`]).
     forgotten: Option<Lost>,
 }
 
@@ -377,6 +379,7 @@ impl Supervisor {
             if !self.wait_disconnected(delay).await {
                 return;
             }
+            let attempt_started = driver::now();
             let client = Client::connect_routed(&server, self.cfg.clone(), &self.route).await;
             let mut client = match client {
                 Ok(c) => c,
@@ -404,6 +407,11 @@ impl Supervisor {
                     continue;
                 }
             };
+            // A welcome that took long came from a server that was slow to answer (stopped, say): that says
+            // nothing about a path that forgot the last connection.
+            if driver::now().saturating_duration_since(attempt_started) > FORGOTTEN_SLACK {
+                self.forgotten = None;
+            }
             let mut target = target;
             let mut server = server;
             loop {
@@ -412,13 +420,16 @@ impl Supervisor {
                     Ended::Closed => return,
                     Ended::Lost(d) => {
                         self.emit_kept(LinkEvent::Disconnected { server: server.clone(), disconnect: d.clone() });
-                        self.forgotten = matches!(
-                            d.reason,
-                            CloseReason::HeartbeatTimeout
-                                | CloseReason::WriteTimeout
-                                | CloseReason::KeepaliveTimeout
-                                | CloseReason::Reset
-                        )
+                        // A verdict taken late says this process was stalled (suspended, starved), not the path.
+                        let on_time = d.lateness.is_none_or(|l| l <= FORGOTTEN_SLACK);
+                        self.forgotten = (on_time
+                            && matches!(
+                                d.reason,
+                                CloseReason::HeartbeatTimeout
+                                    | CloseReason::WriteTimeout
+                                    | CloseReason::KeepaliveTimeout
+                                    | CloseReason::Reset
+                            ))
                         .then(|| Lost {
                             server: server.clone(),
                             reason: d.reason,

@@ -469,10 +469,10 @@ async fn too_many_subscriptions_are_refused_while_a_good_client_is_unaffected() 
     assert!(s.drain().iter().all(|k| offline_reason(k, "good").is_none()));
 }
 
-/// A connection the path forgot: the same device comes straight back from the same address, either while the
-/// server still holds its old connection (silent for half an interval or more: it gave the connection up), or
-/// within an interval and a second of the server's own verdict of silence. Both are diagnosed in an event and in
-/// the ring of recent disconnects; a live connection taken over and a client back later are not.
+/// A connection the path forgot: the same device comes straight back from the same address while the server
+/// still holds its old connection, silent for half an interval or more (it gave the connection up). That is
+/// diagnosed in an event and in the ring of recent disconnects; a live connection taken over is not, nor a
+/// stalled client (its kernel acknowledged the server's PING) back at once after the server's verdict.
 #[tokio::test(start_paused = true)]
 async fn the_same_device_straight_back_means_the_path_forgot_the_connection() {
     let mut s = TestServer::start(test_config()).await;
@@ -506,29 +506,16 @@ async fn the_same_device_straight_back_means_the_path_forgot_the_connection() {
     assert_eq!(closed, conn);
     assert_eq!(diagnosed(&s, CloseReason::Takeover, conn), (Some(Diagnosis::MiddleboxForgot), Some(explanation)));
 
-    // The server ends a silent session, and its client is back at once.
-    let (_gone, _) = RawPeer::hello(s.addr, "y", 8).await;
+    // The server ends a silent session whose socket still acknowledged everything (a stalled client: the path
+    // carried the server's PING), and its client is back at once: not the path, so no diagnosis. (A path that
+    // goes silent needs a real one: the fault lab's NAT proves that rule.)
+    let (_stalled, _) = RawPeer::hello(s.addr, "y", 8).await;
     let k = s.wait(|k| offline_reason(k, "y").is_some()).await;
     let EventKind::Offline { conn: old, reason: CloseReason::HeartbeatTimeout, .. } = k else { panic!("{k:?}") };
     let _y = Client::connect(s.addr, with_nonce("y", 8)).await.unwrap();
-    let k = s.wait(|k| matches!(k, EventKind::Diagnosis { .. })).await;
-    let EventKind::Diagnosis { conn, explanation, .. } = k else { unreachable!() };
-    assert_eq!(conn, old);
-    assert!(
-        explanation.contains("after 3.0 s without a frame the server ended it (heartbeat_timeout)"),
-        "{explanation}"
-    );
-    assert_eq!(diagnosed(&s, CloseReason::HeartbeatTimeout, old).0, Some(Diagnosis::MiddleboxForgot));
-
-    // Back later than an interval and a second after the verdict: a path that was down, not forgotten.
-    let (_gone, _) = RawPeer::hello(s.addr, "z", 9).await;
-    let k = s.wait(|k| offline_reason(k, "z").is_some()).await;
-    let EventKind::Offline { conn: old, .. } = k else { unreachable!() };
-    tokio::time::sleep(Duration::from_millis(2100)).await;
-    let _z = Client::connect(s.addr, with_nonce("z", 9)).await.unwrap();
     let k = s
         .wait(|k| {
-            matches!(k, EventKind::Online { client, .. } if client == "z") || matches!(k, EventKind::Diagnosis { .. })
+            matches!(k, EventKind::Online { client, .. } if client == "y") || matches!(k, EventKind::Diagnosis { .. })
         })
         .await;
     assert!(matches!(k, EventKind::Online { .. }), "{k:?}");

@@ -9,8 +9,10 @@
 //!   heartbeat interval. The client gave it up (a reset, or its own verdict came first) and the server had
 //!   nothing to end it for: the path broke it.
 //! - **After its own verdict** ([`Forgotten::silenced`], then [`Forgotten::welcomed`]): the server ended a
-//!   session for silence (`heartbeat_timeout`, `keepalive_timeout`, `write_timeout`), and the same id comes back
-//!   from the same address within one heartbeat interval and a second of that verdict. A path that was really
+//!   session for silence (`heartbeat_timeout`, `keepalive_timeout`, `write_timeout`) while the path carried
+//!   nothing back (the caller checks the kernel: our own bytes unacknowledged), and the same id comes back
+//!   from the same address within one heartbeat interval and a second of that verdict (a verdict taken more than
+//!   a second after its deadline is left out: the server itself was stalled). A path that was really
 //!   down for the whole timeout rarely comes back exactly then; a NAT that forgot makes both ends give up at the
 //!   same moment and lets the next connection through at once. (A cut that heals in that second is
 //!   misnamed; the detail says what was seen.)
@@ -34,6 +36,8 @@ use crate::ops::Diagnosis;
 pub(super) const MAX_SILENCED: usize = 65_536;
 /// Added to the heartbeat interval for how long after its verdict the id's return counts.
 const SLACK: Duration = Duration::from_secs(1);
+/// A verdict of silence taken later than this after its deadline is not remembered: the server was stalled.
+const MAX_LATENESS: Duration = Duration::from_secs(1);
 
 /// A session the server ended for silence, waiting to see whether its client comes straight back.
 struct Silenced {
@@ -78,18 +82,23 @@ pub(super) struct Found {
 
 impl Forgotten {
     /// The server ended `client`'s session on `conn` (from `ip`, heartbeat `interval`) with `reason`, after
-    /// `silent_for` without a frame (`ended`).
+    /// `silent_for` without a frame, `lateness` after its deadline (`ended`).
     pub(super) fn silenced(
         &self,
         now: Instant,
         client: &str,
         (conn, ip): (ConnId, IpAddr),
         interval: Duration,
-        ended: (CloseReason, Duration),
+        ended: (CloseReason, Duration, Option<Duration>),
     ) {
-        let (reason, silent_for) = ended;
+        let (reason, silent_for, lateness) = ended;
         if !matches!(reason, CloseReason::HeartbeatTimeout | CloseReason::KeepaliveTimeout | CloseReason::WriteTimeout)
         {
+            return;
+        }
+        // A verdict taken late says the server itself was stalled (stopped, starved): its clients' silence is
+        // its own, not the path's.
+        if lateness.is_some_and(|l| l > MAX_LATENESS) {
             return;
         }
         let mut t = self.table.lock().expect("forgotten lock");
@@ -184,5 +193,50 @@ impl Forgotten {
                 t.by_id.remove(&id);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn a_silence_verdict_then_the_same_address_at_once_is_forgotten() {
+        let f = Forgotten::default();
+        let t0 = Instant::now();
+        let (ip, other): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let silenced = |id: &str, conn, lateness| {
+            f.silenced(t0, id, (conn, ip), 5 * S, (CloseReason::HeartbeatTimeout, 15 * S, lateness))
+        };
+        silenced("a", 1, Some(Duration::ZERO));
+        let found = f.welcomed(t0 + S / 2, "a", ip).expect("back at once from the same address");
+        assert_eq!((found.conn, found.diagnosis), (1, Diagnosis::MiddleboxForgot));
+        assert!(found.explanation.contains("back from the same address 0.5 s later"), "{}", found.explanation);
+        assert!(f.welcomed(t0 + S, "a", ip).is_none(), "said once");
+
+        silenced("b", 2, None);
+        assert!(f.welcomed(t0 + S, "b", other).is_none(), "another address: not the same path");
+        silenced("c", 3, Some(2 * S));
+        assert!(f.welcomed(t0 + S, "c", ip).is_none(), "a late verdict: the server was stalled");
+        silenced("d", 4, None);
+        assert!(f.welcomed(t0 + 6 * S + S / 10, "d", ip).is_none(), "back after an interval and a second");
+        f.silenced(t0, "e", (5, ip), 5 * S, (CloseReason::Eof, 15 * S, None));
+        assert!(f.welcomed(t0 + S, "e", ip).is_none(), "the client closed it: not silence");
+        assert_eq!(f.len.load(Ordering::Relaxed), 0, "every entry expired or taken");
+    }
+
+    #[test]
+    fn a_takeover_of_a_connection_silent_for_half_an_interval_is_forgotten() {
+        let f = Forgotten::default();
+        let now = Instant::now();
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        assert!(f.taken_over(now, 1, (ip, ip), S, 5 * S).is_none(), "live: mid-heartbeat");
+        assert!(f.taken_over(now, 2, (ip, "10.0.0.9".parse().unwrap()), 4 * S, 5 * S).is_none());
+        let found = f.taken_over(now, 3, (ip, ip), 3 * S, 5 * S).expect("silent for 3 s of a 5 s interval");
+        assert_eq!(found.conn, 3);
+        assert_eq!(f.closing(3), Some(found.explanation), "the close record gets the explanation");
+        assert_eq!(f.closing(3), None);
     }
 }

@@ -825,7 +825,16 @@ impl ServerHooks {
     }
 
     /// Count a closed connection: by reason, its lateness and session length, and in the ring of recent ones.
-    fn record_close(&self, conn: &Connection, now: StdInstant, c: &tether_proto::Closed, last_seen: StdInstant) {
+    /// `path_silent`: a verdict of silence the path explains (see `on_closed`), which the diagnosis of a forgotten
+    /// connection waits on.
+    fn record_close(
+        &self,
+        conn: &Connection,
+        now: StdInstant,
+        c: &tether_proto::Closed,
+        last_seen: StdInstant,
+        path_silent: bool,
+    ) {
         let m = &self.shared.metrics;
         m.count_disconnect(c.reason);
         if let Some(l) = c.lateness {
@@ -854,10 +863,11 @@ impl ServerHooks {
             detail: forgot.or_else(|| c.detail.clone()),
         });
         // Ended here for silence: whether its client comes straight back decides if the path forgot it.
-        if let (Some(meta), Some(client), Some(silent), false) = (session, &self.client, silent_for, c.by_peer) {
+        if let (Some(meta), Some(client), Some(silent), true) = (session, &self.client, silent_for, path_silent) {
             let interval = Duration::from_millis(meta.heartbeat_ms.into());
             let ip = self.control.peer.ip();
-            self.shared.forgotten.silenced(now, client, (self.conn_id, ip), interval, (c.reason, silent));
+            let ended = (c.reason, silent, c.lateness);
+            self.shared.forgotten.silenced(now, client, (self.conn_id, ip), interval, ended);
         }
     }
 
@@ -868,6 +878,16 @@ impl ServerHooks {
             let ended = ProbeEnded { reason: c.reason, by_client: c.by_peer };
             self.shared.probes.closed(self.conn_id, probes::End { ended, kernel: self.control.kernel_view() });
         }
+        // A verdict of silence with our own bytes unacknowledged: the path carried nothing back (a client that
+        // stalled still has its kernel acknowledge them). Read before the socket goes.
+        let path_silent = !c.by_peer
+            && match c.reason {
+                CloseReason::KeepaliveTimeout => true,
+                CloseReason::HeartbeatTimeout | CloseReason::WriteTimeout => {
+                    self.control.kernel_view().is_some_and(|k| k.info.unacked > 0)
+                }
+                _ => false,
+            };
         // The socket closes right after this: the operator's view of it ends here.
         // (Its last frame and queued-byte counts settle at the driver's next flush and in `ConnGuard`.)
         let unadmitted = self.control.close_socket();
@@ -877,7 +897,7 @@ impl ServerHooks {
         }
         let last_seen = conn.last_rx().unwrap_or(now);
         let by_peer = c.by_peer;
-        self.record_close(conn, now, &c, last_seen);
+        self.record_close(conn, now, &c, last_seen, path_silent);
         // Cluster mode: the link's task detaches the session in Redis after every step asked before, once the
         // outcomes still on their way are carried out.
         if let (Some(st), Some(from)) = (self.stored.take(), &self.client) {
