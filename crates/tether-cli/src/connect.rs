@@ -446,7 +446,7 @@ impl Printer {
             json!({
                 "event": "disconnected", "server": server, "reason": d.reason.as_str(), "by_peer": d.by_peer,
                 "lateness_ms": d.lateness.map(ms), "retry_after_ms": d.retry_after.map(whole_ms),
-                "alternative": d.alternative, "detail": d.detail,
+                "alternative": d.alternative, "detail": d.detail, "path_silent": d.path_silent,
             }),
             &match &d.detail {
                 Some(detail) => format!("disconnected from {}: {} ({detail})", server.unwrap_or("server"), d.reason),

@@ -416,6 +416,7 @@ fn lab_nat_forgets_an_idle_connection() {
         match forgotten {
             Forgotten::Dropped => {
                 assert_eq!(v.device["reason"], "heartbeat_timeout", "{}", v.device);
+                assert_eq!(v.device["path_silent"], true, "the server's side acknowledged nothing: {}", v.device);
                 assert_eq!(said(&v.server), ("offline".into(), "heartbeat_timeout".into()), "{}", v.server);
                 assert!(v.device_after > timeout.as_secs_f64() - interval.as_secs_f64(), "late: {}", v.device_after);
             }

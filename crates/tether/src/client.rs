@@ -71,6 +71,11 @@ pub struct Disconnect {
     /// The server's hint: go to this address instead.
     pub alternative: Option<String>,
     pub detail: Option<String>,
+    /// For a verdict of silence this client took (`heartbeat_timeout`, `write_timeout`): whether the path
+    /// carried nothing back, as the kernel tells: no acknowledgement from the server's side for 1.5 heartbeat
+    /// intervals or more (`Some(true)`), or one more recent (`Some(false)`: the server's kernel answers, so its
+    /// program is stopped or hung, not the path). `None` for other ends, or where the kernel cannot tell.
+    pub path_silent: Option<bool>,
 }
 
 impl From<Closed> for Disconnect {
@@ -84,6 +89,7 @@ impl From<Closed> for Disconnect {
             retry_after: retry_after.map(|ms| Duration::from_millis(ms.into())),
             alternative,
             detail: c.detail,
+            path_silent: None,
         }
     }
 }
@@ -402,6 +408,7 @@ impl Client {
         // Also to a v1 connection, which cannot carry it: its WELCOME then reports what the session held.
         let link = cfg.reliable.clone();
         let socket = cfg.socket;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
         let task = tokio::spawn(async move {
             let mut hooks = ClientHooks {
                 out,
@@ -415,6 +422,7 @@ impl Client {
                 refused: false,
                 pending_ack: None,
                 socket,
+                fd,
             };
             drive(stream, tls, &mut conn, &mut hooks).await;
         });
@@ -574,6 +582,8 @@ struct ClientHooks {
     pending_ack: Option<u64>,
     /// The socket options, whose per-connection part is applied once the heartbeat is negotiated.
     socket: crate::sockopt::SocketOptions,
+    /// The connection's socket, open for as long as the driver runs (its events included), for `TCP_INFO`.
+    fd: std::os::fd::RawFd,
 }
 
 impl ClientHooks {
@@ -696,7 +706,16 @@ impl Hooks for ClientHooks {
                 if let (Some(link), Some(generation)) = (&self.link, self.generation.take()) {
                     link.detach(generation);
                 }
-                let d = Disconnect::from(c);
+                let mut d = Disconnect::from(c);
+                // The socket is still open: the kernel says when the server's side last acknowledged anything.
+                // We ping every interval, so a kernel that answers has acknowledged within about one; a path
+                // that carries nothing back has not for the whole silence.
+                if !d.by_peer && matches!(d.reason, CloseReason::HeartbeatTimeout | CloseReason::WriteTimeout) {
+                    if let Some((interval, _)) = conn.heartbeat() {
+                        let silent = |i: crate::sockopt::TcpInfo| i.since_ack_recv >= interval * 3 / 2;
+                        d.path_silent = crate::sockopt::tcp_info(self.fd).map(silent);
+                    }
+                }
                 match self.welcome.take() {
                     Some(tx) => {
                         let _ = tx.send(Err(d));

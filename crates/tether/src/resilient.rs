@@ -421,16 +421,15 @@ impl Supervisor {
                     Ended::Lost(d) => {
                         self.emit_kept(LinkEvent::Disconnected { server: server.clone(), disconnect: d.clone() });
                         // A verdict taken late says this process was stalled (suspended, starved), not the path.
+                        // A verdict of silence counts only when the path carried nothing back: a stopped
+                        // server's kernel acknowledges our PINGs.
                         let on_time = d.lateness.is_none_or(|l| l <= FORGOTTEN_SLACK);
-                        self.forgotten = (on_time
-                            && matches!(
-                                d.reason,
-                                CloseReason::HeartbeatTimeout
-                                    | CloseReason::WriteTimeout
-                                    | CloseReason::KeepaliveTimeout
-                                    | CloseReason::Reset
-                            ))
-                        .then(|| Lost {
+                        let path = match d.reason {
+                            CloseReason::HeartbeatTimeout | CloseReason::WriteTimeout => d.path_silent == Some(true),
+                            CloseReason::KeepaliveTimeout | CloseReason::Reset => true,
+                            _ => false,
+                        };
+                        self.forgotten = (on_time && path).then(|| Lost {
                             server: server.clone(),
                             reason: d.reason,
                             at: driver::now(),
@@ -646,5 +645,6 @@ fn lost_task() -> Disconnect {
         retry_after: None,
         alternative: None,
         detail: Some("connection task ended".into()),
+        path_silent: None,
     }
 }
