@@ -52,13 +52,18 @@ enum Ctl {
 /// A `tether::Client` in a namespace, streaming numbered messages on request and reporting what arrives.
 struct Peer {
     seen: mpsc::Receiver<Seen>,
-    ctl: tokio::sync::mpsc::UnboundedSender<Ctl>,
+    /// A run sends each peer two commands: a stream, then a stop.
+    ctl: tokio::sync::mpsc::Sender<Ctl>,
 }
+
+/// Reports a peer keeps for the test thread at most: a run carries a few hundred messages each way. A report that
+/// finds the queue full is lost, and the run counts its message as lost: it fails, it never grows.
+const SEEN_BOUND: usize = 4096;
 
 impl Peer {
     fn connect(ns: &str, id: &str, watch: &str, interval: Duration, rto: RtoMax) -> Peer {
-        let (seen_tx, seen) = mpsc::channel();
-        let (ctl, mut ctl_rx) = tokio::sync::mpsc::unbounded_channel::<Ctl>();
+        let (seen_tx, seen) = mpsc::sync_channel(SEEN_BOUND);
+        let (ctl, mut ctl_rx) = tokio::sync::mpsc::channel::<Ctl>(2);
         let (ready_tx, ready) = mpsc::channel();
         let (id, watch) = (id.to_owned(), watch.to_owned());
         in_ns(ns, move || {
@@ -82,18 +87,18 @@ impl Peer {
                         ev = c.next_event() => match ev {
                             Some(ClientEvent::Data { payload, .. }) => {
                                 let n = std::str::from_utf8(&payload).ok().and_then(|s| s.parse().ok());
-                                let _ = seen_tx.send(Seen::Data { seq: n.unwrap_or(u64::MAX), at: Instant::now() });
+                                let _ = seen_tx.try_send(Seen::Data { seq: n.unwrap_or(u64::MAX), at: Instant::now() });
                             }
                             Some(ClientEvent::Presence(p)) if p.client_id == watch => match p.state {
                                 PresenceState::Online => online = true,
                                 PresenceState::Offline if online => {
                                     let why = format!("{watch} went offline ({:?})", p.reason);
-                                    let _ = seen_tx.send(Seen::Ended(why));
+                                    let _ = seen_tx.try_send(Seen::Ended(why));
                                 }
                                 _ => {}
                             },
                             Some(ClientEvent::Disconnected(d)) => {
-                                let _ = seen_tx.send(Seen::Ended(format!("{id} disconnected: {d:?}")));
+                                let _ = seen_tx.try_send(Seen::Ended(format!("{id} disconnected: {d:?}")));
                                 return;
                             }
                             Some(_) => {}
@@ -110,7 +115,7 @@ impl Peer {
                             }
                             Some(Ctl::Stop) => {
                                 to = None;
-                                let _ = seen_tx.send(Seen::Sent(seq));
+                                let _ = seen_tx.try_send(Seen::Sent(seq));
                             }
                             None => { c.close().await; return; }
                         },
@@ -173,8 +178,8 @@ fn blip_run(interval: Duration, timeout: Duration, rto: RtoMax, blip: Duration) 
         std::thread::sleep(Duration::from_millis(10));
     }
     lab.cut(DEVICE_IP);
-    device.ctl.send(Ctl::Stream("desk".into())).unwrap();
-    watcher.ctl.send(Ctl::Stream("phone".into())).unwrap();
+    device.ctl.try_send(Ctl::Stream("desk".into())).unwrap();
+    watcher.ctl.try_send(Ctl::Stream("phone".into())).unwrap();
     std::thread::sleep(blip); // the fault itself lasts this long
     lab.restore(DEVICE_IP);
     let healed = Instant::now();
@@ -211,8 +216,8 @@ fn blip_run(interval: Duration, timeout: Duration, rto: RtoMax, blip: Duration) 
         collect(&device, 0, &mut got, &mut out, Duration::from_millis(5));
         collect(&watcher, 1, &mut got, &mut out, Duration::from_millis(5));
     }
-    let _ = device.ctl.send(Ctl::Stop);
-    let _ = watcher.ctl.send(Ctl::Stop);
+    let _ = device.ctl.try_send(Ctl::Stop);
+    let _ = watcher.ctl.try_send(Ctl::Stop);
     let mut sent: [Option<u64>; 2] = [None, None];
     let drain_until = Instant::now() + Duration::from_secs(3);
     while Instant::now() < drain_until {
@@ -307,20 +312,6 @@ fn lab_blip_sweep() {
     assert!(failures.is_empty(), "the default ceiling missed the blip goal:\n{}", failures.join("\n"));
 }
 
-/// Skip the calling test loudly when the NAT lab cannot run here.
-macro_rules! nat_lab_or_skip {
-    ($name:expr) => {
-        match netlab::nat_unavailable() {
-            Some(why) => {
-                eprintln!("\n*** SKIPPED fault-lab test {}: {why} ***\n", $name);
-                println!("SKIPPED: {} ({why})", $name);
-                return;
-            }
-            None => Lab::new($name),
-        }
-    };
-}
-
 /// What each side reported when the NAT forgot the device's connection, and how soon the device was back.
 struct NatVerdicts {
     /// The device's `disconnected` line and the seconds from its `connected` to it.
@@ -395,7 +386,7 @@ fn nat_forgets(
 #[ignore = "fault lab: needs root and network namespaces; scripts/test runs it"]
 fn lab_nat_forgets_an_idle_connection() {
     for forgotten in [Forgotten::Dropped, Forgotten::Reset] {
-        let lab = nat_lab_or_skip!("nat");
+        let lab = lab_or_skip!("nat", netlab::nat_unavailable);
         let (interval, timeout) = (Duration::from_secs(4), Duration::from_secs(12));
         let v = nat_forgets(lab, forgotten, Duration::from_secs(2), interval, timeout);
         println!(
@@ -531,7 +522,7 @@ fn lab_an_idle_connection_wakes_the_path_once_per_heartbeat() {
 #[test]
 #[ignore = "fault lab: needs root and network namespaces; scripts/test runs it"]
 fn lab_probe_idle_names_a_middlebox_that_forgot() {
-    let mut lab = nat_lab_or_skip!("probe idle");
+    let mut lab = lab_or_skip!("probe idle", netlab::nat_unavailable);
     lab.nat(Duration::from_secs(2), Forgotten::Dropped);
     lab.serve(&["--insecure-no-auth"]);
     let target = format!("{SERVER_IP}:{PORT}");

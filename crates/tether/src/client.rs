@@ -72,9 +72,10 @@ pub struct Disconnect {
     pub alternative: Option<String>,
     pub detail: Option<String>,
     /// For a verdict of silence this client took (`heartbeat_timeout`, `write_timeout`): whether the path
-    /// carried nothing back, as the kernel tells: no acknowledgement from the server's side for 1.5 heartbeat
-    /// intervals or more (`Some(true)`), or one more recent (`Some(false)`: the server's kernel answers, so its
-    /// program is stopped or hung, not the path). `None` for other ends, or where the kernel cannot tell.
+    /// carried nothing back, as the kernel tells: our bytes unacknowledged and no acknowledgement from the server's
+    /// side for 1.5 heartbeat intervals or more (`Some(true)`), or the server's kernel still answers
+    /// (`Some(false)`: its program is stopped or hung, not the path). `None` for other ends, or where the kernel
+    /// cannot tell.
     pub path_silent: Option<bool>,
 }
 
@@ -707,13 +708,16 @@ impl Hooks for ClientHooks {
                     link.detach(generation);
                 }
                 let mut d = Disconnect::from(c);
-                // The socket is still open: the kernel says when the server's side last acknowledged anything.
-                // We ping every interval, so a kernel that answers has acknowledged within about one; a path
-                // that carries nothing back has not for the whole silence.
+                // The socket is still open: the kernel tells a path that carried nothing back from a server whose
+                // kernel still acknowledged our PINGs (the same rule as the server's, `probe::unanswered_since`).
                 if !d.by_peer && matches!(d.reason, CloseReason::HeartbeatTimeout | CloseReason::WriteTimeout) {
                     if let Some((interval, _)) = conn.heartbeat() {
-                        let silent = |i: crate::sockopt::TcpInfo| i.since_ack_recv >= interval * 3 / 2;
-                        d.path_silent = crate::sockopt::tcp_info(self.fd).map(silent);
+                        use crate::probe::{unanswered_since, Unanswered};
+                        d.path_silent = match unanswered_since(crate::sockopt::tcp_info(self.fd), interval) {
+                            Unanswered::PathDown(_) => Some(true),
+                            Unanswered::Stalled(_) => Some(false),
+                            Unanswered::NoView => None,
+                        };
                     }
                 }
                 match self.welcome.take() {

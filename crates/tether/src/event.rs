@@ -85,7 +85,7 @@ pub enum EventKind {
         client: String,
         conn: ConnId,
         peer: SocketAddr,
-        diagnosis: crate::ops::Diagnosis,
+        diagnosis: Diagnosis,
         explanation: String,
     },
     IdConflict {
@@ -181,6 +181,32 @@ impl EventKind {
             EventKind::Stats(_) => "stats",
             EventKind::Cluster { .. } => "cluster",
             EventKind::NodeLost { .. } => "node_lost",
+        }
+    }
+}
+
+/// What the server concluded about why a connection ended, beyond its reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Diagnosis {
+    /// The path's middlebox (a NAT or a firewall) forgot the connection: the same client came straight back from
+    /// the same address, so the path works, after this connection went silent here (`heartbeat_timeout`,
+    /// `keepalive_timeout`, `write_timeout`) or while it was still open here (it gave the connection up first: a
+    /// `takeover` by the same device).
+    MiddleboxForgot,
+}
+
+impl Diagnosis {
+    /// The name on the wire of events and the admin API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Diagnosis::MiddleboxForgot => "middlebox_forgot",
+        }
+    }
+
+    /// What it means, in a sentence.
+    pub fn meaning(self) -> &'static str {
+        match self {
+            Diagnosis::MiddleboxForgot => "the path's middlebox forgot the connection",
         }
     }
 }

@@ -46,11 +46,11 @@ pub use auth::{AuthError, Authenticator, Grant, HmacTokens};
 pub use client::{Client, ClientError, ClientEvent, ConnectError, Disconnect};
 pub use cluster::ClusterConfig;
 pub use config::{Auth, ClientConfig, ServerConfig};
-pub use event::{EventKind, EventQueue, EventStream, ServerEvent, Stats};
+pub use event::{Diagnosis, EventKind, EventQueue, EventStream, ServerEvent, Stats};
 pub use metrics::MetricsSnapshot;
 pub use ops::{
-    Diagnosis, DisconnectRecord, DrainError, DrainStatus, EventWatch, HoldInfo, KernelView, ProbeEnded, ProbeReport,
-    ProbeVerdict, SessionInfo,
+    DisconnectRecord, DrainError, DrainStatus, EventWatch, HoldInfo, KernelView, ProbeEnded, ProbeReport, ProbeVerdict,
+    SessionInfo,
 };
 pub use reliable::{InDoubt, ReliableConfig, ReliableLink};
 pub use resilient::{LinkError, LinkEvent, ReconnectingClient, ResilienceConfig, Sent};

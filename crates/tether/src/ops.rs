@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime};
 use tether_proto::{CloseReason, ConnId};
 use tokio::sync::{mpsc, Notify};
 
-use crate::event::ServerEvent;
+use crate::event::{Diagnosis, ServerEvent};
 use crate::probe::{answered, unanswered, Answered, Unanswered};
 use crate::sockopt::TcpInfo;
 
@@ -94,32 +94,6 @@ pub struct DisconnectRecord {
     pub detail: Option<String>,
     /// What the server concluded about the connection's end after it, from what came next.
     pub diagnosis: Option<Diagnosis>,
-}
-
-/// What the server concluded about why a connection ended, beyond its reason.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Diagnosis {
-    /// The path's middlebox (a NAT or a firewall) forgot the connection: the same client came straight back from
-    /// the same address, so the path works, after this connection went silent here (`heartbeat_timeout`,
-    /// `keepalive_timeout`, `write_timeout`) or while it was still open here (it gave the connection up first: a
-    /// `takeover` by the same device).
-    MiddleboxForgot,
-}
-
-impl Diagnosis {
-    /// The name on the wire of events and the admin API.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Diagnosis::MiddleboxForgot => "middlebox_forgot",
-        }
-    }
-
-    /// What it means, in a sentence.
-    pub fn meaning(self) -> &'static str {
-        match self {
-            Diagnosis::MiddleboxForgot => "the path's middlebox forgot the connection",
-        }
-    }
 }
 
 /// The most recent closed connections, oldest dropped first.

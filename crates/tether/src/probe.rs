@@ -4,7 +4,7 @@
 //! # Layout
 //! [`answered`] judges an answer by how long it took, against the kernel's [`TcpInfo`] of the socket the question
 //! went out on (when it could be read); [`unanswered`] judges a question that got no answer within the wait by
-//! that view alone. The server probing a session's client ([`crate::ProbeReport::verdict`]) and `tether probe`
+//! that view alone, and [`unanswered_since`] a heartbeat's silence, where the last `PING` may have just left. The server probing a session's client ([`crate::ProbeReport::verdict`]) and `tether probe`
 //! probing a server both call them, each naming the result in its own words (`client_*` on one side, `server_*`
 //! on the other); the thresholds [`SLOW_RTT`] and [`SLOW_ANSWER`] are the same for both. Which side is the peer,
 //! and what a silence without a kernel view means ([`Unanswered::NoView`]), only the caller knows.
@@ -65,6 +65,19 @@ pub fn unanswered(kernel: Option<TcpInfo>) -> Unanswered {
     }
 }
 
+/// Judge a verdict of silence (`heartbeat_timeout`, `write_timeout`) on a connection whose heartbeat is
+/// `interval` by the kernel's view of its socket, still open. By the verdict our oldest unanswered `PING` left
+/// 1.5 intervals ago at least (a client pings every interval; a server sends its own after 1.5 quiet ones). As
+/// [`unanswered`], except that unacknowledged segments are the path only when the peer's kernel acknowledged
+/// nothing for those 1.5 intervals either: a `PING` sent moments ago is unacknowledged on any path, and a peer
+/// whose kernel acknowledged the earlier ones is stalled.
+pub fn unanswered_since(kernel: Option<TcpInfo>, interval: Duration) -> Unanswered {
+    match unanswered(kernel) {
+        Unanswered::PathDown(i) if i.since_ack_recv < interval * 3 / 2 => Unanswered::Stalled(i),
+        u => u,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,5 +107,15 @@ mod tests {
         assert_eq!(unanswered(Some(info(250, 0))), Unanswered::Stalled(info(250, 0)), "a slow path is no excuse");
         assert_eq!(unanswered(Some(info(1, 2))), Unanswered::PathDown(info(1, 2)));
         assert_eq!(unanswered(None), Unanswered::NoView, "no evidence either way: the caller decides");
+    }
+
+    #[test]
+    fn a_heartbeat_silence_is_the_path_only_when_nothing_was_acknowledged_for_as_long() {
+        let acked = |since: u64| TcpInfo { since_ack_recv: ms(since), ..info(1, 1) };
+        // A 4 s heartbeat: nothing acknowledged for 6 s is the path.
+        assert_eq!(unanswered_since(Some(acked(7_000)), ms(4_000)), Unanswered::PathDown(acked(7_000)));
+        assert_eq!(unanswered_since(Some(acked(900)), ms(4_000)), Unanswered::Stalled(acked(900)), "a PING just left");
+        assert_eq!(unanswered_since(Some(info(1, 0)), ms(4_000)), Unanswered::Stalled(info(1, 0)));
+        assert_eq!(unanswered_since(None, ms(4_000)), Unanswered::NoView);
     }
 }

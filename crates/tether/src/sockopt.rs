@@ -133,6 +133,11 @@ pub fn cap_retransmissions<'s>(sock: impl Into<SockRef<'s>>, cap: Duration) -> R
     use std::os::fd::AsRawFd;
     let sock = sock.into();
     let ms = cap.clamp(RTO_MAX_FLOOR, KERNEL_RTO_MAX).as_millis() as libc::c_int;
+    // A kernel that refused the option once refuses it for every socket: straight to the fallback then, rather
+    // than one failing call per connection.
+    if RTO_MAX_MISSING.load(Ordering::Relaxed) {
+        return thin_linear(&sock);
+    }
     // SAFETY: setsockopt reads one c_int through a pointer valid for the call.
     let rc = unsafe {
         libc::setsockopt(
@@ -147,20 +152,31 @@ pub fn cap_retransmissions<'s>(sock: impl Into<SockRef<'s>>, cap: Duration) -> R
         return RtoCap::Capped(Duration::from_millis(ms as u64));
     }
     let e = std::io::Error::last_os_error();
+    if !matches!(e.raw_os_error(), Some(libc::ENOPROTOOPT) | Some(libc::EINVAL)) {
+        // Not the option's absence (a socket already closed, say): no fallback to choose, nothing to remember.
+        return RtoCap::Unavailable;
+    }
+    RTO_MAX_MISSING.store(true, Ordering::Relaxed);
+    thin_linear(&sock)
+}
+
+/// The fallback where the kernel has no `TCP_RTO_MAX_MS`: thin-stream linear timeouts, and one warning.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn thin_linear(sock: &SockRef<'_>) -> RtoCap {
     match sock.set_tcp_thin_linear_timeouts(true) {
         Ok(()) => {
             if !RTO_MAX_WARNED.swap(true, Ordering::Relaxed) {
                 tracing::warn!(
-                    "TCP_RTO_MAX_MS is not available ({e}; it needs Linux 6.15): thin-stream linear timeouts \
-                     instead, so a path that heals after more than about a second may take seconds to carry data again"
+                    "TCP_RTO_MAX_MS is not available (it needs Linux 6.15): thin-stream linear timeouts instead, so \
+                     a path that heals after more than about a second may take seconds to carry data again"
                 );
             }
             RtoCap::ThinLinear
         }
-        Err(e2) => {
+        Err(e) => {
             if !RTO_MAX_WARNED.swap(true, Ordering::Relaxed) {
                 tracing::warn!(
-                    "neither TCP_RTO_MAX_MS ({e}) nor TCP_THIN_LINEAR_TIMEOUTS ({e2}) is available: the kernel's \
+                    "neither TCP_RTO_MAX_MS nor TCP_THIN_LINEAR_TIMEOUTS ({e}) is available: the kernel's \
                      exponential retransmission backoff stands, so a blip can end in a heartbeat timeout"
                 );
             }
@@ -334,6 +350,9 @@ fn get_user_timeout(_sock: &SockRef<'_>) -> Option<Duration> {
 static KEEPALIVE_WARNED: AtomicBool = AtomicBool::new(false);
 static USER_TIMEOUT_WARNED: AtomicBool = AtomicBool::new(false);
 static RTO_MAX_WARNED: AtomicBool = AtomicBool::new(false);
+/// The kernel refused `TCP_RTO_MAX_MS` as unknown: later sockets go straight to the fallback.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+static RTO_MAX_MISSING: AtomicBool = AtomicBool::new(false);
 
 fn warn_once(flag: &AtomicBool, what: &str, err: &std::io::Error) {
     if !flag.swap(true, Ordering::Relaxed) {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use support::{test_config, TestServer};
 use tether::proto::reconnect::{BackoffConfig, ReconnectConfig};
-use tether::proto::PresenceState;
+use tether::proto::{Frame, PresenceState};
 use tether::{
     Client, ClientConfig, CloseReason, EventKind, LinkError, LinkEvent, ReconnectingClient, ResilienceConfig, Sent,
     ServerConfig,
@@ -208,18 +208,15 @@ async fn a_draining_server_sends_clients_to_its_alternative() {
 /// forgotten connection. (A path that goes silent needs a real one: the fault lab's NAT proves that side.)
 #[tokio::test(start_paused = true)]
 async fn a_stalled_server_welcoming_again_is_not_a_path_that_forgot() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let fake = tokio::spawn(async move {
         let mut held = Vec::new();
         loop {
-            let (mut s, _) = l.accept().await.unwrap();
-            let mut buf = [0u8; 256];
-            let _ = s.read(&mut buf).await.unwrap(); // the HELLO
-            let welcome = tether::proto::Frame::Welcome(support::v1_welcome("fake")).to_bytes();
-            s.write_all(&welcome).await.unwrap();
-            held.push(s);
+            let mut p = support::RawPeer::from_stream(l.accept().await.unwrap().0);
+            let Some(Frame::Hello(_)) = p.next_frame().await else { panic!("no HELLO") };
+            p.send(&Frame::Welcome(support::v1_welcome("fake"))).await;
+            held.push(p);
         }
     });
     let mut rc = ReconnectingClient::start(vec![addr.to_string()], ClientConfig::new("phone"), res(10));

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use tether_proto::{CloseReason, ConnId};
 
-use crate::ops::Diagnosis;
+use crate::event::Diagnosis;
 
 /// Ids remembered at once after a verdict of silence; beyond it, a verdict is not remembered (no diagnosis).
 pub(super) const MAX_SILENCED: usize = 65_536;

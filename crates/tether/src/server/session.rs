@@ -859,7 +859,7 @@ impl ServerHooks {
             duration: now.saturating_duration_since(conn.opened()),
             bytes_in: self.control.bytes_in.load(Ordering::Relaxed),
             bytes_out: self.control.bytes_out.load(Ordering::Relaxed),
-            diagnosis: forgot.as_ref().map(|_| crate::ops::Diagnosis::MiddleboxForgot),
+            diagnosis: forgot.as_ref().map(|_| crate::Diagnosis::MiddleboxForgot),
             detail: forgot.or_else(|| c.detail.clone()),
         });
         // Ended here for silence: whether its client comes straight back decides if the path forgot it.
@@ -878,13 +878,15 @@ impl ServerHooks {
             let ended = ProbeEnded { reason: c.reason, by_client: c.by_peer };
             self.shared.probes.closed(self.conn_id, probes::End { ended, kernel: self.control.kernel_view() });
         }
-        // A verdict of silence with our own bytes unacknowledged: the path carried nothing back (a client that
-        // stalled still has its kernel acknowledge them). Read before the socket goes.
+        // A verdict of silence the path explains: it carried nothing back (a client that stalled still has its
+        // kernel acknowledge our PING). Read before the socket goes.
         let path_silent = !c.by_peer
-            && match c.reason {
-                CloseReason::KeepaliveTimeout => true,
-                CloseReason::HeartbeatTimeout | CloseReason::WriteTimeout => {
-                    self.control.kernel_view().is_some_and(|k| k.info.unacked > 0)
+            && match (c.reason, self.control.session.get()) {
+                (CloseReason::KeepaliveTimeout, _) => true,
+                (CloseReason::HeartbeatTimeout | CloseReason::WriteTimeout, Some(meta)) => {
+                    let interval = Duration::from_millis(meta.heartbeat_ms.into());
+                    let kernel = self.control.kernel_view().map(|k| k.info);
+                    matches!(crate::probe::unanswered_since(kernel, interval), crate::probe::Unanswered::PathDown(_))
                 }
                 _ => false,
             };
