@@ -282,3 +282,30 @@ fn lab_probe_tells_each_fault_apart() {
     );
     let _ = std::fs::remove_file(&token);
 }
+
+/// `--idle` against a server that stops while the probe's connection idles: the `PING` after the idle goes
+/// unanswered and a new connection still goes through (the stopped server's kernel accepts it), but its kernel
+/// acknowledged the `PING`: the server is stalled, not a middlebox that forgot the connection.
+#[test]
+fn a_server_stopped_during_the_idle_is_stalled_not_a_forgotten_connection() {
+    use std::io::BufRead;
+    let (server, addr, _) = serve_with_admin(&[]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["probe", &addr, "--idle", "2s", "--timeout", "1s", "--count", "1"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines().map_while(Result::ok);
+    // The round trips are done when their line is printed: the idle begins.
+    assert!(lines.by_ref().any(|l| l.starts_with("round trip")), "the probe reached its round trips");
+    server.signal(libc::SIGSTOP);
+    let rest: Vec<String> = lines.collect();
+    let status = child.wait().unwrap();
+    server.signal(libc::SIGCONT);
+    let verdict = rest.iter().find(|l| l.starts_with("verdict")).expect("a verdict line");
+    assert_eq!(status.code(), Some(17), "{rest:#?}");
+    assert!(
+        verdict.contains("server_stalled") && verdict.contains("acknowledged the PING after 2.0s idle"),
+        "{verdict}"
+    );
+}

@@ -295,9 +295,9 @@ pub struct Evidence {
 pub enum Idle {
     /// The `PING` after `idle` was answered in `rtt`.
     Kept { idle: Duration, rtt: Duration },
-    /// It was not (`how`: no answer in the wait, a reset, a close); a new connection to the same address then
-    /// went through in this long, or failed.
-    Lost { idle: Duration, how: String, fresh: Result<Duration, String> },
+    /// It was not (`how`: no answer in the wait, a reset, a close; `no_answer`: the wait, when nothing came); a
+    /// new connection to the same address then went through in this long, or failed.
+    Lost { idle: Duration, how: String, no_answer: Option<Duration>, fresh: Result<Duration, String> },
 }
 
 /// min, median, max.
@@ -424,7 +424,14 @@ impl Evidence {
         }
         let mut kept = String::new();
         match &self.idle {
-            Some(Idle::Lost { idle, how, fresh: Ok(took) }) => {
+            // The server's kernel took the PING and its program never answered: stalled, whatever a new connection
+            // (which its kernel accepts too) shows.
+            Some(Idle::Lost { idle, no_answer: Some(waited), .. })
+                if matches!(unanswered(k), Unanswered::Stalled(_)) =>
+            {
+                return silent(k, &format!("the PING after {} idle", human(*idle)), *waited);
+            }
+            Some(Idle::Lost { idle, how, fresh: Ok(took), .. }) => {
                 return (
                     Verdict::MiddleboxForgot,
                     format!(
@@ -436,7 +443,7 @@ impl Evidence {
                     ),
                 )
             }
-            Some(Idle::Lost { idle, how, fresh: Err(e) }) => {
+            Some(Idle::Lost { idle, how, fresh: Err(e), .. }) => {
                 return (
                     Verdict::PathDown,
                     format!("after {} idle the PING got {how}, and a new connection failed too ({e})", human(*idle)),
@@ -731,10 +738,10 @@ pub(super) fn describe_round_trips(r: &RoundTrips, k: Option<&TcpInfo>) -> Strin
 pub(super) fn describe_idle(i: &Idle) -> String {
     match i {
         Idle::Kept { idle, rtt } => format!("kept {} idle: PONG in {}", human(*idle), human(*rtt)),
-        Idle::Lost { idle, how, fresh: Ok(took) } => {
+        Idle::Lost { idle, how, fresh: Ok(took), .. } => {
             format!("after {} idle: {how}; a new connection went through in {}", human(*idle), human(*took))
         }
-        Idle::Lost { idle, how, fresh: Err(e) } => {
+        Idle::Lost { idle, how, fresh: Err(e), .. } => {
             format!("after {} idle: {how}; a new connection failed too: {e}", human(*idle))
         }
     }
@@ -784,7 +791,7 @@ pub(super) fn evidence_json(ev: &Evidence) -> Value {
     });
     let idle = ev.idle.as_ref().map(|i| match i {
         Idle::Kept { idle, rtt } => json!({"result": "kept", "idle_ms": ms(*idle), "rtt_ms": ms(*rtt)}),
-        Idle::Lost { idle, how, fresh } => json!({
+        Idle::Lost { idle, how, fresh, .. } => json!({
             "result": "lost", "idle_ms": ms(*idle), "how": how,
             "fresh_connect_ms": fresh.as_ref().ok().map(|d| ms(*d)), "fresh_error": fresh.as_ref().err(),
         }),
@@ -997,10 +1004,18 @@ mod tests {
     fn an_idle_connection_lost_while_a_new_one_goes_through_is_a_middlebox_that_forgot() {
         let s = Duration::from_secs;
         let with = |idle: Idle| Evidence { idle: Some(idle), ..connected() };
-        let (v, why) = with(Idle::Lost { idle: s(60), how: "no PONG in 5.0s".into(), fresh: Ok(T) }).verdict();
+        // The PING after the idle is unacknowledged: the path carried it nowhere.
+        let lost = |fresh| Idle::Lost { idle: s(60), how: "no PONG in 5.0s".into(), no_answer: Some(s(5)), fresh };
+        let unacked = |idle: Idle| Evidence { kernel: Some(info(1, 1)), ..with(idle) };
+        let (v, why) = unacked(lost(Ok(T))).verdict();
         assert_eq!((v, v.exit_code()), (Verdict::MiddleboxForgot, 23));
         assert!(why.starts_with("the path's middlebox forgot the connection: after 60.0s idle"), "{why}");
-        let (v, _) = with(Idle::Lost { idle: s(60), how: "a reset".into(), fresh: Err("timed out".into()) }).verdict();
+        // The server's kernel acknowledged it: a stalled server, though a new connection goes through.
+        let (v, why) = with(lost(Ok(T))).verdict();
+        assert_eq!(v, Verdict::ServerStalled, "{why}");
+        assert!(why.contains("acknowledged the PING after 60.0s idle"), "{why}");
+        let reset = Idle::Lost { idle: s(60), how: "a reset".into(), no_answer: None, fresh: Err("timed out".into()) };
+        let (v, _) = with(reset).verdict();
         assert_eq!(v, Verdict::PathDown, "a new connection failing too is the path");
         let (v, why) = with(Idle::Kept { idle: s(60), rtt: T }).verdict();
         assert_eq!(v, Verdict::Ok);

@@ -599,8 +599,9 @@ async fn round_trips<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Layer 6 (`--idle`): say nothing for `idle`, then `PING` and wait up to `wait` for the `PONG`. When it does not
-/// come, a new TCP connection to `peer` tells a path that works (the old connection was forgotten on the way)
-/// from one that does not; it is closed at once.
+/// come, a new TCP connection to `peer` tells a path that works from one that does not; it is closed at once.
+/// (Whether the server's kernel took the `PING`, which tells a stalled server from a forgotten connection, is
+/// the kernel's view the caller reads next.)
 async fn idle_check<S: AsyncRead + AsyncWrite + Unpin>(
     wire: &mut Wire<S>,
     idle: Duration,
@@ -610,6 +611,7 @@ async fn idle_check<S: AsyncRead + AsyncWrite + Unpin>(
     tokio::time::sleep(idle).await;
     let sent = Instant::now();
     let seq = u32::MAX;
+    let mut no_answer = None;
     let how = match wire.send(&Frame::Ping { seq, ts_ms: 0 }).await {
         Err(e) => format!("an error ({e})"),
         Ok(()) => loop {
@@ -625,7 +627,10 @@ async fn idle_check<S: AsyncRead + AsyncWrite + Unpin>(
                 Got::Foreign(_) => break "bytes that are not tether".into(),
                 Got::Closed { reset: true } => break "a reset".into(),
                 Got::Closed { reset: false } => break "a close".into(),
-                Got::Timeout => break format!("no PONG in {}", duration::human(wait)),
+                Got::Timeout => {
+                    no_answer = Some(wait);
+                    break format!("no PONG in {}", duration::human(wait));
+                }
             }
         },
     };
@@ -635,7 +640,7 @@ async fn idle_check<S: AsyncRead + AsyncWrite + Unpin>(
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("no answer in {}", duration::human(wait))),
     };
-    Idle::Lost { idle, how, fresh }
+    Idle::Lost { idle, how, no_answer, fresh }
 }
 
 /// The protocol foreign bytes speak, when it can be told: as the codec sniffs it, or an HTML page (an HTTP server
