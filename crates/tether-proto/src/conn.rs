@@ -29,7 +29,9 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 
 use crate::detector::{Deadlines, Detector, DetectorConfig};
-use crate::frame::{self, Bye, Foreign, Frame, Hello, Presence, Report, Undeliverable, Welcome, PROTOCOL_VERSION, V1};
+use crate::frame::{
+    self, Bye, Foreign, Frame, HeartbeatRange, Hello, Presence, Report, Undeliverable, Welcome, PROTOCOL_VERSION, V1,
+};
 use crate::reason::CloseReason;
 use crate::reliable::{self, Accept, Inbox};
 
@@ -119,6 +121,10 @@ pub struct ConnConfig {
     /// `PING` once it is due: no timer and no write of its own, and it follows the client's own phase. A quiet
     /// client gets the backstop `PING`, which measures it anyway. `None`: only the backstop.
     pub rtt_probe_every: Option<u32>,
+    /// Client: watch the path after each `PING`. Its `PONG` is reported with the silence that preceded the
+    /// `PING` ([`Event::PathHeld`]); a `PONG` still missing this long after the `PING` (or three round trips, if
+    /// longer) is reported once ([`Event::PongLate`]). `None`: neither (the adaptive heartbeat sets it).
+    pub pong_grace: Option<Duration>,
 }
 
 impl Default for ConnConfig {
@@ -132,6 +138,7 @@ impl Default for ConnConfig {
             max_data_rate: None,
             detector: DetectorConfig::Fixed,
             rtt_probe_every: Some(60),
+            pong_grace: None,
         }
     }
 }
@@ -213,6 +220,27 @@ pub enum Event {
     },
     /// Round-trip time measured by a `PONG` echoing our `PING`.
     Rtt(Duration),
+    /// Server, `heartbeat_update`: the client asks for this heartbeat interval (0: the server's default). Answer
+    /// with [`Connection::set_heartbeat`]; the client keeps its old heartbeat until then.
+    HeartbeatRequest {
+        interval_ms: u32,
+    },
+    /// Client, `heartbeat_update`: the server granted a new heartbeat; both sides keep it from now on.
+    HeartbeatChanged {
+        interval: Duration,
+        timeout: Duration,
+    },
+    /// Client, with [`ConnConfig::pong_grace`]: our `PING` was answered, after `idle` in which the path carried
+    /// nothing either way (a middlebox on it kept the connection for at least that long).
+    PathHeld {
+        idle: Duration,
+    },
+    /// Client, with [`ConnConfig::pong_grace`]: our `PING`, sent after `idle` of silence, is still unanswered
+    /// `waited` after it left (once per `PING`). Either the path lost it or a middlebox forgot the connection.
+    PongLate {
+        idle: Duration,
+        waited: Duration,
+    },
     /// The phi detector suspects the peer (silent longer than its history makes likely).
     Suspect {
         silent_for: Duration,
@@ -263,6 +291,8 @@ pub enum SendError {
     WrongDirection(&'static str),
     #[error("the reliable extension is not in effect on this connection")]
     NotReliable,
+    #[error("the server did not grant heartbeat updates on this connection")]
+    NoHeartbeatUpdate,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -315,8 +345,11 @@ pub struct Connection {
     kq_due_ms: u64,
     /// When we last queued a frame: a `PING` is due one interval after it.
     last_tx: Instant,
-    /// Client: how far into its first ping cycle the connection starts, in thousandths of the interval.
-    ping_phase_permille: u16,
+    /// Until the handshake: how far into its first ping cycle (client) or probe window (server) the connection
+    /// starts, in thousandths ([`Connection::set_ping_phase`]). After it, for a client with `pong_grace`: the
+    /// silence before our last `PING`, in tenths of a second (saturating at 6,553.5 s). One field, since the two
+    /// never overlap and every idle connection carries it.
+    phase_or_idle: u16,
     /// Heartbeat interval and timeout in milliseconds (as negotiated on the wire), once negotiated; 0 before.
     interval_ms: u32,
     timeout_ms: u32,
@@ -339,9 +372,13 @@ pub struct Connection {
     data_tokens: f64,
     data_refilled: Instant,
     rtt: Option<Duration>,
-    /// Server: when the next round-trip probe is due ([`ConnConfig::rtt_probe_every`]), in milliseconds after
-    /// `origin` (probes stop after 49 days of one connection, where that no longer fits); 0 for none.
-    probe_due_ms: u32,
+    /// The `heartbeat_update` extension is in effect (granted in `WELCOME`).
+    hb_update: bool,
+    /// One timer per role, in milliseconds after `origin`, 0 for none (one field: every idle connection carries
+    /// it). Server: when the next round-trip probe is due ([`ConnConfig::rtt_probe_every`]; probes stop after 49
+    /// days of one connection, where that no longer fits). Client, with `pong_grace`: when the `PONG` to our last
+    /// `PING` is late (0 once reported).
+    due_ms: u32,
     /// Frames parsed and frames queued, wrapping: the IO layer counts them into its metrics by difference.
     frames_rx: u32,
     frames_tx: u32,
@@ -386,7 +423,7 @@ impl Connection {
             kq_since_ms: 0,
             kq_due_ms: 0,
             last_tx: now,
-            ping_phase_permille: 0,
+            phase_or_idle: 0,
             interval_ms: 0,
             timeout_ms: 0,
             detector: None,
@@ -402,7 +439,8 @@ impl Connection {
             data_tokens: 0.0,
             data_refilled: now,
             rtt: None,
-            probe_due_ms: 0,
+            due_ms: 0,
+            hb_update: false,
             frames_rx: 0,
             frames_tx: 0,
             rel: None,
@@ -471,6 +509,13 @@ impl Connection {
         self.rtt
     }
     /// When the last frame arrived (once established).
+    /// Client, with [`ConnConfig::pong_grace`]: the silence before our last `PING`, while its `PONG` is still to
+    /// come (also after the connection ended: what it was waiting for when it did).
+    pub fn unanswered_ping(&self) -> Option<Duration> {
+        (self.role == Role::Client && self.awaiting_pong && self.cfg.pong_grace.is_some())
+            .then(|| deciseconds(self.phase_or_idle))
+    }
+
     pub fn last_rx(&self) -> Option<Instant> {
         self.detector.as_ref().and_then(Detector::last_arrival)
     }
@@ -677,6 +722,14 @@ impl Connection {
                         self.events.push_back(Event::Suspect { silent_for: now.saturating_duration_since(last) });
                     }
                 }
+                if self.role == Role::Client && self.due_ms != 0 && self.ms_since_origin(now) >= u64::from(self.due_ms)
+                {
+                    self.due_ms = 0;
+                    if self.awaiting_pong {
+                        let waited = self.grace().unwrap_or_default();
+                        self.events.push_back(Event::PongLate { idle: deciseconds(self.phase_or_idle), waited });
+                    }
+                }
                 if let Some(due) = self.ping_due() {
                     if now >= due {
                         self.send_ping(now);
@@ -696,9 +749,13 @@ impl Connection {
     /// `(1 - fraction) × interval`. Clients that connect together (after a server restart) then do not ping in
     /// phase forever. Server: how far into its 12-interval window the first round-trip probe falls
     /// ([`ConnConfig::rtt_probe_every`]). The IO layer draws the fraction; the core has no randomness of its own.
+    /// Ignored once the handshake is over.
     pub fn set_ping_phase(&mut self, fraction: f64) {
-        self.ping_phase_permille =
-            if fraction.is_finite() { (fraction.clamp(0.0, 0.999) * 1000.0).round() as u16 } else { 0 };
+        // Read only when the handshake completes; after it, the field holds something else.
+        if self.state == State::Handshake {
+            self.phase_or_idle =
+                if fraction.is_finite() { (fraction.clamp(0.0, 0.999) * 1000.0).round() as u16 } else { 0 };
+        }
     }
 
     /// Send a `PING` now, to measure the round trip on request (an operator asking "is this client's program
@@ -708,6 +765,37 @@ impl Connection {
         if self.state == State::Established {
             self.send_ping(now);
         }
+    }
+
+    /// Client, `heartbeat_update`: ask the server for a heartbeat of `interval`. The current one stays until the
+    /// server's answer ([`Event::HeartbeatChanged`]), which may differ (the server clamps it to its range).
+    pub fn request_heartbeat(&mut self, now: Instant, interval: Duration) -> Result<(), SendError> {
+        match self.state {
+            State::Established => {}
+            State::Handshake => return Err(SendError::NotEstablished),
+            State::Draining | State::Closed => return Err(SendError::Closed(self.reason.unwrap_or(CloseReason::Bye))),
+        }
+        if self.role != Role::Client {
+            return Err(SendError::WrongDirection("a HEARTBEAT request"));
+        }
+        if !self.hb_update {
+            return Err(SendError::NoHeartbeatUpdate);
+        }
+        let interval_ms = u32::try_from(interval.as_millis()).unwrap_or(u32::MAX).max(1);
+        self.queue(now, &Frame::Heartbeat { interval_ms, timeout_ms: 0 });
+        Ok(())
+    }
+
+    /// Server, `heartbeat_update`: keep `interval` and `timeout` from now on, and tell the client (the answer to
+    /// [`Event::HeartbeatRequest`]; the caller applies its policy). The silence deadline restarts from `now`.
+    pub fn set_heartbeat(&mut self, now: Instant, interval: Duration, timeout: Duration) {
+        if self.role != Role::Server || self.state != State::Established || !self.hb_update {
+            return;
+        }
+        let interval_ms = u32::try_from(interval.as_millis()).unwrap_or(u32::MAX).max(1);
+        let timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX).max(interval_ms);
+        self.retime(now, interval_ms, timeout_ms);
+        self.queue(now, &Frame::Heartbeat { interval_ms, timeout_ms });
     }
 
     /// Server: admit the session announced by [`Event::Hello`] and send `WELCOME`. The core fills in the
@@ -722,6 +810,7 @@ impl Connection {
         if let Some(g) = reliable::Grant::find(&welcome.extensions).filter(|_| self.version >= frame::V2) {
             self.rel = Some(Box::new(Inbox::new(g.received)));
         }
+        self.hb_update = self.version >= frame::V2 && HeartbeatRange::find(&welcome.extensions).is_some();
         self.establish(now, welcome.heartbeat_ms, welcome.timeout_ms);
         self.queue(now, &Frame::Welcome(welcome));
         self.process_buffered(now);
@@ -827,7 +916,8 @@ impl Connection {
                 let suspect = dl.suspect_at.filter(|_| !self.suspected);
                 let ping = self.ping_due();
                 let ack = self.rel.as_ref().and_then(|r| r.poll_timeout());
-                [Some(dl.convict_at), suspect, ping, ack].into_iter().flatten().min()
+                let late = (self.role == Role::Client && self.due_ms != 0).then(|| self.origin + ms(self.due_ms));
+                [Some(dl.convict_at), suspect, ping, ack, late].into_iter().flatten().min()
             }
             _ => None,
         };
@@ -938,6 +1028,21 @@ impl Connection {
     /// Queue a `PING`; a server's `PING` is also its round-trip probe, so the next probe is due a probe period
     /// later.
     fn send_ping(&mut self, now: Instant) {
+        if self.role == Role::Client {
+            if let Some(grace) = self.grace() {
+                // The silence that counts is the one before the first PING still unanswered: a PING sent while
+                // one waits keeps it (and a PONG to either shows the path kept the connection through it).
+                if !self.awaiting_pong {
+                    let last = self.last_rx().map_or(self.last_tx, |rx| rx.max(self.last_tx));
+                    let idle = now.saturating_duration_since(last).as_millis() / 100;
+                    self.phase_or_idle = u16::try_from(idle).unwrap_or(u16::MAX);
+                }
+                // A late PONG is reported once per grace: a report still pending stays as it is.
+                if !self.awaiting_pong || self.due_ms == 0 {
+                    self.due_ms = u32::try_from(self.ms_since_origin(now + grace)).unwrap_or(0);
+                }
+            }
+        }
         self.ack_along(now);
         self.ping_seq = self.ping_seq.wrapping_add(1);
         self.awaiting_pong = true;
@@ -949,13 +1054,20 @@ impl Connection {
         }
     }
 
+    /// How long a `PING` may wait for its `PONG` before [`Event::PongLate`]: [`ConnConfig::pong_grace`], or three
+    /// round trips if longer. `None` when not watched.
+    fn grace(&self) -> Option<Duration> {
+        let grace = self.cfg.pong_grace?;
+        Some(self.rtt.map_or(grace, |rtt| grace.max(rtt * 3)))
+    }
+
     /// Server: the next round-trip probe `after` from `now` (none for zero, and none beyond 49 days of one
     /// connection, where the due instant no longer fits: the backstop `PING` still measures a quiet client).
     fn schedule_probe(&mut self, now: Instant, after: Duration) {
         if self.role != Role::Server || after.is_zero() {
             return;
         }
-        self.probe_due_ms = u32::try_from(self.ms_since_origin(now + after)).unwrap_or(0);
+        self.due_ms = u32::try_from(self.ms_since_origin(now + after)).unwrap_or(0);
     }
 
     /// Milliseconds from `origin` to `t`, at least 1 (0 means "none" in the fields that use this).
@@ -1099,6 +1211,7 @@ impl Connection {
                     (Some(_), Some(_)) if w.version >= frame::V2 => Some(Box::new(Inbox::new(0))),
                     _ => None,
                 };
+                self.hb_update = w.version >= frame::V2 && HeartbeatRange::find(&w.extensions).is_some();
                 self.establish(now, w.heartbeat_ms, w.timeout_ms);
                 self.events.push_back(Event::Welcome(w));
             }
@@ -1121,7 +1234,8 @@ impl Connection {
                 self.ack_along(now);
                 self.queue(now, &Frame::Pong { seq, ts_ms });
                 // A due round-trip probe rides along with the answer: same write, no wakeup of its own.
-                if self.probe_due_ms != 0 && self.ms_since_origin(now) >= u64::from(self.probe_due_ms) {
+                if self.role == Role::Server && self.due_ms != 0 && self.ms_since_origin(now) >= u64::from(self.due_ms)
+                {
                     self.send_ping(now);
                 }
             }
@@ -1132,6 +1246,12 @@ impl Connection {
                     return;
                 }
                 self.awaiting_pong = false;
+                if self.role == Role::Client {
+                    self.due_ms = 0;
+                }
+                if self.role == Role::Client && self.cfg.pong_grace.is_some() {
+                    self.events.push_back(Event::PathHeld { idle: deciseconds(self.phase_or_idle) });
+                }
                 let sent = self.origin.checked_add(Duration::from_micros(ts_ms));
                 if let Some(sent) = sent.filter(|s| *s <= now) {
                     let rtt = now - sent;
@@ -1166,6 +1286,27 @@ impl Connection {
                 self.events.push_back(Event::Sdata { seq, peer, payload })
             }
             (_, Frame::Ack { seq }) if self.rel.is_some() => self.events.push_back(Event::Acked(seq)),
+            (_, f @ Frame::Heartbeat { .. }) if !self.hb_update => {
+                self.protocol_error(now, format!("{} without the heartbeat_update extension", f.name()))
+            }
+            (Role::Server, Frame::Heartbeat { interval_ms, .. }) => {
+                // Answered like a PING, and policed with them.
+                if self.ping_flooded(now) {
+                    let bye =
+                        Some(Bye { reason: CloseReason::PingFlood, retry_after_ms: 0, alternative: String::new() });
+                    let detail = Some("HEARTBEAT requests beyond the PING allowance".to_owned());
+                    return self.decide(now, CloseReason::PingFlood, CloseMode::Flush, bye, false, None, detail, None);
+                }
+                self.events.push_back(Event::HeartbeatRequest { interval_ms })
+            }
+            (Role::Client, Frame::Heartbeat { interval_ms, timeout_ms }) => {
+                if interval_ms == 0 || timeout_ms < interval_ms {
+                    let detail = format!("HEARTBEAT granting {interval_ms} ms with a timeout of {timeout_ms} ms");
+                    return self.protocol_error(now, detail);
+                }
+                self.retime(now, interval_ms, timeout_ms);
+                self.events.push_back(Event::HeartbeatChanged { interval: ms(interval_ms), timeout: ms(timeout_ms) });
+            }
             (Role::Client, Frame::Report(r)) if self.rel.is_some() => {
                 if self.take_seq(now, r.seq) {
                     self.events.push_back(Event::Report(r));
@@ -1216,6 +1357,25 @@ impl Connection {
 
     fn establish(&mut self, now: Instant, interval_ms: u32, timeout_ms: u32) {
         let (interval_ms, timeout_ms) = (interval_ms.max(1), timeout_ms.max(1));
+        let (interval, timeout) = self.start_detector(now, interval_ms, timeout_ms);
+        self.state = State::Established;
+        self.data_refilled = now;
+        self.data_tokens = self.cfg.max_data_rate.map_or(0.0, |r| (r as f64).max(self.cfg.max_frame as f64));
+        self.ping_refilled = now;
+        self.ping_tokens = ping_allowance(interval, timeout) as f32;
+        if self.role == Role::Client && self.phase_or_idle > 0 {
+            self.last_tx = now.checked_sub(interval * u32::from(self.phase_or_idle) / 1000).unwrap_or(now);
+        }
+        if self.cfg.rtt_probe_every.is_some() {
+            // The first probe is due somewhere in the 12 intervals after `WELCOME`, at the phase the IO layer drew
+            // (`set_ping_phase`), so that a mass connect's probes do not all come in its first interval.
+            let spread = interval * 11 * u32::from(self.phase_or_idle) / 1000;
+            self.schedule_probe(now, interval + spread);
+        }
+    }
+
+    /// Keep this heartbeat, with a detector that heard the peer `now`; returns it as durations.
+    fn start_detector(&mut self, now: Instant, interval_ms: u32, timeout_ms: u32) -> (Duration, Duration) {
         let (interval, timeout) = (ms(interval_ms), ms(timeout_ms));
         let mut det = Detector::new(&self.cfg.detector, interval, timeout);
         det.heartbeat(now);
@@ -1223,20 +1383,16 @@ impl Connection {
         self.detector = Some(det);
         self.interval_ms = interval_ms;
         self.timeout_ms = timeout_ms;
-        self.state = State::Established;
-        self.data_refilled = now;
-        self.data_tokens = self.cfg.max_data_rate.map_or(0.0, |r| (r as f64).max(self.cfg.max_frame as f64));
-        self.ping_refilled = now;
-        self.ping_tokens = ping_allowance(interval, timeout) as f32;
-        if self.role == Role::Client && self.ping_phase_permille > 0 {
-            self.last_tx = now.checked_sub(interval * u32::from(self.ping_phase_permille) / 1000).unwrap_or(now);
-        }
-        if self.cfg.rtt_probe_every.is_some() {
-            // The first probe is due somewhere in the 12 intervals after `WELCOME`, at the phase the IO layer drew
-            // (`set_ping_phase`), so that a mass connect's probes do not all come in its first interval.
-            let spread = interval * 11 * u32::from(self.ping_phase_permille) / 1000;
-            self.schedule_probe(now, interval + spread);
-        }
+        (interval, timeout)
+    }
+
+    /// A new heartbeat from `now` on (`heartbeat_update`): the detector starts over as if a frame arrived now, and
+    /// the `PING` allowance is capped at the new one.
+    fn retime(&mut self, now: Instant, interval_ms: u32, timeout_ms: u32) {
+        let (interval, timeout) = self.start_detector(now, interval_ms, timeout_ms);
+        self.suspected = false;
+        self.refill_pings(now);
+        self.ping_tokens = self.ping_tokens.min(ping_allowance(interval, timeout) as f32);
     }
 
     /// Output made no progress until `deadline` (ours or the kernel's): give up on the transport at once.
@@ -1339,6 +1495,10 @@ impl Connection {
         self.frames_tx = self.frames_tx.wrapping_add(1);
         self.last_tx = now;
     }
+}
+
+fn deciseconds(n: u16) -> Duration {
+    Duration::from_millis(u64::from(n) * 100)
 }
 
 fn ms(n: u32) -> Duration {

@@ -90,6 +90,10 @@ pub mod ext {
     pub const MAX_DATA_RATE: u16 = 0x0002;
     /// In `HELLO` and `WELCOME`: acknowledged delivery and resume ([`crate::reliable`]).
     pub const RELIABLE: u16 = 0x0003;
+    /// In `HELLO` (empty): the client may ask for a new heartbeat during the session. In `WELCOME` (two `u32`s,
+    /// the shortest and longest interval in ms the server grants): it may, with `HEARTBEAT` frames
+    /// ([`HeartbeatRange`](super::HeartbeatRange)).
+    pub const HEARTBEAT_UPDATE: u16 = 0x0004;
 }
 
 /// `PRESENCE` flag bits (v2). A receiver ignores bits it does not know.
@@ -115,6 +119,8 @@ pub mod kind {
     pub const SDATA: u8 = 0x0B;
     pub const ACK: u8 = 0x0C;
     pub const REPORT: u8 = 0x0D;
+    /// `heartbeat_update` extension only: a new heartbeat asked for (client) or in effect (server).
+    pub const HEARTBEAT: u8 = 0x0E;
 }
 
 /// A protocol that is not tether, recognised from the first bytes a peer sent.
@@ -239,6 +245,45 @@ impl Extension {
     pub fn find_u32(list: &[Extension], kind: u16) -> Option<u32> {
         let e = list.iter().find(|e| e.kind == kind)?;
         Some(u32::from_be_bytes(e.value.as_ref().try_into().ok()?))
+    }
+}
+
+/// The `heartbeat_update` extension's value in `WELCOME`: the intervals the server grants when a client asks for a
+/// new one during the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeartbeatRange {
+    pub min_ms: u32,
+    pub max_ms: u32,
+}
+
+impl HeartbeatRange {
+    /// The range a `WELCOME`'s extensions grant: `None` when absent or not eight bytes long.
+    pub fn find(list: &[Extension]) -> Option<HeartbeatRange> {
+        let e = list.iter().find(|e| e.kind == ext::HEARTBEAT_UPDATE)?;
+        let v: [u8; 8] = e.value.as_ref().try_into().ok()?;
+        let (min, max) = v.split_at(4);
+        Some(HeartbeatRange {
+            min_ms: u32::from_be_bytes(min.try_into().ok()?),
+            max_ms: u32::from_be_bytes(max.try_into().ok()?),
+        })
+    }
+
+    /// The `WELCOME` extension granting this range.
+    pub fn extension(self) -> Extension {
+        let mut v = Vec::with_capacity(8);
+        v.extend_from_slice(&self.min_ms.to_be_bytes());
+        v.extend_from_slice(&self.max_ms.to_be_bytes());
+        Extension { kind: ext::HEARTBEAT_UPDATE, value: Bytes::from(v) }
+    }
+
+    /// The `HELLO` extension asking for it (empty).
+    pub fn offer() -> Extension {
+        Extension { kind: ext::HEARTBEAT_UPDATE, value: Bytes::new() }
+    }
+
+    /// Whether a `HELLO`'s extensions ask for it.
+    pub fn offered(list: &[Extension]) -> bool {
+        list.iter().any(|e| e.kind == ext::HEARTBEAT_UPDATE)
     }
 }
 
@@ -441,6 +486,12 @@ pub enum Frame {
     },
     /// `reliable` extension, server → client.
     Report(Report),
+    /// `heartbeat_update` extension. Client → server: the interval asked for (`timeout_ms` 0). Server → client:
+    /// the interval and timeout both sides keep from now on.
+    Heartbeat {
+        interval_ms: u32,
+        timeout_ms: u32,
+    },
 }
 
 /// Whether `buf` starts with a complete frame: `Ok(Some(total_len))` (header included), `Ok(None)` when more bytes
@@ -588,6 +639,7 @@ impl Frame {
             Frame::Sdata { .. } => "SDATA",
             Frame::Ack { .. } => "ACK",
             Frame::Report(_) => "REPORT",
+            Frame::Heartbeat { .. } => "HEARTBEAT",
         }
     }
 
@@ -615,6 +667,7 @@ impl Frame {
             kind::SDATA => "SDATA",
             kind::ACK => "ACK",
             kind::REPORT => "REPORT",
+            kind::HEARTBEAT => "HEARTBEAT",
             other => return Err(FrameError::UnknownKind(other)),
         };
         let mut c = Cursor { buf: body, kind: name };
@@ -673,6 +726,11 @@ impl Frame {
             kind::ACK => {
                 let seq = c.u64()?;
                 c.finish(Frame::Ack { seq })
+            }
+            kind::HEARTBEAT => {
+                let interval_ms = c.u32()?;
+                let timeout_ms = c.u32()?;
+                c.finish(Frame::Heartbeat { interval_ms, timeout_ms })
             }
             kind::REPORT => {
                 let seq = c.seq()?;
@@ -813,6 +871,11 @@ impl Frame {
                 out.put_u8(kind::ACK);
                 out.put_u64(*seq);
             }
+            Frame::Heartbeat { interval_ms, timeout_ms } => {
+                out.put_u8(kind::HEARTBEAT);
+                out.put_u32(*interval_ms);
+                out.put_u32(*timeout_ms);
+            }
             Frame::Report(r) => {
                 out.put_u8(kind::REPORT);
                 out.put_u64(r.seq);
@@ -850,6 +913,7 @@ impl Frame {
             Frame::Undeliverable { to, .. } => 1 + to.len() + v2(version),
             Frame::Sdata { peer, payload, .. } => 8 + 1 + peer.len() + payload.len(),
             Frame::Ack { .. } => 8,
+            Frame::Heartbeat { .. } => 8,
             Frame::Report(r) => 8 + 1 + r.peer.len() + 1 + 2 + 8 * r.seqs.len().min(u16::MAX as usize),
         };
         HEADER_LEN + 1 + body

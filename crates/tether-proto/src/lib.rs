@@ -8,8 +8,10 @@
 //! - [`detector`]: `fixed` and `phi` failure detectors that answer with exact deadlines.
 //! - [`conn`]: [`Connection`], the per-connection state machine (`handle_*` in, `poll_*` out).
 //! - [`registry`]: [`Registry`], sessions by client id (takeover, epochs, id conflicts) and presence.
+//! - [`adaptive`]: [`adaptive::Learner`], the adaptive heartbeat's search for the longest interval a path allows.
 //! - [`reconnect`]: [`reconnect::Reconnect`], backoff with seeded full jitter, failover, and server hints.
 
+pub mod adaptive;
 pub mod conn;
 pub mod detector;
 pub mod frame;
@@ -22,6 +24,8 @@ pub use conn::{
     ping_allowance, Closed, ConnConfig, Connection, Event, HeartbeatPolicy, KernelQueue, Role, SendError, State,
 };
 pub use detector::{DetectorConfig, PhiConfig};
-pub use frame::{Bye, Extension, Frame, FrameError, Hello, Presence, PresenceState, Report, Undeliverable, Welcome};
+pub use frame::{
+    Bye, Extension, Frame, FrameError, HeartbeatRange, Hello, Presence, PresenceState, Report, Undeliverable, Welcome,
+};
 pub use reason::CloseReason;
 pub use registry::{Admission, ConnId, Registry, RegistryConfig, SessionEvent};

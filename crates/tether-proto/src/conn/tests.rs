@@ -56,6 +56,8 @@ struct Pair {
     server_can_write: bool,
     s_events: Vec<Event>,
     c_events: Vec<Event>,
+    /// What the server answers every `HELLO` with.
+    welcome: Welcome,
 }
 
 impl Pair {
@@ -65,17 +67,23 @@ impl Pair {
 
     /// As [`Pair::new`], with `server` prepared before the handshake.
     fn new_with(cfg: ConnConfig, server: impl FnOnce(&mut Connection)) -> Pair {
+        Pair::handshake(cfg, server, hello("a"), welcome())
+    }
+
+    /// A pair whose client says `hello` and whose server answers `welcome`.
+    fn handshake(cfg: ConnConfig, server: impl FnOnce(&mut Connection), hello: Hello, welcome: Welcome) -> Pair {
         let now = Instant::now();
         let mut s = Connection::server(now, cfg.clone());
         server(&mut s);
         let mut p = Pair {
             now,
             server: s,
-            client: Connection::client(now, cfg, hello("a")),
+            client: Connection::client(now, cfg, hello),
             up: true,
             server_can_write: true,
             s_events: vec![],
             c_events: vec![],
+            welcome,
         };
         p.pump();
         p
@@ -95,7 +103,7 @@ impl Pair {
             let mut moved = !c_out.is_empty() || !s_out.is_empty();
             while let Some(e) = self.server.poll_event() {
                 if matches!(e, Event::Hello(_)) {
-                    self.server.accept(self.now, welcome());
+                    self.server.accept(self.now, self.welcome.clone());
                 }
                 self.s_events.push(e);
                 moved = true;
@@ -1313,4 +1321,124 @@ mod reliable_ext {
         let (_, mut c) = pair(now, h, Some(grant(Status::New, 0)));
         assert_eq!(c.send(now, sdata(1)), Err(SendError::NotReliable));
     }
+}
+
+/// A pair with `heartbeat_update` granted for 500 ms to 60 s, and the client watching its `PING`s.
+fn updatable_pair() -> Pair {
+    updatable_pair_with(welcome())
+}
+
+fn updatable_pair_with(welcome: Welcome) -> Pair {
+    let cfg = ConnConfig { pong_grace: Some(ms(300)), rtt_probe_every: None, ..ConnConfig::default() };
+    let hello = Hello { extensions: vec![HeartbeatRange::offer()], ..hello("a") };
+    let range = HeartbeatRange { min_ms: 500, max_ms: 60_000 };
+    let welcome = Welcome { extensions: vec![range.extension()], ..welcome };
+    Pair::handshake(cfg, |_| {}, hello, welcome)
+}
+
+#[test]
+fn a_granted_heartbeat_change_moves_both_sides_and_their_deadlines() {
+    let mut p = updatable_pair();
+    p.run_for(ms(2500));
+    p.client.request_heartbeat(p.now, Duration::from_secs(10)).unwrap();
+    p.pump();
+    let asked = p.s_events.iter().find_map(|e| match e {
+        Event::HeartbeatRequest { interval_ms } => Some(*interval_ms),
+        _ => None,
+    });
+    assert_eq!(asked, Some(10_000));
+    // Until the server answers, neither side changed.
+    assert_eq!(p.client.heartbeat(), Some((ms(1000), ms(3000))));
+    p.server.set_heartbeat(p.now, Duration::from_secs(10), Duration::from_secs(30));
+    p.pump();
+    assert_eq!(p.server.heartbeat(), Some((ms(10_000), ms(30_000))));
+    assert_eq!(p.client.heartbeat(), Some((ms(10_000), ms(30_000))));
+    assert!(p.c_events.contains(&Event::HeartbeatChanged { interval: ms(10_000), timeout: ms(30_000) }));
+    // One PING per 10 s now: each answered after about 10 s of silence, and neither side convicts.
+    p.c_events.clear();
+    p.run_for(Duration::from_secs(60));
+    let held: Vec<Duration> =
+        p.c_events.iter().filter_map(|e| if let Event::PathHeld { idle } = e { Some(*idle) } else { None }).collect();
+    assert_eq!(held.len(), 6, "{held:?}");
+    assert!(held.iter().all(|i| *i >= ms(9_900) && *i <= ms(10_000)), "{held:?}");
+    assert!(Pair::closed(&p.s_events).is_empty() && Pair::closed(&p.c_events).is_empty());
+    // The server's new deadline: silence is convicted 30 s after the last frame, not 3 s.
+    let last = p.server.last_rx().unwrap();
+    p.up = false;
+    p.run_until(last + Duration::from_secs(30) - ms(1));
+    assert!(Pair::closed(&p.s_events).is_empty(), "convicted before the new timeout");
+    p.run_for(ms(1));
+    let s = Pair::closed(&p.s_events);
+    assert_eq!(s[0].reason, CloseReason::HeartbeatTimeout);
+}
+
+#[test]
+fn a_ping_the_path_lost_is_reported_late_once_per_grace_with_the_first_silence() {
+    // A 10 s timeout: several PINGs go unanswered before any verdict.
+    let mut p = updatable_pair_with(Welcome { timeout_ms: 10_000, ..welcome() });
+    p.run_for(ms(2500));
+    p.up = false;
+    p.c_events.clear();
+    p.run_for(ms(1000));
+    let late = |p: &Pair| -> Vec<(Duration, Duration)> {
+        p.c_events
+            .iter()
+            .filter_map(|e| if let Event::PongLate { idle, waited } = e { Some((*idle, *waited)) } else { None })
+            .collect()
+    };
+    assert_eq!(late(&p).len(), 1, "{:?}", p.c_events);
+    let (idle, waited) = late(&p)[0];
+    assert!(idle >= ms(900) && idle <= ms(1000), "{idle:?}");
+    assert_eq!(waited, ms(300));
+    assert_eq!(p.client.unanswered_ping(), Some(idle));
+    // Still down: each later PING, unanswered too, is reported again, with the silence before the first one
+    // (the later PINGs follow our own unanswered ones, not a silence of the path).
+    p.run_for(ms(2000));
+    let all = late(&p);
+    assert_eq!(all.len(), 3, "{all:?}");
+    assert!(all.iter().all(|(i, _)| *i == idle), "{all:?}");
+    // The path is back: the PONG says it held after that first silence.
+    p.up = true;
+    p.run_for(ms(1000));
+    assert!(p.c_events.contains(&Event::PathHeld { idle }), "{:?}", p.c_events);
+    assert_eq!(p.client.unanswered_ping(), None);
+}
+
+#[test]
+fn the_ping_phase_is_set_before_the_handshake_only() {
+    let mut p = updatable_pair();
+    p.run_for(ms(2500));
+    let before = p.client.unanswered_ping();
+    p.client.set_ping_phase(0.9);
+    p.up = false;
+    p.run_for(ms(1000));
+    let idle = p.client.unanswered_ping().expect("a PING waits");
+    assert!(idle <= ms(1000), "the phase was read as a silence: {idle:?} (before: {before:?})");
+}
+
+#[test]
+fn heartbeat_frames_need_the_extension_and_the_right_direction() {
+    // Not granted: the client may not ask, and a HEARTBEAT from it is a protocol error.
+    let mut p = Pair::new(ConnConfig::default());
+    assert_eq!(p.client.request_heartbeat(p.now, ms(5000)), Err(SendError::NoHeartbeatUpdate));
+    let bytes = Frame::Heartbeat { interval_ms: 5000, timeout_ms: 0 }.to_bytes_v(V2);
+    p.server.handle_bytes(p.now, &bytes);
+    p.pump();
+    let s = Pair::closed(&p.s_events);
+    assert_eq!(s[0].reason, CloseReason::ProtocolError);
+    assert!(s[0].detail.as_deref().unwrap().contains("without the heartbeat_update extension"), "{s:?}");
+    // Granted: a server's grant that makes no sense is a protocol error on the client.
+    let mut p = updatable_pair();
+    let bytes = Frame::Heartbeat { interval_ms: 5000, timeout_ms: 1000 }.to_bytes_v(V2);
+    p.client.handle_bytes(p.now, &bytes);
+    p.pump();
+    assert_eq!(Pair::closed(&p.c_events)[0].reason, CloseReason::ProtocolError);
+    // Requests are policed with the PINGs.
+    let mut p = updatable_pair();
+    for _ in 0..20 {
+        let bytes = Frame::Heartbeat { interval_ms: 5000, timeout_ms: 0 }.to_bytes_v(V2);
+        p.server.handle_bytes(p.now, &bytes);
+    }
+    p.pump();
+    assert_eq!(Pair::closed(&p.s_events)[0].reason, CloseReason::PingFlood);
 }

@@ -136,6 +136,17 @@ fn expected_v2(name: &str) -> Frame {
         "report-hold-full" => {
             Frame::Report(Report { seq: 4, peer: "b".into(), outcome: Some(Undeliverable::HoldFull), seqs: vec![5] })
         }
+        "hello-heartbeat-update" => hello_v2(vec![HeartbeatRange::offer()]),
+        "welcome-heartbeat-update" => welcome(
+            2,
+            Some(65_536),
+            vec![
+                Extension::u32(ext::MAX_SUBSCRIPTIONS, 1024),
+                HeartbeatRange { min_ms: 1000, max_ms: 300_000 }.extension(),
+            ],
+        ),
+        "heartbeat-request" => Frame::Heartbeat { interval_ms: 10_000, timeout_ms: 0 },
+        "heartbeat-grant" => Frame::Heartbeat { interval_ms: 10_000, timeout_ms: 30_000 },
         other => panic!("spec has vector2 {other} that the test does not know"),
     }
 }
@@ -198,6 +209,7 @@ fn spec_v2_rejections_are_rejected() {
             "sdata-seq-0" | "report-seq-0-in-list" => err == FrameError::ZeroSeq,
             "report-lying-count" => matches!(err, FrameError::Truncated { kind: "REPORT" }),
             "ack-truncated" => matches!(err, FrameError::Truncated { kind: "ACK" }),
+            "heartbeat-short" => matches!(err, FrameError::Truncated { kind: "HEARTBEAT" }),
             other => panic!("unknown v2 rejection vector {other}"),
         };
         assert!(expect_ok, "{name}: got {err:?}");
