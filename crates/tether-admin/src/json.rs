@@ -52,6 +52,10 @@ pub fn event_json(ev: &ServerEvent) -> serde_json::Value {
             "client": client, "conn": conn, "peer": peer.to_string(), "diagnosis": diagnosis.as_str(),
             "explanation": explanation,
         }),
+        EventKind::Heartbeat { client, conn, peer, asked, heartbeat, timeout } => json!({
+            "client": client, "conn": conn, "peer": peer.to_string(), "asked_ms": ms(*asked),
+            "heartbeat_ms": heartbeat.as_millis() as u64, "timeout_ms": timeout.as_millis() as u64,
+        }),
         EventKind::IdConflict { client, holder_conn, newcomer_conn, peer, retry_after } => json!({
             "client": client, "conn": newcomer_conn, "holder_conn": holder_conn, "peer": peer.to_string(),
             "retry_after_ms": retry_after.as_millis() as u64,

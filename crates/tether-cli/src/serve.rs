@@ -681,6 +681,7 @@ fn event_key(k: &EventKind) -> String {
         | EventKind::Offline { client, .. }
         | EventKind::Takeover { client, .. }
         | EventKind::Diagnosis { client, .. }
+        | EventKind::Heartbeat { client, .. }
         | EventKind::IdConflict { client, .. }
         | EventKind::Suspect { client, .. }
         | EventKind::Recovered { client, .. }
@@ -731,6 +732,9 @@ fn event_human(k: &EventKind) -> String {
         }
         EventKind::Diagnosis { client, conn, explanation, .. } => {
             format!("diagnosis {client} (connection {conn}): {explanation}")
+        }
+        EventKind::Heartbeat { client, asked, heartbeat, timeout, .. } => {
+            format!("heartbeat {client}: asked {asked:?}, now {heartbeat:?} (timeout {timeout:?})")
         }
         EventKind::Suspect { client, silent_for, .. } => format!("suspect {client} (silent {silent_for:?})"),
         EventKind::Recovered { client, .. } => format!("recovered {client}"),

@@ -111,9 +111,10 @@ pub(crate) async fn drive<H: Hooks>(
         if let Some((interval, _)) = conn.heartbeat() {
             let ms = u32::try_from(interval.as_millis()).unwrap_or(u32::MAX);
             if ms != options_for_ms {
+                let previous = (options_for_ms != 0).then(|| Duration::from_millis(options_for_ms.into()));
                 options_for_ms = ms;
                 if let Some(options) = hooks.socket_options() {
-                    options.for_heartbeat(&stream, interval);
+                    options.for_heartbeat(&stream, interval, previous);
                 }
             }
         }

@@ -88,6 +88,16 @@ pub enum EventKind {
         diagnosis: Diagnosis,
         explanation: String,
     },
+    /// The client changed its heartbeat during the session (`heartbeat_update`): it asked for `asked`, and
+    /// `heartbeat` and `timeout` (the server's silence deadline) are in effect from now on.
+    Heartbeat {
+        client: String,
+        conn: ConnId,
+        peer: SocketAddr,
+        asked: Duration,
+        heartbeat: Duration,
+        timeout: Duration,
+    },
     IdConflict {
         client: String,
         holder_conn: ConnId,
@@ -172,6 +182,7 @@ impl EventKind {
             EventKind::Closed { .. } => "closed",
             EventKind::Takeover { .. } => "takeover",
             EventKind::Diagnosis { .. } => "diagnosis",
+            EventKind::Heartbeat { .. } => "heartbeat",
             EventKind::IdConflict { .. } => "id_conflict",
             EventKind::Suspect { .. } => "suspect",
             EventKind::Recovered { .. } => "recovered",

@@ -252,15 +252,29 @@ impl SocketOptions {
     /// ([`RtoMax`]), and keepalive's idle time raised to one and a half intervals when that is longer (unless
     /// `keepalive_follows_heartbeat` is off), so that a connection whose heartbeat runs never sends a keepalive
     /// probe of its own (each probe would wake a mobile device's radio between two heartbeats); keepalive still
-    /// probes a connection whose heartbeat stopped.
-    pub fn for_heartbeat<'s>(&self, sock: impl Into<SockRef<'s>>, interval: Duration) {
+    /// probes a connection whose heartbeat stopped. `previous`: the interval they were last set for on this
+    /// socket, when the heartbeat changed during the session (what is no longer wanted is undone then).
+    pub fn for_heartbeat<'s>(&self, sock: impl Into<SockRef<'s>>, interval: Duration, previous: Option<Duration>) {
         let sock = sock.into();
-        if let Some(cap) = self.rto_max.for_interval(interval) {
-            cap_retransmissions(&sock.as_fd(), cap);
+        match (self.rto_max.for_interval(interval), previous.and_then(|p| self.rto_max.for_interval(p))) {
+            (Some(cap), _) => {
+                cap_retransmissions(&sock.as_fd(), cap);
+            }
+            // Capped before, and the new interval wants no cap: back to the kernel's own ceiling.
+            (None, Some(_)) => {
+                cap_retransmissions(&sock.as_fd(), KERNEL_RTO_MAX);
+            }
+            (None, None) => {}
         }
-        if let Some(idle) = self.keepalive_idle_for(interval) {
-            if let Err(e) = sock.set_tcp_keepalive(&TcpKeepalive::new().with_time(idle)) {
-                warn_once(&KEEPALIVE_WARNED, "keepalive idle time", &e);
+        let set = |p: Option<Duration>| p.and_then(|p| self.keepalive_idle_for(p));
+        let idle = self.keepalive_idle_for(interval);
+        if idle != set(previous) {
+            // The raised idle time, or the configured one again when the interval shrank back.
+            let idle = idle.or(self.keepalive.map(|k| k.idle));
+            if let Some(idle) = idle {
+                if let Err(e) = sock.set_tcp_keepalive(&TcpKeepalive::new().with_time(idle)) {
+                    warn_once(&KEEPALIVE_WARNED, "keepalive idle time", &e);
+                }
             }
         }
     }
@@ -537,6 +551,37 @@ mod tests {
         assert_eq!(RtoMax::Fixed(Duration::from_millis(300)).for_interval(s(5)), Some(s(1)));
         assert_eq!(RtoMax::Fixed(s(3)).for_interval(s(60)), Some(s(3)));
         assert_eq!(RtoMax::Off.for_interval(s(5)), None);
+    }
+
+    /// A heartbeat that changes during the session (the adaptive heartbeat) moves keepalive's idle time and the
+    /// retransmission ceiling with it, both ways.
+    #[test]
+    fn a_heartbeat_that_changes_moves_keepalive_and_the_ceiling_both_ways() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let sock = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let o = SocketOptions::default();
+        o.apply(&sock).unwrap();
+        let s = Duration::from_secs;
+        let idle = |sock: &std::net::TcpStream| read_back(sock).unwrap().keepalive.map(|k| k.idle);
+        let ceiling = |sock: &std::net::TcpStream| read_back(sock).unwrap().rto_max;
+        o.for_heartbeat(&sock, s(5), None);
+        assert_eq!(idle(&sock), Some(s(15)));
+        let capped = ceiling(&sock).is_some();
+        o.for_heartbeat(&sock, s(60), Some(s(5)));
+        assert_eq!(idle(&sock), Some(s(90)));
+        if capped {
+            assert_eq!(ceiling(&sock), Some(s(12)));
+        }
+        o.for_heartbeat(&sock, s(900), Some(s(60)));
+        assert_eq!(idle(&sock), Some(s(1350)));
+        if capped {
+            assert_eq!(ceiling(&sock), Some(KERNEL_RTO_MAX), "no cap at 15 min: the kernel's own again");
+        }
+        o.for_heartbeat(&sock, s(5), Some(s(900)));
+        assert_eq!(idle(&sock), Some(s(15)), "back to the configured idle time");
+        if capped {
+            assert_eq!(ceiling(&sock), Some(s(1)));
+        }
     }
 
     /// On a kernel with `TCP_RTO_MAX_MS` (6.15+) the ceiling reads back as set; elsewhere the fallback is named.

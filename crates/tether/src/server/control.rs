@@ -20,7 +20,7 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant as StdInstant};
@@ -53,13 +53,34 @@ pub(super) struct Control {
     pub(super) rtt: AtomicU64,
 }
 
-/// What a session was admitted with.
+/// What a session was admitted with, and its heartbeat now (the client may change it: `heartbeat_update`).
 pub(super) struct SessionMeta {
     pub(super) epoch: u64,
     pub(super) since_at: StdInstant,
-    pub(super) heartbeat_ms: u32,
-    pub(super) timeout_ms: u32,
+    /// Interval (high half) and timeout (low half) in ms, in one word so that a reader never sees half a change.
+    heartbeat: AtomicU64,
     pub(super) version: u8,
+}
+
+impl SessionMeta {
+    pub(super) fn new(epoch: u64, since_at: StdInstant, heartbeat_ms: u32, timeout_ms: u32, version: u8) -> Self {
+        let heartbeat = AtomicU64::new(u64::from(heartbeat_ms) << 32 | u64::from(timeout_ms));
+        SessionMeta { epoch, since_at, heartbeat, version }
+    }
+
+    /// The heartbeat interval and timeout in effect.
+    pub(super) fn heartbeat(&self) -> (Duration, Duration) {
+        let v = self.heartbeat.load(Ordering::Relaxed);
+        (Duration::from_millis(v >> 32), Duration::from_millis(v & 0xffff_ffff))
+    }
+
+    pub(super) fn interval(&self) -> Duration {
+        self.heartbeat().0
+    }
+
+    pub(super) fn set_heartbeat(&self, interval_ms: u32, timeout_ms: u32) {
+        self.heartbeat.store(u64::from(interval_ms) << 32 | u64::from(timeout_ms), Ordering::Relaxed);
+    }
 }
 
 struct ControlState {

@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use tether_proto::{CloseReason, ConnId, Frame};
 
-use super::control::{bye, CloseCmd, Control, PushError, Requested};
+use super::control::{bye, CloseCmd, Control, PushError, Requested, SessionMeta};
 use super::state::Shared;
 use crate::event::Stats;
 use crate::metrics::MetricsSnapshot;
@@ -253,7 +253,7 @@ impl ServerHandle {
             let conn = hub.registry.lookup(client)?;
             (conn, hub.conns.get(&conn)?.clone())
         };
-        let heartbeat = control.session.get().map(|m| Duration::from_millis(m.heartbeat_ms.into()));
+        let heartbeat = control.session.get().map(SessionMeta::interval);
         let probes = &self.shared.probes;
         probes.begin(conn);
         let before = control.rtt.load(Ordering::Acquire) >> 32;

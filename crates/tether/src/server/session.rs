@@ -39,7 +39,7 @@ use bytes::Bytes;
 use futures_util::FutureExt;
 use tether_proto::registry::{Admission, SessionEvent};
 use tether_proto::reliable;
-use tether_proto::{CloseReason, ConnId, Connection, Event, Frame, Undeliverable, Welcome};
+use tether_proto::{CloseReason, ConnId, Connection, Event, Frame, HeartbeatRange, Undeliverable, Welcome};
 use tokio::net::TcpStream;
 
 use super::clustered;
@@ -420,6 +420,13 @@ impl ServerHooks {
                 if let Some(g) = &rel_grant {
                     extensions.push(g.to_extension());
                 }
+                let policy = &shared.cfg.heartbeat;
+                if v2 && HeartbeatRange::offered(&hello.extensions) && policy.min_interval < policy.max_interval {
+                    let ms = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
+                    extensions.push(
+                        HeartbeatRange { min_ms: ms(policy.min_interval), max_ms: ms(policy.max_interval) }.extension(),
+                    );
+                }
                 let welcome = Welcome {
                     version: tether_proto::frame::PROTOCOL_VERSION,
                     heartbeat_ms: interval.as_millis() as u32,
@@ -438,15 +445,14 @@ impl ServerHooks {
                     self.pull(conn, now);
                 }
                 shared.metrics.handshake.observe(now.saturating_duration_since(conn.opened()));
-                let meta = SessionMeta { epoch, since_at: now, heartbeat_ms, timeout_ms, version: conn.version() };
+                let meta = SessionMeta::new(epoch, now, heartbeat_ms, timeout_ms, conn.version());
                 let _ = self.control.session.set(meta);
                 let client = hello.client_id;
                 // The connection taken over: where it came from and when it last sent a frame.
                 let mut evicted_seen = None;
                 if let Some(h) = evicted.and_then(|old| hub.conns.get(&old)) {
                     h.request(CloseCmd::Bye(bye(CloseReason::Takeover, Duration::ZERO)));
-                    let interval =
-                        h.session.get().map_or(Duration::ZERO, |m| Duration::from_millis(m.heartbeat_ms.into()));
+                    let interval = h.session.get().map_or(Duration::ZERO, SessionMeta::interval);
                     evicted_seen = Some((h.peer, shared.last_rx_of(h), interval));
                 }
                 let session_events = hub.pump(Some((self.conn_id, conn, now)));
@@ -807,6 +813,22 @@ impl ServerHooks {
         self.shared.emit(EventKind::Undeliverable { client: from, conn: self.conn_id, to, len, why });
     }
 
+    /// The client asked for a new heartbeat (`heartbeat_update`): granted within the policy, like a `HELLO`'s,
+    /// and the session's view and the event log follow.
+    fn on_heartbeat_request(&mut self, conn: &mut Connection, now: StdInstant, interval_ms: u32) {
+        let (Some(client), Some(meta)) = (self.client.clone(), self.control.session.get()) else { return };
+        let (interval, timeout) = self.shared.cfg.heartbeat.negotiate(interval_ms);
+        let before = conn.heartbeat();
+        // Answered even when nothing changes: the client waits for the answer.
+        conn.set_heartbeat(now, interval, timeout);
+        let Some((interval, timeout)) = conn.heartbeat().filter(|h| Some(*h) != before) else { return };
+        let ms = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
+        meta.set_heartbeat(ms(interval), ms(timeout));
+        let asked = Duration::from_millis(interval_ms.into());
+        let (conn, peer) = (self.conn_id, self.control.peer);
+        self.shared.emit(EventKind::Heartbeat { client, conn, peer, asked, heartbeat: interval, timeout });
+    }
+
     /// A heartbeat round trip: into the histograms, beside the kernel's smoothed RTT read at the same moment.
     fn on_rtt(&mut self, rtt: Duration) {
         let us = rtt.as_micros().clamp(1, u32::MAX as u128) as u64;
@@ -864,7 +886,7 @@ impl ServerHooks {
         });
         // Ended here for silence: whether its client comes straight back decides if the path forgot it.
         if let (Some(meta), Some(client), Some(silent), true) = (session, &self.client, silent_for, path_silent) {
-            let interval = Duration::from_millis(meta.heartbeat_ms.into());
+            let interval = meta.interval();
             let ip = self.control.peer.ip();
             let ended = (c.reason, silent, c.lateness);
             self.shared.forgotten.silenced(now, client, (self.conn_id, ip), interval, ended);
@@ -884,7 +906,7 @@ impl ServerHooks {
             && match (c.reason, self.control.session.get()) {
                 (CloseReason::KeepaliveTimeout, _) => true,
                 (CloseReason::HeartbeatTimeout | CloseReason::WriteTimeout, Some(meta)) => {
-                    let interval = Duration::from_millis(meta.heartbeat_ms.into());
+                    let interval = meta.interval();
                     let kernel = self.control.kernel_view().map(|k| k.info);
                     matches!(crate::probe::unanswered_since(kernel, interval), crate::probe::Unanswered::PathDown(_))
                 }
@@ -1017,13 +1039,20 @@ impl Hooks for ServerHooks {
                 self.shared.emit(EventKind::Recovered { client, conn: self.conn_id, peer: self.control.peer });
             }
             Event::Rtt(rtt) => self.on_rtt(rtt),
+            Event::HeartbeatRequest { interval_ms } => self.on_heartbeat_request(conn, now, interval_ms),
             Event::RelayTooLarge { to, len } => self.on_relay_too_large(to, len),
             Event::Closed(c) => self.on_closed(conn, now, c),
             // Client-only events cannot come out of a server-role connection.
             Event::Sdata { seq, peer, payload } => self.on_sdata(conn, now, seq, peer, payload),
             Event::SdataTooLarge { seq, to, len } => self.on_sdata_too_large(conn, now, seq, to, len),
             Event::Acked(seq) => self.on_acked(conn, now, seq),
-            Event::Welcome(_) | Event::Presence(_) | Event::Undeliverable { .. } | Event::Report(_) => {}
+            Event::Welcome(_)
+            | Event::Presence(_)
+            | Event::Undeliverable { .. }
+            | Event::Report(_)
+            | Event::HeartbeatChanged { .. }
+            | Event::PathHeld { .. }
+            | Event::PongLate { .. } => {}
         }
     }
 

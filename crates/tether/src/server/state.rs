@@ -253,6 +253,7 @@ impl Shared {
 
     pub(super) fn session_info(&self, client: String, conn: ConnId, c: &Control, suspect: bool) -> Option<SessionInfo> {
         let meta = c.session.get()?;
+        let (heartbeat, timeout) = meta.heartbeat();
         let now = driver::now();
         let rtt_us = (c.rtt.load(Ordering::Relaxed) & 0xffff_ffff) as u32;
         Some(SessionInfo {
@@ -263,8 +264,8 @@ impl Shared {
             since: SystemTime::now() - now.saturating_duration_since(meta.since_at),
             connected_for: now.saturating_duration_since(meta.since_at),
             last_frame_ago: now.saturating_duration_since(self.last_rx_of(c)),
-            heartbeat: Duration::from_millis(meta.heartbeat_ms.into()),
-            timeout: Duration::from_millis(meta.timeout_ms.into()),
+            heartbeat,
+            timeout,
             suspect,
             app_rtt: (rtt_us > 0).then(|| Duration::from_micros(rtt_us.into())),
             tls: self.cfg.tls.is_some(),
