@@ -127,6 +127,12 @@
 #define TETHER_EVENT_DIAGNOSIS 17
 
 /*
+ The adaptive heartbeat changed the interval during the session: `heartbeat_ms` from now on, and `timeout_ms`,
+ the silence after which either side gives up on the other.
+ */
+#define TETHER_EVENT_HEARTBEAT 18
+
+/*
  `state` of `TETHER_EVENT_PRESENCE`.
  */
 #define TETHER_ONLINE 1
@@ -335,6 +341,13 @@ int32_t tether_config_set_token(struct tether_config *cfg, const char *token);
  after which either side declares the other dead: see `TETHER_EVENT_CONNECTED`); 0 takes the server's default.
  */
 int32_t tether_config_set_heartbeat(struct tether_config *cfg, uint32_t interval_ms);
+
+/*
+ Learn the longest heartbeat the path's NATs allow (the adaptive heartbeat, docs/mobile.md): start each network
+ at `floor_ms`, never ask for more than `ceiling_ms`, stay `margin_percent` below the shortest silence the path
+ failed. Replaces `tether_config_set_heartbeat`. `floor_ms` 0 or above `ceiling_ms` is `TETHER_ERR_INVALID`.
+ */
+int32_t tether_config_set_adaptive_heartbeat(struct tether_config *cfg, uint32_t floor_ms, uint32_t ceiling_ms, uint32_t margin_percent);
 
 /*
  Connect with TLS. `ca_file`: a PEM file of the certificate authorities to trust, or the server's own

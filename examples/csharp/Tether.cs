@@ -49,6 +49,7 @@ namespace Tether
         InDoubt = 15,
         Dropped = 16,
         Diagnosis = 17,
+        Heartbeat = 18,
     }
 
     /// <summary>The state of a Presence event (None for every other kind).</summary>
@@ -216,6 +217,15 @@ namespace Tether
         public TetherConfig SetReliable(uint window = 0, bool receipts = false)
         {
             Native.Check(Native.tether_config_set_reliable(Handle, window, receipts ? 1 : 0), "tether_config_set_reliable");
+            return this;
+        }
+
+        /// <summary>tether_config_set_adaptive_heartbeat: learn the longest heartbeat the path's NATs allow,
+        /// between floorMs and ceilingMs, marginPercent below the shortest silence the path failed.</summary>
+        public TetherConfig SetAdaptiveHeartbeat(uint floorMs, uint ceilingMs, uint marginPercent = 10)
+        {
+            Native.Check(Native.tether_config_set_adaptive_heartbeat(Handle, floorMs, ceilingMs, marginPercent),
+                "tether_config_set_adaptive_heartbeat");
             return this;
         }
 
@@ -488,6 +498,7 @@ namespace Tether
         [DllImport(Lib)] internal static extern int tether_config_set_reconnect(ConfigHandle cfg, uint initialMs, uint maxMs, uint maxAttempts, uint returnToPrimaryMs);
         [DllImport(Lib)] internal static extern int tether_config_set_queues(ConfigHandle cfg, uint heldSends, uint maxEvents);
         [DllImport(Lib)] internal static extern int tether_config_set_reliable(ConfigHandle cfg, uint window, int receipts);
+        [DllImport(Lib)] internal static extern int tether_config_set_adaptive_heartbeat(ConfigHandle cfg, uint floorMs, uint ceilingMs, uint marginPercent);
         [DllImport(Lib)] internal static extern int tether_next_event(IntPtr client, int timeoutMs, ref tether_event ev);
         // Strings the library hands out are its own: IntPtr, never `string` (the marshaller would free them).
         [DllImport(Lib)] internal static extern IntPtr tether_status_text(int status);

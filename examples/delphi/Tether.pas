@@ -42,6 +42,7 @@ const
   TETHER_EVENT_IN_DOUBT = 15;       { peer, seq, data/len, flag, resent_as }
   TETHER_EVENT_DROPPED = 16;        { count }
   TETHER_EVENT_DIAGNOSIS = 17;      { reason (the diagnosis), text (its explanation) }
+  TETHER_EVENT_HEARTBEAT = 18;      { heartbeat_ms, timeout_ms (the adaptive heartbeat's new interval) }
 
   { tether_event.state of TETHER_EVENT_PRESENCE }
   TETHER_ONLINE = 1;
@@ -125,6 +126,8 @@ function tether_config_set_queues(cfg: Ptether_config; held_sends, max_events: U
   cdecl; external TetherLib;
 function tether_config_set_reliable(cfg: Ptether_config; window: UInt32; receipts: Int32): Int32;
   cdecl; external TetherLib;
+function tether_config_set_adaptive_heartbeat(cfg: Ptether_config; floor_ms, ceiling_ms,
+  margin_percent: UInt32): Int32; cdecl; external TetherLib;
 function tether_next_event(client: Ptether_client; timeout_ms: Int32; event: Ptether_event): Int32;
   cdecl; external TetherLib;
 function tether_status_text(status: Int32): PAnsiChar; cdecl; external TetherLib;
@@ -191,6 +194,7 @@ type
     function SetReconnect(InitialMs, MaxMs, MaxAttempts, ReturnToPrimaryMs: UInt32): TTetherConfig;
     function SetQueues(HeldSends, MaxEvents: UInt32): TTetherConfig;
     function SetReliable(Window: UInt32 = 0; Receipts: Boolean = False): TTetherConfig;
+    function SetAdaptiveHeartbeat(FloorMs, CeilingMs: UInt32; MarginPercent: UInt32 = 10): TTetherConfig;
     property Handle: Ptether_config read FHandle;
   end;
 
@@ -296,9 +300,9 @@ end;
 
 function TTetherEvent.KindName: string;
 const
-  Names: array[TETHER_EVENT_CONNECTED..TETHER_EVENT_DIAGNOSIS] of string = ('connected', 'disconnected',
+  Names: array[TETHER_EVENT_CONNECTED..TETHER_EVENT_HEARTBEAT] of string = ('connected', 'disconnected',
     'reconnecting', 'connect_failed', 'gave_up', 'data', 'presence', 'undeliverable', 'not_sent', 'suspect',
-    'recovered', 'acked', 'delivered', 'not_delivered', 'in_doubt', 'dropped', 'diagnosis');
+    'recovered', 'acked', 'delivered', 'not_delivered', 'in_doubt', 'dropped', 'diagnosis', 'heartbeat');
 begin
   if (Kind >= Low(Names)) and (Kind <= High(Names)) then
     Result := Names[Kind]
@@ -409,6 +413,13 @@ end;
 function TTetherConfig.SetReliable(Window: UInt32; Receipts: Boolean): TTetherConfig;
 begin
   TetherCheck(tether_config_set_reliable(FHandle, Window, Ord(Receipts)), 'tether_config_set_reliable');
+  Result := Self;
+end;
+
+function TTetherConfig.SetAdaptiveHeartbeat(FloorMs, CeilingMs, MarginPercent: UInt32): TTetherConfig;
+begin
+  TetherCheck(tether_config_set_adaptive_heartbeat(FHandle, FloorMs, CeilingMs, MarginPercent),
+    'tether_config_set_adaptive_heartbeat');
   Result := Self;
 end;
 

@@ -112,6 +112,8 @@ class Client:
     - held_sends: sends held while disconnected (0 refuses them); max_events: events waiting to be pulled.
     - reliable: None, True, or (window, receipts): every message kept until acknowledged, resent after a
       reconnect, and reported (ACKED, DELIVERED with receipts, NOT_DELIVERED, IN_DOUBT).
+    - adaptive_heartbeat: (floor_ms, ceiling_ms, margin_percent): learn the longest heartbeat the path's NATs
+      allow (replaces heartbeat_ms); each change in a session is a HEARTBEAT event.
 
     Methods raise TetherError subclasses (InvalidArgument, TooLargeError, FullError, ClosedError, ...).
     close() says goodbye; the events left can still be pulled until the end. free() (or leaving a `with`
@@ -132,6 +134,7 @@ class Client:
         held_sends: Optional[int] = None,
         max_events: Optional[int] = None,
         reliable: Union[None, bool, Tuple[int, bool]] = None,
+        adaptive_heartbeat: Optional[Tuple[int, int, int]] = None,
     ):
         if isinstance(servers, (str, bytes)):
             servers = [servers]
@@ -166,6 +169,14 @@ class Client:
                     raise InvalidArgument(Status.ERR_INVALID, "reliable is None, True or (window, receipts)")
                 window, receipts = (0, False) if reliable is True else reliable
                 check(lib.tether_config_set_reliable(cfg, _u32(window, "window"), 1 if receipts else 0))
+            if adaptive_heartbeat is not None:
+                if len(adaptive_heartbeat) != 3:
+                    raise InvalidArgument(
+                        Status.ERR_INVALID, "adaptive_heartbeat is (floor_ms, ceiling_ms, margin_percent)"
+                    )
+                names = ("floor_ms", "ceiling_ms", "margin_percent")
+                args = (_u32(v, n) for v, n in zip(adaptive_heartbeat, names))
+                check(lib.tether_config_set_adaptive_heartbeat(cfg, *args))
             out = ffi.new("tether_client **")
             check(lib.tether_client_start(cfg, out))
         finally:

@@ -31,6 +31,7 @@ class EventKind(enum.IntEnum):
     IN_DOUBT = lib.TETHER_EVENT_IN_DOUBT
     DROPPED = lib.TETHER_EVENT_DROPPED
     DIAGNOSIS = lib.TETHER_EVENT_DIAGNOSIS
+    HEARTBEAT = lib.TETHER_EVENT_HEARTBEAT
 
 
 class PresenceState(enum.IntEnum):

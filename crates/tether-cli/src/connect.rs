@@ -21,8 +21,8 @@ use tether::proto::reconnect::{BackoffConfig, ReconnectConfig};
 use tether::proto::reliable::{Grant, Status};
 use tether::proto::{CloseReason, Presence, PresenceState, Undeliverable};
 use tether::{
-    Client, ClientConfig, ClientEvent, ClientTls, ConnectError, Disconnect, InDoubt, LinkEvent, ReconnectingClient,
-    ReliableConfig, ReliableLink, ResilienceConfig, Sent, TrustRoots,
+    AdaptiveConfig, AdaptiveHeartbeat, Client, ClientConfig, ClientEvent, ClientTls, ConnectError, Disconnect, InDoubt,
+    LinkEvent, ReconnectingClient, ReliableConfig, ReliableLink, ResilienceConfig, Sent, TrustRoots,
 };
 use tokio::io::{AsyncBufReadExt, BufReader, Lines, Stdin};
 
@@ -46,6 +46,14 @@ pub struct Args {
     /// Requested heartbeat interval (the server clamps it).
     #[arg(long, value_parser = duration::parse, value_name = "DUR")]
     heartbeat_interval: Option<Duration>,
+    /// Learn the longest heartbeat interval the path's NATs allow, per network, between FLOOR and CEILING
+    /// (e.g. 30s..15m), and change it during the session where the server grants that. Overrides
+    /// --heartbeat-interval.
+    #[arg(long, value_parser = duration::range, value_name = "FLOOR..CEILING")]
+    adaptive_heartbeat: Option<(Duration, Duration)>,
+    /// With --adaptive-heartbeat: how far below the shortest silence the path failed the interval stays.
+    #[arg(long, value_name = "PERCENT", default_value_t = 10, value_parser = clap::value_parser!(u8).range(0..=50))]
+    adaptive_margin: u8,
     /// Ceiling on TCP's retransmission backoff: auto (a fifth of the heartbeat interval, at least 1s), off, or
     /// 1s–120s.
     #[arg(long, value_parser = duration::rto_max, value_name = "auto|off|DUR", default_value = "auto")]
@@ -158,6 +166,10 @@ pub fn prepare(args: Args) -> anyhow::Result<Prepared> {
     let mut cfg = ClientConfig::new(args.id.clone());
     cfg.heartbeat_interval = args.heartbeat_interval;
     cfg.socket.rto_max = args.rto_max;
+    if let Some((floor, ceiling)) = args.adaptive_heartbeat {
+        let margin = f64::from(args.adaptive_margin) / 100.0;
+        cfg.adaptive_heartbeat = Some(AdaptiveHeartbeat::new(AdaptiveConfig { floor, ceiling, margin }));
+    }
     if let Some(path) = &args.token_file {
         let token = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         cfg.credential = token.trim().as_bytes().to_vec();
@@ -447,6 +459,7 @@ impl Printer {
                 "event": "disconnected", "server": server, "reason": d.reason.as_str(), "by_peer": d.by_peer,
                 "lateness_ms": d.lateness.map(ms), "retry_after_ms": d.retry_after.map(whole_ms),
                 "alternative": d.alternative, "detail": d.detail, "path_silent": d.path_silent,
+                "middlebox_forgot": d.middlebox_forgot,
             }),
             &match &d.detail {
                 Some(detail) => format!("disconnected from {}: {} ({detail})", server.unwrap_or("server"), d.reason),
@@ -505,6 +518,7 @@ impl Printer {
             LinkEvent::NotDelivered { to, seqs, why } => self.delivered(to, seqs, Some(*why)),
             LinkEvent::InDoubt(msgs) => self.in_doubt(msgs),
             LinkEvent::Dropped { count } => self.dropped(*count),
+            LinkEvent::Heartbeat { interval, timeout } => self.heartbeat(*interval, *timeout),
             LinkEvent::Diagnosis { diagnosis, explanation } => self.line(
                 json!({"event": "diagnosis", "diagnosis": diagnosis.as_str(), "explanation": explanation}),
                 &format!("diagnosis of the last connection: {explanation}"),
@@ -532,8 +546,16 @@ impl Printer {
             ClientEvent::Delivered { to, seqs } => self.delivered(to, seqs, None),
             ClientEvent::NotDelivered { to, seqs, why } => self.delivered(to, seqs, Some(*why)),
             ClientEvent::InDoubt(msgs) => self.in_doubt(msgs),
+            ClientEvent::Heartbeat { interval, timeout } => self.heartbeat(*interval, *timeout),
             ClientEvent::Disconnected(d) => self.disconnected(None, d),
         }
+    }
+
+    fn heartbeat(&self, interval: Duration, timeout: Duration) {
+        self.line(
+            json!({"event": "heartbeat", "heartbeat_ms": whole_ms(interval), "timeout_ms": whole_ms(timeout)}),
+            &format!("heartbeat now {interval:?} (timeout {timeout:?})"),
+        );
     }
 
     fn data(&self, from: Option<&str>, payload: &Bytes) {

@@ -54,9 +54,27 @@ pub fn rto_max(text: &str) -> Result<tether::RtoMax, String> {
     }
 }
 
+/// `FLOOR..CEILING` (two durations, the floor above zero and not above the ceiling), for the adaptive heartbeat.
+pub fn range(text: &str) -> Result<(Duration, Duration), String> {
+    let (lo, hi) = text.split_once("..").ok_or_else(|| format!("{text:?}: give FLOOR..CEILING, e.g. 30s..15m"))?;
+    let (lo, hi) = (parse(lo)?, parse(hi)?);
+    if lo.is_zero() || lo > hi {
+        return Err(format!("{text:?}: the floor must be above zero and not above the ceiling"));
+    }
+    Ok((lo, hi))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ranges_need_a_floor_under_the_ceiling() {
+        assert_eq!(range("30s..15m"), Ok((Duration::from_secs(30), Duration::from_secs(900))));
+        assert!(range("0s..1m").is_err());
+        assert!(range("2m..1m").is_err());
+        assert!(range("30s").is_err());
+    }
 
     #[test]
     fn accepts_the_documented_forms() {

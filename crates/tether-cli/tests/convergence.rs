@@ -190,14 +190,15 @@ async fn pump_plain(mut c: Client, mut cmds: mpsc::Receiver<Cmd>, seen: Arc<Mute
                     Some(ClientEvent::Presence(p)) => s.heard(p.client_id, p.state, p.reason),
                     Some(ClientEvent::Data { from, payload }) => s.data.push((from, payload)),
                     Some(ClientEvent::Undeliverable { to, .. }) => s.undeliverable.push((Instant::now(), to)),
-                    // These clients are not reliable: the reliable events do not come.
+                    // These clients are neither reliable nor adaptive: those events do not come.
                     Some(
                         ClientEvent::Suspect { .. }
                         | ClientEvent::Recovered
                         | ClientEvent::Acked { .. }
                         | ClientEvent::Delivered { .. }
                         | ClientEvent::NotDelivered { .. }
-                        | ClientEvent::InDoubt(_),
+                        | ClientEvent::InDoubt(_)
+                        | ClientEvent::Heartbeat { .. },
                     ) => {}
                     // Counted among the disconnects, which the scenarios assert on: a test that lost events fails.
                     Some(ClientEvent::Dropped { count }) => {

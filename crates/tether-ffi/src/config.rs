@@ -95,6 +95,34 @@ pub unsafe extern "C" fn tether_config_set_heartbeat(cfg: *mut tether_config, in
     })
 }
 
+/// Learn the longest heartbeat the path's NATs allow (the adaptive heartbeat, docs/mobile.md): start each network
+/// at `floor_ms`, never ask for more than `ceiling_ms`, stay `margin_percent` below the shortest silence the path
+/// failed. Replaces `tether_config_set_heartbeat`. `floor_ms` 0 or above `ceiling_ms` is `TETHER_ERR_INVALID`.
+#[no_mangle]
+pub unsafe extern "C" fn tether_config_set_adaptive_heartbeat(
+    cfg: *mut tether_config,
+    floor_ms: u32,
+    ceiling_ms: u32,
+    margin_percent: u32,
+) -> i32 {
+    guard(|| {
+        // SAFETY: as the header says.
+        let cfg = unsafe { cfg_mut(cfg)? };
+        if floor_ms == 0 || floor_ms > ceiling_ms || margin_percent > 50 {
+            let why = "the adaptive heartbeat needs 0 < floor_ms <= ceiling_ms and margin_percent <= 50";
+            return Err(Error::new(TETHER_ERR_INVALID, why));
+        }
+        let ms = |v: u32| Duration::from_millis(v.into());
+        let a = tether_core::AdaptiveConfig {
+            floor: ms(floor_ms),
+            ceiling: ms(ceiling_ms),
+            margin: f64::from(margin_percent) / 100.0,
+        };
+        cfg.client.adaptive_heartbeat = Some(tether_core::AdaptiveHeartbeat::new(a));
+        Ok(TETHER_OK)
+    })
+}
+
 /// Connect with TLS. `ca_file`: a PEM file of the certificate authorities to trust, or the server's own
 /// self-signed certificate to pin it; NULL trusts the system's store. `server_name`: the name to check the
 /// certificate against; NULL checks the host each server was given as (or its IP address).

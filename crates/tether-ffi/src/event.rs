@@ -62,6 +62,9 @@ pub const TETHER_EVENT_DROPPED: i32 = 16;
 /// so the path works and a NAT or firewall on it forgot the connection), `text` explains it. Follows the
 /// `TETHER_EVENT_CONNECTED` it was concluded from.
 pub const TETHER_EVENT_DIAGNOSIS: i32 = 17;
+/// The adaptive heartbeat changed the interval during the session: `heartbeat_ms` from now on, and `timeout_ms`,
+/// the silence after which either side gives up on the other.
+pub const TETHER_EVENT_HEARTBEAT: i32 = 18;
 
 /// `state` of `TETHER_EVENT_PRESENCE`.
 pub const TETHER_ONLINE: i32 = 1;
@@ -273,6 +276,11 @@ impl Taken {
             LinkEvent::Dropped { count } => {
                 e = tether_event::blank(TETHER_EVENT_DROPPED);
                 e.count = count;
+            }
+            LinkEvent::Heartbeat { interval, timeout } => {
+                e = tether_event::blank(TETHER_EVENT_HEARTBEAT);
+                e.heartbeat_ms = ms(interval);
+                e.timeout_ms = ms(timeout);
             }
             LinkEvent::Diagnosis { diagnosis, explanation } => {
                 e = tether_event::blank(TETHER_EVENT_DIAGNOSIS);

@@ -98,6 +98,11 @@ fn bad_arguments_are_errors_with_a_message() {
         assert_eq!(tether_config_set_reconnect(cfg, 0, 10, 0, 0), TETHER_ERR_INVALID);
         assert_eq!(tether_config_set_queues(cfg, 10, 0), TETHER_ERR_INVALID);
         assert_eq!(tether_config_set_heartbeat(ptr::null_mut(), 1000), TETHER_ERR_NULL);
+        assert_eq!(tether_config_set_adaptive_heartbeat(cfg, 0, 1000, 10), TETHER_ERR_INVALID);
+        assert_eq!(tether_config_set_adaptive_heartbeat(cfg, 2000, 1000, 10), TETHER_ERR_INVALID);
+        assert_eq!(tether_config_set_adaptive_heartbeat(cfg, 1000, 2000, 51), TETHER_ERR_INVALID);
+        assert!(last_error().contains("floor_ms"), "{}", last_error());
+        assert_eq!(tether_config_set_adaptive_heartbeat(ptr::null_mut(), 1000, 2000, 10), TETHER_ERR_NULL);
 
         let empty = {
             let mut c = ptr::null_mut();
@@ -192,6 +197,51 @@ fn a_client_that_gives_up_ends_its_events() {
         assert_eq!(last_error(), "the client gave up reconnecting");
         tether_free(client);
     }
+}
+
+/// Against a real server on loopback: each interval the adaptive heartbeat asks for and the server grants is a
+/// `TETHER_EVENT_HEARTBEAT`, with the timeout the server keeps from then on.
+#[test]
+fn the_adaptive_heartbeat_reports_each_granted_interval() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (addr, stop) = rt.block_on(async {
+        let mut cfg = tether_core::ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..Default::default() };
+        cfg.heartbeat.interval = std::time::Duration::from_millis(100);
+        cfg.heartbeat.timeout = std::time::Duration::from_millis(300);
+        let server = tether_core::Server::bind(cfg).await.unwrap();
+        let addr = server.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(server.run(async move {
+            let _ = stopped.await;
+        }));
+        (addr, stop)
+    });
+    let mut cfg = ptr::null_mut();
+    let (id, server) = (CString::new("frank").unwrap(), CString::new(addr.to_string()).unwrap());
+    let mut client = ptr::null_mut();
+    // SAFETY: valid arguments.
+    unsafe {
+        assert_eq!(tether_config_new(id.as_ptr(), &mut cfg), TETHER_OK);
+        assert_eq!(tether_config_add_server(cfg, server.as_ptr()), TETHER_OK);
+        assert_eq!(tether_config_set_adaptive_heartbeat(cfg, 100, 400, 10), TETHER_OK);
+        assert_eq!(tether_client_start(cfg, &mut client), TETHER_OK);
+        tether_config_free(cfg);
+        let mut ev = std::mem::zeroed::<tether_event>();
+        let mut granted = Vec::new();
+        for _ in 0..100 {
+            if tether_next_event(client, 100, &mut ev) == TETHER_OK && ev.kind == TETHER_EVENT_HEARTBEAT {
+                assert_eq!(ev.timeout_ms, 3 * ev.heartbeat_ms, "the server's ratio");
+                granted.push(ev.heartbeat_ms);
+                if ev.heartbeat_ms == 400 {
+                    break;
+                }
+            }
+        }
+        assert_eq!(granted, [200, 400], "doubling from the floor to the ceiling");
+        assert_eq!(tether_close(client, 2000), TETHER_OK);
+        tether_free(client);
+    }
+    let _ = stop.send(());
 }
 
 #[test]

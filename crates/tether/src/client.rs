@@ -24,12 +24,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant as StdInstant};
 
 use bytes::Bytes;
-use tether_proto::frame::{Hello, V1, V2};
+use tether_proto::frame::{HeartbeatRange, Hello, V1, V2};
 use tether_proto::{Bye, CloseReason, Closed, Connection, Event, Frame, Presence, Undeliverable, Welcome};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use crate::adaptive::{AdaptiveHeartbeat, Spare};
 use crate::config::ClientConfig;
 use crate::driver::{self, drive, Hooks};
 use crate::queue::{Events, Queued, Sink, QUEUED_DATA_BYTES};
@@ -77,6 +78,10 @@ pub struct Disconnect {
     /// (`Some(false)`: its program is stopped or hung, not the path). `None` for other ends, or where the kernel
     /// cannot tell.
     pub path_silent: Option<bool>,
+    /// This client concluded that a middlebox on the path forgot the connection: a `PING` sent after a silence
+    /// went unanswered, with nothing acknowledged since, while a new TCP connection to the same server went
+    /// through (the adaptive heartbeat's path check). The reason is then `heartbeat_timeout`, taken early.
+    pub middlebox_forgot: bool,
 }
 
 impl From<Closed> for Disconnect {
@@ -91,6 +96,7 @@ impl From<Closed> for Disconnect {
             alternative,
             detail: c.detail,
             path_silent: None,
+            middlebox_forgot: false,
         }
     }
 }
@@ -140,6 +146,12 @@ pub enum ClientEvent {
     /// The application fell behind: `count` events were dropped since the last one it received.
     Dropped {
         count: u64,
+    },
+    /// The heartbeat changed during the session (the adaptive heartbeat asked the server, which granted this):
+    /// `timeout` is the silence after which either side now gives up on the other.
+    Heartbeat {
+        interval: Duration,
+        timeout: Duration,
     },
     /// Always the last event.
     Disconnected(Disconnect),
@@ -316,6 +328,11 @@ enum ClientCmd {
     Close,
     /// Send what the reliable outbox has not sent.
     Pull,
+    /// The path check after a late `PONG` is done: the new connection, if it went through.
+    PathChecked {
+        spare: Option<Spare>,
+        idle: Duration,
+    },
 }
 
 /// Bytes of the reliable outbox put on the wire at once; more follow as the output drains.
@@ -369,9 +386,13 @@ impl Client {
         version: u8,
         route: &Route,
     ) -> Result<Client, ConnectError> {
-        let stream = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(addr))
-            .await
-            .map_err(|_| ConnectError::Timeout)??;
+        let spare = cfg.adaptive_heartbeat.as_ref().and_then(|a| a.take_spare(addr, driver::now()));
+        let stream = match spare {
+            Some(s) => s,
+            None => tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(addr))
+                .await
+                .map_err(|_| ConnectError::Timeout)??,
+        };
         if let Err(e) = cfg.socket.apply(&stream) {
             tracing::warn!("socket options: {e}");
         }
@@ -380,19 +401,36 @@ impl Client {
             Some(t) => Some(t.connect(addr).map_err(|e| ConnectError::Io(io::Error::other(format!("tls: {e}"))))?),
             None => None,
         };
+        // The adaptive heartbeat offers what it learned about this network, and asks to change it in the session.
+        let adaptive = cfg.adaptive_heartbeat.clone().map(|a| {
+            let key = a.key(local_addr);
+            let interval = a.interval(&key);
+            Adaptive { interval, learner: a, key, server: addr, local: local_addr, granted: false, forgot: false }
+        });
+        let mut extensions: Vec<_> = cfg.reliable.iter().filter(|_| version >= V2).map(ReliableLink::offer).collect();
+        let mut conn_cfg = cfg.conn.clone();
+        let mut heartbeat = cfg.heartbeat_interval;
+        if let Some(a) = &adaptive {
+            heartbeat = Some(a.interval);
+            conn_cfg.pong_grace = Some(a.learner.grace());
+            if version >= V2 {
+                extensions.push(HeartbeatRange::offer());
+            }
+        }
         let hello = Hello {
             version,
-            heartbeat_ms: cfg.heartbeat_interval.map_or(0, |d| d.as_millis().clamp(1, u32::MAX as u128) as u32),
+            heartbeat_ms: heartbeat.map_or(0, |d| d.as_millis().clamp(1, u32::MAX as u128) as u32),
             nonce,
             client_id: cfg.client_id.clone(),
             credential: Bytes::from(cfg.credential.clone()),
-            extensions: cfg.reliable.iter().filter(|_| version >= V2).map(ReliableLink::offer).collect(),
+            extensions,
         };
-        let mut conn = Connection::client(driver::now(), cfg.conn.clone(), hello);
+        let mut conn = Connection::client(driver::now(), conn_cfg, hello);
         if cfg.ping_jitter {
             conn.set_ping_phase(rand::random::<f64>());
         }
         let (cmd_tx, cmd_rx) = mpsc::channel(cfg.command_queue.max(1));
+        let check_tx = adaptive.as_ref().map(|_| cmd_tx.downgrade());
         let (out, events, ended, gate) = match route {
             Route::Own => {
                 let (sink, events) = Sink::new(cfg.event_queue, EVENT_RESERVE);
@@ -424,6 +462,10 @@ impl Client {
                 pending_ack: None,
                 socket,
                 fd,
+                adaptive,
+                check_tx,
+                checking: false,
+                ping_sent: None,
             };
             drive(stream, tls, &mut conn, &mut hooks).await;
         });
@@ -585,6 +627,29 @@ struct ClientHooks {
     socket: crate::sockopt::SocketOptions,
     /// The connection's socket, open for as long as the driver runs (its events included), for `TCP_INFO`.
     fd: std::os::fd::RawFd,
+    /// The adaptive heartbeat, when configured.
+    adaptive: Option<Adaptive>,
+    /// Where a path check reports (weak: the connection still ends when the `Client` is dropped), and whether
+    /// one is under way.
+    check_tx: Option<mpsc::WeakSender<ClientCmd>>,
+    checking: bool,
+    /// When the `PING` under check left.
+    ping_sent: Option<StdInstant>,
+}
+
+/// One connection's part in the adaptive heartbeat.
+struct Adaptive {
+    learner: AdaptiveHeartbeat,
+    /// The network this connection is on, and the interval in effect.
+    key: String,
+    interval: Duration,
+    /// The server's address, and the local one (a path check leaves from there, so it tests the same path).
+    server: SocketAddr,
+    local: SocketAddr,
+    /// The server granted `heartbeat_update`.
+    granted: bool,
+    /// The path check concluded a middlebox forgot the connection.
+    forgot: bool,
 }
 
 impl ClientHooks {
@@ -673,6 +738,84 @@ impl ClientHooks {
         }
     }
 
+    /// Adaptive heartbeat: a `PING` held after `idle` of silence. The learner's next interval, if it changed, is
+    /// asked for at once (right behind the `PONG`, while the radio is awake).
+    fn path_held(&mut self, conn: &mut Connection, now: StdInstant, idle: Duration) {
+        let Some(a) = &mut self.adaptive else { return };
+        let Some(next) = a.learner.held(&a.key, idle) else { return };
+        if a.granted {
+            if let Err(e) = conn.request_heartbeat(now, next) {
+                tracing::debug!("heartbeat request refused: {e}");
+            }
+        }
+        tracing::debug!(?idle, ?next, settled = a.learner.settled(&a.key), "adaptive heartbeat: the path held");
+    }
+
+    /// Adaptive heartbeat: a `PING` sent after `idle` of silence is unanswered after `waited`. If the kernel has
+    /// had nothing acknowledged since (our bytes wait), check the path with a new connection to the server.
+    fn pong_late(&mut self, now: StdInstant, idle: Duration, waited: Duration, rtt: Option<Duration>) {
+        let (Some(a), Some(tx)) = (&self.adaptive, self.check_tx.clone()) else { return };
+        if self.checking {
+            return;
+        }
+        use crate::probe::{unanswered_for, Unanswered};
+        // Where the kernel can tell, only a PING it holds unacknowledged, with nothing acknowledged since, is
+        // worth a check; where it cannot (no TCP_INFO), the missing PONG is all there is to go by.
+        let rtt = match unanswered_for(crate::sockopt::tcp_info(self.fd), waited) {
+            Unanswered::PathDown(kernel) => kernel.rtt,
+            Unanswered::NoView => rtt.unwrap_or_default(),
+            Unanswered::Stalled(_) => return,
+        };
+        self.checking = true;
+        self.ping_sent = now.checked_sub(waited);
+        // A check that goes through right after a blip healed must not condemn a connection that merely waits
+        // for its next retransmission: that comes within the retransmission ceiling.
+        let check = crate::adaptive::PATH_CHECK_TIMEOUT;
+        let ceiling = self.socket.rto_max.for_interval(a.interval).unwrap_or(check).min(check);
+        let settle = ceiling + rtt * 2 + Duration::from_millis(100);
+        let (server, local) = (a.server, a.local);
+        tokio::spawn(async move {
+            let spare = crate::adaptive::path_check(local, server, settle).await;
+            if let Some(tx) = tx.upgrade() {
+                let _ = tx.send(ClientCmd::PathChecked { spare, idle }).await;
+            }
+        });
+    }
+
+    /// The path check is done: a new connection went through while ours stays unanswered, so a middlebox
+    /// forgot ours. End it now, and teach the learner. Otherwise the path is down for everyone: ride it out.
+    fn path_checked(&mut self, conn: &mut Connection, now: StdInstant, spare: Option<Spare>, idle: Duration) {
+        self.checking = false;
+        let Some(a) = &mut self.adaptive else { return };
+        use crate::probe::{unanswered_for, Unanswered};
+        // Still the same PING unanswered, on a connection still up? The PONG may have come while the check ran.
+        let since = self.ping_sent.map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+        let silent = conn.state() == tether_proto::State::Established
+            && conn.unanswered_ping().is_some()
+            && match unanswered_for(crate::sockopt::tcp_info(self.fd), since) {
+                Unanswered::PathDown(_) | Unanswered::NoView => true,
+                Unanswered::Stalled(_) => false,
+            };
+        let Some(spare) = spare.filter(|_| silent) else {
+            tracing::debug!(silent, "adaptive heartbeat: the path check found nothing forgotten");
+            return;
+        };
+        let next = a.learner.forgot(&a.key, idle);
+        // The next connect to this server starts on it.
+        a.learner.keep_spare(a.server, spare);
+        a.forgot = true;
+        let next =
+            next.map_or(String::new(), |n| format!("; the heartbeat on this network is now {:.1} s", n.as_secs_f64()));
+        let detail = format!(
+            "{}: our PING after {:.1} s of silence went unanswered for {:.1} s while a new connection to the \
+             server went through{next}",
+            crate::Diagnosis::MiddleboxForgot.meaning(),
+            idle.as_secs_f64(),
+            since.as_secs_f64(),
+        );
+        conn.fail(now, CloseReason::HeartbeatTimeout, false, detail);
+    }
+
     /// A sequenced frame was handed to the application: it may be acknowledged.
     fn took(&self, conn: &mut Connection, now: StdInstant, seq: u64) {
         if let (Some(link), Some(generation)) = (&self.link, self.generation) {
@@ -695,6 +838,15 @@ impl Hooks for ClientHooks {
         self.flush_ack();
         let ev = match event {
             Event::Welcome(w) => {
+                if let Some(a) = &mut self.adaptive {
+                    let range = HeartbeatRange::find(&w.extensions).filter(|_| conn.version() >= V2);
+                    a.granted = range.is_some();
+                    // What the server granted, and the most it grants in this session (without the extension,
+                    // the interval stays; the learner's next step waits for the next connection's HELLO).
+                    a.interval = Duration::from_millis(w.heartbeat_ms.max(1).into());
+                    let max = range.map_or(Duration::MAX, |r| Duration::from_millis(r.max_ms.into()));
+                    a.learner.connected(&a.key, a.interval, max);
+                }
                 self.on_welcome(conn, now, &w);
                 if let Some(tx) = self.welcome.take() {
                     let _ = tx.send(Ok(w));
@@ -708,9 +860,21 @@ impl Hooks for ClientHooks {
                     link.detach(generation);
                 }
                 let mut d = Disconnect::from(c);
+                if let Some(a) = &mut self.adaptive {
+                    d.middlebox_forgot = a.forgot;
+                    // A reset in answer to a PING after a silence as long as the interval: what a NAT that answers
+                    // the segments of connections it forgot does. The learner hears of it as of a silent loss.
+                    let idle = conn.unanswered_ping();
+                    if let (false, CloseReason::Reset, true, Some(idle)) = (a.forgot, d.reason, d.by_peer, idle) {
+                        let next = a.learner.forgot(&a.key, idle);
+                        tracing::debug!(?idle, ?next, "adaptive heartbeat: reset after a silence");
+                    }
+                }
                 // The socket is still open: the kernel tells a path that carried nothing back from a server whose
                 // kernel still acknowledged our PINGs (the same rule as the server's, `probe::unanswered_since`).
-                if !d.by_peer && matches!(d.reason, CloseReason::HeartbeatTimeout | CloseReason::WriteTimeout) {
+                if d.middlebox_forgot {
+                    d.path_silent = Some(true);
+                } else if !d.by_peer && matches!(d.reason, CloseReason::HeartbeatTimeout | CloseReason::WriteTimeout) {
                     if let Some((interval, _)) = conn.heartbeat() {
                         use crate::probe::{unanswered_since, Unanswered};
                         d.path_silent = match unanswered_since(crate::sockopt::tcp_info(self.fd), interval) {
@@ -742,8 +906,18 @@ impl Hooks for ClientHooks {
                 tracing::trace!(?rtt, "rtt");
                 return;
             }
+            Event::PathHeld { idle } => return self.path_held(conn, now, idle),
+            Event::PongLate { idle, waited } => return self.pong_late(now, idle, waited, conn.rtt()),
+            Event::HeartbeatChanged { interval, timeout } => {
+                if let Some(a) = &mut self.adaptive {
+                    a.interval = interval;
+                    a.learner.granted(&a.key, interval);
+                }
+                ClientEvent::Heartbeat { interval, timeout }
+            }
             // Server-only events cannot come out of a client-role connection.
             Event::Hello(_)
+            | Event::HeartbeatRequest { .. }
             | Event::Subscribe(_)
             | Event::Unsubscribe(_)
             | Event::RelayTooLarge { .. }
@@ -794,6 +968,7 @@ impl Hooks for ClientHooks {
                 conn.close(now, Bye { reason: CloseReason::Bye, retry_after_ms: 0, alternative: String::new() })
             }
             ClientCmd::Pull => self.pull(conn, now),
+            ClientCmd::PathChecked { spare, idle } => self.path_checked(conn, now, spare, idle),
         }
     }
 

@@ -159,6 +159,10 @@ pub struct ClientConfig {
     /// The events that may wait for the application ([`crate::queue`]'s rule): beyond the bound they are
     /// dropped and counted (`Dropped`), except `Disconnected` and reliable messages (see [`crate::Client`]).
     pub event_queue: crate::EventQueue,
+    /// Learn the longest heartbeat interval the path's middleboxes allow, per network, and change it during the
+    /// session where the server grants that (docs/mobile.md). Overrides `heartbeat_interval`. Clone one handle
+    /// into every connection ([`crate::ReconnectingClient`] does), so what one learned serves the next.
+    pub adaptive_heartbeat: Option<crate::AdaptiveHeartbeat>,
 }
 
 impl ClientConfig {
@@ -177,6 +181,7 @@ impl ClientConfig {
             protocol_version: tether_proto::frame::PROTOCOL_VERSION,
             reliable: None,
             event_queue: crate::EventQueue::default(),
+            adaptive_heartbeat: None,
         }
     }
 }

@@ -8,6 +8,7 @@
 //! - [`cluster`]: cluster mode on Redis ([`ClusterConfig`]): one holder per id across nodes, presence and relay
 //!   across nodes, lost nodes' clients declared offline.
 //! - [`config`]: [`ServerConfig`], [`ClientConfig`] and their defaults.
+//! - [`adaptive`]: [`AdaptiveHeartbeat`], the client's search for the longest heartbeat its path allows.
 //! - [`auth`]: [`Authenticator`], the credential check in `HELLO`, and the built-in [`HmacTokens`].
 //! - [`event`]: [`ServerEvent`], what the server tells its application, through a bounded [`EventStream`].
 //! - [`fdlimit`]: the file-descriptor limit, raised at start, and the connection capacity it leaves.
@@ -23,6 +24,7 @@
 //!
 //! All protocol decisions live in [`tether_proto`]; this crate only moves bytes, time and commands.
 
+pub mod adaptive;
 pub mod auth;
 pub mod client;
 pub mod cluster;
@@ -42,6 +44,7 @@ pub mod server;
 pub mod sockopt;
 pub mod tls;
 
+pub use adaptive::{AdaptiveConfig, AdaptiveHeartbeat};
 pub use auth::{AuthError, Authenticator, Grant, HmacTokens};
 pub use client::{Client, ClientError, ClientEvent, ConnectError, Disconnect};
 pub use cluster::ClusterConfig;

@@ -72,8 +72,14 @@ pub fn unanswered(kernel: Option<TcpInfo>) -> Unanswered {
 /// nothing for those 1.5 intervals either: a `PING` sent moments ago is unacknowledged on any path, and a peer
 /// whose kernel acknowledged the earlier ones is stalled.
 pub fn unanswered_since(kernel: Option<TcpInfo>, interval: Duration) -> Unanswered {
+    unanswered_for(kernel, interval * 3 / 2)
+}
+
+/// As [`unanswered`], for a question asked `waited` ago: unacknowledged segments are the path only when the
+/// peer's kernel acknowledged nothing for that long either (it acknowledged the question otherwise).
+pub fn unanswered_for(kernel: Option<TcpInfo>, waited: Duration) -> Unanswered {
     match unanswered(kernel) {
-        Unanswered::PathDown(i) if i.since_ack_recv < interval * 3 / 2 => Unanswered::Stalled(i),
+        Unanswered::PathDown(i) if i.since_ack_recv < waited => Unanswered::Stalled(i),
         u => u,
     }
 }

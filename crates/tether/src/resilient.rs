@@ -135,6 +135,12 @@ pub enum LinkEvent {
     Dropped {
         count: u64,
     },
+    /// The adaptive heartbeat changed the interval during the session (the server granted it): `timeout` is
+    /// the silence after which either side now gives up on the other.
+    Heartbeat {
+        interval: Duration,
+        timeout: Duration,
+    },
     /// Why the previous connection ended, concluded once this one was welcomed: for
     /// [`Diagnosis::MiddleboxForgot`](crate::Diagnosis), it ended in silence or a reset (a verdict taken on
     /// time) and the same server welcomed the first attempt after it within one heartbeat interval and a second
@@ -161,6 +167,7 @@ impl LinkEvent {
             ClientEvent::NotDelivered { to, seqs, why } => LinkEvent::NotDelivered { to, seqs, why },
             ClientEvent::InDoubt(msgs) => LinkEvent::InDoubt(msgs),
             ClientEvent::Dropped { count } => LinkEvent::Dropped { count },
+            ClientEvent::Heartbeat { interval, timeout } => LinkEvent::Heartbeat { interval, timeout },
             ClientEvent::Disconnected(_) => return None,
         })
     }
@@ -438,8 +445,15 @@ impl Supervisor {
                         // Our own verdict that the application fell behind (a reliable message found its queue
                         // full) says nothing about the server: go back to it once the application has caught up.
                         self.behind = d.reason == CloseReason::SlowConsumer && !d.by_peer;
-                        let health = if self.behind { CloseReason::Bye } else { d.reason };
-                        next = self.policy.lost(driver::now(), target, health, d.retry_after, d.alternative);
+                        // A new connection to this very server just went through when the path forgot the old
+                        // one: nothing against the server, and back at once.
+                        let health = if self.behind || d.middlebox_forgot { CloseReason::Bye } else { d.reason };
+                        next = match self.policy.lost(driver::now(), target, health, d.retry_after, d.alternative) {
+                            Next::Connect { target, attempt, .. } if d.middlebox_forgot => {
+                                Next::Connect { target, delay: Duration::ZERO, attempt }
+                            }
+                            n => n,
+                        };
                         break;
                     }
                     // The primary welcomed a probe: leave the backup with a goodbye and carry on there.
@@ -646,5 +660,6 @@ fn lost_task() -> Disconnect {
         alternative: None,
         detail: Some("connection task ended".into()),
         path_silent: None,
+        middlebox_forgot: false,
     }
 }
