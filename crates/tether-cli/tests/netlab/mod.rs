@@ -265,18 +265,16 @@ impl Lab {
         use std::io::Write;
         nft.stdin.take().unwrap().write_all(rules.as_bytes()).unwrap();
         assert!(nft.wait().unwrap().success(), "nft refused the NAT rules:\n{rules}");
+        self.set_nat_idle(idle);
+        run(&["ip", "netns", "exec", &self.router, "sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_loose=0"]);
+    }
+
+    /// The NAT's idle timeout from now on (whole seconds), for mappings old and new: conntrack applies the
+    /// timeout at each packet, so an existing mapping gets the new one from its next packet on.
+    pub fn set_nat_idle(&self, idle: Duration) {
         let secs = idle.as_secs().max(1);
-        let r = &self.router;
-        run(&[
-            "ip",
-            "netns",
-            "exec",
-            r,
-            "sysctl",
-            "-qw",
-            &format!("net.netfilter.nf_conntrack_tcp_timeout_established={secs}"),
-        ]);
-        run(&["ip", "netns", "exec", r, "sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_loose=0"]);
+        let sysctl = format!("net.netfilter.nf_conntrack_tcp_timeout_established={secs}");
+        run(&["ip", "netns", "exec", &self.router, "sysctl", "-qw", &sysctl]);
     }
 
     /// Take the router's interface towards `ns_role` ("srv", "dev", "wat") down or up.
