@@ -517,14 +517,20 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Ok(_) => {}
         Err(e) => tracing::warn!("cannot raise the file descriptor limit: {e}"),
     }
+    let hb = &cfg.heartbeat;
     tracing::info!(
-        "heartbeat {:?}/{:?} ({}), user timeout {}, retransmission ceiling {}, close grace {:?}, handshake \
-         timeout {:?}, max {} connections",
-        cfg.heartbeat.interval,
-        cfg.heartbeat.timeout,
+        "heartbeat {:?}/{:?} ({}; clients may ask {}), user timeout {}, retransmission ceiling {}, close grace \
+         {:?}, handshake timeout {:?}, max {} connections",
+        hb.interval,
+        hb.timeout,
         match cfg.conn.detector {
             tether::proto::detector::DetectorConfig::Fixed => "fixed timeout",
             tether::proto::detector::DetectorConfig::Phi(_) => "phi accrual",
+        },
+        if hb.min_interval < hb.max_interval {
+            format!("{:?} to {:?}, also during the session", hb.min_interval, hb.max_interval)
+        } else {
+            format!("{:?} only", hb.max_interval)
         },
         cfg.socket.effective_user_timeout().map_or("off".to_owned(), |t| format!("{t:?}")),
         match cfg.socket.rto_max.for_interval(cfg.heartbeat.interval) {
