@@ -527,10 +527,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             tether::proto::detector::DetectorConfig::Fixed => "fixed timeout",
             tether::proto::detector::DetectorConfig::Phi(_) => "phi accrual",
         },
-        if hb.min_interval < hb.max_interval {
-            format!("{:?} to {:?}, also during the session", hb.min_interval, hb.max_interval)
-        } else {
-            format!("{:?} only", hb.max_interval)
+        match hb.updates() {
+            Some(_) => format!("{:?} to {:?}, also during the session", hb.min_interval, hb.max_interval),
+            None => format!("{:?} only", hb.max_interval),
         },
         cfg.socket.effective_user_timeout().map_or("off".to_owned(), |t| format!("{t:?}")),
         match cfg.socket.rto_max.for_interval(cfg.heartbeat.interval) {

@@ -165,6 +165,13 @@ impl Default for HeartbeatPolicy {
 }
 
 impl HeartbeatPolicy {
+    /// The range granted to a client that asks for `heartbeat_update`, or `None` when the interval is fixed
+    /// (`min_interval` not below `max_interval`). A request is then answered with [`negotiate`](Self::negotiate).
+    pub fn updates(&self) -> Option<HeartbeatRange> {
+        (self.min_interval < self.max_interval)
+            .then(|| HeartbeatRange { min_ms: ms_field(self.min_interval), max_ms: ms_field(self.max_interval) })
+    }
+
     /// The `(interval, timeout)` granted for a `HELLO` that asked for `requested_ms` (0: the default).
     pub fn negotiate(&self, requested_ms: u32) -> (Duration, Duration) {
         if requested_ms == 0 {
@@ -770,19 +777,14 @@ impl Connection {
     /// Client, `heartbeat_update`: ask the server for a heartbeat of `interval`. The current one stays until the
     /// server's answer ([`Event::HeartbeatChanged`]), which may differ (the server clamps it to its range).
     pub fn request_heartbeat(&mut self, now: Instant, interval: Duration) -> Result<(), SendError> {
-        match self.state {
-            State::Established => {}
-            State::Handshake => return Err(SendError::NotEstablished),
-            State::Draining | State::Closed => return Err(SendError::Closed(self.reason.unwrap_or(CloseReason::Bye))),
-        }
+        self.established()?;
         if self.role != Role::Client {
             return Err(SendError::WrongDirection("a HEARTBEAT request"));
         }
         if !self.hb_update {
             return Err(SendError::NoHeartbeatUpdate);
         }
-        let interval_ms = u32::try_from(interval.as_millis()).unwrap_or(u32::MAX).max(1);
-        self.queue(now, &Frame::Heartbeat { interval_ms, timeout_ms: 0 });
+        self.queue(now, &Frame::Heartbeat { interval_ms: ms_field(interval).max(1), timeout_ms: 0 });
         Ok(())
     }
 
@@ -792,8 +794,8 @@ impl Connection {
         if self.role != Role::Server || self.state != State::Established || !self.hb_update {
             return;
         }
-        let interval_ms = u32::try_from(interval.as_millis()).unwrap_or(u32::MAX).max(1);
-        let timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX).max(interval_ms);
+        let interval_ms = ms_field(interval).max(1);
+        let timeout_ms = ms_field(timeout).max(interval_ms);
         self.retime(now, interval_ms, timeout_ms);
         self.queue(now, &Frame::Heartbeat { interval_ms, timeout_ms });
     }
@@ -848,11 +850,7 @@ impl Connection {
 
     /// Queue an application frame: `DATA`, `SUBSCRIBE`/`UNSUBSCRIBE` (client), `PRESENCE`/`UNDELIVERABLE` (server).
     pub fn send(&mut self, now: Instant, frame: Frame) -> Result<(), SendError> {
-        match self.state {
-            State::Established => {}
-            State::Handshake => return Err(SendError::NotEstablished),
-            State::Draining | State::Closed => return Err(SendError::Closed(self.reason.unwrap_or(CloseReason::Bye))),
-        }
+        self.established()?;
         let allowed = matches!(
             (&frame, self.role),
             (Frame::Data { .. }, _)
@@ -936,6 +934,15 @@ impl Connection {
 
     // ---- internals ----
 
+    /// Whether the application may send now: established, else why not.
+    fn established(&self) -> Result<(), SendError> {
+        match self.state {
+            State::Established => Ok(()),
+            State::Handshake => Err(SendError::NotEstablished),
+            State::Draining | State::Closed => Err(SendError::Closed(self.reason.unwrap_or(CloseReason::Bye))),
+        }
+    }
+
     /// Take `len` bytes from the `DATA` rate limit's bucket; false when the peer is over the limit.
     fn data_allowed(&mut self, now: Instant, len: usize) -> bool {
         if self.cfg.max_data_rate.is_none() {
@@ -978,6 +985,19 @@ impl Connection {
         }
         self.ping_tokens -= 1.0;
         false
+    }
+
+    /// A `PING` (or a `HEARTBEAT` request, policed with them) beyond the allowance ends the connection with
+    /// `ping_flood`; true when it did. `what` names them in the detail.
+    fn cut_ping_flood(&mut self, now: Instant, what: &str) -> bool {
+        if !self.ping_flooded(now) {
+            return false;
+        }
+        let bye = Some(Bye { reason: CloseReason::PingFlood, retry_after_ms: 0, alternative: String::new() });
+        let allowance = self.heartbeat().map_or(0, |(i, t)| ping_allowance(i, t));
+        let detail = Some(format!("{what} beyond the allowance ({allowance} at once, one per half interval)"));
+        self.decide(now, CloseReason::PingFlood, CloseMode::Flush, bye, false, None, detail, None);
+        true
     }
 
     /// Refill the `PING` bucket up to `now`, to the allowance. Tokens above it (a stall's credit) stay while one
@@ -1223,13 +1243,8 @@ impl Connection {
     fn on_established_frame(&mut self, now: Instant, f: Frame) {
         match (self.role, f) {
             (_, Frame::Ping { seq, ts_ms }) => {
-                if self.ping_flooded(now) {
-                    let bye =
-                        Some(Bye { reason: CloseReason::PingFlood, retry_after_ms: 0, alternative: String::new() });
-                    let allowance = self.heartbeat().map_or(0, |(i, t)| ping_allowance(i, t));
-                    let detail =
-                        Some(format!("PINGs beyond the allowance ({allowance} at once, one per half interval)"));
-                    return self.decide(now, CloseReason::PingFlood, CloseMode::Flush, bye, false, None, detail, None);
+                if self.cut_ping_flood(now, "PINGs") {
+                    return;
                 }
                 self.ack_along(now);
                 self.queue(now, &Frame::Pong { seq, ts_ms });
@@ -1291,11 +1306,8 @@ impl Connection {
             }
             (Role::Server, Frame::Heartbeat { interval_ms, .. }) => {
                 // Answered like a PING, and policed with them.
-                if self.ping_flooded(now) {
-                    let bye =
-                        Some(Bye { reason: CloseReason::PingFlood, retry_after_ms: 0, alternative: String::new() });
-                    let detail = Some("HEARTBEAT requests beyond the PING allowance".to_owned());
-                    return self.decide(now, CloseReason::PingFlood, CloseMode::Flush, bye, false, None, detail, None);
+                if self.cut_ping_flood(now, "HEARTBEAT requests and PINGs") {
+                    return;
                 }
                 self.events.push_back(Event::HeartbeatRequest { interval_ms })
             }
@@ -1495,6 +1507,11 @@ impl Connection {
         self.frames_tx = self.frames_tx.wrapping_add(1);
         self.last_tx = now;
     }
+}
+
+/// A duration as a milliseconds field on the wire, saturating.
+fn ms_field(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
 }
 
 fn deciseconds(n: u16) -> Duration {

@@ -50,6 +50,13 @@ pub struct AdaptiveHeartbeat {
     grace: Duration,
 }
 
+impl Inner {
+    /// The network a connection from `local` is on: the one the application named, else `local`'s address.
+    fn key(&self, local: SocketAddr) -> String {
+        self.network.clone().unwrap_or_else(|| local.ip().to_string())
+    }
+}
+
 /// Two handles are equal when they share one learner.
 impl PartialEq for AdaptiveHeartbeat {
     fn eq(&self, other: &Self) -> bool {
@@ -88,27 +95,25 @@ impl AdaptiveHeartbeat {
 
     /// The interval the next connection from `local` would start with.
     pub fn interval_for(&self, local: SocketAddr) -> Duration {
-        let key = self.key(local);
-        self.lock().learner.interval(&key)
+        self.start(local).1
     }
 
     /// Whether the search for `local`'s network is over.
     pub fn settled_for(&self, local: SocketAddr) -> bool {
-        let key = self.key(local);
-        self.lock().learner.settled(&key)
+        let inner = self.lock();
+        inner.learner.settled(&inner.key(local))
     }
 
     pub(crate) fn grace(&self) -> Duration {
         self.grace
     }
 
-    /// The network a connection from `local` is on.
-    pub(crate) fn key(&self, local: SocketAddr) -> String {
-        self.lock().network.clone().unwrap_or_else(|| local.ip().to_string())
-    }
-
-    pub(crate) fn interval(&self, key: &str) -> Duration {
-        self.lock().learner.interval(key)
+    /// The network a connection from `local` is on, and the interval it starts with there.
+    pub(crate) fn start(&self, local: SocketAddr) -> (String, Duration) {
+        let mut inner = self.lock();
+        let key = inner.key(local);
+        let interval = inner.learner.interval(&key);
+        (key, interval)
     }
 
     pub(crate) fn held(&self, key: &str, idle: Duration) -> Option<Duration> {

@@ -328,10 +328,12 @@ enum ClientCmd {
     Close,
     /// Send what the reliable outbox has not sent.
     Pull,
-    /// The path check after a late `PONG` is done: the new connection, if it went through.
+    /// The path check after a late `PONG` is done: the new connection, if it went through, for the `PING` sent
+    /// at `sent` after `idle` of silence.
     PathChecked {
         spare: Option<Spare>,
         idle: Duration,
+        sent: StdInstant,
     },
 }
 
@@ -403,8 +405,7 @@ impl Client {
         };
         // The adaptive heartbeat offers what it learned about this network, and asks to change it in the session.
         let adaptive = cfg.adaptive_heartbeat.clone().map(|a| {
-            let key = a.key(local_addr);
-            let interval = a.interval(&key);
+            let (key, interval) = a.start(local_addr);
             Adaptive { interval, learner: a, key, server: addr, local: local_addr, granted: false, forgot: false }
         });
         let mut extensions: Vec<_> = cfg.reliable.iter().filter(|_| version >= V2).map(ReliableLink::offer).collect();
@@ -465,7 +466,6 @@ impl Client {
                 adaptive,
                 check_tx,
                 checking: false,
-                ping_sent: None,
             };
             drive(stream, tls, &mut conn, &mut hooks).await;
         });
@@ -633,8 +633,6 @@ struct ClientHooks {
     /// one is under way.
     check_tx: Option<mpsc::WeakSender<ClientCmd>>,
     checking: bool,
-    /// When the `PING` under check left.
-    ping_sent: Option<StdInstant>,
 }
 
 /// One connection's part in the adaptive heartbeat.
@@ -767,7 +765,7 @@ impl ClientHooks {
             Unanswered::Stalled(_) => return,
         };
         self.checking = true;
-        self.ping_sent = now.checked_sub(waited);
+        let sent = now.checked_sub(waited).unwrap_or(now);
         // A check that goes through right after a blip healed must not condemn a connection that merely waits
         // for its next retransmission: that comes within the retransmission ceiling.
         let check = crate::adaptive::PATH_CHECK_TIMEOUT;
@@ -777,19 +775,26 @@ impl ClientHooks {
         tokio::spawn(async move {
             let spare = crate::adaptive::path_check(local, server, settle).await;
             if let Some(tx) = tx.upgrade() {
-                let _ = tx.send(ClientCmd::PathChecked { spare, idle }).await;
+                let _ = tx.send(ClientCmd::PathChecked { spare, idle, sent }).await;
             }
         });
     }
 
     /// The path check is done: a new connection went through while ours stays unanswered, so a middlebox
     /// forgot ours. End it now, and teach the learner. Otherwise the path is down for everyone: ride it out.
-    fn path_checked(&mut self, conn: &mut Connection, now: StdInstant, spare: Option<Spare>, idle: Duration) {
+    fn path_checked(
+        &mut self,
+        conn: &mut Connection,
+        now: StdInstant,
+        spare: Option<Spare>,
+        idle: Duration,
+        sent: StdInstant,
+    ) {
         self.checking = false;
         let Some(a) = &mut self.adaptive else { return };
         use crate::probe::{unanswered_for, Unanswered};
         // Still the same PING unanswered, on a connection still up? The PONG may have come while the check ran.
-        let since = self.ping_sent.map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+        let since = now.saturating_duration_since(sent);
         let silent = conn.state() == tether_proto::State::Established
             && conn.unanswered_ping().is_some()
             && match unanswered_for(crate::sockopt::tcp_info(self.fd), since) {
@@ -968,7 +973,7 @@ impl Hooks for ClientHooks {
                 conn.close(now, Bye { reason: CloseReason::Bye, retry_after_ms: 0, alternative: String::new() })
             }
             ClientCmd::Pull => self.pull(conn, now),
-            ClientCmd::PathChecked { spare, idle } => self.path_checked(conn, now, spare, idle),
+            ClientCmd::PathChecked { spare, idle, sent } => self.path_checked(conn, now, spare, idle, sent),
         }
     }
 

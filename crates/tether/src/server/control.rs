@@ -78,8 +78,9 @@ impl SessionMeta {
         self.heartbeat().0
     }
 
-    pub(super) fn set_heartbeat(&self, interval_ms: u32, timeout_ms: u32) {
-        self.heartbeat.store(u64::from(interval_ms) << 32 | u64::from(timeout_ms), Ordering::Relaxed);
+    pub(super) fn set_heartbeat(&self, interval: Duration, timeout: Duration) {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).min(u32::MAX.into());
+        self.heartbeat.store(ms(interval) << 32 | ms(timeout), Ordering::Relaxed);
     }
 }
 

@@ -420,12 +420,10 @@ impl ServerHooks {
                 if let Some(g) = &rel_grant {
                     extensions.push(g.to_extension());
                 }
-                let policy = &shared.cfg.heartbeat;
-                if v2 && HeartbeatRange::offered(&hello.extensions) && policy.min_interval < policy.max_interval {
-                    let ms = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
-                    extensions.push(
-                        HeartbeatRange { min_ms: ms(policy.min_interval), max_ms: ms(policy.max_interval) }.extension(),
-                    );
+                if let Some(range) = shared.cfg.heartbeat.updates() {
+                    if v2 && HeartbeatRange::offered(&hello.extensions) {
+                        extensions.push(range.extension());
+                    }
                 }
                 let welcome = Welcome {
                     version: tether_proto::frame::PROTOCOL_VERSION,
@@ -822,8 +820,7 @@ impl ServerHooks {
         // Answered even when nothing changes: the client waits for the answer.
         conn.set_heartbeat(now, interval, timeout);
         let Some((interval, timeout)) = conn.heartbeat().filter(|h| Some(*h) != before) else { return };
-        let ms = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
-        meta.set_heartbeat(ms(interval), ms(timeout));
+        meta.set_heartbeat(interval, timeout);
         let asked = Duration::from_millis(interval_ms.into());
         let (conn, peer) = (self.conn_id, self.control.peer);
         self.shared.emit(EventKind::Heartbeat { client, conn, peer, asked, heartbeat: interval, timeout });
