@@ -53,7 +53,7 @@ pub fn event_json(ev: &ServerEvent) -> serde_json::Value {
             "explanation": explanation,
         }),
         EventKind::Heartbeat { client, conn, peer, asked, heartbeat, timeout } => json!({
-            "client": client, "conn": conn, "peer": peer.to_string(), "asked_ms": ms(*asked),
+            "client": client, "conn": conn, "peer": peer.to_string(), "asked_ms": asked.as_millis() as u64,
             "heartbeat_ms": heartbeat.as_millis() as u64, "timeout_ms": timeout.as_millis() as u64,
         }),
         EventKind::IdConflict { client, holder_conn, newcomer_conn, peer, retry_after } => json!({

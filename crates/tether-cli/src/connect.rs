@@ -47,9 +47,9 @@ pub struct Args {
     #[arg(long, value_parser = duration::parse, value_name = "DUR")]
     heartbeat_interval: Option<Duration>,
     /// Learn the longest heartbeat interval the path's NATs allow, per network, between FLOOR and CEILING
-    /// (e.g. 30s..15m), and change it during the session where the server grants that. Overrides
+    /// (e.g. 30s..15m), and change it during the session where the server grants that. Not with
     /// --heartbeat-interval.
-    #[arg(long, value_parser = duration::range, value_name = "FLOOR..CEILING")]
+    #[arg(long, value_parser = duration::range, value_name = "FLOOR..CEILING", conflicts_with = "heartbeat_interval")]
     adaptive_heartbeat: Option<(Duration, Duration)>,
     /// With --adaptive-heartbeat: how far below the shortest silence the path failed the interval stays.
     #[arg(long, value_name = "PERCENT", default_value_t = 10, value_parser = clap::value_parser!(u8).range(0..=50))]
