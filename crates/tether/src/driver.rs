@@ -1,19 +1,25 @@
-//! The IO pump that carries out one [`Connection`]'s decisions on a tokio `TcpStream`.
+//! The IO pump that carries out one [`Connection`]'s decisions on a socket, for either driver: the server's
+//! event loops ([`crate::evloop`]) and the client's task ([`drive`]).
 //!
 //! # Layout
-//! [`drive`] is the whole life of a connection after the TCP handshake: it feeds the core the bytes, end of
-//! stream, errors and timer expiries, writes what the core queued, shuts down the write half when asked, and hands
-//! every core event to the role's [`Hooks`] (server or client), which also supply commands from the rest of the
-//! program. One `Sleep` per connection is reset to the core's single deadline; nothing scans connections.
+//! - [`Pump`]: what a connection's IO needs besides the core: the rustls connection under TLS, and what the
+//!   pump already did (socket options set for which heartbeat, close_notify sent, commands still open). Its
+//!   steps are the whole contract with a driver: [`Pump::turn`] carries out what the core decided (events to the
+//!   role's [`Hooks`], output to the socket, the write half shut, the kernel's queue read when due) and says
+//!   what to wait for next ([`Next`]); [`Pump::on_readable`], [`Pump::on_timer`] and [`Pump::on_cmds`] feed
+//!   the core what the wait brought; [`Pump::finish_now`] ends a closed connection's TLS and drains the socket.
+//! - [`Sock`]: the socket under a pump (tokio's `TcpStream` for the client, mio's for the event loops): the
+//!   syscalls are the same, only how a `WouldBlock` clears readiness differs.
+//! - [`drive`]: the client's driver, one connection on its own task, one `Sleep` reset to the core's deadline.
 //!
-//! Reads go through a stack buffer that lives only between awaits, so an idle connection holds no read buffer:
-//! the core keeps bytes only for an incomplete frame. `SO_ERROR` is never read before a read: the read itself
-//! reports ETIMEDOUT, and the kernel's count of unacknowledged bytes (TIOCOUTQ) is asked only then, to tell a
-//! user timeout from a keepalive timeout. `TCP_INFO` is read only when the core asks for the kernel's queue
-//! (`Connection::kernel_check_due`), on a wakeup that happened anyway.
+//! Reads go through a stack buffer (or the event loop's one buffer) that lives only for the read, so an idle
+//! connection holds no read buffer: the core keeps bytes only for an incomplete frame. `SO_ERROR` is never read
+//! before a read: the read itself reports ETIMEDOUT, and the kernel's count of unacknowledged bytes (TIOCOUTQ)
+//! is asked only then, to tell a user timeout from a keepalive timeout. `TCP_INFO` is read only when the core
+//! asks for the kernel's queue (`Connection::kernel_check_due`), on a wakeup that happened anyway.
 //!
 //! # TLS
-//! With TLS the same loop drives a rustls connection between the socket and the core (rustls is sans-IO too): raw
+//! With TLS the same steps drive a rustls connection between the socket and the core (rustls is sans-IO too): raw
 //! bytes read from the socket go into rustls, its plaintext into the core; the core's output goes into rustls,
 //! and rustls's records to the socket. Readiness, deadlines, socket options and error classification stay those
 //! of the TCP socket, so every reason behaves the same over TLS. The TLS handshake runs under the core's
@@ -21,8 +27,8 @@
 //! connection with `tls_error` after a best-effort write of rustls's alert.
 
 use std::future::Future;
-use std::io;
-use std::os::fd::AsRawFd;
+use std::io::{self, Read};
+use std::os::fd::{AsFd, AsRawFd};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant as StdInstant};
 
@@ -36,32 +42,19 @@ use tokio::time::Instant;
 use crate::sockopt;
 
 /// Bytes read per readiness wakeup.
-const READ_CHUNK: usize = 16 * 1024;
+pub(crate) const READ_CHUNK: usize = 16 * 1024;
 /// Bytes written per wakeup before letting other branches run (fairness for a peer that reads fast).
 const WRITE_BUDGET: usize = 256 * 1024;
 /// How long a closed TLS connection may take to finish writing what rustls still holds.
-const TLS_FINISH_GRACE: Duration = Duration::from_secs(2);
+pub(crate) const TLS_FINISH_GRACE: Duration = Duration::from_secs(2);
 /// Commands taken from the hooks per wakeup before the connection's output is flushed.
-const CMD_BATCH: usize = 64;
+pub(crate) const CMD_BATCH: usize = 64;
 /// At close, unread bytes up to this are drained so that close() sends FIN, not RST, and our `BYE` survives.
 const CLOSE_DRAIN: usize = 64 * 1024;
 
 /// The clock the core sees: tokio's, so `start_paused` tests drive the core too.
 pub(crate) fn now() -> StdInstant {
     Instant::now().into_std()
-}
-
-/// What ended a wait.
-enum Wake<C> {
-    Read,
-    Write,
-    Timer,
-    Cmd(Option<C>),
-}
-
-/// [`now`] under another name, for the loop in [`drive`], where a local `now` (the loop's start) shadows it.
-fn now_std() -> StdInstant {
-    now()
 }
 
 /// What the role (server or client) does with core events and where its commands come from.
@@ -86,88 +79,248 @@ pub(crate) trait Hooks {
     fn socket_options(&self) -> Option<&sockopt::SocketOptions> {
         None
     }
+    /// Driving the connection panicked (a bug of ours); its socket is closed right after.
+    fn after_panic(&mut self, _conn: &Connection, _panic: &(dyn std::any::Any + Send)) {}
 }
 
-/// Run the connection until the core says it is closed, then close the socket. `tls`: the rustls connection
-/// to run between socket and core, or `None` for plain TCP.
+/// The socket under a [`Pump`].
+pub(crate) trait Sock: AsFd + AsRawFd {
+    /// Run `f`, a non-blocking syscall on this socket, so that its `WouldBlock` clears the readiness the driver
+    /// waits on (tokio caches readiness and must be told; an edge-triggered event loop need not be).
+    fn io<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R>;
+}
+
+impl Sock for TcpStream {
+    fn io<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R> {
+        self.try_io(interest, f)
+    }
+}
+
+impl Sock for mio::net::TcpStream {
+    fn io<R>(&self, _interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R> {
+        f()
+    }
+}
+
+/// What a connection waits for after a [`Pump::turn`].
+pub(crate) enum Next {
+    /// The core closed the connection: call [`Pump::finish_now`] and close the socket.
+    Closed,
+    Wait {
+        /// The core takes bytes (it is not holding back a peer that sends faster than it can be answered).
+        read: bool,
+        /// Output is waiting for room in the socket.
+        write: bool,
+        /// The core's one deadline.
+        deadline: Option<StdInstant>,
+    },
+}
+
+/// What [`Pump::on_cmds`] took.
+#[derive(PartialEq, Eq)]
+pub(crate) enum Batch {
+    /// Nothing: the context is registered with the command source.
+    Idle,
+    /// Some commands (or the end of the source), and then nothing more: registered as for `Idle`.
+    Applied,
+    /// A whole batch: more may be waiting, and nothing is registered. Call again after the output is flushed.
+    Full,
+}
+
+/// How a closed connection's TLS ended on the spot.
+pub(crate) enum Finish {
+    Done,
+    /// rustls still has records to write or a handshake to finish: wait (bounded by [`TLS_FINISH_GRACE`]) with
+    /// [`finish_tls`], reading while `handshaking`.
+    Wait,
+}
+
+/// A connection's IO state besides its core.
+pub(crate) struct Pump {
+    tls: Option<Box<TlsConn>>,
+    /// The heartbeat interval (ms) the socket's options were last set for; 0 until one is negotiated.
+    options_for_ms: u32,
+    /// The hooks still have a command source.
+    cmds_open: bool,
+    close_notify_sent: bool,
+}
+
+impl Pump {
+    /// `tls`: the rustls connection to run between socket and core, or `None` for plain TCP.
+    pub(crate) fn new(tls: Option<Box<TlsConn>>) -> Pump {
+        Pump { tls, options_for_ms: 0, cmds_open: true, close_notify_sent: false }
+    }
+
+    /// Carry out what the core decided: its events to the hooks, its output to the socket, the write half shut
+    /// when asked; then say what the connection waits for.
+    pub(crate) fn turn<S: Sock, H: Hooks>(&mut self, sock: &S, conn: &mut Connection, hooks: &mut H) -> Next {
+        loop {
+            let now = now();
+            while let Some(ev) = conn.poll_event() {
+                hooks.on_event(conn, now, ev);
+            }
+            if let Some((interval, _)) = conn.heartbeat() {
+                let ms = u32::try_from(interval.as_millis()).unwrap_or(u32::MAX);
+                if ms != self.options_for_ms {
+                    let previous =
+                        (self.options_for_ms != 0).then(|| Duration::from_millis(self.options_for_ms.into()));
+                    self.options_for_ms = ms;
+                    if let Some(options) = hooks.socket_options() {
+                        options.for_heartbeat(sock, interval, previous);
+                    }
+                }
+            }
+            let written = match self.tls.as_deref_mut() {
+                None => flush(sock, conn, now),
+                Some(tls) => flush_tls(sock, tls, conn, now),
+            };
+            hooks.on_io(conn, 0, written);
+            hooks.after_flush(conn, now);
+            if conn.kernel_check_due(now) {
+                conn.handle_kernel_queue(now, sockopt::kernel_queue(sock.as_raw_fd()));
+            }
+            if conn.poll_shutdown_write() {
+                // Over TLS the write half ends with close_notify, and the socket is shut only once rustls has
+                // written every record.
+                let tls_pending = match self.tls.as_deref_mut() {
+                    Some(tls) if !self.close_notify_sent => {
+                        self.close_notify_sent = true;
+                        tls.send_close_notify();
+                        flush_tls(sock, tls, conn, now);
+                        tls.wants_write()
+                    }
+                    Some(tls) => tls.wants_write(),
+                    None => false,
+                };
+                if !tls_pending {
+                    let _ = SockRef::from(sock).shutdown(std::net::Shutdown::Write);
+                    conn.handle_write_shutdown();
+                }
+            }
+            if let Some(ev) = conn.poll_event() {
+                hooks.on_event(conn, now, ev);
+                continue;
+            }
+            if conn.is_closed() {
+                return Next::Closed;
+            }
+            // Over TLS, rustls takes the core's bytes as long as it has room, so what waits for the socket is its
+            // own.
+            let write = match self.tls.as_deref() {
+                None => conn.pending_tx() > 0,
+                Some(tls) => tls.wants_write(),
+            };
+            return Next::Wait { read: conn.wants_read(), write, deadline: conn.poll_timeout() };
+        }
+    }
+
+    /// The socket is readable: read once (at most `buf`'s length) into the core. Returns whether the socket is
+    /// drained (a short read, `WouldBlock`, the end of the stream or an error): if not, more may be waiting.
+    pub(crate) fn on_readable<S: Sock, H: Hooks>(
+        &mut self,
+        sock: &S,
+        buf: &mut [u8],
+        conn: &mut Connection,
+        hooks: &mut H,
+    ) -> bool {
+        let (n, drained) = read(sock, buf, self.tls.as_deref_mut(), conn);
+        hooks.on_progress(conn);
+        hooks.on_io(conn, n, 0);
+        drained
+    }
+
+    /// The core's deadline passed. A timer can fire late (a stalled process, a busy runtime): frames already
+    /// waiting in the kernel arrived before the verdict would be taken, so they are read first and count as life.
+    pub(crate) fn on_timer<S: Sock, H: Hooks>(
+        &mut self,
+        sock: &S,
+        buf: &mut [u8],
+        want_read: bool,
+        conn: &mut Connection,
+        hooks: &mut H,
+    ) {
+        if want_read {
+            let n = read_pending(sock, buf, self.tls.as_deref_mut(), conn);
+            hooks.on_progress(conn);
+            hooks.on_io(conn, n, 0);
+        }
+        conn.handle_timeout(now());
+    }
+
+    /// Take the commands waiting (at most [`CMD_BATCH`], so that one write carries a burst of relayed frames)
+    /// and apply them; `cx` is registered with the command source when none is left.
+    pub(crate) fn on_cmds<H: Hooks>(&mut self, cx: &mut Context<'_>, conn: &mut Connection, hooks: &mut H) -> Batch {
+        if !self.cmds_open {
+            return Batch::Idle;
+        }
+        let now = now();
+        let mut taken = Batch::Idle;
+        for _ in 0..CMD_BATCH {
+            if conn.is_closed() {
+                return taken;
+            }
+            match hooks.poll_cmd(cx) {
+                Poll::Ready(Some(cmd)) => {
+                    hooks.on_cmd(conn, now, cmd);
+                    taken = Batch::Applied;
+                }
+                Poll::Ready(None) => {
+                    self.cmds_open = false;
+                    return Batch::Applied;
+                }
+                Poll::Pending => return taken,
+            }
+        }
+        Batch::Full
+    }
+
+    /// The connection is closed: end its TLS as far as possible without waiting, then drain what the peer sent
+    /// so that closing the socket sends FIN rather than RST. [`Finish::Wait`]: the TLS end needs the socket again
+    /// (drained only after it).
+    pub(crate) fn finish_now<S: Sock>(&mut self, sock: &S, conn: &Connection) -> Finish {
+        if let Some(tls) = self.tls.as_deref_mut() {
+            if let Finish::Wait = finish_tls_now(sock, tls, conn.close_reason(), &mut self.close_notify_sent) {
+                return Finish::Wait;
+            }
+        }
+        close_quietly(sock);
+        Finish::Done
+    }
+
+    /// The TLS connection, for [`finish_tls`] after [`Finish::Wait`].
+    pub(crate) fn take_tls(&mut self) -> Option<(Box<TlsConn>, bool)> {
+        self.tls.take().map(|t| (t, self.close_notify_sent))
+    }
+}
+
+/// Run the connection until the core says it is closed, then close the socket: the client's driver, one
+/// connection on its own task. `tls`: the rustls connection to run between socket and core, or `None`.
 pub(crate) async fn drive<H: Hooks>(
     stream: TcpStream,
-    mut tls: Option<Box<TlsConn>>,
+    tls: Option<Box<TlsConn>>,
     conn: &mut Connection,
     hooks: &mut H,
 ) {
     let sleep = tokio::time::sleep_until(Instant::now() + Duration::from_secs(86_400));
     tokio::pin!(sleep);
     let mut armed: Option<StdInstant> = None;
-    let mut cmds_open = true;
-    let mut close_notify_sent = false;
-    // The heartbeat interval (ms) the socket's options were last set for; 0 until one is negotiated.
-    let mut options_for_ms: u32 = 0;
-    loop {
-        let now = now();
-        while let Some(ev) = conn.poll_event() {
-            hooks.on_event(conn, now, ev);
-        }
-        if let Some((interval, _)) = conn.heartbeat() {
-            let ms = u32::try_from(interval.as_millis()).unwrap_or(u32::MAX);
-            if ms != options_for_ms {
-                let previous = (options_for_ms != 0).then(|| Duration::from_millis(options_for_ms.into()));
-                options_for_ms = ms;
-                if let Some(options) = hooks.socket_options() {
-                    options.for_heartbeat(&stream, interval, previous);
-                }
-            }
-        }
-        {
-            let written = match tls.as_deref_mut() {
-                None => flush(&stream, conn, now),
-                Some(tls) => flush_tls(&stream, tls, conn, now),
-            };
-            hooks.on_io(conn, 0, written);
-            hooks.after_flush(conn, now);
-        }
-        if conn.kernel_check_due(now) {
-            conn.handle_kernel_queue(now, sockopt::kernel_queue(stream.as_raw_fd()));
-        }
-        if conn.poll_shutdown_write() {
-            // Over TLS the write half ends with close_notify, and the socket is shut only once rustls has written
-            // every record.
-            let tls_pending = match tls.as_deref_mut() {
-                Some(tls) if !close_notify_sent => {
-                    close_notify_sent = true;
-                    tls.send_close_notify();
-                    flush_tls(&stream, tls, conn, now);
-                    tls.wants_write()
-                }
-                Some(tls) => tls.wants_write(),
-                None => false,
-            };
-            if !tls_pending {
-                let _ = SockRef::from(&stream).shutdown(std::net::Shutdown::Write);
-                conn.handle_write_shutdown();
-            }
-        }
-        if let Some(ev) = conn.poll_event() {
-            hooks.on_event(conn, now, ev);
-            continue;
-        }
-        if conn.is_closed() {
-            break;
-        }
-        let deadline = conn.poll_timeout();
+    let mut pump = Pump::new(tls);
+    /// What ended a wait.
+    enum Wake {
+        Read,
+        Write,
+        Timer,
+        Cmd,
+    }
+    while let Next::Wait { read: want_read, write: want_write, deadline } = pump.turn(&stream, conn, hooks) {
         if deadline != armed {
             armed = deadline;
             let at = deadline.map_or(Instant::now() + Duration::from_secs(86_400), Instant::from_std);
             sleep.as_mut().reset(at);
         }
-        let want_read = conn.wants_read();
-        // Over TLS, rustls takes the core's bytes as long as it has room, so what waits for the socket is its own.
-        let want_write = match tls.as_deref() {
-            None => conn.pending_tx() > 0,
-            Some(tls) => tls.wants_write(),
-        };
         // One wait over every source, polled in priority order. `poll_fn` keeps no state of its own: readiness
-        // registers with the IO driver, the timer is the pinned `Sleep`, commands register with the hooks.
+        // registers with the IO driver, the timer is the pinned `Sleep`, commands are taken by `on_cmds` with
+        // this wait's context.
         let wake = std::future::poll_fn(|cx| {
             if want_read && stream.poll_read_ready(cx).is_ready() {
                 return Poll::Ready(Wake::Read);
@@ -178,104 +331,74 @@ pub(crate) async fn drive<H: Hooks>(
             if sleep.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Wake::Timer);
             }
-            if cmds_open {
-                if let Poll::Ready(c) = hooks.poll_cmd(cx) {
-                    return Poll::Ready(Wake::Cmd(c));
-                }
+            match pump.on_cmds(cx, conn, hooks) {
+                Batch::Idle => Poll::Pending,
+                Batch::Applied | Batch::Full => Poll::Ready(Wake::Cmd),
             }
-            Poll::Pending
         })
         .await;
         match wake {
             Wake::Read => {
-                let n = read(&stream, tls.as_deref_mut(), conn);
-                hooks.on_progress(conn);
-                hooks.on_io(conn, n, 0);
+                let mut buf = [0u8; READ_CHUNK];
+                pump.on_readable(&stream, &mut buf, conn, hooks);
             }
-            Wake::Write => {}
+            Wake::Write | Wake::Cmd => {}
             Wake::Timer => {
                 armed = None;
-                // A timer can fire late (a stalled process, a busy runtime): frames already waiting in the
-                // kernel arrived before the verdict would be taken, so they are read first and count as life.
-                if want_read {
-                    let n = read_pending(&stream, tls.as_deref_mut(), conn);
-                    hooks.on_progress(conn);
-                    hooks.on_io(conn, n, 0);
-                }
-                conn.handle_timeout(now_std());
+                let mut buf = [0u8; READ_CHUNK];
+                pump.on_timer(&stream, &mut buf, want_read, conn, hooks);
             }
-            Wake::Cmd(Some(cmd)) => {
-                let now = now_std();
-                hooks.on_cmd(conn, now, cmd);
-                // Commands already waiting (a burst of relayed frames) are taken before the next flush, so that
-                // one write carries them all instead of one write each. Polled without waiting, with a waker
-                // that does nothing: the next wait polls the commands again with the task's own waker before it
-                // sleeps, so no wake-up is lost (and the connection's future stays the size it was).
-                let mut idle = Context::from_waker(std::task::Waker::noop());
-                for _ in 1..CMD_BATCH {
-                    if conn.is_closed() {
-                        break;
-                    }
-                    match hooks.poll_cmd(&mut idle) {
-                        Poll::Ready(Some(cmd)) => hooks.on_cmd(conn, now, cmd),
-                        Poll::Ready(None) => {
-                            cmds_open = false;
-                            break;
-                        }
-                        Poll::Pending => break,
-                    }
-                }
-            }
-            Wake::Cmd(None) => cmds_open = false,
         }
     }
-    if let Some(tls) = tls.as_deref_mut() {
-        sleep.as_mut().reset(Instant::now() + TLS_FINISH_GRACE);
-        // Boxed: its state would otherwise enlarge every connection's task, TLS or not.
-        Box::pin(finish_tls(&stream, tls, conn.close_reason(), close_notify_sent, sleep.as_mut())).await;
+    if let Finish::Wait = pump.finish_now(&stream, conn) {
+        if let Some((mut tls, notified)) = pump.take_tls() {
+            // Boxed: its state would otherwise enlarge every connection's task, TLS or not.
+            Box::pin(finish_tls(&stream, &mut tls, conn.close_reason(), notified)).await;
+        }
+        close_quietly(&stream);
     }
-    close_quietly(&stream);
 }
 
-/// After the core has closed a TLS connection, rustls may still hold records the core counts as written (a
-/// `BYE` behind a full socket buffer, or a refusal's `BYE` waiting for the handshake to complete). Finish them,
-/// bounded by `deadline` ([`TLS_FINISH_GRACE`]), unless the transport is already broken; then end with
-/// close_notify. After a TLS error, only rustls's queued alert is written, best effort.
-async fn finish_tls(
-    stream: &TcpStream,
-    tls: &mut TlsConn,
-    reason: Option<CloseReason>,
-    close_notify_sent: bool,
-    mut deadline: std::pin::Pin<&mut tokio::time::Sleep>,
-) {
-    use std::io::Read;
+/// End a closed connection's TLS as far as the socket allows now. After a broken transport or a TLS error, only
+/// rustls's queued alert is written, best effort. Otherwise close_notify follows the records rustls still holds
+/// (a `BYE` behind a full socket buffer, or a refusal's `BYE` waiting for the handshake to complete).
+fn finish_tls_now<S: Sock>(sock: &S, tls: &mut TlsConn, reason: Option<CloseReason>, notify_sent: &mut bool) -> Finish {
     use CloseReason::*;
-    let sock = SockRef::from(stream);
+    let raw = SockRef::from(sock);
     let broken = matches!(
         reason,
         None | Some(TlsError | HandshakeTimeout | Reset | WriteTimeout | KeepaliveTimeout | Unreachable)
     );
     if broken {
-        while tls.wants_write() && tls.write_tls(&mut &*sock).is_ok_and(|n| n > 0) {}
-        return;
+        while tls.wants_write() && tls.write_tls(&mut &*raw).is_ok_and(|n| n > 0) {}
+        return Finish::Done;
     }
-    let mut notify_sent = close_notify_sent;
-    loop {
-        if !tls.is_handshaking() && !notify_sent {
-            notify_sent = true;
-            tls.send_close_notify();
+    if !tls.is_handshaking() && !*notify_sent {
+        *notify_sent = true;
+        tls.send_close_notify();
+    }
+    while tls.wants_write() {
+        match sock.io(Interest::WRITABLE, || tls.write_tls(&mut &*raw)) {
+            Ok(n) if n > 0 => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            _ => return Finish::Done,
         }
-        while tls.wants_write() {
-            match stream.try_io(Interest::WRITABLE, || tls.write_tls(&mut &*sock)) {
-                Ok(n) if n > 0 => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                _ => return,
-            }
-        }
+    }
+    if !tls.is_handshaking() && !tls.wants_write() {
+        return Finish::Done;
+    }
+    Finish::Wait
+}
+
+/// [`finish_tls_now`] until done, waiting for the socket in between, bounded by [`TLS_FINISH_GRACE`]. While the
+/// handshake is unfinished, only it matters: records are processed, application data is dropped.
+pub(crate) async fn finish_tls(stream: &TcpStream, tls: &mut TlsConn, reason: Option<CloseReason>, notified: bool) {
+    let deadline = tokio::time::sleep(TLS_FINISH_GRACE);
+    tokio::pin!(deadline);
+    let mut notify_sent = notified;
+    let sock = SockRef::from(stream);
+    while let Finish::Wait = finish_tls_now(stream, tls, reason, &mut notify_sent) {
         let handshaking = tls.is_handshaking();
-        if !handshaking && !tls.wants_write() {
-            return;
-        }
         let ready = std::future::poll_fn(|cx| {
             if handshaking && stream.poll_read_ready(cx).is_ready() {
                 return Poll::Ready(true);
@@ -290,10 +413,8 @@ async fn finish_tls(
             return;
         }
         if handshaking {
-            // Only the handshake matters now: records are processed, application data is dropped.
             let mut buf = [0u8; READ_CHUNK];
-            let r = stream.try_io(Interest::READABLE, || (&*sock).read(&mut buf));
-            match r {
+            match stream.try_io(Interest::READABLE, || (&*sock).read(&mut buf)) {
                 Ok(0) => return,
                 Ok(n) => {
                     let mut data = &buf[..n];
@@ -360,7 +481,6 @@ fn process_tls(tls: &mut TlsConn, conn: &mut Connection) -> bool {
 }
 
 fn drain_plaintext(tls: &mut TlsConn, conn: &mut Connection) {
-    use std::io::Read;
     let mut buf = [0u8; READ_CHUNK];
     while conn.wants_read() {
         match tls.reader().read(&mut buf) {
@@ -373,16 +493,20 @@ fn drain_plaintext(tls: &mut TlsConn, conn: &mut Connection) {
     }
 }
 
-/// Returns the bytes read.
-fn read(stream: &TcpStream, tls: Option<&mut TlsConn>, conn: &mut Connection) -> usize {
-    let mut buf = [0u8; READ_CHUNK];
+/// A read failed: the core classifies it, told whether the kernel still holds unacknowledged bytes of ours.
+fn read_failed<S: Sock>(sock: &S, conn: &mut Connection, e: &io::Error) {
+    let unacked = sockopt::unacked_bytes(sock.as_raw_fd()).is_some_and(|n| n > 0);
+    conn.handle_error(now(), e, unacked);
+}
+
+/// Read once into `buf` and hand it to the core. Returns the bytes read and whether the socket is drained.
+fn read<S: Sock>(sock: &S, buf: &mut [u8], tls: Option<&mut TlsConn>, conn: &mut Connection) -> (usize, bool) {
     let mut got = 0;
     // A read shorter than the buffer shows the socket drained (epoll reports new data as a new edge), so it is
     // reported to tokio as WouldBlock: tokio then clears the readiness, and the next wait does not cost a
     // second, empty read syscall. tokio's own `poll_read` does the same; `try_read` does not.
-    let r = stream.try_io(Interest::READABLE, || {
-        use std::io::Read;
-        let n = (&*SockRef::from(stream)).read(&mut buf)?;
+    let r = sock.io(Interest::READABLE, || {
+        let n = (&*SockRef::from(sock)).read(buf)?;
         got = n;
         if n > 0 && n < buf.len() {
             return Err(io::ErrorKind::WouldBlock.into());
@@ -391,32 +515,30 @@ fn read(stream: &TcpStream, tls: Option<&mut TlsConn>, conn: &mut Connection) ->
     });
     match r {
         Ok(0) => deliver_eof(tls, conn),
-        Ok(n) => deliver(tls, conn, &buf[..n]),
+        Ok(n) => {
+            deliver(tls, conn, &buf[..n]);
+            return (n, false);
+        }
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
             if got > 0 {
                 deliver(tls, conn, &buf[..got]);
             }
         }
-        Err(e) => {
-            let unacked = sockopt::unacked_bytes(stream.as_raw_fd()).is_some_and(|n| n > 0);
-            conn.handle_error(now(), &e, unacked);
-        }
+        Err(e) => read_failed(sock, conn, &e),
     }
-    got
+    (got, true)
 }
 
 /// Read everything already waiting in the kernel (bounded), without waiting for readiness. This reads the
 /// socket directly: tokio's `try_read` trusts its cached readiness, which lags behind the kernel exactly when a
 /// timer fires late (the IO driver has not seen the epoll event yet). The socket is non-blocking either way.
 /// Returns the bytes read.
-fn read_pending(stream: &TcpStream, mut tls: Option<&mut TlsConn>, conn: &mut Connection) -> usize {
-    use std::io::Read;
-    let sock = SockRef::from(stream);
+fn read_pending<S: Sock>(sock: &S, buf: &mut [u8], mut tls: Option<&mut TlsConn>, conn: &mut Connection) -> usize {
+    let raw = SockRef::from(sock);
     let mut total = 0;
     for _ in 0..16 {
         let before = (conn.pending_rx(), conn.last_rx(), conn.is_closed());
-        let mut buf = [0u8; READ_CHUNK];
-        match (&*sock).read(&mut buf) {
+        match (&*raw).read(buf) {
             Ok(0) => {
                 deliver_eof(tls, conn);
                 return total;
@@ -427,8 +549,7 @@ fn read_pending(stream: &TcpStream, mut tls: Option<&mut TlsConn>, conn: &mut Co
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return total,
             Err(e) => {
-                let unacked = sockopt::unacked_bytes(stream.as_raw_fd()).is_some_and(|n| n > 0);
-                conn.handle_error(now(), &e, unacked);
+                read_failed(sock, conn, &e);
                 return total;
             }
         }
@@ -441,18 +562,19 @@ fn read_pending(stream: &TcpStream, mut tls: Option<&mut TlsConn>, conn: &mut Co
 }
 
 /// Returns the bytes written.
-fn flush(stream: &TcpStream, conn: &mut Connection, now: StdInstant) -> usize {
+fn flush<S: Sock>(sock: &S, conn: &mut Connection, now: StdInstant) -> usize {
+    use std::io::Write;
     let mut budget = WRITE_BUDGET;
     while budget > 0 && !conn.poll_transmit().is_empty() {
         let chunk = &conn.poll_transmit()[..conn.poll_transmit().len().min(budget)];
-        match stream.try_write(chunk) {
+        match sock.io(Interest::WRITABLE, || (&*SockRef::from(sock)).write(chunk)) {
             Ok(n) => {
                 budget -= n.min(budget);
                 conn.handle_written(now, n);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) => {
-                let unacked = sockopt::unacked_bytes(stream.as_raw_fd()).is_some_and(|n| n > 0);
+                let unacked = sockopt::unacked_bytes(sock.as_raw_fd()).is_some_and(|n| n > 0);
                 conn.handle_error(now, &e, unacked);
                 break;
             }
@@ -463,7 +585,7 @@ fn flush(stream: &TcpStream, conn: &mut Connection, now: StdInstant) -> usize {
 
 /// Move the core's bytes into rustls (as far as its buffer limit allows) and rustls's records to the socket.
 /// Returns the bytes written to the socket.
-fn flush_tls(stream: &TcpStream, tls: &mut TlsConn, conn: &mut Connection, now: StdInstant) -> usize {
+fn flush_tls<S: Sock>(sock: &S, tls: &mut TlsConn, conn: &mut Connection, now: StdInstant) -> usize {
     use std::io::Write;
     let mut budget = WRITE_BUDGET;
     loop {
@@ -476,13 +598,13 @@ fn flush_tls(stream: &TcpStream, tls: &mut TlsConn, conn: &mut Connection, now: 
         if !tls.wants_write() || budget == 0 {
             break;
         }
-        let r = stream.try_io(Interest::WRITABLE, || tls.write_tls(&mut &*SockRef::from(stream)));
+        let r = sock.io(Interest::WRITABLE, || tls.write_tls(&mut &*SockRef::from(sock)));
         match r {
             Ok(0) => break,
             Ok(n) => budget -= n.min(budget),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) => {
-                let unacked = sockopt::unacked_bytes(stream.as_raw_fd()).is_some_and(|n| n > 0);
+                let unacked = sockopt::unacked_bytes(sock.as_raw_fd()).is_some_and(|n| n > 0);
                 conn.handle_error(now, &e, unacked);
                 break;
             }
@@ -493,11 +615,12 @@ fn flush_tls(stream: &TcpStream, tls: &mut TlsConn, conn: &mut Connection, now: 
 
 /// Drain what the peer already sent (bounded) so that dropping the socket sends FIN rather than RST: a RST can
 /// destroy our `BYE` in the peer's receive queue before it is read.
-fn close_quietly(stream: &TcpStream) {
+pub(crate) fn close_quietly<S: Sock>(sock: &S) {
+    let raw = SockRef::from(sock);
     let mut buf = [0u8; 4096];
     let mut drained = 0;
     while drained < CLOSE_DRAIN {
-        match stream.try_read(&mut buf) {
+        match sock.io(Interest::READABLE, || (&*raw).read(&mut buf)) {
             Ok(0) | Err(_) => break,
             Ok(n) => drained += n,
         }

@@ -31,6 +31,7 @@ pub mod cluster;
 pub mod config;
 mod driver;
 pub mod event;
+mod evloop;
 mod fault;
 pub mod fdlimit;
 pub mod loglimit;

@@ -4,8 +4,8 @@
 //! [`Server::bind`] opens the listener (options set and read back once, logged); [`Server::run`] accepts until
 //! the shutdown future resolves ([`Server::accepting`] tells when it starts), then says `BYE(server_shutdown)` to
 //! everyone with retry-after hints spread over a window and waits (bounded) for the goodbyes, logging what it
-//! waits for, the longest it will wait and how it ended. Each admitted connection runs in a task of its own
-//! (`session`); the rooms below hold one idea each, lowest first (a room uses only the rooms above it in this
+//! waits for, the longest it will wait and how it ended. Each admitted connection (and each refusal on its
+//! way out) goes to one of the event loops (`crate::evloop`), which drive it with its [`Role`]'s hooks; the rooms below hold one idea each, lowest first (a room uses only the rooms above it in this
 //! list, and none uses this file):
 //! - `limits`: the accept-rate token bucket and the per-source counts (a leaf).
 //! - `probes`: operators' round-trip probes in flight, and how a probed session ended during one (a leaf).
@@ -19,7 +19,7 @@
 //!   the registry's outputs.
 //! - `state`: `Shared`, the state every task shares: emit, stats, metrics and session snapshots.
 //! - `clustered`: cluster mode's admission and what other nodes' messages do here.
-//! - `session`: one connection's life: `serve_conn` and the hooks where a `HELLO` is decided, a frame is
+//! - `session`: one connection's life: `open` and the hooks where a `HELLO` is decided, a frame is
 //!   relayed, and a verdict becomes an event.
 //! - `handle`: [`ServerHandle`], the application's and the operator's API, and the paced drain.
 //!
@@ -36,7 +36,7 @@
 //! stream that could block: the binary's log writer is non-blocking.
 //!
 //! # Rules
-//! This file owns the listener, the connection tasks' `JoinSet` and the helper tasks; it holds no lock across an
+//! This file owns the listener, the event loops' `JoinSet` and the helper tasks; it holds no lock across an
 //! `.await`. The lock order everywhere in the server is: the drain lock (only `ServerHandle::drain` holds it
 //! while taking another), then the hub, then the reliable sessions' table, then a connection's control slot;
 //! the sources, probes and log-limiter locks are leaves taken alone.
@@ -49,13 +49,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant as StdInstant};
 
 use tether_proto::{Bye, CloseReason, ConnId, Connection, Event, Frame};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::net::TcpSocket;
 use tokio::task::JoinSet;
 
 use crate::cluster::Cluster;
 use crate::config::ServerConfig;
-use crate::driver::{self, drive, Hooks};
+use crate::driver::{self, Hooks};
 use crate::event::{EventKind, EventSink, EventStream};
+use crate::evloop::{Loops, New};
 use crate::fdlimit::{Capacity, Reserve};
 use crate::sockopt;
 
@@ -75,7 +78,6 @@ pub use handle::{KickError, Receipt, SendToError, ServerHandle};
 pub use held::Delivery;
 pub use limits::source_of;
 use limits::TokenBucket;
-use session::serve_conn;
 use state::Shared;
 
 const LISTEN_BACKLOG: u32 = 4096;
@@ -85,7 +87,8 @@ const LEAVE_PATIENCE: Duration = Duration::from_secs(2);
 
 /// A bound, not yet running server.
 pub struct Server {
-    listener: TcpListener,
+    /// Registered with tokio for readiness only: accepted sockets go to the event loops unregistered.
+    listener: AsyncFd<std::net::TcpListener>,
     shared: Arc<Shared>,
     events: Option<EventStream>,
     /// Told when the accept loop starts ([`Server::accepting`]), for a service manager's readiness.
@@ -135,6 +138,9 @@ impl Server {
         };
         let mut cfg = cfg;
         cfg.listen = listener.local_addr()?; // port 0 resolved, for `ServerHandle::local_addr`
+                                             // SAFETY: the std listener owns its descriptor, and the `AsyncFd` owns the listener until it is dropped.
+        let listener = unsafe { AsyncFd::register_with_interest(listener.into_std()?, Interest::READABLE) }
+            .map_err(io::Error::from)?;
         let cluster = match cfg.cluster.clone() {
             Some(cc) => {
                 cfg.server_id = cc.node_id.clone();
@@ -157,7 +163,7 @@ impl Server {
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.local_addr()
+        self.listener.get_ref().local_addr()
     }
 
     /// The event stream (once). With the default bounded [`crate::EventQueue`], an application that falls
@@ -193,6 +199,7 @@ impl Server {
         let shared = self.shared.clone();
         let admin = shared.admin_addr.get().copied();
         let mut tasks = JoinSet::new();
+        let loops = Loops::start(&mut tasks)?;
         let mut helpers =
             vec![tokio::spawn(registry_timer(shared.clone())), tokio::spawn(log_summaries(shared.clone()))];
         if shared.cluster.is_none() {
@@ -205,10 +212,10 @@ impl Server {
         tokio::pin!(shutdown);
         // A shutdown asked for while the node is still joining is carried out at once, not after the join.
         let mut stopped = false;
-        shared.emit(EventKind::Listening { addr: self.listener.local_addr()?, admin, node });
+        shared.emit(EventKind::Listening { addr: self.listener.get_ref().local_addr()?, admin, node });
         if let Some(cluster) = &shared.cluster {
             let admin = admin.map(|a| a.to_string()).unwrap_or_default();
-            cluster.set_addrs(self.listener.local_addr()?.to_string(), admin);
+            cluster.set_addrs(self.listener.get_ref().local_addr()?.to_string(), admin);
             let host: Arc<dyn crate::cluster::Host> = shared.clone();
             helpers.extend(cluster.start(host));
             // Accept once the node sees the cluster (joined, its view complete); without Redis, after one lease,
@@ -262,13 +269,15 @@ impl Server {
                     cannot_join = Some(why);
                     break;
                 }
-                Some(_) = tasks.join_next() => {}
-                r = self.listener.accept() => match r {
-                    Ok((stream, peer)) => {
+                Some(ended) = tasks.join_next() => {
+                    tracing::error!("an event loop ended while the server runs (a bug): {ended:?}");
+                }
+                r = self.listener.async_io(Interest::READABLE, accept) => match r {
+                    Ok((sock, peer)) => {
                         backoff = Duration::from_millis(10);
                         reserve.restore();
                         let allowed = bucket.as_mut().is_none_or(|b| b.take(driver::now()));
-                        self.admit_socket(&mut tasks, stream, peer, allowed);
+                        self.admit_socket(&loops, sock, peer, allowed);
                     }
                     Err(e) if is_resource_error(&e) => {
                         if self.refuse_with_reserve(&mut reserve).await {
@@ -284,7 +293,7 @@ impl Server {
             }
         }
         drop(self.listener);
-        goodbye_all(&shared, &mut tasks).await;
+        goodbye_all(&shared, &loops, &mut tasks).await;
         if let Some(cluster) = &shared.cluster {
             cluster.leave(LEAVE_PATIENCE).await;
         }
@@ -304,16 +313,16 @@ impl Server {
         if !reserve.release() {
             return false;
         }
-        let accepted = std::future::poll_fn(|cx| std::task::Poll::Ready(self.listener.poll_accept(cx))).await;
-        let refused = match accepted {
-            std::task::Poll::Ready(Ok((stream, peer))) => {
+        let refused = match self.listener.try_io(Interest::READABLE, accept) {
+            Ok((stream, peer)) => {
                 let shared = &self.shared;
                 let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
                 shared.metrics.accepted.fetch_add(1, Ordering::Relaxed);
                 shared.metrics.refused_busy.fetch_add(1, Ordering::Relaxed);
                 shared.metrics.count_disconnect(CloseReason::Busy);
                 if shared.cfg.tls.is_none() {
-                    let _ = stream.try_write(&Frame::Bye(bye(CloseReason::Busy, shared.busy_retry())).to_bytes());
+                    let b = Frame::Bye(bye(CloseReason::Busy, shared.busy_retry())).to_bytes();
+                    let _ = std::io::Write::write(&mut &stream, &b);
                 }
                 drop(stream);
                 let detail = Some("out of file descriptors".to_owned());
@@ -334,10 +343,10 @@ impl Server {
         refused
     }
 
-    fn admit_socket(&self, tasks: &mut JoinSet<()>, stream: TcpStream, peer: SocketAddr, rate_ok: bool) {
+    fn admit_socket(&self, loops: &Loops<Role>, sock: mio::net::TcpStream, peer: SocketAddr, rate_ok: bool) {
         let shared = self.shared.clone();
         let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = shared.cfg.socket.apply(&stream) {
+        if let Err(e) = shared.cfg.socket.apply(&sock) {
             tracing::debug!(conn = conn_id, %peer, "socket options: {e}");
         }
         shared.metrics.accepted.fetch_add(1, Ordering::Relaxed);
@@ -345,7 +354,7 @@ impl Server {
             // Lame duck: newcomers are sent where the drain sends everyone.
             shared.metrics.refused_draining.fetch_add(1, Ordering::Relaxed);
             let b = shared.drain_bye();
-            tasks.spawn(refuse(shared, stream, peer, conn_id, b));
+            refuse(loops, shared, sock, peer, conn_id, b);
             return;
         }
         let full = shared.active.load(Ordering::Relaxed) >= shared.capacity;
@@ -353,7 +362,7 @@ impl Server {
         if full || handshaking || !rate_ok {
             shared.metrics.refused_busy.fetch_add(1, Ordering::Relaxed);
             let b = bye(CloseReason::Busy, shared.busy_retry());
-            tasks.spawn(refuse(shared, stream, peer, conn_id, b));
+            refuse(loops, shared, sock, peer, conn_id, b);
             return;
         }
         // One source may hold a share of the handshake slots (so that a single address stalling handshakes
@@ -361,14 +370,24 @@ impl Server {
         if !shared.sources.admit(peer.ip(), shared.handshakes_per_source, shared.cfg.max_per_ip) {
             shared.metrics.refused_ip_limit.fetch_add(1, Ordering::Relaxed);
             let b = bye(CloseReason::IpLimit, shared.busy_retry());
-            tasks.spawn(refuse(shared, stream, peer, conn_id, b));
+            refuse(loops, shared, sock, peer, conn_id, b);
             return;
         }
         shared.active.fetch_add(1, Ordering::Relaxed);
         let now_handshaking = shared.handshakes.fetch_add(1, Ordering::Relaxed) + 1;
         shared.peak_handshakes.fetch_max(now_handshaking, Ordering::Relaxed);
-        tasks.spawn(serve_conn(shared, stream, peer, conn_id));
+        if let Some((conn, tls, hooks)) = session::open(shared, &sock, peer, conn_id) {
+            loops.add(New { sock, conn, tls, hooks: Role::Session(hooks) });
+        }
     }
+}
+
+/// Accept one connection without registering it anywhere (its event loop registers it), non-blocking and
+/// close-on-exec from the start.
+fn accept(listener: &std::net::TcpListener) -> io::Result<(mio::net::TcpStream, SocketAddr)> {
+    let (sock, addr) = socket2::SockRef::from(listener).accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)?;
+    let peer = addr.as_socket().ok_or_else(|| io::Error::other("accepted a socket that is not IP"))?;
+    Ok((mio::net::TcpStream::from(std::os::fd::OwnedFd::from(sock)), peer))
 }
 
 fn is_resource_error(e: &io::Error) -> bool {
@@ -445,13 +464,74 @@ async fn at_deadlines(wake: &tokio::sync::Notify, next: impl Fn() -> Option<StdI
 
 /// Refused at accept (`busy`, `ip_limit`): the `BYE` is flushed, then the socket closed. Nothing else is read or
 /// kept.
-async fn refuse(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, conn_id: ConnId, b: Bye) {
+fn refuse(
+    loops: &Loops<Role>,
+    shared: Arc<Shared>,
+    sock: mio::net::TcpStream,
+    peer: SocketAddr,
+    conn_id: ConnId,
+    b: Bye,
+) {
     let now = driver::now();
     let mut conn = Connection::server(now, shared.conn_cfg.clone());
     conn.reject(now, b);
     let Ok(tls) = shared.tls_session() else { return };
-    let mut hooks = BusyHooks { shared, conn_id, peer };
-    drive(stream, tls, &mut conn, &mut hooks).await;
+    let hooks = Role::Refusal(Box::new(BusyHooks { shared, conn_id, peer }));
+    loops.add(New { sock, conn, tls, hooks });
+}
+
+/// What the event loops drive: an admitted connection's session, or a refusal on its way out.
+enum Role {
+    Session(session::ServerHooks),
+    /// Boxed, so that refusals (few, and short-lived) do not widen every slot of the slab.
+    Refusal(Box<BusyHooks>),
+}
+
+impl Hooks for Role {
+    type Cmd = control::Cmd;
+    fn on_event(&mut self, conn: &mut Connection, now: StdInstant, event: Event) {
+        match self {
+            Role::Session(h) => h.on_event(conn, now, event),
+            Role::Refusal(h) => h.on_event(conn, now, event),
+        }
+    }
+    fn on_cmd(&mut self, conn: &mut Connection, now: StdInstant, cmd: control::Cmd) {
+        if let Role::Session(h) = self {
+            h.on_cmd(conn, now, cmd);
+        }
+    }
+    fn poll_cmd(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<control::Cmd>> {
+        match self {
+            Role::Session(h) => h.poll_cmd(cx),
+            Role::Refusal(_) => std::task::Poll::Ready(None),
+        }
+    }
+    fn on_progress(&mut self, conn: &Connection) {
+        if let Role::Session(h) = self {
+            h.on_progress(conn);
+        }
+    }
+    fn on_io(&mut self, conn: &Connection, read: usize, written: usize) {
+        if let Role::Session(h) = self {
+            h.on_io(conn, read, written);
+        }
+    }
+    fn after_flush(&mut self, conn: &mut Connection, now: StdInstant) {
+        if let Role::Session(h) = self {
+            h.after_flush(conn, now);
+        }
+    }
+    fn socket_options(&self) -> Option<&sockopt::SocketOptions> {
+        match self {
+            Role::Session(h) => h.socket_options(),
+            Role::Refusal(_) => None,
+        }
+    }
+    fn after_panic(&mut self, conn: &Connection, panic: &(dyn std::any::Any + Send)) {
+        if let Role::Session(h) = self {
+            h.after_panic(conn, panic);
+        }
+    }
 }
 
 struct BusyHooks {
@@ -488,7 +568,7 @@ impl Hooks for BusyHooks {
 /// `shutdown_redirect` address as the alternative, then wait up to `shutdown_grace` for the goodbyes and abort
 /// what is left. Logs what it waits for and the longest it will wait (and, in cluster mode, what leaving the
 /// cluster will take), then how it ended.
-async fn goodbye_all(shared: &Shared, tasks: &mut JoinSet<()>) {
+async fn goodbye_all(shared: &Shared, loops: &Loops<Role>, tasks: &mut JoinSet<()>) {
     shared.shutting_down.store(true, Ordering::Relaxed);
     let (conns, online) = {
         let hub = shared.hub();
@@ -506,9 +586,10 @@ async fn goodbye_all(shared: &Shared, tasks: &mut JoinSet<()>) {
     let grace = shared.cfg.shutdown_grace;
     tracing::info!("{}", shutdown_plan(&shared.cfg, conns, online));
     let started = tokio::time::Instant::now();
+    loops.end();
     let all_done = async { while tasks.join_next().await.is_some() {} };
     if tokio::time::timeout(grace, all_done).await.is_err() {
-        let left = count(tasks.len(), "connection");
+        let left = count(shared.hub().conns.len(), "connection");
         tracing::warn!("shutting down: gave up after {grace:?} on {left} still saying goodbye; closing them");
         tasks.abort_all();
     } else if conns > 0 {
@@ -547,21 +628,18 @@ mod size_guard {
     use super::control::Control;
     use super::*;
 
-    /// Every idle connection holds one task whose future is this big: a regression here is memory per
-    /// connection (see BENCHMARKS.md), and so is its `Control` on the heap. Measured with rustc 1.95 (debug build):
-    /// future 1000 bytes, Connection 392 (the reliable extension's receiving half is one pointer, boxed only when
-    /// granted), Control 240 (the operator's view of the session and its traffic counts included, and the slot
-    /// a cluster admission arrives in).
-    #[tokio::test]
-    async fn per_connection_task_stays_small() {
-        let cfg = ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..Default::default() };
-        let server = Server::bind(cfg).await.unwrap();
-        let c = TcpStream::connect(server.local_addr().unwrap()).await.unwrap();
-        let peer = c.local_addr().unwrap();
-        let f = serve_conn(server.shared.clone(), c, peer, 1);
-        assert!(std::mem::size_of_val(&f) <= 1024, "serve_conn future is {} bytes", std::mem::size_of_val(&f));
+    /// Every idle connection holds one slot in its event loop's slab, its session's hooks (boxed) and its
+    /// `Control` on the heap: a regression here is memory per connection (see BENCHMARKS.md). Measured with rustc
+    /// 1.95 (debug build): slot 512 bytes, of which Connection 392 (the reliable extension's receiving half is one
+    /// pointer, boxed only when granted); hooks 104; Control 240 (the operator's view of the session and its
+    /// traffic counts included, and the slot a cluster admission arrives in).
+    #[test]
+    fn per_connection_state_stays_small() {
+        let slot = crate::evloop::slot_size::<Role>();
+        let hooks = std::mem::size_of::<session::ServerHooks>();
+        assert!(slot <= 544, "a slab slot is {slot} bytes");
+        assert!(hooks <= 104, "ServerHooks is {hooks} bytes");
         assert!(std::mem::size_of::<Connection>() <= 392, "Connection is {} bytes", std::mem::size_of::<Connection>());
         assert!(std::mem::size_of::<Control>() <= 240, "Control is {} bytes", std::mem::size_of::<Control>());
-        drop(f);
     }
 }

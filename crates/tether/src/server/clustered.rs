@@ -1,7 +1,7 @@
 //! The server's side of cluster mode: admission across nodes, and what other nodes' messages do here.
 //!
 //! # Layout
-//! - [`admit`]: a `HELLO` in cluster mode is decided off the connection's task. The node holding the id is asked
+//! - [`admit`]: a `HELLO` in cluster mode is decided off the connection's event loop. The node holding the id is asked
 //!   first (it applies the `id_conflict` rule, knowing its holder's liveness), then the id is claimed in Redis
 //!   for a new epoch, and the decision goes back to the connection as a command ([`Admit`]), which welcomes or
 //!   refuses under the hub's lock like a single node does. A connection that closes while its claim is in

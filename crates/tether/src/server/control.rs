@@ -2,19 +2,19 @@
 //! about its `HELLO`.
 //!
 //! # Layout
-//! - [`Control`]: one per connection, shared (`Arc`) by its task, the hub's table and whoever asks about it. A close
+//! - [`Control`]: one per connection, shared (`Arc`) by its event loop, the hub's table and whoever asks about it. A close
 //!   request (first wins, never blocked by queued frames; each asker learns whether it won: [`Requested`]), a
 //!   bounded frame queue, a probe request and an admission decision, plus what the operator may read about the
 //!   session and its traffic.
-//! - [`Cmd`] and [`CloseCmd`]: what the task takes out of its slot: a close request first, then a probe request,
+//! - [`Cmd`] and [`CloseCmd`]: what its event loop takes out of its slot: a close request first, then a probe request,
 //!   then an admission decision, then queued frames in order ([`Control::poll_take`]).
 //! - [`Admit`] and [`Decision`]: what the cluster decided about a `HELLO`, handed to the connection as a command.
 //!
 //! # Rules
 //! A leaf: nothing here knows the server's shared state or the hub. The slot's lock is held only to move a
 //! command in or out, never while taking another lock, and across no IO but one: the kernel's view of the socket
-//! is read under it, so that a descriptor the task has closed (and the kernel may have reused) is never read. The
-//! task is the only writer of the traffic counts and the round trip, so those are plain loads and stores on
+//! is read under it, so that a descriptor its event loop has closed (and the kernel may have reused) is never read. The
+//! event loop is the only writer of the traffic counts and the round trip, so those are plain loads and stores on
 //! atomics.
 
 use std::collections::VecDeque;
@@ -31,10 +31,10 @@ use crate::cluster::Cluster;
 use crate::ops::KernelView;
 use crate::sockopt;
 
-/// How other tasks reach a connection task: a close request (first wins, never blocked by queued frames) and a
+/// How other tasks reach a connection: a close request (first wins, never blocked by queued frames) and a
 /// bounded frame queue. The queue is a `VecDeque` that allocates only when something is queued and is released
 /// when it drains: an idle connection pays nothing for it (a channel would pre-allocate a block of slots).
-/// It also carries what the operator may ask about the connection; the task is its only writer.
+/// It also carries what the operator may ask about the connection; its event loop is its only writer.
 pub(super) struct Control {
     state: Mutex<ControlState>,
     /// Milliseconds after `Shared::origin` of the last frame received (for the id-conflict liveness rule).
@@ -85,23 +85,23 @@ impl SessionMeta {
 }
 
 struct ControlState {
-    /// The close request the task has not taken yet.
+    /// The close request its event loop has not taken yet.
     close: Option<CloseCmd>,
-    /// A close request was accepted (taken by the task or not): the first one decided how the connection ends,
+    /// A close request was accepted (taken by its event loop or not): the first one decided how the connection ends,
     /// and every later one is told so. Never cleared.
     closing: bool,
     frames: VecDeque<Frame>,
-    /// The connection task, when it waits for a command.
+    /// The waker of the connection's slot in its event loop, when it waits for a command.
     waker: Option<Waker>,
-    /// The socket while it is open, -1 after: the kernel's view is read under this lock, and the task clears it
+    /// The socket while it is open, -1 after: the kernel's view is read under this lock, and its event loop clears it
     /// before the socket closes, so a reused descriptor is never read. (A bare descriptor rather than an
     /// `Option`: it keeps this slot, one per connection, a word smaller.)
     fd: RawFd,
     /// An operator asked for a round-trip probe.
     probe: bool,
-    /// Cluster mode: the decision about this connection's `HELLO`, waiting for its task.
+    /// Cluster mode: the decision about this connection's `HELLO`, waiting for its event loop.
     admit: Option<Box<Admit>>,
-    /// Its reliable session has items to send (the task takes them from the table).
+    /// Its reliable session has items to send (its event loop takes them from the table).
     pull: bool,
 }
 
@@ -231,25 +231,25 @@ impl Control {
         self.state.lock().expect("control lock").close()
     }
 
-    /// [`Control::close_socket`] for a task that is being torn down (a guard's `drop`): a poisoned lock is passed
+    /// [`Control::close_socket`] for a connection that is being torn down (its hooks' `drop`): a poisoned lock is passed
     /// over rather than panicking a second time.
     pub(super) fn close_socket_on_drop(&self) -> Option<Box<Admit>> {
         self.state.lock().ok()?.close()
     }
 
-    /// Ask the task to close; the first request wins, and the answer says whether this was it.
+    /// Ask its event loop to close; the first request wins, and the answer says whether this was it.
     pub(super) fn request(&self, cmd: CloseCmd) -> Requested {
         self.state.lock().expect("control lock").request(cmd)
     }
 
-    /// Ask the task to measure a round trip now.
+    /// Ask its event loop to measure a round trip now.
     pub(super) fn request_probe(&self) {
         let mut st = self.state.lock().expect("control lock");
         st.probe = true;
         st.wake();
     }
 
-    /// Tell the task that its reliable session has items to send.
+    /// Tell its event loop that its reliable session has items to send.
     pub(super) fn wake_pull(&self) {
         let mut st = self.state.lock().expect("control lock");
         if !st.pull {
@@ -270,7 +270,7 @@ impl Control {
         Ok(())
     }
 
-    /// Hand the cluster's decision about the `HELLO` to the task; given back when the connection is already
+    /// Hand the cluster's decision about the `HELLO` to its event loop; given back when the connection is already
     /// closed (the caller then releases what it claimed).
     pub(super) fn admit(&self, a: Box<Admit>) -> Result<(), Box<Admit>> {
         let mut st = self.state.lock().expect("control lock");
@@ -371,7 +371,7 @@ mod tests {
         let c = Control::new("127.0.0.1:1".parse().unwrap(), 0, 0);
         assert_eq!(c.request(kick()), Requested::Accepted);
         assert_eq!(c.request(kick()), Requested::AlreadyClosing);
-        // Taken by the task: still closing, not open to a second close.
+        // Taken by its event loop: still closing, not open to a second close.
         let waker = std::task::Waker::noop();
         assert!(matches!(c.poll_take(&mut Context::from_waker(waker)), Poll::Ready(Cmd::Close(CloseCmd::Bye(_)))));
         assert_eq!(c.request(CloseCmd::Abort(CloseReason::SlowConsumer)), Requested::AlreadyClosing);

@@ -8,7 +8,7 @@
 //! - Lame duck: [`ServerHandle::drain`] spawns `drain_paced`, which says goodbye in batches.
 //!
 //! # Rules
-//! Nothing here runs on a connection's task: a connection is reached only through its control slot (a close
+//! Nothing here runs in an event loop: a connection is reached only through its control slot (a close
 //! request, a queued frame, a probe request), so no operator call can block a heartbeat. Under the hub's lock
 //! references are gathered, or one frame pushed or one close requested; copies and the kernel's view are made
 //! after it is released. The drain lock is the one taken before the hub's (by `drain`, to snapshot the

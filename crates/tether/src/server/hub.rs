@@ -1,4 +1,4 @@
-//! The server-wide book: the sans-IO session [`Registry`] and a way to reach each connection's task.
+//! The server-wide book: the sans-IO session [`Registry`] and a way to reach each connection.
 //!
 //! # Layout
 //! - [`Hub`]: the registry (sessions, presence, remote ids in cluster mode) and the connection table.
@@ -21,10 +21,10 @@ use tether_proto::{ConnId, Connection, Frame};
 use super::control::Control;
 use crate::cluster::Cluster;
 
-/// The server-wide book: sessions and presence, and how to reach each connection's task.
+/// The server-wide book: sessions and presence, and how to reach each connection.
 pub(super) struct Hub {
     pub(super) registry: Registry,
-    /// How to reach each connection's task: its control slot.
+    /// How to reach each connection: its control slot.
     pub(super) conns: HashMap<ConnId, Arc<Control>>,
     /// `ServerConfig::outbound_queue`, for pushes made while holding the hub.
     outbound_queue: usize,

@@ -1,11 +1,12 @@
-//! One connection's life on the server: its task ([`serve_conn`]) and what the server does at each thing the
+//! One connection's life on the server: how it starts ([`open`]) and what the server does at each thing the
 //! core reports ([`ServerHooks`]).
 //!
 //! # Layout
-//! - [`serve_conn`]: registers the connection's control slot in the hub, builds its `Connection` and runs
-//!   `driver::drive` with [`ServerHooks`] until it closes; [`ConnGuard`] undoes the registration however the task
-//!   ends (a close, or an abort at shutdown). A panic while driving (a bug of ours) is caught there and closes the
-//!   connection as any close does ([`ServerHooks::after_panic`]).
+//! - [`open`]: registers the connection's control slot in the hub, builds its `Connection` and the
+//!   [`ServerHooks`] an event loop (`crate::evloop`) drives it with until it closes. Dropping the hooks undoes the
+//!   registration however the connection ends (a close, or its loop aborted at shutdown). A panic while
+//!   visiting it (a bug of ours) is caught by its loop and closes the connection as any close does
+//!   ([`ServerHooks::after_panic`]).
 //! - Where a `HELLO` is decided: [`ServerHooks::on_hello`] checks the credential, then admits through the
 //!   registry under the hub's lock (a single node) or hands the decision to `clustered::admit` (cluster mode),
 //!   whose answer comes back as a command ([`ServerHooks::on_admit`]); [`ServerHooks::conclude`] sends `WELCOME`
@@ -25,9 +26,10 @@
 //!   become events and, in cluster mode, presence messages in the same place.
 //!
 //! # Rules
-//! Runs on the connection's own task, so nothing here may block or wait: the hub's lock only for a registry call
-//! and its pump, work that can wait (a delayed `auth_failed`, a cluster admission) is spawned, and events and
-//! log lines leave after the hub's lock is released. The task is the only writer of its `Control`'s counts.
+//! Runs inside an event loop that serves many connections, so nothing here may block or wait: the hub's lock only
+//! for a registry call and its pump, work that can wait (a delayed `auth_failed`, a cluster admission) is
+//! spawned, and events and log lines leave after the hub's lock is released. The loop is the only writer of a
+//! connection's `Control` counts.
 
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -36,11 +38,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant as StdInstant, SystemTime};
 
 use bytes::Bytes;
-use futures_util::FutureExt;
 use tether_proto::registry::{Admission, SessionEvent};
 use tether_proto::reliable;
 use tether_proto::{CloseReason, ConnId, Connection, Event, Frame, HeartbeatRange, Undeliverable, Welcome};
-use tokio::net::TcpStream;
 
 use super::clustered;
 use super::control::{bye, Admit, CloseCmd, Cmd, Control, Decision, SessionMeta};
@@ -49,41 +49,24 @@ use super::hub::Hub;
 use super::probes;
 use super::state::Shared;
 use crate::cluster::reliable::{Done, Link, Taken};
-use crate::driver::{self, drive, Hooks};
+use crate::driver::{self, Hooks};
 use crate::event::EventKind;
 use crate::ops::{DisconnectRecord, ProbeEnded};
 use crate::sockopt;
 
-/// Guard that keeps `active` and the hub's connection table honest however the task ends.
-struct ConnGuard {
+/// A new connection's session: its control slot registered in the hub, its core built, its TLS session, and
+/// the hooks an event loop drives it with. `None` if no TLS session could be made (the connection is then
+/// closed at once, having left every count it entered).
+pub(super) fn open(
     shared: Arc<Shared>,
+    sock: &mio::net::TcpStream,
+    peer: SocketAddr,
     conn_id: ConnId,
-    /// Also holds the peer's address (kept once per connection, here).
-    control: Arc<Control>,
-}
-
-impl Drop for ConnGuard {
-    fn drop(&mut self) {
-        // However the task ended (its close event, or aborted at shutdown), it leaves nothing queued behind.
-        if let (Some(a), Some(cluster)) = (self.control.close_socket_on_drop(), &self.shared.cluster) {
-            a.give_back(cluster, CloseReason::Reset, false);
-        }
-        let queued = self.control.queued.swap(0, Ordering::Relaxed);
-        self.shared.metrics.outbound_queued.fetch_sub(queued as i64, Ordering::Relaxed);
-        self.shared.hub().conns.remove(&self.conn_id);
-        if self.shared.cfg.max_per_ip.is_some() {
-            self.shared.sources.connection_done(self.control.peer.ip());
-        }
-        self.shared.active.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-pub(super) async fn serve_conn(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, conn_id: ConnId) {
+) -> Option<(Connection, Option<Box<rustls::Connection>>, ServerHooks)> {
     let control = {
         let now_ms = driver::now().saturating_duration_since(shared.origin).as_millis() as u64;
-        Arc::new(Control::new(peer, stream.as_raw_fd(), now_ms))
+        Arc::new(Control::new(peer, sock.as_raw_fd(), now_ms))
     };
-    let _guard = ConnGuard { shared: shared.clone(), conn_id, control: control.clone() };
     if shared.shutting_down.load(Ordering::Relaxed) {
         control.request(CloseCmd::Bye(bye(CloseReason::ServerShutdown, shared.cfg.shutdown_spread)));
     }
@@ -97,7 +80,7 @@ pub(super) async fn serve_conn(shared: Arc<Shared>, stream: TcpStream, peer: Soc
     // Where in its first 12 intervals the session's first round-trip probe falls.
     conn.set_ping_phase(rand::random::<f64>());
     let tls = shared.tls_session();
-    let mut hooks = ServerHooks {
+    let hooks = ServerHooks {
         shared,
         conn_id,
         client: None,
@@ -108,16 +91,27 @@ pub(super) async fn serve_conn(shared: Arc<Shared>, stream: TcpStream, peer: Soc
         rel_more: false,
         stored: None,
     };
-    if let Ok(tls) = tls {
-        // A panic in the task (a bug of ours) is caught here, and the connection leaves as a close would.
-        let ran = std::panic::AssertUnwindSafe(drive(stream, tls, &mut conn, &mut hooks)).catch_unwind().await;
-        if let Err(panic) = ran {
-            hooks.after_panic(&conn, panic.as_ref());
+    // Without a TLS session the hooks are dropped here, which undoes the registration.
+    let tls = tls.ok()?;
+    Some((conn, tls, hooks))
+}
+
+/// However the connection ends (closed, its loop aborted at shutdown, or never started), it leaves the handshake
+/// counts, the hub's table and the server's counts, with nothing queued behind.
+impl Drop for ServerHooks {
+    fn drop(&mut self) {
+        self.handshake_done();
+        if let (Some(a), Some(cluster)) = (self.control.close_socket_on_drop(), &self.shared.cluster) {
+            a.give_back(cluster, CloseReason::Reset, false);
         }
+        let queued = self.control.queued.swap(0, Ordering::Relaxed);
+        self.shared.metrics.outbound_queued.fetch_sub(queued as i64, Ordering::Relaxed);
+        self.shared.hub().conns.remove(&self.conn_id);
+        if self.shared.cfg.max_per_ip.is_some() {
+            self.shared.sources.connection_done(self.control.peer.ip());
+        }
+        self.shared.active.fetch_sub(1, Ordering::Relaxed);
     }
-    // However the connection ended (even before it started, on a TLS session error), it leaves the handshake
-    // counts.
-    hooks.handshake_done();
 }
 
 /// Cluster mode: a client's messages (and their payload bytes) on their way to Redis at most; beyond, it is not
@@ -144,7 +138,7 @@ enum Step {
     NoSession,
 }
 
-struct ServerHooks {
+pub(super) struct ServerHooks {
     shared: Arc<Shared>,
     conn_id: ConnId,
     /// The admitted client id, once `WELCOME` was sent.
@@ -266,23 +260,6 @@ impl ServerHooks {
             self.shared.handshakes.fetch_sub(1, Ordering::Relaxed);
             self.shared.sources.handshake_done(self.control.peer.ip());
         }
-    }
-
-    /// The task panicked while driving the connection (its socket is already closed: the panic dropped it): log
-    /// and count it, and close as any close does ([`on_closed`](Self::on_closed)): the handshake slot, the session
-    /// (announced `offline`, reason `reset`, the detail saying why), the history's record and a waiting probe.
-    fn after_panic(&mut self, conn: &Connection, panic: &(dyn std::any::Any + Send)) {
-        let what = panic
-            .downcast_ref::<&str>()
-            .copied()
-            .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-            .unwrap_or("a panic");
-        tracing::error!(conn = self.conn_id, peer = %self.control.peer, client = ?self.client, "this connection's task panicked (a bug): {what}; closing it");
-        self.shared.metrics.task_panics.fetch_add(1, Ordering::Relaxed);
-        let detail = Some("the server's task for this connection panicked; see its log".to_owned());
-        let closed =
-            tether_proto::Closed { reason: CloseReason::Reset, lateness: None, by_peer: false, peer_bye: None, detail };
-        self.on_closed(conn, driver::now(), closed);
     }
 
     fn on_hello(&mut self, conn: &mut Connection, now: StdInstant, hello: tether_proto::Hello) {
@@ -910,7 +887,7 @@ impl ServerHooks {
                 _ => false,
             };
         // The socket closes right after this: the operator's view of it ends here.
-        // (Its last frame and queued-byte counts settle at the driver's next flush and in `ConnGuard`.)
+        // (Its last frame and queued-byte counts settle at the pump's next flush and in `ServerHooks`'s drop.)
         let unadmitted = self.control.close_socket();
         // Cluster mode: claimed for this connection, which closed before it could be welcomed.
         if let (Some(a), Some(cluster)) = (unadmitted, &self.shared.cluster) {
@@ -1078,6 +1055,23 @@ impl Hooks for ServerHooks {
         }
     }
 
+    /// Visiting the connection panicked (the event loop closes its socket right after): log
+    /// and count it, and close as any close does ([`on_closed`](Self::on_closed)): the handshake slot, the session
+    /// (announced `offline`, reason `reset`, the detail saying why), the history's record and a waiting probe.
+    fn after_panic(&mut self, conn: &Connection, panic: &(dyn std::any::Any + Send)) {
+        let what = panic
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("a panic");
+        tracing::error!(conn = self.conn_id, peer = %self.control.peer, client = ?self.client, "serving this connection panicked (a bug): {what}; closing it");
+        self.shared.metrics.task_panics.fetch_add(1, Ordering::Relaxed);
+        let detail = Some("the server's work for this connection panicked; see its log".to_owned());
+        let closed =
+            tether_proto::Closed { reason: CloseReason::Reset, lateness: None, by_peer: false, peer_bye: None, detail };
+        self.on_closed(conn, driver::now(), closed);
+    }
+
     fn poll_cmd(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Cmd>> {
         if let std::task::Poll::Ready(cmd) = self.control.poll_take(cx) {
             return std::task::Poll::Ready(Some(cmd));
@@ -1095,7 +1089,7 @@ impl Hooks for ServerHooks {
         }
     }
 
-    /// Traffic into the connection's own counts (the task is their only writer: plain loads and stores) and, with
+    /// Traffic into the connection's own counts (its event loop is their only writer: plain loads and stores) and, with
     /// metrics on, the server's totals (relaxed atomic adds, no lock).
     fn on_io(&mut self, conn: &Connection, read: usize, written: usize) {
         let c = &self.control;

@@ -95,9 +95,9 @@ pub(super) struct DrainState {
 }
 
 impl Shared {
-    /// The session hub, locked. A panic in a connection task while it held the lock does not take the server
+    /// The session hub, locked. A panic while serving a connection, with the lock held, does not take the server
     /// down with it: the lock is taken over rather than poisoned for everyone (the registry's own operations are
-    /// sans IO and fuzzed; what panics is ours, and it leaves through `ConnGuard` and `ServerHooks`'s drop).
+    /// sans IO and fuzzed; what panics is ours, and it leaves through `ServerHooks`'s drop).
     pub(super) fn hub(&self) -> std::sync::MutexGuard<'_, Hub> {
         self.hub_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }

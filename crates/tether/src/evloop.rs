@@ -1,0 +1,330 @@
+//! The server's event loops: every connection's state in a slab, driven by a few tasks instead of one task each.
+//!
+//! # Layout
+//! - This file: [`Loops`], the handle the accept loop gives each admitted socket to (round robin, one loop per
+//!   runtime worker thread), and [`run`], one loop. A loop is a single tokio task owning an epoll instance of
+//!   its own (a mio `Poll`, itself registered with tokio's reactor as one descriptor), a slab of connections,
+//!   a timer heap, one read buffer and a list of slots to visit. Each wakeup it gathers what is ready — epoll
+//!   events, slots whose commands were woken, new connections, deadlines due — and visits each listed slot once.
+//! - `slab`: [`slab::Entry`], one connection's state, and its visit; [`slab::SlotWake`], the waker that lists
+//!   a slot when a command arrives for it.
+//! - `timer`: [`timer::Timers`], the loop's deadlines, at most one live entry per connection.
+//!
+//! Per connection this keeps the socket, the core, the pump and the hooks in one slab entry, a waker of a few
+//! words, and a kernel epoll item: no task, no future, no channel, no tokio IO registration, no read buffer.
+//!
+//! # Rules
+//! - The sans-IO core decides everything; a loop only carries its decisions out, through the same [`Pump`]
+//!   steps the client's driver uses.
+//! - Nothing in a loop waits: a visit reads, writes and decides, then returns. Work that waits (a cluster
+//!   admission, a delayed refusal) is spawned by the hooks, and comes back as a command that wakes the slot.
+//!   The one exception is a closed TLS connection whose last records cannot be written yet: its socket leaves
+//!   the loop for a small task of its own ([`finish_tls`]), bounded by `TLS_FINISH_GRACE`.
+//! - Time is tokio's: the loop's one `Sleep` is reset to the heap's earliest deadline (so `start_paused` tests
+//!   drive it), and timers are exact to the millisecond, as tokio's are.
+//! - A panic while visiting a connection (a bug of ours) closes that connection alone: the loop catches it,
+//!   tells the hooks ([`Hooks::after_panic`]) and closes the socket.
+//! - Fairness: a visit reads at most one buffer (16 KiB) and takes at most one batch of commands; a connection
+//!   with more waiting is visited again in the next round, after everyone else listed in this one.
+
+mod slab;
+mod timer;
+
+use std::future::Future;
+use std::io;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant as StdInstant};
+
+use futures_util::task::AtomicWaker;
+use rustls::Connection as TlsConn;
+use tether_proto::Connection;
+use tokio::io::unix::AsyncFd;
+use tokio::task::JoinSet;
+
+use crate::driver::{close_quietly, finish_tls, now, Finish, Hooks, Pump, READ_CHUNK};
+use slab::{Entry, SlotWake, Visited};
+
+/// epoll events taken per `epoll_wait`.
+const EVENTS: usize = 1024;
+
+/// A connection handed to a loop: its socket (non-blocking), its core, its TLS session and its role's hooks.
+pub(crate) struct New<H> {
+    pub(crate) sock: mio::net::TcpStream,
+    pub(crate) conn: Connection,
+    pub(crate) tls: Option<Box<TlsConn>>,
+    pub(crate) hooks: H,
+}
+
+/// How the rest of the server reaches a loop: slots to visit and new connections, and the loop's waker.
+pub(crate) struct Bell {
+    /// Keys of slots whose waker fired since the loop last looked.
+    woken: Mutex<Vec<usize>>,
+    /// Something is waiting in `woken` or in the inbox's new connections.
+    rung: AtomicBool,
+    /// The loop ends once it holds no connection.
+    ending: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Bell {
+    /// List slot `key` and wake the loop.
+    pub(crate) fn ring(&self, key: usize) {
+        self.woken.lock().expect("bell lock").push(key);
+        self.rouse();
+    }
+
+    fn rouse(&self) {
+        self.rung.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+}
+
+struct Inbox<H> {
+    new: Mutex<Vec<New<H>>>,
+    bell: Arc<Bell>,
+}
+
+/// The server's loops.
+pub(crate) struct Loops<H> {
+    inboxes: Vec<Arc<Inbox<H>>>,
+    next: AtomicUsize,
+}
+
+impl<H: Hooks + Send + 'static> Loops<H> {
+    /// Start one loop per worker thread of the current runtime, as tasks of `tasks`.
+    pub(crate) fn start(tasks: &mut JoinSet<()>) -> io::Result<Loops<H>> {
+        let n = tokio::runtime::Handle::current().metrics().num_workers().max(1);
+        let mut inboxes = Vec::with_capacity(n);
+        for _ in 0..n {
+            let bell = Arc::new(Bell {
+                woken: Mutex::new(Vec::new()),
+                rung: AtomicBool::new(false),
+                ending: AtomicBool::new(false),
+                waker: AtomicWaker::new(),
+            });
+            let inbox = Arc::new(Inbox { new: Mutex::new(Vec::new()), bell });
+            // SAFETY: the `Poll` owns its epoll descriptor for as long as it lives, and the `AsyncFd` owns the
+            // `Poll`: the descriptor stays open and the same until the `AsyncFd` is dropped.
+            let poll = unsafe { AsyncFd::register_with_interest(mio::Poll::new()?, tokio::io::Interest::READABLE) }
+                .map_err(io::Error::from)?;
+            tasks.spawn(run(inbox.clone(), poll));
+            inboxes.push(inbox);
+        }
+        Ok(Loops { inboxes, next: AtomicUsize::new(0) })
+    }
+
+    /// Hand a connection to the next loop.
+    pub(crate) fn add(&self, new: New<H>) {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.inboxes.len();
+        let inbox = &self.inboxes[i];
+        inbox.new.lock().expect("inbox lock").push(new);
+        inbox.bell.rouse();
+    }
+
+    /// Let every loop end once it holds no connection (nothing new is added after this).
+    pub(crate) fn end(&self) {
+        for inbox in &self.inboxes {
+            inbox.bell.ending.store(true, Ordering::Release);
+            inbox.bell.rouse();
+        }
+    }
+}
+
+/// The bytes one connection takes in its loop's slab, with hooks `H` (a regression guard reads it).
+#[cfg(test)]
+pub(crate) fn slot_size<H>() -> usize {
+    std::mem::size_of::<Entry<H>>()
+}
+
+/// What a loop keeps besides its slab.
+struct Round {
+    /// Slots to visit in this round.
+    now: Vec<usize>,
+    /// Slots to visit again in the next round without waiting (more readable, more commands).
+    next: Vec<usize>,
+}
+
+impl Round {
+    fn list<H>(&mut self, key: usize, e: &mut Entry<H>) {
+        if !e.listed {
+            e.listed = true;
+            self.now.push(key);
+        }
+    }
+}
+
+/// One event loop: until told to end and empty.
+async fn run<H: Hooks + Send + 'static>(inbox: Arc<Inbox<H>>, mut poll: AsyncFd<mio::Poll>) {
+    let mut slab: ::slab::Slab<Entry<H>> = ::slab::Slab::new();
+    let mut timers = timer::Timers::default();
+    let mut events = mio::Events::with_capacity(EVENTS);
+    let mut buf = vec![0u8; READ_CHUNK].into_boxed_slice();
+    let mut round = Round { now: Vec::new(), next: Vec::new() };
+    let mut finishing: JoinSet<()> = JoinSet::new();
+    let far = || tokio::time::Instant::now() + Duration::from_secs(86_400);
+    let sleep = tokio::time::sleep_until(far());
+    tokio::pin!(sleep);
+    let mut sleeping_until: Option<StdInstant> = None;
+    let bell = inbox.bell.clone();
+    loop {
+        let empty = slab.is_empty();
+        let done = |finishing: &JoinSet<()>| bell.ending.load(Ordering::Acquire) && empty && finishing.is_empty();
+        std::future::poll_fn(|cx| {
+            bell.waker.register(cx.waker());
+            while let Poll::Ready(Some(_)) = finishing.poll_join_next(cx) {}
+            if !round.next.is_empty() || bell.rung.load(Ordering::Acquire) || done(&finishing) {
+                return Poll::Ready(());
+            }
+            if poll.poll_read_ready(cx).is_ready() || sleep.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(());
+            }
+            Poll::Pending
+        })
+        .await;
+        if done(&finishing) {
+            return;
+        }
+        std::mem::swap(&mut round.now, &mut round.next);
+        gather_events(&mut poll, &mut events, &mut slab, &mut round);
+        if bell.rung.swap(false, Ordering::AcqRel) {
+            let new = std::mem::take(&mut *inbox.new.lock().expect("inbox lock"));
+            for n in new {
+                admit(&poll, &mut slab, &mut round, &bell, n);
+            }
+            let woken = std::mem::take(&mut *bell.woken.lock().expect("bell lock"));
+            for key in woken {
+                if let Some(e) = slab.get_mut(key) {
+                    round.list(key, e);
+                }
+            }
+        }
+        let t = now();
+        while let Some((key, at)) = timers.pop_due(t) {
+            if let Some(e) = slab.get_mut(key) {
+                if timer::fire(&mut e.armed, at) {
+                    round.list(key, e);
+                }
+            }
+        }
+        let mut listed = std::mem::take(&mut round.now);
+        for key in listed.drain(..) {
+            let Some(e) = slab.get_mut(key) else { continue };
+            e.listed = false;
+            match std::panic::catch_unwind(AssertUnwindSafe(|| e.visit(&mut buf))) {
+                Ok(Visited::Open { deadline, again }) => {
+                    timers.arm(key, &mut e.armed, deadline);
+                    if again {
+                        e.listed = true;
+                        round.next.push(key);
+                    }
+                }
+                Ok(Visited::Closed) => close(slab.remove(key), &poll, &mut finishing),
+                Err(panic) => {
+                    let Entry { sock, conn, mut hooks, .. } = slab.remove(key);
+                    hooks.after_panic(&conn, panic.as_ref());
+                    drop(hooks);
+                    drop(sock);
+                }
+            }
+        }
+        round.now = listed;
+        let next = timers.next();
+        if next != sleeping_until {
+            sleeping_until = next;
+            sleep.as_mut().reset(next.map_or_else(far, tokio::time::Instant::from_std));
+        }
+    }
+}
+
+/// Take every epoll event waiting (without waiting) and list the slots they are for.
+fn gather_events<H>(
+    poll: &mut AsyncFd<mio::Poll>,
+    events: &mut mio::Events,
+    slab: &mut ::slab::Slab<Entry<H>>,
+    round: &mut Round,
+) {
+    // The readiness is taken before the epoll is drained and cleared after: an event that arrives in between
+    // makes the reactor mark the descriptor ready again, so no wakeup is lost.
+    let Poll::Ready(Ok(mut guard)) = poll.poll_read_ready_mut(&mut Context::from_waker(std::task::Waker::noop()))
+    else {
+        return;
+    };
+    loop {
+        if let Err(e) = guard.get_inner_mut().poll(events, Some(Duration::ZERO)) {
+            if e.kind() != io::ErrorKind::Interrupted {
+                tracing::warn!("event loop: epoll_wait: {e}");
+            }
+            return;
+        }
+        let mut n = 0;
+        for ev in events.iter() {
+            n += 1;
+            let key = ev.token().0;
+            if let Some(e) = slab.get_mut(key) {
+                if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                    e.readable = true;
+                }
+                round.list(key, e);
+            }
+        }
+        if n < EVENTS {
+            break;
+        }
+    }
+    guard.clear_ready();
+}
+
+/// Put a new connection in the slab and in its loop's epoll, and list it for its first visit.
+fn admit<H: Hooks>(
+    poll: &AsyncFd<mio::Poll>,
+    slab: &mut ::slab::Slab<Entry<H>>,
+    round: &mut Round,
+    bell: &Arc<Bell>,
+    new: New<H>,
+) {
+    let New { mut sock, conn, tls, hooks } = new;
+    let slot = slab.vacant_entry();
+    let key = slot.key();
+    let interest = mio::Interest::READABLE | mio::Interest::WRITABLE;
+    if let Err(e) = poll.get_ref().registry().register(&mut sock, mio::Token(key), interest) {
+        // The kernel is out of memory for epoll items: the connection cannot be served. Its hooks are dropped
+        // (the connection leaves the server's counts) before the socket closes.
+        tracing::warn!("event loop: cannot watch a new connection ({e}); closing it");
+        drop(hooks);
+        return;
+    }
+    let wake = Arc::new(SlotWake { bell: bell.clone(), key, listed: AtomicBool::new(false) });
+    let e = slot.insert(Entry::new(sock, conn, Pump::new(tls), hooks, wake));
+    round.list(key, e);
+}
+
+/// A closed connection leaves its loop: its TLS finished and the socket drained, its hooks dropped before the
+/// socket closes. TLS that must wait for the socket finishes on a task of its own.
+fn close<H: Hooks + Send + 'static>(e: Entry<H>, poll: &AsyncFd<mio::Poll>, finishing: &mut JoinSet<()>) {
+    let Entry { mut sock, conn, mut pump, hooks, .. } = e;
+    match pump.finish_now(&sock, &conn) {
+        Finish::Done => {
+            drop(hooks);
+            drop(sock);
+        }
+        Finish::Wait => {
+            let _ = poll.get_ref().registry().deregister(&mut sock);
+            let reason = conn.close_reason();
+            let std = std::net::TcpStream::from(std::os::fd::OwnedFd::from(sock));
+            let Ok(stream) = tokio::net::TcpStream::from_std(std) else {
+                drop(hooks);
+                return;
+            };
+            finishing.spawn(async move {
+                if let Some((mut tls, notified)) = pump.take_tls() {
+                    finish_tls(&stream, &mut tls, reason, notified).await;
+                }
+                close_quietly(&stream);
+                drop(hooks);
+            });
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! One event loop's deadlines: a min-heap of (deadline, slot), at most one live entry per connection.
+//!
+//! # Layout
+//! [`Timers`] holds the heap; each connection's entry remembers the deadline it has in the heap ([`Armed`]).
+//! A connection's deadline moves with nearly every frame (the silence deadline follows the last one received), so
+//! the heap is not touched when a deadline moves *later*: the entry fires at the old time, the connection is
+//! visited, finds its deadline not yet due, and arms the new one. Only a deadline that moves *earlier* pushes a
+//! second entry; the old one is then stale (its time is no longer the one its connection holds) and is skipped
+//! when it comes up. So the heap holds about one entry per connection, a heartbeat costs at most one pop and one
+//! push per interval, and no deadline is ever late: whatever is armed fires no later than the connection's
+//! earliest deadline. Nothing scans the connections.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::time::Instant;
+
+/// The deadline a connection has in the heap, if any (kept in its slab entry).
+pub(crate) type Armed = Option<Instant>;
+
+#[derive(Default)]
+pub(crate) struct Timers {
+    heap: BinaryHeap<Reverse<(Instant, u32)>>,
+}
+
+impl Timers {
+    /// Make sure slot `key` is visited no later than `deadline`.
+    pub(crate) fn arm(&mut self, key: usize, armed: &mut Armed, deadline: Option<Instant>) {
+        let Some(d) = deadline else { return };
+        if armed.is_some_and(|a| a <= d) {
+            return;
+        }
+        *armed = Some(d);
+        self.heap.push(Reverse((d, key as u32)));
+    }
+
+    /// The earliest time anything is armed for.
+    pub(crate) fn next(&self) -> Option<Instant> {
+        self.heap.peek().map(|Reverse((t, _))| *t)
+    }
+
+    /// Take one entry due at `now`: its slot and the time it was armed for. The caller checks the slot still
+    /// holds that time ([`fire`]): otherwise the entry is stale.
+    pub(crate) fn pop_due(&mut self, now: Instant) -> Option<(usize, Instant)> {
+        let Reverse((t, key)) = *self.heap.peek()?;
+        if t > now {
+            return None;
+        }
+        self.heap.pop();
+        Some((key as usize, t))
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.heap.len()
+    }
+}
+
+/// A due entry for time `t` came up for a slot holding `armed`: true (and the slot disarmed) if it is the
+/// slot's live entry, false if stale.
+pub(crate) fn fire(armed: &mut Armed, t: Instant) -> bool {
+    if *armed == Some(t) {
+        *armed = None;
+        true
+    } else {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_later_deadline_waits_for_the_armed_one_and_an_earlier_one_supersedes_it() {
+        let t0 = Instant::now();
+        let s = |n| t0 + Duration::from_secs(n);
+        let mut timers = Timers::default();
+        let (mut a, mut b): (Armed, Armed) = (None, None);
+        timers.arm(0, &mut a, Some(s(10)));
+        timers.arm(0, &mut a, Some(s(15))); // later: nothing pushed
+        timers.arm(1, &mut b, Some(s(12)));
+        timers.arm(1, &mut b, Some(s(5))); // earlier: pushed, the 12 s entry goes stale
+        timers.arm(1, &mut b, None); // no deadline: what is armed stays
+        assert_eq!(timers.len(), 3);
+        assert_eq!(timers.next(), Some(s(5)));
+        assert_eq!(timers.pop_due(s(4)), None);
+        assert_eq!(timers.pop_due(s(5)), Some((1, s(5))));
+        assert!(fire(&mut b, s(5)));
+        assert_eq!(b, None);
+        assert_eq!(timers.pop_due(s(11)), Some((0, s(10))));
+        assert!(fire(&mut a, s(10)));
+        // Slot 1 re-armed after its visit; its old 12 s entry is stale when it comes up.
+        timers.arm(1, &mut b, Some(s(20)));
+        assert_eq!(timers.pop_due(s(12)), Some((1, s(12))));
+        assert!(!fire(&mut b, s(12)));
+        assert_eq!(b, Some(s(20)));
+        assert_eq!(timers.pop_due(s(19)), None);
+        assert_eq!(timers.pop_due(s(20)), Some((1, s(20))));
+        assert!(fire(&mut b, s(20)));
+        assert_eq!(timers.len(), 0);
+    }
+}
