@@ -154,9 +154,13 @@ struct Session {
 }
 
 /// The displaced nonces of one id: the newest [`DISPLACED_EXACT`] exactly, older ones in a filter allocated only
-/// for ids that more devices than that fight over.
+/// for ids that more devices than that fight over. Boxed, and only once a nonce was displaced: most ids never
+/// are, and every online id's session pays one pointer for it.
 #[derive(Debug, Clone, Default)]
-struct Displaced {
+struct Displaced(Option<Box<Nonces>>);
+
+#[derive(Debug, Clone, Default)]
+struct Nonces {
     /// Oldest first.
     exact: Vec<(u64, Instant)>,
     overflow: Option<Box<StampFilter>>,
@@ -165,24 +169,36 @@ struct Displaced {
 impl Displaced {
     /// Forget what is older than `window`.
     fn expire(&mut self, now: Instant, window: Duration) {
-        self.exact.retain(|(_, at)| now.saturating_duration_since(*at) < window);
-        if self.overflow.as_ref().is_some_and(|f| now.saturating_duration_since(f.newest) >= window) {
-            self.overflow = None;
+        let Some(n) = self.0.as_mut() else { return };
+        n.exact.retain(|(_, at)| now.saturating_duration_since(*at) < window);
+        if n.overflow.as_ref().is_some_and(|f| now.saturating_duration_since(f.newest) >= window) {
+            n.overflow = None;
+        }
+        if n.exact.is_empty() && n.overflow.is_none() {
+            self.0 = None;
         }
     }
 
     fn contains(&self, nonce: u64, now: Instant, window: Duration) -> bool {
-        self.exact.iter().any(|(n, _)| *n == nonce)
-            || self.overflow.as_ref().is_some_and(|f| f.contains(nonce, now, window))
+        self.0.as_ref().is_some_and(|n| {
+            n.exact.iter().any(|(x, _)| *x == nonce)
+                || n.overflow.as_ref().is_some_and(|f| f.contains(nonce, now, window))
+        })
     }
 
     fn insert(&mut self, nonce: u64, now: Instant) {
-        self.exact.retain(|(n, _)| *n != nonce);
-        if self.exact.len() == DISPLACED_EXACT {
-            let (old, at) = self.exact.remove(0);
-            self.overflow.get_or_insert_with(|| Box::new(StampFilter::new(at))).insert(old, at);
+        let n = self.0.get_or_insert_default();
+        n.exact.retain(|(x, _)| *x != nonce);
+        if n.exact.len() == DISPLACED_EXACT {
+            let (old, at) = n.exact.remove(0);
+            n.overflow.get_or_insert_with(|| Box::new(StampFilter::new(at))).insert(old, at);
         }
-        self.exact.push((nonce, now));
+        n.exact.push((nonce, now));
+    }
+
+    /// The nonces kept exactly, oldest first.
+    fn exact(&self) -> &[(u64, Instant)] {
+        self.0.as_ref().map_or(&[], |n| &n.exact)
     }
 }
 
@@ -269,7 +285,7 @@ struct Gone {
 #[derive(Debug, Default)]
 pub struct Registry {
     cfg: RegistryConfig,
-    sessions: HashMap<String, Session>,
+    sessions: HashMap<Box<str>, Session>,
     /// Epochs are global and monotonic, so they increase for every id without per-id memory.
     next_epoch: u64,
     pending: HashMap<String, PendingOffline>,
@@ -307,7 +323,7 @@ impl Registry {
 
     /// Online sessions in no particular order: id, connection, and whether the detector suspects it.
     pub fn sessions(&self) -> impl Iterator<Item = (&str, ConnId, bool)> {
-        self.sessions.iter().map(|(id, s)| (id.as_str(), s.conn, s.suspect))
+        self.sessions.iter().map(|(id, s)| (&**id, s.conn, s.suspect))
     }
 
     /// The connection holding `client` and whether the detector suspects it, if online.
@@ -495,8 +511,8 @@ impl Registry {
             }
         };
         if ids.iter().any(|i| i == WILDCARD) {
-            let mut online: Vec<&String> =
-                self.sessions.keys().chain(self.pending.keys()).chain(self.remote.keys()).collect();
+            let pending = self.pending.keys().chain(self.remote.keys()).map(String::as_str);
+            let mut online: Vec<&str> = self.sessions.keys().map(|k| &**k).chain(pending).collect();
             online.sort();
             for id in online {
                 add(self, id, &mut snapshot);

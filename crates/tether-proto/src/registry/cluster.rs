@@ -153,7 +153,7 @@ impl Registry {
 
     /// Local sessions with their epochs, in no particular order: id, connection, epoch.
     pub fn local_sessions(&self) -> impl Iterator<Item = (&str, ConnId, u64)> {
-        self.sessions.iter().map(|(id, s)| (id.as_str(), s.conn, s.epoch))
+        self.sessions.iter().map(|(id, s)| (&**id, s.conn, s.epoch))
     }
 
     /// `client` is online on `node` in session `epoch`. Returns the local connection that held it under an
@@ -316,7 +316,7 @@ impl Registry {
 impl Displaced {
     /// The exactly kept nonces with their ages, to hand over with the id.
     pub(super) fn ages(&self, now: Instant) -> Vec<(u64, Duration)> {
-        self.exact.iter().map(|(n, at)| (*n, now.saturating_duration_since(*at))).collect()
+        self.exact().iter().map(|(n, at)| (*n, now.saturating_duration_since(*at))).collect()
     }
 
     pub(super) fn from_ages(now: Instant, ages: &[(u64, Duration)]) -> Displaced {

@@ -86,7 +86,8 @@ impl SessionMeta {
 
 struct ControlState {
     /// The close request its event loop has not taken yet.
-    close: Option<CloseCmd>,
+    /// Boxed: a connection is asked to close once, and the slot stays a few words smaller for its whole life.
+    close: Option<Box<CloseCmd>>,
     /// A close request was accepted (taken by its event loop or not): the first one decided how the connection ends,
     /// and every later one is told so. Never cleared.
     closing: bool,
@@ -133,7 +134,7 @@ impl ControlState {
             return Requested::AlreadyClosing;
         }
         self.closing = true;
-        self.close = Some(cmd);
+        self.close = Some(Box::new(cmd));
         self.wake();
         Requested::Accepted
     }
@@ -287,7 +288,7 @@ impl Control {
     pub(super) fn poll_take(&self, cx: &mut Context<'_>) -> Poll<Cmd> {
         let mut st = self.state.lock().expect("control lock");
         if let Some(c) = st.close.take() {
-            return Poll::Ready(Cmd::Close(c));
+            return Poll::Ready(Cmd::Close(*c));
         }
         if std::mem::take(&mut st.probe) {
             return Poll::Ready(Cmd::Probe);

@@ -147,7 +147,7 @@ pub(super) struct ServerHooks {
     /// Still counted in `Shared::handshakes` (until admitted or closed).
     handshaking: bool,
     /// What the credential allows (no limit without authentication).
-    grant: Option<crate::auth::Grant>,
+    grant: Option<Box<crate::auth::Grant>>,
     /// The session is reliable (the extension was granted), and the table holds items it has not sent yet.
     rel: bool,
     rel_more: bool,
@@ -267,7 +267,7 @@ impl ServerHooks {
         let shared = self.shared.clone();
         if let Some(auth) = &shared.cfg.auth {
             match auth.0.authenticate(&hello.client_id, &hello.credential, SystemTime::now()) {
-                Ok(grant) => self.grant = Some(grant),
+                Ok(grant) => self.grant = Some(Box::new(grant)),
                 Err(e) => {
                     // Refused, but only after a delay, to slow guessing. The connection stays counted as a
                     // handshake meanwhile (bounded by max_handshakes) and its input is capped by the core.
