@@ -323,6 +323,15 @@ struct Drain {
     garbage: bool,
 }
 
+/// An instant kept as signed nanoseconds after its connection's `origin`: exact, and half the size of an
+/// `Instant` (every idle connection carries several). [`Stamp::NONE`] stands for no instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp(i64);
+
+impl Stamp {
+    const NONE: Stamp = Stamp(i64::MIN);
+}
+
 /// One tether connection's protocol state.
 #[derive(Debug)]
 pub struct Connection {
@@ -344,14 +353,14 @@ pub struct Connection {
     /// Encoded bytes not yet accepted by the transport.
     tx: BytesMut,
     /// When `tx` last went from empty to non-empty or last made progress; drives `write_timeout`.
-    tx_stalled_since: Option<Instant>,
+    tx_stalled_since: Stamp,
     /// When output was first handed to the kernel since its queue was last seen empty (a stall in the kernel
     /// cannot be older), and when that queue is next worth a look ([`Connection::kernel_check_due`]); in
     /// milliseconds after `origin`, 0 for none (kept small: every idle connection carries them).
     kq_since_ms: u64,
     kq_due_ms: u64,
     /// When we last queued a frame: a `PING` is due one interval after it.
-    last_tx: Instant,
+    last_tx: Stamp,
     /// Until the handshake: how far into its first ping cycle (client) or probe window (server) the connection
     /// starts, in thousandths ([`Connection::set_ping_phase`]). After it, for a client with `pong_grace`: the
     /// silence before our last `PING`, in tenths of a second (saturating at 6,553.5 s). One field, since the two
@@ -374,10 +383,10 @@ pub struct Connection {
     awaiting_pong: bool,
     /// The peer's `PING` allowance ([`ping_allowance`]): `PING`s it may send now, and when that was last refilled.
     ping_tokens: f32,
-    ping_refilled: Instant,
+    ping_refilled: Stamp,
     /// The `DATA` rate limit's bucket: bytes allowed now, and when it was last refilled.
     data_tokens: f64,
-    data_refilled: Instant,
+    data_refilled: Stamp,
     rtt: Option<Duration>,
     /// The `heartbeat_update` extension is in effect (granted in `WELCOME`).
     hb_update: bool,
@@ -426,10 +435,10 @@ impl Connection {
             origin: now,
             rx: BytesMut::new(),
             tx: BytesMut::new(),
-            tx_stalled_since: None,
+            tx_stalled_since: Stamp::NONE,
             kq_since_ms: 0,
             kq_due_ms: 0,
-            last_tx: now,
+            last_tx: Stamp(0),
             phase_or_idle: 0,
             interval_ms: 0,
             timeout_ms: 0,
@@ -442,9 +451,9 @@ impl Connection {
             ping_seq: 0,
             awaiting_pong: false,
             ping_tokens: 0.0,
-            ping_refilled: now,
+            ping_refilled: Stamp(0),
             data_tokens: 0.0,
-            data_refilled: now,
+            data_refilled: Stamp(0),
             rtt: None,
             due_ms: 0,
             hb_update: false,
@@ -617,10 +626,10 @@ impl Connection {
         self.tx.advance(n);
         if self.tx.is_empty() {
             self.tx = BytesMut::new();
-            self.tx_stalled_since = None;
+            self.tx_stalled_since = Stamp::NONE;
             self.maybe_finish();
         } else {
-            self.tx_stalled_since = Some(now);
+            self.tx_stalled_since = self.stamp(now);
         }
     }
 
@@ -677,7 +686,7 @@ impl Connection {
         if self.state == State::Closed {
             return;
         }
-        if let Some(since) = self.tx_stalled_since {
+        if let Some(since) = self.at_opt(self.tx_stalled_since) {
             let deadline = since + self.cfg.write_timeout;
             if now >= deadline {
                 let detail = format!("{} bytes unwritten", self.tx.len());
@@ -906,7 +915,7 @@ impl Connection {
         if let Some(d) = self.drain {
             return (self.state != State::Closed).then_some(d.until);
         }
-        let write = self.tx_stalled_since.map(|s| s + self.cfg.write_timeout);
+        let write = self.at_opt(self.tx_stalled_since).map(|s| s + self.cfg.write_timeout);
         let other = match self.state {
             State::Handshake if !self.admission_pending => Some(self.origin + self.cfg.handshake_timeout),
             State::Established => {
@@ -960,8 +969,8 @@ impl Connection {
     fn refill_data(&mut self, now: Instant) {
         let Some(rate) = self.cfg.max_data_rate else { return };
         let burst = (rate as f64).max(self.cfg.max_frame as f64);
-        let elapsed = now.saturating_duration_since(self.data_refilled);
-        self.data_refilled = now;
+        let elapsed = now.saturating_duration_since(self.at(self.data_refilled));
+        self.data_refilled = self.stamp(now);
         let limit = if self.reading_backlog(elapsed) { burst.max(self.data_tokens) } else { burst };
         self.data_tokens = (self.data_tokens + elapsed.as_secs_f64() * rate as f64).min(limit);
     }
@@ -1005,8 +1014,8 @@ impl Connection {
     fn refill_pings(&mut self, now: Instant) {
         let Some((interval, timeout)) = self.heartbeat() else { return };
         let cap = ping_allowance(interval, timeout) as f32;
-        let elapsed = now.saturating_duration_since(self.ping_refilled);
-        self.ping_refilled = now;
+        let elapsed = now.saturating_duration_since(self.at(self.ping_refilled));
+        self.ping_refilled = self.stamp(now);
         let limit = if self.reading_backlog(elapsed) { cap.max(self.ping_tokens) } else { cap };
         let earned = 2.0 * elapsed.as_secs_f64() / interval.as_secs_f64();
         self.ping_tokens = (self.ping_tokens + earned as f32).min(limit);
@@ -1023,11 +1032,12 @@ impl Connection {
     fn credit_own_stall(&mut self, now: Instant) {
         let Some((interval, _)) = self.heartbeat() else { return };
         let window = now.saturating_duration_since(self.last_rx().unwrap_or(self.origin));
-        let (pings, since) = (self.ping_tokens, now.saturating_duration_since(self.ping_refilled).min(window));
+        let (pings, since) = (self.ping_tokens, now.saturating_duration_since(self.at(self.ping_refilled)).min(window));
         self.refill_pings(now);
         self.ping_tokens = self.ping_tokens.max(pings + (2.0 * since.as_secs_f64() / interval.as_secs_f64()) as f32);
         if let Some(rate) = self.cfg.max_data_rate {
-            let (bytes, since) = (self.data_tokens, now.saturating_duration_since(self.data_refilled).min(window));
+            let (bytes, since) =
+                (self.data_tokens, now.saturating_duration_since(self.at(self.data_refilled)).min(window));
             self.refill_data(now);
             self.data_tokens = self.data_tokens.max(bytes + since.as_secs_f64() * f64::from(rate));
         }
@@ -1042,7 +1052,7 @@ impl Connection {
             Role::Client => interval,
             Role::Server => interval + interval / 2,
         };
-        Some(self.last_tx + wait)
+        Some(self.at(self.last_tx) + wait)
     }
 
     /// Queue a `PING`; a server's `PING` is also its round-trip probe, so the next probe is due a probe period
@@ -1053,7 +1063,8 @@ impl Connection {
                 // The silence that counts is the one before the first PING still unanswered: a PING sent while
                 // one waits keeps it (and a PONG to either shows the path kept the connection through it).
                 if !self.awaiting_pong {
-                    let last = self.last_rx().map_or(self.last_tx, |rx| rx.max(self.last_tx));
+                    let last_tx = self.at(self.last_tx);
+                    let last = self.last_rx().map_or(last_tx, |rx| rx.max(last_tx));
                     let idle = now.saturating_duration_since(last).as_millis() / 100;
                     self.phase_or_idle = u16::try_from(idle).unwrap_or(u16::MAX);
                 }
@@ -1088,6 +1099,29 @@ impl Connection {
             return;
         }
         self.due_ms = u32::try_from(self.ms_since_origin(now + after)).unwrap_or(0);
+    }
+
+    /// `t` as a [`Stamp`].
+    fn stamp(&self, t: Instant) -> Stamp {
+        let ns = |d: Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
+        match t.checked_duration_since(self.origin) {
+            Some(after) => Stamp(ns(after)),
+            None => Stamp(-ns(self.origin.duration_since(t))),
+        }
+    }
+
+    /// The instant a [`Stamp`] (not `NONE`) stands for.
+    fn at(&self, s: Stamp) -> Instant {
+        let d = Duration::from_nanos(s.0.unsigned_abs());
+        if s.0 >= 0 {
+            self.origin + d
+        } else {
+            self.origin.checked_sub(d).unwrap_or(self.origin)
+        }
+    }
+
+    fn at_opt(&self, s: Stamp) -> Option<Instant> {
+        (s != Stamp::NONE).then(|| self.at(s))
     }
 
     /// Milliseconds from `origin` to `t`, at least 1 (0 means "none" in the fields that use this).
@@ -1164,7 +1198,7 @@ impl Connection {
             Some(reply) if self.drain.is_none() => {
                 self.rx = BytesMut::new();
                 if self.tx.is_empty() {
-                    self.tx_stalled_since = Some(now);
+                    self.tx_stalled_since = self.stamp(now);
                 }
                 self.tx.extend_from_slice(&reply);
                 self.decide(now, CloseReason::ProtocolError, CloseMode::Flush, None, false, None, Some(detail), None);
@@ -1371,12 +1405,12 @@ impl Connection {
         let (interval_ms, timeout_ms) = (interval_ms.max(1), timeout_ms.max(1));
         let (interval, timeout) = self.start_detector(now, interval_ms, timeout_ms);
         self.state = State::Established;
-        self.data_refilled = now;
+        self.data_refilled = self.stamp(now);
         self.data_tokens = self.cfg.max_data_rate.map_or(0.0, |r| (r as f64).max(self.cfg.max_frame as f64));
-        self.ping_refilled = now;
+        self.ping_refilled = self.stamp(now);
         self.ping_tokens = ping_allowance(interval, timeout) as f32;
         if self.role == Role::Client && self.phase_or_idle > 0 {
-            self.last_tx = now.checked_sub(interval * u32::from(self.phase_or_idle) / 1000).unwrap_or(now);
+            self.last_tx = self.stamp(now.checked_sub(interval * u32::from(self.phase_or_idle) / 1000).unwrap_or(now));
         }
         if self.cfg.rtt_probe_every.is_some() {
             // The first probe is due somewhere in the 12 intervals after `WELCOME`, at the phase the IO layer drew
@@ -1469,7 +1503,7 @@ impl Connection {
             self.queue(now, &Frame::Bye(b));
         }
         self.state = State::Draining;
-        self.tx_stalled_since = None;
+        self.tx_stalled_since = Stamp::NONE;
         let linger = mode == CloseMode::Linger;
         if !linger {
             self.rx = BytesMut::new();
@@ -1496,16 +1530,16 @@ impl Connection {
         self.state = State::Closed;
         self.rx = BytesMut::new();
         self.tx = BytesMut::new();
-        self.tx_stalled_since = None;
+        self.tx_stalled_since = Stamp::NONE;
     }
 
     fn queue(&mut self, now: Instant, f: &Frame) {
         if self.tx.is_empty() {
-            self.tx_stalled_since = Some(now);
+            self.tx_stalled_since = self.stamp(now);
         }
         f.encode_v(&mut self.tx, self.version);
         self.frames_tx = self.frames_tx.wrapping_add(1);
-        self.last_tx = now;
+        self.last_tx = self.stamp(now);
     }
 }
 

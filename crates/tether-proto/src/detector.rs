@@ -65,10 +65,11 @@ pub struct Deadlines {
 #[derive(Debug, Clone)]
 pub struct Detector {
     kind: Kind,
-    /// The expected gap between arrivals (the negotiated heartbeat interval); seeds phi before it has samples.
-    interval: Duration,
-    /// The fixed detector's timeout, and phi's default upper bound.
-    timeout: Duration,
+    /// The expected gap between arrivals (the negotiated heartbeat interval), in nanoseconds; seeds phi before it
+    /// has samples. Nanoseconds rather than a `Duration`: exact, and half the size on every connection.
+    interval_ns: u64,
+    /// The fixed detector's timeout, and phi's default upper bound, in nanoseconds.
+    timeout_ns: u64,
     last_arrival: Option<Instant>,
 }
 
@@ -110,7 +111,12 @@ impl Detector {
                 }))
             }
         };
-        Detector { kind, interval, timeout, last_arrival: None }
+        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        Detector { kind, interval_ns: ns(interval), timeout_ns: ns(timeout), last_arrival: None }
+    }
+
+    fn interval(&self) -> Duration {
+        Duration::from_nanos(self.interval_ns)
     }
 
     /// Record that a frame arrived at `now`.
@@ -120,7 +126,7 @@ impl Detector {
             // Frames closer together than an eighth of the interval are one burst (a PONG riding with a PING, a
             // run of DATA): they prove life but are not samples of the heartbeat cadence, which phi models.
             let gap = now.saturating_duration_since(last);
-            if gap < self.interval / 8 {
+            if gap < Duration::from_nanos(self.interval_ns) / 8 {
                 self.last_arrival = Some(last.max(now));
                 return;
             }
@@ -138,12 +144,12 @@ impl Detector {
     pub fn deadlines(&self, origin: Instant) -> Deadlines {
         let base = self.last_arrival.unwrap_or(origin);
         match &self.kind {
-            Kind::Fixed => Deadlines { suspect_at: None, convict_at: base + self.timeout },
+            Kind::Fixed => Deadlines { suspect_at: None, convict_at: base + Duration::from_nanos(self.timeout_ns) },
             Kind::Phi(phi) => {
                 let (cfg, stats) = (&phi.cfg, &phi.stats);
                 let (mean, std) = stats.mean_std().unwrap_or_else(|| {
                     // Bootstrap like Pekko: expect the negotiated interval, std a quarter of it.
-                    let m = self.interval.as_secs_f64();
+                    let m = self.interval().as_secs_f64();
                     (m, m / 4.0)
                 });
                 let std = std.max(cfg.min_std_dev.as_secs_f64());
@@ -166,7 +172,7 @@ impl Detector {
         };
         let (cfg, stats) = (&phi.cfg, &phi.stats);
         let (mean, std) = stats.mean_std().unwrap_or_else(|| {
-            let m = self.interval.as_secs_f64();
+            let m = self.interval().as_secs_f64();
             (m, m / 4.0)
         });
         let std = std.max(cfg.min_std_dev.as_secs_f64());

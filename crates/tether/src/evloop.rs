@@ -6,12 +6,13 @@
 //!   its own (a mio `Poll`, itself registered with tokio's reactor as one descriptor), a slab of connections,
 //!   a timer heap, one read buffer and a list of slots to visit. Each wakeup it gathers what is ready — epoll
 //!   events, slots whose commands were woken, new connections, deadlines due — and visits each listed slot once.
-//! - `slab`: [`slab::Entry`], one connection's state, and its visit; [`slab::SlotWake`], the waker that lists
-//!   a slot when a command arrives for it.
+//! - `slab`: [`slab::Entry`], one connection's state, and its visit.
 //! - `timer`: [`timer::Timers`], the loop's deadlines, at most one live entry per connection.
+//! - `wake`: the waker that lists a slot when a command arrives for it, made from the loop's number and the
+//!   slot's key (no allocation).
 //!
-//! Per connection this keeps the socket, the core, the pump and the hooks in one slab entry, a waker of a few
-//! words, and a kernel epoll item: no task, no future, no channel, no tokio IO registration, no read buffer.
+//! Per connection this keeps the socket, the core, the pump and the hooks in one slab entry, and a kernel epoll
+//! item: no task, no future, no channel, no waker allocation, no tokio IO registration, no read buffer.
 //!
 //! # Rules
 //! - The sans-IO core decides everything; a loop only carries its decisions out, through the same [`Pump`]
@@ -29,6 +30,7 @@
 
 mod slab;
 mod timer;
+mod wake;
 
 use std::future::Future;
 use std::io;
@@ -45,7 +47,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::task::JoinSet;
 
 use crate::driver::{close_quietly, finish_tls, now, Finish, Hooks, Pump, READ_CHUNK};
-use slab::{Entry, SlotWake, Visited};
+use slab::{Entry, Visited};
 
 /// epoll events taken per `epoll_wait`.
 const EVENTS: usize = 1024;
@@ -105,12 +107,13 @@ impl<H: Hooks + Send + 'static> Loops<H> {
                 ending: AtomicBool::new(false),
                 waker: AtomicWaker::new(),
             });
+            let registration = wake::Registration::new(bell.clone())?;
             let inbox = Arc::new(Inbox { new: Mutex::new(Vec::new()), bell });
             // SAFETY: the `Poll` owns its epoll descriptor for as long as it lives, and the `AsyncFd` owns the
             // `Poll`: the descriptor stays open and the same until the `AsyncFd` is dropped.
             let poll = unsafe { AsyncFd::register_with_interest(mio::Poll::new()?, tokio::io::Interest::READABLE) }
                 .map_err(io::Error::from)?;
-            tasks.spawn(run(inbox.clone(), poll));
+            tasks.spawn(run(inbox.clone(), poll, registration));
             inboxes.push(inbox);
         }
         Ok(Loops { inboxes, next: AtomicUsize::new(0) })
@@ -157,7 +160,11 @@ impl Round {
 }
 
 /// One event loop: until told to end and empty.
-async fn run<H: Hooks + Send + 'static>(inbox: Arc<Inbox<H>>, mut poll: AsyncFd<mio::Poll>) {
+async fn run<H: Hooks + Send + 'static>(
+    inbox: Arc<Inbox<H>>,
+    mut poll: AsyncFd<mio::Poll>,
+    registration: wake::Registration,
+) {
     let mut slab: ::slab::Slab<Entry<H>> = ::slab::Slab::new();
     let mut timers = timer::Timers::default();
     let mut events = mio::Events::with_capacity(EVENTS);
@@ -192,7 +199,7 @@ async fn run<H: Hooks + Send + 'static>(inbox: Arc<Inbox<H>>, mut poll: AsyncFd<
         if bell.rung.swap(false, Ordering::AcqRel) {
             let new = std::mem::take(&mut *inbox.new.lock().expect("inbox lock"));
             for n in new {
-                admit(&poll, &mut slab, &mut round, &bell, n);
+                admit(&poll, &mut slab, &mut round, n);
             }
             let woken = std::mem::take(&mut *bell.woken.lock().expect("bell lock"));
             for key in woken {
@@ -213,7 +220,8 @@ async fn run<H: Hooks + Send + 'static>(inbox: Arc<Inbox<H>>, mut poll: AsyncFd<
         for key in listed.drain(..) {
             let Some(e) = slab.get_mut(key) else { continue };
             e.listed = false;
-            match std::panic::catch_unwind(AssertUnwindSafe(|| e.visit(&mut buf))) {
+            let waker = registration.slot_waker(key);
+            match std::panic::catch_unwind(AssertUnwindSafe(|| e.visit(&mut buf, &waker))) {
                 Ok(Visited::Open { deadline, again }) => {
                     timers.arm(key, &mut e.armed, deadline);
                     if again {
@@ -278,13 +286,7 @@ fn gather_events<H>(
 }
 
 /// Put a new connection in the slab and in its loop's epoll, and list it for its first visit.
-fn admit<H: Hooks>(
-    poll: &AsyncFd<mio::Poll>,
-    slab: &mut ::slab::Slab<Entry<H>>,
-    round: &mut Round,
-    bell: &Arc<Bell>,
-    new: New<H>,
-) {
+fn admit<H: Hooks>(poll: &AsyncFd<mio::Poll>, slab: &mut ::slab::Slab<Entry<H>>, round: &mut Round, new: New<H>) {
     let New { mut sock, conn, tls, hooks } = new;
     let slot = slab.vacant_entry();
     let key = slot.key();
@@ -296,8 +298,7 @@ fn admit<H: Hooks>(
         drop(hooks);
         return;
     }
-    let wake = Arc::new(SlotWake { bell: bell.clone(), key, listed: AtomicBool::new(false) });
-    let e = slot.insert(Entry::new(sock, conn, Pump::new(tls), hooks, wake));
+    let e = slot.insert(Entry::new(sock, conn, Pump::new(tls), hooks));
     round.list(key, e);
 }
 

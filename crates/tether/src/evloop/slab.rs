@@ -3,7 +3,7 @@
 //! # Layout
 //! [`Entry`] is everything the server keeps for a connection besides its control slot (shared with other tasks)
 //! and the registry's view of its id: the socket, the sans-IO core, the [`Pump`]'s IO state, the role's hooks,
-//! the slot's waker and the deadline armed in the loop's timer heap. The slab itself is the `slab` crate's
+//! and the deadline armed in the loop's timer heap. The slab itself is the `slab` crate's
 //! (a vector with a free list): a connection's key is its epoll token, its waker's token and its timer entry's
 //! slot. [`Entry::visit`] is the only way a connection moves: it reads what is readable, fires a deadline that
 //! passed, takes waiting commands, and lets the pump carry out what the core decided.
@@ -14,15 +14,11 @@
 //! again as soon as the core wants bytes, without a new edge. Room to write needs no flag: every visit flushes
 //! what the core has queued, and a full socket brings a visit when it drains.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::task::Context;
+use std::task::{Context, Waker};
 
-use futures_util::task::{waker_ref, ArcWake};
 use tether_proto::Connection;
 
 use super::timer::Armed;
-use super::Bell;
 use crate::driver::{now, Batch, Hooks, Next, Pump};
 
 /// A connection's state in its loop.
@@ -31,8 +27,6 @@ pub(crate) struct Entry<H> {
     pub(super) conn: Connection,
     pub(super) pump: Pump,
     pub(super) hooks: H,
-    /// Wakes the loop for this slot when a command arrives (registered with the hooks' command source).
-    pub(super) wake: Arc<SlotWake>,
     /// The deadline this entry has in the timer heap.
     pub(super) armed: Armed,
     /// Readable since the last read that drained the socket (edge-triggered readiness).
@@ -55,13 +49,14 @@ pub(crate) enum Visited {
 }
 
 impl<H: Hooks> Entry<H> {
-    pub(super) fn new(sock: mio::net::TcpStream, conn: Connection, pump: Pump, hooks: H, wake: Arc<SlotWake>) -> Self {
-        Entry { sock, conn, pump, hooks, wake, armed: None, readable: false, want_read: true, listed: false }
+    pub(super) fn new(sock: mio::net::TcpStream, conn: Connection, pump: Pump, hooks: H) -> Self {
+        Entry { sock, conn, pump, hooks, armed: None, readable: false, want_read: true, listed: false }
     }
 
-    /// Move the connection as far as it goes without waiting. `buf` is the loop's read buffer.
-    pub(super) fn visit(&mut self, buf: &mut [u8]) -> Visited {
-        let Entry { sock, conn, pump, hooks, wake, readable, want_read, .. } = self;
+    /// Move the connection as far as it goes without waiting. `buf` is the loop's read buffer; `waker` lists this
+    /// slot when a command arrives (`wake::Registration::slot_waker`).
+    pub(super) fn visit(&mut self, buf: &mut [u8], waker: &Waker) -> Visited {
+        let Entry { sock, conn, pump, hooks, readable, want_read, .. } = self;
         if *readable && *want_read && pump.on_readable(sock, buf, conn, hooks) {
             *readable = false;
         }
@@ -70,31 +65,13 @@ impl<H: Hooks> Entry<H> {
         }
         // Woken or not, commands are polled on every visit, as the client's driver polls them on every wait: the
         // hooks' sources register this slot's waker only when polled.
-        wake.listed.store(false, Ordering::Release);
-        let waker = waker_ref(wake);
-        let batch = pump.on_cmds(&mut Context::from_waker(&waker), conn, hooks);
+        let batch = pump.on_cmds(&mut Context::from_waker(waker), conn, hooks);
         match pump.turn(sock, conn, hooks) {
             Next::Closed => Visited::Closed,
             Next::Wait { read, write: _, deadline } => {
                 *want_read = read;
                 Visited::Open { deadline, again: (*readable && read) || batch == Batch::Full }
             }
-        }
-    }
-}
-
-/// A slot's waker: puts its key on the loop's list and wakes the loop, once until the slot is visited.
-pub(crate) struct SlotWake {
-    pub(super) bell: Arc<Bell>,
-    pub(super) key: usize,
-    /// On the bell's list and not yet visited.
-    pub(super) listed: AtomicBool,
-}
-
-impl ArcWake for SlotWake {
-    fn wake_by_ref(arc_self: &Arc<Self>) {
-        if !arc_self.listed.swap(true, Ordering::AcqRel) {
-            arc_self.bell.ring(arc_self.key);
         }
     }
 }
