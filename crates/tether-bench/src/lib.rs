@@ -6,7 +6,8 @@
 //!   on its own 127.0.0.x source address when the target is on loopback), drives the scenario, and returns a
 //!   [`Report`]: the JSON object scripts compare, plus human rows.
 //! - [`worker`]: one load-generator process (`tether bench-worker`).
-//! - [`mqtt`]: the MQTT 3.1.1 packets used against Mosquitto. [`sys`]: /proc readers.
+//! - [`mqtt`]: the MQTT 3.1.1 packets used against Mosquitto. [`nats`]: NATS's text protocol, and nats-server's
+//!   closed connections from its monitoring endpoint. [`sys`]: /proc readers.
 //! - [`redis`]: a `redis-server` of the run's own (the `cluster` scenario; the cluster tests use it too).
 //! - [`scrape`]: after an `idle` hold, `GET /metrics` from an owned tether server's admin listener, timed.
 //! - [`relay`]: the `relay` scenario, messages between pairs of clients (its own coordinator and load generator).
@@ -17,6 +18,7 @@
 
 pub mod cluster;
 pub mod mqtt;
+pub mod nats;
 pub mod redis;
 pub mod relay;
 pub mod scrape;
