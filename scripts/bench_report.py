@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Turn `tether bench --json` result lines into BENCHMARKS.md (table, ratios, plot, metrics on against off, relay).
+"""Turn `tether bench --json` result lines into BENCHMARKS.md (tether against each peer, goals, plot, metrics on
+against off, relay).
 
 Usage: bench_report.py RESULTS.jsonl COMMANDS.txt OUT.md OUT_DIR
        bench_report.py --check RESULTS.jsonl     (exit 1 unless every scenario reported its keys)
@@ -14,7 +15,10 @@ from datetime import datetime, timezone
 KEYS = {
     "idle": ["connections", "rss_per_conn_bytes", "slab_per_conn_bytes", "cpu_s_per_10k_heartbeats", "heartbeats_per_s"],
     "connect": ["handshakes_per_s", "handshake_ms_p50", "handshake_ms_p99"],
-    "detect": ["silenced", "declared", "false_verdicts", "lateness_ms_p50", "lateness_ms_p99", "lateness_ms_max"],
+    "detect": [
+        "silenced", "declared", "false_verdicts", "lateness_ms_p50", "lateness_ms_p99", "lateness_ms_max",
+        "timeout_ms", "detection_rule",
+    ],
     "takeover": ["latency_ms_p50", "latency_ms_p99", "ghosts"],
     "storm": ["all_back_s", "peak_handshakes_in_flight"],
     "cluster": [
@@ -33,6 +37,14 @@ HELD_KEYS = ["held_messages", "held_sessions", "rss_per_held_msg_bytes"]
 # An owned tether server with its admin listener (metrics on) is scraped after the idle hold.
 SCRAPE_KEYS = ["metrics_scrapes", "metrics_scrape_ms_p50", "metrics_scrape_ms_max", "metrics_scrape_cpu_ms", "metrics_bytes"]
 OFF = "metrics off"
+# The systems tether is compared with (`--target`), in the report's column order.
+PEERS = ["mosquitto", "rumqttd", "nats"]
+TARGETS = ["tether"] + PEERS
+LABEL = {"tether": "tether", "mosquitto": "Mosquitto", "rumqttd": "rumqttd", "nats": "NATS"}
+# Scenarios each target has: NATS has no session takeover; storm and cluster restart tether's own nodes.
+TAKEOVER = ["tether", "mosquitto", "rumqttd"]
+# A peer's results carry the config it was started with and its version.
+PEER_KEYS = ["server_version", "server_config"]
 
 
 def is_off(r):
@@ -52,6 +64,8 @@ def check(rows):
             keys = keys + SCRAPE_KEYS
         if r["scenario"] == "relay" and r.get("held_messages"):
             keys = keys + HELD_KEYS
+        if r["target"] in PEERS and r["scenario"] != "relay":
+            keys = keys + PEER_KEYS
         missing = [k for k in keys if r.get(k) is None]
         if missing:
             print(f"{r['scenario']} ({r['target']}, {r.get('variant')}): missing {missing}", file=sys.stderr)
@@ -59,8 +73,9 @@ def check(rows):
         seen.add((r["scenario"], r["target"]))
         if r["scenario"] == "relay":
             seen.add(("relay", r["target"], r["delivery"]))
-    want = {(s, t) for s in ("idle", "connect", "detect") for t in ("tether", "mosquitto")}
-    want |= {("takeover", "tether"), ("storm", "tether"), ("cluster", "tether")}
+    want = {(s, t) for s in ("idle", "connect", "detect") for t in TARGETS}
+    want |= {("takeover", t) for t in TAKEOVER}
+    want |= {("storm", "tether"), ("cluster", "tether")}
     want |= {("relay", "tether", "at_most_once"), ("relay", "tether", "reliable"), ("relay", "mosquitto", "qos1")}
     if not want <= seen:
         print(f"scenarios missing: {sorted(want - seen)}", file=sys.stderr)
@@ -69,7 +84,8 @@ def check(rows):
     if on is None or off is None:
         print("idle (tether): no metrics on / metrics off pair at the largest size", file=sys.stderr)
         return 1
-    print(f"bench smoke: {len(rows)} results, every scenario reported, metrics on and off at {on['connections']:,}")
+    print(f"bench smoke: {len(rows)} results, every scenario reported for {', '.join(TARGETS)}, "
+          f"metrics on and off at {on['connections']:,}")
     return 0
 
 
@@ -139,7 +155,7 @@ def main():
         # The metrics-off runs have their own table; everything else compares the default (metrics on).
         if not is_off(r):
             by.setdefault((r["scenario"], r["target"]), []).append(r)
-    idle_max = {t: max(by.get(("idle", t), []), key=lambda r: r["connections"], default=None) for t in ("tether", "mosquitto")}
+    idle_max = {t: max(by.get(("idle", t), []), key=lambda r: r["connections"], default=None) for t in TARGETS}
 
     def pick(scenario, target, key):
         if scenario == "idle":
@@ -157,34 +173,35 @@ def main():
         ("connect", "handshake latency p50 (ms)", "handshake_ms_p50", "lower"),
         ("connect", "handshake latency p99 (ms)", "handshake_ms_p99", "lower"),
         ("detect", "silenced / declared / false verdicts", None, "—"),
+        ("detect", "deadline after the last frame heard (ms)", "timeout_ms", "—"),
         ("detect", "verdict lateness p50 (ms)", "lateness_ms_p50", "lower"),
         ("detect", "verdict lateness p99 (ms)", "lateness_ms_p99", "lower"),
         ("detect", "verdict lateness max (ms)", "lateness_ms_max", "lower"),
+        ("takeover", "takeover handshake p50 (ms)", "latency_ms_p50", "lower"),
+        ("takeover", "takeover handshake p99 (ms)", "latency_ms_p99", "lower"),
+        ("takeover", "ghosts after the takeovers", "ghosts", "—"),
+        ("storm", "restart: all clients back after (s)", "all_back_s", "—"),
+        ("storm", "restart: peak handshakes in flight (cap 512)", "peak_handshakes_in_flight", "—"),
     ]
     lines = []
     n = idle_max["tether"]["connections"] if idle_max["tether"] else "?"
-    lines.append("| scenario | figure | tether | Mosquitto | tether / Mosquitto |")
-    lines.append("|---|---|---|---|---|")
-    for scenario, label, key, _better in figures:
+    lines.append("| scenario | figure | " + " | ".join(LABEL[t] for t in TARGETS) + " | tether / best peer |")
+    lines.append("|---|---|" + "---|" * len(TARGETS) + "---|")
+    for scenario, label, key, better in figures:
+        has = lambda t: bool(by.get((scenario, t))) or (scenario == "takeover" and t in TAKEOVER)
         if key is None:
-            t = "/".join(fmt(pick(scenario, "tether", k)) for k in ("silenced", "declared", "false_verdicts"))
-            m = "/".join(fmt(pick(scenario, "mosquitto", k)) for k in ("silenced", "declared", "false_verdicts"))
-            lines.append(f"| {scenario} | {label} | {t} | {m} | |")
+            cells = ["/".join(fmt(pick(scenario, t, k)) for k in ("silenced", "declared", "false_verdicts")) for t in TARGETS]
+            lines.append(f"| {scenario} | {label} | " + " | ".join(cells) + " | |")
             continue
-        t, m = pick(scenario, "tether", key), pick(scenario, "mosquitto", key)
-        ratio = f"{t / m:.2f}" if isinstance(t, (int, float)) and isinstance(m, (int, float)) and m else "—"
-        lines.append(f"| {scenario} | {label} | {fmt(t)} | {fmt(m)} | {ratio} |")
-    for scenario, label, key in [
-        ("takeover", "takeover HELLO→WELCOME p50 (ms)", "latency_ms_p50"),
-        ("takeover", "takeover HELLO→WELCOME p99 (ms)", "latency_ms_p99"),
-        ("takeover", "ghosts after the takeovers", "ghosts"),
-        ("storm", "restart: all clients back after (s)", "all_back_s"),
-        ("storm", "restart: peak handshakes in flight (cap 512)", "peak_handshakes_in_flight"),
-    ]:
-        lines.append(f"| {scenario} | {label} | {fmt(pick(scenario, 'tether', key))} | n/a | |")
+        cells = [fmt(pick(scenario, t, key)) if has(t) else "n/a" for t in TARGETS]
+        ratio = ""
+        if better in ("lower", "higher"):
+            r = best_peer(lambda t: pick(scenario, t, key), better)
+            ratio = ratio_cell(pick(scenario, "tether", key), r)
+        lines.append(f"| {scenario} | {label} | " + " | ".join(cells) + f" | {ratio} |")
     table = "\n".join(lines)
 
-    # RSS against connections, both systems.
+    # RSS against connections, every system.
     plot_note = ""
     png = os.path.join(out_dir, "rss.png")
     try:
@@ -194,10 +211,10 @@ def main():
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-        for target, style in (("tether", "o-"), ("mosquitto", "s--")):
+        for target, style in zip(TARGETS, ("o-", "s--", "^-.", "d:")):
             pts = sorted((r["connections"], (r.get("rss_bytes") or 0) / 2**20) for r in by.get(("idle", target), []))
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=target)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=LABEL[target])
         ax.set_xlabel("idle connections")
         ax.set_ylabel("server RSS (MiB)")
         ax.set_title("Server memory against idle connections")
@@ -210,10 +227,10 @@ def main():
         plot_note = "(matplotlib is not installed: no plot in this run)"
 
     idle_rows = ["| system | connections | server RSS (MiB) | RSS per connection (bytes) |", "|---|---|---|---|"]
-    for target in ("tether", "mosquitto"):
+    for target in TARGETS:
         for r in sorted(by.get(("idle", target), []), key=lambda r: r["connections"]):
             idle_rows.append(
-                f"| {target} | {r['connections']:,} | {fmt((r.get('rss_bytes') or 0) / 2**20)} | {fmt(r.get('rss_per_conn_bytes'))} |"
+                f"| {LABEL[target]} | {r['connections']:,} | {fmt((r.get('rss_bytes') or 0) / 2**20)} | {fmt(r.get('rss_per_conn_bytes'))} |"
             )
 
     machine = {
@@ -223,9 +240,10 @@ def main():
         "memory": sh("free -h | awk '/Mem:/ {print $2}'"),
         "kernel": platform.release(),
         "rustc": sh("rustc --version"),
-        "mosquitto": sh("(mosquitto -h || /usr/sbin/mosquitto -h) 2>&1 | head -1"),
         "open files": sh("ulimit -n"),
     }
+    for t in PEERS:
+        machine[LABEL[t]] = next((r["server_version"] for r in rows if r["target"] == t and r.get("server_version")), "?")
     with open(commands) as f:
         cmds = f.read().strip()
     cluster = (by.get(("cluster", "tether")) or [None])[-1]
@@ -242,7 +260,90 @@ def main():
             findings=open(os.path.join(os.path.dirname(__file__), "bench_findings.md")).read().strip(),
             cluster=cluster_table(cluster),
             relay=relay_table(relay),
+            goals=goals_table(pick),
+            peers=peers_section(rows),
         ))
+
+
+def num(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+
+
+def best_peer(get, better):
+    """(value, peer) of the best peer on a figure (`lower` or `higher` is better), or None if none has it."""
+    vals = [(get(t), t) for t in PEERS if num(get(t))]
+    if not vals:
+        return None
+    return min(vals) if better == "lower" else max(vals)
+
+
+def ratio_cell(t, best):
+    """tether's figure against the best peer's, naming that peer; a ratio only between two positive figures."""
+    if best is None or not num(t) or t <= 0 or best[0] <= 0:
+        return "—"
+    return f"{t / best[0]:.2f} ({LABEL[best[1]]})"
+
+
+# (what, scenario, key, which is better, goal): ratios of tether against the best peer, or tether's own figure.
+GOALS = [
+    ("server RSS per idle connection, tether ÷ best peer", "idle", "rss_per_conn_bytes", "lower", ("≤", 0.6)),
+    ("server CPU per 10k heartbeats, tether ÷ best peer", "idle", "cpu_s_per_10k_heartbeats", "lower", ("≤", 0.8)),
+    ("handshakes per second, tether ÷ best peer", "connect", "handshakes_per_s", "higher", ("≥", 1.5)),
+    ("tether detection lateness p99 (ms)", "detect", "lateness_ms_p99", None, ("≤", 5)),
+    ("tether detection lateness max (ms)", "detect", "lateness_ms_max", None, ("≤", 20)),
+    ("tether takeover p99 (ms)", "takeover", "latency_ms_p99", None, ("≤", 1)),
+]
+
+
+def goals_table(pick):
+    """Each goal computed from this run's figures (tether with metrics on, at the largest idle size): met or missed."""
+    lines = ["| goal | measured | target | verdict |", "|---|---|---|---|"]
+    for label, scenario, key, better, (op, bound) in GOALS:
+        t = pick(scenario, "tether", key)
+        if better:
+            best = best_peer(lambda p: pick(scenario, p, key), better)
+            if best is None or not num(t) or not best[0]:
+                lines.append(f"| {label} | not measured | {op} {bound:g} | — |")
+                continue
+            value = t / best[0]
+            shown = f"{value:.2f} ({fmt(t)} against {LABEL[best[1]]}'s {fmt(best[0])})"
+        else:
+            if not num(t):
+                lines.append(f"| {label} | not measured | {op} {bound:g} | — |")
+                continue
+            value, shown = t, fmt(t)
+        met = value <= bound if op == "≤" else value >= bound
+        lines.append(f"| {label} | {shown} | {op} {bound:g} | {'**met**' if met else '**missed**'} |")
+    return "\n".join(lines)
+
+
+def peers_section(rows):
+    """How each system was started (the config of its detect run, whose limits scale with N) and its death rule."""
+    out = []
+    install = os.environ.get("BENCH_RUMQTTD_INSTALL")
+    for t in TARGETS:
+        mine = [r for r in rows if r["target"] == t and r["scenario"] != "relay" and not is_off(r)]
+        if not mine:
+            continue
+        det = next((r for r in reversed(mine) if r["scenario"] == "detect"), mine[-1])
+        version = next((r["server_version"] for r in mine if r.get("server_version")), None)
+        out.append(f"### {LABEL[t]}" + (f" ({version})" if version else ""))
+        out.append("")
+        if det.get("detection_rule"):
+            rule = det["detection_rule"]
+            out.append(f"- **Death rule.** {rule[:1].upper()}{rule[1:]}.")
+        if t == "rumqttd" and install:
+            out.append(f"- **Install.** {install}")
+        conf = det.get("server_config")
+        if conf:
+            what = "Command" if t == "tether" else "Config"
+            out.append(f"- **{what}** of the detect run ({fmt(det['connections'])} connections):")
+            out.append("")
+            out.append("  ```")
+            out.extend("  " + line for line in conf.strip().splitlines())
+            out.append("  ```")
+        out.append("")
+    return "\n".join(out).strip() or "(no results)"
 
 
 RELAY_KINDS = [
@@ -338,12 +439,14 @@ def cluster_table(r):
     return "\n".join(["| figure | measured |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
 
 
-BENCH_DOC = """# Benchmarks: tether and Mosquitto, one run
+BENCH_DOC = """# Benchmarks: tether against Mosquitto, rumqttd and NATS, one run
 
 Written by `scripts/bench` (do not edit by hand: edit `scripts/bench_findings.md` for the analysis). Every figure
-comes from one run of both systems on this machine. The load generator (`tether bench`) spreads connections over
+comes from one run of every system on this machine: tether and its three peers, each started by the run on
+127.0.0.1 with the config shown under "The peers". The load generator (`tether bench`) spreads connections over
 worker processes of at most 5,000 connections each, each on its own 127.0.1.x source address, and talks only
-to the loopback server the run started.
+to the loopback server the run started. Every system gets the same load generator, connections and heartbeat
+interval.
 
 ## Machine
 
@@ -353,29 +456,57 @@ to the loopback server the run started.
 
 {table}
 
+The last column is tether's figure divided by the best peer's on that row (the lowest, or the highest where more
+is better), and which peer that is.
+
 How each figure is taken:
 - **RSS per connection.** The server process's VmRSS after the connections are up and held, minus before, ÷ N.
 - **Slab per connection.** The whole machine's `Slab:` from /proc/meminfo, same delta ÷ N. Both ends of every
   connection live on this machine.
-- **CPU per 10k heartbeats.** The server's user+system time during the hold ÷ heartbeat exchanges. One exchange
-  is the client's ping and its answer: tether's `PING`/`PONG`, MQTT's `PINGREQ`/`PINGRESP`. The hold starts one
-  interval + 1 s after the last connection is up. A tether server with metrics on sends one round-trip probe
-  (a `PING` of its own) per connection one interval after `WELCOME`, then every 60 intervals. So the hold falls
-  between probes; the probes' share is measured apart (see the findings). Probes answered are counted as server
-  work, not as heartbeats.
+- **CPU per 10k heartbeats.** The server's user+system time during the hold ÷ heartbeat exchanges, one exchange
+  per connection per interval in every system. tether, Mosquitto, rumqttd: the client's ping and its answer
+  (tether's `PING`/`PONG`, MQTT's `PINGREQ`/`PINGRESP`), each connection at its own phase in the interval.
+  NATS: the server's `PING` and the client's `PONG` (nats-server drives the heartbeat; its clients only answer),
+  at the phase of the server's timer for that connection: it first fires 1 to 1.2 × min(interval, 2 s) after
+  `CONNECT`, then every interval, and sends a `PING` once the client has sent no message for an interval. The
+  hold starts one interval + 1 s after the last connection is up. A tether server with metrics on sends one round-trip probe (a `PING` of its own) per connection one interval
+  after `WELCOME`, then every 60 intervals. So the hold falls between probes; the probes' share is measured
+  apart (see the findings). Probes answered are counted as server work, not as heartbeats.
 - **Handshakes per second.** N ÷ the slowest worker's time to open all of its connections, with 64 handshakes
-  in flight per worker. The latency runs from connect to `WELCOME`/`CONNACK`.
-- **Detection.** A tenth of the clients go silent at once, with their sockets left open. Both systems use the
-  same interval and declare death after 1.5 × the interval (MQTT's rule).
-  - tether: lateness is the server's own `lateness_ms` (declared − deadline).
-  - Mosquitto: it is Will delivery at a subscriber minus (last PINGREQ + 1.5 × keepalive).
-- **Takeover.** Live ids reconnect from fresh sockets one at a time; the latency is `HELLO` → `WELCOME`.
-  Ghosts are ESTABLISHED sockets on the server port beyond N, plus any CLOSE_WAIT.
+  in flight per worker. The latency runs from connect to `WELCOME` (tether), `CONNACK` (MQTT) or, for NATS, the
+  `PONG` that answers the client's `CONNECT` + `PING` (sent once the server's `INFO` is read).
+- **Detection.** A tenth of the clients go silent at once, with their sockets left open. Every system uses the
+  same interval; each declares death by its own rule (under "The peers"), and lateness is measured against that
+  rule's deadline after the client's last frame:
+  - tether: the server's own `lateness_ms` (declared − deadline), its timeout set to 1.5 × the interval;
+  - Mosquitto and rumqttd: Will delivery at a subscriber minus (last PINGREQ + 1.5 × keepalive);
+  - NATS: the `stop` time `/connz?state=closed` gives for each connection closed as `Stale Connection`, minus
+    (last `PONG` + 2 × ping_interval). The last `PONG` left the client a delivery time after the server's
+    `PING` went out, so this figure reads early by that delay (loopback: tens of µs when idle).
+- **Takeover.** Live ids reconnect from fresh sockets one at a time (tether by id and nonce, MQTT by client id,
+  which closes the older connection); the latency is `HELLO` → `WELCOME` or `CONNECT` → `CONNACK`. Ghosts are
+  ESTABLISHED sockets on the server port beyond N, plus any CLOSE_WAIT. NATS has no takeover: a second
+  connection with the same name is a second client.
 - **Storm.** The server is killed and restarted on the same port under N reconnecting clients (backoff
-  200 ms / 5 s, full jitter).
+  200 ms / 5 s, full jitter). tether only.
 
 Every tether figure above is taken with metrics on, the default: the admin listener, per-frame counting and
 round-trip probes.
+
+## Goals
+
+Computed from the figures above (tether with metrics on, at the largest idle size), against the best peer:
+
+{goals}
+
+## The peers
+
+How the run started each system, and when each declares a silent client dead. The detect scenario waits before
+it silences clients: one interval (at most 2 s), and for NATS until every client has answered a `PING` of the
+server's (1.2 × min(interval, 2 s) + the interval + 0.5 s), so that each silent client is declared by the rule
+and not by its timer's first phase.
+
+{peers}
 
 ## Metrics on and off, same run
 

@@ -1,4 +1,5 @@
-//! `tether bench`: scenarios that measure a tether (or Mosquitto) server under load, and the load generator.
+//! `tether bench`: scenarios that measure a tether server (or a peer: Mosquitto, rumqttd, nats-server) under load,
+//! and the load generator.
 //!
 //! # Layout
 //! - [`run`] is the coordinator. It starts and owns the server under test (or uses `--server ADDR
@@ -6,7 +7,9 @@
 //!   on its own 127.0.0.x source address when the target is on loopback), drives the scenario, and returns a
 //!   [`Report`]: the JSON object scripts compare, plus human rows.
 //! - [`worker`]: one load-generator process (`tether bench-worker`).
-//! - [`mqtt`]: the MQTT 3.1.1 packets used against Mosquitto. [`sys`]: /proc readers.
+//! - [`peer`]: the peers a run starts (executable, generated config, detection rule).
+//! - [`mqtt`]: the MQTT 3.1.1 packets used against Mosquitto and rumqttd. [`nats`]: NATS's text protocol, and
+//!   nats-server's closed connections from its monitoring endpoint. [`sys`]: /proc readers.
 //! - [`redis`]: a `redis-server` of the run's own (the `cluster` scenario; the cluster tests use it too).
 //! - [`scrape`]: after an `idle` hold, `GET /metrics` from an owned tether server's admin listener, timed.
 //! - [`relay`]: the `relay` scenario, messages between pairs of clients (its own coordinator and load generator).
@@ -17,6 +20,8 @@
 
 pub mod cluster;
 pub mod mqtt;
+pub mod nats;
+pub mod peer;
 pub mod redis;
 pub mod relay;
 pub mod scrape;
@@ -189,12 +194,18 @@ struct Server {
     pid: u32,
     /// The owned tether server's admin listener (from its `listening` event), if it has one.
     admin: Option<SocketAddr>,
+    /// nats-server's HTTP monitoring listener: `detect` reads its verdicts there.
+    monitor: Option<SocketAddr>,
+    /// A peer's version line, for the results.
+    version: Option<String>,
+    /// How the run started the server: a peer's config file, tether's `serve` arguments. For the results.
+    config: Option<String>,
     /// Owned server processes (the last one is current; `storm` restarts).
     proc: Option<Child2>,
     _dir: Option<TempDir>,
 }
 
-/// A scratch directory removed on drop (Mosquitto's config).
+/// A scratch directory removed on drop (a peer's config).
 struct TempDir(PathBuf);
 impl Drop for TempDir {
     fn drop(&mut self) {
@@ -202,75 +213,63 @@ impl Drop for TempDir {
     }
 }
 
+/// The deadline after a client's last frame: for tether its `--heartbeat-timeout`; for a peer its own rule
+/// ([`peer::detection_rule`]), which `detect` measures lateness against.
 fn timeout_for(opts: &Opts) -> Duration {
     match opts.scenario {
         // Detection parity with MQTT: the broker declares a client dead after 1.5 × keepalive.
-        Scenario::Detect => opts.heartbeat_interval.mul_f64(1.5),
+        Scenario::Detect => peer::detection_rule(opts.target, opts.heartbeat_interval).1,
         // Elsewhere tether's own default ratio (3 intervals): load generators sharing two cores with the server
         // must not have healthy connections declared dead by a tight timeout.
         _ => opts.heartbeat_interval * 3,
     }
 }
 
-fn spawn_tether(opts: &Opts, listen: &str) -> anyhow::Result<Child2> {
+/// The arguments of the tether server a run starts (before `--listen`).
+fn tether_args(opts: &Opts) -> Vec<String> {
     let interval = format!("{}ms", opts.heartbeat_interval.as_millis());
     let timeout = format!("{}ms", timeout_for(opts).as_millis());
     let max = (opts.connections + 1000).to_string();
     let handshakes = if opts.scenario == Scenario::Storm { "512".to_owned() } else { max.clone() };
+    let mut args: Vec<String> = ["--events", "json", "--stats-interval", "250ms"].map(String::from).to_vec();
+    args.extend(["--heartbeat-interval".into(), interval, "--heartbeat-timeout".into(), timeout]);
+    args.extend(["--heartbeat-min", "100ms", "--max-connections"].map(String::from));
+    args.extend([max, "--max-handshakes".into(), handshakes.clone()]);
+    // Thousands of simulated devices share each worker's source address: no per-address share.
+    args.extend(["--max-handshakes-per-ip".into(), handshakes]);
+    args.extend(opts.server_args.iter().cloned());
+    args
+}
+
+fn spawn_tether(opts: &Opts, listen: &str) -> anyhow::Result<Child2> {
     let mut cmd = Command::new(opts.server_exe.as_ref().unwrap_or(&opts.exe));
-    cmd.args(["serve", "--listen", listen, "--events", "json", "--stats-interval", "250ms"])
-        .args(["--heartbeat-interval", &interval, "--heartbeat-timeout", &timeout, "--heartbeat-min", "100ms"])
-        .args(["--max-connections", &max, "--max-handshakes", &handshakes])
-        // Thousands of simulated devices share each worker's source address: no per-address share.
-        .args(["--max-handshakes-per-ip", &handshakes])
-        .args(&opts.server_args)
-        .env("RUST_LOG", "warn")
-        .stderr(Stdio::null());
+    cmd.args(["serve", "--listen", listen]).args(tether_args(opts)).env("RUST_LOG", "warn").stderr(Stdio::null());
     Child2::spawn(&mut cmd)
 }
 
 fn start_server(opts: &Opts) -> anyhow::Result<Server> {
     if let Some(addr) = opts.server {
         let pid = opts.server_pid.context("--server needs --server-pid (to read its RSS and CPU)")?;
-        return Ok(Server { addr, pid, admin: None, proc: None, _dir: None });
+        return Ok(Server {
+            addr,
+            pid,
+            admin: None,
+            monitor: None,
+            version: None,
+            config: None,
+            proc: None,
+            _dir: None,
+        });
     }
-    match opts.target {
-        Target::Tether => {
-            let p = spawn_tether(opts, "127.0.0.1:0")?;
-            let l = p.expect("listening", Duration::from_secs(10), |v| event(v) == "listening")?;
-            let addr: SocketAddr = l["addr"].as_str().context("listening addr")?.parse()?;
-            let admin = l["admin"].as_str().map(str::parse).transpose().context("listening admin")?;
-            Ok(Server { addr, pid: p.child.id(), admin, proc: Some(p), _dir: None })
-        }
-        Target::Mosquitto => {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-            let dir = std::env::temp_dir().join(format!("tether-bench-mosquitto-{}", std::process::id()));
-            std::fs::create_dir_all(&dir)?;
-            let conf = dir.join("mosquitto.conf");
-            let mut text = format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest none\n\
-                 max_keepalive 65535\nset_tcp_nodelay true\n"
-            );
-            if opts.scenario == Scenario::Relay {
-                // QoS 1 messages beyond a subscriber's 20 in flight wait in its queue, which by default drops
-                // beyond 1,000; the load generator's end-to-end bound keeps it below this, so none is dropped.
-                text.push_str(&format!("max_queued_messages {}\n", opts.window * relay::load::GUARD + 100));
-            }
-            std::fs::write(&conf, text)?;
-            let mut cmd = Command::new("mosquitto");
-            cmd.arg("-c").arg(&conf).stderr(Stdio::null());
-            let p = Child2::spawn(&mut cmd).context("starting mosquitto (apt-get install mosquitto)")?;
-            let addr = SocketAddr::from(([127, 0, 0, 1], port));
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while std::net::TcpStream::connect(addr).is_err() {
-                if Instant::now() > deadline {
-                    bail!("mosquitto did not start listening on {addr}");
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Ok(Server { addr, pid: p.child.id(), admin: None, proc: Some(p), _dir: Some(TempDir(dir)) })
-        }
+    if opts.target != Target::Tether {
+        return peer::start(opts);
     }
+    let p = spawn_tether(opts, "127.0.0.1:0")?;
+    let l = p.expect("listening", Duration::from_secs(10), |v| event(v) == "listening")?;
+    let addr: SocketAddr = l["addr"].as_str().context("listening addr")?.parse()?;
+    let admin = l["admin"].as_str().map(str::parse).transpose().context("listening admin")?;
+    let config = Some(format!("tether serve --listen 127.0.0.1:0 {}", tether_args(opts).join(" ")));
+    Ok(Server { addr, pid: p.child.id(), admin, monitor: None, version: None, config, proc: Some(p), _dir: None })
 }
 
 fn spawn_workers(opts: &Opts, addr: SocketAddr, reconnect: bool) -> anyhow::Result<Vec<Child2>> {
@@ -284,7 +283,7 @@ fn spawn_workers(opts: &Opts, addr: SocketAddr, reconnect: bool) -> anyhow::Resu
         cmd.args(["bench-worker", "--addr", &addr.to_string(), "--count", &count.to_string()])
             .args(["--first", &first.to_string(), "--interval", &format!("{}ms", opts.heartbeat_interval.as_millis())])
             .args(["--concurrency", &opts.concurrency.to_string(), "--max-seconds", "900"])
-            .args(["--target", if opts.target == Target::Tether { "tether" } else { "mosquitto" }])
+            .args(["--target", opts.target.name()])
             .env("RUST_LOG", "warn");
         if addr.ip().is_loopback() && addr.is_ipv4() {
             // Spread over source addresses: each has its own ephemeral port range towards the server.
@@ -334,8 +333,11 @@ pub fn run(opts: &Opts) -> anyhow::Result<Report> {
         }
         return cluster::run(opts);
     }
-    if opts.target == Target::Mosquitto && matches!(opts.scenario, Scenario::Takeover | Scenario::Storm) {
-        bail!("{} is measured for tether only", opts.scenario.name());
+    if opts.target != Target::Tether && opts.scenario == Scenario::Storm {
+        bail!("storm is measured for tether only");
+    }
+    if opts.target == Target::Nats && opts.scenario == Scenario::Takeover {
+        bail!("NATS has no session takeover: a second connection with the same name is a second client");
     }
     if !opts.server_args.is_empty() && (opts.server.is_some() || opts.target != Target::Tether) {
         bail!("--server-arg is for the tether server this run starts");
@@ -343,6 +345,8 @@ pub fn run(opts: &Opts) -> anyhow::Result<Report> {
     if opts.scenario == Scenario::Relay {
         return relay::run(opts);
     }
+    // Every process the run starts (server, workers) inherits this: the most descriptors the machine allows.
+    sys::raise_nofile();
     // Not while the kernel still tears down a previous run's connections (that skews every figure).
     sys::wait_quiet(Duration::from_secs(60));
     let rss0_machine_slab = sys::slab_bytes();
@@ -352,11 +356,10 @@ pub fn run(opts: &Opts) -> anyhow::Result<Report> {
     let mut workers = spawn_workers(opts, server.addr, opts.scenario == Scenario::Storm)?;
     let (lat, slowest, failed) = connected(&workers, connect_limit)?;
     let n = opts.connections - failed;
-    let mut rows =
-        vec![("target".into(), format!("{:?}", opts.target).to_lowercase()), ("connections".into(), n.to_string())];
+    let mut rows = vec![("target".into(), opts.target.name().to_owned()), ("connections".into(), n.to_string())];
     let mut out = json!({
         "scenario": opts.scenario.name(),
-        "target": format!("{:?}", opts.target).to_lowercase(),
+        "target": opts.target.name(),
         "connections": n,
         "failed_connections": failed,
         "heartbeat_interval_ms": opts.heartbeat_interval.as_millis() as u64,
@@ -365,6 +368,13 @@ pub fn run(opts: &Opts) -> anyhow::Result<Report> {
         out["variant"] = json!(v);
         out["server_args"] = json!(opts.server_args);
         rows.push(("variant".into(), v.into()));
+    }
+    if let Some(v) = &server.version {
+        out["server_version"] = json!(v);
+        rows.push(("server".into(), v.clone()));
+    }
+    if let Some(c) = &server.config {
+        out["server_config"] = json!(c);
     }
     match opts.scenario {
         Scenario::Connect => {
@@ -461,7 +471,8 @@ pub fn run(opts: &Opts) -> anyhow::Result<Report> {
             out["latency_ms_p99"] = json!(ms3(pct(&l, 0.99)));
             out["ghosts"] = json!(ghosts);
             rows.push(("takeovers".into(), l.len().to_string()));
-            rows.push(("HELLO→WELCOME p50 / p99".into(), format!("{:.3} / {:.3} ms", pct(&l, 0.5), pct(&l, 0.99))));
+            let what = if opts.target == Target::Tether { "HELLO→WELCOME" } else { "CONNECT→CONNACK" };
+            rows.push((format!("{what} p50 / p99"), format!("{:.3} / {:.3} ms", pct(&l, 0.5), pct(&l, 0.99))));
             rows.push(("ghosts after (server table)".into(), format!("{ghosts} ({est} ESTABLISHED, {cw} CLOSE_WAIT)")));
         }
         Scenario::Storm => storm(opts, &mut server, &mut workers, n, &mut out, &mut rows)?,
@@ -526,12 +537,21 @@ fn detect(
 ) -> anyhow::Result<()> {
     let m = opts.silent.min(n);
     let timeout = timeout_for(opts);
-    // Mosquitto: a watcher subscribed to the Wills; tether: the server's own verdict events.
+    // tether: the server's own verdict events; MQTT: a watcher subscribed to the Wills; NATS: closed connections.
     let mut watcher = match opts.target {
-        Target::Mosquitto => Some(MqttWatcher::connect(server.addr)?),
-        Target::Tether => None,
+        Target::Tether => Verdicts::Events,
+        Target::Mosquitto | Target::Rumqttd => Verdicts::Wills(MqttWatcher::connect(server.addr)?),
+        Target::Nats => {
+            let monitor = server.monitor.context("detect against NATS reads its monitoring endpoint")?;
+            Verdicts::Closed(NatsWatcher {
+                monitor,
+                limit: n + 1000,
+                seen: Default::default(),
+                queue: Default::default(),
+            })
+        }
     };
-    std::thread::sleep(opts.heartbeat_interval.min(Duration::from_secs(2)));
+    std::thread::sleep(steady_after(opts.target, opts.heartbeat_interval));
     let per = m.div_ceil(workers.len());
     let mut left = m;
     for w in workers.iter_mut() {
@@ -555,20 +575,24 @@ fn detect(
     let mut declared = std::collections::HashSet::new();
     while declared.len() < m && Instant::now() < deadline {
         let left = deadline.saturating_duration_since(Instant::now());
+        // A peer's verdict at `at_us`, against its rule's deadline: the client's last frame + `timeout`.
+        let late = |(id, at_us): (String, u64)| {
+            let deadline_us = last_tx.get(&id).copied().unwrap_or(0) + timeout.as_micros() as u64;
+            (id, (at_us as f64 - deadline_us as f64) / 1000.0)
+        };
         let verdict: Option<(String, f64)> = match (&mut watcher, server.proc.as_ref()) {
-            (Some(w), _) => w.next_will(left)?.map(|(id, at_us)| {
-                // MQTT's deadline: the last PINGREQ + 1.5 × keepalive.
-                let deadline_us = last_tx.get(&id).copied().unwrap_or(0) + timeout.as_micros() as u64;
-                (id, (at_us as f64 - deadline_us as f64) / 1000.0)
-            }),
-            (None, Some(p)) => match p.lines.recv_timeout(left) {
+            (Verdicts::Wills(w), _) => w.next_will(left)?.map(late),
+            (Verdicts::Closed(w), _) => w.next_stale(left)?.map(late),
+            (Verdicts::Events, Some(p)) => match p.lines.recv_timeout(left) {
                 Ok(v) if event(&v) == "offline" => {
                     Some((v["client"].as_str().unwrap_or("").to_owned(), v["lateness_ms"].as_f64().unwrap_or(f64::NAN)))
                 }
                 Ok(_) => continue,
                 Err(_) => None,
             },
-            (None, None) => bail!("detect with --server needs the server's events: run it without --server"),
+            (Verdicts::Events, None) => {
+                bail!("detect with --server needs the server's events: run it without --server")
+            }
         };
         let Some((id, late)) = verdict else { break };
         if last_tx.contains_key(&id) {
@@ -584,6 +608,7 @@ fn detect(
     out["declared"] = json!(declared.len());
     out["false_verdicts"] = json!(false_verdicts);
     out["timeout_ms"] = json!(timeout.as_millis() as u64);
+    out["detection_rule"] = json!(peer::detection_rule(opts.target, opts.heartbeat_interval).0);
     out["lateness_ms_p50"] = json!(ms3(pct(&lateness, 0.5)));
     out["lateness_ms_p99"] = json!(ms3(pct(&lateness, 0.99)));
     out["lateness_ms_max"] = json!(ms3(lateness.last().copied().unwrap_or(f64::NAN)));
@@ -653,6 +678,63 @@ fn storm(
         bail!("only {} of {n} clients came back within 120 s", back.len());
     }
     Ok(())
+}
+
+/// How long `detect` waits after the connections are up before it silences some. nats-server's first `PING`
+/// to a client comes 1 to 1.2 × min(interval, 2 s) after its `CONNECT` (a timer of its own per connection), or
+/// an interval later if that is under one interval: a client silenced before it has answered one is declared
+/// by the timer's phase, not one interval after a `PING` it left unanswered. So NATS waits until every client
+/// has answered one; the others, as before, one interval (at most 2 s).
+fn steady_after(target: Target, interval: Duration) -> Duration {
+    match target {
+        Target::Nats => interval.min(Duration::from_secs(2)).mul_f64(1.2) + interval + Duration::from_millis(500),
+        _ => interval.min(Duration::from_secs(2)),
+    }
+}
+
+/// Where `detect` hears each verdict.
+enum Verdicts {
+    /// tether: the owned server's `offline` events, each with its own lateness.
+    Events,
+    /// Mosquitto, rumqttd: the Wills, at a subscriber.
+    Wills(MqttWatcher),
+    /// nats-server: its closed connections, from the monitoring endpoint.
+    Closed(NatsWatcher),
+}
+
+/// nats-server's `Stale Connection` verdicts, polled from `/connz?state=closed`.
+struct NatsWatcher {
+    monitor: SocketAddr,
+    /// How many closed connections to ask for (the server keeps at most 10,000).
+    limit: usize,
+    /// (name, stop) of the verdicts already queued: each poll returns every closed connection again.
+    seen: std::collections::HashSet<(String, u64)>,
+    queue: std::collections::VecDeque<(String, u64)>,
+}
+
+impl NatsWatcher {
+    /// The next connection closed as stale: (its name, epoch µs of its `stop`).
+    fn next_stale(&mut self, within: Duration) -> anyhow::Result<Option<(String, u64)>> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(v) = self.queue.pop_front() {
+                return Ok(Some(v));
+            }
+            for c in nats::closed(self.monitor, self.limit)? {
+                if c.reason == nats::STALE && self.seen.insert((c.name.clone(), c.stop_us)) {
+                    self.queue.push_back((c.name, c.stop_us));
+                }
+            }
+            if self.queue.is_empty() {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Ok(None);
+                }
+                // The verdict times come from the server: polling more often only adds load.
+                std::thread::sleep(left.min(Duration::from_millis(250)));
+            }
+        }
+    }
 }
 
 /// An MQTT subscriber to every Will the bench's clients registered.

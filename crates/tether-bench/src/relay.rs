@@ -35,12 +35,15 @@ pub fn delivery(opts: &Opts) -> &'static str {
     match (opts.target, opts.reliable) {
         (Target::Tether, true) => "reliable",
         (Target::Tether, false) => "at_most_once",
-        (Target::Mosquitto, true) => "qos1",
-        (Target::Mosquitto, false) => "qos0",
+        (_, true) => "qos1",
+        (_, false) => "qos0",
     }
 }
 
 fn check(opts: &Opts) -> anyhow::Result<()> {
+    if !matches!(opts.target, Target::Tether | Target::Mosquitto) {
+        bail!("relay compares tether with Mosquitto: --target tether or mosquitto");
+    }
     if !(1..=1000).contains(&opts.window) {
         bail!("--window is 1 to 1,000 messages (the end-to-end bound, {} windows, stays within a hold)", load::GUARD);
     }
@@ -60,7 +63,7 @@ fn spawn_worker(opts: &Opts, server: &Server) -> anyhow::Result<Child2> {
     let max = opts.settle + opts.hold + Duration::from_secs(300);
     let mut cmd = std::process::Command::new(&opts.exe);
     cmd.args(["bench-worker", "--relay", "--addr", &server.addr.to_string(), "--count", "0"])
-        .args(["--target", if opts.target == Target::Tether { "tether" } else { "mosquitto" }])
+        .args(["--target", opts.target.name()])
         .args(["--pairs", &opts.pairs.to_string(), "--window", &opts.window.to_string()])
         .args(["--interval", &format!("{}ms", opts.heartbeat_interval.as_millis())])
         .args(["--max-seconds", &max.as_secs().to_string()])
@@ -112,7 +115,7 @@ pub fn run(opts: &Opts) -> anyhow::Result<Report> {
     }
     let mut out = json!({
         "scenario": "relay",
-        "target": format!("{:?}", opts.target).to_lowercase(),
+        "target": opts.target.name(),
         "delivery": delivery(opts),
         "receipts": opts.target == Target::Tether && opts.reliable && opts.receipts,
         "pairs": opts.pairs,

@@ -74,6 +74,20 @@ pub fn server_socket_counts(addr: std::net::SocketAddr) -> (usize, usize) {
     (est, cw)
 }
 
+/// Raise this process's open-file limit to its hard limit (children inherit it): a server under test holds one
+/// descriptor per connection, and a peer such as rumqttd does not raise its own. Best effort: where it fails the
+/// run goes on, and the connections beyond the limit are reported as failed.
+pub fn raise_nofile() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit with a pointer to a live rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 /// Wait (at most `limit`) until the machine's TCP stack is quiet: few sockets in use and no orphans, so a
 /// scenario is not measured while the kernel still tears down the previous one's connections.
 pub fn wait_quiet(limit: Duration) {

@@ -11,8 +11,10 @@
 //!
 //! A tether connection here is deliberately lean, not a full `tether::Client`: it says `HELLO`, sends `PING` when
 //! it has sent nothing for one interval, answers `PING` with `PONG`, and reads everything else. An MQTT connection
-//! sends CONNECT with a Will and PINGREQ every keepalive. A "heartbeat exchange" is the client's ping and its
-//! answer: the unit both systems are charged per. A `PING` of the server's own (tether's round-trip probe) is
+//! (Mosquitto, rumqttd) sends CONNECT with a Will and PINGREQ every keepalive. A NATS connection reads `INFO`,
+//! sends `CONNECT` and `PING`, waits for the `PONG`, then only answers the server's `PING`s: nats-server drives
+//! the heartbeat itself. A "heartbeat exchange" is one ping and its answer, one per connection per interval: the
+//! client's ping for tether and MQTT, the server's for NATS. It is the unit every system is charged per. A `PING` of the server's own (tether's round-trip probe) is
 //! answered and counted apart, as server work; answering it does not move the connection's ping phase, as it
 //! would not for a device whose probe comes right after its own ping (see [`Heartbeat::tether`]).
 //! In `reconnect` mode each id is a `tether::ReconnectingClient` instead, reporting every reconnection.
@@ -30,14 +32,36 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{Notify, Semaphore};
 
-use crate::mqtt;
 use crate::sys::epoch_us;
+use crate::{mqtt, nats};
 
-/// Which server protocol the worker speaks.
+/// Which server the run measures, and so which protocol the worker speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
     Tether,
+    /// MQTT 3.1.1 ([`mqtt`]).
     Mosquitto,
+    /// MQTT 3.1.1, the same client as Mosquitto's.
+    Rumqttd,
+    /// NATS's text protocol ([`crate::nats`]).
+    Nats,
+}
+
+impl Target {
+    /// Its name on the command line (`--target`) and in results.
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Tether => "tether",
+            Target::Mosquitto => "mosquitto",
+            Target::Rumqttd => "rumqttd",
+            Target::Nats => "nats",
+        }
+    }
+
+    /// An MQTT broker: keepalive in whole seconds, a Will for detection, takeover by client id.
+    pub fn is_mqtt(self) -> bool {
+        matches!(self, Target::Mosquitto | Target::Rumqttd)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -194,7 +218,8 @@ fn spawn_conn(opts: &WorkerOpts, c: &Conn, exchanges: Arc<Counts>, gate: Option<
         let started = Instant::now();
         let opened = match target {
             Target::Tether => open_tether(addr, src, &id, interval).await,
-            Target::Mosquitto => open_mqtt(addr, src, &id, interval).await,
+            Target::Mosquitto | Target::Rumqttd => open_mqtt(addr, src, &id, interval).await,
+            Target::Nats => open_nats(addr, src, &id).await,
         };
         drop(permit);
         let (stream, leftover, hello_rtt) = match opened {
@@ -209,7 +234,8 @@ fn spawn_conn(opts: &WorkerOpts, c: &Conn, exchanges: Arc<Counts>, gate: Option<
         let hb = Heartbeat { silent, bye, wake, last_tx_us: last, exchanges, interval, phase };
         let _ = match target {
             Target::Tether => hb.tether(stream, leftover).await,
-            Target::Mosquitto => hb.mqtt(stream).await,
+            Target::Mosquitto | Target::Rumqttd => hb.mqtt(stream).await,
+            Target::Nats => hb.nats(stream, leftover).await,
         };
     });
     rx
@@ -314,10 +340,41 @@ async fn open_mqtt(
     Ok((stream, buf, sent.elapsed()))
 }
 
+/// Connect → the server's `INFO`, then `CONNECT` + `PING` → `PONG` (any `-ERR` first refuses the connection).
+async fn open_nats(addr: SocketAddr, src: Option<IpAddr>, id: &str) -> anyhow::Result<(TcpStream, BytesMut, Duration)> {
+    let mut stream = dial(addr, src).await?;
+    let sent = Instant::now();
+    let mut buf = BytesMut::new();
+    let mut said_connect = false;
+    loop {
+        while let Some((op, n)) = nats::split(&buf).map_err(anyhow::Error::msg)? {
+            let reply = match op {
+                nats::Op::Info(_) if !said_connect => {
+                    said_connect = true;
+                    nats::connect(id)
+                }
+                nats::Op::Pong if said_connect => {
+                    buf.advance(n);
+                    return Ok((stream, buf, sent.elapsed()));
+                }
+                nats::Op::Ping => nats::PONG.to_vec(),
+                nats::Op::Err(e) => bail!("refused: -ERR {e}"),
+                other => bail!("unexpected {other:?} during the handshake"),
+            };
+            buf.advance(n);
+            stream.write_all(&reply).await?;
+        }
+        if stream.read_buf(&mut buf).await? == 0 {
+            bail!("closed during the handshake");
+        }
+    }
+}
+
 /// What a worker's connections counted.
 #[derive(Debug, Default)]
 struct Counts {
-    /// Heartbeat exchanges the clients started (tether `PING`, MQTT `PINGREQ`).
+    /// Heartbeat exchanges: the clients' own pings (tether `PING`, MQTT `PINGREQ`), and for NATS the server's
+    /// `PING`s answered.
     heartbeats: AtomicU64,
     /// The server's own `PING`s answered.
     server_pings: AtomicU64,
@@ -414,6 +471,34 @@ impl Heartbeat {
                     self.sent();
                 }
                 () = self.wake.notified() => {}
+            }
+        }
+    }
+}
+
+impl Heartbeat {
+    /// Answer each of the server's `PING`s with `PONG` (one heartbeat exchange each) until the server closes;
+    /// a silent connection reads and answers nothing, as a dead device would.
+    async fn nats(self, mut stream: TcpStream, mut buf: BytesMut) -> anyhow::Result<()> {
+        loop {
+            tokio::select! {
+                r = stream.read_buf(&mut buf) => {
+                    if r? == 0 {
+                        return Ok(());
+                    }
+                    while let Some((op, n)) = nats::split(&buf).map_err(anyhow::Error::msg)? {
+                        if op == nats::Op::Ping && !self.silent.load(Ordering::SeqCst) {
+                            stream.write_all(nats::PONG).await?;
+                            self.sent();
+                        }
+                        buf.advance(n);
+                    }
+                }
+                () = self.wake.notified() => {
+                    if self.bye.load(Ordering::SeqCst) {
+                        return Ok(()); // NATS has no goodbye: closing is the end
+                    }
+                }
             }
         }
     }

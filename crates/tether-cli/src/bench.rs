@@ -33,6 +33,8 @@ pub enum ScenarioArg {
 pub enum TargetArg {
     Tether,
     Mosquitto,
+    Rumqttd,
+    Nats,
 }
 
 #[derive(clap::Args, Debug)]
@@ -40,13 +42,16 @@ pub struct Args {
     /// What to measure.
     #[arg(value_enum)]
     scenario: ScenarioArg,
-    /// Server to measure: tether (started by this run) or mosquitto (started by this run, for comparison).
+    /// Server to measure, started by this run: tether, or a peer for comparison (mosquitto, rumqttd, nats; a
+    /// generated config in a temp dir). rumqttd comes from $TETHER_BENCH_RUMQTTD, PATH, or the cache
+    /// scripts/install-rumqttd builds it into.
     #[arg(long, value_enum, default_value = "tether")]
     target: TargetArg,
     /// Connections to open.
     #[arg(long, default_value_t = 1000)]
     connections: usize,
-    /// Heartbeat interval (MQTT keepalive for mosquitto; whole seconds there).
+    /// Heartbeat interval (MQTT keepalive for mosquitto and rumqttd, whole seconds there; ping_interval for
+    /// nats).
     #[arg(long, value_parser = duration::parse, default_value = "5s", value_name = "DUR")]
     heartbeat_interval: Duration,
     /// idle: how long to hold the connections while measuring; relay: how long to measure the flow.
@@ -149,6 +154,8 @@ fn target(t: TargetArg) -> Target {
     match t {
         TargetArg::Tether => Target::Tether,
         TargetArg::Mosquitto => Target::Mosquitto,
+        TargetArg::Rumqttd => Target::Rumqttd,
+        TargetArg::Nats => Target::Nats,
     }
 }
 
@@ -163,8 +170,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         ScenarioArg::Cluster => Scenario::Cluster,
         ScenarioArg::Relay => Scenario::Relay,
     };
-    if args.target == TargetArg::Mosquitto && args.heartbeat_interval < Duration::from_secs(1) {
-        anyhow::bail!("MQTT keepalive is in whole seconds: use --heartbeat-interval 1s or more for mosquitto");
+    if target(args.target).is_mqtt() && args.heartbeat_interval < Duration::from_secs(1) {
+        anyhow::bail!("MQTT keepalive is in whole seconds: use --heartbeat-interval 1s or more for an MQTT broker");
     }
     let opts = Opts {
         scenario,
@@ -195,8 +202,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let report = tether_bench::run(&opts)?;
     let width = report.rows.iter().map(|(k, _)| k.chars().count()).max().unwrap_or(0);
     match opts.variant() {
-        Some(v) => println!("tether bench {} ({:?}, {v})", scenario.name(), opts.target),
-        None => println!("tether bench {} ({:?})", scenario.name(), opts.target),
+        Some(v) => println!("tether bench {} ({}, {v})", scenario.name(), opts.target.name()),
+        None => println!("tether bench {} ({})", scenario.name(), opts.target.name()),
     }
     for (k, v) in &report.rows {
         println!("  {k:<width$}  {v}");

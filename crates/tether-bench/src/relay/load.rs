@@ -1001,6 +1001,7 @@ async fn open_pair(sh: &Arc<Shared>, i: usize) -> anyhow::Result<()> {
             spawn_task(sh, mqtt_receiver(sh.clone(), i, r));
             spawn_task(sh, mqtt_sender(sh.clone(), i, s));
         }
+        Target::Rumqttd | Target::Nats => bail!("the relay load generator speaks tether and Mosquitto's MQTT only"),
     }
     sh.fds.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend(fds);
     Ok(())
