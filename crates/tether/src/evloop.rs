@@ -239,11 +239,31 @@ async fn run<H: Hooks + Send + 'static>(
             }
         }
         round.now = listed;
-        let next = timers.next();
+        let next = next_wakeup(&mut timers, &mut slab);
         if next != sleeping_until {
             sleeping_until = next;
             sleep.as_mut().reset(next.map_or_else(far, tokio::time::Instant::from_std));
         }
+    }
+}
+
+/// The earliest deadline worth waking for. Entries at the top of the heap whose connection's deadline has since
+/// moved later (each frame moves it) are re-armed at the new deadline now, and stale ones dropped, so that the
+/// loop never wakes for a deadline that no longer exists: a heartbeat costs a heap step, not a wakeup.
+fn next_wakeup<H>(timers: &mut timer::Timers, slab: &mut ::slab::Slab<Entry<H>>) -> Option<StdInstant> {
+    loop {
+        let (key, at) = timers.peek()?;
+        let Some(e) = slab.get_mut(key).filter(|e| e.armed == Some(at)) else {
+            timers.pop();
+            continue;
+        };
+        let deadline = e.conn.poll_timeout();
+        if deadline.is_some_and(|d| d <= at) {
+            return Some(at);
+        }
+        timers.pop();
+        e.armed = None;
+        timers.arm(key, &mut e.armed, deadline);
     }
 }
 

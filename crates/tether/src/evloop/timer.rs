@@ -3,12 +3,12 @@
 //! # Layout
 //! [`Timers`] holds the heap; each connection's entry remembers the deadline it has in the heap ([`Armed`]).
 //! A connection's deadline moves with nearly every frame (the silence deadline follows the last one received), so
-//! the heap is not touched when a deadline moves *later*: the entry fires at the old time, the connection is
-//! visited, finds its deadline not yet due, and arms the new one. Only a deadline that moves *earlier* pushes a
-//! second entry; the old one is then stale (its time is no longer the one its connection holds) and is skipped
-//! when it comes up. So the heap holds about one entry per connection, a heartbeat costs at most one pop and one
-//! push per interval, and no deadline is ever late: whatever is armed fires no later than the connection's
-//! earliest deadline. Nothing scans the connections.
+//! the heap is not touched when a deadline moves *later*: when the old entry reaches the top of the heap, the
+//! loop sees the connection's deadline has moved and re-arms it there (`evloop::next_wakeup`), without waking for
+//! it. Only a deadline that moves *earlier* pushes a second entry; the old one is then stale (its time is no
+//! longer the one its connection holds) and is dropped when it comes up. So the heap holds about one entry per
+//! connection, a heartbeat costs at most one pop and one push per interval, and no deadline is ever late:
+//! whatever is armed fires no later than the connection's earliest deadline. Nothing scans the connections.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -33,9 +33,14 @@ impl Timers {
         self.heap.push(Reverse((d, key as u32)));
     }
 
-    /// The earliest time anything is armed for.
-    pub(crate) fn next(&self) -> Option<Instant> {
-        self.heap.peek().map(|Reverse((t, _))| *t)
+    /// The earliest entry: its slot and the time it was armed for.
+    pub(crate) fn peek(&self) -> Option<(usize, Instant)> {
+        self.heap.peek().map(|Reverse((t, key))| (*key as usize, *t))
+    }
+
+    /// Drop the earliest entry.
+    pub(crate) fn pop(&mut self) {
+        self.heap.pop();
     }
 
     /// Take one entry due at `now`: its slot and the time it was armed for. The caller checks the slot still
@@ -83,7 +88,7 @@ mod tests {
         timers.arm(1, &mut b, Some(s(5))); // earlier: pushed, the 12 s entry goes stale
         timers.arm(1, &mut b, None); // no deadline: what is armed stays
         assert_eq!(timers.len(), 3);
-        assert_eq!(timers.next(), Some(s(5)));
+        assert_eq!(timers.peek(), Some((1, s(5))));
         assert_eq!(timers.pop_due(s(4)), None);
         assert_eq!(timers.pop_due(s(5)), Some((1, s(5))));
         assert!(fire(&mut b, s(5)));
