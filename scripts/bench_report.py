@@ -210,15 +210,23 @@ def main():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+        # Logarithmic: the peers span two orders of magnitude, and tether and Mosquitto would otherwise overlap.
+        fig, (ax, per) = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
         for target, style in zip(TARGETS, ("o-", "s--", "^-.", "d:")):
-            pts = sorted((r["connections"], (r.get("rss_bytes") or 0) / 2**20) for r in by.get(("idle", target), []))
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=LABEL[target])
-        ax.set_xlabel("idle connections")
-        ax.set_ylabel("server RSS (MiB)")
+            runs = sorted(by.get(("idle", target), []), key=lambda r: r["connections"])
+            if runs:
+                n = [r["connections"] for r in runs]
+                ax.plot(n, [(r.get("rss_bytes") or 0) / 2**20 for r in runs], style, label=LABEL[target])
+                per.plot(n, [r.get("rss_per_conn_bytes") or 0 for r in runs], style, label=LABEL[target])
+        ax.set_yscale("log")
+        ax.set_ylabel("server RSS (MiB, log scale)")
         ax.set_title("Server memory against idle connections")
-        ax.grid(alpha=0.3)
+        per.set_yscale("log")
+        per.set_ylabel("RSS per connection (bytes, log scale)")
+        per.set_title("Per connection")
+        for a in (ax, per):
+            a.set_xlabel("idle connections")
+            a.grid(alpha=0.3, which="both")
         ax.legend()
         fig.tight_layout()
         fig.savefig(png)
