@@ -109,8 +109,12 @@ pub(crate) enum Next {
     Wait {
         /// The core takes bytes (it is not holding back a peer that sends faster than it can be answered).
         read: bool,
-        /// Output is waiting for room in the socket.
+        /// Output is waiting for room in the socket: the last write was refused (`WouldBlock`), and a writable
+        /// event comes when room is made.
         write: bool,
+        /// Output is waiting and the socket did not refuse it: the write budget ran out, or the hooks queued more
+        /// after the flush. Turn again without waiting for an event (none may come).
+        more: bool,
         /// The core's one deadline.
         deadline: Option<StdInstant>,
     },
@@ -143,12 +147,14 @@ pub(crate) struct Pump {
     /// The hooks still have a command source.
     cmds_open: bool,
     close_notify_sent: bool,
+    /// The last write to the socket was refused (`WouldBlock`).
+    blocked: bool,
 }
 
 impl Pump {
     /// `tls`: the rustls connection to run between socket and core, or `None` for plain TCP.
     pub(crate) fn new(tls: Option<Box<TlsConn>>) -> Pump {
-        Pump { tls, options_for_ms: 0, cmds_open: true, close_notify_sent: false }
+        Pump { tls, options_for_ms: 0, cmds_open: true, close_notify_sent: false, blocked: false }
     }
 
     /// Carry out what the core decided: its events to the hooks, its output to the socket, the write half shut
@@ -170,10 +176,11 @@ impl Pump {
                     }
                 }
             }
-            let written = match self.tls.as_deref_mut() {
+            let (written, blocked) = match self.tls.as_deref_mut() {
                 None => flush(sock, conn, now),
                 Some(tls) => flush_tls(sock, tls, conn, now),
             };
+            self.blocked = blocked;
             hooks.on_io(conn, 0, written);
             hooks.after_flush(conn, now);
             if conn.kernel_check_due(now) {
@@ -186,7 +193,7 @@ impl Pump {
                     Some(tls) if !self.close_notify_sent => {
                         self.close_notify_sent = true;
                         tls.send_close_notify();
-                        flush_tls(sock, tls, conn, now);
+                        self.blocked = flush_tls(sock, tls, conn, now).1;
                         tls.wants_write()
                     }
                     Some(tls) => tls.wants_write(),
@@ -206,11 +213,12 @@ impl Pump {
             }
             // Over TLS, rustls takes the core's bytes as long as it has room, so what waits for the socket is its
             // own.
-            let write = match self.tls.as_deref() {
+            let pending = match self.tls.as_deref() {
                 None => conn.pending_tx() > 0,
                 Some(tls) => tls.wants_write(),
             };
-            return Next::Wait { read: conn.wants_read(), write, deadline: conn.poll_timeout() };
+            let (write, more) = (pending && self.blocked, pending && !self.blocked);
+            return Next::Wait { read: conn.wants_read(), write, more, deadline: conn.poll_timeout() };
         }
     }
 
@@ -312,7 +320,9 @@ pub(crate) async fn drive<H: Hooks>(
         Timer,
         Cmd,
     }
-    while let Next::Wait { read: want_read, write: want_write, deadline } = pump.turn(&stream, conn, hooks) {
+    while let Next::Wait { read: want_read, write, more, deadline } = pump.turn(&stream, conn, hooks) {
+        // tokio keeps the socket's write readiness: output that was not refused finds it still set.
+        let want_write = write || more;
         if deadline != armed {
             armed = deadline;
             let at = deadline.map_or(Instant::now() + Duration::from_secs(86_400), Instant::from_std);
@@ -561,10 +571,11 @@ fn read_pending<S: Sock>(sock: &S, buf: &mut [u8], mut tls: Option<&mut TlsConn>
     total
 }
 
-/// Returns the bytes written.
-fn flush<S: Sock>(sock: &S, conn: &mut Connection, now: StdInstant) -> usize {
+/// Returns the bytes written, and whether the socket refused more (`WouldBlock`).
+fn flush<S: Sock>(sock: &S, conn: &mut Connection, now: StdInstant) -> (usize, bool) {
     use std::io::Write;
     let mut budget = WRITE_BUDGET;
+    let mut blocked = false;
     while budget > 0 && !conn.poll_transmit().is_empty() {
         let chunk = &conn.poll_transmit()[..conn.poll_transmit().len().min(budget)];
         match sock.io(Interest::WRITABLE, || (&*SockRef::from(sock)).write(chunk)) {
@@ -572,7 +583,10 @@ fn flush<S: Sock>(sock: &S, conn: &mut Connection, now: StdInstant) -> usize {
                 budget -= n.min(budget);
                 conn.handle_written(now, n);
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                blocked = true;
+                break;
+            }
             Err(e) => {
                 let unacked = sockopt::unacked_bytes(sock.as_raw_fd()).is_some_and(|n| n > 0);
                 conn.handle_error(now, &e, unacked);
@@ -580,14 +594,15 @@ fn flush<S: Sock>(sock: &S, conn: &mut Connection, now: StdInstant) -> usize {
             }
         }
     }
-    WRITE_BUDGET - budget
+    (WRITE_BUDGET - budget, blocked)
 }
 
 /// Move the core's bytes into rustls (as far as its buffer limit allows) and rustls's records to the socket.
-/// Returns the bytes written to the socket.
-fn flush_tls<S: Sock>(sock: &S, tls: &mut TlsConn, conn: &mut Connection, now: StdInstant) -> usize {
+/// Returns the bytes written to the socket, and whether the socket refused more (`WouldBlock`).
+fn flush_tls<S: Sock>(sock: &S, tls: &mut TlsConn, conn: &mut Connection, now: StdInstant) -> (usize, bool) {
     use std::io::Write;
     let mut budget = WRITE_BUDGET;
+    let mut blocked = false;
     loop {
         while !conn.poll_transmit().is_empty() {
             match tls.writer().write(conn.poll_transmit()) {
@@ -602,7 +617,10 @@ fn flush_tls<S: Sock>(sock: &S, tls: &mut TlsConn, conn: &mut Connection, now: S
         match r {
             Ok(0) => break,
             Ok(n) => budget -= n.min(budget),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                blocked = true;
+                break;
+            }
             Err(e) => {
                 let unacked = sockopt::unacked_bytes(sock.as_raw_fd()).is_some_and(|n| n > 0);
                 conn.handle_error(now, &e, unacked);
@@ -610,7 +628,7 @@ fn flush_tls<S: Sock>(sock: &S, tls: &mut TlsConn, conn: &mut Connection, now: S
             }
         }
     }
-    WRITE_BUDGET - budget
+    (WRITE_BUDGET - budget, blocked)
 }
 
 /// Drain what the peer already sent (bounded) so that dropping the socket sends FIN rather than RST: a RST can

@@ -24,9 +24,13 @@
 //! - Time is tokio's: the loop's one `Sleep` is reset to the heap's earliest deadline (so `start_paused` tests
 //!   drive it), and timers are exact to the millisecond, as tokio's are.
 //! - A panic while visiting a connection (a bug of ours) closes that connection alone: the loop catches it,
-//!   tells the hooks ([`Hooks::after_panic`]) and closes the socket.
-//! - Fairness: a visit reads at most one buffer (16 KiB) and takes at most one batch of commands; a connection
-//!   with more waiting is visited again in the next round, after everyone else listed in this one.
+//!   tells the hooks ([`Hooks::after_panic`]) and closes the socket. A panic while closing one is caught too. A
+//!   loop whose task ends all the same is marked gone: the accept loop hands it nothing more, and what its inbox
+//!   held is closed.
+//! - Fairness: a visit reads at most one buffer (16 KiB), writes at most one budget (256 KiB) and takes at most
+//!   one batch of commands; a connection with more waiting is visited again in the next round, after everyone
+//!   else listed in this one. A loop that has run 16 rounds in a row without waiting yields to the runtime's
+//!   other tasks, and its epoll is drained even when tokio's budget for the task says not to poll.
 
 mod slab;
 mod timer;
@@ -54,10 +58,11 @@ const EVENTS: usize = 1024;
 
 /// A connection handed to a loop: its socket (non-blocking), its core, its TLS session and its role's hooks.
 pub(crate) struct New<H> {
+    /// First: dropped unserved, the hooks leave before the socket closes (fields drop in order).
+    pub(crate) hooks: H,
     pub(crate) sock: mio::net::TcpStream,
     pub(crate) conn: Connection,
     pub(crate) tls: Option<Box<TlsConn>>,
-    pub(crate) hooks: H,
 }
 
 /// How the rest of the server reaches a loop: slots to visit and new connections, and the loop's waker.
@@ -68,6 +73,8 @@ pub(crate) struct Bell {
     rung: AtomicBool,
     /// The loop ends once it holds no connection.
     ending: AtomicBool,
+    /// The loop's task has ended: connections go to the other loops.
+    gone: AtomicBool,
     waker: AtomicWaker,
 }
 
@@ -105,6 +112,7 @@ impl<H: Hooks + Send + 'static> Loops<H> {
                 woken: Mutex::new(Vec::new()),
                 rung: AtomicBool::new(false),
                 ending: AtomicBool::new(false),
+                gone: AtomicBool::new(false),
                 waker: AtomicWaker::new(),
             });
             let registration = wake::Registration::new(bell.clone())?;
@@ -119,10 +127,16 @@ impl<H: Hooks + Send + 'static> Loops<H> {
         Ok(Loops { inboxes, next: AtomicUsize::new(0) })
     }
 
-    /// Hand a connection to the next loop.
+    /// Hand a connection to the next loop that still runs. If none does (a bug ended them all), the connection is
+    /// dropped: its hooks leave every count, then its socket closes.
     pub(crate) fn add(&self, new: New<H>) {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.inboxes.len();
-        let inbox = &self.inboxes[i];
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let n = self.inboxes.len();
+        let Some(inbox) = (0..n).map(|i| &self.inboxes[(start + i) % n]).find(|b| !b.bell.gone.load(Ordering::Acquire))
+        else {
+            tracing::error!("no event loop is running (a bug): closing a new connection");
+            return;
+        };
         inbox.new.lock().expect("inbox lock").push(new);
         inbox.bell.rouse();
     }
@@ -159,12 +173,17 @@ impl Round {
     }
 }
 
+/// Rounds a loop may run back to back without waiting (more to read, more commands) before it yields to the
+/// runtime's other tasks.
+const ROUNDS_BEFORE_YIELD: u32 = 16;
+
 /// One event loop: until told to end and empty.
 async fn run<H: Hooks + Send + 'static>(
     inbox: Arc<Inbox<H>>,
     mut poll: AsyncFd<mio::Poll>,
     registration: wake::Registration,
 ) {
+    let _gone = Gone(inbox.clone());
     let mut slab: ::slab::Slab<Entry<H>> = ::slab::Slab::new();
     let mut timers = timer::Timers::default();
     let mut events = mio::Events::with_capacity(EVENTS);
@@ -176,24 +195,29 @@ async fn run<H: Hooks + Send + 'static>(
     tokio::pin!(sleep);
     let mut sleeping_until: Option<StdInstant> = None;
     let bell = inbox.bell.clone();
+    let mut busy_rounds = 0;
     loop {
+        if busy_rounds >= ROUNDS_BEFORE_YIELD {
+            busy_rounds = 0;
+            tokio::task::yield_now().await;
+        }
         let empty = slab.is_empty();
-        let done = |finishing: &JoinSet<()>| bell.ending.load(Ordering::Acquire) && empty && finishing.is_empty();
+        let mut waited = false;
         std::future::poll_fn(|cx| {
             bell.waker.register(cx.waker());
             while let Poll::Ready(Some(_)) = finishing.poll_join_next(cx) {}
-            if !round.next.is_empty() || bell.rung.load(Ordering::Acquire) || done(&finishing) {
+            let ending = bell.ending.load(Ordering::Acquire) && empty && finishing.is_empty();
+            if !round.next.is_empty() || bell.rung.load(Ordering::Acquire) || ending {
                 return Poll::Ready(());
             }
             if poll.poll_read_ready(cx).is_ready() || sleep.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(());
             }
+            waited = true;
             Poll::Pending
         })
         .await;
-        if done(&finishing) {
-            return;
-        }
+        busy_rounds = if waited { 0 } else { busy_rounds + 1 };
         std::mem::swap(&mut round.now, &mut round.next);
         gather_events(&mut poll, &mut events, &mut slab, &mut round);
         if bell.rung.swap(false, Ordering::AcqRel) {
@@ -229,11 +253,24 @@ async fn run<H: Hooks + Send + 'static>(
                         round.next.push(key);
                     }
                 }
-                Ok(Visited::Closed) => close(slab.remove(key), &poll, &mut finishing),
+                Ok(Visited::Closed) => {
+                    let e = slab.remove(key);
+                    // A panic while closing (in the hooks' drop, say) loses this connection, not the loop.
+                    let closed = std::panic::catch_unwind(AssertUnwindSafe(|| close(e, &poll, &mut finishing)));
+                    if closed.is_err() {
+                        tracing::error!("event loop: closing a connection panicked (a bug)");
+                    }
+                }
                 Err(panic) => {
-                    let Entry { sock, conn, mut hooks, .. } = slab.remove(key);
-                    hooks.after_panic(&conn, panic.as_ref());
-                    drop(hooks);
+                    let Entry { hooks, sock, conn, .. } = slab.remove(key);
+                    let mut hooks = AssertUnwindSafe(hooks);
+                    let told = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        hooks.after_panic(&conn, panic.as_ref());
+                        drop(hooks);
+                    }));
+                    if told.is_err() {
+                        tracing::error!("event loop: a connection's panic panicked again while it was closed");
+                    }
                     drop(sock);
                 }
             }
@@ -244,6 +281,26 @@ async fn run<H: Hooks + Send + 'static>(
             sleeping_until = next;
             sleep.as_mut().reset(next.map_or_else(far, tokio::time::Instant::from_std));
         }
+        // Ending: once nothing is left, and nothing new arrived (`rung` covers the inbox, set after a push).
+        if bell.ending.load(Ordering::Acquire)
+            && slab.is_empty()
+            && finishing.is_empty()
+            && !bell.rung.load(Ordering::Acquire)
+        {
+            return;
+        }
+    }
+}
+
+/// Marks a loop gone when its task ends however it ends (told to, or a bug that escaped every `catch_unwind`),
+/// so that no connection is handed to it again, and closes what its inbox still held.
+struct Gone<H>(Arc<Inbox<H>>);
+
+impl<H> Drop for Gone<H> {
+    fn drop(&mut self) {
+        self.0.bell.gone.store(true, Ordering::Release);
+        let left = std::mem::take(&mut *self.0.new.lock().unwrap_or_else(|p| p.into_inner()));
+        drop(left);
     }
 }
 
@@ -276,16 +333,35 @@ fn gather_events<H>(
 ) {
     // The readiness is taken before the epoll is drained and cleared after: an event that arrives in between
     // makes the reactor mark the descriptor ready again, so no wakeup is lost.
-    let Poll::Ready(Ok(mut guard)) = poll.poll_read_ready_mut(&mut Context::from_waker(std::task::Waker::noop()))
-    else {
-        return;
-    };
+    match poll.poll_read_ready_mut(&mut Context::from_waker(std::task::Waker::noop())) {
+        Poll::Ready(Ok(mut guard)) => {
+            let drained = drain_epoll(guard.get_inner_mut(), events, slab, round);
+            if drained {
+                guard.clear_ready();
+            }
+        }
+        // Not ready as far as the reactor knows, unless the task's budget for this poll is spent (tokio then
+        // answers Pending whatever the readiness): drain the epoll anyway, without clearing anything.
+        _ if !tokio::task::coop::has_budget_remaining() => {
+            drain_epoll(poll.get_mut(), events, slab, round);
+        }
+        _ => {}
+    }
+}
+
+/// Take what the loop's epoll holds, without waiting, and list the slots it is for. True once drained.
+fn drain_epoll<H>(
+    poll: &mut mio::Poll,
+    events: &mut mio::Events,
+    slab: &mut ::slab::Slab<Entry<H>>,
+    round: &mut Round,
+) -> bool {
     loop {
-        if let Err(e) = guard.get_inner_mut().poll(events, Some(Duration::ZERO)) {
+        if let Err(e) = poll.poll(events, Some(Duration::ZERO)) {
             if e.kind() != io::ErrorKind::Interrupted {
                 tracing::warn!("event loop: epoll_wait: {e}");
             }
-            return;
+            return false;
         }
         let mut n = 0;
         for ev in events.iter() {
@@ -299,15 +375,14 @@ fn gather_events<H>(
             }
         }
         if n < EVENTS {
-            break;
+            return true;
         }
     }
-    guard.clear_ready();
 }
 
 /// Put a new connection in the slab and in its loop's epoll, and list it for its first visit.
 fn admit<H: Hooks>(poll: &AsyncFd<mio::Poll>, slab: &mut ::slab::Slab<Entry<H>>, round: &mut Round, new: New<H>) {
-    let New { mut sock, conn, tls, hooks } = new;
+    let New { hooks, mut sock, conn, tls } = new;
     let slot = slab.vacant_entry();
     let key = slot.key();
     let interest = mio::Interest::READABLE | mio::Interest::WRITABLE;
@@ -325,7 +400,7 @@ fn admit<H: Hooks>(poll: &AsyncFd<mio::Poll>, slab: &mut ::slab::Slab<Entry<H>>,
 /// A closed connection leaves its loop: its TLS finished and the socket drained, its hooks dropped before the
 /// socket closes. TLS that must wait for the socket finishes on a task of its own.
 fn close<H: Hooks + Send + 'static>(e: Entry<H>, poll: &AsyncFd<mio::Poll>, finishing: &mut JoinSet<()>) {
-    let Entry { mut sock, conn, mut pump, hooks, .. } = e;
+    let Entry { hooks, mut sock, conn, mut pump, .. } = e;
     match pump.finish_now(&sock, &conn) {
         Finish::Done => {
             drop(hooks);

@@ -383,9 +383,17 @@ impl Server {
 }
 
 /// Accept one connection without registering it anywhere (its event loop registers it), non-blocking and
-/// close-on-exec from the start.
+/// close-on-exec from the start (`accept4` where there is one).
 fn accept(listener: &std::net::TcpListener) -> io::Result<(mio::net::TcpStream, SocketAddr)> {
-    let (sock, addr) = socket2::SockRef::from(listener).accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)?;
+    let listener = socket2::SockRef::from(listener);
+    #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
+    let (sock, addr) = listener.accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)?;
+    #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
+    let (sock, addr) = {
+        let (sock, addr) = listener.accept()?;
+        sock.set_nonblocking(true)?;
+        (sock, addr)
+    };
     let peer = addr.as_socket().ok_or_else(|| io::Error::other("accepted a socket that is not IP"))?;
     Ok((mio::net::TcpStream::from(std::os::fd::OwnedFd::from(sock)), peer))
 }

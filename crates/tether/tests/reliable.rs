@@ -483,6 +483,44 @@ async fn a_forged_token_gets_a_fresh_session_never_another_devices_messages() {
     drop(a);
 }
 
+/// A resume streams a hold far larger than one pull (64 KiB) and one write (256 KiB) at once. The device sends
+/// nothing after its `HELLO` (no acknowledgement, no `PING`), so nothing but the server's own output may drive
+/// the stream: what the socket took, it takes more of, without waiting for the device or a heartbeat.
+#[tokio::test(start_paused = true)]
+async fn a_resume_streams_a_large_hold_without_waiting_for_the_device() {
+    let mut cfg = test_config();
+    cfg.heartbeat.interval = Duration::from_secs(60);
+    cfg.heartbeat.timeout = Duration::from_secs(180);
+    let s = TestServer::start(cfg).await;
+    let lb = link();
+    let mut b = connect(s.addr, "b", &lb).await;
+    let token = b.reliable().unwrap().token;
+    b.close().await;
+    const N: usize = 200;
+    let payload = Bytes::from(vec![b'x'; 4000]);
+    for _ in 0..N {
+        s.handle.send("b", payload.clone()).expect("held for b");
+    }
+    let mut hello = Hello::new(V2, "b", 7);
+    hello.extensions = vec![Offer { receipts: false, resume: Some(Resume { token, received: 0 }) }.to_extension()];
+    let mut peer = RawPeer::connect(s.addr).await;
+    peer.send(&Frame::Hello(hello)).await;
+    let Some(Frame::Welcome(w)) = peer.next_frame().await else { panic!("no WELCOME") };
+    assert_eq!(Grant::find(&w.extensions).map(|g| g.status), Some(Status::Resumed));
+    let started = tokio::time::Instant::now();
+    let mut got = 0;
+    while got < N {
+        match peer.next_frame().await {
+            Some(Frame::Sdata { .. }) => got += 1,
+            Some(Frame::Ping { .. }) => panic!("the server's heartbeat came before the hold: {got} of {N} sent"),
+            Some(_) => {}
+            None => panic!("closed after {got} of {N}"),
+        }
+    }
+    // 800 KB, in well under the heartbeat interval of virtual time.
+    assert!(started.elapsed() < Duration::from_secs(5), "the hold took {:?}", started.elapsed());
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_client_without_the_extension_and_a_v1_client_are_served_as_before() {
     let s = TestServer::start(test_config()).await;

@@ -12,7 +12,9 @@
 //! A visit never waits and never blocks. Readiness is edge-triggered: `readable` stays set until a read shows
 //! the socket drained, so a connection that stopped reading (the core holding back a fast sender) is read
 //! again as soon as the core wants bytes, without a new edge. Room to write needs no flag: every visit flushes
-//! what the core has queued, and a full socket brings a visit when it drains.
+//! what the core has queued; a socket that refused some brings a visit when it drains, and output it did not
+//! refuse (the write budget ran out, or the hooks queued more after the flush) is visited again in the next
+//! round.
 
 use std::task::{Context, Waker};
 
@@ -23,10 +25,12 @@ use crate::driver::{now, Batch, Hooks, Next, Pump};
 
 /// A connection's state in its loop.
 pub(crate) struct Entry<H> {
+    /// First, so that however an entry is dropped, its hooks leave (and forget the descriptor) before the socket
+    /// closes (fields drop in order).
+    pub(super) hooks: H,
     pub(super) sock: mio::net::TcpStream,
     pub(super) conn: Connection,
     pub(super) pump: Pump,
-    pub(super) hooks: H,
     /// The deadline this entry has in the timer heap.
     pub(super) armed: Armed,
     /// Readable since the last read that drained the socket (edge-triggered readiness).
@@ -42,8 +46,8 @@ pub(crate) enum Visited {
     Closed,
     Open {
         deadline: Option<std::time::Instant>,
-        /// Visit again in the next round without waiting: more may be readable, or a whole batch of commands was
-        /// taken.
+        /// Visit again in the next round without waiting: more may be readable, a whole batch of commands was
+        /// taken, or output waits that the socket has not refused (no writable event would come for it).
         again: bool,
     },
 }
@@ -68,9 +72,9 @@ impl<H: Hooks> Entry<H> {
         let batch = pump.on_cmds(&mut Context::from_waker(waker), conn, hooks);
         match pump.turn(sock, conn, hooks) {
             Next::Closed => Visited::Closed,
-            Next::Wait { read, write: _, deadline } => {
+            Next::Wait { read, write: _, more, deadline } => {
                 *want_read = read;
-                Visited::Open { deadline, again: (*readable && read) || batch == Batch::Full }
+                Visited::Open { deadline, again: (*readable && read) || batch == Batch::Full || more }
             }
         }
     }
