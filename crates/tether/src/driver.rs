@@ -46,9 +46,9 @@ pub(crate) const READ_CHUNK: usize = 16 * 1024;
 /// Bytes written per wakeup before letting other branches run (fairness for a peer that reads fast).
 const WRITE_BUDGET: usize = 256 * 1024;
 /// How long a closed TLS connection may take to finish writing what rustls still holds.
-pub(crate) const TLS_FINISH_GRACE: Duration = Duration::from_secs(2);
+const TLS_FINISH_GRACE: Duration = Duration::from_secs(2);
 /// Commands taken from the hooks per wakeup before the connection's output is flushed.
-pub(crate) const CMD_BATCH: usize = 64;
+const CMD_BATCH: usize = 64;
 /// At close, unread bytes up to this are drained so that close() sends FIN, not RST, and our `BYE` survives.
 const CLOSE_DRAIN: usize = 64 * 1024;
 
@@ -503,10 +503,11 @@ fn drain_plaintext(tls: &mut TlsConn, conn: &mut Connection) {
     }
 }
 
-/// A read failed: the core classifies it, told whether the kernel still holds unacknowledged bytes of ours.
-fn read_failed<S: Sock>(sock: &S, conn: &mut Connection, e: &io::Error) {
+/// A read or write failed: the core classifies it, told whether the kernel still holds unacknowledged bytes of
+/// ours.
+fn io_failed<S: Sock>(sock: &S, conn: &mut Connection, now: StdInstant, e: &io::Error) {
     let unacked = sockopt::unacked_bytes(sock.as_raw_fd()).is_some_and(|n| n > 0);
-    conn.handle_error(now(), e, unacked);
+    conn.handle_error(now, e, unacked);
 }
 
 /// Read once into `buf` and hand it to the core. Returns the bytes read and whether the socket is drained.
@@ -534,7 +535,7 @@ fn read<S: Sock>(sock: &S, buf: &mut [u8], tls: Option<&mut TlsConn>, conn: &mut
                 deliver(tls, conn, &buf[..got]);
             }
         }
-        Err(e) => read_failed(sock, conn, &e),
+        Err(e) => io_failed(sock, conn, now(), &e),
     }
     (got, true)
 }
@@ -559,7 +560,7 @@ fn read_pending<S: Sock>(sock: &S, buf: &mut [u8], mut tls: Option<&mut TlsConn>
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return total,
             Err(e) => {
-                read_failed(sock, conn, &e);
+                io_failed(sock, conn, now(), &e);
                 return total;
             }
         }
@@ -588,8 +589,7 @@ fn flush<S: Sock>(sock: &S, conn: &mut Connection, now: StdInstant) -> (usize, b
                 break;
             }
             Err(e) => {
-                let unacked = sockopt::unacked_bytes(sock.as_raw_fd()).is_some_and(|n| n > 0);
-                conn.handle_error(now, &e, unacked);
+                io_failed(sock, conn, now, &e);
                 break;
             }
         }
@@ -622,8 +622,7 @@ fn flush_tls<S: Sock>(sock: &S, tls: &mut TlsConn, conn: &mut Connection, now: S
                 break;
             }
             Err(e) => {
-                let unacked = sockopt::unacked_bytes(sock.as_raw_fd()).is_some_and(|n| n > 0);
-                conn.handle_error(now, &e, unacked);
+                io_failed(sock, conn, now, &e);
                 break;
             }
         }

@@ -132,13 +132,18 @@ impl<H: Hooks + Send + 'static> Loops<H> {
     pub(crate) fn add(&self, new: New<H>) {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let n = self.inboxes.len();
-        let Some(inbox) = (0..n).map(|i| &self.inboxes[(start + i) % n]).find(|b| !b.bell.gone.load(Ordering::Acquire))
-        else {
-            tracing::error!("no event loop is running (a bug): closing a new connection");
-            return;
-        };
-        inbox.new.lock().expect("inbox lock").push(new);
-        inbox.bell.rouse();
+        for inbox in (0..n).map(|i| &self.inboxes[(start + i) % n]) {
+            // Checked under the inbox's lock, which a loop that ends takes to mark itself gone and empty its
+            // inbox: nothing is pushed after that.
+            let mut queue = inbox.new.lock().unwrap_or_else(|p| p.into_inner());
+            if !inbox.bell.gone.load(Ordering::Acquire) {
+                queue.push(new);
+                drop(queue);
+                inbox.bell.rouse();
+                return;
+            }
+        }
+        tracing::error!("no event loop is running (a bug): closing a new connection");
     }
 
     /// Let every loop end once it holds no connection (nothing new is added after this).
@@ -298,8 +303,12 @@ struct Gone<H>(Arc<Inbox<H>>);
 
 impl<H> Drop for Gone<H> {
     fn drop(&mut self) {
-        self.0.bell.gone.store(true, Ordering::Release);
-        let left = std::mem::take(&mut *self.0.new.lock().unwrap_or_else(|p| p.into_inner()));
+        let left = {
+            let mut queue = self.0.new.lock().unwrap_or_else(|p| p.into_inner());
+            self.0.bell.gone.store(true, Ordering::Release);
+            std::mem::take(&mut *queue)
+        };
+        // Dropped after the lock: each one's hooks leave the server's counts, then its socket closes.
         drop(left);
     }
 }

@@ -4,9 +4,10 @@
 //! [`Server::bind`] opens the listener (options set and read back once, logged); [`Server::run`] accepts until
 //! the shutdown future resolves ([`Server::accepting`] tells when it starts), then says `BYE(server_shutdown)` to
 //! everyone with retry-after hints spread over a window and waits (bounded) for the goodbyes, logging what it
-//! waits for, the longest it will wait and how it ended. Each admitted connection (and each refusal on its
-//! way out) goes to one of the event loops (`crate::evloop`), which drive it with its [`Role`]'s hooks; the rooms below hold one idea each, lowest first (a room uses only the rooms above it in this
-//! list, and none uses this file):
+//! waits for, the longest it will wait and how it ended. Each admitted connection (and each refusal on its way
+//! out) goes to one of the event loops (`crate::evloop`), which drive it with its [`Role`]'s hooks. The rooms
+//! below hold one idea each, lowest first (a room uses only the rooms above it in this list, and none uses this
+//! file):
 //! - `limits`: the accept-rate token bucket and the per-source counts (a leaf).
 //! - `probes`: operators' round-trip probes in flight, and how a probed session ended during one (a leaf).
 //! - `forgotten`: the `middlebox_forgot` diagnosis: a connection the path forgot, told from one the client
@@ -138,7 +139,8 @@ impl Server {
         };
         let mut cfg = cfg;
         cfg.listen = listener.local_addr()?; // port 0 resolved, for `ServerHandle::local_addr`
-                                             // SAFETY: the std listener owns its descriptor, and the `AsyncFd` owns the listener until it is dropped.
+
+        // SAFETY: the std listener owns its descriptor, and the `AsyncFd` owns the listener until it is dropped.
         let listener = unsafe { AsyncFd::register_with_interest(listener.into_std()?, Interest::READABLE) }
             .map_err(io::Error::from)?;
         let cluster = match cfg.cluster.clone() {
@@ -280,7 +282,7 @@ impl Server {
                         self.admit_socket(&loops, sock, peer, allowed);
                     }
                     Err(e) if is_resource_error(&e) => {
-                        if self.refuse_with_reserve(&mut reserve).await {
+                        if self.refuse_with_reserve(&mut reserve) {
                             continue;
                         }
                         tracing::warn!("accept: {e}; backing off {backoff:?}");
@@ -309,7 +311,7 @@ impl Server {
     /// Out of descriptors: free the reserved one, accept one waiting connection, tell it `busy` (a plain `BYE`
     /// written at once; over TLS there is no time for a handshake, so it is just closed) and close it, then take
     /// the reserve back. False when there was no reserve to spend or nothing to accept.
-    async fn refuse_with_reserve(&self, reserve: &mut Reserve) -> bool {
+    fn refuse_with_reserve(&self, reserve: &mut Reserve) -> bool {
         if !reserve.release() {
             return false;
         }
@@ -500,7 +502,7 @@ impl Hooks for Role {
     fn on_event(&mut self, conn: &mut Connection, now: StdInstant, event: Event) {
         match self {
             Role::Session(h) => h.on_event(conn, now, event),
-            Role::Refusal(h) => h.on_event(conn, now, event),
+            Role::Refusal(h) => h.on_event(event),
         }
     }
     fn on_cmd(&mut self, conn: &mut Connection, now: StdInstant, cmd: control::Cmd) {
@@ -548,9 +550,9 @@ struct BusyHooks {
     peer: SocketAddr,
 }
 
-impl Hooks for BusyHooks {
-    type Cmd = ();
-    fn on_event(&mut self, _conn: &mut Connection, _now: StdInstant, event: Event) {
+impl BusyHooks {
+    /// The refused connection's only event that matters: how it closed, counted and emitted.
+    fn on_event(&self, event: Event) {
         if let Event::Closed(c) = event {
             self.shared.metrics.count_disconnect(c.reason);
             let (conn, peer, by_peer) = (self.conn_id, self.peer, c.by_peer);
@@ -565,10 +567,6 @@ impl Hooks for BusyHooks {
             };
             self.shared.emit(kind);
         }
-    }
-    fn on_cmd(&mut self, _conn: &mut Connection, _now: StdInstant, _cmd: ()) {}
-    fn poll_cmd(&mut self, _cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<()>> {
-        std::task::Poll::Ready(None)
     }
 }
 
@@ -636,7 +634,7 @@ mod size_guard {
     use super::control::Control;
     use super::*;
 
-    /// Every idle connection holds one slot in its event loop's slab, its session's hooks (boxed) and its
+    /// Every idle connection holds one slot in its event loop's slab (its session's hooks inside) and its
     /// `Control` on the heap: a regression here is memory per connection (see BENCHMARKS.md). Measured with rustc
     /// 1.95 (debug build): slot 472 bytes, of which Connection 344 (the reliable extension's receiving half is one
     /// pointer, boxed only when granted) and the session's hooks 72 (a credential's grant boxed); Control 208 (the
