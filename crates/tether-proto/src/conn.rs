@@ -348,10 +348,9 @@ pub struct Connection {
     tx_max: u32,
     /// Creation instant: the base of the handshake deadline and of `PING` timestamps.
     origin: Instant,
-    /// Incomplete frame bytes only; empty (and unallocated) between frames.
-    rx: BytesMut,
-    /// Encoded bytes not yet accepted by the transport.
-    tx: BytesMut,
+    /// Inbound bytes of an incomplete frame, output not yet taken, events not yet taken: `None` while all are
+    /// empty (see [`Busy`]).
+    busy: Option<Box<Busy>>,
     /// When `tx` last went from empty to non-empty or last made progress; drives `write_timeout`.
     tx_stalled_since: Stamp,
     /// When output was first handed to the kernel since its queue was last seen empty (a stall in the kernel
@@ -370,12 +369,15 @@ pub struct Connection {
     interval_ms: u32,
     timeout_ms: u32,
     detector: Option<Detector>,
-    /// Cached detector deadlines, recomputed only when a frame arrives.
-    deadlines: Option<Deadlines>,
+    /// Cached detector deadlines, recomputed only when a frame arrives: when to raise `suspect` (`NONE` for
+    /// none) and when to convict (`NONE` until the detector runs).
+    suspect_at: Stamp,
+    convict_at: Stamp,
     suspected: bool,
     /// Server: a `HELLO` was reported and awaits `accept`/`reject`; frames after it wait in `rx`.
     admission_pending: bool,
-    drain: Option<Drain>,
+    /// Boxed: a connection drains once, at its end.
+    drain: Option<Box<Drain>>,
     reason: Option<CloseReason>,
     /// Our last `PING`'s sequence number, and whether its `PONG` is still to come: only that `PONG` counts as a
     /// round trip, once (a peer cannot make up round trips by sending `PONG`s of its own).
@@ -387,7 +389,8 @@ pub struct Connection {
     /// The `DATA` rate limit's bucket: bytes allowed now, and when it was last refilled.
     data_tokens: f64,
     data_refilled: Stamp,
-    rtt: Option<Duration>,
+    /// The last round trip in nanoseconds, [`NO_RTT`] before the first.
+    rtt_ns: u64,
     /// The `heartbeat_update` extension is in effect (granted in `WELCOME`).
     hb_update: bool,
     /// One timer per role, in milliseconds after `origin`, 0 for none (one field: every idle connection carries
@@ -401,8 +404,21 @@ pub struct Connection {
     /// The `reliable` extension's receiving half, once granted (a client keeps the stream it asked to resume here
     /// until `WELCOME` says whether it continues). Boxed: most connections have none.
     rel: Option<Box<Inbox>>,
+}
+
+/// What a connection holds only while it has something in flight: the bytes of an incomplete inbound frame
+/// (kept between frames only), encoded output the transport has not taken, and events the IO layer has not taken.
+/// Boxed, and released as soon as all three are empty: an idle connection carries one word for them instead of
+/// three handles (96 bytes), at the cost of one small allocation per exchange.
+#[derive(Debug, Default)]
+struct Busy {
+    rx: BytesMut,
+    tx: BytesMut,
     events: VecDeque<Event>,
 }
+
+/// [`Connection::rtt_ns`] before the first round trip.
+const NO_RTT: u64 = u64::MAX;
 
 impl Connection {
     /// A freshly accepted server-side connection, waiting for `HELLO`.
@@ -433,8 +449,7 @@ impl Connection {
             cfg,
             state: State::Handshake,
             origin: now,
-            rx: BytesMut::new(),
-            tx: BytesMut::new(),
+            busy: None,
             tx_stalled_since: Stamp::NONE,
             kq_since_ms: 0,
             kq_due_ms: 0,
@@ -443,7 +458,8 @@ impl Connection {
             interval_ms: 0,
             timeout_ms: 0,
             detector: None,
-            deadlines: None,
+            suspect_at: Stamp::NONE,
+            convict_at: Stamp::NONE,
             suspected: false,
             admission_pending: false,
             drain: None,
@@ -454,13 +470,12 @@ impl Connection {
             ping_refilled: Stamp(0),
             data_tokens: 0.0,
             data_refilled: Stamp(0),
-            rtt: None,
+            rtt_ns: NO_RTT,
             due_ms: 0,
             hb_update: false,
             frames_rx: 0,
             frames_tx: 0,
             rel: None,
-            events: VecDeque::new(),
         }
     }
 
@@ -522,7 +537,7 @@ impl Connection {
     }
 
     pub fn rtt(&self) -> Option<Duration> {
-        self.rtt
+        (self.rtt_ns != NO_RTT).then(|| Duration::from_nanos(self.rtt_ns))
     }
     /// When the last frame arrived (once established).
     /// Client, with [`ConnConfig::pong_grace`]: the silence before our last `PING`, while its `PONG` is still to
@@ -541,11 +556,11 @@ impl Connection {
     }
     /// Bytes queued but not yet written to the transport.
     pub fn pending_tx(&self) -> usize {
-        self.tx.len()
+        self.tx().len()
     }
     /// Bytes held for an incomplete inbound frame.
     pub fn pending_rx(&self) -> usize {
-        self.rx.len()
+        self.rx().len()
     }
 
     // ---- inputs ----
@@ -561,19 +576,19 @@ impl Connection {
         if late >= OWN_STALL && self.state == State::Established {
             self.credit_own_stall(now);
         }
-        if self.rx.is_empty() {
+        if self.rx().is_empty() {
             let used = self.process(now, data);
             if self.reading() && !self.discarding() && used < data.len() {
-                self.rx.extend_from_slice(&data[used..]);
+                self.busy().rx.extend_from_slice(&data[used..]);
             }
         } else {
-            self.rx.extend_from_slice(data);
+            self.busy().rx.extend_from_slice(data);
             self.process_buffered(now);
         }
         // While a HELLO awaits admission, frames after it wait here: at most one largest frame's worth.
-        if self.admission_pending && self.rx.len() > self.rx_max as usize + frame::HEADER_LEN {
+        if self.admission_pending && self.rx().len() > self.rx_max as usize + frame::HEADER_LEN {
             self.admission_pending = false;
-            self.protocol_error(now, format!("{} bytes sent before the WELCOME", self.rx.len()));
+            self.protocol_error(now, format!("{} bytes sent before the WELCOME", self.rx().len()));
         }
     }
 
@@ -582,17 +597,18 @@ impl Connection {
         match self.state {
             State::Closed => {}
             State::Draining => {
-                if let Some(d) = &mut self.drain {
+                if let Some(d) = self.drain.as_deref_mut() {
                     d.peer_eof = true;
                 }
-                self.rx = BytesMut::new();
+                self.clear_rx();
                 self.maybe_finish();
             }
             State::Handshake | State::Established => {
-                let detail = (!self.rx.is_empty()).then(|| format!("{} bytes of an incomplete frame", self.rx.len()));
-                self.rx = BytesMut::new();
+                let detail =
+                    (!self.rx().is_empty()).then(|| format!("{} bytes of an incomplete frame", self.rx().len()));
+                self.clear_rx();
                 self.decide(now, CloseReason::Eof, CloseMode::Flush, None, true, None, detail, None);
-                if let Some(d) = &mut self.drain {
+                if let Some(d) = self.drain.as_deref_mut() {
                     d.peer_eof = true;
                 }
                 self.maybe_finish();
@@ -603,7 +619,7 @@ impl Connection {
     /// The transport failed. `unacked` says whether the kernel still held data we had written (it tells a user
     /// timeout from a keepalive timeout, both ETIMEDOUT).
     pub fn handle_error(&mut self, now: Instant, err: &io::Error, unacked: bool) {
-        let reason = CloseReason::from_io_error(err, unacked || !self.tx.is_empty());
+        let reason = CloseReason::from_io_error(err, unacked || !self.tx().is_empty());
         // A reset (or FIN) comes from the peer's side; a timeout or an unreachable route is our kernel's verdict.
         let by_peer = matches!(reason, CloseReason::Reset | CloseReason::Eof);
         match self.state {
@@ -615,7 +631,7 @@ impl Connection {
 
     /// The transport accepted `n` bytes from the front of [`poll_transmit`](Self::poll_transmit).
     pub fn handle_written(&mut self, now: Instant, n: usize) {
-        let n = n.min(self.tx.len());
+        let n = n.min(self.tx().len());
         if n == 0 {
             return;
         }
@@ -623,9 +639,9 @@ impl Connection {
             self.kq_since_ms = self.ms_since_origin(now);
             self.kq_due_ms = self.ms_since_origin(now + self.cfg.write_timeout);
         }
-        self.tx.advance(n);
-        if self.tx.is_empty() {
-            self.tx = BytesMut::new();
+        self.busy().tx.advance(n);
+        if self.tx().is_empty() {
+            self.clear_tx();
             self.tx_stalled_since = Stamp::NONE;
             self.maybe_finish();
         } else {
@@ -669,7 +685,7 @@ impl Connection {
 
     /// The IO layer finished shutting down the write half, as asked by [`poll_shutdown_write`](Self::poll_shutdown_write).
     pub fn handle_write_shutdown(&mut self) {
-        if let Some(d) = &mut self.drain {
+        if let Some(d) = self.drain.as_deref_mut() {
             d.write_shut = true;
         }
         self.maybe_finish();
@@ -677,7 +693,7 @@ impl Connection {
 
     /// A timer fired: act on every deadline at or before `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
-        if let Some(d) = self.drain {
+        if let Some(d) = self.drain() {
             if now >= d.until {
                 self.finish();
             }
@@ -689,7 +705,7 @@ impl Connection {
         if let Some(since) = self.at_opt(self.tx_stalled_since) {
             let deadline = since + self.cfg.write_timeout;
             if now >= deadline {
-                let detail = format!("{} bytes unwritten", self.tx.len());
+                let detail = format!("{} bytes unwritten", self.tx().len());
                 self.write_timeout(now, detail, deadline);
                 return;
             }
@@ -712,7 +728,7 @@ impl Connection {
                 }
             }
             State::Established => {
-                let Some(dl) = self.deadlines else { return };
+                let Some(dl) = self.deadlines() else { return };
                 if now >= dl.convict_at {
                     let bye = Some(Bye {
                         reason: CloseReason::HeartbeatTimeout,
@@ -735,7 +751,7 @@ impl Connection {
                     if now >= s && !self.suspected {
                         self.suspected = true;
                         let last = self.last_rx().unwrap_or(self.origin);
-                        self.events.push_back(Event::Suspect { silent_for: now.saturating_duration_since(last) });
+                        self.emit(Event::Suspect { silent_for: now.saturating_duration_since(last) });
                     }
                 }
                 if self.role == Role::Client && self.due_ms != 0 && self.ms_since_origin(now) >= u64::from(self.due_ms)
@@ -743,7 +759,7 @@ impl Connection {
                     self.due_ms = 0;
                     if self.awaiting_pong {
                         let waited = self.grace().unwrap_or_default();
-                        self.events.push_back(Event::PongLate { idle: deciseconds(self.phase_or_idle), waited });
+                        self.emit(Event::PongLate { idle: deciseconds(self.phase_or_idle), waited });
                     }
                 }
                 if let Some(due) = self.ping_due() {
@@ -889,8 +905,8 @@ impl Connection {
             }
         }
         self.queue(now, &frame);
-        if self.tx.len() > self.cfg.max_outbound_bytes {
-            let detail = format!("{} bytes queued, limit {}", self.tx.len(), self.cfg.max_outbound_bytes);
+        if self.tx().len() > self.cfg.max_outbound_bytes {
+            let detail = format!("{} bytes queued, limit {}", self.tx().len(), self.cfg.max_outbound_bytes);
             self.decide(now, CloseReason::SlowConsumer, CloseMode::Immediate, None, false, None, Some(detail), None);
             return Err(SendError::Closed(CloseReason::SlowConsumer));
         }
@@ -901,25 +917,25 @@ impl Connection {
 
     /// Bytes to write now; report what the transport took with [`handle_written`](Self::handle_written).
     pub fn poll_transmit(&self) -> &[u8] {
-        &self.tx
+        self.tx()
     }
 
     /// True once, when the IO layer should shut down the write half (our `BYE` is flushed and we linger).
     pub fn poll_shutdown_write(&self) -> bool {
         self.state == State::Draining
-            && matches!(self.drain, Some(d) if d.linger && !d.write_shut && self.tx.is_empty())
+            && matches!(self.drain(), Some(d) if d.linger && !d.write_shut && self.tx().is_empty())
     }
 
     /// The single instant at which [`handle_timeout`](Self::handle_timeout) must next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        if let Some(d) = self.drain {
+        if let Some(d) = self.drain() {
             return (self.state != State::Closed).then_some(d.until);
         }
         let write = self.at_opt(self.tx_stalled_since).map(|s| s + self.cfg.write_timeout);
         let other = match self.state {
             State::Handshake if !self.admission_pending => Some(self.origin + self.cfg.handshake_timeout),
             State::Established => {
-                let dl = self.deadlines?;
+                let dl = self.deadlines()?;
                 let suspect = dl.suspect_at.filter(|_| !self.suspected);
                 let ping = self.ping_due();
                 let ack = self.rel.as_ref().and_then(|r| r.poll_timeout());
@@ -934,9 +950,11 @@ impl Connection {
     /// The next event. The queue's buffer is released once it is drained: an idle connection holds none (it
     /// kept room for four events, about 400 bytes, for the rest of its life before).
     pub fn poll_event(&mut self) -> Option<Event> {
-        let event = self.events.pop_front();
-        if event.is_none() && self.events.capacity() > 0 {
-            self.events = VecDeque::new();
+        let busy = self.busy.as_mut()?;
+        let event = busy.events.pop_front();
+        if event.is_none() {
+            busy.events = VecDeque::new();
+            self.release();
         }
         event
     }
@@ -1089,7 +1107,7 @@ impl Connection {
     /// round trips if longer. `None` when not watched.
     fn grace(&self) -> Option<Duration> {
         let grace = self.cfg.pong_grace?;
-        Some(self.rtt.map_or(grace, |rtt| grace.max(rtt * 3)))
+        Some(self.rtt().map_or(grace, |rtt| grace.max(rtt * 3)))
     }
 
     /// Server: the next round-trip probe `after` from `now` (none for zero, and none beyond 49 days of one
@@ -1099,6 +1117,60 @@ impl Connection {
             return;
         }
         self.due_ms = u32::try_from(self.ms_since_origin(now + after)).unwrap_or(0);
+    }
+
+    /// The in-flight state, allocated if there was none.
+    fn busy(&mut self) -> &mut Busy {
+        self.busy.get_or_insert_with(Box::default)
+    }
+
+    /// Give the in-flight state back once nothing is in flight.
+    fn release(&mut self) {
+        if self.busy.as_ref().is_some_and(|b| b.rx.is_empty() && b.tx.is_empty() && b.events.is_empty()) {
+            self.busy = None;
+        }
+    }
+
+    fn rx(&self) -> &[u8] {
+        self.busy.as_ref().map_or(&[], |b| &b.rx[..])
+    }
+
+    fn tx(&self) -> &[u8] {
+        self.busy.as_ref().map_or(&[], |b| &b.tx[..])
+    }
+
+    /// Drop the bytes of an incomplete inbound frame.
+    fn clear_rx(&mut self) {
+        if let Some(b) = &mut self.busy {
+            b.rx = BytesMut::new();
+        }
+        self.release();
+    }
+
+    /// Drop the output, written or not.
+    fn clear_tx(&mut self) {
+        if let Some(b) = &mut self.busy {
+            b.tx = BytesMut::new();
+        }
+        self.release();
+    }
+
+    fn emit(&mut self, event: Event) {
+        self.busy().events.push_back(event);
+    }
+
+    fn drain(&self) -> Option<Drain> {
+        self.drain.as_deref().copied()
+    }
+
+    fn deadlines(&self) -> Option<Deadlines> {
+        let suspect_at = self.at_opt(self.suspect_at);
+        self.at_opt(self.convict_at).map(|convict_at| Deadlines { suspect_at, convict_at })
+    }
+
+    fn set_deadlines(&mut self, dl: Deadlines) {
+        self.suspect_at = dl.suspect_at.map_or(Stamp::NONE, |t| self.stamp(t));
+        self.convict_at = self.stamp(dl.convict_at);
     }
 
     /// `t` as a [`Stamp`].
@@ -1130,26 +1202,28 @@ impl Connection {
     }
 
     fn discarding(&self) -> bool {
-        matches!(self.drain, Some(d) if d.garbage)
+        matches!(self.drain(), Some(d) if d.garbage)
     }
 
     fn reading(&self) -> bool {
         match self.state {
             State::Closed => false,
-            State::Draining => self.drain.is_some_and(|d| d.linger && !d.peer_eof),
+            State::Draining => self.drain().is_some_and(|d| d.linger && !d.peer_eof),
             _ => true,
         }
     }
 
     fn process_buffered(&mut self, now: Instant) {
-        if self.rx.is_empty() {
+        if self.rx().is_empty() {
             return;
         }
-        let rx = std::mem::take(&mut self.rx);
+        let rx = self.busy.as_mut().map(|b| std::mem::take(&mut b.rx)).unwrap_or_default();
         let used = self.process(now, &rx);
         if self.reading() && !self.discarding() && used < rx.len() {
             // Keep only the incomplete tail; a fresh buffer sized to it, so a past burst pins nothing.
-            self.rx = BytesMut::from(&rx[used..]);
+            self.busy().rx = BytesMut::from(&rx[used..]);
+        } else {
+            self.release();
         }
     }
 
@@ -1196,11 +1270,11 @@ impl Connection {
         let reply = if self.role == Role::Server { foreign_reply(foreign) } else { None };
         match reply {
             Some(reply) if self.drain.is_none() => {
-                self.rx = BytesMut::new();
-                if self.tx.is_empty() {
+                self.clear_rx();
+                if self.tx().is_empty() {
                     self.tx_stalled_since = self.stamp(now);
                 }
-                self.tx.extend_from_slice(&reply);
+                self.busy().tx.extend_from_slice(&reply);
                 self.decide(now, CloseReason::ProtocolError, CloseMode::Flush, None, false, None, Some(detail), None);
             }
             _ => self.protocol_error(now, detail),
@@ -1213,22 +1287,23 @@ impl Connection {
             State::Established => {
                 if let Some(d) = &mut self.detector {
                     d.heartbeat(now);
-                    self.deadlines = Some(d.deadlines(self.origin));
+                    let dl = d.deadlines(self.origin);
+                    self.set_deadlines(dl);
                 }
                 if std::mem::take(&mut self.suspected) {
-                    self.events.push_back(Event::Recovered);
+                    self.emit(Event::Recovered);
                 }
                 self.on_established_frame(now, f);
             }
             // Late frames after a verdict: data is still delivered, nothing else counts.
             State::Draining => match f {
-                Frame::Data { peer, payload } => self.events.push_back(Event::Data { peer, payload }),
+                Frame::Data { peer, payload } => self.emit(Event::Data { peer, payload }),
                 // Handed to the owner, never acknowledged (the write half is done). Whether it counts as taken is
                 // the owner's word, given in its resume: the server's table takes it only while the session is
                 // still this connection's; the tokio client, whose `Disconnected` came first, does not take it.
                 Frame::Sdata { seq, peer, payload } => {
                     if let Some(Accept::New) = self.rel.as_mut().map(|r| r.accept(now, seq)) {
-                        self.events.push_back(Event::Sdata { seq, peer, payload });
+                        self.emit(Event::Sdata { seq, peer, payload });
                     }
                 }
                 _ => {}
@@ -1243,7 +1318,7 @@ impl Connection {
                 // The client offers its highest version (at least 1, checked by the codec); we speak the lower.
                 self.version = h.version.min(PROTOCOL_VERSION);
                 self.admission_pending = true;
-                self.events.push_back(Event::Hello(h));
+                self.emit(Event::Hello(h));
             }
             (Role::Client, Frame::Welcome(w)) => {
                 if w.version > self.version {
@@ -1267,7 +1342,7 @@ impl Connection {
                 };
                 self.hb_update = w.version >= frame::V2 && HeartbeatRange::find(&w.extensions).is_some();
                 self.establish(now, w.heartbeat_ms, w.timeout_ms);
-                self.events.push_back(Event::Welcome(w));
+                self.emit(Event::Welcome(w));
             }
             (Role::Client, Frame::Bye(b)) => self.peer_bye(now, b),
             (_, other) => self.protocol_error(now, format!("{} before the handshake completed", other.name())),
@@ -1299,13 +1374,13 @@ impl Connection {
                     self.due_ms = 0;
                 }
                 if self.role == Role::Client && self.cfg.pong_grace.is_some() {
-                    self.events.push_back(Event::PathHeld { idle: deciseconds(self.phase_or_idle) });
+                    self.emit(Event::PathHeld { idle: deciseconds(self.phase_or_idle) });
                 }
                 let sent = self.origin.checked_add(Duration::from_micros(ts_ms));
                 if let Some(sent) = sent.filter(|s| *s <= now) {
                     let rtt = now - sent;
-                    self.rtt = Some(rtt);
-                    self.events.push_back(Event::Rtt(rtt));
+                    self.rtt_ns = u64::try_from(rtt.as_nanos()).unwrap_or(NO_RTT - 1);
+                    self.emit(Event::Rtt(rtt));
                 }
             }
             (role, Frame::Data { peer, payload }) => {
@@ -1315,9 +1390,9 @@ impl Connection {
                 if role == Role::Server && !peer.is_empty() && payload.len() > frame::max_relay_payload(self.rx_max) {
                     let len = payload.len();
                     self.queue(now, &Frame::Undeliverable { to: peer.clone(), why: Undeliverable::TooLarge });
-                    return self.events.push_back(Event::RelayTooLarge { to: peer, len });
+                    return self.emit(Event::RelayTooLarge { to: peer, len });
                 }
-                self.events.push_back(Event::Data { peer, payload })
+                self.emit(Event::Data { peer, payload })
             }
             (role, Frame::Sdata { seq, peer, payload }) if self.rel.is_some() => {
                 if !self.data_allowed(now, payload.len()) {
@@ -1330,11 +1405,11 @@ impl Connection {
                 if role == Role::Server && !peer.is_empty() && payload.len() > relay_max {
                     // Taken (and acknowledged): the session answers with its sequenced REPORT.
                     let len = payload.len();
-                    return self.events.push_back(Event::SdataTooLarge { seq, to: peer, len });
+                    return self.emit(Event::SdataTooLarge { seq, to: peer, len });
                 }
-                self.events.push_back(Event::Sdata { seq, peer, payload })
+                self.emit(Event::Sdata { seq, peer, payload })
             }
-            (_, Frame::Ack { seq }) if self.rel.is_some() => self.events.push_back(Event::Acked(seq)),
+            (_, Frame::Ack { seq }) if self.rel.is_some() => self.emit(Event::Acked(seq)),
             (_, f @ Frame::Heartbeat { .. }) if !self.hb_update => {
                 self.protocol_error(now, format!("{} without the heartbeat_update extension", f.name()))
             }
@@ -1343,7 +1418,7 @@ impl Connection {
                 if self.cut_ping_flood(now, "HEARTBEAT requests and PINGs") {
                     return;
                 }
-                self.events.push_back(Event::HeartbeatRequest { interval_ms })
+                self.emit(Event::HeartbeatRequest { interval_ms })
             }
             (Role::Client, Frame::Heartbeat { interval_ms, timeout_ms }) => {
                 if interval_ms == 0 || timeout_ms < interval_ms {
@@ -1351,21 +1426,21 @@ impl Connection {
                     return self.protocol_error(now, detail);
                 }
                 self.retime(now, interval_ms, timeout_ms);
-                self.events.push_back(Event::HeartbeatChanged { interval: ms(interval_ms), timeout: ms(timeout_ms) });
+                self.emit(Event::HeartbeatChanged { interval: ms(interval_ms), timeout: ms(timeout_ms) });
             }
             (Role::Client, Frame::Report(r)) if self.rel.is_some() => {
                 if self.take_seq(now, r.seq) {
-                    self.events.push_back(Event::Report(r));
+                    self.emit(Event::Report(r));
                 }
             }
             (_, f @ (Frame::Sdata { .. } | Frame::Ack { .. } | Frame::Report(_))) if self.rel.is_none() => {
                 self.protocol_error(now, format!("{} without the reliable extension", f.name()))
             }
             (_, Frame::Bye(b)) => self.peer_bye(now, b),
-            (Role::Server, Frame::Subscribe(ids)) => self.events.push_back(Event::Subscribe(ids)),
-            (Role::Server, Frame::Unsubscribe(ids)) => self.events.push_back(Event::Unsubscribe(ids)),
-            (Role::Client, Frame::Presence(p)) => self.events.push_back(Event::Presence(p)),
-            (Role::Client, Frame::Undeliverable { to, why }) => self.events.push_back(Event::Undeliverable { to, why }),
+            (Role::Server, Frame::Subscribe(ids)) => self.emit(Event::Subscribe(ids)),
+            (Role::Server, Frame::Unsubscribe(ids)) => self.emit(Event::Unsubscribe(ids)),
+            (Role::Client, Frame::Presence(p)) => self.emit(Event::Presence(p)),
+            (Role::Client, Frame::Undeliverable { to, why }) => self.emit(Event::Undeliverable { to, why }),
             (_, other) => self.protocol_error(now, format!("unexpected {} on an established connection", other.name())),
         }
     }
@@ -1425,7 +1500,7 @@ impl Connection {
         let (interval, timeout) = (ms(interval_ms), ms(timeout_ms));
         let mut det = Detector::new(&self.cfg.detector, interval, timeout);
         det.heartbeat(now);
-        self.deadlines = Some(det.deadlines(now));
+        self.set_deadlines(det.deadlines(now));
         self.detector = Some(det);
         self.interval_ms = interval_ms;
         self.timeout_ms = timeout_ms;
@@ -1457,8 +1532,8 @@ impl Connection {
 
     fn protocol_error(&mut self, now: Instant, detail: String) {
         let bye = Some(Bye { reason: CloseReason::ProtocolError, retry_after_ms: 0, alternative: String::new() });
-        self.rx = BytesMut::new();
-        if let Some(d) = &mut self.drain {
+        self.clear_rx();
+        if let Some(d) = self.drain.as_deref_mut() {
             // Already closing for another reason, which stands: stop decoding the peer's stream.
             d.garbage = true;
             return;
@@ -1495,7 +1570,7 @@ impl Connection {
         // A HELLO awaiting admission will never be admitted now; frames behind it are read as late frames.
         self.admission_pending = false;
         let lateness = deadline.map(|d| now.saturating_duration_since(d));
-        self.events.push_back(Event::Closed(Closed { reason, lateness, by_peer, peer_bye, detail }));
+        self.emit(Event::Closed(Closed { reason, lateness, by_peer, peer_bye, detail }));
         if mode == CloseMode::Immediate {
             return self.finish();
         }
@@ -1506,21 +1581,21 @@ impl Connection {
         self.tx_stalled_since = Stamp::NONE;
         let linger = mode == CloseMode::Linger;
         if !linger {
-            self.rx = BytesMut::new();
+            self.clear_rx();
         }
-        self.drain = Some(Drain {
+        self.drain = Some(Box::new(Drain {
             until: now + self.cfg.close_grace,
             linger,
             write_shut: false,
             peer_eof: false,
             garbage: false,
-        });
+        }));
         self.maybe_finish();
     }
 
     fn maybe_finish(&mut self) {
-        if let Some(d) = self.drain {
-            if self.state == State::Draining && self.tx.is_empty() && (!d.linger || (d.write_shut && d.peer_eof)) {
+        if let Some(d) = self.drain() {
+            if self.state == State::Draining && self.tx().is_empty() && (!d.linger || (d.write_shut && d.peer_eof)) {
                 self.finish();
             }
         }
@@ -1528,16 +1603,17 @@ impl Connection {
 
     fn finish(&mut self) {
         self.state = State::Closed;
-        self.rx = BytesMut::new();
-        self.tx = BytesMut::new();
+        self.clear_rx();
+        self.clear_tx();
         self.tx_stalled_since = Stamp::NONE;
     }
 
     fn queue(&mut self, now: Instant, f: &Frame) {
-        if self.tx.is_empty() {
+        if self.tx().is_empty() {
             self.tx_stalled_since = self.stamp(now);
         }
-        f.encode_v(&mut self.tx, self.version);
+        let version = self.version;
+        f.encode_v(&mut self.busy().tx, version);
         self.frames_tx = self.frames_tx.wrapping_add(1);
         self.last_tx = self.stamp(now);
     }

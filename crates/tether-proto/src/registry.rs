@@ -285,7 +285,8 @@ struct Gone {
 #[derive(Debug, Default)]
 pub struct Registry {
     cfg: RegistryConfig,
-    sessions: HashMap<Box<str>, Session>,
+    /// Keyed by a shared id: the serving connection keeps the same allocation ([`Registry::shared_id`]).
+    sessions: HashMap<Arc<str>, Session>,
     /// Epochs are global and monotonic, so they increase for every id without per-id memory.
     next_epoch: u64,
     pending: HashMap<String, PendingOffline>,
@@ -341,6 +342,11 @@ impl Registry {
         self.sessions.get(client).map(|s| s.conn)
     }
 
+    /// The id of an online session as the registry keeps it, for its connection to share rather than copy.
+    pub fn shared_id(&self, client: &str) -> Option<Arc<str>> {
+        self.sessions.get_key_value(client).map(|(k, _)| k.clone())
+    }
+
     /// Decide on a `HELLO` from `conn`. `holder_last_rx` tells when the current holder (if any) last sent a frame.
     pub fn admit(
         &mut self,
@@ -379,8 +385,9 @@ impl Registry {
             if !same_device {
                 displaced.insert(holder.nonce, now);
             }
+            // The key stays: whoever shares it keeps sharing it.
+            *holder = Session { conn, epoch, nonce, suspect: false, displaced };
             self.next_epoch = self.next_epoch.max(epoch + 1);
-            self.sessions.insert(client.into(), Session { conn, epoch, nonce, suspect: false, displaced });
             self.emit(SessionEvent::Takeover { client: client.into(), old, new: conn, epoch, same_device });
             if was_suspect {
                 self.notify(client, PresenceState::Online, None, 0, 0);

@@ -240,7 +240,7 @@ async fn run<H: Hooks + Send + 'static>(
         let t = now();
         while let Some((key, at)) = timers.pop_due(t) {
             if let Some(e) = slab.get_mut(key) {
-                if timer::fire(&mut e.armed, at) {
+                if timers.fire(&mut e.armed, at) {
                     round.list(key, e);
                 }
             }
@@ -319,7 +319,7 @@ impl<H> Drop for Gone<H> {
 fn next_wakeup<H>(timers: &mut timer::Timers, slab: &mut ::slab::Slab<Entry<H>>) -> Option<StdInstant> {
     loop {
         let (key, at) = timers.peek()?;
-        let Some(e) = slab.get_mut(key).filter(|e| e.armed == Some(at)) else {
+        let Some(e) = slab.get_mut(key).filter(|e| timers.holds(e.armed, at)) else {
             timers.pop();
             continue;
         };
@@ -328,7 +328,7 @@ fn next_wakeup<H>(timers: &mut timer::Timers, slab: &mut ::slab::Slab<Entry<H>>)
             return Some(at);
         }
         timers.pop();
-        e.armed = None;
+        timer::Timers::disarm(&mut e.armed);
         timers.arm(key, &mut e.armed, deadline);
     }
 }

@@ -178,6 +178,26 @@ fn idle_link_is_kept_alive_by_one_ping_per_interval() {
 }
 
 #[test]
+fn an_idle_connection_holds_nothing_in_flight_between_exchanges() {
+    let mut p = Pair::new(ConnConfig::default());
+    p.run_for(Duration::from_secs(10));
+    // Every PING answered, every byte written and every event taken: both sides gave their in-flight state back.
+    assert!(p.server.busy.is_none() && p.client.busy.is_none());
+    // Half a frame is held until the rest comes, then released.
+    let mut ping = BytesMut::new();
+    Frame::Ping { seq: 7, ts_ms: 1 }.encode_v(&mut ping, p.server.version());
+    p.server.handle_bytes(p.now, &ping[..3]);
+    assert_eq!(p.server.pending_rx(), 3);
+    p.server.handle_bytes(p.now, &ping[3..]);
+    assert_eq!(p.server.pending_rx(), 0);
+    let pong = p.server.poll_transmit().len();
+    assert!(pong > 0);
+    p.server.handle_written(p.now, pong);
+    while p.server.poll_event().is_some() {}
+    assert!(p.server.busy.is_none());
+}
+
+#[test]
 fn a_side_that_keeps_sending_never_pings_and_a_silent_receiver_does() {
     let mut p = Pair::new(ConnConfig::default());
     // The client sends data every 500 ms; it must never need to ping, but the silent server pings.

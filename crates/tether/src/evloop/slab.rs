@@ -54,7 +54,7 @@ pub(crate) enum Visited {
 
 impl<H: Hooks> Entry<H> {
     pub(super) fn new(sock: mio::net::TcpStream, conn: Connection, pump: Pump, hooks: H) -> Self {
-        Entry { sock, conn, pump, hooks, armed: None, readable: false, want_read: true, listed: false }
+        Entry { sock, conn, pump, hooks, armed: Armed::default(), readable: false, want_read: true, listed: false }
     }
 
     /// Move the connection as far as it goes without waiting. `buf` is the loop's read buffer; `waker` lists this

@@ -56,16 +56,31 @@ pub(super) struct Control {
 /// What a session was admitted with, and its heartbeat now (the client may change it: `heartbeat_update`).
 pub(super) struct SessionMeta {
     pub(super) epoch: u64,
-    pub(super) since_at: StdInstant,
+    /// When it was admitted, in milliseconds after `Shared::origin` (half an `Instant`).
+    since_ms: u64,
     /// Interval (high half) and timeout (low half) in ms, in one word so that a reader never sees half a change.
     heartbeat: AtomicU64,
     pub(super) version: u8,
 }
 
 impl SessionMeta {
-    pub(super) fn new(epoch: u64, since_at: StdInstant, heartbeat_ms: u32, timeout_ms: u32, version: u8) -> Self {
+    /// A session admitted at `since_at`; `origin` is `Shared::origin`.
+    pub(super) fn new(
+        epoch: u64,
+        origin: StdInstant,
+        since_at: StdInstant,
+        heartbeat_ms: u32,
+        timeout_ms: u32,
+        version: u8,
+    ) -> Self {
         let heartbeat = AtomicU64::new(u64::from(heartbeat_ms) << 32 | u64::from(timeout_ms));
-        SessionMeta { epoch, since_at, heartbeat, version }
+        let since_ms = u64::try_from(since_at.saturating_duration_since(origin).as_millis()).unwrap_or(u64::MAX);
+        SessionMeta { epoch, since_ms, heartbeat, version }
+    }
+
+    /// When it was admitted (to the millisecond); `origin` is `Shared::origin`.
+    pub(super) fn since_at(&self, origin: StdInstant) -> StdInstant {
+        origin + Duration::from_millis(self.since_ms)
     }
 
     /// The heartbeat interval and timeout in effect.
@@ -91,7 +106,10 @@ struct ControlState {
     /// A close request was accepted (taken by its event loop or not): the first one decided how the connection ends,
     /// and every later one is told so. Never cleared.
     closing: bool,
-    frames: VecDeque<Frame>,
+    /// Boxed, with its buffer: a connection with nothing queued (almost every one, almost always) carries one
+    /// word for it.
+    #[allow(clippy::box_collection)] // the point: one word instead of a `VecDeque`'s four
+    frames: Option<Box<VecDeque<Frame>>>,
     /// The waker of the connection's slot in its event loop, when it waits for a command.
     waker: Option<Waker>,
     /// The socket while it is open, -1 after: the kernel's view is read under this lock, and its event loop clears it
@@ -111,7 +129,7 @@ impl ControlState {
         ControlState {
             close: None,
             closing: false,
-            frames: VecDeque::new(),
+            frames: None,
             waker: None,
             fd,
             probe: false,
@@ -262,11 +280,11 @@ impl Control {
     /// Queue a frame for the connection (at most `limit`); a full queue condemns it as a slow consumer.
     pub(super) fn push(&self, frame: Frame, limit: usize) -> Result<(), PushError> {
         let mut st = self.state.lock().expect("control lock");
-        if st.frames.len() >= limit.max(1) {
+        if st.frames.as_ref().map_or(0, |f| f.len()) >= limit.max(1) {
             st.request(CloseCmd::Abort(CloseReason::SlowConsumer));
             return Err(PushError::Full);
         }
-        st.frames.push_back(frame);
+        st.frames.get_or_insert_with(Box::default).push_back(frame);
         st.wake();
         Ok(())
     }
@@ -296,10 +314,10 @@ impl Control {
         if let Some(a) = st.admit.take() {
             return Poll::Ready(Cmd::Admit(a));
         }
-        match st.frames.pop_front() {
+        match st.frames.as_mut().and_then(|f| f.pop_front()) {
             Some(f) => {
-                if st.frames.is_empty() && st.frames.capacity() > 0 {
-                    st.frames = VecDeque::new();
+                if st.frames.as_ref().is_some_and(|f| f.is_empty()) {
+                    st.frames = None;
                 }
                 Poll::Ready(Cmd::Frame(f))
             }

@@ -142,7 +142,8 @@ pub(super) struct ServerHooks {
     shared: Arc<Shared>,
     conn_id: ConnId,
     /// The admitted client id, once `WELCOME` was sent.
-    client: Option<String>,
+    /// Shared with the registry's key (one allocation for both).
+    client: Option<Arc<str>>,
     control: Arc<Control>,
     /// Still counted in `Shared::handshakes` (until admitted or closed).
     handshaking: bool,
@@ -388,7 +389,8 @@ impl ServerHooks {
         match admission {
             Admission::Welcome { epoch, evicted } => {
                 // The session exists from here on: however this task ends, it is closed as this client's.
-                self.client = Some(hello.client_id.clone());
+                let id = hub.registry.shared_id(&hello.client_id);
+                self.client = Some(id.unwrap_or_else(|| hello.client_id.as_str().into()));
                 let (interval, timeout) = shared.cfg.heartbeat.negotiate(hello.heartbeat_ms);
                 let v2 = conn.version() >= tether_proto::frame::V2;
                 // v1 has no room for them: built only for a session that will carry them.
@@ -420,7 +422,7 @@ impl ServerHooks {
                     self.pull(conn, now);
                 }
                 shared.metrics.handshake.observe(now.saturating_duration_since(conn.opened()));
-                let meta = SessionMeta::new(epoch, now, heartbeat_ms, timeout_ms, conn.version());
+                let meta = SessionMeta::new(epoch, shared.origin, now, heartbeat_ms, timeout_ms, conn.version());
                 let _ = self.control.session.set(meta);
                 let client = hello.client_id;
                 // The connection taken over: where it came from and when it last sent a frame.
@@ -494,7 +496,7 @@ impl ServerHooks {
         let Some(from) = self.client.clone() else { return };
         crate::fault::panic_at("data", &from);
         if to.is_empty() {
-            self.shared.emit(EventKind::Data { client: from, conn: self.conn_id, payload });
+            self.shared.emit(EventKind::Data { client: from.to_string(), conn: self.conn_id, payload });
             return;
         }
         // A reliable session (online or offline) holds it.
@@ -507,7 +509,7 @@ impl ServerHooks {
             let hub = self.shared.hub();
             let limit = self.shared.cfg.outbound_queue;
             match hub.holder(&to) {
-                Some(h) => Ok(h.push(Frame::Data { peer: from, payload }, limit).is_ok()),
+                Some(h) => Ok(h.push(Frame::Data { peer: from.to_string(), payload }, limit).is_ok()),
                 None => Err((from, payload)),
             }
         };
@@ -611,7 +613,7 @@ impl ServerHooks {
                 match table.token_of(&from) {
                     None => Step::Moved,
                     Some(token) => {
-                        let origin = reliable::Origin::Client { id: from.clone(), token, seq };
+                        let origin = reliable::Origin::Client { id: from.to_string(), token, seq };
                         match table.push(&to, &from, payload.clone(), Some(origin)) {
                             Ok(wake) => Step::Held(wake),
                             Err(reliable::PushError::Full) => Step::Full(table.attached(&to).cloned()),
@@ -627,7 +629,7 @@ impl ServerHooks {
             Step::Slow => return conn.abort(now, CloseReason::SlowConsumer),
             Step::Moved => return,
             Step::App { receipts } => {
-                let taken = self.shared.emit(EventKind::Data { client: from, conn: self.conn_id, payload });
+                let taken = self.shared.emit(EventKind::Data { client: from.to_string(), conn: self.conn_id, payload });
                 if !taken || receipts {
                     self.report(conn, now, "", (!taken).then_some(Undeliverable::AppBusy), seq);
                 }
@@ -651,7 +653,8 @@ impl ServerHooks {
                 let delivered = {
                     let hub = self.shared.hub();
                     let limit = self.shared.cfg.outbound_queue;
-                    hub.holder(&to).is_some_and(|h| h.push(Frame::Data { peer: from, payload }, limit).is_ok())
+                    hub.holder(&to)
+                        .is_some_and(|h| h.push(Frame::Data { peer: from.to_string(), payload }, limit).is_ok())
                 };
                 if delivered {
                     self.relayed();
@@ -785,7 +788,7 @@ impl ServerHooks {
         }
         self.shared.metrics.undeliverable.fetch_add(1, Ordering::Relaxed);
         let why = Undeliverable::TooLarge;
-        self.shared.emit(EventKind::Undeliverable { client: from, conn: self.conn_id, to, len, why });
+        self.shared.emit(EventKind::Undeliverable { client: from.to_string(), conn: self.conn_id, to, len, why });
     }
 
     /// The client asked for a new heartbeat (`heartbeat_update`): granted within the policy, like a `HELLO`'s,
@@ -800,7 +803,14 @@ impl ServerHooks {
         meta.set_heartbeat(interval, timeout);
         let asked = Duration::from_millis(interval_ms.into());
         let (conn, peer) = (self.conn_id, self.control.peer);
-        self.shared.emit(EventKind::Heartbeat { client, conn, peer, asked, heartbeat: interval, timeout });
+        self.shared.emit(EventKind::Heartbeat {
+            client: client.to_string(),
+            conn,
+            peer,
+            asked,
+            heartbeat: interval,
+            timeout,
+        });
     }
 
     /// A heartbeat round trip: into the histograms, beside the kernel's smoothed RTT read at the same moment.
@@ -838,7 +848,7 @@ impl ServerHooks {
         }
         let session = self.control.session.get();
         if let Some(meta) = session {
-            m.session.observe(now.saturating_duration_since(meta.since_at));
+            m.session.observe(now.saturating_duration_since(meta.since_at(self.shared.origin)));
         }
         // A takeover by the same device, from the same address, explained why it ended (`forgotten`).
         let forgot = self.shared.forgotten.closing(self.conn_id);
@@ -846,7 +856,7 @@ impl ServerHooks {
         self.shared.disconnects.push(DisconnectRecord {
             at: SystemTime::now(),
             conn: self.conn_id,
-            client: self.client.clone(),
+            client: self.client.as_deref().map(str::to_string),
             peer: self.control.peer,
             reason: c.reason,
             by_peer: c.by_peer,
@@ -900,7 +910,7 @@ impl ServerHooks {
         // outcomes still on their way are carried out.
         if let (Some(st), Some(from)) = (self.stored.take(), &self.client) {
             if st.in_flight > 0 {
-                tokio::spawn(settle(self.shared.clone(), self.conn_id, from.clone(), st));
+                tokio::spawn(settle(self.shared.clone(), self.conn_id, from.to_string(), st));
             }
         }
         if let (true, Some(client)) = (self.rel, &self.client) {
@@ -934,7 +944,7 @@ impl ServerHooks {
         }
         let kind = match (&self.client, holder) {
             (Some(client), true) => EventKind::Offline {
-                client: client.clone(),
+                client: client.to_string(),
                 conn: conn_id,
                 peer,
                 reason,
@@ -943,9 +953,15 @@ impl ServerHooks {
                 by_peer,
                 detail,
             },
-            (client, _) => {
-                EventKind::Closed { client: client.clone(), conn: conn_id, peer, reason, lateness, by_peer, detail }
-            }
+            (client, _) => EventKind::Closed {
+                client: client.as_deref().map(str::to_string),
+                conn: conn_id,
+                peer,
+                reason,
+                lateness,
+                by_peer,
+                detail,
+            },
         };
         self.shared.emit(kind);
     }
@@ -993,7 +1009,7 @@ impl Hooks for ServerHooks {
                     cluster.publish_suspect(&client, epoch, silent_for);
                 }
                 self.shared.emit(EventKind::Suspect {
-                    client,
+                    client: client.to_string(),
                     conn: self.conn_id,
                     peer: self.control.peer,
                     silent_for,
@@ -1010,7 +1026,11 @@ impl Hooks for ServerHooks {
                 if let (Some(cluster), Some(epoch)) = (&self.shared.cluster, epoch) {
                     cluster.publish_recovered(&client, epoch);
                 }
-                self.shared.emit(EventKind::Recovered { client, conn: self.conn_id, peer: self.control.peer });
+                self.shared.emit(EventKind::Recovered {
+                    client: client.to_string(),
+                    conn: self.conn_id,
+                    peer: self.control.peer,
+                });
             }
             Event::Rtt(rtt) => self.on_rtt(rtt),
             Event::HeartbeatRequest { interval_ms } => self.on_heartbeat_request(conn, now, interval_ms),
