@@ -215,9 +215,9 @@ def main():
         for target, style in zip(TARGETS, ("o-", "s--", "^-.", "d:")):
             runs = sorted(by.get(("idle", target), []), key=lambda r: r["connections"])
             if runs:
-                n = [r["connections"] for r in runs]
-                ax.plot(n, [(r.get("rss_bytes") or 0) / 2**20 for r in runs], style, label=LABEL[target])
-                per.plot(n, [r.get("rss_per_conn_bytes") or 0 for r in runs], style, label=LABEL[target])
+                xs = [r["connections"] for r in runs]
+                ax.plot(xs, [(r.get("rss_bytes") or 0) / 2**20 for r in runs], style, label=LABEL[target])
+                per.plot(xs, [r.get("rss_per_conn_bytes") or 0 for r in runs], style, label=LABEL[target])
         ax.set_yscale("log")
         ax.set_ylabel("server RSS (MiB, log scale)")
         ax.set_title("Server memory against idle connections")
