@@ -14,6 +14,11 @@ from datetime import datetime, timezone
 
 KEYS = {
     "idle": ["connections", "rss_per_conn_bytes", "slab_per_conn_bytes", "cpu_s_per_10k_heartbeats", "heartbeats_per_s"],
+    # `idle --tls`: tether only, a full TLS 1.3 handshake per connection, then the same heartbeats inside TLS.
+    "idle_tls": [
+        "connections", "rss_per_conn_bytes", "slab_per_conn_bytes", "cpu_s_per_10k_heartbeats", "heartbeats_per_s",
+        "tls",
+    ],
     "connect": ["handshakes_per_s", "handshake_ms_p50", "handshake_ms_p99"],
     "detect": [
         "silenced", "declared", "false_verdicts", "lateness_ms_p50", "lateness_ms_p99", "lateness_ms_max",
@@ -41,10 +46,13 @@ OFF = "metrics off"
 PEERS = ["mosquitto", "rumqttd", "nats"]
 TARGETS = ["tether"] + PEERS
 LABEL = {"tether": "tether", "mosquitto": "Mosquitto", "rumqttd": "rumqttd", "nats": "NATS"}
+TLS_LABEL = "tether, TLS 1.3"
 # Scenarios each target has: NATS has no session takeover; storm and cluster restart tether's own nodes.
 TAKEOVER = ["tether", "mosquitto", "rumqttd"]
 # A peer's results carry the config it was started with and its version.
 PEER_KEYS = ["server_version", "server_config"]
+# tether's idle runs count the connections whose own PING was answered during the hold.
+ALIVE_KEYS = ["alive_connections"]
 
 
 def is_off(r):
@@ -66,6 +74,8 @@ def check(rows):
             keys = keys + HELD_KEYS
         if r["target"] in PEERS and r["scenario"] != "relay":
             keys = keys + PEER_KEYS
+        if r["target"] == "tether" and r["scenario"] in ("idle", "idle_tls"):
+            keys = keys + ALIVE_KEYS
         missing = [k for k in keys if r.get(k) is None]
         if missing:
             print(f"{r['scenario']} ({r['target']}, {r.get('variant')}): missing {missing}", file=sys.stderr)
@@ -75,7 +85,7 @@ def check(rows):
             seen.add(("relay", r["target"], r["delivery"]))
     want = {(s, t) for s in ("idle", "connect", "detect") for t in TARGETS}
     want |= {("takeover", t) for t in TAKEOVER}
-    want |= {("storm", "tether"), ("cluster", "tether")}
+    want |= {("storm", "tether"), ("cluster", "tether"), ("idle_tls", "tether")}
     want |= {("relay", "tether", "at_most_once"), ("relay", "tether", "reliable"), ("relay", "mosquitto", "qos1")}
     if not want <= seen:
         print(f"scenarios missing: {sorted(want - seen)}", file=sys.stderr)
@@ -84,8 +94,15 @@ def check(rows):
     if on is None or off is None:
         print("idle (tether): no metrics on / metrics off pair at the largest size", file=sys.stderr)
         return 1
+    dead = [r for r in rows if r["scenario"] in ("idle", "idle_tls") and r["target"] == "tether"
+            and r["alive_connections"] < r["connections"]]
+    if dead:
+        print(f"idle (tether): PINGs left unanswered in {[(r['scenario'], r['connections']) for r in dead]}",
+              file=sys.stderr)
+        return 1
+    tls = [r for r in rows if r["scenario"] == "idle_tls"][-1]
     print(f"bench smoke: {len(rows)} results, every scenario reported for {', '.join(TARGETS)}, "
-          f"metrics on and off at {on['connections']:,}")
+          f"metrics on and off at {on['connections']:,}, TLS at {tls['connections']:,}")
     return 0
 
 
@@ -156,10 +173,13 @@ def main():
         if not is_off(r):
             by.setdefault((r["scenario"], r["target"]), []).append(r)
     idle_max = {t: max(by.get(("idle", t), []), key=lambda r: r["connections"], default=None) for t in TARGETS}
+    tls_max = max(by.get(("idle_tls", "tether"), []), key=lambda r: r["connections"], default=None)
 
     def pick(scenario, target, key):
         if scenario == "idle":
             r = idle_max[target]
+        elif scenario == "idle_tls":
+            r = tls_max if target == "tether" else None
         else:
             r = (by.get((scenario, target)) or [None])[-1]
         return None if r is None else r.get(key)
@@ -169,6 +189,8 @@ def main():
         ("idle", "kernel slab per connection, both ends (bytes)", "slab_per_conn_bytes", "lower"),
         ("idle", "server CPU per 10k heartbeats (s)", "cpu_s_per_10k_heartbeats", "lower"),
         ("idle", "heartbeats handled per second", "heartbeats_per_s", "—"),
+        ("idle_tls", "TLS 1.3: server RSS per idle connection (bytes)", "rss_per_conn_bytes", "—"),
+        ("idle_tls", "TLS 1.3: server CPU per 10k heartbeats (s)", "cpu_s_per_10k_heartbeats", "—"),
         ("connect", "handshakes per second", "handshakes_per_s", "higher"),
         ("connect", "handshake latency p50 (ms)", "handshake_ms_p50", "lower"),
         ("connect", "handshake latency p99 (ms)", "handshake_ms_p99", "lower"),
@@ -212,12 +234,14 @@ def main():
 
         # Logarithmic: the peers span two orders of magnitude, and tether and Mosquitto would otherwise overlap.
         fig, (ax, per) = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
-        for target, style in zip(TARGETS, ("o-", "s--", "^-.", "d:")):
-            runs = sorted(by.get(("idle", target), []), key=lambda r: r["connections"])
+        series = [(("idle", t), LABEL[t], style) for t, style in zip(TARGETS, ("o-", "s--", "^-.", "d:"))]
+        series.append((("idle_tls", "tether"), TLS_LABEL, "x-"))
+        for kind, label, style in series:
+            runs = sorted(by.get(kind, []), key=lambda r: r["connections"])
             if runs:
-                n = [r["connections"] for r in runs]
-                ax.plot(n, [(r.get("rss_bytes") or 0) / 2**20 for r in runs], style, label=LABEL[target])
-                per.plot(n, [r.get("rss_per_conn_bytes") or 0 for r in runs], style, label=LABEL[target])
+                xs = [r["connections"] for r in runs]
+                ax.plot(xs, [(r.get("rss_bytes") or 0) / 2**20 for r in runs], style, label=label)
+                per.plot(xs, [r.get("rss_per_conn_bytes") or 0 for r in runs], style, label=label)
         ax.set_yscale("log")
         ax.set_ylabel("server RSS (MiB, log scale)")
         ax.set_title("Server memory against idle connections")
@@ -235,10 +259,10 @@ def main():
         plot_note = "(matplotlib is not installed: no plot in this run)"
 
     idle_rows = ["| system | connections | server RSS (MiB) | RSS per connection (bytes) |", "|---|---|---|---|"]
-    for target in TARGETS:
-        for r in sorted(by.get(("idle", target), []), key=lambda r: r["connections"]):
+    for kind, label in [(("idle", t), LABEL[t]) for t in TARGETS] + [(("idle_tls", "tether"), TLS_LABEL)]:
+        for r in sorted(by.get(kind, []), key=lambda r: r["connections"]):
             idle_rows.append(
-                f"| {LABEL[target]} | {r['connections']:,} | {fmt((r.get('rss_bytes') or 0) / 2**20)} | {fmt(r.get('rss_per_conn_bytes'))} |"
+                f"| {label} | {r['connections']:,} | {fmt((r.get('rss_bytes') or 0) / 2**20)} | {fmt(r.get('rss_per_conn_bytes'))} |"
             )
 
     machine = {
@@ -300,6 +324,7 @@ GOALS = [
     ("tether detection lateness p99 (ms)", "detect", "lateness_ms_p99", None, ("≤", 5)),
     ("tether detection lateness max (ms)", "detect", "lateness_ms_max", None, ("≤", 20)),
     ("tether takeover p99 (ms)", "takeover", "latency_ms_p99", None, ("≤", 1)),
+    ("server RSS per idle TLS 1.3 connection (bytes)", "idle_tls", "rss_per_conn_bytes", None, ("≤", 4096)),
 ]
 
 
@@ -497,6 +522,12 @@ How each figure is taken:
   connection with the same name is a second client.
 - **Storm.** The server is killed and restarted on the same port under N reconnecting clients (backoff
   200 ms / 5 s, full jitter). tether only.
+- **TLS 1.3** (`idle --tls`, tether only, at N). The run makes a throwaway CA and a server certificate (ECDSA
+  P-256) and starts `tether serve` with `--tls-cert`/`--tls-key`. Each connection makes a full TLS 1.3 handshake
+  with rustls (`ring`, tether's own client configuration, session resumption off: no two devices share a
+  ticket), then `HELLO` and the same heartbeats inside TLS. RSS and CPU are taken as for plain idle; no scrapes.
+- **Alive.** In every tether idle run each connection must have had a `PONG` to one of its own `PING`s during
+  the hold, or the run fails.
 
 Every tether figure above is taken with metrics on, the default: the admin listener, per-frame counting and
 round-trip probes.

@@ -58,7 +58,7 @@ fn spawn_node_with(
     let id = format!("n{i}");
     o.server_args.extend(["--cluster", &redis.url(), "--node-id", &id].map(String::from));
     o.server_args.extend(["--admin", admin].map(String::from));
-    let proc = spawn_tether(&o, "127.0.0.1:0")?;
+    let proc = spawn_tether(&o, "127.0.0.1:0", &[])?;
     let l = proc.expect("listening", Duration::from_secs(20), |v| event(v) == "listening")?;
     let addr = l["addr"].as_str().context("listening addr")?.parse()?;
     let admin = l["admin"].as_str().map(str::parse).transpose().context("listening admin")?;

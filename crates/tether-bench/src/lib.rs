@@ -13,6 +13,7 @@
 //! - [`redis`]: a `redis-server` of the run's own (the `cluster` scenario; the cluster tests use it too).
 //! - [`scrape`]: after an `idle` hold, `GET /metrics` from an owned tether server's admin listener, timed.
 //! - [`relay`]: the `relay` scenario, messages between pairs of clients (its own coordinator and load generator).
+//! - [`tls`]: `idle --tls`, tether over TLS 1.3: the run's certificates, the load generator's TLS client.
 //!
 //! Every run is bounded: waits have deadlines, workers die with their coordinator (end of stdin) and at their
 //! own time limit, and the target address is only ever the one given (or the loopback server the run started).
@@ -26,6 +27,7 @@ pub mod redis;
 pub mod relay;
 pub mod scrape;
 pub mod sys;
+pub mod tls;
 pub mod worker;
 
 use std::io::{BufRead, BufReader, Write};
@@ -109,6 +111,8 @@ pub struct Opts {
     /// The executable of the tether server this run starts, when not `exe` (an older build, for before/after
     /// comparisons under the same load generator).
     pub server_exe: Option<PathBuf>,
+    /// `idle` against tether: the server serves TLS and every connection makes a full TLS 1.3 handshake first.
+    pub tls: bool,
 }
 
 impl Opts {
@@ -122,6 +126,16 @@ impl Opts {
         let a = &self.server_args;
         let off = a.iter().any(|x| x == "--admin=off") || a.windows(2).any(|w| w[0] == "--admin" && w[1] == "off");
         Some(if off { "metrics off" } else { "metrics on" })
+    }
+
+    /// The scenario's name in the results: `idle_tls` for `idle --tls`, so that no reader mixes its figures with
+    /// plain `idle`'s.
+    pub fn scenario_name(&self) -> &'static str {
+        if self.tls && self.scenario == Scenario::Idle {
+            "idle_tls"
+        } else {
+            self.scenario.name()
+        }
     }
 }
 
@@ -241,13 +255,15 @@ fn tether_args(opts: &Opts) -> Vec<String> {
     args
 }
 
-fn spawn_tether(opts: &Opts, listen: &str) -> anyhow::Result<Child2> {
+fn spawn_tether(opts: &Opts, listen: &str, extra: &[String]) -> anyhow::Result<Child2> {
     let mut cmd = Command::new(opts.server_exe.as_ref().unwrap_or(&opts.exe));
-    cmd.args(["serve", "--listen", listen]).args(tether_args(opts)).env("RUST_LOG", "warn").stderr(Stdio::null());
+    cmd.args(["serve", "--listen", listen]).args(tether_args(opts)).args(extra);
+    cmd.env("RUST_LOG", "warn").stderr(Stdio::null());
     Child2::spawn(&mut cmd)
 }
 
-fn start_server(opts: &Opts) -> anyhow::Result<Server> {
+/// `pki`: serve TLS with its certificate (`idle --tls`).
+fn start_server(opts: &Opts, pki: Option<&tls::Pki>) -> anyhow::Result<Server> {
     if let Some(addr) = opts.server {
         let pid = opts.server_pid.context("--server needs --server-pid (to read its RSS and CPU)")?;
         return Ok(Server {
@@ -264,15 +280,33 @@ fn start_server(opts: &Opts) -> anyhow::Result<Server> {
     if opts.target != Target::Tether {
         return peer::start(opts);
     }
-    let p = spawn_tether(opts, "127.0.0.1:0")?;
+    let tls_args: Vec<String> = match pki {
+        Some(pki) => vec!["--tls-cert".into(), path(&pki.cert), "--tls-key".into(), path(&pki.key)],
+        None => Vec::new(),
+    };
+    let p = spawn_tether(opts, "127.0.0.1:0", &tls_args)?;
     let l = p.expect("listening", Duration::from_secs(10), |v| event(v) == "listening")?;
     let addr: SocketAddr = l["addr"].as_str().context("listening addr")?.parse()?;
     let admin = l["admin"].as_str().map(str::parse).transpose().context("listening admin")?;
-    let config = Some(format!("tether serve --listen 127.0.0.1:0 {}", tether_args(opts).join(" ")));
+    let mut config = format!("tether serve --listen 127.0.0.1:0 {}", tether_args(opts).join(" "));
+    if pki.is_some() {
+        config.push_str(" --tls-cert server.pem --tls-key server.key");
+    }
+    let config = Some(config);
     Ok(Server { addr, pid: p.child.id(), admin, monitor: None, version: None, config, proc: Some(p), _dir: None })
 }
 
-fn spawn_workers(opts: &Opts, addr: SocketAddr, reconnect: bool) -> anyhow::Result<Vec<Child2>> {
+fn path(p: &std::path::Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+/// `tls_ca`: the workers' tether connections are TLS, trusting this CA.
+fn spawn_workers(
+    opts: &Opts,
+    addr: SocketAddr,
+    reconnect: bool,
+    tls_ca: Option<&std::path::Path>,
+) -> anyhow::Result<Vec<Child2>> {
     let per = opts.per_worker.max(1);
     let n = opts.connections.div_ceil(per).max(1);
     let mut workers = Vec::new();
@@ -291,6 +325,9 @@ fn spawn_workers(opts: &Opts, addr: SocketAddr, reconnect: bool) -> anyhow::Resu
         }
         if reconnect {
             cmd.arg("--reconnect");
+        }
+        if let Some(ca) = tls_ca {
+            cmd.args(["--tls-ca", &path(ca)]);
         }
         workers.push(Child2::spawn(&mut cmd)?);
     }
@@ -327,6 +364,9 @@ fn ms3(x: f64) -> f64 {
 
 /// Run one scenario.
 pub fn run(opts: &Opts) -> anyhow::Result<Report> {
+    if opts.tls && (opts.scenario != Scenario::Idle || opts.target != Target::Tether || opts.server.is_some()) {
+        bail!("--tls is for the idle scenario against the tether server this run starts");
+    }
     if opts.scenario == Scenario::Cluster {
         if opts.target != Target::Tether || opts.server.is_some() {
             bail!("cluster runs tether nodes of its own");
@@ -350,15 +390,17 @@ pub fn run(opts: &Opts) -> anyhow::Result<Report> {
     // Not while the kernel still tears down a previous run's connections (that skews every figure).
     sys::wait_quiet(Duration::from_secs(60));
     let rss0_machine_slab = sys::slab_bytes();
-    let mut server = start_server(opts)?;
+    let pki = if opts.tls { Some(tls::Pki::generate()?) } else { None };
+    let mut server = start_server(opts, pki.as_ref())?;
     let rss0 = sys::rss_bytes(server.pid);
     let connect_limit = Duration::from_secs(60) + Duration::from_millis(opts.connections as u64 * 5);
-    let mut workers = spawn_workers(opts, server.addr, opts.scenario == Scenario::Storm)?;
+    let ca = pki.as_ref().map(|p| p.ca.as_path());
+    let mut workers = spawn_workers(opts, server.addr, opts.scenario == Scenario::Storm, ca)?;
     let (lat, slowest, failed) = connected(&workers, connect_limit)?;
     let n = opts.connections - failed;
     let mut rows = vec![("target".into(), opts.target.name().to_owned()), ("connections".into(), n.to_string())];
     let mut out = json!({
-        "scenario": opts.scenario.name(),
+        "scenario": opts.scenario_name(),
         "target": opts.target.name(),
         "connections": n,
         "failed_connections": failed,
@@ -368,6 +410,10 @@ pub fn run(opts: &Opts) -> anyhow::Result<Report> {
         out["variant"] = json!(v);
         out["server_args"] = json!(opts.server_args);
         rows.push(("variant".into(), v.into()));
+    }
+    if opts.tls {
+        out["tls"] = json!("TLS 1.3");
+        rows.push(("transport".into(), "TLS 1.3 (a full handshake per connection)".into()));
     }
     if let Some(v) = &server.version {
         out["server_version"] = json!(v);
@@ -411,6 +457,13 @@ pub fn run(opts: &Opts) -> anyhow::Result<Report> {
             out["server_pings"] = json!(server_pings);
             out["settle_s"] = json!(ms3(opts.settle.as_secs_f64()));
             out["held_s"] = json!(ms3(held));
+            if opts.target == Target::Tether {
+                out["alive_connections"] = json!(ex1.answered);
+                rows.push((
+                    "connections whose PING was answered in the hold".into(),
+                    format!("{} of {n}", ex1.answered),
+                ));
+            }
             rows.push(("server RSS per connection".into(), format!("{:.0} B", rss_per.unwrap_or(f64::NAN))));
             rows.push((
                 "kernel slab per connection (both ends)".into(),
@@ -422,7 +475,13 @@ pub fn run(opts: &Opts) -> anyhow::Result<Report> {
             ));
             rows.push(("heartbeats handled per second".into(), format!("{:.0}", hb / held)));
             rows.push(("server PINGs answered during the hold".into(), server_pings.to_string()));
-            if let (Some(admin), true) = (server.admin, server.proc.is_some()) {
+            // Every connection pings at least once in two intervals: each must have had its answer.
+            if opts.target == Target::Tether && opts.hold >= 2 * opts.heartbeat_interval && (ex1.answered as usize) < n
+            {
+                bail!("only {} of {n} connections had a PING answered during the hold", ex1.answered);
+            }
+            // The scrapes are plain `idle`'s: the admin listener is the same with or without TLS.
+            if let (Some(admin), true, false) = (server.admin, server.proc.is_some(), opts.tls) {
                 // After the figures above: the scrapes must not touch them. The server's CPU during the hold is
                 // its background rate, subtracted from the CPU it used while scraped.
                 let s = scrape::measure(admin, server.pid, SCRAPES, cpu.map(|c| c / held))?;
@@ -495,6 +554,8 @@ struct Exchanges {
     heartbeats: u64,
     /// The server's own pings the clients answered (tether's round-trip probes): server work, not heartbeats.
     server_pings: u64,
+    /// tether: connections that had a `PONG` to a `PING` of their own since the previous reading.
+    answered: u64,
 }
 
 fn exchanges<'a>(workers: impl IntoIterator<Item = &'a mut Child2>) -> anyhow::Result<Exchanges> {
@@ -502,6 +563,7 @@ fn exchanges<'a>(workers: impl IntoIterator<Item = &'a mut Child2>) -> anyhow::R
     for v in ask(workers, "report", "report", Duration::from_secs(10))? {
         total.heartbeats += v["exchanges"].as_u64().unwrap_or(0);
         total.server_pings += v["server_pings"].as_u64().unwrap_or(0);
+        total.answered += v["answered_since_last_report"].as_u64().unwrap_or(0);
     }
     Ok(total)
 }
@@ -638,7 +700,7 @@ fn storm(
     drop(old); // SIGKILL: the crash
     let t0 = sys::epoch_us();
     let started = Instant::now();
-    let p = spawn_tether(opts, &listen)?;
+    let p = spawn_tether(opts, &listen, &[])?;
     p.expect("listening again", Duration::from_secs(10), |v| event(v) == "listening")?;
     server.pid = p.child.id();
     server.proc = Some(p);

@@ -254,6 +254,7 @@ mod tests {
             receipts: false,
             held: 0,
             server_exe: None,
+            tls: false,
         }
     }
 

@@ -107,7 +107,7 @@ fn held_by_server(server: &Server) -> Option<u64> {
 pub fn run(opts: &Opts) -> anyhow::Result<Report> {
     check(opts)?;
     sys::wait_quiet(Duration::from_secs(60));
-    let mut server = start_server(opts)?;
+    let mut server = start_server(opts, None)?;
     let mut w = spawn_worker(opts, &server)?;
     let c = w.expect("connected", Duration::from_secs(60), |v| event(v) == "connected")?;
     if c["failed"].as_u64().unwrap_or(0) > 0 {

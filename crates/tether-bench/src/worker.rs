@@ -10,7 +10,10 @@
 //! its coordinator.
 //!
 //! A tether connection here is deliberately lean, not a full `tether::Client`: it says `HELLO`, sends `PING` when
-//! it has sent nothing for one interval, answers `PING` with `PONG`, and reads everything else. An MQTT connection
+//! it has sent nothing for one interval, answers `PING` with `PONG`, and reads everything else. With `tls` it
+//! first makes a full TLS 1.3 handshake ([`crate::tls`]) and then does the same inside TLS. `report` also says how
+//! many tether connections had a `PONG` to one of their own `PING`s since the previous `report`: the connections
+//! alive and answered. An MQTT connection
 //! (Mosquitto, rumqttd) sends CONNECT with a Will and PINGREQ every keepalive. A NATS connection reads `INFO`,
 //! sends `CONNECT` and `PING`, waits for the `PONG`, then only answers the server's `PING`s: nats-server drives
 //! the heartbeat itself. A "heartbeat exchange" is one ping and its answer, one per connection per interval: the
@@ -28,11 +31,12 @@ use anyhow::{bail, Context};
 use bytes::{Buf, BytesMut};
 use serde_json::json;
 use tether_proto::frame::{self, Frame, Hello};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{Notify, Semaphore};
 
 use crate::sys::epoch_us;
+use crate::tls::Io;
 use crate::{mqtt, nats};
 
 /// Which server the run measures, and so which protocol the worker speaks.
@@ -78,6 +82,8 @@ pub struct WorkerOpts {
     /// Use `tether::ReconnectingClient` per id (the storm scenario).
     pub reconnect: bool,
     pub max_seconds: u64,
+    /// tether over TLS: every connection makes a full TLS 1.3 handshake with this configuration first.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// One connection's controls, shared with its task.
@@ -89,6 +95,8 @@ struct Conn {
     wake: Arc<Notify>,
     /// Epoch µs of the last frame this connection sent.
     last_tx_us: Arc<AtomicU64>,
+    /// `PONG`s to this connection's own `PING`s (tether).
+    answered: Arc<AtomicU64>,
 }
 
 pub(crate) fn emit(v: serde_json::Value) {
@@ -124,6 +132,7 @@ async fn serve(opts: WorkerOpts) -> anyhow::Result<()> {
             bye: Arc::new(AtomicBool::new(false)),
             wake: Arc::new(Notify::new()),
             last_tx_us: Arc::new(AtomicU64::new(0)),
+            answered: Arc::new(AtomicU64::new(0)),
         };
         waits.push(spawn_conn(&opts, &c, exchanges.clone(), Some(gate.clone())));
         conns.push(c);
@@ -144,16 +153,27 @@ async fn serve(opts: WorkerOpts) -> anyhow::Result<()> {
     }));
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     let mut closed = 0;
+    // Each connection's `answered` at the previous `report`.
+    let mut answered_before = vec![0u64; conns.len()];
     while let Some(line) = lines.next_line().await? {
         let mut words = line.split_whitespace();
         let (cmd, count) = (words.next(), words.next().and_then(|n| n.parse::<usize>().ok()));
         let other: Option<SocketAddr> = words.next().and_then(|a| a.parse().ok());
         match (cmd, count) {
-            (Some("report"), _) => emit(json!({
-                "event": "report",
-                "exchanges": exchanges.heartbeats.load(Ordering::Relaxed),
-                "server_pings": exchanges.server_pings.load(Ordering::Relaxed),
-            })),
+            (Some("report"), _) => {
+                let mut alive = 0;
+                for (c, before) in conns.iter().zip(answered_before.iter_mut()) {
+                    let now = c.answered.load(Ordering::Relaxed);
+                    alive += usize::from(now > *before);
+                    *before = now;
+                }
+                emit(json!({
+                    "event": "report",
+                    "exchanges": exchanges.heartbeats.load(Ordering::Relaxed),
+                    "server_pings": exchanges.server_pings.load(Ordering::Relaxed),
+                    "answered_since_last_report": alive,
+                }))
+            }
             (Some("silence"), Some(m)) => {
                 let chosen = &conns[..m.min(conns.len())];
                 for c in chosen {
@@ -209,7 +229,7 @@ fn spawn_conn(opts: &WorkerOpts, c: &Conn, exchanges: Arc<Counts>, gate: Option<
     let (tx, rx) = tokio::sync::oneshot::channel();
     let (target, addr, src, interval) = (opts.target, opts.addr, opts.source_ip, opts.interval);
     let (id, silent, wake, last) = (c.id.clone(), c.silent.clone(), c.wake.clone(), c.last_tx_us.clone());
-    let bye = c.bye.clone();
+    let (bye, answered, tls) = (c.bye.clone(), c.answered.clone(), opts.tls.clone());
     tokio::spawn(async move {
         let permit = match gate {
             Some(g) => Some(g.acquire_owned().await),
@@ -217,9 +237,9 @@ fn spawn_conn(opts: &WorkerOpts, c: &Conn, exchanges: Arc<Counts>, gate: Option<
         };
         let started = Instant::now();
         let opened = match target {
-            Target::Tether => open_tether(addr, src, &id, interval).await,
-            Target::Mosquitto | Target::Rumqttd => open_mqtt(addr, src, &id, interval).await,
-            Target::Nats => open_nats(addr, src, &id).await,
+            Target::Tether => open_tether(addr, src, &id, interval, tls.as_ref()).await,
+            Target::Mosquitto | Target::Rumqttd => open_mqtt(addr, src, &id, interval).await.map(plain),
+            Target::Nats => open_nats(addr, src, &id).await.map(plain),
         };
         drop(permit);
         let (stream, leftover, hello_rtt) = match opened {
@@ -231,7 +251,7 @@ fn spawn_conn(opts: &WorkerOpts, c: &Conn, exchanges: Arc<Counts>, gate: Option<
         // Devices connect over time, so their ping phases are spread over the interval; a burst-opened load
         // generator would otherwise ping (and fall due) all at once. The phase comes from the id: repeatable.
         let phase = interval.mul_f64((nonce_of(&id) % 1000) as f64 / 1000.0);
-        let hb = Heartbeat { silent, bye, wake, last_tx_us: last, exchanges, interval, phase };
+        let hb = Heartbeat { silent, bye, wake, last_tx_us: last, answered, exchanges, interval, phase };
         let _ = match target {
             Target::Tether => hb.tether(stream, leftover).await,
             Target::Mosquitto | Target::Rumqttd => hb.mqtt(stream).await,
@@ -239,6 +259,11 @@ fn spawn_conn(opts: &WorkerOpts, c: &Conn, exchanges: Arc<Counts>, gate: Option<
         };
     });
     rx
+}
+
+/// An MQTT or NATS connection's opening, as plain TCP.
+fn plain((stream, buf, rtt): (TcpStream, BytesMut, Duration)) -> (Io, BytesMut, Duration) {
+    (Io::Tcp(stream), buf, rtt)
 }
 
 /// IP_BIND_ADDRESS_NO_PORT: choose the source port at connect() (against the whole 4-tuple), not at bind().
@@ -274,17 +299,24 @@ pub(crate) async fn dial(addr: SocketAddr, src: Option<IpAddr>) -> anyhow::Resul
     Ok(stream)
 }
 
+/// Connect (and with `tls`, the TLS handshake), `HELLO` → `WELCOME`; the duration is `HELLO` → `WELCOME` alone.
 async fn open_tether(
     addr: SocketAddr,
     src: Option<IpAddr>,
     id: &str,
     interval: Duration,
-) -> anyhow::Result<(TcpStream, BytesMut, Duration)> {
-    let mut stream = dial(addr, src).await?;
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> anyhow::Result<(Io, BytesMut, Duration)> {
+    let stream = dial(addr, src).await?;
+    let mut stream = match tls {
+        Some(config) => crate::tls::handshake(config, stream, addr).await?,
+        None => Io::Tcp(stream),
+    };
     let sent = Instant::now();
     // Version 1: the load generator reads frames with the v1 codec (what it uses, PING/PONG, is the same in v2).
     let hello = Hello { heartbeat_ms: interval.as_millis() as u32, ..Hello::new(frame::V1, id, nonce_of(id)) };
     stream.write_all(&Frame::Hello(hello).to_bytes()).await?;
+    stream.flush().await?;
     let mut buf = BytesMut::new();
     read_until(&mut stream, &mut buf, |buf| {
         let Some(n) = frame::check(buf, frame::DEFAULT_MAX_FRAME)? else { return Ok(None) };
@@ -302,7 +334,7 @@ async fn open_tether(
 
 /// Read into `buf` until `parse` finds what it waits for in it (a handshake answer).
 pub(crate) async fn read_until<T>(
-    stream: &mut TcpStream,
+    stream: &mut (impl AsyncRead + Unpin),
     buf: &mut BytesMut,
     mut parse: impl FnMut(&mut BytesMut) -> anyhow::Result<Option<T>>,
 ) -> anyhow::Result<T> {
@@ -385,6 +417,7 @@ struct Heartbeat {
     bye: Arc<AtomicBool>,
     wake: Arc<Notify>,
     last_tx_us: Arc<AtomicU64>,
+    answered: Arc<AtomicU64>,
     exchanges: Arc<Counts>,
     interval: Duration,
     /// How far into its cycle this connection starts (the first ping comes `interval - phase` after connect).
@@ -403,7 +436,7 @@ impl Heartbeat {
     /// The ping phase stays where it started when the server pings: the phase stands for when the device
     /// connected, and a tether server's round-trip probe arrives right behind the `PONG` to this connection's own
     /// `PING`, so answering it moves the phase by next to nothing anyway.
-    async fn tether(self, mut stream: TcpStream, mut buf: BytesMut) -> anyhow::Result<()> {
+    async fn tether(self, mut stream: impl AsyncRead + AsyncWrite + Unpin, mut buf: BytesMut) -> anyhow::Result<()> {
         let now = tokio::time::Instant::now();
         let mut last_tx = now.checked_sub(self.phase).unwrap_or(now);
         let mut seq = 0u32;
@@ -420,8 +453,12 @@ impl Heartbeat {
                         match f {
                             Frame::Ping { seq, ts_ms } if !self.silent.load(Ordering::SeqCst) => {
                                 stream.write_all(&Frame::Pong { seq, ts_ms }.to_bytes()).await?;
+                                stream.flush().await?;
                                 self.exchanges.server_pings.fetch_add(1, Ordering::Relaxed);
                                 self.last_tx_us.store(epoch_us(), Ordering::SeqCst);
+                            }
+                            Frame::Pong { .. } => {
+                                self.answered.fetch_add(1, Ordering::Relaxed);
                             }
                             Frame::Bye(_) => return Ok(()),
                             _ => {}
@@ -434,6 +471,7 @@ impl Heartbeat {
                 () = tokio::time::sleep_until(last_tx + self.interval), if !silent => {
                     seq = seq.wrapping_add(1);
                     stream.write_all(&Frame::Ping { seq, ts_ms: 0 }.to_bytes()).await?;
+                    stream.flush().await?;
                     last_tx = tokio::time::Instant::now();
                     self.sent();
                 }
@@ -445,6 +483,7 @@ impl Heartbeat {
                             alternative: String::new(),
                         };
                         stream.write_all(&Frame::Bye(bye).to_bytes()).await?;
+                        stream.flush().await?;
                         return Ok(());
                     }
                 }
@@ -453,7 +492,7 @@ impl Heartbeat {
     }
 
     /// PINGREQ every keepalive, read and drop what comes back, until the broker closes.
-    async fn mqtt(self, mut stream: TcpStream) -> anyhow::Result<()> {
+    async fn mqtt(self, mut stream: impl AsyncRead + AsyncWrite + Unpin) -> anyhow::Result<()> {
         let mut next = tokio::time::Instant::now() + self.interval.saturating_sub(self.phase);
         let mut discard = BytesMut::new();
         loop {
@@ -479,7 +518,7 @@ impl Heartbeat {
 impl Heartbeat {
     /// Answer each of the server's `PING`s with `PONG` (one heartbeat exchange each) until the server closes;
     /// a silent connection reads and answers nothing, as a dead device would.
-    async fn nats(self, mut stream: TcpStream, mut buf: BytesMut) -> anyhow::Result<()> {
+    async fn nats(self, mut stream: impl AsyncRead + AsyncWrite + Unpin, mut buf: BytesMut) -> anyhow::Result<()> {
         loop {
             tokio::select! {
                 r = stream.read_buf(&mut buf) => {
@@ -564,4 +603,69 @@ async fn reconnecting(opts: WorkerOpts) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tether server in this process serving TLS with a fresh dev certificate, on a loopback port of its own,
+    /// and a load-generator client configuration trusting its CA (written to `dir`).
+    async fn tls_server(dir: &std::path::Path) -> (SocketAddr, Arc<rustls::ClientConfig>) {
+        let pki = tether::DevPki::generate(&["127.0.0.1"], "client").unwrap();
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, &pki.ca_cert).unwrap();
+        let mut cfg = tether::ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..Default::default() };
+        cfg.tls =
+            Some(tether::ServerTls::from_pem(pki.server_cert.as_bytes(), pki.server_key.as_bytes(), None).unwrap());
+        let server = tether::Server::bind(cfg).await.unwrap();
+        let addr = server.local_addr().unwrap();
+        tokio::spawn(server.run(std::future::pending()));
+        (addr, crate::tls::client_config(&ca).unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_tls_connection_says_hello_and_has_its_ping_answered() {
+        let dir = std::env::temp_dir().join(format!("tether-bench-test-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let _dir = crate::TempDir(dir.clone());
+        let (addr, config) = tls_server(&dir).await;
+        let within = Duration::from_secs(10);
+        let (mut stream, mut buf, _) =
+            tokio::time::timeout(within, open_tether(addr, None, "tls-1", Duration::from_secs(5), Some(&config)))
+                .await
+                .unwrap()
+                .unwrap();
+        let Io::Tls(tls) = &stream else { panic!("a plain connection") };
+        assert_eq!(tls.get_ref().1.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(tether::tls::ALPN));
+        stream.write_all(&Frame::Ping { seq: 7, ts_ms: 0 }.to_bytes()).await.unwrap();
+        stream.flush().await.unwrap();
+        let pong = read_until(&mut stream, &mut buf, |buf| {
+            let Some(n) = frame::check(buf, frame::DEFAULT_MAX_FRAME)? else { return Ok(None) };
+            let f = Frame::parse(&buf[..n])?;
+            buf.advance(n);
+            Ok(match f {
+                Frame::Pong { seq, .. } => Some(seq),
+                _ => None,
+            })
+        });
+        assert_eq!(tokio::time::timeout(within, pong).await.unwrap().unwrap(), 7);
+    }
+
+    #[tokio::test]
+    async fn a_tls_client_refuses_a_plain_server() {
+        let cfg = tether::ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..Default::default() };
+        let server = tether::Server::bind(cfg).await.unwrap();
+        let addr = server.local_addr().unwrap();
+        tokio::spawn(server.run(std::future::pending()));
+        let dir = std::env::temp_dir().join(format!("tether-bench-test-plain-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let _dir = crate::TempDir(dir.clone());
+        let pki = tether::DevPki::generate(&["127.0.0.1"], "client").unwrap();
+        std::fs::write(dir.join("ca.pem"), &pki.ca_cert).unwrap();
+        let config = crate::tls::client_config(&dir.join("ca.pem")).unwrap();
+        let opened = open_tether(addr, None, "tls-2", Duration::from_secs(5), Some(&config));
+        assert!(tokio::time::timeout(Duration::from_secs(10), opened).await.unwrap().is_err());
+    }
 }

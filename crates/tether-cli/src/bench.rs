@@ -67,6 +67,10 @@ pub struct Args {
     /// takeover: live ids that reconnect [default: a tenth].
     #[arg(long)]
     takeovers: Option<usize>,
+    /// idle against tether: serve TLS (a certificate from a CA this run makes) and have every connection make a
+    /// full TLS 1.3 handshake first, then heartbeat inside TLS. Reported as the scenario `idle_tls`.
+    #[arg(long)]
+    tls: bool,
     /// Connections per load-generator process (one process may hold at most 20,000 descriptors).
     #[arg(long, default_value_t = 5000)]
     per_worker: usize,
@@ -123,6 +127,9 @@ pub struct WorkerArgs {
     reconnect: bool,
     #[arg(long, default_value_t = 900)]
     max_seconds: u64,
+    /// tether over TLS, trusting this CA (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<std::path::PathBuf>,
     /// The relay scenario's load generator: --pairs sender → receiver pairs instead of --count connections.
     #[arg(long)]
     relay: bool,
@@ -198,12 +205,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         receipts: !args.flow.no_receipts,
         held: args.held,
         server_exe: args.server_exe,
+        tls: args.tls,
     };
     let report = tether_bench::run(&opts)?;
     let width = report.rows.iter().map(|(k, _)| k.chars().count()).max().unwrap_or(0);
+    let tls = if opts.tls { ", TLS 1.3" } else { "" };
     match opts.variant() {
-        Some(v) => println!("tether bench {} ({}, {v})", scenario.name(), opts.target.name()),
-        None => println!("tether bench {} ({})", scenario.name(), opts.target.name()),
+        Some(v) => println!("tether bench {} ({}, {v}{tls})", scenario.name(), opts.target.name()),
+        None => println!("tether bench {} ({}{tls})", scenario.name(), opts.target.name()),
     }
     for (k, v) in &report.rows {
         println!("  {k:<width$}  {v}");
@@ -243,6 +252,7 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         concurrency: args.concurrency,
         reconnect: args.reconnect,
         max_seconds: args.max_seconds,
+        tls: args.tls_ca.as_deref().map(tether_bench::tls::client_config).transpose()?,
     };
     tether_bench::worker::run(opts).await?;
     Ok(ExitCode::SUCCESS)
