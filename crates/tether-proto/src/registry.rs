@@ -27,6 +27,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use compact_str::CompactString;
+
 use crate::frame::{presence_flags, Presence, PresenceState};
 use crate::reason::CloseReason;
 
@@ -297,9 +299,12 @@ pub struct Registry {
     gone_order: BTreeMap<u64, Arc<str>>,
     gone_seq: u64,
     /// Cluster: ids online on other nodes, as their presence messages said ([`cluster`]).
-    remote: HashMap<String, cluster::Remote>,
-    /// Per other node: its ids in `remote`, counted and digested ([`digest_of`]).
-    remote_digests: HashMap<Arc<str>, NodeDigest>,
+    /// Ids inline up to 24 bytes, and each entry names its node by number (16 bytes in all): the view holds
+    /// every id online elsewhere in the cluster, and most ids are short.
+    remote: HashMap<CompactString, cluster::Remote>,
+    /// The other nodes the view holds ids of, by number: each one's name, its ids in `remote` counted and
+    /// digested ([`digest_of`]). A number is free (`None`) once its node's last id has left the view.
+    nodes: Vec<Option<cluster::RemoteNode>>,
     subscribers: HashMap<String, HashSet<ConnId>>,
     wildcard: HashSet<ConnId>,
     subscriptions: HashMap<ConnId, HashSet<String>>,
@@ -518,7 +523,7 @@ impl Registry {
             }
         };
         if ids.iter().any(|i| i == WILDCARD) {
-            let pending = self.pending.keys().chain(self.remote.keys()).map(String::as_str);
+            let pending = self.pending.keys().map(String::as_str).chain(self.remote.keys().map(CompactString::as_str));
             let mut online: Vec<&str> = self.sessions.keys().map(|k| &**k).chain(pending).collect();
             online.sort();
             for id in online {

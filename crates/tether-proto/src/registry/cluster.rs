@@ -24,12 +24,19 @@ use super::{Admission, ConnId, Displaced, Gone, PendingOffline, Registry, Sessio
 use crate::frame::PresenceState;
 use crate::reason::CloseReason;
 
-/// An id online on another node.
+/// An id online on another node: the node's number in [`Registry::nodes`], the session's epoch.
 #[derive(Debug, Clone)]
 pub(super) struct Remote {
-    node: Arc<str>,
+    node: u32,
     epoch: u64,
     pub(super) suspect: bool,
+}
+
+/// Another node the view holds ids of.
+#[derive(Debug)]
+pub(super) struct RemoteNode {
+    name: Arc<str>,
+    digest: NodeDigest,
 }
 
 /// One id's share of its node's digest: the first 32 bits of SHA-1(`client:epoch`, the epoch in ASCII decimal).
@@ -79,7 +86,7 @@ pub enum Yield {
 impl Registry {
     /// The node and epoch of `client`, if it is online on another node.
     pub fn remote_holder(&self, client: &str) -> Option<(&str, u64)> {
-        self.remote.get(client).map(|r| (&*r.node, r.epoch))
+        self.remote.get(client).map(|r| (self.node_name(r.node), r.epoch))
     }
 
     /// Ids online on other nodes.
@@ -89,49 +96,73 @@ impl Registry {
 
     /// Each other node the view holds ids of, with their count and digest.
     pub fn remote_digests(&self) -> impl Iterator<Item = (&str, NodeDigest)> {
-        self.remote_digests.iter().map(|(n, d)| (&**n, *d))
+        self.nodes.iter().flatten().map(|n| (&*n.name, n.digest))
     }
 
     /// The ids the view holds on the nodes `wanted` picks, with their epochs, per node (one scan of every
     /// remote id: for a repair, not per message).
     pub fn remote_ids_of(&self, wanted: impl Fn(&str) -> bool) -> HashMap<String, Vec<(String, u64)>> {
         let mut out: HashMap<String, Vec<(String, u64)>> = HashMap::new();
-        for (id, r) in self.remote.iter().filter(|(_, r)| wanted(&r.node)) {
-            out.entry(r.node.to_string()).or_default().push((id.clone(), r.epoch));
+        for (id, r) in self.remote.iter().filter(|(_, r)| wanted(self.node_name(r.node))) {
+            out.entry(self.node_name(r.node).to_string()).or_default().push((id.to_string(), r.epoch));
         }
         out
     }
 
-    /// A remote entry for `node`, sharing the node's name with the other entries of that node.
-    fn remote_entry(&self, node: &str, epoch: u64) -> Remote {
-        let node = self.remote_digests.get_key_value(node).map_or_else(|| node.into(), |(n, _)| n.clone());
-        Remote { node, epoch, suspect: false }
+    fn node_name(&self, node: u32) -> &str {
+        self.nodes[node as usize].as_ref().map_or("", |n| &n.name)
+    }
+
+    /// `client` is online on `node` in session `epoch` (not suspect): its entry, inserted or replaced.
+    fn remote_set(&mut self, client: &str, node: &str, epoch: u64) {
+        let number = match self.nodes.iter().position(|n| n.as_ref().is_some_and(|n| &*n.name == node)) {
+            Some(i) => i,
+            None => {
+                // A new node (its count is raised at once, below): the first free number, else a new one. The
+                // nodes are few, so a scan is cheaper than a second map.
+                let fresh = Some(RemoteNode { name: node.into(), digest: NodeDigest::default() });
+                match self.nodes.iter().position(Option::is_none) {
+                    Some(i) => {
+                        self.nodes[i] = fresh;
+                        i
+                    }
+                    None => {
+                        self.nodes.push(fresh);
+                        self.nodes.len() - 1
+                    }
+                }
+            }
+        };
+        let node = u32::try_from(number).expect("fewer than 2^32 nodes");
+        self.remote_put(client, Remote { node, epoch, suspect: false });
     }
 
     /// Insert or replace `client`'s remote entry, keeping the digests.
-    pub(super) fn remote_put(&mut self, client: &str, r: Remote) {
-        self.flip(&r.node, client, r.epoch, true);
+    fn remote_put(&mut self, client: &str, r: Remote) {
+        self.flip(r.node, client, r.epoch, true);
         if let Some(old) = self.remote.insert(client.into(), r) {
-            self.flip(&old.node, client, old.epoch, false);
+            self.flip(old.node, client, old.epoch, false);
         }
     }
 
     /// Remove `client`'s remote entry, keeping the digests.
     pub(super) fn remote_take(&mut self, client: &str) -> Option<Remote> {
         let r = self.remote.remove(client)?;
-        self.flip(&r.node, client, r.epoch, false);
+        self.flip(r.node, client, r.epoch, false);
         Some(r)
     }
 
-    fn flip(&mut self, node: &Arc<str>, client: &str, epoch: u64, added: bool) {
-        let d = self.remote_digests.entry(node.clone()).or_default();
-        d.xor ^= digest_of(client, epoch);
+    /// Count `client`'s entry into its node's digest, or out of it; a node whose last id leaves frees its number.
+    fn flip(&mut self, node: u32, client: &str, epoch: u64, added: bool) {
+        let slot = &mut self.nodes[node as usize];
+        let Some(n) = slot else { return };
+        n.digest.xor ^= digest_of(client, epoch);
         match added {
-            true => d.ids += 1,
-            false => d.ids -= 1,
+            true => n.digest.ids += 1,
+            false => n.digest.ids -= 1,
         }
-        if d.ids == 0 {
-            self.remote_digests.remove(node);
+        if n.digest.ids == 0 {
+            *slot = None;
         }
     }
 
@@ -165,8 +196,7 @@ impl Registry {
                 return None;
             }
             let s = self.sessions.remove(client).expect("checked above");
-            let fresh = self.remote_entry(node, epoch);
-            self.remote_put(client, fresh);
+            self.remote_set(client, node, epoch);
             if s.suspect {
                 self.notify(client, PresenceState::Online, None, 0, 0);
             }
@@ -177,8 +207,7 @@ impl Registry {
                 return None;
             }
             let was_suspect = r.suspect;
-            let fresh = self.remote_entry(node, epoch);
-            self.remote_put(client, fresh);
+            self.remote_set(client, node, epoch);
             if was_suspect {
                 self.notify(client, PresenceState::Online, None, 0, 0);
             }
@@ -195,8 +224,7 @@ impl Registry {
         }
         let came_back = self.cancel_pending(client);
         self.forget_gone(client);
-        let fresh = self.remote_entry(node, epoch);
-        self.remote_put(client, fresh);
+        self.remote_set(client, node, epoch);
         if !came_back {
             self.notify(client, PresenceState::Online, None, 0, 0);
         }
@@ -268,8 +296,8 @@ impl Registry {
         if held_by != nonce {
             displaced.insert(held_by, now);
         }
-        let placeholder = self.remote_entry(node, epoch);
-        self.remote_put(client, placeholder);
+        // A placeholder: the id is on `node` until its new session's message says more.
+        self.remote_set(client, node, epoch);
         if suspect {
             self.notify(client, PresenceState::Online, None, 0, 0);
         }

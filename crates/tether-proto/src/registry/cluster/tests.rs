@@ -207,6 +207,26 @@ fn each_nodes_digest_follows_every_change_of_the_view() {
 }
 
 #[test]
+fn a_node_whose_last_id_left_gives_its_number_to_the_next_node() {
+    let t = Instant::now();
+    let mut r = watching(t, &["*"]);
+    r.remote_online("a", "node-b", 1);
+    r.remote_online("b", "node-c", 2);
+    // node-b's only id moves to node-c: node-b's number is free, and node-d takes it.
+    r.remote_online("a", "node-c", 3);
+    assert_eq!(r.nodes.iter().flatten().count(), 1);
+    r.remote_online("d", "node-d", 4);
+    assert_eq!(r.nodes.len(), 2, "a freed number is reused");
+    assert_eq!(r.remote_holder("a"), Some(("node-c", 3)));
+    assert_eq!(r.remote_holder("d"), Some(("node-d", 4)));
+    let digests: HashMap<String, NodeDigest> = r.remote_digests().map(|(n, d)| (n.to_owned(), d)).collect();
+    assert_eq!(digests.len(), 2);
+    assert_eq!(digests["node-c"], recomputed(&r, "node-c"));
+    assert_eq!(digests["node-d"], recomputed(&r, "node-d"));
+    assert_eq!(r.remote_ids_of(|n| n == "node-c")["node-c"].len(), 2);
+}
+
+#[test]
 fn an_ended_session_does_not_come_back_but_a_lost_one_does() {
     let t = Instant::now();
     let mut r = watching(t, &["*"]);
