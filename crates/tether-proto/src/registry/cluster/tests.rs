@@ -206,6 +206,16 @@ fn each_nodes_digest_follows_every_change_of_the_view() {
     assert_eq!(digest_of("a", 4), 0x64b5_37c6);
 }
 
+/// A node's view holds every id online elsewhere in the cluster: its slot in the map is memory per remote id
+/// (BENCHMARKS.md). An id of up to 24 bytes lives in the slot itself, its node is a number: 40 bytes, no other
+/// allocation.
+#[test]
+fn a_remote_id_costs_one_small_slot() {
+    assert!(std::mem::size_of::<(compact_str::CompactString, Remote)>() <= 40);
+    let id = compact_str::CompactString::from("device-0123456789abcdef");
+    assert!(!id.is_heap_allocated(), "a 23-byte id is kept inline");
+}
+
 #[test]
 fn a_node_whose_last_id_left_gives_its_number_to_the_next_node() {
     let t = Instant::now();
