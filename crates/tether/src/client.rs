@@ -400,7 +400,9 @@ impl Client {
         }
         let local_addr = stream.local_addr()?;
         let tls = match &cfg.tls {
-            Some(t) => Some(t.connect(addr).map_err(|e| ConnectError::Io(io::Error::other(format!("tls: {e}"))))?),
+            Some(t) => Some(crate::driver::Tls::client(
+                t.connect(addr).map_err(|e| ConnectError::Io(io::Error::other(format!("tls: {e}"))))?,
+            )),
             None => None,
         };
         // The adaptive heartbeat offers what it learned about this network, and asks to change it in the session.

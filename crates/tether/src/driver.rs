@@ -24,7 +24,9 @@
 //! and rustls's records to the socket. Readiness, deadlines, socket options and error classification stay those
 //! of the TCP socket, so every reason behaves the same over TLS. The TLS handshake runs under the core's
 //! handshake timeout. A TLS failure (untrusted certificate, a plaintext peer, a corrupt record) ends the
-//! connection with `tls_error` after a best-effort write of rustls's alert.
+//! connection with `tls_error` after a best-effort write of rustls's alert. The server's session runs on
+//! rustls's unbuffered API with buffers of its own, released when empty ([`tls_server`]); the client's is rustls's
+//! buffered connection ([`Tls`]).
 
 use std::future::Future;
 use std::io::{self, Read};
@@ -32,7 +34,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant as StdInstant};
 
-use rustls::Connection as TlsConn;
+use rustls::server::UnbufferedServerConnection;
 use socket2::SockRef;
 use tether_proto::{CloseReason, Connection, Event};
 use tokio::io::Interest;
@@ -40,6 +42,9 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::sockopt;
+
+mod tls_server;
+use tls_server::TlsServer;
 
 /// Bytes read per readiness wakeup.
 pub(crate) const READ_CHUNK: usize = 16 * 1024;
@@ -139,9 +144,59 @@ pub(crate) enum Finish {
     Wait,
 }
 
+/// A connection's TLS session. The server's runs on rustls's unbuffered API with buffers of tether's own, released
+/// when empty ([`TlsServer`]); the client's is rustls's buffered connection (a client holds one connection).
+// Always boxed (`Box<Tls>`): boxing the server's session inside as well would cost a second allocation per
+// connection.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Tls {
+    Client(Box<rustls::Connection>),
+    Server(TlsServer),
+}
+
+impl Tls {
+    pub(crate) fn server(tls: UnbufferedServerConnection) -> Box<Tls> {
+        Box::new(Tls::Server(TlsServer::new(tls)))
+    }
+
+    pub(crate) fn client(tls: Box<rustls::Connection>) -> Box<Tls> {
+        Box::new(Tls::Client(tls))
+    }
+
+    fn is_handshaking(&self) -> bool {
+        match self {
+            Tls::Client(tls) => tls.is_handshaking(),
+            Tls::Server(tls) => tls.is_handshaking(),
+        }
+    }
+
+    /// Records are waiting for the socket.
+    fn wants_write(&self) -> bool {
+        match self {
+            Tls::Client(tls) => tls.wants_write(),
+            Tls::Server(tls) => tls.wants_write(),
+        }
+    }
+
+    fn send_close_notify(&mut self) {
+        match self {
+            Tls::Client(tls) => tls.send_close_notify(),
+            Tls::Server(tls) => tls.send_close_notify(),
+        }
+    }
+
+    /// Write waiting records to the socket once.
+    fn write_tls<S: Sock>(&mut self, sock: &S) -> io::Result<usize> {
+        match self {
+            Tls::Client(tls) => sock.io(Interest::WRITABLE, || tls.write_tls(&mut &*SockRef::from(sock))),
+            Tls::Server(tls) => tls.write_tls(sock, usize::MAX),
+        }
+    }
+}
+
 /// A connection's IO state besides its core.
 pub(crate) struct Pump {
-    tls: Option<Box<TlsConn>>,
+    tls: Option<Box<Tls>>,
     /// The heartbeat interval (ms) the socket's options were last set for; 0 until one is negotiated.
     options_for_ms: u32,
     /// The hooks still have a command source.
@@ -153,7 +208,7 @@ pub(crate) struct Pump {
 
 impl Pump {
     /// `tls`: the rustls connection to run between socket and core, or `None` for plain TCP.
-    pub(crate) fn new(tls: Option<Box<TlsConn>>) -> Pump {
+    pub(crate) fn new(tls: Option<Box<Tls>>) -> Pump {
         Pump { tls, options_for_ms: 0, cmds_open: true, close_notify_sent: false, blocked: false }
     }
 
@@ -178,7 +233,8 @@ impl Pump {
             }
             let (written, blocked) = match self.tls.as_deref_mut() {
                 None => flush(sock, conn, now),
-                Some(tls) => flush_tls(sock, tls, conn, now),
+                Some(Tls::Client(tls)) => flush_tls(sock, tls, conn, now),
+                Some(Tls::Server(tls)) => tls.flush(sock, conn, now),
             };
             self.blocked = blocked;
             hooks.on_io(conn, 0, written);
@@ -193,7 +249,10 @@ impl Pump {
                     Some(tls) if !self.close_notify_sent => {
                         self.close_notify_sent = true;
                         tls.send_close_notify();
-                        self.blocked = flush_tls(sock, tls, conn, now).1;
+                        self.blocked = match tls {
+                            Tls::Client(tls) => flush_tls(sock, tls, conn, now).1,
+                            Tls::Server(tls) => tls.flush(sock, conn, now).1,
+                        };
                         tls.wants_write()
                     }
                     Some(tls) => tls.wants_write(),
@@ -296,19 +355,14 @@ impl Pump {
     }
 
     /// The TLS connection, for [`finish_tls`] after [`Finish::Wait`].
-    pub(crate) fn take_tls(&mut self) -> Option<(Box<TlsConn>, bool)> {
+    pub(crate) fn take_tls(&mut self) -> Option<(Box<Tls>, bool)> {
         self.tls.take().map(|t| (t, self.close_notify_sent))
     }
 }
 
 /// Run the connection until the core says it is closed, then close the socket: the client's driver, one
 /// connection on its own task. `tls`: the rustls connection to run between socket and core, or `None`.
-pub(crate) async fn drive<H: Hooks>(
-    stream: TcpStream,
-    tls: Option<Box<TlsConn>>,
-    conn: &mut Connection,
-    hooks: &mut H,
-) {
+pub(crate) async fn drive<H: Hooks>(stream: TcpStream, tls: Option<Box<Tls>>, conn: &mut Connection, hooks: &mut H) {
     let sleep = tokio::time::sleep_until(Instant::now() + Duration::from_secs(86_400));
     tokio::pin!(sleep);
     let mut armed: Option<StdInstant> = None;
@@ -372,15 +426,17 @@ pub(crate) async fn drive<H: Hooks>(
 /// End a closed connection's TLS as far as the socket allows now. After a broken transport or a TLS error, only
 /// rustls's queued alert is written, best effort. Otherwise close_notify follows the records rustls still holds
 /// (a `BYE` behind a full socket buffer, or a refusal's `BYE` waiting for the handshake to complete).
-fn finish_tls_now<S: Sock>(sock: &S, tls: &mut TlsConn, reason: Option<CloseReason>, notify_sent: &mut bool) -> Finish {
+fn finish_tls_now<S: Sock>(sock: &S, tls: &mut Tls, reason: Option<CloseReason>, notify_sent: &mut bool) -> Finish {
     use CloseReason::*;
-    let raw = SockRef::from(sock);
+    if let Tls::Server(tls) = tls {
+        tls.seal_early();
+    }
     let broken = matches!(
         reason,
         None | Some(TlsError | HandshakeTimeout | Reset | WriteTimeout | KeepaliveTimeout | Unreachable)
     );
     if broken {
-        while tls.wants_write() && tls.write_tls(&mut &*raw).is_ok_and(|n| n > 0) {}
+        while tls.wants_write() && tls.write_tls(sock).is_ok_and(|n| n > 0) {}
         return Finish::Done;
     }
     if !tls.is_handshaking() && !*notify_sent {
@@ -388,7 +444,7 @@ fn finish_tls_now<S: Sock>(sock: &S, tls: &mut TlsConn, reason: Option<CloseReas
         tls.send_close_notify();
     }
     while tls.wants_write() {
-        match sock.io(Interest::WRITABLE, || tls.write_tls(&mut &*raw)) {
+        match tls.write_tls(sock) {
             Ok(n) if n > 0 => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             _ => return Finish::Done,
@@ -402,7 +458,7 @@ fn finish_tls_now<S: Sock>(sock: &S, tls: &mut TlsConn, reason: Option<CloseReas
 
 /// [`finish_tls_now`] until done, waiting for the socket in between, bounded by [`TLS_FINISH_GRACE`]. While the
 /// handshake is unfinished, only it matters: records are processed, application data is dropped.
-pub(crate) async fn finish_tls(stream: &TcpStream, tls: &mut TlsConn, reason: Option<CloseReason>, notified: bool) {
+pub(crate) async fn finish_tls(stream: &TcpStream, tls: &mut Tls, reason: Option<CloseReason>, notified: bool) {
     let deadline = tokio::time::sleep(TLS_FINISH_GRACE);
     tokio::pin!(deadline);
     let mut notify_sent = notified;
@@ -426,16 +482,23 @@ pub(crate) async fn finish_tls(stream: &TcpStream, tls: &mut TlsConn, reason: Op
             let mut buf = [0u8; READ_CHUNK];
             match stream.try_io(Interest::READABLE, || (&*sock).read(&mut buf)) {
                 Ok(0) => return,
-                Ok(n) => {
-                    let mut data = &buf[..n];
-                    while !data.is_empty() {
-                        if tls.read_tls(&mut data).is_err() || tls.process_new_packets().is_err() {
+                Ok(n) => match tls {
+                    Tls::Client(tls) => {
+                        let mut data = &buf[..n];
+                        while !data.is_empty() {
+                            if tls.read_tls(&mut data).is_err() || tls.process_new_packets().is_err() {
+                                return;
+                            }
+                            let mut sink = [0u8; 4096];
+                            while tls.reader().read(&mut sink).is_ok_and(|n| n > 0) {}
+                        }
+                    }
+                    Tls::Server(tls) => {
+                        if !tls.receive(&mut buf[..n], None) {
                             return;
                         }
-                        let mut sink = [0u8; 4096];
-                        while tls.reader().read(&mut sink).is_ok_and(|n| n > 0) {}
                     }
-                }
+                },
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(_) => return,
             }
@@ -444,18 +507,25 @@ pub(crate) async fn finish_tls(stream: &TcpStream, tls: &mut TlsConn, reason: Op
 }
 
 /// Hand bytes read from the socket to the core, through rustls when the connection uses TLS.
-fn deliver(tls: Option<&mut TlsConn>, conn: &mut Connection, data: &[u8]) {
+/// `data` is the read buffer: the server's TLS decrypts in place.
+fn deliver(tls: Option<&mut Tls>, conn: &mut Connection, data: &mut [u8]) {
     match tls {
         None => conn.handle_bytes(now(), data),
-        Some(tls) => deliver_tls(tls, conn, data),
+        Some(Tls::Client(tls)) => deliver_tls(tls, conn, data),
+        Some(Tls::Server(tls)) => {
+            if !conn.is_closed() {
+                tls.receive(data, Some(conn));
+            }
+        }
     }
 }
 
 /// The socket reached end of stream.
-fn deliver_eof(tls: Option<&mut TlsConn>, conn: &mut Connection) {
+fn deliver_eof(tls: Option<&mut Tls>, conn: &mut Connection) {
     match tls {
-        None => conn.handle_eof(now()),
-        Some(tls) => {
+        // The server's TLS has already handed over everything complete it received.
+        None | Some(Tls::Server(_)) => conn.handle_eof(now()),
+        Some(Tls::Client(tls)) => {
             // A zero-byte read_tls records the end of stream; plaintext decrypted before it is still delivered.
             let _ = tls.read_tls(&mut io::empty());
             if process_tls(tls, conn) {
@@ -466,7 +536,7 @@ fn deliver_eof(tls: Option<&mut TlsConn>, conn: &mut Connection) {
     }
 }
 
-fn deliver_tls(tls: &mut TlsConn, conn: &mut Connection, mut data: &[u8]) {
+fn deliver_tls(tls: &mut rustls::Connection, conn: &mut Connection, mut data: &[u8]) {
     while !data.is_empty() && !conn.is_closed() {
         if let Err(e) = tls.read_tls(&mut data) {
             return conn.fail(now(), CloseReason::TlsError, false, format!("tls: {e}"));
@@ -479,7 +549,7 @@ fn deliver_tls(tls: &mut TlsConn, conn: &mut Connection, mut data: &[u8]) {
 }
 
 /// Let rustls decrypt what it holds; false (and the connection failed) on a TLS error.
-fn process_tls(tls: &mut TlsConn, conn: &mut Connection) -> bool {
+fn process_tls(tls: &mut rustls::Connection, conn: &mut Connection) -> bool {
     match tls.process_new_packets() {
         Ok(_) => true,
         Err(e) => {
@@ -490,7 +560,7 @@ fn process_tls(tls: &mut TlsConn, conn: &mut Connection) -> bool {
     }
 }
 
-fn drain_plaintext(tls: &mut TlsConn, conn: &mut Connection) {
+fn drain_plaintext(tls: &mut rustls::Connection, conn: &mut Connection) {
     let mut buf = [0u8; READ_CHUNK];
     while conn.wants_read() {
         match tls.reader().read(&mut buf) {
@@ -511,7 +581,7 @@ fn io_failed<S: Sock>(sock: &S, conn: &mut Connection, now: StdInstant, e: &io::
 }
 
 /// Read once into `buf` and hand it to the core. Returns the bytes read and whether the socket is drained.
-fn read<S: Sock>(sock: &S, buf: &mut [u8], tls: Option<&mut TlsConn>, conn: &mut Connection) -> (usize, bool) {
+fn read<S: Sock>(sock: &S, buf: &mut [u8], tls: Option<&mut Tls>, conn: &mut Connection) -> (usize, bool) {
     let mut got = 0;
     // A read shorter than the buffer shows the socket drained (epoll reports new data as a new edge), so it is
     // reported to tokio as WouldBlock: tokio then clears the readiness, and the next wait does not cost a
@@ -527,12 +597,12 @@ fn read<S: Sock>(sock: &S, buf: &mut [u8], tls: Option<&mut TlsConn>, conn: &mut
     match r {
         Ok(0) => deliver_eof(tls, conn),
         Ok(n) => {
-            deliver(tls, conn, &buf[..n]);
+            deliver(tls, conn, &mut buf[..n]);
             return (n, false);
         }
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
             if got > 0 {
-                deliver(tls, conn, &buf[..got]);
+                deliver(tls, conn, &mut buf[..got]);
             }
         }
         Err(e) => io_failed(sock, conn, now(), &e),
@@ -544,7 +614,7 @@ fn read<S: Sock>(sock: &S, buf: &mut [u8], tls: Option<&mut TlsConn>, conn: &mut
 /// socket directly: tokio's `try_read` trusts its cached readiness, which lags behind the kernel exactly when a
 /// timer fires late (the IO driver has not seen the epoll event yet). The socket is non-blocking either way.
 /// Returns the bytes read.
-fn read_pending<S: Sock>(sock: &S, buf: &mut [u8], mut tls: Option<&mut TlsConn>, conn: &mut Connection) -> usize {
+fn read_pending<S: Sock>(sock: &S, buf: &mut [u8], mut tls: Option<&mut Tls>, conn: &mut Connection) -> usize {
     let raw = SockRef::from(sock);
     let mut total = 0;
     for _ in 0..16 {
@@ -556,7 +626,7 @@ fn read_pending<S: Sock>(sock: &S, buf: &mut [u8], mut tls: Option<&mut TlsConn>
             }
             Ok(n) => {
                 total += n;
-                deliver(tls.as_deref_mut(), conn, &buf[..n])
+                deliver(tls.as_deref_mut(), conn, &mut buf[..n])
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return total,
             Err(e) => {
@@ -599,7 +669,7 @@ fn flush<S: Sock>(sock: &S, conn: &mut Connection, now: StdInstant) -> (usize, b
 
 /// Move the core's bytes into rustls (as far as its buffer limit allows) and rustls's records to the socket.
 /// Returns the bytes written to the socket, and whether the socket refused more (`WouldBlock`).
-fn flush_tls<S: Sock>(sock: &S, tls: &mut TlsConn, conn: &mut Connection, now: StdInstant) -> (usize, bool) {
+fn flush_tls<S: Sock>(sock: &S, tls: &mut rustls::Connection, conn: &mut Connection, now: StdInstant) -> (usize, bool) {
     use std::io::Write;
     let mut budget = WRITE_BUDGET;
     let mut blocked = false;
@@ -614,20 +684,35 @@ fn flush_tls<S: Sock>(sock: &S, tls: &mut TlsConn, conn: &mut Connection, now: S
             break;
         }
         let r = sock.io(Interest::WRITABLE, || tls.write_tls(&mut &*SockRef::from(sock)));
-        match r {
-            Ok(0) => break,
-            Ok(n) => budget -= n.min(budget),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                blocked = true;
-                break;
-            }
-            Err(e) => {
-                io_failed(sock, conn, now, &e);
-                break;
-            }
+        match wrote(r, sock, conn, now, &mut blocked) {
+            Some(n) => budget -= n.min(budget),
+            None => break,
         }
     }
     (WRITE_BUDGET - budget, blocked)
+}
+
+/// The bytes one write of records to the socket took, or `None` to stop writing: nothing taken, the socket
+/// refused (`blocked` set), or it failed (the core is told).
+fn wrote<S: Sock>(
+    r: io::Result<usize>,
+    sock: &S,
+    conn: &mut Connection,
+    now: StdInstant,
+    blocked: &mut bool,
+) -> Option<usize> {
+    match r {
+        Ok(0) => None,
+        Ok(n) => Some(n),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            *blocked = true;
+            None
+        }
+        Err(e) => {
+            io_failed(sock, conn, now, &e);
+            None
+        }
+    }
 }
 
 /// Drain what the peer already sent (bounded) so that dropping the socket sends FIN rather than RST: a RST can

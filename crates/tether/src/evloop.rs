@@ -45,12 +45,11 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant as StdInstant};
 
 use futures_util::task::AtomicWaker;
-use rustls::Connection as TlsConn;
 use tether_proto::Connection;
 use tokio::io::unix::AsyncFd;
 use tokio::task::JoinSet;
 
-use crate::driver::{close_quietly, finish_tls, now, Finish, Hooks, Pump, READ_CHUNK};
+use crate::driver::{close_quietly, finish_tls, now, Finish, Hooks, Pump, Tls, READ_CHUNK};
 use slab::{Entry, Visited};
 
 /// epoll events taken per `epoll_wait`.
@@ -62,7 +61,7 @@ pub(crate) struct New<H> {
     pub(crate) hooks: H,
     pub(crate) sock: mio::net::TcpStream,
     pub(crate) conn: Connection,
-    pub(crate) tls: Option<Box<TlsConn>>,
+    pub(crate) tls: Option<Box<Tls>>,
 }
 
 /// How the rest of the server reaches a loop: slots to visit and new connections, and the loop's waker.

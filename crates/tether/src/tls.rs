@@ -116,8 +116,9 @@ impl ServerTls {
         self.client_auth
     }
 
-    pub(crate) fn accept(&self) -> Result<Box<rustls::Connection>, rustls::Error> {
-        Ok(Box::new(rustls::ServerConnection::new(self.config.clone())?.into()))
+    /// A server session on rustls's unbuffered API: the driver owns its buffers.
+    pub(crate) fn accept(&self) -> Result<rustls::server::UnbufferedServerConnection, rustls::Error> {
+        rustls::server::UnbufferedServerConnection::new(self.config.clone())
     }
 }
 
@@ -419,6 +420,11 @@ pub(crate) fn failure_detail(tls: &rustls::Connection, err: &rustls::Error) -> S
     }
 }
 
+/// The detail of a server's `tls_error` close for `err`: `tls: {err}` (the hints speak to a client's user).
+pub(crate) fn server_failure_detail(err: &rustls::Error) -> String {
+    format!("tls: {err}")
+}
+
 /// A throwaway PKI for tests and local demos (`tether cert`): a CA, a server certificate for the given names,
 /// and a client certificate, all signed by that CA, in PEM. Never for production: the keys live in memory and in
 /// whatever files the caller writes.
@@ -546,31 +552,59 @@ mod tests {
         assert!(Pin::of(&CertificateDer::from(b"\x30\x85\x01\x02\x03\x04\x05".to_vec())).is_none());
     }
 
-    /// Move what `from` has to send into `to`; `to`'s error, if it fails.
-    fn carry(from: &mut rustls::Connection, to: &mut rustls::Connection) -> Result<(), Error> {
-        let mut wire = Vec::new();
-        while from.wants_write() {
-            from.write_tls(&mut wire).unwrap();
+    /// The server's side in memory, on rustls's unbuffered API as the driver runs it: `wire` from the client is
+    /// processed, and what the server answers (its alert too, after a failure) is appended to `out`.
+    fn serve(
+        s: &mut rustls::server::UnbufferedServerConnection,
+        incoming: &mut Vec<u8>,
+        wire: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), Error> {
+        use rustls::unbuffered::ConnectionState;
+        incoming.extend_from_slice(wire);
+        let mut failed = None;
+        loop {
+            let status = s.process_tls_records(incoming);
+            let discard = status.discard;
+            match status.state {
+                Ok(ConnectionState::EncodeTlsData(mut e)) => {
+                    let mut buf = vec![0u8; 1 << 16];
+                    let n = e.encode(&mut buf).unwrap();
+                    out.extend_from_slice(&buf[..n]);
+                }
+                Ok(ConnectionState::TransmitTlsData(t)) => t.done(),
+                Err(e) if failed.is_none() => failed = Some(e),
+                _ => break,
+            }
+            incoming.drain(..discard);
         }
-        let mut wire = &wire[..];
-        while !wire.is_empty() {
-            to.read_tls(&mut wire).unwrap();
-            to.process_new_packets()?;
-        }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 
     /// A handshake between `client` and `server` in memory, with rounds to spare for late alerts: each side's
-    /// [`failure_detail`], if it failed.
+    /// failure detail, if it failed.
     fn handshake(client: &ClientTls, server: &ServerTls) -> (Option<String>, Option<String>) {
         let (mut c, mut s) = (client.connect("127.0.0.1:7400".parse().unwrap()).unwrap(), server.accept().unwrap());
         let (mut client_failed, mut server_failed) = (None, None);
+        let (mut incoming, mut to_client) = (Vec::new(), Vec::new());
         for _ in 0..8 {
             if server_failed.is_none() {
-                server_failed = carry(&mut c, &mut s).err().map(|e| failure_detail(&s, &e));
+                let mut wire = Vec::new();
+                while c.wants_write() {
+                    c.write_tls(&mut wire).unwrap();
+                }
+                server_failed =
+                    serve(&mut s, &mut incoming, &wire, &mut to_client).err().map(|e| server_failure_detail(&e));
             }
             if client_failed.is_none() {
-                client_failed = carry(&mut s, &mut c).err().map(|e| failure_detail(&c, &e));
+                let mut wire = &std::mem::take(&mut to_client)[..];
+                while !wire.is_empty() {
+                    c.read_tls(&mut wire).unwrap();
+                    if let Err(e) = c.process_new_packets() {
+                        client_failed = Some(failure_detail(&c, &e));
+                        break;
+                    }
+                }
             }
         }
         if client_failed.is_none() && server_failed.is_none() {

@@ -62,7 +62,7 @@ pub(super) fn open(
     sock: &mio::net::TcpStream,
     peer: SocketAddr,
     conn_id: ConnId,
-) -> Option<(Connection, Option<Box<rustls::Connection>>, ServerHooks)> {
+) -> Option<(Connection, Option<Box<crate::driver::Tls>>, ServerHooks)> {
     let control = {
         let now_ms = driver::now().saturating_duration_since(shared.origin).as_millis() as u64;
         Arc::new(Control::new(peer, sock.as_raw_fd(), now_ms))

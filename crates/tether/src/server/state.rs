@@ -304,10 +304,12 @@ impl Shared {
 
     /// A fresh rustls server session when the server speaks TLS. rustls fails here only on a configuration it
     /// accepted at build time, so the error is logged and the connection dropped.
-    pub(super) fn tls_session(&self) -> Result<Option<Box<rustls::Connection>>, ()> {
+    pub(super) fn tls_session(&self) -> Result<Option<Box<crate::driver::Tls>>, ()> {
         match &self.cfg.tls {
             None => Ok(None),
-            Some(t) => t.accept().map(Some).map_err(|e| tracing::error!("tls session: {e}")),
+            Some(t) => {
+                t.accept().map(|t| Some(crate::driver::Tls::server(t))).map_err(|e| tracing::error!("tls session: {e}"))
+            }
         }
     }
 }
