@@ -153,6 +153,33 @@ async fn a_silent_tls_peer_is_a_heartbeat_timeout_and_is_told_so_inside_tls() {
     assert_eq!(p.next_frame().await, None);
 }
 
+/// TLS 1.3 key updates: the client refreshes its keys and asks the server to refresh its own, before its `HELLO`
+/// and again in the session; the server follows both ways and the session carries on.
+#[tokio::test(start_paused = true)]
+async fn key_updates_both_ways_keep_the_session() {
+    let pki = pki();
+    let mut s = TestServer::start(tls_server_config(&pki, false)).await;
+    let tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut stream = raw_connector(&pki).connect(name, tcp).await.unwrap();
+    stream.get_mut().1.refresh_traffic_keys().unwrap();
+    let mut p = RawPeer::from_stream(stream);
+    p.send(&hello_frame(PROTOCOL_VERSION, "a", 1)).await;
+    let Some(Frame::Welcome(_)) = p.next_frame().await else { panic!("no WELCOME after a key update") };
+    s.wait(|k| matches!(k, EventKind::Online { client, .. } if client == "a")).await;
+    for seq in 1..=2 {
+        p.stream_mut().get_mut().1.refresh_traffic_keys().unwrap();
+        p.send(&Frame::Ping { seq, ts_ms: 0 }).await;
+        loop {
+            match p.next_frame().await {
+                Some(Frame::Pong { seq: got, .. }) if got == seq => break,
+                Some(Frame::Ping { .. } | Frame::Pong { .. }) => {}
+                other => panic!("expected the PONG to {seq}, got {other:?}"),
+            }
+        }
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_tls_client_detects_a_silent_server() {
     let pki = pki();

@@ -204,6 +204,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawPeer<S> {
     pub fn from_stream(stream: S) -> RawPeer<S> {
         RawPeer { stream, buf: BytesMut::new(), version: frame::V1 }
     }
+
+    /// The stream under the peer (a TLS stream's session, for example).
+    pub fn stream_mut(&mut self) -> &mut S {
+        &mut self.stream
+    }
 }
 
 impl RawPeer {
