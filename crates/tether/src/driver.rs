@@ -246,6 +246,9 @@ impl Pump {
                 // Over TLS the write half ends with close_notify, and the socket is shut only once rustls has
                 // written every record.
                 let tls_pending = match self.tls.as_deref_mut() {
+                    // The server's handshake is still running: what the core said last (a `BYE`) waits to be
+                    // sealed once it completes, and close_notify after it. The drain's grace bounds the wait.
+                    Some(Tls::Server(tls)) if tls.is_handshaking() => true,
                     Some(tls) if !self.close_notify_sent => {
                         self.close_notify_sent = true;
                         tls.send_close_notify();
@@ -495,6 +498,8 @@ pub(crate) async fn finish_tls(stream: &TcpStream, tls: &mut Tls, reason: Option
                     }
                     Tls::Server(tls) => {
                         if !tls.receive(&mut buf[..n], None) {
+                            // rustls refused it: its alert, best effort, as on the loop's own path.
+                            let _ = tls.write_tls(stream, usize::MAX);
                             return;
                         }
                     }

@@ -238,6 +238,27 @@ async fn a_plaintext_client_on_a_tls_port_fails_cleanly_and_others_are_unaffecte
     assert!(s.drain().iter().all(|k| offline_reason(k, "good").is_none()));
 }
 
+/// A peer that trickles one large handshake message a byte per record cannot make the server keep its records:
+/// past the largest message and one record, the connection ends with `tls_error`.
+#[tokio::test(start_paused = true)]
+async fn a_handshake_message_trickled_a_byte_per_record_is_refused_past_its_bound() {
+    use tokio::io::AsyncWriteExt;
+    let pki = pki();
+    let mut s = TestServer::start(tls_server_config(&pki, false)).await;
+    let mut tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    // A ClientHello announcing 0xffff bytes, each byte in a record of its own (5 bytes of header, 1 of payload):
+    // 120,000 bytes on the wire for 20,000 bytes of the message.
+    let record = |b: u8| [22u8, 3, 1, 0, 1, b];
+    let bytes: Vec<u8> =
+        [1u8, 0, 0xff, 0xff].into_iter().chain(std::iter::repeat_n(0, 20_000)).flat_map(record).collect();
+    // The server may close before it has read everything.
+    let _ = tcp.write_all(&bytes).await;
+    let (reason, detail) = closed_reason(&s.wait(|k| closed_reason(k).is_some()).await).unwrap();
+    assert_eq!(reason, CloseReason::TlsError);
+    let detail = detail.unwrap();
+    assert!(detail.starts_with("tls: more than") && detail.ends_with("without a complete message"), "{detail}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_tls_client_on_a_plaintext_port_fails_cleanly() {
     let pki = pki();

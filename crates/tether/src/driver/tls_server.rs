@@ -10,9 +10,11 @@
 //!   buffered connection would hold it; sealed as soon as the handshake completes;
 //! - `outgoing`: records encoded and not yet written to the socket.
 //!
-//! What goes to rustls is at most one read at a time (the loop reads only while the core takes bytes), and what
-//! is taken from the core waits only while `outgoing` is under [`OUT_LIMIT`], so both are bounded as with the
-//! buffered connection. The client keeps rustls's buffered connection: it holds one connection.
+//! What rustls has not consumed is bounded: it keeps every record of a handshake message until the message is
+//! complete, so a peer could otherwise make `incoming` hold a 64 KiB message one byte per record; past
+//! [`IN_LIMIT`] (the largest handshake message and one more record, as rustls's buffered connection allowed)
+//! the connection fails with `tls_error`. What is taken from the core waits only while `outgoing` is under
+//! [`OUT_LIMIT`]. The client keeps rustls's buffered connection: it holds one connection.
 
 use std::io::{self, Write};
 use std::mem;
@@ -31,6 +33,9 @@ use super::{wrote, Sock, WRITE_BUDGET};
 const OUT_LIMIT: usize = 64 * 1024;
 /// Plaintext taken from the core per record sealed (the largest TLS record payload).
 const RECORD: usize = 16 * 1024;
+/// Bytes received and not yet consumed by rustls beyond which the peer is refused: the largest handshake message
+/// (a 4-byte header and 0xffff bytes) plus the largest record (TLS 1.2's: 5 + 2^14 + 2,048).
+const IN_LIMIT: usize = 4 + 0xffff + 5 + 16_384 + 2_048;
 
 /// A server's TLS session with its own buffers (see the module doc).
 pub(crate) struct TlsServer {
@@ -82,7 +87,15 @@ impl TlsServer {
             }
         } else {
             self.incoming.extend_from_slice(data);
-            self.advance_incoming(conn, Then::Read);
+            self.advance_incoming(conn.as_deref_mut(), Then::Read);
+        }
+        if self.incoming.len() > IN_LIMIT && !self.failed {
+            self.failed = true;
+            self.incoming = Vec::new();
+            if let Some(conn) = conn {
+                let detail = format!("tls: more than {IN_LIMIT} bytes of records without a complete message");
+                conn.fail(super::now(), CloseReason::TlsError, false, detail);
+            }
         }
         !self.failed
     }
@@ -177,9 +190,11 @@ impl TlsServer {
                         let by_peer = matches!(e, rustls::Error::AlertReceived(_));
                         conn.fail(super::now(), CloseReason::TlsError, by_peer, crate::tls::server_failure_detail(&e));
                     }
-                    // rustls queued its alert (unless the peer's alert ended the session), one record, which the
-                    // next call returns before it looks at the input again: encode it. No further call: it would
-                    // process the refused input once more.
+                    // rustls queued its alert (unless the peer's alert ended the session): the next call returns
+                    // the first record it queued before it looks at the input again. Only that one: once its
+                    // queue is empty, a call would process the refused input once more (a second fatal alert,
+                    // which rustls asserts never happens). A key update rustls owed would come first and take the
+                    // alert's place; the alert is best effort, and the connection ends either way.
                     if let Ok(ConnectionState::EncodeTlsData(mut alert)) =
                         self.tls.process_tls_records(&mut input[used..]).state
                     {
@@ -191,14 +206,12 @@ impl TlsServer {
             let mut stop = false;
             match state {
                 ConnectionState::ReadTraffic(mut traffic) => {
-                    while let Some(record) = traffic.next_record() {
-                        match record {
-                            Ok(record) => {
-                                if let Some(conn) = conn.as_deref_mut() {
-                                    conn.handle_bytes(super::now(), record.payload);
-                                }
-                            }
-                            Err(_) => break,
+                    // rustls 0.23 decrypts in `process_tls_records`: a record here is never an error, and its
+                    // `discard` is 0 (the bytes were counted in the status's).
+                    while let Some(Ok(record)) = traffic.next_record() {
+                        debug_assert_eq!(record.discard, 0);
+                        if let Some(conn) = conn.as_deref_mut() {
+                            conn.handle_bytes(super::now(), record.payload);
                         }
                     }
                 }
@@ -217,11 +230,17 @@ impl TlsServer {
                 ConnectionState::WriteTraffic(mut w) => {
                     if !self.early.is_empty() {
                         let early = mem::take(&mut self.early);
+                        let mut sealed = 0;
                         for chunk in early.chunks(RECORD) {
                             if encode(&mut self.outgoing, |out| w.encrypt(chunk, out).map_err(Sizing::Encrypt)).is_err()
                             {
                                 break;
                             }
+                            sealed += chunk.len();
+                        }
+                        // What could not be sealed (the keys are exhausted) stays, as the core's own output does.
+                        if sealed < early.len() {
+                            self.early = early[sealed..].to_vec();
                         }
                     }
                     match (then, conn.as_deref_mut()) {
@@ -246,7 +265,8 @@ impl TlsServer {
                     }
                     stop = true;
                 }
-                // BlockedHandshake (more input needed), Closed, and early data (not enabled).
+                // BlockedHandshake (more input needed) and Closed. Early data never comes: the server's config
+                // accepts no 0-RTT data (its `max_early_data_size` is left at 0), so rustls never enters `ReadEarlyData`.
                 _ => stop = true,
             }
             used += discard;
