@@ -493,10 +493,10 @@ impl ServerHooks {
     }
 
     fn on_data(&mut self, conn: &mut Connection, now: StdInstant, to: String, payload: Bytes) {
-        let Some(from) = self.client.clone() else { return };
+        let Some(from) = self.client.as_deref().map(str::to_owned) else { return };
         crate::fault::panic_at("data", &from);
         if to.is_empty() {
-            self.shared.emit(EventKind::Data { client: from.to_string(), conn: self.conn_id, payload });
+            self.shared.emit(EventKind::Data { client: from, conn: self.conn_id, payload });
             return;
         }
         // A reliable session (online or offline) holds it.
@@ -509,7 +509,7 @@ impl ServerHooks {
             let hub = self.shared.hub();
             let limit = self.shared.cfg.outbound_queue;
             match hub.holder(&to) {
-                Some(h) => Ok(h.push(Frame::Data { peer: from.to_string(), payload }, limit).is_ok()),
+                Some(h) => Ok(h.push(Frame::Data { peer: from, payload }, limit).is_ok()),
                 None => Err((from, payload)),
             }
         };
@@ -587,7 +587,7 @@ impl ServerHooks {
     /// there) and what became of the message are decided under one lock. Only a message taken is confirmed, so
     /// only it is ever acknowledged.
     fn on_sdata(&mut self, conn: &mut Connection, now: StdInstant, seq: u64, to: String, payload: Bytes) {
-        let Some(from) = self.client.clone() else { return };
+        let Some(from) = self.client.as_deref().map(str::to_owned) else { return };
         crate::fault::panic_at("data", &from);
         if let Some(st) = &mut self.stored {
             // Cluster mode: Redis decides; the outcome comes back in order ([`Self::on_stored`]).
@@ -613,7 +613,7 @@ impl ServerHooks {
                 match table.token_of(&from) {
                     None => Step::Moved,
                     Some(token) => {
-                        let origin = reliable::Origin::Client { id: from.to_string(), token, seq };
+                        let origin = reliable::Origin::Client { id: from.clone(), token, seq };
                         match table.push(&to, &from, payload.clone(), Some(origin)) {
                             Ok(wake) => Step::Held(wake),
                             Err(reliable::PushError::Full) => Step::Full(table.attached(&to).cloned()),
@@ -629,7 +629,7 @@ impl ServerHooks {
             Step::Slow => return conn.abort(now, CloseReason::SlowConsumer),
             Step::Moved => return,
             Step::App { receipts } => {
-                let taken = self.shared.emit(EventKind::Data { client: from.to_string(), conn: self.conn_id, payload });
+                let taken = self.shared.emit(EventKind::Data { client: from, conn: self.conn_id, payload });
                 if !taken || receipts {
                     self.report(conn, now, "", (!taken).then_some(Undeliverable::AppBusy), seq);
                 }
@@ -653,8 +653,7 @@ impl ServerHooks {
                 let delivered = {
                     let hub = self.shared.hub();
                     let limit = self.shared.cfg.outbound_queue;
-                    hub.holder(&to)
-                        .is_some_and(|h| h.push(Frame::Data { peer: from.to_string(), payload }, limit).is_ok())
+                    hub.holder(&to).is_some_and(|h| h.push(Frame::Data { peer: from, payload }, limit).is_ok())
                 };
                 if delivered {
                     self.relayed();
