@@ -5,7 +5,8 @@
 //! must chain to (client-certificate authentication: without such a certificate the handshake fails). [`ClientTls`]
 //! holds the trust roots (a PEM bundle, or the operating system's store), an optional client certificate, and
 //! the name to verify the server's certificate against. Both use rustls's `ring` provider with its safe defaults
-//! (TLS 1.2 and 1.3) and offer the ALPN protocol `tether/1`. With a PEM bundle the client verifies the server
+//! (TLS 1.2 and 1.3) and offer the ALPN protocol `tether/1`; the server's TLS 1.3 record protection keeps each
+//! key as its bytes rather than expanded for the connection's life (`keys`, about 1 KB less per connection). With a PEM bundle the client verifies the server
 //! through `PinningVerifier`, which adds certificate pinning (below) to rustls's own verification; with the
 //! system store it uses rustls's verifier as is. [`explain`] and `failure_detail` turn a failed handshake into
 //! a hint a person can act on. The driver runs the resulting rustls connection; nothing else in tether depends
@@ -33,6 +34,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+mod keys;
 
 /// The ALPN protocol name both sides offer.
 pub const ALPN: &[u8] = b"tether/1";
@@ -92,7 +95,7 @@ impl ServerTls {
     ) -> Result<ServerTls, TlsConfigError> {
         let chain = certs(cert_pem, "server certificate")?;
         let key = key(key_pem, "server key")?;
-        let builder = rustls::ServerConfig::builder_with_provider(provider())
+        let builder = rustls::ServerConfig::builder_with_provider(Arc::new(keys::provider()))
             .with_safe_default_protocol_versions()
             .map_err(err)?;
         let builder = match client_ca_pem {
