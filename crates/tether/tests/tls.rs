@@ -259,6 +259,41 @@ async fn a_handshake_message_trickled_a_byte_per_record_is_refused_past_its_boun
     assert!(detail.starts_with("tls: more than") && detail.ends_with("without a complete message"), "{detail}");
 }
 
+/// A drain reaches a connection still in its TLS handshake (accepted, not one byte of TLS yet): its `BYE` waits for
+/// the handshake, then comes inside TLS, naming the drain's redirect, and the session ends with close_notify.
+#[tokio::test(start_paused = true)]
+async fn a_drain_reaching_a_connection_in_its_tls_handshake_says_bye_after_the_handshake() {
+    let pki = pki();
+    let s = TestServer::start(tls_server_config(&pki, false)).await;
+    let tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    // Accepted and handed to its event loop: the server counts its handshake.
+    let mut turns = 0;
+    while s.handle.stats().handshakes == 0 {
+        assert!(turns < 10_000, "the server never took the connection");
+        turns += 1;
+        tokio::task::yield_now().await;
+    }
+    let status = s.handle.drain(Some("127.0.0.1:7001".into()), Duration::ZERO).unwrap();
+    assert_eq!(status.total, 1, "the drain's list holds the connection in its handshake");
+    // The drain has asked it to leave; its loop has taken the request (it is woken by it and runs before this
+    // task is polled again) while the handshake has not begun.
+    turns = 0;
+    while s.handle.drain_status().sent == 0 {
+        assert!(turns < 10_000, "the drain never reached the connection");
+        turns += 1;
+        tokio::task::yield_now().await;
+    }
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = raw_connector(&pki).connect(name, tcp).await.expect("the handshake completes");
+    let mut peer = RawPeer::from_stream(tls);
+    let Some(Frame::Bye(bye)) = peer.next_frame().await else { panic!("no BYE after the handshake") };
+    assert_eq!((bye.reason, bye.alternative.as_str()), (CloseReason::ServerShutdown, "127.0.0.1:7001"));
+    assert!(peer.next_frame().await.is_none(), "the session ends after its BYE");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_tls_client_on_a_plaintext_port_fails_cleanly() {
     let pki = pki();
