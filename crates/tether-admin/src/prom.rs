@@ -117,7 +117,7 @@ fn encode_snapshot(s: &MetricsSnapshot, enc: &mut DescriptorEncoder) -> Result<(
     counter(
         enc,
         "tether_connection_task_panics",
-        "Connection tasks that panicked (a bug); each was closed and gave back its slots and session.",
+        "Panics while serving a connection (a bug); each connection was closed and gave back its slots and session.",
         s.task_panics,
     )?;
     counter(enc, "tether_relayed_data", "DATA frames relayed to another client.", s.relayed)?;

@@ -112,7 +112,8 @@ pub struct Metrics {
     pub refused_ip_limit: AtomicU64,
     pub refused_auth: AtomicU64,
     pub refused_draining: AtomicU64,
-    /// Connection tasks that panicked (a bug of ours): each was closed and its slots and session given back.
+    /// Panics while serving a connection in its event loop (a bug of ours): each connection was closed and its slots
+    /// and session given back.
     pub task_panics: AtomicU64,
     /// `DATA` relayed to another client, and `DATA` answered `UNDELIVERABLE`.
     pub relayed: AtomicU64,
