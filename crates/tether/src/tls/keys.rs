@@ -11,7 +11,8 @@
 //! The same TLS 1.3 suites as rustls's `ring` provider, in its order, with the same hash, key derivation, limits
 //! and QUIC algorithms; only the [`Tls13AeadAlgorithm`] differs, and the cryptography is still ring's (the same
 //! `seal_in_place_append_tag` / `open_in_place` calls rustls makes, with rustls's own nonce and additional data).
-//! TLS 1.2 suites are rustls's unchanged. The key stays in rustls's [`AeadKey`], which wipes it when dropped.
+//! TLS 1.2 suites are rustls's unchanged. The key stays in rustls's [`AeadKey`], which wipes it when dropped; the
+//! expansion made for a record is not wiped (ring does not), as rustls's provider never wipes the one it keeps.
 //! Only the server uses it: the client keeps rustls's provider, so every TLS test is also a test against an
 //! independent implementation of the record layer.
 
@@ -81,10 +82,12 @@ impl Lean {
 
 impl Tls13AeadAlgorithm for Lean {
     fn encrypter(&self, key: AeadKey, iv: Iv) -> Box<dyn MessageEncrypter> {
+        debug_assert_eq!(key.as_ref().len(), self.alg.key_len(), "rustls sizes the key by key_len()");
         Box::new(Keyed { alg: self.alg, key, iv })
     }
 
     fn decrypter(&self, key: AeadKey, iv: Iv) -> Box<dyn MessageDecrypter> {
+        debug_assert_eq!(key.as_ref().len(), self.alg.key_len(), "rustls sizes the key by key_len()");
         Box::new(Keyed { alg: self.alg, key, iv })
     }
 
@@ -93,11 +96,12 @@ impl Tls13AeadAlgorithm for Lean {
     }
 
     fn extract_keys(&self, key: AeadKey, iv: Iv) -> Result<ConnectionTrafficSecrets, UnsupportedOperationError> {
-        Ok(match self.suite {
-            CipherSuite::TLS13_AES_128_GCM_SHA256 => ConnectionTrafficSecrets::Aes128Gcm { key, iv },
-            CipherSuite::TLS13_AES_256_GCM_SHA384 => ConnectionTrafficSecrets::Aes256Gcm { key, iv },
-            _ => ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv },
-        })
+        match self.suite {
+            CipherSuite::TLS13_AES_128_GCM_SHA256 => Ok(ConnectionTrafficSecrets::Aes128Gcm { key, iv }),
+            CipherSuite::TLS13_AES_256_GCM_SHA384 => Ok(ConnectionTrafficSecrets::Aes256Gcm { key, iv }),
+            CipherSuite::TLS13_CHACHA20_POLY1305_SHA256 => Ok(ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv }),
+            _ => Err(UnsupportedOperationError),
+        }
     }
 
     fn fips(&self) -> bool {
@@ -178,7 +182,7 @@ mod tests {
     }
 
     /// A TLS 1.3 session with each suite: the server with these keys, the client with rustls's own; data both ways,
-    /// a key update each way, then a record altered in flight, which the server refuses.
+    /// a key update each way; a record altered in flight is refused; extracted secrets name the suite.
     #[test]
     fn every_suite_talks_to_rustls_own_record_protection_and_refuses_an_altered_record() {
         use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
@@ -227,8 +231,10 @@ mod tests {
             out
         }
 
-        for suite in suites() {
-            let server = rustls::ServerConfig::builder_with_provider(Arc::new(provider()))
+        // A handshaken session with `suite`: the server with these keys, the client with rustls's own; both allow
+        // their secrets to be extracted.
+        let session = |suite: &rustls::Tls13CipherSuite| {
+            let mut server = rustls::ServerConfig::builder_with_provider(Arc::new(provider()))
                 .with_protocol_versions(&[&rustls::version::TLS13])
                 .unwrap()
                 .with_no_client_auth()
@@ -237,37 +243,67 @@ mod tests {
                     PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
                 )
                 .unwrap();
+            server.enable_secret_extraction = true;
             let mut ring = rustls::crypto::ring::default_provider();
             ring.cipher_suites.retain(|s| s.suite() == suite.common.suite);
-            let client = rustls::ClientConfig::builder_with_provider(Arc::new(ring))
+            let mut client = rustls::ClientConfig::builder_with_provider(Arc::new(ring))
                 .with_protocol_versions(&[&rustls::version::TLS13])
                 .unwrap()
                 .with_root_certificates(roots.clone())
                 .with_no_client_auth();
+            client.enable_secret_extraction = true;
             let mut c = rustls::ClientConnection::new(Arc::new(client), "localhost".try_into().unwrap()).unwrap();
             let mut s = rustls::ServerConnection::new(Arc::new(server)).unwrap();
             pump(&mut c, &mut s).unwrap();
             assert_eq!(s.negotiated_cipher_suite().map(|n| n.suite()), Some(suite.common.suite));
+            (c, s)
+        };
 
+        for suite in suites() {
+            let name = suite.common.suite;
+            let (mut c, mut s) = session(suite);
             for round in 0..2u8 {
                 c.writer().write_all(&[b'c', round]).unwrap();
                 let body = [b's' ^ round; 300];
                 s.writer().write_all(&body).unwrap();
                 pump(&mut c, &mut s).unwrap();
-                assert_eq!(read_all(&mut s.reader()), [b'c', round], "{:?}", suite.common.suite);
-                assert_eq!(read_all(&mut c.reader()), body.to_vec(), "{:?}", suite.common.suite);
+                assert_eq!(read_all(&mut s.reader()), [b'c', round], "{name:?}");
+                assert_eq!(read_all(&mut c.reader()), body.to_vec(), "{name:?}");
                 // New keys both ways before the second round.
                 c.refresh_traffic_keys().unwrap();
                 s.refresh_traffic_keys().unwrap();
             }
-
-            c.writer().write_all(b"altered").unwrap();
-            let mut wire = Vec::new();
-            c.write_tls(&mut wire).unwrap();
-            let n = wire.len();
-            wire[n - 1] ^= 1;
-            s.read_tls(&mut &wire[..]).unwrap();
-            assert_eq!(s.process_new_packets().err(), Some(Error::DecryptError), "{:?}", suite.common.suite);
+            // A record altered in flight, in its tag (its last byte) or its ciphertext (the byte after its header),
+            // is refused; each in a session of its own, since the refusal ends it.
+            for at in [usize::MAX, 5] {
+                let (mut c, mut s) = session(suite);
+                c.writer().write_all(b"altered").unwrap();
+                let mut wire = Vec::new();
+                c.write_tls(&mut wire).unwrap();
+                let i = at.min(wire.len() - 1);
+                wire[i] ^= 1;
+                s.read_tls(&mut &wire[..]).unwrap();
+                assert_eq!(s.process_new_packets().err(), Some(Error::DecryptError), "{name:?}, byte {i}");
+            }
+            // The secrets extracted are named for the suite, and each side's sending key is the other's receiving one.
+            let (c, s) = session(suite);
+            let (s, c) = (s.dangerous_extract_secrets().unwrap(), c.dangerous_extract_secrets().unwrap());
+            let key = |t: &ConnectionTrafficSecrets| match t {
+                ConnectionTrafficSecrets::Aes128Gcm { key, .. } => {
+                    (CipherSuite::TLS13_AES_128_GCM_SHA256, key.as_ref().to_vec())
+                }
+                ConnectionTrafficSecrets::Aes256Gcm { key, .. } => {
+                    (CipherSuite::TLS13_AES_256_GCM_SHA384, key.as_ref().to_vec())
+                }
+                ConnectionTrafficSecrets::Chacha20Poly1305 { key, .. } => {
+                    (CipherSuite::TLS13_CHACHA20_POLY1305_SHA256, key.as_ref().to_vec())
+                }
+                _ => panic!("{name:?}: an unexpected kind of secret"),
+            };
+            let (sent, received) = (key(&s.tx.1), key(&s.rx.1));
+            assert_eq!(sent.0, name);
+            assert_eq!(sent, key(&c.rx.1), "{name:?}: the server's sending key is the client's receiving key");
+            assert_eq!(received, key(&c.tx.1), "{name:?}: and the other way round");
         }
     }
 }
