@@ -10,9 +10,8 @@
 //! no more than an idle connection (the handshake timeout is raised to 60 s here so that none expires during
 //! the measurement).
 //!
-//! Last, it opens N idle TLS connections (TLS 1.3, from `DevPki` certificates) to a second server in this process.
-//! The TLS clients run in a child process (this example, started with `--tls-clients`), so that only the
-//! server's side is counted.
+//! Last, it opens N idle TLS connections (TLS 1.3, from `DevPki` certificates) to a second server in this process,
+//! on a runtime of its own whose threads alone are counted from then on: the rustls clients on this thread are not.
 
 use std::io::{Read, Write};
 use std::time::Duration;
@@ -24,6 +23,8 @@ use tether::{Server, ServerConfig};
 
 #[path = "../tests/support/counting.rs"]
 mod counting;
+#[path = "../tests/support/idle_heap.rs"]
+mod idle_heap;
 use counting::live;
 
 /// Wait until `handle` counts `online` sessions, then `settle` more for the tasks to go idle.
@@ -50,9 +51,6 @@ fn hello(id: &str, nonce: u64) -> Bytes {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("--tls-clients") {
-        return tls_clients(args[2].parse().unwrap(), args[3].parse().unwrap(), &args[4]);
-    }
     let n: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(2000);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut cfg =
@@ -101,10 +99,13 @@ fn main() {
     drop(slow);
     drop(peers);
 
-    // TLS: a second server; its clients live in a child process, announced line by line on its stdout.
+    // TLS: a second server, on a runtime whose threads are the only ones counted from now on.
     let pki = tether::DevPki::generate(&["127.0.0.1"], "client").unwrap();
-    let ca_path = std::env::temp_dir().join(format!("tether-heap-per-conn-ca-{}.pem", std::process::id()));
-    std::fs::write(&ca_path, &pki.ca_cert).unwrap();
+    let trt = tokio::runtime::Builder::new_multi_thread()
+        .on_thread_start(counting::count_only_this_thread)
+        .enable_all()
+        .build()
+        .unwrap();
     let mut tcfg = ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         max_connections: n + 10,
@@ -114,59 +115,19 @@ fn main() {
     tcfg.heartbeat.interval = Duration::from_secs(60);
     tcfg.heartbeat.timeout = Duration::from_secs(180);
     tcfg.tls = Some(tether::ServerTls::from_pem(pki.server_cert.as_bytes(), pki.server_key.as_bytes(), None).unwrap());
-    let tserver = rt.block_on(Server::bind(tcfg)).unwrap();
+    let tserver = trt.block_on(Server::bind(tcfg)).unwrap();
     let taddr = tserver.local_addr().unwrap();
     let thandle = tserver.handle();
-    rt.spawn(tserver.run(std::future::pending()));
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--tls-clients", &taddr.to_string(), &n.to_string(), ca_path.to_str().unwrap()])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
-    assert_eq!(lines.next().unwrap().unwrap(), "warm"); // one connection, so lazily built state is not charged
+    trt.spawn(tserver.run(std::future::pending()));
+    let client = idle_heap::tls_client(&pki);
+    let mut buf = Vec::new();
+    // One connection first, so lazily built state is not charged.
+    let mut held = vec![idle_heap::open_tls(taddr, &client, "tls-warmup", &mut buf)];
     wait_online(&thandle, 1, Duration::from_millis(300));
     let before = live();
-    writeln!(child.stdin.as_mut().unwrap(), "go").unwrap();
-    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    held.extend((0..n).map(|i| idle_heap::open_tls(taddr, &client, &format!("tls-{i}"), &mut buf)));
     wait_online(&thandle, n + 1, Duration::from_millis(500));
     report("idle TLS connections", n, before, live());
-    drop(child.stdin.take());
-    let _ = child.wait();
-    let _ = std::fs::remove_file(&ca_path);
-}
-
-/// Child mode: one TLS client, then (after "go" on stdin) `n` more, each handshaken and idle; exits at end of
-/// stdin.
-fn tls_clients(addr: std::net::SocketAddr, n: usize, ca_path: &str) {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, ServerName};
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(CertificateDer::from_pem_file(ca_path).unwrap()).unwrap();
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let cfg = std::sync::Arc::new(cfg);
-    let open = |i: usize| {
-        let tcp = std::net::TcpStream::connect(addr).unwrap();
-        let conn = rustls::ClientConnection::new(cfg.clone(), ServerName::IpAddress(addr.ip().into())).unwrap();
-        let mut tls = rustls::StreamOwned::new(conn, tcp);
-        tls.write_all(&hello(&format!("tls-{i}"), 3)).unwrap();
-        let mut buf = [0u8; 64];
-        let _ = tls.read(&mut buf).unwrap(); // WELCOME
-        tls
-    };
-    let mut held = vec![open(usize::MAX)];
-    println!("warm");
-    let mut stdin = std::io::stdin().lines();
-    let _ = stdin.next();
-    held.extend((0..n).map(open));
-    println!("ready");
-    for _ in stdin {}
     drop(held);
 }
 

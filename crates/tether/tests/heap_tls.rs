@@ -2,12 +2,6 @@
 //! thread only: the TLS clients (rustls, on this test's thread) allocate too, and are not counted. A regression
 //! guard beside `tests/heap.rs` (BENCHMARKS.md, "TLS: what rustls keeps per idle connection").
 
-use std::net::TcpStream;
-use std::sync::Arc;
-use std::time::Duration;
-
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
 use tether::{DevPki, ServerConfig, ServerTls};
 
 #[path = "support/counting.rs"]
@@ -30,20 +24,9 @@ fn an_idle_tls_connection_costs_the_server_no_more_heap_than_measured() {
     let pki = DevPki::generate(&["127.0.0.1"], "client").unwrap();
     let tls = ServerTls::from_pem(pki.server_cert.as_bytes(), pki.server_key.as_bytes(), None).unwrap();
     let cfg = ServerConfig { tls: Some(tls), ..Default::default() };
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(CertificateDer::from_pem_slice(pki.ca_cert.as_bytes()).unwrap()).unwrap();
-    let client = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let client = Arc::new(client);
-    let (bytes, allocs) = idle_heap::per_idle_session(cfg, N, true, |addr, id, buf| {
-        let tcp = TcpStream::connect(addr).unwrap();
-        tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        let conn = rustls::ClientConnection::new(client.clone(), ServerName::IpAddress(addr.ip().into())).unwrap();
-        idle_heap::hello(rustls::StreamOwned::new(conn, tcp), id, buf)
-    });
+    let client = idle_heap::tls_client(&pki);
+    let (bytes, allocs) =
+        idle_heap::per_idle_session(cfg, N, true, |addr, id, buf| idle_heap::open_tls(addr, &client, id, buf));
     println!("{N} idle TLS connections: {bytes} heap bytes and {allocs} allocations each");
     // The count is the server's alone: a plain connection's heap is about 710 B, rustls's part well over 1 KB.
     assert!(bytes > 1_500, "{bytes} heap bytes per idle TLS connection: the server's allocations were not counted");

@@ -201,28 +201,24 @@ mod tests {
         roots.add(CertificateDer::from(ca.der().to_vec())).unwrap();
         let roots = Arc::new(roots);
 
-        // Move what one side wrote to the other until neither has anything to send.
-        fn pump(c: &mut rustls::ClientConnection, s: &mut rustls::ServerConnection) -> Result<(), Error> {
-            loop {
-                let mut moved = false;
-                while c.wants_write() {
-                    let mut buf = Vec::new();
-                    c.write_tls(&mut buf).unwrap();
-                    s.read_tls(&mut &buf[..]).unwrap();
-                    s.process_new_packets()?;
-                    moved = true;
-                }
-                while s.wants_write() {
-                    let mut buf = Vec::new();
-                    s.write_tls(&mut buf).unwrap();
-                    c.read_tls(&mut &buf[..]).unwrap();
-                    c.process_new_packets()?;
-                    moved = true;
-                }
-                if !moved {
-                    return Ok(());
-                }
+        // Move what `from` wrote to `to`; whether there was anything.
+        fn carry<A, B>(
+            from: &mut rustls::ConnectionCommon<A>,
+            to: &mut rustls::ConnectionCommon<B>,
+        ) -> Result<bool, Error> {
+            let moved = from.wants_write();
+            while from.wants_write() {
+                let mut buf = Vec::new();
+                from.write_tls(&mut buf).unwrap();
+                to.read_tls(&mut &buf[..]).unwrap();
+                to.process_new_packets()?;
             }
+            Ok(moved)
+        }
+        // Until neither side has anything to send.
+        fn pump(c: &mut rustls::ClientConnection, s: &mut rustls::ServerConnection) -> Result<(), Error> {
+            while carry(c, s)? | carry(s, c)? {}
+            Ok(())
         }
         fn read_all(r: &mut impl Read) -> Vec<u8> {
             let mut out = vec![0; 4096];

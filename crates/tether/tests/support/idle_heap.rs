@@ -1,14 +1,20 @@
 //! The heap guards' measurement (`tests/heap.rs`, `tests/heap_tls.rs`): a server on a one-worker runtime (one event
 //! loop), N idle sessions opened by blocking clients on the test's thread, and the heap the server's allocator
-//! counted for them. Included by path beside `support/counting.rs`, which installs the allocator.
+//! counted for them; and the TLS clients they open. Included by path beside `support/counting.rs`, which installs
+//! the allocator (also by the `heap_per_conn` example).
+#![allow(dead_code)] // each binary uses part of it
 
 use std::io::{Read, Write};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
 
 use tether::proto::frame::{self, Hello, PROTOCOL_VERSION};
 use tether::proto::Frame;
-use tether::{Server, ServerConfig};
+use tether::{DevPki, Server, ServerConfig};
 
 use super::counting::{self, live};
 
@@ -32,6 +38,30 @@ pub fn hello<S: Read + Write>(mut s: S, id: &str, buf: &mut Vec<u8>) -> S {
     s.write_all(&Frame::Hello(Hello::new(PROTOCOL_VERSION, id, 1)).to_bytes()).unwrap();
     assert!(matches!(next_frame(&mut s, buf), Frame::Welcome(_)));
     s
+}
+
+/// A blocking TLS client session.
+pub type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// A client configuration trusting `pki`'s CA, on rustls's own provider (an implementation independent of the
+/// server's record protection).
+pub fn tls_client(pki: &DevPki) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_slice(pki.ca_cert.as_bytes()).unwrap()).unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Arc::new(cfg)
+}
+
+/// A TLS session `id` at `addr` (a certificate for its IP address): the handshake, `HELLO`, then its `WELCOME`.
+pub fn open_tls(addr: SocketAddr, cfg: &Arc<rustls::ClientConfig>, id: &str, buf: &mut Vec<u8>) -> Tls {
+    let tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let conn = rustls::ClientConnection::new(cfg.clone(), ServerName::IpAddress(addr.ip().into())).unwrap();
+    hello(rustls::StreamOwned::new(conn, tcp), id, buf)
 }
 
 /// Heap bytes and allocations per idle session of `n`, opened with `open(addr, id, buf)`. `server_only`: count
