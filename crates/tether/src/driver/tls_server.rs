@@ -198,7 +198,7 @@ impl TlsServer {
                     if let Ok(ConnectionState::EncodeTlsData(mut alert)) =
                         self.tls.process_tls_records(&mut input[used..]).state
                     {
-                        let _ = encode(&mut self.outgoing, |out| alert.encode(out).map_err(Sizing::Encode));
+                        let _ = encode(&mut self.outgoing, 0, |out| alert.encode(out).map_err(Sizing::Encode));
                     }
                     return used;
                 }
@@ -216,7 +216,7 @@ impl TlsServer {
                     }
                 }
                 ConnectionState::EncodeTlsData(mut e) => {
-                    if encode(&mut self.outgoing, |out| e.encode(out).map_err(Sizing::Encode)).is_err() {
+                    if encode(&mut self.outgoing, 0, |out| e.encode(out).map_err(Sizing::Encode)).is_err() {
                         stop = true;
                     }
                 }
@@ -232,7 +232,10 @@ impl TlsServer {
                         let early = mem::take(&mut self.early);
                         let mut sealed = 0;
                         for chunk in early.chunks(RECORD) {
-                            if encode(&mut self.outgoing, |out| w.encrypt(chunk, out).map_err(Sizing::Encrypt)).is_err()
+                            if encode(&mut self.outgoing, chunk.len(), |out| {
+                                w.encrypt(chunk, out).map_err(Sizing::Encrypt)
+                            })
+                            .is_err()
                             {
                                 break;
                             }
@@ -249,8 +252,10 @@ impl TlsServer {
                             while self.outgoing.len() < OUT_LIMIT && !conn.poll_transmit().is_empty() {
                                 let n = conn.poll_transmit().len().min(RECORD);
                                 let chunk = &conn.poll_transmit()[..n];
-                                if encode(&mut self.outgoing, |out| w.encrypt(chunk, out).map_err(Sizing::Encrypt))
-                                    .is_err()
+                                if encode(&mut self.outgoing, chunk.len(), |out| {
+                                    w.encrypt(chunk, out).map_err(Sizing::Encrypt)
+                                })
+                                .is_err()
                                 {
                                     break;
                                 }
@@ -259,7 +264,7 @@ impl TlsServer {
                         }
                         (Then::CloseNotify, _) => {
                             let _ =
-                                encode(&mut self.outgoing, |out| w.queue_close_notify(out).map_err(Sizing::Encrypt));
+                                encode(&mut self.outgoing, 0, |out| w.queue_close_notify(out).map_err(Sizing::Encrypt));
                         }
                         _ => {}
                     }
@@ -295,11 +300,13 @@ impl Sizing {
     }
 }
 
-/// Append what `f` encodes to `out`, growing it to the size rustls asks for.
-fn encode(out: &mut Vec<u8>, mut f: impl FnMut(&mut [u8]) -> Result<usize, Sizing>) -> Result<(), ()> {
+/// Append what `f` encodes to `out`, growing it to the size rustls asks for. `payload`: the plaintext bytes
+/// the record carries, if known, so that a record is sealed in one try.
+fn encode(out: &mut Vec<u8>, payload: usize, mut f: impl FnMut(&mut [u8]) -> Result<usize, Sizing>) -> Result<(), ()> {
     let at = out.len();
-    // Room for a small record without a second try: 64 bytes of header, padding and tag.
-    out.resize(at + 64, 0);
+    // Room for the payload and 64 bytes of header, content type, explicit nonce and tag (29 at most): a sealed
+    // record, or a small message such as an alert or close_notify, fits the first try.
+    out.resize(at + payload + 64, 0);
     let r = f(&mut out[at..]);
     let n = match r {
         Ok(n) => n,
