@@ -64,6 +64,8 @@ fn main() -> std::process::ExitCode {
         Probe(Box<probe::Prepared>),
         Connect(Box<connect::Prepared>),
     }
+    // `tether serve --threads`: the runtime's worker threads, one event loop each.
+    let mut threads = None;
     let job = match cli.command {
         Command::Bench(args) => return finish(bench::run(*args)),
         Command::Token(args) => return finish(token::run(args)),
@@ -75,8 +77,11 @@ fn main() -> std::process::ExitCode {
             Ok(p) => Job::Probe(Box::new(p)),
             Err(e) => return finish(Err(e)),
         },
-        Command::Serve(mut args) => match serve::resolve_listen(&mut args) {
-            Ok(()) => Job::Command(Command::Serve(args)),
+        Command::Serve(mut args) => match serve::resolve_listen(&mut args).and_then(|()| serve::threads(&args)) {
+            Ok(n) => {
+                threads = n;
+                Job::Command(Command::Serve(args))
+            }
             Err(e) => return finish(Err(e)),
         },
         Command::Connect(args) => match connect::prepare(*args) {
@@ -85,7 +90,12 @@ fn main() -> std::process::ExitCode {
         },
         other => Job::Command(other),
     };
-    let rt = match tokio::runtime::Runtime::new() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(n) = threads {
+        builder.worker_threads(n);
+    }
+    let rt = match builder.build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tether: cannot start the runtime: {e}");

@@ -97,6 +97,9 @@ pub struct Args {
     /// Delay before announcing offline to subscribers; 0 announces at once [default: 0].
     #[arg(long, value_parser = duration::parse, value_name = "DUR")]
     presence_grace: Option<Duration>,
+    /// Event loops, each on a worker thread of its own (the runtime's workers) [default: one per CPU].
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
     /// Connections held at once; beyond it newcomers get BYE(busy) [default: 10000].
     #[arg(long, value_name = "N")]
     max_connections: Option<usize>,
@@ -224,6 +227,7 @@ pub struct FileConfig {
     close_grace: Option<String>,
     handshake_timeout: Option<String>,
     presence_grace: Option<String>,
+    threads: Option<usize>,
     max_connections: Option<usize>,
     max_handshakes: Option<usize>,
     max_handshakes_per_ip: Option<usize>,
@@ -288,6 +292,19 @@ pub fn resolve_listen(args: &mut Args) -> anyhow::Result<()> {
     }
     args.listen = Some(chosen.to_string());
     Ok(())
+}
+
+/// Before the runtime starts: how many worker threads it gets, and so how many event loops the server runs
+/// (`None`: tokio's default, one per CPU).
+pub fn threads(args: &Args) -> anyhow::Result<Option<usize>> {
+    let n = match args.threads {
+        Some(n) => Some(n),
+        None => load_file(&args.config)?.threads,
+    };
+    if n == Some(0) {
+        bail!("threads: 0 would run no event loop; give 1 or more");
+    }
+    Ok(n)
 }
 
 fn dur(field: &str, v: &Option<String>) -> anyhow::Result<Option<Duration>> {
@@ -545,6 +562,10 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         None => tracing::info!("plain TCP: frames, tokens included, travel in clear text (give --tls-cert/--tls-key)"),
         Some(t) if t.requires_client_cert() => tracing::info!("TLS, client certificates required"),
         Some(_) => tracing::info!("TLS"),
+    }
+    match tokio::runtime::Handle::current().metrics().num_workers() {
+        1 => tracing::info!("1 event loop, on one worker thread"),
+        n => tracing::info!("{n} event loops, one per worker thread"),
     }
     if let Some(c) = &cfg.cluster {
         tracing::info!("cluster on {} as node {}, lease {:?}", redacted(&c.url), c.node_id, c.lease);

@@ -158,6 +158,43 @@ fn bad_flags_and_config_are_refused_clearly() {
     }
 }
 
+/// The runtime's worker threads (`tokio-rt-worker`) of process `pid`: one event loop each.
+fn worker_threads(pid: u32) -> usize {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.trim_end() == "tokio-rt-worker")
+        .count()
+}
+
+#[test]
+fn threads_sets_how_many_event_loops_serve_and_zero_is_refused() {
+    // tether's default is one per CPU: counts other than that show the setting was taken.
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    for n in [1, cpus + 2] {
+        let (server, addr) = serve(&["--threads", &n.to_string()]);
+        assert_eq!(worker_threads(server.child.id()), n, "--threads {n}");
+        // Round robin puts the two on different loops when there are several.
+        let b = connect(&addr, "b", &[]);
+        let mut a = connect(&addr, "a", &["--to", "b"]);
+        a.send_line("hello");
+        b.expect("the relayed data", |v| event(v) == "data" && v["payload"] == "hello");
+    }
+    let dir = std::env::temp_dir().join(format!("tether-cli-threads-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("threads.toml");
+    std::fs::write(&file, format!("threads = {}\n", cpus + 1)).unwrap();
+    let (server, _) = serve(&["--config", file.to_str().unwrap()]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(worker_threads(server.child.id()), cpus + 1, "threads in the file");
+    let out = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--threads", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no event loop"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 #[test]
 fn python_client_written_from_the_spec_talks_to_a_real_server() {
     let (srv, addr) = serve(&["--heartbeat-interval", "300ms", "--heartbeat-timeout", "900ms"]);
