@@ -97,7 +97,7 @@ pub struct Args {
     /// Delay before announcing offline to subscribers; 0 announces at once [default: 0].
     #[arg(long, value_parser = duration::parse, value_name = "DUR")]
     presence_grace: Option<Duration>,
-    /// Event loops, each on a worker thread of its own (the runtime's workers) [default: one per CPU].
+    /// Event loops, as many as the runtime's worker threads [default: one per CPU, or TOKIO_WORKER_THREADS].
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
     /// Connections held at once; beyond it newcomers get BYE(busy) [default: 10000].
@@ -294,6 +294,9 @@ pub fn resolve_listen(args: &mut Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// More worker threads than this is taken for a mistake: the runtime would try to start them all at once.
+const MAX_THREADS: usize = 1024;
+
 /// Before the runtime starts: how many worker threads it gets, and so how many event loops the server runs
 /// (`None`: tokio's default, one per CPU).
 pub fn threads(args: &Args) -> anyhow::Result<Option<usize>> {
@@ -301,10 +304,11 @@ pub fn threads(args: &Args) -> anyhow::Result<Option<usize>> {
         Some(n) => Some(n),
         None => load_file(&args.config)?.threads,
     };
-    if n == Some(0) {
-        bail!("threads: 0 would run no event loop; give 1 or more");
+    match n {
+        Some(0) => bail!("threads must be at least 1 (leave it out for one per CPU)"),
+        Some(n) if n > MAX_THREADS => bail!("threads must be at most {MAX_THREADS}, not {n}"),
+        _ => Ok(n),
     }
-    Ok(n)
 }
 
 fn dur(field: &str, v: &Option<String>) -> anyhow::Result<Option<Duration>> {
