@@ -1,8 +1,9 @@
 //! The `tether` command: a thin shell of clap and tracing over the `tether` library.
 //!
 //! # Layout
-//! - `serve`: [`serve::run`] builds a [`tether::ServerConfig`] from defaults, then the TOML file, then flags, and
-//!   prints events (JSON lines on stdout with `--events json`, human lines on stderr otherwise).
+//! - `serve`: [`serve::prepare`] builds a [`tether::ServerConfig`] from defaults, then the TOML file, then flags,
+//!   before the runtime starts; [`serve::run`] serves it and prints events (JSON lines on stdout with
+//!   `--events json`, human lines on stderr otherwise).
 //! - `connect`: [`connect::run`] connects a [`tether::Client`], sends stdin lines as `DATA`, prints what arrives.
 //! - `bench` / `bench-worker`: [`mod@bench`], flags over the `tether-bench` crate (coordinator and load generator).
 //! - `token`: [`token`], mints client tokens; also loads the auth secret for `serve`.
@@ -63,6 +64,7 @@ fn main() -> std::process::ExitCode {
         Command(Command),
         Probe(Box<probe::Prepared>),
         Connect(Box<connect::Prepared>),
+        Serve(Box<serve::Prepared>),
     }
     // `tether serve --threads`: the runtime's worker threads, one event loop each.
     let mut threads = None;
@@ -77,10 +79,10 @@ fn main() -> std::process::ExitCode {
             Ok(p) => Job::Probe(Box::new(p)),
             Err(e) => return finish(Err(e)),
         },
-        Command::Serve(mut args) => match serve::resolve_listen(&mut args).and_then(|()| serve::threads(&args)) {
-            Ok(n) => {
-                threads = n;
-                Job::Command(Command::Serve(args))
+        Command::Serve(args) => match serve::prepare(*args) {
+            Ok(p) => {
+                threads = p.threads;
+                Job::Serve(Box::new(p))
             }
             Err(e) => return finish(Err(e)),
         },
@@ -107,7 +109,7 @@ fn main() -> std::process::ExitCode {
         tokio::spawn(output::report_dropped_logs(dropped_logs, std::time::Duration::from_secs(1)));
         match job {
             Job::Probe(p) => probe::run(*p).await,
-            Job::Command(Command::Serve(args)) => serve::run(*args).await,
+            Job::Serve(p) => serve::run(*p).await,
             Job::Connect(p) => connect::run(*p).await,
             Job::Command(Command::BenchWorker(args)) => bench::worker(args).await,
             Job::Command(_) => unreachable!("handled before the runtime starts"),

@@ -2,12 +2,13 @@
 //!
 //! # Layout
 //! [`Args`] are the flags; [`FileConfig`] is the TOML file, with the same names in snake_case and durations as
-//! strings. [`build_config`] layers them onto [`ServerConfig::default`]. [`run`] raises the file-descriptor
-//! limit, binds, prints events until SIGINT/SIGTERM, then shuts down gracefully; under a service manager it says
-//! `READY=1` once the server accepts and `STOPPING=1` at the signal ([`crate::sd_notify`]). JSON events are
-//! printed by a thread of their own from the server's bounded event stream, so a stalled reader of stdout loses
-//! events (counted, and reported with a `dropped` event when it catches up) but never stalls the server; human
-//! event lines go through the non-blocking log.
+//! strings. [`prepare`], before the runtime starts, reads the file and every file it names (certificates, secrets)
+//! and resolves the listen address; [`build_config`] layers them onto [`ServerConfig::default`]. [`run`] raises the
+//! file-descriptor limit, binds, prints events until SIGINT/SIGTERM, then shuts down gracefully; under a service
+//! manager it says `READY=1` once the server accepts and `STOPPING=1` at the signal ([`crate::sd_notify`]). JSON
+//! events are printed by a thread of their own from the server's bounded event stream, so a stalled reader of
+//! stdout loses events (counted, and reported with a `dropped` event when it catches up) but never stalls the
+//! server; human event lines go through the non-blocking log.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -261,13 +262,35 @@ pub struct FileConfig {
     node_lease: Option<String>,
 }
 
-/// Before the runtime starts: resolve a host name given as `--listen` (or `listen` in the file) to the address
-/// tether will listen on, the first IPv4 address it resolves to, else its first address, and say which. The
-/// resolver may block; nothing that can block runs on the runtime.
-pub fn resolve_listen(args: &mut Args) -> anyhow::Result<()> {
+/// `tether serve` made ready before the runtime starts: everything that reads a file or the resolver (which
+/// may block, and nothing that can block runs on the runtime) is done, and the settings are checked.
+pub struct Prepared {
+    args: Args,
+    cfg: ServerConfig,
+    /// The admin listener's address and settings; `None` with `--admin off`.
+    admin: Option<(SocketAddr, tether_admin::AdminConfig)>,
+    /// The runtime's worker threads (`--threads`), `None` for tokio's default.
+    pub threads: Option<usize>,
+}
+
+/// Read the file (once), resolve the listen address, and build the server's and the admin listener's settings.
+pub fn prepare(mut args: Args) -> anyhow::Result<Prepared> {
+    let file = load_file(&args.config)?;
+    resolve_listen(&mut args, &file)?;
+    let threads = threads(&args, &file)?;
+    let cfg = build_config(&args, &file)?;
+    let admin = match admin_addr(&args, &file)? {
+        None => None,
+        Some(addr) => Some((addr, admin_config(&args, &file)?)),
+    };
+    Ok(Prepared { args, cfg, admin, threads })
+}
+
+/// Resolve a host name given as `--listen` (or `listen` in the file) to the address tether will listen on, the
+/// first IPv4 address it resolves to, else its first address, and say which.
+fn resolve_listen(args: &mut Args, file: &FileConfig) -> anyhow::Result<()> {
     use std::net::ToSocketAddrs;
-    let from_file = if args.listen.is_none() { load_file(&args.config)?.listen } else { None };
-    let Some(listen) = args.listen.clone().or(from_file) else { return Ok(()) };
+    let Some(listen) = args.listen.clone().or(file.listen.clone()) else { return Ok(()) };
     if listen.parse::<SocketAddr>().is_ok() {
         return Ok(());
     }
@@ -297,17 +320,13 @@ pub fn resolve_listen(args: &mut Args) -> anyhow::Result<()> {
 /// More worker threads than this is taken for a mistake: the runtime would try to start them all at once.
 const MAX_THREADS: usize = 1024;
 
-/// Before the runtime starts: how many worker threads it gets, and so how many event loops the server runs
-/// (`None`: tokio's default, one per CPU).
-pub fn threads(args: &Args) -> anyhow::Result<Option<usize>> {
-    let n = match args.threads {
-        Some(n) => Some(n),
-        None => load_file(&args.config)?.threads,
-    };
-    match n {
+/// How many worker threads the runtime gets, and so how many event loops the server runs (`None`: tokio's
+/// default, one per CPU).
+fn threads(args: &Args, file: &FileConfig) -> anyhow::Result<Option<usize>> {
+    match args.threads.or(file.threads) {
         Some(0) => bail!("threads must be at least 1 (leave it out for one per CPU)"),
         Some(n) if n > MAX_THREADS => bail!("threads must be at most {MAX_THREADS}, not {n}"),
-        _ => Ok(n),
+        n => Ok(n),
     }
 }
 
@@ -528,9 +547,8 @@ fn load_file(path: &Option<PathBuf>) -> anyhow::Result<FileConfig> {
 /// How long, once the server has stopped, the event printer may take to write what is left.
 const PRINTER_PATIENCE: Duration = Duration::from_secs(5);
 
-pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let file = load_file(&args.config)?;
-    let mut cfg = build_config(&args, &file)?;
+pub async fn run(prepared: Prepared) -> anyhow::Result<ExitCode> {
+    let Prepared { args, mut cfg, admin, threads: _ } = prepared;
     match tether::fdlimit::raise_fd_limit() {
         Ok((before, after)) if after.soft > before.soft => {
             tracing::info!("file descriptor limit raised from {} to {}", before.soft, after.soft)
@@ -588,10 +606,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     cfg.stats_interval = args.stats_interval.filter(|d| !d.is_zero());
     let mut server = Server::bind(cfg.clone()).await.with_context(|| format!("binding {}", cfg.listen))?;
     // Before `run`, so that the `listening` event names the admin address.
-    let admin = match admin_addr(&args, &file)? {
+    let admin = match admin {
         None => None,
-        Some(addr) => {
-            let admin_cfg = admin_config(&args, &file)?;
+        Some((addr, admin_cfg)) => {
             let auth = if admin_cfg.token.is_some() { "bearer token required" } else { "no token: loopback only" };
             let admin = tether_admin::start(addr, admin_cfg, server.handle()).await?;
             tracing::info!("admin API, /metrics and dashboard on http://{}/ ({auth})", admin.addr());

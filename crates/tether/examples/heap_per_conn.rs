@@ -13,7 +13,7 @@
 //! Last, it opens N idle TLS connections (TLS 1.3, from `DevPki` certificates) to a second server in this process,
 //! on a runtime of its own whose threads alone are counted from then on: the rustls clients on this thread are not.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -132,9 +132,5 @@ fn main() {
 }
 
 fn connect(addr: std::net::SocketAddr, id: &str) -> std::net::TcpStream {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.write_all(&hello(id, 1)).unwrap();
-    let mut buf = [0u8; 64];
-    let _ = s.read(&mut buf).unwrap(); // WELCOME
-    s
+    idle_heap::hello(std::net::TcpStream::connect(addr).unwrap(), id, &mut Vec::new())
 }

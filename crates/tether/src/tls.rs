@@ -8,9 +8,9 @@
 //! (TLS 1.2 and 1.3) and offer the ALPN protocol `tether/1`; the server's TLS 1.3 record protection keeps each
 //! key as its bytes rather than expanded for the connection's life (`keys`, about 1 KB less per connection).
 //! With a PEM bundle the client verifies the server through `PinningVerifier`, which adds certificate pinning
-//! (below) to rustls's own verification; with the system store it uses rustls's verifier as is. [`explain`] and `failure_detail` turn a failed handshake into
-//! a hint a person can act on. The driver runs the resulting rustls connection; nothing else in tether depends
-//! on TLS.
+//! (below) to rustls's own verification; with the system store it uses rustls's verifier as is. [`explain`] and
+//! `failure_detail` turn a failed handshake into a hint a person can act on. The driver runs the resulting rustls
+//! connection; nothing else in tether depends on TLS.
 //!
 //! # Pinning
 //! `openssl req -x509` makes, by default, a self-signed certificate marked `CA:TRUE`. Used as the server's own
