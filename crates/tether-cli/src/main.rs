@@ -68,29 +68,31 @@ fn main() -> std::process::ExitCode {
     }
     // `tether serve --threads`: the runtime's worker threads, one event loop each.
     let mut threads = None;
+    // `Err`: the command has run (or failed) before the runtime, with this result.
     let job = match cli.command {
-        Command::Bench(args) => return finish(bench::run(*args)),
-        Command::Token(args) => return finish(token::run(args)),
-        Command::Cert(args) => return finish(cert::run(args)),
-        Command::Sockets(args) => return finish(sockets::run(args)),
-        Command::Cluster(cmd) => return finish(cluster::run(cmd)),
-        Command::Probe(args) if args.is_from_server() => return finish(probe::from_server(&args)),
-        Command::Probe(args) => match probe::prepare(*args) {
-            Ok(p) => Job::Probe(Box::new(p)),
-            Err(e) => return finish(Err(e)),
-        },
-        Command::Serve(args) => match serve::prepare(*args) {
-            Ok(p) => {
+        Command::Bench(args) => Err(bench::run(*args)),
+        Command::Token(args) => Err(token::run(args)),
+        Command::Cert(args) => Err(cert::run(args)),
+        Command::Sockets(args) => Err(sockets::run(args)),
+        Command::Cluster(cmd) => Err(cluster::run(cmd)),
+        Command::Probe(args) if args.is_from_server() => Err(probe::from_server(&args)),
+        Command::Probe(args) => probe::prepare(*args).map(|p| Job::Probe(Box::new(p))).map_err(Err),
+        Command::Serve(args) => serve::prepare(*args)
+            .map(|p| {
                 threads = p.threads;
                 Job::Serve(Box::new(p))
-            }
-            Err(e) => return finish(Err(e)),
-        },
-        Command::Connect(args) => match connect::prepare(*args) {
-            Ok(p) => Job::Connect(Box::new(p)),
-            Err(e) => return finish(Err(e)),
-        },
-        other => Job::Command(other),
+            })
+            .map_err(Err),
+        Command::Connect(args) => connect::prepare(*args).map(|p| Job::Connect(Box::new(p))).map_err(Err),
+        other => Ok(Job::Command(other)),
+    };
+    let job = match job {
+        Ok(job) => job,
+        Err(result) => {
+            // What was logged comes out before the error that ends the command.
+            drop(logging);
+            return finish(result);
+        }
     };
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
@@ -117,9 +119,9 @@ fn main() -> std::process::ExitCode {
     });
     // A pending stdin read lives on a blocking thread; do not wait for it.
     rt.shutdown_background();
-    let code = finish(result);
+    // What was logged comes out before the error that ends the command.
     drop(logging);
-    code
+    finish(result)
 }
 
 fn finish(result: anyhow::Result<std::process::ExitCode>) -> std::process::ExitCode {

@@ -214,6 +214,36 @@ fn threads_sets_how_many_event_loops_serve_and_bad_counts_are_refused() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// The error that ends `tether serve` is its last line on stderr, after what it logged on the way (the log's
+/// writer is a thread of its own, flushed before the error is printed).
+#[test]
+fn the_error_that_stops_serve_comes_after_its_log_lines() {
+    let (_first, addr) = serve(&[]);
+    let stderr_of = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tether")).arg("serve").args(args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} did not fail");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // Failing on the runtime: the address is taken. (The order was a race: tried a few times.)
+    for _ in 0..5 {
+        let taken = stderr_of(&["--listen", &addr, "--admin", "off", "--insecure-no-auth"]);
+        assert!(taken.contains("event loops"), "the start-up lines are logged: {taken}");
+        assert!(taken.trim_end().lines().last().unwrap().starts_with("tether: binding"), "{taken}");
+    }
+    // Failing before it: a name resolved (and logged), then a key file that is not there.
+    let missing = stderr_of(&[
+        "--listen",
+        "localhost:0",
+        "--tls-cert",
+        "/nonexistent/tether-cert.pem",
+        "--tls-key",
+        "/nonexistent/tether-key.pem",
+    ]);
+    assert!(missing.contains("localhost is"), "the resolution is logged: {missing}");
+    let last = missing.trim_end().lines().last().unwrap().to_owned();
+    assert!(last.starts_with("tether: reading /nonexistent/"), "{missing}");
+}
+
 #[test]
 fn python_client_written_from_the_spec_talks_to_a_real_server() {
     let (srv, addr) = serve(&["--heartbeat-interval", "300ms", "--heartbeat-timeout", "900ms"]);
